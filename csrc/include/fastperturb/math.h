@@ -1,0 +1,106 @@
+// The per-element and per-layer arithmetic of fastperturb's fused ops, written
+// once and compiled into both the CPU kernels (csrc/cpu) and the CUDA kernels
+// (csrc/cuda). Nothing here touches memory or threads: the kernels load an
+// element, convert it to the compute type C (float, or double for float64
+// tensors), call these functions and store the rounded result.
+//
+// fastperturb/reference.py is the spec these functions implement; keep the
+// two in step.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FP_HD __host__ __device__ __forceinline__
+#else
+#define FP_HD inline
+#endif
+
+namespace fastperturb {
+namespace math {
+
+enum class Norm : int { L2 = 0, Linf = 1 };
+
+// sign(g), keeping 0 as 0 and NaN as NaN (as torch.sign does).
+template <typename C>
+FP_HD C sign_of(C g) {
+  return g > C(0) ? C(1) : (g < C(0) ? C(-1) : g);
+}
+
+// clamp(u, -r, r), propagating NaN (as torch.minimum/maximum do).
+template <typename C>
+FP_HD C clamp_sym(C u, C r) {
+  return u < -r ? -r : (u > r ? r : u);
+}
+
+// max(|x|, m), propagating NaN from either side.
+template <typename C>
+FP_HD C max_abs_nan(C m, C x) {
+  C a = x < C(0) ? -x : x;
+  if (a != a) return a;
+  return a > m ? a : m;
+}
+
+// Combining two partial L-infinity results (each may be NaN).
+template <typename C>
+FP_HD C max_nan(C a, C b) {
+  if (a != a) return a;
+  if (b != b) return b;
+  return a > b ? a : b;
+}
+
+// What one ascent step needs per tensor, converted to the compute type.
+template <typename C>
+struct AscentCoefs {
+  C step;          // a = step_coef[i]
+  C proj;          // l2: scale of the projection; linf: clamp radius
+  C adaptive_eta;  // < 0: off; else dir = (|base| + eta)^2 * g (ASAM)
+  Norm norm;
+  bool first;      // backup := w and delta := 0 (the first step of a cycle)
+};
+
+// New weight value of one element after one projected ascent step.
+// w: current weight, b: backup (pre-cycle weight; ignored when first), g: gradient.
+template <typename C>
+FP_HD C ascent_element(C w, C b, C g, const AscentCoefs<C>& k) {
+  const C base = k.first ? w : b;
+  const C delta = k.first ? C(0) : w - b;
+  C dir = k.norm == Norm::L2 ? g : sign_of(g);
+  if (k.adaptive_eta >= C(0)) {
+    const C t = (base < C(0) ? -base : base) + k.adaptive_eta;
+    dir = t * t * g;
+  }
+  C u = delta + k.step * dir;
+  u = k.norm == Norm::L2 ? k.proj * u : clamp_sym(u, k.proj);
+  return base + u;
+}
+
+// Per-element contributions to grad_stats_: s0 += (t*g)^2, s1 += d*g, s2 += d^2
+// with d = w - b (when has_delta) and t = |w| + eta (when eta >= 0).
+template <typename C>
+FP_HD void stats_element(C g, C w, C b, C eta, bool adaptive, bool has_delta,
+                         C& s0, C& s1, C& s2) {
+  C tg = g;
+  if (adaptive) tg = ((w < C(0) ? -w : w) + eta) * g;
+  s0 += tg * tg;
+  if (has_delta) {
+    const C d = w - b;
+    s1 += d * g;
+    s2 += d * d;
+  }
+}
+
+// accum = weight*g (init) or accum + weight*g.
+template <typename C>
+FP_HD C accum_element(C acc, C g, C weight, bool init) {
+  return init ? weight * g : acc + weight * g;
+}
+
+// grads = accum + weight * grads.
+template <typename C>
+FP_HD C combine_element(C acc, C g, C weight) {
+  return acc + weight * g;
+}
+
+}  // namespace math
+}  // namespace fastperturb

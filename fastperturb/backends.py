@@ -1,0 +1,124 @@
+"""Which implementation of the op set runs: one switch, resolved per device.
+
+Backends:
+
+* ``cpp``: the C++ CPU kernels (``fastperturb._C``), for CPU tensors;
+* ``cuda``: the CUDA C++ kernels, for CUDA tensors (when the extension was
+  built with CUDA);
+* ``triton``: the Triton kernels, for CUDA tensors (and CPU tensors under
+  ``TRITON_INTERPRET=1``);
+* ``reference``: the pure-PyTorch reference, anywhere.
+
+``auto`` (the default) picks ``cpp`` for CPU tensors and, on CUDA tensors,
+``triton`` before ``cuda``: the Triton kernels are executed by the test suite
+(interpreted) while the CUDA kernel bodies have only been compiled here.
+Choose with :func:`set_backend` or the ``FASTPERTURB_BACKEND`` environment
+variable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Callable, Iterator
+
+import torch
+
+from . import _native
+
+BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
+ENV_VAR = "FASTPERTURB_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not built, not installed, wrong device)."""
+
+
+def _validate(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+_choice = _validate(os.environ.get(ENV_VAR, "auto") or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for all fused ops (``auto``, ``cpp``, ``cuda``, ``triton``, ``reference``)."""
+    global _choice
+    _choice = _validate(name)
+
+
+def get_backend() -> str:
+    """The current choice (possibly ``auto``)."""
+    return _choice
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily select a backend."""
+    global _choice
+    old, _choice = _choice, _validate(name)
+    try:
+        yield
+    finally:
+        _choice = old
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("fastperturb.triton_ops")
+    except Exception as e:  # ImportError, or triton failing to initialise
+        return e
+
+
+def why_unavailable(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run ops on ``device``, else the reason."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if _native.load_error is not None:
+            return f"the compiled extension fastperturb._C did not load ({_native.load_error})"
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, not {device.type}"
+        return None
+    if name == "cuda":
+        if _native.load_error is not None:
+            return f"the compiled extension fastperturb._C did not load ({_native.load_error})"
+        if not _native.has_cuda_kernels():
+            return "fastperturb was built without CUDA kernels (build with a CUDA torch and nvcc)"
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, not {device.type}"
+        return None
+    if name == "triton":
+        mod = _triton_module()
+        if isinstance(mod, Exception):
+            return f"the Triton backend did not load ({mod})"
+        return mod.why_unavailable(device)
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def resolve(device: torch.device) -> str:
+    """The concrete backend that runs ops on ``device`` under the current choice."""
+    if _choice != "auto":
+        reason = why_unavailable(_choice, device)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {_choice!r} is unavailable: {reason}")
+        return _choice
+    candidates = ("cpp",) if device.type == "cpu" else ("triton", "cuda")
+    for name in candidates:
+        if why_unavailable(name, device) is None:
+            return name
+    return "reference"
+
+
+def op(name: str, backend: str) -> Callable:
+    """The callable implementing op ``name`` on ``backend``."""
+    if backend in ("cpp", "cuda"):
+        return getattr(torch.ops.fastperturb, name)
+    if backend == "triton":
+        return getattr(torch.ops.fastperturb_triton, name)
+    from . import reference
+
+    return getattr(reference, name)

@@ -1,0 +1,101 @@
+"""The fused op set, as called by the rest of fastperturb.
+
+Each function validates its arguments (on the Python backends; the C++ kernels
+validate themselves), picks the backend for the tensors' device
+(:mod:`fastperturb.backends`) and runs it. The semantics are those of
+:mod:`fastperturb.reference`; the schemas are in ``csrc/schemas.cpp``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _native, backends, fake
+from . import validation as V
+
+if _native.load_error is None:
+    fake.register("fastperturb")
+
+_PY_BACKENDS = ("reference", "triton")
+
+
+def _device_of(*lists: Sequence[Tensor]) -> torch.device:
+    for ts in lists:
+        if len(ts):
+            return ts[0].device
+    return torch.device("cpu")
+
+
+def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Per-tensor norms (float32 ``[n]``) and the global norm (float32 scalar); ``ord`` is 2 or inf."""
+    tensors = list(tensors)
+    backend = backends.resolve(_device_of(tensors))
+    if backend in _PY_BACKENDS:
+        V.check_norms(tensors, ord)
+    return backends.op("norms", backend)(tensors, float(ord))
+
+
+def grad_stats_(
+    grads: Sequence[Tensor],
+    accum: Sequence[Tensor] = (),
+    params: Sequence[Tensor] = (),
+    backups: Sequence[Tensor] = (),
+    *,
+    accum_weight: float = 1.0,
+    accum_init: bool = False,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    """float32 ``[n, 3]`` of ``[sum (t g)^2, sum d g, sum d^2]``; optionally ``accum (+)= w g``."""
+    grads, accum, params, backups = list(grads), list(accum), list(params), list(backups)
+    backend = backends.resolve(_device_of(grads, params))
+    if backend in _PY_BACKENDS:
+        V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
+    return backends.op("grad_stats_", backend)(
+        grads, accum, params, backups,
+        accum_weight=float(accum_weight), accum_init=bool(accum_init), adaptive_eta=float(adaptive_eta),
+    )
+
+
+def ascent_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    step_coef: Tensor,
+    proj: Tensor,
+    *,
+    norm: str = "l2",
+    first: bool = False,
+    adaptive_eta: float = -1.0,
+    zero_grads: bool = False,
+) -> None:
+    """One projected ascent step on ``params`` in place (``first`` also fills ``backups``)."""
+    params, grads, backups = list(params), list(grads), list(backups)
+    backend = backends.resolve(_device_of(params))
+    if backend in _PY_BACKENDS:
+        V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
+    backends.op("ascent_step_", backend)(
+        params, grads, backups, step_coef, proj,
+        norm=norm, first=bool(first), adaptive_eta=float(adaptive_eta), zero_grads=bool(zero_grads),
+    )
+
+
+def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """``params = backups``, bit for bit."""
+    params, backups = list(params), list(backups)
+    backend = backends.resolve(_device_of(params))
+    if backend in _PY_BACKENDS:
+        V.check_restore(params, backups)
+    backends.op("restore_", backend)(params, backups)
+
+
+def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: float) -> None:
+    """``grads = accum + weight * grads``."""
+    grads, accum = list(grads), list(accum)
+    backend = backends.resolve(_device_of(grads))
+    if backend in _PY_BACKENDS:
+        V.check_combine_grads(grads, accum, weight)
+    backends.op("combine_grads_", backend)(grads, accum, float(weight))
+

@@ -1,0 +1,140 @@
+"""Argument checks of the fused ops, for the backends written in Python.
+
+The C++ kernels check the same rules themselves (``csrc/cpu/checks.h``) with the
+same exception types, so a bad call fails the same way on every backend, and
+always *before* any tensor is written. Messages name the argument and index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ORDS = (2.0, math.inf)
+NORMS = ("l2", "linf")
+
+
+def check_list(name: str, tensors: object) -> Sequence[Tensor]:
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name}[{i}] is a {t.layout} tensor; only dense (strided) tensors are supported")
+        if t.is_complex():
+            raise TypeError(f"{name}[{i}] is complex ({t.dtype}); only real floating tensors are supported")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"{name}[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
+            )
+        if not t.is_non_overlapping_and_dense():
+            raise ValueError(f"{name}[{i}] must be dense and non-overlapping (e.g. contiguous)")
+    return tensors
+
+
+def check_same_device(named: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
+    device = None
+    first = ""
+    for name, ts in named:
+        for i, t in enumerate(ts):
+            if device is None:
+                device, first = t.device, f"{name}[{i}]"
+            elif t.device != device:
+                raise ValueError(f"{name}[{i}] is on {t.device} but {first} is on {device}; move them to one device")
+
+
+def check_parallel(ref_name: str, ref: Sequence[Tensor], name: str, other: Sequence[Tensor], optional: bool = False) -> None:
+    """``other`` must mirror ``ref`` tensor by tensor (or be empty if optional)."""
+    if optional and len(other) == 0:
+        return
+    if len(other) != len(ref):
+        raise ValueError(f"{name} has {len(other)} tensors but {ref_name} has {len(ref)}; the lists must be parallel")
+    for i, (a, b) in enumerate(zip(ref, other)):
+        if b.shape != a.shape:
+            raise ValueError(f"{name}[{i}] has shape {tuple(b.shape)} but {ref_name}[{i}] has shape {tuple(a.shape)}")
+        if b.dtype != a.dtype:
+            raise TypeError(f"{name}[{i}] has dtype {b.dtype} but {ref_name}[{i}] has dtype {a.dtype}")
+        if b.numel() > 1 and b.stride() != a.stride():
+            raise ValueError(
+                f"{name}[{i}] has strides {b.stride()} but {ref_name}[{i}] has strides {a.stride()}; "
+                "use the same memory format"
+            )
+
+
+def check_coef(name: str, coef: object, n: int, device: torch.device | None) -> None:
+    if not isinstance(coef, Tensor):
+        raise TypeError(f"{name} must be a float32 tensor of shape [{n}], got {type(coef).__name__}")
+    if coef.dtype != torch.float32 or coef.dim() != 1 or coef.numel() != n:
+        raise ValueError(f"{name} must be a float32 tensor of shape [{n}], got {coef.dtype} {tuple(coef.shape)}")
+    if device is not None and coef.device != device:
+        raise ValueError(f"{name} is on {coef.device} but the tensors are on {device}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _device(*lists: Sequence[Tensor]) -> torch.device | None:
+    for ts in lists:
+        if len(ts):
+            return ts[0].device
+    return None
+
+
+# One check per op, mirroring the schemas in csrc/schemas.cpp.
+
+def check_norms(tensors, ord) -> None:
+    check_list("tensors", tensors)
+    check_same_device([("tensors", tensors)])
+    if float(ord) not in ORDS:
+        raise ValueError(f"ord must be 2 or inf, got {ord}")
+
+
+def check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta) -> None:
+    for name, ts in (("grads", grads), ("accum", accum), ("params", params), ("backups", backups)):
+        check_list(name, ts)
+    check_parallel("grads", grads, "accum", accum, optional=True)
+    check_parallel("grads", grads, "params", params, optional=True)
+    check_parallel("grads", grads, "backups", backups, optional=True)
+    if len(backups) and not len(params):
+        raise ValueError("backups given without params: the perturbation d = params - backups needs both")
+    if adaptive_eta >= 0 and not len(params):
+        raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
+    check_same_device([("grads", grads), ("accum", accum), ("params", params), ("backups", backups)])
+    check_finite("accum_weight", accum_weight)
+    check_finite("adaptive_eta", adaptive_eta)
+
+
+def check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta) -> None:
+    for name, ts in (("params", params), ("grads", grads), ("backups", backups)):
+        check_list(name, ts)
+    check_parallel("params", params, "grads", grads)
+    check_parallel("params", params, "backups", backups)
+    check_same_device([("params", params), ("grads", grads), ("backups", backups)])
+    dev = _device(params)
+    check_coef("step_coef", step_coef, len(params), dev)
+    check_coef("proj", proj, len(params), dev)
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    check_finite("adaptive_eta", adaptive_eta)
+
+
+def check_restore(params, backups) -> None:
+    check_list("params", params)
+    check_list("backups", backups)
+    check_parallel("params", params, "backups", backups)
+    check_same_device([("params", params), ("backups", backups)])
+
+
+def check_combine_grads(grads, accum, weight) -> None:
+    check_list("grads", grads)
+    check_list("accum", accum)
+    check_parallel("grads", grads, "accum", accum)
+    check_same_device([("grads", grads), ("accum", accum)])
+    check_finite("weight", weight)

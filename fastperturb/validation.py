@@ -18,6 +18,19 @@ ORDS = (2.0, math.inf)
 NORMS = ("l2", "linf")
 
 
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    dims = sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1)
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def check_list(name: str, tensors: object) -> Sequence[Tensor]:
     if not isinstance(tensors, (list, tuple)):
         raise TypeError(f"{name} must be a list of tensors, got {type(tensors).__name__}")
@@ -32,7 +45,7 @@ def check_list(name: str, tensors: object) -> Sequence[Tensor]:
             raise TypeError(
                 f"{name}[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
             )
-        if not t.is_non_overlapping_and_dense():
+        if not is_dense(t):
             raise ValueError(f"{name}[{i}] must be dense and non-overlapping (e.g. contiguous)")
     return tensors
 

@@ -1,0 +1,48 @@
+"""The ``fastperturb`` command line: one subcommand per tool module.
+
+Each tool lives in ``fastperturb/tools/<name>.py`` and exposes
+``add_arguments(parser)`` and ``main(args) -> int``; it is imported only when
+its subcommand runs, so a tool's optional dependencies never slow the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# name -> one-line help; the module is fastperturb.tools.<name>
+TOOLS = {
+    "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
+    "robustness": "loss change indicators of a model under adversarial and random weight corruption",
+    "bench": "microbenchmarks: fused ops, perturb-restore cycles, optimizer steps, training steps",
+    "selftest": "run every available backend against the reference and print a verdict table",
+}
+
+
+def _tool(name: str):
+    return importlib.import_module(f"fastperturb.tools.{name}")
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastperturb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in TOOLS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the tool that runs
+            _tool(name).add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(_tool(args.command).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

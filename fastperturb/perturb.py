@@ -1,0 +1,300 @@
+"""The perturbation engine: one perturb-restore cycle over a list of tensors.
+
+DESIGN.md section 2 in code. A cycle starts at the weights ``w`` with the
+gradient ``g_0`` already in ``.grad``; each ascent step moves the weights to
+``w + delta_k`` with
+
+    delta_k = Proj_B(delta_{k-1} + eta * D(g_{k-1}))
+
+and after the last step the descent gradient ``G = sum_k c_k g_k`` is left in
+``.grad`` and the weights are restored bit for bit. All tensor work is done by
+the fused ops (:mod:`fastperturb.ops`); this module only turns the per-tensor
+statistics those ops return into per-tensor coefficients (tiny ``[n]`` tensors)
+and sequences the closure calls.
+
+State: one backup per perturbed tensor (the pre-cycle weights, which is what
+makes restore exact), plus one accumulator per tensor when the descent
+gradient sums several passes (``steps > 1`` or ``include_clean``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+NORMS = ("l2", "linf")
+SCOPES = ("layer", "global")
+
+
+class NonFiniteGradient(FloatingPointError):
+    """A gradient had NaN/Inf; the weights were restored before this was raised."""
+
+    def __init__(self, tensor_indices: Sequence[int], pass_index: int):
+        self.tensor_indices = list(tensor_indices)
+        self.pass_index = pass_index
+        shown = ", ".join(map(str, self.tensor_indices[:8])) + (" ..." if len(self.tensor_indices) > 8 else "")
+        super().__init__(
+            f"non-finite gradient (NaN/Inf) at pass {pass_index} in perturbed tensor(s) {shown}; "
+            "the weights were restored unchanged"
+        )
+
+
+@dataclass(frozen=True)
+class PerturbSpec:
+    """How the perturbation is built (the preset-independent part of DESIGN.md section 2).
+
+    norm: ``"l2"`` (direction g/||g||, L2 ball) or ``"linf"`` (direction sign(g), box).
+    scope: norms taken per tensor (``"layer"``) or over all perturbed tensors (``"global"``).
+    steps: number K of ascent steps (K >= 1); a step costs K+1 forward/backward passes.
+    relative: radius and step are multiples of the weights' norm (same p as the ball).
+    adaptive_eta: ASAM's elementwise scale T = |w| + eta (single step, l2 only); None = off.
+    include_clean: the descent gradient includes the clean-point gradient g_0.
+    """
+
+    norm: str = "l2"
+    scope: str = "layer"
+    steps: int = 1
+    relative: bool = False
+    adaptive_eta: Optional[float] = None
+    include_clean: bool = False
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.adaptive_eta is not None:
+            if not (math.isfinite(self.adaptive_eta) and self.adaptive_eta >= 0):
+                raise ValueError(f"adaptive eta must be finite and >= 0, got {self.adaptive_eta}")
+            if self.norm != "l2" or self.steps != 1:
+                raise ValueError("the adaptive (ASAM) scaling is defined for norm='l2' with steps=1")
+
+    @property
+    def ord(self) -> float:
+        return 2.0 if self.norm == "l2" else math.inf
+
+    @property
+    def projects(self) -> bool:
+        # From delta_0 = 0 one step of length eta <= radius stays inside the ball,
+        # so single-step presets skip the projection (and its statistics).
+        return self.steps > 1
+
+    @property
+    def accumulates(self) -> bool:
+        """Whether the descent gradient sums several passes (needs an accumulator)."""
+        return self.steps > 1 or self.include_clean
+
+    def pass_weights(self) -> list[float]:
+        """c_0..c_K of the descent gradient G = sum_k c_k g_k."""
+        k = self.steps
+        if self.include_clean:
+            return [1.0 / (k + 1)] * (k + 1)
+        return [0.0] + [1.0 / k] * k
+
+
+def check_radius(name: str, value: float) -> float:
+    """A radius or step size must be a finite number >= 0."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return v
+
+
+def _scope_sum(x: Tensor, scope: str) -> Tensor:
+    return x.sum().expand_as(x) if scope == "global" else x
+
+
+def _scope_max(x: Tensor, scope: str) -> Tensor:
+    return (x.max() if x.numel() else x.new_zeros(())).expand_as(x) if scope == "global" else x
+
+
+def ascent_coefficients(
+    spec: PerturbSpec,
+    stats: Tensor,
+    step_size: Tensor,
+    radius: Tensor,
+    project: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor ``(step_coef, proj)`` for ``ops.ascent_step_`` from ``grad_stats_`` output.
+
+    ``step_size`` and ``radius`` are the absolute per-tensor eta and r (float64 [n]).
+    For l2 the projection scale uses ||delta + a g||^2 = ||d||^2 + 2a<d,g> + a^2||g||^2,
+    so the stats pass that reads g also yields the norm of the candidate step.
+    """
+    s = stats.to(torch.float64)
+    gg, dg, dd = s[:, 0], s[:, 1], s[:, 2]
+    if spec.norm == "linf":
+        step = step_size
+        proj = radius if project else torch.full_like(radius, math.inf)
+    else:
+        gnorm = _scope_sum(gg, spec.scope).sqrt()
+        step = torch.where(gnorm > 0, step_size / gnorm, torch.zeros_like(gnorm))
+        if project:
+            uu = _scope_sum(dd + 2 * step * dg + step * step * gg, spec.scope).clamp_min(0).sqrt()
+            proj = torch.where(uu > radius, radius / uu, torch.ones_like(uu))
+        else:
+            proj = torch.ones_like(step)
+    return step.float(), proj.float()
+
+
+def absolute_sizes(spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor) -> tuple[Tensor, Tensor]:
+    """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute)."""
+    if not spec.relative:
+        return radius, step_size
+    per, _ = ops.norms(params, spec.ord)
+    per = per.to(torch.float64)
+    wn = _scope_sum(per.square(), spec.scope).sqrt() if spec.norm == "l2" else _scope_max(per, spec.scope)
+    return radius * wn, step_size * wn
+
+
+class Cycle:
+    """One perturb-restore cycle over ``params`` (the tensors to perturb).
+
+    ``backups`` (and ``accum`` when ``spec.accumulates``) are caller-owned
+    buffers shaped like ``params``: the engine allocates nothing of parameter
+    size. ``radius`` and ``step_size`` are per-tensor values (relative
+    multipliers when ``spec.relative``).
+
+    Usage: ``start(grads)`` at the clean point, then for each step
+    ``ascend()``, a forward/backward at the perturbed point, ``observe(grads)``;
+    finally ``finish(grads)`` and ``restore()``. :func:`run_cycle` does all of it
+    around a closure, restoring the weights on any exception.
+    """
+
+    def __init__(
+        self,
+        spec: PerturbSpec,
+        params: Sequence[Tensor],
+        backups: Sequence[Tensor],
+        radius: Sequence[float] | Tensor,
+        step_size: Sequence[float] | Tensor,
+        accum: Sequence[Tensor] = (),
+    ):
+        self.spec = spec
+        self.params = list(params)
+        self.backups = list(backups)
+        self.accum = list(accum) if spec.accumulates else []
+        if spec.accumulates and len(self.accum) != len(self.params):
+            raise ValueError(f"this spec sums several passes: pass one accumulator per tensor ({len(self.params)})")
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self._radius = torch.as_tensor(radius, dtype=torch.float64, device=dev).reshape(-1)
+        self._step = torch.as_tensor(step_size, dtype=torch.float64, device=dev).reshape(-1)
+        for name, t in (("radius", self._radius), ("step_size", self._step)):
+            if t.numel() != len(self.params):
+                raise ValueError(f"{name} has {t.numel()} values for {len(self.params)} tensors")
+        self.weights = spec.pass_weights()
+        self.k = 0  # ascent steps taken
+        self.perturbed = False
+        self._stats: Optional[Tensor] = None
+
+    def _measure(self, grads: Sequence[Tensor]) -> None:
+        k = self.k
+        at_clean = k == 0
+        want_delta = self.spec.projects and self.spec.norm == "l2" and not at_clean and k < self.spec.steps
+        accumulate = self.spec.accumulates and self.weights[k] != 0.0 and k < self.spec.steps
+        init = accumulate and (k == 0 or (k == 1 and not self.spec.include_clean))
+        adaptive = self.spec.adaptive_eta is not None and at_clean
+        stats = ops.grad_stats_(
+            grads,
+            self.accum if accumulate else [],
+            self.params if (want_delta or adaptive) else [],
+            self.backups if want_delta else [],
+            accum_weight=self.weights[k] if accumulate else 1.0,
+            accum_init=init,
+            adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
+        )
+        bad = ~torch.isfinite(stats).all(dim=1)
+        if bool(bad.any()):
+            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), k)
+        self._stats = stats
+
+    def start(self, grads: Sequence[Tensor]) -> None:
+        """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
+        self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step)
+        self._measure(grads)
+
+    def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
+        """Move the weights one projected ascent step; zeroes ``grads`` for the next pass."""
+        assert self._stats is not None, "call start() first"
+        step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.spec.projects)
+        first = self.k == 0
+        ops.ascent_step_(
+            self.params, grads, self.backups, step, proj,
+            norm=self.spec.norm, first=first,
+            adaptive_eta=self.spec.adaptive_eta if self.spec.adaptive_eta is not None else -1.0,
+            zero_grads=zero_grads,
+        )
+        self.perturbed = True
+        self.k += 1
+        self._stats = None
+
+    def observe(self, grads: Sequence[Tensor]) -> None:
+        """After the pass at the perturbed point: accumulate c_k g_k and measure g_k for the next step."""
+        if self.k < self.spec.steps:
+            self._measure(grads)
+
+    def finish(self, grads: Sequence[Tensor]) -> None:
+        """Leave G = sum_k c_k g_k in ``grads`` (the last pass's gradient is still there)."""
+        if self.spec.accumulates:
+            ops.combine_grads_(grads, self.accum, self.weights[self.spec.steps])
+
+    def restore(self) -> None:
+        """Put the pre-cycle weights back, bit for bit (no-op if never perturbed)."""
+        if self.perturbed:
+            ops.restore_(self.params, self.backups)
+            self.perturbed = False
+
+
+def grads_of(params: Sequence[Tensor], pass_index: int) -> list[Tensor]:
+    """The ``.grad`` of every tensor, with a clear error if a backward did not reach one."""
+    grads = []
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            raise RuntimeError(
+                f"perturbed tensor {i} (shape {tuple(p.shape)}) has no .grad after pass {pass_index}: "
+                "the closure must compute the loss and call backward() on it"
+            )
+        grads.append(g)
+    return grads
+
+
+def run_cycle(
+    cycle: Cycle,
+    closure: Callable[[], object],
+    first_loss_done: bool = True,
+    on_pass: Optional[Callable[[int], None]] = None,
+) -> list[object]:
+    """Run ``cycle`` with ``closure`` (loss + backward) and return the losses of the perturbed passes.
+
+    The gradient g_0 must already be in ``.grad``. ``on_pass(k)`` is called
+    before pass k >= 1 (e.g. to freeze BatchNorm statistics). On any exception,
+    including :class:`NonFiniteGradient`, the weights are restored before it
+    propagates; on success they are restored too and G is in ``.grad``.
+    """
+    losses = []
+    try:
+        cycle.start(grads_of(cycle.params, 0))
+        for k in range(1, cycle.spec.steps + 1):
+            cycle.ascend(grads_of(cycle.params, k - 1))
+            if on_pass is not None:
+                on_pass(k)
+            with torch.enable_grad():
+                losses.append(closure())
+            grads = grads_of(cycle.params, k)
+            cycle.observe(grads)
+        cycle.finish(grads_of(cycle.params, cycle.spec.steps))
+    finally:
+        cycle.restore()
+    return losses

@@ -102,5 +102,25 @@ FP_HD C combine_element(C acc, C g, C weight) {
   return acc + weight * g;
 }
 
+// Norm reductions (used by the multi-tensor kernels' per-chunk partials and
+// their fixed-order combination): accumulate one element, combine two
+// partials, and turn the final accumulator into the norm.
+// L2 accumulates the sum of squares; L-infinity the NaN-propagating max |x|.
+// 0 is the identity of both.
+template <typename C>
+FP_HD C norm_accumulate(C acc, C x, Norm n) {
+  return n == Norm::L2 ? acc + x * x : max_abs_nan(acc, x);
+}
+
+template <typename C>
+FP_HD C norm_combine(C a, C b, Norm n) {
+  return n == Norm::L2 ? a + b : max_nan(a, b);
+}
+
+template <typename C>
+FP_HD C norm_finish(C acc, Norm n) {
+  return n == Norm::L2 ? std::sqrt(acc) : acc;
+}
+
 }  // namespace math
 }  // namespace fastperturb

@@ -1,0 +1,225 @@
+// Argument checks of the C++ kernels: the rules of fastperturb/validation.py,
+// with the same exception types (TORCH_CHECK_VALUE -> ValueError,
+// TORCH_CHECK_TYPE -> TypeError) and messages naming the argument and index.
+// Every op runs its check_* function before it writes any tensor.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace fastperturb {
+namespace cpu {
+
+// The Python spellings, so messages read the same from every backend.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string layout_name(at::Layout l) {
+  switch (l) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    default: {
+      std::ostringstream os;
+      os << l;
+      return os.str();
+    }
+  }
+}
+
+// A Python tuple: (), (4,), (4, 3).
+inline std::string tuple_str(at::IntArrayRef v) {
+  std::ostringstream os;
+  os << '(';
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  if (v.size() == 1) os << ',';
+  os << ')';
+  return os.str();
+}
+
+// Python's repr of a float, close enough for messages (inf, nan, 2.0).
+inline std::string float_str(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  std::ostringstream os;
+  os << x;
+  std::string s = os.str();
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
+}
+
+// Non-overlapping and dense: the elements fill one block of memory in some order.
+inline bool is_dense(const at::Tensor& t) {
+  if (t.is_contiguous()) return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of dims with size != 1
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+inline void check_list(const char* name, at::TensorList ts) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const at::Tensor& t = ts[i];
+    TORCH_CHECK_TYPE(t.defined(), name, "[", i, "] is undefined; pass a tensor");
+    TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, "[", i, "] is a ", layout_name(t.layout()),
+                     " tensor; only dense (strided) tensors are supported");
+    TORCH_CHECK_TYPE(!t.is_complex(), name, "[", i, "] is complex (", dtype_name(t.scalar_type()),
+                     "); only real floating tensors are supported");
+    const auto st = t.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+                     name, "[", i, "] has dtype ", dtype_name(st),
+                     "; supported: float16, bfloat16, float32, float64");
+    TORCH_CHECK_VALUE(is_dense(t), name, "[", i, "] must be dense and non-overlapping (e.g. contiguous)");
+  }
+}
+
+struct NamedList {
+  const char* name;
+  at::TensorList tensors;
+};
+
+inline void check_same_device(std::initializer_list<NamedList> lists) {
+  bool have = false;
+  at::Device device(at::kCPU);
+  std::string first;
+  for (const auto& l : lists) {
+    for (size_t i = 0; i < l.tensors.size(); ++i) {
+      const at::Device d = l.tensors[i].device();
+      if (!have) {
+        have = true;
+        device = d;
+        first = std::string(l.name) + "[" + std::to_string(i) + "]";
+      } else {
+        TORCH_CHECK_VALUE(d == device, l.name, "[", i, "] is on ", d, " but ", first, " is on ", device,
+                          "; move them to one device");
+      }
+    }
+  }
+}
+
+// `other` must mirror `ref` tensor by tensor (or be empty if optional).
+inline void check_parallel(const char* ref_name, at::TensorList ref, const char* name, at::TensorList other,
+                           bool optional = false) {
+  if (optional && other.empty()) return;
+  TORCH_CHECK_VALUE(other.size() == ref.size(), name, " has ", other.size(), " tensors but ", ref_name, " has ",
+                    ref.size(), "; the lists must be parallel");
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const at::Tensor& a = ref[i];
+    const at::Tensor& b = other[i];
+    TORCH_CHECK_VALUE(b.sizes() == a.sizes(), name, "[", i, "] has shape ", tuple_str(b.sizes()), " but ",
+                      ref_name, "[", i, "] has shape ", tuple_str(a.sizes()));
+    TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), name, "[", i, "] has dtype ",
+                     dtype_name(b.scalar_type()), " but ", ref_name, "[", i, "] has dtype ",
+                     dtype_name(a.scalar_type()));
+    TORCH_CHECK_VALUE(b.numel() <= 1 || b.strides() == a.strides(), name, "[", i, "] has strides ",
+                      tuple_str(b.strides()), " but ", ref_name, "[", i, "] has strides ",
+                      tuple_str(a.strides()), "; use the same memory format");
+  }
+}
+
+inline void check_coef(const char* name, const at::Tensor& coef, size_t n, at::TensorList like) {
+  TORCH_CHECK_TYPE(coef.defined(), name, " must be a float32 tensor of shape [", n, "], got None");
+  TORCH_CHECK_VALUE(coef.layout() == at::kStrided && coef.scalar_type() == at::kFloat && coef.dim() == 1 &&
+                        static_cast<size_t>(coef.numel()) == n,
+                    name, " must be a float32 tensor of shape [", n, "], got ", dtype_name(coef.scalar_type()),
+                    " ", tuple_str(coef.sizes()));
+  if (!like.empty()) {
+    TORCH_CHECK_VALUE(coef.device() == like[0].device(), name, " is on ", coef.device(),
+                      " but the tensors are on ", like[0].device());
+  }
+}
+
+inline void check_finite(const char* name, double value) {
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", float_str(value));
+}
+
+// One check per op, mirroring fastperturb/validation.py.
+
+inline void check_norms(at::TensorList tensors, double ord) {
+  check_list("tensors", tensors);
+  check_same_device({{"tensors", tensors}});
+  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
+}
+
+inline void check_grad_stats(at::TensorList grads, at::TensorList accum, at::TensorList params,
+                             at::TensorList backups, double accum_weight, double adaptive_eta) {
+  check_list("grads", grads);
+  check_list("accum", accum);
+  check_list("params", params);
+  check_list("backups", backups);
+  check_parallel("grads", grads, "accum", accum, true);
+  check_parallel("grads", grads, "params", params, true);
+  check_parallel("grads", grads, "backups", backups, true);
+  TORCH_CHECK_VALUE(backups.empty() || !params.empty(),
+                    "backups given without params: the perturbation d = params - backups needs both");
+  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || !params.empty(),
+                    "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
+  check_same_device({{"grads", grads}, {"accum", accum}, {"params", params}, {"backups", backups}});
+  check_finite("accum_weight", accum_weight);
+  check_finite("adaptive_eta", adaptive_eta);
+}
+
+inline void check_ascent_step(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                              const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
+                              double adaptive_eta) {
+  check_list("params", params);
+  check_list("grads", grads);
+  check_list("backups", backups);
+  check_parallel("params", params, "grads", grads);
+  check_parallel("params", params, "backups", backups);
+  check_same_device({{"params", params}, {"grads", grads}, {"backups", backups}});
+  check_coef("step_coef", step_coef, params.size(), params);
+  check_coef("proj", proj, params.size(), params);
+  TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
+  check_finite("adaptive_eta", adaptive_eta);
+}
+
+inline void check_restore(at::TensorList params, at::TensorList backups) {
+  check_list("params", params);
+  check_list("backups", backups);
+  check_parallel("params", params, "backups", backups);
+  check_same_device({{"params", params}, {"backups", backups}});
+}
+
+inline void check_combine_grads(at::TensorList grads, at::TensorList accum, double weight) {
+  check_list("grads", grads);
+  check_list("accum", accum);
+  check_parallel("grads", grads, "accum", accum);
+  check_same_device({{"grads", grads}, {"accum", accum}});
+  check_finite("weight", weight);
+}
+
+}  // namespace cpu
+}  // namespace fastperturb

@@ -1,0 +1,198 @@
+// The element loops of the CPU kernels, one chunk at a time. The arithmetic
+// is fastperturb/math.h's; this file only loads, converts, loops and stores.
+//
+// No include guard on purpose: kernels_<isa>.cpp includes it once, after
+// kernels.h, with FP_ISA naming the namespace of that instruction-set variant
+// (and, for non-default variants, inside a `#pragma GCC target` region). It
+// must not include anything itself, or those headers would be compiled for
+// that instruction set too.
+//
+// Reductions have a fixed structure, independent of the instruction set and
+// the number of threads: kLanes independent accumulators (element i of a
+// block goes to lane i % kLanes), blocks of kBlock elements summed in the
+// compute type and added lane-wise into double, lanes combined in order. The
+// compiler maps the lanes onto vector registers without reordering anything
+// (no -ffast-math needed), and every variant gives the same bits.
+#ifndef FP_ISA
+#error "define FP_ISA before including loops.h"
+#endif
+
+namespace fastperturb {
+namespace cpu {
+namespace FP_ISA {
+
+constexpr int kLanes = 16;
+constexpr int64_t kBlock = 64 * kLanes;
+
+template <typename T>
+inline compute_t<T> load(const void* p, int64_t i) {
+  return static_cast<compute_t<T>>(static_cast<const T*>(p)[i]);
+}
+
+// K sums over n elements; body(i, acc, lane) adds element i's terms to acc[k][lane].
+template <typename C, int K, typename Body>
+inline void lane_sums(int64_t n, const Body& body, double* out) {
+  double total[K][kLanes] = {};
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t m = std::min<int64_t>(kBlock, n - start);
+    const int64_t full = m - m % kLanes;
+    C acc[K][kLanes] = {};
+    for (int64_t j = 0; j < full; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) body(start + j + l, acc, l);
+    for (int64_t j = full; j < m; ++j) body(start + j, acc, static_cast<int>(j - full));
+    for (int k = 0; k < K; ++k)
+      for (int l = 0; l < kLanes; ++l) total[k][l] += static_cast<double>(acc[k][l]);
+  }
+  for (int k = 0; k < K; ++k) {
+    double s = 0.0;
+    for (int l = 0; l < kLanes; ++l) s += total[k][l];
+    out[k] = s;
+  }
+}
+
+template <typename T>
+double sum_squares(const T* x, int64_t n) {
+  using C = compute_t<T>;
+  double out[1];
+  lane_sums<C, 1>(
+      n,
+      [x](int64_t i, C (&acc)[1][kLanes], int l) {
+        const C v = static_cast<C>(x[i]);
+        acc[0][l] += v * v;
+      },
+      out);
+  return out[0];
+}
+
+template <typename T>
+double max_abs(const T* x, int64_t n) {
+  using C = compute_t<T>;
+  C m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = C(0);
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) m[l] = math::max_abs_nan(m[l], static_cast<C>(x[j + l]));
+  for (int64_t j = full; j < n; ++j) m[j - full] = math::max_abs_nan(m[j - full], static_cast<C>(x[j]));
+  C r = C(0);
+  for (int l = 0; l < kLanes; ++l) r = math::max_nan(r, m[l]);
+  return static_cast<double>(r);
+}
+
+template <typename T>
+double norm_t(const void* x, int64_t n, bool inf) {
+  return inf ? max_abs(static_cast<const T*>(x), n) : sum_squares(static_cast<const T*>(x), n);
+}
+
+enum class Accum { None, Init, Add };
+
+template <typename T, bool Adaptive, bool Delta, Accum A>
+void stats_t(const StatsArgs& a, int64_t n, double* out) {
+  using C = compute_t<T>;
+  const T* g = static_cast<const T*>(a.grad);
+  const T* w = static_cast<const T*>(a.param);
+  const T* b = static_cast<const T*>(a.backup);
+  T* acc = static_cast<T*>(a.accum);
+  const C eta = static_cast<C>(a.adaptive_eta);
+  const C weight = static_cast<C>(a.accum_weight);
+  lane_sums<C, 3>(
+      n,
+      [=](int64_t i, C (&s)[3][kLanes], int l) {
+        const C gi = static_cast<C>(g[i]);
+        const C wi = (Adaptive || Delta) ? static_cast<C>(w[i]) : C(0);
+        const C bi = Delta ? static_cast<C>(b[i]) : C(0);
+        math::stats_element(gi, wi, bi, eta, Adaptive, Delta, s[0][l], s[1][l], s[2][l]);
+        if constexpr (A == Accum::Init) acc[i] = static_cast<T>(math::accum_element(C(0), gi, weight, true));
+        if constexpr (A == Accum::Add)
+          acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), gi, weight, false));
+      },
+      out);
+}
+
+template <typename T, bool Adaptive, bool Delta>
+void stats_accum(const StatsArgs& a, int64_t n, double* out) {
+  if (a.accum == nullptr) return stats_t<T, Adaptive, Delta, Accum::None>(a, n, out);
+  if (a.accum_init) return stats_t<T, Adaptive, Delta, Accum::Init>(a, n, out);
+  return stats_t<T, Adaptive, Delta, Accum::Add>(a, n, out);
+}
+
+template <typename T>
+void stats_dispatch(const StatsArgs& a, int64_t n, double* out) {
+  const bool delta = a.backup != nullptr;
+  if (a.adaptive) return delta ? stats_accum<T, true, true>(a, n, out) : stats_accum<T, true, false>(a, n, out);
+  return delta ? stats_accum<T, false, true>(a, n, out) : stats_accum<T, false, false>(a, n, out);
+}
+
+template <typename T, math::Norm N, bool First, bool Adaptive>
+void ascent_t(const AscentArgs& a, int64_t n) {
+  using C = compute_t<T>;
+  T* w = static_cast<T*>(a.param);
+  const T* g = static_cast<const T*>(a.grad);
+  T* b = static_cast<T*>(a.backup);
+  // Norm, First and Adaptive are compile-time constants here, so the branches
+  // of ascent_element fold away and the loop vectorises.
+  const math::AscentCoefs<C> k{static_cast<C>(a.step), static_cast<C>(a.proj),
+                               Adaptive ? static_cast<C>(a.adaptive_eta) : C(-1), N, First};
+  for (int64_t i = 0; i < n; ++i) {
+    const T old = w[i];
+    const C bi = First ? C(0) : static_cast<C>(b[i]);
+    const T nw = static_cast<T>(math::ascent_element(static_cast<C>(old), bi, static_cast<C>(g[i]), k));
+    if constexpr (First) b[i] = old;  // the backup is the stored value itself: restore is exact
+    w[i] = nw;
+  }
+  if (a.zero_grads) std::memset(a.grad, 0, static_cast<size_t>(n) * sizeof(T));  // all-zero bits are +0
+}
+
+template <typename T, math::Norm N>
+void ascent_first(const AscentArgs& a, int64_t n) {
+  if (a.first) return a.adaptive ? ascent_t<T, N, true, true>(a, n) : ascent_t<T, N, true, false>(a, n);
+  return a.adaptive ? ascent_t<T, N, false, true>(a, n) : ascent_t<T, N, false, false>(a, n);
+}
+
+template <typename T>
+void ascent_dispatch(const AscentArgs& a, int64_t n) {
+  if (a.norm == math::Norm::L2) return ascent_first<T, math::Norm::L2>(a, n);
+  return ascent_first<T, math::Norm::Linf>(a, n);
+}
+
+template <typename T>
+void combine_t(void* grad, const void* accum, double weight, int64_t n) {
+  using C = compute_t<T>;
+  T* g = static_cast<T*>(grad);
+  const T* acc = static_cast<const T*>(accum);
+  const C wt = static_cast<C>(weight);
+  for (int64_t i = 0; i < n; ++i)
+    g[i] = static_cast<T>(math::combine_element(static_cast<C>(acc[i]), static_cast<C>(g[i]), wt));
+}
+
+// Type-erased entry points: one switch on the dtype per chunk.
+#define FP_DTYPE_SWITCH(dtype, CALL)                                                  \
+  switch (dtype) {                                                                    \
+    case at::kFloat: { using T = float; CALL; }                                       \
+    case at::kDouble: { using T = double; CALL; }                                     \
+    case at::kHalf: { using T = c10::Half; CALL; }                                    \
+    case at::kBFloat16: { using T = c10::BFloat16; CALL; }                            \
+    default: TORCH_CHECK(false, "fastperturb: unsupported dtype ", dtype);            \
+  }
+
+inline double norm_entry(at::ScalarType dtype, const void* x, int64_t n, bool inf) {
+  FP_DTYPE_SWITCH(dtype, return norm_t<T>(x, n, inf))
+}
+inline void stats_entry(at::ScalarType dtype, const StatsArgs& a, int64_t n, double* out) {
+  FP_DTYPE_SWITCH(dtype, return stats_dispatch<T>(a, n, out))
+}
+inline void ascent_entry(at::ScalarType dtype, const AscentArgs& a, int64_t n) {
+  FP_DTYPE_SWITCH(dtype, return ascent_dispatch<T>(a, n))
+}
+inline void combine_entry(at::ScalarType dtype, void* grad, const void* accum, double weight, int64_t n) {
+  FP_DTYPE_SWITCH(dtype, return combine_t<T>(grad, accum, weight, n))
+}
+#undef FP_DTYPE_SWITCH
+
+inline const KernelTable* table(const char* isa) {
+  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry};
+  return &t;
+}
+
+}  // namespace FP_ISA
+}  // namespace cpu
+}  // namespace fastperturb

@@ -1,0 +1,223 @@
+// The CPU implementations of the fastperturb ops (schemas in csrc/schemas.cpp,
+// semantics in fastperturb/reference.py). Each op checks all its arguments
+// (checks.h) before writing anything, builds one chunk plan over the whole
+// list (plan.h) and runs the per-chunk kernels (kernels.h) in one parallel
+// region. Reductions combine the chunk partials per tensor, in chunk order,
+// in double.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "kernels.h"
+#include "plan.h"
+
+namespace fastperturb {
+namespace cpu {
+namespace {
+
+// Address of element `offset` (in memory order) of a dense tensor. Dense
+// tensors may be non-contiguous (channels_last): the lists of one op share
+// strides (checked), so walking each one's memory block in order pairs up the
+// same elements.
+inline char* at_elem(const at::Tensor& t, int64_t offset) {
+  return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
+}
+
+Plan plan_for(at::TensorList ts) {
+  return Plan(ts.size(), [&](size_t i) { return ts[i].numel(); });
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord) {
+  check_norms(tensors, ord);
+  const bool inf = std::isinf(ord);
+  const size_t n = tensors.size();
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
+  at::Tensor per = at::empty({static_cast<int64_t>(n)}, opts);
+  at::Tensor total = at::empty({}, opts);
+
+  const Plan plan = plan_for(tensors);
+  std::vector<double> partial(plan.num_chunks());
+  const KernelTable& k = kernels();
+  plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
+    const at::Tensor& t = tensors[ch.tensor];
+    partial[c] = k.norm(t.scalar_type(), at_elem(t, ch.begin), ch.size, inf);
+  });
+
+  float* per_p = per.data_ptr<float>();
+  double acc = 0.0;  // sum of squares, or max
+  for (size_t i = 0; i < n; ++i) {
+    double v = 0.0;
+    for (int64_t c = plan.first_chunk(i); c < plan.first_chunk(i + 1); ++c)
+      v = inf ? math::max_nan(v, partial[c]) : v + partial[c];
+    per_p[i] = static_cast<float>(inf ? v : std::sqrt(v));
+    acc = inf ? math::max_nan(acc, v) : acc + v;
+  }
+  *total.data_ptr<float>() = static_cast<float>(inf ? acc : std::sqrt(acc));
+  return {per, total};
+}
+
+at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params,
+                          at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
+  check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+  const size_t n = grads.size();
+  const bool adaptive = adaptive_eta >= 0;
+  const bool has_delta = !backups.empty();
+  const bool need_params = adaptive || has_delta;
+  at::Tensor out = at::empty({static_cast<int64_t>(n), 3}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+
+  const Plan plan = plan_for(grads);
+  std::vector<double> partial(3 * plan.num_chunks());
+  const KernelTable& k = kernels();
+  plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
+    const size_t i = static_cast<size_t>(ch.tensor);
+    const at::Tensor& g = grads[i];
+    StatsArgs a{};
+    a.grad = at_elem(g, ch.begin);
+    a.accum = accum.empty() ? nullptr : at_elem(accum[i], ch.begin);
+    a.param = need_params ? at_elem(params[i], ch.begin) : nullptr;
+    a.backup = has_delta ? at_elem(backups[i], ch.begin) : nullptr;
+    a.accum_weight = accum_weight;
+    a.accum_init = accum_init;
+    a.adaptive = adaptive;
+    a.adaptive_eta = adaptive_eta;
+    k.stats(g.scalar_type(), a, ch.size, &partial[3 * c]);
+  });
+
+  float* o = out.data_ptr<float>();
+  for (size_t i = 0; i < n; ++i) {
+    double s[3] = {0.0, 0.0, 0.0};
+    for (int64_t c = plan.first_chunk(i); c < plan.first_chunk(i + 1); ++c)
+      for (int j = 0; j < 3; ++j) s[j] += partial[3 * c + j];
+    for (int j = 0; j < 3; ++j) o[3 * i + j] = static_cast<float>(s[j]);
+  }
+  return out;
+}
+
+void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
+                     double adaptive_eta, bool zero_grads) {
+  check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  const at::Tensor step_c = step_coef.contiguous();
+  const at::Tensor proj_c = proj.contiguous();
+  const float* step_p = step_c.data_ptr<float>();
+  const float* proj_p = proj_c.data_ptr<float>();
+  const math::Norm nrm = norm == "l2" ? math::Norm::L2 : math::Norm::Linf;
+
+  const Plan plan = plan_for(params);
+  const KernelTable& k = kernels();
+  plan.for_each_chunk([&](int64_t, const Chunk& ch) {
+    const size_t i = static_cast<size_t>(ch.tensor);
+    const at::Tensor& w = params[i];
+    AscentArgs a{};
+    a.param = at_elem(w, ch.begin);
+    a.grad = at_elem(grads[i], ch.begin);
+    a.backup = at_elem(backups[i], ch.begin);
+    a.step = step_p[i];
+    a.proj = proj_p[i];
+    a.norm = nrm;
+    a.first = first;
+    a.adaptive = adaptive_eta >= 0;
+    a.adaptive_eta = adaptive_eta;
+    a.zero_grads = zero_grads;
+    k.ascent(w.scalar_type(), a, ch.size);
+  });
+}
+
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  check_restore(params, backups);
+  const Plan plan = plan_for(params);
+  plan.for_each_chunk([&](int64_t, const Chunk& ch) {
+    const at::Tensor& w = params[ch.tensor];
+    std::memcpy(at_elem(w, ch.begin), at_elem(backups[ch.tensor], ch.begin),
+                static_cast<size_t>(ch.size) * w.element_size());
+  });
+}
+
+void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
+  check_combine_grads(grads, accum, weight);
+  const Plan plan = plan_for(grads);
+  const KernelTable& k = kernels();
+  plan.for_each_chunk([&](int64_t, const Chunk& ch) {
+    const at::Tensor& g = grads[ch.tensor];
+    k.combine(g.scalar_type(), at_elem(g, ch.begin), at_elem(accum[ch.tensor], ch.begin), weight, ch.size);
+  });
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("norms", &norms_cpu);
+  m.impl("grad_stats_", &grad_stats_cpu);
+  m.impl("ascent_step_", &ascent_step_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("combine_grads_", &combine_grads_cpu);
+}
+
+// Calls with only empty lists carry no tensor, so the dispatcher has no key
+// to pick a kernel by; it then runs the CompositeExplicitAutograd kernel,
+// which also serves any device that has no kernel of its own. These wrappers
+// run the CPU kernel after making sure every tensor is a CPU tensor.
+void require_cpu(const char* op, std::initializer_list<at::TensorList> lists,
+                 std::initializer_list<const at::Tensor*> single = {}) {
+  auto check = [op](const at::Tensor& t) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || t.device().is_cpu(), "fastperturb::", op, " has no kernel for ",
+                                t.device().type(), " tensors in this build of fastperturb");
+  };
+  for (const auto& l : lists)
+    for (const auto& t : l) check(t);
+  for (const at::Tensor* t : single) check(*t);
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_any(at::TensorList tensors, double ord) {
+  require_cpu("norms", {tensors});
+  return norms_cpu(tensors, ord);
+}
+
+at::Tensor grad_stats_any(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                          double accum_weight, bool accum_init, double adaptive_eta) {
+  require_cpu("grad_stats_", {grads, accum, params, backups});
+  return grad_stats_cpu(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta);
+}
+
+void ascent_step_any(at::TensorList params, at::TensorList grads, at::TensorList backups,
+                     const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
+                     double adaptive_eta, bool zero_grads) {
+  require_cpu("ascent_step_", {params, grads, backups}, {&step_coef, &proj});
+  ascent_step_cpu(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads);
+}
+
+void restore_any(at::TensorList params, at::TensorList backups) {
+  require_cpu("restore_", {params, backups});
+  restore_cpu(params, backups);
+}
+
+void combine_grads_any(at::TensorList grads, at::TensorList accum, double weight) {
+  require_cpu("combine_grads_", {grads, accum});
+  combine_grads_cpu(grads, accum, weight);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastperturb
+
+TORCH_LIBRARY_IMPL(fastperturb, CPU, m) { fastperturb::cpu::register_impls(m); }
+
+TORCH_LIBRARY_IMPL(fastperturb, CompositeExplicitAutograd, m) {
+  using namespace fastperturb::cpu;
+  m.impl("norms", &norms_any);
+  m.impl("grad_stats_", &grad_stats_any);
+  m.impl("ascent_step_", &ascent_step_any);
+  m.impl("restore_", &restore_any);
+  m.impl("combine_grads_", &combine_grads_any);
+}
+
+// Sparse and MKL-DNN CPU tensors dispatch to these keys, not to CPU; the same
+// kernels run there so the argument checks reject them with the TypeError
+// every backend raises (instead of the dispatcher's NotImplementedError).
+TORCH_LIBRARY_IMPL(fastperturb, SparseCPU, m) { fastperturb::cpu::register_impls(m); }
+TORCH_LIBRARY_IMPL(fastperturb, SparseCsrCPU, m) { fastperturb::cpu::register_impls(m); }
+TORCH_LIBRARY_IMPL(fastperturb, MkldnnCPU, m) { fastperturb::cpu::register_impls(m); }

@@ -1,13 +1,20 @@
 """Fake (meta) implementations of the op set, shared by every op namespace that
 carries these schemas (``fastperturb::`` and ``fastperturb_triton::``), so
-torch.compile and ``opcheck`` can trace the ops without running them."""
+torch.compile and ``opcheck`` can trace the ops without running them.
+
+They check their arguments as every backend does (:mod:`fastperturb.validation`):
+a real call with a meta tensor among CPU tensors dispatches here (Meta wins),
+and must raise the device mismatch instead of returning uninitialised output."""
 
 from __future__ import annotations
 
 import torch
 
+from . import validation as V
+
 
 def norms(tensors, ord):
+    V.check_norms(tensors, ord)
     dev = tensors[0].device if len(tensors) else torch.device("cpu")
     return (
         torch.empty(len(tensors), dtype=torch.float32, device=dev),
@@ -16,19 +23,23 @@ def norms(tensors, ord):
 
 
 def grad_stats_(grads, accum, params, backups, *, accum_weight=1.0, accum_init=False, adaptive_eta=-1.0):
+    V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
     dev = grads[0].device if len(grads) else torch.device("cpu")
     return torch.empty(len(grads), 3, dtype=torch.float32, device=dev)
 
 
 def ascent_step_(params, grads, backups, step_coef, proj, *, norm="l2", first=False, adaptive_eta=-1.0, zero_grads=False):
+    V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
     return None
 
 
 def restore_(params, backups):
+    V.check_restore(params, backups)
     return None
 
 
 def combine_grads_(grads, accum, weight):
+    V.check_combine_grads(grads, accum, weight)
     return None
 
 

@@ -115,9 +115,10 @@ def check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta) 
     check_parallel("grads", grads, "accum", accum, optional=True)
     check_parallel("grads", grads, "params", params, optional=True)
     check_parallel("grads", grads, "backups", backups, optional=True)
+    # (an empty list of grads needs nothing: there is no layer to scale or perturb)
     if len(backups) and not len(params):
         raise ValueError("backups given without params: the perturbation d = params - backups needs both")
-    if adaptive_eta >= 0 and not len(params):
+    if adaptive_eta >= 0 and len(grads) and not len(params):
         raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
     check_same_device([("grads", grads), ("accum", accum), ("params", params), ("backups", backups)])
     check_finite("accum_weight", accum_weight)

@@ -184,7 +184,8 @@ inline void check_grad_stats(at::TensorList grads, at::TensorList accum, at::Ten
   check_parallel("grads", grads, "backups", backups, true);
   TORCH_CHECK_VALUE(backups.empty() || !params.empty(),
                     "backups given without params: the perturbation d = params - backups needs both");
-  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || !params.empty(),
+  // (an empty list of grads needs nothing: there is no layer to scale or perturb)
+  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || grads.empty() || !params.empty(),
                     "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
   check_same_device({{"grads", grads}, {"accum", accum}, {"params", params}, {"backups", backups}});
   check_finite("accum_weight", accum_weight);

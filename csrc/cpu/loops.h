@@ -7,7 +7,7 @@
 // must not include anything itself, or those headers would be compiled for
 // that instruction set too.
 //
-// Reductions have a fixed structure, independent of the instruction set and
+// Reductions (math.h's norm_accumulate/norm_combine, stats_element) have a fixed structure, independent of the instruction set and
 // the number of threads: kLanes independent accumulators (element i of a
 // block goes to lane i % kLanes), blocks of kBlock elements summed in the
 // compute type and added lane-wise into double, lanes combined in order. The
@@ -29,9 +29,12 @@ inline compute_t<T> load(const void* p, int64_t i) {
   return static_cast<compute_t<T>>(static_cast<const T*>(p)[i]);
 }
 
-// K sums over n elements; body(i, acc, lane) adds element i's terms to acc[k][lane].
-template <typename C, int K, typename Body>
-inline void lane_sums(int64_t n, const Body& body, double* out) {
+// K reductions over n elements; body(i, acc, lane) folds element i into
+// acc[k][lane]. Blocks of kBlock elements reduce in the compute type C; the
+// block results are folded lane-wise into double with combine(a, b), and the
+// lanes in order. The identity of every reduction here is 0.
+template <typename C, int K, typename Body, typename Combine>
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out) {
   double total[K][kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - start);
@@ -41,46 +44,35 @@ inline void lane_sums(int64_t n, const Body& body, double* out) {
       for (int l = 0; l < kLanes; ++l) body(start + j + l, acc, l);
     for (int64_t j = full; j < m; ++j) body(start + j, acc, static_cast<int>(j - full));
     for (int k = 0; k < K; ++k)
-      for (int l = 0; l < kLanes; ++l) total[k][l] += static_cast<double>(acc[k][l]);
+      for (int l = 0; l < kLanes; ++l) total[k][l] = combine(total[k][l], static_cast<double>(acc[k][l]));
   }
   for (int k = 0; k < K; ++k) {
     double s = 0.0;
-    for (int l = 0; l < kLanes; ++l) s += total[k][l];
+    for (int l = 0; l < kLanes; ++l) s = combine(s, total[k][l]);
     out[k] = s;
   }
 }
 
-template <typename T>
-double sum_squares(const T* x, int64_t n) {
+inline double add(double a, double b) { return a + b; }
+
+// Sum of squares (L2) or NaN-propagating max |x| (Linf) of one chunk.
+template <typename T, math::Norm N>
+double norm_chunk(const T* x, int64_t n) {
   using C = compute_t<T>;
   double out[1];
-  lane_sums<C, 1>(
+  lane_reduce<C, 1>(
       n,
       [x](int64_t i, C (&acc)[1][kLanes], int l) {
-        const C v = static_cast<C>(x[i]);
-        acc[0][l] += v * v;
+        acc[0][l] = math::norm_accumulate(acc[0][l], static_cast<C>(x[i]), N);
       },
-      out);
+      [](double a, double b) { return math::norm_combine(a, b, N); }, out);
   return out[0];
 }
 
 template <typename T>
-double max_abs(const T* x, int64_t n) {
-  using C = compute_t<T>;
-  C m[kLanes];
-  for (int l = 0; l < kLanes; ++l) m[l] = C(0);
-  const int64_t full = n - n % kLanes;
-  for (int64_t j = 0; j < full; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = math::max_abs_nan(m[l], static_cast<C>(x[j + l]));
-  for (int64_t j = full; j < n; ++j) m[j - full] = math::max_abs_nan(m[j - full], static_cast<C>(x[j]));
-  C r = C(0);
-  for (int l = 0; l < kLanes; ++l) r = math::max_nan(r, m[l]);
-  return static_cast<double>(r);
-}
-
-template <typename T>
 double norm_t(const void* x, int64_t n, bool inf) {
-  return inf ? max_abs(static_cast<const T*>(x), n) : sum_squares(static_cast<const T*>(x), n);
+  return inf ? norm_chunk<T, math::Norm::Linf>(static_cast<const T*>(x), n)
+             : norm_chunk<T, math::Norm::L2>(static_cast<const T*>(x), n);
 }
 
 enum class Accum { None, Init, Add };
@@ -94,7 +86,7 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
   T* acc = static_cast<T*>(a.accum);
   const C eta = static_cast<C>(a.adaptive_eta);
   const C weight = static_cast<C>(a.accum_weight);
-  lane_sums<C, 3>(
+  lane_reduce<C, 3>(
       n,
       [=](int64_t i, C (&s)[3][kLanes], int l) {
         const C gi = static_cast<C>(g[i]);
@@ -105,7 +97,7 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
         if constexpr (A == Accum::Add)
           acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), gi, weight, false));
       },
-      out);
+      add, out);
 }
 
 template <typename T, bool Adaptive, bool Delta>

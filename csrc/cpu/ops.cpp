@@ -49,16 +49,16 @@ std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord)
     partial[c] = k.norm(t.scalar_type(), at_elem(t, ch.begin), ch.size, inf);
   });
 
+  const math::Norm nrm = inf ? math::Norm::Linf : math::Norm::L2;
   float* per_p = per.data_ptr<float>();
-  double acc = 0.0;  // sum of squares, or max
+  double acc = 0.0;  // over the whole list
   for (size_t i = 0; i < n; ++i) {
     double v = 0.0;
-    for (int64_t c = plan.first_chunk(i); c < plan.first_chunk(i + 1); ++c)
-      v = inf ? math::max_nan(v, partial[c]) : v + partial[c];
-    per_p[i] = static_cast<float>(inf ? v : std::sqrt(v));
-    acc = inf ? math::max_nan(acc, v) : acc + v;
+    for (int64_t c = plan.first_chunk(i); c < plan.first_chunk(i + 1); ++c) v = math::norm_combine(v, partial[c], nrm);
+    per_p[i] = static_cast<float>(math::norm_finish(v, nrm));
+    acc = math::norm_combine(acc, v, nrm);
   }
-  *total.data_ptr<float>() = static_cast<float>(inf ? acc : std::sqrt(acc));
+  *total.data_ptr<float>() = static_cast<float>(math::norm_finish(acc, nrm));
   return {per, total};
 }
 

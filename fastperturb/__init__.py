@@ -2,6 +2,8 @@
 
 from . import ops, reference
 from .backends import BackendUnavailable, get_backend, set_backend, use_backend
+from .optim import APD, ASAM, AWP, SAM, NonFiniteDescentGradient, PerturbOptimizer, frozen_bn_stats
 
-__all__ = ["ops", "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable"]
+__all__ = ["ops", "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable",
+           "SAM", "ASAM", "AWP", "APD", "PerturbOptimizer", "frozen_bn_stats", "NonFiniteDescentGradient"]
 __version__ = "0.1.0"

@@ -194,6 +194,9 @@ class Cycle:
             if t.numel() != len(self.params):
                 raise ValueError(f"{name} has {t.numel()} values for {len(self.params)} tensors")
         self.weights = spec.pass_weights()
+        # A single step from delta_0 = 0 needs no projection unless it is longer than the
+        # radius (e.g. APD's default eta = 1.5 eps with K = 1): then project it too.
+        self.project = spec.projects or bool((self._step > self._radius).any())
         self.k = 0  # ascent steps taken
         self.perturbed = False
         self._stats: Optional[Tensor] = None
@@ -227,7 +230,7 @@ class Cycle:
     def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
         """Move the weights one projected ascent step; zeroes ``grads`` for the next pass."""
         assert self._stats is not None, "call start() first"
-        step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.spec.projects)
+        step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
         first = self.k == 0
         ops.ascent_step_(
             self.params, grads, self.backups, step, proj,

@@ -1,0 +1,570 @@
+"""The optimizer wrapper: builds the engine's tensor lists from ``param_groups`` and
+sequences closure calls around :mod:`fastperturb.perturb`.
+
+It owns no math: the perturbation, its restore and the accumulation of the descent
+gradient are the engine's and the fused ops'; this module decides which tensors take
+part, owns their buffers, checks the closure's contract and hands the result to the
+base optimizer (with gradient clipping, the non-finite check and ``GradScaler``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import math
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..perturb import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
+from .batchnorm import frozen_bn_stats
+
+__all__ = ["PerturbOptimizer", "NonFiniteDescentGradient", "Params"]
+
+Params = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
+Closure = Callable[[], Any]
+
+NONFINITE_MODES = ("skip", "raise")
+STATE_KEY = "fastperturb"  # the wrapper's settings inside state_dict()
+
+
+class NonFiniteDescentGradient(NonFiniteGradient):
+    """The final descent gradient G had NaN/Inf: the base step was not taken, the weights are unchanged."""
+
+    def __init__(self, names: Sequence[str], tensor_indices: Sequence[int], pass_index: int):
+        self.names = list(names)
+        self.tensor_indices = list(tensor_indices)
+        self.pass_index = pass_index
+        shown = ", ".join(self.names[:8]) + (" ..." if len(self.names) > 8 else "")
+        FloatingPointError.__init__(
+            self,
+            f"non-finite descent gradient (NaN/Inf) in {shown}; the base optimizer step was not "
+            "taken and the weights are unchanged",
+        )
+
+
+@dataclasses.dataclass
+class _Plan:
+    """The tensors of one step: perturbed ones with their radius/step, and passive ones
+    (with a gradient but not perturbed: they still receive sum_k c_k g_k)."""
+
+    params: List[Tensor]
+    radius: List[float]
+    step: List[float]
+    passive: List[Tensor]
+
+
+@dataclasses.dataclass
+class _Pending:
+    """State between first_step() and second_step()."""
+
+    plan: _Plan
+    cycle: Optional[Cycle]
+    scaler: Optional[torch.amp.GradScaler]
+    skipped: bool = False
+    versions: list = dataclasses.field(default_factory=list)
+    stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+
+
+def _versions(params: Sequence[Tensor]) -> list:
+    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
+
+
+def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
+    for p, (g, v) in zip(params, before):
+        ng = p.grad
+        if ng is not None and (ng is not g or ng._version != v):
+            return True
+    return False
+
+
+def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
+    return scaler is not None and scaler.is_enabled()
+
+
+class PerturbOptimizer(torch.optim.Optimizer):
+    """A base optimizer driven through weight-perturbation cycles (DESIGN.md section 2).
+
+    ``step(closure)`` computes the gradient at ``w``, takes ``spec.steps`` ascent steps
+    (each followed by the closure at the perturbed point), leaves the descent gradient
+    ``G = sum_k c_k g_k`` in ``.grad`` at the exactly restored ``w`` and runs the base
+    optimizer's step. The presets (:class:`SAM`, :class:`ASAM`, :class:`AWP`,
+    :class:`APD`) are configurations of this class.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimizer.
+            A group may carry its own radius (key ``opt.radius_key``, e.g. ``rho``) and
+            step size (``opt.step_key``), or ``perturb=False`` to take plain
+            base-optimizer steps. Where the base optimizer uses the same name (Adam's
+            ``eps``, Adadelta's ``rho``) the group key is ``perturb_eps``/``perturb_rho``.
+        base_optimizer: the base optimizer *class* (e.g. ``torch.optim.SGD``); it is
+            built on the same ``param_groups`` (shared by identity) with ``base_kwargs``.
+        spec: the perturbation (norm, scope, steps, relative, adaptive, clean term).
+        radius: default radius r (a multiple of the weights' norm if ``spec.relative``).
+        step_size: default ascent step eta; ``None`` -> :meth:`default_step_size`.
+        perturb_filter: ``f(param) -> bool`` choosing the tensors to perturb (evaluated
+            once per parameter); ``None`` = every parameter that has a gradient.
+        max_grad_norm: clip the L2 norm of the final descent gradient to this value.
+        nonfinite: ``"skip"`` (default) or ``"raise"`` when a gradient is NaN/Inf; the
+            weights are bit-identical to before either way. With an enabled
+            ``GradScaler`` overflow always skips (and the scaler backs off).
+        freeze_bn: a module whose BatchNorm running statistics must not be updated by
+            the perturbed passes (see :func:`frozen_bn_stats`).
+        **base_kwargs: keyword arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
+
+    Attributes:
+        base_optimizer: the base optimizer instance.
+        last_step_skipped: whether the last step was skipped for a non-finite gradient.
+        skipped_steps: how many steps were skipped so far.
+    """
+
+    #: name of the per-group radius (and step size) in ``param_groups``; an instance gets
+    #: ``"perturb_" + name`` instead when its base optimizer has a setting of that name.
+    radius_key: str = "radius"
+    step_key: Optional[str] = "step_size"
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        spec: PerturbSpec,
+        radius: float,
+        step_size: Optional[float] = None,
+        *,
+        perturb_filter: Optional[Callable[[Tensor], bool]] = None,
+        max_grad_norm: Optional[float] = None,
+        nonfinite: str = "skip",
+        freeze_bn: Optional[nn.Module] = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if not isinstance(spec, PerturbSpec):
+            raise TypeError(f"spec must be a fastperturb.PerturbSpec, got {type(spec).__name__}")
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                "base_optimizer must be an optimizer class such as torch.optim.SGD (not an instance), "
+                f"with its arguments passed as keywords; got {base_optimizer!r}"
+            )
+        if issubclass(base_optimizer, PerturbOptimizer):
+            raise TypeError("base_optimizer cannot itself be a fastperturb optimizer; pass e.g. torch.optim.SGD")
+        # Group keys: the preset's names unless the base optimizer has a setting of the same
+        # name (APD's eps vs Adam's eps, SAM's rho vs Adadelta's rho): then "perturb_<name>".
+        taken = _keyword_names(base_optimizer)
+        self.radius_key = _group_key(type(self).radius_key, taken)
+        self.step_key = None if type(self).step_key is None else _group_key(type(self).step_key, taken)
+        radius = check_radius(type(self).radius_key, radius)
+        if step_size is not None:
+            if self.step_key is None:
+                raise TypeError(f"{type(self).__name__} has no step_size setting (its step is the radius)")
+            step_size = check_radius(type(self).step_key, step_size)
+        if perturb_filter is not None and not callable(perturb_filter):
+            raise TypeError(f"perturb_filter must be callable (param -> bool) or None, got {perturb_filter!r}")
+        if max_grad_norm is not None:
+            max_grad_norm = check_radius("max_grad_norm", max_grad_norm)
+            if max_grad_norm == 0:
+                raise ValueError("max_grad_norm must be > 0 (None disables clipping)")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if freeze_bn is not None and not isinstance(freeze_bn, nn.Module):
+            raise TypeError(f"freeze_bn must be an nn.Module (the model) or None, got {type(freeze_bn).__name__}")
+
+        self.spec = spec
+        self.perturb_filter = perturb_filter
+        self.max_grad_norm = max_grad_norm
+        self.nonfinite = nonfinite
+        self.freeze_bn = freeze_bn
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self._perturb_defaults: Dict[str, Any] = {self.radius_key: radius, "perturb": True}
+        if self.step_key is not None:
+            self._perturb_defaults[self.step_key] = step_size
+        self._selected: Dict[Tensor, bool] = {}
+        self._backups: Dict[Tensor, Tensor] = {}
+        self._accums: Dict[Tensor, Tensor] = {}
+        self._pending: Optional[_Pending] = None
+
+        super().__init__(params, dict(self._perturb_defaults))
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._share()
+        self.defaults = {**self.base_optimizer.defaults, **self._perturb_defaults}
+        for i, group in enumerate(self.param_groups):
+            self._group_sizes(i, group)
+
+    # ---- param groups -------------------------------------------------------------
+
+    def _share(self) -> None:
+        """param_groups and state are the base optimizer's, by identity."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a group to the base optimizer (and so to this one), with the perturbation defaults."""
+        if "base_optimizer" not in self.__dict__:  # during __init__, before the base exists
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        for k, v in self._perturb_defaults.items():
+            param_group.setdefault(k, v)
+        self._group_sizes(len(self.param_groups), param_group)
+        self.base_optimizer.add_param_group(param_group)
+
+    def default_step_size(self, radius: float) -> float:
+        """The ascent step when a group gives none: eta = r (one step to the ball's surface)."""
+        return radius
+
+    def _group_sizes(self, i: int, group: Dict[str, Any]) -> Optional[tuple]:
+        """(radius, step) of group ``i``, validated; None if the group is not perturbed."""
+        if not group.get("perturb", True):
+            return None
+        rk = self.radius_key
+        if rk not in group:
+            raise KeyError(f"param_groups[{i}] has no {rk!r}; set it or perturb=False")
+        r = check_radius(f"param_groups[{i}][{rk!r}]", group[rk])
+        s = group.get(self.step_key) if self.step_key is not None else None
+        s = check_radius(f"param_groups[{i}][{self.step_key!r}]", s) if s is not None else self.default_step_size(r)
+        if not math.isfinite(s):
+            raise ValueError(f"param_groups[{i}]: the step size must be finite, got {s}")
+        return r, s
+
+    def _is_selected(self, p: Tensor) -> bool:
+        sel = self._selected.get(p)
+        if sel is None:
+            sel = self._selected[p] = self.perturb_filter is None or bool(self.perturb_filter(p))
+        return sel
+
+    def _plan(self) -> _Plan:
+        plan = _Plan([], [], [], [])
+        for i, group in enumerate(self.param_groups):
+            sizes = self._group_sizes(i, group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if sizes is not None and self._is_selected(p):
+                    plan.params.append(p)
+                    plan.radius.append(sizes[0])
+                    plan.step.append(sizes[1])
+                else:
+                    plan.passive.append(p)
+        return plan
+
+    # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
+
+    @staticmethod
+    def _buffer(store: Dict[Tensor, Tensor], key: Tensor, like: Tensor) -> Tensor:
+        b = store.get(key)
+        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device or b.stride() != like.stride():
+            b = torch.empty_like(like, memory_format=torch.preserve_format)
+            store[key] = b
+        return b
+
+    def _backup_list(self, params: Sequence[Tensor]) -> List[Tensor]:
+        return [self._buffer(self._backups, p, p) for p in params]
+
+    def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
+        return [self._buffer(self._accums, p, p.grad) for p in params]
+
+    def buffer_count(self) -> tuple:
+        """(backups, accumulators) currently allocated: one backup per perturbed tensor, one
+        accumulator per tensor with a gradient only when the descent gradient sums passes."""
+        return len(self._backups), len(self._accums)
+
+    def _new_cycle(self, plan: _Plan) -> Cycle:
+        accum = self._accum_list(plan.params) if self.spec.accumulates else []
+        return Cycle(self.spec, plan.params, self._backup_list(plan.params), plan.radius, plan.step, accum)
+
+    # ---- passive tensors: they get sum_k c_k g_k too, without being perturbed ------
+
+    def _passive_grads(self, params: Sequence[Tensor], pass_index: int) -> List[Tensor]:
+        grads = []
+        for p in params:
+            if p.grad is None:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} lost its .grad after pass {pass_index}; "
+                    "do not set gradients to None inside the closure"
+                )
+            grads.append(p.grad)
+        return grads
+
+    def _passive_before_pass(self, passive: Sequence[Tensor], k: int, zero: bool = True) -> None:
+        """Before pass k >= 1 the passive grads hold g_{k-1}: accumulate c_{k-1} g_{k-1}, zero them."""
+        if not passive:
+            return
+        grads = self._passive_grads(passive, k - 1)
+        c = self.spec.pass_weights()[k - 1]
+        if self.spec.accumulates and c != 0.0:
+            first = 0 if self.spec.include_clean else 1
+            ops.grad_stats_(grads, self._accum_list(passive), accum_weight=c, accum_init=(k - 1 == first))
+        if zero:
+            torch._foreach_zero_(grads)
+
+    def _passive_finish(self, passive: Sequence[Tensor]) -> None:
+        if passive and self.spec.accumulates:
+            k = self.spec.steps
+            ops.combine_grads_(self._passive_grads(passive, k), self._accum_list(passive), self.spec.pass_weights()[k])
+
+    # ---- the closure contract --------------------------------------------------------
+
+    @staticmethod
+    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor]) -> Any:
+        before = _versions(watch)
+        with torch.enable_grad():
+            loss = closure()
+        if loss is None:
+            raise TypeError(
+                f"the closure returned None at pass {k}; it must compute the loss, call loss.backward() "
+                "and return the loss"
+            )
+        if not _any_grad_changed(watch, before):
+            raise RuntimeError(
+                f"the closure did not call backward() at pass {k}: no gradient of the optimized "
+                "parameters changed; it must compute the loss, call loss.backward() and return the loss"
+            )
+        return loss
+
+    # ---- non-finite handling, clipping, the base step ------------------------------
+
+    def _mark_skipped(self) -> None:
+        self.last_step_skipped = True
+        self.skipped_steps += 1
+
+    def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler], unscaled: bool) -> None:
+        """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
+        self._mark_skipped()
+        if _scaling(scaler):
+            if not unscaled:
+                scaler.unscale_(self.base_optimizer)  # records the overflow for scaler.update()
+            return
+        if self.nonfinite == "raise":
+            raise err
+
+    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+        """G is in .grad at the restored weights: check it, clip it, take the base step."""
+        if _scaling(scaler):
+            scaler.unscale_(self.base_optimizer)
+        names, params = [], []
+        for gi, group in enumerate(self.param_groups):
+            for pj, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    params.append(p)
+                    names.append(f"param_groups[{gi}]['params'][{pj}]")
+        grads = [p.grad for p in params]
+        total, per = _grad_norm(grads)
+        if not math.isfinite(total):
+            bad = [i for i, v in enumerate(per) if not math.isfinite(v)]
+            err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
+            self._on_nonfinite(err, scaler, unscaled=True)
+            return
+        if self.max_grad_norm is not None:
+            coef = self.max_grad_norm / (total + 1e-6)
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        if _scaling(scaler):
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+
+    # ---- public API --------------------------------------------------------------------
+
+    def step(self, closure: Optional[Closure] = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
+        """One full step; returns the loss at the clean weights.
+
+        ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
+        ``scaler.scale(loss)`` when a scaler is given; several backward calls over
+        micro-batches are fine) and return the loss; it must not zero the gradients:
+        the optimizer zeroes them before each pass. It is called ``spec.steps + 1``
+        times. With ``scaler`` (an enabled ``torch.amp.GradScaler``) the gradients
+        are unscaled before clipping and the base step, an overflow skips the step,
+        and the caller runs ``scaler.update()`` afterwards as usual.
+        """
+        if closure is None:
+            raise TypeError(
+                f"{type(self).__name__}.step() needs a closure that computes the loss, calls backward() "
+                "and returns the loss (or use first_step()/second_step() for single-step presets)"
+            )
+        if self._pending is not None:
+            raise RuntimeError("first_step() was called without second_step(); finish that cycle first")
+        _check_scaler(scaler)
+        self.last_step_skipped = False
+        self.zero_grad(set_to_none=False)
+        every = [p for group in self.param_groups for p in group["params"]]
+        loss = self._call_closure(closure, 0, every)
+        plan = self._plan()
+        if plan.params:
+            try:
+                self._perturbed_passes(plan, closure)
+            except NonFiniteGradient as err:
+                self._on_nonfinite(err, scaler, unscaled=False)
+                return loss
+        self._descend(scaler)
+        return loss
+
+    def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
+        cycle = self._new_cycle(plan)
+        watch = plan.params + plan.passive
+        current = [0]
+        with contextlib.ExitStack() as stack:
+
+            def on_pass(k: int) -> None:
+                current[0] = k
+                if k == 1 and self.freeze_bn is not None:
+                    stack.enter_context(frozen_bn_stats(self.freeze_bn))
+                self._passive_before_pass(plan.passive, k)
+
+            run_cycle(cycle, lambda: self._call_closure(closure, current[0], watch), on_pass=on_pass)
+        self._passive_finish(plan.passive)
+
+    def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
+        weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
+        Single-step presets only. ``zero_grad`` zeroes the gradients for that second pass."""
+        if self.spec.steps != 1:
+            raise RuntimeError(
+                f"first_step()/second_step() are for single-step presets; this one takes {self.spec.steps} "
+                "ascent steps: use step(closure)"
+            )
+        if self._pending is not None:
+            raise RuntimeError("first_step() was called twice without second_step()")
+        _check_scaler(scaler)
+        self.last_step_skipped = False
+        plan = self._plan()
+        if not plan.params and not plan.passive:
+            raise RuntimeError("first_step() found no gradients: compute the loss and call backward() first")
+        pending = _Pending(plan=plan, cycle=None, scaler=scaler)
+        if plan.params:
+            cycle = self._new_cycle(plan)
+            try:
+                grads = grads_of(plan.params, 0)
+                cycle.start(grads)
+                cycle.ascend(grads, zero_grads=zero_grad)
+            except NonFiniteGradient as err:
+                cycle.restore()
+                self._on_nonfinite(err, scaler, unscaled=False)  # raises in "raise" mode
+                pending.skipped = True
+            except BaseException:
+                cycle.restore()
+                raise
+            pending.cycle = cycle
+        if pending.skipped:
+            if zero_grad:
+                self.zero_grad(set_to_none=False)
+        else:
+            try:
+                self._passive_before_pass(plan.passive, 1, zero=zero_grad)
+            except BaseException:
+                if pending.cycle is not None:
+                    pending.cycle.restore()
+                raise
+            if self.freeze_bn is not None:
+                pending.stack.enter_context(frozen_bn_stats(self.freeze_bn))
+        pending.versions = _versions(plan.params + plan.passive)
+        self._pending = pending
+
+    def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
+        ``w`` exactly and take the base step with the descent gradient."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("second_step() called without first_step()")
+        self._pending = None
+        scaler = scaler if scaler is not None else pending.scaler
+        _check_scaler(scaler)
+        plan = pending.plan
+        try:
+            if not pending.skipped:
+                watch = plan.params + plan.passive
+                try:
+                    if not _any_grad_changed(watch, pending.versions):
+                        raise RuntimeError(
+                            "no backward() between first_step() and second_step(): compute the loss at the "
+                            "perturbed weights and call backward() on it; the weights were restored"
+                        )
+                    if pending.cycle is not None:
+                        grads = grads_of(plan.params, 1)
+                        pending.cycle.observe(grads)
+                        pending.cycle.finish(grads)
+                finally:
+                    if pending.cycle is not None:
+                        pending.cycle.restore()
+        finally:
+            pending.stack.close()
+        if not pending.skipped:
+            self._passive_finish(plan.passive)
+            self._descend(scaler)
+        if zero_grad:
+            self.zero_grad()
+
+    # ---- checkpoints -----------------------------------------------------------------
+
+    def _settings(self) -> Dict[str, Any]:
+        return {
+            "preset": type(self).__name__,
+            "spec": dataclasses.asdict(self.spec),
+            "max_grad_norm": self.max_grad_norm,
+            "nonfinite": self.nonfinite,
+        }
+
+    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+        """The base optimizer's state dict (its state and the shared param_groups, which hold
+        the per-group radius/step) plus this wrapper's settings under ``"fastperturb"``.
+        The perturbation buffers are transient and not saved."""
+        sd = self.base_optimizer.state_dict()
+        sd[STATE_KEY] = self._settings()
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        sd = dict(state_dict)
+        settings = sd.pop(STATE_KEY, None)
+        if settings is not None:
+            if settings.get("preset") != type(self).__name__:
+                raise ValueError(
+                    f"this state dict is from a {settings.get('preset')} optimizer, not {type(self).__name__}"
+                )
+            spec = PerturbSpec(**settings["spec"])
+            max_grad_norm = settings.get("max_grad_norm")
+            if max_grad_norm is not None:
+                max_grad_norm = check_radius("max_grad_norm", max_grad_norm)
+            nonfinite = settings.get("nonfinite", "skip")
+            if nonfinite not in NONFINITE_MODES:
+                raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        self.base_optimizer.load_state_dict(sd)
+        self._share()
+        for group in self.param_groups:
+            for k, v in self._perturb_defaults.items():
+                group.setdefault(k, v)
+        if settings is not None:
+            self.spec, self.max_grad_norm, self.nonfinite = spec, max_grad_norm, nonfinite
+
+
+def _keyword_names(cls: type) -> set:
+    try:
+        return set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+    except (TypeError, ValueError):
+        return set()
+
+
+def _group_key(name: str, taken: set) -> str:
+    return f"perturb_{name}" if name in taken else name
+
+
+def _check_scaler(scaler: object) -> None:
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+
+
+def _grad_norm(grads: Sequence[Tensor]) -> tuple:
+    """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device)."""
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    per = [0.0] * len(grads)
+    sq = 0.0
+    for idx in by_device.values():
+        pn, total = ops.norms([grads[i] for i in idx], 2.0)
+        for i, v in zip(idx, pn.tolist()):
+            per[i] = v
+        sq += float(total) ** 2
+    return math.sqrt(sq), per

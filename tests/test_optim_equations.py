@@ -1,0 +1,284 @@
+"""Every preset against DESIGN.md section 2 written out directly in plain PyTorch.
+
+The direct implementation below uses no fastperturb code: it perturbs a copy of the
+model with tensor arithmetic, collects the gradients of the passes, forms
+G = sum_k c_k g_k and hands it to a fresh base optimizer. The fastperturb optimizer
+must follow the same trajectory over one and several steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastperturb as fp
+from fastperturb.backends import why_unavailable
+
+BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.01)),
+}
+
+
+def batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(16, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(16, 3, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
+    ).double()
+
+
+def loss_of(model, step):
+    x, y = batch(step)
+    return ((model(x) - y) ** 2).mean() + 0.1 * model(x).pow(3).mean()
+
+
+# ---- the direct implementation --------------------------------------------------------
+
+def _norm(ts, norm):
+    if not ts:
+        return torch.zeros((), dtype=torch.float64)
+    if norm == "l2":
+        return torch.sqrt(sum((t ** 2).sum() for t in ts))
+    return max(t.abs().max() for t in ts)
+
+
+def direct_descent_grad(model, step_idx, cfg):
+    """Leave G of DESIGN.md section 2 in model's .grad at the original weights.
+
+    cfg: norm, scope, steps, relative, adaptive_eta (None or float), include_clean,
+    radius / step (lists per parameter), selected (list of bool per parameter).
+    """
+    ps = list(model.parameters())
+    w0 = [p.detach().clone() for p in ps]
+    sel = [i for i, s in enumerate(cfg["selected"]) if s]
+
+    def grad_at(delta):
+        with torch.no_grad():
+            for p, w, d in zip(ps, w0, delta):
+                p.copy_(w + d)
+        for p in ps:
+            p.grad = None
+        loss_of(model, step_idx).backward()
+        return [p.grad.detach().clone() for p in ps]
+
+    def norm_over(ts, i):  # the norm relevant to tensor i (its layer, or all selected)
+        if cfg["scope"] == "layer":
+            return _norm([ts[i]], cfg["norm"])
+        return _norm([ts[j] for j in sel], cfg["norm"])
+
+    r = list(cfg["radius"])
+    eta = list(cfg["step"])
+    if cfg["relative"]:
+        for i in sel:
+            r[i] = r[i] * float(norm_over(w0, i))
+            eta[i] = eta[i] * float(norm_over(w0, i))
+
+    K = cfg["steps"]
+    delta = [torch.zeros_like(w) for w in w0]
+    g = grad_at(delta)
+    gs = [g]
+    for _ in range(K):
+        new = [d.clone() for d in delta]
+        if cfg["adaptive_eta"] is not None:
+            T = [w.abs() + cfg["adaptive_eta"] for w in w0]
+            tg = [T[i] * g[i] for i in range(len(ps))]
+            for i in sel:
+                new[i] = r[i] * T[i] ** 2 * g[i] / norm_over(tg, i)
+        else:
+            for i in sel:
+                D = g[i] / norm_over(g, i) if cfg["norm"] == "l2" else torch.sign(g[i])
+                new[i] = delta[i] + eta[i] * D
+            # projection onto the ball; a single step no longer than the radius is left as is
+            # (with per-group radii in a global scope that is SAM's rho_group * g / ||g||)
+            single_inside = K == 1 and all(eta[i] <= r[i] for i in sel)
+            if cfg["norm"] == "l2" and not single_inside:
+                ns = {i: float(norm_over(new, i)) for i in sel}  # all norms before any rescale
+                for i in sel:
+                    if ns[i] > r[i]:
+                        new[i] = new[i] * (r[i] / ns[i])
+            if cfg["norm"] == "linf":
+                for i in sel:
+                    new[i] = new[i].clamp(-r[i], r[i])
+        delta = new
+        g = grad_at(delta)
+        gs.append(g)
+    c = [1.0 / (K + 1)] * (K + 1) if cfg["include_clean"] else [0.0] + [1.0 / K] * K
+    with torch.no_grad():
+        for p, w in zip(ps, w0):
+            p.copy_(w)
+        for i, p in enumerate(ps):
+            p.grad = sum(c[k] * gs[k][i] for k in range(K + 1))
+
+
+# ---- presets and their direct configuration ----------------------------------------
+
+def _cfg(model, norm="l2", scope="global", steps=1, relative=False, adaptive_eta=None, include_clean=False,
+         radius=0.0, step=None, selected=None):
+    ps = list(model.parameters())
+    return dict(
+        norm=norm, scope=scope, steps=steps, relative=relative, adaptive_eta=adaptive_eta,
+        include_clean=include_clean, radius=[radius] * len(ps),
+        step=[radius if step is None else step] * len(ps),
+        selected=selected if selected is not None else [True] * len(ps),
+    )
+
+
+PRESETS = {
+    "sam": (lambda ps, b, kw: fp.SAM(ps, b, rho=0.3, **kw),
+            lambda m: _cfg(m, radius=0.3)),
+    "sam_adaptive": (lambda ps, b, kw: fp.SAM(ps, b, rho=0.4, adaptive=True, **kw),
+                     lambda m: _cfg(m, radius=0.4, adaptive_eta=0.0)),
+    "asam": (lambda ps, b, kw: fp.ASAM(ps, b, rho=0.5, eta=0.01, **kw),
+             lambda m: _cfg(m, radius=0.5, adaptive_eta=0.01)),
+    "awp": (lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, **kw),
+            lambda m: _cfg(m, scope="layer", relative=True, radius=0.1,
+                           selected=[p.dim() > 1 for p in m.parameters()])),
+    "awp_3steps": (lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, steps=3, **kw),
+                   lambda m: _cfg(m, scope="layer", relative=True, radius=0.1, steps=3,
+                                  selected=[p.dim() > 1 for p in m.parameters()])),
+    "apd": (lambda ps, b, kw: fp.APD(ps, b, eps=0.2, **kw),
+            lambda m: _cfg(m, steps=3, radius=0.2, step=1.5 * 0.2 / 3, include_clean=True)),
+    "apd_1step": (lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, **kw),  # eta = 1.5 eps > eps: projected
+                  lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True)),
+    "apd_linf_layer_relative": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.05, steps=2, norm="linf", scope="layer", relative=True, **kw),
+        lambda m: _cfg(m, norm="linf", scope="layer", relative=True, steps=2, radius=0.05,
+                       step=1.5 * 0.05 / 2, include_clean=True)),
+    "apd_linf_global_noclean": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.03, steps=2, norm="linf", step_size=0.02, include_clean=False, **kw),
+        lambda m: _cfg(m, norm="linf", steps=2, radius=0.03, step=0.02)),
+    "apd_l2_layer_relative": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.1, steps=2, scope="layer", relative=True, **kw),
+        lambda m: _cfg(m, scope="layer", relative=True, steps=2, radius=0.1, step=0.075, include_clean=True)),
+}
+
+N_STEPS = 4
+
+
+def _run_pair(preset, base, backend, first_second=False):
+    make_opt, make_cfg = PRESETS[preset]
+    base_cls, base_kw = BASES[base]
+    model = make_model()
+    ref_model = copy.deepcopy(model)
+    plain_model = copy.deepcopy(model)
+    opt = make_opt(model.parameters(), base_cls, dict(base_kw))
+    ref_opt = base_cls(ref_model.parameters(), **base_kw)
+    plain_opt = base_cls(plain_model.parameters(), **base_kw)
+    traj = []
+    with fp.use_backend(backend):
+        for s in range(N_STEPS):
+            if first_second:
+                opt.zero_grad()
+                loss_of(model, s).backward()
+                opt.first_step(zero_grad=True)
+                loss_of(model, s).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                def closure():
+                    loss = loss_of(model, s)
+                    loss.backward()
+                    return loss
+                loss = opt.step(closure)
+                assert math.isclose(loss.item(), loss_of(ref_model, s).item(), rel_tol=1e-9)
+            direct_descent_grad(ref_model, s, make_cfg(ref_model))
+            ref_opt.step()
+            plain_opt.zero_grad()
+            loss_of(plain_model, s).backward()
+            plain_opt.step()
+            traj.append([(p.detach().clone(), q.detach().clone(), u.detach().clone())
+                         for p, q, u in zip(model.parameters(), ref_model.parameters(), plain_model.parameters())])
+    return traj
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_matches_direct_equations(preset, base, backend):
+    traj = _run_pair(preset, base, backend)
+    for s, params in enumerate(traj):  # one step, then several
+        for p, q, _ in params:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=lambda m: f"step {s}: {m}")
+    # the perturbation really changed the trajectory: a test that can fail
+    moved = max(float((p - u).abs().max()) for p, _, u in traj[-1])
+    assert moved > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset", ["sam", "asam", "awp", "apd_1step"])
+def test_first_second_step_equals_step(preset, backend):
+    a = _run_pair(preset, "sgd", backend, first_second=False)
+    b = _run_pair(preset, "sgd", backend, first_second=True)
+    for pa, pb in zip(a, b):
+        for (p, _, _), (q, _, _) in zip(pa, pb):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_group_radius_and_excluded_group(backend):
+    """Groups with their own rho, and a perturb=False group: its tensors are not moved but
+    still descend with the gradient at the perturbed point."""
+    model = make_model()
+    ref = copy.deepcopy(model)
+    l1, l2 = model[0], model[2]
+    opt = fp.SAM([
+        {"params": [l1.weight], "rho": 0.5},
+        {"params": [l1.bias]},
+        {"params": list(l2.parameters()), "perturb": False},
+    ], torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    cfg = _cfg(ref, radius=0.0)
+    cfg["radius"] = cfg["step"] = [0.5, 0.2, 0.0, 0.0]
+    cfg["selected"] = [True, True, False, False]
+    with fp.use_backend(backend):
+        for s in range(3):
+            def closure():
+                loss = loss_of(model, s)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            direct_descent_grad(ref, s, cfg)
+            ref_opt.step()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert opt.buffer_count() == (2, 0)  # one backup per perturbed tensor, no accumulator for SAM
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apd_per_group_eps_and_step_size(backend):
+    model = make_model()
+    ref = copy.deepcopy(model)
+    opt = fp.APD([
+        # AdamW has its own eps, so APD's per-group radius is "perturb_eps" here
+        {"params": list(model[0].parameters()), "perturb_eps": 0.3, "step_size": 0.1},
+        {"params": list(model[2].parameters())},
+    ], torch.optim.AdamW, eps=0.05, steps=2, scope="layer", lr=0.01)
+    assert opt.radius_key == "perturb_eps" and opt.param_groups[0]["eps"] == 1e-8
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    cfg = _cfg(ref, scope="layer", steps=2, include_clean=True)
+    cfg["radius"] = [0.3, 0.3, 0.05, 0.05]
+    cfg["step"] = [0.1, 0.1, 1.5 * 0.05 / 2, 1.5 * 0.05 / 2]
+    with fp.use_backend(backend):
+        for s in range(3):
+            def closure():
+                loss = loss_of(model, s)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            direct_descent_grad(ref, s, cfg)
+            ref_opt.step()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    # one backup per perturbed tensor, one accumulator per tensor with a gradient
+    assert opt.buffer_count() == (4, 4)

@@ -1,0 +1,13 @@
+"""fastperturb's benchmark runner (``fastperturb bench``, ``python -m benchmarks``).
+
+Suites: ``ops`` (each fused op), ``cycle`` (SAM, AWP and APD-K perturb-restore
+cycles on every backend, the reference and a ``torch._foreach_*`` version),
+``step`` (full optimizer steps with synthetic gradients beside the peers),
+``train`` (a real training step's perturbation overhead) and ``memory`` (peak
+RSS of a separate process per implementation). The peers (:mod:`.peers`) live
+in the package so the installed tool can compare without the repository.
+"""
+
+from .cli import add_arguments, entry, main, run
+
+__all__ = ["add_arguments", "main", "run", "entry"]

@@ -1,0 +1,183 @@
+"""Command line of the benchmark runner, shared by ``fastperturb bench`` and ``python -m benchmarks``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from . import report, shapes, suites, timing
+
+DEFAULT_MODELS = {
+    "ops": ["resnet50"],
+    "cycle": ["resnet50", "small1000"],
+    "step": ["resnet50", "small1000"],
+    "train": ["cnn"],
+    "memory": ["bert-base"],
+}
+QUICK_MODELS = {"ops": ["tiny"], "cycle": ["tiny"], "step": ["tiny"], "train": ["cnn"], "memory": ["tiny"]}
+UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--suites", default=",".join(suites.SUITES),
+                   help=f"comma-separated suites to run, from {', '.join(suites.SUITES)} (default: all)")
+    p.add_argument("--models", "--model", dest="models", default=None,
+                   help="comma-separated parameter lists for ops/cycle/step: built-in "
+                        f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
+                        "(default: resnet50 for ops; resnet50,small1000 for cycle and step)")
+    p.add_argument("--train-model", default=None, help="train suite model: 'cnn' (default) or pkg.module:factory (3x32x32 in, 10 classes)")
+    p.add_argument("--memory-model", default=None, help="memory suite parameter list (default: bert-base)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated fastperturb backends to time (cpp, cuda, triton, reference; default: every one available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=15, help="maximum timed repetitions per implementation")
+    p.add_argument("--min-reps", type=int, default=3, help="minimum repetitions even for slow implementations")
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per implementation per case")
+    p.add_argument("--apd-steps", type=int, default=3, help="K of the APD cycle/step")
+    p.add_argument("--mem-steps", type=int, default=20, help="steps per memory-suite process")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--no-costs", action="store_true", help="skip dispatch counts, allocation and state measurement")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings for a smoke test (tiny lists, 1 warm-up, 3 reps, 2 memory steps)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write results (with environment metadata) here")
+    p.add_argument("--chart", default=None, metavar="PATH", help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
+                   help="compare two result files and print regressions (exit 1 if any); runs nothing")
+    p.add_argument("--threshold", type=float, default=0.10, help="--compare: relative change that counts (default 0.10)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool):
+        self.t0 = time.perf_counter()
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="case", leave=False)
+            except Exception:
+                self.bar = None
+        self.done, self.total = 0, total
+
+    def __call__(self, msg: str) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg)
+            self.bar.update(1)
+        else:
+            print(f"[{time.perf_counter() - self.t0:7.1f}s {self.done}/{self.total}] {msg}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fail(msg: str) -> int:
+    print(f"fastperturb bench: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.compare:
+        try:
+            old, new = (report.load_json(p) for p in args.compare)
+        except (OSError, ValueError) as e:
+            return _fail(str(e))
+        return 1 if report.compare(old, new, args.threshold, sys.stdout) else 0
+
+    wanted = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in suites.SUITES]
+    if unknown or not wanted:
+        return _fail(f"unknown suite(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(suites.SUITES)}")
+    if args.device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            return _fail(f"bad --device: {e}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return _fail("--device cuda but no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = {k: list(v) for k, v in (QUICK_MODELS if args.quick else DEFAULT_MODELS).items()}
+    if args.models:
+        for s in ("ops", "cycle", "step"):
+            models[s] = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.train_model:
+        models["train"] = [args.train_model]
+    if args.memory_model:
+        models["memory"] = [args.memory_model]
+    for s in wanted:
+        if s == "train":
+            continue
+        for m in models[s]:
+            try:
+                shapes.shapes_for(m)
+            except shapes.UnknownModel as e:
+                return _fail(str(e))
+    backends_list = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    cfg = suites.Config(
+        device=device, models={s: models[s] for s in wanted}, backends=backends_list,
+        warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, budget_s=args.budget,
+        apd_steps=args.apd_steps, mem_steps=args.mem_steps, measure_costs=not args.no_costs,
+        train_batch=args.train_batch,
+    )
+    if args.quick:
+        cfg.warmup, cfg.reps, cfg.min_reps, cfg.budget_s = 1, 3, 2, 0.2
+        cfg.mem_steps, cfg.train_batch = 2, 8
+    try:
+        suites.fastperturb_backends(cfg)
+    except ValueError as e:
+        return _fail(str(e))
+
+    data = run(cfg, quiet=args.quiet, bw_numel=(1 << 20) if args.quick else (1 << 25))
+    report.print_tables(data, sys.stdout)
+    if args.json:
+        report.write_json(data, args.json)
+        print(f"\nwrote {args.json}")
+    if args.chart:
+        err = report.chart(data, args.chart)
+        print(err if err else f"wrote {args.chart}")
+    return 0
+
+
+def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict:
+    """Run the configured suites; returns the JSON-ready result (see :mod:`.report`)."""
+    t0 = time.perf_counter()
+    env = timing.environment(cfg.device)
+    cfg.bandwidth = timing.measure_bandwidth(cfg.device, numel=bw_numel)
+    total = sum(UNITS[s] * len(cfg.models[s]) for s in cfg.models)
+    prog = _Progress(total, quiet)
+    cfg.progress = prog
+    results = []
+    try:
+        for s in cfg.models:
+            results.extend(suites.RUNNERS[s](cfg))
+    finally:
+        prog.close()
+    env["load_average_end"] = timing.load_average()
+    env["wall_s"] = round(time.perf_counter() - t0, 1)
+    config = {k: v for k, v in vars(cfg).items() if k not in ("progress", "bandwidth", "device")}
+    config["device"] = str(cfg.device)
+    return {
+        "schema": report.SCHEMA, "env": env, "config": config, "bandwidth": cfg.bandwidth,
+        "results": results, "targets": report.targets(results),
+    }
+
+
+def entry(argv: Optional[list[str]] = None, prog: str = "fastperturb bench") -> int:
+    p = argparse.ArgumentParser(prog=prog, description="fastperturb microbenchmarks")
+    add_arguments(p)
+    return main(p.parse_args(argv))

@@ -1,0 +1,290 @@
+"""Output of a benchmark run: readable tables, JSON, a PNG chart, and ``--compare``.
+
+JSON layout (``schema`` = ``fastperturb-bench/1``)::
+
+    {"schema": ..., "env": {torch, cpu_model, torch_threads, packages, git, load averages, ...},
+     "config": {...}, "bandwidth": {"triad_gbps", "copy_gbps", ...},
+     "results": [record, ...], "targets": [{"name", "value", "goal", "met"}, ...]}
+
+A record has ``suite, model, case, impl, kind`` (fastperturb | reference |
+foreach | peer | baseline), ``status`` (ok | skipped | error) and ``reason``;
+timed records add ``median_s, min_s, max_s, reps, times_s``; cycle and op
+records add the byte model (``passes, bytes``) and ``gbps, bound_s,
+pct_of_bound, x_bound``; cost measurements add ``dispatches, top_ops, alloc
+{method, alloc_bytes, alloc_count, param_sized_allocs, ...}, state_bytes``;
+train records add ``overhead_share``; memory records add ``param_bytes,
+baseline_rss, peak_rss, overhead_bytes, overhead_x_params``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Iterable, Optional, TextIO
+
+SCHEMA = "fastperturb-bench/1"
+PEER_KINDS = ("peer", "foreach")
+
+
+def _ms(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    ms = x * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _mb(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x / 1e6:.1f}"
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _table(rows: list[list[str]], header: list[str], out: TextIO) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    out.write(line + "\n" + "-" * len(line) + "\n")
+    for r in rows:
+        out.write("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + "\n")
+
+
+def _groups(results: Iterable[dict], suite: str):
+    g = defaultdict(list)
+    for r in results:
+        if r["suite"] == suite:
+            g[(r["model"], r["case"])].append(r)
+    return g
+
+
+def _speedups(group: list[dict]) -> tuple[Optional[float], Optional[float]]:
+    ok = [r for r in group if r["status"] == "ok" and "median_s" in r]
+    peers = [r["median_s"] for r in ok if r["kind"] in PEER_KINDS]
+    fe = [r["median_s"] for r in ok if r["kind"] == "foreach"]
+    return (min(peers) if peers else None), (min(fe) if fe else None)
+
+
+def _alloc(r: dict) -> str:
+    a = r.get("alloc")
+    if not a:
+        return "-"
+    n = a.get("param_sized_allocs")
+    return f"{_mb(a['alloc_bytes'])}MB/{'-' if n is None else n}"
+
+
+def print_tables(data: dict, out: TextIO) -> None:
+    env, bw = data.get("env", {}), data.get("bandwidth") or {}
+    out.write(f"fastperturb bench  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
+              f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n")
+    if bw:
+        out.write(f"memory bandwidth (this run): triad {bw['triad_gbps']:.1f} GB/s (median {bw['triad_gbps_median']:.1f}),"
+                  f" copy {bw['copy_gbps']:.1f} GB/s; bounds use the best triad\n")
+    results = data.get("results", [])
+    for suite in ("ops", "cycle", "step"):
+        groups = _groups(results, suite)
+        if not groups:
+            continue
+        out.write(f"\n== {suite} ==  (speedup = other's median / this median; >1 means this is faster;"
+                  " allocs = MB allocated per call / parameter-sized allocations)\n")
+        rows, notes = [], []
+        for (model, case), grp in groups.items():
+            best_peer, best_fe = _speedups(grp)
+            for r in grp:
+                if r["status"] != "ok":
+                    notes.append(f"  {model} {case} {r['impl']}: {r['status']}: {r['reason']}")
+                    continue
+                med = r["median_s"]
+                rows.append([
+                    model, case, r["impl"], _ms(med), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}", str(r["reps"]),
+                    f"{r['gbps']:.1f}" if "gbps" in r else "-",
+                    _ms(r.get("bound_s")), _ratio(r.get("x_bound")),
+                    _ratio(best_fe / med) if best_fe else "-",
+                    _ratio(best_peer / med) if best_peer else "-",
+                    str(r.get("dispatches", "-")), _alloc(r),
+                    _mb(r.get("state_bytes")) if "state_bytes" in r else "-",
+                ])
+        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s", "bound ms", "x bound",
+                      "vs foreach", "vs best peer", "dispatch", "allocs", "state MB"], out)
+        for n in dict.fromkeys(notes):
+            out.write(n + "\n")
+    groups = _groups(results, "train")
+    if groups:
+        out.write("\n== train ==  (overhead = (step - (K+1) x fwd/bwd - SGD update) / step)\n")
+        rows = []
+        for (model, case), grp in groups.items():
+            for r in grp:
+                if r["status"] != "ok":
+                    rows.append([model, case, r["impl"], f"{r['status']}: {r['reason']}"[:70], "", ""])
+                    continue
+                ov = r.get("overhead_share")
+                rows.append([model, case, r["impl"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
+                             "-" if ov is None else f"{100 * ov:.1f}%"])
+        _table(rows, ["model", "case", "impl", "median ms", "min-max", "overhead"], out)
+    groups = _groups(results, "memory")
+    if groups:
+        out.write("\n== memory ==  (separate process per implementation; overhead = peak RSS - baseline)\n")
+        rows = []
+        for (model, case), grp in groups.items():
+            for r in grp:
+                if r["status"] != "ok":
+                    rows.append([model, case, r["impl"], f"{r['status']}: {r['reason']}"[:70], "", ""])
+                    continue
+                rows.append([model, case, r["impl"], _mb(r["overhead_bytes"]), f"{r['overhead_x_params']:.2f}x",
+                             f"{r['retained_x_params']:.2f}x"])
+        _table(rows, ["model", "case", "impl", "peak overhead MB", "x params", "retained x params"], out)
+    if data.get("targets"):
+        out.write("\n== targets (reported, not asserted) ==\n")
+        for t in data["targets"]:
+            val = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+            met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            out.write(f"  {t['name']}: {val} (goal {t['goal']}) -> {met}\n")
+
+
+def _find(results, suite, model, case, pred) -> Optional[dict]:
+    for r in results:
+        if r["suite"] == suite and r["model"] == model and r["case"] == case and r["status"] == "ok" and pred(r):
+            return r
+    return None
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The goals of issues #2/#3/#5, evaluated on whatever this run measured."""
+    out = []
+
+    def add(name, value, goal, ok):
+        out.append({"name": name, "value": value, "goal": goal, "met": None if value is None else ok(value)})
+
+    cpp = lambda r: r["impl"] == "fastperturb[cpp]"  # noqa: E731
+    fe = lambda r: r["kind"] == "foreach"  # noqa: E731
+    c = _find(results, "cycle", "resnet50", "SAM", cpp)
+    add("C++ SAM cycle on ResNet-50, time / bandwidth bound", c.get("x_bound") if c else None, "<= 1.5", lambda v: v <= 1.5)
+    f = _find(results, "cycle", "resnet50", "SAM", fe)
+    add("C++ SAM cycle on ResNet-50, speedup vs foreach", f["median_s"] / c["median_s"] if c and f else None, ">= 2",
+        lambda v: v >= 2)
+    c = _find(results, "cycle", "small1000", "SAM", cpp)
+    f = _find(results, "cycle", "small1000", "SAM", fe)
+    add("C++ SAM cycle on 1000 small tensors, speedup vs foreach", f["median_s"] / c["median_s"] if c and f else None,
+        ">= 5", lambda v: v >= 5)
+    for model, goal in (("resnet50", 4), ("small1000", 10)):
+        mine = _find(results, "step", model, "SAM", lambda r: r["kind"] == "fastperturb" and r["impl"].endswith("[cpp]"))
+        po = [r for r in results if r["suite"] == "step" and r["model"] == model and r["case"] == "SAM"
+              and r["status"] == "ok" and r["impl"].startswith("pytorch-optimizer")]
+        best = min((r["median_s"] for r in po), default=None)
+        add(f"SAM step on {model}, speedup vs pytorch-optimizer SAM (its faster configuration)",
+            best / mine["median_s"] if mine and best else None, f">= {goal}", lambda v, g=goal: v >= g)
+    for model in ("bert-base",):
+        mine = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "fastperturb.AWP")
+        proxy = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "proxy-AWP")
+        add(f"AWP peak memory overhead on {model}, x parameter bytes", mine["overhead_x_params"] if mine else None,
+            "<= 1 (one buffer per perturbed tensor)", lambda v: v <= 1.1)
+        add(f"proxy-model AWP peak memory overhead on {model}, x parameter bytes (for comparison)",
+            proxy["overhead_x_params"] if proxy else None, "~3 (issue #3)", lambda v: v >= 2)
+    return out
+
+
+def write_json(data: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+
+
+def load_json(path: str) -> dict:
+    with open(path) as f:
+        data = json.load(f)
+    if data.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a fastperturb bench result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+    return data
+
+
+def _key(r: dict) -> tuple:
+    return (r["suite"], r["model"], r["case"], r["impl"])
+
+
+def _metric(r: dict) -> Optional[tuple[float, float, float]]:
+    """(value, low, high) of the record's main metric (time, or peak memory overhead)."""
+    if r.get("status") != "ok":
+        return None
+    if "median_s" in r:
+        return r["median_s"], r["min_s"], r["max_s"]
+    if "overhead_bytes" in r:
+        v = float(r["overhead_bytes"])
+        return v, v, v
+    return None
+
+
+def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
+    """Print changes of matching records; returns the number of regressions.
+
+    A regression: the new median is worse than the old by more than ``threshold``
+    (a fraction) *and* the ranges do not overlap (new min above old max), so a
+    noisy run does not cry wolf. Improvements are listed the same way.
+    """
+    old_by = {_key(r): r for r in old.get("results", [])}
+    rows, regressions, improvements = [], 0, 0
+    for r in new.get("results", []):
+        o = old_by.get(_key(r))
+        if o is None:
+            continue
+        a, b = _metric(o), _metric(r)
+        if a is None or b is None or a[0] <= 0:
+            continue
+        change = b[0] / a[0] - 1
+        verdict = ""
+        if change > threshold and b[1] > a[2]:
+            verdict, regressions = "REGRESSION", regressions + 1
+        elif change < -threshold and b[2] < a[1]:
+            verdict, improvements = "improved", improvements + 1
+        if verdict:
+            unit = _ms if "median_s" in r else _mb
+            rows.append([r["suite"], r["model"], f"{r['case']} / {r['impl']}", unit(a[0]), unit(b[0]),
+                         f"{100 * change:+.1f}%", verdict])
+    out.write(f"compare: {len(rows)} significant change(s) beyond {100 * threshold:.0f}% with non-overlapping ranges"
+              f" ({regressions} regression(s), {improvements} improvement(s))\n")
+    eo, en = old.get("env", {}), new.get("env", {})
+    for k in ("torch", "cpu_model", "torch_threads"):
+        if eo.get(k) != en.get(k):
+            out.write(f"  note: {k} differs: {eo.get(k)} -> {en.get(k)}\n")
+    if rows:
+        _table(rows, ["suite", "model", "case / impl", "old", "new", "change", ""], out)
+    return regressions
+
+
+def chart(data: dict, path: str) -> Optional[str]:
+    """A PNG of the cycle and step times (log scale, bound marked); returns an error message or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return f"no chart: matplotlib is not installed ({type(e).__name__})"
+    colors = {"fastperturb": "#1f77b4", "reference": "#9ecae1", "foreach": "#ff7f0e", "peer": "#d62728", "baseline": "#7f7f7f"}
+    panels = [s for s in ("cycle", "step", "ops") if any(r["suite"] == s and r["status"] == "ok" for r in data["results"])]
+    if not panels:
+        return "no chart: no timed cycle/step/ops results"
+    heights = []
+    for s in panels:
+        heights.append(sum(1 for r in data["results"] if r["suite"] == s and r["status"] == "ok"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.22 * sum(heights) + 1.2 * len(panels)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, suite in zip(axes[:, 0], panels):
+        recs = [r for r in data["results"] if r["suite"] == suite and r["status"] == "ok"]
+        labels = [f"{r['model']} {r['case']} {r['impl']}" for r in recs]
+        ys = list(range(len(recs)))[::-1]
+        ax.barh(ys, [r["median_s"] * 1e3 for r in recs], color=[colors.get(r["kind"], "gray") for r in recs],
+                xerr=[[(r["median_s"] - r["min_s"]) * 1e3 for r in recs], [(r["max_s"] - r["median_s"]) * 1e3 for r in recs]],
+                error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        for y, r in zip(ys, recs):
+            if r.get("bound_s"):
+                ax.plot([r["bound_s"] * 1e3] * 2, [y - 0.4, y + 0.4], color="black", lw=1.2)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per call (median, min-max; black tick: bandwidth bound)")
+        ax.set_title(f"{suite}", fontsize=9)
+    env = data.get("env", {})
+    fig.suptitle(f"fastperturb bench, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

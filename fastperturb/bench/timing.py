@@ -1,0 +1,210 @@
+"""Trustworthy timing: warm-up, repetitions, interleaving, bandwidth, environment.
+
+* Each implementation is warmed up, then the implementations being compared run
+  **round-robin** (one call of each per round, the starting one rotating each
+  round), so drift in machine load hits all of them alike.
+* Reported: median and min-max of the repetitions. Slow implementations get
+  fewer repetitions (at least ``min_reps``) so one slow peer cannot blow the
+  time budget; the number taken is recorded.
+* On CUDA each call is timed with CUDA events after a synchronize; on CPU with
+  ``time.perf_counter``.
+* :func:`measure_bandwidth` times a large in-place triad ``a += s*b`` with the
+  run's thread count: the memory bandwidth the byte models are divided by.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Candidate:
+    """One implementation to time: ``fn`` is timed; ``prepare`` (untimed) runs before each call."""
+
+    name: str
+    fn: Callable[[], object]
+    prepare: Optional[Callable[[], object]] = None
+    times: list[float] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds taken by one call of ``fn`` (device-synchronised)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_interleaved(
+    cands: Sequence[Candidate],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    reps: int = 10,
+    min_reps: int = 3,
+    budget_s: float = 5.0,
+    tick: Optional[Callable[[], None]] = None,
+) -> None:
+    """Fill ``c.times`` for every candidate; a candidate that raises gets ``c.error`` and is dropped."""
+    est: dict[str, float] = {}
+    for c in cands:  # warm-up, also round-robin
+        c.times = []
+    for _ in range(max(warmup, 1)):
+        for c in cands:
+            if c.error:
+                continue
+            try:
+                if c.prepare:
+                    c.prepare()
+                est[c.name] = time_call(c.fn, device)
+            except Exception as e:  # reported, not fatal: the other candidates still run
+                c.error = f"{type(e).__name__}: {e}"
+    target = {c.name: max(min_reps, min(reps, int(budget_s / max(est.get(c.name, 1e-9), 1e-9)))) for c in cands}
+    rounds = max(target.values(), default=0)
+    live = [c for c in cands if not c.error]
+    for r in range(rounds):
+        order = live[r % len(live):] + live[: r % len(live)] if live else []
+        for c in order:
+            if len(c.times) >= target[c.name] or c.error:
+                continue
+            try:
+                if c.prepare:
+                    c.prepare()
+                c.times.append(time_call(c.fn, device))
+            except Exception as e:
+                c.error = f"{type(e).__name__}: {e}"
+        if tick:
+            tick()
+
+
+def summary(times: Sequence[float]) -> dict:
+    if not times:
+        return {}
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "reps": len(times),
+    }
+
+
+def measure_bandwidth(device: torch.device, numel: int = 1 << 25, reps: int = 7) -> dict:
+    """In-place triad ``a += s*b`` (reads a and b, writes a) and a copy, on ``numel`` float32 each.
+
+    Returns the best and median GB/s (1 GB = 1e9 bytes). The best triad figure is
+    the bound the cycle times are compared with: it is what this machine's memory
+    system delivered to a simple streaming kernel in this very run.
+    """
+    a = torch.ones(numel, device=device)
+    b = torch.full((numel,), 1e-7, device=device)
+    c = torch.empty_like(a)
+    nbytes = a.numel() * a.element_size()
+    triad, copy = [], []
+    for i in range(reps + 1):
+        t = time_call(lambda: a.add_(b, alpha=0.5), device)
+        u = time_call(lambda: c.copy_(a), device)
+        if i:  # first one is warm-up (page faults)
+            triad.append(3 * nbytes / t / 1e9)
+            copy.append(2 * nbytes / u / 1e9)
+    return {
+        "triad_gbps": max(triad),
+        "triad_gbps_median": statistics.median(triad),
+        "copy_gbps": max(copy),
+        "copy_gbps_median": statistics.median(copy),
+        "numel": numel,
+        "threads": torch.get_num_threads(),
+        "note": "in-place triad a.add_(b, alpha=s): 3 x 4 bytes per element; copy: 2 x 4",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        from importlib import metadata
+
+        return metadata.version(mod)
+    except Exception:
+        return None
+
+
+def _git_commit() -> Optional[dict]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except Exception:
+        return None
+
+
+def load_average() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    import fastperturb
+    from fastperturb import backends
+
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "fastperturb": fastperturb.__version__,
+        "git": _git_commit(),
+        "packages": {m: _version(m) for m in ("numpy", "triton", "pytorch_optimizer", "matplotlib", "tqdm", "torchvision", "timm")},
+        "backends": {b: (why_unavailable_safe(backends, b, device) or "available") for b in ("cpp", "cuda", "triton", "reference")},
+        "load_average_start": load_average(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return env
+
+
+def why_unavailable_safe(backends, name: str, device: torch.device) -> Optional[str]:
+    try:
+        return backends.why_unavailable(name, device)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"

@@ -1,0 +1,387 @@
+"""The Triton backend (fastperturb.triton_ops), run by the Triton interpreter on CPU tensors.
+
+The interpreter must be on before the kernels are defined, i.e. before
+triton / fastperturb.triton_ops are first imported in the process. This module
+sets ``TRITON_INTERPRET=1`` first thing, which is enough when pytest imports it
+before anything imports triton (conftest.py does not). If some earlier module
+of the same session already imported the kernels compiled-mode, every test
+here is skipped with that reason; run this file in its own process, as the CI
+does:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton.py
+
+The interpreter runs each program instance in Python (milliseconds each), so
+shapes are small and the chunk/block sizes are shrunk (``triton_ops.tuning``)
+wherever a test wants tensors split over many chunks. Cases and the reference
+checker come from fastperturb.testing (shared with the other backends' tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fastperturb import backends, reference  # noqa: E402
+from fastperturb import testing as FT  # noqa: E402
+from fastperturb.testing import Layer  # noqa: E402
+
+try:
+    from fastperturb import triton_ops as T
+except ImportError as e:  # no triton, or no compiled extension to take the schemas from
+    pytest.skip(f"fastperturb.triton_ops does not import: {e}", allow_module_level=True)
+
+if not T.INTERPRETED:
+    pytest.skip(
+        "fastperturb.triton_ops was imported in this process before TRITON_INTERPRET=1 was set, so its "
+        "kernels are compiled-mode and cannot run on CPU tensors; run this file in its own process: "
+        "TRITON_INTERPRET=1 python -m pytest tests/test_triton.py",
+        allow_module_level=True,
+    )
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPS = torch.ops.fastperturb_triton
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+
+# Small chunks so a few dozen elements already span several chunks and blocks.
+SMALL = dict(chunk_size=32, block_size=8)
+
+# Sizes around the small chunk (32) and block (8): every tail shape.
+AWKWARD = [Layer((100,), F32), Layer((3, 5), F32), Layer((), F32), Layer((0,), F32), Layer((33,), BF16),
+           Layer((65,), F16), Layer((17,), F64), Layer((2, 3, 2, 2), F32, True)]
+
+
+def sign_nan_safe(op: str, opts: dict, x: FT.Inputs) -> FT.Inputs:
+    """``x``, with NaN gradients replaced by 0 where the contract disagrees with itself:
+    ascent_step_(norm="linf") takes sign(g), which is NaN for a NaN g in math.h (and
+    so in the C++, CUDA and Triton kernels) but 0 in the reference (torch.sign(nan) is
+    0 in torch 2.13). test_linf_sign_of_nan_gradient pins the kernels' behaviour."""
+    if op != "ascent_step_" or opts.get("norm") != "linf":
+        return x
+    return FT.Inputs(x.params, [g.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf) for g in x.grads],
+                     x.backups, x.accum)
+
+
+def check(op: str, x: FT.Inputs, **opts) -> None:
+    FT.check_op(op, "triton", sign_nan_safe(op, opts, x), **opts)
+
+
+def check_all_options(x: FT.Inputs, every: bool = True) -> None:
+    for op in FT.OPS:
+        grid = list(FT.option_grid(op))
+        for opts in grid if every else [grid[0], grid[-1]]:
+            check(op, x, **opts)
+
+
+def assert_exact(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    # Same value everywhere (NaN where NaN); the NaN payload and the sign of a
+    # zero may differ from torch's (torch.sign(-0.0) is +0.0 on some paths).
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+# ---------------------------------------------------------------------------
+# Where it runs
+
+
+def test_available_here_only_on_cpu():
+    assert T.why_unavailable("cpu") is None
+    assert backends.why_unavailable("triton", torch.device("cpu")) is None
+    assert "TRITON_INTERPRET" in T.why_unavailable("cuda")
+    assert "not mps" in T.why_unavailable("mps")
+
+
+def test_tuning_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="power of two"):
+        with T.tuning(chunk_size=48):
+            pass
+    with pytest.raises(ValueError, match="must not exceed"):
+        with T.tuning(chunk_size=16, block_size=32):
+            pass
+    assert (T._Tuning.chunk_size, T._Tuning.block_size) == (1 << 14, 1 << 14)
+
+
+# ---------------------------------------------------------------------------
+# Against the reference: the shared cases, every option of every op
+
+
+CASES = {k: v for k, v in FT.standard_cases().items() if k != "many_small"}  # many tensors: see below
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_standard_cases(case):
+    # multi_chunk (~200k elements) is dominated by the reference's time: two options per op
+    check_all_options(FT.make_inputs(CASES[case], seed=len(case)), every=case != "multi_chunk")
+
+
+def test_awkward_sizes_over_many_chunks():
+    with T.tuning(**SMALL):
+        check_all_options(FT.make_inputs(AWKWARD, seed=1))
+
+
+def test_special_values_over_many_chunks():
+    # NaN, +-Inf, +-0, denormals in params and grads, away from the first chunk too
+    with T.tuning(**SMALL):
+        check_all_options(FT.make_inputs(AWKWARD, seed=2, grad_special=0.2, param_special=0.2))
+
+
+def test_zero_grads():
+    with T.tuning(**SMALL):
+        check_all_options(FT.make_inputs(AWKWARD, seed=3, zero_grads=True))
+
+
+@pytest.mark.parametrize("op", FT.OPS)
+def test_element_results_bit_identical_to_reference(op):
+    # Same formulas in the same order, one rounding per operation: the written
+    # tensors match the reference exactly, not just within ulps.
+    x = FT.make_inputs(AWKWARD, seed=4, grad_special=0.05)
+    for opts in FT.option_grid(op):
+        args, kwargs = FT.op_args(op, sign_nan_safe(op, opts, x), **opts)
+        with T.tuning(**SMALL):
+            _, got = FT.run_op(op, "triton", args, kwargs)
+        _, want = FT.run_op(op, "reference", args, kwargs)
+        for k, (g, w) in enumerate(zip(got, want)):
+            if isinstance(g, list):
+                assert_exact(g, w, f"{op}({opts}) arg {k}")
+
+
+# ---------------------------------------------------------------------------
+# NaN / Inf
+
+
+def test_linf_sign_of_nan_gradient():
+    # math.h sign_of keeps NaN ("as torch.sign does", but torch.sign(nan) == 0 in
+    # torch 2.13, so reference.py leaves the weight unchanged): the kernels follow math.h.
+    w, g = [torch.tensor([1.0, 2.0, 3.0])], [torch.tensor([math.nan, -1.0, 0.0])]
+    b = [torch.empty(3)]
+    OPS.ascent_step_(w, g, b, torch.tensor([0.1]), torch.tensor([1.0]), norm="linf", first=True)
+    assert w[0][0].isnan() and w[0][1].item() == pytest.approx(1.9) and w[0][2].item() == 3.0
+    assert torch.equal(b[0], torch.tensor([1.0, 2.0, 3.0]))
+
+
+
+@pytest.mark.parametrize("ord", [2.0, math.inf])
+def test_norms_propagate_nan_and_inf(ord):
+    ts = [torch.arange(100, dtype=torch.float32) / 7, torch.ones(40, dtype=F16), torch.full((5,), -3.0)]
+    ts[0][77] = math.nan  # in the 3rd chunk of 32
+    ts[1][35] = -math.inf  # in the 2nd chunk
+    with T.tuning(**SMALL):
+        per, total = OPS.norms(ts, ord)
+        with_nan = OPS.norms(ts[:1], ord)[1]
+        without_nan = OPS.norms(ts[1:], ord)[1]
+    assert per[0].isnan() and per[1].isinf() and per[1] > 0
+    want = 3.0 * math.sqrt(5.0) if ord == 2.0 else 3.0
+    assert per[2].item() == pytest.approx(want, rel=1e-6)
+    assert total.isnan() and with_nan.isnan()
+    assert without_nan.isinf() and without_nan > 0
+
+
+def test_grad_stats_propagates_nan_and_inf():
+    g = [torch.ones(50), torch.ones(10)]
+    g[0][45] = math.inf
+    g[1][3] = math.nan
+    w = [torch.ones(50), torch.ones(10)]
+    with T.tuning(**SMALL):
+        out = OPS.grad_stats_(g, [], w, [t.clone() for t in w])
+    assert out[0, 0].isinf() and out[1, 0].isnan() and out[1, 1].isnan()
+    assert out[0, 2] == 0 and out[1, 2] == 0
+
+
+# ---------------------------------------------------------------------------
+# Exact restore, determinism
+
+
+def test_restore_is_bit_exact_after_a_cycle():
+    x = FT.make_inputs(AWKWARD, seed=5, param_special=0.2, grad_special=0.1)
+    original = [p.clone() for p in x.params]
+    n = len(x.params)
+    coef = torch.full((n,), 0.3)
+    with T.tuning(**SMALL):
+        OPS.ascent_step_(x.params, x.grads, x.backups, coef, coef, norm="l2", first=True)
+        OPS.ascent_step_(x.params, x.grads, x.backups, coef, coef, norm="linf", first=False, adaptive_eta=0.1)
+        OPS.restore_(x.params, x.backups)
+    for p, o in zip(x.params, original):
+        FT.assert_bitwise_equal(p, o, "restored")
+
+
+def test_restore_copies_nan_payloads_and_signed_zeros():
+    raw = torch.tensor([0x7FC00001, 0xFFA00000, 0x80000000, 0x00000001, 0x7F800000], dtype=torch.int64)
+    b32 = raw.to(torch.int32).view(torch.float32)
+    b16 = torch.tensor([0x7E01, -0x8000, 0x0001, 0x7C00], dtype=torch.int16)
+    backups = [b32, b16.view(F16), b16.view(BF16), b32.double()]
+    params = [torch.zeros_like(b) for b in backups]
+    OPS.restore_(params, backups)
+    for p, b in zip(params, backups):
+        FT.assert_bitwise_equal(p, b, "restore_")
+
+
+def test_reductions_are_deterministic_and_independent_of_the_rest_of_the_list():
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(300, generator=gen) * 1e3
+    others = [torch.randn(70, generator=gen), torch.randn(5, dtype=F16, generator=gen)]
+    with T.tuning(**SMALL):
+        alone = OPS.norms([a], 2.0)[0]
+        among = OPS.norms([others[0], a, others[1]], 2.0)[0]
+        again = OPS.norms([others[0], a, others[1]], 2.0)[0]
+        s_alone = OPS.grad_stats_([a], [], [], [])
+        s_among = OPS.grad_stats_([others[0], a, others[1]], [], [], [])
+    assert torch.equal(alone[0], among[1]) and torch.equal(among, again)
+    assert torch.equal(s_alone[0], s_among[1])
+
+
+# ---------------------------------------------------------------------------
+# O(1) launches
+
+
+def _launches_per_op(layers):
+    x = FT.make_inputs(layers, seed=7)
+    counts = {}
+    for op, opts in (("norms", dict(ord=2.0)), ("grad_stats_", dict(accum="add", delta=True)),
+                     ("ascent_step_", dict(first=True, zero_grads=True)), ("restore_", {}),
+                     ("combine_grads_", dict(weight=0.5))):
+        with T.count_launches() as c:
+            check(op, x, **opts)  # also checks the results
+        counts[op] = c.total
+    return counts
+
+
+def test_launches_do_not_grow_with_the_number_of_tensors():
+    def mixed(n):
+        return [Layer((i % 5 + 1, i % 3 + 1), (F32, BF16, F16)[i % 3]) for i in range(n)]
+
+    few, many = _launches_per_op(mixed(3)), _launches_per_op(mixed(300))
+    assert few == many
+    # one launch per dtype present (3 here; restore_: per element size, 2 here), plus
+    # the fixed-order reduction of the partials for norms / grad_stats_
+    assert many == {"norms": 4, "grad_stats_": 4, "ascent_step_": 3, "restore_": 2, "combine_grads_": 3}
+
+
+def test_one_dtype_one_launch():
+    x = FT.make_inputs([Layer((5,), F32)] * 4, seed=8)
+    with T.count_launches() as c:
+        OPS.ascent_step_(x.params, x.grads, x.backups, torch.ones(4), torch.ones(4))
+    assert c.total == 1 and c.by_kernel == {"_ascent_kernel": 1}
+
+
+# ---------------------------------------------------------------------------
+# Argument checks, empty calls, opcheck
+
+
+def test_bad_arguments_raise_before_anything_is_written():
+    x = FT.make_inputs([Layer((4,), F32), Layer((3,), F32)], seed=9)
+    before = [p.clone() for p in x.params]
+    with pytest.raises(ValueError, match="shape"):
+        OPS.ascent_step_(x.params, x.grads, [x.backups[0], torch.zeros(5)], torch.ones(2), torch.ones(2))
+    with pytest.raises(TypeError, match="dtype"):
+        OPS.restore_(x.params, [x.backups[0], x.backups[1].double()])
+    with pytest.raises(TypeError, match="supported"):
+        OPS.norms([torch.ones(3, dtype=torch.int32)], 2.0)
+    with pytest.raises(ValueError, match="step_coef"):
+        OPS.ascent_step_(x.params, x.grads, x.backups, torch.ones(3), torch.ones(2))
+    for p, b in zip(x.params, before):
+        FT.assert_bitwise_equal(p, b, "untouched")
+
+
+def test_calls_with_only_empty_lists():
+    per, total = OPS.norms([], 2.0)
+    assert per.shape == (0,) and total.item() == 0.0
+    assert OPS.grad_stats_([], [], [], []).shape == (0, 3)
+    OPS.restore_([], [])
+    OPS.combine_grads_([], [], 1.0)
+    OPS.ascent_step_([], [], [], torch.zeros(0), torch.zeros(0))
+
+
+def _opcheck_args(op):
+    x = FT.make_inputs([Layer((3, 4), F32), Layer((5,), F16), Layer((), BF16)], seed=10)
+    opts = {"grad_stats_": dict(accum="add", delta=True, adaptive_eta=0.1),
+            "ascent_step_": dict(first=False, adaptive_eta=0.1, zero_grads=True)}.get(op, {})
+    return FT.op_args(op, x, **opts)
+
+
+@pytest.mark.parametrize("op", FT.OPS)
+def test_opcheck(op):
+    args, kwargs = _opcheck_args(op)
+    torch.library.opcheck(getattr(OPS, op).default, args, kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Properties
+
+
+@st.composite
+def small_layers(draw):
+    n = draw(st.integers(1, 4))
+    out = []
+    for _ in range(n):
+        shape = tuple(draw(st.lists(st.integers(0, 9), max_size=2)))
+        out.append(Layer(shape, draw(st.sampled_from(FT.FLOAT_DTYPES))))
+    return out
+
+
+PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TUNINGS = st.sampled_from([dict(chunk_size=8, block_size=4), dict(chunk_size=16, block_size=16), SMALL])
+
+
+@PROPERTY
+@given(layers=small_layers(), tune=TUNINGS, seed=st.integers(0, 2**31 - 1), special=st.sampled_from([0.0, 0.1]),
+       op=st.sampled_from(FT.OPS), pick=st.integers(0, 100))
+def test_property_matches_reference(layers, tune, seed, special, op, pick):
+    grid = list(FT.option_grid(op))
+    x = FT.make_inputs(layers, seed=seed, grad_special=special)
+    with T.tuning(**tune):
+        check(op, x, **grid[pick % len(grid)])
+
+
+@PROPERTY
+@given(layers=small_layers(), tune=TUNINGS, seed=st.integers(0, 2**31 - 1), norm=st.sampled_from(["l2", "linf"]),
+       eta=st.sampled_from([-1.0, 0.0, 0.5]), steps=st.integers(1, 3))
+def test_property_cycle_restores_exactly(layers, tune, seed, norm, eta, steps):
+    x = FT.make_inputs(layers, seed=seed, grad_special=0.1, param_special=0.1)
+    original = [p.clone() for p in x.params]
+    n = len(layers)
+    step, proj = torch.rand(n) * 0.1, torch.rand(n) + 0.5
+    with T.tuning(**tune):
+        for k in range(steps):
+            OPS.ascent_step_(x.params, x.grads, x.backups, step, proj, norm=norm, first=k == 0, adaptive_eta=eta)
+        OPS.restore_(x.params, x.backups)
+    for p, o in zip(x.params, original):
+        FT.assert_bitwise_equal(p, o, "restored")
+
+
+# ---------------------------------------------------------------------------
+# The same kernels compiled for a GPU (no GPU needed to compile)
+
+
+def _nvidia_toolchain() -> str | None:
+    import triton
+
+    ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    return None if ptxas.exists() else f"triton's nvidia backend has no ptxas at {ptxas}"
+
+
+def test_every_kernel_specialisation_compiles_for_sm80():
+    reason = _nvidia_toolchain()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from triton.backends.compiler import GPUTarget\n"
+            "import fastperturb.triton_ops as T\n"
+            "print(T.compile_all(GPUTarget('cuda', 80, 32)))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert int(run.stdout.split()[-1]) == sum(1 for _ in T.specializations())
+
+
+def test_reference_is_the_spec_used_here():
+    # guard against testing the backend against itself
+    assert FT.reference is reference

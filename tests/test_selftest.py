@@ -1,0 +1,46 @@
+"""``fastperturb selftest``: verdicts, and that a wrong backend is caught."""
+
+from __future__ import annotations
+
+import torch
+
+from fastperturb import backends, reference
+from fastperturb.tools import selftest
+
+
+def test_selftest_passes_on_cpu_backends():
+    verdicts = selftest.run(["cpp", "cuda", "reference"], quick=True, report=lambda s: None)
+    by = {v.backend: v for v in verdicts}
+    assert by["cpp"].status == "PASS" and by["cpp"].checked > 100
+    assert by["reference"].status == "PASS"
+    # no GPU here: the CUDA kernels are either compiled-but-not-run or not built
+    assert by["cuda"].status in ("compiled, not run here", "SKIP")
+    table = selftest.format_table(verdicts)
+    assert "cpp" in table and "PASS" in table
+
+
+def test_selftest_reports_a_wrong_backend(monkeypatch):
+    real = backends.op
+
+    def broken(name, backend):
+        if backend == "reference" or name != "restore_":
+            return real(name, backend)
+
+        def bad_restore(params, backups):  # off by one ulp somewhere
+            reference.restore_(params, backups)
+            for p in params:
+                if p.numel():
+                    p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf"), dtype=p.dtype))
+                    break
+        return bad_restore
+
+    monkeypatch.setattr(backends, "op", broken)
+    (v,) = selftest.run(["cpp"], quick=True, report=lambda s: None)
+    assert v.status == "FAIL" and "restore_" in v.detail
+
+
+def test_selftest_cli_rejects_unknown_backend(capsys):
+    from fastperturb.cli import main
+
+    assert main(["selftest", "--backends", "cpp,tpu"]) == 2
+    assert "tpu" in capsys.readouterr().err

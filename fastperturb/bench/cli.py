@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per implementation per case")
     p.add_argument("--apd-steps", type=int, default=3, help="K of the APD cycle/step")
     p.add_argument("--mem-steps", type=int, default=20, help="steps per memory-suite process")
+    p.add_argument("--memory-impls", default=None,
+                   help=f"comma-separated memory-suite implementations (default: all of {', '.join(suites.MEMORY_IMPLS)})")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--no-costs", action="store_true", help="skip dispatch counts, allocation and state measurement")
     p.add_argument("--quick", action="store_true",
@@ -133,7 +135,11 @@ def main(args: argparse.Namespace) -> int:
         warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, budget_s=args.budget,
         apd_steps=args.apd_steps, mem_steps=args.mem_steps, measure_costs=not args.no_costs,
         train_batch=args.train_batch,
+        memory_impls=[m.strip() for m in args.memory_impls.split(",")] if args.memory_impls else (),
     )
+    bad = [m for m in cfg.memory_impls if m not in suites.MEMORY_IMPLS]
+    if bad:
+        return _fail(f"unknown memory implementation(s) {', '.join(bad)}; choose from {', '.join(suites.MEMORY_IMPLS)}")
     if args.quick:
         cfg.warmup, cfg.reps, cfg.min_reps, cfg.budget_s = 1, 3, 2, 0.2
         cfg.mem_steps, cfg.train_batch = 2, 8
@@ -158,7 +164,8 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
     t0 = time.perf_counter()
     env = timing.environment(cfg.device)
     cfg.bandwidth = timing.measure_bandwidth(cfg.device, numel=bw_numel)
-    total = sum(UNITS[s] * len(cfg.models[s]) for s in cfg.models)
+    units = dict(UNITS, memory=len(cfg.memory_impls or suites.MEMORY_IMPLS))
+    total = sum(units[s] * len(cfg.models[s]) for s in cfg.models)
     prog = _Progress(total, quiet)
     cfg.progress = prog
     results = []

@@ -39,6 +39,7 @@ class Config:
     budget_s: float = 1.5  # per implementation per case
     apd_steps: int = 3
     mem_steps: int = 20
+    memory_impls: Sequence[str] = ()  # empty: all of MEMORY_IMPLS
     measure_costs: bool = True  # dispatch counts, allocations, state bytes
     train_batch: int = 64
     bandwidth: Optional[dict] = None
@@ -349,6 +350,7 @@ class SyntheticClosure:
                 with torch.no_grad():
                     inner["c"] = SyntheticClosure(ps, self.pre)
                 inner["c"].params = ps
+            self.calls += 1  # one of the step's K+1 passes
             return inner["c"]()
 
         return proxy_closure
@@ -691,7 +693,9 @@ def suite_memory(cfg: Config) -> list[dict]:
     """
     out = []
     for model in cfg.models.get("memory", []):
-        for impl in MEMORY_IMPLS:
+        for impl in cfg.memory_impls or MEMORY_IMPLS:
+            if impl not in MEMORY_IMPLS:
+                raise ValueError(f"unknown memory implementation {impl!r}; choose from {', '.join(MEMORY_IMPLS)}")
             if impl == "pytorch-optimizer-SAM" and peers.pytorch_optimizer_available():
                 out.append(_skipped("memory", model, impl.split(".")[-1].split("-")[-1], impl, "peer",
                                     peers.pytorch_optimizer_available()))

@@ -1,0 +1,320 @@
+"""The benchmark runner: suites on tiny settings, JSON, --compare, counters, and fair peers.
+
+No timing assertions: only that every suite runs, reports what it should, and
+that the peers compute the same perturbation as fastperturb.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fastperturb.bench import cli, counters, fused, peers, report, shapes, suites
+
+
+def _tiny_cfg(suite_names, **kw) -> suites.Config:
+    models = {s: (["cnn"] if s == "train" else ["tiny"]) for s in suite_names}
+    cfg = suites.Config(models=models, warmup=1, reps=2, min_reps=1, budget_s=0.05, mem_steps=1, train_batch=4)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- parameter lists
+
+def test_builtin_lists_match_the_architectures():
+    for name, n_tensors, n_params in (
+        ("resnet50", 161, 25_557_032),
+        ("bert-base", 199, 109_482_240),
+        ("vit-b16", 152, 86_567_656),
+        ("small1000", 1000, 1_024_000),
+    ):
+        s = shapes.shapes_for(name)
+        assert (len(s), shapes.numel(s)) == (n_tensors, n_params), name
+
+
+def test_user_model_factory_and_unknown_model():
+    s = shapes.shapes_for("fastperturb.bench.suites:small_cnn")
+    assert s == [tuple(p.shape) for p in suites.small_cnn().parameters()]
+    with pytest.raises(shapes.UnknownModel, match="built-in lists"):
+        shapes.shapes_for("no-such-model")
+    with pytest.raises(shapes.UnknownModel, match="cannot import"):
+        shapes.shapes_for("no_such_pkg.mod:f")
+
+
+# ----------------------------------------------------------------------------- counters
+
+def test_dispatch_counter_counts_a_known_sequence():
+    a, b = torch.ones(4), torch.ones(4)
+    with counters.DispatchCounter() as c:
+        a.add_(b)  # 1
+        _ = a * 2  # 2
+        torch._foreach_add_([a, b], 1.0)  # 3: one foreach op for the whole list
+        with c.paused():
+            a.sub_(b)  # not counted
+        torch.linalg.vector_norm(a)  # 4
+    assert c.total == 4
+    assert c.by_op["add_"] == 1 and c.by_op["mul"] == 1 and c.by_op["_foreach_add_"] == 1
+    assert "sub_" not in c.by_op
+
+
+def test_allocation_measurement_sees_clones_not_in_place_ops():
+    x = torch.randn(256, 256)
+    sizes = [x.numel() * 4]
+    got = counters.measure_allocations(lambda: x.clone(), sizes)
+    assert got["alloc_bytes"] >= x.numel() * 4
+    assert got["param_sized_allocs"] in (1, None)
+    got = counters.measure_allocations(lambda: x.mul_(1.0), sizes)
+    assert got["alloc_bytes"] < 1024  # at most a wrapped scalar
+    assert got["param_sized_allocs"] in (0, None)
+
+
+def test_state_bytes_counts_buffers_not_parameters():
+    ps = [nn.Parameter(torch.randn(10, 10)) for _ in range(3)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = peers.ForeachSAM(ps, 0.05)
+    assert counters.state_bytes(opt, ps) == 3 * 100 * 4
+
+
+# ----------------------------------------------------------------------------- fair peers
+
+class RecordingClosure:
+    """Writes gradient set k at the k-th call of a step and records the weights it sees."""
+
+    def __init__(self, params, grads):
+        self.params, self.grads = params, grads
+        self.seen: list[list[torch.Tensor]] = []
+
+    def __call__(self):
+        with torch.no_grad():
+            k = len(self.seen)
+            self.seen.append([p.detach().clone() for p in self.params])
+            for p, g in zip(self.params, self.grads[k]):
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+        return torch.zeros(())
+
+    def for_module(self):
+        def proxy_closure(module):
+            ps = list(module.parameters())
+            with torch.no_grad():
+                self.seen.append([p.detach().clone() for p in ps])
+                for p, g in zip(ps, self.grads[0]):
+                    p.grad = g.clone()
+        return proxy_closure
+
+
+def _setup(seed=0, passes=4):
+    gen = torch.Generator().manual_seed(seed)
+    shp = shapes.tiny()
+    w = [torch.randn(s, generator=gen, dtype=torch.float64).float() * 0.1 for s in shp]
+    gs = [[torch.randn(s, generator=gen) * 1e-2 for s in shp] for _ in range(passes)]
+    return w, gs
+
+
+def _run_impl(make, preset_name, w, gs):
+    params = [nn.Parameter(x.clone()) for x in w]
+    for p, g in zip(params, gs[0]):
+        p.grad = g.clone()
+    clo = RecordingClosure(params, gs)
+    opt, calls_self = make(params)
+    if isinstance(opt, peers.ProxyAWP):
+        opt.step(clo, clo.for_module())
+    else:
+        if not calls_self:
+            clo()
+        opt.step(clo)
+    return params, clo.seen
+
+
+def _fastperturb_make(preset):
+    wrapper = fused.wrapper_class(preset.name)
+    if wrapper is not None:
+        return lambda ps: (wrapper(ps, peers.NoOpOptimizer, **preset.kwargs), True)
+    return lambda ps: (fused.EngineStep(ps, peers.NoOpOptimizer(ps), preset), True)
+
+
+def _peer_makes(preset):
+    name, k = preset.name, preset.spec.steps
+    out = {}
+    if name == "SAM":
+        out["foreach"] = lambda ps: (peers.ForeachSAM(ps, preset.radius, base=peers.NoOpOptimizer(ps)), False)
+        out["loop"] = lambda ps: (peers.LoopSAM(ps, peers.NoOpOptimizer, rho=preset.radius), False)
+        if peers.pytorch_optimizer_available() is None:
+            out["pytorch-optimizer"] = lambda ps: (peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius), False)
+            out["pytorch-optimizer(foreach)"] = lambda ps: (
+                peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius, foreach=True), False)
+    elif name == "ASAM":
+        eta = preset.spec.adaptive_eta
+        out["foreach"] = lambda ps: (peers.ForeachSAM(ps, preset.radius, eta, base=peers.NoOpOptimizer(ps)), False)
+        out["loop"] = lambda ps: (peers.LoopSAM(ps, peers.NoOpOptimizer, rho=preset.radius, adaptive_eta=eta), False)
+    elif name == "AWP":
+        out["foreach"] = lambda ps: (peers.ForeachAWP([p for p in ps if p.dim() > 1], preset.radius,
+                                                      base=peers.NoOpOptimizer(ps)), False)
+        out["proxy"] = lambda ps: (peers.ProxyAWP(peers.ParamModule(ps), peers.NoOpOptimizer(ps), gamma=preset.radius), True)
+    else:
+        out["foreach"] = lambda ps: (peers.ForeachAPD(ps, preset.radius, k, preset.step_size, True,
+                                                      base=peers.NoOpOptimizer(ps)), False)
+        out["deep-copy"] = lambda ps: (peers.DeepCopyAPD(ps, peers.NoOpOptimizer, eps=preset.radius, steps=k,
+                                                         eta=preset.step_size), False)
+    return out
+
+
+@pytest.mark.parametrize("preset_name", ["SAM", "ASAM", "AWP", "APD"])
+def test_peers_compute_the_same_perturbation_as_fastperturb(preset_name):
+    preset = fused.presets(apd_steps=3)[preset_name]
+    w, gs = _setup()
+    ref_params, ref_seen = _run_impl(_fastperturb_make(preset), preset_name, w, gs)
+    k = preset.spec.steps
+    assert len(ref_seen) == k + 1
+    # the perturbation really moved the weights
+    assert any(not torch.equal(a, b) for a, b in zip(ref_seen[1], w))
+    for label, make in _peer_makes(preset).items():
+        params, seen = _run_impl(make, preset_name, w, gs)
+        assert len(seen) == k + 1, label
+        for kk in range(1, k + 1):  # the weights at every perturbed pass
+            for a, b in zip(seen[kk], ref_seen[kk]):
+                torch.testing.assert_close(a - torch.as_tensor(0.0), b, rtol=1e-5, atol=1e-7, msg=f"{label} pass {kk}")
+        for p, q in zip(params, ref_params):  # restored weights and the descent gradient
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7, msg=f"{label} restore")
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=f"{label} descent gradient")
+
+
+def test_foreach_cycles_restore_and_match_the_engine():
+    pre = fused.presets(apd_steps=2)
+    for name in suites.CYCLES:
+        w, gs = _setup(seed=1)
+        outs = []
+        for use_foreach in (False, True):
+            ps = [nn.Parameter(x.clone()) for x in w]
+            for p, g in zip(ps, gs[0]):
+                p.grad = g.clone()
+            if use_foreach:
+                suites._foreach_cycle(pre[name], ps).cycle()
+            else:
+                fused.FusedCycle(pre[name], ps).run()
+            outs.append(ps)
+        for p, q, x in zip(*outs, w):
+            assert torch.equal(p.detach(), x) and torch.equal(q.detach(), x)
+        if name == "APD":  # the descent gradient left in .grad
+            for p, q in zip(*outs):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- runner
+
+def _check_record(r):
+    for key in ("suite", "model", "case", "impl", "kind", "status", "reason"):
+        assert key in r
+    assert r["status"] in ("ok", "skipped", "error")
+    assert r["kind"] in ("fastperturb", "reference", "foreach", "peer", "baseline")
+
+
+@pytest.mark.parametrize("suite", ["ops", "cycle", "step", "train"])
+def test_each_suite_runs_on_tiny_settings(suite):
+    cfg = _tiny_cfg([suite])
+    data = cli.run(cfg, bw_numel=1 << 16)
+    data = json.loads(json.dumps(data, default=str))  # JSON-serialisable
+    assert data["schema"] == report.SCHEMA
+    for key in ("torch", "cpu_model", "torch_threads", "packages", "git", "backends"):
+        assert key in data["env"]
+    assert data["bandwidth"]["triad_gbps"] > 0
+    res = [r for r in data["results"] if r["suite"] == suite]
+    assert res
+    for r in res:
+        _check_record(r)
+        assert r["status"] != "error", r
+    ok = [r for r in res if r["status"] == "ok"]
+    assert any(r["kind"] == "fastperturb" for r in ok)
+    for r in ok:
+        assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["reps"] >= 1
+    if suite in ("ops", "cycle"):
+        assert all("bound_s" in r and "x_bound" in r and r["passes"] >= 1 for r in ok)
+    if suite == "cycle":
+        fp = [r for r in ok if r["impl"].startswith("fastperturb[") and r["kind"] == "fastperturb"]
+        for r in fp:  # O(1) dispatches: no more than a few dozen for 5 tensors, none parameter-sized allocs
+            assert r["alloc"]["param_sized_allocs"] in (0, None)
+    if suite == "step":
+        cases = {r["case"] for r in res}
+        assert cases == {"SAM", "ASAM", "AWP", "APD-3"}
+        for r in ok:
+            assert r["closure_calls"] == (4 if r["case"] == "APD-3" else 2), r["impl"]
+            assert "dispatches" in r and "alloc" in r and "state_bytes" in r
+    if suite == "train":
+        assert any("overhead_share" in r for r in ok)
+    out = io.StringIO()
+    report.print_tables(data, out)
+    assert f"== {suite} ==" in out.getvalue()
+
+
+def test_memory_suite_runs_a_child_process():
+    cfg = _tiny_cfg(["memory"], memory_impls=["fastperturb.SAM", "proxy-AWP"])
+    data = cli.run(cfg, bw_numel=1 << 16)
+    res = [r for r in data["results"] if r["suite"] == "memory"]
+    assert [r["impl"] for r in res] == ["fastperturb.SAM", "proxy-AWP"]
+    for r in res:
+        assert r["status"] == "ok", r
+        assert r["peak_rss"] >= r["baseline_rss"] > 0 and r["param_bytes"] == shapes.numel(shapes.tiny()) * 4
+
+
+def test_missing_peer_is_reported_as_skipped(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import fails as if not installed
+    assert peers.pytorch_optimizer_available() is not None
+    cfg = _tiny_cfg(["step"], measure_costs=False)
+    res = suites.suite_step(cfg)
+    po = [r for r in res if r["impl"].startswith("pytorch-optimizer")]
+    assert po and all(r["status"] == "skipped" and "not installed" in r["reason"] for r in po)
+    assert any(r["status"] == "ok" and r["kind"] == "fastperturb" for r in res)
+
+
+def _fake_result(median, lo, hi, impl="fastperturb[cpp]"):
+    return {"suite": "cycle", "model": "m", "case": "SAM", "impl": impl, "kind": "fastperturb", "status": "ok",
+            "reason": None, "median_s": median, "min_s": lo, "max_s": hi, "reps": 3}
+
+
+def test_compare_flags_regressions_beyond_noise(tmp_path):
+    old = {"schema": report.SCHEMA, "env": {}, "results": [_fake_result(1.0, 0.95, 1.05), _fake_result(1.0, 0.9, 1.1, "foreach")]}
+    new = {"schema": report.SCHEMA, "env": {}, "results": [_fake_result(1.5, 1.4, 1.6), _fake_result(1.15, 1.0, 1.3, "foreach")]}
+    out = io.StringIO()
+    assert report.compare(old, new, 0.10, out) == 1  # the second overlaps: noise, not a regression
+    assert "REGRESSION" in out.getvalue() and "fastperturb[cpp]" in out.getvalue()
+    assert report.compare(old, old, 0.10, io.StringIO()) == 0
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(old))
+    b.write_text(json.dumps(new))
+    assert cli.entry(["--compare", str(a), str(b)]) == 1
+    assert cli.entry(["--compare", str(a), str(a)]) == 0
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli.entry(["--compare", str(a), str(tmp_path / "bad.json")]) == 2
+
+
+def test_clear_errors_for_unknown_suite_model_backend(capsys):
+    assert cli.entry(["--suites", "cycle,nope"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+    assert cli.entry(["--suites", "cycle", "--models", "nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert cli.entry(["--suites", "cycle", "--models", "tiny", "--backends", "gpu9"]) == 2
+    assert "unknown backend" in capsys.readouterr().err
+
+
+def test_fastperturb_cli_bench_writes_json_and_chart(tmp_path, capsys):
+    from fastperturb import cli as top
+
+    js, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = top.main(["bench", "--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])
+    assert rc == 0
+    data = report.load_json(str(js))
+    assert {r["suite"] for r in data["results"]} == {"cycle"}
+    assert "targets" in data
+    text = capsys.readouterr().out
+    assert "== cycle ==" in text
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 1000

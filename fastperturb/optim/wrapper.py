@@ -69,6 +69,13 @@ class _Pending:
     stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
+@dataclasses.dataclass
+class _GradHolder:
+    """Just enough of an optimizer (``param_groups``) for ``GradScaler.unscale_``."""
+
+    param_groups: list
+
+
 def _versions(params: Sequence[Tensor]) -> list:
     return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
 
@@ -184,6 +191,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._backups: Dict[Tensor, Tensor] = {}
         self._accums: Dict[Tensor, Tensor] = {}
         self._pending: Optional[_Pending] = None
+        self._overflow_holder: Optional[_GradHolder] = None
 
         super().__init__(params, dict(self._perturb_defaults))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -330,15 +338,29 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = True
         self.skipped_steps += 1
 
-    def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler], unscaled: bool) -> None:
+    def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
         self._mark_skipped()
         if _scaling(scaler):
-            if not unscaled:
-                scaler.unscale_(self.base_optimizer)  # records the overflow for scaler.update()
+            self._report_overflow(scaler)
             return
         if self.nonfinite == "raise":
             raise err
+
+    def _report_overflow(self, scaler: torch.amp.GradScaler) -> None:
+        """Make ``scaler.update()`` back off. The scaler only learns about overflows from
+        the gradients it unscales, but a step can also overflow in the fused statistics
+        (a finite gradient whose squared norm exceeds float32), so it unscales a one-element
+        holder whose gradient is inf, through its public ``unscale_``."""
+        holder = self._overflow_holder
+        if holder is None:
+            dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+            t = torch.zeros(1, device=dev)
+            t.grad = torch.full((1,), math.inf, device=dev)
+            holder = self._overflow_holder = _GradHolder([{"params": [t]}])
+        with torch.no_grad():
+            holder.param_groups[0]["params"][0].grad.fill_(math.inf)
+        scaler.unscale_(holder)  # type: ignore[arg-type]
 
     def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
@@ -355,7 +377,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if not math.isfinite(total):
             bad = [i for i, v in enumerate(per) if not math.isfinite(v)]
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
-            self._on_nonfinite(err, scaler, unscaled=True)
+            self._on_nonfinite(err, scaler)
             return
         if self.max_grad_norm is not None:
             coef = self.max_grad_norm / (total + 1e-6)
@@ -396,7 +418,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             try:
                 self._perturbed_passes(plan, closure)
             except NonFiniteGradient as err:
-                self._on_nonfinite(err, scaler, unscaled=False)
+                self._on_nonfinite(err, scaler)
                 return loss
         self._descend(scaler)
         return loss
@@ -441,7 +463,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 cycle.ascend(grads, zero_grads=zero_grad)
             except NonFiniteGradient as err:
                 cycle.restore()
-                self._on_nonfinite(err, scaler, unscaled=False)  # raises in "raise" mode
+                self._on_nonfinite(err, scaler)  # raises in "raise" mode
                 pending.skipped = True
             except BaseException:
                 cycle.restore()

@@ -1,0 +1,558 @@
+"""The optimizer wrapper's contracts: param groups, errors, non-finite gradients,
+exceptions, BatchNorm, clipping, accumulation, AMP, checkpoints, buffers."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastperturb as fp
+from fastperturb.perturb import NonFiniteGradient
+
+X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids thrashing on a loaded 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_model(seed: int = 0, bn: bool = False, momentum: float | None = 0.1) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 10)]
+    if bn:
+        layers.append(nn.BatchNorm1d(10, momentum=momentum))
+    layers += [nn.Tanh(), nn.Linear(10, 3)]
+    return nn.Sequential(*layers)
+
+
+def closure_for(model, opt=None, scale=None, x=X, y=Y, hook=None):
+    calls = [0]
+
+    def closure():
+        k = calls[0]
+        calls[0] += 1
+        loss = nn.functional.cross_entropy(model(x), y)
+        if hook is not None:
+            loss = hook(k, loss)
+        (scale(loss) if scale is not None else loss).backward()
+        return loss
+
+    closure.calls = calls
+    return closure
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bit_identical(model, snap):
+    for p, q in zip(model.parameters(), snap):
+        assert torch.equal(p, q) and not p.isnan().any()
+
+
+PRESETS = {
+    "sam": lambda ps, **kw: fp.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, **kw),
+    "asam": lambda ps, **kw: fp.ASAM(ps, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, **kw),
+    "awp": lambda ps, **kw: fp.AWP(ps, torch.optim.SGD, gamma=0.01, lr=0.1, momentum=0.9, **kw),
+    "apd": lambda ps, **kw: fp.APD(ps, torch.optim.AdamW, eps=0.05, steps=3, lr=0.01, **kw),
+}
+
+
+# ---- param groups shared by identity --------------------------------------------------
+
+def test_param_groups_shared_by_identity_and_scheduler(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.state is opt.base_optimizer.state
+    assert opt.defaults["lr"] == 0.1 and opt.defaults["rho"] == 0.05
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for _ in range(3):
+            before = snapshot(model)
+            lr = opt.base_optimizer.param_groups[0]["lr"]
+            opt.step(closure_for(model))
+            sched.step()
+            assert opt.base_optimizer.param_groups[0]["lr"] == lr * 0.5
+            assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+
+
+def test_add_param_group_goes_to_base_with_defaults(backend):
+    model = make_model()
+    extra = nn.Linear(3, 3)
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.02, lr=0.1)
+    opt.add_param_group({"params": extra.parameters(), "gamma": 0.05})
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2, 2))]})
+    assert len(opt.base_optimizer.param_groups) == 3
+    assert opt.param_groups[1]["gamma"] == 0.05 and opt.param_groups[1]["perturb"] is True
+    assert opt.param_groups[2]["gamma"] == 0.02 and opt.param_groups[2]["lr"] == 0.1
+    with pytest.raises(ValueError, match=r"param_groups\[3\]\['gamma'\]"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(2))], "gamma": -1.0})
+    assert len(opt.param_groups) == 3
+
+    def closure():
+        loss = nn.functional.cross_entropy(extra(model(X)), Y)
+        loss.backward()
+        return loss
+
+    w = extra.weight.detach().clone()
+    opt.step(closure)
+    assert not torch.equal(w, extra.weight)
+    # two dim>1 weights of the model plus extra.weight are perturbed (the unused 2x2 has no grad)
+    assert opt.buffer_count() == (3, 0)
+
+
+# ---- bad arguments: a clear error naming the argument, nothing applied -----------------
+
+@pytest.mark.parametrize("make, match", [
+    (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=-0.1, lr=0.1), "rho"),
+    (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=float("nan"), lr=0.1), "rho"),
+    (lambda ps: fp.ASAM(ps, torch.optim.SGD, eta=-1.0, lr=0.1), "eta"),
+    (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=-5e-3, lr=0.1), "gamma"),
+    (lambda ps: fp.AWP(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, steps=2.5, lr=0.1), "steps"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, norm="l1", lr=0.1), "norm"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, scope="model", lr=0.1), "scope"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("inf"), lr=0.1), "step_size"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("nan"), lr=0.1), "step_size"),
+    (lambda ps: fp.APD(ps, torch.optim.SGD, eps=-1e-3, lr=0.1), "eps"),
+    (lambda ps: fp.SAM(ps, torch.optim.SGD(ps, lr=0.1), lr=0.1), "base_optimizer"),
+    (lambda ps: fp.SAM(ps, lambda p, **kw: torch.optim.SGD(p, **kw), lr=0.1), "base_optimizer"),
+    (lambda ps: fp.SAM(ps, nn.Linear, lr=0.1), "base_optimizer"),
+    (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
+    (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, nonfinite="ignore"), "nonfinite"),
+    (lambda ps: fp.SAM([{"params": ps[:2]}, {"params": ps[2:], "rho": -1.0}], torch.optim.SGD, lr=0.1),
+     r"param_groups\[1\]\['rho'\]"),
+])
+def test_bad_arguments(make, match):
+    model = make_model()
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        make(list(model.parameters()))
+    assert_bit_identical(model, before)
+
+
+def test_bad_group_setting_at_step_time_touches_nothing(backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, momentum=0.9)
+    opt.step(closure_for(model))
+    state = copy.deepcopy(opt.state_dict())
+    before = snapshot(model)
+    opt.param_groups[0]["step_size"] = float("inf")
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['step_size'\]"):
+        opt.step(closure_for(model))
+    opt.param_groups[0]["step_size"] = None
+    opt.param_groups[0]["eps"] = -1.0
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['eps'\]"):
+        opt.step(closure_for(model))
+    assert_bit_identical(model, before)
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["momentum_buffer"], state["state"][k]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("bad_pass", [0, 1, 2])
+def test_closure_returning_none(preset, bad_pass, backend):
+    model = make_model()
+    opt = PRESETS[preset](model.parameters())
+    if bad_pass > opt.spec.steps:
+        pytest.skip("preset has fewer passes")
+    before = snapshot(model)
+    closure = closure_for(model, hook=lambda k, loss: loss)
+    inner = closure
+
+    def returns_none_once():
+        loss = inner()
+        return None if inner.calls[0] - 1 == bad_pass else loss
+
+    with pytest.raises(TypeError, match=f"closure returned None at pass {bad_pass}"):
+        opt.step(returns_none_once)
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("bad_pass", [0, 1, 3])
+def test_closure_without_backward(preset, bad_pass, backend):
+    model = make_model()
+    opt = PRESETS[preset](model.parameters())
+    if bad_pass > opt.spec.steps:
+        pytest.skip("preset has fewer passes")
+    opt.step(closure_for(model))  # grads exist (zeroed, not None) from an earlier step
+    before = snapshot(model)
+    calls = [0]
+
+    def closure():
+        k = calls[0]
+        calls[0] += 1
+        loss = nn.functional.cross_entropy(model(X), Y)
+        if k != bad_pass:
+            loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=f"did not call backward.. at pass {bad_pass}"):
+        opt.step(closure)
+    assert_bit_identical(model, before)
+
+
+def test_step_without_closure_and_misused_sam_convention():
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="closure"):
+        opt.step()
+    nn.functional.cross_entropy(model(X), Y).backward()
+    with pytest.raises(RuntimeError, match="single-step"):
+        opt.first_step()
+    sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="without first_step"):
+        sam.second_step()
+    with pytest.raises(TypeError, match="scaler"):
+        sam.step(closure_for(model), scaler=object())
+
+
+def test_no_backward_between_first_and_second_step_restores(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    before = snapshot(model)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.first_step()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(RuntimeError, match="no backward"):
+        opt.second_step()
+    assert_bit_identical(model, before)
+
+
+# ---- exceptions at a perturbed point -----------------------------------------------------
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_closure_raising_at_perturbed_point_restores(preset, backend):
+    model = make_model(bn=True)
+    opt = PRESETS[preset](model.parameters(), freeze_bn=model)
+    opt.step(closure_for(model))
+    for bad in range(1, opt.spec.steps + 1):
+        before = snapshot(model)
+
+        def hook(k, loss, bad=bad):
+            if k == bad:
+                raise Boom(k)
+            return loss
+
+        with pytest.raises(Boom):
+            opt.step(closure_for(model, hook=hook))
+        assert_bit_identical(model, before)
+        assert model[1].track_running_stats  # the BatchNorm freeze was undone
+    opt.step(closure_for(model))  # and the optimizer is still usable
+
+
+# ---- non-finite gradients -----------------------------------------------------------------
+
+def nan_at(bad, where="all", model=None):
+    def hook(k, loss):
+        if k != bad:
+            return loss
+        if where == "all":
+            return loss * float("nan")
+        return loss + (model[2].bias * float("inf")).sum()  # inf/nan only in a passive (bias) grad
+    return hook
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_nonfinite_gradient_skips_with_bit_identical_weights(preset, backend):
+    model = make_model()
+    opt = PRESETS[preset](model.parameters())
+    opt.step(closure_for(model))
+    for bad in range(opt.spec.steps + 1):  # g_0 .. g_K (the last one only shows in G)
+        before = snapshot(model)
+        state = copy.deepcopy(opt.base_optimizer.state_dict()["state"])
+        opt.step(closure_for(model, hook=nan_at(bad)))
+        assert opt.last_step_skipped
+        assert_bit_identical(model, before)
+        after = opt.base_optimizer.state_dict()["state"]
+        for k in state:
+            for name, v in state[k].items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[k][name])), name
+    assert opt.skipped_steps == opt.spec.steps + 1
+    opt.step(closure_for(model))
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_only_in_passive_tensor_is_caught(backend):
+    model = make_model()
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.01, lr=0.1, nonfinite="raise")
+    before = snapshot(model)
+    with pytest.raises(fp.NonFiniteDescentGradient, match=r"param_groups\[0\]\['params'\]\[3\]"):
+        opt.step(closure_for(model, hook=nan_at(1, "passive", model)))
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("bad, exc", [(0, NonFiniteGradient), (1, NonFiniteGradient), (3, fp.NonFiniteDescentGradient)])
+def test_nonfinite_raise_mode(bad, exc, backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, nonfinite="raise")
+    before = snapshot(model)
+    with pytest.raises(exc, match="non-finite"):
+        opt.step(closure_for(model, hook=nan_at(bad)))
+    assert_bit_identical(model, before)
+
+
+def test_nonfinite_in_sam_convention(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    before = snapshot(model)
+    (nn.functional.cross_entropy(model(X), Y) * float("nan")).backward()
+    opt.first_step()
+    assert_bit_identical(model, before)  # nothing perturbed
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.second_step()
+    assert opt.last_step_skipped
+    assert_bit_identical(model, before)
+
+
+# ---- BatchNorm --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("preset", ["sam", "apd"])
+def test_freeze_bn_keeps_running_stats_to_clean_passes(preset, momentum, backend):
+    model = make_model(bn=True, momentum=momentum)
+    twin = copy.deepcopy(model)  # sees only the clean passes
+    opt = PRESETS[preset](model.parameters(), freeze_bn=model)
+    plain = make_model(bn=True, momentum=momentum)
+    plain_opt = PRESETS[preset](plain.parameters())
+    for s in range(3):
+        with torch.no_grad():
+            for p, q in zip(twin.parameters(), model.parameters()):
+                p.copy_(q)
+        twin(X)
+        opt.step(closure_for(model))
+        plain_opt.step(closure_for(plain))
+        bn, tbn = model[1], twin[1]
+        assert int(bn.num_batches_tracked) == s + 1
+        assert torch.equal(bn.running_mean, tbn.running_mean)
+        assert torch.equal(bn.running_var, tbn.running_var)
+        assert bn.track_running_stats
+    # without the option every pass updates them (a control showing the test can fail)
+    assert int(plain[1].num_batches_tracked) == 3 * (opt.spec.steps + 1)
+
+
+def test_freeze_bn_in_sam_convention_and_context_manager():
+    model = make_model(bn=True, momentum=None)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, freeze_bn=model)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    stats = model[1].running_mean.clone()
+    opt.first_step()
+    nn.functional.cross_entropy(model(X), Y).backward()
+    assert torch.equal(model[1].running_mean, stats) and int(model[1].num_batches_tracked) == 1
+    opt.second_step()
+    assert model[1].track_running_stats
+    with pytest.raises(Boom):
+        with fp.frozen_bn_stats(model):
+            model(X)
+            raise Boom()
+    assert int(model[1].num_batches_tracked) == 1 and model[1].track_running_stats
+    model.eval()  # eval mode is left alone: running stats are used, not updated
+    with fp.frozen_bn_stats(model):
+        assert model[1].track_running_stats
+
+
+# ---- clipping and accumulation ------------------------------------------------------------
+
+def test_max_grad_norm_clips_the_descent_gradient(backend):
+    model = make_model()
+    free = copy.deepcopy(model)
+    clipped = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=1.0, max_grad_norm=0.01)
+    unclipped = fp.APD(free.parameters(), torch.optim.SGD, eps=0.05, lr=1.0)
+    w0 = snapshot(model)
+    clipped.step(closure_for(model))
+    unclipped.step(closure_for(free))
+    G = [w - p.detach() for w, p in zip(w0, free.parameters())]
+    Gc = [w - p.detach() for w, p in zip(w0, model.parameters())]
+    norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in G))
+    assert norm > 0.1
+    for g, gc in zip(G, Gc):
+        torch.testing.assert_close(gc, g * (0.01 / (norm + 1e-6)), rtol=1e-4, atol=3e-7)  # w - (w - G) rounding
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_gradient_accumulation_over_micro_batches(preset, backend):
+    full = make_model()
+    micro = copy.deepcopy(full)
+    o_full = PRESETS[preset](full.parameters())
+    o_micro = PRESETS[preset](micro.parameters())
+
+    def micro_closure():
+        total = 0.0
+        for xs, ys in zip(X.chunk(4), Y.chunk(4)):
+            loss = nn.functional.cross_entropy(micro(xs), ys) / 4
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    for _ in range(3):
+        lf = o_full.step(closure_for(full))
+        lm = o_micro.step(micro_closure)
+        torch.testing.assert_close(lm, lf.detach(), rtol=1e-5, atol=1e-6)
+    for p, q in zip(full.parameters(), micro.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# ---- AMP ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_grad_scaler_matches_unscaled_run(preset, backend):
+    a = make_model()
+    b = copy.deepcopy(a)
+    oa = PRESETS[preset](a.parameters(), max_grad_norm=5.0)
+    ob = PRESETS[preset](b.parameters(), max_grad_norm=5.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    for _ in range(4):
+        oa.step(closure_for(a))
+        ob.step(closure_for(b, scale=scaler.scale), scaler=scaler)
+        scaler.update()
+        assert not ob.last_step_skipped
+    assert scaler.get_scale() > 2.0 ** 12  # it grew: no step was reported as an overflow
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)  # directions are scale-invariant
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_grad_scaler_overflow_skips_and_backs_off(preset, backend):
+    model = make_model()
+    opt = PRESETS[preset](model.parameters(), nonfinite="raise")  # with a scaler overflow always skips
+    scaler = torch.amp.GradScaler("cpu", init_scale=3e38, backoff_factor=1e-34)
+    before = snapshot(model)
+    opt.step(closure_for(model, scale=scaler.scale), scaler=scaler)
+    scaler.update()
+    assert opt.last_step_skipped
+    assert_bit_identical(model, before)
+    assert scaler.get_scale() < 1e5
+    opt.step(closure_for(model, scale=scaler.scale), scaler=scaler)
+    scaler.update()
+    assert not opt.last_step_skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_grad_scaler_overflow_at_perturbed_point(backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = snapshot(model)
+    opt.step(closure_for(model, scale=scaler.scale, hook=nan_at(2)), scaler=scaler)
+    scaler.update()
+    assert opt.last_step_skipped
+    assert_bit_identical(model, before)
+    assert scaler.get_scale() == 512.0
+
+
+def test_grad_scaler_with_sam_convention(backend):
+    a = make_model()
+    b = copy.deepcopy(a)
+    oa = fp.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    ob = fp.SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    for _ in range(2):
+        oa.step(closure_for(a))
+        scaler.scale(nn.functional.cross_entropy(b(X), Y)).backward()
+        ob.first_step(scaler=scaler)
+        scaler.scale(nn.functional.cross_entropy(b(X), Y)).backward()
+        ob.second_step()
+        scaler.update()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu(dtype, backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0) if dtype == torch.float16 else None
+
+    def closure():
+        with torch.autocast("cpu", dtype=dtype):
+            loss = nn.functional.cross_entropy(model(X), Y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        return loss
+
+    first = None
+    for _ in range(10):
+        loss = opt.step(closure, scaler=scaler)
+        if scaler:
+            scaler.update()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---- checkpoints and buffers ----------------------------------------------------------------
+
+def test_state_dict_round_trip_in_process(backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.AdamW, eps=0.05, steps=2, norm="linf", lr=0.01,
+                 max_grad_norm=3.0)
+    for _ in range(2):
+        opt.step(closure_for(model))
+    sd = opt.state_dict()
+    assert sd["fastperturb"]["spec"]["norm"] == "linf" and sd["fastperturb"]["max_grad_norm"] == 3.0
+    assert sd["param_groups"][0]["perturb_eps"] == 0.05
+    n_tensors = sum(torch.is_tensor(v) for s in sd["state"].values() for v in s.values())
+    assert n_tensors == 3 * len(list(model.parameters()))  # step, exp_avg, exp_avg_sq: no perturbation buffers
+
+    twin = copy.deepcopy(model)
+    opt2 = fp.APD(twin.parameters(), torch.optim.AdamW, eps=0.5, steps=5, lr=0.5)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    assert opt2.spec == opt.spec and opt2.max_grad_norm == 3.0
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.state is opt2.base_optimizer.state
+    assert opt2.param_groups[0]["perturb_eps"] == 0.05 and opt2.param_groups[0]["lr"] == 0.01
+    for _ in range(3):
+        opt.step(closure_for(model))
+        opt2.step(closure_for(twin))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+    with pytest.raises(ValueError, match="from a APD optimizer, not SAM"):
+        fp.SAM(twin.parameters(), torch.optim.AdamW, lr=0.1).load_state_dict(sd)
+
+
+def test_load_plain_base_state_dict():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    base.step()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.07, lr=0.1, momentum=0.9)
+    opt.load_state_dict(base.state_dict())
+    assert opt.param_groups[0]["lr"] == 0.3 and opt.param_groups[0]["rho"] == 0.07
+    opt.step(closure_for(model))
+
+
+def test_buffers_allocated_once_and_reused(backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1)
+    opt.step(closure_for(model))
+    ptrs = {id(k): v.data_ptr() for k, v in {**opt._backups, **opt._accums}.items()}
+    for _ in range(3):
+        opt.step(closure_for(model))
+    assert {id(k): v.data_ptr() for k, v in {**opt._backups, **opt._accums}.items()} == ptrs
+    n = len(list(model.parameters()))
+    assert opt.buffer_count() == (n, n)
+    sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sam.step(closure_for(model))
+    assert sam.buffer_count() == (n, 0)  # single step, no clean term: no accumulator

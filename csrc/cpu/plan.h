@@ -24,6 +24,10 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 // Cost of a chunk in elements beyond its size (dispatch, pointer set-up), so
 // that tasks made of many tiny chunks stay small enough to balance.
 constexpr int64_t kChunkOverhead = 256;
+// Below this many tasks (about a megabyte of float32 per list) one thread
+// finishes before a parallel region would pay for itself; on a busy machine
+// waking a second thread can even cost milliseconds.
+constexpr int64_t kMinParallelTasks = 4;
 
 struct Chunk {
   int64_t tensor;  // index in the list
@@ -64,8 +68,8 @@ class Plan {
     auto run = [&](int64_t t0, int64_t t1) {
       for (int64_t c = task_begin_[t0]; c < task_begin_[t1]; ++c) f(c, chunks_[c]);
     };
-    if (num_tasks == 1) {
-      run(0, 1);  // below one task's worth of work, threads cost more than they save
+    if (num_tasks < kMinParallelTasks) {
+      run(0, num_tasks);
       return;
     }
     at::parallel_for(0, num_tasks, 1, run);

@@ -1,0 +1,49 @@
+"""Shared fixtures: the backends every op test runs on, hypothesis settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from fastperturb.backends import use_backend, why_unavailable
+
+# Every backend that runs the ops on CPU tensors. Adding a backend to the op
+# tests is one line here (it is skipped, with the reason, where it cannot run).
+CPU_BACKENDS = [
+    "reference",
+    "cpp",
+]
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=30,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request) -> str:
+    """A backend name, selected for the duration of the test."""
+    reason = why_unavailable(request.param, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend {request.param!r} unavailable: {reason}")
+    with use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def native():
+    """The compiled extension (skips when it did not load)."""
+    from fastperturb import _native
+
+    if _native.load_error is not None:
+        pytest.skip(f"fastperturb._C did not load: {_native.load_error}")
+    from fastperturb import _C
+
+    return _C

@@ -556,3 +556,38 @@ def test_buffers_allocated_once_and_reused(backend):
     sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     sam.step(closure_for(model))
     assert sam.buffer_count() == (n, 0)  # single step, no clean term: no accumulator
+
+
+def test_closure_that_zeroes_grads_itself(backend):
+    """torch.optim's LBFGS-style closures call zero_grad() first: same result."""
+    a = make_model()
+    b = copy.deepcopy(a)
+    oa = fp.APD(a.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, momentum=0.9)
+    ob = fp.APD(b.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, momentum=0.9)
+
+    def zeroing_closure():
+        ob.zero_grad()
+        loss = nn.functional.cross_entropy(b(X), Y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        oa.step(closure_for(a))
+        ob.step(zeroing_closure)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_deepcopy_keeps_a_working_optimizer(backend):
+    model = make_model()
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.02, steps=2, lr=0.1, momentum=0.9)
+    opt.step(closure_for(model))
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    assert opt2.buffer_count() == (0, 0)
+    for _ in range(2):
+        opt.step(closure_for(model))
+        opt2.step(closure_for(model2))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

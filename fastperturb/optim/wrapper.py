@@ -520,6 +520,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints -----------------------------------------------------------------
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
+        # without the transient perturbation buffers.
+        state = self.__dict__.copy()
+        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     def _settings(self) -> Dict[str, Any]:
         return {
             "preset": type(self).__name__,

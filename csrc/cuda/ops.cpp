@@ -1,0 +1,113 @@
+// The CUDA implementations of the fastperturb ops: TORCH_LIBRARY_IMPL(fastperturb,
+// CUDA). The host code is shared with the CPU work-list executor
+// (fastperturb/worklist_ops.h): the same checks (cpu/checks.h), the same plan and
+// kernel arguments; CudaExec only turns each planned launch into a kernel launch
+// on the current stream (kernels.cu). No host synchronisation: the per-tensor
+// coefficients are read on the device, the results stay on the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cpu/checks.h"
+#include "cuda/launch.h"
+#include "fastperturb/worklist.h"
+#include "fastperturb/worklist_ops.h"
+
+namespace fastperturb {
+namespace cuda {
+namespace {
+
+using worklist::FinalizeArgs;
+using worklist::LaunchArgs;
+using worklist::Limits;
+
+struct CudaExec {
+  cudaStream_t stream;
+
+  Limits limits(int depth) const {
+    Limits l;
+    l.chunk_size = worklist::kChunkSize;
+    l.max_tensors = worklist::max_tensors_for_depth(depth);
+    l.max_blocks = worklist::kMaxBlocks;
+    return l;
+  }
+  int finalize_tensors() const { return worklist::kFinalizeTensors; }
+
+  template <class Op>
+  void run(const LaunchArgs<Op::kDepth>& a, const Op& op, double* partials) const {
+    launch_main(a, op, partials, stream);
+  }
+  template <class F>
+  void finalize(const FinalizeArgs& f, const F& fin) const {
+    launch_finalize(f, fin, stream);
+  }
+};
+
+// The device every list is on (checked equal), which must be a CUDA device.
+at::Device device_of(const char* name, at::TensorList list) {
+  TORCH_CHECK_VALUE(!list.empty(), "fastperturb CUDA ops need at least one tensor in ", name);
+  const at::Device d = list[0].device();
+  TORCH_CHECK_VALUE(d.is_cuda(), "fastperturb's CUDA kernels got ", name, "[0] on ", d,
+                    "; pass CUDA tensors (or use the CPU kernels for CPU tensors)");
+  return d;
+}
+
+CudaExec exec_on(at::Device d) { return CudaExec{c10::cuda::getCurrentCUDAStream(d.index()).stream()}; }
+
+std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList tensors, double ord) {
+  cpu::check_norms(tensors, ord);
+  const at::Device d = device_of("tensors", tensors);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  return worklist::norms(ex, tensors, ord);
+}
+
+at::Tensor grad_stats_cuda(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                           double accum_weight, bool accum_init, double adaptive_eta) {
+  cpu::check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+  const at::Device d = device_of("grads", grads);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  return worklist::grad_stats(ex, grads, accum, params, backups, accum_weight, accum_init, adaptive_eta);
+}
+
+void ascent_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta,
+                      bool zero_grads) {
+  cpu::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  const at::Device d = device_of("params", params);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  worklist::ascent_step(ex, params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads);
+}
+
+void restore_cuda(at::TensorList params, at::TensorList backups) {
+  cpu::check_restore(params, backups);
+  const at::Device d = device_of("params", params);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  worklist::restore(ex, params, backups);
+}
+
+void combine_grads_cuda(at::TensorList grads, at::TensorList accum, double weight) {
+  cpu::check_combine_grads(grads, accum, weight);
+  const at::Device d = device_of("grads", grads);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  worklist::combine_grads(ex, grads, accum, weight);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastperturb
+
+TORCH_LIBRARY_IMPL(fastperturb, CUDA, m) {
+  m.impl("norms", &fastperturb::cuda::norms_cuda);
+  m.impl("grad_stats_", &fastperturb::cuda::grad_stats_cuda);
+  m.impl("ascent_step_", &fastperturb::cuda::ascent_step_cuda);
+  m.impl("restore_", &fastperturb::cuda::restore_cuda);
+  m.impl("combine_grads_", &fastperturb::cuda::combine_grads_cuda);
+}

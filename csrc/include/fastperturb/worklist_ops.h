@@ -1,0 +1,180 @@
+// The five fused ops written once over the work list (fastperturb/worklist.h)
+// and an executor `Exec` that runs its launches:
+//   * the CUDA launcher (csrc/cuda/ops.cpp) launches the kernels of
+//     csrc/cuda/kernels.cu;
+//   * the CPU executor (csrc/worklist_executor.cpp) walks the same launches
+//     block by block on CPU tensors, so the tests execute this host code.
+//
+// An Exec provides:
+//   Limits limits(int depth) const;          // chunk size and launch capacities
+//   int finalize_tensors() const;            // tensors per finalize launch
+//   template <class Op>
+//   void run(const LaunchArgs<Op::kDepth>&, const Op&, double* partials);
+//   template <class F>
+//   void finalize(const FinalizeArgs&, const F&);
+//
+// The arguments are checked by the caller (csrc/cpu/checks.h) before this runs.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+#include "fastperturb/worklist.h"
+
+namespace fastperturb {
+namespace worklist {
+
+template <class F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kDouble:
+      f(double{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, "fastperturb: unsupported dtype ", st,
+                       "; supported: float16, bfloat16, float32, float64");
+  }
+}
+
+// Plans the launches over `primary` (the list every other list mirrors),
+// grouping the tensors by dtype.
+template <class Exec>
+Plan plan_list(const Exec& ex, at::TensorList primary, int depth) {
+  std::vector<int64_t> numels;
+  std::vector<int> keys;
+  numels.reserve(primary.size());
+  keys.reserve(primary.size());
+  for (const at::Tensor& t : primary) {
+    numels.push_back(t.numel());
+    keys.push_back(static_cast<int>(t.scalar_type()));
+  }
+  return make_plan(numels, keys, ex.limits(depth), depth);
+}
+
+// Runs every launch of `plan` over the parallel `lists` (an empty list is
+// absent: its pointers are null). make_op(T{}) builds the op for dtype T.
+template <int D, class Exec, class MakeOp>
+void run_plan(Exec& ex, const Plan& plan, const std::array<at::TensorList, D>& lists, MakeOp&& make_op,
+              double* partials) {
+  const at::TensorList primary = lists[0];
+  std::vector<int64_t> numels;
+  numels.reserve(primary.size());
+  for (const at::Tensor& t : primary) numels.push_back(t.numel());
+  for (const PlannedLaunch& l : plan.launches) {
+    const at::ScalarType st = primary[static_cast<std::size_t>(plan.groups[l.group].front())].scalar_type();
+    dispatch_float(st, [&](auto tag) {
+      using T = decltype(tag);
+      const auto op = make_op(T{});
+      static_assert(std::decay_t<decltype(op)>::kDepth == D, "op depth and list count differ");
+      const LaunchArgs<D> args = fill_launch<D>(plan, l, numels, [&](int d, int32_t i) -> void* {
+        const at::TensorList list = lists[static_cast<std::size_t>(d)];
+        return list.empty() ? nullptr : list[static_cast<std::size_t>(i)].data_ptr();
+      });
+      ex.run(args, op, partials);
+    });
+  }
+}
+
+inline at::TensorOptions f32_on(at::TensorList l) {
+  return at::TensorOptions().dtype(at::kFloat).device(l.empty() ? at::Device(at::kCPU) : l[0].device());
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, at::TensorList tensors, double ord) {
+  const math::Norm norm = ord == 2.0 ? math::Norm::L2 : math::Norm::Linf;
+  const auto f32 = f32_on(tensors);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  if (n == 0) return {at::zeros({0}, f32), at::zeros({}, f32)};
+  const auto f64 = f32.dtype(at::kDouble);
+  const Plan plan = plan_list(ex, tensors, 1);
+  at::Tensor partials = at::empty({plan.total_slots > 0 ? plan.total_slots : 1}, f64);
+  at::Tensor acc = at::empty({n}, f64);
+  at::Tensor per = at::empty({n}, f32);
+  at::Tensor total = at::empty({}, f32);
+  run_plan<1>(ex, plan, {tensors}, [&](auto tag) { return NormsOp<decltype(tag)>{norm}; },
+              partials.data_ptr<double>());
+  const FinalizeNorm per_tensor{partials.data_ptr<double>(), acc.data_ptr<double>(), per.data_ptr<float>(), norm};
+  for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, per_tensor);
+  ex.finalize(single_finalize(n), FinalizeNorm{acc.data_ptr<double>(), nullptr, total.data_ptr<float>(), norm});
+  return {per, total};
+}
+
+template <class Exec>
+at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::TensorList params,
+                      at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
+  const auto f32 = f32_on(grads);
+  const int64_t n = static_cast<int64_t>(grads.size());
+  if (n == 0) return at::zeros({0, 3}, f32);
+  const Plan plan = plan_list(ex, grads, 4);
+  at::Tensor partials = at::empty({3 * (plan.total_slots > 0 ? plan.total_slots : 1)}, f32.dtype(at::kDouble));
+  at::Tensor out = at::empty({n, 3}, f32);
+  run_plan<4>(
+      ex, plan, {grads, accum, params, backups},
+      [&](auto tag) {
+        using T = decltype(tag);
+        using C = compute_t<T>;
+        return StatsOp<T>{static_cast<C>(accum_weight), static_cast<C>(adaptive_eta), accum_init,
+                          !accum.empty(), !params.empty(), !backups.empty(), adaptive_eta >= 0};
+      },
+      partials.data_ptr<double>());
+  const FinalizeStats fin{partials.data_ptr<double>(), out.data_ptr<float>()};
+  for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, fin);
+  return out;
+}
+
+template <class Exec>
+void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm_name, bool first,
+                 double adaptive_eta, bool zero_grads) {
+  if (params.empty()) return;
+  const math::Norm norm = norm_name == "l2" ? math::Norm::L2 : math::Norm::Linf;
+  // The kernels index the coefficients as flat arrays.
+  const at::Tensor step = step_coef.contiguous();
+  const at::Tensor radius = proj.contiguous();
+  const float* step_ptr = step.data_ptr<float>();
+  const float* proj_ptr = radius.data_ptr<float>();
+  const Plan plan = plan_list(ex, params, 3);
+  run_plan<3>(
+      ex, plan, {params, grads, backups},
+      [&](auto tag) {
+        using T = decltype(tag);
+        using C = compute_t<T>;
+        return AscentOp<T>{step_ptr, proj_ptr, static_cast<C>(adaptive_eta), norm, first, zero_grads};
+      },
+      nullptr);
+}
+
+template <class Exec>
+void restore(Exec& ex, at::TensorList params, at::TensorList backups) {
+  if (params.empty()) return;
+  const Plan plan = plan_list(ex, params, 2);
+  run_plan<2>(ex, plan, {params, backups}, [](auto tag) { return RestoreOp<decltype(tag)>{}; }, nullptr);
+}
+
+template <class Exec>
+void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double weight) {
+  if (grads.empty()) return;
+  const Plan plan = plan_list(ex, grads, 2);
+  run_plan<2>(
+      ex, plan, {grads, accum},
+      [&](auto tag) {
+        using T = decltype(tag);
+        return CombineOp<T>{static_cast<compute_t<T>>(weight)};
+      },
+      nullptr);
+}
+
+}  // namespace worklist
+}  // namespace fastperturb

@@ -81,11 +81,11 @@ def make_extension():
 
 
 if __name__ == "__main__":
-    from setuptools import find_packages, setup
+    from setuptools import setup
     from torch.utils.cpp_extension import BuildExtension
 
+    # metadata and packages: pyproject.toml
     setup(
-        packages=find_packages(include=["fastperturb", "fastperturb.*"]),
         ext_modules=[make_extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

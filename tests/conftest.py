@@ -38,6 +38,14 @@ def backend(request) -> str:
 
 
 @pytest.fixture
+def compared_backend(backend) -> str:
+    """A backend other than the reference, for tests that compare with the reference."""
+    if backend == "reference":
+        pytest.skip("the reference compared with itself proves nothing")
+    return backend
+
+
+@pytest.fixture
 def native():
     """The compiled extension (skips when it did not load)."""
     from fastperturb import _native

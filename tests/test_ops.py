@@ -24,42 +24,42 @@ F16, BF16, F32, F64 = testing.FLOAT_DTYPES
 # --- against the reference, hypothesis over lists, dtypes and options --------
 
 @given(layers(), seeds, st.sampled_from([2.0, math.inf]))
-def test_norms(backend, ls, seed, ord):
-    check_op("norms", backend, make_inputs(ls, seed), ord=ord)
+def test_norms(compared_backend, ls, seed, ord):
+    check_op("norms", compared_backend, make_inputs(ls, seed), ord=ord)
 
 
 @given(layers(), seeds, st.sampled_from([None, "init", "add"]), st.booleans(),
        st.sampled_from([-1.0, 0.0, 0.01, 1.0]), finite_coefs)
-def test_grad_stats(backend, ls, seed, accum, delta, eta, weight):
-    check_op("grad_stats_", backend, make_inputs(ls, seed), accum=accum, delta=delta, adaptive_eta=eta,
+def test_grad_stats(compared_backend, ls, seed, accum, delta, eta, weight):
+    check_op("grad_stats_", compared_backend, make_inputs(ls, seed), accum=accum, delta=delta, adaptive_eta=eta,
              accum_weight=weight)
 
 
 @given(layers(), seeds, st.sampled_from(["l2", "linf"]), st.booleans(), st.sampled_from([-1.0, 0.0, 0.01]),
        st.booleans(), st.data())
-def test_ascent_step(backend, ls, seed, norm, first, eta, zero_grads, data):
+def test_ascent_step(compared_backend, ls, seed, norm, first, eta, zero_grads, data):
     n = len(ls)
     step = data.draw(st.lists(finite_coefs, min_size=n, max_size=n))
     proj = data.draw(st.lists(st.floats(0.0, 2.0, width=32), min_size=n, max_size=n))
-    check_op("ascent_step_", backend, make_inputs(ls, seed), norm=norm, first=first, adaptive_eta=eta,
+    check_op("ascent_step_", compared_backend, make_inputs(ls, seed), norm=norm, first=first, adaptive_eta=eta,
              zero_grads=zero_grads, step=step, proj=proj)
 
 
 @given(layers(), seeds)
-def test_restore(backend, ls, seed):
-    check_op("restore_", backend, make_inputs(ls, seed, param_special=0.2))
+def test_restore(compared_backend, ls, seed):
+    check_op("restore_", compared_backend, make_inputs(ls, seed, param_special=0.2))
 
 
 @given(layers(), seeds, finite_coefs)
-def test_combine_grads(backend, ls, seed, weight):
-    check_op("combine_grads_", backend, make_inputs(ls, seed), weight=weight)
+def test_combine_grads(compared_backend, ls, seed, weight):
+    check_op("combine_grads_", compared_backend, make_inputs(ls, seed), weight=weight)
 
 
 @pytest.mark.parametrize("case", sorted(testing.standard_cases()))
-def test_standard_cases(backend, case):
+def test_standard_cases(compared_backend, case):
     """Every op and option of the grid on the named cases (the selftest's set),
     including 1000 small mixed-dtype tensors and tensors spanning several chunks."""
-    testing.check_all(backend, cases={case: testing.standard_cases()[case]})
+    testing.check_all(compared_backend, cases={case: testing.standard_cases()[case]})
 
 
 # --- exactness and special values ---------------------------------------------
@@ -184,7 +184,7 @@ def test_sam_step_matches_the_formula(backend):
 
 # --- layouts -----------------------------------------------------------------------
 
-def test_dense_permuted_layouts(backend):
+def test_dense_permuted_layouts(compared_backend):
     """Dense non-contiguous tensors (a transpose, channels_last) are walked as flat memory."""
     cl = torch.channels_last
 
@@ -195,7 +195,7 @@ def test_dense_permuted_layouts(backend):
     assert not x.params[0].is_contiguous() and x.grads[0].stride() == x.params[0].stride() == (1, 5)
     for op in testing.OPS:
         for opts in testing.option_grid(op):
-            check_op(op, backend, x, **opts)
+            check_op(op, compared_backend, x, **opts)
 
 
 # --- determinism ---------------------------------------------------------------------

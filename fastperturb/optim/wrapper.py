@@ -195,6 +195,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
         super().__init__(params, dict(self._perturb_defaults))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        clash = set(self._perturb_defaults) & set(self.base_optimizer.defaults)
+        if clash:  # a base whose signature hid the name (**kwargs) uses it too
+            raise TypeError(
+                f"{base_optimizer.__name__} has its own setting(s) {sorted(clash)}, which would collide with "
+                f"{type(self).__name__}'s per-group keys in the shared param_groups"
+            )
         self._share()
         self.defaults = {**self.base_optimizer.defaults, **self._perturb_defaults}
         for i, group in enumerate(self.param_groups):
@@ -290,8 +296,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         for p in params:
             if p.grad is None:
                 raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} lost its .grad after pass {pass_index}; "
-                    "do not set gradients to None inside the closure"
+                    f"a parameter of shape {tuple(p.shape)} had a gradient at the clean point but none after "
+                    f"pass {pass_index}: the closure set it to None and its backward did not reach it"
                 )
             grads.append(p.grad)
         return grads

@@ -26,7 +26,7 @@ C++ and CUDA backends.
 Multi-tensor launches
 ---------------------
 Every op runs in O(1) launches whatever the number of tensors. The host builds
-one int64 buffer holding, per dtype group, a *pointer table* (one row per
+one int64 buffer holding, per group (below), a *pointer table* (one row per
 tensor: its ``data_ptr()``s, number of elements, first partial slot and index
 in the list) and a *work list* of ``(row, chunk)`` pairs; each program handles
 one chunk of ``chunk_size`` elements of one tensor, walking it in blocks of
@@ -35,16 +35,26 @@ treated as flat runs of ``numel`` elements from their ``data_ptr()``, which is
 right for the dense, non-overlapping tensors the validation admits (parallel
 lists share strides, so element k is the same layer element in every list).
 
-Lists may mix dtypes (float16, bfloat16, float32, float64): there is one
-launch per dtype present (per element size for ``restore_``), still O(1) in the
-number of tensors. Computation is in float32 (float64 for float64 tensors);
-results are rounded once to the tensor's dtype, to nearest even. bfloat16 goes
-through explicit integer conversions (exact widening; round-to-nearest-even
-narrowing as ``c10::BFloat16`` does, NaN -> 0x7FC0) so the compiled GPU code
-and the interpreter, whose own bfloat16 cast truncates, give the same bits.
+Lists may mix dtypes (float16, bfloat16, float32, float64). Tensors are
+grouped by dtype (by element size for ``restore_``) and, within a dtype, by
+whether all their pointers are 16-byte aligned and their numel a multiple of
+16 bytes of elements: those groups get ``tl.multiple_of`` hints and 128-bit
+loads and stores on GPU. One launch per group present, so at most two per
+dtype, whatever the number of tensors. Computation is in float32 (float64 for
+float64 tensors) and follows math.h operation by operation: kernels are
+compiled with ``enable_fp_fusion=False`` (no mul+add contracted into an FMA),
+so the GPU rounds exactly as the interpreter does. Results are rounded once
+to the tensor's dtype, to nearest even. bfloat16 goes through explicit
+integer conversions (exact widening; round-to-nearest-even narrowing as
+``c10::BFloat16`` does, NaN -> 0x7FC0) so the compiled GPU code and the
+interpreter, whose own bfloat16 cast truncates, give the same bits.
 ``restore_`` and the backup copy of ``ascent_step_(first=True)`` move raw bits
 (integer loads and stores), so restore is exact for every value, NaN payloads
-included.
+included. Under the interpreter the element-wise results are bit-identical to
+:mod:`fastperturb.reference` (tested), with one exception where the contract
+disagrees with itself: for ``norm="linf"`` a NaN gradient has sign NaN here
+(math.h ``sign_of``, as in the C++ kernels) but 0 in the reference
+(``torch.sign(nan)`` is 0).
 
 Deterministic reductions
 ------------------------
@@ -90,33 +100,38 @@ __all__ = ["why_unavailable", "count_launches", "LaunchCounter", "tuning", "laun
 
 
 # --------------------------------------------------------------------------
-# Element access: loads widen to the compute type, stores round to nearest even.
-# ELEM is the tensor dtype, ITYPE the integer type of the same width, CT the
-# compute type (float32, or float64 for float64 tensors). Only these two
-# helpers: under the interpreter every call of a @triton.jit function costs
-# about a millisecond, so the small pieces of math.h (abs, sign, clamp, the
-# NaN-propagating max) are written out where they are used.
+# Element access. ELEM is the tensor dtype; ST the type the kernels load and
+# store it as (ELEM, or int16 for bfloat16, converted by hand); ITYPE the
+# integer type of the same width (raw bits); CT the compute type (float32, or
+# float64 for float64 tensors). VEC > 1 promises that every pointer of the
+# group is 16-byte aligned and every numel a multiple of VEC (16 bytes of
+# elements), which lets the compiler use 128-bit loads and stores.
+#
+# Loads widen to CT, stores round to nearest even. Only these two helpers:
+# under the interpreter each call of a @triton.jit function costs about a
+# millisecond, so the small pieces of math.h (abs, sign, clamp, the
+# NaN-propagating max) and the pointer set-up are written out where used.
 
 
 @triton.jit
-def _load(addr, offs, mask, ELEM: tl.constexpr, CT: tl.constexpr):
+def _load(ptr, offs, mask, ELEM: tl.constexpr, CT: tl.constexpr):
     if ELEM == tl.bfloat16:
-        raw = tl.load(addr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
+        raw = tl.load(ptr + offs, mask=mask, other=0)
         x = ((raw.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
     else:
-        x = tl.load(addr.to(tl.pointer_type(ELEM)) + offs, mask=mask, other=0.0).to(CT)
+        x = tl.load(ptr + offs, mask=mask, other=0.0).to(CT)
     return x
 
 
 @triton.jit
-def _store(addr, offs, x, mask, ELEM: tl.constexpr):
+def _store(ptr, offs, x, mask, ELEM: tl.constexpr):
     if ELEM == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         r = tl.where(x != x, 0x7FC0, r)
-        tl.store(addr.to(tl.pointer_type(tl.int16)) + offs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        tl.store(ptr + offs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
-        tl.store(addr.to(tl.pointer_type(ELEM)) + offs, x.to(ELEM), mask=mask)
+        tl.store(ptr + offs, x.to(ELEM), mask=mask)
 
 
 # --------------------------------------------------------------------------
@@ -125,21 +140,24 @@ def _store(addr, offs, x, mask, ELEM: tl.constexpr):
 
 
 @triton.jit
-def _norms_kernel(meta, work, partials, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr,
-                  CT: tl.constexpr, LINF: tl.constexpr):
+def _norms_kernel(meta, work, partials, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                  ELEM: tl.constexpr, ST: tl.constexpr, CT: tl.constexpr, LINF: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
     c = tl.load(work + 2 * pid + 1)
-    addr = tl.load(meta + 4 * row)
+    x_ptr = tl.load(meta + 4 * row).to(tl.pointer_type(ST))
     numel = tl.load(meta + 4 * row + 1)
     slot = tl.load(meta + 4 * row + 2) + c
+    if VEC > 1:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
     start = c * CHUNK
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], CT)
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + lanes
         m = offs < numel
-        x = _load(addr, offs, m, ELEM, CT)
+        x = _load(x_ptr, offs, m, ELEM, CT)
         if LINF:
             # math.h max_abs_nan, per lane: a NaN sticks.
             a = tl.where(x < 0, -x, x)
@@ -156,18 +174,24 @@ def _norms_kernel(meta, work, partials, CHUNK: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _grad_stats_kernel(meta, work, scal, partials, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr,
-                       CT: tl.constexpr, HAS_ACC: tl.constexpr, ACC_INIT: tl.constexpr, ADAPTIVE: tl.constexpr,
-                       HAS_DELTA: tl.constexpr):
+def _grad_stats_kernel(meta, work, scal, partials, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                       ELEM: tl.constexpr, ST: tl.constexpr, CT: tl.constexpr, HAS_ACC: tl.constexpr,
+                       ACC_INIT: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_DELTA: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
     c = tl.load(work + 2 * pid + 1)
-    g_addr = tl.load(meta + 7 * row)
-    a_addr = tl.load(meta + 7 * row + 1)
-    w_addr = tl.load(meta + 7 * row + 2)
-    b_addr = tl.load(meta + 7 * row + 3)
+    g_ptr = tl.load(meta + 7 * row).to(tl.pointer_type(ST))
+    a_ptr = tl.load(meta + 7 * row + 1).to(tl.pointer_type(ST))
+    w_ptr = tl.load(meta + 7 * row + 2).to(tl.pointer_type(ST))
+    b_ptr = tl.load(meta + 7 * row + 3).to(tl.pointer_type(ST))
     numel = tl.load(meta + 7 * row + 4)
     slot = tl.load(meta + 7 * row + 5) + c
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
     weight = tl.load(scal).to(tl.float64, bitcast=True).to(CT)
     eta = tl.load(scal + 1).to(tl.float64, bitcast=True).to(CT)
     start = c * CHUNK
@@ -178,40 +202,51 @@ def _grad_stats_kernel(meta, work, scal, partials, CHUNK: tl.constexpr, BLOCK: t
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + lanes
         m = offs < numel
-        g = _load(g_addr, offs, m, ELEM, CT)
+        g = _load(g_ptr, offs, m, ELEM, CT)
         tg = g
         if ADAPTIVE:
-            w = _load(w_addr, offs, m, ELEM, CT)
+            w = _load(w_ptr, offs, m, ELEM, CT)
             tg = (tl.where(w < 0, -w, w) + eta) * g
         s0 += tg * tg
         if HAS_DELTA:
             if not ADAPTIVE:
-                w = _load(w_addr, offs, m, ELEM, CT)
-            d = w - _load(b_addr, offs, m, ELEM, CT)
+                w = _load(w_ptr, offs, m, ELEM, CT)
+            d = w - _load(b_ptr, offs, m, ELEM, CT)
             s1 += d * g
             s2 += d * d
         if HAS_ACC:
             if ACC_INIT:
                 new = weight * g
             else:
-                new = _load(a_addr, offs, m, ELEM, CT) + weight * g
-            _store(a_addr, offs, new, m, ELEM)
+                new = _load(a_ptr, offs, m, ELEM, CT) + weight * g
+            _store(a_ptr, offs, new, m, ELEM)
     tl.store(partials + 3 * slot, tl.sum(s0, axis=0).to(tl.float64))
     tl.store(partials + 3 * slot + 1, tl.sum(s1, axis=0).to(tl.float64))
     tl.store(partials + 3 * slot + 2, tl.sum(s2, axis=0).to(tl.float64))
 
 
 @triton.jit
-def _ascent_kernel(meta, work, scal, step_coef, proj, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                   ELEM: tl.constexpr, ITYPE: tl.constexpr, CT: tl.constexpr, LINF: tl.constexpr,
-                   FIRST: tl.constexpr, ADAPTIVE: tl.constexpr, ZERO_GRADS: tl.constexpr):
+def _ascent_kernel(meta, work, scal, step_coef, proj, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                   ELEM: tl.constexpr, ST: tl.constexpr, ITYPE: tl.constexpr, CT: tl.constexpr,
+                   LINF: tl.constexpr, FIRST: tl.constexpr, ADAPTIVE: tl.constexpr, ZERO_GRADS: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
     c = tl.load(work + 2 * pid + 1)
     w_addr = tl.load(meta + 6 * row)
-    g_addr = tl.load(meta + 6 * row + 1)
+    w_ptr = w_addr.to(tl.pointer_type(ST))
+    wbits_ptr = w_addr.to(tl.pointer_type(ITYPE))
+    g_ptr = tl.load(meta + 6 * row + 1).to(tl.pointer_type(ST))
     b_addr = tl.load(meta + 6 * row + 2)
+    b_ptr = b_addr.to(tl.pointer_type(ST))
+    bbits_ptr = b_addr.to(tl.pointer_type(ITYPE))
     numel = tl.load(meta + 6 * row + 3)
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        wbits_ptr = tl.multiple_of(wbits_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        bbits_ptr = tl.multiple_of(bbits_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
     index = tl.load(meta + 6 * row + 5)
     a = tl.load(step_coef + index).to(CT)
     p = tl.load(proj + index).to(CT)
@@ -221,18 +256,18 @@ def _ascent_kernel(meta, work, scal, step_coef, proj, CHUNK: tl.constexpr, BLOCK
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + lanes
         m = offs < numel
-        g = _load(g_addr, offs, m, ELEM, CT)
+        g = _load(g_ptr, offs, m, ELEM, CT)
         if FIRST:
             # base = w, delta = 0; the backup gets w's bits unchanged.
-            w_bits = tl.load(w_addr.to(tl.pointer_type(ITYPE)) + offs, mask=m, other=0)
+            w_bits = tl.load(wbits_ptr + offs, mask=m, other=0)
             if ELEM == tl.bfloat16:
                 base = ((w_bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
             else:
                 base = w_bits.to(ELEM, bitcast=True).to(CT)
             delta = tl.zeros([BLOCK], CT)
         else:
-            base = _load(b_addr, offs, m, ELEM, CT)
-            delta = _load(w_addr, offs, m, ELEM, CT) - base
+            base = _load(b_ptr, offs, m, ELEM, CT)
+            delta = _load(w_ptr, offs, m, ELEM, CT) - base
         if LINF:
             direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, g)).to(CT)
         else:
@@ -245,15 +280,15 @@ def _ascent_kernel(meta, work, scal, step_coef, proj, CHUNK: tl.constexpr, BLOCK
             u = tl.where(u < -p, -p, tl.where(u > p, p, u))
         else:
             u = p * u
-        _store(w_addr, offs, base + u, m, ELEM)
+        _store(w_ptr, offs, base + u, m, ELEM)
         if FIRST:
-            tl.store(b_addr.to(tl.pointer_type(ITYPE)) + offs, w_bits, mask=m)
+            tl.store(bbits_ptr + offs, w_bits, mask=m)
         if ZERO_GRADS:
-            tl.store(g_addr.to(tl.pointer_type(ITYPE)) + offs, tl.zeros([BLOCK], ITYPE), mask=m)
+            tl.store(g_ptr + offs, tl.zeros([BLOCK], ST), mask=m)
 
 
 @triton.jit
-def _restore_kernel(meta, work, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ITYPE: tl.constexpr):
+def _restore_kernel(meta, work, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ITYPE: tl.constexpr):
     # Raw bits, so every value (NaN payloads included) comes back unchanged.
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
@@ -261,6 +296,10 @@ def _restore_kernel(meta, work, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ITYPE:
     w_ptr = tl.load(meta + 5 * row).to(tl.pointer_type(ITYPE))
     b_ptr = tl.load(meta + 5 * row + 1).to(tl.pointer_type(ITYPE))
     numel = tl.load(meta + 5 * row + 2)
+    if VEC > 1:
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
     start = c * CHUNK
     lanes = tl.arange(0, BLOCK)
     for off in range(0, CHUNK, BLOCK):
@@ -270,22 +309,26 @@ def _restore_kernel(meta, work, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ITYPE:
 
 
 @triton.jit
-def _combine_kernel(meta, work, scal, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ELEM: tl.constexpr,
-                    CT: tl.constexpr):
+def _combine_kernel(meta, work, scal, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                    ELEM: tl.constexpr, ST: tl.constexpr, CT: tl.constexpr):
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
     c = tl.load(work + 2 * pid + 1)
-    g_addr = tl.load(meta + 5 * row)
-    a_addr = tl.load(meta + 5 * row + 1)
+    g_ptr = tl.load(meta + 5 * row).to(tl.pointer_type(ST))
+    a_ptr = tl.load(meta + 5 * row + 1).to(tl.pointer_type(ST))
     numel = tl.load(meta + 5 * row + 2)
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
     weight = tl.load(scal).to(tl.float64, bitcast=True).to(CT)
     start = c * CHUNK
     lanes = tl.arange(0, BLOCK)
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + lanes
         m = offs < numel
-        g = _load(g_addr, offs, m, ELEM, CT)
-        _store(g_addr, offs, _load(a_addr, offs, m, ELEM, CT) + weight * g, m, ELEM)
+        g = _load(g_ptr, offs, m, ELEM, CT)
+        _store(g_ptr, offs, _load(a_ptr, offs, m, ELEM, CT) + weight * g, m, ELEM)
 
 
 @triton.jit
@@ -446,13 +489,14 @@ def _why_unavailable(device: torch.device) -> str | None:
 # Host side: the launch plan.
 
 _TYPES = {
-    # torch dtype: (element type, integer type of the same width, compute type)
-    torch.float16: (tl.float16, tl.int16, tl.float32),
-    torch.bfloat16: (tl.bfloat16, tl.int16, tl.float32),
-    torch.float32: (tl.float32, tl.int32, tl.float32),
-    torch.float64: (tl.float64, tl.int64, tl.float64),
+    # torch dtype: (element type, load/store type, integer type of the same width, compute type)
+    torch.float16: (tl.float16, tl.float16, tl.int16, tl.float32),
+    torch.bfloat16: (tl.bfloat16, tl.int16, tl.int16, tl.float32),
+    torch.float32: (tl.float32, tl.float32, tl.int32, tl.float32),
+    torch.float64: (tl.float64, tl.float64, tl.int64, tl.float64),
 }
 _INT_OF_SIZE = {2: tl.int16, 4: tl.int32, 8: tl.int64}
+_VECTOR_BYTES = 16
 
 
 def _f64_bits(x: float) -> int:
@@ -460,10 +504,10 @@ def _f64_bits(x: float) -> int:
 
 
 class _Group:
-    __slots__ = ("key", "meta", "work", "programs")
+    __slots__ = ("key", "vec", "meta", "work", "programs")
 
-    def __init__(self, key, meta: Tensor, work: Tensor, programs: int) -> None:
-        self.key, self.meta, self.work, self.programs = key, meta, work, programs
+    def __init__(self, key, vec: int, meta: Tensor, work: Tensor, programs: int) -> None:
+        self.key, self.vec, self.meta, self.work, self.programs = key, vec, meta, work, programs
 
 
 class _Plan:
@@ -471,9 +515,13 @@ class _Plan:
 
     ``pbase``: first partial slot of each tensor (n + 1 entries; tensor i owns
     slots ``pbase[i] .. pbase[i+1]-1``, one per chunk). ``scal``: float64
-    scalars stored as bits. ``groups``: per key (dtype) present among the
-    non-empty tensors, a pointer table (rows of ``ptr columns + [numel, first
-    slot, index]``) and the work list of (row, chunk) pairs.
+    scalars stored as bits. ``groups``: one per (key, vec) present among the
+    non-empty tensors, where key is what the kernel is specialised on (the
+    dtype) and vec is 16 bytes of elements when all the tensor's pointers are
+    16-byte aligned and its numel a multiple of that (else 1): a pointer table
+    (rows of ``ptr columns + [numel, first slot, index]``) and the work list of
+    (row, chunk) pairs. So at most two launches per key, whatever the number
+    of tensors.
     """
 
     def __init__(self, device: torch.device, lists: Sequence[Sequence[Tensor]], keys: Sequence[object],
@@ -490,19 +538,27 @@ class _Plan:
         self.slots = pbase[n]
         self.chunk, self.block = chunk, _Tuning.block_size
 
-        members: dict[object, list[int]] = {}
+        used = [ts for ts in lists if len(ts)]
+        members: dict[tuple, list[int]] = {}
+        rows_of: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
-            if nchunks[i]:
-                members.setdefault(k, []).append(i)
+            if not nchunks[i]:
+                continue
+            row = [ts[i].data_ptr() if len(ts) else 0 for ts in lists]
+            vec = _VECTOR_BYTES // ref[i].element_size()
+            if numels[i] % vec or any(ts[i].data_ptr() % _VECTOR_BYTES for ts in used):
+                vec = 1
+            members.setdefault((k, vec), []).append(i)
+            rows_of[i] = row
 
         head = pbase + [_f64_bits(s) for s in scalars]
         parts = [torch.tensor(head, dtype=torch.int64)]
-        layout = []  # (key, meta offset, meta length, work offset, work length)
+        layout = []  # (key, vec, meta offset, meta length, work offset, work length, programs)
         offset = len(head)
-        for key, idx in members.items():
+        for (key, vec), idx in members.items():
             rows = []
             for i in idx:
-                rows.extend(ts[i].data_ptr() if len(ts) else 0 for ts in lists)
+                rows += rows_of[i]
                 rows += [numels[i], pbase[i], i]
             counts = torch.tensor([nchunks[i] for i in idx], dtype=torch.int64)
             programs = int(counts.sum())
@@ -510,7 +566,7 @@ class _Plan:
             first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
             work = torch.stack([row_of, torch.arange(programs, dtype=torch.int64) - first], 1).reshape(-1)
             parts += [torch.tensor(rows, dtype=torch.int64), work]
-            layout.append((key, offset, len(rows), offset + len(rows), work.numel(), programs))
+            layout.append((key, vec, offset, len(rows), offset + len(rows), work.numel(), programs))
             offset += len(rows) + work.numel()
 
         buf = torch.cat(parts)
@@ -522,8 +578,8 @@ class _Plan:
         self.pbase = buf[: n + 1]
         self.scal = buf[n + 1: len(head)]
         self.groups = [
-            _Group(key, buf[mo: mo + ml], buf[wo: wo + wl], programs)
-            for key, mo, ml, wo, wl, programs in layout
+            _Group(key, vec, buf[mo: mo + ml], buf[wo: wo + wl], programs)
+            for key, vec, mo, ml, wo, wl, programs in layout
         ]
 
 
@@ -569,9 +625,9 @@ def _norms(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
         plan = _Plan(device, [tensors], [t.dtype for t in tensors])
         partials = torch.empty(max(plan.slots, 1), dtype=torch.float64, device=device)
         for grp in plan.groups:
-            elem, _, ct = _TYPES[grp.key]
+            elem, st, _, ct = _TYPES[grp.key]
             _launch(_norms_kernel, grp.programs, grp.meta, grp.work, partials,
-                    CHUNK=plan.chunk, BLOCK=plan.block, ELEM=elem, CT=ct, LINF=linf)
+                    CHUNK=plan.chunk, BLOCK=plan.block, VEC=grp.vec, ELEM=elem, ST=st, CT=ct, LINF=linf)
         _finalize(plan, partials, per, total, 1, 1 if linf else 0)
     return per, total
 
@@ -589,9 +645,9 @@ def _grad_stats(grads: list[Tensor], accum: list[Tensor], params: list[Tensor], 
                      scalars=(accum_weight, adaptive_eta))
         partials = torch.empty(max(plan.slots, 1), 3, dtype=torch.float64, device=device)
         for grp in plan.groups:
-            elem, _, ct = _TYPES[grp.key]
+            elem, st, _, ct = _TYPES[grp.key]
             _launch(_grad_stats_kernel, grp.programs, grp.meta, grp.work, plan.scal, partials,
-                    CHUNK=plan.chunk, BLOCK=plan.block, ELEM=elem, CT=ct,
+                    CHUNK=plan.chunk, BLOCK=plan.block, VEC=grp.vec, ELEM=elem, ST=st, CT=ct,
                     HAS_ACC=bool(accum), ACC_INIT=bool(accum) and bool(accum_init), ADAPTIVE=adaptive_eta >= 0,
                     HAS_DELTA=bool(backups))
         _finalize(plan, partials, out, out, 3, 2)
@@ -608,9 +664,10 @@ def _ascent_step(params: list[Tensor], grads: list[Tensor], backups: list[Tensor
     with _device_guard("ascent_step_", device):
         plan = _Plan(device, [params, grads, backups], [w.dtype for w in params], scalars=(adaptive_eta,))
         for grp in plan.groups:
-            elem, itype, ct = _TYPES[grp.key]
+            elem, st, itype, ct = _TYPES[grp.key]
             _launch(_ascent_kernel, grp.programs, grp.meta, grp.work, plan.scal, step_coef, proj,
-                    CHUNK=plan.chunk, BLOCK=plan.block, ELEM=elem, ITYPE=itype, CT=ct, LINF=norm == "linf",
+                    CHUNK=plan.chunk, BLOCK=plan.block, VEC=grp.vec, ELEM=elem, ST=st, ITYPE=itype, CT=ct,
+                    LINF=norm == "linf",
                     FIRST=bool(first), ADAPTIVE=adaptive_eta >= 0, ZERO_GRADS=bool(zero_grads))
 
 
@@ -623,7 +680,7 @@ def _restore(params: list[Tensor], backups: list[Tensor]) -> None:
         plan = _Plan(device, [params, backups], [w.element_size() for w in params])
         for grp in plan.groups:
             _launch(_restore_kernel, grp.programs, grp.meta, grp.work,
-                    CHUNK=plan.chunk, BLOCK=plan.block, ITYPE=_INT_OF_SIZE[grp.key])
+                    CHUNK=plan.chunk, BLOCK=plan.block, VEC=grp.vec, ITYPE=_INT_OF_SIZE[grp.key])
 
 
 def _combine_grads(grads: list[Tensor], accum: list[Tensor], weight: float) -> None:
@@ -634,55 +691,69 @@ def _combine_grads(grads: list[Tensor], accum: list[Tensor], weight: float) -> N
     with _device_guard("combine_grads_", device):
         plan = _Plan(device, [grads, accum], [g.dtype for g in grads], scalars=(weight,))
         for grp in plan.groups:
-            elem, _, ct = _TYPES[grp.key]
+            elem, st, _, ct = _TYPES[grp.key]
             _launch(_combine_kernel, grp.programs, grp.meta, grp.work, plan.scal,
-                    CHUNK=plan.chunk, BLOCK=plan.block, ELEM=elem, CT=ct)
+                    CHUNK=plan.chunk, BLOCK=plan.block, VEC=grp.vec, ELEM=elem, ST=st, CT=ct)
 
 
 # --------------------------------------------------------------------------
 # Ahead-of-time compilation of every kernel specialisation (no GPU needed).
 
 
-def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10):
-    """Every (kernel, signature, constexprs) the ops can launch with these sizes."""
+def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaustive: bool = True):
+    """The (kernel, signature, constexprs) the ops can launch with these sizes:
+    all of them, or (``exhaustive=False``) a subset in which every static branch
+    of every kernel is taken both ways, for every dtype, with the vector hints
+    (VEC > 1), and once more without them (float32)."""
     flags = (False, True)
     table = {"meta": "*i64", "work": "*i64"}
     scal = dict(table, scal="*i64")
-    for elem, itype, ct in _TYPES.values():
-        base = dict(CHUNK=chunk_size, BLOCK=block_size, ELEM=elem, CT=ct)
-        for linf in flags:
-            yield _norms_kernel, dict(table, partials="*fp64"), dict(base, LINF=linf)
-        for has_acc, acc_init, adaptive, has_delta in itertools.product(flags, repeat=4):
-            if acc_init and not has_acc:
-                continue
-            yield (_grad_stats_kernel, dict(scal, partials="*fp64"),
-                   dict(base, HAS_ACC=has_acc, ACC_INIT=acc_init, ADAPTIVE=adaptive, HAS_DELTA=has_delta))
-        for linf, first, adaptive, zero_grads in itertools.product(flags, repeat=4):
-            yield (_ascent_kernel, dict(scal, step_coef="*fp32", proj="*fp32"),
-                   dict(base, ITYPE=itype, LINF=linf, FIRST=first, ADAPTIVE=adaptive, ZERO_GRADS=zero_grads))
-        yield _combine_kernel, scal, base
-    for itype in _INT_OF_SIZE.values():
-        yield _restore_kernel, table, dict(CHUNK=chunk_size, BLOCK=block_size, ITYPE=itype)
+    all4 = list(itertools.product(flags, repeat=4))
+    # (HAS_ACC, ACC_INIT, ADAPTIVE, HAS_DELTA) and (LINF, FIRST, ADAPTIVE, ZERO_GRADS)
+    stats_flags = [f for f in all4 if f[0] or not f[1]] if exhaustive else [
+        (True, False, True, True), (True, True, False, True), (False, False, False, False)]
+    ascent_flags = all4 if exhaustive else [
+        (False, False, False, False), (True, True, True, True), (True, False, True, False)]
+    for dtype, (elem, st, itype, ct) in _TYPES.items():
+        vecs = (1, _VECTOR_BYTES // dtype.itemsize)
+        if not exhaustive and dtype != torch.float32:
+            vecs = vecs[1:]
+        for vec in vecs:
+            base = dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ELEM=elem, ST=st, CT=ct)
+            for linf in flags:
+                yield _norms_kernel, dict(table, partials="*fp64"), dict(base, LINF=linf)
+            for has_acc, acc_init, adaptive, has_delta in stats_flags:
+                yield (_grad_stats_kernel, dict(scal, partials="*fp64"),
+                       dict(base, HAS_ACC=has_acc, ACC_INIT=acc_init, ADAPTIVE=adaptive, HAS_DELTA=has_delta))
+            for linf, first, adaptive, zero_grads in ascent_flags:
+                yield (_ascent_kernel, dict(scal, step_coef="*fp32", proj="*fp32"),
+                       dict(base, ITYPE=itype, LINF=linf, FIRST=first, ADAPTIVE=adaptive, ZERO_GRADS=zero_grads))
+            yield _combine_kernel, scal, base
+    for size, itype in _INT_OF_SIZE.items():
+        for vec in (1, _VECTOR_BYTES // size):
+            yield _restore_kernel, table, dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ITYPE=itype)
     for ncol, mode in ((1, 0), (1, 1), (3, 2)):
         yield (_finalize_kernel, {"partials": "*fp64", "pbase": "*i64", "out": "*fp32", "total": "*fp32", "n": "i32"},
                dict(NCOL=ncol, MODE=mode, TB=_FINALIZE_LANES))
 
 
-def compile_all(target, chunk_size: int = 1 << 16, block_size: int = 1 << 10) -> int:
-    """Compile every kernel specialisation for ``target`` (a ``triton.backends.compiler.GPUTarget``,
-    e.g. ``GPUTarget("cuda", 80, 32)``) down to machine code, without a GPU; returns how many.
-    Needs a process where the kernels were not defined under the interpreter."""
+def compile_all(target, chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaustive: bool = True) -> list:
+    """Compile the kernel specialisations (see :func:`specializations`) for ``target`` (a
+    ``triton.backends.compiler.GPUTarget``, e.g. ``GPUTarget("cuda", 80, 32)``) down to
+    machine code, without a GPU. Returns ``(kernel name, constexprs, compiled kernel)``
+    triples (``compiled.asm`` holds the ptx, cubin, ...). Needs a process where the
+    kernels were not defined under the interpreter."""
     if INTERPRETED:
         raise RuntimeError("compile_all needs the compiled kernels: run it without TRITON_INTERPRET=1")
     from triton.compiler import ASTSource
 
-    count = 0
-    for kernel, signature, constexprs in specializations(chunk_size, block_size):
+    out = []
+    for kernel, signature, constexprs in specializations(chunk_size, block_size, exhaustive):
         signature = dict(signature, **{k: "constexpr" for k in constexprs})
-        triton.compile(ASTSource(kernel, signature, constexprs), target=target,
-                       options={"enable_fp_fusion": False})
-        count += 1
-    return count
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
+                                  options={"enable_fp_fusion": False})
+        out.append((kernel.fn.__name__, constexprs, compiled))
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -588,3 +588,34 @@ def test_deepcopy_keeps_a_working_optimizer(backend):
         opt2.step(closure_for(model2))
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("preset", ["sam", "awp"])
+def test_low_and_high_precision_parameters(preset, dtype, backend):
+    model = make_model().to(dtype)
+    opt = PRESETS[preset](model.parameters(), max_grad_norm=10.0)
+    x = X.to(dtype)
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(x).float(), Y)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure).item()
+    for _ in range(15):
+        loss = opt.step(closure)
+    assert loss.item() < first and opt.skipped_steps == 0
+    assert opt.buffer_count()[0] > 0 and all(b.dtype == dtype for b in opt._backups.values())
+    before = snapshot(model)
+
+    def boom():
+        if boom.n == 1:
+            raise Boom()
+        boom.n += 1
+        return closure()
+
+    boom.n = 0
+    with pytest.raises(Boom):
+        opt.step(boom)
+    assert_bit_identical(model, before)

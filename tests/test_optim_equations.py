@@ -171,6 +171,15 @@ PRESETS = {
     "apd_l2_layer_relative": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.1, steps=2, scope="layer", relative=True, **kw),
         lambda m: _cfg(m, scope="layer", relative=True, steps=2, radius=0.1, step=0.075, include_clean=True)),
+    # passive tensors (biases) still get sum_k c_k g_k, accumulated across the passes
+    "apd_weights_only": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=2, perturb_filter=lambda p: p.dim() > 1, **kw),
+        lambda m: _cfg(m, steps=2, radius=0.2, step=0.15, include_clean=True,
+                       selected=[p.dim() > 1 for p in m.parameters()])),
+    "apd_1step_weights_only": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, perturb_filter=lambda p: p.dim() > 1, **kw),
+        lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True,
+                       selected=[p.dim() > 1 for p in m.parameters()])),
 }
 
 N_STEPS = 4
@@ -225,7 +234,7 @@ def test_preset_matches_direct_equations(preset, base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("preset", ["sam", "asam", "awp", "apd_1step"])
+@pytest.mark.parametrize("preset", ["sam", "asam", "awp", "apd_1step", "apd_1step_weights_only"])
 def test_first_second_step_equals_step(preset, backend):
     a = _run_pair(preset, "sgd", backend, first_second=False)
     b = _run_pair(preset, "sgd", backend, first_second=True)

@@ -538,7 +538,6 @@ class _Plan:
         self.slots = pbase[n]
         self.chunk, self.block = chunk, _Tuning.block_size
 
-        used = [ts for ts in lists if len(ts)]
         members: dict[tuple, list[int]] = {}
         rows_of: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
@@ -546,30 +545,26 @@ class _Plan:
                 continue
             row = [ts[i].data_ptr() if len(ts) else 0 for ts in lists]
             vec = _VECTOR_BYTES // ref[i].element_size()
-            if numels[i] % vec or any(ts[i].data_ptr() % _VECTOR_BYTES for ts in used):
+            if numels[i] % vec or any(ptr % _VECTOR_BYTES for ptr in row):  # (0 for an absent list)
                 vec = 1
             members.setdefault((k, vec), []).append(i)
             rows_of[i] = row
 
         head = pbase + [_f64_bits(s) for s in scalars]
-        parts = [torch.tensor(head, dtype=torch.int64)]
+        ints = list(head)
         layout = []  # (key, vec, meta offset, meta length, work offset, work length, programs)
-        offset = len(head)
         for (key, vec), idx in members.items():
-            rows = []
+            meta_at = len(ints)
             for i in idx:
-                rows += rows_of[i]
-                rows += [numels[i], pbase[i], i]
-            counts = torch.tensor([nchunks[i] for i in idx], dtype=torch.int64)
-            programs = int(counts.sum())
-            row_of = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int64), counts)
-            first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            work = torch.stack([row_of, torch.arange(programs, dtype=torch.int64) - first], 1).reshape(-1)
-            parts += [torch.tensor(rows, dtype=torch.int64), work]
-            layout.append((key, vec, offset, len(rows), offset + len(rows), work.numel(), programs))
-            offset += len(rows) + work.numel()
-
-        buf = torch.cat(parts)
+                ints += rows_of[i]
+                ints += (numels[i], pbase[i], i)
+            work_at = len(ints)
+            for r, i in enumerate(idx):
+                k = nchunks[i]
+                ints += itertools.chain.from_iterable(zip(itertools.repeat(r, k), range(k)))
+            layout.append((key, vec, meta_at, work_at - meta_at, work_at, len(ints) - work_at,
+                           (len(ints) - work_at) // 2))
+        buf = torch.tensor(ints, dtype=torch.int64)
         if device.type == "cuda":
             buf = buf.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":

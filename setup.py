@@ -58,6 +58,13 @@ def extension_sources(cuda: bool) -> list[str]:
     return sections.get("cpu", []) + (sections.get("cuda", []) if cuda else [])
 
 
+# nvcc: warnings are errors (front end, ptxas and the host compiler), and no
+# fused multiply-adds, like the host build's -ffp-contract=off, so the CUDA
+# kernels round element by element exactly as the reference and the CPU
+# work-list executor (csrc/cuda/README.md).
+NVCC_FLAGS = ["-O3", "--fmad=false", "-Werror", "all-warnings", "-Xcompiler=-Wall,-Wextra,-Werror"]
+
+
 def make_extension():
     from torch.utils import cpp_extension
 
@@ -71,7 +78,7 @@ def make_extension():
         name="fastperturb._C",
         sources=extension_sources(cuda),
         include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": cxx, "nvcc": NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )
     if cuda:

@@ -619,3 +619,26 @@ def test_low_and_high_precision_parameters(preset, dtype, backend):
     with pytest.raises(Boom):
         opt.step(boom)
     assert_bit_identical(model, before)
+
+
+def test_restore_undoes_first_step_and_scheduler_sees_second_step(backend):
+    model = make_model(bn=True)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, freeze_bn=model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = snapshot(model)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.first_step()
+    assert not model[1].track_running_stats
+    opt.restore()  # e.g. the forward at the perturbed point raised
+    assert_bit_identical(model, before)
+    assert model[1].track_running_stats
+    opt.restore()  # nothing pending: no-op
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.first_step()
+        nn.functional.cross_entropy(model(X), Y).backward()
+        opt.second_step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05

@@ -521,8 +521,21 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if not pending.skipped:
             self._passive_finish(plan.passive)
             self._descend(scaler)
+        self._opt_called = True  # what LR schedulers check (their patched step() sets it)
         if zero_grad:
             self.zero_grad()
+
+    def restore(self) -> None:
+        """Undo :meth:`first_step` without a base step: the weights are put back bit for
+        bit (e.g. when the pass at the perturbed point raised). No-op if no step is pending."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            if pending.cycle is not None:
+                pending.cycle.restore()
+        finally:
+            pending.stack.close()
 
     # ---- checkpoints -----------------------------------------------------------------
 

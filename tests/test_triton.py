@@ -328,6 +328,48 @@ def test_opcheck(op):
 
 
 # ---------------------------------------------------------------------------
+# The optimizer presets on this backend
+
+
+def _train(make_opt, backend):
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = make_opt(model.parameters())
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with backends.use_backend(backend):
+        for _ in range(2):
+            opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("preset", ["SAM", "ASAM", "AWP", "APD-linf", "APD-l2-layer-relative"])
+def test_presets_match_the_reference_backend(preset):
+    import fastperturb.optim as O
+
+    sgd = dict(lr=0.1, momentum=0.9)
+    make = {
+        "SAM": lambda ps: O.SAM(ps, torch.optim.SGD, rho=0.05, **sgd),
+        "ASAM": lambda ps: O.ASAM(ps, torch.optim.SGD, rho=0.5, **sgd),
+        "AWP": lambda ps: O.AWP(ps, torch.optim.SGD, gamma=1e-2, **sgd),
+        "APD-linf": lambda ps: O.APD(ps, torch.optim.SGD, eps=1e-2, steps=2, norm="linf", **sgd),
+        "APD-l2-layer-relative": lambda ps: O.APD(ps, torch.optim.SGD, eps=1e-2, steps=2, scope="layer",
+                                                  relative=True, **sgd),
+    }[preset]
+    with T.count_launches() as c:
+        got = _train(make, "triton")
+    assert c.total > 0  # the Triton kernels did the work
+    want = _train(make, "reference")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # Properties
 
 
@@ -386,6 +428,8 @@ COMPILE_CHECK = """
 import re
 from triton.backends.compiler import GPUTarget
 import fastperturb.triton_ops as T
+assert "TRITON_INTERPRET" in T.why_unavailable("cpu")
+assert T.why_unavailable("cuda") is not None  # no GPU on the machines that run this
 done = T.compile_all(GPUTarget("cuda", 80, 32), exhaustive=False)
 for name, constexprs, k in done:
     ptx = k.asm["ptx"]

@@ -401,9 +401,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
         ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
-        micro-batches are fine) and return the loss; it must not zero the gradients:
-        the optimizer zeroes them before each pass. It is called ``spec.steps + 1``
-        times. With ``scaler`` (an enabled ``torch.amp.GradScaler``) the gradients
+        micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
+        return the loss. It need not zero the gradients: the optimizer zeroes them
+        before each pass (a closure that calls ``zero_grad()`` first works too). It is
+        called ``spec.steps + 1`` times; the weights are restored bit for bit if it raises. With ``scaler`` (an enabled ``torch.amp.GradScaler``) the gradients
         are unscaled before clipping and the base step, an overflow skips the step,
         and the caller runs ``scaler.update()`` afterwards as usual.
         """

@@ -24,6 +24,7 @@ PRESETS = {
     "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),
     "awp": lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=0.05, steps=2, lr=0.1, momentum=0.9),
     "apd": lambda ps: fp.APD(ps, torch.optim.AdamW, eps=0.1, steps=2, lr=0.01, max_grad_norm=1.0),
+    "apd_bucket_view": lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9),
 }
 
 
@@ -64,7 +65,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             with fp.use_backend(backend):
                 for preset in PRESETS:
                     model = make_model()
-                    ddp = nn.parallel.DistributedDataParallel(model)
+                    # grads as views into DDP's buckets: the in-place zeroing must keep them so
+                    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=preset.endswith("view"))
                     results[(backend, preset)] = train(preset, model, ddp, rank, WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -9,10 +9,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import fastperturb as fp
-from fastperturb.perturb import NonFiniteGradient
+from fastperturb.perturb import NonFiniteGradient, PerturbSpec
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
@@ -642,3 +644,50 @@ def test_restore_undoes_first_step_and_scheduler_sees_second_step(backend):
         opt.second_step()
         sched.step()
     assert opt.param_groups[0]["lr"] == 0.05
+
+
+@given(
+    norm=st.sampled_from(["l2", "linf"]),
+    scope=st.sampled_from(["layer", "global"]),
+    steps=st.integers(1, 3),
+    relative=st.booleans(),
+    include_clean=st.booleans(),
+    weights_only=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    fault=st.sampled_from(["nan", "inf_passive", "raise"]),
+    data=st.data(),
+)
+def test_any_configuration_any_fault_leaves_weights_bit_identical(
+        norm, scope, steps, relative, include_clean, weights_only, dtype, fault, data, backend):
+    model = make_model().to(dtype)
+    spec = PerturbSpec(norm=norm, scope=scope, steps=steps, relative=relative, include_clean=include_clean)
+    opt = fp.PerturbOptimizer(model.parameters(), torch.optim.SGD, spec, 0.05, lr=0.1, momentum=0.9,
+                              perturb_filter=fp.optim.is_weight_matrix if weights_only else None)
+    x = X.to(dtype)
+    bad = data.draw(st.integers(0, steps), label="bad pass")
+
+    def closure(k=[0]):
+        i = k[0]
+        k[0] += 1
+        loss = nn.functional.cross_entropy(model(x).float(), Y)
+        if i == bad and fault == "raise":
+            raise Boom()
+        if i == bad and fault == "nan":
+            loss = loss * float("nan")
+        if i == bad and fault == "inf_passive":
+            loss = loss + (model[2].bias.float() * float("inf")).sum()
+        loss.backward()
+        return loss
+
+    before = snapshot(model)
+    if fault == "raise":
+        with pytest.raises(Boom):
+            opt.step(closure)
+    else:
+        opt.step(closure)
+        assert opt.last_step_skipped == (fault == "nan" or not weights_only or include_clean or bad > 0)
+    if fault == "raise" or opt.last_step_skipped:
+        assert_bit_identical(model, before)
+    else:  # the inf only touched a passive g_0, which has weight c_0 = 0 in G
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -16,6 +16,7 @@ import torch
 
 import fastperturb as fp
 from fastperturb.backends import why_unavailable
+from fastperturb.perturb import PerturbSpec
 
 BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
 
@@ -180,6 +181,11 @@ PRESETS = {
         lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, perturb_filter=lambda p: p.dim() > 1, **kw),
         lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True,
                        selected=[p.dim() > 1 for p in m.parameters()])),
+    # the engine-driven base class with a spec of one's own
+    "generic_linf_layer": (
+        lambda ps, b, kw: fp.PerturbOptimizer(ps, b, PerturbSpec(norm="linf", scope="layer", steps=2), 0.02,
+                                              0.015, **kw),
+        lambda m: _cfg(m, norm="linf", scope="layer", steps=2, radius=0.02, step=0.015)),
 }
 
 N_STEPS = 4

@@ -301,6 +301,10 @@ def test_bad_arguments_raise_before_anything_is_written():
         OPS.norms([torch.ones(3, dtype=torch.int32)], 2.0)
     with pytest.raises(ValueError, match="step_coef"):
         OPS.ascent_step_(x.params, x.grads, x.backups, torch.ones(3), torch.ones(2))
+    with pytest.raises(TypeError, match="dense"):  # dispatches to the CompositeExplicitAutograd impl
+        OPS.norms([torch.eye(3).to_sparse()], 2.0)
+    with pytest.raises(ValueError, match="one device"):  # a meta tensor: the shared fake impl checks too
+        OPS.norms([torch.ones(2), torch.ones(2, device="meta")], 2.0)
     for p, b in zip(x.params, before):
         FT.assert_bitwise_equal(p, b, "untouched")
 

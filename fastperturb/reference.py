@@ -121,7 +121,9 @@ def ascent_step_(
             base = wc if first else b.to(cd)
             delta = torch.zeros_like(wc) if first else wc - base
             gc = g.to(cd)
-            direction = gc if norm == "l2" else torch.sign(gc)
+            # sign() keeping NaN as NaN (torch.sign maps NaN to 0): a NaN gradient
+            # must never look like "no move".
+            direction = gc if norm == "l2" else torch.where(gc.isnan(), gc, torch.sign(gc))
             if adaptive_eta >= 0:
                 direction = (base.abs() + adaptive_eta).square() * gc
             a = step_coef[i].to(cd)

@@ -61,19 +61,8 @@ AWKWARD = [Layer((100,), F32), Layer((3, 5), F32), Layer((), F32), Layer((0,), F
            Layer((65,), F16), Layer((17,), F64), Layer((2, 3, 2, 2), F32, True)]
 
 
-def sign_nan_safe(op: str, opts: dict, x: FT.Inputs) -> FT.Inputs:
-    """``x``, with NaN gradients replaced by 0 where the contract disagrees with itself:
-    ascent_step_(norm="linf") takes sign(g), which is NaN for a NaN g in math.h (and
-    so in the C++, CUDA and Triton kernels) but 0 in the reference (torch.sign(nan) is
-    0 in torch 2.13). test_linf_sign_of_nan_gradient pins the kernels' behaviour."""
-    if op != "ascent_step_" or opts.get("norm") != "linf":
-        return x
-    return FT.Inputs(x.params, [g.nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf) for g in x.grads],
-                     x.backups, x.accum)
-
-
 def check(op: str, x: FT.Inputs, **opts) -> None:
-    FT.check_op(op, "triton", sign_nan_safe(op, opts, x), **opts)
+    FT.check_op(op, "triton", x, **opts)
 
 
 def check_all_options(x: FT.Inputs, every: bool = True) -> None:
@@ -146,7 +135,7 @@ def test_element_results_bit_identical_to_reference(op):
     # tensors match the reference exactly, not just within ulps.
     x = FT.make_inputs(AWKWARD, seed=4, grad_special=0.05)
     for opts in FT.option_grid(op):
-        args, kwargs = FT.op_args(op, sign_nan_safe(op, opts, x), **opts)
+        args, kwargs = FT.op_args(op, x, **opts)
         with T.tuning(**SMALL):
             _, got = FT.run_op(op, "triton", args, kwargs)
         _, want = FT.run_op(op, "reference", args, kwargs)
@@ -160,14 +149,12 @@ def test_element_results_bit_identical_to_reference(op):
 
 
 def test_linf_sign_of_nan_gradient():
-    # math.h sign_of keeps NaN ("as torch.sign does", but torch.sign(nan) == 0 in
-    # torch 2.13, so reference.py leaves the weight unchanged): the kernels follow math.h.
+    # sign() keeps NaN (torch.sign maps it to 0): a NaN gradient must not look like "no move".
     w, g = [torch.tensor([1.0, 2.0, 3.0])], [torch.tensor([math.nan, -1.0, 0.0])]
     b = [torch.empty(3)]
     OPS.ascent_step_(w, g, b, torch.tensor([0.1]), torch.tensor([1.0]), norm="linf", first=True)
     assert w[0][0].isnan() and w[0][1].item() == pytest.approx(1.9) and w[0][2].item() == 3.0
     assert torch.equal(b[0], torch.tensor([1.0, 2.0, 3.0]))
-
 
 
 @pytest.mark.parametrize("ord", [2.0, math.inf])

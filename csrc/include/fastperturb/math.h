@@ -21,7 +21,8 @@ namespace math {
 
 enum class Norm : int { L2 = 0, Linf = 1 };
 
-// sign(g), keeping 0 as 0 and NaN as NaN (as torch.sign does).
+// sign(g), keeping 0 as 0 and NaN as NaN (unlike torch.sign, which maps NaN
+// to 0: a NaN gradient must never look like "no move").
 template <typename C>
 FP_HD C sign_of(C g) {
   return g > C(0) ? C(1) : (g < C(0) ? C(-1) : g);

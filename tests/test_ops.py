@@ -314,3 +314,37 @@ def test_many_small_tensors_cost_one_parallel_region(native):
         return min(ts)
 
     assert best(cpp) * 10 < best(loop)
+
+
+def test_in_place_ops_bump_version_counters(backend):
+    """Like torch's in-place ops, so autograd notices a weight modified after it was saved."""
+    x = make_inputs([Layer((3, 4), F32), Layer((5,), F16)], seed=1)
+    coef = torch.full((2,), 0.1)
+
+    def versions(ts):
+        return [t._version for t in ts]
+
+    def bumped(before, ts):
+        return all(v > b for v, b in zip(versions(ts), before))
+
+    p, g, b, a = (versions(x.params), versions(x.grads), versions(x.backups), versions(x.accum))
+    ops.ascent_step_(x.params, x.grads, x.backups, coef, coef, first=False)
+    assert bumped(p, x.params) and versions(x.backups) == b and versions(x.grads) == g
+    p = versions(x.params)
+    ops.ascent_step_(x.params, x.grads, x.backups, coef, coef, first=True, zero_grads=True)
+    assert bumped(p, x.params) and bumped(b, x.backups) and bumped(g, x.grads)
+    p, g = versions(x.params), versions(x.grads)
+    ops.restore_(x.params, x.backups)
+    assert bumped(p, x.params)
+    ops.grad_stats_(x.grads, x.accum)
+    assert bumped(a, x.accum)
+    ops.combine_grads_(x.grads, x.accum, 1.0)
+    assert bumped(g, x.grads)
+
+    # autograd refuses a backward through a weight perturbed after the forward saved it
+    w = torch.randn(4, requires_grad=True)
+    loss = (w * w).sum()
+    with torch.no_grad():
+        ops.ascent_step_([w], [torch.ones(4)], [torch.empty(4)], torch.ones(1), torch.ones(1), first=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

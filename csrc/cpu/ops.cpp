@@ -29,6 +29,13 @@ inline char* at_elem(const at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
 }
 
+// In-place writes bump the tensors' version counters, as torch's own in-place
+// ops do (so autograd notices a perturbed weight it saved), after the checks
+// and before anything is written.
+void bump_versions(at::TensorList ts) {
+  for (const at::Tensor& t : ts) t.unsafeGetTensorImpl()->bump_version();
+}
+
 Plan plan_for(at::TensorList ts) {
   return Plan(ts.size(), [&](size_t i) { return ts[i].numel(); });
 }
@@ -70,6 +77,7 @@ at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::Tensor
   const bool has_delta = !backups.empty();
   const bool need_params = adaptive || has_delta;
   at::Tensor out = at::empty({static_cast<int64_t>(n), 3}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
+  bump_versions(accum);
 
   const Plan plan = plan_for(grads);
   std::vector<double> partial(3 * plan.num_chunks());
@@ -108,6 +116,9 @@ void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const float* step_p = step_c.data_ptr<float>();
   const float* proj_p = proj_c.data_ptr<float>();
   const math::Norm nrm = norm == "l2" ? math::Norm::L2 : math::Norm::Linf;
+  bump_versions(params);
+  if (first) bump_versions(backups);
+  if (zero_grads) bump_versions(grads);
 
   const Plan plan = plan_for(params);
   const KernelTable& k = kernels();
@@ -131,6 +142,7 @@ void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_restore(params, backups);
+  bump_versions(params);
   const Plan plan = plan_for(params);
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& w = params[ch.tensor];
@@ -141,6 +153,7 @@ void restore_cpu(at::TensorList params, at::TensorList backups) {
 
 void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
   check_combine_grads(grads, accum, weight);
+  bump_versions(grads);
   const Plan plan = plan_for(grads);
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {

@@ -1,7 +1,6 @@
 """The fused op set, as called by the rest of fastperturb.
 
-Each function validates its arguments (on the Python backends; the C++ kernels
-validate themselves), picks the backend for the tensors' device
+Each function picks the backend for the tensors' device
 (:mod:`fastperturb.backends`) and runs it. The semantics are those of
 :mod:`fastperturb.reference`; the schemas are in ``csrc/schemas.cpp``.
 """
@@ -19,7 +18,10 @@ from . import validation as V
 if _native.load_error is None:
     fake.register("fastperturb")
 
-_PY_BACKENDS = ("reference", "triton")
+# The C++, CUDA and Triton ops validate their own arguments (they follow raw
+# pointers and may be called directly through torch.ops); the reference is
+# checked here so every backend rejects bad input alike.
+_PY_BACKENDS = ("reference",)
 
 
 def _device_of(*lists: Sequence[Tensor]) -> torch.device:

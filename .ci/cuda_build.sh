@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds fastperturb with its CUDA kernels on a machine without a GPU and checks
+# what can be checked there: the build is warning-free (nvcc -Werror), the
+# extension imports, the 5 ops have kernels for the CUDA dispatch key, and
+# calling them without a GPU fails with a clear error instead of crashing. Then
+# runs the work-list executor tests against this build (and, on a machine with a
+# GPU, tests/test_cuda_build.py also runs the kernels against the reference).
+#
+#   bash .ci/cuda_build.sh
+#
+# Environment (all optional):
+#   FASTPERTURB_CUDA_VENV  the CUDA-torch venv, made if missing or not torch 2.14.1+CUDA
+#                          (default: $HOME/.cache/fastperturb/cuda-venv, outside the repo)
+#   CUDA_HOME              the CUDA toolkit with nvcc (default /usr/local/cuda)
+#   TORCH_CUDA_ARCH_LIST   the architectures (default "8.0;9.0")
+#   PYTHON                 the interpreter that makes the venv (default python3)
+#
+# The build happens in a temporary copy of the working tree (tracked and
+# untracked, not ignored, files), so the source tree's fastperturb/_C*.so and
+# build/ (the CPU build the rest of CI tests) are left alone.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="${FASTPERTURB_CUDA_VENV:-$HOME/.cache/fastperturb/cuda-venv}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+export MAX_JOBS="${MAX_JOBS:-2}"
+START=$SECONDS
+
+step() { printf '\n== [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
+
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda_build: no nvcc at $CUDA_HOME/bin/nvcc; set CUDA_HOME to a CUDA toolkit" >&2
+  exit 1
+fi
+
+step "CUDA-torch venv: $VENV"
+PY="$VENV/bin/python"
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)' 2>/dev/null; then
+  "$PYTHON" -m venv --clear "$VENV"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q torch==2.14.1 numpy pytest hypothesis ninja "setuptools>=77" wheel
+fi
+"$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU available:", torch.cuda.is_available())'
+"$CUDA_HOME/bin/nvcc" --version | tail -n 2
+
+step "stage the working tree"
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+(cd "$ROOT" && git ls-files -z -co --exclude-standard |
+  while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+  tar --null -T - -cf -) | tar -xf - -C "$WORK"
+
+step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, nvcc -Werror all-warnings)"
+cd "$WORK"
+BUILD_START=$SECONDS
+if ! FASTPERTURB_CUDA=1 "$PY" setup.py build_ext --inplace > build.log 2>&1; then
+  tail -n 60 build.log
+  echo "cuda_build: the build failed (log above)" >&2
+  exit 1
+fi
+# compiler diagnostics only (nvcc's own flag is spelled "all-warnings")
+WARNINGS=$(grep -E '(: warning|warning #)' build.log | grep -vc 'all-warnings' || true)
+echo "built in $((SECONDS - BUILD_START)) s; compiler warnings: $WARNINGS"
+grep -E '(: warning|warning #)' build.log | grep -v 'all-warnings' | head -n 20 || true
+if [ "$WARNINGS" != "0" ]; then
+  echo "cuda_build: the build printed compiler warnings (above)" >&2
+  exit 1
+fi
+
+step "import without a GPU; CUDA dispatch keys; clear errors"
+"$PY" - <<'EOF'
+import torch
+
+import fastperturb
+from fastperturb import _native
+
+assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
+for name in ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"):
+    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA")
+    print(f"  fastperturb::{name:15s} CUDA kernel: {has}")
+    assert has, name
+if not torch.cuda.is_available():
+    try:
+        torch.ops.fastperturb.norms([torch.ones(3, device="cuda")], 2.0)
+    except RuntimeError as e:
+        print("  without a GPU:", str(e).splitlines()[0])
+    else:
+        raise AssertionError("expected an error without a GPU")
+EOF
+
+step "tests: tests/test_cuda_build.py, tests/test_worklist.py (this build)"
+FASTPERTURB_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_build.py tests/test_worklist.py
+
+step "cuda_build: OK in $((SECONDS - START)) s"

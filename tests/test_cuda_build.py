@@ -1,0 +1,175 @@
+"""The CUDA build of fastperturb._C: registration, errors without a GPU, and,
+where a GPU is present, the CUDA kernels against the reference.
+
+These tests need a CUDA build of torch and an extension built with the CUDA
+sources: .ci/cuda_build.sh makes both (no GPU needed) and runs this file with
+FASTPERTURB_REQUIRE_CUDA_BUILD=1, which turns the skips below into failures.
+Under the CPU torch of the normal test run they skip, saying why.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fastperturb import _native, backends, ops
+from fastperturb import reference as R
+
+OPS = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
+REQUIRE = os.environ.get("FASTPERTURB_REQUIRE_CUDA_BUILD") == "1"
+
+
+def _unavailable(reason: str):
+    if REQUIRE:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cuda_build():
+    if torch.version.cuda is None:
+        _unavailable("torch is a CPU build; the CUDA kernels are built and checked by .ci/cuda_build.sh")
+    if _native.load_error is not None:
+        _unavailable(f"fastperturb._C did not load: {_native.load_error}")
+    if not _native.has_cuda_kernels():
+        _unavailable("fastperturb._C was built without the CUDA sources (FASTPERTURB_CUDA=0, or no nvcc / CUDA_HOME)")
+
+
+def test_ops_have_cuda_and_cpu_kernels(cuda_build):
+    for name in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CPU"), name
+
+
+def _cuda_kernel(name):
+    """The op's CUDA kernel itself, callable with any tensors (dispatch skipped)."""
+    op = getattr(torch.ops.fastperturb, name).default
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return lambda *args, **kwargs: op.redispatch(keys, *args, **kwargs)
+
+
+def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
+    """Reached with CPU tensors, every CUDA kernel checks and raises; nothing runs on a device."""
+    a, b, c = [torch.ones(3)], [torch.ones(3)], [torch.ones(3)]
+    calls = {
+        "norms": lambda k: k(a, 2.0),
+        "grad_stats_": lambda k: k(a, [], [], []),
+        "ascent_step_": lambda k: k(a, b, c, torch.ones(1), torch.ones(1)),
+        "restore_": lambda k: k(a, b),
+        "combine_grads_": lambda k: k(a, b, 1.0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"CUDA kernels got .* on cpu; pass CUDA tensors"):
+            call(_cuda_kernel(name))
+    # the argument checks (shared with the CPU kernels) come first
+    with pytest.raises(ValueError, match=r"backups\[0\] has shape"):
+        _cuda_kernel("restore_")(a, [torch.ones(4)])
+    assert a[0].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: test_cuda_ops_match_the_reference runs")
+def test_without_a_gpu_the_errors_are_clear(cuda_build):
+    with pytest.raises(RuntimeError, match="NVIDIA driver|no CUDA GPUs|CUDA driver"):
+        torch.ops.fastperturb.norms([torch.ones(3, device="cuda")], 2.0)
+    with backends.use_backend("cuda"):
+        with pytest.raises(backends.BackendUnavailable, match="runs on CUDA tensors"):
+            ops.norms([torch.ones(3)])
+
+
+# ---------------------------------------------------------------------------
+# With a GPU: the kernels themselves.
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU here: the CUDA kernels are only compiled")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def _list(gen, specs, kind="randn"):
+    out = []
+    for dtype, numel, offset in specs:
+        if kind == "bits":
+            info = torch.iinfo(BITS[dtype])
+            buf = torch.randint(info.min, info.max, (numel + offset,), generator=gen, dtype=BITS[dtype]).view(dtype)
+        else:
+            buf = torch.randn(numel + offset, generator=gen, dtype=torch.float64).to(dtype)
+        out.append(buf.cuda()[offset:])  # sliced on the device: misaligned starts
+    return out
+
+
+def _bits(t):
+    return t.contiguous().view(BITS[t.dtype])
+
+
+def _same(xs, ys):
+    return all(torch.equal(_bits(x), _bits(y)) for x, y in zip(xs, ys))
+
+
+def _specs():
+    # 115 tensors (over every launch's tensor capacity), mixed dtypes, sizes off
+    # the vector width, misaligned starts, empty ones, one of 3 chunks
+    specs = [(DTYPES[i % 4], (i * 37) % 300, i % 3) for i in range(114)]
+    specs.insert(40, (torch.float32, 2 * 65536 + 13, 1))
+    return specs
+
+
+@GPU
+def test_cuda_ops_match_the_reference(cuda_build):
+    gen = torch.Generator().manual_seed(0)
+    specs = _specs()
+    ts = _list(gen, specs)
+    for ord in (2.0, math.inf):
+        per, total = torch.ops.fastperturb.norms(ts, ord)
+        rper, rtotal = R.norms(ts, ord)
+        torch.testing.assert_close(per, rper, rtol=3e-5, atol=0)
+        torch.testing.assert_close(total, rtotal, rtol=3e-5, atol=0)
+        again = torch.ops.fastperturb.norms(ts, ord)
+        assert _same([per, total], list(again))  # deterministic
+    grads, params, backups, accum = (_list(gen, specs) for _ in range(4))
+    acc_ref = [a.clone() for a in accum]
+    got = torch.ops.fastperturb.grad_stats_(grads, accum, params, backups, accum_weight=0.5, adaptive_eta=0.1)
+    want = R.grad_stats_(grads, acc_ref, params, backups, accum_weight=0.5, adaptive_eta=0.1)
+    # fp32 accumulation: within 3e-5 of the sum of the terms' magnitudes
+    scale = torch.stack([
+        torch.stack([
+            ((p.double().abs() + 0.1) * g.double()).square().sum(),
+            ((p.double() - b.double()) * g.double()).abs().sum(),
+            (p.double() - b.double()).square().sum(),
+        ])
+        for g, p, b in zip(grads, params, backups)
+    ])
+    assert torch.all((got.double() - want.double()).abs() <= 3e-5 * scale + 1e-30)
+    assert _same(accum, acc_ref)
+    n = len(specs)
+    step, proj = torch.rand(n, device="cuda"), torch.rand(n, device="cuda") + 0.5
+    for norm, first in (("l2", True), ("linf", False)):
+        p2, g2, b2 = ([t.clone() for t in ls] for ls in (params, grads, backups))
+        torch.ops.fastperturb.ascent_step_(params, grads, backups, step, proj, norm=norm, first=first, adaptive_eta=0.05)
+        R.ascent_step_(p2, g2, b2, step, proj, norm=norm, first=first, adaptive_eta=0.05)
+        assert _same(params + grads + backups, p2 + g2 + b2)
+    g2 = [t.clone() for t in grads]
+    torch.ops.fastperturb.combine_grads_(grads, accum, -0.5)
+    R.combine_grads_(g2, accum, -0.5)
+    assert _same(grads, g2)
+    raw = _list(gen, specs, kind="bits")
+    torch.ops.fastperturb.restore_(params, raw)
+    assert _same(params, raw)
+
+
+@GPU
+def test_cuda_matches_the_cpu_executor(cuda_build):
+    """The GPU and the CPU executor of the same work list: element-wise ops bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    specs = _specs()
+    params, grads, backups = (_list(gen, specs) for _ in range(3))
+    cpu = [[t.cpu() for t in ls] for ls in (params, grads, backups)]
+    step, proj = torch.rand(len(specs)), torch.rand(len(specs))
+    torch.ops.fastperturb.ascent_step_(params, grads, backups, step.cuda(), proj.cuda(), norm="linf", first=True)
+    torch.ops.fastperturb_worklist.ascent_step_(*cpu, step, proj, norm="linf", first=True)
+    assert _same([t.cpu() for t in params + grads + backups], cpu[0] + cpu[1] + cpu[2])
+    per, total = torch.ops.fastperturb.norms(params, 2.0)
+    cper, ctotal = torch.ops.fastperturb_worklist.norms(cpu[0], 2.0)
+    torch.testing.assert_close(per.cpu(), cper, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total.cpu(), ctotal, rtol=1e-5, atol=0)

@@ -691,3 +691,26 @@ def test_any_configuration_any_fault_leaves_weights_bit_identical(
     else:  # the inf only touched a passive g_0, which has weight c_0 = 0 in G
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_nothing_to_perturb_is_one_plain_pass(backend):
+    """AWP warm-up: perturb=False in every group gives the base optimizer's step in one pass."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.01, steps=2, lr=0.1, momentum=0.9)
+    base = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for group in opt.param_groups:
+        group["perturb"] = False
+    for _ in range(2):
+        closure = closure_for(model)
+        opt.step(closure)
+        assert closure.calls[0] == 1
+        base.zero_grad()
+        nn.functional.cross_entropy(twin(X), Y).backward()
+        base.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    opt.param_groups[0]["perturb"] = True  # warm-up over
+    closure = closure_for(model)
+    opt.step(closure)
+    assert closure.calls[0] == 3

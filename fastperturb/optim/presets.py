@@ -62,8 +62,9 @@ class AWP(PerturbOptimizer):
     projected steps); descent with the gradient at the perturbed point.
 
     By default only tensors with ``dim() > 1`` are perturbed (``perturb_filter=None``
-    perturbs all). A group may set its own ``gamma``. Other keywords: see
-    :class:`PerturbOptimizer`, then the base optimizer's.
+    perturbs all). A group may set its own ``gamma``. For AWP's warm-up epochs set
+    ``group["perturb"] = False`` in every group: a step is then one plain pass. Other
+    keywords: see :class:`PerturbOptimizer`, then the base optimizer's.
     """
 
     radius_key = "gamma"

@@ -102,7 +102,10 @@ config_spec = st.tuples(
 )
 lists = st.lists(tensor_spec, min_size=1, max_size=10)
 seeds = st.integers(0, 2**31 - 1)
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# at least 60 examples (the executor is fast); more under a thorough profile
+SETTINGS = settings(
+    max_examples=max(60, settings.default.max_examples), deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +161,7 @@ def check_plan(numels, groups, chunk, max_tensors, max_blocks, depth):
     depth=st.integers(1, 4),
     data=st.data(),
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=max(200, settings.default.max_examples), deadline=None)
 def test_plan_covers_every_chunk_once(numels, ngroups, chunk, max_tensors, max_blocks, depth, data):
     groups = data.draw(st.lists(st.integers(0, ngroups - 1), min_size=len(numels), max_size=len(numels))) if ngroups else []
     check_plan(numels, groups, chunk, max_tensors, max_blocks, depth)

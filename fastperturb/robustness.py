@@ -1,0 +1,707 @@
+"""Loss change indicators: how much a trained model's loss and accuracy move when its weights are corrupted.
+
+DESIGN.md section 2. For a corruption ``a`` of the weights ``w`` inside a ball
+of radius ``eps`` the loss change is ``dL(a) = L(w + a) - L(w)``, where ``L`` is
+the mean loss over the evaluation data. Three indicators:
+
+* **adversarial**: the largest ``dL`` found by K-step projected ascent in
+  parameter space. This is exactly the training engine
+  (:class:`fastperturb.perturb.Cycle`, the same fused ops): ``delta_k =
+  Proj_B(delta_{k-1} + eta * D(g_{k-1}))`` with the gradient of the mean loss
+  over *all* the evaluation data (accumulated over its mini-batches). Every
+  point of the trajectory lies in the ball, so the indicator is the largest
+  loss among ``w + delta_1 .. w + delta_K`` (with the default step sizes this
+  is nearly always the last one). Default step: ``eta = eps`` for K = 1,
+  ``eta = 1.5 eps / K`` otherwise (the APD paper's PGD step).
+* **first_order**: the linearisation of the adversarial indicator,
+  ``max_a <g, a> = eps * ||g||_q`` with ``q`` the dual norm (``eps ||g||_2``
+  for L2, ``eps ||g||_1`` for L-infinity); with ``scope="layer"`` it is the sum
+  over tensors ``sum_l r_l ||g_l||_q``.
+* **random**: the mean ``dL`` over Gaussian corruptions ``a = r z / ||z||``
+  scaled to the same norm and radius (per tensor or globally), over
+  ``trials`` draws from a seeded generator. With ``antithetic=True`` (the
+  default) the draws come in mirrored pairs ``a, -a``: the mean is the same
+  expectation, but the first-order term ``<g, a>`` (zero on average, and large
+  next to the second-order signal at small eps) cancels exactly within a pair
+  instead of only on average. Applied by the same fused op
+  (``ascent_step_`` with the Gaussian tensor in place of the gradient) and
+  undone by the same exact restore.
+
+Radius: ``relative=True`` (the default) makes ``eps`` a fraction of the
+weights' norm, ``r_l = eps * ||w_l||`` per tensor (``scope="layer"``) or
+``r = eps * ||w||`` over all corrupted tensors (``scope="global"``), in the
+ball's norm; ``relative=False`` makes it absolute. Which tensors: ``params``
+(all parameters that require grad by default; ``"weights"`` for tensors with
+``dim > 1``, as AWP perturbs; a predicate ``(name, param) -> bool``; or a list).
+
+Guarantees: the weights are bit-identical after any evaluation, also when it
+is interrupted (exception, ``KeyboardInterrupt``); ``.grad``, the train/eval
+flags and every buffer (BatchNorm running statistics) are put back as they
+were. The model is evaluated in eval mode by default (BatchNorm uses its
+running statistics, dropout is off); ``train_mode=True`` evaluates in train
+mode, and the buffers it changes are restored afterwards.
+
+Data: a pair of tensors ``(inputs, targets)`` (one batch), or an iterable of
+such pairs (e.g. a ``DataLoader``) that can be iterated several times.
+``loss_fn(output, target)`` must return the *mean* loss of the batch; the
+loss over the data is ``sum_b n_b loss_b / N``. Accuracy is computed when the
+output is ``[B, C]`` logits and the target ``[B]`` class indices, or by an
+``accuracy(output, target) -> number correct`` callable.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .perturb import Cycle, NonFiniteGradient, PerturbSpec, absolute_sizes, check_radius
+
+__all__ = [
+    "KINDS",
+    "Point",
+    "SweepResult",
+    "adversarial",
+    "random_corruption",
+    "first_order",
+    "clean",
+    "sweep",
+    "fit_slope",
+    "plot_sweeps",
+]
+
+KINDS = ("adversarial", "first_order", "random")
+
+ParamSelection = Union[None, str, Callable[[str, nn.Parameter], bool], Iterable[Tensor]]
+AccuracyFn = Union[None, bool, Callable[[Any, Any], Union[int, float, Tensor]]]
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+def _select_params(model: nn.Module, params: ParamSelection) -> list[Tensor]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())
+    if not named:
+        raise ValueError(f"the model ({type(model).__name__}) has no parameters: there are no weights to corrupt")
+    if params is None or params == "all":
+        chosen = [p for _, p in named if p.requires_grad]
+        what = "parameters that require grad"
+    elif params == "weights":
+        chosen = [p for _, p in named if p.requires_grad and p.dim() > 1]
+        what = "parameters with dim > 1 that require grad"
+    elif isinstance(params, str):
+        raise ValueError(f"params must be 'all', 'weights', a predicate (name, param) -> bool or a list of tensors, got {params!r}")
+    elif callable(params):
+        chosen = [p for n, p in named if params(n, p)]
+        what = "parameters selected by the predicate"
+    else:
+        chosen = list(params)
+        what = "tensors given"
+        for i, p in enumerate(chosen):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params[{i}] must be a Tensor, got {type(p).__name__}")
+    if not chosen:
+        raise ValueError(f"no tensors to corrupt: the model has no {what}")
+    seen: set[int] = set()
+    out = []
+    for i, p in enumerate(chosen):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if not p.requires_grad:
+            raise ValueError(f"tensor {i} (shape {tuple(p.shape)}) does not require grad: the ascent needs its gradient")
+        if not p.is_floating_point():
+            raise TypeError(f"tensor {i} has dtype {p.dtype}; only floating-point weights can be corrupted")
+        out.append(p)
+    return out
+
+
+def _as_batches(data: Any) -> list[tuple[Any, Any]] | Iterable:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+        return [(data[0], data[1])]
+    if isinstance(data, Tensor):
+        raise TypeError("data must be a pair (inputs, targets) or an iterable of such pairs, not a single tensor")
+    if isinstance(data, Iterator):
+        raise TypeError("data is an iterator that can be consumed only once; pass a list or a DataLoader")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be a pair (inputs, targets) or an iterable of such pairs, got {type(data).__name__}")
+    return data
+
+
+def _batch_size(y: Any, x: Any) -> int:
+    for t in (y, x):
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+        if isinstance(t, (tuple, list)) and t and isinstance(t[0], Tensor) and t[0].dim() > 0:
+            return int(t[0].shape[0])
+    raise TypeError("cannot tell the batch size: the targets (or inputs) must be tensors with a batch dimension")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x if x.device == device else x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(t, device) for t in x)
+    return x
+
+
+def _auto_correct(out: Any, y: Any) -> Optional[float]:
+    if (
+        isinstance(out, Tensor) and isinstance(y, Tensor) and out.dim() == 2 and y.dim() == 1
+        and out.shape[0] == y.shape[0] and not y.is_floating_point() and not y.is_complex()
+    ):
+        return float((out.argmax(dim=1) == y).sum())
+    return None
+
+
+# ---------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Point:
+    """The outcome of one corruption setting: mean/std loss change and accuracy."""
+
+    kind: str
+    eps: float
+    loss: float
+    loss_change: float
+    loss_change_std: float = 0.0
+    accuracy: Optional[float] = None
+    accuracy_std: Optional[float] = None
+    accuracy_drop: Optional[float] = None
+    steps: Optional[int] = None
+    trials: int = 1
+
+    @property
+    def series(self) -> str:
+        return f"adversarial_k{self.steps}" if self.kind == "adversarial" else self.kind
+
+    def as_row(self) -> dict:
+        return {
+            "series": self.series, "kind": self.kind, "steps": self.steps, "eps": self.eps,
+            "loss": self.loss, "loss_change": self.loss_change, "loss_change_std": self.loss_change_std,
+            "accuracy": self.accuracy, "accuracy_std": self.accuracy_std, "accuracy_drop": self.accuracy_drop,
+            "trials": self.trials,
+        }
+
+
+def fit_slope(eps: Sequence[float], values: Sequence[float]) -> Optional[float]:
+    """Least-squares slope of log(value) against log(eps) over the points with value > 0 (None if < 2)."""
+    pts = [(math.log(e), math.log(v)) for e, v in zip(eps, values) if e > 0 and v is not None and v > 0 and math.isfinite(v)]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+ROW_FIELDS = ["series", "kind", "steps", "eps", "loss", "loss_change", "loss_change_std",
+              "accuracy", "accuracy_std", "accuracy_drop", "trials"]
+
+
+@dataclass
+class SweepResult:
+    """A tidy table: one row per (series, eps), plus the clean loss/accuracy and the settings."""
+
+    points: list[Point]
+    clean_loss: float
+    clean_accuracy: Optional[float]
+    config: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[dict]:
+        return [p.as_row() for p in self.points]
+
+    @property
+    def series(self) -> list[str]:
+        out: list[str] = []
+        for p in self.points:
+            if p.series not in out:
+                out.append(p.series)
+        return out
+
+    def select(self, series: str) -> list[Point]:
+        """The points of one series (``"adversarial_k1"``, ``"random"``, ...), by increasing eps."""
+        pts = sorted((p for p in self.points if p.series == series), key=lambda p: p.eps)
+        if not pts:
+            raise KeyError(f"no series {series!r}; have {self.series}")
+        return pts
+
+    def slopes(self, max_eps: Optional[float] = None) -> dict[str, Optional[float]]:
+        """Fitted log-log slope of the loss change against eps, per series.
+
+        The fit uses the points with ``eps <= max_eps`` and a positive loss change;
+        by default ``max_eps`` is the median of the eps grid (the small-eps half,
+        where the second-order picture of DESIGN.md holds).
+        """
+        if max_eps is None:
+            grid = sorted({p.eps for p in self.points})
+            max_eps = grid[(len(grid) - 1) // 2] if grid else 0.0
+        out = {}
+        for s in self.series:
+            pts = [p for p in self.select(s) if p.eps <= max_eps]
+            out[s] = fit_slope([p.eps for p in pts], [p.loss_change for p in pts])
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "clean_loss": self.clean_loss,
+            "clean_accuracy": self.clean_accuracy,
+            "config": self.config,
+            "slopes": self.slopes(),
+            "rows": self.rows,
+        }
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def to_csv(self, path: Optional[str] = None) -> str:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=ROW_FIELDS, lineterminator="\n")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+        text = buf.getvalue()
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    def table(self) -> str:
+        """A plain-text table of the rows."""
+        head = f"{'series':<16}{'eps':>10}{'loss change':>14}{'± std':>11}{'accuracy':>10}{'acc drop':>10}"
+        lines = [f"clean loss {self.clean_loss:.5g}" + (f", clean accuracy {self.clean_accuracy:.4f}" if self.clean_accuracy is not None else ""), head]
+        for p in sorted(self.points, key=lambda p: (self.series.index(p.series), p.eps)):
+            acc = "" if p.accuracy is None else f"{p.accuracy:.4f}"
+            drop = "" if p.accuracy_drop is None else f"{p.accuracy_drop:+.4f}"
+            lines.append(f"{p.series:<16}{p.eps:>10.4g}{p.loss_change:>14.4e}{p.loss_change_std:>11.2e}{acc:>10}{drop:>10}")
+        return "\n".join(lines)
+
+    def plot(self, path: Optional[str] = None, title: Optional[str] = None, ax=None):
+        """Loss change against eps, log-log, one line per series (returns the matplotlib Figure)."""
+        return plot_sweeps({"": self}, path=path, title=title, ax=ax)
+
+
+_STYLE = {"random": "--", "first_order": ":"}
+
+
+def plot_sweeps(
+    results: Mapping[str, SweepResult],
+    path: Optional[str] = None,
+    series: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+    ax=None,
+    slopes: bool = True,
+):
+    """Plot loss change vs eps (log-log) for several results (e.g. one per optimizer).
+
+    Each line is labelled ``"<name> <series>"`` with its fitted small-eps slope.
+    Non-positive values (a corruption that lowered the loss) cannot be shown on
+    a log axis and are left out. Returns the Figure; saves it if ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    fig = None
+    if ax is None:
+        fig = Figure(figsize=(6.4, 4.8))
+        ax = fig.add_subplot(1, 1, 1)
+    colors = {}
+    for name, res in results.items():
+        sl = res.slopes()
+        for s in res.series if series is None else [s for s in series if s in res.series]:
+            pts = [p for p in res.select(s) if p.loss_change > 0 and math.isfinite(p.loss_change)]
+            if not pts:
+                continue
+            label = f"{name} {s}".strip()
+            if slopes and sl.get(s) is not None:
+                label += f" (slope {sl[s]:.2f})"
+            key = name if len(results) > 1 else s
+            line = ax.plot([p.eps for p in pts], [p.loss_change for p in pts], _STYLE.get(s, "-"),
+                           marker="o", ms=3, label=label, color=colors.get(key))[0]
+            colors.setdefault(key, line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("corruption radius ε" + (" (relative)" if any(r.config.get("relative") for r in results.values()) else ""))
+    ax.set_ylabel("loss change ΔL")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    fig = fig or ax.figure
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# the evaluator
+
+
+class _Evaluator:
+    """Holds the buffers of one evaluation session; every method leaves the weights as it found them."""
+
+    def __init__(self, model, loss_fn, data, params, norm, scope, relative, accuracy):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, target) -> mean loss, got {type(loss_fn).__name__}")
+        if norm not in ("l2", "linf"):
+            raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.params = _select_params(model, params)
+        self.device = self.params[0].device
+        self.data = _as_batches(data)
+        self.norm, self.scope, self.relative = norm, scope, bool(relative)
+        self.accuracy_fn = accuracy
+        self.n: Optional[int] = None
+        self.backups = [torch.empty_like(p) for p in self.params]
+        self._accum: Optional[list[Tensor]] = None
+        self._noise: Optional[list[Tensor]] = None
+        self.g0: Optional[list[Tensor]] = None
+        self.clean_loss = math.nan
+        self.clean_accuracy: Optional[float] = None
+
+    # -- one pass over the data ---------------------------------------------------------------
+    def _correct(self, out, y) -> Optional[float]:
+        if self.accuracy_fn is False:
+            return None
+        if self.accuracy_fn is None or self.accuracy_fn is True:
+            c = _auto_correct(out, y)
+            if c is None and self.accuracy_fn is True:
+                raise ValueError("accuracy=True needs [B, C] logits and [B] integer targets; pass a callable instead")
+            return c
+        c = self.accuracy_fn(out, y)
+        return float(c.sum()) if isinstance(c, Tensor) else float(c)
+
+    def run(self, backward: bool) -> tuple[float, Optional[float]]:
+        """Mean loss (and accuracy) over the data; with ``backward`` adds the gradient of the mean loss to ``.grad``."""
+        total = 0.0
+        correct: Optional[float] = 0.0
+        n = 0
+        scale_after = backward and self.n is None
+        for batch in self.data:
+            try:
+                x, y = batch
+            except (TypeError, ValueError):
+                raise TypeError("each batch must be a pair (inputs, targets)") from None
+            x, y = _to(x, self.device), _to(y, self.device)
+            b = _batch_size(y, x)
+            with torch.set_grad_enabled(backward):
+                out = self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
+                loss = self.loss_fn(out, y)
+                if not isinstance(loss, Tensor) or loss.numel() != 1:
+                    raise TypeError("loss_fn must return a scalar tensor (the mean loss of the batch)")
+                if backward:
+                    (loss * (b if scale_after else b / self.n)).backward()
+            total += float(loss.detach().double()) * b
+            n += b
+            c = self._correct(out.detach() if isinstance(out, Tensor) else out, y)
+            correct = None if (c is None or correct is None) else correct + c
+        if n == 0:
+            raise ValueError("the evaluation data is empty")
+        if self.n is None:
+            self.n = n
+            if scale_after:
+                with torch.no_grad():
+                    for p in self.params:
+                        p.grad.div_(n)
+        elif n != self.n:
+            raise ValueError(f"the data gave {n} examples in one pass and {self.n} in another; it must be the same every time")
+        return total / n, (None if correct is None else correct / n)
+
+    def _zero_grads(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+
+    def start(self) -> None:
+        """The clean loss/accuracy and the clean gradient g_0 (kept for every ascent)."""
+        self._zero_grads()
+        self.clean_loss, self.clean_accuracy = self.run(backward=True)
+        grads = [p.grad for p in self.params]
+        self.g0 = [g.detach().clone() for g in grads]
+        bad = [i for i, g in enumerate(self.g0) if not bool(torch.isfinite(g).all())]
+        if bad:
+            raise NonFiniteGradient(bad, 0)
+
+    def _point(self, kind, eps, losses, accs, steps=None) -> Point:
+        m = sum(losses) / len(losses)
+        changes = [l - self.clean_loss for l in losses]
+        std = 0.0
+        if len(changes) > 1:
+            std = math.sqrt(sum((c - (m - self.clean_loss)) ** 2 for c in changes) / (len(changes) - 1))
+        acc = acc_std = drop = None
+        if accs and all(a is not None for a in accs):
+            acc = sum(accs) / len(accs)
+            acc_std = math.sqrt(sum((a - acc) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+            drop = self.clean_accuracy - acc if self.clean_accuracy is not None else None
+        return Point(kind, eps, m, m - self.clean_loss, std, acc, acc_std, drop, steps, len(losses))
+
+    @torch.no_grad()
+    def _radii(self, eps: float) -> Tensor:
+        n = len(self.params)
+        spec = PerturbSpec(norm=self.norm, scope=self.scope, relative=self.relative)
+        r = torch.full((n,), eps, dtype=torch.float64, device=self.device)
+        r, _ = absolute_sizes(spec, self.params, r, r)
+        return r
+
+    # -- the indicators ----------------------------------------------------------------------
+    @torch.no_grad()
+    def adversarial(self, eps: float, steps: int, step_ratio: Optional[float]) -> Point:
+        eps = check_radius("eps", eps)
+        ratio = (1.0 if steps == 1 else 1.5 / steps) if step_ratio is None else check_radius("step_ratio", step_ratio)
+        spec = PerturbSpec(norm=self.norm, scope=self.scope, steps=steps, relative=self.relative)
+        if spec.accumulates and self._accum is None:
+            self._accum = [torch.empty_like(p) for p in self.params]
+        n = len(self.params)
+        cycle = Cycle(spec, self.params, self.backups, [eps] * n, [eps * ratio] * n, self._accum or ())
+        losses, accs = [], []
+        try:
+            for p, g in zip(self.params, self.g0):
+                p.grad.copy_(g)
+            cycle.start([p.grad for p in self.params])
+            for k in range(1, steps + 1):
+                cycle.ascend([p.grad for p in self.params])
+                last = k == steps
+                loss, acc = self.run(backward=not last)
+                losses.append(loss)
+                accs.append(acc)
+                if not last:
+                    try:
+                        cycle.observe([p.grad for p in self.params])
+                    except NonFiniteGradient:
+                        break  # the loss here is already recorded; no direction to go on
+        finally:
+            cycle.restore()
+        best = max(range(len(losses)), key=lambda i: (losses[i] if math.isfinite(losses[i]) else math.inf))
+        return self._point("adversarial", eps, [losses[best]], [accs[best]], steps=steps)
+
+    @torch.no_grad()
+    def first_order(self, eps: float) -> Point:
+        eps = check_radius("eps", eps)
+        r = self._radii(eps)
+        if self.norm == "l2":
+            gn = ops.norms(self.g0, 2.0)[0].to(torch.float64)
+            if self.scope == "global":
+                val = float(r[0] * gn.square().sum().sqrt()) if len(gn) else 0.0
+            else:
+                val = float((r * gn).sum())
+        else:
+            g1 = torch.stack([g.detach().to(torch.float64).abs().sum() for g in self.g0])
+            val = float(r[0] * g1.sum()) if self.scope == "global" else float((r * g1).sum())
+        return Point("first_order", eps, self.clean_loss + val, val)
+
+    @torch.no_grad()
+    def random(self, eps: float, trials: int, generator: torch.Generator, antithetic: bool) -> Point:
+        eps = check_radius("eps", eps)
+        if self._noise is None:
+            self._noise = [torch.empty_like(p) for p in self.params]
+        r = self._radii(eps)
+        ord_ = 2.0 if self.norm == "l2" else math.inf
+        ones = torch.ones(len(self.params), dtype=torch.float32, device=self.device)
+        losses, accs = [], []
+        coef = ones
+        for i in range(trials):
+            if antithetic and i % 2 == 1:
+                coef = -coef  # the mirror image -a of the previous corruption
+            else:
+                for z in self._noise:
+                    z.normal_(generator=generator)
+                per, total = ops.norms(self._noise, ord_)
+                zn = total.to(torch.float64).expand_as(r) if self.scope == "global" else per.to(torch.float64)
+                coef = torch.where(zn > 0, r / zn, torch.zeros_like(zn)).float()
+            applied = False
+            try:
+                # w <- w + coef * z (the backups receive w first), the same op the ascent uses
+                ops.ascent_step_(self.params, self._noise, self.backups, coef, ones, norm="l2", first=True)
+                applied = True
+                loss, acc = self.run(backward=False)
+            finally:
+                if applied:
+                    ops.restore_(self.params, self.backups)
+            losses.append(loss)
+            accs.append(acc)
+        return self._point("random", eps, losses, accs)
+
+
+@contextmanager
+def _session(model: nn.Module, train_mode: bool) -> Iterator[None]:
+    """Eval (or train) mode, fresh ``.grad``; flags, grads and buffers are put back on exit, whatever happens."""
+    modes = [(m, m.training) for m in model.modules()]
+    all_params = list(model.parameters())
+    grads = [p.grad for p in all_params]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        for p in all_params:
+            p.grad = None
+        model.train(train_mode)
+        yield
+    finally:
+        for p, g in zip(all_params, grads):
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, flag in modes:
+            m.training = flag
+
+
+def _check_eps_grid(eps: Union[float, Sequence[float]]) -> list[float]:
+    grid = [eps] if isinstance(eps, (int, float)) else list(eps)
+    if not grid:
+        raise ValueError("the eps grid is empty")
+    return [check_radius("eps", e) for e in grid]
+
+
+def _check_steps(steps: Union[int, Sequence[int]]) -> list[int]:
+    ks = [steps] if isinstance(steps, int) else list(steps)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"steps must be integers >= 1, got {k!r}")
+    if not ks:
+        raise ValueError("steps is empty")
+    return ks
+
+
+def sweep(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Any,
+    eps: Union[float, Sequence[float]],
+    *,
+    kinds: Sequence[str] = KINDS,
+    steps: Union[int, Sequence[int]] = (1, 5),
+    step_ratio: Optional[float] = None,
+    norm: str = "l2",
+    scope: str = "layer",
+    relative: bool = True,
+    params: ParamSelection = None,
+    trials: int = 10,
+    seed: int = 0,
+    antithetic: bool = True,
+    accuracy: AccuracyFn = None,
+    train_mode: bool = False,
+    progress: Optional[bool] = None,
+    desc: str = "robustness",
+) -> SweepResult:
+    """Loss change and accuracy under corruption over an eps grid; see the module docstring.
+
+    ``kinds``: any of ``"adversarial"`` (once per number of ascent steps in
+    ``steps``), ``"first_order"`` and ``"random"`` (``trials`` Gaussian draws
+    from ``torch.Generator().manual_seed(seed)``). ``step_ratio``: ascent step
+    as a multiple of eps (default 1 for one step, 1.5/K for K steps).
+    ``progress``: a tqdm bar (None: only on a terminal).
+    Returns a :class:`SweepResult` (rows per series and eps; JSON/CSV/plot).
+    """
+    grid = _check_eps_grid(eps)
+    ks = _check_steps(steps)
+    kinds = list(kinds)
+    for k in kinds:
+        if k not in KINDS:
+            raise ValueError(f"unknown kind {k!r}; choose from {KINDS}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    if step_ratio is not None:
+        check_radius("step_ratio", step_ratio)
+    ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)
+    work: list[tuple[str, Optional[int], float]] = []
+    for kind in kinds:
+        for k in (ks if kind == "adversarial" else [None]):
+            work += [(kind, k, e) for e in grid]
+    from tqdm.auto import tqdm
+
+    points: list[Point] = []
+    gen = torch.Generator(device=ev.device).manual_seed(seed)
+    with _session(model, train_mode):
+        ev.start()
+        with tqdm(total=len(work), desc=desc, disable=(False if progress else True) if progress is not None else None,
+                  leave=False, dynamic_ncols=True) as bar:
+            for kind, k, e in work:
+                bar.set_postfix_str(f"{kind if k is None else f'adv K={k}'} eps={e:.3g}", refresh=False)
+                if kind == "adversarial":
+                    points.append(ev.adversarial(e, k, step_ratio))
+                elif kind == "first_order":
+                    points.append(ev.first_order(e))
+                else:
+                    points.append(ev.random(e, trials, gen, antithetic))
+                bar.update(1)
+    config = {
+        "norm": norm, "scope": scope, "relative": relative, "steps": ks, "step_ratio": step_ratio,
+        "trials": trials, "seed": seed, "antithetic": antithetic, "train_mode": train_mode, "eps": grid, "kinds": kinds,
+        "tensors": len(ev.params), "numel": sum(p.numel() for p in ev.params), "examples": ev.n,
+    }
+    return SweepResult(points, ev.clean_loss, ev.clean_accuracy, config)
+
+
+def _single(kind, model, loss_fn, data, eps, *, norm, scope, relative, params, accuracy, train_mode, **kw) -> Point:
+    if kind != "clean":
+        eps = check_radius("eps", eps)
+    ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)
+    with _session(model, train_mode):
+        ev.start()
+        if kind == "adversarial":
+            return ev.adversarial(eps, kw["steps"], kw["step_ratio"])
+        if kind == "first_order":
+            return ev.first_order(eps)
+        if kind == "random":
+            return ev.random(eps, kw["trials"], torch.Generator(device=ev.device).manual_seed(kw["seed"]), kw["antithetic"])
+        return Point("clean", 0.0, ev.clean_loss, 0.0, accuracy=ev.clean_accuracy, accuracy_drop=0.0 if ev.clean_accuracy is not None else None)
+
+
+def adversarial(model, loss_fn, data, eps: float, *, steps: int = 1, step_ratio: Optional[float] = None,
+                norm: str = "l2", scope: str = "layer", relative: bool = True, params: ParamSelection = None,
+                accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
+    """Adversarial loss change at radius ``eps`` by ``steps``-step projected ascent (see the module docstring)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    k = steps
+    return _single("adversarial", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
+                   accuracy=accuracy, train_mode=train_mode, steps=k, step_ratio=step_ratio)
+
+
+def first_order(model, loss_fn, data, eps: float, *, norm: str = "l2", scope: str = "layer", relative: bool = True,
+                params: ParamSelection = None, train_mode: bool = False) -> Point:
+    """First-order estimate ``eps * ||g||_q`` of the adversarial loss change (see the module docstring)."""
+    return _single("first_order", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
+                   accuracy=False, train_mode=train_mode)
+
+
+def random_corruption(model, loss_fn, data, eps: float, *, trials: int = 10, seed: int = 0, antithetic: bool = True,
+                      norm: str = "l2",
+                      scope: str = "layer", relative: bool = True, params: ParamSelection = None,
+                      accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
+    """Mean (and std) loss change over ``trials`` Gaussian corruptions of norm ``eps`` (see the module docstring)."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    return _single("random", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
+                   accuracy=accuracy, train_mode=train_mode, trials=trials, seed=seed,
+                   antithetic=antithetic)
+
+
+def clean(model, loss_fn, data, *, accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
+    """The uncorrupted mean loss and accuracy over the data (``kind="clean"``)."""
+    return _single("clean", model, loss_fn, data, 0.0, norm="l2", scope="layer", relative=True, params=None,
+                   accuracy=accuracy, train_mode=train_mode)

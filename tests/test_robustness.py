@@ -1,0 +1,334 @@
+"""Loss change indicators (fastperturb.robustness) against closed forms and direct computations.
+
+The per-tensor step coefficients are float32 by the op contract, so results agree with
+the float64 closed forms to ~1e-7 relative (tolerance 1e-6).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import fastperturb.robustness as R
+
+D = 6
+
+
+def quad_problem(batches=1, dtype=torch.float64):
+    """Linear(D, 1) on inputs e_1..e_D with targets y: L(w) = ||w - y||^2 / (2D)."""
+    torch.manual_seed(0)
+    model = nn.Linear(D, 1, bias=False).to(dtype)
+    x = torch.eye(D, dtype=dtype)
+    y = torch.randn(D, 1, dtype=dtype)
+    loss_fn = lambda out, t: 0.5 * (out - t).square().mean()
+    if batches == 1:
+        data = (x, y)
+    else:
+        data = [(xc, yc) for xc, yc in zip(x.chunk(batches), y.chunk(batches))]
+    return model, loss_fn, data, y.flatten()
+
+
+def bits(model):
+    return [p.detach().clone().view(torch.int64 if p.dtype == torch.float64 else torch.int32) for p in model.parameters()]
+
+
+def same_bits(model, saved):
+    return all(torch.equal(a, b) for a, b in zip(bits(model), saved))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("batches", [1, 3])
+def test_l2_worst_case_closed_form(steps, batches):
+    # max over ||a||_2 <= eps of ||w + a - y||^2/(2D) - ||w - y||^2/(2D) = (eps ||w - y|| + eps^2 / 2) / D,
+    # reached at a = eps (w - y)/||w - y||: the gradient direction, so ascent finds it exactly.
+    model, loss_fn, data, y = quad_problem(batches)
+    w = model.weight.detach().flatten()
+    for eps in (1e-3, 0.1, 0.7):
+        p = R.adversarial(model, loss_fn, data, eps, steps=steps, scope="global", relative=False, accuracy=False)
+        expected = (eps * (w - y).norm().item() + 0.5 * eps**2) / D
+        assert p.loss_change == pytest.approx(expected, rel=1e-6)
+        fo = R.first_order(model, loss_fn, data, eps, scope="global", relative=False)
+        assert fo.loss_change == pytest.approx(eps * (w - y).norm().item() / D, rel=1e-6)
+
+
+def test_linf_worst_case_closed_form():
+    # box: each coordinate independently, a_i = eps sign(w_i - y_i): dL = (eps ||w - y||_1 + D eps^2 / 2) / D
+    model, loss_fn, data, y = quad_problem()
+    w = model.weight.detach().flatten()
+    eps = 0.05
+    p = R.adversarial(model, loss_fn, data, eps, norm="linf", scope="global", relative=False, accuracy=False)
+    assert p.loss_change == pytest.approx((eps * (w - y).abs().sum().item() + D * eps**2 / 2) / D, rel=1e-6)
+    fo = R.first_order(model, loss_fn, data, eps, norm="linf", scope="global", relative=False)
+    assert fo.loss_change == pytest.approx(eps * (w - y).abs().sum().item() / D, rel=1e-6)
+
+
+def test_relative_radius_is_a_fraction_of_the_weight_norm():
+    model, loss_fn, data, y = quad_problem()
+    w = model.weight.detach().flatten()
+    r = 0.1 * w.norm().item()
+    p = R.adversarial(model, loss_fn, data, 0.1, scope="layer", relative=True, accuracy=False)
+    assert p.loss_change == pytest.approx((r * (w - y).norm().item() + 0.5 * r**2) / D, rel=1e-6)
+
+
+def test_layer_scope_on_a_loss_linear_in_the_weights():
+    # L = mean(W x + b) is linear in (W, b): the max over per-tensor balls is sum_l r_l ||g_l||, exactly,
+    # the first-order estimate is exact, and every random pair a, -a cancels.
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    data = (x, torch.zeros(20))
+    loss_fn = lambda out, t: out.mean()
+    gw = x.mean(0).expand(3, 4) / 3
+    gb = torch.full((3,), 1 / 3, dtype=torch.float64)
+    eps = 0.2
+    expected = eps * (model.weight.norm() * gw.norm() + model.bias.norm() * gb.norm()).item()
+    p = R.adversarial(model, loss_fn, data, eps, scope="layer", accuracy=False)
+    assert p.loss_change == pytest.approx(expected, rel=1e-6)
+    assert R.first_order(model, loss_fn, data, eps).loss_change == pytest.approx(expected, rel=1e-6)
+    rnd = R.random_corruption(model, loss_fn, data, eps, trials=6, accuracy=False)
+    assert abs(rnd.loss_change) < 1e-12 * expected
+    assert rnd.loss_change_std > 0.01 * expected  # the single draws do move the loss
+
+
+def test_random_indicator_is_second_order():
+    # At the minimum (w = y) every corruption of norm eps gives dL = eps^2 / (2D) exactly.
+    model, loss_fn, data, y = quad_problem()
+    with torch.no_grad():
+        model.weight.copy_(y.reshape(1, -1))
+    for eps in (1e-3, 1e-2, 0.3):
+        p = R.random_corruption(model, loss_fn, data, eps, trials=5, relative=False, scope="global", accuracy=False)
+        assert p.loss_change == pytest.approx(eps**2 / (2 * D), rel=1e-7)
+        assert p.trials == 5
+    # Away from the minimum, with the same draws (same seed): mirrored pairs cancel the first-order term,
+    # so the mean grows exactly like eps^2.
+    model, loss_fn, data, y = quad_problem()
+    a = R.random_corruption(model, loss_fn, data, 0.01, trials=4, seed=3, relative=False, accuracy=False)
+    b = R.random_corruption(model, loss_fn, data, 0.02, trials=4, seed=3, relative=False, accuracy=False)
+    assert b.loss_change / a.loss_change == pytest.approx(4.0, rel=1e-6)
+    adv = R.adversarial(model, loss_fn, data, 0.01, relative=False, accuracy=False)
+    assert adv.loss_change > 50 * a.loss_change
+
+
+def mlp_problem():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x = torch.randn(40, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    return model, x, y
+
+
+def test_one_step_ascent_matches_direct_computation_on_an_mlp():
+    model, x, y = mlp_problem()
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    eps = 0.05
+    moved = {n: p.detach() + eps * p.detach().norm() * g / g.norm() for (n, p), g in zip(params.items(), grads)}
+    with torch.no_grad():
+        out = functional_call(model, moved, (x,))
+    direct = F.cross_entropy(out, y).item() - loss.item()
+    direct_acc = (out.argmax(1) == y).double().mean().item()
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]  # gradient accumulated over mini-batches
+    p = R.adversarial(model, F.cross_entropy, batches, eps)
+    assert p.loss_change == pytest.approx(direct, rel=1e-6)
+    assert p.accuracy == pytest.approx(direct_acc)
+    clean_acc = (model(x).argmax(1) == y).double().mean().item()
+    assert p.accuracy_drop == pytest.approx(clean_acc - direct_acc)
+
+
+def test_multi_step_matches_direct_projected_ascent():
+    model, x, y = mlp_problem()
+    names = [n for n, _ in model.named_parameters()]
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    eps, K = 0.1, 3
+    r = {n: eps * t.norm() for n, t in w0.items()}
+    eta = {n: 1.5 * v / K for n, v in r.items()}
+    delta = {n: torch.zeros_like(t) for n, t in w0.items()}
+    losses = []
+    for _ in range(K):
+        cur = {n: (w0[n] + delta[n]).requires_grad_() for n in names}
+        grads = torch.autograd.grad(F.cross_entropy(functional_call(model, cur, (x,)), y), [cur[n] for n in names])
+        for n, g in zip(names, grads):
+            u = delta[n] + eta[n] * g / g.norm()
+            delta[n] = u * min(1.0, (r[n] / u.norm()).item())
+        with torch.no_grad():
+            losses.append(F.cross_entropy(functional_call(model, {n: w0[n] + delta[n] for n in names}, (x,)), y).item())
+    clean = F.cross_entropy(model(x), y).item()
+    p = R.adversarial(model, F.cross_entropy, (x, y), eps, steps=K)
+    assert p.loss_change == pytest.approx(max(losses) - clean, rel=1e-6)
+    assert p.steps == K
+
+
+def test_random_matches_direct_computation():
+    model, x, y = mlp_problem()
+    params = list(model.parameters())
+    eps, trials, seed = 0.02, 4, 7
+    g = torch.Generator().manual_seed(seed)
+    clean = F.cross_entropy(model(x), y).item()
+    changes = []
+    names = [n for n, _ in model.named_parameters()]
+    for i in range(trials // 2):
+        zs = [torch.empty_like(p).normal_(generator=g) for p in params]
+        for sign in (1, -1):
+            moved = {n: p.detach() + sign * eps * p.detach().norm() * z / z.norm() for n, p, z in zip(names, params, zs)}
+            with torch.no_grad():
+                changes.append(F.cross_entropy(functional_call(model, moved, (x,)), y).item() - clean)
+    p = R.random_corruption(model, F.cross_entropy, (x, y), eps, trials=trials, seed=seed)
+    assert p.loss_change == pytest.approx(sum(changes) / trials, rel=1e-6, abs=1e-15)
+    mean = sum(changes) / trials
+    assert p.loss_change_std == pytest.approx(math.sqrt(sum((c - mean) ** 2 for c in changes) / (trials - 1)), rel=1e-6)
+
+
+def test_weight_selection():
+    model, x, y = mlp_problem()
+    eps = 0.05
+    only_w = R.adversarial(model, F.cross_entropy, (x, y), eps, params="weights")
+    by_pred = R.adversarial(model, F.cross_entropy, (x, y), eps, params=lambda n, p: n.endswith("weight"))
+    by_list = R.adversarial(model, F.cross_entropy, (x, y), eps, params=[model[0].weight, model[2].weight])
+    assert only_w.loss_change == by_pred.loss_change == by_list.loss_change
+    assert only_w.loss_change != R.adversarial(model, F.cross_entropy, (x, y), eps).loss_change
+
+
+# ---------------------------------------------------------------------------
+# contracts: bit-identical weights, untouched state
+
+
+class Boom(Exception):
+    pass
+
+
+def failing_loss(after_calls, exc):
+    count = {"n": 0}
+
+    def loss_fn(out, t):
+        count["n"] += 1
+        if count["n"] > after_calls:
+            raise exc
+        return F.cross_entropy(out, t)
+    return loss_fn, count
+
+
+@pytest.mark.parametrize("exc", [Boom("closure failed"), KeyboardInterrupt()])
+@pytest.mark.parametrize("kind", ["adversarial", "random"])
+def test_weights_bit_identical_after_interrupt(kind, exc):
+    model, x, y = mlp_problem()
+    model = model.float()
+    x = x.float()
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    grads = [torch.full_like(p, 0.25) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    saved = bits(model)
+    # 2 calls for the clean pass, then fail in the middle of a corrupted pass (after the weights moved)
+    loss_fn, count = failing_loss(3 if kind == "adversarial" else 5, exc)
+    with pytest.raises(type(exc)):
+        if kind == "adversarial":
+            R.adversarial(model, loss_fn, batches, 0.3, steps=3)
+        else:
+            R.random_corruption(model, loss_fn, batches, 0.3, trials=4)
+    assert count["n"] > 2
+    assert same_bits(model, saved)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(g, torch.full_like(g, 0.25)) for g in grads)
+
+
+def test_sweep_leaves_weights_grads_modes_and_batchnorm_untouched():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3), nn.Dropout(0.5))
+    x = torch.randn(30, 1, 8, 8)
+    y = torch.randint(0, 3, (30,))
+    model.train()
+    model(x)  # non-trivial running statistics
+    model[5].eval()  # a mixed state that must come back as it was
+    saved = bits(model)
+    buffers = [b.clone() for b in model.buffers()]
+    modes = [m.training for m in model.modules()]
+    res = R.sweep(model, F.cross_entropy, (x, y), [0.01, 0.1], steps=(1, 2), trials=2, progress=False)
+    assert same_bits(model, saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
+    # eval mode by default: the clean loss is the eval-mode loss
+    model.eval()
+    with torch.no_grad():
+        assert res.clean_loss == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-6)
+    model.train()
+    model[5].eval()
+    # train mode (batch statistics) is allowed, and the running statistics still come back
+    R.sweep(model, F.cross_entropy, (x, y), [0.1], kinds=("adversarial",), steps=1, train_mode=True, progress=False)
+    assert same_bits(model, saved)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert [m.training for m in model.modules()] == modes
+
+
+# ---------------------------------------------------------------------------
+# the sweep result
+
+
+def test_sweep_result_export_and_slopes(tmp_path):
+    model, loss_fn, data, y = quad_problem()
+    grid = [1e-4, 1e-3, 1e-2, 1e-1]
+    res = R.sweep(model, loss_fn, data, grid, steps=(1, 3), trials=4, relative=False, scope="global",
+                  accuracy=False, progress=False)
+    assert res.series == ["adversarial_k1", "adversarial_k3", "first_order", "random"]
+    assert len(res.rows) == 4 * len(grid)
+    sl = res.slopes()
+    assert sl["first_order"] == pytest.approx(1.0)
+    assert sl["adversarial_k1"] == pytest.approx(1.0, abs=0.01)
+    assert sl["random"] == pytest.approx(2.0, abs=1e-4)  # first order cancels in the mirrored pairs
+    doc = json.loads(res.to_json(str(tmp_path / "r.json")))
+    assert doc["rows"] == json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert doc["config"]["eps"] == grid and doc["config"]["examples"] == D
+    text = res.to_csv(str(tmp_path / "r.csv"))
+    lines = text.strip().splitlines()
+    assert lines[0].split(",") == R.ROW_FIELDS and len(lines) == 1 + 4 * len(grid)
+    assert "adversarial_k3" in res.table()
+    res.plot(str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_slope():
+    assert R.fit_slope([1, 2, 4], [3, 12, 48]) == pytest.approx(2.0)
+    assert R.fit_slope([1, 2], [1, -1]) is None  # one usable point
+
+
+# ---------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_arguments_give_clear_errors():
+    model, x, y = mlp_problem()
+    data = (x, y)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        R.adversarial(model, F.cross_entropy, data, -0.1)
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        R.sweep(model, F.cross_entropy, data, [0.1, float("nan")], progress=False)
+    with pytest.raises(ValueError, match="eps grid is empty"):
+        R.sweep(model, F.cross_entropy, data, [], progress=False)
+    with pytest.raises(ValueError, match="evaluation data is empty"):
+        R.adversarial(model, F.cross_entropy, [], 0.1)
+    with pytest.raises(ValueError, match="no parameters"):
+        R.adversarial(nn.ReLU(), F.cross_entropy, data, 0.1)
+    with pytest.raises(ValueError, match="no tensors to corrupt"):
+        R.adversarial(model, F.cross_entropy, data, 0.1, params=lambda n, p: False)
+    with pytest.raises(ValueError, match="steps must be"):
+        R.adversarial(model, F.cross_entropy, data, 0.1, steps=0)
+    with pytest.raises(ValueError, match="trials must be"):
+        R.random_corruption(model, F.cross_entropy, data, 0.1, trials=0)
+    with pytest.raises(ValueError, match="unknown kind"):
+        R.sweep(model, F.cross_entropy, data, [0.1], kinds=("adverserial",), progress=False)
+    with pytest.raises(ValueError, match="norm must be"):
+        R.adversarial(model, F.cross_entropy, data, 0.1, norm="l1")
+    with pytest.raises(TypeError, match="iterator"):
+        R.adversarial(model, F.cross_entropy, iter([data]), 0.1)
+    with pytest.raises(TypeError, match="nn.Module"):
+        R.adversarial(lambda t: t, F.cross_entropy, data, 0.1)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="require grad"):
+        R.adversarial(frozen, F.cross_entropy, (torch.randn(3, 2), torch.zeros(3, dtype=torch.long)), 0.1)
+    saved = bits(model)
+    assert same_bits(model, saved)

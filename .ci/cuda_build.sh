@@ -38,9 +38,15 @@ fi
 step "CUDA-torch venv: $VENV"
 PY="$VENV/bin/python"
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)' 2>/dev/null; then
+  mkdir -p "$(dirname "$VENV")"
   "$PYTHON" -m venv --clear "$VENV"
-  "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q torch==2.14.1 numpy pytest hypothesis ninja "setuptools>=77" wheel
+  if ! { "$PY" -m pip install -q --upgrade pip &&
+         "$PY" -m pip install -q torch==2.14.1 numpy pytest hypothesis ninja "setuptools>=77" wheel; } \
+       > "$VENV/pip.log" 2>&1; then
+    tail -n 40 "$VENV/pip.log"
+    echo "cuda_build: making the venv failed (log above)" >&2
+    exit 1
+  fi
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "GPU available:", torch.cuda.is_available())'
 "$CUDA_HOME/bin/nvcc" --version | tail -n 2

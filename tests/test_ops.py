@@ -290,8 +290,8 @@ def test_every_op_has_a_cpu_kernel(native):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CPU")
 
 
-def test_many_small_tensors_cost_one_parallel_region(native):
-    """1000 small tensors: one C++ call, not 1000 (a coarse guard, far from the
+def test_many_small_tensors_are_one_native_call(native):
+    """1000 small tensors cost one C++ call, not 1000 (a coarse guard, far from the
     benchmark's 5x target: it only fails if the kernel loops per tensor in Python)."""
     import time
 

@@ -183,6 +183,7 @@ class Point:
     accuracy_drop: Optional[float] = None
     steps: Optional[int] = None
     trials: int = 1
+    loss_change_sem: float = 0.0  # standard error of the mean loss change (random: from the mirrored pairs)
 
     @property
     def series(self) -> str:
@@ -193,7 +194,7 @@ class Point:
             "series": self.series, "kind": self.kind, "steps": self.steps, "eps": self.eps,
             "loss": self.loss, "loss_change": self.loss_change, "loss_change_std": self.loss_change_std,
             "accuracy": self.accuracy, "accuracy_std": self.accuracy_std, "accuracy_drop": self.accuracy_drop,
-            "trials": self.trials,
+            "trials": self.trials, "loss_change_sem": self.loss_change_sem,
         }
 
 
@@ -211,7 +212,7 @@ def fit_slope(eps: Sequence[float], values: Sequence[float]) -> Optional[float]:
 
 
 ROW_FIELDS = ["series", "kind", "steps", "eps", "loss", "loss_change", "loss_change_std",
-              "accuracy", "accuracy_std", "accuracy_drop", "trials"]
+              "accuracy", "accuracy_std", "accuracy_drop", "trials", "loss_change_sem"]
 
 
 @dataclass
@@ -247,7 +248,8 @@ class SweepResult:
 
         The fit uses the points with ``eps <= max_eps`` and a positive loss change;
         by default ``max_eps`` is the median of the eps grid (the small-eps half,
-        where the second-order picture of DESIGN.md holds).
+        where the second-order picture of DESIGN.md holds); ``math.inf`` fits the
+        whole grid. None where fewer than two points qualify.
         """
         if max_eps is None:
             grid = sorted({p.eps for p in self.points})
@@ -447,7 +449,7 @@ class _Evaluator:
         if bad:
             raise NonFiniteGradient(bad, 0)
 
-    def _point(self, kind, eps, losses, accs, steps=None) -> Point:
+    def _point(self, kind, eps, losses, accs, steps=None, pairs=False) -> Point:
         m = sum(losses) / len(losses)
         changes = [l - self.clean_loss for l in losses]
         std = 0.0
@@ -458,7 +460,15 @@ class _Evaluator:
             acc = sum(accs) / len(accs)
             acc_std = math.sqrt(sum((a - acc) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
             drop = self.clean_accuracy - acc if self.clean_accuracy is not None else None
-        return Point(kind, eps, m, m - self.clean_loss, std, acc, acc_std, drop, steps, len(losses))
+        # standard error of the mean: over independent units (mirrored pairs when antithetic)
+        units = [(losses[i] + losses[i + 1]) / 2 for i in range(0, len(losses) - 1, 2)] if pairs else list(losses)
+        if pairs and len(losses) % 2:
+            units.append(losses[-1])
+        sem = 0.0
+        if len(units) > 1:
+            um = sum(units) / len(units)
+            sem = math.sqrt(sum((u - um) ** 2 for u in units) / (len(units) - 1) / len(units))
+        return Point(kind, eps, m, m - self.clean_loss, std, acc, acc_std, drop, steps, len(losses), sem)
 
     @torch.no_grad()
     def _radii(self, eps: float) -> Tensor:
@@ -544,7 +554,7 @@ class _Evaluator:
                     ops.restore_(self.params, self.backups)
             losses.append(loss)
             accs.append(acc)
-        return self._point("random", eps, losses, accs)
+        return self._point("random", eps, losses, accs, pairs=antithetic)
 
 
 @contextmanager

@@ -181,6 +181,10 @@ def test_random_matches_direct_computation():
     assert p.loss_change == pytest.approx(sum(changes) / trials, rel=1e-6, abs=1e-15)
     mean = sum(changes) / trials
     assert p.loss_change_std == pytest.approx(math.sqrt(sum((c - mean) ** 2 for c in changes) / (trials - 1)), rel=1e-6)
+    pair = [(changes[i] + changes[i + 1]) / 2 for i in range(0, trials, 2)]
+    pm = sum(pair) / len(pair)
+    sem = math.sqrt(sum((u - pm) ** 2 for u in pair) / (len(pair) - 1) / len(pair))
+    assert p.loss_change_sem == pytest.approx(sem, rel=1e-5)
 
 
 def test_weight_selection():

@@ -14,6 +14,8 @@
 #   CUDA_HOME              the CUDA toolkit with nvcc (default /usr/local/cuda)
 #   TORCH_CUDA_ARCH_LIST   the architectures (default "8.0;9.0")
 #   PYTHON                 the interpreter that makes the venv (default python3)
+#   FASTPERTURB_CUDA_CMAKE=1  also build with CMakeLists.txt (cmake >= 3.31 from
+#                          PyPI into the venv; about 2-3 more minutes)
 #
 # The build happens in a temporary copy of the working tree (tracked and
 # untracked, not ignored, files), so the source tree's fastperturb/_C*.so and
@@ -98,5 +100,25 @@ EOF
 
 step "tests: tests/test_cuda_build.py, tests/test_worklist.py (this build)"
 FASTPERTURB_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_build.py tests/test_worklist.py
+
+if [ "${FASTPERTURB_CUDA_CMAKE:-0}" = "1" ]; then
+  step "CMake build with CUDA"
+  "$PY" -m pip install -q "cmake>=3.31" > "$WORK/pip-cmake.log" 2>&1 || { tail -n 20 "$WORK/pip-cmake.log"; exit 1; }
+  NVRTC="$("$PY" -c 'import glob, os, nvidia; print((glob.glob(os.path.join(nvidia.__path__[0], "cu13", "lib", "libnvrtc.so.13")) + [""])[0])')"
+  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 \
+    -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+    -DPython3_EXECUTABLE="$PY" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
+    -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \
+    ${NVRTC:+-DCUDA_nvrtc_LIBRARY="$NVRTC"} > cmake.log 2>&1 || { tail -n 40 cmake.log; exit 1; }
+  grep 'fastperturb: CUDA kernels' cmake.log
+  if ! PATH="$VENV/bin:$PATH" cmake --build build/cmake-cuda > cmake-build.log 2>&1; then
+    tail -n 60 cmake-build.log
+    echo "cuda_build: the CMake build failed (log above)" >&2
+    exit 1
+  fi
+  CWARN=$(grep -E '(: warning|warning #)' cmake-build.log | grep -vc 'all-warnings' || true)
+  echo "CMake build OK; compiler warnings: $CWARN"
+  [ "$CWARN" = "0" ] || { grep -E '(: warning|warning #)' cmake-build.log | head -n 20; exit 1; }
+fi
 
 step "cuda_build: OK in $((SECONDS - START)) s"

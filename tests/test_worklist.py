@@ -396,3 +396,25 @@ def test_errors_match_the_cpu_ops():
             ns.ascent_step_(a, a, a, torch.ones(1), torch.ones(1), norm="l1")
         with pytest.raises(TypeError, match="dtype"):
             ns.combine_grads_([torch.zeros(3, dtype=torch.int32)], [torch.zeros(3, dtype=torch.int32)], 1.0)
+
+
+def test_ops_respect_their_schemas():
+    """opcheck's schema test: only the (a!) arguments are written, outputs alias nothing."""
+    gen = torch.Generator().manual_seed(2)
+    specs = [(torch.float32, 37, 1, False), (torch.float64, 12, 0, True), (torch.float16, 0, 0, False)]
+
+    def fresh():
+        return make_list(specs, gen)
+
+    one = torch.ones(len(specs))
+    cases = [
+        (W.norms, (fresh(), 2.0), {}),
+        (W.grad_stats_, (fresh(), fresh(), fresh(), fresh()), {"accum_weight": 0.5, "adaptive_eta": 0.1}),
+        (W.ascent_step_, (fresh(), fresh(), fresh(), one, one), {"first": True, "zero_grads": True}),
+        (W.ascent_step_, (fresh(), fresh(), fresh(), one, one), {"norm": "linf"}),
+        (W.restore_, (fresh(), fresh()), {}),
+        (W.combine_grads_, (fresh(), fresh(), 2.0), {}),
+    ]
+    for op, args, kwargs in cases:
+        result = torch.library.opcheck(op.default, args, kwargs, test_utils=("test_schema",))
+        assert result == {"test_schema": "SUCCESS"}, (op, result)

@@ -189,6 +189,11 @@ class Point:
     def series(self) -> str:
         return f"adversarial_k{self.steps}" if self.kind == "adversarial" else self.kind
 
+    @property
+    def resolved(self) -> bool:
+        """The loss change is positive by more than twice its standard error (so it has a place on a log axis)."""
+        return math.isfinite(self.loss_change) and self.loss_change > 2 * self.loss_change_sem and self.loss_change > 0
+
     def as_row(self) -> dict:
         return {
             "series": self.series, "kind": self.kind, "steps": self.steps, "eps": self.eps,
@@ -246,7 +251,8 @@ class SweepResult:
     def slopes(self, max_eps: Optional[float] = None) -> dict[str, Optional[float]]:
         """Fitted log-log slope of the loss change against eps, per series.
 
-        The fit uses the points with ``eps <= max_eps`` and a positive loss change;
+        The fit uses the points with ``eps <= max_eps`` whose loss change is
+        resolved as positive (:attr:`Point.resolved`: more than twice its standard error);
         by default ``max_eps`` is the median of the eps grid (the small-eps half,
         where the second-order picture of DESIGN.md holds); ``math.inf`` fits the
         whole grid. None where fewer than two points qualify.
@@ -256,7 +262,7 @@ class SweepResult:
             max_eps = grid[(len(grid) - 1) // 2] if grid else 0.0
         out = {}
         for s in self.series:
-            pts = [p for p in self.select(s) if p.eps <= max_eps]
+            pts = [p for p in self.select(s) if p.eps <= max_eps and p.resolved]
             out[s] = fit_slope([p.eps for p in pts], [p.loss_change for p in pts])
         return out
 
@@ -317,8 +323,10 @@ def plot_sweeps(
     """Plot loss change vs eps (log-log) for several results (e.g. one per optimizer).
 
     Each line is labelled ``"<name> <series>"`` with its fitted small-eps slope.
-    Non-positive values (a corruption that lowered the loss) cannot be shown on
-    a log axis and are left out. Returns the Figure; saves it if ``path``.
+    Points whose mean change is not resolved as positive (``<= 2`` standard
+    errors, e.g. a random corruption that lowered the loss on average) have no
+    place on a log axis: the line is broken there. Returns the Figure; saves it
+    if ``path``.
     """
     from matplotlib.figure import Figure
 
@@ -330,14 +338,15 @@ def plot_sweeps(
     for name, res in results.items():
         sl = res.slopes()
         for s in res.series if series is None else [s for s in series if s in res.series]:
-            pts = [p for p in res.select(s) if p.loss_change > 0 and math.isfinite(p.loss_change)]
-            if not pts:
+            pts = res.select(s)
+            if not any(p.resolved for p in pts):
                 continue
             label = f"{name} {s}".strip()
             if slopes and sl.get(s) is not None:
                 label += f" (slope {sl[s]:.2f})"
             key = name if len(results) > 1 else s
-            line = ax.plot([p.eps for p in pts], [p.loss_change for p in pts], _STYLE.get(s, "-"),
+            # unresolved points (mean change <= 2 standard errors, e.g. <= 0) break the line
+            line = ax.plot([p.eps for p in pts], [p.loss_change if p.resolved else math.nan for p in pts], _STYLE.get(s, "-"),
                            marker="o", ms=3, label=label, color=colors.get(key))[0]
             colors.setdefault(key, line.get_color())
     ax.set_xscale("log")

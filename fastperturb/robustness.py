@@ -300,7 +300,7 @@ class SweepResult:
         lines = [f"clean loss {self.clean_loss:.5g}" + (f", clean accuracy {self.clean_accuracy:.4f}" if self.clean_accuracy is not None else ""), head]
         for p in sorted(self.points, key=lambda p: (self.series.index(p.series), p.eps)):
             acc = "" if p.accuracy is None else f"{p.accuracy:.4f}"
-            drop = "" if p.accuracy_drop is None else f"{p.accuracy_drop:+.4f}"
+            drop = "" if p.accuracy_drop is None else f"{p.accuracy_drop + 0.0:+.4f}"
             lines.append(f"{p.series:<16}{p.eps:>10.4g}{p.loss_change:>14.4e}{p.loss_change_std:>11.2e}{acc:>10}{drop:>10}")
         return "\n".join(lines)
 

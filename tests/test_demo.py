@@ -51,7 +51,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     # the robustness tool evaluates a model the demo saved like the demo did (up to the last bits: thread count)
     rout = tmp_path / "rob"
     rc = cli.main(["robustness", "--model", "fastperturb.tools.demo:DigitsCNN", "--weights", str(out / "models" / "sgd.pt"),
-                   "--data", "digits", "--float64", "--eps", "0.01,0.1", "--trials", "2", "--out", str(rout), "--no-progress"])
+                   "--data", "digits", "--float64", "--eps", "0.01,0.1", "--trials", "2", "--out", str(rout), "--no-progress",
+                   "--threads", "1"])
     assert rc == 0
     capsys.readouterr()
     rdoc = json.loads((rout / "results.json").read_text())

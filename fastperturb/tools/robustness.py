@@ -72,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="evaluate in mini-batches of this size (0: one batch)")
     p.add_argument("--float64", action="store_true", help="evaluate a float64 copy (resolves tiny loss changes)")
     p.add_argument("--train-mode", action="store_true", help="evaluate in train mode (default eval; buffers are restored)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--out", help="folder for results.json, results.csv and loss_change.png")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None)
@@ -132,6 +133,16 @@ def load_data(spec: str):
 
 
 def main(args) -> int:
+    threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
     from ..robustness import sweep
 
     model = load_model(args.model, args.weights)

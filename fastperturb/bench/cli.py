@@ -36,11 +36,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=15, help="maximum timed repetitions per implementation")
+    p.add_argument("--reps", type=int, default=10, help="maximum timed repetitions per implementation")
     p.add_argument("--min-reps", type=int, default=3, help="minimum repetitions even for slow implementations")
-    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed calls per implementation per case")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per implementation per case")
     p.add_argument("--apd-steps", type=int, default=3, help="K of the APD cycle/step")
     p.add_argument("--mem-steps", type=int, default=20, help="steps per memory-suite process")
+    p.add_argument("--mem-max-seconds", type=float, default=10.0,
+                   help="a memory-suite process stops after this long, having run at least 3 steps (0: always --mem-steps)")
+    p.add_argument("--mem-jobs", type=int, default=2, help="memory-suite processes run side by side (peak RSS is per process)")
     p.add_argument("--memory-impls", default=None,
                    help=f"comma-separated memory-suite implementations (default: all of {', '.join(suites.MEMORY_IMPLS)})")
     p.add_argument("--train-batch", type=int, default=64)
@@ -134,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
         device=device, models={s: models[s] for s in wanted}, backends=backends_list,
         warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, budget_s=args.budget,
         apd_steps=args.apd_steps, mem_steps=args.mem_steps, measure_costs=not args.no_costs,
-        train_batch=args.train_batch,
+        train_batch=args.train_batch, mem_jobs=args.mem_jobs, mem_max_s=args.mem_max_seconds,
         memory_impls=[m.strip() for m in args.memory_impls.split(",")] if args.memory_impls else (),
     )
     bad = [m for m in cfg.memory_impls if m not in suites.MEMORY_IMPLS]
@@ -168,14 +171,17 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
     total = sum(units[s] * len(cfg.models[s]) for s in cfg.models)
     prog = _Progress(total, quiet)
     cfg.progress = prog
-    results = []
+    results, suite_wall = [], {}
     try:
         for s in cfg.models:
+            t = time.perf_counter()
             results.extend(suites.RUNNERS[s](cfg))
+            suite_wall[s] = round(time.perf_counter() - t, 1)
     finally:
         prog.close()
     env["load_average_end"] = timing.load_average()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
+    env["suite_wall_s"] = suite_wall
     config = {k: v for k, v in vars(cfg).items() if k not in ("progress", "bandwidth", "device")}
     config["device"] = str(cfg.device)
     return {

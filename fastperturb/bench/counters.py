@@ -5,7 +5,8 @@
   fastperturb op is one dispatch; what a C++ kernel does inside it is not
   seen). ``paused()`` stops counting, e.g. inside the benchmark's synthetic
   closure, which is not part of the implementation being measured.
-* :func:`measure_allocations` records allocations at the c10 allocator level
+* :func:`measure_allocations` records allocations (on CUDA: the caching
+  allocator's counters; on CPU:) at the c10 allocator level
   with the PyTorch profiler (``profile_memory=True``), so allocations inside a
   kernel count too: the gross bytes allocated during the call, the number of
   "parameter-sized" allocations (at least as large as the smallest perturbed
@@ -120,9 +121,12 @@ def _param_threshold(param_sizes: Sequence[int]) -> int:
     return min(big) if big else max(param_sizes, default=1 << 62)
 
 
-def measure_allocations(fn: Callable[[], object], param_sizes: Sequence[int]) -> dict:
+def measure_allocations(fn: Callable[[], object], param_sizes: Sequence[int],
+                        device: Optional[torch.device] = None) -> dict:
     """Gross bytes allocated by ``fn`` and how many allocations were parameter-sized (see module doc)."""
     threshold = _param_threshold(param_sizes)
+    if device is not None and device.type == "cuda":
+        return _allocs_cuda(fn, threshold, device)
     try:
         return _allocs_profiler(fn, threshold)
     except Exception as e:  # private profiler API changed: fall back to the dispatch hook
@@ -186,6 +190,22 @@ def _allocs_profiler(fn: Callable[[], object], threshold: int) -> dict:
     walk(tree, False)
     return {"method": "profiler", "alloc_bytes": gross, "alloc_count": count,
             "param_sized_allocs": big, "peak_live_bytes": peak, "param_sized_threshold_bytes": threshold}
+
+
+def _allocs_cuda(fn: Callable[[], object], threshold: int, device: torch.device) -> dict:
+    """On CUDA: the caching allocator's counters (includes the closure, which cannot be separated here)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    after = torch.cuda.memory_stats(device)
+    key_b, key_n = "allocated_bytes.all.allocated", "allocation.all.allocated"
+    return {"method": "cuda-allocator", "alloc_bytes": after.get(key_b, 0) - before.get(key_b, 0),
+            "alloc_count": after.get(key_n, 0) - before.get(key_n, 0), "param_sized_allocs": None,
+            "peak_live_bytes": torch.cuda.max_memory_allocated(device) - start,
+            "param_sized_threshold_bytes": threshold}
 
 
 def _allocs_dispatch(fn: Callable[[], object], threshold: int) -> dict:

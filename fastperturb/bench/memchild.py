@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import sys
+import time
 
 import torch
 
@@ -93,13 +94,15 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--apd-steps", type=int, default=3)
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: run all steps)")
+    ap.add_argument("--min-steps", type=int, default=3)
     a = ap.parse_args(argv)
 
     from . import shapes, suites
 
     def build(model: str):
         shp = shapes.shapes_for(model)
-        params, pre = suites.make_params(shp, torch.device("cpu"), grad_sets=1)
+        params, pre = suites.make_params(shp, torch.device("cpu"), grad_sets=1, cheap=True)
         return params, pre
 
     # Warm the runtime up first with the same implementation on a tiny list: the
@@ -121,14 +124,25 @@ def main(argv=None) -> int:
     baseline = rss_bytes()  # before the optimizer exists: its construction-time buffers count
     step = make(a, params, pre)
     label = step.label
-    for _ in range(a.steps):
+    # The peak is reached within the first steps (buffers are allocated lazily,
+    # then reused); the per-step marks show it. --max-seconds caps the slow peers
+    # (after at least --min-steps) so a default run stays short.
+    t0 = time.perf_counter()
+    marks = []
+    done = 0
+    for i in range(a.steps):
         step()
+        done += 1
+        marks.append(peak_bytes(reset_ok) - baseline)
+        if done >= a.min_steps and a.max_seconds and time.perf_counter() - t0 > a.max_seconds:
+            break
     peak = peak_bytes(reset_ok)
     gc.collect()
     end = rss_bytes()
     over = max(peak - baseline, 0)
     print(json.dumps({
-        "impl_kind": label, "steps": a.steps, "param_bytes": pbytes, "baseline_rss": baseline,
+        "impl_kind": label, "steps": done, "steps_asked": a.steps, "step_s": (time.perf_counter() - t0) / max(done, 1),
+        "peak_overhead_by_step": marks, "param_bytes": pbytes, "baseline_rss": baseline,
         "peak_rss": peak, "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)", "end_rss": end,
         "overhead_bytes": over, "overhead_x_params": over / pbytes,
         "retained_x_params": max(end - baseline, 0) / pbytes,

@@ -98,12 +98,13 @@ def print_tables(data: dict, out: TextIO) -> None:
                     model, case, r["impl"], _ms(med), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}", str(r["reps"]),
                     f"{r['gbps']:.1f}" if "gbps" in r else "-",
                     _ms(r.get("bound_s")), _ratio(r.get("x_bound")),
+                    f"{r['pct_of_bound']:.0f}%" if "pct_of_bound" in r else "-",
                     _ratio(best_fe / med) if best_fe else "-",
                     _ratio(best_peer / med) if best_peer else "-",
                     str(r.get("dispatches", "-")), _alloc(r),
                     _mb(r.get("state_bytes")) if "state_bytes" in r else "-",
                 ])
-        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s", "bound ms", "x bound",
+        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s", "bound ms", "x bound", "%bound",
                       "vs foreach", "vs best peer", "dispatch", "allocs", "state MB"], out)
         for n in dict.fromkeys(notes):
             out.write(n + "\n")

@@ -34,12 +34,14 @@ class Config:
     models: dict = field(default_factory=dict)  # suite -> list of model names
     backends: Optional[list[str]] = None  # None: every available one (not triton-on-CPU)
     warmup: int = 2
-    reps: int = 15
+    reps: int = 10
     min_reps: int = 3
-    budget_s: float = 1.5  # per implementation per case
+    budget_s: float = 1.0  # per implementation per case
     apd_steps: int = 3
     mem_steps: int = 20
     memory_impls: Sequence[str] = ()  # empty: all of MEMORY_IMPLS
+    mem_jobs: int = 2  # memory-suite child processes at a time
+    mem_max_s: float = 10.0  # a memory child stops after this long (at least 3 steps); 0 = no cap
     measure_costs: bool = True  # dispatch counts, allocations, state bytes
     train_batch: int = 64
     bandwidth: Optional[dict] = None
@@ -53,16 +55,21 @@ def _say(cfg: Config, msg: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def make_params(shape_list, device, seed: int = 0, grad_sets: int = 1):
-    """Parameters (small random weights) with ``.grad`` set, plus ``grad_sets`` precomputed gradients."""
+def make_params(shape_list, device, seed: int = 0, grad_sets: int = 1, cheap: bool = False):
+    """Parameters (small random weights) with ``.grad`` set, plus ``grad_sets`` precomputed gradients.
+
+    ``cheap``: constant fills instead of random numbers (the memory suite, where
+    only sizes matter and a 109M-parameter random init would dominate the run).
+    """
     gen = torch.Generator().manual_seed(seed)
-    params = []
-    for s in shape_list:
-        p = nn.Parameter(torch.empty(s).normal_(0, 0.05, generator=gen).to(device))
-        params.append(p)
-    pre = []
-    for _ in range(grad_sets):
-        pre.append([torch.empty(s).normal_(0, 1e-3, generator=gen).to(device) for s in shape_list])
+
+    def init(s, std):
+        if cheap:
+            return torch.full(s, std, device=device)
+        return torch.empty(s).normal_(0, std, generator=gen).to(device)
+
+    params = [nn.Parameter(init(s, 0.05)) for s in shape_list]
+    pre = [[init(s, 1e-3) for s in shape_list] for _ in range(grad_sets)]
     for p, g in zip(params, pre[0]):
         p.grad = g.clone()
     return params, pre
@@ -123,7 +130,7 @@ def _costs(cfg: Config, rec: dict, fn: Callable[[], object], prepare, params: Se
         rec["dispatches"], rec["top_ops"] = counters.count_dispatches(fn)
         if prepare:
             prepare()
-        rec["alloc"] = counters.measure_allocations(fn, [p.numel() * p.element_size() for p in params])
+        rec["alloc"] = counters.measure_allocations(fn, [p.numel() * p.element_size() for p in params], cfg.device)
         if state_obj is not None:
             rec["state_bytes"] = counters.state_bytes(state_obj, params)
     except Exception as e:
@@ -204,7 +211,8 @@ def suite_ops(cfg: Config) -> list[dict]:
             ("restore_", 2, lambda: ops.restore_(pw, backups), reset_w, lambda: torch._foreach_copy_(pw, backups)),
             ("combine_grads_", 3, lambda: ops.combine_grads_(grads, accum, 0.25), reset_g, fe_combine),
         ]
-        bks = fastperturb_backends(cfg)
+        # The reference backend is timed in the cycle suite; per op only when asked for.
+        bks = [(b, why) for b, why in fastperturb_backends(cfg) if b != "reference" or cfg.backends]
         for case, passes, fp_fn, prep, fe_fn in cases:
             nbytes = passes * P
             cands, recs = [], []
@@ -296,7 +304,8 @@ def suite_cycle(cfg: Config) -> list[dict]:
             for c, r, o in zip(cands, recs, objs):
                 r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
                 out.append(_finish(cfg, r, c, nbytes))
-                _costs(cfg, r, c.fn, refresh, params, state_obj=o)
+                if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
+                    _costs(cfg, r, c.fn, refresh, params, state_obj=o)
             refresh()
             del objs, cands
             _say(cfg, f"cycle {model} {label}")
@@ -688,35 +697,49 @@ def suite_memory(cfg: Config) -> list[dict]:
     The child (``python -m fastperturb.bench.memchild``) builds the parameters,
     their gradients and one precomputed gradient set (3 parameter-sized sets in
     all, the baseline), measures its RSS, runs the steps and reports the peak
-    RSS (``ru_maxrss``). Overhead = peak - baseline, also as a multiple of the
+    RSS. A child stops early after ``mem_max_s`` seconds (at least 3 steps): the
+    peak is reached in the first steps, which ``peak_overhead_by_step`` shows.
+    Overhead = peak - baseline, also as a multiple of the
     parameter bytes (issue #3: fastperturb's AWP <= 1x, the proxy approach ~3x).
     """
     out = []
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for model in cfg.models.get("memory", []):
+        jobs = []
         for impl in cfg.memory_impls or MEMORY_IMPLS:
             if impl not in MEMORY_IMPLS:
                 raise ValueError(f"unknown memory implementation {impl!r}; choose from {', '.join(MEMORY_IMPLS)}")
+            case = impl.split(".")[-1].split("-")[-1]
+            kind = "fastperturb" if impl.startswith("fastperturb") else ("foreach" if impl.startswith("foreach") else "peer")
             if impl == "pytorch-optimizer-SAM" and peers.pytorch_optimizer_available():
-                out.append(_skipped("memory", model, impl.split(".")[-1].split("-")[-1], impl, "peer",
-                                    peers.pytorch_optimizer_available()))
+                out.append(_skipped("memory", model, case, impl, kind, peers.pytorch_optimizer_available()))
                 continue
             cmd = [sys.executable, "-m", "fastperturb.bench.memchild", "--model", model, "--impl", impl,
-                   "--steps", str(cfg.mem_steps), "--apd-steps", str(cfg.apd_steps)]
-            env = dict(os.environ)
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            case = impl.replace("loop-", "").replace("proxy-", "").replace("deep-copy-", "").replace("pytorch-optimizer-", "").split(".")[-1]
-            kind = "fastperturb" if impl.startswith("fastperturb") else ("foreach" if impl.startswith("foreach") else "peer")
+                   "--steps", str(cfg.mem_steps), "--apd-steps", str(cfg.apd_steps),
+                   "--max-seconds", str(cfg.mem_max_s), "--min-steps", str(min(3, cfg.mem_steps))]
+            jobs.append((impl, case, kind, cmd))
+        # Peak RSS is per process, so the children may run side by side (mem_jobs at a time).
+        running: list = []
+        results: dict = {}
+        pending = list(jobs)
+        while pending or running:
+            while pending and len(running) < max(cfg.mem_jobs, 1):
+                impl, case, kind, cmd = pending.pop(0)
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                running.append((impl, case, kind, proc, time.perf_counter()))
+            impl, case, kind, proc, t0 = running.pop(0)
+            stdout, stderr = proc.communicate(timeout=1800)
             if proc.returncode != 0:
-                out.append(_record("memory", model, case, impl, kind, status="error",
-                                   reason=(proc.stderr.strip().splitlines() or ["?"])[-1]))
-                continue
-            data = json.loads(proc.stdout.strip().splitlines()[-1])
-            data["wall_s"] = time.perf_counter() - t0
-            out.append(_record("memory", model, case, impl, kind, **data))
+                results[impl] = _record("memory", model, case, impl, kind, status="error",
+                                        reason=(stderr.strip().splitlines() or ["?"])[-1])
+            else:
+                data = json.loads(stdout.strip().splitlines()[-1])
+                data["wall_s"] = round(time.perf_counter() - t0, 1)
+                results[impl] = _record("memory", model, case, impl, kind, **data)
             _say(cfg, f"memory {model} {impl}")
+        out.extend(results[impl] for impl, *_ in jobs)
     return out
 
 

@@ -71,10 +71,12 @@ def run_interleaved(
     est: dict[str, float] = {}
     for c in cands:  # warm-up, also round-robin
         c.times = []
-    for _ in range(max(warmup, 1)):
+    for w in range(max(warmup, 1)):
         for c in cands:
             if c.error:
                 continue
+            if w and est.get(c.name, 0.0) > budget_s / 3:
+                continue  # a slow implementation needs one warm-up call, not several
             try:
                 if c.prepare:
                     c.prepare()

@@ -54,8 +54,9 @@ def configured(chunk_size=0, max_tensors=0, max_blocks=0, lanes=0, finalize_tens
 # starts `offset` elements into its buffer (misaligned unless offset is a
 # multiple of the vector width), transposed = dense but not contiguous.
 
-def make(spec, gen, kind="randn"):
+def make(spec, gen, kind="randn", shift=0):
     dtype, numel, offset, transposed = spec
+    offset += shift  # lists of one call with different alignments
     if kind == "bits":  # arbitrary bit patterns: NaN payloads, infinities, subnormals
         info = torch.iinfo(BITS[dtype])
         buf = torch.randint(info.min, info.max, (numel + offset,), generator=gen, dtype=BITS[dtype]).view(dtype)
@@ -67,8 +68,8 @@ def make(spec, gen, kind="randn"):
     return flat
 
 
-def make_list(specs, gen, kind="randn"):
-    return [make(s, gen, kind) for s in specs]
+def make_list(specs, gen, kind="randn", shift=0):
+    return [make(s, gen, kind, shift) for s in specs]
 
 
 def clones(ts):
@@ -269,9 +270,9 @@ def test_grad_stats(specs, cfg, seed, with_accum, accum_init, lists_given, adapt
     eta = 0.1 if adaptive else -1.0
     gen = torch.Generator().manual_seed(seed)
     grads = make_list(specs, gen)
-    params = make_list(specs, gen) if lists_given != "none" else []
-    backups = make_list(specs, gen) if lists_given == "both" else []
-    accum = make_list(specs, gen) if with_accum else []
+    params = make_list(specs, gen, shift=1) if lists_given != "none" else []
+    backups = make_list(specs, gen, shift=2 * (seed % 3)) if lists_given == "both" else []
+    accum = make_list(specs, gen, shift=seed % 5) if with_accum else []
     accum_ref = clones(accum)
     with configured(*cfg):
         got = W.grad_stats_(grads, accum, params, backups, accum_weight=weight, accum_init=accum_init, adaptive_eta=eta)
@@ -304,7 +305,7 @@ def test_grad_stats(specs, cfg, seed, with_accum, accum_init, lists_given, adapt
 @SETTINGS
 def test_ascent_step(specs, cfg, seed, norm, first, adaptive, zero_grads, nan_grad):
     gen = torch.Generator().manual_seed(seed)
-    params, grads, backups = make_list(specs, gen), make_list(specs, gen), make_list(specs, gen)
+    params, grads, backups = make_list(specs, gen), make_list(specs, gen, shift=seed % 3), make_list(specs, gen)
     if nan_grad and grads[0].numel():  # sign(NaN) is NaN: the weight must become NaN, not stay
         grads[0][tuple(s // 2 for s in grads[0].shape)] = math.nan
     n = len(specs)
@@ -325,7 +326,7 @@ def test_ascent_step(specs, cfg, seed, norm, first, adaptive, zero_grads, nan_gr
 def test_restore_is_bitwise(specs, cfg, seed):
     gen = torch.Generator().manual_seed(seed)
     params = make_list(specs, gen)
-    backups = make_list(specs, gen, kind="bits")  # NaN payloads must survive
+    backups = make_list(specs, gen, kind="bits", shift=seed % 2)  # NaN payloads must survive
     with configured(*cfg):
         W.restore_(params, backups)
     assert_bitwise(params, backups)
@@ -335,7 +336,7 @@ def test_restore_is_bitwise(specs, cfg, seed):
 @SETTINGS
 def test_combine_grads(specs, cfg, seed, weight):
     gen = torch.Generator().manual_seed(seed)
-    grads, accum = make_list(specs, gen), make_list(specs, gen)
+    grads, accum = make_list(specs, gen), make_list(specs, gen, shift=seed % 3)
     g2 = clones(grads)
     with configured(*cfg):
         W.combine_grads_(grads, accum, weight)

@@ -113,6 +113,17 @@ struct alignas(kVecBytes) Vec {
   T v[kWidth];
 };
 
+// The i-th vector from p. On the host (the CPU executor) every vector access is
+// checked to be aligned, as a GPU's 16-byte loads and stores must be.
+template <typename T>
+FP_HD Vec<T>* vec_at(T* p, int64_t i) {
+  Vec<T>* v = reinterpret_cast<Vec<T>*>(p) + i;
+#if !defined(__CUDA_ARCH__)
+  if (!vec_aligned(v)) throw std::logic_error("work list: misaligned vector access");
+#endif
+  return v;
+}
+
 // Runs block `b` of a launch as lane `lane` of `nlanes` (a thread of the CUDA
 // block, or one of the CPU executor's emulated lanes), folding this lane's
 // reduction into `acc`. The chunk is processed with vector loads when every
@@ -142,7 +153,7 @@ FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int l
     for (int64_t i = lane; i < nv; i += nlanes) {
       Vec<T> v[D] = {};
       for (int d = 0; d < D; ++d)
-        if (op.reads(d)) v[d] = reinterpret_cast<const Vec<T>*>(p[d])[i];
+        if (op.reads(d)) v[d] = *vec_at(p[d], i);
       for (int k = 0; k < W; ++k) {
         T x[D];
         for (int d = 0; d < D; ++d) x[d] = v[d].v[k];
@@ -150,7 +161,7 @@ FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int l
         for (int d = 0; d < D; ++d) v[d].v[k] = x[d];
       }
       for (int d = 0; d < D; ++d)
-        if (op.writes(d)) reinterpret_cast<Vec<T>*>(p[d])[i] = v[d];
+        if (op.writes(d)) *vec_at(p[d], i) = v[d];
     }
     done = nv * W;
   }

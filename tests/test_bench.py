@@ -303,6 +303,8 @@ def test_clear_errors_for_unknown_suite_model_backend(capsys):
     assert "unknown model" in capsys.readouterr().err
     assert cli.entry(["--suites", "cycle", "--models", "tiny", "--backends", "gpu9"]) == 2
     assert "unknown backend" in capsys.readouterr().err
+    assert cli.entry(["--suites", "train", "--train-model", "resnet9000"]) == 2
+    assert "train-model" in capsys.readouterr().err
 
 
 def test_fastperturb_cli_bench_writes_json_and_chart(tmp_path, capsys):

@@ -126,6 +126,12 @@ def main(args: argparse.Namespace) -> int:
         models["memory"] = [args.memory_model]
     for s in wanted:
         if s == "train":
+            for m in models["train"]:
+                if m != "cnn":
+                    try:
+                        suites._train_model(m)
+                    except Exception as e:
+                        return _fail(f"bad --train-model {m!r}: {e}")
             continue
         for m in models[s]:
             try:

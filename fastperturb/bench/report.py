@@ -76,6 +76,10 @@ def print_tables(data: dict, out: TextIO) -> None:
     env, bw = data.get("env", {}), data.get("bandwidth") or {}
     out.write(f"fastperturb bench  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
               f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n")
+    load, cores = env.get("load_average_start"), env.get("cpu_count") or 1
+    if load and max(load[0], (env.get("load_average_end") or [0])[0]) > 0.75 * cores:
+        out.write(f"WARNING: load average {load[0]} at start, {(env.get('load_average_end') or ['?'])[0]} at end on "
+                  f"{cores} cores: other processes competed for the CPU and memory bus; timings are not representative\n")
     if bw:
         out.write(f"memory bandwidth (this run): triad {bw['triad_gbps']:.1f} GB/s (median {bw['triad_gbps_median']:.1f}),"
                   f" copy {bw['copy_gbps']:.1f} GB/s; bounds use the best triad\n")
@@ -282,6 +286,10 @@ def chart(data: dict, path: str) -> Optional[str]:
         ax.set_xscale("log")
         ax.set_xlabel("ms per call (median, min-max; black tick: bandwidth bound)")
         ax.set_title(f"{suite}", fontsize=9)
+    from matplotlib.patches import Patch
+
+    kinds = [k for k in colors if any(r["kind"] == k for r in data["results"] if r["status"] == "ok")]
+    axes[0, 0].legend(handles=[Patch(color=colors[k], label=k) for k in kinds], fontsize=7, loc="lower right")
     env = data.get("env", {})
     fig.suptitle(f"fastperturb bench, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
                  fontsize=8)

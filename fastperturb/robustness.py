@@ -34,6 +34,11 @@ ball's norm; ``relative=False`` makes it absolute. Which tensors: ``params``
 (all parameters that require grad by default; ``"weights"`` for tensors with
 ``dim > 1``, as AWP perturbs; a predicate ``(name, param) -> bool``; or a list).
 
+Memory: besides the model's own ``.grad``, an evaluation keeps one
+parameter-sized buffer per corrupted tensor for the backups (exact restore),
+one for the clean gradient (reused by every ascent), one for the engine's
+accumulator when K > 1 and one for the Gaussian draws.
+
 Guarantees: the weights are bit-identical after any evaluation, also when it
 is interrupted (exception, ``KeyboardInterrupt``); ``.grad``, the train/eval
 flags and every buffer (BatchNorm running statistics) are put back as they
@@ -665,6 +670,9 @@ def sweep(
                 elif kind == "first_order":
                     points.append(ev.first_order(e))
                 else:
+                    # the same directions at every eps (common random numbers): the curve's shape is not noise,
+                    # and a point does not depend on the rest of the grid
+                    gen.manual_seed(seed)
                     points.append(ev.random(e, trials, gen, antithetic))
                 bar.update(1)
     config = {

@@ -291,8 +291,22 @@ def test_sweep_result_export_and_slopes(tmp_path):
     lines = text.strip().splitlines()
     assert lines[0].split(",") == R.ROW_FIELDS and len(lines) == 1 + 4 * len(grid)
     assert "adversarial_k3" in res.table()
+    adv = R.adversarial(model, loss_fn, data, 1e-1, steps=3, relative=False, scope="global", accuracy=False)
+    assert res.select("adversarial_k3")[3].loss_change == adv.loss_change
     res.plot(str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_points_equal_the_single_indicators():
+    # random: the same draws at every eps, so a point does not depend on the rest of the grid
+    model, x, y = mlp_problem()
+    res = R.sweep(model, F.cross_entropy, (x, y), [0.01, 0.03], kinds=("random", "adversarial"), steps=2, trials=3,
+                  seed=5, progress=False)
+    for p in res.select("random"):
+        q = R.random_corruption(model, F.cross_entropy, (x, y), p.eps, trials=3, seed=5)
+        assert (p.loss_change, p.accuracy, p.loss_change_sem) == (q.loss_change, q.accuracy, q.loss_change_sem)
+    for p in res.select("adversarial_k2"):
+        assert p.loss_change == R.adversarial(model, F.cross_entropy, (x, y), p.eps, steps=2).loss_change
 
 
 def test_fit_slope():

@@ -327,7 +327,8 @@ def plot_sweeps(
 ):
     """Plot loss change vs eps (log-log) for several results (e.g. one per optimizer).
 
-    Each line is labelled ``"<name> <series>"`` with its fitted small-eps slope.
+    Each line is labelled ``"<name> <series>"`` with its fitted small-eps slope
+    (or, if fewer than two points are resolved there, the slope over all resolved points).
     Points whose mean change is not resolved as positive (``<= 2`` standard
     errors, e.g. a random corruption that lowered the loss on average) have no
     place on a log axis: the line is broken there. Returns the Figure; saves it
@@ -341,7 +342,7 @@ def plot_sweeps(
         ax = fig.add_subplot(1, 1, 1)
     colors = {}
     for name, res in results.items():
-        sl = res.slopes()
+        sl, sl_all = res.slopes(), res.slopes(math.inf)
         for s in res.series if series is None else [s for s in series if s in res.series]:
             pts = res.select(s)
             if not any(p.resolved for p in pts):
@@ -349,6 +350,8 @@ def plot_sweeps(
             label = f"{name} {s}".strip()
             if slopes and sl.get(s) is not None:
                 label += f" (slope {sl[s]:.2f})"
+            elif slopes and sl_all.get(s) is not None:  # nothing resolved at small eps: fit what is
+                label += f" (slope {sl_all[s]:.2f}, resolved points)"
             key = name if len(results) > 1 else s
             # unresolved points (mean change <= 2 standard errors, e.g. <= 0) break the line
             line = ax.plot([p.eps for p in pts], [p.loss_change if p.resolved else math.nan for p in pts], _STYLE.get(s, "-"),

@@ -91,6 +91,14 @@ def fastperturb_backends(cfg: Config) -> list[tuple[str, Optional[str]]]:
     return out
 
 
+def timed_backends(cfg: Config) -> list[tuple[str, Optional[str]]]:
+    """Backends for the ops and step suites: the reference only when asked for or when nothing else runs."""
+    bks = fastperturb_backends(cfg)
+    if cfg.backends or not any(why is None for b, why in bks if b != "reference"):
+        return bks
+    return [(b, why) for b, why in bks if b != "reference"]
+
+
 def _bound(cfg: Config, nbytes: float) -> Optional[float]:
     bw = (cfg.bandwidth or {}).get("triad_gbps")
     return nbytes / (bw * 1e9) if bw else None
@@ -212,7 +220,7 @@ def suite_ops(cfg: Config) -> list[dict]:
             ("combine_grads_", 3, lambda: ops.combine_grads_(grads, accum, 0.25), reset_g, fe_combine),
         ]
         # The reference backend is timed in the cycle suite; per op only when asked for.
-        bks = [(b, why) for b, why in fastperturb_backends(cfg) if b != "reference" or cfg.backends]
+        bks = timed_backends(cfg)
         for case, passes, fp_fn, prep, fe_fn in cases:
             nbytes = passes * P
             cands, recs = [], []
@@ -373,7 +381,7 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
     k = preset.spec.steps
     impls = []
     wrapper = fused.wrapper_class(name)
-    bks = [(b, why) for b, why in fastperturb_backends(cfg) if b != "reference" or cfg.backends]
+    bks = timed_backends(cfg)
     for b, why in bks:
         label = f"fastperturb.{name}[{b}]" if wrapper is not None else f"fastperturb-engine.{name}[{b}]"
         if why:

@@ -24,6 +24,20 @@ if _native.load_error is None:
 _PY_BACKENDS = ("reference",)
 
 
+def _non_differentiable(fn):
+    """The ops are not differentiable: run them outside autograd so no backend's
+    outputs require grad and in-place writes to leaf parameters are allowed."""
+    no_grad = torch.no_grad()
+
+    def wrapper(*args, **kwargs):
+        with no_grad:
+            return fn(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def _device_of(*lists: Sequence[Tensor]) -> torch.device:
     for ts in lists:
         if len(ts):
@@ -31,6 +45,7 @@ def _device_of(*lists: Sequence[Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
+@_non_differentiable
 def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> tuple[Tensor, Tensor]:
     """Per-tensor norms (float32 ``[n]``) and the global norm (float32 scalar); ``ord`` is 2 or inf."""
     tensors = list(tensors)
@@ -40,6 +55,7 @@ def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> tuple[Tensor, Tensor]:
     return backends.op("norms", backend)(tensors, float(ord))
 
 
+@_non_differentiable
 def grad_stats_(
     grads: Sequence[Tensor],
     accum: Sequence[Tensor] = (),
@@ -61,6 +77,7 @@ def grad_stats_(
     )
 
 
+@_non_differentiable
 def ascent_step_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -84,6 +101,7 @@ def ascent_step_(
     )
 
 
+@_non_differentiable
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """``params = backups``, bit for bit."""
     params, backups = list(params), list(backups)
@@ -93,6 +111,7 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     backends.op("restore_", backend)(params, backups)
 
 
+@_non_differentiable
 def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: float) -> None:
     """``grads = accum + weight * grads``."""
     grads, accum = list(grads), list(accum)

@@ -270,3 +270,14 @@ def test_pass_weights():
     assert PerturbSpec(steps=1).pass_weights() == [0.0, 1.0]
     assert PerturbSpec(steps=3, include_clean=True).pass_weights() == [0.25] * 4
     assert PerturbSpec(steps=2).pass_weights() == [0.0, 0.5, 0.5]
+
+
+def test_ops_are_outside_autograd():
+    from fastperturb import ops
+
+    w = [torch.nn.Parameter(torch.randn(3, 4))]
+    per, total = ops.norms(w)
+    stats = ops.grad_stats_([torch.randn(3, 4)], [], w, [])
+    assert not per.requires_grad and not total.requires_grad and not stats.requires_grad
+    ops.ascent_step_(w, [torch.randn(3, 4)], [torch.empty(3, 4)], torch.tensor([0.1]), torch.tensor([1.0]), first=True)
+    assert w[0].grad_fn is None

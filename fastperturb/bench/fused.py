@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ..perturb import Cycle, PerturbSpec, grads_of, run_cycle
+from ..perturb import Cycle, PerturbSpec, run_cycle
 
 
 @dataclass(frozen=True)

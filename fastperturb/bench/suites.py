@@ -155,6 +155,94 @@ def _param_bytes(params: Sequence[Tensor]) -> int:
 
 # ----------------------------------------------------------------------------- ops
 
+def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
+    shp = shapes.shapes_for(model)
+    params, pre = make_params(shp, cfg.device)
+    grads = [p.grad for p in params]
+    w0 = [p.detach().clone() for p in params]
+    g0 = [g.clone() for g in pre[0]]
+    backups = [w + 1e-4 for w in w0]
+    accum = [g * 0.5 for g in g0]
+    a0 = [a.clone() for a in accum]
+    n = len(params)
+    coef = torch.full((n,), 0.01, device=cfg.device)
+    proj = torch.full((n,), 0.9, device=cfg.device)
+    P = _param_bytes(params)
+    pw = [p.data for p in params]
+
+    def reset_w():
+        torch._foreach_copy_(pw, w0)
+
+    def reset_g():
+        torch._foreach_copy_(grads, g0)
+
+    def reset_a():
+        torch._foreach_copy_(accum, a0)
+
+    def reset_all():
+        reset_w(), reset_g(), reset_a()
+
+    def fe_norms_linf():
+        torch.stack(torch._foreach_norm(grads, math.inf)).max()
+
+    def fe_ascent_proj():
+        torch._foreach_sub_(pw, backups)
+        torch._foreach_add_(pw, grads, alpha=0.01)
+        torch._foreach_mul_(pw, 0.9)
+        torch._foreach_add_(pw, backups)
+
+    def fe_combine():
+        torch._foreach_mul_(grads, 0.25)
+        torch._foreach_add_(grads, accum)
+
+    cases = [
+        ("norms(l2)", 1, lambda: ops.norms(grads, 2.0), None, lambda: peers._global_norm(grads)),
+        ("norms(inf)", 1, lambda: ops.norms(grads, math.inf), None, fe_norms_linf),
+        ("grad_stats_", 1, lambda: ops.grad_stats_(grads), None, lambda: torch._foreach_norm(grads)),
+        ("grad_stats_+accum", 3, lambda: ops.grad_stats_(grads, accum, accum_weight=0.5), reset_a,
+         lambda: (torch._foreach_norm(grads), torch._foreach_add_(accum, grads, alpha=0.5))),
+        ("grad_stats_+delta+accum", 5, lambda: ops.grad_stats_(grads, accum, pw, backups, accum_weight=0.5),
+         reset_a, None),
+        ("ascent_step_(first)", 4,
+         lambda: ops.ascent_step_(pw, grads, backups, coef, proj, first=True), reset_w,
+         lambda: (torch._foreach_copy_(backups, pw), torch._foreach_add_(pw, grads, alpha=0.01))),
+        ("ascent_step_(proj)", 4, lambda: ops.ascent_step_(pw, grads, backups, coef, proj), reset_w, fe_ascent_proj),
+        ("restore_", 2, lambda: ops.restore_(pw, backups), reset_w, lambda: torch._foreach_copy_(pw, backups)),
+        ("combine_grads_", 3, lambda: ops.combine_grads_(grads, accum, 0.25), reset_g, fe_combine),
+    ]
+    # The reference backend is timed in the cycle suite; per op only when asked for.
+    bks = timed_backends(cfg)
+    for case, passes, fp_fn, prep, fe_fn in cases:
+        nbytes = passes * P
+        cands, recs = [], []
+        for b, why in bks:
+            if why:
+                out.append(_skipped("ops", model, case, f"fastperturb[{b}]", "fastperturb", why))
+                continue
+
+            def run(fp_fn=fp_fn, b=b):
+                with backends.use_backend(b), torch.no_grad():
+                    fp_fn()
+            cands.append(Candidate(f"fastperturb[{b}]", run, prep))
+            recs.append(_record("ops", model, case, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb", passes=passes))
+        if fe_fn is not None:
+            def run_fe(fe_fn=fe_fn):
+                with torch.no_grad():
+                    fe_fn()
+            cands.append(Candidate("foreach", run_fe, prep))
+            recs.append(_record("ops", model, case, "foreach", "foreach", passes=passes))
+        else:
+            out.append(_skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)"))
+        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        reset_all()
+        for c, r in zip(cands, recs):
+            r.update(n_tensors=n, n_params=sum(p.numel() for p in params))
+            out.append(_finish(cfg, r, c, nbytes))
+            _costs(cfg, r, c.fn, prep, params)
+        reset_all()
+        _say(cfg, f"ops {model} {case}")
+
+
 def suite_ops(cfg: Config) -> list[dict]:
     """Each fused op on each backend, beside the ``torch._foreach_*`` equivalent where there is one.
 
@@ -165,92 +253,7 @@ def suite_ops(cfg: Config) -> list[dict]:
     """
     out = []
     for model in cfg.models.get("ops", []):
-        shp = shapes.shapes_for(model)
-        params, pre = make_params(shp, cfg.device)
-        grads = [p.grad for p in params]
-        w0 = [p.detach().clone() for p in params]
-        g0 = [g.clone() for g in pre[0]]
-        backups = [w + 1e-4 for w in w0]
-        accum = [g * 0.5 for g in g0]
-        a0 = [a.clone() for a in accum]
-        n = len(params)
-        coef = torch.full((n,), 0.01, device=cfg.device)
-        proj = torch.full((n,), 0.9, device=cfg.device)
-        P = _param_bytes(params)
-        pw = [p.data for p in params]
-
-        def reset_w():
-            torch._foreach_copy_(pw, w0)
-
-        def reset_g():
-            torch._foreach_copy_(grads, g0)
-
-        def reset_a():
-            torch._foreach_copy_(accum, a0)
-
-        def reset_all():
-            reset_w(), reset_g(), reset_a()
-
-        def fe_norms_linf():
-            torch.stack(torch._foreach_norm(grads, math.inf)).max()
-
-        def fe_ascent_proj():
-            torch._foreach_sub_(pw, backups)
-            torch._foreach_add_(pw, grads, alpha=0.01)
-            torch._foreach_mul_(pw, 0.9)
-            torch._foreach_add_(pw, backups)
-
-        def fe_combine():
-            torch._foreach_mul_(grads, 0.25)
-            torch._foreach_add_(grads, accum)
-
-        cases = [
-            ("norms(l2)", 1, lambda: ops.norms(grads, 2.0), None, lambda: peers._global_norm(grads)),
-            ("norms(inf)", 1, lambda: ops.norms(grads, math.inf), None, fe_norms_linf),
-            ("grad_stats_", 1, lambda: ops.grad_stats_(grads), None, lambda: torch._foreach_norm(grads)),
-            ("grad_stats_+accum", 3, lambda: ops.grad_stats_(grads, accum, accum_weight=0.5), reset_a,
-             lambda: (torch._foreach_norm(grads), torch._foreach_add_(accum, grads, alpha=0.5))),
-            ("grad_stats_+delta+accum", 5, lambda: ops.grad_stats_(grads, accum, pw, backups, accum_weight=0.5),
-             reset_a, None),
-            ("ascent_step_(first)", 4,
-             lambda: ops.ascent_step_(pw, grads, backups, coef, proj, first=True), reset_w,
-             lambda: (torch._foreach_copy_(backups, pw), torch._foreach_add_(pw, grads, alpha=0.01))),
-            ("ascent_step_(proj)", 4, lambda: ops.ascent_step_(pw, grads, backups, coef, proj), reset_w, fe_ascent_proj),
-            ("restore_", 2, lambda: ops.restore_(pw, backups), reset_w, lambda: torch._foreach_copy_(pw, backups)),
-            ("combine_grads_", 3, lambda: ops.combine_grads_(grads, accum, 0.25), reset_g, fe_combine),
-        ]
-        # The reference backend is timed in the cycle suite; per op only when asked for.
-        bks = timed_backends(cfg)
-        for case, passes, fp_fn, prep, fe_fn in cases:
-            nbytes = passes * P
-            cands, recs = [], []
-            for b, why in bks:
-                if why:
-                    out.append(_skipped("ops", model, case, f"fastperturb[{b}]", "fastperturb", why))
-                    continue
-
-                def run(fp_fn=fp_fn, b=b):
-                    with backends.use_backend(b), torch.no_grad():
-                        fp_fn()
-                cands.append(Candidate(f"fastperturb[{b}]", run, prep))
-                recs.append(_record("ops", model, case, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb", passes=passes))
-            if fe_fn is not None:
-                def run_fe(fe_fn=fe_fn):
-                    with torch.no_grad():
-                        fe_fn()
-                cands.append(Candidate("foreach", run_fe, prep))
-                recs.append(_record("ops", model, case, "foreach", "foreach", passes=passes))
-            else:
-                out.append(_skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)"))
-            timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
-            reset_all()
-            for c, r in zip(cands, recs):
-                r.update(n_tensors=n, n_params=sum(p.numel() for p in params))
-                out.append(_finish(cfg, r, c, nbytes))
-                _costs(cfg, r, c.fn, prep, params)
-            reset_all()
-            _say(cfg, f"ops {model} {case}")
-        del params, pre, grads, w0, g0, backups, accum, a0
+        _suite_ops_model(cfg, model, out)
     return out
 
 
@@ -271,6 +274,45 @@ def _foreach_cycle(preset: fused.Preset, params):
 CYCLES = ("SAM", "AWP", "APD")
 
 
+def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
+    pre_all = fused.presets(cfg.apd_steps)
+    shp = shapes.shapes_for(model)
+    params, pre = make_params(shp, cfg.device)
+    grads = [p.grad for p in params]
+    P = _param_bytes(params)
+
+    def refresh():
+        torch._foreach_copy_(grads, pre[0])
+
+    for cname in CYCLES:
+        preset = pre_all[cname]
+        label = f"{cname}-{preset.spec.steps}" if cname == "APD" else cname
+        nbytes = fused.cycle_passes(preset) * P
+        cands, recs, objs = [], [], []
+        for b, why in fastperturb_backends(cfg):
+            if why:
+                out.append(_skipped("cycle", model, label, f"fastperturb[{b}]", "fastperturb", why))
+                continue
+            fc = fused.FusedCycle(preset, params, b)
+            cands.append(Candidate(f"fastperturb[{b}]", fc.run, refresh))
+            recs.append(_record("cycle", model, label, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb",
+                                passes=fused.cycle_passes(preset)))
+            objs.append(fc)
+        fe = _foreach_cycle(preset, params)
+        cands.append(Candidate("foreach", fe.cycle, refresh))
+        recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
+        objs.append(fe)
+        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        for c, r, o in zip(cands, recs, objs):
+            r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
+            out.append(_finish(cfg, r, c, nbytes))
+            if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
+                _costs(cfg, r, c.fn, refresh, params, state_obj=o)
+        refresh()
+        del objs, cands
+        _say(cfg, f"cycle {model} {label}")
+
+
 def suite_cycle(cfg: Config) -> list[dict]:
     """One perturb-restore cycle per preset (gradient already in ``.grad``, no closure).
 
@@ -280,44 +322,8 @@ def suite_cycle(cfg: Config) -> list[dict]:
     tensor of the list (per layer, relative); the step suite uses AWP's dim > 1 rule.
     """
     out = []
-    pre_all = fused.presets(cfg.apd_steps)
     for model in cfg.models.get("cycle", []):
-        shp = shapes.shapes_for(model)
-        params, pre = make_params(shp, cfg.device)
-        grads = [p.grad for p in params]
-        P = _param_bytes(params)
-
-        def refresh():
-            torch._foreach_copy_(grads, pre[0])
-
-        for cname in CYCLES:
-            preset = pre_all[cname]
-            label = f"{cname}-{preset.spec.steps}" if cname == "APD" else cname
-            nbytes = fused.cycle_passes(preset) * P
-            cands, recs, objs = [], [], []
-            for b, why in fastperturb_backends(cfg):
-                if why:
-                    out.append(_skipped("cycle", model, label, f"fastperturb[{b}]", "fastperturb", why))
-                    continue
-                fc = fused.FusedCycle(preset, params, b)
-                cands.append(Candidate(f"fastperturb[{b}]", fc.run, refresh))
-                recs.append(_record("cycle", model, label, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb",
-                                    passes=fused.cycle_passes(preset)))
-                objs.append(fc)
-            fe = _foreach_cycle(preset, params)
-            cands.append(Candidate("foreach", fe.cycle, refresh))
-            recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
-            objs.append(fe)
-            timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
-            for c, r, o in zip(cands, recs, objs):
-                r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
-                out.append(_finish(cfg, r, c, nbytes))
-                if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
-                    _costs(cfg, r, c.fn, refresh, params, state_obj=o)
-            refresh()
-            del objs, cands
-            _say(cfg, f"cycle {model} {label}")
-        del params, pre, grads
+        _suite_cycle_model(cfg, model, out)
     return out
 
 
@@ -484,6 +490,41 @@ def _run(opt, closure, backend):
             opt.step(closure)
 
 
+def _suite_step_model(cfg: Config, model: str, out: list) -> None:
+    pre_all = fused.presets(cfg.apd_steps)
+    shp = shapes.shapes_for(model)
+    params, pre = make_params(shp, cfg.device, grad_sets=2)
+    for pname in ("SAM", "ASAM", "AWP", "APD"):
+        preset = pre_all[pname]
+        label = f"APD-{preset.spec.steps}" if pname == "APD" else pname
+        cands, recs, objs, closures = [], [], [], []
+        for impl, kind, make in _step_impls(cfg, preset, params, pre):
+            if isinstance(make, str):
+                out.append(_skipped("step", model, label, impl, kind, make.removeprefix("skipped: ")))
+                continue
+            try:
+                fn, obj, closure = make()
+            except Exception as e:
+                out.append(_record("step", model, label, impl, kind, status="error", reason=f"{type(e).__name__}: {e}"))
+                continue
+            cands.append(Candidate(impl, fn))
+            recs.append(_record("step", model, label, impl, kind))
+            objs.append(obj)
+            closures.append(closure)
+        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        for c, r, o, cl in zip(cands, recs, objs, closures):
+            r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
+            out.append(_finish(cfg, r, c, None))
+            if c.error:
+                continue
+            before = cl.calls
+            _costs(cfg, r, c.fn, None, params, state_obj=o)
+            if cfg.measure_costs:
+                r["closure_calls"] = (cl.calls - before) // 2
+        del cands, objs, closures
+        _say(cfg, f"step {model} {label}")
+
+
 def suite_step(cfg: Config) -> list[dict]:
     """One full optimizer step of each preset with synthetic gradients and a no-op base optimizer.
 
@@ -493,40 +534,8 @@ def suite_step(cfg: Config) -> list[dict]:
     (the closure's own excluded), persistent state bytes.
     """
     out = []
-    pre_all = fused.presets(cfg.apd_steps)
     for model in cfg.models.get("step", []):
-        shp = shapes.shapes_for(model)
-        params, pre = make_params(shp, cfg.device, grad_sets=2)
-        for pname in ("SAM", "ASAM", "AWP", "APD"):
-            preset = pre_all[pname]
-            label = f"APD-{preset.spec.steps}" if pname == "APD" else pname
-            cands, recs, objs, closures = [], [], [], []
-            for impl, kind, make in _step_impls(cfg, preset, params, pre):
-                if isinstance(make, str):
-                    out.append(_skipped("step", model, label, impl, kind, make.removeprefix("skipped: ")))
-                    continue
-                try:
-                    fn, obj, closure = make()
-                except Exception as e:
-                    out.append(_record("step", model, label, impl, kind, status="error", reason=f"{type(e).__name__}: {e}"))
-                    continue
-                cands.append(Candidate(impl, fn))
-                recs.append(_record("step", model, label, impl, kind))
-                objs.append(obj)
-                closures.append(closure)
-            timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
-            for c, r, o, cl in zip(cands, recs, objs, closures):
-                r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
-                out.append(_finish(cfg, r, c, None))
-                if c.error:
-                    continue
-                before = cl.calls
-                _costs(cfg, r, c.fn, None, params, state_obj=o)
-                if cfg.measure_costs:
-                    r["closure_calls"] = (cl.calls - before) // 2
-            del cands, objs, closures
-            _say(cfg, f"step {model} {label}")
-        del params, pre
+        _suite_step_model(cfg, model, out)
     return out
 
 

@@ -248,6 +248,7 @@ def test_each_suite_runs_on_tiny_settings(suite):
         for r in ok:
             assert r["closure_calls"] == (4 if r["case"] == "APD-3" else 2), r["impl"]
             assert "dispatches" in r and "alloc" in r and "state_bytes" in r
+            assert r["optimizer_s"] == pytest.approx(r["median_s"] - r["closure_calls"] * r["closure_s"])
     if suite == "train":
         assert any("overhead_share" in r for r in ok)
     out = io.StringIO()

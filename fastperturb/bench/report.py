@@ -101,14 +101,16 @@ def print_tables(data: dict, out: TextIO) -> None:
                 rows.append([
                     model, case, r["impl"], _ms(med), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}", str(r["reps"]),
                     f"{r['gbps']:.1f}" if "gbps" in r else "-",
-                    _ms(r.get("bound_s")), _ratio(r.get("x_bound")),
+                    _ms(r.get("optimizer_s")) if suite == "step" else _ms(r.get("bound_s")),
+                    _ratio(r.get("x_bound")),
                     f"{r['pct_of_bound']:.0f}%" if "pct_of_bound" in r else "-",
                     _ratio(best_fe / med) if best_fe else "-",
                     _ratio(best_peer / med) if best_peer else "-",
                     str(r.get("dispatches", "-")), _alloc(r),
                     _mb(r.get("state_bytes")) if "state_bytes" in r else "-",
                 ])
-        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s", "bound ms", "x bound", "%bound",
+        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s",
+                      "excl.closure ms" if suite == "step" else "bound ms", "x bound", "%bound",
                       "vs foreach", "vs best peer", "dispatch", "allocs", "state MB"], out)
         for n in dict.fromkeys(notes):
             out.write(n + "\n")
@@ -174,9 +176,10 @@ def targets(results: list[dict]) -> list[dict]:
         mine = _find(results, "step", model, "SAM", lambda r: r["kind"] == "fastperturb" and r["impl"].endswith("[cpp]"))
         po = [r for r in results if r["suite"] == "step" and r["model"] == model and r["case"] == "SAM"
               and r["status"] == "ok" and r["impl"].startswith("pytorch-optimizer")]
-        best = min((r["median_s"] for r in po), default=None)
-        add(f"SAM step on {model}, speedup vs pytorch-optimizer SAM (its faster configuration)",
-            best / mine["median_s"] if mine and best else None, f">= {goal}", lambda v, g=goal: v >= g)
+        for key, what in (("median_s", "whole step"), ("optimizer_s", "excluding the closure's gradient copies")):
+            best = min((r[key] for r in po if r.get(key)), default=None)
+            add(f"SAM step on {model}, speedup vs pytorch-optimizer SAM (its faster configuration), {what}",
+                best / mine[key] if mine and best and mine.get(key) else None, f">= {goal}", lambda v, g=goal: v >= g)
     for model in ("bert-base",):
         mine = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "fastperturb.AWP")
         proxy = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "proxy-AWP")

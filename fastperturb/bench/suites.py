@@ -494,6 +494,12 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
     pre_all = fused.presets(cfg.apd_steps)
     shp = shapes.shapes_for(model)
     params, pre = make_params(shp, cfg.device, grad_sets=2)
+    # The closure's own cost (one gradient copy), to report each step without it too.
+    probe = SyntheticClosure(params, pre)
+    cl_cand = Candidate("closure", probe)
+    timing.run_interleaved([cl_cand], cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
+                           budget_s=cfg.budget_s)
+    closure_s = timing.summary(cl_cand.times).get("median_s")
     for pname in ("SAM", "ASAM", "AWP", "APD"):
         preset = pre_all[pname]
         label = f"APD-{preset.spec.steps}" if pname == "APD" else pname
@@ -517,6 +523,9 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             out.append(_finish(cfg, r, c, None))
             if c.error:
                 continue
+            if closure_s is not None:
+                r["closure_s"] = closure_s
+                r["optimizer_s"] = r["median_s"] - (preset.spec.steps + 1) * closure_s
             before = cl.calls
             _costs(cfg, r, c.fn, None, params, state_obj=o)
             if cfg.measure_costs:
@@ -530,8 +539,9 @@ def suite_step(cfg: Config) -> list[dict]:
 
     Every implementation makes K+1 closure calls per step (the closure copies
     precomputed gradients into ``.grad``), so step times include K+1 gradient
-    copies for all alike. Also per step: operator dispatches and allocations
-    (the closure's own excluded), persistent state bytes.
+    copies for all alike; ``optimizer_s`` = median - (K+1) x the closure's own
+    median time (measured alone), the optimizer's share. Also per step: operator
+    dispatches and allocations (the closure's own excluded), persistent state bytes.
     """
     out = []
     for model in cfg.models.get("step", []):

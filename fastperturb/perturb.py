@@ -20,7 +20,9 @@ gradient sums several passes (``steps > 1`` or ``include_clean``).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -261,15 +263,13 @@ class Cycle:
 
 def grads_of(params: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     """The ``.grad`` of every tensor, with a clear error if a backward did not reach one."""
-    grads = []
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            raise RuntimeError(
-                f"perturbed tensor {i} (shape {tuple(p.shape)}) has no .grad after pass {pass_index}: "
-                "the closure must compute the loss and call backward() on it"
-            )
-        grads.append(g)
+    grads = [p.grad for p in params]
+    if not all(map(operator.is_not, grads, repeat(None))):
+        i = next(i for i, g in enumerate(grads) if g is None)
+        raise RuntimeError(
+            f"perturbed tensor {i} (shape {tuple(params[i].shape)}) has no .grad after pass {pass_index}: "
+            "the closure must compute the loss and call backward() on it"
+        )
     return grads
 
 

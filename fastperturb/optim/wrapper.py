@@ -77,7 +77,8 @@ class _GradHolder:
 
 
 def _versions(params: Sequence[Tensor]) -> list:
-    return [(p.grad, -1 if p.grad is None else p.grad._version) for p in params]
+    grads = [p.grad for p in params]
+    return [(g, -1 if g is None else g._version) for g in grads]
 
 
 def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
@@ -190,6 +191,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._selected: Dict[Tensor, bool] = {}
         self._backups: Dict[Tensor, Tensor] = {}
         self._accums: Dict[Tensor, Tensor] = {}
+        # Per-step Python work must not grow with per-parameter lookups: the group
+        # selection and the buffer lists are cached while the tensors they cover stay the same.
+        self._selection_cache: tuple = ((), [])
+        self._list_cache: Dict[str, tuple] = {}
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
 
@@ -249,19 +254,30 @@ class PerturbOptimizer(torch.optim.Optimizer):
             sel = self._selected[p] = self.perturb_filter is None or bool(self.perturb_filter(p))
         return sel
 
+    def _selection(self) -> List[tuple]:
+        """Per group: (perturbed candidates, passive candidates), cached while the groups'
+        parameter lists and ``perturb`` flags are unchanged."""
+        key = tuple((id(g["params"]), len(g["params"]), bool(g.get("perturb", True))) for g in self.param_groups)
+        if key != self._selection_cache[0]:
+            sel = []
+            for group in self.param_groups:
+                on = bool(group.get("perturb", True))
+                flags = [on and self._is_selected(p) for p in group["params"]]
+                sel.append(([p for p, f in zip(group["params"], flags) if f],
+                            [p for p, f in zip(group["params"], flags) if not f]))
+            self._selection_cache = (key, sel)
+        return self._selection_cache[1]
+
     def _plan(self) -> _Plan:
         plan = _Plan([], [], [], [])
-        for i, group in enumerate(self.param_groups):
+        for i, (group, (chosen, passive)) in enumerate(zip(self.param_groups, self._selection())):
             sizes = self._group_sizes(i, group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if sizes is not None and self._is_selected(p):
-                    plan.params.append(p)
-                    plan.radius.append(sizes[0])
-                    plan.step.append(sizes[1])
-                else:
-                    plan.passive.append(p)
+            if sizes is not None:
+                with_grad = [p for p in chosen if p.grad is not None]
+                plan.params += with_grad
+                plan.radius += [sizes[0]] * len(with_grad)
+                plan.step += [sizes[1]] * len(with_grad)
+            plan.passive += [p for p in passive if p.grad is not None]
         return plan
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
@@ -274,11 +290,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
             store[key] = b
         return b
 
+    def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], List[Tensor]]) -> List[Tensor]:
+        """``build()``'s list, reused while ``params`` are the same tensors in the same order
+        (a tensor whose shape changed behind our back is caught by the fused ops' checks)."""
+        key = tuple(map(id, params))
+        hit = self._list_cache.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._list_cache[name] = (key, build())
+        return hit[1]
+
     def _backup_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return [self._buffer(self._backups, p, p) for p in params]
+        return self._cached_list("backups", params, lambda: [self._buffer(self._backups, p, p) for p in params])
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return [self._buffer(self._accums, p, p.grad) for p in params]
+        return self._cached_list("accum", params, lambda: [self._buffer(self._accums, p, p.grad) for p in params])
 
     def buffer_count(self) -> tuple:
         """(backups, accumulators) currently allocated: one backup per perturbed tensor, one
@@ -372,15 +397,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        names, params = [], []
-        for gi, group in enumerate(self.param_groups):
-            for pj, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    params.append(p)
-                    names.append(f"param_groups[{gi}]['params'][{pj}]")
-        grads = [p.grad for p in params]
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         total, per = _grad_norm(grads)
         if not math.isfinite(total):
+            names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
+                     for pj, p in enumerate(group["params"]) if p.grad is not None]
             bad = [i for i, v in enumerate(per) if not math.isfinite(v)]
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
             self._on_nonfinite(err, scaler)
@@ -417,8 +438,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise RuntimeError("first_step() was called without second_step(); finish that cycle first")
         _check_scaler(scaler)
         self.last_step_skipped = False
-        self.zero_grad(set_to_none=False)
         every = [p for group in self.param_groups for p in group["params"]]
+        _zero_grads(every)
         loss = self._call_closure(closure, 0, every)
         plan = self._plan()
         if plan.params:
@@ -607,16 +628,38 @@ def _check_scaler(scaler: object) -> None:
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
 
 
+def _zero_grads(params: Sequence[Tensor]) -> None:
+    """Zero the existing gradients in place in one fused call (``zero_grad(set_to_none=False)``
+    issues one op per parameter unless the base optimizer runs in foreach mode)."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is not None:
+            if g.grad_fn is not None:
+                g.detach_()
+            grads.append(g)
+    if grads:
+        torch._foreach_zero_(grads)
+
+
 def _grad_norm(grads: Sequence[Tensor]) -> tuple:
-    """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device)."""
+    """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device;
+    the per-tensor list is only materialised when the total is not finite)."""
+    try:
+        per_t, total_t = ops.norms(grads, 2.0)  # the common case: one device
+        total = float(total_t)
+        return total, (per_t.tolist() if not math.isfinite(total) else None)
+    except ValueError:
+        if len({g.device for g in grads}) < 2:
+            raise
     by_device: Dict[torch.device, List[int]] = {}
     for i, g in enumerate(grads):
         by_device.setdefault(g.device, []).append(i)
     per = [0.0] * len(grads)
     sq = 0.0
     for idx in by_device.values():
-        pn, total = ops.norms([grads[i] for i in idx], 2.0)
+        pn, total_t = ops.norms([grads[i] for i in idx], 2.0)
         for i, v in zip(idx, pn.tolist()):
             per[i] = v
-        sq += float(total) ** 2
+        sq += float(total_t) ** 2
     return math.sqrt(sq), per

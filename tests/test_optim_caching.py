@@ -78,3 +78,26 @@ def test_parameters_without_grad_leave_and_rejoin_the_plan():
     model[0].weight.requires_grad_(True)
     opt.step(_closure(model))
     assert not torch.equal(model[0].weight, w0)
+
+
+def test_group_toggled_passive_gets_the_same_descent_gradient_as_a_fresh_optimizer():
+    # Group 0 turned passive after warm-up must receive sum_k c_k g_k like in an
+    # optimizer configured that way from the start (no stale selection).
+    def build(model, perturb0):
+        groups = [{"params": list(model[0].parameters()), "perturb": perturb0},
+                  {"params": list(model[2].parameters())}]
+        return fp.APD(groups, torch.optim.SGD, eps=0.05, steps=2, lr=0.1)
+
+    warm_model = _model()
+    warm = build(warm_model, True)
+    warm.step(_closure(warm_model))
+    warm.param_groups[0]["perturb"] = False
+    fresh_model = _model()
+    with torch.no_grad():
+        for a, b in zip(fresh_model.parameters(), warm_model.parameters()):
+            a.copy_(b)
+    fresh = build(fresh_model, False)
+    warm.step(_closure(warm_model))
+    fresh.step(_closure(fresh_model))
+    for a, b in zip(warm_model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)

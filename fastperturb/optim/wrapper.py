@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import operator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -631,15 +632,10 @@ def _check_scaler(scaler: object) -> None:
 def _zero_grads(params: Sequence[Tensor]) -> None:
     """Zero the existing gradients in place in one fused call (``zero_grad(set_to_none=False)``
     issues one op per parameter unless the base optimizer runs in foreach mode)."""
-    grads = []
-    for p in params:
-        g = p.grad
-        if g is not None:
-            if g.grad_fn is not None:
-                g.detach_()
-            grads.append(g)
+    grads = [g for g in map(operator.attrgetter("grad"), params) if g is not None]
     if grads:
-        torch._foreach_zero_(grads)
+        with torch.no_grad():
+            torch._foreach_zero_(grads)
 
 
 def _grad_norm(grads: Sequence[Tensor]) -> tuple:

@@ -55,3 +55,12 @@ def native():
     from fastperturb import _C
 
     return _C
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread avoids thrashing on a loaded 2-core machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

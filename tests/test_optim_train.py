@@ -12,13 +12,7 @@ from torch import nn
 import fastperturb as fp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thrashing on a loaded 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spirals(n: int = 120, classes: int = 3, seed: int = 0):

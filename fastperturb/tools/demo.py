@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._args import int_list, positive_eps_list
+
 PRESETS = ("sgd", "sam", "awp", "apd")
 DEFAULT_EPS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -58,29 +60,6 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    for v in vals:
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"every eps must be a finite number > 0, got {v}")
-    return vals
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
 
 
 def _presets(text: str) -> list[str]:
@@ -106,9 +85,9 @@ def _positive(kind):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
     p.add_argument("--presets", type=_presets, default=list(PRESETS), help="comma-separated, from sgd,sam,awp,apd (default all)")
-    p.add_argument("--eps", type=_float_list, default=list(DEFAULT_EPS),
+    p.add_argument("--eps", type=positive_eps_list, default=list(DEFAULT_EPS),
                    help="comma-separated corruption radii, relative to each tensor's norm (default %(default)s)")
-    p.add_argument("--steps", type=_int_list, default=[1, 5], help="ascent steps of the adversarial corruption (default 1,5)")
+    p.add_argument("--steps", type=int_list, default=[1, 5], help="ascent steps of the adversarial corruption (default 1,5)")
     p.add_argument("--trials", type=_positive(int), default=20,
                    help="random corruptions per eps, in mirrored pairs a, -a (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batch order and random corruptions")

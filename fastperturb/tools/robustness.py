@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import zipfile
 
@@ -27,30 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._args import int_list, nonnegative_eps_list
+
 LOSSES = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss, "nll": F.nll_loss}
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise argparse.ArgumentTypeError("expected at least one eps")
-    for v in vals:
-        if not (math.isfinite(v) and v >= 0):
-            raise argparse.ArgumentTypeError(f"every eps must be a finite number >= 0, got {v}")
-    return vals
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return vals
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="a state_dict file to load into the model")
     p.add_argument("--data", required=True, help="digits[:test|train|all], or a .pt / .npz file with inputs and targets")
     p.add_argument("--loss", choices=sorted(LOSSES), default="cross_entropy", help="loss (mean over the batch); default cross_entropy")
-    p.add_argument("--eps", type=_float_list, default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
+    p.add_argument("--eps", type=nonnegative_eps_list, default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
                    help="comma-separated radii (relative to the weights' norm unless --absolute)")
-    p.add_argument("--steps", type=_int_list, default=[1, 5], help="adversarial ascent steps, comma-separated (default 1,5)")
+    p.add_argument("--steps", type=int_list, default=[1, 5], help="adversarial ascent steps, comma-separated (default 1,5)")
     p.add_argument("--step-ratio", type=float, default=None, help="ascent step / eps (default 1 for K=1, 1.5/K otherwise)")
     p.add_argument("--norm", choices=("l2", "linf"), default="l2")
     p.add_argument("--scope", choices=("layer", "global"), default="layer")

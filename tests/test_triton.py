@@ -450,3 +450,18 @@ def test_kernels_compile_for_sm80_with_vector_loads_and_no_fma():
 def test_reference_is_the_spec_used_here():
     # guard against testing the backend against itself
     assert FT.reference is reference
+
+
+# The same hypothesis cases as the CPU kernels (tests/strategies.py), every op and
+# option, with the interpreter's default (large) chunks: a few examples, as each
+# interpreted program instance costs milliseconds.
+from strategies import layers as cpu_layers, seeds as cpu_seeds  # noqa: E402
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cpu_layers(max_len=4), cpu_seeds)
+def test_same_cases_as_cpu_kernels(layer_list, seed):
+    x = FT.make_inputs(layer_list, seed=seed, grad_special=0.02)
+    for op in FT.OPS:
+        for opts in FT.option_grid(op):
+            FT.check_op(op, "triton", x, **opts)

@@ -1,0 +1,33 @@
+"""The CUDA work-list executor on the same hypothesis cases as the CPU kernels
+(tests/strategies.py), every op and option of fastperturb.testing.option_grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from fastperturb import _native, backends, testing
+from strategies import layers, seeds
+
+pytestmark = pytest.mark.skipif(_native.load_error is not None, reason="fastperturb._C did not load")
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers(), seeds)
+def test_worklist_executor_matches_reference(monkeypatch_session, layer_list, seed):  # noqa: F811
+    x = testing.make_inputs(layer_list, seed=seed, grad_special=0.02)
+    for op in testing.OPS:
+        for opts in testing.option_grid(op):
+            testing.check_op(op, "cpp", x, **opts)  # "cpp" routed to the executor below
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    # Route the "cpp" backend to torch.ops.fastperturb_worklist (the executor that
+    # walks the CUDA launcher's work list on CPU); the reference stays the reference.
+    real = backends.op
+    mp = pytest.MonkeyPatch()
+    mp.setattr(backends, "op", lambda name, b: getattr(torch.ops.fastperturb_worklist, name) if b == "cpp" else real(name, b))
+    yield
+    mp.undo()

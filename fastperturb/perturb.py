@@ -273,14 +273,6 @@ def grads_of(params: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     return grads
 
 
-def release_grads(params: Sequence[Tensor]) -> None:
-    """``p.grad = None`` for each tensor: the next backward then *stores* its gradient
-    instead of adding it into a zeroed one, which saves a write pass and a
-    read-modify-write pass over the gradients (what ``zero_grad()`` does by default)."""
-    for p in params:
-        p.grad = None
-
-
 def run_cycle(
     cycle: Cycle,
     closure: Callable[[], object],
@@ -289,19 +281,16 @@ def run_cycle(
 ) -> list[object]:
     """Run ``cycle`` with ``closure`` (loss + backward) and return the losses of the perturbed passes.
 
-    The gradient g_0 must already be in ``.grad``; before each perturbed pass the
-    gradients of ``cycle.params`` are released (:func:`release_grads`).
-    ``on_pass(k)`` is called before pass k >= 1 (e.g. to freeze BatchNorm
-    statistics). On any exception, including :class:`NonFiniteGradient`, the
-    weights are restored before it propagates; on success they are restored too
-    and G is in ``.grad``.
+    The gradient g_0 must already be in ``.grad``. ``on_pass(k)`` is called
+    before pass k >= 1 (e.g. to freeze BatchNorm statistics). On any exception,
+    including :class:`NonFiniteGradient`, the weights are restored before it
+    propagates; on success they are restored too and G is in ``.grad``.
     """
     losses = []
     try:
         cycle.start(grads_of(cycle.params, 0))
         for k in range(1, cycle.spec.steps + 1):
-            cycle.ascend(grads_of(cycle.params, k - 1), zero_grads=False)
-            release_grads(cycle.params)
+            cycle.ascend(grads_of(cycle.params, k - 1))
             if on_pass is not None:
                 on_pass(k)
             with torch.enable_grad():

@@ -13,13 +13,14 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import operator
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..perturb import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, release_grads, run_cycle
+from ..perturb import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from .batchnorm import frozen_bn_stats
 
 __all__ = ["PerturbOptimizer", "NonFiniteDescentGradient", "Params"]
@@ -337,7 +338,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             first = 0 if self.spec.include_clean else 1
             ops.grad_stats_(grads, self._accum_list(passive), accum_weight=c, accum_init=(k - 1 == first))
         if zero:
-            release_grads(passive)
+            torch._foreach_zero_(grads)
 
     def _passive_finish(self, passive: Sequence[Tensor]) -> None:
         if passive and self.spec.accumulates:
@@ -423,10 +424,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
         micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
-        return the loss. It need not zero the gradients: the optimizer clears them
-        before each pass (sets them to None, as ``zero_grad()`` does, so each backward
-        stores its gradient instead of adding into zeros; a closure that calls
-        ``zero_grad()`` first works too). It is
+        return the loss. It need not zero the gradients: the optimizer zeroes them
+        before each pass (a closure that calls ``zero_grad()`` first works too). It is
         called ``spec.steps + 1`` times; the weights are restored bit for bit if it raises. With ``scaler`` (an enabled ``torch.amp.GradScaler``) the gradients
         are unscaled before clipping and the base step, an overflow skips the step,
         and the caller runs ``scaler.update()`` afterwards as usual.
@@ -441,7 +440,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         _check_scaler(scaler)
         self.last_step_skipped = False
         every = [p for group in self.param_groups for p in group["params"]]
-        release_grads(every)
+        _zero_grads(every)
         loss = self._call_closure(closure, 0, every)
         plan = self._plan()
         if plan.params:
@@ -471,7 +470,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
-        Single-step presets only. ``zero_grad`` clears the gradients (sets them to None) for that second pass."""
+        Single-step presets only. ``zero_grad`` zeroes the gradients for that second pass."""
         if self.spec.steps != 1:
             raise RuntimeError(
                 f"first_step()/second_step() are for single-step presets; this one takes {self.spec.steps} "
@@ -490,9 +489,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             try:
                 grads = grads_of(plan.params, 0)
                 cycle.start(grads)
-                cycle.ascend(grads, zero_grads=False)
-                if zero_grad:
-                    release_grads(plan.params)
+                cycle.ascend(grads, zero_grads=zero_grad)
             except NonFiniteGradient as err:
                 cycle.restore()
                 self._on_nonfinite(err, scaler)  # raises in "raise" mode
@@ -503,7 +500,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             pending.cycle = cycle
         if pending.skipped:
             if zero_grad:
-                release_grads(plan.params + plan.passive)
+                self.zero_grad(set_to_none=False)
         else:
             try:
                 self._passive_before_pass(plan.passive, 1, zero=zero_grad)
@@ -630,6 +627,15 @@ def _group_key(name: str, taken: set) -> str:
 def _check_scaler(scaler: object) -> None:
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+
+
+def _zero_grads(params: Sequence[Tensor]) -> None:
+    """Zero the existing gradients in place in one fused call (``zero_grad(set_to_none=False)``
+    issues one op per parameter unless the base optimizer runs in foreach mode)."""
+    grads = [g for g in map(operator.attrgetter("grad"), params) if g is not None]
+    if grads:
+        with torch.no_grad():
+            torch._foreach_zero_(grads)
 
 
 def _grad_norm(grads: Sequence[Tensor]) -> tuple:

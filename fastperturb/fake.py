@@ -15,7 +15,7 @@ from . import validation as V
 
 def norms(tensors, ord):
     V.check_norms(tensors, ord)
-    dev = tensors[0].device if len(tensors) else torch.device("cpu")
+    dev = V.first_device(tensors)
     return (
         torch.empty(len(tensors), dtype=torch.float32, device=dev),
         torch.empty((), dtype=torch.float32, device=dev),
@@ -24,7 +24,7 @@ def norms(tensors, ord):
 
 def grad_stats_(grads, accum, params, backups, *, accum_weight=1.0, accum_init=False, adaptive_eta=-1.0):
     V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
-    dev = grads[0].device if len(grads) else torch.device("cpu")
+    dev = V.first_device(grads)
     return torch.empty(len(grads), 3, dtype=torch.float32, device=dev)
 
 

@@ -38,18 +38,11 @@ def _non_differentiable(fn):
     return wrapper
 
 
-def _device_of(*lists: Sequence[Tensor]) -> torch.device:
-    for ts in lists:
-        if len(ts):
-            return ts[0].device
-    return torch.device("cpu")
-
-
 @_non_differentiable
 def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> tuple[Tensor, Tensor]:
     """Per-tensor norms (float32 ``[n]``) and the global norm (float32 scalar); ``ord`` is 2 or inf."""
     tensors = list(tensors)
-    backend = backends.resolve(_device_of(tensors))
+    backend = backends.resolve(V.first_device(tensors))
     if backend in _PY_BACKENDS:
         V.check_norms(tensors, ord)
     return backends.op("norms", backend)(tensors, float(ord))
@@ -68,7 +61,7 @@ def grad_stats_(
 ) -> Tensor:
     """float32 ``[n, 3]`` of ``[sum (t g)^2, sum d g, sum d^2]``; optionally ``accum (+)= w g``."""
     grads, accum, params, backups = list(grads), list(accum), list(params), list(backups)
-    backend = backends.resolve(_device_of(grads, params))
+    backend = backends.resolve(V.first_device(grads, params))
     if backend in _PY_BACKENDS:
         V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
     return backends.op("grad_stats_", backend)(
@@ -92,7 +85,7 @@ def ascent_step_(
 ) -> None:
     """One projected ascent step on ``params`` in place (``first`` also fills ``backups``)."""
     params, grads, backups = list(params), list(grads), list(backups)
-    backend = backends.resolve(_device_of(params))
+    backend = backends.resolve(V.first_device(params))
     if backend in _PY_BACKENDS:
         V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
     backends.op("ascent_step_", backend)(
@@ -105,7 +98,7 @@ def ascent_step_(
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """``params = backups``, bit for bit."""
     params, backups = list(params), list(backups)
-    backend = backends.resolve(_device_of(params))
+    backend = backends.resolve(V.first_device(params))
     if backend in _PY_BACKENDS:
         V.check_restore(params, backups)
     backends.op("restore_", backend)(params, backups)
@@ -115,7 +108,7 @@ def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
 def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: float) -> None:
     """``grads = accum + weight * grads``."""
     grads, accum = list(grads), list(accum)
-    backend = backends.resolve(_device_of(grads))
+    backend = backends.resolve(V.first_device(grads))
     if backend in _PY_BACKENDS:
         V.check_combine_grads(grads, accum, weight)
     backends.op("combine_grads_", backend)(grads, accum, float(weight))

@@ -276,7 +276,6 @@ def grads_of(params: Sequence[Tensor], pass_index: int) -> list[Tensor]:
 def run_cycle(
     cycle: Cycle,
     closure: Callable[[], object],
-    first_loss_done: bool = True,
     on_pass: Optional[Callable[[int], None]] = None,
 ) -> list[object]:
     """Run ``cycle`` with ``closure`` (loss + backward) and return the losses of the perturbed passes.
@@ -288,16 +287,18 @@ def run_cycle(
     """
     losses = []
     try:
-        cycle.start(grads_of(cycle.params, 0))
+        # One look at .grad per pass: the closure may replace the tensors, nothing else does.
+        grads = grads_of(cycle.params, 0)
+        cycle.start(grads)
         for k in range(1, cycle.spec.steps + 1):
-            cycle.ascend(grads_of(cycle.params, k - 1))
+            cycle.ascend(grads)
             if on_pass is not None:
                 on_pass(k)
             with torch.enable_grad():
                 losses.append(closure())
             grads = grads_of(cycle.params, k)
             cycle.observe(grads)
-        cycle.finish(grads_of(cycle.params, cycle.spec.steps))
+        cycle.finish(grads)
     finally:
         cycle.restore()
     return losses

@@ -24,6 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .validation import first_device
+
 __all__ = ["norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"]
 
 
@@ -31,15 +33,11 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _coef_device(tensors: Sequence[Tensor]) -> torch.device:
-    return tensors[0].device if len(tensors) else torch.device("cpu")
-
-
 def norms(tensors: Sequence[Tensor], ord: float) -> tuple[Tensor, Tensor]:
     """Per-tensor ``ord``-norms (float32 ``[n]``) and the norm of the whole list."""
     if ord not in (2.0, math.inf):
         raise ValueError(f"ord must be 2 or inf, got {ord}")
-    dev = _coef_device(tensors)
+    dev = first_device(tensors)
     per = []
     for x in tensors:
         x64 = x.detach().to(torch.float64).reshape(-1)
@@ -79,7 +77,7 @@ def grad_stats_(
     If ``accum`` is non-empty, ``accum = w*g`` (``accum_init``) or ``accum += w*g``.
     """
     n = len(grads)
-    dev = _coef_device(grads)
+    dev = first_device(grads)
     out = torch.zeros(n, 3, dtype=torch.float64, device=dev)
     for i, g in enumerate(grads):
         g64 = g.detach().to(torch.float64)

@@ -93,11 +93,12 @@ def check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def _device(*lists: Sequence[Tensor]) -> torch.device | None:
+def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.device("cpu")) -> torch.device | None:
+    """The device of the first tensor in ``lists`` (``default`` when all are empty)."""
     for ts in lists:
         if len(ts):
             return ts[0].device
-    return None
+    return default
 
 
 # One check per op, mirroring the schemas in csrc/schemas.cpp.
@@ -131,7 +132,7 @@ def check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_et
     check_parallel("params", params, "grads", grads)
     check_parallel("params", params, "backups", backups)
     check_same_device([("params", params), ("grads", grads), ("backups", backups)])
-    dev = _device(params)
+    dev = first_device(params, default=None)
     check_coef("step_coef", step_coef, len(params), dev)
     check_coef("proj", proj, len(params), dev)
     if norm not in NORMS:

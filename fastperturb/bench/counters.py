@@ -105,14 +105,21 @@ def not_measured() -> Iterator[None]:
 _PROFILING = [False]
 
 
-def count_dispatches(fn: Callable[[], object]) -> tuple[int, dict]:
+def _run_counted(fn: Callable[[], object], track_allocs: bool = False) -> "DispatchCounter":
+    """Run ``fn`` under a fresh counter (registered as active while it runs)."""
     c = DispatchCounter()
+    c.track_allocs = track_allocs
     _active.append(c)
     try:
         with c:
             fn()
     finally:
         _active.remove(c)
+    return c
+
+
+def count_dispatches(fn: Callable[[], object]) -> tuple[int, dict]:
+    c = _run_counted(fn)
     return c.total, dict(c.by_op.most_common(8))
 
 
@@ -209,14 +216,7 @@ def _allocs_cuda(fn: Callable[[], object], threshold: int, device: torch.device)
 
 
 def _allocs_dispatch(fn: Callable[[], object], threshold: int) -> dict:
-    c = DispatchCounter()
-    c.track_allocs = True
-    _active.append(c)
-    try:
-        with c:
-            fn()
-    finally:
-        _active.remove(c)
+    c = _run_counted(fn, track_allocs=True)
     return {"method": "dispatch", "alloc_bytes": c.alloc_bytes, "alloc_count": c.alloc_count,
             "param_sized_allocs": None, "peak_live_bytes": None, "param_sized_threshold_bytes": threshold}
 

@@ -78,6 +78,15 @@ class _ForeachBase:
         for p in self.params:
             p.grad = None
 
+    def _pass_then_restore(self, closure: Optional[Callable[[], object]]) -> None:
+        """The pass at the perturbed point, then the weights back from the backups."""
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    closure()
+        finally:
+            torch._foreach_copy_(self.params, self.backups)
+
 
 class ForeachSAM(_ForeachBase):
     """SAM (or ASAM with ``adaptive_eta``) with ``torch._foreach_*`` ops, g_0 in ``.grad``.
@@ -106,12 +115,7 @@ class ForeachSAM(_ForeachBase):
             torch._foreach_mul_(tg, t)  # T^2 g
             torch._foreach_add_(ps, tg, alpha=scale)
             del t, tg
-        try:
-            if closure is not None:
-                with torch.enable_grad():
-                    closure()
-        finally:
-            torch._foreach_copy_(ps, self.backups)
+        self._pass_then_restore(closure)
 
 
 class ForeachAWP(_ForeachBase):
@@ -134,12 +138,7 @@ class ForeachAWP(_ForeachBase):
         torch._foreach_copy_(self.backups, ps)
         torch._foreach_mul_(grads, coef)
         torch._foreach_add_(ps, grads)
-        try:
-            if closure is not None:
-                with torch.enable_grad():
-                    closure()
-        finally:
-            torch._foreach_copy_(ps, self.backups)
+        self._pass_then_restore(closure)
 
 
 class ForeachAPD(_ForeachBase):

@@ -82,7 +82,7 @@ step "import without a GPU; CUDA dispatch keys; clear errors"
 import torch
 
 import fastperturb
-from fastperturb import _native
+from fastperturb.ops import native as _native
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
 for name in ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"):

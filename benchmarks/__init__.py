@@ -1,6 +1,14 @@
-"""Developer entry point of the benchmarks: ``python -m benchmarks [options]``.
+"""fastperturb's benchmark runner: ``python -m benchmarks`` from a checkout.
 
-The implementation is the package's (:mod:`fastperturb.bench`), the same one
-``fastperturb bench`` runs; this directory only makes it runnable from a
-checkout without installing.
+Suites: ``ops`` (each fused op), ``cycle`` (SAM, AWP and APD-K perturb-restore
+cycles on every backend, the reference and a ``torch._foreach_*`` version),
+``step`` (full optimizer steps with synthetic gradients beside the peers),
+``train`` (a real training step's perturbation overhead) and ``memory`` (peak
+RSS of a separate process per implementation). The peers (:mod:`.peers`) are
+reimplementations of other projects' optimizers; they live here, not in the
+installed package.
 """
+
+from .cli import add_arguments, entry, main, run
+
+__all__ = ["add_arguments", "main", "run", "entry"]

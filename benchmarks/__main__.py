@@ -1,8 +1,7 @@
-import os
+"""Entry point of the benchmarks: ``python -m benchmarks [options]`` from the repository root."""
+
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from fastperturb.bench.cli import entry  # noqa: E402
+from benchmarks.cli import entry
 
 sys.exit(entry(prog="python -m benchmarks"))

@@ -1,7 +1,8 @@
 """fastperturb: fused multi-tensor weight perturbations for SAM, ASAM, AWP and APD."""
 
-from . import ops, reference
-from .backends import BackendUnavailable, get_backend, set_backend, use_backend
+from . import ops
+from .ops import reference
+from .ops.dispatch import BackendUnavailable, get_backend, set_backend, use_backend
 from .optim import APD, ASAM, AWP, SAM, NonFiniteDescentGradient, PerturbOptimizer, frozen_bn_stats
 
 __all__ = ["ops", "reference", "set_backend", "get_backend", "use_backend", "BackendUnavailable",

@@ -16,7 +16,6 @@ from typing import Sequence
 TOOLS = {
     "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
-    "bench": "microbenchmarks: fused ops, perturb-restore cycles, optimizer steps, training steps",
     "selftest": "run every available backend against the reference and print a verdict table",
 }
 

@@ -7,7 +7,7 @@ selftest``, so it depends on torch only (no pytest, no hypothesis).
 A *case* is a list of :class:`Layer` specs (shape, dtype, memory format);
 :func:`make_inputs` turns it into parallel ``params``/``grads``/``backups``/
 ``accum`` lists, and :func:`check_op` runs one op with given options on a
-backend and on :mod:`fastperturb.reference` and compares everything the op
+backend and on :mod:`fastperturb.ops.reference` and compares everything the op
 returns or writes.
 """
 
@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .backends import use_backend
+from . import ops
+from .ops import reference  # noqa: F401  (the spec every check compares against)
+from .ops.dispatch import use_backend
 
 __all__ = [
     "FLOAT_DTYPES", "Layer", "Inputs", "make_tensor", "make_inputs", "standard_cases",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from fastperturb.backends import use_backend, why_unavailable
+from fastperturb.ops.dispatch import use_backend, why_unavailable
 
 # Every backend that runs the ops on CPU tensors. Adding a backend to the op
 # tests is one line here (it is skipped, with the reason, where it cannot run).
@@ -48,7 +48,7 @@ def compared_backend(backend) -> str:
 @pytest.fixture
 def native():
     """The compiled extension (skips when it did not load)."""
-    from fastperturb import _native
+    from fastperturb.ops import native as _native
 
     if _native.load_error is not None:
         pytest.skip(f"fastperturb._C did not load: {_native.load_error}")

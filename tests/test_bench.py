@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastperturb.bench import cli, counters, fused, peers, report, shapes, suites
+from benchmarks import cli, counters, fused, peers, report, shapes, suites
 
 
 def _tiny_cfg(suite_names, **kw) -> suites.Config:
@@ -39,7 +39,7 @@ def test_builtin_lists_match_the_architectures():
 
 
 def test_user_model_factory_and_unknown_model():
-    s = shapes.shapes_for("fastperturb.bench.suites:small_cnn")
+    s = shapes.shapes_for("benchmarks.suites:small_cnn")
     assert s == [tuple(p.shape) for p in suites.small_cnn().parameters()]
     with pytest.raises(shapes.UnknownModel, match="built-in lists"):
         shapes.shapes_for("no-such-model")
@@ -308,11 +308,9 @@ def test_clear_errors_for_unknown_suite_model_backend(capsys):
     assert "train-model" in capsys.readouterr().err
 
 
-def test_fastperturb_cli_bench_writes_json_and_chart(tmp_path, capsys):
-    from fastperturb import cli as top
-
+def test_bench_cli_writes_json_and_chart(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = top.main(["bench", "--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])
+    rc = cli.entry([ "--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])
     assert rc == 0
     data = report.load_json(str(js))
     assert {r["suite"] for r in data["results"]} == {"cycle"}

@@ -72,7 +72,7 @@ def test_cmake_configures_the_same_sources_as_setup_py(tmp_path):
 
 def test_extension_is_built_and_loaded():
     """Fails, rather than letting every cpp test skip, when CI built no extension."""
-    from fastperturb import _native
+    from fastperturb.ops import native as _native
 
     if _native.load_error is not None and os.environ.get("FASTPERTURB_REQUIRE_NATIVE") != "1":
         pytest.skip(f"fastperturb._C did not load: {_native.load_error}")

@@ -15,8 +15,10 @@ import os
 import pytest
 import torch
 
-from fastperturb import _native, backends, ops
-from fastperturb import reference as R
+from fastperturb import ops
+from fastperturb.ops import dispatch as backends
+from fastperturb.ops import native as _native
+from fastperturb.ops import reference as R
 
 OPS = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
 REQUIRE = os.environ.get("FASTPERTURB_REQUIRE_CUDA_BUILD") == "1"

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import fastperturb as fp
-from fastperturb.backends import why_unavailable
+from fastperturb.ops.dispatch import why_unavailable
 
 WORLD = 2
 STEPS = 3

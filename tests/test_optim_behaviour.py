@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastperturb as fp
-from fastperturb.perturb import NonFiniteGradient, PerturbSpec
+from fastperturb.engine import NonFiniteGradient, PerturbSpec
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
 Y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))

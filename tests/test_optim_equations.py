@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastperturb as fp
-from fastperturb.backends import why_unavailable
-from fastperturb.perturb import PerturbSpec
+from fastperturb.ops.dispatch import why_unavailable
+from fastperturb.engine import PerturbSpec
 
 BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
 

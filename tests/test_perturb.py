@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastperturb.perturb import Cycle, NonFiniteGradient, PerturbSpec, run_cycle
+from fastperturb.engine import Cycle, NonFiniteGradient, PerturbSpec, run_cycle
 
 X = torch.randn(24, 5, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from fastperturb import backends, reference
+from fastperturb.ops import dispatch as backends
+from fastperturb.ops import reference
 from fastperturb.tools import selftest
 
 

@@ -1,7 +1,7 @@
-"""The Triton backend (fastperturb.triton_ops), run by the Triton interpreter on CPU tensors.
+"""The Triton backend (fastperturb.ops.triton), run by the Triton interpreter on CPU tensors.
 
 The interpreter must be on before the kernels are defined, i.e. before
-triton / fastperturb.triton_ops are first imported in the process. This module
+triton / fastperturb.ops.triton are first imported in the process. This module
 sets ``TRITON_INTERPRET=1`` first thing, which is enough when pytest imports it
 before anything imports triton (conftest.py does not). If some earlier module
 of the same session already imported the kernels compiled-mode, every test
@@ -32,18 +32,19 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from fastperturb import backends, reference  # noqa: E402
+from fastperturb.ops import dispatch as backends  # noqa: E402
+from fastperturb.ops import reference  # noqa: E402
 from fastperturb import testing as FT  # noqa: E402
 from fastperturb.testing import Layer  # noqa: E402
 
 try:
-    from fastperturb import triton_ops as T
+    from fastperturb.ops import triton as T
 except ImportError as e:  # no triton, or no compiled extension to take the schemas from
-    pytest.skip(f"fastperturb.triton_ops does not import: {e}", allow_module_level=True)
+    pytest.skip(f"fastperturb.ops.triton does not import: {e}", allow_module_level=True)
 
 if not T.INTERPRETED:
     pytest.skip(
-        "fastperturb.triton_ops was imported in this process before TRITON_INTERPRET=1 was set, so its "
+        "fastperturb.ops.triton was imported in this process before TRITON_INTERPRET=1 was set, so its "
         "kernels are compiled-mode and cannot run on CPU tensors; run this file in its own process: "
         "TRITON_INTERPRET=1 python -m pytest tests/test_triton.py",
         allow_module_level=True,
@@ -418,7 +419,7 @@ def _nvidia_toolchain() -> str | None:
 COMPILE_CHECK = """
 import re
 from triton.backends.compiler import GPUTarget
-import fastperturb.triton_ops as T
+import fastperturb.ops.triton as T
 assert "TRITON_INTERPRET" in T.why_unavailable("cpu")
 assert T.why_unavailable("cuda") is not None  # no GPU on the machines that run this
 done = T.compile_all(GPUTarget("cuda", 80, 32), exhaustive=False)

@@ -10,7 +10,7 @@ CUB block reduction are not run here.
 The tests force tiny launch capacities and chunk sizes (``configure``) so that
 tensors are split across launches, lists exceed one launch, chunks end off the
 vector width, and buffers are misaligned, and compare every op with
-fastperturb.reference.
+fastperturb.ops.reference.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastperturb import _native
-from fastperturb import reference as R
+from fastperturb.ops import native as _native
+from fastperturb.ops import reference as R
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
 W = torch.ops.fastperturb_worklist

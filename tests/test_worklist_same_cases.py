@@ -7,7 +7,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from fastperturb import _native, backends, testing
+from fastperturb import testing
+from fastperturb.ops import dispatch as backends
+from fastperturb.ops import native as _native
 from strategies import layers, seeds
 
 pytestmark = pytest.mark.skipif(_native.load_error is not None, reason="fastperturb._C did not load")

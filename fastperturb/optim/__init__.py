@@ -1,7 +1,7 @@
 """Drop-in ``torch.optim``-style optimizers that run weight-perturbation cycles.
 
 ``fp.SAM``, ``fp.ASAM``, ``fp.AWP`` and ``fp.APD`` are presets of
-:class:`PerturbOptimizer`, which drives the engine in :mod:`fastperturb.perturb`::
+:class:`PerturbOptimizer`, which drives the engine in :mod:`fastperturb.engine`::
 
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
                  freeze_bn=model, max_grad_norm=1.0)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from ..perturb import PerturbSpec, check_radius
+from ..engine import PerturbSpec, check_radius
 from .wrapper import Params, PerturbOptimizer
 
 __all__ = ["SAM", "ASAM", "AWP", "APD", "is_weight_matrix"]

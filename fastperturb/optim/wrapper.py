@@ -1,5 +1,5 @@
 """The optimizer wrapper: builds the engine's tensor lists from ``param_groups`` and
-sequences closure calls around :mod:`fastperturb.perturb`.
+sequences closure calls around :mod:`fastperturb.engine`.
 
 It owns no math: the perturbation, its restore and the accumulation of the descent
 gradient are the engine's and the fused ops'; this module decides which tensors take
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..perturb import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
+from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from .batchnorm import frozen_bn_stats
 
 __all__ = ["PerturbOptimizer", "NonFiniteDescentGradient", "Params"]

@@ -78,7 +78,7 @@ def _check_backend(backend: str, device: torch.device, cases, report: Callable[[
 def _time_cycle(backend: str, device: torch.device, interpreted: bool) -> float:
     """Median ms of one SAM cycle (norms -> ascent_step_ -> restore_)."""
     from fastperturb import ops
-    from fastperturb.backends import use_backend
+    from fastperturb.ops.dispatch import use_backend
 
     n, size = (8, 4096) if interpreted else (64, 65536)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -108,8 +108,8 @@ def _time_cycle(backend: str, device: torch.device, interpreted: bool) -> float:
 def run(backends: list[str], quick: bool = False, report: Callable[[str], None] = print) -> list[Verdict]:
     if "triton" in backends:
         _prepare_triton_interpreter()
-    from fastperturb import _native
-    from fastperturb.backends import why_unavailable
+    from fastperturb.ops import native as _native
+    from fastperturb.ops.dispatch import why_unavailable
 
     has_gpu = torch.cuda.is_available()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from .. import backends, ops
+from fastperturb import ops
+from fastperturb.ops import dispatch as backends
 from . import counters, fused, peers, shapes, timing
 from .timing import Candidate
 
@@ -318,7 +319,7 @@ def suite_cycle(cfg: Config) -> list[dict]:
 
     fastperturb runs the engine (the exact op sequence of the optimizer wrappers) on
     each backend; ``foreach`` is the best pure-PyTorch version. Byte models: see
-    :func:`fastperturb.bench.fused.cycle_passes`. The AWP cycle here perturbs every
+    :func:`benchmarks.fused.cycle_passes`. The AWP cycle here perturbs every
     tensor of the list (per layer, relative); the step suite uses AWP's dim > 1 rule.
     """
     out = []
@@ -721,7 +722,7 @@ MEMORY_IMPLS = (
 def suite_memory(cfg: Config) -> list[dict]:
     """Peak resident memory of a separate process running ``mem_steps`` steps of each implementation.
 
-    The child (``python -m fastperturb.bench.memchild``) builds the parameters,
+    The child (``python -m benchmarks.memchild``) builds the parameters,
     their gradients and one precomputed gradient set (3 parameter-sized sets in
     all, the baseline), measures its RSS, runs the steps and reports the peak
     RSS. A child stops early after ``mem_max_s`` seconds (at least 3 steps): the
@@ -731,7 +732,7 @@ def suite_memory(cfg: Config) -> list[dict]:
     """
     out = []
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for model in cfg.models.get("memory", []):
         jobs = []
@@ -743,7 +744,7 @@ def suite_memory(cfg: Config) -> list[dict]:
             if impl == "pytorch-optimizer-SAM" and peers.pytorch_optimizer_available():
                 out.append(_skipped("memory", model, case, impl, kind, peers.pytorch_optimizer_available()))
                 continue
-            cmd = [sys.executable, "-m", "fastperturb.bench.memchild", "--model", model, "--impl", impl,
+            cmd = [sys.executable, "-m", "benchmarks.memchild", "--model", model, "--impl", impl,
                    "--steps", str(cfg.mem_steps), "--apd-steps", str(cfg.apd_steps),
                    "--max-seconds", str(cfg.mem_max_s), "--min-steps", str(min(3, cfg.mem_steps))]
             jobs.append((impl, case, kind, cmd))

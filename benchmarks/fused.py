@@ -2,7 +2,7 @@
 
 ``PRESETS`` holds the hyper-parameters every implementation in a comparison
 uses, so all of them compute the same perturbation. :class:`FusedCycle` runs
-one perturb-restore cycle with the engine (:class:`fastperturb.perturb.Cycle`)
+one perturb-restore cycle with the engine (:class:`fastperturb.engine.Cycle`)
 on a chosen backend, exactly the op sequence the optimizer wrappers issue.
 :class:`EngineStep` is a full optimizer step built directly on the engine; the
 step suite uses the real wrappers (``fastperturb.SAM`` ...) when they are
@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..perturb import Cycle, PerturbSpec, run_cycle
+from fastperturb.ops import dispatch as backends
+from fastperturb.engine import Cycle, PerturbSpec, run_cycle
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The fused op set, as called by the rest of fastperturb.
 
 Each function picks the backend for the tensors' device
-(:mod:`fastperturb.backends`) and runs it. The semantics are those of
-:mod:`fastperturb.reference`; the schemas are in ``csrc/schemas.cpp``.
+(:mod:`fastperturb.ops.dispatch`) and runs it. The semantics are those of
+:mod:`fastperturb.ops.reference`; the schemas are in ``csrc/schemas.cpp``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import _native, backends, fake
+from . import dispatch, fake, native
 from . import validation as V
 
-if _native.load_error is None:
+if native.load_error is None:
     fake.register("fastperturb")
 
 # The C++, CUDA and Triton ops validate their own arguments (they follow raw
@@ -42,10 +42,10 @@ def _non_differentiable(fn):
 def norms(tensors: Sequence[Tensor], ord: float = 2.0) -> tuple[Tensor, Tensor]:
     """Per-tensor norms (float32 ``[n]``) and the global norm (float32 scalar); ``ord`` is 2 or inf."""
     tensors = list(tensors)
-    backend = backends.resolve(V.first_device(tensors))
+    backend = dispatch.resolve(V.first_device(tensors))
     if backend in _PY_BACKENDS:
         V.check_norms(tensors, ord)
-    return backends.op("norms", backend)(tensors, float(ord))
+    return dispatch.op("norms", backend)(tensors, float(ord))
 
 
 @_non_differentiable
@@ -61,10 +61,10 @@ def grad_stats_(
 ) -> Tensor:
     """float32 ``[n, 3]`` of ``[sum (t g)^2, sum d g, sum d^2]``; optionally ``accum (+)= w g``."""
     grads, accum, params, backups = list(grads), list(accum), list(params), list(backups)
-    backend = backends.resolve(V.first_device(grads, params))
+    backend = dispatch.resolve(V.first_device(grads, params))
     if backend in _PY_BACKENDS:
         V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
-    return backends.op("grad_stats_", backend)(
+    return dispatch.op("grad_stats_", backend)(
         grads, accum, params, backups,
         accum_weight=float(accum_weight), accum_init=bool(accum_init), adaptive_eta=float(adaptive_eta),
     )
@@ -85,10 +85,10 @@ def ascent_step_(
 ) -> None:
     """One projected ascent step on ``params`` in place (``first`` also fills ``backups``)."""
     params, grads, backups = list(params), list(grads), list(backups)
-    backend = backends.resolve(V.first_device(params))
+    backend = dispatch.resolve(V.first_device(params))
     if backend in _PY_BACKENDS:
         V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
-    backends.op("ascent_step_", backend)(
+    dispatch.op("ascent_step_", backend)(
         params, grads, backups, step_coef, proj,
         norm=norm, first=bool(first), adaptive_eta=float(adaptive_eta), zero_grads=bool(zero_grads),
     )
@@ -98,18 +98,18 @@ def ascent_step_(
 def restore_(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """``params = backups``, bit for bit."""
     params, backups = list(params), list(backups)
-    backend = backends.resolve(V.first_device(params))
+    backend = dispatch.resolve(V.first_device(params))
     if backend in _PY_BACKENDS:
         V.check_restore(params, backups)
-    backends.op("restore_", backend)(params, backups)
+    dispatch.op("restore_", backend)(params, backups)
 
 
 @_non_differentiable
 def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: float) -> None:
     """``grads = accum + weight * grads``."""
     grads, accum = list(grads), list(accum)
-    backend = backends.resolve(V.first_device(grads))
+    backend = dispatch.resolve(V.first_device(grads))
     if backend in _PY_BACKENDS:
         V.check_combine_grads(grads, accum, weight)
-    backends.op("combine_grads_", backend)(grads, accum, float(weight))
+    dispatch.op("combine_grads_", backend)(grads, accum, float(weight))
 

@@ -183,7 +183,7 @@ def load_average() -> Optional[list[float]]:
 
 def environment(device: torch.device) -> dict:
     import fastperturb
-    from fastperturb import backends
+    from fastperturb.ops import dispatch as backends
 
     env = {
         "python": sys.version.split()[0],

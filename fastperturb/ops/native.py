@@ -6,7 +6,7 @@ import torch
 
 load_error: Exception | None = None
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.fastperturb.*)
+    from .. import _C  # noqa: F401  (registers torch.ops.fastperturb.*)
 except Exception as e:  # ImportError, or an ABI mismatch with this torch
     load_error = e
 

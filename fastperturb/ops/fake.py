@@ -2,7 +2,7 @@
 carries these schemas (``fastperturb::`` and ``fastperturb_triton::``), so
 torch.compile and ``opcheck`` can trace the ops without running them.
 
-They check their arguments as every backend does (:mod:`fastperturb.validation`):
+They check their arguments as every backend does (:mod:`fastperturb.ops.validation`):
 a real call with a meta tensor among CPU tensors dispatches here (Meta wins),
 and must raise the device mismatch instead of returning uninitialised output."""
 

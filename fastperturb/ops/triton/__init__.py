@@ -6,7 +6,7 @@ them. The schema strings are read from the ops the compiled extension
 registers (``torch.ops.fastperturb.<op>.default._schema``), so the schemas are
 written in one place only; importing this module therefore needs
 ``fastperturb._C``. The fake (meta) impls are the shared ones of
-:mod:`fastperturb.fake`. Semantics: :mod:`fastperturb.reference`; per-element
+:mod:`fastperturb.ops.fake`. Semantics: :mod:`fastperturb.ops.reference`; per-element
 arithmetic: ``csrc/include/fastperturb/math.h`` (same formulas, same order of
 operations).
 
@@ -51,7 +51,7 @@ interpreter, whose own bfloat16 cast truncates, give the same bits.
 ``restore_`` and the backup copy of ``ascent_step_(first=True)`` move raw bits
 (integer loads and stores), so restore is exact for every value, NaN payloads
 included. Under the interpreter the element-wise results are bit-identical to
-:mod:`fastperturb.reference` (tested), with one exception where the contract
+:mod:`fastperturb.ops.reference` (tested), with one exception where the contract
 disagrees with itself: for ``norm="linf"`` a NaN gradient has sign NaN here
 (math.h ``sign_of``, as in the C++ kernels) but 0 in the reference
 (``torch.sign(nan)`` is 0).
@@ -93,8 +93,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _native, fake
-from . import validation as V
+from .. import fake, native
+from .. import validation as V
 
 __all__ = ["why_unavailable", "count_launches", "LaunchCounter", "tuning", "launches", "INTERPRETED"]
 
@@ -770,9 +770,9 @@ def _schema_of(name: str) -> str:
     try:
         schema = str(getattr(torch.ops.fastperturb, name).default._schema)
     except (AttributeError, RuntimeError) as e:
-        reason = _native.load_error or e
+        reason = native.load_error or e
         raise ImportError(
-            f"fastperturb.triton_ops takes the op schemas from the compiled extension, but "
+            f"fastperturb.ops.triton takes the op schemas from the compiled extension, but "
             f"torch.ops.fastperturb.{name} is not defined ({reason}); build fastperturb._C first"
         ) from e
     return schema[schema.index("("):]

@@ -1,6 +1,6 @@
 """Child process of the memory suite: N steps of one implementation, then its peak RSS as JSON.
 
-    python -m fastperturb.bench.memchild --model bert-base --impl proxy-AWP --steps 20
+    python -m benchmarks.memchild --model bert-base --impl proxy-AWP --steps 20
 
 Baseline = RSS after building the parameters, their gradients and one
 precomputed gradient set (3 parameter-sized sets), before the optimizer is

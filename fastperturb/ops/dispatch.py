@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import _native
+from . import native
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 ENV_VAR = "FASTPERTURB_BACKEND"
@@ -68,7 +68,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def _triton_module():
     try:
-        return importlib.import_module("fastperturb.triton_ops")
+        return importlib.import_module("fastperturb.ops.triton")
     except Exception as e:  # ImportError, or triton failing to initialise
         return e
 
@@ -78,15 +78,15 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     if name == "reference":
         return None
     if name == "cpp":
-        if _native.load_error is not None:
-            return f"the compiled extension fastperturb._C did not load ({_native.load_error})"
+        if native.load_error is not None:
+            return f"the compiled extension fastperturb._C did not load ({native.load_error})"
         if device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, not {device.type}"
         return None
     if name == "cuda":
-        if _native.load_error is not None:
-            return f"the compiled extension fastperturb._C did not load ({_native.load_error})"
-        if not _native.has_cuda_kernels():
+        if native.load_error is not None:
+            return f"the compiled extension fastperturb._C did not load ({native.load_error})"
+        if not native.has_cuda_kernels():
             return "fastperturb was built without CUDA kernels (build with a CUDA torch and nvcc)"
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, not {device.type}"

@@ -196,7 +196,7 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
     }
 
 
-def entry(argv: Optional[list[str]] = None, prog: str = "fastperturb bench") -> int:
+def entry(argv: Optional[list[str]] = None, prog: str = "python -m benchmarks") -> int:
     p = argparse.ArgumentParser(prog=prog, description="fastperturb microbenchmarks")
     add_arguments(p)
     return main(p.parse_args(argv))

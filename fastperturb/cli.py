@@ -40,7 +40,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
-    return int(_tool(args.command).main(args) or 0)
+    from .tools._args import UsageError
+
+    try:
+        return int(_tool(args.command).main(args) or 0)
+    except UsageError as e:  # the user's mistake: one line, like argparse's own errors
+        print(f"fastperturb {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ import argparse
 import math
 
 
+class UsageError(Exception):
+    """A problem the user caused at the command line (a missing file, a bad shape, an unwritable
+    folder): :func:`fastperturb.cli.main` prints it as one line naming the argument and exits 2."""
+
+
 def eps_list(text: str, *, allow_zero: bool = False) -> list[float]:
     """Comma-separated finite radii, > 0 (or >= 0 with ``allow_zero``)."""
     try:

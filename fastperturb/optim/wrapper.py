@@ -104,7 +104,8 @@ def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
 class PerturbOptimizer(torch.optim.Optimizer):
     """A base optimizer driven through weight-perturbation cycles (DESIGN.md section 2).
 
-    ``step(closure)`` computes the gradient at ``w``, takes ``spec.steps`` ascent steps
+    ``step(closure)`` takes the gradient at ``w`` (the caller's, if a backward ran since the
+    last ``step()``/``zero_grad()``; else from the closure), takes ``spec.steps`` ascent steps
     (each followed by the closure at the perturbed point), leaves the descent gradient
     ``G = sum_k c_k g_k`` in ``.grad`` at the exactly restored ``w`` and runs the base
     optimizer's step. The presets (:class:`SAM`, :class:`ASAM`, :class:`AWP`,

@@ -352,3 +352,19 @@ def test_grad_scaler_step_without_closure_names_the_fix():
     with pytest.raises(TypeError, match=r"GradScaler\.step.*bf16-mixed.*opt\.step\(closure, scaler=scaler\)"):
         scaler.step(opt)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unknown_gradient_history_runs_the_clean_pass(backend):
+    """After a copy (or an added group) the optimizer cannot tell a fresh gradient from a
+    stale one, so it runs its own clean pass: one pass more, never a stale g_0."""
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    opt.step(Counting(model, 0))  # leaves G in .grad
+    model2, opt2 = copy.deepcopy((model, opt))
+    c = Counting(model2, 1)
+    opt2.step(c)
+    assert c.calls == 2
+    ref, ref_opt = copy.deepcopy((model, opt))
+    ref_opt.zero_grad()
+    ref_opt.step(Counting(ref, 1))
+    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))

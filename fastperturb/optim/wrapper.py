@@ -343,8 +343,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
         seen = self._grads_seen
-        if len(seen) != len(params):
-            return any(p.grad is not None for p in params)
+        if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
+            return False
         return _any_grad_changed(params, seen)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -591,7 +591,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None)
+        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None, _grads_seen=[])
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:

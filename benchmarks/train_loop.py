@@ -170,6 +170,23 @@ def suite_train_loop(cfg) -> list:
                      budget_s=max(cfg.budget_s, 5.0), models=cfg.models.get(SUITE, MODELS), progress=cfg.progress)
 
 
+def targets(results: list) -> list:
+    """The issue's goals for this suite: the same passes as pytorch-optimizer's SAM, not slower."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results if r["suite"] == SUITE):
+        ok = {r["impl"]: r for r in results if r["suite"] == SUITE and r["model"] == model and r["status"] == "ok"
+              and r.get("convention") == "documented loop"}
+        mine, peer = ok.get("fastperturb.SAM"), ok.get("pytorch-optimizer SAM")
+        both = mine is not None and peer is not None
+        out.append({"name": f"documented SAM loop on {model}: passes per step, fastperturb minus pytorch-optimizer",
+                    "value": mine["passes_per_step"] - peer["passes_per_step"] if both else None, "goal": "0",
+                    "met": (mine["passes_per_step"] == peer["passes_per_step"]) if both else None})
+        ratio = peer["median_s"] / mine["median_s"] if both else None
+        out.append({"name": f"documented SAM loop on {model}: speedup vs pytorch-optimizer SAM (whole step)",
+                    "value": ratio, "goal": ">= 1 (not slower)", "met": None if ratio is None else ratio >= 1.0})
+    return out
+
+
 def print_table(results: list, out: TextIO) -> None:
     rows = [r for r in results if r["suite"] == SUITE]
     if not rows:

@@ -368,3 +368,12 @@ def test_unknown_gradient_history_runs_the_clean_pass(backend):
     ref_opt.zero_grad()
     ref_opt.step(Counting(ref, 1))
     assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
+
+
+def test_skip_warning_points_at_the_callers_line(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    (loss_of(model, 0) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning) as record:
+        opt.first_step()
+    assert record[0].filename == __file__

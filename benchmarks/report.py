@@ -127,6 +127,9 @@ def print_tables(data: dict, out: TextIO) -> None:
                 rows.append([model, case, r["impl"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
                              "-" if ov is None else f"{100 * ov:.1f}%"])
         _table(rows, ["model", "case", "impl", "median ms", "min-max", "overhead"], out)
+    from .train_loop import print_table as print_train_loop  # its own table
+
+    print_train_loop(results, out)
     groups = _groups(results, "memory")
     if groups:
         out.write("\n== memory ==  (separate process per implementation; overhead = peak RSS - baseline)\n")

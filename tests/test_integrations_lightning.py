@@ -183,6 +183,16 @@ def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(tmp_path):
     assert model.passes == [0, 1] * (N // BATCH)
 
 
+def test_automatic_accumulation_is_refused_with_the_recipe(tmp_path):
+    """Lightning would run the earlier micro-batches at the clean weights only: refused at the
+    first step, before any weight changes, naming the manual-optimization recipe."""
+    model = Net("SAM")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="fastperturb.integrations.lightning"):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 class ManualAccum(PerturbLightningModule):
     """The accumulation recipe: manual optimization, every micro-batch inside every pass."""
 

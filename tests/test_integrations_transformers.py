@@ -30,6 +30,16 @@ from fastperturb.integrations.transformers import PerturbTrainer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Trainer builds an Accelerator, whose state is process-wide: reset it after each test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
 VOCAB, SEQ, N, BATCH, LR, WD = 50, 8, 16, 4, 1e-2, 0.01
 CONFIG = dict(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
@@ -172,6 +182,25 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     trainer.train(resume_from_checkpoint=str(ckpt))
     for x, y in zip(model.parameters(), full.parameters()):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("preset,accum", [("SAM", 2), ("APD", 2)])
+def test_passes_per_step(preset, accum, tmp_path):
+    """Trainer's own forward/backward gives g_0 over all micro-batches; the optimizer then runs
+    only the K perturbed passes, each over every micro-batch: (K + 1) * accum forwards a step."""
+    cls, pkw = PRESETS[preset]
+    model = make_model()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"][:, 1].clone()), with_kwargs=True)
+    trainer = PerturbTrainer(model=model, args=args(tmp_path, accum, 2, optim="sgd"), train_dataset=dataset(),
+                             perturb=cls, perturb_kwargs=pkw)
+    trainer.train()
+    k = trainer.optimizer.optimizer.spec.steps
+    assert len(forwards) == 2 * (k + 1) * accum
+    # within a step: the micro-batches in order, then the same micro-batches at each perturbed point
+    first_step = forwards[:(k + 1) * accum]
+    for i in range(accum, len(first_step)):
+        assert torch.equal(first_step[i], first_step[i % accum])
 
 
 def test_an_optimizer_instance_and_clear_errors(tmp_path):

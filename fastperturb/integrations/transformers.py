@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..optim.frameworks import accumulation_in_closure
 from ..optim.wrapper import PerturbOptimizer
 from . import unwrap_optimizer
 
@@ -127,7 +128,8 @@ class PerturbTrainer(Trainer):
         def step(closure: Any = None) -> Any:
             if closure is not None:
                 return counted_step(closure)
-            return self._step_with_replay(outer, counted_step, opt)
+            with accumulation_in_closure():  # the replay closure runs every micro-batch
+                return self._step_with_replay(outer, counted_step, opt)
 
         step._fastperturb_replay = True  # type: ignore[attr-defined]
         step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # the scheduler still counts (below)

@@ -1,0 +1,30 @@
+"""Training-framework integrations: import the submodule of the framework you use.
+
+* :mod:`fastperturb.integrations.lightning` -- PyTorch Lightning (``PerturbMixin``,
+  ``perturb_step`` for gradient accumulation under manual optimization);
+* :mod:`fastperturb.integrations.transformers` -- Hugging Face ``Trainer`` (``PerturbTrainer``);
+* :mod:`fastperturb.integrations.accelerate` -- Hugging Face Accelerate custom loops
+  (``micro_batch_closure``, ``perturb_step``).
+
+Each submodule imports its framework; this package imports none of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["unwrap_optimizer"]
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer under a framework's wrappers (Lightning's ``LightningOptimizer``,
+    Accelerate's ``AcceleratedOptimizer``): follows ``.optimizer`` down to an object without one.
+
+    (A ``LightningOptimizer`` is an instance of a dynamic subclass of the wrapped optimizer's
+    class holding a copy of its ``__dict__``: ``isinstance`` is true for it, but settings
+    written to it do not reach the optimizer.)"""
+    seen = 0
+    while hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer = optimizer.optimizer
+        seen += 1
+    return optimizer

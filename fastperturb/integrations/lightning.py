@@ -1,0 +1,209 @@
+"""PyTorch Lightning integration.
+
+Automatic optimization: mix :class:`PerturbMixin` into your ``LightningModule`` and return a
+fastperturb optimizer from ``configure_optimizers`` (with or without an LR scheduler dict)::
+
+    class Net(PerturbMixin, pl.LightningModule):
+        def configure_optimizers(self):
+            opt = fp.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": StepLR(opt, 10), "interval": "step"}}
+
+The mixin
+
+* routes ``Trainer(gradient_clip_val=...)`` (norm clipping) to the optimizer's
+  ``max_grad_norm``, so the *final descent gradient* is clipped once per step rather than
+  each pass's gradient inside Lightning's closure (see :func:`clip_setting`);
+* makes ``precision="16-mixed"`` with a ``GradScaler`` work: Lightning's ``MixedPrecision``
+  plugin would run the closure once and call ``scaler.step(optimizer)`` without it, so the
+  mixin hands the closure and the scaler to the fastperturb optimizer instead;
+* sets :attr:`PerturbMixin.perturb_pass` (0 at the clean weights, k at the k-th perturbed
+  point) while ``training_step`` runs inside a step, e.g. to log only the clean loss.
+
+Gradient accumulation (``accumulate_grad_batches > 1``) cannot be exact under automatic
+optimization: Lightning runs the earlier micro-batches' backward before the optimizer step,
+at the clean weights only. Use manual optimization and :func:`perturb_step`, which runs
+every micro-batch at every point (clean and perturbed)::
+
+    class Net(PerturbMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            micro = list(zip(batch[0].chunk(4), batch[1].chunk(4)))
+            return perturb_step(self, self.optimizers(), micro, lambda mb: F.cross_entropy(self(mb[0]), mb[1]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..optim.wrapper import PerturbOptimizer
+from . import unwrap_optimizer
+
+try:
+    import pytorch_lightning as pl
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+except ImportError:  # the unified package
+    import lightning.pytorch as pl  # type: ignore[no-redef]
+    from lightning.pytorch.core.optimizer import LightningOptimizer  # type: ignore[no-redef]
+
+__all__ = ["PerturbMixin", "PerturbLightningModule", "perturb_step", "clip_setting"]
+
+
+def grad_scaler(trainer: "pl.Trainer") -> Optional[torch.amp.GradScaler]:
+    """The enabled ``GradScaler`` of the trainer's precision plugin (``16-mixed`` with a scaler), or None."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+        return scaler
+    return None
+
+
+def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional[float]:
+    """The ``max_grad_norm`` a step takes under this trainer: ``Trainer(gradient_clip_val=c)``
+    becomes ``max_grad_norm=c`` on the fastperturb optimizer.
+
+    Why: Lightning clips inside its closure, after each backward, i.e. once per pass. For the
+    single-step presets (SAM, ASAM, AWP with ``steps=1``) that happens to give the same update
+    (the ascent direction does not depend on the gradient's scale, and the descent gradient is
+    the last pass's); for APD and multi-step AWP, which average several passes, it would clip
+    each pass's gradient instead of their average. Clipping the final descent gradient is the
+    definition that holds for every preset. Value clipping (``gradient_clip_algorithm="value"``)
+    changes the ascent direction and has no such definition: it raises.
+    """
+    value = trainer.gradient_clip_val
+    if value is None or value == 0:
+        return optimizer.max_grad_norm
+    algorithm = trainer.gradient_clip_algorithm
+    algorithm = "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm)).lower()
+    if algorithm != "norm":
+        raise ValueError(
+            f"Trainer(gradient_clip_algorithm={algorithm!r}) is not supported with {type(optimizer).__name__}: "
+            "fastperturb clips the final descent gradient by its L2 norm; use gradient_clip_algorithm='norm' "
+            "(or the optimizer's max_grad_norm)"
+        )
+    if optimizer.max_grad_norm is not None and optimizer.max_grad_norm != float(value):
+        raise ValueError(
+            f"Trainer(gradient_clip_val={value!r}) and {type(optimizer).__name__}(max_grad_norm="
+            f"{optimizer.max_grad_norm!r}) disagree; set only one of them"
+        )
+    return float(value)
+
+
+@contextlib.contextmanager
+def _max_grad_norm(optimizer: PerturbOptimizer, value: Optional[float]) -> Iterator[None]:
+    saved = optimizer.max_grad_norm
+    optimizer.max_grad_norm = value
+    try:
+        yield
+    finally:
+        optimizer.max_grad_norm = saved
+
+
+class PerturbMixin:
+    """Hooks that make a ``LightningModule`` train right with a fastperturb optimizer.
+
+    Put it before ``LightningModule`` in the bases: ``class Net(PerturbMixin, pl.LightningModule)``.
+    Modules whose optimizer is not a fastperturb optimizer behave exactly as without it.
+    """
+
+    #: index of the pass being run by the current optimizer step (0: clean weights,
+    #: k >= 1: k-th perturbed point), None outside a step.
+    perturb_pass: Optional[int] = None
+
+    def _counting(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        # A partial (not a nested function) so that fastperturb's check of the training loop
+        # still finds Lightning's Closure inside it (accumulate_grad_batches > 1 is refused).
+        return functools.partial(_counted_call, self, [0], closure)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Optional[Callable[[], Any]] = None) -> None:
+        opt = unwrap_optimizer(optimizer)
+        if not isinstance(opt, PerturbOptimizer):
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
+        closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
+        try:
+            with _max_grad_norm(opt, clip_setting(self.trainer, opt)):  # type: ignore[attr-defined]
+                scaler = grad_scaler(self.trainer)  # type: ignore[attr-defined]
+                if scaler is None or closure is None:
+                    optimizer.step(closure=closure)
+                else:
+                    _scaled_step(opt, closure, scaler)
+        finally:
+            self.perturb_pass = None
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # Lightning calls this after every backward inside the closure (once per pass); for a
+        # fastperturb optimizer the clipping is routed to its max_grad_norm (clip_setting).
+        if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer):
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+
+
+def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any]) -> Any:
+    module.perturb_pass = count[0]
+    count[0] += 1
+    return closure()
+
+
+class PerturbLightningModule(PerturbMixin, pl.LightningModule):
+    """A ``LightningModule`` with :class:`PerturbMixin`'s hooks: subclass it instead of ``LightningModule``."""
+
+
+def _scaled_step(opt: PerturbOptimizer, closure: Callable[[], Any], scaler: torch.amp.GradScaler) -> Any:
+    # Lightning's MixedPrecision plugin scales the loss in backward (pre_backward) but would call
+    # scaler.step(optimizer) without the closure; fastperturb unscales, checks and steps itself.
+    loss = opt.step(closure, scaler=scaler)
+    scaler.update()
+    return loss
+
+
+def perturb_step(module: "pl.LightningModule", optimizer: Any, micro_batches: Sequence[Any],
+                 loss_fn: Callable[[Any], Tensor]) -> Tensor:
+    """One fastperturb step under manual optimization, with gradient accumulation done exactly.
+
+    Every pass (the clean one and each perturbed one) runs ``loss_fn(mb)`` on every micro-batch
+    and back-propagates ``loss / len(micro_batches)`` through ``module.manual_backward`` (so the
+    precision plugin's scaling applies), with the DDP gradient sync blocked on all but the last
+    micro-batch. For equal-size micro-batches whose ``loss_fn`` returns a mean, the step equals
+    one step on the whole batch. Works with ``16-mixed`` + ``GradScaler`` (the scaler is passed to
+    the optimizer and updated). Returns the mean loss over the micro-batches at the clean weights.
+
+    Call it from ``training_step`` with ``self.optimizers()``; Lightning's ``gradient_clip_val`` is
+    not available under manual optimization: give the optimizer ``max_grad_norm`` instead.
+    """
+    opt = unwrap_optimizer(optimizer)
+    if not isinstance(opt, PerturbOptimizer):
+        raise TypeError(f"perturb_step needs a fastperturb optimizer, got {type(opt).__name__}")
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    if n == 0:
+        raise ValueError("perturb_step needs at least one micro-batch")
+    lightning_opt = optimizer if isinstance(optimizer, LightningOptimizer) else None
+
+    def closure() -> Tensor:
+        total = None
+        for i, mb in enumerate(micro_batches):
+            last = i == n - 1
+            sync = contextlib.nullcontext() if last or lightning_opt is None else lightning_opt.toggle_model(sync_grad=False)
+            with sync:
+                loss = loss_fn(mb) / n
+                module.manual_backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
+    counted = module._counting(closure) if isinstance(module, PerturbMixin) else closure
+    scaler = grad_scaler(module.trainer)
+    try:
+        if scaler is not None:
+            return _scaled_step(opt, counted, scaler)
+        return (lightning_opt or opt).step(closure=counted)
+    finally:
+        if isinstance(module, PerturbMixin):
+            module.perturb_pass = None

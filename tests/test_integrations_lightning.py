@@ -1,0 +1,233 @@
+"""fastperturb under the real PyTorch Lightning Trainer (automatic and manual optimization).
+
+Every training result is compared with a hand-written loop that drives the same optimizer
+with ``step(closure)``: the Trainer adds nothing but sequencing, so the weights must agree
+bit for bit where the arithmetic is the same (fp32, bf16 autocast), and to float tolerance
+where the gradient is summed in a different order (micro-batches against one big batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import fastperturb as fp  # noqa: E402
+from fastperturb.integrations.lightning import PerturbLightningModule, perturb_step  # noqa: E402
+
+logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+N, DIM, CLASSES, BATCH = 32, 8, 3, 8
+
+PRESETS = {
+    "SAM": lambda p: fp.SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+    "ASAM": lambda p: fp.ASAM(p, torch.optim.SGD, rho=0.5, eta=0.01, lr=0.1),
+    "AWP": lambda p: fp.AWP(p, torch.optim.SGD, gamma=1e-2, lr=0.1),
+    "APD": lambda p: fp.APD(p, torch.optim.AdamW, eps=1e-2, steps=2, lr=1e-2),
+}
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, DIM, generator=g), torch.randint(0, CLASSES, (N,), generator=g)
+
+
+def loader():
+    x, y = data()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=False)
+
+
+def make_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+
+
+def make_sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+
+
+class Net(PerturbLightningModule):
+    def __init__(self, preset: str, sched: bool = True):
+        super().__init__()
+        self.net = make_net()
+        self.preset, self.sched = preset, sched
+        self.passes = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.passes.append(self.perturb_pass)
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = PRESETS[self.preset](self.parameters())
+        if not self.sched:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": make_sched(opt), "interval": "step"}}
+
+
+def trainer(tmp_path, **kw):
+    kw.setdefault("max_epochs", 1)
+    kw.setdefault("enable_checkpointing", False)
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, **kw)
+
+
+def hand_loop(preset: str, epochs: int = 1, autocast=None, max_grad_norm=None, scaler=None):
+    """The reference: the same optimizer driven by step(closure), batch by batch."""
+    net = make_net()
+    opt = PRESETS[preset](net.parameters())
+    opt.max_grad_norm = max_grad_norm
+    sched = make_sched(opt)
+    for _ in range(epochs):
+        for x, y in loader():
+            def closure():
+                opt.zero_grad()
+                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
+                with ctx:
+                    loss = F.cross_entropy(net(x), y)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                return loss
+            if scaler is not None:
+                opt.step(closure, scaler=scaler)
+                scaler.update()
+            else:
+                opt.step(closure)
+            sched.step()
+    return net, opt
+
+
+def assert_same(net_a, net_b):
+    for a, b in zip(net_a.state_dict().values(), net_b.state_dict().values()):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_trains_like_the_hand_written_loop(preset, tmp_path):
+    model = Net(preset)
+    trainer(tmp_path).fit(model, loader())
+    ref, _ = hand_loop(preset)
+    assert_same(model.net, ref)
+    # every step ran the clean pass then the perturbed ones, in order
+    steps = PRESETS[preset](make_net().parameters()).spec.steps
+    assert model.passes == list(range(steps + 1)) * (N // BATCH)
+    assert model.perturb_pass is None
+
+
+def test_bf16_mixed_equals_hand_loop_under_bf16_autocast(tmp_path):
+    model = Net("SAM")
+    trainer(tmp_path, precision="bf16-mixed").fit(model, loader())
+    ref, _ = hand_loop("SAM", autocast=torch.bfloat16)
+    assert_same(model.net, ref)
+
+
+@pytest.mark.parametrize("preset", ["SAM", "APD"])
+def test_gradient_clip_val_clips_the_descent_gradient(preset, tmp_path):
+    model = Net(preset)
+    trainer(tmp_path, gradient_clip_val=0.05).fit(model, loader())
+    ref, _ = hand_loop(preset, max_grad_norm=0.05)
+    assert_same(model.net, ref)
+    unclipped, _ = hand_loop(preset)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), unclipped.parameters())), "clip too loose"
+    # the routing is per step: the optimizer's own setting is left as it was
+    assert model.trainer.optimizers[0].max_grad_norm is None
+
+
+def test_gradient_clip_by_value_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='norm'"):
+        trainer(tmp_path, gradient_clip_val=0.5, gradient_clip_algorithm="value").fit(Net("SAM"), loader())
+
+
+@pytest.mark.parametrize("preset", ["SAM", "APD"])
+def test_checkpoint_resume_is_bit_identical(preset, tmp_path):
+    full = Net(preset)
+    trainer(tmp_path / "full", max_epochs=2).fit(full, loader())
+
+    first = Net(preset)
+    t1 = trainer(tmp_path / "a", max_epochs=1)
+    t1.fit(first, loader())
+    ckpt = tmp_path / "epoch1.ckpt"
+    t1.save_checkpoint(ckpt)
+
+    resumed = Net(preset)
+    t2 = trainer(tmp_path / "b", max_epochs=2)
+    t2.fit(resumed, loader(), ckpt_path=ckpt)
+    assert_same(resumed.net, full.net)
+    sd_full, sd_res = t2.optimizers[0].state_dict(), full.trainer.optimizers[0].state_dict()
+    for k, v in sd_full["state"].items():
+        for name, t in v.items():
+            assert torch.equal(torch.as_tensor(t), torch.as_tensor(sd_res["state"][k][name])), (k, name)
+    assert sd_full["param_groups"][0]["lr"] == sd_res["param_groups"][0]["lr"]
+
+
+def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(tmp_path):
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    model = Net("SAM")
+    trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, loader())
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    ref, _ = hand_loop("SAM", autocast=torch.float16, scaler=ref_scaler)
+    assert_same(model.net, ref)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert model.passes == [0, 1] * (N // BATCH)
+
+
+def test_automatic_accumulation_is_refused_with_the_recipe(tmp_path):
+    """Lightning would run the earlier micro-batches at the clean weights only: refused at the
+    first step, before any weight changes, naming the manual-optimization recipe."""
+    model = Net("SAM")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="fastperturb.integrations.lightning"):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+class ManualAccum(PerturbLightningModule):
+    """The accumulation recipe: manual optimization, every micro-batch inside every pass."""
+
+    def __init__(self, preset: str, chunks: int):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = make_net()
+        self.preset, self.chunks = preset, chunks
+        self.passes = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        self.passes.append(self.perturb_pass)
+        micro = list(zip(batch[0].chunk(self.chunks), batch[1].chunk(self.chunks)))
+        loss = perturb_step(self, self.optimizers(), micro, self.micro_loss)
+        self.lr_schedulers().step()
+        return loss
+
+    def micro_loss(self, mb):
+        x, y = mb
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = PRESETS[self.preset](self.parameters())
+        return {"optimizer": opt, "lr_scheduler": make_sched(opt)}
+
+
+@pytest.mark.parametrize("preset", ["SAM", "AWP", "APD"])
+def test_manual_accumulation_recipe_equals_one_big_batch_step(preset, tmp_path):
+    model = ManualAccum(preset, chunks=4)
+    trainer(tmp_path).fit(model, loader())
+    ref, _ = hand_loop(preset)
+    # Same batches and equations; the gradient is summed over 4 micro-batches instead of
+    # reduced in one matmul, so fp32 rounding differs at the 1e-7 relative level per step.
+    for a, b in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,221 @@
+"""fastperturb.integrations.transformers.PerturbTrainer under the real Hugging Face Trainer.
+
+A tiny GPT-2 built from a config (no download, token ids made directly) is trained through
+``PerturbTrainer`` and, as the reference, by a hand-written loop with the same optimizer:
+every step's closure runs all micro-batches with ``loss / gradient_accumulation_steps``.
+
+Tolerance: Trainer computes the causal-LM loss as ``sum / num_items_in_batch`` over the whole
+accumulated batch (the model accepts loss kwargs) where the reference takes each micro-batch's
+mean divided by the number of micro-batches (equal-length rows, no padding): equal in exact
+arithmetic, and measured bit-identical here (fp32 and bf16 autocast, SGD and fused AdamW);
+the comparisons allow 1e-6 relative / 1e-7 absolute for a platform where the two
+normalisations round differently. Resume is compared with an uninterrupted PerturbTrainer
+run, bit for bit.
+
+(A model that ignores ``num_items_in_batch`` although it accepts ``**kwargs``, such as
+``BertForSequenceClassification``, is not divided by the accumulation steps by Trainer; the
+replayed passes go through the same ``training_step`` and inherit that scaling unchanged.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import fastperturb as fp  # noqa: E402
+from fastperturb.integrations.transformers import PerturbTrainer  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Trainer builds an Accelerator, whose state is process-wide: reset it after each test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+VOCAB, SEQ, N, BATCH, LR, WD = 50, 8, 16, 4, 1e-2, 0.01
+CONFIG = dict(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+PRESETS = {
+    "SAM": (fp.SAM, {"rho": 0.05}),
+    "AWP": (fp.AWP, {"gamma": 1e-2}),
+    "APD": (fp.APD, {"eps": 1e-2, "steps": 2}),
+}
+
+
+def make_model():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+
+
+def dataset():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (N, SEQ), generator=g)
+    # Position 0 is never a target of a causal LM; marking it -100 makes Trainer's token count
+    # (num_items_in_batch) and the model's own mean agree on SEQ - 1 targets per row.
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(N)]
+
+
+def args(tmp_path, accum: int, steps: int, **kw):
+    kw.setdefault("save_strategy", "no")
+    kw.setdefault("weight_decay", WD)
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=accum,
+        max_steps=steps, learning_rate=LR, report_to="none", use_cpu=True,
+        dataloader_num_workers=0, train_sampling_strategy="sequential", logging_strategy="no",
+        disable_tqdm=True, seed=0, **kw)
+
+
+def run_trainer(tmp_path, preset, accum, steps, **kw):
+    cls, pkw = PRESETS[preset]
+    model = make_model()
+    trainer = PerturbTrainer(model=model, args=args(tmp_path, accum, steps, **kw), train_dataset=dataset(),
+                             perturb=cls, perturb_kwargs=pkw)
+    trainer.train()
+    return model, trainer
+
+
+def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None):
+    """The same optimizer, param groups and linear LR schedule, driven by step(closure);
+    ``base`` is the ``optim`` given to Trainer: ``"sgd"`` or its default, ``"adamw_torch_fused"``;
+    ``max_grad_norm`` defaults to TrainingArguments' 1.0."""
+    cls, pkw = PRESETS[preset]
+    model = make_model()
+    model.train()
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if "bias" in n or id(p) in norms]
+    decay = [p for n, p in named if not ("bias" in n or id(p) in norms)]
+    groups = [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
+    if base == "sgd":
+        opt = cls(groups, torch.optim.SGD, lr=LR, max_grad_norm=max_grad_norm, **pkw)
+    elif cls is fp.APD:  # APD's eps is the radius: AdamW's eps goes into the groups
+        for g in groups:
+            g["eps"] = 1e-8
+        opt = cls(groups, torch.optim.AdamW, lr=LR, betas=(0.9, 0.999), fused=True, max_grad_norm=max_grad_norm, **pkw)
+    else:
+        opt = cls(groups, torch.optim.AdamW, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True,
+                  max_grad_norm=max_grad_norm, **pkw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
+    data = dataset()
+    per_step = BATCH * accum
+    for s in range(steps):
+        rows = data[(s * per_step) % N:(s * per_step) % N + per_step]
+        micro = [rows[i:i + BATCH] for i in range(0, per_step, BATCH)]
+
+        def closure():
+            total = torch.zeros(())
+            for mb in micro:
+                ids = torch.stack([r["input_ids"] for r in mb])
+                labels = torch.stack([r["labels"] for r in mb])
+                assert int(labels.ne(-100).sum()) == BATCH * (SEQ - 1)
+                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
+                with ctx:
+                    loss = model(input_ids=ids, labels=labels).loss.float()
+                (loss / accum).backward()
+                total += loss.detach() / accum
+            return total
+
+        opt.step(closure)
+        sched.step()
+    return model, opt
+
+
+def assert_close_models(a, b, rtol=1e-6, atol=1e-7):
+    for (name, x), y in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+DEFAULT_OPTIM = "adamw_torch_fused"  # TrainingArguments' default here
+
+
+@pytest.mark.parametrize("preset,accum,optim", [("SAM", 1, DEFAULT_OPTIM), ("SAM", 2, "sgd"), ("AWP", 2, "sgd"),
+                                                ("APD", 2, DEFAULT_OPTIM)])
+def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
+    model, trainer = run_trainer(tmp_path, preset, accum, steps=2, optim=optim)
+    ref, ref_opt = hand_loop(preset, accum, steps=2, base=optim)
+    opt = trainer.optimizer.optimizer
+    assert type(opt) is PRESETS[preset][0]
+    assert type(opt.base_optimizer) is type(ref_opt.base_optimizer)
+    assert_close_models(model, ref)
+    moved = max((x - y).abs().max() for x, y in zip(model.parameters(), make_model().parameters()))
+    assert moved > 1e-3  # it trained
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("preset", ["SAM", "APD"])
+def test_max_grad_norm_clips_the_descent_gradient(preset, tmp_path):
+    model, trainer = run_trainer(tmp_path, preset, accum=2, steps=2, max_grad_norm=0.05, optim="sgd")
+    ref, _ = hand_loop(preset, accum=2, steps=2, base="sgd", max_grad_norm=0.05)
+    assert_close_models(model, ref)
+    unclipped, _ = hand_loop(preset, accum=2, steps=2, base="sgd", max_grad_norm=None)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), unclipped.parameters())), "clip too loose"
+    assert trainer.optimizer.optimizer.max_grad_norm == 0.05
+
+
+def test_bf16_mixed_precision_through_accelerate(tmp_path):
+    model, trainer = run_trainer(tmp_path, "SAM", accum=2, steps=2, bf16=True, optim="sgd")
+    assert trainer.accelerator.mixed_precision == "bf16"
+    ref, _ = hand_loop("SAM", accum=2, steps=2, base="sgd", autocast=torch.bfloat16)
+    assert_close_models(model, ref)
+
+
+@pytest.mark.slow
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    full, _ = run_trainer(tmp_path / "full", "SAM", accum=2, steps=4)
+    run_trainer(tmp_path / "part", "SAM", accum=2, steps=4, save_strategy="steps", save_steps=2)
+    ckpt = tmp_path / "part" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").exists()
+    model = make_model()
+    cls, pkw = PRESETS["SAM"]
+    trainer = PerturbTrainer(model=model, args=args(tmp_path / "resumed", 2, 4), train_dataset=dataset(),
+                             perturb=cls, perturb_kwargs=pkw)
+    trainer.train(resume_from_checkpoint=str(ckpt))
+    for x, y in zip(model.parameters(), full.parameters()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("preset,accum", [("SAM", 2), ("APD", 2)])
+def test_passes_per_step(preset, accum, tmp_path):
+    """Trainer's own forward/backward gives g_0 over all micro-batches; the optimizer then runs
+    only the K perturbed passes, each over every micro-batch: (K + 1) * accum forwards a step."""
+    cls, pkw = PRESETS[preset]
+    model = make_model()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"][:, 1].clone()), with_kwargs=True)
+    trainer = PerturbTrainer(model=model, args=args(tmp_path, accum, 2, optim="sgd"), train_dataset=dataset(),
+                             perturb=cls, perturb_kwargs=pkw)
+    trainer.train()
+    k = trainer.optimizer.optimizer.spec.steps
+    assert len(forwards) == 2 * (k + 1) * accum
+    # within a step: the micro-batches in order, then the same micro-batches at each perturbed point
+    first_step = forwards[:(k + 1) * accum]
+    for i in range(accum, len(first_step)):
+        assert torch.equal(first_step[i], first_step[i % accum])
+
+
+def test_an_optimizer_instance_and_clear_errors(tmp_path):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    trainer = PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(), optimizers=(opt, None))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.train()
+    assert trainer.optimizer.optimizer is opt
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    with pytest.raises(TypeError, match="fastperturb optimizer"):
+        PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(),
+                       optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+    with pytest.raises(TypeError, match="perturb="):
+        PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset())
+    with pytest.raises(TypeError, match="fastperturb optimizer class"):
+        PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(), perturb=torch.optim.SGD)
+

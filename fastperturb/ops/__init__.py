@@ -12,11 +12,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import dispatch, fake, native
+from . import dispatch, fake, native, pure
 from . import validation as V
 
 if native.load_error is None:
     fake.register("fastperturb")
+    pure.register("fastperturb")
 
 # The C++, CUDA and Triton ops validate their own arguments (they follow raw
 # pointers and may be called directly through torch.ops); the reference is
@@ -27,10 +28,11 @@ _PY_BACKENDS = ("reference",)
 def _non_differentiable(fn):
     """The ops are not differentiable: run them outside autograd so no backend's
     outputs require grad and in-place writes to leaf parameters are allowed."""
-    no_grad = torch.no_grad()
 
     def wrapper(*args, **kwargs):
-        with no_grad:
+        # A fresh context manager per call: torch.compile traces one created inside the
+        # compiled region but graph-breaks on a shared instance created outside it.
+        with torch.no_grad():
             return fn(*args, **kwargs)
 
     wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
@@ -64,6 +66,9 @@ def grad_stats_(
     backend = dispatch.resolve(V.first_device(grads, params))
     if backend in _PY_BACKENDS:
         V.check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta)
+    elif not accum and torch.compiler.is_compiling():
+        # Nothing to accumulate: the non-mutating twin, which inductor can lower (see ops/pure.py).
+        return dispatch.op("grad_stats", backend)(grads, params, backups, adaptive_eta=float(adaptive_eta))
     return dispatch.op("grad_stats_", backend)(
         grads, accum, params, backups,
         accum_weight=float(accum_weight), accum_init=bool(accum_init), adaptive_eta=float(adaptive_eta),

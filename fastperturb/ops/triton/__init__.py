@@ -93,7 +93,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import fake, native
+from .. import fake, native, pure
 from .. import validation as V
 
 __all__ = ["why_unavailable", "count_launches", "LaunchCounter", "tuning", "launches", "INTERPRETED"]
@@ -798,6 +798,7 @@ def _register() -> None:
         # the impl refuses with the reason.
         torch.library.impl(qualname, ("cpu", "cuda", "default"), impl, lib=lib)
     fake.register(NAMESPACE)
+    pure.register(NAMESPACE)
     _LIBS.append(lib)
 
 

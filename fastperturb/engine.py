@@ -150,12 +150,21 @@ def ascent_coefficients(
     return step.float(), proj.float()
 
 
-def absolute_sizes(spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor) -> tuple[Tensor, Tensor]:
+#: ``reduce(stats, kind)`` completes per-tensor statistics of local shards across ranks
+#: (``kind``: ``"sum"`` or ``"max"``); see :mod:`fastperturb.distributed`.
+Reduce = Callable[[Tensor, str], Tensor]
+
+
+def absolute_sizes(
+    spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor, reduce: Optional[Reduce] = None,
+) -> tuple[Tensor, Tensor]:
     """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute)."""
     if not spec.relative:
         return radius, step_size
     per, _ = ops.norms(params, spec.ord)
     per = per.to(torch.float64)
+    if reduce is not None:  # norms of the whole tensors from those of their shards
+        per = reduce(per.square(), "sum").sqrt() if spec.norm == "l2" else reduce(per, "max")
     wn = _scope_sum(per.square(), spec.scope).sqrt() if spec.norm == "l2" else _scope_max(per, spec.scope)
     return radius * wn, step_size * wn
 
@@ -172,6 +181,9 @@ class Cycle:
     ``ascend()``, a forward/backward at the perturbed point, ``observe(grads)``;
     finally ``finish(grads)`` and ``restore()``. :func:`run_cycle` does all of it
     around a closure, restoring the weights on any exception.
+
+    Sharded tensors: pass the local shards and ``reduce``, which completes each pass's
+    per-tensor statistics across ranks (one call per pass, plus one for relative radii).
     """
 
     def __init__(
@@ -182,8 +194,10 @@ class Cycle:
         radius: Sequence[float] | Tensor,
         step_size: Sequence[float] | Tensor,
         accum: Sequence[Tensor] = (),
+        reduce: Optional[Reduce] = None,
     ):
         self.spec = spec
+        self.reduce = reduce
         self.params = list(params)
         self.backups = list(backups)
         self.accum = list(accum) if spec.accumulates else []
@@ -219,6 +233,8 @@ class Cycle:
             accum_init=init,
             adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
         )
+        if self.reduce is not None:
+            stats = self.reduce(stats, "sum")
         bad = ~torch.isfinite(stats).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteGradient(bad.nonzero().flatten().tolist(), k)
@@ -226,7 +242,7 @@ class Cycle:
 
     def start(self, grads: Sequence[Tensor]) -> None:
         """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
-        self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step)
+        self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step, self.reduce)
         self._measure(grads)
 
     def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
@@ -277,18 +293,23 @@ def run_cycle(
     cycle: Cycle,
     closure: Callable[[], object],
     on_pass: Optional[Callable[[int], None]] = None,
+    grads_at: Optional[Callable[[int], list[Tensor]]] = None,
 ) -> list[object]:
     """Run ``cycle`` with ``closure`` (loss + backward) and return the losses of the perturbed passes.
 
     The gradient g_0 must already be in ``.grad``. ``on_pass(k)`` is called
     before pass k >= 1 (e.g. to freeze BatchNorm statistics). On any exception,
     including :class:`NonFiniteGradient`, the weights are restored before it
-    propagates; on success they are restored too and G is in ``.grad``.
+    propagates; on success they are restored too and G is in ``.grad``. ``grads_at(k)``
+    gives the gradients after pass k (default: the ``.grad`` of ``cycle.params``; the
+    local shards of the gradients when the cycle runs on shards).
     """
+    if grads_at is None:
+        grads_at = lambda k: grads_of(cycle.params, k)  # noqa: E731
     losses = []
     try:
         # One look at .grad per pass: the closure may replace the tensors, nothing else does.
-        grads = grads_of(cycle.params, 0)
+        grads = grads_at(0)
         cycle.start(grads)
         for k in range(1, cycle.spec.steps + 1):
             cycle.ascend(grads)
@@ -296,7 +317,7 @@ def run_cycle(
                 on_pass(k)
             with torch.enable_grad():
                 losses.append(closure())
-            grads = grads_of(cycle.params, k)
+            grads = grads_at(k)
             cycle.observe(grads)
         cycle.finish(grads)
     finally:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from .batchnorm import frozen_bn_stats
 
@@ -56,6 +56,8 @@ class _Plan:
     radius: List[float]
     step: List[float]
     passive: List[Tensor]
+    tensors: List[Tensor] = dataclasses.field(default_factory=list)  # what the ops see: params or their shards
+    reduce: Optional[distributed.Reduce] = None  # completes shard statistics across ranks (sharded params)
 
 
 @dataclasses.dataclass
@@ -79,13 +81,14 @@ class _GradHolder:
 
 def _versions(params: Sequence[Tensor]) -> list:
     grads = [p.grad for p in params]
-    return [(g, -1 if g is None else g._version) for g in grads]
+    # A sharded gradient accumulates into its local tensor: that is where the version moves.
+    return [(g, -1 if g is None else distributed.local(g)._version) for g in grads]
 
 
 def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     for p, (g, v) in zip(params, before):
         ng = p.grad
-        if ng is not None and (ng is not g or ng._version != v):
+        if ng is not None and (ng is not g or distributed.local(ng)._version != v):
             return True
     return False
 
@@ -198,6 +201,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._list_cache: Dict[str, tuple] = {}
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
+        self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -211,6 +215,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.defaults = {**self.base_optimizer.defaults, **self._perturb_defaults}
         for i, group in enumerate(self.param_groups):
             self._group_sizes(i, group)
+        distributed.check_engine([p for group in self.param_groups for p in group["params"]])
 
     # ---- param groups -------------------------------------------------------------
 
@@ -260,6 +265,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         parameter lists and ``perturb`` flags are unchanged."""
         key = tuple((id(g["params"]), len(g["params"]), bool(g.get("perturb", True))) for g in self.param_groups)
         if key != self._selection_cache[0]:
+            self._sharded = distributed.check_engine([p for g in self.param_groups for p in g["params"]])
             sel = []
             for group in self.param_groups:
                 on = bool(group.get("perturb", True))
@@ -279,7 +285,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 plan.radius += [sizes[0]] * len(with_grad)
                 plan.step += [sizes[1]] * len(with_grad)
             plan.passive += [p for p in passive if p.grad is not None]
+        if self._sharded:  # FSDP2: the ops run on the local shards (looked up each step: FSDP may swap them)
+            plan.tensors = distributed.local_list(plan.params)
+            plan.reduce = self._cached_list("reduce", plan.params, lambda: distributed.reducer_for(plan.params))
+        else:
+            plan.tensors = plan.params
         return plan
+
+    def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
+        """The gradients of the perturbed tensors after ``pass_index`` (their shards if sharded)."""
+        grads = grads_of(plan.params, pass_index)
+        return distributed.local_list(grads) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
 
@@ -291,8 +307,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             store[key] = b
         return b
 
-    def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], List[Tensor]]) -> List[Tensor]:
-        """``build()``'s list, reused while ``params`` are the same tensors in the same order
+    def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], Any]) -> Any:
+        """``build()``'s list (or reducer), reused while ``params`` are the same tensors in the same order
         (a tensor whose shape changed behind our back is caught by the fused ops' checks)."""
         key = tuple(map(id, params))
         hit = self._list_cache.get(name)
@@ -300,11 +316,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
             hit = self._list_cache[name] = (key, build())
         return hit[1]
 
-    def _backup_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return self._cached_list("backups", params, lambda: [self._buffer(self._backups, p, p) for p in params])
+    def _backup_list(self, plan: _Plan) -> List[Tensor]:
+        # Keyed by the parameter, shaped like what the ops see (a shard of a sharded parameter).
+        return self._cached_list(
+            "backups", plan.tensors, lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.tensors)]
+        )
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return self._cached_list("accum", params, lambda: [self._buffer(self._accums, p, p.grad) for p in params])
+        return self._cached_list(
+            "accum", params, lambda: [self._buffer(self._accums, p, distributed.local(p.grad)) for p in params]
+        )
 
     def buffer_count(self) -> tuple:
         """(backups, accumulators) currently allocated: one backup per perturbed tensor, one
@@ -313,7 +334,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
-        return Cycle(self.spec, plan.params, self._backup_list(plan.params), plan.radius, plan.step, accum)
+        return Cycle(self.spec, plan.tensors, self._backup_list(plan), plan.radius, plan.step, accum, plan.reduce)
 
     # ---- passive tensors: they get sum_k c_k g_k too, without being perturbed ------
 
@@ -325,7 +346,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     f"a parameter of shape {tuple(p.shape)} had a gradient at the clean point but none after "
                     f"pass {pass_index}: the closure set it to None and its backward did not reach it"
                 )
-            grads.append(p.grad)
+            grads.append(distributed.local(p.grad))
         return grads
 
     def _passive_before_pass(self, passive: Sequence[Tensor], k: int, zero: bool = True) -> None:
@@ -398,8 +419,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total, per = _grad_norm(grads)
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        reduce = None
+        if self._sharded:  # the norm of the whole gradient, the same on every rank
+            grads = distributed.local_list(grads)
+            reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
+        total, per = _grad_norm(grads, reduce)
         if not math.isfinite(total):
             names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
                      for pj, p in enumerate(group["params"]) if p.grad is not None]
@@ -464,7 +490,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 self._passive_before_pass(plan.passive, k)
 
-            run_cycle(cycle, lambda: self._call_closure(closure, current[0], watch), on_pass=on_pass)
+            run_cycle(cycle, lambda: self._call_closure(closure, current[0], watch), on_pass=on_pass,
+                      grads_at=lambda k: self._grads(plan, k))
         self._passive_finish(plan.passive)
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -487,7 +514,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if plan.params:
             cycle = self._new_cycle(plan)
             try:
-                grads = grads_of(plan.params, 0)
+                grads = self._grads(plan, 0)
                 cycle.start(grads)
                 cycle.ascend(grads, zero_grads=zero_grad)
             except NonFiniteGradient as err:
@@ -533,7 +560,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                             "perturbed weights and call backward() on it; the weights were restored"
                         )
                     if pending.cycle is not None:
-                        grads = grads_of(plan.params, 1)
+                        grads = self._grads(plan, 1)
                         pending.cycle.observe(grads)
                         pending.cycle.finish(grads)
                 finally:
@@ -566,7 +593,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None)
+        state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None)
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -632,15 +659,20 @@ def _check_scaler(scaler: object) -> None:
 def _zero_grads(params: Sequence[Tensor]) -> None:
     """Zero the existing gradients in place in one fused call (``zero_grad(set_to_none=False)``
     issues one op per parameter unless the base optimizer runs in foreach mode)."""
-    grads = [g for g in map(operator.attrgetter("grad"), params) if g is not None]
+    grads = [distributed.local(g) for g in map(operator.attrgetter("grad"), params) if g is not None]
     if grads:
         with torch.no_grad():
             torch._foreach_zero_(grads)
 
 
-def _grad_norm(grads: Sequence[Tensor]) -> tuple:
+def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = None) -> tuple:
     """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device;
-    the per-tensor list is only materialised when the total is not finite)."""
+    the per-tensor list is only materialised when the total is not finite). With ``reduce``,
+    ``grads`` are shards and the norms are those of the whole tensors."""
+    if reduce is not None:
+        squares = reduce(ops.norms(grads, 2.0)[0].to(torch.float64).square(), "sum")
+        total = math.sqrt(float(squares.sum()))
+        return total, (squares.sqrt().tolist() if not math.isfinite(total) else None)
     try:
         per_t, total_t = ops.norms(grads, 2.0)  # the common case: one device
         total = float(total_t)

@@ -35,15 +35,19 @@ SCOPES = ("layer", "global")
 
 
 class NonFiniteGradient(FloatingPointError):
-    """A gradient had NaN/Inf; the weights were restored before this was raised."""
+    """A gradient had NaN/Inf; the weights were restored before this was raised.
 
-    def __init__(self, tensor_indices: Sequence[int], pass_index: int):
+    ``tensor_indices`` index the tensors of the cycle; ``names`` (when the optimizer
+    wrapper raises it) say which parameters they are; ``pass_index`` is the pass k."""
+
+    def __init__(self, tensor_indices: Sequence[int], pass_index: int, names: Sequence[str] = ()):
         self.tensor_indices = list(tensor_indices)
         self.pass_index = pass_index
-        shown = ", ".join(map(str, self.tensor_indices[:8])) + (" ..." if len(self.tensor_indices) > 8 else "")
+        self.names = list(names)
+        where = self.names or [f"perturbed tensor {i}" for i in self.tensor_indices]
+        shown = ", ".join(where[:8]) + (" ..." if len(where) > 8 else "")
         super().__init__(
-            f"non-finite gradient (NaN/Inf) at pass {pass_index} in perturbed tensor(s) {shown}; "
-            "the weights were restored unchanged"
+            f"non-finite gradient (NaN/Inf) at pass {pass_index} in {shown}; the weights were restored unchanged"
         )
 
 
@@ -170,13 +174,16 @@ def absolute_sizes(
 
 
 class Cycle:
-    """One perturb-restore cycle over ``params`` (the tensors to perturb).
+    """One perturb-restore cycle over ``params`` (the tensors to perturb) and ``passive``
+    (tensors with a gradient that are not perturbed: they still receive G).
 
-    ``backups`` (and ``accum`` when ``spec.accumulates``) are caller-owned
-    buffers shaped like ``params``: the engine allocates nothing of parameter
-    size. ``radius`` and ``step_size`` are per-tensor values (relative
-    multipliers when ``spec.relative``).
+    ``backups`` (and ``accum``/``passive_accum`` when ``spec.accumulates``) are
+    caller-owned buffers shaped like ``params``/``passive``: the engine allocates
+    nothing of parameter size. ``radius`` and ``step_size`` are per-tensor values
+    (relative multipliers when ``spec.relative``).
 
+    Every method that takes ``grads`` wants the gradients of :attr:`tensors`
+    (``params`` then ``passive``), as read after the latest pass.
     Usage: ``start(grads)`` at the clean point, then for each step
     ``ascend()``, a forward/backward at the perturbed point, ``observe(grads)``;
     finally ``finish(grads)`` and ``restore()``. :func:`run_cycle` does all of it
@@ -194,15 +201,25 @@ class Cycle:
         radius: Sequence[float] | Tensor,
         step_size: Sequence[float] | Tensor,
         accum: Sequence[Tensor] = (),
+        passive: Sequence[Tensor] = (),
+        passive_accum: Sequence[Tensor] = (),
         reduce: Optional[Reduce] = None,
     ):
         self.spec = spec
         self.reduce = reduce
         self.params = list(params)
         self.backups = list(backups)
+        self.passive = list(passive)
         self.accum = list(accum) if spec.accumulates else []
+        self.passive_accum = list(passive_accum) if spec.accumulates else []
         if spec.accumulates and len(self.accum) != len(self.params):
             raise ValueError(f"this spec sums several passes: pass one accumulator per tensor ({len(self.params)})")
+        if spec.accumulates and len(self.passive_accum) != len(self.passive):
+            raise ValueError(
+                f"this spec sums several passes: pass one accumulator per passive tensor ({len(self.passive)})"
+            )
+        #: the tensors whose gradients every method takes, in this order
+        self.tensors = self.params + self.passive
         dev = self.params[0].device if self.params else torch.device("cpu")
         self._radius = torch.as_tensor(radius, dtype=torch.float64, device=dev).reshape(-1)
         self._step = torch.as_tensor(step_size, dtype=torch.float64, device=dev).reshape(-1)
@@ -210,6 +227,8 @@ class Cycle:
             if t.numel() != len(self.params):
                 raise ValueError(f"{name} has {t.numel()} values for {len(self.params)} tensors")
         self.weights = spec.pass_weights()
+        # The accumulator is initialised (not added to) by the first pass with a nonzero c_k.
+        self._first_summed = next(k for k, c in enumerate(self.weights) if c != 0.0)
         # A single step from delta_0 = 0 needs no projection unless it is longer than the
         # radius (e.g. APD's default eta = 1.5 eps with K = 1): then project it too.
         self.project = spec.projects or bool((self._step > self._radius).any())
@@ -217,15 +236,24 @@ class Cycle:
         self.perturbed = False
         self._stats: Optional[Tensor] = None
 
+    def _sums(self, k: int) -> bool:
+        """Whether c_k g_k goes into the accumulators now (g_K is combined by finish())."""
+        return self.spec.accumulates and k < self.spec.steps and self.weights[k] != 0.0
+
     def _measure(self, grads: Sequence[Tensor]) -> None:
         k = self.k
+        n = len(self.params)
         at_clean = k == 0
         want_delta = self.spec.projects and self.spec.norm == "l2" and not at_clean and k < self.spec.steps
-        accumulate = self.spec.accumulates and self.weights[k] != 0.0 and k < self.spec.steps
-        init = accumulate and (k == 0 or (k == 1 and not self.spec.include_clean))
+        accumulate = self._sums(k)
+        init = accumulate and k == self._first_summed
         adaptive = self.spec.adaptive_eta is not None and at_clean
+        if accumulate and self.passive:  # passive tensors: accumulate only, their norms play no part
+            ops.grad_stats_(grads[n:], self.passive_accum, accum_weight=self.weights[k], accum_init=init)
+        if not self.params:
+            return
         stats = ops.grad_stats_(
-            grads,
+            grads[:n],
             self.accum if accumulate else [],
             self.params if (want_delta or adaptive) else [],
             self.backups if want_delta else [],
@@ -242,21 +270,25 @@ class Cycle:
 
     def start(self, grads: Sequence[Tensor]) -> None:
         """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
-        self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step, self.reduce)
+        if self.params:
+            self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step, self.reduce)
         self._measure(grads)
 
     def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
         """Move the weights one projected ascent step; zeroes ``grads`` for the next pass."""
-        assert self._stats is not None, "call start() first"
-        step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
-        first = self.k == 0
-        ops.ascent_step_(
-            self.params, grads, self.backups, step, proj,
-            norm=self.spec.norm, first=first,
-            adaptive_eta=self.spec.adaptive_eta if self.spec.adaptive_eta is not None else -1.0,
-            zero_grads=zero_grads,
-        )
-        self.perturbed = True
+        n = len(self.params)
+        if self.params:
+            assert self._stats is not None, "call start() first"
+            step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
+            ops.ascent_step_(
+                self.params, grads[:n], self.backups, step, proj,
+                norm=self.spec.norm, first=self.k == 0,
+                adaptive_eta=self.spec.adaptive_eta if self.spec.adaptive_eta is not None else -1.0,
+                zero_grads=zero_grads,
+            )
+            self.perturbed = True
+        if zero_grads and self.passive:
+            torch._foreach_zero_(list(grads[n:]))
         self.k += 1
         self._stats = None
 
@@ -267,8 +299,8 @@ class Cycle:
 
     def finish(self, grads: Sequence[Tensor]) -> None:
         """Leave G = sum_k c_k g_k in ``grads`` (the last pass's gradient is still there)."""
-        if self.spec.accumulates:
-            ops.combine_grads_(grads, self.accum, self.weights[self.spec.steps])
+        if self.spec.accumulates and self.tensors:
+            ops.combine_grads_(grads, self.accum + self.passive_accum, self.weights[self.spec.steps])
 
     def restore(self) -> None:
         """Put the pre-cycle weights back, bit for bit (no-op if never perturbed)."""
@@ -277,35 +309,35 @@ class Cycle:
             self.perturbed = False
 
 
-def grads_of(params: Sequence[Tensor], pass_index: int) -> list[Tensor]:
+def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     """The ``.grad`` of every tensor, with a clear error if a backward did not reach one."""
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in tensors]
     if not all(map(operator.is_not, grads, repeat(None))):
         i = next(i for i, g in enumerate(grads) if g is None)
         raise RuntimeError(
-            f"perturbed tensor {i} (shape {tuple(params[i].shape)}) has no .grad after pass {pass_index}: "
-            "the closure must compute the loss and call backward() on it"
+            f"tensor {i} taking part in the step (shape {tuple(tensors[i].shape)}) has no .grad after pass "
+            f"{pass_index}: the closure must compute the loss and call backward() on it (and not set the "
+            "gradients to None without a backward that reaches them)"
         )
     return grads
 
 
 def run_cycle(
     cycle: Cycle,
-    closure: Callable[[], object],
-    on_pass: Optional[Callable[[int], None]] = None,
+    run_pass: Callable[[int], object],
     grads_at: Optional[Callable[[int], list[Tensor]]] = None,
 ) -> list[object]:
-    """Run ``cycle`` with ``closure`` (loss + backward) and return the losses of the perturbed passes.
+    """Run ``cycle``; ``run_pass(k)`` runs the forward/backward at perturbed point k = 1..K
+    and returns its loss. Returns the losses of the perturbed passes.
 
-    The gradient g_0 must already be in ``.grad``. ``on_pass(k)`` is called
-    before pass k >= 1 (e.g. to freeze BatchNorm statistics). On any exception,
-    including :class:`NonFiniteGradient`, the weights are restored before it
-    propagates; on success they are restored too and G is in ``.grad``. ``grads_at(k)``
-    gives the gradients after pass k (default: the ``.grad`` of ``cycle.params``; the
-    local shards of the gradients when the cycle runs on shards).
+    The gradient g_0 must already be in ``.grad``. On any exception, including
+    :class:`NonFiniteGradient`, the weights are restored before it propagates; on
+    success they are restored too and G is in ``.grad``. ``grads_at(k)`` gives the
+    gradients of ``cycle.tensors`` after pass k (default: their ``.grad``; the local
+    shards of the gradients when the cycle runs on shards).
     """
     if grads_at is None:
-        grads_at = lambda k: grads_of(cycle.params, k)  # noqa: E731
+        grads_at = lambda k: grads_of(cycle.tensors, k)  # noqa: E731
     losses = []
     try:
         # One look at .grad per pass: the closure may replace the tensors, nothing else does.
@@ -313,10 +345,8 @@ def run_cycle(
         cycle.start(grads)
         for k in range(1, cycle.spec.steps + 1):
             cycle.ascend(grads)
-            if on_pass is not None:
-                on_pass(k)
             with torch.enable_grad():
-                losses.append(closure())
+                losses.append(run_pass(k))
             grads = grads_at(k)
             cycle.observe(grads)
         cycle.finish(grads)

@@ -98,7 +98,7 @@ def engine_descent_grad(model, spec: PerturbSpec, radius: float, step: float):
     loss_of(model).backward()
     accum = [torch.empty_like(p) for p in ps] if spec.accumulates else []
     cyc = Cycle(spec, ps, [torch.empty_like(p) for p in ps], [radius] * len(ps), [step] * len(ps), accum)
-    losses = run_cycle(cyc, lambda: loss_of(model).backward())
+    losses = run_cycle(cyc, lambda k: loss_of(model).backward())
     assert len(losses) == spec.steps
     for p, w in zip(ps, w0):
         assert torch.equal(p, w), "weights must be restored bit for bit"
@@ -201,7 +201,7 @@ def test_nonfinite_gradient_restores_and_raises(bad, at_pass):
     spec = PerturbSpec(steps=3, include_clean=True)
     cyc = Cycle(spec, ps, [torch.empty_like(p) for p in ps], [0.1] * 4, [0.05] * 4, [torch.empty_like(p) for p in ps])
     with pytest.raises(NonFiniteGradient) as info:
-        run_cycle(cyc, closure)
+        run_cycle(cyc, lambda k: closure())
     assert info.value.tensor_indices == [1]
     assert info.value.pass_index == at_pass
     for p, w in zip(ps, w0):
@@ -220,7 +220,7 @@ def test_closure_exception_at_perturbed_point_restores():
 
     cyc = Cycle(PerturbSpec(steps=2), ps, [torch.empty_like(p) for p in ps], [0.1] * 4, [0.05] * 4, [torch.empty_like(p) for p in ps])
     with pytest.raises(KeyboardInterrupt):
-        run_cycle(cyc, closure)
+        run_cycle(cyc, lambda k: closure())
     assert all(torch.equal(p, w) for p, w in zip(ps, w0))
 
 
@@ -237,7 +237,7 @@ def test_closure_without_backward_is_a_clear_error():
 
     cyc = Cycle(PerturbSpec(), ps, [torch.empty_like(p) for p in ps], [0.1] * 4, [0.1] * 4)
     with pytest.raises(RuntimeError, match="backward"):
-        run_cycle(cyc, closure)
+        run_cycle(cyc, lambda k: closure())
     assert all(torch.equal(p, w) for p, w in zip(ps, w0))
 
 

@@ -11,7 +11,10 @@
         loss.backward()
         return loss
 
-    loss = opt.step(closure)           # loss at the clean weights
+    loss = opt.step(closure)           # K+1 passes; returns the loss at the clean weights
+
+    # or the common SAM wrappers' loop: your backward is g_0, the closure runs K times
+    loss_fn(model(x), y).backward(); opt.step(closure); opt.zero_grad()
 
 SAM convention (single-step presets)::
 
@@ -35,10 +38,12 @@ inside the closure, calling ``backward()`` on each. Checkpoints: ``opt.state_dic
 """
 
 from .batchnorm import frozen_bn_stats
+from .frameworks import UnsupportedTrainingLoop
 from .presets import APD, ASAM, AWP, SAM, is_weight_matrix
-from .wrapper import NonFiniteDescentGradient, PerturbOptimizer
+from .wrapper import NonFiniteDescentGradient, NonFiniteGradient, PerturbOptimizer
 
 __all__ = [
     "PerturbOptimizer", "SAM", "ASAM", "AWP", "APD",
-    "frozen_bn_stats", "is_weight_matrix", "NonFiniteDescentGradient",
+    "frozen_bn_stats", "is_weight_matrix", "NonFiniteGradient", "NonFiniteDescentGradient",
+    "UnsupportedTrainingLoop",
 ]

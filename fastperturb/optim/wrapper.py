@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -21,9 +22,10 @@ from torch import Tensor, nn
 
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
+from . import frameworks
 from .batchnorm import frozen_bn_stats
 
-__all__ = ["PerturbOptimizer", "NonFiniteDescentGradient", "Params"]
+__all__ = ["PerturbOptimizer", "NonFiniteGradient", "NonFiniteDescentGradient", "Params"]
 
 Params = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
 Closure = Callable[[], Any]
@@ -33,7 +35,10 @@ STATE_KEY = "fastperturb"  # the wrapper's settings inside state_dict()
 
 
 class NonFiniteDescentGradient(NonFiniteGradient):
-    """The final descent gradient G had NaN/Inf: the base step was not taken, the weights are unchanged."""
+    """The final descent gradient G had NaN/Inf: the base step was not taken, the weights are unchanged.
+
+    A subclass of :class:`NonFiniteGradient`, which ``nonfinite="raise"`` raises for a
+    NaN/Inf in any pass: ``except fp.NonFiniteGradient`` catches every case."""
 
     def __init__(self, names: Sequence[str], tensor_indices: Sequence[int], pass_index: int):
         self.names = list(names)
@@ -56,8 +61,12 @@ class _Plan:
     radius: List[float]
     step: List[float]
     passive: List[Tensor]
-    tensors: List[Tensor] = dataclasses.field(default_factory=list)  # what the ops see: params or their shards
-    reduce: Optional[distributed.Reduce] = None  # completes shard statistics across ranks (sharded params)
+    every: List[Tensor] = dataclasses.field(default_factory=list)  # params + passive: whose .grad is read
+    # What the ops see: the tensors themselves, or their local shards (FSDP2) with a reducer
+    # completing the shards' statistics across ranks.
+    local_params: List[Tensor] = dataclasses.field(default_factory=list)
+    local_passive: List[Tensor] = dataclasses.field(default_factory=list)
+    reduce: Optional[distributed.Reduce] = None
 
 
 @dataclasses.dataclass
@@ -65,7 +74,7 @@ class _Pending:
     """State between first_step() and second_step()."""
 
     plan: _Plan
-    cycle: Optional[Cycle]
+    cycle: Cycle
     scaler: Optional[torch.amp.GradScaler]
     skipped: bool = False
     versions: list = dataclasses.field(default_factory=list)
@@ -80,6 +89,8 @@ class _GradHolder:
 
 
 def _versions(params: Sequence[Tensor]) -> list:
+    """Each tensor's gradient and its version counter: a backward either replaces the
+    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
     grads = [p.grad for p in params]
     # A sharded gradient accumulates into its local tensor: that is where the version moves.
     return [(g, -1 if g is None else distributed.local(g)._version) for g in grads]
@@ -189,6 +200,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.freeze_bn = freeze_bn
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self._warned_skip = False
         self._perturb_defaults: Dict[str, Any] = {self.radius_key: radius, "perturb": True}
         if self.step_key is not None:
             self._perturb_defaults[self.step_key] = step_size
@@ -201,6 +213,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._list_cache: Dict[str, tuple] = {}
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
+        # The gradients as the last step() / zero_grad() left them: a backward since then
+        # makes them the caller's g_0 (see step()).
+        self._grads_seen: list = []
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
@@ -216,6 +231,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             self._group_sizes(i, group)
         distributed.check_engine([p for group in self.param_groups for p in group["params"]])
+        self._see_grads()
 
     # ---- param groups -------------------------------------------------------------
 
@@ -285,16 +301,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 plan.radius += [sizes[0]] * len(with_grad)
                 plan.step += [sizes[1]] * len(with_grad)
             plan.passive += [p for p in passive if p.grad is not None]
+        plan.every = plan.params + plan.passive
         if self._sharded:  # FSDP2: the ops run on the local shards (looked up each step: FSDP may swap them)
-            plan.tensors = distributed.local_list(plan.params)
+            plan.local_params = distributed.local_list(plan.params)
+            plan.local_passive = distributed.local_list(plan.passive)
             plan.reduce = self._cached_list("reduce", plan.params, lambda: distributed.reducer_for(plan.params))
         else:
-            plan.tensors = plan.params
+            plan.local_params, plan.local_passive = plan.params, plan.passive
         return plan
 
     def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
-        """The gradients of the perturbed tensors after ``pass_index`` (their shards if sharded)."""
-        grads = grads_of(plan.params, pass_index)
+        """The gradients of ``plan.every`` after ``pass_index`` (their shards if sharded)."""
+        grads = grads_of(plan.every, pass_index)
         return distributed.local_list(grads) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
@@ -319,7 +337,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _backup_list(self, plan: _Plan) -> List[Tensor]:
         # Keyed by the parameter, shaped like what the ops see (a shard of a sharded parameter).
         return self._cached_list(
-            "backups", plan.tensors, lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.tensors)]
+            "backups", plan.local_params,
+            lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.local_params)],
         )
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
@@ -334,37 +353,32 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
-        return Cycle(self.spec, plan.tensors, self._backup_list(plan), plan.radius, plan.step, accum, plan.reduce)
+        passive_accum = (self._cached_list("passive_accum", plan.passive,
+                                           lambda: [self._buffer(self._accums, p, distributed.local(p.grad))
+                                                    for p in plan.passive])
+                         if self.spec.accumulates else [])
+        return Cycle(self.spec, plan.local_params, self._backup_list(plan), plan.radius, plan.step, accum,
+                     plan.local_passive, passive_accum, plan.reduce)
 
-    # ---- passive tensors: they get sum_k c_k g_k too, without being perturbed ------
+    # ---- which gradient is g_0 -------------------------------------------------------
 
-    def _passive_grads(self, params: Sequence[Tensor], pass_index: int) -> List[Tensor]:
-        grads = []
-        for p in params:
-            if p.grad is None:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} had a gradient at the clean point but none after "
-                    f"pass {pass_index}: the closure set it to None and its backward did not reach it"
-                )
-            grads.append(distributed.local(p.grad))
-        return grads
+    def _all_params(self) -> List[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
-    def _passive_before_pass(self, passive: Sequence[Tensor], k: int, zero: bool = True) -> None:
-        """Before pass k >= 1 the passive grads hold g_{k-1}: accumulate c_{k-1} g_{k-1}, zero them."""
-        if not passive:
-            return
-        grads = self._passive_grads(passive, k - 1)
-        c = self.spec.pass_weights()[k - 1]
-        if self.spec.accumulates and c != 0.0:
-            first = 0 if self.spec.include_clean else 1
-            ops.grad_stats_(grads, self._accum_list(passive), accum_weight=c, accum_init=(k - 1 == first))
-        if zero:
-            torch._foreach_zero_(grads)
+    def _see_grads(self) -> None:
+        self._grads_seen = _versions(self._all_params())
 
-    def _passive_finish(self, passive: Sequence[Tensor]) -> None:
-        if passive and self.spec.accumulates:
-            k = self.spec.steps
-            ops.combine_grads_(self._passive_grads(passive, k), self._accum_list(passive), self.spec.pass_weights()[k])
+    def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
+        """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
+        seen = self._grads_seen
+        if len(seen) != len(params):
+            return any(p.grad is not None for p in params)
+        return _any_grad_changed(params, seen)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; a backward after it gives ``step()`` its g_0."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._see_grads()
 
     # ---- the closure contract --------------------------------------------------------
 
@@ -394,11 +408,27 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
         self._mark_skipped()
-        if _scaling(scaler):
+        if _scaling(scaler):  # routine while the scaler searches its scale: no warning
             self._report_overflow(scaler)
             return
         if self.nonfinite == "raise":
-            raise err
+            raise err from None
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"{type(self).__name__} skipped a step: {err} (opt.skipped_steps counts skipped steps; "
+                "nonfinite='raise' raises fastperturb.NonFiniteGradient instead). Warned once per optimizer.",
+                RuntimeWarning, stacklevel=4,
+            )
+
+    def _named(self, err: NonFiniteGradient, plan: _Plan) -> NonFiniteGradient:
+        """The engine's error, naming the parameters (``param_groups[i]['params'][j]``)."""
+        if type(err) is not NonFiniteGradient:
+            return err
+        where = {id(p): f"param_groups[{gi}]['params'][{pj}]"
+                 for gi, group in enumerate(self.param_groups) for pj, p in enumerate(group["params"])}
+        names = [where.get(id(plan.params[i]), f"perturbed tensor {i}") for i in err.tensor_indices]
+        return NonFiniteGradient(err.tensor_indices, err.pass_index, names)
 
     def _report_overflow(self, scaler: torch.amp.GradScaler) -> None:
         """Make ``scaler.update()`` back off. The scaler only learns about overflows from
@@ -445,54 +475,64 @@ class PerturbOptimizer(torch.optim.Optimizer):
     # ---- public API --------------------------------------------------------------------
 
     def step(self, closure: Optional[Closure] = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
-        """One full step; returns the loss at the clean weights.
+        """One full step at the weights ``w``: the clean-point gradient g_0, ``spec.steps``
+        perturbed passes, the base step with ``G = sum_k c_k g_k`` at the exactly restored ``w``.
+
+        Where g_0 comes from: if a backward ran since the last ``step()`` or ``zero_grad()``
+        (``loss.backward(); opt.step(closure); opt.zero_grad()``, the loop of the common SAM
+        wrappers), the gradient in ``.grad`` is g_0 and the closure runs only at the
+        ``spec.steps`` perturbed points; the return value is then ``None``, as with
+        pytorch-optimizer's SAM (the clean loss was computed by the caller). Otherwise
+        ``step()`` zeroes the gradients and calls the closure at ``w`` first
+        (``spec.steps + 1`` calls) and returns that clean loss.
 
         ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
         micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
-        return the loss. It need not zero the gradients: the optimizer zeroes them
-        before each pass (a closure that calls ``zero_grad()`` first works too). It is
-        called ``spec.steps + 1`` times; the weights are restored bit for bit if it raises. With ``scaler`` (an enabled ``torch.amp.GradScaler``) the gradients
-        are unscaled before clipping and the base step, an overflow skips the step,
-        and the caller runs ``scaler.update()`` afterwards as usual.
+        return the loss. It need not zero the gradients: the optimizer zeroes them before
+        each pass (a closure that calls ``zero_grad()`` first works too). The weights are
+        restored bit for bit if it raises. With ``scaler`` (an enabled
+        ``torch.amp.GradScaler``) the gradients are unscaled before clipping and the base
+        step, an overflow skips the step, and the caller runs ``scaler.update()`` afterwards.
         """
         if closure is None:
-            raise TypeError(
-                f"{type(self).__name__}.step() needs a closure that computes the loss, calls backward() "
-                "and returns the loss (or use first_step()/second_step() for single-step presets)"
-            )
+            raise TypeError(frameworks.no_closure_message(self))
         if self._pending is not None:
             raise RuntimeError("first_step() was called without second_step(); finish that cycle first")
         _check_scaler(scaler)
+        frameworks.check_step(self, closure)
         self.last_step_skipped = False
-        every = [p for group in self.param_groups for p in group["params"]]
-        _zero_grads(every)
-        loss = self._call_closure(closure, 0, every)
-        plan = self._plan()
-        if plan.params:
-            try:
-                self._perturbed_passes(plan, closure)
-            except NonFiniteGradient as err:
-                self._on_nonfinite(err, scaler)
-                return loss
-        self._descend(scaler)
-        return loss
+        every = self._all_params()
+        try:
+            if self._caller_computed_g0(every):
+                _check_g0_scaling(self, scaler)
+                loss = None
+            else:
+                _zero_grads(every)
+                loss = self._call_closure(closure, 0, every)
+            plan = self._plan()
+            if plan.params:
+                try:
+                    self._perturbed_passes(plan, closure)
+                except NonFiniteGradient as err:
+                    self._on_nonfinite(self._named(err, plan), scaler)
+                    return loss
+            self._descend(scaler)
+            return loss
+        finally:
+            self._grads_seen = _versions(every)
 
     def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
         cycle = self._new_cycle(plan)
-        watch = plan.params + plan.passive
-        current = [0]
+        watch = plan.every
         with contextlib.ExitStack() as stack:
 
-            def on_pass(k: int) -> None:
-                current[0] = k
+            def run_pass(k: int) -> Any:
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
-                self._passive_before_pass(plan.passive, k)
+                return self._call_closure(closure, k, watch)
 
-            run_cycle(cycle, lambda: self._call_closure(closure, current[0], watch), on_pass=on_pass,
-                      grads_at=lambda k: self._grads(plan, k))
-        self._passive_finish(plan.passive)
+            run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
@@ -510,34 +550,25 @@ class PerturbOptimizer(torch.optim.Optimizer):
         plan = self._plan()
         if not plan.params and not plan.passive:
             raise RuntimeError("first_step() found no gradients: compute the loss and call backward() first")
-        pending = _Pending(plan=plan, cycle=None, scaler=scaler)
-        if plan.params:
-            cycle = self._new_cycle(plan)
-            try:
-                grads = self._grads(plan, 0)
-                cycle.start(grads)
-                cycle.ascend(grads, zero_grads=zero_grad)
-            except NonFiniteGradient as err:
-                cycle.restore()
-                self._on_nonfinite(err, scaler)  # raises in "raise" mode
-                pending.skipped = True
-            except BaseException:
-                cycle.restore()
-                raise
-            pending.cycle = cycle
+        cycle = self._new_cycle(plan)
+        pending = _Pending(plan=plan, cycle=cycle, scaler=scaler)
+        try:
+            grads = self._grads(plan, 0)
+            cycle.start(grads)
+            cycle.ascend(grads, zero_grads=zero_grad)
+        except NonFiniteGradient as err:
+            cycle.restore()
+            self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
+            pending.skipped = True
+        except BaseException:
+            cycle.restore()
+            raise
         if pending.skipped:
             if zero_grad:
                 self.zero_grad(set_to_none=False)
-        else:
-            try:
-                self._passive_before_pass(plan.passive, 1, zero=zero_grad)
-            except BaseException:
-                if pending.cycle is not None:
-                    pending.cycle.restore()
-                raise
-            if self.freeze_bn is not None:
-                pending.stack.enter_context(frozen_bn_stats(self.freeze_bn))
-        pending.versions = _versions(plan.params + plan.passive)
+        elif self.freeze_bn is not None:
+            pending.stack.enter_context(frozen_bn_stats(self.freeze_bn))
+        pending.versions = _versions(plan.every)
         self._pending = pending
 
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -549,28 +580,29 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._pending = None
         scaler = scaler if scaler is not None else pending.scaler
         _check_scaler(scaler)
-        plan = pending.plan
+        cycle = pending.cycle
         try:
             if not pending.skipped:
-                watch = plan.params + plan.passive
                 try:
-                    if not _any_grad_changed(watch, pending.versions):
+                    if not _any_grad_changed(pending.plan.every, pending.versions):
                         raise RuntimeError(
                             "no backward() between first_step() and second_step(): compute the loss at the "
                             "perturbed weights and call backward() on it; the weights were restored"
                         )
-                    if pending.cycle is not None:
-                        grads = self._grads(plan, 1)
-                        pending.cycle.observe(grads)
-                        pending.cycle.finish(grads)
+                    grads = self._grads(pending.plan, 1)
+                    cycle.observe(grads)
+                    cycle.finish(grads)
                 finally:
-                    if pending.cycle is not None:
-                        pending.cycle.restore()
+                    cycle.restore()
         finally:
             pending.stack.close()
         if not pending.skipped:
-            self._passive_finish(plan.passive)
-            self._descend(scaler)
+            try:
+                self._descend(scaler)
+            finally:
+                self._see_grads()
+        else:
+            self._see_grads()
         self._opt_called = True  # what LR schedulers check (their patched step() sets it)
         if zero_grad:
             self.zero_grad()
@@ -582,8 +614,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if pending is None:
             return
         try:
-            if pending.cycle is not None:
-                pending.cycle.restore()
+            pending.cycle.restore()
         finally:
             pending.stack.close()
 
@@ -654,6 +685,21 @@ def _group_key(name: str, taken: set) -> str:
 def _check_scaler(scaler: object) -> None:
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+
+
+def _check_g0_scaling(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """A caller-computed g_0 under an enabled scaler must still be scaled, like the
+    closure's gradients at the perturbed points (the direction and the sum G would
+    otherwise mix scaled and unscaled gradients)."""
+    if not _scaling(scaler):
+        return
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
+    if getattr(state.get("stage"), "name", None) == "UNSCALED":
+        raise RuntimeError(
+            "scaler.unscale_(optimizer) was called on the gradient g_0 before step(closure, scaler=scaler), "
+            "but the closure's gradients at the perturbed points are scaled: don't unscale before step() "
+            "(it unscales G itself before clipping and the base step; use max_grad_norm to clip)"
+        )
 
 
 def _zero_grads(params: Sequence[Tensor]) -> None:

@@ -1,0 +1,152 @@
+"""Training loops of other frameworks that would give a silently wrong step, caught at ``step()`` entry.
+
+A perturbation step needs the gradient of the *whole* batch at every perturbed point, so
+the closure must run every micro-batch. Two framework loops accumulate micro-batches
+outside the closure and hand ``step()`` only the last one:
+
+* Lightning's automatic optimization with ``accumulate_grad_batches > 1`` runs the earlier
+  micro-batches' closures itself and passes ``optimizer.step()`` the closure of the last one;
+* an Accelerate ``accelerator.accumulate()`` loop with ``gradient_accumulation_steps > 1``
+  skips ``optimizer.step()`` on the micro-batches that do not sync.
+
+Both are refused here, before any weight or gradient is touched, with the fix in the
+message. Neither library is imported: they are consulted only if already loaded.
+This module also words the error of ``step()`` called without a closure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import sys
+from typing import Any, Iterator, Optional
+
+__all__ = ["UnsupportedTrainingLoop", "check_step", "accumulation_in_closure", "no_closure_message"]
+
+LIGHTNING_RECIPE = "fastperturb.integrations.lightning"
+TRAINER_RECIPE = "fastperturb.integrations.transformers.PerturbTrainer"
+_LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
+
+_accumulation_in_closure: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastperturb_accumulation_in_closure", default=False
+)
+
+
+class UnsupportedTrainingLoop(RuntimeError):
+    """A framework's training loop would make the step silently wrong; nothing was changed."""
+
+
+@contextlib.contextmanager
+def accumulation_in_closure() -> Iterator[None]:
+    """Declare that the closures passed to ``step()`` inside this block run every
+    micro-batch themselves, so a framework's accumulation setting (Accelerate's
+    ``gradient_accumulation_steps``) does not split the batch. For integrations
+    that build such closures."""
+    token = _accumulation_in_closure.set(True)
+    try:
+        yield
+    finally:
+        _accumulation_in_closure.reset(token)
+
+
+def check_step(optimizer: Any, closure: Any) -> None:
+    """Raise :class:`UnsupportedTrainingLoop` if ``step(closure)`` is driven by a loop
+    that accumulates micro-batches outside the closure."""
+    if _accumulation_in_closure.get():
+        return
+    name = type(optimizer).__name__
+    trainer = _lightning_trainer(closure)
+    if trainer is not None:
+        n = getattr(trainer, "accumulate_grad_batches", 1)
+        strategy = getattr(trainer, "strategy", None)
+        if n > 1 and not getattr(strategy, "handles_gradient_accumulation", False):
+            raise UnsupportedTrainingLoop(
+                f"{name} under Lightning automatic optimization with accumulate_grad_batches={n}: Lightning "
+                "runs the earlier micro-batches itself and passes step() the closure of the last one only, so "
+                "the perturbed passes would see one micro-batch (a silently wrong step). Use "
+                f"{LIGHTNING_RECIPE} (manual optimization whose closure runs every micro-batch) and "
+                "accumulate_grad_batches=1. Nothing was changed."
+            )
+    steps = _accelerate_accumulation_steps()
+    if steps > 1:
+        raise UnsupportedTrainingLoop(
+            f"{name} in an Accelerate loop with gradient_accumulation_steps={steps}: accelerator.accumulate() "
+            "skips optimizer.step() on the micro-batches that do not sync, so their data never reaches the "
+            "perturbed passes (a silently wrong step). Build the Accelerator with gradient_accumulation_steps=1 "
+            "and loop over the micro-batches inside the closure, all but the last under "
+            "accelerator.no_sync(model) (see the README, 'Gradient accumulation'). Nothing was changed."
+        )
+
+
+def _lightning_trainer(closure: Any) -> Optional[Any]:
+    """The Trainer behind a Lightning automatic-optimization closure, or None.
+
+    Lightning's precision plugin passes ``functools.partial(plugin._wrap_closure, model,
+    optimizer, closure)`` where ``closure`` is a ``Closure`` whose step function is a
+    partial of the automatic-optimization loop's bound ``_training_step``."""
+    closure_types = tuple(
+        t for t in (getattr(sys.modules.get(p + ".loops.optimization.automatic"), "Closure", None)
+                    for p in _LIGHTNING_PACKAGES) if isinstance(t, type)
+    )
+    if not closure_types:
+        return None
+    todo, seen = [closure], 0
+    while todo and seen < 16:
+        c = todo.pop()
+        seen += 1
+        if isinstance(c, functools.partial):
+            todo.extend(c.args)
+            todo.extend(c.keywords.values())
+        elif isinstance(c, closure_types):
+            step_fn = getattr(c, "_step_fn", None)
+            loop = getattr(getattr(step_fn, "func", step_fn), "__self__", None)
+            return getattr(loop, "trainer", None)
+    return None
+
+
+def _accelerate_accumulation_steps() -> int:
+    """Accelerate's configured accumulation steps if an Accelerator exists in this process, else 1."""
+    state = sys.modules.get("accelerate.state")
+    gradient_state = getattr(state, "GradientState", None)
+    if gradient_state is None or gradient_state._shared_state == {}:  # never initialised: no Accelerator
+        return 1
+    try:
+        return int(gradient_state().num_steps)
+    except Exception:  # a changed Accelerate internal must not break plain training
+        return 1
+
+
+def no_closure_message(optimizer: Any) -> str:
+    """What ``step()`` without a closure should tell the user, given who called it."""
+    name = type(optimizer).__name__
+    callers = _caller_modules()
+    msg = (f"{name}.step() needs a closure that computes the loss, calls backward() on it and returns it: "
+           "opt.step(closure) runs the clean and perturbed passes itself")
+    if any(m.startswith("torch.amp.grad_scaler") or m.startswith("torch.cuda.amp") for m in callers):
+        msg += (". It was called by GradScaler.step(optimizer), which passes no closure (Lightning's "
+                "precision='16-mixed' does this): use bf16 autocast (Lightning: precision='bf16-mixed'), "
+                "which needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself "
+                f"(Lightning: manual optimization, {LIGHTNING_RECIPE})")
+    elif any(m.split(".")[0] in ("pytorch_lightning", "lightning") for m in callers):
+        msg += f". Lightning: use {LIGHTNING_RECIPE}"
+    elif any(m.split(".")[0] == "transformers" for m in callers):
+        msg += f". Hugging Face Trainer: use {TRAINER_RECIPE}"
+    else:
+        msg += (f". Hugging Face Trainer: use {TRAINER_RECIPE}; Lightning: use {LIGHTNING_RECIPE}")
+    if getattr(getattr(optimizer, "spec", None), "steps", None) == 1:
+        msg += ("; or the two-call convention: loss.backward(); opt.first_step(); "
+                "loss_at_perturbed_point.backward(); opt.second_step()")
+    else:
+        msg += f" ({name} here takes several ascent steps, so it has no first_step()/second_step())"
+    return msg
+
+
+def _caller_modules(depth: int = 40) -> list:
+    """Module names of the frames that led to the current call (innermost first)."""
+    names = []
+    frame = sys._getframe(1)
+    while frame is not None and len(names) < depth:
+        names.append(frame.f_globals.get("__name__", ""))
+        frame = frame.f_back
+    return names

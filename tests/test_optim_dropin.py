@@ -1,0 +1,348 @@
+"""The two gradient conventions of ``step(closure)``.
+
+* clean-pass convention: ``opt.step(closure)`` (gradients stale or zeroed) runs the
+  closure at w and at the K perturbed points: K+1 passes, returns the clean loss;
+* drop-in convention of the common SAM wrappers: ``loss.backward(); opt.step(closure);
+  opt.zero_grad()``: the caller's gradient is g_0, the closure runs K times, returns None
+  (as pytorch-optimizer's SAM).
+
+Proven by counted passes, bit equality between the conventions, the equations of
+DESIGN.md section 2 in plain PyTorch (tests/test_optim_equations.py), and pytorch-optimizer
+4.1.0's SAM on its own documented loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastperturb as fp
+from test_optim_equations import BASES, PRESETS, direct_descent_grad, loss_of, make_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+N_STEPS = 3
+
+
+class Counting:
+    """A closure for step ``s`` that counts its calls."""
+
+    def __init__(self, model, s):
+        self.model, self.s, self.calls = model, s, 0
+
+    def __call__(self):
+        self.calls += 1
+        loss = loss_of(self.model, self.s)
+        loss.backward()
+        return loss
+
+
+def _steps_of(opt) -> int:
+    return opt.spec.steps
+
+
+def run(preset, convention, base="sgd", steps=N_STEPS, **extra):
+    """Train a fresh model with ``convention``; returns (model, opt, closure calls per step, returns)."""
+    make_opt, _ = PRESETS[preset]
+    base_cls, base_kw = BASES[base]
+    model = make_model()
+    opt = make_opt(model.parameters(), base_cls, dict(base_kw, **extra))
+    calls, returned = [], []
+    for s in range(steps):
+        closure = Counting(model, s)
+        if convention == "clean":
+            returned.append(opt.step(closure))
+        elif convention == "dropin":  # loss.backward(); opt.step(closure); opt.zero_grad()
+            loss_of(model, s).backward()
+            returned.append(opt.step(closure))
+            opt.zero_grad()
+        elif convention == "dropin_keep":  # zero_grad(set_to_none=False) before the backward
+            opt.zero_grad(set_to_none=False)
+            loss_of(model, s).backward()
+            returned.append(opt.step(closure))
+        elif convention == "zeroed_first":  # opt.zero_grad() right before step(closure): clean pass
+            loss_of(model, s).backward()
+            opt.zero_grad()
+            returned.append(opt.step(closure))
+        calls.append(closure.calls)
+    return model, opt, calls, returned
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_passes_counted_and_conventions_bit_identical(preset, backend):
+    clean, opt, clean_calls, clean_ret = run(preset, "clean")
+    K = _steps_of(opt)
+    assert clean_calls == [K + 1] * N_STEPS
+    assert all(isinstance(r, torch.Tensor) for r in clean_ret)
+    for convention, calls in (("dropin", K), ("dropin_keep", K), ("zeroed_first", K + 1)):
+        model, _, got, ret = run(preset, convention)
+        assert got == [calls] * N_STEPS, convention
+        assert all((r is None) == (calls == K) for r in ret), convention
+        for p, q in zip(model.parameters(), clean.parameters()):
+            assert torch.equal(p, q), convention
+
+
+@pytest.mark.parametrize("base", list(BASES))
+@pytest.mark.parametrize("preset", ["sam", "asam", "awp_3steps", "apd", "apd_weights_only", "apd_linf_global_noclean"])
+def test_dropin_matches_direct_equations(preset, base, backend):
+    """The caller's g_0 enters the perturbation and (APD) the average exactly as the clean pass's would."""
+    _, make_cfg = PRESETS[preset]
+    base_cls, base_kw = BASES[base]
+    model, opt, _, _ = run(preset, "dropin", base=base, steps=N_STEPS)
+    ref = make_model()
+    ref_opt = base_cls(ref.parameters(), **base_kw)
+    for s in range(N_STEPS):
+        direct_descent_grad(ref, s, make_cfg(ref))
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), make_model().parameters())) > 1e-3
+
+
+@pytest.mark.parametrize("preset", ["sam", "apd_weights_only"])
+def test_dropin_with_clipping_and_frozen_batchnorm(preset, backend):
+    """max_grad_norm and freeze_bn behave the same under both conventions."""
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
+        return m, PRESETS[preset][0](m.parameters(), torch.optim.SGD, dict(lr=0.1, max_grad_norm=0.05, freeze_bn=m))
+
+    (a, oa), (b, ob) = build(), build()
+    for s in range(N_STEPS):
+        ca, cb = Counting(a, s), Counting(b, s)
+        oa.step(ca)
+        loss_of(b, s).backward()
+        ob.step(cb)
+        ob.zero_grad()
+        assert cb.calls == ca.calls - 1
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+    # loss_of runs the model twice per pass; only the clean passes counted (the perturbed ones were frozen)
+    assert int(a[1].num_batches_tracked) == 2 * N_STEPS
+
+
+def test_dropin_under_grad_scaler(backend):
+    """A caller's g_0 under an enabled GradScaler is scaled like the closure's gradients."""
+    def build():
+        m = make_model()
+        return m, fp.APD(m.parameters(), torch.optim.SGD, eps=0.2, steps=2, lr=0.1)
+
+    def scaled_closure(model, s, scaler):
+        def closure():
+            loss = loss_of(model, s)
+            scaler.scale(loss).backward()
+            return loss
+        return closure
+
+    (a, oa), (b, ob) = build(), build()
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for s in range(N_STEPS):
+        oa.step(scaled_closure(a, s, sa), scaler=sa)
+        sa.update()
+        sb.scale(loss_of(b, s)).backward()
+        ob.step(scaled_closure(b, s, sb), scaler=sb)
+        sb.update()
+        ob.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    # unscaling g_0 yourself first would mix unscaled g_0 with scaled perturbed gradients
+    sb.scale(loss_of(b, 0)).backward()
+    sb.unscale_(ob)
+    before = [p.detach().clone() for p in b.parameters()]
+    with pytest.raises(RuntimeError, match="unscale_"):
+        ob.step(scaled_closure(b, 0, sb), scaler=sb)
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), before))
+
+
+def test_dropin_nonfinite_g0_skips_or_raises(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    closure = Counting(model, 0)
+    (loss_of(model, 0) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step(closure)
+    assert opt.last_step_skipped and opt.skipped_steps == 1 and closure.calls == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    opt.nonfinite = "raise"
+    opt.zero_grad()
+    (loss_of(model, 0) * float("inf")).backward()
+    with pytest.raises(fp.NonFiniteGradient, match=r"pass 0 in param_groups\[0\]\['params'\]\[0\]"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_dropin_exception_in_closure_restores(backend):
+    model = make_model()
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.1, steps=2, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        raise KeyError("boom")
+
+    loss_of(model, 0).backward()
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # the failed step's gradients are stale now: the next step runs its own clean pass
+    c = Counting(model, 0)
+    opt.step(c)
+    assert c.calls == 3
+
+
+def test_nothing_perturbed_dropin_is_the_base_step(backend):
+    """AWP warm-up (perturb=False everywhere) with the caller's gradient: no closure call at all."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.1, lr=0.1, momentum=0.9)
+    base = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    for g in opt.param_groups:
+        g["perturb"] = False
+    for s in range(2):
+        c = Counting(model, s)
+        loss_of(model, s).backward()
+        opt.step(c)
+        opt.zero_grad()
+        assert c.calls == 0
+        loss_of(twin, s).backward()
+        base.step()
+        base.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+# ---- pytorch-optimizer 4.1.0's SAM on its own documented loops -----------------------------
+
+po = pytest.importorskip("pytorch_optimizer")
+
+# Not bit for bit: the perturbation scale rho/||g|| is rounded differently. pytorch-optimizer
+# takes ||g|| from float32 per-tensor norms (SAM_FAMILY.md section 1) and divides by ||g|| + 1e-12;
+# fastperturb sums the squares in float32 and hands the fused op a float32 coefficient. Either
+# scale is exact only to float32 rounding (2^-24 ~ 6e-8 relative), so with rho = 0.3 the perturbed
+# points differ by up to ~2e-8 per element, and after 4 SGD steps (lr 0.1, momentum 0.9) on this
+# float64 model the weights by ~2e-9 absolute (measured). The tolerance below is 50x that, still
+# 1e-5 of the distance SAM moves the weights (asserted > 1e-2).
+PO_TOL = dict(rtol=1e-5, atol=1e-7)
+
+
+def _po_pair(adaptive=False):
+    model = make_model()
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    ours = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, **kw)
+    theirs = po.SAM(twin.parameters(), torch.optim.SGD, rho=0.3, adaptive=adaptive, **kw)
+    return model, ours, twin, theirs
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_issue_loop_equals_pytorch_optimizer_sam(adaptive, backend):
+    """``loss.backward(); opt.step(closure); opt.zero_grad()``: 2 passes each, same weights."""
+    model, ours, twin, theirs = _po_pair(adaptive)
+    for s in range(4):
+        passes = []
+        for m, opt in ((model, ours), (twin, theirs)):
+            c = Counting(m, s)
+            loss_of(m, s).backward()
+            ret = opt.step(c)
+            opt.zero_grad()
+            passes.append(1 + c.calls)
+            assert ret is None
+        assert passes == [2, 2]
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **PO_TOL)
+    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), make_model().parameters())) > 1e-2
+
+
+def test_pytorch_optimizer_docstring_loop(backend):
+    """pytorch-optimizer's own example: zero_grad(); closure() (which zeroes first); step(closure)."""
+    model, ours, twin, theirs = _po_pair()
+    for s in range(4):
+        counts = []
+        for m, opt in ((model, ours), (twin, theirs)):
+            def closure(m=m, opt=opt):
+                closure.calls += 1
+                opt.zero_grad()
+                loss = loss_of(m, s)
+                loss.backward()
+                return loss
+            closure.calls = 0
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+            counts.append(closure.calls)
+        assert counts == [2, 2]
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **PO_TOL)
+
+
+def test_first_second_step_loop_equals_pytorch_optimizer_sam(backend):
+    model, ours, twin, theirs = _po_pair()
+    for s in range(4):
+        for m, opt in ((model, ours), (twin, theirs)):
+            loss_of(m, s).backward()
+            opt.first_step(zero_grad=True)
+            loss_of(m, s).backward()
+            opt.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **PO_TOL)
+
+
+# ---- errors and signals ----------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [0, 1, 3])
+def test_one_exception_type_for_every_pass(bad, backend):
+    from test_optim_behaviour import closure_for, nan_at
+    from test_optim_behaviour import make_model as behaviour_model
+    model = behaviour_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, nonfinite="raise")
+    with pytest.raises(fp.NonFiniteGradient) as info:
+        opt.step(closure_for(model, hook=nan_at(bad)))
+    assert isinstance(info.value, fp.NonFiniteDescentGradient) == (bad == 3)
+    assert "param_groups[0]['params']" in str(info.value)
+    assert fp.NonFiniteGradient is fp.engine.NonFiniteGradient
+
+
+def test_skip_warns_once_per_optimizer(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+
+    def nan_closure():
+        loss = loss_of(model, 0) * float("nan")
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="skipped_steps"):
+        opt.step(nan_closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(nan_closure)
+    assert opt.skipped_steps == 2
+    other = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    with pytest.warns(RuntimeWarning):
+        other.step(nan_closure)
+
+
+def test_step_without_closure_says_what_to_do():
+    model = make_model()
+    sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    apd = fp.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match=r"integrations\.transformers\.PerturbTrainer.*integrations\.lightning.*first_step"):
+        sam.step()
+    with pytest.raises(TypeError) as info:
+        apd.step()
+    assert "no first_step()" in str(info.value) and "integrations.lightning" in str(info.value)
+
+
+def test_grad_scaler_step_without_closure_names_the_fix():
+    """GradScaler.step(optimizer) (Lightning's 16-mixed path) calls step() with no closure."""
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(loss_of(model, 0)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match=r"GradScaler\.step.*bf16-mixed.*opt\.step\(closure, scaler=scaler\)"):
+        scaler.step(opt)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

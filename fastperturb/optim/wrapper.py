@@ -235,10 +235,41 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- param groups -------------------------------------------------------------
 
+    # param_groups and state are the base optimizer's, by identity, looked up on every access:
+    # code that replaces the base's lists (its load_state_dict(), or torch.distributed.checkpoint's
+    # set_optimizer_state_dict(model, opt.base_optimizer, ...)) cannot leave this wrapper stale.
+    # Before the base exists (in torch.optim.Optimizer.__init__) they are this object's own.
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_own_param_groups"] if base is None else base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_own_param_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self) -> Dict[Any, Any]:  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_own_state"] if base is None else base.state
+
+    @state.setter
+    def state(self, value: Dict[Any, Any]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_own_state"] = value
+        else:
+            base.state = value
+
     def _share(self) -> None:
-        """param_groups and state are the base optimizer's, by identity."""
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        """From now on param_groups and state are the base optimizer's."""
+        self.__dict__.pop("_own_param_groups", None)
+        self.__dict__.pop("_own_state", None)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group to the base optimizer (and so to this one), with the perturbation defaults."""

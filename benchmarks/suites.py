@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fastperturb import ops
 from fastperturb.ops import dispatch as backends
-from . import counters, fused, peers, shapes, timing
+from . import counters, fused, peers, shapes, sharded_memory, timing
 from .timing import Candidate
 
 SUITES = ("ops", "cycle", "step", "train", "memory", "train_loop")
@@ -768,6 +768,7 @@ def suite_memory(cfg: Config) -> list[dict]:
                 results[impl] = _record("memory", model, case, impl, kind, **data)
             _say(cfg, f"memory {model} {impl}")
         out.extend(results[impl] for impl, *_ in jobs)
+    out.extend(sharded_memory.rows(cfg))  # FSDP2: peak RSS per rank against one process
     return out
 
 

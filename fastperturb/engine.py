@@ -154,12 +154,21 @@ def ascent_coefficients(
     return step.float(), proj.float()
 
 
-def absolute_sizes(spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor) -> tuple[Tensor, Tensor]:
+#: ``reduce(stats, kind)`` completes per-tensor statistics of local shards across ranks
+#: (``kind``: ``"sum"`` or ``"max"``); see :mod:`fastperturb.distributed`.
+Reduce = Callable[[Tensor, str], Tensor]
+
+
+def absolute_sizes(
+    spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor, reduce: Optional[Reduce] = None,
+) -> tuple[Tensor, Tensor]:
     """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute)."""
     if not spec.relative:
         return radius, step_size
     per, _ = ops.norms(params, spec.ord)
     per = per.to(torch.float64)
+    if reduce is not None:  # norms of the whole tensors from those of their shards
+        per = reduce(per.square(), "sum").sqrt() if spec.norm == "l2" else reduce(per, "max")
     wn = _scope_sum(per.square(), spec.scope).sqrt() if spec.norm == "l2" else _scope_max(per, spec.scope)
     return radius * wn, step_size * wn
 
@@ -179,6 +188,9 @@ class Cycle:
     ``ascend()``, a forward/backward at the perturbed point, ``observe(grads)``;
     finally ``finish(grads)`` and ``restore()``. :func:`run_cycle` does all of it
     around a closure, restoring the weights on any exception.
+
+    Sharded tensors: pass the local shards and ``reduce``, which completes each pass's
+    per-tensor statistics across ranks (one call per pass, plus one for relative radii).
     """
 
     def __init__(
@@ -191,8 +203,10 @@ class Cycle:
         accum: Sequence[Tensor] = (),
         passive: Sequence[Tensor] = (),
         passive_accum: Sequence[Tensor] = (),
+        reduce: Optional[Reduce] = None,
     ):
         self.spec = spec
+        self.reduce = reduce
         self.params = list(params)
         self.backups = list(backups)
         self.passive = list(passive)
@@ -247,6 +261,8 @@ class Cycle:
             accum_init=init,
             adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
         )
+        if self.reduce is not None:
+            stats = self.reduce(stats, "sum")
         bad = ~torch.isfinite(stats).all(dim=1)
         if bool(bad.any()):
             raise NonFiniteGradient(bad.nonzero().flatten().tolist(), k)
@@ -255,7 +271,7 @@ class Cycle:
     def start(self, grads: Sequence[Tensor]) -> None:
         """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
         if self.params:
-            self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step)
+            self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step, self.reduce)
         self._measure(grads)
 
     def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
@@ -306,24 +322,32 @@ def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     return grads
 
 
-def run_cycle(cycle: Cycle, run_pass: Callable[[int], object]) -> list[object]:
+def run_cycle(
+    cycle: Cycle,
+    run_pass: Callable[[int], object],
+    grads_at: Optional[Callable[[int], list[Tensor]]] = None,
+) -> list[object]:
     """Run ``cycle``; ``run_pass(k)`` runs the forward/backward at perturbed point k = 1..K
     and returns its loss. Returns the losses of the perturbed passes.
 
     The gradient g_0 must already be in ``.grad``. On any exception, including
     :class:`NonFiniteGradient`, the weights are restored before it propagates; on
-    success they are restored too and G is in ``.grad``.
+    success they are restored too and G is in ``.grad``. ``grads_at(k)`` gives the
+    gradients of ``cycle.tensors`` after pass k (default: their ``.grad``; the local
+    shards of the gradients when the cycle runs on shards).
     """
+    if grads_at is None:
+        grads_at = lambda k: grads_of(cycle.tensors, k)  # noqa: E731
     losses = []
     try:
         # One look at .grad per pass: the closure may replace the tensors, nothing else does.
-        grads = grads_of(cycle.tensors, 0)
+        grads = grads_at(0)
         cycle.start(grads)
         for k in range(1, cycle.spec.steps + 1):
             cycle.ascend(grads)
             with torch.enable_grad():
                 losses.append(run_pass(k))
-            grads = grads_of(cycle.tensors, k)
+            grads = grads_at(k)
             cycle.observe(grads)
         cycle.finish(grads)
     finally:

@@ -332,3 +332,17 @@ def test_train_loop_suite_counts_the_documented_loop_passes():
         ("fastperturb.SAM", "documented loop"), ("pytorch-optimizer SAM", "documented loop"),
         ("fastperturb.SAM", "step(closure) alone")}
     assert all(r["status"] == "ok" and r["passes_per_step"] == 2.0 and r["median_s"] > 0 for r in recs)
+
+
+def test_sharded_memory_child_reports_each_rank(capsys):
+    """The memory suite's sharded rows: a 2-rank FSDP2 run reports one record per rank, each holding
+    half of the tiny list's bytes (the other records of the suite are tested above)."""
+    from benchmarks import sharded_memory
+
+    assert sharded_memory.rows(_tiny_cfg(["memory"], memory_impls=["fastperturb.SAM"])) == []  # a filtered run
+    assert sharded_memory.main(["--model", "tiny", "--world", "2", "--steps", "1", "--preset", "APD"]) == 0
+    recs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["rank"] for r in recs] == [0, 1]
+    total = shapes.numel(shapes.tiny()) * 4
+    assert all(r["param_bytes"] == total and r["peak_rss"] >= r["baseline_rss"] > 0 for r in recs)
+    assert sum(r["local_param_bytes"] for r in recs) == total and all(r["local_param_bytes"] < total for r in recs)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from . import frameworks
 from .batchnorm import frozen_bn_stats
@@ -62,6 +62,12 @@ class _Plan:
     radius: List[float]
     step: List[float]
     passive: List[Tensor]
+    every: List[Tensor] = dataclasses.field(default_factory=list)  # params + passive: whose .grad is read
+    # What the ops see: the tensors themselves, or their local shards (FSDP2) with a reducer
+    # completing the shards' statistics across ranks.
+    local_params: List[Tensor] = dataclasses.field(default_factory=list)
+    local_passive: List[Tensor] = dataclasses.field(default_factory=list)
+    reduce: Optional[distributed.Reduce] = None
 
 
 @dataclasses.dataclass
@@ -87,13 +93,14 @@ def _versions(params: Sequence[Tensor]) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
     tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
     grads = [p.grad for p in params]
-    return [(g, -1 if g is None else g._version) for g in grads]
+    # A sharded gradient accumulates into its local tensor: that is where the version moves.
+    return [(g, -1 if g is None else distributed.local(g)._version) for g in grads]
 
 
 def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     for p, (g, v) in zip(params, before):
         ng = p.grad
-        if ng is not None and (ng is not g or ng._version != v):
+        if ng is not None and (ng is not g or distributed.local(ng)._version != v):
             return True
     return False
 
@@ -211,6 +218,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # The gradients as the last step() / zero_grad() left them: a backward since then
         # makes them the caller's g_0 (see step()).
         self._grads_seen: list = []
+        self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -224,14 +232,46 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.defaults = {**self.base_optimizer.defaults, **self._perturb_defaults}
         for i, group in enumerate(self.param_groups):
             self._group_sizes(i, group)
+        distributed.check_engine([p for group in self.param_groups for p in group["params"]])
         self._see_grads()
 
     # ---- param groups -------------------------------------------------------------
 
+    # param_groups and state are the base optimizer's, by identity, looked up on every access:
+    # code that replaces the base's lists (its load_state_dict(), or torch.distributed.checkpoint's
+    # set_optimizer_state_dict(model, opt.base_optimizer, ...)) cannot leave this wrapper stale.
+    # Before the base exists (in torch.optim.Optimizer.__init__) they are this object's own.
+
+    @property
+    def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_own_param_groups"] if base is None else base.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_own_param_groups"] = value
+        else:
+            base.param_groups = value
+
+    @property
+    def state(self) -> Dict[Any, Any]:  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return self.__dict__["_own_state"] if base is None else base.state
+
+    @state.setter
+    def state(self, value: Dict[Any, Any]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is None:
+            self.__dict__["_own_state"] = value
+        else:
+            base.state = value
+
     def _share(self) -> None:
-        """param_groups and state are the base optimizer's, by identity."""
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
+        """From now on param_groups and state are the base optimizer's."""
+        self.__dict__.pop("_own_param_groups", None)
+        self.__dict__.pop("_own_state", None)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group to the base optimizer (and so to this one), with the perturbation defaults."""
@@ -274,6 +314,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         parameter lists and ``perturb`` flags are unchanged."""
         key = tuple((id(g["params"]), len(g["params"]), bool(g.get("perturb", True))) for g in self.param_groups)
         if key != self._selection_cache[0]:
+            self._sharded = distributed.check_engine([p for g in self.param_groups for p in g["params"]])
             sel = []
             for group in self.param_groups:
                 on = bool(group.get("perturb", True))
@@ -293,7 +334,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 plan.radius += [sizes[0]] * len(with_grad)
                 plan.step += [sizes[1]] * len(with_grad)
             plan.passive += [p for p in passive if p.grad is not None]
+        plan.every = plan.params + plan.passive
+        if self._sharded:  # FSDP2: the ops run on the local shards (looked up each step: FSDP may swap them)
+            plan.local_params = distributed.local_list(plan.params)
+            plan.local_passive = distributed.local_list(plan.passive)
+            plan.reduce = self._cached_list("reduce", plan.params, lambda: distributed.reducer_for(plan.params))
+        else:
+            plan.local_params, plan.local_passive = plan.params, plan.passive
         return plan
+
+    def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
+        """The gradients of ``plan.every`` after ``pass_index`` (their shards if sharded)."""
+        grads = grads_of(plan.every, pass_index)
+        return distributed.local_list(grads) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
 
@@ -305,8 +358,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             store[key] = b
         return b
 
-    def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], List[Tensor]]) -> List[Tensor]:
-        """``build()``'s list, reused while ``params`` are the same tensors in the same order
+    def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], Any]) -> Any:
+        """``build()``'s list (or reducer), reused while ``params`` are the same tensors in the same order
         (a tensor whose shape changed behind our back is caught by the fused ops' checks)."""
         key = tuple(map(id, params))
         hit = self._list_cache.get(name)
@@ -314,11 +367,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
             hit = self._list_cache[name] = (key, build())
         return hit[1]
 
-    def _backup_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return self._cached_list("backups", params, lambda: [self._buffer(self._backups, p, p) for p in params])
+    def _backup_list(self, plan: _Plan) -> List[Tensor]:
+        # Keyed by the parameter, shaped like what the ops see (a shard of a sharded parameter).
+        return self._cached_list(
+            "backups", plan.local_params,
+            lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.local_params)],
+        )
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
-        return self._cached_list("accum", params, lambda: [self._buffer(self._accums, p, p.grad) for p in params])
+        return self._cached_list(
+            "accum", params, lambda: [self._buffer(self._accums, p, distributed.local(p.grad)) for p in params]
+        )
 
     def buffer_count(self) -> tuple:
         """(backups, accumulators) currently allocated: one backup per perturbed tensor, one
@@ -328,10 +387,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _new_cycle(self, plan: _Plan) -> Cycle:
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
         passive_accum = (self._cached_list("passive_accum", plan.passive,
-                                           lambda: [self._buffer(self._accums, p, p.grad) for p in plan.passive])
+                                           lambda: [self._buffer(self._accums, p, distributed.local(p.grad))
+                                                    for p in plan.passive])
                          if self.spec.accumulates else [])
-        return Cycle(self.spec, plan.params, self._backup_list(plan.params), plan.radius, plan.step, accum,
-                     plan.passive, passive_accum)
+        return Cycle(self.spec, plan.local_params, self._backup_list(plan), plan.radius, plan.step, accum,
+                     plan.local_passive, passive_accum, plan.reduce)
 
     # ---- which gradient is g_0 -------------------------------------------------------
 
@@ -422,8 +482,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        total, per = _grad_norm(grads)
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in with_grad]
+        reduce = None
+        if self._sharded:  # the norm of the whole gradient, the same on every rank
+            grads = distributed.local_list(grads)
+            reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
+        total, per = _grad_norm(grads, reduce)
         if not math.isfinite(total):
             names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
                      for pj, p in enumerate(group["params"]) if p.grad is not None]
@@ -492,7 +557,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
         cycle = self._new_cycle(plan)
-        watch = cycle.tensors
+        watch = plan.every
         with contextlib.ExitStack() as stack:
 
             def run_pass(k: int) -> Any:
@@ -500,7 +565,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 return self._call_closure(closure, k, watch)
 
-            run_cycle(cycle, run_pass)
+            run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
@@ -521,7 +586,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         cycle = self._new_cycle(plan)
         pending = _Pending(plan=plan, cycle=cycle, scaler=scaler)
         try:
-            grads = grads_of(cycle.tensors, 0)
+            grads = self._grads(plan, 0)
             cycle.start(grads)
             cycle.ascend(grads, zero_grads=zero_grad)
         except NonFiniteGradient as err:
@@ -536,7 +601,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 self.zero_grad(set_to_none=False)
         elif self.freeze_bn is not None:
             pending.stack.enter_context(frozen_bn_stats(self.freeze_bn))
-        pending.versions = _versions(cycle.tensors)
+        pending.versions = _versions(plan.every)
         self._pending = pending
 
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -552,12 +617,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         try:
             if not pending.skipped:
                 try:
-                    if not _any_grad_changed(cycle.tensors, pending.versions):
+                    if not _any_grad_changed(pending.plan.every, pending.versions):
                         raise RuntimeError(
                             "no backward() between first_step() and second_step(): compute the loss at the "
                             "perturbed weights and call backward() on it; the weights were restored"
                         )
-                    grads = grads_of(cycle.tensors, 1)
+                    grads = self._grads(pending.plan, 1)
                     cycle.observe(grads)
                     cycle.finish(grads)
                 finally:
@@ -592,7 +657,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None, _grads_seen=[])
+        state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -682,15 +747,20 @@ def _check_g0_scaling(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScal
 def _zero_grads(params: Sequence[Tensor]) -> None:
     """Zero the existing gradients in place in one fused call (``zero_grad(set_to_none=False)``
     issues one op per parameter unless the base optimizer runs in foreach mode)."""
-    grads = [g for g in map(operator.attrgetter("grad"), params) if g is not None]
+    grads = [distributed.local(g) for g in map(operator.attrgetter("grad"), params) if g is not None]
     if grads:
         with torch.no_grad():
             torch._foreach_zero_(grads)
 
 
-def _grad_norm(grads: Sequence[Tensor]) -> tuple:
+def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = None) -> tuple:
     """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device;
-    the per-tensor list is only materialised when the total is not finite)."""
+    the per-tensor list is only materialised when the total is not finite). With ``reduce``,
+    ``grads`` are shards and the norms are those of the whole tensors."""
+    if reduce is not None:
+        squares = reduce(ops.norms(grads, 2.0)[0].to(torch.float64).square(), "sum")
+        total = math.sqrt(float(squares.sum()))
+        return total, (squares.sqrt().tolist() if not math.isfinite(total) else None)
     try:
         per_t, total_t = ops.norms(grads, 2.0)  # the common case: one device
         total = float(total_t)

@@ -1,0 +1,589 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): two gloo processes on CPU, each holding a shard of
+every parameter and half of the global batch, follow the trajectory of one process on the whole batch.
+
+One spawned run (a module fixture) goes through every scenario and saves what each rank saw; the
+tests below check those records against single-process runs made here. The model has awkward
+shards: a weight of 7 rows over 2 ranks (4 + 3), 1-D biases, a weight and a bias with one row (rank
+1 holds empty shards), and a plain (unsharded) scalar parameter whose gradient the closure averages
+itself, as users do for parameters outside FSDP.
+
+Tolerance of the comparisons with one process (float64 models): ``atol=1e-8``. The fused ops return
+their per-tensor statistics in float32 (the op contract) and the step coefficients derived from
+them (r/||g||, the projection scale, relative radii) are float32. Two ranks form those statistics
+from per-shard partial sums, one process from per-tensor sums, so a coefficient may round to the
+neighbouring float32 (2**-24 relative): the perturbation then moves by at most ~6e-8 of its length
+(<= 0.05 * ||w|| here), i.e. ~6e-9, and after three steps the weights differ by a few 1e-9 (measured
+at most 2.2e-9). Everything else is float64. A missing cross-rank reduction (a shard's norm taken
+for the tensor's) changes the weights by more than 1e-4.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import time
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import fastperturb as fp
+from fastperturb.distributed import local
+from fastperturb.ops.dispatch import why_unavailable
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+
+WORLD = 2
+STEPS = 3
+ATOL = 1e-8
+SPAWN_TIMEOUT_S = 600
+BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
+
+PRESETS = {
+    # SAM: one step along the global gradient direction (scope "global")
+    "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),
+    # AWP: per-layer relative radius gamma * ||w_l||, only tensors with dim() > 1 (biases, scale passive)
+    "awp": lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=0.05, lr=0.1, momentum=0.9),
+    # APD, L2: two projected steps in the global ball, clean term, clipped descent gradient
+    "apd_l2": lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9, max_grad_norm=0.05),
+    # APD, L-infinity: three steps, per-layer boxes relative to max|w_l| (a max across shards), AdamW
+    "apd_linf": lambda ps: fp.APD(ps, torch.optim.AdamW, eps=0.02, steps=3, norm="linf", scope="layer",
+                                  relative=True, lr=0.01),
+}
+# SAM driven by the common loop (g_0 from the caller's backward) and by first_step()/second_step()
+VARIANTS = [(p, "closure") for p in PRESETS] + [("sam", "loop"), ("sam", "two_step")]
+RELATIVE = {"sam": False, "awp": True, "apd_l2": False, "apd_linf": True}
+ASCENTS = {"sam": 1, "awp": 1, "apd_l2": 2, "apd_linf": 3}
+
+
+# ---- the model, the data, one training run (shared by the ranks and the single process) --------------
+
+
+def make_model(dtype=torch.float64, batchnorm: bool = False):
+    """Shards over 2 ranks: 0.weight [7, 5] -> 4 + 3 rows, 0.bias [7] -> 4 + 3, 2.weight [1, 7] and
+    2.bias [1] -> 1 + 0 rows; ``scale`` stays a plain tensor (not sharded)."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)]
+    model = nn.Sequential(*([nn.BatchNorm1d(5)] if batchnorm else []), *layers).to(dtype)
+    scale = nn.Parameter(torch.full((1,), 1.5, dtype=dtype))
+    return model, scale
+
+
+def shard(model: nn.Module, **kwargs) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model:
+        if any(True for _ in m.parameters(recurse=False)):
+            fully_shard(m, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def global_batch(step: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(50 + step)
+    return torch.randn(16, 5, generator=g, dtype=dtype), torch.randn(16, 1, generator=g, dtype=dtype)
+
+
+def local_batch(step: int, rank: int, world: int, dtype=torch.float64):
+    x, y = global_batch(step, dtype)
+    return x.chunk(world)[rank], y.chunk(world)[rank]
+
+
+def loss_backward(model, scale, x, y, world: int):
+    """Forward, backward, and the plain parameter's gradient averaged over ranks (FSDP reduces only
+    the parameters it shards)."""
+    loss = ((model(x).to(x.dtype) * scale - y) ** 2).mean()  # (bf16 compute returns bf16)
+    loss.backward()
+    if world > 1 and scale.grad is not None:
+        dist.all_reduce(scale.grad)
+        scale.grad /= world
+    return loss
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def run_steps(opt, model, scale, batches, rank=0, world=1, variant="closure", dtype=torch.float64, on_closure=None):
+    """Train on ``batches`` (step indices of the global data) the way ``variant`` says."""
+    for s in batches:
+        x, y = local_batch(s, rank, world, dtype)
+
+        def closure():
+            if on_closure is not None:
+                on_closure(+1)
+            try:
+                return loss_backward(model, scale, x, y, world)
+            finally:
+                if on_closure is not None:
+                    on_closure(-1)
+
+        if variant == "closure":
+            opt.step(closure)
+        elif variant == "loop":  # the common SAM wrappers' loop: the caller's backward gives g_0
+            closure()
+            opt.step(closure)
+            opt.zero_grad()
+        else:  # first_step() / second_step()
+            closure()
+            opt.first_step()
+            closure()
+            opt.second_step()
+        assert not opt.last_step_skipped, (variant, s)
+
+
+def single_process(preset: str, variant: str = "closure", batches=range(STEPS), dtype=torch.float64):
+    model, scale = make_model(dtype)
+    opt = PRESETS[preset](list(model.parameters()) + [scale])
+    run_steps(opt, model, scale, batches, variant=variant, dtype=dtype)
+    return [full(p) for p in list(model.parameters()) + [scale]]
+
+
+# ---- the spawned run --------------------------------------------------------------------------------
+
+
+class _CollectiveCounter:
+    """Counts the collectives a step issues outside its closure (those are fastperturb's)."""
+
+    NAMES = ("all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter_tensor")
+
+    def __init__(self):
+        self.total = 0
+        self.in_closure = 0
+        self._depth = 0
+        self._saved = {}
+
+    def __enter__(self):
+        for name in self.NAMES:
+            fn = self._saved[name] = getattr(dist, name)
+            setattr(dist, name, self._counting(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+
+    def _counting(self, fn):
+        def wrapper(*args, **kwargs):
+            self.total += 1
+            self.in_closure += self._depth > 0
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def closure_depth(self, delta: int) -> None:
+        self._depth += delta
+
+    def outside(self) -> int:
+        return self.total - self.in_closure
+
+
+def _presets(rank: int) -> dict:
+    out = {}
+    for backend in BACKENDS:
+        with fp.use_backend(backend):
+            for preset, variant in VARIANTS:
+                model, scale = make_model()
+                shard(model)
+                params = list(model.parameters()) + [scale]
+                seen = []
+                if preset == "awp":  # record what the filter sees: the DTensor, with its global shape
+                    opt = fp.AWP(params, torch.optim.SGD, gamma=0.05, lr=0.1, momentum=0.9,
+                                 perturb_filter=lambda p: seen.append((type(p).__name__, tuple(p.shape)))
+                                 or fp.optim.is_weight_matrix(p))
+                else:
+                    opt = PRESETS[preset](params)
+                calls = []
+                for s in range(STEPS):
+                    with _CollectiveCounter() as counter:
+                        run_steps(opt, model, scale, [s], rank, WORLD, variant, on_closure=counter.closure_depth)
+                    calls.append(counter.outside())
+                local_bytes = sum(local(p).numel() * p.element_size() for p in params)
+                out[(backend, preset, variant)] = {
+                    "weights": [full(p) for p in params],
+                    "collectives": calls,
+                    "filter_saw": seen,
+                    "backup_bytes": sum(b.numel() * b.element_size() for b in opt._backups.values()),
+                    "accum_bytes": sum(b.numel() * b.element_size() for b in opt._accums.values()),
+                    "local_bytes": local_bytes,
+                    "buffers_are_shards": all(b.shape == local(p).shape for p, b in opt._backups.items()),
+                }
+    return out
+
+
+def _nonfinite(rank: int) -> dict:
+    """NaN written into rank 1's shard only (rows 4..6 of 0.weight): at pass 0 of step 1 (the
+    engine's statistics) and at pass 1 of step 2 (the descent gradient's check)."""
+    model, scale = make_model()
+    shard(model)
+    params = list(model.parameters()) + [scale]
+    opt = PRESETS["sam"](params)
+    poison_at = {1: 0, 2: 1}
+    record = {"skipped": [], "unchanged": []}
+    for s in range(4):
+        x, y = local_batch(s, rank, WORLD)
+        before = [local(p).clone() for p in params]
+        passes = [0]
+
+        def closure():
+            loss = loss_backward(model, scale, x, y, WORLD)
+            if rank == 1 and poison_at.get(s) == passes[0]:
+                local(model[0].weight.grad).view(-1)[0] = math.nan
+            passes[0] += 1
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the once-per-optimizer skip warning
+            opt.step(closure)
+        record["skipped"].append(opt.last_step_skipped)
+        record["unchanged"].append(all(torch.equal(b, local(p)) for b, p in zip(before, params)))
+    record["skipped_steps"] = opt.skipped_steps
+    record["weights"] = [full(p) for p in params]
+
+    # nonfinite="raise": every rank raises, the weights restored
+    model, scale = make_model()
+    shard(model)
+    params = list(model.parameters()) + [scale]
+    opt = fp.SAM(params, torch.optim.SGD, rho=0.2, lr=0.1, nonfinite="raise")
+    x, y = local_batch(0, rank, WORLD)
+    before = [local(p).clone() for p in params]
+
+    def poisoned():
+        loss = loss_backward(model, scale, x, y, WORLD)
+        if rank == 1:
+            local(model[0].weight.grad).view(-1)[0] = math.inf
+        return loss
+
+    try:
+        opt.step(poisoned)
+        record["raised"] = None
+    except FloatingPointError as err:
+        record["raised"] = type(err).__name__
+    record["raise_unchanged"] = all(torch.equal(b, local(p)) for b, p in zip(before, params))
+    return record
+
+
+def _exception(rank: int) -> dict:
+    """APD (2 ascent steps): the closure raises at pass 2 on every rank, after its forward and
+    before its backward, the worst moment for FSDP (its modules are left unsharded). The shards
+    must be restored bit for bit; after FSDP2's documented recovery (``reset_iter_state()`` on the
+    root module) training continues as if the failed step had not happened."""
+    model, scale = make_model()
+    shard(model)
+    params = list(model.parameters()) + [scale]
+    opt = PRESETS["apd_l2"](params)
+    record = {}
+    for s in range(3):
+        x, y = local_batch(s, rank, WORLD)
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            out = model(x)
+            if s == 1 and calls[0] == 3:
+                raise KeyError("closure failed")
+            loss = ((out * scale - y) ** 2).mean()
+            loss.backward()
+            dist.all_reduce(scale.grad)
+            scale.grad /= WORLD
+            return loss
+
+        if s == 1:
+            before = [local(p).clone() for p in params]
+            try:
+                opt.step(closure)
+                record["raised"] = False
+            except KeyError:
+                record["raised"] = True
+            record["restored"] = all(torch.equal(b, local(p)) for b, p in zip(before, params))
+            model.reset_iter_state()
+            opt.zero_grad()
+        else:
+            opt.step(closure)
+    record["weights"] = [full(p) for p in params]
+    return record
+
+
+def _batchnorm(rank: int) -> dict:
+    """freeze_bn: the perturbed pass does not move the running statistics (BatchNorm first, so the
+    statistics of the clean pass are those of the rank's input batch)."""
+    record = {}
+    for freeze in (True, False):
+        model, scale = make_model(batchnorm=True)
+        shard(model)
+        params = list(model.parameters()) + [scale]
+        opt = fp.SAM(params, torch.optim.SGD, rho=0.2, lr=0.1, freeze_bn=model if freeze else None)
+        x, y = local_batch(0, rank, WORLD)
+        opt.step(lambda: loss_backward(model, scale, x, y, WORLD))
+        bn = model[0]
+        expected = nn.BatchNorm1d(5).double()
+        expected(x)  # one update with the clean pass's batch
+        record[freeze] = {
+            "mean_equal": torch.equal(bn.running_mean, expected.running_mean),
+            "var_equal": torch.equal(bn.running_var, expected.running_var),
+            "batches": int(bn.num_batches_tracked),
+        }
+    return record
+
+
+def _dcp(rank: int, out_dir: str) -> dict:
+    """torch.distributed.checkpoint with sharded optimizer state: save after 2 steps, train 2 more;
+    a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    def build(lr):
+        model, scale = make_model()
+        shard(model)
+        scale.requires_grad_(False)  # a constant here: the checkpoint holds the model's sharded state
+        return model, scale, fp.APD(model.parameters(), torch.optim.AdamW, eps=0.02, steps=3, norm="linf",
+                                    scope="layer", relative=True, lr=lr)
+
+    path = os.path.join(out_dir, "dcp")
+    model, scale, opt = build(0.01)
+    run_steps(opt, model, scale, range(2), rank, WORLD)
+    # The supported path: the base optimizer (it shares param_groups and state with the wrapper).
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.base_optimizer)},
+             checkpoint_id=path)
+    run_steps(opt, model, scale, range(2, 4), rank, WORLD)
+    continued = [local(p).clone() for p in model.parameters()]
+
+    model2, scale2, opt2 = build(0.5)
+    with torch.no_grad():
+        for p in model2.parameters():
+            local(p).normal_()
+    state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2.base_optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model2, state["model"])
+    set_optimizer_state_dict(model2, opt2.base_optimizer, state["optim"])
+    lr_loaded = opt2.param_groups[0]["lr"]
+    run_steps(opt2, model2, scale2, range(2, 4), rank, WORLD)
+    resumed = [local(p).clone() for p in model2.parameters()]
+    return {
+        "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
+        "lr_loaded": lr_loaded,
+        "state_sharded": all(type(v).__name__ == "DTensor" for s in opt2.state.values() for k, v in s.items()
+                             if k in ("exp_avg", "exp_avg_sq")),
+    }
+
+
+def _bf16(rank: int) -> dict:
+    """FSDP2's MixedPrecisionPolicy: bf16 compute (all-gathered parameters) and bf16 gradient
+    reductions over float32 shards. The perturbation is written to the float32 shards; the next
+    forward must all-gather it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    out = {}
+    for preset in ("sam", "sgd"):
+        model, scale = make_model(torch.float32)
+        shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
+        params = list(model.parameters()) + [scale]
+        opt = (PRESETS["sam"](params) if preset == "sam" else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        for s in range(STEPS):
+            x, y = local_batch(s, rank, WORLD, torch.float32)
+            closure = lambda: loss_backward(model, scale, x, y, WORLD)  # noqa: E731
+            if preset == "sam":
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                closure()
+                opt.step()
+        out[preset] = {
+            "weights": [full(p) for p in params],
+            "dtypes": sorted({str(local(p).dtype) for p in params}),
+        }
+    return out
+
+
+def _fsdp1(rank: int) -> dict:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out = {}
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(make_model()[0], device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        try:
+            fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+            out[use_orig_params] = None
+        except NotImplementedError as err:
+            out[use_orig_params] = str(err)
+    return out
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    try:
+        for name, run in (("presets", _presets), ("nonfinite", _nonfinite), ("exception", _exception),
+                          ("batchnorm", _batchnorm), ("bf16", _bf16), ("fsdp1", _fsdp1)):
+            results[name] = run(rank)
+        results["dcp"] = _dcp(rank, out_dir)
+    except BaseException:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Each rank's records from one spawned run of every scenario."""
+    out_dir = tmp_path_factory.mktemp("fsdp")
+    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the FSDP2 run did not finish in {SPAWN_TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture
+def single_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- the tests ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset,variant", VARIANTS)
+def test_presets_on_shards_match_one_process(ranks, single_thread, backend, preset, variant):
+    with fp.use_backend(backend):
+        single = single_process(preset, variant)
+    start = [full(p) for p in list(make_model()[0].parameters()) + [make_model()[1]]]
+    for rank in ranks:
+        got = rank["presets"][(backend, preset, variant)]["weights"]
+        for a, b, w in zip(got, single, start):
+            torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+            assert not torch.equal(a, w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_one_collective_per_pass(ranks, preset):
+    """Outside the closure a step issues one all_gather per pass (the statistics of the gradient
+    read after passes 0..K-1, then the descent gradient's norm), plus one for the weights' norms
+    when the radius is relative."""
+    expected = ASCENTS[preset] + 1 + RELATIVE[preset]
+    for rank in ranks:
+        for backend in BACKENDS:
+            assert rank["presets"][(backend, preset, "closure")]["collectives"] == [expected] * STEPS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_buffers_are_shards(ranks, preset):
+    """Backups and accumulators hold this rank's shards: at most 1x (single step, no clean term)
+    or 2x (multi-step) the local parameter bytes."""
+    for rank in ranks:
+        rec = rank["presets"][(BACKENDS[-1], preset, "closure")]
+        assert rec["buffers_are_shards"]
+        assert 0 < rec["backup_bytes"] <= rec["local_bytes"]
+        if preset in ("sam", "awp"):
+            assert rec["accum_bytes"] == 0
+        else:
+            assert 0 < rec["accum_bytes"] <= rec["local_bytes"]
+
+
+@pytest.mark.slow
+def test_filter_sees_whole_tensors(ranks):
+    """AWP's dim() > 1 rule (any perturb_filter) is evaluated on the DTensor, with its global shape."""
+    model, scale = make_model()
+    shapes = sorted(tuple(p.shape) for p in list(model.parameters()) + [scale])
+    for rank in ranks:
+        seen = rank["presets"][(BACKENDS[-1], "awp", "closure")]["filter_saw"]
+        assert sorted(s for _, s in seen) == shapes
+        assert sorted(t for t, _ in seen) == ["DTensor"] * 4 + ["Parameter"]
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_agrees_across_ranks(ranks, single_thread):
+    """A NaN in one rank's shard skips the step on every rank (at pass 0 and in the descent
+    gradient), the weights unchanged; training continues; raise mode raises on every rank."""
+    for rank in ranks:
+        rec = rank["nonfinite"]
+        assert rec["skipped"] == [False, True, True, False]
+        assert rec["unchanged"][1:3] == [True, True]
+        assert rec["skipped_steps"] == 2
+        assert rec["raised"] == "NonFiniteGradient" and rec["raise_unchanged"]
+    single = single_process("sam", batches=[0, 3])
+    for a, b in zip(ranks[0]["nonfinite"]["weights"], single):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_exception_restores_shards(ranks, single_thread):
+    for rank in ranks:
+        assert rank["exception"]["raised"] and rank["exception"]["restored"]
+    single = single_process("apd_l2", batches=[0, 2])
+    for a, b in zip(ranks[0]["exception"]["weights"], single):
+        torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_freeze_bn_on_shards(ranks):
+    for rank in ranks:
+        frozen, moving = rank["batchnorm"][True], rank["batchnorm"][False]
+        assert frozen == {"mean_equal": True, "var_equal": True, "batches": 1}
+        assert moving["batches"] == 2 and not moving["mean_equal"]  # the control: unfrozen, both passes count
+
+
+@pytest.mark.slow
+def test_dcp_checkpoint_resumes_bit_identical(ranks):
+    for rank in ranks:
+        rec = rank["dcp"]
+        assert rec["bit_identical"]
+        assert rec["lr_loaded"] == 0.01  # the wrapper sees the loaded param_groups
+        assert rec["state_sharded"]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision(ranks, single_thread):
+    """bf16 compute and reductions: the SAM update matches one float32 process to bf16 precision,
+    while SAM's update differs from plain SGD's by much more than that (so the perturbation
+    reached the bf16 all-gathered weights)."""
+    start = [full(p) for p in list(make_model(torch.float32)[0].parameters()) + [make_model(torch.float32)[1]]]
+    ref = single_process("sam", dtype=torch.float32)
+    sam, sgd = ranks[0]["bf16"]["sam"], ranks[0]["bf16"]["sgd"]
+    assert sam["dtypes"] == ["torch.float32"]  # the shards (and the perturbation) stay float32
+
+    def dist_of(a, b):
+        return math.sqrt(sum(float((x - y).square().sum()) for x, y in zip(a, b)))
+
+    update = dist_of(ref, start)
+    err = dist_of(sam["weights"], ref)
+    sam_vs_sgd = dist_of(sgd["weights"], ref)
+    assert err <= 0.02 * update, (err, update)
+    assert sam_vs_sgd > 5 * err, (sam_vs_sgd, err)
+
+
+@pytest.mark.slow
+def test_fsdp1_refused(ranks):
+    for rank in ranks:
+        for use_orig_params, msg in rank["fsdp1"].items():
+            assert msg is not None and "FSDP1" in msg and "fully_shard" in msg, use_orig_params

@@ -263,6 +263,8 @@ def check_writable_file(path: str, arg: str) -> None:
     if os.path.isdir(path):
         raise UsageError(f"{arg} {path}: is a folder, expected a file name")
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UsageError(f"{arg} {path}: {folder} is not a folder")
     if not os.path.isdir(folder):
         raise UsageError(f"{arg} {path}: the folder {folder} does not exist")
     check_writable_dir(folder, arg)

@@ -112,7 +112,7 @@ if [ "${FASTPERTURB_CUDA_CMAKE:-0}" = "1" ]; then
   step "CMake build with CUDA"
   "$PY" -m pip install -q "cmake>=3.31" > "$WORK/pip-cmake.log" 2>&1 || { tail -n 20 "$WORK/pip-cmake.log"; exit 1; }
   NVRTC="$("$PY" -c 'import glob, os, nvidia; print((glob.glob(os.path.join(nvidia.__path__[0], "cu13", "lib", "libnvrtc.so.13")) + [""])[0])')"
-  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 \
+  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 -DFASTPERTURB_WERROR=1 \
     -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DPython3_EXECUTABLE="$PY" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
     -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \

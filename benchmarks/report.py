@@ -270,7 +270,7 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
     only_new = len({_key(r) for r in new.get("results", [])}) - common
     if compared == 0:
         out.write(f"compare: nothing compared: the files have {common} result(s) in common"
-                  f"{f' and none of them was measured in both' if common else ''} ({only_old} only in the old file,"
+                  f"{' and none of them was measured in both' if common else ''} ({only_old} only in the old file,"
                   f" {only_new} only in the new one; a result is suite, model, case and implementation)\n")
         return 0
     out.write(f"compare: {compared} result(s) compared; {len(rows)} significant change(s) beyond {100 * threshold:.0f}%"

@@ -96,7 +96,8 @@ def _float_above(low: float, *, inclusive: bool) -> Callable[[str], float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(v) or v < low or (v == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if inclusive else '>'} {low:g}, got {text}")
+            relation = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"expected a finite number {relation} {low:g}, got {text}")
         return v
 
     parse.__name__ = f"float>{'=' if inclusive else ''}{low:g}"
@@ -234,7 +235,8 @@ def check_finite(t: torch.Tensor, what: str, arg: str, spec: str) -> None:
     if t.is_floating_point() or t.is_complex():
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise UsageError(f"{arg} {spec}: the {what} hold {bad} NaN/Inf value(s) of {t.numel()}; clean the data first")
+            raise UsageError(f"{arg} {spec}: the {what} hold {bad} NaN/Inf value(s) of {t.numel()}; "
+                             "clean the data first")
 
 
 # ----------------------------------------------------------------------------- outputs

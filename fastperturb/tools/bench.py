@@ -189,7 +189,8 @@ class _Config:
 def _batch(model: nn.Module, args, device: torch.device) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
     size = (args.batch_size, *args.input_shape)
-    x = (torch.randint(0, args.vocab, size, generator=gen) if args.vocab else torch.randn(size, generator=gen)).to(device)
+    x = torch.randint(0, args.vocab, size, generator=gen) if args.vocab else torch.randn(size, generator=gen)
+    x = x.to(device)
     try:
         with torch.no_grad():
             out = model(x)
@@ -290,14 +291,15 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _print(env: dict, rows: list[dict]) -> None:
-    print(f"fastperturb bench: {env['model']}, {env['n_params'] / 1e6:.2f}M parameters in {env['n_tensors']} tensors, "
+    print(f"fastperturb bench: {env['model']}, {env['n_params']:,} parameters in {env['n_tensors']} tensors, "
           f"batch {tuple(env['batch'])}, {env['base']} base, {env['loss']}, {env['device']}, torch {env['torch']}, "
           f"{env['threads']} threads")
 
     def mb(b):
         return "-" if b is None else f"{b / 1e6:.3g}"
 
-    header = ["configuration", "passes", "median ms", "min-max ms", "x plain", "peak step MB", "state MB", "state x params"]
+    header = ["configuration", "passes", "median ms", "min-max ms", "x plain", "peak step MB", "state MB",
+              "state x params"]
     table = [[r["config"], str(r["passes"]), f"{r['median_s'] * 1e3:.2f}",
               f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}", f"{r['x_plain']:.2f}x", mb(r["peak_step_bytes"]),
               mb(r["state_bytes"]), f"{r['state_bytes'] / env['param_bytes']:.2f}x"] for r in rows]

@@ -160,7 +160,8 @@ def _run(args) -> int:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
-        raise UsageError(f"--kinds {args.kinds}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(KINDS)}")
+        raise UsageError(f"--kinds {args.kinds}: unknown {', '.join(bad) or '(none given)'}; "
+                         f"choose from {', '.join(KINDS)}")
     if args.out:
         check_writable_dir(args.out)  # before the work, not after it
     model = load_model(args.model, args.weights)
@@ -174,11 +175,12 @@ def _run(args) -> int:
         x = x.to(next(model.parameters()).dtype)
     loss_fn = LOSSES[args.loss]
     check_fits(model, loss_fn, x, y, args.data)
-    data = (x, y) if args.batch_size <= 0 else [(x[i:i + args.batch_size], y[i:i + args.batch_size]) for i in range(0, len(y), args.batch_size)]
+    b = args.batch_size
+    data = (x, y) if b <= 0 else [(x[i:i + b], y[i:i + b]) for i in range(0, len(y), b)]
     try:
         res = sweep(model, loss_fn, data, args.eps, kinds=kinds, steps=args.steps, step_ratio=args.step_ratio,
-                    norm=args.norm, scope=args.scope, relative=not args.absolute, params=args.params, trials=args.trials,
-                    seed=args.seed, train_mode=args.train_mode, progress=args.progress)
+                    norm=args.norm, scope=args.scope, relative=not args.absolute, params=args.params,
+                    trials=args.trials, seed=args.seed, train_mode=args.train_mode, progress=args.progress)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     print(res.table())

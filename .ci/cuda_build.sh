@@ -9,22 +9,25 @@
 #   bash .ci/cuda_build.sh
 #
 # Environment (all optional):
-#   FASTPERTURB_CUDA_VENV  the CUDA-torch venv, made if missing or not torch 2.14.1+CUDA
-#                          (default: $HOME/.cache/fastperturb/cuda-venv, outside the repo)
+#   FASTPERTURB_CUDA_VENV  the CUDA-torch venv (5.5 GB), made if missing or incomplete
+#                          (default: build/cuda-venv in the checkout, like everything CI makes)
+#   FASTPERTURB_CI_JUNIT   write the tests' JUnit report here (.ci/run sums the reports)
 #   CUDA_HOME              the CUDA toolkit with nvcc (default /usr/local/cuda)
 #   TORCH_CUDA_ARCH_LIST   the architectures (default "8.0;9.0")
 #   PYTHON                 the interpreter that makes the venv (default python3)
 #   FASTPERTURB_CUDA_CMAKE=1  also build with CMakeLists.txt (cmake >= 3.31 from
 #                          PyPI into the venv; about 2-3 more minutes)
 #
-# The build happens in a temporary copy of the working tree (tracked and
-# untracked, not ignored, files), so the source tree's fastperturb/_C*.so and
-# build/ (the CPU build the rest of CI tests) are left alone.
+# The build happens in a copy of the working tree (tracked and untracked, not
+# ignored, files) under build/cuda-src, so the source tree's fastperturb/_C*.so
+# (the CPU build the rest of CI tests) is left alone. The build is a CI build:
+# FASTPERTURB_WERROR=1 (warnings are errors) and FASTPERTURB_BUILD_TESTING=1
+# (the C++ test harness the work-list tests need).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-VENV="${FASTPERTURB_CUDA_VENV:-$HOME/.cache/fastperturb/cuda-venv}"
+VENV="${FASTPERTURB_CUDA_VENV:-$ROOT/build/cuda-venv}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
 export MAX_JOBS="${MAX_JOBS:-2}"
@@ -39,7 +42,8 @@ fi
 
 step "CUDA-torch venv: $VENV"
 PY="$VENV/bin/python"
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)' 2>/dev/null; then
+if ! "$PY" -c 'import sys, torch, pytest, hypothesis, numpy, ninja
+sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)' 2>/dev/null; then
   mkdir -p "$(dirname "$VENV")"
   "$PYTHON" -m venv --clear "$VENV"
   if ! { "$PY" -m pip install -q --upgrade pip &&
@@ -54,16 +58,18 @@ fi
 "$CUDA_HOME/bin/nvcc" --version | tail -n 2
 
 step "stage the working tree"
-WORK="$(mktemp -d)"
-trap 'rm -rf "$WORK"' EXIT
+WORK="$ROOT/build/cuda-src"
+rm -rf "$WORK"
+mkdir -p "$WORK"
 (cd "$ROOT" && git ls-files -z -co --exclude-standard |
   while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
   tar --null -T - -cf -) | tar -xf - -C "$WORK"
 
-step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, nvcc -Werror all-warnings)"
+step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, warnings are errors, with the test harness)"
 cd "$WORK"
 BUILD_START=$SECONDS
-if ! FASTPERTURB_CUDA=1 "$PY" setup.py build_ext --inplace > build.log 2>&1; then
+if ! FASTPERTURB_CUDA=1 FASTPERTURB_WERROR=1 FASTPERTURB_BUILD_TESTING=1 \
+     "$PY" setup.py build_ext --inplace > build.log 2>&1; then
   tail -n 60 build.log
   echo "cuda_build: the build failed (log above)" >&2
   exit 1
@@ -99,13 +105,14 @@ if not torch.cuda.is_available():
 EOF
 
 step "tests: tests/test_cuda_build.py, tests/test_worklist.py (this build)"
-FASTPERTURB_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda_build.py tests/test_worklist.py
+FASTPERTURB_REQUIRE_CUDA_BUILD=1 "$PY" -m pytest -q -p no:cacheprovider -rs \
+  ${FASTPERTURB_CI_JUNIT:+--junitxml="$FASTPERTURB_CI_JUNIT"} tests/test_cuda_build.py tests/test_worklist.py
 
 if [ "${FASTPERTURB_CUDA_CMAKE:-0}" = "1" ]; then
   step "CMake build with CUDA"
   "$PY" -m pip install -q "cmake>=3.31" > "$WORK/pip-cmake.log" 2>&1 || { tail -n 20 "$WORK/pip-cmake.log"; exit 1; }
   NVRTC="$("$PY" -c 'import glob, os, nvidia; print((glob.glob(os.path.join(nvidia.__path__[0], "cu13", "lib", "libnvrtc.so.13")) + [""])[0])')"
-  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 \
+  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 -DFASTPERTURB_WERROR=1 \
     -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DPython3_EXECUTABLE="$PY" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
     -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \

@@ -1,13 +1,21 @@
-"""Command line of the benchmark runner, shared by ``fastperturb bench`` and ``python -m benchmarks``."""
+"""Command line of the benchmark runner: ``python -m benchmarks`` from the repository root.
+
+Errors the user can cause (unknown suites, models or backends, bad counts, an unwritable ``--json`` or
+``--chart``, result files that cannot be compared) are one line and exit code 2, before anything runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional
 
 import torch
+
+from fastperturb.tools._args import (OneLineParser, UsageError, check_writable_file, nonnegative_float,
+                                     nonnegative_int, positive_float, positive_int, write_all)
 
 from . import report, shapes, suites, timing
 
@@ -36,19 +44,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default=None,
                    help="comma-separated fastperturb backends to time (cpp, cuda, triton, reference; default: every one available)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=10, help="maximum timed repetitions per implementation")
-    p.add_argument("--min-reps", type=int, default=3, help="minimum repetitions even for slow implementations")
-    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per implementation per case")
-    p.add_argument("--apd-steps", type=int, default=3, help="K of the APD cycle/step")
-    p.add_argument("--mem-steps", type=int, default=20, help="steps per memory-suite process")
-    p.add_argument("--mem-max-seconds", type=float, default=10.0,
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--reps", type=positive_int, default=10, help="maximum timed repetitions per implementation")
+    p.add_argument("--min-reps", type=positive_int, default=None,
+                   help="minimum repetitions even for slow implementations (default: 3, or --reps if fewer)")
+    p.add_argument("--budget", type=positive_float, default=1.0, help="seconds of timed calls per implementation per case")
+    p.add_argument("--apd-steps", type=positive_int, default=3, help="K of the APD cycle/step")
+    p.add_argument("--mem-steps", type=positive_int, default=20, help="steps per memory-suite process")
+    p.add_argument("--mem-max-seconds", type=nonnegative_float, default=10.0,
                    help="a memory-suite process stops after this long, having run at least 3 steps (0: always --mem-steps)")
-    p.add_argument("--mem-jobs", type=int, default=2, help="memory-suite processes run side by side (peak RSS is per process)")
+    p.add_argument("--mem-jobs", type=positive_int, default=2, help="memory-suite processes run side by side (peak RSS is per process)")
     p.add_argument("--memory-impls", default=None,
                    help=f"comma-separated memory-suite implementations (default: all of {', '.join(suites.MEMORY_IMPLS)})")
-    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--train-batch", type=positive_int, default=64)
     p.add_argument("--no-costs", action="store_true", help="skip dispatch counts, allocation and state measurement")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings for a smoke test (tiny lists, 1 warm-up, 3 reps, 2 memory steps)")
@@ -56,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chart", default=None, metavar="PATH", help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
                    help="compare two result files and print regressions (exit 1 if any); runs nothing")
-    p.add_argument("--threshold", type=float, default=0.10, help="--compare: relative change that counts (default 0.10)")
+    p.add_argument("--threshold", type=positive_float, default=0.10, help="--compare: relative change that counts (default 0.10)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -90,31 +99,48 @@ class _Progress:
 
 
 def _fail(msg: str) -> int:
-    print(f"fastperturb bench: error: {msg}", file=sys.stderr)
-    return 2
+    raise UsageError(msg)
+
+
+def _load_result(path: str) -> dict:
+    try:
+        return report.load_json(path)
+    except FileNotFoundError:
+        raise UsageError(f"--compare {path}: no such file") from None
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise UsageError(f"--compare {path}: not a benchmark result file ({str(e).splitlines()[0]})") from None
 
 
 def main(args: argparse.Namespace) -> int:
     if args.compare:
-        try:
-            old, new = (report.load_json(p) for p in args.compare)
-        except (OSError, ValueError) as e:
-            return _fail(str(e))
-        return 1 if report.compare(old, new, args.threshold, sys.stdout) else 0
+        old, new = (_load_result(p) for p in args.compare)
+        regressions = report.compare(old, new, args.threshold, sys.stdout)
+        if report.comparable(old, new) == 0:
+            raise UsageError(f"--compare {' '.join(args.compare)}: the files have no measured result in common, "
+                             "so nothing was compared")
+        return 1 if regressions else 0
+    for flag, path in (("--json", args.json), ("--chart", args.chart)):
+        if path:
+            check_writable_file(path, flag)  # now, not after a run of several minutes
+    if args.min_reps is None:
+        args.min_reps = min(3, args.reps)
+    elif args.min_reps > args.reps:
+        raise UsageError(f"--min-reps {args.min_reps} is more than --reps {args.reps}")
 
     wanted = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in suites.SUITES]
     if unknown or not wanted:
-        return _fail(f"unknown suite(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(suites.SUITES)}")
+        return _fail(f"--suites {args.suites}: unknown suite(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(suites.SUITES)}")
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         try:
             device = torch.device(args.device)
         except RuntimeError as e:
-            return _fail(f"bad --device: {e}")
+            return _fail(f"--device {args.device}: not a device ({e})")
         if device.type == "cuda" and not torch.cuda.is_available():
-            return _fail("--device cuda but no CUDA device is available")
+            return _fail(f"--device {args.device}: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -135,13 +161,13 @@ def main(args: argparse.Namespace) -> int:
                     try:
                         suites._train_model(m)
                     except Exception as e:
-                        return _fail(f"bad --train-model {m!r}: {e}")
+                        return _fail(f"--train-model {m}: {e}")
             continue
         for m in models[s]:
             try:
                 shapes.shapes_for(m)
             except shapes.UnknownModel as e:
-                return _fail(str(e))
+                return _fail(f"--models {m}: {e}")
     backends_list = [b.strip() for b in args.backends.split(",")] if args.backends else None
     cfg = suites.Config(
         device=device, models={s: models[s] for s in wanted}, backends=backends_list,
@@ -152,24 +178,42 @@ def main(args: argparse.Namespace) -> int:
     )
     bad = [m for m in cfg.memory_impls if m not in suites.MEMORY_IMPLS]
     if bad:
-        return _fail(f"unknown memory implementation(s) {', '.join(bad)}; choose from {', '.join(suites.MEMORY_IMPLS)}")
+        return _fail(f"--memory-impls: unknown implementation(s) {', '.join(bad)}; "
+                     f"choose from {', '.join(suites.MEMORY_IMPLS)}")
     if args.quick:
         cfg.warmup, cfg.reps, cfg.min_reps, cfg.budget_s = 1, 3, 2, 0.2
         cfg.mem_steps, cfg.train_batch = 2, 8
     try:
         suites.fastperturb_backends(cfg)
     except ValueError as e:
-        return _fail(str(e))
+        return _fail(f"--backends {args.backends}: {e}")
 
     data = run(cfg, quiet=args.quiet, bw_numel=(1 << 20) if args.quick else (1 << 25))
     report.print_tables(data, sys.stdout)
     if args.json:
-        report.write_json(data, args.json)
+        _write(args.json, "--json", lambda path: report.write_json(data, path))
         print(f"\nwrote {args.json}")
     if args.chart:
-        err = report.chart(data, args.chart)
-        print(err if err else f"wrote {args.chart}")
+        def draw(path: str) -> None:
+            err = report.chart(data, path)
+            if err:
+                raise _NoChart(err)
+        try:
+            _write(args.chart, "--chart", draw)
+            print(f"wrote {args.chart}")
+        except _NoChart as e:
+            print(e)
     return 0
+
+
+class _NoChart(Exception):
+    """The run has nothing to chart, or matplotlib is missing: said, and no file is written."""
+
+
+def _write(path: str, flag: str, write) -> None:
+    """Write one output file all or nothing (a temporary name, renamed when complete)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    write_all(folder, {name: write}, flag)
 
 
 def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict:
@@ -201,6 +245,15 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
 
 
 def entry(argv: Optional[list[str]] = None, prog: str = "python -m benchmarks") -> int:
-    p = argparse.ArgumentParser(prog=prog, description="fastperturb microbenchmarks")
+    """Parse ``argv`` and run; a usage error is printed as one line and gives exit code 2."""
+    p = OneLineParser(prog=prog, description="fastperturb microbenchmarks: fastperturb beside the peers")
     add_arguments(p)
-    return main(p.parse_args(argv))
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return main(args)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -9,8 +9,10 @@
   allocator's counters; on CPU:) at the c10 allocator level
   with the PyTorch profiler (``profile_memory=True``), so allocations inside a
   kernel count too: the gross bytes allocated during the call, the number of
-  "parameter-sized" allocations (at least as large as the smallest perturbed
-  tensor among those of >= 4 KiB) and the peak of live bytes above the start.
+  "parameter-sized" allocations (exactly the byte size of one of the parameter
+  tensors of >= 4 KiB: a clone, a delta or a gradient copy of a tensor; small
+  vectors of per-tensor scalars, O(number of tensors), do not count even when
+  the tensors are small) and the peak of live bytes above the start.
   If that private profiler API is unavailable it falls back to the dispatch
   mode, counting the outputs of ops whose storage is not an input's (which
   misses a kernel's internal scratch), and says which method it used.
@@ -123,21 +125,28 @@ def count_dispatches(fn: Callable[[], object]) -> tuple[int, dict]:
     return c.total, dict(c.by_op.most_common(8))
 
 
-def _param_threshold(param_sizes: Sequence[int]) -> int:
-    big = [s for s in param_sizes if s >= 4096]
-    return min(big) if big else max(param_sizes, default=1 << 62)
+def param_sized(param_sizes: Sequence[int]) -> frozenset[int]:
+    """The allocation sizes that count as parameter-sized: those of the parameter tensors of >= 4 KiB
+    (the largest one if none is that large).
+
+    Not "at least the smallest parameter": with many small tensors (1000 of 32x32, 4 KiB each) the
+    optimizer's per-tensor scalars (a float64 coefficient per tensor, 8 KB) would count, although
+    they are O(number of tensors), not O(parameters).
+    """
+    big = frozenset(s for s in param_sizes if s >= 4096)
+    return big or frozenset([max(param_sizes, default=1 << 62)])
 
 
 def measure_allocations(fn: Callable[[], object], param_sizes: Sequence[int],
                         device: Optional[torch.device] = None) -> dict:
     """Gross bytes allocated by ``fn`` and how many allocations were parameter-sized (see module doc)."""
-    threshold = _param_threshold(param_sizes)
+    sizes = param_sized(param_sizes)
     if device is not None and device.type == "cuda":
-        return _allocs_cuda(fn, threshold, device)
+        return _allocs_cuda(fn, sizes, device)
     try:
-        return _allocs_profiler(fn, threshold)
+        return _allocs_profiler(fn, sizes)
     except Exception as e:  # private profiler API changed: fall back to the dispatch hook
-        out = _allocs_dispatch(fn, threshold)
+        out = _allocs_dispatch(fn, sizes)
         out["fallback_reason"] = f"{type(e).__name__}: {e}"
         return out
 
@@ -164,7 +173,7 @@ def _silent_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _allocs_profiler(fn: Callable[[], object], threshold: int) -> dict:
+def _allocs_profiler(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,16 +199,16 @@ def _allocs_profiler(fn: Callable[[], object], threshold: int) -> dict:
                 if size > 0:
                     gross += size
                     count += 1
-                    if size >= threshold:
+                    if size in sizes:
                         big += 1
             walk(e.children, ex)
 
     walk(tree, False)
     return {"method": "profiler", "alloc_bytes": gross, "alloc_count": count,
-            "param_sized_allocs": big, "peak_live_bytes": peak, "param_sized_threshold_bytes": threshold}
+            "param_sized_allocs": big, "peak_live_bytes": peak, "param_sized_bytes": sorted(sizes)}
 
 
-def _allocs_cuda(fn: Callable[[], object], threshold: int, device: torch.device) -> dict:
+def _allocs_cuda(fn: Callable[[], object], sizes: frozenset[int], device: torch.device) -> dict:
     """On CUDA: the caching allocator's counters (includes the closure, which cannot be separated here)."""
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_stats(device)
@@ -212,13 +221,13 @@ def _allocs_cuda(fn: Callable[[], object], threshold: int, device: torch.device)
     return {"method": "cuda-allocator", "alloc_bytes": after.get(key_b, 0) - before.get(key_b, 0),
             "alloc_count": after.get(key_n, 0) - before.get(key_n, 0), "param_sized_allocs": None,
             "peak_live_bytes": torch.cuda.max_memory_allocated(device) - start,
-            "param_sized_threshold_bytes": threshold}
+            "param_sized_bytes": sorted(sizes)}
 
 
-def _allocs_dispatch(fn: Callable[[], object], threshold: int) -> dict:
+def _allocs_dispatch(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
     c = _run_counted(fn, track_allocs=True)
     return {"method": "dispatch", "alloc_bytes": c.alloc_bytes, "alloc_count": c.alloc_count,
-            "param_sized_allocs": None, "peak_live_bytes": None, "param_sized_threshold_bytes": threshold}
+            "param_sized_allocs": None, "peak_live_bytes": None, "param_sized_bytes": sorted(sizes)}
 
 
 CLOSURE_MARK = "fastperturb_bench::closure"

@@ -80,16 +80,20 @@ def print_tables(data: dict, out: TextIO) -> None:
     if load and max(load[0], (env.get("load_average_end") or [0])[0]) > 0.75 * cores:
         out.write(f"WARNING: load average {load[0]} at start, {(env.get('load_average_end') or ['?'])[0]} at end on "
                   f"{cores} cores: other processes competed for the CPU and memory bus; timings are not representative\n")
-    if bw:
+    if bw.get("triad_gbps"):
         out.write(f"memory bandwidth (this run): triad {bw['triad_gbps']:.1f} GB/s (median {bw['triad_gbps_median']:.1f}),"
                   f" copy {bw['copy_gbps']:.1f} GB/s; bounds use the best triad\n")
+    elif bw:
+        out.write(f"memory bandwidth: not measured reliably ({bw.get('unstable')}); no bandwidth bounds are printed"
+                  " (bound ms, x bound, %bound show '-'); rerun on a quieter machine\n")
     results = data.get("results", [])
     for suite in ("ops", "cycle", "step"):
         groups = _groups(results, suite)
         if not groups:
             continue
         out.write(f"\n== {suite} ==  (speedup = other's median / this median; >1 means this is faster;"
-                  " allocs = MB allocated per call / parameter-sized allocations)\n")
+                  " allocs = MB allocated per call, in steady state / of those, allocations the size of a parameter"
+                  " tensor of >= 4 KiB)\n")
         rows, notes = [], []
         for (model, case), grp in groups.items():
             best_peer, best_fe = _speedups(grp)
@@ -112,6 +116,8 @@ def print_tables(data: dict, out: TextIO) -> None:
         _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s",
                       "excl.closure ms" if suite == "step" else "bound ms", "x bound", "%bound",
                       "vs foreach", "vs best peer", "dispatch", "allocs", "state MB"], out)
+        if notes:
+            out.write(f"not in the table ({len(dict.fromkeys(notes))}):\n")
         for n in dict.fromkeys(notes):
             out.write(n + "\n")
     groups = _groups(results, "train")
@@ -225,6 +231,18 @@ def _metric(r: dict) -> Optional[tuple[float, float, float]]:
     return None
 
 
+def in_common(old: dict, new: dict) -> int:
+    """How many results (suite, model, case, implementation) both runs have."""
+    return len({_key(r) for r in old.get("results", [])} & {_key(r) for r in new.get("results", [])})
+
+
+def comparable(old: dict, new: dict) -> int:
+    """How many results both runs have *and* measured (status ok in both)."""
+    old_by = {_key(r): r for r in old.get("results", [])}
+    return sum(1 for r in new.get("results", []) if _key(r) in old_by
+               and _metric(r) is not None and _metric(old_by[_key(r)]) is not None)
+
+
 def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
     """Print changes of matching records; returns the number of regressions.
 
@@ -233,14 +251,16 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
     noisy run does not cry wolf. Improvements are listed the same way.
     """
     old_by = {_key(r): r for r in old.get("results", [])}
-    rows, regressions, improvements = [], 0, 0
+    rows, regressions, improvements, compared, not_ok = [], 0, 0, 0, 0
     for r in new.get("results", []):
         o = old_by.get(_key(r))
         if o is None:
             continue
         a, b = _metric(o), _metric(r)
         if a is None or b is None or a[0] <= 0:
+            not_ok += 1
             continue
+        compared += 1
         change = b[0] / a[0] - 1
         verdict = ""
         if change > threshold and b[1] > a[2]:
@@ -251,8 +271,19 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
             unit = _ms if "median_s" in r else _mb
             rows.append([r["suite"], r["model"], f"{r['case']} / {r['impl']}", unit(a[0]), unit(b[0]),
                          f"{100 * change:+.1f}%", verdict])
-    out.write(f"compare: {len(rows)} significant change(s) beyond {100 * threshold:.0f}% with non-overlapping ranges"
-              f" ({regressions} regression(s), {improvements} improvement(s))\n")
+    common = in_common(old, new)
+    only_old = len(old_by) - common
+    only_new = len({_key(r) for r in new.get("results", [])}) - common
+    if compared == 0:
+        out.write(f"compare: nothing compared: the files have {common} result(s) in common"
+                  f"{' and none of them was measured in both' if common else ''} ({only_old} only in the old file,"
+                  f" {only_new} only in the new one; a result is suite, model, case and implementation)\n")
+        return 0
+    out.write(f"compare: {compared} result(s) compared; {len(rows)} significant change(s) beyond {100 * threshold:.0f}%"
+              f" with non-overlapping ranges ({regressions} regression(s), {improvements} improvement(s))\n")
+    if only_old or only_new or not_ok:
+        out.write(f"  not compared: {only_old} result(s) only in the old file, {only_new} only in the new one,"
+                  f" {not_ok} skipped or failed in either\n")
     eo, en = old.get("env", {}), new.get("env", {})
     for k in ("torch", "cpu_model", "torch_threads"):
         if eo.get(k) != en.get(k):
@@ -262,15 +293,25 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
     return regressions
 
 
-def chart(data: dict, path: str) -> Optional[str]:
-    """A PNG of the cycle and step times (log scale, bound marked); returns an error message or None."""
+def chart_unavailable() -> Optional[str]:
+    """Why no chart can be drawn here (matplotlib missing), or None."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except Exception as e:
         return f"no chart: matplotlib is not installed ({type(e).__name__})"
+    return None
+
+
+def chart(data: dict, path: str) -> Optional[str]:
+    """A PNG of the cycle and step times (log scale, bound marked); returns an error message or None."""
+    err = chart_unavailable()
+    if err:
+        return err
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     colors = {"fastperturb": "#1f77b4", "reference": "#9ecae1", "foreach": "#ff7f0e", "peer": "#d62728", "baseline": "#7f7f7f"}
     panels = [s for s in ("cycle", "step", "ops") if any(r["suite"] == s and r["status"] == "ok" for r in data["results"])]
     if not panels:
@@ -299,10 +340,22 @@ def chart(data: dict, path: str) -> Optional[str]:
 
     kinds = [k for k in colors if any(r["kind"] == k for r in data["results"] if r["status"] == "ok")]
     axes[0, 0].legend(handles=[Patch(color=colors[k], label=k) for k in kinds], fontsize=7, loc="lower right")
+    left_out = [r for r in data["results"] if r["suite"] in ("cycle", "step", "ops") and r["status"] != "ok"]
+    notes = []
+    if left_out:
+        notes.append(f"left out: {len(left_out)} skipped or failed implementation(s) "
+                     f"({', '.join(sorted({r['impl'] for r in left_out}))}); reasons in the table")
+    other = sorted({r["suite"] for r in data["results"]} - {"cycle", "step", "ops"})
+    if other:
+        notes.append(f"not charted: the {', '.join(other)} suite(s) (see the table)")
+    if not (data.get("bandwidth") or {}).get("triad_gbps"):
+        notes.append("no bandwidth bound ticks: the bandwidth probe was not stable in this run")
+    if notes:
+        fig.text(0.01, 0.002, "; ".join(notes), fontsize=6, ha="left", va="bottom", wrap=True)
     env = data.get("env", {})
     fig.suptitle(f"fastperturb bench, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
                  fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None

@@ -9,7 +9,8 @@
 * On CUDA each call is timed with CUDA events after a synchronize; on CPU with
   ``time.perf_counter``.
 * :func:`measure_bandwidth` times a large in-place triad ``a += s*b`` with the
-  run's thread count: the memory bandwidth the byte models are divided by.
+  run's thread count, repeated until its best samples agree: the memory
+  bandwidth the byte models are divided by (none if it never became stable).
 """
 
 from __future__ import annotations
@@ -112,29 +113,58 @@ def summary(times: Sequence[float]) -> dict:
     }
 
 
-def measure_bandwidth(device: torch.device, numel: int = 1 << 25, reps: int = 7) -> dict:
+def bandwidth_verdict(samples: Sequence[float], tolerance: float = 0.10, agree: int = 3) -> Optional[str]:
+    """None if the best ``agree`` samples lie within ``tolerance`` of the best one, else why not.
+
+    The best sample is the bound the cycle times are divided by; it is trusted only when it was reached
+    repeatedly: one lucky sample (a cache hit, a quiet moment) or a probe swamped by other processes
+    would make every "x bound" figure of the run noise.
+    """
+    if len(samples) < agree:
+        return f"only {len(samples)} samples"
+    top = sorted(samples, reverse=True)[:agree]
+    if top[-1] < (1 - tolerance) * top[0]:
+        return (f"the best {agree} of {len(samples)} triad samples spread {top[-1]:.1f}-{top[0]:.1f} GB/s "
+                f"(all: {min(samples):.1f}-{max(samples):.1f}), more than {100 * tolerance:.0f}% apart")
+    return None
+
+
+def measure_bandwidth(device: torch.device, numel: int = 1 << 25, reps: int = 7, max_rounds: int = 4,
+                      tolerance: float = 0.10) -> dict:
     """In-place triad ``a += s*b`` (reads a and b, writes a) and a copy, on ``numel`` float32 each.
 
-    Returns the best and median GB/s (1 GB = 1e9 bytes). The best triad figure is
-    the bound the cycle times are compared with: it is what this machine's memory
-    system delivered to a simple streaming kernel in this very run.
+    Repeats rounds of ``reps`` samples until the best samples agree (:func:`bandwidth_verdict`), at most
+    ``max_rounds``. Returns the best and median GB/s (1 GB = 1e9 bytes); ``triad_gbps`` (the bound the
+    cycle times are compared with: what this machine's memory system delivered to a simple streaming
+    kernel in this very run) is None when the probe never became stable, with the reason in
+    ``unstable``: then no bound is printed rather than a noisy one.
     """
     a = torch.ones(numel, device=device)
     b = torch.full((numel,), 1e-7, device=device)
     c = torch.empty_like(a)
     nbytes = a.numel() * a.element_size()
-    triad, copy = [], []
-    for i in range(reps + 1):
-        t = time_call(lambda: a.add_(b, alpha=0.5), device)
-        u = time_call(lambda: c.copy_(a), device)
-        if i:  # first one is warm-up (page faults)
+    triad: list[float] = []
+    copy: list[float] = []
+    time_call(lambda: (a.add_(b, alpha=0.5), c.copy_(a)), device)  # warm-up: page faults
+    why: Optional[str] = "not measured"
+    rounds = 0
+    while rounds < max_rounds and why is not None:
+        rounds += 1
+        for _ in range(reps):
+            t = time_call(lambda: a.add_(b, alpha=0.5), device)
+            u = time_call(lambda: c.copy_(a), device)
             triad.append(3 * nbytes / t / 1e9)
             copy.append(2 * nbytes / u / 1e9)
+        why = bandwidth_verdict(triad, tolerance)
     return {
-        "triad_gbps": max(triad),
+        "triad_gbps": max(triad) if why is None else None,
+        "triad_gbps_best_seen": max(triad),
         "triad_gbps_median": statistics.median(triad),
         "copy_gbps": max(copy),
         "copy_gbps_median": statistics.median(copy),
+        "samples": len(triad),
+        "rounds": rounds,
+        "unstable": why,
         "numel": numel,
         "threads": torch.get_num_threads(),
         "note": "in-place triad a.add_(b, alpha=s): 3 x 4 bytes per element; copy: 2 x 4",

@@ -16,6 +16,7 @@ from typing import Sequence
 TOOLS = {
     "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
+    "bench": "time your model's training step with fastperturb's presets against the plain base optimizer step",
     "selftest": "run every available backend against the reference and print a verdict table",
 }
 
@@ -25,7 +26,9 @@ def _tool(name: str):
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastperturb", description=__doc__.splitlines()[0])
+    from .tools._args import OneLineParser
+
+    parser = OneLineParser(prog="fastperturb", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = None
     if argv:
@@ -39,7 +42,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
+        return e.code if isinstance(e.code, int) else 2
     from .tools._args import UsageError
 
     try:

@@ -1,0 +1,233 @@
+"""The ``step`` suite: whole optimizer steps with a synthetic closure, fastperturb beside the peers."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastperturb.ops import dispatch as backends
+
+from .. import counters, fused, peers, shapes, timing
+from ..timing import Candidate
+from .common import Config, _costs, _finish, _record, _say, _skipped, make_params, timed_backends
+
+class SyntheticClosure:
+    """Writes precomputed gradients into ``.grad`` (no model): the same cost for every implementation.
+
+    Each call copies the next gradient set into the parameters' gradient buffers
+    (reusing the harness's buffers when an implementation set ``.grad`` to None),
+    so no implementation pays for allocation inside the closure. Its operators and
+    allocations are excluded from the step's counts.
+    """
+
+    def __init__(self, params: Sequence[Tensor], pre: list[list[Tensor]]):
+        self.params = list(params)
+        self.pre = pre
+        self.bufs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.k = 0
+        self.calls = 0
+
+    def _targets(self, params):
+        return params
+
+    def __call__(self):
+        with counters.closure_scope(), torch.no_grad():
+            for p, b in zip(self.params, self.bufs):
+                if p.grad is None:
+                    p.grad = b
+            grads = [p.grad for p in self.params]
+            torch._foreach_copy_(grads, self.pre[self.k % len(self.pre)])
+            if counters._active:
+                # Under a TorchDispatchMode, _foreach_copy_ does not bump the version
+                # counters that optimizers use to see that backward ran: bump them.
+                torch.autograd.graph.increment_version(grads)
+            self.k += 1
+            self.calls += 1
+        return torch.zeros(())
+
+    def for_module(self):
+        """A closure on another module's parameters (the proxy AWP's proxy), same gradients."""
+        inner = {}
+
+        def proxy_closure(module: nn.Module):
+            ps = [p for p in module.parameters()]
+            if "c" not in inner:
+                with torch.no_grad():
+                    inner["c"] = SyntheticClosure(ps, self.pre)
+                inner["c"].params = ps
+            self.calls += 1  # one of the step's K+1 passes
+            return inner["c"]()
+
+        return proxy_closure
+
+
+def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
+    """(name, kind, make) for every implementation; ``make() -> (step_fn, optimizer, closure)``,
+    or a string (the reason it is skipped) in place of ``make``."""
+    base = peers.NoOpOptimizer
+    name = preset.name
+    k = preset.spec.steps
+    impls = []
+    wrapper = fused.wrapper_class(name)
+    bks = timed_backends(cfg)
+    for b, why in bks:
+        label = f"fastperturb.{name}[{b}]" if wrapper is not None else f"fastperturb-engine.{name}[{b}]"
+        if why:
+            impls.append((label, "fastperturb", f"skipped: {why}"))
+            continue
+        if wrapper is not None:
+            def make(b=b):
+                closure = SyntheticClosure(params, pre)
+                with backends.use_backend(b):
+                    opt = wrapper(params, base, **preset.kwargs)
+                return _wrap_step(opt, closure, b, k), opt, closure
+        else:
+            def make(b=b):
+                closure = SyntheticClosure(params, pre)
+                opt = fused.EngineStep(params, base(params), preset, b)
+                return _wrap_step(opt, closure, None, k), opt, closure
+        impls.append((label, "fastperturb", make))
+
+    sel = fused.select(preset, params)
+
+    def foreach_make():
+        closure = SyntheticClosure(params, pre)
+        if name == "SAM":
+            opt = peers.ForeachSAM(params, preset.radius, base=base(params))
+        elif name == "ASAM":
+            opt = peers.ForeachSAM(params, preset.radius, preset.spec.adaptive_eta, base=base(params))
+        elif name == "AWP":
+            opt = peers.ForeachAWP(sel, preset.radius, base=base(params))
+        else:
+            opt = peers.ForeachAPD(params, preset.radius, k, preset.step_size,
+                                   preset.spec.include_clean, base=base(params))
+        return _wrap_step(opt, closure, None, k), opt, closure
+    impls.append((f"foreach.{name}", "foreach", foreach_make))
+
+    if name in ("SAM", "ASAM"):
+        eta = preset.spec.adaptive_eta
+
+        def loop_make():
+            closure = SyntheticClosure(params, pre)
+            opt = peers.LoopSAM(params, base, rho=preset.radius, adaptive_eta=eta)
+            return _wrap_step(opt, closure, None, 1), opt, closure
+        impls.append((f"loop-{name} (old_p clones)", "peer", loop_make))
+    if name == "SAM":
+        why = peers.pytorch_optimizer_available()
+        for fe_flag, label in ((None, "pytorch-optimizer SAM"), (True, "pytorch-optimizer SAM(foreach)")):
+            if why:
+                impls.append((label, "peer", f"skipped: {why}"))
+                continue
+
+            def po_make(fe_flag=fe_flag):
+                closure = SyntheticClosure(params, pre)
+                opt = peers.pytorch_optimizer_sam(params, base, rho=preset.radius, foreach=fe_flag)
+                return _wrap_step(opt, closure, None, 1), opt, closure
+            impls.append((label, "peer", po_make))
+    if name == "AWP":
+        def proxy_make():
+            closure = SyntheticClosure(params, pre)
+            opt = peers.ProxyAWP(peers.ParamModule(params), base(params), gamma=preset.radius)
+            proxy_closure = closure.for_module()
+
+            def step():
+                opt.step(closure, proxy_closure)
+            return step, opt, closure
+        impls.append(("proxy-model AWP", "peer", proxy_make))
+    if name == "APD":
+        def dc_make():
+            closure = SyntheticClosure(params, pre)
+            opt = peers.DeepCopyAPD(params, base, eps=preset.radius, steps=k,
+                                    eta=preset.step_size, include_clean=preset.spec.include_clean)
+            return _wrap_step(opt, closure, None, k), opt, closure
+        impls.append(("deep-copy APD", "peer", dc_make))
+    return impls
+
+
+def _wrap_step(opt, closure: "SyntheticClosure", backend: Optional[str], k: int):
+    """A step making K+1 closure calls in all: g_0's call is made here if ``opt.step`` does not make it.
+
+    Whether it does is read from ``opt.closure_calls_self`` or, for an optimizer
+    that does not say, observed on the first call (K+1 calls: it does).
+    """
+    mode = {"self": getattr(opt, "closure_calls_self", None)}
+
+    def step():
+        if mode["self"] is None:
+            before = closure.calls
+            _run(opt, closure, backend)
+            mode["self"] = closure.calls - before >= k + 1
+            return
+        if not mode["self"]:
+            closure()
+        _run(opt, closure, backend)
+    return step
+
+
+def _run(opt, closure, backend):
+    if backend is None:
+        opt.step(closure)
+    else:
+        with backends.use_backend(backend):
+            opt.step(closure)
+
+
+def _suite_step_model(cfg: Config, model: str, out: list) -> None:
+    pre_all = fused.presets(cfg.apd_steps)
+    shp = shapes.shapes_for(model)
+    params, pre = make_params(shp, cfg.device, grad_sets=2)
+    # The closure's own cost (one gradient copy), to report each step without it too.
+    probe = SyntheticClosure(params, pre)
+    cl_cand = Candidate("closure", probe)
+    timing.run_interleaved([cl_cand], cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
+                           budget_s=cfg.budget_s)
+    closure_s = timing.summary(cl_cand.times).get("median_s")
+    for pname in ("SAM", "ASAM", "AWP", "APD"):
+        preset = pre_all[pname]
+        label = f"APD-{preset.spec.steps}" if pname == "APD" else pname
+        cands, recs, objs, closures = [], [], [], []
+        for impl, kind, make in _step_impls(cfg, preset, params, pre):
+            if isinstance(make, str):
+                out.append(_skipped("step", model, label, impl, kind, make.removeprefix("skipped: ")))
+                continue
+            try:
+                fn, obj, closure = make()
+            except Exception as e:
+                out.append(_record("step", model, label, impl, kind, status="error", reason=f"{type(e).__name__}: {e}"))
+                continue
+            cands.append(Candidate(impl, fn))
+            recs.append(_record("step", model, label, impl, kind))
+            objs.append(obj)
+            closures.append(closure)
+        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        for c, r, o, cl in zip(cands, recs, objs, closures):
+            r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
+            out.append(_finish(cfg, r, c, None))
+            if c.error:
+                continue
+            if closure_s is not None:
+                r["closure_s"] = closure_s
+                r["optimizer_s"] = r["median_s"] - (preset.spec.steps + 1) * closure_s
+            before = cl.calls
+            _costs(cfg, r, c.fn, None, params, state_obj=o)
+            if cfg.measure_costs:
+                r["closure_calls"] = (cl.calls - before) // 2
+        del cands, objs, closures
+        _say(cfg, f"step {model} {label}")
+
+
+def suite_step(cfg: Config) -> list[dict]:
+    """One full optimizer step of each preset with synthetic gradients and a no-op base optimizer.
+
+    Every implementation makes K+1 closure calls per step (the closure copies
+    precomputed gradients into ``.grad``), so step times include K+1 gradient
+    copies for all alike; ``optimizer_s`` = median - (K+1) x the closure's own
+    median time (measured alone), the optimizer's share. Also per step: operator
+    dispatches and allocations (the closure's own excluded), persistent state bytes.
+    """
+    out = []
+    for model in cfg.models.get("step", []):
+        _suite_step_model(cfg, model, out)
+    return out

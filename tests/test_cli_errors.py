@@ -1,0 +1,238 @@
+"""Every mistake a user can make at the command line is one line naming the argument, exit code 2, and
+leaves nothing half-written: ``fastperturb robustness``, ``fastperturb bench``, ``python -m benchmarks``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastperturb import cli
+from fastperturb.tools import _args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODEL_SRC = textwrap.dedent("""
+    import torch.nn as nn
+
+    def lin():
+        return nn.Linear(4, 3)
+
+    def wider():
+        return nn.Linear(5, 3)
+
+    def broken():
+        raise RuntimeError("no GPU here")
+""")
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """A folder with a model module (not on sys.path: imported from the current directory), weights and data."""
+    mod = f"usermodels_{os.getpid()}_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{mod}.py").write_text(MODEL_SRC)
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    torch.save(model, tmp_path / "module.pt")
+    x, y = torch.randn(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    torch.save((x, y), tmp_path / "d.pt")
+    torch.save((torch.randn(12, 7, generator=gen), y), tmp_path / "wide.pt")
+    torch.save((x, y[:5]), tmp_path / "short.pt")
+    xn = x.clone()
+    xn[3, 1] = float("nan")
+    torch.save((xn, y), tmp_path / "nan.pt")
+    np.savez(tmp_path / "nan.npz", inputs=xn.numpy(), targets=y.numpy())
+    (tmp_path / "text.pt").write_bytes(b"not a pickle at all\n" * 8)
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield tmp_path, mod
+    sys.modules.pop(mod, None)
+
+
+def _robustness(mod, *extra):
+    return ["robustness", "--model", f"{mod}:lin", "--eps", "0.01", "--steps", "1", "--trials", "2",
+            "--kinds", "adversarial,random", "--no-progress", *extra]
+
+
+def _one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+# ----------------------------------------------------------------------------- robustness
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--data", "d.pt", "--weights", "missing.pt"], ["--weights missing.pt", "no such file"]),
+    (["--data", "d.pt", "--weights", "module.pt"], ["--weights module.pt", "pickled", "state_dict"]),
+    (["--data", "d.pt", "--weights", "text.pt"], ["--weights text.pt", "torch.save"]),
+    (["--data", "text.pt"], ["--data text.pt", "torch.save nor an .npz"]),
+    (["--data", "missing.npz"], ["--data missing.npz", "no such file"]),
+    (["--data", "wide.pt"], ["--data wide.pt", "do not fit", "(12, 7)"]),
+    (["--data", "short.pt"], ["--data short.pt", "one target per input"]),
+    (["--data", "nan.pt"], ["--data nan.pt", "1 NaN/Inf"]),
+    (["--data", "nan.npz"], ["--data nan.npz", "NaN/Inf"]),
+    (["--data", "digits:nope"], ["--data digits:nope"]),
+    (["--data", "d.pt", "--out", "a-file/results"], ["--out a-file/results", "not a folder"]),
+    (["--data", "d.pt", "--out", "a-file"], ["--out a-file", "not a folder"]),
+    (["--data", "d.pt", "--trials", "0"], ["--trials", ">= 1"]),
+    (["--data", "d.pt", "--steps", "0"], ["--steps"]),
+    (["--data", "d.pt", "--batch-size", "-1"], ["--batch-size"]),
+    (["--data", "d.pt", "--step-ratio", "nan"], ["--step-ratio"]),
+    (["--data", "d.pt", "--kinds", "adversarial,bogus"], ["--kinds", "bogus"]),
+])
+def test_robustness_errors_are_one_line(work, capsys, extra, needles):
+    tmp, mod = work
+    _one_line_error(capsys, cli.main(_robustness(mod, *extra)), *needles)
+
+
+def test_robustness_weights_that_do_not_match_the_model(work, capsys):
+    tmp, mod = work
+    args = _robustness(mod, "--data", "d.pt", "--weights", "w.pt")
+    args[args.index(f"{mod}:lin")] = f"{mod}:wider"
+    _one_line_error(capsys, cli.main(args), "--weights w.pt does not match the model", "file (3, 4), model (3, 5)")
+
+
+def test_robustness_bad_model_specs(work, capsys):
+    tmp, mod = work
+    for spec, needle in ((f"{mod}:nope", "has no 'nope'"), ("no_such_module_xyz:f", "cannot import"),
+                         (f"{mod}:broken", "calling the factory failed"), ("a-file", "not a pickled nn.Module"),
+                         ("nothing-here", "no such file")):
+        args = _robustness(mod, "--data", "d.pt")
+        args[args.index(f"{mod}:lin")] = spec
+        _one_line_error(capsys, cli.main(args), f"--model {spec}", needle)
+
+
+def test_a_failed_run_writes_nothing(work, capsys):
+    tmp, mod = work
+    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "nan.pt", "--out", "out-nan")), "NaN")
+    assert not (tmp / "out-nan").exists()
+    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "wide.pt", "--out", "out-wide")), "do not fit")
+    assert not (tmp / "out-wide").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder nobody can write in, even root)")
+def test_robustness_unwritable_out_fails_before_the_work(work, capsys):
+    tmp, mod = work
+    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "d.pt", "--out", "/proc/fastperturb-out")),
+                    "--out /proc/fastperturb-out", "cannot write")
+
+
+def test_robustness_runs_with_a_model_from_the_current_directory(work, capsys):
+    tmp, mod = work
+    assert cli.main(_robustness(mod, "--data", "d.pt", "--weights", "w.pt", "--out", "out")) == 0
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["loss_change.png", "results.csv", "results.json"]
+
+
+def test_console_script_imports_the_model_from_the_current_directory(work):
+    """Like the installed ``fastperturb`` script: sys.path[0] is the script's folder, not the current one."""
+    tmp, mod = work
+    runner = tmp / "bin" / "fastperturb_script.py"
+    runner.parent.mkdir()
+    runner.write_text("import sys\nfrom fastperturb.cli import main\nsys.exit(main())\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    bad = subprocess.run([sys.executable, str(runner), *_robustness(mod, "--data", "nan.pt")], cwd=tmp, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "NaN" in bad.stderr, bad.stderr
+    ok = subprocess.run([sys.executable, str(runner), *_robustness(mod, "--data", "d.pt")], cwd=tmp, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "fitted log-log slopes" in ok.stdout
+
+
+# ----------------------------------------------------------------------------- fastperturb bench
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--input-shape", "7"], ["--input-shape 7", "forward fails"]),
+    (["--input-shape", "0,4"], ["--input-shape", "positive"]),
+    (["--input-shape", "4", "--steps", "0"], ["--steps", ">= 1"]),
+    (["--input-shape", "4", "--batch-size", "0"], ["--batch-size"]),
+    (["--input-shape", "4", "--warmup", "-1"], ["--warmup"]),
+    (["--input-shape", "4", "--presets", "SAM,XYZ"], ["--presets", "XYZ"]),
+    (["--input-shape", "4", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
+    (["--input-shape", "4", "--json", "no-folder/r.json"], ["--json no-folder/r.json", "does not exist"]),
+    (["--input-shape", "4", "--device", "tpu9"], ["--device tpu9"]),
+])
+def test_bench_errors_are_one_line(work, capsys, extra, needles):
+    tmp, mod = work
+    _one_line_error(capsys, cli.main(["bench", "--model", f"{mod}:lin", *extra]), *needles)
+
+
+def test_bench_model_errors(work, capsys):
+    tmp, mod = work
+    _one_line_error(capsys, cli.main(["bench", "--model", f"{mod}:broken", "--input-shape", "4"]),
+                    f"--model {mod}:broken", "calling the factory failed")
+    _one_line_error(capsys, cli.main(["bench", "--model", "nomodule_xyz:f", "--input-shape", "4"]), "cannot import")
+
+
+# ----------------------------------------------------------------------------- python -m benchmarks
+
+@pytest.mark.parametrize("args, needles", [
+    (["--reps", "0"], ["--reps"]),
+    (["--warmup", "-1"], ["--warmup"]),
+    (["--budget", "0"], ["--budget"]),
+    (["--mem-jobs", "0"], ["--mem-jobs"]),
+    (["--apd-steps", "0"], ["--apd-steps"]),
+    (["--threshold", "-0.1"], ["--threshold"]),
+    (["--reps", "2", "--min-reps", "5"], ["--min-reps 5"]),
+    (["--suites", "cycle,nope"], ["--suites", "unknown suite"]),
+    (["--suites", "cycle", "--models", "nope"], ["--models nope", "unknown model"]),
+    (["--suites", "cycle", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
+    (["--suites", "cycle", "--chart", "no-folder/c.png"], ["--chart no-folder/c.png"]),
+    (["--compare", "missing.json", "missing.json"], ["--compare missing.json", "no such file"]),
+    (["--compare", "d.pt", "d.pt"], ["--compare d.pt", "not a benchmark result"]),
+])
+def test_benchmarks_errors_are_one_line(work, capsys, args, needles):
+    from benchmarks import cli as bench_cli
+
+    err = _one_line_error(capsys, bench_cli.entry(args), *needles)
+    assert err.startswith("python -m benchmarks: error:")
+
+
+def test_python_m_benchmarks_error_in_a_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--reps", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("python -m benchmarks: error: argument --reps: expected an integer >= 1, got 0 "
+                                "(see python -m benchmarks --help)")
+
+
+# ----------------------------------------------------------------------------- the helpers
+
+def test_write_all_is_all_or_nothing(tmp_path):
+    out = tmp_path / "new"
+
+    def fails(path):
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        _args.write_all(str(out), {"a.json": lambda p: Path(p).write_text("{}"), "b.png": fails})
+    assert not out.exists()  # the folder it made is gone with the partial files
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        _args.write_all(str(out), {"a.json": lambda p: Path(p).write_text("{}"), "b.png": fails})
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    _args.write_all(str(out), {"a.json": lambda p: Path(p).write_text("{}")})
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "keep.txt"]
+
+
+def test_state_dict_in_a_checkpoint_dict_is_accepted(tmp_path):
+    m = nn.Linear(2, 2)
+    torch.save({"state_dict": m.state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    other = nn.Linear(2, 2)
+    _args.load_weights_into(other, str(tmp_path / "ckpt.pt"))
+    assert torch.equal(other.weight, m.weight)

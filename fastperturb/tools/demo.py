@@ -133,6 +133,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive(int), default=1,
                    help="torch threads (default 1: the CNN is too small to gain from more, and on a shared "
                         "machine several spinning threads per process slow everything down many times)")
+    p.add_argument("--jobs", type=_positive(int), default=min(2, os.cpu_count() or 1),
+                   help="seeds trained at once, each in its own process with --threads threads (default: 2 on a "
+                        "machine with 2 or more cores); the results do not depend on it")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -240,6 +243,17 @@ def run_seed(seed: int, args, train_data, test64) -> dict:
             "eval_seconds": time.perf_counter() - t0,
         }
     return {"results": results, "summary": summary, "models": models}
+
+
+def _timed_seed(seed: int, args) -> tuple[dict, float]:
+    """:func:`run_seed` on the bundled digits with ``args.threads`` threads, and its wall time (also a worker's job)."""
+    from ..data import digits_split
+
+    torch.set_num_threads(args.threads)
+    train_data, test_data = digits_split()
+    t0 = time.perf_counter()
+    out = run_seed(seed, args, train_data, (test_data[0].double(), test_data[1]))
+    return out, time.perf_counter() - t0
 
 
 def _mean(values) -> float:
@@ -379,7 +393,7 @@ def judge(per_seed: dict, args, n_test: int) -> list[ClaimVerdict]:
 
 def reproduction(claims: Sequence[dict], against: dict) -> dict:
     """Compare this run's verdicts with a previous run's (:func:`verdicts.compare`) and the settings that differ."""
-    ignore = {"seed", "out", "against", "progress", "no_plots", "threads", "func", "command", "seeds_run"}
+    ignore = {"seed", "out", "against", "progress", "no_plots", "threads", "jobs", "func", "command", "seeds_run"}
     mine, theirs = against["_mine_config"], against.get("config", {})
     differ = sorted(k for k in set(mine) | set(theirs) if k not in ignore and mine.get(k) != theirs.get(k))
     return {"file": against["_path"], "seed": theirs.get("seed"), "config_differs": differ,
@@ -613,13 +627,19 @@ def _run(args, against: Optional[dict]) -> dict:
 
     t_start = time.perf_counter()
     train_data, test_data = digits_split()
-    test64 = (test_data[0].double(), test_data[1])
     seeds = list(range(args.seed, args.seed + args.seeds))
-    per_seed, seed_seconds = {}, {}
-    for seed in seeds:
-        t0 = time.perf_counter()
-        per_seed[seed] = run_seed(seed, args, train_data, test64)
-        seed_seconds[seed] = time.perf_counter() - t0
+    jobs = min(args.jobs, len(seeds))
+    if jobs == 1:
+        done = [_timed_seed(seed, args) for seed in seeds]
+    else:  # spawned workers, one thread each (--threads): the same arithmetic as in this process
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        quiet = argparse.Namespace(**dict(vars(args), progress=False))  # bars from several processes would interleave
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_timed_seed, seeds, [quiet] * len(seeds)))
+    per_seed = {seed: out for seed, (out, _) in zip(seeds, done)}
+    seed_seconds = {seed: sec for seed, (_, sec) in zip(seeds, done)}
     claims = judge(per_seed, args, n_test=len(test_data[1]))
     claim_dicts = [c.to_dict() for c in claims]
     mean = {n: mean_sweep([per_seed[s]["results"][n] for s in seeds]) for n in args.presets}

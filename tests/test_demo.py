@@ -29,11 +29,14 @@ def test_bundled_digits():
     assert torch.equal(xtr, xtr2)
 
 
+TINY = ["--presets", "sgd,awp", "--epochs", "1", "--seeds", "2", "--seed", "3", "--eps", "0.005,0.02,0.1",
+        "--steps", "1,2", "--trials", "4", "--no-progress"]
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--presets", "sgd,awp", "--epochs", "1", "--seeds", "2", "--seed", "3", "--eps", "0.005,0.02,0.1",
-                   "--steps", "1,2", "--trials", "4", "--out", str(out), "--no-progress", "--jobs", "1"])
+    rc = cli.main(["demo", *TINY, "--out", str(out), "--jobs", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Mean (standard deviation) over 2 seeds 3, 4" in printed
@@ -47,7 +50,7 @@ def test_demo_end_to_end(tmp_path, capsys):
             assert run["summary"][preset]["clean_accuracy"] == res["clean_accuracy"]
             series = {r["series"] for r in res["rows"]}
             assert series == {"adversarial_k1", "adversarial_k2", "first_order", "random"}
-    assert doc["per_seed"]["3"]["summary"]["sgd"]["clean_accuracy"] > 0.2  # plain SGD beats chance (0.1) after one epoch
+    assert doc["per_seed"]["3"]["summary"]["sgd"]["clean_accuracy"] > 0.2  # SGD beats chance (0.1) after one epoch
     # the mean over seeds is the mean of the seeds' rows
     for i, row in enumerate(doc["results"]["sgd"]["rows"]):
         per = [doc["per_seed"][s]["results"]["sgd"]["rows"][i]["loss_change"] for s in ("3", "4")]
@@ -66,9 +69,7 @@ def test_demo_end_to_end(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
     # the same seeds again, compared with the first run: every verdict reproduced
-    rc = cli.main(["demo", "--presets", "sgd,awp", "--epochs", "1", "--seeds", "2", "--seed", "3", "--eps", "0.005,0.02,0.1",
-                   "--steps", "1,2", "--trials", "4", "--out", str(tmp_path / "again"), "--no-progress", "--no-plots",
-                   "--against", str(out)])
+    rc = cli.main(["demo", *TINY, "--out", str(tmp_path / "again"), "--no-plots", "--against", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "4 of 4 verdicts reproduced" in printed and "NOT REPRODUCED" not in printed
@@ -80,7 +81,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     rout = tmp_path / "rob"
     rc = cli.main(["robustness", "--model", "fastperturb.tools.demo:DigitsCNN", "--weights",
                    str(out / "models" / "seed3" / "sgd.pt"), "--data", "digits", "--float64", "--eps", "0.005,0.02,0.1",
-                   "--steps", "1,2", "--trials", "4", "--seed", "3", "--out", str(rout), "--no-progress", "--threads", "1"])
+                   "--steps", "1,2", "--trials", "4", "--seed", "3", "--out", str(rout), "--no-progress",
+                   "--threads", "1"])
     assert rc == 0
     capsys.readouterr()
     rdoc = json.loads((rout / "results.json").read_text())
@@ -105,20 +107,20 @@ def _cli_error(capsys, argv):
 
 def test_demo_bad_arguments(tmp_path, capsys):
     out = tmp_path / "never"
-    for bad, arg in ((["--eps", "-0.1"], "--eps"), (["--eps", ""], "--eps"), (["--epochs", "0"], "--epochs"),
-                     (["--presets", "sgd,adam"], "--presets"), (["--steps", "0"], "--steps"), (["--seeds", "0"], "--seeds"),
-                     (["--seeds", "two"], "--seeds"), (["--seed", "-1"], "--seed"), (["--trials", "3"], "--trials"),
-                     (["--trials", "2"], "--trials"), (["--jobs", "0"], "--jobs"), (["--batch-size", "0"], "--batch-size"),
-                     (["--lr", "nan"], "--lr"), (["--threads", "0"], "--threads"), (["--seed", str(2 ** 32 - 1)], "--seed")):
+    for bad in (["--eps", "-0.1"], ["--eps", ""], ["--epochs", "0"], ["--presets", "sgd,adam"], ["--steps", "0"],
+                ["--seeds", "0"], ["--seeds", "two"], ["--seed", "-1"], ["--trials", "3"], ["--trials", "2"],
+                ["--jobs", "0"], ["--batch-size", "0"], ["--lr", "nan"], ["--threads", "0"],
+                ["--seed", str(2 ** 32 - 1)]):
         line = _cli_error(capsys, ["demo", *bad, "--out", str(out)])
-        assert arg in line and "error" in line, (bad, line)
+        assert bad[0] in line and "error" in line, (bad, line)
     assert not out.exists()  # nothing written for a usage error
 
 
 def test_demo_unwritable_out_and_bad_against(tmp_path, capsys):
     afile = tmp_path / "file.txt"
     afile.write_text("x")
-    fast = ["--presets", "sgd", "--epochs", "1", "--seeds", "2", "--eps", "0.01", "--trials", "4", "--no-progress", "--no-plots"]
+    fast = ["--presets", "sgd", "--epochs", "1", "--seeds", "2", "--eps", "0.01", "--trials", "4", "--no-progress",
+            "--no-plots"]
     line = _cli_error(capsys, ["demo", *fast, "--out", str(afile)])
     assert line.endswith(f"--out {afile}: exists and is not a folder")
     line = _cli_error(capsys, ["demo", *fast, "--out", str(afile / "sub")])
@@ -136,10 +138,10 @@ def test_demo_unwritable_out_and_bad_against(tmp_path, capsys):
 
 def test_demo_diverging_training_is_a_usage_error(tmp_path, capsys):
     out = tmp_path / "a" / "b"
-    line = _cli_error(capsys, ["demo", "--presets", "sgd", "--epochs", "1", "--seeds", "2", "--jobs", "1", "--eps", "0.01",
-                               "--trials", "4", "--lr", "1e6", "--out", str(out), "--no-progress", "--no-plots"])
-    assert re.fullmatch(r"fastperturb demo: error: --lr 1e\+06: sgd's training loss became (nan|inf) in epoch 1 \(seed 0\); "
-                        r"lower --lr", line), line
+    line = _cli_error(capsys, ["demo", "--presets", "sgd", "--epochs", "1", "--seeds", "2", "--jobs", "1",
+                               "--eps", "0.01", "--trials", "4", "--lr", "1e6", "--out", str(out), "--no-progress"])
+    assert re.fullmatch(r"fastperturb demo: error: --lr 1e\+06: sgd's training loss became (nan|inf) in epoch 1 "
+                        r"\(seed 0\); lower --lr", line), line
     assert not (tmp_path / "a").exists()  # the folders it created for --out are gone again
 
 
@@ -252,9 +254,10 @@ def _sweep(rng, adv=1.0, rand=1e-3, rand_slope=2.0, acc=0.99, noise=0.05, acc_no
     pts = []
     for e in GRID:
         a = adv * e * jitter()
-        pts += [Point("adversarial", e, 0.0, a, steps=1, accuracy=acc), Point("adversarial", e, 0.0, 1.1 * a, steps=5, accuracy=acc),
-                Point("first_order", e, 0.0, a), Point("random", e, 0.0, rand * e ** rand_slope * jitter(), trials=20,
-                                                       loss_change_sem=1e-3 * rand * e ** rand_slope, accuracy=acc)]
+        r = rand * e ** rand_slope
+        pts += [Point("adversarial", e, 0.0, a, steps=1, accuracy=acc),
+                Point("adversarial", e, 0.0, 1.1 * a, steps=5, accuracy=acc), Point("first_order", e, 0.0, a),
+                Point("random", e, 0.0, r * jitter(), trials=20, loss_change_sem=1e-3 * r, accuracy=acc)]
     return SweepResult(pts, 0.01, acc + rng.gauss(0.0, acc_noise))
 
 
@@ -269,7 +272,8 @@ def _verdicts(per_preset):
 
 
 def test_demo_claims_hold_on_synthetic_sweeps():
-    got = _verdicts({"sgd": lambda r: _sweep(r), "awp": lambda r: _sweep(r, adv=0.5), "apd": lambda r: _sweep(r, adv=0.4)})
+    got = _verdicts({"sgd": lambda r: _sweep(r), "awp": lambda r: _sweep(r, adv=0.5),
+                     "apd": lambda r: _sweep(r, adv=0.4)})
     assert [c.verdict for c in got.values()] == ["holds"] * 5, {k: c.verdict for k, c in got.items()}
     slope = got["log-log"].checks[0]
     assert slope.label == "sgd: |slope adversarial K=1 - 1|" and slope.stats.mean == pytest.approx(0.0, abs=0.1)

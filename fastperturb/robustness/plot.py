@@ -90,7 +90,8 @@ def plot_sweeps(
     if text:
         import textwrap
 
-        ax.text(0.0, -0.14, textwrap.fill(text, 90), transform=ax.transAxes, fontsize="x-small", va="top", color="dimgrey")
+        ax.text(0.0, -0.14, textwrap.fill(text, 90), transform=ax.transAxes, fontsize="x-small", va="top",
+                color="dimgrey")
     fig = fig or ax.figure
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")

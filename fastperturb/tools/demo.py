@@ -9,6 +9,15 @@ and the loss change and accuracy under adversarial (1 and K ascent steps, and
 the first-order estimate) and random corruption of all its parameters over
 an eps grid (:func:`fastperturb.robustness.sweep`).
 
+All of this runs once per seed (``--seeds`` seeds from ``--seed``; a seed sets
+the initialisation, the batch order and the random corruptions), and the paper
+claims are judged over the seeds by :mod:`fastperturb.tools.verdicts`: each
+claim is a few per-seed quantities (paired between presets, which share a
+seed's initialisation and batch order), their mean and spread, and a verdict
+holds / fails / undecided from a 95% t-interval. ``--against`` compares the
+verdicts with another run's (e.g. from another ``--seed``): a claim whose
+verdict differs is not reproduced.
+
 Radii are *relative* by default: a corruption of radius eps moves each
 parameter tensor by at most ``eps * ||w_l||_2`` (per-layer L2 ball). AWP and
 APD are trained with the same kind of radius (``gamma``/``eps`` relative, per
@@ -19,11 +28,12 @@ The evaluation runs on a float64 copy of each trained model: the loss change
 of random corruption at the smallest eps is around 1e-8, below float32's
 rounding noise on a loss of 1e-2.
 
-Writes ``results.json`` (everything), ``results.csv`` (one tidy row per
-preset, series and eps), ``loss_change.png`` (adversarial loss change vs eps
-per preset), ``adversarial_vs_random.png`` (one panel per preset),
-``accuracy.png`` (test accuracy under adversarial corruption), and each
-trained model's ``state_dict`` under ``models/``.
+Writes, only once everything is computed: ``results.json`` (per seed, the mean
+over seeds, the claims with their per-seed values), ``results.csv`` (one tidy
+row per seed, preset, series and eps), ``loss_change.png``,
+``adversarial_vs_random.png`` and ``accuracy.png`` (means over seeds; each
+notes the points a log axis cannot show), and each trained model's
+``state_dict`` under ``models/seed<N>/``.
 """
 
 from __future__ import annotations
@@ -61,7 +71,8 @@ class DigitsCNN(nn.Module):
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(),
+                                        nn.Linear(hidden, classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -71,7 +82,8 @@ def _presets(text: str) -> list[str]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in PRESETS]
     if bad or not vals:
-        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, "
+                                         f"got {text!r}")
     return list(dict.fromkeys(vals))
 
 
@@ -107,14 +119,17 @@ def _trials(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
-    p.add_argument("--presets", type=_presets, default=list(PRESETS), help="comma-separated, from sgd,sam,awp,apd (default all)")
+    p.add_argument("--presets", type=_presets, default=list(PRESETS),
+                   help="comma-separated, from sgd,sam,awp,apd (default all)")
     p.add_argument("--eps", type=positive_eps_list, default=list(DEFAULT_EPS),
                    help="comma-separated corruption radii, relative to each tensor's norm (default %(default)s)")
-    p.add_argument("--steps", type=int_list, default=[1, 5], help="ascent steps of the adversarial corruption (default 1,5)")
+    p.add_argument("--steps", type=int_list, default=[1, 5],
+                   help="ascent steps of the adversarial corruption (default 1,5)")
     p.add_argument("--trials", type=_trials, default=20,
                    help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4 (default 20)")
     p.add_argument("--seeds", type=_positive(int), default=DEFAULT_SEEDS,
-                   help=f"independent runs (seeds --seed, --seed+1, ...) the claims are judged over (default {DEFAULT_SEEDS})")
+                   help=f"independent runs (seeds --seed, --seed+1, ...) the claims are judged over "
+                        f"(default {DEFAULT_SEEDS})")
     p.add_argument("--seed", type=_seed, default=0,
                    help="first seed: each seed sets the initialisation, batch order and random corruptions (default 0)")
     p.add_argument("--against", metavar="RESULTS",
@@ -125,7 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive(float), default=0.05, help="base SGD learning rate (default 0.05)")
     p.add_argument("--rho", type=_positive(float), default=0.05, help="SAM radius (absolute, global L2; default 0.05)")
     p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer (default 0.02)")
-    p.add_argument("--apd-eps", type=_positive(float), default=0.02, help="APD radius, relative per layer L2 (default 0.02)")
+    p.add_argument("--apd-eps", type=_positive(float), default=0.02,
+                   help="APD radius, relative per layer L2 (default 0.02)")
     p.add_argument("--apd-steps", type=_positive(int), default=3, help="APD ascent steps (default 3)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
@@ -169,7 +185,9 @@ def describe(preset: str, args) -> str:
 
 
 def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) -> tuple[nn.Module, float, float]:
-    """Train one model from ``seed`` (initialisation and batch order); returns (model, seconds, last epoch's mean loss)."""
+    """Train one model from ``seed`` (initialisation and batch order).
+
+    Returns (model, seconds, last epoch's mean loss)."""
     from tqdm.auto import tqdm
 
     x, y = train_data
@@ -185,7 +203,8 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
     t0 = time.perf_counter()
     last = math.nan
     disable = None if progress is None else not progress
-    with tqdm(total=args.epochs * per_epoch, desc=f"seed {seed} train {preset}", disable=disable, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=args.epochs * per_epoch, desc=f"seed {seed} train {preset}", disable=disable, leave=False,
+              dynamic_ncols=True) as bar:
         for epoch in range(args.epochs):
             perm = torch.randperm(len(y), generator=gen)
             total, seen = 0.0, 0
@@ -232,7 +251,8 @@ def run_seed(seed: int, args, train_data, test64) -> dict:
         model64 = copy.deepcopy(model).double().eval()
         t0 = time.perf_counter()
         res = sweep(model64, F.cross_entropy, test64, args.eps, steps=args.steps, trials=args.trials, seed=seed,
-                    norm="l2", scope="layer", relative=True, progress=args.progress, desc=f"seed {seed} corrupt {preset}")
+                    norm="l2", scope="layer", relative=True, progress=args.progress,
+                    desc=f"seed {seed} corrupt {preset}")
         results[preset] = res
         summary[preset] = {
             "optimizer": describe(preset, args),
@@ -299,7 +319,8 @@ def _log10(x: float) -> Optional[float]:
 
 def near_radius(grid: Sequence[float], radius: float) -> list[float]:
     """The grid points within a factor 2.5 of a training radius (the nearest one if none is)."""
-    return [e for e in grid if radius / 2.5 <= e <= radius * 2.5] or [min(grid, key=lambda e: abs(math.log(e / radius)))]
+    near = [e for e in grid if radius / 2.5 <= e <= radius * 2.5]
+    return near or [min(grid, key=lambda e: abs(math.log(e / radius)))]
 
 
 SLOPE_TOLERANCE = 0.4  # "slope about 1 / about 2": within 0.4 of it
@@ -424,7 +445,8 @@ def _ms(values, spec: str, sd_spec: Optional[str] = None) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -444,15 +466,17 @@ def report(per_seed: dict, args) -> str:
         rows.append([n, summ[n][0]["optimizer"], _ms((s["clean_accuracy"] for s in summ[n]), ".4f"),
                      _ms((s["clean_loss"] for s in summ[n]), ".4f"), _ms((s["train_seconds"] for s in summ[n]), ".1f"),
                      *(_ms((r.slopes().get(k) for r in runs[n]), ".2f") for k in slope_cols if k in runs[n][0].series),
-                     _ms((r.slopes(math.inf).get("random") for r in runs[n]), ".2f") if "random" in runs[n][0].series else "-"])
-    parts.append("Clean test accuracy/loss, training time, and fitted log-log slopes of the loss change (small eps: eps <= "
-                 f"{grid[(len(grid) - 1) // 2]:g}; all: the whole grid; fitted on a seed's points whose mean change exceeds "
-                 "twice its standard error, so points at or below that are left out of the fit):")
+                     _ms((r.slopes(math.inf).get("random") for r in runs[n]), ".2f")
+                     if "random" in runs[n][0].series else "-"])
+    parts.append("Clean test accuracy/loss, training time, and fitted log-log slopes of the loss change (small eps: "
+                 f"eps <= {grid[(len(grid) - 1) // 2]:g}; all: the whole grid; fitted on a seed's points whose mean "
+                 "change exceeds twice its standard error, so points at or below that are left out of the fit):")
     parts.append(format_table(["preset", "optimizer", "test acc", "test loss", "train s",
                                *(f"slope adv K={k}" for k in args.steps), "slope random", "slope random (all)"], rows))
     eps_h = [f"{e:g}" for e in grid]
     for title, series, field, spec, sd_spec in (
-        (f"Loss change under adversarial corruption (K={kmax}), relative eps:", f"adversarial_k{kmax}", "loss_change", ".2e", ".0e"),
+        (f"Loss change under adversarial corruption (K={kmax}), relative eps:", f"adversarial_k{kmax}", "loss_change",
+         ".2e", ".0e"),
         ("Loss change under adversarial corruption (K=1):", "adversarial_k1", "loss_change", ".2e", ".0e"),
         ("First-order estimate eps*||g||:", "first_order", "loss_change", ".2e", ".0e"),
         (f"Loss change under random corruption (per seed the mean of {args.trials} in mirrored pairs):", "random",
@@ -476,7 +500,8 @@ def format_claims(claims: Sequence[ClaimVerdict], repro: Optional[dict]) -> str:
         lines.append(f"  [{c.verdict.upper() if c.verdict != HOLDS else c.verdict}] {c.claim}")
         for ch in c.checks:
             lines.append(f"      {ch.describe()}")
-            lines.append("        per seed: " + ", ".join(f"{s}: {_fmt(v, '.3g')}" for s, v in zip(ch.seeds, ch.values)))
+            values = ", ".join(f"{s}: {_fmt(v, '.3g')}" for s, v in zip(ch.seeds, ch.values))
+            lines.append(f"        per seed: {values}")
         if c.note:
             lines.append(f"      note: {c.note}")
         r = flips.get(c.claim)
@@ -504,7 +529,8 @@ def write_plots(mean: dict, args, out: str) -> tuple[list[str], list[str]]:
     path = os.path.join(out, "loss_change.png")
     series = [f"adversarial_k{kmax}"]
     fig = plot_sweeps(mean, series=series,
-                      title=f"Adversarial corruption (K={kmax}), mean over {n_seeds} seeds: loss change vs relative radius")
+                      title=f"Adversarial corruption (K={kmax}), mean over {n_seeds} seeds: "
+                            "loss change vs relative radius")
     ax = fig.axes[0]
     for name, radius, style in (("awp", args.gamma, ":"), ("apd", args.apd_eps, "-.")):
         if name in mean:
@@ -534,8 +560,8 @@ def write_plots(mean: dict, args, out: str) -> tuple[list[str], list[str]]:
     ax = fig.add_subplot(1, 1, 1)
     for name, res in mean.items():
         pts = res.select(f"adversarial_k{kmax}")
-        line = ax.errorbar([p.eps for p in pts], [p.accuracy for p in pts], yerr=[p.accuracy_std for p in pts], fmt="-o",
-                           ms=3, capsize=2, label=f"{name} adversarial K={kmax}")[0]
+        line = ax.errorbar([p.eps for p in pts], [p.accuracy for p in pts], yerr=[p.accuracy_std for p in pts],
+                           fmt="-o", ms=3, capsize=2, label=f"{name} adversarial K={kmax}")[0]
         if "random" in res.series:
             rp = res.select("random")
             ax.plot([p.eps for p in rp], [p.accuracy for p in rp], "--", color=line.get_color(), label=f"{name} random")
@@ -650,7 +676,8 @@ def _run(args, against: Optional[dict]) -> dict:
         "data": "UCI optdigits 8x8 (bundled), stratified split test_fraction=0.2 split seed 0: "
                 f"{len(train_data[1])} train / {len(test_data[1])} test",
         "base_optimizer": "SGD(momentum=0.9, weight_decay=5e-4), cosine schedule to 0 over all steps",
-        "evaluation": "float64 copy of the trained model, eval mode, test split full batch; relative per-layer L2 radius, all parameters",
+        "evaluation": "float64 copy of the trained model, eval mode, test split full batch; "
+                      "relative per-layer L2 radius, all parameters",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     })
@@ -668,8 +695,8 @@ def _run(args, against: Optional[dict]) -> dict:
                         for k in ("clean_accuracy", "clean_loss", "train_seconds", "eval_seconds")}
                     | {"optimizer": describe(n, args)} for n in args.presets},
         "results": {n: r.to_dict() for n, r in mean.items()},
-        "per_seed": {str(s): {"summary": per_seed[s]["summary"], "results": {n: r.to_dict() for n, r in per_seed[s]["results"].items()},
-                              "seconds": seed_seconds[s]} for s in seeds},
+        "per_seed": {str(s): {"summary": per_seed[s]["summary"], "seconds": seed_seconds[s],
+                              "results": {n: r.to_dict() for n, r in per_seed[s]["results"].items()}} for s in seeds},
         "wall_seconds": time.perf_counter() - t_start,
     }
     doc["table"] = report(per_seed, args)

@@ -12,16 +12,17 @@ import importlib
 import sys
 from typing import Sequence
 
-# name -> one-line help; the module is fastperturb.tools.<name>
+# name -> one-line help; the module is fastperturb.tools.<name> (with '-' as '_')
 TOOLS = {
     "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
+    "demo-adversarial": "PGD/TRADES adversarial training with and without AWP on the digits: robust accuracy, gap, flatness",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
     "selftest": "run every available backend against the reference and print a verdict table",
 }
 
 
 def _tool(name: str):
-    return importlib.import_module(f"fastperturb.tools.{name}")
+    return importlib.import_module(f"fastperturb.tools.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

@@ -11,6 +11,30 @@ from .results import SweepResult
 _STYLE = {"random": "--", "first_order": ":"}
 
 
+def omitted(results: Mapping[str, SweepResult], series: Optional[Sequence[str]] = None) -> list[str]:
+    """What a log-log plot of ``results`` leaves out, one phrase per series: the series with no point
+    resolved as positive (mean change > 2 standard errors) and the eps of the unresolved points of the others."""
+    out = []
+    for name, res in results.items():
+        for s in res.series if series is None else [s for s in series if s in res.series]:
+            pts = res.select(s)
+            bad = [p.eps for p in pts if not p.resolved]
+            label = f"{name} {s}".strip()
+            if len(bad) == len(pts):
+                out.append(f"{label} (no point > 2 s.e.)")
+            elif bad:
+                out.append(f"{label} at eps {', '.join(f'{e:g}' for e in bad)}")
+    return out
+
+
+def omitted_note(results: Mapping[str, SweepResult], series: Optional[Sequence[str]] = None) -> str:
+    """One sentence for a plot or table: what was left out and why ("" when nothing was)."""
+    left = omitted(results, series)
+    if not left:
+        return ""
+    return "not shown (mean loss change <= 2 s.e., e.g. negative): " + "; ".join(left)
+
+
 def plot_sweeps(
     results: Mapping[str, SweepResult],
     path: Optional[str] = None,
@@ -18,6 +42,7 @@ def plot_sweeps(
     title: Optional[str] = None,
     ax=None,
     slopes: bool = True,
+    note: bool = True,
 ):
     """Plot loss change vs eps (log-log) for several results (e.g. one per optimizer).
 
@@ -25,8 +50,9 @@ def plot_sweeps(
     (or, if fewer than two points are resolved there, the slope over all resolved points).
     Points whose mean change is not resolved as positive (``<= 2`` standard
     errors, e.g. a random corruption that lowered the loss on average) have no
-    place on a log axis: the line is broken there. Returns the Figure; saves it
-    if ``path``.
+    place on a log axis: the line is broken there, a series with no such point
+    is left out, and (with ``note``) a line under the axes says which
+    (:func:`omitted`). Returns the Figure; saves it if ``path``.
     """
     from matplotlib.figure import Figure
 
@@ -60,6 +86,11 @@ def plot_sweeps(
         ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
+    text = omitted_note(results, series) if note else ""
+    if text:
+        import textwrap
+
+        ax.text(0.0, -0.14, textwrap.fill(text, 90), transform=ax.transAxes, fontsize="x-small", va="top", color="dimgrey")
     fig = fig or ax.figure
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")

@@ -78,5 +78,6 @@ def set_perturb(optimizer: torch.optim.Optimizer, enabled: bool) -> None:
     (off: a step is one plain pass, e.g. during AWP's warm-up epochs)."""
     for group in optimizer.param_groups:
         if "perturb" not in group:
-            raise TypeError(f"{type(optimizer).__name__} has no 'perturb' setting: set_perturb needs a fastperturb optimizer")
+            raise TypeError(f"{type(optimizer).__name__} has no 'perturb' setting: "
+                            "set_perturb needs a fastperturb optimizer")
         group["perturb"] = bool(enabled)

@@ -15,7 +15,7 @@ from typing import Sequence
 # name -> one-line help; the module is fastperturb.tools.<name> (with '-' as '_')
 TOOLS = {
     "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
-    "demo-adversarial": "PGD/TRADES adversarial training with and without AWP on the digits: robust accuracy, gap, flatness",
+    "demo-adversarial": "adversarial training (PGD, TRADES) with and without AWP on the digits: robustness, flatness",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
     "selftest": "run every available backend against the reference and print a verdict table",
 }

@@ -18,9 +18,9 @@ from fastperturb.attacks import pgd, trades_pgd
 
 GAMMA = 0.01
 EPS, ALPHA, STEPS = 0.2, 0.08, 3
-# fastperturb computes its per-layer coefficients (norms, gamma * ||w|| / ||g||) in float32 by design (ops/reference.py),
-# so delta carries a relative error of about 1e-7 even for float64 weights; an algorithmic difference (another
-# radius, norm, layer selection or order of operations) moves the results by 1e-4 or more.
+# fastperturb computes its per-layer coefficients (norms, gamma * ||w|| / ||g||) in float32 by design
+# (ops/reference.py), so delta carries a relative error of about 1e-7 even for float64 weights; an algorithmic
+# difference (another radius, norm, layer selection or order of operations) moves the results by 1e-4 or more.
 TOL = dict(rtol=1e-6, atol=1e-9)
 
 
@@ -143,7 +143,7 @@ def test_recipe_with_sam_equals_sam_on_adversarial_examples():
 
 
 def test_attack_in_eval_mode_weight_passes_in_train_mode():
-    """As the official code: the attack runs in eval mode, both AWP passes in train mode; the model ends in train mode."""
+    """As the official code: the attack runs in eval mode, both AWP passes in train mode (where it stays)."""
     seen = []
 
     class Probe(nn.Module):
@@ -191,7 +191,8 @@ def test_demo_evaluation_leaves_the_trained_model_bit_identical():
 @pytest.mark.slow
 def test_demo_adversarial_end_to_end(tmp_path, capsys):
     out = tmp_path / "adv"
-    rc = cli.main(["demo-adversarial", "--epochs", "2", "--warmup", "1", "--seeds", "0,1", "--presets", "pgd,pgd-awp,trades-awp",
+    rc = cli.main(["demo-adversarial", "--epochs", "2", "--warmup", "1", "--seeds", "0,1",
+                   "--presets", "pgd,pgd-awp,trades-awp",
                    "--train-steps", "1", "--eval-steps", "2", "--eval-restarts", "1", "--flat-eps", "0.01",
                    "--flat-steps", "1", "--batch-size", "256", "--out", str(out), "--no-progress"])
     assert rc == 0
@@ -199,7 +200,7 @@ def test_demo_adversarial_end_to_end(tmp_path, capsys):
     assert "robust test PGD-2x1" in printed and "AWP paper claims checked by this run" in printed
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["runs"]) == {"pgd", "pgd-awp", "trades-awp"}
-    for preset, by_seed in doc["runs"].items():
+    for by_seed in doc["runs"].values():
         assert set(by_seed) == {"0", "1"}
         for r in by_seed.values():
             assert len(r["history"]["robust_test"]) == 2
@@ -208,8 +209,8 @@ def test_demo_adversarial_end_to_end(tmp_path, capsys):
     claims = [c["claim"] for c in doc["claims"]]
     assert claims and all("PGD-AWP" in c and "TRADES" not in c for c in claims)
     # the first (warm-up) epoch is identical with and without AWP: same init, batches and attack draws
-    assert doc["runs"]["pgd"]["0"]["history"]["train_loss"][0] == doc["runs"]["pgd-awp"]["0"]["history"]["train_loss"][0]
-    assert doc["runs"]["pgd"]["0"]["history"]["train_loss"][1] != doc["runs"]["pgd-awp"]["0"]["history"]["train_loss"][1]
+    plain, awp = (doc["runs"][p]["0"]["history"]["train_loss"] for p in ("pgd", "pgd-awp"))
+    assert plain[0] == awp[0] and plain[1] != awp[1]
 
 
 def test_bad_demo_arguments():

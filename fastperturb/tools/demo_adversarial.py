@@ -56,7 +56,8 @@ def _presets(text: str) -> list[str]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in PRESETS]
     if bad or not vals:
-        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, "
+                                         f"got {text!r}")
     return list(dict.fromkeys(vals))
 
 
@@ -91,7 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="L-infinity input radius, images in [0, 1] (default 0.2: PGD-20 takes a normally trained "
                         "model from 99%% to about 4%% test accuracy)")
     p.add_argument("--train-steps", type=_number(int, 1, False), default=5, help="PGD steps while training (default 5)")
-    p.add_argument("--eval-steps", type=_number(int, 1, False), default=20, help="PGD steps of the final attack (default 20)")
+    p.add_argument("--eval-steps", type=_number(int, 1, False), default=20,
+                   help="PGD steps of the final attack (default 20)")
     p.add_argument("--eval-restarts", type=_number(int, 1, False), default=3,
                    help="random restarts of the final attack (default 3)")
     p.add_argument("--gamma", type=_number(float, 0, True), default=0.01,
@@ -253,48 +255,50 @@ def summarise(runs: dict, args) -> dict:
     return out
 
 
-def _paired(summary: dict, a: str, b: str, key, better) -> tuple[list[float], int]:
-    """Per seed ``value(b) - value(a)``, and in how many seeds b is better than a."""
-    diffs = [key(summary[b][s]) - key(summary[a][s]) for s in summary[a] if s in summary[b]]
-    return diffs, sum(better(d) for d in diffs)
-
-
-def claims(summary: dict, args) -> list[dict]:
-    """The AWP paper's claims, each checked by the paired per-seed comparison (held: in every seed)."""
+def claims(summary: dict, args) -> list:
+    """The AWP paper's claims, judged on the per-seed differences AWP minus plain (paired: same seed) by
+    :mod:`fastperturb.tools.verdicts` (95% Student-t interval of the mean margin)."""
     out = []
     for plain, awp in (("pgd", "pgd-awp"), ("trades", "trades-awp")):
-        if plain not in summary or awp not in summary:
-            continue
-        n = len([s for s in summary[plain] if s in summary[awp]])
-        for what, key, better, unit in (
-            ("raises robust test accuracy (strong attack)", lambda r: r["robust_test"], lambda d: d > 0, "points"),
-            ("narrows the robust train-test gap (last epoch)", lambda r: r["gap_last"], lambda d: d < 0, "points"),
-            ("reduces robust overfitting (best minus last robust test accuracy)", lambda r: r["overfit"],
-             lambda d: d < 0, "points"),
-            ("keeps clean test accuracy (within 1 point)", lambda r: r["clean_test"], lambda d: d > -0.01, "points"),
-        ):
-            diffs, wins = _paired(summary, plain, awp, key, better)
-            out.append({
-                "claim": f"{awp.upper()} {what} over {plain.upper()}",
-                "measured": f"difference {statistics.mean(diffs) * 100:+.2f} {unit} (per seed "
-                            + ", ".join(f"{d * 100:+.2f}" for d in diffs) + f"); better in {wins}/{n} seeds",
-                "holds": wins == n,
-            })
-        for eps in (f"{e:g}" for e in args.flat_eps):
-            ratios = [summary[awp][s]["adv_loss_change"][eps] / summary[plain][s]["adv_loss_change"][eps]
-                      for s in summary[plain] if s in summary[awp]]
-            flatter = sum(r < 1 for r in ratios)
-            out.append({
-                "claim": f"{awp.upper()} has a flatter adversarial weight loss landscape than {plain.upper()} (eps={eps})",
-                "measured": "loss change ratio " + ", ".join(f"x{r:.2f}" for r in ratios) + f"; flatter in {flatter}/{n} seeds",
-                "holds": flatter == n,
-            })
+        if plain in summary and awp in summary:
+            out += _claims_of_pair(summary[plain], summary[awp], plain, awp, args)
     return out
 
 
+def _claims_of_pair(plain_runs: dict, awp_runs: dict, plain: str, awp: str, args) -> list:
+    from .verdicts import Check, judge_claim
+
+    seeds = [s for s in plain_runs if s in awp_runs]
+
+    def diff(key) -> list[float]:  # in points (percent)
+        return [100.0 * (awp_runs[s][key] - plain_runs[s][key]) for s in seeds]
+
+    def log_ratio(eps: float) -> list[float]:
+        k = f"{eps:g}"
+        return [math.log(awp_runs[s]["adv_loss_change"][k] / plain_runs[s]["adv_loss_change"][k]) for s in seeds]
+
+    def check(label, values, direction, threshold=0.0, unit=" pt"):
+        return Check(label, seeds, values, threshold=threshold, direction=direction, unit=unit)
+
+    name, base = awp.upper(), plain.upper()
+    flat = [check(f"log(loss change {awp} / {plain}) at eps={e:g}", log_ratio(e), "<", unit="")
+            for e in args.flat_eps]
+    return [judge_claim(claim, checks) for claim, checks in (
+        (f"{name} raises robust test accuracy (PGD-{args.eval_steps}, {args.eval_restarts} restarts) over {base}",
+         [check("robust test accuracy difference", diff("robust_test"), ">")]),
+        (f"{name} narrows the robust train-test gap at the last epoch",
+         [check("robust gap difference", diff("gap_last"), "<")]),
+        (f"{name} reduces robust overfitting (best minus last robust test accuracy)",
+         [check("robust overfitting difference", diff("overfit"), "<")]),
+        (f"{name} keeps clean test accuracy within 1 point of {base}",
+         [check("clean test accuracy difference", diff("clean_test"), ">", threshold=-1.0)]),
+        (f"{name} has a flatter adversarial weight loss landscape than {base}", flat),
+    )]
+
+
 def report(runs: dict, summary: dict, args) -> str:
-    parts = [f"Adversarial training on the digits, L-inf eps={args.eps:g}, {args.epochs} epochs, "
-             f"seeds {','.join(map(str, args.seeds))} (mean ± sd over seeds):"]
+    parts = [(f"Adversarial training on the digits, L-inf eps={args.eps:g}, {args.epochs} epochs, "
+              f"seeds {','.join(map(str, args.seeds))} (mean ± sd over seeds):")]
     rows = []
     for preset, by_seed in summary.items():
         vals = list(by_seed.values())
@@ -305,8 +309,8 @@ def report(runs: dict, summary: dict, args) -> str:
     parts.append(_table(["preset", "training", "clean test", f"robust test PGD-{args.eval_steps}x{args.eval_restarts}",
                          f"best robust test PGD-{args.train_steps}", "robust gap (last)", "robust overfit"], rows))
     parts.append("")
-    parts.append(f"Adversarial loss change under the worst relative per-layer L2 weight corruption (K={args.flat_steps}), "
-                 "test adversarial examples fixed at the trained weights (mean over seeds):")
+    parts.append("Adversarial loss change under the worst relative per-layer L2 weight corruption "
+                 f"(K={args.flat_steps}), test adversarial examples fixed at the trained weights (mean over seeds):")
     eps_h = [f"{e:g}" for e in args.flat_eps]
     parts.append(_table(["preset", *eps_h], [
         [p, *(f"{statistics.mean(v['adv_loss_change'][e] for v in s.values()):.3e}" for e in eps_h)]
@@ -314,12 +318,13 @@ def report(runs: dict, summary: dict, args) -> str:
     parts.append("")
     parts.append(f"Robust accuracy over epochs (PGD-{args.train_steps}; train subset / test; mean over seeds):")
     epochs = runs[next(iter(runs))][args.seeds[0]]["history"]["epoch"]
-    shown = sorted(set([1, *range(max(1, args.epochs // 5), args.epochs + 1, max(1, args.epochs // 5)), args.epochs]))
+    every = max(1, args.epochs // 5)
+    shown = sorted({1, *range(every, args.epochs + 1, every), args.epochs})
     cells = []
     for preset, by_seed in runs.items():
         h = list(by_seed.values())
-        cells.append([preset, *(f"{statistics.mean(r['history']['robust_train'][e - 1] for r in h):.3f}/"
-                                f"{statistics.mean(r['history']['robust_test'][e - 1] for r in h):.3f}" for e in shown)])
+        mean = lambda key, e: statistics.mean(r["history"][key][e - 1] for r in h)  # noqa: B023
+        cells.append([preset, *(f"{mean('robust_train', e):.3f}/{mean('robust_test', e):.3f}" for e in shown)])
     parts.append(_table(["preset", *(f"ep {e}" for e in shown if e <= len(epochs))], cells))
     return "\n".join(parts)
 
@@ -351,6 +356,7 @@ def run(args, progress: Optional[bool] = None) -> dict:
                 final = evaluate(model, data, seed, args)
                 runs[preset][seed] = {"history": history, "final": final, "train_seconds": seconds}
     summary = summarise(runs, args)
+    verdicts = claims(summary, args)
     doc = {
         "config": {k: v for k, v in vars(args).items() if k != "func"} | {
             "model": "DigitsCNN(width=16, hidden=64)", "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -359,9 +365,11 @@ def run(args, progress: Optional[bool] = None) -> dict:
                         "fixed at the trained weights; float64 copy",
         },
         "runs": {p: {str(s): r for s, r in by_seed.items()} for p, by_seed in runs.items()},
-        "claims": claims(summary, args),
+        "claims": [c.to_dict() for c in verdicts],
     }
     doc["table"] = report(runs, summary, args)
+    doc["verdicts"] = "\n".join(
+        f"  [{v.verdict}] {v.claim}" + "".join(f"\n      {c.describe('.3g')}" for c in v.checks) for v in verdicts)
     doc["wall_seconds"] = time.perf_counter() - t_start
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(doc, f, indent=2)
@@ -377,9 +385,10 @@ def main(args) -> int:
         torch.set_num_threads(threads)
     print(doc["table"])
     print()
-    print("AWP paper claims checked by this run (held = in every seed):")
-    for c in doc["claims"]:
-        print(f"  [{'holds' if c['holds'] else 'DOES NOT HOLD'}] {c['claim']}\n      {c['measured']}")
+    from .verdicts import RULE
+
+    print(f"AWP paper claims checked by this run ({RULE}):")
+    print(doc["verdicts"])
     print()
     print(f"wrote {os.path.join(args.out, 'results.json')}  ({doc['wall_seconds']:.0f} s)")
     return 0

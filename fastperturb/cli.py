@@ -12,9 +12,10 @@ import importlib
 import sys
 from typing import Sequence
 
-# name -> one-line help; the module is fastperturb.tools.<name>
+# name -> one-line help; the module is fastperturb.tools.<name> (with '-' as '_')
 TOOLS = {
     "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
+    "demo-adversarial": "adversarial training (PGD, TRADES) with and without AWP on the digits: robustness, flatness",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
     "bench": "time your model's training step with fastperturb's presets against the plain base optimizer step",
     "selftest": "run every available backend against the reference and print a verdict table",
@@ -22,7 +23,7 @@ TOOLS = {
 
 
 def _tool(name: str):
-    return importlib.import_module(f"fastperturb.tools.{name}")
+    return importlib.import_module(f"fastperturb.tools.{name.replace('-', '_')}")
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

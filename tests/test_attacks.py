@@ -1,0 +1,222 @@
+"""fastperturb.attacks: PGD (L-inf, L2) and TRADES against plain-PyTorch implementations written here,
+the ball and data-range constraints, restarts, and that an attack or an evaluation leaves the model alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastperturb.attacks import kl_to_clean, pgd, robust_accuracy, trades_loss, trades_pgd
+
+
+def _model(dtype=torch.float64, bn=False):
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 4, 3, padding=1)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16, 10)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _data(n=12, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 4, 4, generator=g, dtype=dtype)
+    x[:, :, 0] = 0.0  # pixels on the edge of the data range, as in the digits
+    x[:, :, -1] = 1.0
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+# --- the plain-PyTorch reference: x_adv kept as the iterate, projections written as in textbooks ---
+
+
+def _reference_pgd(model, x, y, eps, alpha, steps, norm, gen, loss_fn=None):
+    loss_fn = loss_fn or (lambda logits: F.cross_entropy(logits, y, reduction="sum"))
+    b = x.shape[0]
+    if norm == "linf":
+        x_adv = x + (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * eps
+    elif norm == "l2":
+        z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        r = torch.rand(b, generator=gen, dtype=x.dtype)
+        x_adv = x + z / z.reshape(b, -1).norm(dim=1).reshape(b, 1, 1, 1) * (r * eps).reshape(b, 1, 1, 1)
+    else:  # TRADES' start
+        x_adv = x + 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        norm = "linf"
+    x_adv = _ref_project(x_adv, x, eps, norm)
+    for _ in range(steps):
+        x_adv = x_adv.clone().requires_grad_(True)
+        grad = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)[0]
+        if norm == "linf":
+            x_adv = x_adv.detach() + alpha * grad.sign()
+        else:
+            gn = grad.reshape(b, -1).norm(dim=1).reshape(b, 1, 1, 1)
+            x_adv = x_adv.detach() + alpha * grad / gn
+        x_adv = _ref_project(x_adv, x, eps, norm)
+    return x_adv.detach()
+
+
+def _ref_project(x_adv, x, eps, norm):
+    if norm == "linf":
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+    else:
+        d = x_adv - x
+        n = d.reshape(d.shape[0], -1).norm(dim=1).reshape(-1, 1, 1, 1)
+        x_adv = x + torch.where(n > eps, d * eps / n, d)
+    return x_adv.clamp(0.0, 1.0)
+
+
+def _ball_norm(d, norm):
+    flat = d.reshape(d.shape[0], -1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+@pytest.mark.parametrize("norm,eps,alpha", [("linf", 0.2, 0.05), ("l2", 0.8, 0.3)])
+def test_pgd_matches_plain_pytorch(norm, eps, alpha):
+    model = _model().eval()
+    x, y = _data()
+    ours = pgd(model, x, y, eps, alpha, 7, norm=norm, generator=torch.Generator().manual_seed(5))
+    ref = _reference_pgd(model, x, y, eps, alpha, 7, norm, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    # the attack did its job: the loss grew well beyond the clean one
+    assert F.cross_entropy(model(ours), y) > F.cross_entropy(model(x), y) + 0.05
+
+
+def test_trades_attack_and_loss_match_plain_pytorch():
+    model = _model().eval()
+    x, y = _data()
+    ours = trades_pgd(model, x, y, 0.2, 0.05, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    kl = lambda logits: (p_clean * (p_clean.log() - F.log_softmax(logits, dim=1))).sum()
+    ref = _reference_pgd(model, x, y, 0.2, 0.05, 5, "normal", torch.Generator().manual_seed(3), loss_fn=kl)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+
+    per_example = kl_to_clean(model, x)(model(ours), y)
+    p_adv_log = F.log_softmax(model(ours), dim=1)
+    torch.testing.assert_close(per_example, (p_clean * (p_clean.log() - p_adv_log)).sum(1))
+
+    model.train()
+    beta = 6.0
+    logits, logits_adv = model(x), model(ours)
+    p = F.softmax(logits, dim=1)
+    expected = F.cross_entropy(logits, y) + beta * (p * (p.log() - F.log_softmax(logits_adv, 1))).sum() / len(y)
+    torch.testing.assert_close(trades_loss(model, x, ours, y, beta=beta), expected)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("init", ["uniform", "normal", "none"])
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_examples_stay_in_ball_and_range(norm, init, restarts):
+    model = _model(torch.float32)
+    x, y = _data(32, torch.float32)
+    # a large step overshoots the ball every time: the projection must catch it
+    for eps, alpha in ((0.1, 0.5), (0.3, 0.07), (2.0, 1.0)):
+        x_adv = pgd(model, x, y, eps, alpha, 6, norm=norm, init=init, restarts=restarts,
+                    generator=torch.Generator().manual_seed(0))
+        assert x_adv.shape == x.shape and not x_adv.requires_grad
+        assert float(_ball_norm(x_adv - x, norm).max()) <= eps * (1 + 1e-6)
+        assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+        # the projection binds: the step overshoots, so some example reaches the sphere or the range's edge
+        assert float(_ball_norm(x_adv - x, norm).max()) > 0.5 * min(eps, 1.0)
+    # without a data range only the ball binds
+    x_adv = pgd(model, x, y, 0.3, 0.5, 3, norm=norm, init=init, data_range=None)
+    assert float(_ball_norm(x_adv - x, norm).max()) <= 0.3 * (1 + 1e-6)
+    assert float(x_adv.min()) < 0.0 or float(x_adv.max()) > 1.0
+
+
+def test_restarts_keep_the_strongest_per_example():
+    model = _model().eval()
+    x, _ = _data(40)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every clean example is classified correctly; eps 0.1 flips about 25 of 40
+    gen = torch.Generator().manual_seed(11)
+    best = pgd(model, x, y, 0.1, 0.03, 3, restarts=3, generator=gen)
+    gen = torch.Generator().manual_seed(11)  # the same draws, one restart at a time
+    singles = [pgd(model, x, y, 0.1, 0.03, 3, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        wrong = torch.stack([model(s).argmax(1) != y for s in singles])
+        loss = torch.stack([F.cross_entropy(model(s), y, reduction="none") for s in singles])
+        best_wrong = model(best).argmax(1) != y
+        best_loss = F.cross_entropy(model(best), y, reduction="none")
+    assert torch.equal(best_wrong, wrong.any(0))
+    for i in range(len(y)):
+        assert any(torch.equal(best[i], s[i]) for s in singles)
+        same = wrong[:, i] == best_wrong[i]
+        assert best_loss[i] >= loss[same, i].max() - 1e-12
+    assert wrong.any(0).sum() > wrong.sum(1).min()  # restarts found examples a single run missed
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [None if p.grad is None else (p.grad, p.grad.clone()) for p in model.parameters()],
+            [m.training for m in model.modules()])
+
+
+def _assert_untouched(model, snap):
+    state, grads, flags = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]) and v.dtype == state[k].dtype, k  # bit for bit (also BN running stats)
+    for p, g in zip(model.parameters(), grads):
+        if g is None:
+            assert p.grad is None
+        else:
+            assert p.grad is g[0] and torch.equal(p.grad, g[1])
+    assert [m.training for m in model.modules()] == flags
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_attack_and_evaluation_leave_the_model_bit_identical(train):
+    model = _model(torch.float32, bn=True).train(train)
+    x, y = _data(16, torch.float32)
+    F.cross_entropy(model(x), y).backward()  # a pending gradient, as between backward and step
+    snap = _snapshot(model)
+    pgd(model, x, y, 0.2, 0.05, 4, restarts=2)
+    trades_pgd(model, x, y, 0.2, 0.05, 2, norm="l2")
+    _assert_untouched(model, snap)
+    robust_accuracy(model, x, y, batch_size=5, attack=lambda m, a, b: pgd(m, a, b, 0.2, 0.05, 2))
+    robust_accuracy(model, x, y)
+    _assert_untouched(model, snap)
+
+    def failing(logits, _y):
+        raise RuntimeError("objective failed")
+
+    with pytest.raises(RuntimeError, match="objective failed"):
+        pgd(model, x, y, 0.2, 0.05, 2, objective=failing)
+    _assert_untouched(model, snap)
+
+
+def test_attack_runs_in_eval_mode_unless_asked():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(self.training)
+            return x
+
+    model = nn.Sequential(Probe(), nn.Flatten(), nn.Linear(16, 10)).double().train()
+    x, y = _data(4)
+    pgd(model, x, y, 0.1, 0.05, 2)
+    assert seen and not any(seen) and model.training
+    seen.clear()
+    pgd(model, x, y, 0.1, 0.05, 2, train_mode=True)
+    assert seen and all(seen)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(norm="l1"), "norm must be one of"),
+    (dict(init="gauss"), "init must be one of"),
+    (dict(eps=-0.1), "eps must be a finite number >= 0"),
+    (dict(step_size=float("nan")), "step_size must be a finite number"),
+    (dict(steps=-1), "steps must be an integer >= 0"),
+    (dict(restarts=0), "restarts must be an integer >= 1"),
+    (dict(data_range=(1.0, 0.0)), "data_range must be"),
+])
+def test_bad_arguments_name_the_problem(kwargs, match):
+    model = _model()
+    x, y = _data(4)
+    args = dict(eps=0.1, step_size=0.05) | kwargs
+    with pytest.raises(ValueError, match=match):
+        pgd(model, x, y, **args)
+    with pytest.raises(ValueError, match="labels"):
+        pgd(model, x, y[:3], 0.1, 0.05)
+    with pytest.raises(ValueError, match="beta"):
+        trades_loss(model, x, x, y, beta=-1.0)

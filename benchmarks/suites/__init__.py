@@ -11,7 +11,7 @@ from .memory import MEMORY_IMPLS, suite_memory
 from .ops import suite_ops
 from .step import SyntheticClosure, _wrap_step, suite_step
 from .train import _train_model, small_cnn, suite_train
-from ..train_loop import suite_train_loop
+from ..train_loop import MODELS as _TRAIN_LOOP_MODELS, suite_train_loop
 
 SUITES = ("ops", "cycle", "step", "train", "memory", "train_loop")
 RUNNERS = {"ops": suite_ops, "cycle": suite_cycle, "step": suite_step, "train": suite_train, "memory": suite_memory,

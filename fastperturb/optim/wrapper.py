@@ -422,17 +422,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
             scaler.unscale_(self.base_optimizer)
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         total, per = _grad_norm(grads)
-        if not math.isfinite(total):
+        checks = [torch.isfinite(total)]
+        if self.max_grad_norm is not None:
+            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
+            checks.append(coef < 1.0)
+        # The one place Python branches on G: both decisions in one device sync (one
+        # torch.compile graph break); the clipping factor stays a tensor.
+        finite, *clip = torch.stack(checks).tolist()
+        if not finite:
             names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
                      for pj, p in enumerate(group["params"]) if p.grad is not None]
-            bad = [i for i, v in enumerate(per) if not math.isfinite(v)]
+            bad = [i for i, v in enumerate(per.tolist() if isinstance(per, Tensor) else per) if not math.isfinite(v)]
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
             self._on_nonfinite(err, scaler)
             return
-        if self.max_grad_norm is not None:
-            coef = self.max_grad_norm / (total + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+        if clip and clip[0]:
+            torch._foreach_mul_(grads, coef)
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
         else:
@@ -678,12 +683,11 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
 
 
 def _grad_norm(grads: Sequence[Tensor]) -> tuple:
-    """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device;
-    the per-tensor list is only materialised when the total is not finite)."""
+    """Global L2 norm (float64 0-dim tensor) and per-tensor norms of ``grads`` (a float32
+    tensor, or a list of floats when the gradients span devices): one fused pass per device."""
     try:
         per_t, total_t = ops.norms(grads, 2.0)  # the common case: one device
-        total = float(total_t)
-        return total, (per_t.tolist() if not math.isfinite(total) else None)
+        return total_t.to(torch.float64), per_t
     except ValueError:
         if len({g.device for g in grads}) < 2:
             raise
@@ -697,4 +701,4 @@ def _grad_norm(grads: Sequence[Tensor]) -> tuple:
         for i, v in zip(idx, pn.tolist()):
             per[i] = v
         sq += float(total_t) ** 2
-    return math.sqrt(sq), per
+    return torch.tensor(math.sqrt(sq), dtype=torch.float64), per

@@ -117,6 +117,14 @@ def check_radius(name: str, value: float) -> float:
     return v
 
 
+def _any_longer(step_size: object, radius: object, step_t: Tensor, radius_t: Tensor) -> bool:
+    """Whether any step is longer than its radius: on the Python numbers when given lists of
+    them (no device sync, so no torch.compile graph break), else on the float64 tensors."""
+    if isinstance(step_size, (list, tuple)) and isinstance(radius, (list, tuple)):
+        return any(float(s) > float(r) for s, r in zip(step_size, radius))
+    return bool((step_t > radius_t).any())
+
+
 def _scope_sum(x: Tensor, scope: str) -> Tensor:
     return x.sum().expand_as(x) if scope == "global" else x
 
@@ -231,7 +239,7 @@ class Cycle:
         self._first_summed = next(k for k, c in enumerate(self.weights) if c != 0.0)
         # A single step from delta_0 = 0 needs no projection unless it is longer than the
         # radius (e.g. APD's default eta = 1.5 eps with K = 1): then project it too.
-        self.project = spec.projects or bool((self._step > self._radius).any())
+        self.project = spec.projects or _any_longer(step_size, radius, self._step, self._radius)
         self.k = 0  # ascent steps taken
         self.perturbed = False
         self._stats: Optional[Tensor] = None

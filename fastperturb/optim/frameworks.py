@@ -53,14 +53,15 @@ def accumulation_in_closure() -> Iterator[None]:
 def check_step(optimizer: Any, closure: Any) -> None:
     """Raise :class:`UnsupportedTrainingLoop` if ``step(closure)`` is driven by a loop
     that accumulates micro-batches outside the closure."""
-    if _accumulation_in_closure.get():
-        return
+    # accumulation_in_closure() is consulted only when a loop would be refused: reading a
+    # ContextVar is a graph break under torch.compile, and the common step needs none.
     name = type(optimizer).__name__
     trainer = _lightning_trainer(closure)
     if trainer is not None:
         n = getattr(trainer, "accumulate_grad_batches", 1)
         strategy = getattr(trainer, "strategy", None)
-        if n > 1 and not getattr(strategy, "handles_gradient_accumulation", False):
+        if (n > 1 and not getattr(strategy, "handles_gradient_accumulation", False)
+                and not _accumulation_in_closure.get()):
             raise UnsupportedTrainingLoop(
                 f"{name} under Lightning automatic optimization with accumulate_grad_batches={n}: Lightning "
                 "runs the earlier micro-batches itself and passes step() the closure of the last one only, so "
@@ -69,7 +70,7 @@ def check_step(optimizer: Any, closure: Any) -> None:
                 "accumulate_grad_batches=1. Nothing was changed."
             )
     steps = _accelerate_accumulation_steps()
-    if steps > 1:
+    if steps > 1 and not _accumulation_in_closure.get():
         raise UnsupportedTrainingLoop(
             f"{name} in an Accelerate loop with gradient_accumulation_steps={steps}: accelerator.accumulate() "
             "skips optimizer.step() on the micro-batches that do not sync, so their data never reaches the "

@@ -489,17 +489,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
             grads = distributed.local_list(grads)
             reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
         total, per = _grad_norm(grads, reduce)
-        if not math.isfinite(total):
+        checks = [torch.isfinite(total)]
+        if self.max_grad_norm is not None:
+            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
+            checks.append(coef < 1.0)
+        # The one place Python branches on G: both decisions in one device sync (one
+        # torch.compile graph break); the clipping factor stays a tensor.
+        finite, *clip = torch.stack(checks).tolist()
+        if not finite:
             names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
                      for pj, p in enumerate(group["params"]) if p.grad is not None]
-            bad = [i for i, v in enumerate(per) if not math.isfinite(v)]
+            bad = [i for i, v in enumerate(per.tolist() if isinstance(per, Tensor) else per) if not math.isfinite(v)]
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
             self._on_nonfinite(err, scaler)
             return
-        if self.max_grad_norm is not None:
-            coef = self.max_grad_norm / (total + 1e-6)
-            if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
+        if clip and clip[0]:
+            torch._foreach_mul_(grads, coef)
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
         else:
@@ -754,17 +759,15 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
 
 
 def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = None) -> tuple:
-    """Global L2 norm (float) and per-tensor norms of ``grads`` (one fused pass per device;
-    the per-tensor list is only materialised when the total is not finite). With ``reduce``,
+    """Global L2 norm (float64 0-dim tensor) and per-tensor norms of ``grads`` (a tensor, or a
+    list of floats when the gradients span devices): one fused pass per device. With ``reduce``,
     ``grads`` are shards and the norms are those of the whole tensors."""
     if reduce is not None:
         squares = reduce(ops.norms(grads, 2.0)[0].to(torch.float64).square(), "sum")
-        total = math.sqrt(float(squares.sum()))
-        return total, (squares.sqrt().tolist() if not math.isfinite(total) else None)
+        return squares.sum().sqrt(), squares.sqrt()
     try:
         per_t, total_t = ops.norms(grads, 2.0)  # the common case: one device
-        total = float(total_t)
-        return total, (per_t.tolist() if not math.isfinite(total) else None)
+        return total_t.to(torch.float64), per_t
     except ValueError:
         if len({g.device for g in grads}) < 2:
             raise
@@ -778,4 +781,4 @@ def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = N
         for i, v in zip(idx, pn.tolist()):
             per[i] = v
         sq += float(total_t) ** 2
-    return math.sqrt(sq), per
+    return torch.tensor(math.sqrt(sq), dtype=torch.float64), per

@@ -93,7 +93,7 @@ def hand_loop(preset: str, epochs: int = 1, autocast=None, max_grad_norm=None, s
         for x, y in loader():
             def closure():
                 opt.zero_grad()
-                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
+                ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
                 with ctx:
                     loss = F.cross_entropy(net(x), y)
                 (scaler.scale(loss) if scaler is not None else loss).backward()

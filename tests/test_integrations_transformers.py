@@ -118,7 +118,7 @@ def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None):
                 ids = torch.stack([r["input_ids"] for r in mb])
                 labels = torch.stack([r["labels"] for r in mb])
                 assert int(labels.ne(-100).sum()) == BATCH * (SEQ - 1)
-                ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else torch.autocast("cpu", enabled=False)
+                ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
                 with ctx:
                     loss = model(input_ids=ids, labels=labels).loss.float()
                 (loss / accum).backward()

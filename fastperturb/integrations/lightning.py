@@ -191,7 +191,8 @@ def perturb_step(module: "pl.LightningModule", optimizer: Any, micro_batches: Se
         total = None
         for i, mb in enumerate(micro_batches):
             last = i == n - 1
-            sync = contextlib.nullcontext() if last or lightning_opt is None else lightning_opt.toggle_model(sync_grad=False)
+            blocked = not last and lightning_opt is not None
+            sync = lightning_opt.toggle_model(sync_grad=False) if blocked else contextlib.nullcontext()
             with sync:
                 loss = loss_fn(mb) / n
                 module.manual_backward(loss)

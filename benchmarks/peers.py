@@ -3,8 +3,7 @@
 These are written from the descriptions in DESIGN.md section 1 (what people run
 today) plus a careful pure-PyTorch ``torch._foreach_*`` version of each cycle,
 the honest baseline a good engineer would write without custom kernels. They
-ship inside the package so the installed ``fastperturb bench`` can compare
-without extra files. Every peer computes the same perturbation as the matching
+live here, beside the benchmark runner, not in the installed package. Every peer computes the same perturbation as the matching
 fastperturb preset (tests/test_bench.py checks it), so only the cost differs.
 
 Step conventions: peers written in the style of the common SAM wrapper expect

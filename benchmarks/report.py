@@ -74,7 +74,7 @@ def _alloc(r: dict) -> str:
 
 def print_tables(data: dict, out: TextIO) -> None:
     env, bw = data.get("env", {}), data.get("bandwidth") or {}
-    out.write(f"fastperturb bench  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
+    out.write(f"fastperturb benchmarks  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
               f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n")
     load, cores = env.get("load_average_start"), env.get("cpu_count") or 1
     if load and max(load[0], (env.get("load_average_end") or [0])[0]) > 0.75 * cores:
@@ -211,7 +211,7 @@ def load_json(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a fastperturb bench result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        raise ValueError(f"{path}: not a fastperturb benchmark result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
     return data
 
 
@@ -353,7 +353,7 @@ def chart(data: dict, path: str) -> Optional[str]:
     if notes:
         fig.text(0.01, 0.002, "; ".join(notes), fontsize=6, ha="left", va="bottom", wrap=True)
     env = data.get("env", {})
-    fig.suptitle(f"fastperturb bench, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
+    fig.suptitle(f"fastperturb benchmarks, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
                  fontsize=8)
     fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     fig.savefig(path, dpi=120)

@@ -309,3 +309,20 @@ def test_mean_sweep_is_the_mean_over_seeds():
     assert mean.clean_accuracy == pytest.approx(sum(r.clean_accuracy for r in runs) / 4)
     one = demo.mean_sweep(runs[:1])  # one seed: its own standard error
     assert [p.loss_change_sem for p in one.points] == [p.loss_change_sem for p in runs[0].points]
+
+
+def test_plots_say_what_they_leave_out(tmp_path):
+    from fastperturb.robustness.plot import omitted, omitted_note, plot_sweeps
+
+    pts = []
+    for e in (0.001, 0.01, 0.1):
+        pts += [Point("adversarial", e, 0.0, e, steps=1),
+                Point("random", e, 0.0, -1e-8 if e < 0.1 else e * e, loss_change_sem=1e-9, trials=4),
+                Point("first_order", e, 0.0, -1.0)]
+    res = SweepResult(pts, 0.1, 0.9, {"relative": True})
+    assert omitted({"sgd": res}) == ["sgd random at eps 0.001, 0.01", "sgd first_order (no point > 2 s.e.)"]
+    assert omitted({"sgd": res}, series=["adversarial_k1"]) == [] and omitted_note({"sgd": res}, ["adversarial_k1"]) == ""
+    fig = plot_sweeps({"sgd": res}, path=str(tmp_path / "p.png"))
+    texts = [t.get_text().replace("\n", " ") for t in fig.axes[0].texts]
+    assert texts == [omitted_note({"sgd": res})] and "sgd random at eps 0.001, 0.01" in texts[0]
+    assert {line.get_label() for line in fig.axes[0].lines} == {"sgd adversarial_k1 (slope 1.00)", "sgd random"}

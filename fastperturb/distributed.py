@@ -26,7 +26,9 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "reducer_for"]
+__all__ = [
+    "Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "note_recovery", "reducer_for",
+]
 
 #: ``reduce(stats, kind)``: per-tensor statistics of the local shards (rows = tensors) completed
 #: across ranks; ``kind`` is ``"sum"`` (L2 squares, dot products) or ``"max"`` (L-infinity norms).
@@ -167,3 +169,16 @@ def reducer_for(tensors: Sequence[Tensor]) -> Optional[ShardReducer]:
                 f"dimension {where[1]} of {where[0]}: one optimizer's tensors must share one shard group"
             )
     return None if group is None else ShardReducer(group, flags)
+
+
+RECOVERY_NOTE = (
+    "fastperturb restored the parameter shards bit for bit. FSDP2 may still hold the perturbed weights it "
+    "all-gathered for the failed pass: call reset_iter_state() on the root fully_shard module before the next "
+    "forward (FSDP2's recovery after an exception in a forward or backward)"
+)
+
+
+def note_recovery(err: BaseException) -> None:
+    """Add FSDP2's recovery step to an exception raised by a closure during a sharded step."""
+    if hasattr(err, "add_note") and RECOVERY_NOTE not in getattr(err, "__notes__", ()):
+        err.add_note(RECOVERY_NOTE)

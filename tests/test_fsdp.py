@@ -301,8 +301,9 @@ def _exception(rank: int) -> dict:
             try:
                 opt.step(closure)
                 record["raised"] = False
-            except KeyError:
+            except KeyError as err:
                 record["raised"] = True
+                record["notes"] = list(getattr(err, "__notes__", []))
             record["restored"] = all(torch.equal(b, local(p)) for b, p in zip(before, params))
             model.reset_iter_state()
             opt.zero_grad()
@@ -540,6 +541,7 @@ def test_nonfinite_skip_agrees_across_ranks(ranks, single_thread):
 def test_exception_restores_shards(ranks, single_thread):
     for rank in ranks:
         assert rank["exception"]["raised"] and rank["exception"]["restored"]
+        assert any("reset_iter_state()" in n for n in rank["exception"]["notes"])  # how to recover FSDP2
     single = single_process("apd_l2", batches=[0, 2])
     for a, b in zip(ranks[0]["exception"]["weights"], single):
         torch.testing.assert_close(a, b, rtol=0, atol=ATOL)

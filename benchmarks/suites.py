@@ -26,7 +26,7 @@ from fastperturb.ops import dispatch as backends
 from . import counters, fused, peers, shapes, sharded_memory, timing
 from .timing import Candidate
 
-SUITES = ("ops", "cycle", "step", "train", "memory")
+SUITES = ("ops", "cycle", "step", "train", "memory", "train_loop")
 
 
 @dataclass
@@ -773,3 +773,7 @@ def suite_memory(cfg: Config) -> list[dict]:
 
 
 RUNNERS = {"ops": suite_ops, "cycle": suite_cycle, "step": suite_step, "train": suite_train, "memory": suite_memory}
+
+from .train_loop import MODELS as _TRAIN_LOOP_MODELS, suite_train_loop  # noqa: E402  (it imports nothing from here)
+
+RUNNERS["train_loop"] = suite_train_loop

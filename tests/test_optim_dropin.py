@@ -45,6 +45,11 @@ def _steps_of(opt) -> int:
     return opt.spec.steps
 
 
+def moved(model) -> float:
+    """How far training moved the weights from their initial values (a test that can fail)."""
+    return max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), make_model().parameters()))
+
+
 def run(preset, convention, base="sgd", steps=N_STEPS, **extra):
     """Train a fresh model with ``convention``; returns (model, opt, closure calls per step, returns)."""
     make_opt, _ = PRESETS[preset]
@@ -100,7 +105,7 @@ def test_dropin_matches_direct_equations(preset, base, backend):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
-    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), make_model().parameters())) > 1e-3
+    assert moved(model) > 1e-3
 
 
 @pytest.mark.parametrize("preset", ["sam", "apd_weights_only"])
@@ -253,7 +258,7 @@ def test_issue_loop_equals_pytorch_optimizer_sam(adaptive, backend):
         assert passes == [2, 2]
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, **PO_TOL)
-    assert max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), make_model().parameters())) > 1e-2
+    assert moved(model) > 1e-2
 
 
 def test_pytorch_optimizer_docstring_loop(backend):
@@ -329,7 +334,8 @@ def test_step_without_closure_says_what_to_do():
     model = make_model()
     sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     apd = fp.APD(model.parameters(), torch.optim.SGD, lr=0.1)
-    with pytest.raises(TypeError, match=r"integrations\.transformers\.PerturbTrainer.*integrations\.lightning.*first_step"):
+    fixes = r"integrations\.transformers\.PerturbTrainer.*integrations\.lightning.*first_step"
+    with pytest.raises(TypeError, match=fixes):
         sam.step()
     with pytest.raises(TypeError) as info:
         apd.step()
@@ -346,3 +352,28 @@ def test_grad_scaler_step_without_closure_names_the_fix():
     with pytest.raises(TypeError, match=r"GradScaler\.step.*bf16-mixed.*opt\.step\(closure, scaler=scaler\)"):
         scaler.step(opt)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_unknown_gradient_history_runs_the_clean_pass(backend):
+    """After a copy (or an added group) the optimizer cannot tell a fresh gradient from a
+    stale one, so it runs its own clean pass: one pass more, never a stale g_0."""
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    opt.step(Counting(model, 0))  # leaves G in .grad
+    model2, opt2 = copy.deepcopy((model, opt))
+    c = Counting(model2, 1)
+    opt2.step(c)
+    assert c.calls == 2
+    ref, ref_opt = copy.deepcopy((model, opt))
+    ref_opt.zero_grad()
+    ref_opt.step(Counting(ref, 1))
+    assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
+
+
+def test_skip_warning_points_at_the_callers_line(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    (loss_of(model, 0) * float("nan")).backward()
+    with pytest.warns(RuntimeWarning) as record:
+        opt.first_step()
+    assert record[0].filename == __file__

@@ -1,0 +1,251 @@
+"""Framework loops with the real libraries: what trains right, what is refused before any change.
+
+Lightning automatic optimization without accumulation trains SAM and APD exactly as a hand
+loop does; with ``accumulate_grad_batches > 1`` or the ``16-mixed`` GradScaler path it stops
+at the first step with an error naming the fix. An Accelerate ``accumulate()`` loop with
+``gradient_accumulation_steps > 1`` is refused too; the README's recipe (micro-batches inside
+the closure) trains and equals a plain loop over the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastperturb as fp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X = torch.randn(48, 6, generator=torch.Generator().manual_seed(0))
+Y = torch.randn(48, 2, generator=torch.Generator().manual_seed(1))
+BATCH = 8
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+OPTS = {
+    "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "apd": lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.05, steps=2, lr=0.1, momentum=0.9),
+}
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ---- Lightning -------------------------------------------------------------------------
+
+pl = pytest.importorskip("pytorch_lightning")
+
+
+class Module(pl.LightningModule):
+    def __init__(self, opt_name: str):
+        super().__init__()
+        self.net = make_net()
+        self.opt_name = opt_name
+        self.closure_calls = 0
+
+    def training_step(self, batch, batch_idx):
+        self.closure_calls += 1
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return OPTS[self.opt_name](self.parameters())
+
+
+def trainer(**kw):
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    args = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=4, enable_progress_bar=False,
+                logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def loader():
+    return DataLoader(TensorDataset(X, Y), batch_size=BATCH, shuffle=False)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTS))
+def test_lightning_automatic_optimization_equals_hand_loop(opt_name):
+    module = Module(opt_name)
+    hand = copy.deepcopy(module.net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice about dataloader workers
+        trainer().fit(module, loader())
+    opt = OPTS[opt_name](hand.parameters())
+    for i, (x, y) in enumerate(loader()):
+        if i == 4:
+            break
+
+        def closure(x=x, y=y):
+            loss = nn.functional.mse_loss(hand(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    K = opt.spec.steps
+    assert module.closure_calls == 4 * (K + 1)
+    for p, q in zip(module.net.parameters(), hand.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(hand.parameters(), make_net().parameters()))
+
+
+@pytest.mark.parametrize("opt_name", list(OPTS))
+def test_lightning_accumulate_grad_batches_is_refused_before_any_change(opt_name):
+    module = Module(opt_name)
+    before = snapshot(module.net)
+    with warnings.catch_warnings(), pytest.raises(fp.UnsupportedTrainingLoop) as info:
+        warnings.simplefilter("ignore")
+        trainer(accumulate_grad_batches=2).fit(module, loader())
+    msg = str(info.value)
+    assert "accumulate_grad_batches=2" in msg and "fastperturb.integrations.lightning" in msg
+    assert module.closure_calls == 1  # Lightning ran micro-batch 0 itself; step() refused micro-batch 1
+    assert all(torch.equal(p, q) for p, q in zip(module.net.parameters(), before))
+
+
+def test_lightning_16_mixed_grad_scaler_path_names_the_fix():
+    """precision='16-mixed' with a GradScaler: the plugin runs the closure, then
+    scaler.step(optimizer) calls step() without one."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    module = Module("apd")
+    before = snapshot(module.net)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with warnings.catch_warnings(), pytest.raises(TypeError) as info:
+        warnings.simplefilter("ignore")
+        trainer(plugins=[plugin]).fit(module, loader())
+    msg = str(info.value)
+    assert "GradScaler.step" in msg and "bf16-mixed" in msg and "opt.step(closure, scaler=scaler)" in msg
+    assert all(torch.equal(p, q) for p, q in zip(module.net.parameters(), before))
+
+
+# ---- Accelerate ------------------------------------------------------------------------
+
+accelerate = pytest.importorskip("accelerate")
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_accelerate_accumulate_loop_is_refused(fresh_accelerate_state):
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = make_net()
+    net, opt, dl = acc.prepare(net, OPTS["sam"](net.parameters()), loader())
+    before = snapshot(net)
+    calls = []
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="gradient_accumulation_steps=2.*no_sync"):
+        for x, y in dl:
+            with acc.accumulate(net):
+                def closure(x=x, y=y):
+                    calls.append(1)
+                    loss = nn.functional.mse_loss(net(x), y)
+                    acc.backward(loss)
+                    return loss
+                opt.step(closure)
+                opt.zero_grad()
+    assert calls == []  # micro-batch 0 was skipped by Accelerate, micro-batch 1 refused by fastperturb
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+def test_accelerate_recipe_micro_batches_inside_the_closure(fresh_accelerate_state):
+    """The README recipe: accumulation steps 1, every micro-batch inside the closure. Equals
+    the same optimizer on the whole batch (the mean loss over two equal halves)."""
+    acc = accelerate.Accelerator(cpu=True)
+    net = make_net()
+    plain = copy.deepcopy(net)
+    net, opt = acc.prepare(net, OPTS["apd"](net.parameters()))
+    ref_opt = OPTS["apd"](plain.parameters())
+    for start in range(0, 32, 2 * BATCH):
+        xb, yb = X[start:start + 2 * BATCH], Y[start:start + 2 * BATCH]
+        micro = [(xb[:BATCH], yb[:BATCH]), (xb[BATCH:], yb[BATCH:])]
+
+        def closure(micro=micro):
+            total = 0.0
+            for i, (x, y) in enumerate(micro):
+                ctx = acc.no_sync(net) if i < len(micro) - 1 else contextlib.nullcontext()
+                with ctx:
+                    loss = nn.functional.mse_loss(net(x), y) / len(micro)
+                    acc.backward(loss)
+                total += loss.detach()
+            return total
+
+        opt.step(closure)
+        opt.zero_grad()
+
+        def whole(xb=xb, yb=yb):
+            loss = nn.functional.mse_loss(plain(xb), yb)
+            loss.backward()
+            return loss
+
+        ref_opt.step(whole)
+    for p, q in zip(net.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)  # two half-batch sums vs one: float rounding
+
+
+def test_accumulation_in_closure_lets_an_integration_through(fresh_accelerate_state):
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = make_net()
+    net, opt = acc.prepare(net, OPTS["sam"](net.parameters()))
+
+    def closure():
+        loss = nn.functional.mse_loss(net(X), Y)
+        acc.backward(loss)
+        return loss
+
+    with fp.optim.frameworks.accumulation_in_closure():
+        opt.optimizer.step(closure)
+    with pytest.raises(fp.UnsupportedTrainingLoop):
+        opt.optimizer.step(closure)
+
+
+# ---- Hugging Face Trainer ----------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+class _TinyRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make_net()
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(X)
+
+    def __getitem__(self, i):
+        return {"x": X[i], "labels": Y[i]}
+
+
+def test_plain_hf_trainer_is_told_to_use_the_integration(tmp_path, fresh_accelerate_state):
+    """transformers' Trainer calls optimizer.step() with no closure: the error names PerturbTrainer."""
+    model = _TinyRegressor()
+    before = snapshot(model)
+    opt = OPTS["apd"](model.parameters())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Pairs(), optimizers=(opt, None))
+    with pytest.raises(TypeError, match=r"Hugging Face Trainer: use fastperturb\.integrations\.transformers\."
+                                        r"PerturbTrainer.*no first_step"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 from torch import nn
@@ -204,7 +203,9 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
     optimizer (``passesN``), which is what FSDP and the forward/backward cost by themselves: the
     optimizer's share is the difference. Skipped (no records) when the run names its memory
     implementations, or without gloo."""
-    if getattr(cfg, "memory_impls", ()) or not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    if getattr(cfg, "memory_impls", ()):
+        return []
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         return []
     from . import fused
 

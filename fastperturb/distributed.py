@@ -56,7 +56,10 @@ def local(t: Tensor) -> Tensor:
 
 def local_list(tensors: Sequence[Tensor]) -> List[Tensor]:
     """:func:`local` of each tensor."""
-    return [local(t) for t in tensors]
+    if DTensor is None:
+        return list(tensors)
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _fsdp1_flattened(p: Tensor) -> bool:
@@ -133,7 +136,7 @@ class ShardReducer:
         self.group = group
         self.world = torch.distributed.get_world_size(group)
         self._mask = torch.tensor(list(sharded), dtype=torch.bool)
-        self.calls = 0  # collectives issued (the tests count them)
+        self._masks: dict = {}  # the mask on each device it was used on
 
     def __call__(self, stats: Tensor, kind: str) -> Tensor:
         if kind not in ("sum", "max"):
@@ -143,10 +146,12 @@ class ShardReducer:
             raise ValueError(f"{mine.shape[0]} rows of statistics for {self._mask.numel()} tensors")
         gathered = mine.new_empty((self.world * mine.shape[0],) + tuple(mine.shape[1:]))
         torch.distributed.all_gather_into_tensor(gathered, mine, group=self.group)
-        self.calls += 1
         gathered = gathered.view((self.world,) + tuple(mine.shape))
         total = gathered.sum(0) if kind == "sum" else gathered.amax(0)
-        mask = self._mask.to(mine.device).view((-1,) + (1,) * (mine.dim() - 1))
+        mask = self._masks.get(mine.device)
+        if mask is None:
+            mask = self._masks[mine.device] = self._mask.to(mine.device)
+        mask = mask.view((-1,) + (1,) * (mine.dim() - 1))
         out = torch.where(mask, total, mine)
         return torch.where(torch.isfinite(gathered).all(0), out, torch.full_like(out, float("nan")))
 

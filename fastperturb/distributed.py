@@ -21,18 +21,16 @@ DDP needs nothing here: its parameters and reduced gradients are complete on eve
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .engine import Reduce
+
 __all__ = [
     "Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "note_recovery", "reducer_for",
 ]
-
-#: ``reduce(stats, kind)``: per-tensor statistics of the local shards (rows = tensors) completed
-#: across ranks; ``kind`` is ``"sum"`` (L2 squares, dot products) or ``"max"`` (L-infinity norms).
-Reduce = Callable[[Tensor, str], Tensor]
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard

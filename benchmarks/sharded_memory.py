@@ -7,7 +7,7 @@ consecutive tensors (like transformer blocks); with ``--world 2`` each is a ``fu
 so every rank holds half of each tensor. The loss is a real forward/backward through them
 (``sum(p * p) / 2`` per tensor: FSDP all-gathers each unit in the forward and reduce-scatters its
 gradient in the backward). Each process first warms the code paths up on a tiny model, then builds
-the model, runs one forward/backward, resets its peak-RSS mark and records the baseline (the
+the model, runs two forward/backward passes, resets its peak-RSS mark and records the baseline (the
 parameters, their gradients and FSDP's own buffers), builds the optimizer (base: a no-op) and runs
 ``--steps`` steps whose closure runs the same forward/backward. Overhead = peak - baseline: the
 optimizer's buffers and whatever the perturbed passes keep. ``--world 1`` runs the same model
@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import torch
 from torch import nn
@@ -102,14 +101,18 @@ def _optimizer(model: nn.Module, preset: str, apd_steps: int):
     return fused.wrapper_class(preset)(model.parameters(), peers.NoOpOptimizer, **spec.kwargs)
 
 
-def _steps(model: nn.Module, opt, n: int) -> None:
+def _steps(model: nn.Module, opt, n: int, mark=None) -> list:
     def closure():
         loss = model()
         loss.backward()
         return loss
 
+    marks = []
     for _ in range(n):
         opt.step(closure)
+        if mark is not None:
+            marks.append(mark())
+    return marks
 
 
 def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
@@ -131,25 +134,31 @@ def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
         gc.collect()
 
         model = _build(shapes.shapes_for(a.model), a.units, world)
-        model().backward()
+        for _ in range(2):  # the first backward creates the gradients, the second accumulates into them
+            model.zero_grad(set_to_none=False)
+            model().backward()
         gc.collect()
         reset_ok = reset_peak()
         baseline = rss_bytes()
         opt = _optimizer(model, a.preset, a.apd_steps)
         t0 = time.perf_counter()
-        _steps(model, opt, a.steps)
+        marks = _steps(model, opt, a.steps, lambda: peak_bytes(reset_ok) - baseline)
         step_s = (time.perf_counter() - t0) / a.steps
         peak = peak_bytes(reset_ok)
         params = list(model.parameters())
         pbytes = sum(p.numel() * p.element_size() for p in params)  # the whole model
         lbytes = sum(local(p).numel() * p.element_size() for p in params)  # this rank's shards
         over = max(peak - baseline, 0)
+        # The optimizer's persistent buffers (backups, accumulators): exact, where the RSS is noisy.
+        buffers = sum(b.numel() * b.element_size() for store in ("_backups", "_accums")
+                      for b in getattr(opt, store, {}).values())
         rec = {
             "rank": rank, "world": world, "steps": a.steps, "step_s": step_s, "units": len(model.units),
             "param_bytes": pbytes, "local_param_bytes": lbytes, "baseline_rss": baseline, "peak_rss": peak,
             "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)",
             "overhead_bytes": over, "overhead_x_params": over / pbytes, "overhead_x_local": over / lbytes,
-            "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes,
+            "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes, "peak_overhead_by_step": marks,
+            "buffer_bytes": buffers, "buffer_x_local": buffers / lbytes,
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(rec, f)
@@ -204,7 +213,9 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
     optimizer (``passesN``), which is what FSDP and the forward/backward cost by themselves: the
     optimizer's share is the difference. Skipped (no records) when the run names its memory
     implementations, or without gloo."""
-    if getattr(cfg, "memory_impls", ()) or not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    if getattr(cfg, "memory_impls", ()):
+        return []
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         return []
     from . import fused
 

@@ -21,16 +21,16 @@ DDP needs nothing here: its parameters and reduced gradients are complete on eve
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "reducer_for"]
+from .engine import Reduce
 
-#: ``reduce(stats, kind)``: per-tensor statistics of the local shards (rows = tensors) completed
-#: across ranks; ``kind`` is ``"sum"`` (L2 squares, dot products) or ``"max"`` (L-infinity norms).
-Reduce = Callable[[Tensor, str], Tensor]
+__all__ = [
+    "Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "note_recovery", "reducer_for",
+]
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -54,7 +54,10 @@ def local(t: Tensor) -> Tensor:
 
 def local_list(tensors: Sequence[Tensor]) -> List[Tensor]:
     """:func:`local` of each tensor."""
-    return [local(t) for t in tensors]
+    if DTensor is None:
+        return list(tensors)
+    with torch.no_grad():
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _fsdp1_flattened(p: Tensor) -> bool:
@@ -131,7 +134,7 @@ class ShardReducer:
         self.group = group
         self.world = torch.distributed.get_world_size(group)
         self._mask = torch.tensor(list(sharded), dtype=torch.bool)
-        self.calls = 0  # collectives issued (the tests count them)
+        self._masks: dict = {}  # the mask on each device it was used on
 
     def __call__(self, stats: Tensor, kind: str) -> Tensor:
         if kind not in ("sum", "max"):
@@ -141,10 +144,12 @@ class ShardReducer:
             raise ValueError(f"{mine.shape[0]} rows of statistics for {self._mask.numel()} tensors")
         gathered = mine.new_empty((self.world * mine.shape[0],) + tuple(mine.shape[1:]))
         torch.distributed.all_gather_into_tensor(gathered, mine, group=self.group)
-        self.calls += 1
         gathered = gathered.view((self.world,) + tuple(mine.shape))
         total = gathered.sum(0) if kind == "sum" else gathered.amax(0)
-        mask = self._mask.to(mine.device).view((-1,) + (1,) * (mine.dim() - 1))
+        mask = self._masks.get(mine.device)
+        if mask is None:
+            mask = self._masks[mine.device] = self._mask.to(mine.device)
+        mask = mask.view((-1,) + (1,) * (mine.dim() - 1))
         out = torch.where(mask, total, mine)
         return torch.where(torch.isfinite(gathered).all(0), out, torch.full_like(out, float("nan")))
 
@@ -167,3 +172,16 @@ def reducer_for(tensors: Sequence[Tensor]) -> Optional[ShardReducer]:
                 f"dimension {where[1]} of {where[0]}: one optimizer's tensors must share one shard group"
             )
     return None if group is None else ShardReducer(group, flags)
+
+
+RECOVERY_NOTE = (
+    "fastperturb restored the parameter shards bit for bit. FSDP2 may still hold the perturbed weights it "
+    "all-gathered for the failed pass: call reset_iter_state() on the root fully_shard module before the next "
+    "forward (FSDP2's recovery after an exception in a forward or backward)"
+)
+
+
+def note_recovery(err: BaseException) -> None:
+    """Add FSDP2's recovery step to an exception raised by a closure during a sharded step."""
+    if hasattr(err, "add_note") and RECOVERY_NOTE not in getattr(err, "__notes__", ()):
+        err.add_note(RECOVERY_NOTE)

@@ -162,8 +162,9 @@ def ascent_coefficients(
     return step.float(), proj.float()
 
 
-#: ``reduce(stats, kind)`` completes per-tensor statistics of local shards across ranks
-#: (``kind``: ``"sum"`` or ``"max"``); see :mod:`fastperturb.distributed`.
+#: ``reduce(stats, kind)``: per-tensor statistics of local shards (one row per tensor) completed
+#: across ranks; ``kind`` is ``"sum"`` (squares, dot products) or ``"max"`` (L-infinity norms).
+#: :class:`fastperturb.distributed.ShardReducer` is the one for FSDP2.
 Reduce = Callable[[Tensor, str], Tensor]
 
 

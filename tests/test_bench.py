@@ -349,6 +349,7 @@ def test_train_loop_suite_counts_the_documented_loop_passes():
     assert all(r["status"] == "ok" and r["passes_per_step"] == 2.0 and r["median_s"] > 0 for r in recs)
 
 
+@pytest.mark.slow
 def test_sharded_memory_child_reports_each_rank(capsys):
     """The memory suite's sharded rows: a 2-rank FSDP2 run reports one record per rank, each holding
     half of the tiny list's bytes (the other records of the suite are tested above)."""
@@ -463,3 +464,4 @@ def test_fastperturb_bench_measures_the_users_model(tmp_path, monkeypatch, capsy
         assert r["peak_step_bytes"] is None or r["peak_step_bytes"] > 0
     out = capsys.readouterr().out
     assert "SGD (plain step)" in out and "passes" in out and "wrote r.json" in out
+

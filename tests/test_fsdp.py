@@ -140,9 +140,9 @@ def run_steps(opt, model, scale, batches, rank=0, world=1, variant="closure", dt
         assert not opt.last_step_skipped, (variant, s)
 
 
-def single_process(preset: str, variant: str = "closure", batches=range(STEPS), dtype=torch.float64):
+def single_process(preset: str, variant: str = "closure", batches=range(STEPS), dtype=torch.float64, make=None):
     model, scale = make_model(dtype)
-    opt = PRESETS[preset](list(model.parameters()) + [scale])
+    opt = (make or PRESETS[preset])(list(model.parameters()) + [scale])
     run_steps(opt, model, scale, batches, variant=variant, dtype=dtype)
     return [full(p) for p in list(model.parameters()) + [scale]]
 
@@ -301,8 +301,9 @@ def _exception(rank: int) -> dict:
             try:
                 opt.step(closure)
                 record["raised"] = False
-            except KeyError:
+            except KeyError as err:
                 record["raised"] = True
+                record["notes"] = list(getattr(err, "__notes__", []))
             record["restored"] = all(torch.equal(b, local(p)) for b, p in zip(before, params))
             model.reset_iter_state()
             opt.zero_grad()
@@ -410,7 +411,8 @@ def _fsdp1(rank: int) -> dict:
 
     out = {}
     for use_orig_params in (False, True):
-        model = FullyShardedDataParallel(make_model()[0], device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        model = FullyShardedDataParallel(make_model()[0], device_id=torch.device("cpu"),
+                                         use_orig_params=use_orig_params)
         try:
             fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
             out[use_orig_params] = None
@@ -483,6 +485,15 @@ def test_presets_on_shards_match_one_process(ranks, single_thread, backend, pres
             assert not torch.equal(a, w)
 
 
+def test_clipping_is_active_in_the_clipped_case(single_thread):
+    """apd_l2 clips its descent gradient to 0.05: without max_grad_norm the trajectory differs, so the
+    comparison above checks that the sharded step clips by the norm of the whole gradient."""
+    clipped = single_process("apd_l2")
+    plain = single_process("apd_l2",
+                           make=lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9))
+    assert max(float((a - b).abs().max()) for a, b in zip(clipped, plain)) > 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_one_collective_per_pass(ranks, preset):
@@ -540,6 +551,7 @@ def test_nonfinite_skip_agrees_across_ranks(ranks, single_thread):
 def test_exception_restores_shards(ranks, single_thread):
     for rank in ranks:
         assert rank["exception"]["raised"] and rank["exception"]["restored"]
+        assert any("reset_iter_state()" in n for n in rank["exception"]["notes"])  # how to recover FSDP2
     single = single_process("apd_l2", batches=[0, 2])
     for a, b in zip(ranks[0]["exception"]["weights"], single):
         torch.testing.assert_close(a, b, rtol=0, atol=ATOL)

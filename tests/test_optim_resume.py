@@ -87,3 +87,28 @@ def test_resume_in_fresh_process_is_bit_identical(backend, tmp_path):
             assert torch.equal(a, b), preset
         # control: the checkpoint is not the end point (the resumed process did real steps)
         assert any(not torch.equal(a, b) for a, b in zip(full[preset], halfway[preset]))
+
+
+def test_wrapper_follows_the_base_optimizers_loaded_groups():
+    """Loading through the base optimizer (as torch.distributed.checkpoint's set_optimizer_state_dict does
+    when given opt.base_optimizer) replaces its param_groups list: the wrapper and an LR scheduler on the
+    wrapper must see the loaded groups, not the old ones."""
+    model = torch.nn.Linear(3, 2)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    sd = opt.base_optimizer.state_dict()
+    sd["param_groups"][0]["lr"] = 0.05
+    sd["param_groups"][0]["rho"] = 0.3
+    opt.base_optimizer.load_state_dict(sd)
+    assert opt.param_groups is opt.base_optimizer.param_groups and opt.state is opt.base_optimizer.state
+    assert opt.param_groups[0]["rho"] == 0.3
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(4, 3)
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    sched.step()
+    assert opt.base_optimizer.param_groups[0]["lr"] == 0.025

@@ -570,7 +570,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 return self._call_closure(closure, k, watch)
 
-            run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
+            try:
+                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
+            except Exception as err:
+                if self._sharded and not isinstance(err, NonFiniteGradient):
+                    distributed.note_recovery(err)
+                raise
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the

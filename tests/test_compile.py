@@ -89,8 +89,9 @@ def test_pure_grad_stats_twin_matches_the_mutating_op_schema_and_passes_opcheck(
     assert [str(r.type) for r in twin.returns] == [str(r.type) for r in mutating.returns]
     params, grads = _tensors(0), _tensors(1)
     backups = [p + 0.1 for p in params]
-    for args, kwargs in [((grads, [], []), {}), ((grads, params, backups), {}), ((grads, params, []), {"adaptive_eta": 0.1}),
-                         (([], [], []), {})]:
+    cases = [((grads, [], []), {}), ((grads, params, backups), {}), ((grads, params, []), {"adaptive_eta": 0.1}),
+             (([], [], []), {})]
+    for args, kwargs in cases:
         torch.library.opcheck(torch.ops.fastperturb.grad_stats.default, args, kwargs)
         assert torch.equal(torch.ops.fastperturb.grad_stats(*args, **kwargs),
                            torch.ops.fastperturb.grad_stats_(args[0], [], *args[1:], **kwargs))

@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -58,6 +60,7 @@ def _every_op_inputs():
     return params, grads, backups, accum, *coefs
 
 
+@pytest.mark.slow  # ~4 s with inductor's cache warm, ~14 s cold
 def test_every_fused_op_compiles_under_inductor_inside_one_graph():
     """fullgraph=True: no graph break; the generated code calls the fused ops (they are
     in the graph, not around it); outputs and every mutated list equal eager bit for bit."""
@@ -89,8 +92,9 @@ def test_pure_grad_stats_twin_matches_the_mutating_op_schema_and_passes_opcheck(
     assert [str(r.type) for r in twin.returns] == [str(r.type) for r in mutating.returns]
     params, grads = _tensors(0), _tensors(1)
     backups = [p + 0.1 for p in params]
-    for args, kwargs in [((grads, [], []), {}), ((grads, params, backups), {}), ((grads, params, []), {"adaptive_eta": 0.1}),
-                         (([], [], []), {})]:
+    cases = [((grads, [], []), {}), ((grads, params, backups), {}), ((grads, params, []), {"adaptive_eta": 0.1}),
+             (([], [], []), {})]
+    for args, kwargs in cases:
         torch.library.opcheck(torch.ops.fastperturb.grad_stats.default, args, kwargs)
         assert torch.equal(torch.ops.fastperturb.grad_stats(*args, **kwargs),
                            torch.ops.fastperturb.grad_stats_(args[0], [], *args[1:], **kwargs))
@@ -225,3 +229,29 @@ def test_compiled_training_step_equals_eager_with_the_fused_ops_in_the_graph(pre
     assert fused & {"grad_stats", "grad_stats_"}
     assert sites, "no graph break logged: the log capture is broken"
     assert not _unexpected(sites), _unexpected(sites)
+
+
+TRITON_TWIN = """
+import torch
+from fastperturb.ops import dispatch
+reason = dispatch.why_unavailable("triton", torch.device("cpu"))
+assert reason is None, reason
+g = [torch.randn(5), torch.randn(3, 2)]
+p = [torch.randn(5), torch.randn(3, 2)]
+b = [x + 0.1 for x in p]
+T = torch.ops.fastperturb_triton
+assert torch.equal(T.grad_stats(g, p, b), T.grad_stats_(g, [], p, b))
+torch.library.opcheck(T.grad_stats.default, (g, p, b), {})
+"""
+
+
+@pytest.mark.slow
+def test_triton_namespace_has_the_twin_too():
+    """The Triton backend's namespace gets grad_stats as well (interpreted on CPU, in its own
+    process: TRITON_INTERPRET must be set before triton is imported)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", TRITON_TWIN], check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -95,7 +95,7 @@ def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
 
 
 class PerturbOptimizer(torch.optim.Optimizer):
-    """A base optimizer driven through weight-perturbation cycles (DESIGN.md section 2).
+    """A base optimizer driven through weight-perturbation cycles (docs/design.md §2, §7).
 
     ``step(closure)`` computes the gradient at ``w``, takes ``spec.steps`` ascent steps
     (each followed by the closure at the perturbed point), leaves the descent gradient

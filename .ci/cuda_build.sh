@@ -60,10 +60,10 @@ trap 'rm -rf "$WORK"' EXIT
   while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
   tar --null -T - -cf -) | tar -xf - -C "$WORK"
 
-step "build with CUDA (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, nvcc -Werror all-warnings)"
+step "build with CUDA and the test harnesses (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, FASTPERTURB_WERROR=1)"
 cd "$WORK"
 BUILD_START=$SECONDS
-if ! FASTPERTURB_CUDA=1 "$PY" setup.py build_ext --inplace > build.log 2>&1; then
+if ! FASTPERTURB_CUDA=1 FASTPERTURB_BUILD_TESTING=1 FASTPERTURB_WERROR=1 "$PY" setup.py build_ext --inplace > build.log 2>&1; then
   tail -n 60 build.log
   echo "cuda_build: the build failed (log above)" >&2
   exit 1
@@ -83,9 +83,10 @@ import torch
 
 import fastperturb
 from fastperturb.ops import native as _native
+from fastperturb.ops.names import OPS
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
-for name in ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"):
+for name in OPS:
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA")
     print(f"  fastperturb::{name:15s} CUDA kernel: {has}")
     assert has, name
@@ -105,7 +106,7 @@ if [ "${FASTPERTURB_CUDA_CMAKE:-0}" = "1" ]; then
   step "CMake build with CUDA"
   "$PY" -m pip install -q "cmake>=3.31" > "$WORK/pip-cmake.log" 2>&1 || { tail -n 20 "$WORK/pip-cmake.log"; exit 1; }
   NVRTC="$("$PY" -c 'import glob, os, nvidia; print((glob.glob(os.path.join(nvidia.__path__[0], "cu13", "lib", "libnvrtc.so.13")) + [""])[0])')"
-  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 \
+  PATH="$VENV/bin:$PATH" cmake -S . -B build/cmake-cuda -G Ninja -DFASTPERTURB_CUDA=1 -DFASTPERTURB_WERROR=1 \
     -DCMAKE_PREFIX_PATH="$("$PY" -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
     -DPython3_EXECUTABLE="$PY" -DCMAKE_CUDA_COMPILER="$CUDA_HOME/bin/nvcc" \
     -DCUDAToolkit_ROOT="$CUDA_HOME" -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" \

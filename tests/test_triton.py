@@ -11,7 +11,7 @@ does:
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton.py
 
 The interpreter runs each program instance in Python (milliseconds each), so
-shapes are small and the chunk/block sizes are shrunk (``triton_ops.tuning``)
+shapes are small and the chunk/block sizes are shrunk (``T.tuning``)
 wherever a test wants tensors split over many chunks. The optimizer, error and
 version-counter tests on this backend are in tests/test_triton_optim.py (same process). Cases and the reference
 checker come from fastperturb.testing (shared with the other backends' tests).

@@ -38,7 +38,6 @@ if not T.INTERPRETED:
 
 import test_optim_behaviour as behaviour
 import test_optim_equations as equations
-import test_optim_train as train
 from test_ops import test_in_place_ops_bump_version_counters  # noqa: F401
 from test_ops_errors import test_bad_input_raises_and_writes_nothing, test_the_unmodified_inputs_are_valid  # noqa: F401
 from test_optim_behaviour import (  # noqa: F401
@@ -90,10 +89,3 @@ def test_per_group_radius_and_excluded_group():
 
 def test_apd_per_group_eps_and_step_size():
     equations.test_apd_per_group_eps_and_step_size("triton")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("preset", ["sam", "apd"])
-def test_spirals_converge(preset):
-    with use_backend("triton"):
-        train.test_spirals_converge(preset, "sgd", "triton")

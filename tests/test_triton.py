@@ -430,6 +430,7 @@ done = T.compile_all(GPUTarget("cuda", 80, 32), exhaustive=False)
 for name, constexprs, k in done:
     ptx = k.asm["ptx"]
     assert k.asm["cubin"], name
+    assert k.metadata.num_warps == T.NUM_WARPS, (name, k.metadata.num_warps)  # pinned: it sets the reduction order
     # enable_fp_fusion=False: no mul+add contracted into an FMA (rounding as math.h / the interpreter)
     assert not re.search(r"\\bfma\\.", ptx), (name, constexprs)
     # the vector hints give 128-bit loads

@@ -1,6 +1,6 @@
 """The implementations fastperturb is compared with, reimplemented for benchmarking.
 
-These are written from the descriptions in DESIGN.md section 1 (what people run
+These are written from the descriptions in docs/design.md §1 (what people run
 today) plus a careful pure-PyTorch ``torch._foreach_*`` version of each cycle,
 the honest baseline a good engineer would write without custom kernels. They
 live here, beside the benchmark runner, not in the installed package. Every peer computes the same perturbation as the matching

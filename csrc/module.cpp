@@ -7,9 +7,15 @@
 
 #include "cpu/kernels.h"
 
-static struct PyModuleDef fastperturb_c_module = {
-    PyModuleDef_HEAD_INIT, "_C", "fastperturb's compiled ops (registered as torch.ops.fastperturb.*)", -1,
-    nullptr, nullptr, nullptr, nullptr, nullptr};
+static struct PyModuleDef fastperturb_c_module = {PyModuleDef_HEAD_INIT,
+                                                  "_C",
+                                                  "fastperturb's compiled ops (registered as torch.ops.fastperturb.*)",
+                                                  -1,
+                                                  nullptr,
+                                                  nullptr,
+                                                  nullptr,
+                                                  nullptr,
+                                                  nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&fastperturb_c_module);

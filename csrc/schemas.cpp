@@ -1,7 +1,8 @@
 // The op set: TORCH_LIBRARY(fastperturb) with the schemas of fastperturb's fused
 // ops. The schema strings themselves (and what each op computes) are written
-// down once in csrc/include/fastperturb/schemas.h, shared with the work-list
-// executor's namespace; fastperturb/reference.py is the executable spec.
+// down once in csrc/include/fastperturb/schemas.h, shared with the test build's
+// work-list executor; fastperturb/ops/reference.py is the executable spec and
+// docs/design.md §3 the contract.
 #include <torch/library.h>
 
 #include "fastperturb/schemas.h"

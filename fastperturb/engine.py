@@ -1,6 +1,6 @@
 """The perturbation engine: one perturb-restore cycle over a list of tensors.
 
-DESIGN.md section 2 in code. A cycle starts at the weights ``w`` with the
+docs/design.md §2 in code (the engine itself: §6). A cycle starts at the weights ``w`` with the
 gradient ``g_0`` already in ``.grad``; each ascent step moves the weights to
 ``w + delta_k`` with
 
@@ -53,7 +53,7 @@ class NonFiniteGradient(FloatingPointError):
 
 @dataclass(frozen=True)
 class PerturbSpec:
-    """How the perturbation is built (the preset-independent part of DESIGN.md section 2).
+    """How the perturbation is built (the preset-independent part of docs/design.md §2).
 
     norm: ``"l2"`` (direction g/||g||, L2 ball) or ``"linf"`` (direction sign(g), box).
     scope: norms taken per tensor (``"layer"``) or over all perturbed tensors (``"global"``).

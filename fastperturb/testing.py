@@ -23,9 +23,10 @@ from torch import Tensor
 from . import ops
 from .ops import reference  # noqa: F401  (the spec every check compares against)
 from .ops.dispatch import use_backend
+from .ops.names import OPS
 
 __all__ = [
-    "FLOAT_DTYPES", "Layer", "Inputs", "make_tensor", "make_inputs", "standard_cases",
+    "OPS", "FLOAT_DTYPES", "Layer", "Inputs", "make_tensor", "make_inputs", "standard_cases",
     "op_args", "run_op", "check_op", "bits", "assert_bitwise_equal", "ELEMENT_TOL", "REDUCTION_RTOL",
 ]
 
@@ -125,8 +126,6 @@ def standard_cases() -> dict[str, list[Layer]]:
 
 # ---------------------------------------------------------------------------
 # Running an op and comparing it with the reference.
-
-OPS = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
 
 
 def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:

@@ -1,5 +1,7 @@
 """The two builds (setup.py and CMakeLists.txt) compile the same sources, all
-taken from csrc/sources.txt, and the installed extension is the one tested."""
+taken from csrc/sources.txt, with the flags of csrc/flags.txt; the test
+harnesses stay out of fastperturb._C; and the installed extension is the one
+tested."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,13 +29,76 @@ def load_setup():
 def test_sources_file_lists_existing_files_in_known_sections():
     setup = load_setup()
     sections = setup.read_sources(ROOT)
-    assert set(sections) <= {"cpu", "cuda"}
+    assert set(sections) <= {"cpu", "cuda", "testing"}
     assert "csrc/schemas.cpp" in sections["cpu"] and "csrc/module.cpp" in sections["cpu"]
     listed = set(sections["cpu"])
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp")}
     # every C++ file of the CPU build is listed (a forgotten file would only fail at link or import time)
     cpu_dirs = ("csrc/cpu/",)
     assert {p for p in on_disk if p.startswith(cpu_dirs)} <= listed
+    # the test harnesses are built into their own module only, never into _C
+    testing = {p for p in on_disk if p.startswith("csrc/testing/")}
+    assert testing and testing == set(sections["testing"])
+    assert not testing & (set(sections["cpu"]) | set(sections["cuda"]))
+
+
+def test_flags_come_from_one_file_and_werror_only_on_request(monkeypatch):
+    setup = load_setup()
+    monkeypatch.delenv("FASTPERTURB_WERROR", raising=False)
+    flags = setup.read_flags()
+    assert "-ffp-contract=off" in flags["cxx"] and "--fmad=false" in flags["nvcc"] and flags["link"] == ["-fopenmp"]
+    # users' builds: a newer compiler's new warning must not break their install
+    assert not any("Werror" in f for kind in flags.values() for f in kind)
+    monkeypatch.setenv("FASTPERTURB_WERROR", "1")
+    strict = setup.read_flags()
+    assert "-Werror" in strict["cxx"]
+    assert strict["nvcc"][-3:] == ["-Werror", "all-warnings", "-Xcompiler=-Werror"]
+    monkeypatch.setenv("FASTPERTURB_WERROR", "yes")
+    with pytest.raises(ValueError):
+        setup.read_flags()
+
+
+def test_testing_module_only_on_request(monkeypatch):
+    setup = load_setup()
+    monkeypatch.setenv("FASTPERTURB_CUDA", "0")
+    monkeypatch.delenv("FASTPERTURB_BUILD_TESTING", raising=False)
+    assert [e.name for e in setup.extensions()] == ["fastperturb._C"]
+    monkeypatch.setenv("FASTPERTURB_BUILD_TESTING", "1")
+    exts = {e.name: e for e in setup.extensions()}
+    assert set(exts) == {"fastperturb._C", "fastperturb._C_testing"}
+    assert exts["fastperturb._C_testing"].sources == setup.read_sources(ROOT)["testing"]
+    assert not set(exts["fastperturb._C"].sources) & set(exts["fastperturb._C_testing"].sources)
+
+
+def test_the_shipped_extension_registers_no_test_harness(native):
+    """Importing fastperturb (and so _C) in a fresh process registers fastperturb::*, not the
+    work-list executor's namespace, which only fastperturb._C_testing brings."""
+    code = (
+        "import torch, fastperturb, fastperturb.ops\n"
+        "names = torch._C._dispatch_get_all_op_names()\n"
+        "print(sorted(n for n in names if n.startswith('fastperturb')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    from fastperturb.ops.names import OPS
+
+    assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in OPS))
+
+
+def test_python_op_names_are_the_compiled_op_set(native):
+    """fastperturb/ops/names.py and schemas.h's kAll name the same ops, in the same order."""
+    from fastperturb.ops.names import OPS
+
+    registered = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastperturb::")]
+    assert sorted(registered) == sorted(f"fastperturb::{name}" for name in OPS)
+    # the order of kAll, as TORCH_LIBRARY defines them: the schemas' positions in the registry are not
+    # observable, so the order is checked against the header's text
+    header = (ROOT / "csrc/include/fastperturb/schemas.h").read_text()
+    line = next(ln for ln in header.splitlines() if "kAll[]" in ln)
+    consts = [c.strip() for c in line.split("{", 1)[1].split("}", 1)[0].split(",")]
+    defined = {c: header.split(f"{c} =", 1)[1].split('"', 2)[1].split("(", 1)[0] for c in consts}
+    assert tuple(defined[c] for c in consts) == OPS
 
 
 def test_cuda_switch(monkeypatch):
@@ -58,7 +124,7 @@ def test_cmake_configures_the_same_sources_as_setup_py(tmp_path):
         import ninja as ninja_pkg
 
         ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
-    env = dict(os.environ, FASTPERTURB_CUDA="0")
+    env = dict(os.environ, FASTPERTURB_CUDA="0", FASTPERTURB_BUILD_TESTING="0")
     subprocess.run(
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython3_EXECUTABLE={sys.executable}"],

@@ -1,4 +1,4 @@
-"""Every preset against DESIGN.md section 2 written out directly in plain PyTorch.
+"""Every preset against docs/design.md §2 written out directly in plain PyTorch.
 
 The direct implementation below uses no fastperturb code: it perturbs a copy of the
 model with tensor arithmetic, collects the gradients of the passes, forms
@@ -59,7 +59,7 @@ def _norm(ts, norm):
 
 
 def direct_descent_grad(model, step_idx, cfg):
-    """Leave G of DESIGN.md section 2 in model's .grad at the original weights.
+    """Leave G of docs/design.md §2 in model's .grad at the original weights.
 
     cfg: norm, scope, steps, relative, adaptive_eta (None or float), include_clean,
     radius / step (lists per parameter), selected (list of bool per parameter).

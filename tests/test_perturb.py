@@ -1,4 +1,4 @@
-"""The perturbation engine against a direct implementation of DESIGN.md section 2."""
+"""The perturbation engine against a direct implementation of docs/design.md §2."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _norm(ts, p):
 
 
 def direct_descent_grad(model, spec: PerturbSpec, radius: float, step: float):
-    """DESIGN.md section 2 written out with plain tensor ops: returns G."""
+    """docs/design.md §2 written out with plain tensor ops: returns G."""
     ps = list(model.parameters())
     w0 = [p.detach().clone() for p in ps]
 

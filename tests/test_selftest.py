@@ -40,6 +40,26 @@ def test_selftest_reports_a_wrong_backend(monkeypatch):
     assert v.status == "FAIL" and "restore_" in v.detail
 
 
+def test_selftest_reports_any_exception_as_fail(monkeypatch):
+    """A backend that crashes (a compile error or failed launch on real hardware) is a FAIL
+    with the exception's type and message, and the next backend is still checked."""
+    real = backends.op
+
+    def crashing(name, backend):
+        if backend == "cpp" and name == "norms":
+            def launch_failure(*args, **kwargs):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+            return launch_failure
+        return real(name, backend)
+
+    monkeypatch.setattr(backends, "op", crashing)
+    cpp, ref = selftest.run(["cpp", "reference"], quick=True, report=lambda s: None)
+    assert cpp.status == "FAIL"
+    assert cpp.detail == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert ref.status == "PASS"
+    assert selftest.main(type("Args", (), {"backends": "cpp", "quick": True})()) == 1
+
+
 def test_selftest_cli_rejects_unknown_backend(capsys):
     from fastperturb.cli import main
 

@@ -1,9 +1,10 @@
 """The CUDA ops' work list, executed on CPU.
 
 ``torch.ops.fastperturb_worklist.*`` are the five fused ops run by the CPU
-executor of csrc/worklist_executor.cpp: the host code of the CUDA launcher
+executor of csrc/testing/worklist_executor.cpp (in the test module
+fastperturb._C_testing, built with FASTPERTURB_BUILD_TESTING=1): the host code of the CUDA launcher
 (plan, kernel arguments, finalize launches) and the per-block loop and element
-functors of the kernels (csrc/include/fastperturb/worklist.h), walked launch by
+functors of the kernels (csrc/include/fastperturb/worklist/), walked launch by
 launch, block by block, lane by lane. Only the kernels' thread indexing and the
 CUB block reduction are not run here.
 
@@ -25,13 +26,15 @@ from hypothesis import strategies as st
 
 from fastperturb.ops import native as _native
 from fastperturb.ops import reference as R
+from fastperturb.ops.names import OPS
+
+from harness import worklist_executor
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
-W = torch.ops.fastperturb_worklist
+W = worklist_executor()
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
-OPS = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
 
 # capacity(depth) -> [max_tensors, max_blocks, chunk_size, threads, finalize_tensors,
 #                     finalize_threads, vector bytes, sizeof(LaunchArgs), sizeof(FinalizeArgs)]

@@ -19,15 +19,13 @@
 namespace fastperturb {
 namespace cpu {
 
-// Storage type T is computed in float (double for double).
-template <typename T>
-using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+using math::compute_t;
 
 struct StatsArgs {
   const void* grad;
-  void* accum;          // nullptr: no accumulation
-  const void* param;    // nullptr unless adaptive or has_delta
-  const void* backup;   // nullptr: no delta statistics
+  void* accum;         // nullptr: no accumulation
+  const void* param;   // nullptr unless adaptive or has_delta
+  const void* backup;  // nullptr: no delta statistics
   double accum_weight;
   bool accum_init;
   bool adaptive;

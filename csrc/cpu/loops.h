@@ -7,12 +7,11 @@
 // must not include anything itself, or those headers would be compiled for
 // that instruction set too.
 //
-// Reductions (math.h's norm_accumulate/norm_combine, stats_element) have a fixed structure, independent of the instruction set and
-// the number of threads: kLanes independent accumulators (element i of a
-// block goes to lane i % kLanes), blocks of kBlock elements summed in the
-// compute type and added lane-wise into double, lanes combined in order. The
-// compiler maps the lanes onto vector registers without reordering anything
-// (no -ffast-math needed), and every variant gives the same bits.
+// Reductions (math.h's norm_accumulate/norm_combine, stats_element) have a fixed structure, independent of the
+// instruction set and the number of threads: kLanes independent accumulators (element i of a block goes to lane i %
+// kLanes), blocks of kBlock elements summed in the compute type and added lane-wise into double, lanes combined in
+// order. The compiler maps the lanes onto vector registers without reordering anything (no -ffast-math needed), and
+// every variant gives the same bits.
 #ifndef FP_ISA
 #error "define FP_ISA before including loops.h"
 #endif
@@ -62,7 +61,7 @@ double norm_chunk(const T* x, int64_t n) {
   double out[1];
   lane_reduce<C, 1>(
       n,
-      [x](int64_t i, C (&acc)[1][kLanes], int l) {
+      [x](int64_t i, C(&acc)[1][kLanes], int l) {
         acc[0][l] = math::norm_accumulate(acc[0][l], static_cast<C>(x[i]), N);
       },
       [](double a, double b) { return math::norm_combine(a, b, N); }, out);
@@ -88,7 +87,7 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
   const C weight = static_cast<C>(a.accum_weight);
   lane_reduce<C, 3>(
       n,
-      [=](int64_t i, C (&s)[3][kLanes], int l) {
+      [=](int64_t i, C(&s)[3][kLanes], int l) {
         const C gi = static_cast<C>(g[i]);
         const C wi = (Adaptive || Delta) ? static_cast<C>(w[i]) : C(0);
         const C bi = Delta ? static_cast<C>(b[i]) : C(0);
@@ -157,13 +156,25 @@ void combine_t(void* grad, const void* accum, double weight, int64_t n) {
 }
 
 // Type-erased entry points: one switch on the dtype per chunk.
-#define FP_DTYPE_SWITCH(dtype, CALL)                                                  \
-  switch (dtype) {                                                                    \
-    case at::kFloat: { using T = float; CALL; }                                       \
-    case at::kDouble: { using T = double; CALL; }                                     \
-    case at::kHalf: { using T = c10::Half; CALL; }                                    \
-    case at::kBFloat16: { using T = c10::BFloat16; CALL; }                            \
-    default: TORCH_CHECK(false, "fastperturb: unsupported dtype ", dtype);            \
+#define FP_DTYPE_SWITCH(dtype, CALL)                                       \
+  switch (dtype) {                                                         \
+    case at::kFloat: {                                                     \
+      using T = float;                                                     \
+      CALL;                                                                \
+    }                                                                      \
+    case at::kDouble: {                                                    \
+      using T = double;                                                    \
+      CALL;                                                                \
+    }                                                                      \
+    case at::kHalf: {                                                      \
+      using T = c10::Half;                                                 \
+      CALL;                                                                \
+    }                                                                      \
+    case at::kBFloat16: {                                                  \
+      using T = c10::BFloat16;                                             \
+      CALL;                                                                \
+    }                                                                      \
+    default: TORCH_CHECK(false, "fastperturb: unsupported dtype ", dtype); \
   }
 
 inline double norm_entry(at::ScalarType dtype, const void* x, int64_t n, bool inf) {

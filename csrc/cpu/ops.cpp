@@ -1,6 +1,6 @@
-// The CPU implementations of the fastperturb ops (schemas in csrc/schemas.cpp,
-// semantics in fastperturb/reference.py). Each op checks all its arguments
-// (checks.h) before writing anything, builds one chunk plan over the whole
+// The CPU implementations of the fastperturb ops (schemas in
+// csrc/include/fastperturb/schemas.h, semantics in fastperturb/ops/reference.py).
+// Each op checks all its arguments (common/checks.h) before writing anything, builds one chunk plan over the whole
 // list (plan.h) and runs the per-chunk kernels (kernels.h) in one parallel
 // region. Reductions combine the chunk partials per tensor, in chunk order,
 // in double.
@@ -13,13 +13,16 @@
 #include <tuple>
 #include <vector>
 
-#include "checks.h"
-#include "kernels.h"
-#include "plan.h"
+#include "common/checks.h"
+#include "common/versions.h"
+#include "cpu/kernels.h"
+#include "cpu/plan.h"
 
 namespace fastperturb {
 namespace cpu {
 namespace {
+
+using namespace checks;
 
 // Address of element `offset` (in memory order) of a dense tensor. Dense
 // tensors may be non-contiguous (channels_last): the lists of one op share
@@ -27,13 +30,6 @@ namespace {
 // same elements.
 inline char* at_elem(const at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
-}
-
-// In-place writes bump the tensors' version counters, as torch's own in-place
-// ops do (so autograd notices a perturbed weight it saved), after the checks
-// and before anything is written.
-void bump_versions(at::TensorList ts) {
-  for (const at::Tensor& t : ts) t.unsafeGetTensorImpl()->bump_version();
 }
 
 Plan plan_for(at::TensorList ts) {
@@ -69,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord)
   return {per, total};
 }
 
-at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params,
-                          at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
+at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                          double accum_weight, bool accum_init, double adaptive_eta) {
   check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
   const size_t n = grads.size();
   const bool adaptive = adaptive_eta >= 0;
@@ -107,9 +103,8 @@ at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::Tensor
   return out;
 }
 
-void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                     const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
-                     double adaptive_eta, bool zero_grads) {
+void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
   const at::Tensor step_c = step_coef.contiguous();
   const at::Tensor proj_c = proj.contiguous();
@@ -196,9 +191,8 @@ at::Tensor grad_stats_any(at::TensorList grads, at::TensorList accum, at::Tensor
   return grad_stats_cpu(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta);
 }
 
-void ascent_step_any(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                     const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
-                     double adaptive_eta, bool zero_grads) {
+void ascent_step_any(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   require_cpu("ascent_step_", {params, grads, backups}, {&step_coef, &proj});
   ascent_step_cpu(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads);
 }

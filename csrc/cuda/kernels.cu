@@ -1,6 +1,6 @@
 // The CUDA kernels of the fused ops. All the per-element work is the shared
-// per-block loop and op functors of fastperturb/worklist.h (executed on CPU by
-// the work-list executor); what is CUDA-only is the thread indexing below and
+// per-block loop and op functors of fastperturb/worklist/device.h (executed on
+// CPU by the test build's work-list executor); what is CUDA-only is the thread indexing below and
 // the deterministic block reduction (cub::BlockReduce: a fixed tree for a
 // fixed block size, no atomics).
 #include <c10/cuda/CUDAException.h>
@@ -10,7 +10,7 @@
 #include <cub/block/block_reduce.cuh>
 
 #include "cuda/launch.h"
-#include "fastperturb/worklist.h"
+#include "fastperturb/worklist/device.h"
 
 namespace fastperturb {
 namespace cuda {
@@ -24,8 +24,7 @@ using worklist::LaunchArgs;
 template <class Op>
 struct CombineFn {
   Op op;
-  __device__ __forceinline__ typename Op::Acc operator()(const typename Op::Acc& a,
-                                                         const typename Op::Acc& b) const {
+  __device__ __forceinline__ typename Op::Acc operator()(const typename Op::Acc& a, const typename Op::Acc& b) const {
     return op.combine(a, b);
   }
 };
@@ -37,8 +36,8 @@ template <class Op>
 __global__ void __launch_bounds__(kThreads)
     main_kernel(const __grid_constant__ LaunchArgs<Op::kDepth> a, const Op op, double* partials) {
   typename Op::Acc acc = op.identity();
-  worklist::run_block(a, static_cast<int>(blockIdx.x), op, static_cast<int>(threadIdx.x),
-                      static_cast<int>(blockDim.x), acc);
+  worklist::run_block(a, static_cast<int>(blockIdx.x), op, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
+                      acc);
   if constexpr (Op::kSlots > 0) {
     using Reduce = cub::BlockReduce<typename Op::Acc, kThreads>;
     __shared__ typename Reduce::TempStorage tmp;

@@ -5,7 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "fastperturb/worklist.h"
+#include "fastperturb/worklist/device.h"
 
 namespace fastperturb {
 namespace cuda {
@@ -28,11 +28,11 @@ void launch_finalize(const worklist::FinalizeArgs& f, const F& fin, cudaStream_t
   X(OP<float>)                                 \
   X(OP<double>)
 
-#define FASTPERTURB_CUDA_FOR_EACH_MAIN(X)                        \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::NormsOp)          \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::StatsOp)          \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::AscentOp)         \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreOp)        \
+#define FASTPERTURB_CUDA_FOR_EACH_MAIN(X)                 \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::NormsOp)   \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::StatsOp)   \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::AscentOp)  \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreOp) \
   FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::CombineOp)
 
 #define FASTPERTURB_CUDA_FOR_EACH_FINALIZE(X) \

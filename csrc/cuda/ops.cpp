@@ -1,7 +1,7 @@
 // The CUDA implementations of the fastperturb ops: TORCH_LIBRARY_IMPL(fastperturb,
-// CUDA). The host code is shared with the CPU work-list executor
-// (fastperturb/worklist_ops.h): the same checks (cpu/checks.h), the same plan and
-// kernel arguments; CudaExec only turns each planned launch into a kernel launch
+// CUDA). The host code is shared with the CPU work-list executor of the test
+// build (cuda/worklist_ops.h): the same checks (common/checks.h), the same plan,
+// kernel arguments and version-counter bumps; CudaExec only turns each planned launch into a kernel launch
 // on the current stream (kernels.cu). No host synchronisation: the per-tensor
 // coefficients are read on the device, the results stay on the device.
 #include <ATen/ATen.h>
@@ -11,10 +11,11 @@
 
 #include <tuple>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
 #include "cuda/launch.h"
-#include "fastperturb/worklist.h"
-#include "fastperturb/worklist_ops.h"
+#include "cuda/worklist_ops.h"
+#include "fastperturb/worklist/launch_args.h"
+#include "fastperturb/worklist/plan.h"
 
 namespace fastperturb {
 namespace cuda {
@@ -58,7 +59,7 @@ at::Device device_of(const char* name, at::TensorList list) {
 CudaExec exec_on(at::Device d) { return CudaExec{c10::cuda::getCurrentCUDAStream(d.index()).stream()}; }
 
 std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList tensors, double ord) {
-  cpu::check_norms(tensors, ord);
+  checks::check_norms(tensors, ord);
   const at::Device d = device_of("tensors", tensors);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);
@@ -67,7 +68,7 @@ std::tuple<at::Tensor, at::Tensor> norms_cuda(at::TensorList tensors, double ord
 
 at::Tensor grad_stats_cuda(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
                            double accum_weight, bool accum_init, double adaptive_eta) {
-  cpu::check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+  checks::check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
   const at::Device d = device_of("grads", grads);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);
@@ -75,9 +76,8 @@ at::Tensor grad_stats_cuda(at::TensorList grads, at::TensorList accum, at::Tenso
 }
 
 void ascent_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
-                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta,
-                      bool zero_grads) {
-  cpu::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
+  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
   const at::Device d = device_of("params", params);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);
@@ -85,7 +85,7 @@ void ascent_step_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 void restore_cuda(at::TensorList params, at::TensorList backups) {
-  cpu::check_restore(params, backups);
+  checks::check_restore(params, backups);
   const at::Device d = device_of("params", params);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);
@@ -93,7 +93,7 @@ void restore_cuda(at::TensorList params, at::TensorList backups) {
 }
 
 void combine_grads_cuda(at::TensorList grads, at::TensorList accum, double weight) {
-  cpu::check_combine_grads(grads, accum, weight);
+  checks::check_combine_grads(grads, accum, weight);
   const at::Device d = device_of("grads", grads);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);

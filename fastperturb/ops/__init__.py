@@ -2,7 +2,8 @@
 
 Each function picks the backend for the tensors' device
 (:mod:`fastperturb.ops.dispatch`) and runs it. The semantics are those of
-:mod:`fastperturb.ops.reference`; the schemas are in ``csrc/schemas.cpp``.
+:mod:`fastperturb.ops.reference`; the schemas are in
+``csrc/include/fastperturb/schemas.h`` (``docs/design.md`` §3).
 """
 
 from __future__ import annotations

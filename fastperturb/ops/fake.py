@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as V
+from .names import OPS
 
 
 def norms(tensors, ord):
@@ -42,8 +43,6 @@ def combine_grads_(grads, accum, weight):
     V.check_combine_grads(grads, accum, weight)
     return None
 
-
-OPS = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
 
 
 def register(namespace: str) -> None:

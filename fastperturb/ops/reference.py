@@ -2,7 +2,8 @@
 
 Each function here is short and obviously correct; it loops over the tensor list
 in Python and computes in float64. Every backend (C++ CPU, CUDA, Triton) is
-tested against these functions. The schemas live in ``csrc/schemas.cpp``.
+tested against these functions. The schemas live in
+``csrc/include/fastperturb/schemas.h``; ``docs/design.md`` §3 states the contract.
 
 Conventions shared by all ops:
 
@@ -24,9 +25,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .names import OPS
 from .validation import first_device
 
-__all__ = ["norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"]
+__all__ = list(OPS)
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -109,7 +111,7 @@ def ascent_step_(
     adaptive_eta: float = -1.0,
     zero_grads: bool = False,
 ) -> None:
-    """One projected ascent step in place (see ``csrc/schemas.cpp`` for the formula)."""
+    """One projected ascent step in place (the formula: ``csrc/include/fastperturb/schemas.h``)."""
     if norm not in ("l2", "linf"):
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     for i, (w, g, b) in enumerate(zip(params, grads, backups)):

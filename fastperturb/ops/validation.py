@@ -1,6 +1,6 @@
 """Argument checks of the fused ops, for the backends written in Python.
 
-The C++ kernels check the same rules themselves (``csrc/cpu/checks.h``) with the
+The C++ ops check the same rules themselves (``csrc/common/checks.h``) with the
 same exception types, so a bad call fails the same way on every backend, and
 always *before* any tensor is written. Messages name the argument and index.
 """
@@ -101,7 +101,7 @@ def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.
     return default
 
 
-# One check per op, mirroring the schemas in csrc/schemas.cpp.
+# One check per op, mirroring the schemas in csrc/include/fastperturb/schemas.h.
 
 def check_norms(tensors, ord) -> None:
     check_list("tensors", tensors)

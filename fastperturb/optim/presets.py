@@ -1,4 +1,4 @@
-"""The presets of DESIGN.md section 2: configurations of :class:`PerturbOptimizer`.
+"""The presets of docs/design.md §2.3: configurations of :class:`PerturbOptimizer`.
 
 Each preset's defaults are written once, in its signature; everything else it fixes
 (scope, norm, relative radius, which tensors) is in its ``PerturbSpec`` below.

@@ -110,7 +110,7 @@ def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
 
 
 class PerturbOptimizer(torch.optim.Optimizer):
-    """A base optimizer driven through weight-perturbation cycles (DESIGN.md section 2).
+    """A base optimizer driven through weight-perturbation cycles (docs/design.md §2, §7).
 
     ``step(closure)`` takes the gradient at ``w`` (the caller's, if a backward ran since the
     last ``step()``/``zero_grad()``; else from the closure), takes ``spec.steps`` ascent steps

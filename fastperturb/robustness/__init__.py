@@ -1,6 +1,6 @@
 """Loss change indicators: how much a trained model's loss and accuracy move when its weights are corrupted.
 
-DESIGN.md section 2. For a corruption ``a`` of the weights ``w`` inside a ball
+docs/design.md §2.4 and §8. For a corruption ``a`` of the weights ``w`` inside a ball
 of radius ``eps`` the loss change is ``dL(a) = L(w + a) - L(w)``, where ``L`` is
 the mean loss over the evaluation data. Three indicators:
 

@@ -99,7 +99,7 @@ class SweepResult:
         The fit uses the points with ``eps <= max_eps`` whose loss change is
         resolved as positive (:attr:`Point.resolved`: more than twice its standard error);
         by default ``max_eps`` is the median of the eps grid (the small-eps half,
-        where the second-order picture of DESIGN.md holds); ``math.inf`` fits the
+        where the second-order picture of docs/design.md §2.4 holds); ``math.inf`` fits the
         whole grid. None where fewer than two points qualify.
         """
         if max_eps is None:

@@ -1,7 +1,9 @@
 """``fastperturb selftest``: every available backend against the reference.
 
 On a machine with a GPU this is the one command that verifies the CUDA and
-Triton kernels on real hardware. Without a GPU it checks the C++ CPU kernels,
+Triton kernels on real hardware: any exception a backend raises (a mismatch,
+a compile error, a failed launch) is reported as FAIL with its message, and
+the other backends are still checked. Without a GPU it checks the C++ CPU kernels,
 the Triton kernels under the interpreter (CPU tensors) and reports the CUDA
 kernels as compiled but not run. The cases are those of the test suite
 (:mod:`fastperturb.testing`).
@@ -105,6 +107,15 @@ def _time_cycle(backend: str, device: torch.device, interpreted: bool) -> float:
     return 1e3 * times[len(times) // 2]
 
 
+def _failure(e: Exception) -> str:
+    """One line saying what went wrong: the mismatch of a failed check, else the exception and its message."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    if not isinstance(e, AssertionError):
+        first = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return first[:200]
+
+
 def run(backends: list[str], quick: bool = False, report: Callable[[str], None] = print) -> list[Verdict]:
     if "triton" in backends:
         _prepare_triton_interpreter()
@@ -135,8 +146,8 @@ def run(backends: list[str], quick: bool = False, report: Callable[[str], None] 
                 checked = _check_backend(backend, device, _cases(interpreted, quick), report)
                 ms = _time_cycle(backend, device, interpreted)
                 verdicts.append(Verdict(backend, label, "PASS", checked, ms))
-            except AssertionError as e:
-                verdicts.append(Verdict(backend, label, "FAIL", detail=str(e).splitlines()[0][:200]))
+            except Exception as e:  # a mismatch, or a compile / launch failure on real hardware
+                verdicts.append(Verdict(backend, label, "FAIL", detail=_failure(e)))
     return verdicts
 
 

@@ -4,8 +4,8 @@
 // element, convert it to the compute type C (float, or double for float64
 // tensors), call these functions and store the rounded result.
 //
-// fastperturb/reference.py is the spec these functions implement; keep the
-// two in step.
+// fastperturb/ops/reference.py is the spec these functions implement; keep the
+// two in step (docs/design.md §3.4).
 #pragma once
 
 #include <cmath>
@@ -20,6 +20,20 @@ namespace fastperturb {
 namespace math {
 
 enum class Norm : int { L2 = 0, Linf = 1 };
+
+// The type a tensor of storage type T is computed in: float (double for
+// float64 tensors). Every kernel converts each element to it, and rounds once
+// back to T.
+template <typename T>
+struct compute {
+  using type = float;
+};
+template <>
+struct compute<double> {
+  using type = double;
+};
+template <typename T>
+using compute_t = typename compute<T>::type;
 
 // sign(g), keeping 0 as 0 and NaN as NaN (unlike torch.sign, which maps NaN
 // to 0: a NaN gradient must never look like "no move").
@@ -57,7 +71,7 @@ struct AscentCoefs {
   C proj;          // l2: scale of the projection; linf: clamp radius
   C adaptive_eta;  // < 0: off; else dir = (|base| + eta)^2 * g (ASAM)
   Norm norm;
-  bool first;      // backup := w and delta := 0 (the first step of a cycle)
+  bool first;  // backup := w and delta := 0 (the first step of a cycle)
 };
 
 // New weight value of one element after one projected ascent step.
@@ -79,8 +93,7 @@ FP_HD C ascent_element(C w, C b, C g, const AscentCoefs<C>& k) {
 // Per-element contributions to grad_stats_: s0 += (t*g)^2, s1 += d*g, s2 += d^2
 // with d = w - b (when has_delta) and t = |w| + eta (when eta >= 0).
 template <typename C>
-FP_HD void stats_element(C g, C w, C b, C eta, bool adaptive, bool has_delta,
-                         C& s0, C& s1, C& s2) {
+FP_HD void stats_element(C g, C w, C b, C eta, bool adaptive, bool has_delta, C& s0, C& s1, C& s2) {
   C tg = g;
   if (adaptive) tg = ((w < C(0) ? -w : w) + eta) * g;
   s0 += tg * tg;

@@ -1,8 +1,11 @@
 // The schema strings of fastperturb's fused ops: the one place they are written
 // down. csrc/schemas.cpp defines the ops with them (TORCH_LIBRARY(fastperturb));
-// the work-list executor (csrc/worklist_executor.cpp) defines the same ops in
-// its own namespace from these same strings. Every backend takes its signature
-// from here; fastperturb/reference.py is the executable spec of each op.
+// the test build's work-list executor (csrc/testing/worklist_executor.cpp)
+// defines the same ops in its own namespace from these same strings, and the
+// Triton backend reads them back from the registration. Every backend takes its
+// signature from here; fastperturb/ops/reference.py is the executable spec of
+// each op, docs/design.md §3 the contract. The Python list of the op names,
+// fastperturb/ops/names.py, must follow kAll (a test checks it).
 #pragma once
 
 namespace fastperturb {

@@ -1,7 +1,7 @@
-// Argument checks of the C++ kernels: the rules of fastperturb/validation.py,
-// with the same exception types (TORCH_CHECK_VALUE -> ValueError,
-// TORCH_CHECK_TYPE -> TypeError) and messages naming the argument and index.
-// Every op runs its check_* function before it writes any tensor.
+// Argument checks of the C++ ops (CPU, CUDA and the test build's work-list
+// executor): the rules of fastperturb/ops/validation.py, with the same exception types (TORCH_CHECK_VALUE ->
+// ValueError, TORCH_CHECK_TYPE -> TypeError) and messages naming the argument and index. Every op runs its check_*
+// function before it writes any tensor.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <vector>
 
 namespace fastperturb {
-namespace cpu {
+namespace checks {
 
 // The Python spellings, so messages read the same from every backend.
 inline std::string dtype_name(at::ScalarType t) {
@@ -98,9 +98,8 @@ inline void check_list(const char* name, at::TensorList ts) {
     TORCH_CHECK_TYPE(!t.is_complex(), name, "[", i, "] is complex (", dtype_name(t.scalar_type()),
                      "); only real floating tensors are supported");
     const auto st = t.scalar_type();
-    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
-                     name, "[", i, "] has dtype ", dtype_name(st),
-                     "; supported: float16, bfloat16, float32, float64");
+    TORCH_CHECK_TYPE(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble, name, "[", i,
+                     "] has dtype ", dtype_name(st), "; supported: float16, bfloat16, float32, float64");
     TORCH_CHECK_VALUE(is_dense(t), name, "[", i, "] must be dense and non-overlapping (e.g. contiguous)");
   }
 }
@@ -138,14 +137,13 @@ inline void check_parallel(const char* ref_name, at::TensorList ref, const char*
   for (size_t i = 0; i < ref.size(); ++i) {
     const at::Tensor& a = ref[i];
     const at::Tensor& b = other[i];
-    TORCH_CHECK_VALUE(b.sizes() == a.sizes(), name, "[", i, "] has shape ", tuple_str(b.sizes()), " but ",
-                      ref_name, "[", i, "] has shape ", tuple_str(a.sizes()));
-    TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), name, "[", i, "] has dtype ",
-                     dtype_name(b.scalar_type()), " but ", ref_name, "[", i, "] has dtype ",
-                     dtype_name(a.scalar_type()));
+    TORCH_CHECK_VALUE(b.sizes() == a.sizes(), name, "[", i, "] has shape ", tuple_str(b.sizes()), " but ", ref_name,
+                      "[", i, "] has shape ", tuple_str(a.sizes()));
+    TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), name, "[", i, "] has dtype ", dtype_name(b.scalar_type()),
+                     " but ", ref_name, "[", i, "] has dtype ", dtype_name(a.scalar_type()));
     TORCH_CHECK_VALUE(b.numel() <= 1 || b.strides() == a.strides(), name, "[", i, "] has strides ",
-                      tuple_str(b.strides()), " but ", ref_name, "[", i, "] has strides ",
-                      tuple_str(a.strides()), "; use the same memory format");
+                      tuple_str(b.strides()), " but ", ref_name, "[", i, "] has strides ", tuple_str(a.strides()),
+                      "; use the same memory format");
   }
 }
 
@@ -153,11 +151,11 @@ inline void check_coef(const char* name, const at::Tensor& coef, size_t n, at::T
   TORCH_CHECK_TYPE(coef.defined(), name, " must be a float32 tensor of shape [", n, "], got None");
   TORCH_CHECK_VALUE(coef.layout() == at::kStrided && coef.scalar_type() == at::kFloat && coef.dim() == 1 &&
                         static_cast<size_t>(coef.numel()) == n,
-                    name, " must be a float32 tensor of shape [", n, "], got ", dtype_name(coef.scalar_type()),
-                    " ", tuple_str(coef.sizes()));
+                    name, " must be a float32 tensor of shape [", n, "], got ", dtype_name(coef.scalar_type()), " ",
+                    tuple_str(coef.sizes()));
   if (!like.empty()) {
-    TORCH_CHECK_VALUE(coef.device() == like[0].device(), name, " is on ", coef.device(),
-                      " but the tensors are on ", like[0].device());
+    TORCH_CHECK_VALUE(coef.device() == like[0].device(), name, " is on ", coef.device(), " but the tensors are on ",
+                      like[0].device());
   }
 }
 
@@ -165,7 +163,7 @@ inline void check_finite(const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", float_str(value));
 }
 
-// One check per op, mirroring fastperturb/validation.py.
+// One check per op, mirroring fastperturb/ops/validation.py.
 
 inline void check_norms(at::TensorList tensors, double ord) {
   check_list("tensors", tensors);
@@ -173,8 +171,8 @@ inline void check_norms(at::TensorList tensors, double ord) {
   TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
 }
 
-inline void check_grad_stats(at::TensorList grads, at::TensorList accum, at::TensorList params,
-                             at::TensorList backups, double accum_weight, double adaptive_eta) {
+inline void check_grad_stats(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                             double accum_weight, double adaptive_eta) {
   check_list("grads", grads);
   check_list("accum", accum);
   check_list("params", params);
@@ -222,5 +220,5 @@ inline void check_combine_grads(at::TensorList grads, at::TensorList accum, doub
   check_finite("weight", weight);
 }
 
-}  // namespace cpu
+}  // namespace checks
 }  // namespace fastperturb

@@ -1,9 +1,13 @@
-// The five fused ops written once over the work list (fastperturb/worklist.h)
-// and an executor `Exec` that runs its launches:
+// The host code of the CUDA ops: the five fused ops written once over the
+// work list (fastperturb/worklist/plan.h, device.h) and an executor `Exec`
+// that runs its launches:
 //   * the CUDA launcher (csrc/cuda/ops.cpp) launches the kernels of
 //     csrc/cuda/kernels.cu;
-//   * the CPU executor (csrc/worklist_executor.cpp) walks the same launches
-//     block by block on CPU tensors, so the tests execute this host code.
+//   * the CPU executor of the test build (csrc/testing/worklist_executor.cpp)
+//     walks the same launches block by block on CPU tensors, so the tests
+//     execute this host code.
+// It needs ATen, so it lives here with its users rather than among the
+// dependency-free headers of csrc/include/.
 //
 // An Exec provides:
 //   Limits limits(int depth) const;          // chunk size and launch capacities
@@ -13,7 +17,8 @@
 //   template <class F>
 //   void finalize(const FinalizeArgs&, const F&);
 //
-// The arguments are checked by the caller (csrc/cpu/checks.h) before this runs.
+// The arguments are checked by the caller (csrc/common/checks.h) before this
+// runs; the ops bump the version counters of what they write (common/versions.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +27,9 @@
 #include <tuple>
 #include <vector>
 
-#include "fastperturb/worklist.h"
+#include "common/versions.h"
+#include "fastperturb/worklist/device.h"
+#include "fastperturb/worklist/plan.h"
 
 namespace fastperturb {
 namespace worklist {
@@ -30,18 +37,10 @@ namespace worklist {
 template <class F>
 void dispatch_float(at::ScalarType st, F&& f) {
   switch (st) {
-    case at::kHalf:
-      f(c10::Half{});
-      break;
-    case at::kBFloat16:
-      f(c10::BFloat16{});
-      break;
-    case at::kFloat:
-      f(float{});
-      break;
-    case at::kDouble:
-      f(double{});
-      break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
     default:
       TORCH_CHECK_TYPE(false, "fastperturb: unsupported dtype ", st,
                        "; supported: float16, bfloat16, float32, float64");
@@ -103,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, at::TensorList tensors, doubl
   at::Tensor acc = at::empty({n}, f64);
   at::Tensor per = at::empty({n}, f32);
   at::Tensor total = at::empty({}, f32);
-  run_plan<1>(ex, plan, {tensors}, [&](auto tag) { return NormsOp<decltype(tag)>{norm}; },
-              partials.data_ptr<double>());
+  run_plan<1>(ex, plan, {tensors}, [&](auto tag) { return NormsOp<decltype(tag)>{norm}; }, partials.data_ptr<double>());
   const FinalizeNorm per_tensor{partials.data_ptr<double>(), acc.data_ptr<double>(), per.data_ptr<float>(), norm};
   for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, per_tensor);
   ex.finalize(single_finalize(n), FinalizeNorm{acc.data_ptr<double>(), nullptr, total.data_ptr<float>(), norm});
@@ -116,6 +114,7 @@ at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::
                       at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
   const auto f32 = f32_on(grads);
   const int64_t n = static_cast<int64_t>(grads.size());
+  bump_versions(accum);
   if (n == 0) return at::zeros({0, 3}, f32);
   const Plan plan = plan_list(ex, grads, 4);
   at::Tensor partials = at::empty({3 * (plan.total_slots > 0 ? plan.total_slots : 1)}, f32.dtype(at::kDouble));
@@ -124,9 +123,14 @@ at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::
       ex, plan, {grads, accum, params, backups},
       [&](auto tag) {
         using T = decltype(tag);
-        using C = compute_t<T>;
-        return StatsOp<T>{static_cast<C>(accum_weight), static_cast<C>(adaptive_eta), accum_init,
-                          !accum.empty(), !params.empty(), !backups.empty(), adaptive_eta >= 0};
+        using C = math::compute_t<T>;
+        return StatsOp<T>{static_cast<C>(accum_weight),
+                          static_cast<C>(adaptive_eta),
+                          accum_init,
+                          !accum.empty(),
+                          !params.empty(),
+                          !backups.empty(),
+                          adaptive_eta >= 0};
       },
       partials.data_ptr<double>());
   const FinalizeStats fin{partials.data_ptr<double>(), out.data_ptr<float>()};
@@ -138,6 +142,9 @@ template <class Exec>
 void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::TensorList backups,
                  const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm_name, bool first,
                  double adaptive_eta, bool zero_grads) {
+  bump_versions(params);
+  if (first) bump_versions(backups);
+  if (zero_grads) bump_versions(grads);
   if (params.empty()) return;
   const math::Norm norm = norm_name == "l2" ? math::Norm::L2 : math::Norm::Linf;
   // The kernels index the coefficients as flat arrays.
@@ -150,7 +157,7 @@ void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::Tens
       ex, plan, {params, grads, backups},
       [&](auto tag) {
         using T = decltype(tag);
-        using C = compute_t<T>;
+        using C = math::compute_t<T>;
         return AscentOp<T>{step_ptr, proj_ptr, static_cast<C>(adaptive_eta), norm, first, zero_grads};
       },
       nullptr);
@@ -158,6 +165,7 @@ void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::Tens
 
 template <class Exec>
 void restore(Exec& ex, at::TensorList params, at::TensorList backups) {
+  bump_versions(params);
   if (params.empty()) return;
   const Plan plan = plan_list(ex, params, 2);
   run_plan<2>(ex, plan, {params, backups}, [](auto tag) { return RestoreOp<decltype(tag)>{}; }, nullptr);
@@ -165,13 +173,14 @@ void restore(Exec& ex, at::TensorList params, at::TensorList backups) {
 
 template <class Exec>
 void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double weight) {
+  bump_versions(grads);
   if (grads.empty()) return;
   const Plan plan = plan_list(ex, grads, 2);
   run_plan<2>(
       ex, plan, {grads, accum},
       [&](auto tag) {
         using T = decltype(tag);
-        return CombineOp<T>{static_cast<compute_t<T>>(weight)};
+        return CombineOp<T>{static_cast<math::compute_t<T>>(weight)};
       },
       nullptr);
 }

@@ -1,9 +1,11 @@
-// The CPU executor of the CUDA work list. It registers the five fused ops a
-// second time, as torch.ops.fastperturb_worklist.*, with the same schemas
+// The CPU executor of the CUDA work list: a test harness, built only into the
+// test module fastperturb._C_testing (FASTPERTURB_BUILD_TESTING=1), never into
+// fastperturb._C or the wheel. It registers the five fused ops a second time,
+// as torch.ops.fastperturb_worklist.*, with the same schemas
 // (fastperturb/schemas.h) and the same host code as the CUDA launcher
-// (fastperturb/worklist_ops.h): the same plan, the same kernel arguments
+// (cuda/worklist_ops.h): the same plan, the same kernel arguments
 // (LaunchArgs / FinalizeArgs), the same per-block loop and element functors
-// (fastperturb/worklist.h). Each "launch" is walked block by block, each block
+// (fastperturb/worklist/device.h). Each "launch" is walked block by block, each block
 // as `lanes` emulated threads; the block's lanes are combined in lane order
 // where the GPU uses cub::BlockReduce. This lets the CPU tests run everything
 // the CUDA ops do except the kernels' thread indexing and the CUB reduction.
@@ -23,10 +25,11 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu/checks.h"
+#include "common/checks.h"
+#include "cuda/worklist_ops.h"
 #include "fastperturb/schemas.h"
-#include "fastperturb/worklist.h"
-#include "fastperturb/worklist_ops.h"
+#include "fastperturb/worklist/device.h"
+#include "fastperturb/worklist/plan.h"
 
 namespace fastperturb {
 namespace worklist {
@@ -57,8 +60,7 @@ struct CpuExec {
     const int cap = max_tensors_for_depth(depth);
     l.chunk_size = cfg.chunk_size > 0 ? cfg.chunk_size : kChunkSize;
     l.max_tensors = static_cast<int>(cfg.max_tensors > 0 ? std::min<int64_t>(cfg.max_tensors, cap) : cap);
-    l.max_blocks =
-        static_cast<int>(cfg.max_blocks > 0 ? std::min<int64_t>(cfg.max_blocks, kMaxBlocks) : kMaxBlocks);
+    l.max_blocks = static_cast<int>(cfg.max_blocks > 0 ? std::min<int64_t>(cfg.max_blocks, kMaxBlocks) : kMaxBlocks);
     return l;
   }
 
@@ -118,7 +120,7 @@ void require_cpu(const char* op, std::initializer_list<at::TensorList> lists,
 
 std::tuple<at::Tensor, at::Tensor> norms_op(at::TensorList tensors, double ord) {
   require_cpu("norms", {tensors});
-  cpu::check_norms(tensors, ord);
+  checks::check_norms(tensors, ord);
   CpuExec ex = executor();
   return norms(ex, tensors, ord);
 }
@@ -126,30 +128,29 @@ std::tuple<at::Tensor, at::Tensor> norms_op(at::TensorList tensors, double ord) 
 at::Tensor grad_stats_op(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
                          double accum_weight, bool accum_init, double adaptive_eta) {
   require_cpu("grad_stats_", {grads, accum, params, backups});
-  cpu::check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+  checks::check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
   CpuExec ex = executor();
   return grad_stats(ex, grads, accum, params, backups, accum_weight, accum_init, adaptive_eta);
 }
 
-void ascent_step_op(at::TensorList params, at::TensorList grads, at::TensorList backups,
-                    const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
-                    double adaptive_eta, bool zero_grads) {
+void ascent_step_op(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                    const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   require_cpu("ascent_step_", {params, grads, backups}, {&step_coef, &proj});
-  cpu::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
   CpuExec ex = executor();
   ascent_step(ex, params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads);
 }
 
 void restore_op(at::TensorList params, at::TensorList backups) {
   require_cpu("restore_", {params, backups});
-  cpu::check_restore(params, backups);
+  checks::check_restore(params, backups);
   CpuExec ex = executor();
   restore(ex, params, backups);
 }
 
 void combine_grads_op(at::TensorList grads, at::TensorList accum, double weight) {
   require_cpu("combine_grads_", {grads, accum});
-  cpu::check_combine_grads(grads, accum, weight);
+  checks::check_combine_grads(grads, accum, weight);
   CpuExec ex = executor();
   combine_grads(ex, grads, accum, weight);
 }
@@ -157,9 +158,8 @@ void combine_grads_op(at::TensorList grads, at::TensorList accum, double weight)
 // The planner's layout: (tensors [R, 3] = launch, group, tensor index, one row
 // per table entry; blocks [B, 7] = launch, entry, tensor index, chunk, slot,
 // begin, end).
-std::tuple<at::Tensor, at::Tensor> plan_op(std::vector<int64_t> numels, std::vector<int64_t> groups,
-                                           int64_t chunk_size, int64_t max_tensors, int64_t max_blocks,
-                                           int64_t depth) {
+std::tuple<at::Tensor, at::Tensor> plan_op(std::vector<int64_t> numels, std::vector<int64_t> groups, int64_t chunk_size,
+                                           int64_t max_tensors, int64_t max_blocks, int64_t depth) {
   TORCH_CHECK_VALUE(depth >= 1 && depth <= 4, "depth must be in [1, 4], got ", depth);
   TORCH_CHECK_VALUE(groups.empty() || groups.size() == numels.size(),
                     "groups must be empty or have one entry per tensor");
@@ -199,11 +199,11 @@ std::vector<int64_t> configure_op(int64_t chunk_size, int64_t max_tensors, int64
                                   int64_t finalize_tensors) {
   TORCH_CHECK_VALUE(chunk_size >= 0, "chunk_size must be >= 0 (0: the CUDA value), got ", chunk_size);
   TORCH_CHECK_VALUE(max_tensors >= 0 && max_tensors <= 255, "max_tensors must be in [0, 255], got ", max_tensors);
-  TORCH_CHECK_VALUE(max_blocks >= 0 && max_blocks <= kMaxBlocks, "max_blocks must be in [0, ", kMaxBlocks,
-                    "], got ", max_blocks);
+  TORCH_CHECK_VALUE(max_blocks >= 0 && max_blocks <= kMaxBlocks, "max_blocks must be in [0, ", kMaxBlocks, "], got ",
+                    max_blocks);
   TORCH_CHECK_VALUE(lanes >= 0 && lanes <= 4096, "lanes must be in [0, 4096], got ", lanes);
-  TORCH_CHECK_VALUE(finalize_tensors >= 0 && finalize_tensors <= kFinalizeTensors,
-                    "finalize_tensors must be in [0, ", kFinalizeTensors, "], got ", finalize_tensors);
+  TORCH_CHECK_VALUE(finalize_tensors >= 0 && finalize_tensors <= kFinalizeTensors, "finalize_tensors must be in [0, ",
+                    kFinalizeTensors, "], got ", finalize_tensors);
   std::lock_guard<std::mutex> lock(config_mutex);
   const Config old = config;
   config = Config{chunk_size, max_tensors, max_blocks, lanes, finalize_tensors};

@@ -1,0 +1,111 @@
+"""The host side of a Triton op call: the launch plan, one int64 buffer holding
+per (dtype, vector width) group a pointer table and a work list of
+(row, chunk) pairs, so every op runs in O(1) launches whatever the number of
+tensors (``docs/design.md`` §5.2)."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from typing import Sequence
+
+import torch
+import triton.language as tl
+from torch import Tensor
+
+from .runtime import Tuning
+
+TYPES = {
+    # torch dtype: (element type, load/store type, integer type of the same width, compute type)
+    torch.float16: (tl.float16, tl.float16, tl.int16, tl.float32),
+    torch.bfloat16: (tl.bfloat16, tl.int16, tl.int16, tl.float32),
+    torch.float32: (tl.float32, tl.float32, tl.int32, tl.float32),
+    torch.float64: (tl.float64, tl.float64, tl.int64, tl.float64),
+}
+INT_OF_SIZE = {2: tl.int16, 4: tl.int32, 8: tl.int64}
+VECTOR_BYTES = 16
+
+
+def f64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+class Group:
+    __slots__ = ("key", "vec", "meta", "work", "programs")
+
+    def __init__(self, key, vec: int, meta: Tensor, work: Tensor, programs: int) -> None:
+        self.key, self.vec, self.meta, self.work, self.programs = key, vec, meta, work, programs
+
+
+class Plan:
+    """The launch plan of one op call, in one int64 buffer on the device.
+
+    ``pbase``: first partial slot of each tensor (n + 1 entries; tensor i owns
+    slots ``pbase[i] .. pbase[i+1]-1``, one per chunk). ``scal``: float64
+    scalars stored as bits. ``groups``: one per (key, vec) present among the
+    non-empty tensors, where key is what the kernel is specialised on (the
+    dtype) and vec is 16 bytes of elements when all the tensor's pointers are
+    16-byte aligned and its numel a multiple of that (else 1): a pointer table
+    (rows of ``ptr columns + [numel, first slot, index]``) and the work list of
+    (row, chunk) pairs. So at most two launches per key, whatever the number
+    of tensors.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        lists: Sequence[Sequence[Tensor]],
+        keys: Sequence[object],
+        scalars: Sequence[float] = (),
+    ) -> None:
+        chunk = Tuning.chunk_size
+        ref = lists[0]
+        n = len(ref)
+        numels = [t.numel() for t in ref]
+        nchunks = [-(-k // chunk) for k in numels]
+        pbase = [0] * (n + 1)
+        for i, k in enumerate(nchunks):
+            pbase[i + 1] = pbase[i] + k
+        self.n = n
+        self.slots = pbase[n]
+        self.chunk, self.block = chunk, Tuning.block_size
+
+        members: dict[tuple, list[int]] = {}
+        rows_of: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            if not nchunks[i]:
+                continue
+            row = [ts[i].data_ptr() if len(ts) else 0 for ts in lists]
+            vec = VECTOR_BYTES // ref[i].element_size()
+            if numels[i] % vec or any(ptr % VECTOR_BYTES for ptr in row):  # (0 for an absent list)
+                vec = 1
+            members.setdefault((k, vec), []).append(i)
+            rows_of[i] = row
+
+        head = pbase + [f64_bits(s) for s in scalars]
+        ints = list(head)
+        layout = []  # (key, vec, meta offset, meta length, work offset, work length, programs)
+        for (key, vec), idx in members.items():
+            meta_at = len(ints)
+            for i in idx:
+                ints += rows_of[i]
+                ints += (numels[i], pbase[i], i)
+            work_at = len(ints)
+            for r, i in enumerate(idx):
+                k = nchunks[i]
+                ints += itertools.chain.from_iterable(zip(itertools.repeat(r, k), range(k)))
+            layout.append(
+                (key, vec, meta_at, work_at - meta_at, work_at, len(ints) - work_at, (len(ints) - work_at) // 2)
+            )
+        buf = torch.tensor(ints, dtype=torch.int64)
+        if device.type == "cuda":
+            buf = buf.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            buf = buf.to(device)
+        self.buf = buf
+        self.pbase = buf[: n + 1]
+        self.scal = buf[n + 1 : len(head)]
+        self.groups = [
+            Group(key, vec, buf[mo : mo + ml], buf[wo : wo + wl], programs)
+            for key, vec, mo, ml, wo, wl, programs in layout
+        ]

@@ -38,13 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..optim.wrapper import PerturbOptimizer
-from . import unwrap_optimizer
+from . import routed_max_grad_norm, unwrap_optimizer
 
 try:
     import pytorch_lightning as pl
@@ -95,16 +95,6 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     return float(value)
 
 
-@contextlib.contextmanager
-def _max_grad_norm(optimizer: PerturbOptimizer, value: Optional[float]) -> Iterator[None]:
-    saved = optimizer.max_grad_norm
-    optimizer.max_grad_norm = value
-    try:
-        yield
-    finally:
-        optimizer.max_grad_norm = saved
-
-
 class PerturbMixin:
     """Hooks that make a ``LightningModule`` train right with a fastperturb optimizer.
 
@@ -128,7 +118,7 @@ class PerturbMixin:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
         closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
         try:
-            with _max_grad_norm(opt, clip_setting(self.trainer, opt)):  # type: ignore[attr-defined]
+            with routed_max_grad_norm(opt, clip_setting(self.trainer, opt)):  # type: ignore[attr-defined]
                 scaler = grad_scaler(self.trainer)  # type: ignore[attr-defined]
                 if scaler is None or closure is None:
                     optimizer.step(closure=closure)

@@ -190,6 +190,9 @@ def targets(results: list[dict]) -> list[dict]:
             "<= 1 (one buffer per perturbed tensor)", lambda v: v <= 1.1)
         add(f"proxy-model AWP peak memory overhead on {model}, x parameter bytes (for comparison)",
             proxy["overhead_x_params"] if proxy else None, "~3 (issue #3)", lambda v: v >= 2)
+    from .train_loop import targets as train_loop_targets
+
+    out.extend(train_loop_targets(results))
     return out
 
 

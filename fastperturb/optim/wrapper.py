@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -390,7 +391,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"{type(self).__name__} skipped a step: {err} (opt.skipped_steps counts skipped steps; "
                 "nonfinite='raise' raises fastperturb.NonFiniteGradient instead). Warned once per optimizer.",
-                RuntimeWarning, stacklevel=4,
+                RuntimeWarning, stacklevel=_caller_stacklevel(),
             )
 
     def _named(self, err: NonFiniteGradient, plan: _Plan) -> NonFiniteGradient:
@@ -647,6 +648,15 @@ def _keyword_names(cls: type) -> set:
 
 def _group_key(name: str, taken: set) -> str:
     return f"perturb_{name}" if name in taken else name
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside fastperturb and torch.optim
+    (the user's ``opt.step(...)`` line, however deep the call came from)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("fastperturb.", "torch.optim")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_scaler(scaler: object) -> None:

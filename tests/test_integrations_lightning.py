@@ -208,6 +208,18 @@ def test_automatic_accumulation_without_the_mixin_is_refused(tmp_path):
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+def test_automatic_accumulation_needs_the_mixins_batch_hook(tmp_path):
+    class Overrides(Net):
+        def on_train_batch_start(self, batch, batch_idx):  # forgets super()
+            return None
+
+    model = Overrides("SAM")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="must call super"):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 class ManualAccum(PerturbLightningModule):
     """The accumulation recipe: manual optimization, every micro-batch inside every pass."""
 

@@ -110,8 +110,8 @@ class PerturbMixin:
     perturb_pass: Optional[int] = None
 
     def _counting(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        # A partial (not a nested function) so that fastperturb's check of the training loop
-        # still finds Lightning's Closure inside it (accumulate_grad_batches > 1 is refused).
+        # A partial (not a nested function) keeps Lightning's Closure visible to fastperturb's
+        # check of the training loop.
         return functools.partial(_counted_call, self, [0], closure)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
@@ -134,6 +134,13 @@ class PerturbMixin:
         trainer = self.trainer  # type: ignore[attr-defined]
         accumulating = trainer.accumulate_grad_batches > 1 and optimizer_closure is not None
         if accumulating:
+            n = trainer.accumulate_grad_batches
+            if not window or window[-1][1] != batch_idx or window[0][1] % n != 0:
+                raise RuntimeError(
+                    "PerturbMixin did not see this step's micro-batches (accumulate_grad_batches="
+                    f"{n}): an on_train_batch_start override must call super().on_train_batch_start(batch, "
+                    "batch_idx); the weights were not changed"
+                )
             # Lightning has run backward on the window's earlier micro-batches at the clean
             # weights; the last one's closure completes g_0, then every perturbed pass replays
             # them all (fastperturb takes the gradient in .grad as g_0).

@@ -170,25 +170,52 @@ def test_checkpoint_resume_is_bit_identical(preset, tmp_path):
     assert sd_full["param_groups"][0]["lr"] == sd_res["param_groups"][0]["lr"]
 
 
-def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(accumulate, tmp_path):
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     model = Net("SAM")
-    trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, loader())
+    trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+            accumulate_grad_batches=accumulate).fit(model, loader())
     ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-    ref, _ = hand_loop("SAM", autocast=torch.float16, scaler=ref_scaler)
+    ref = micro_loop("SAM", chunks=accumulate, autocast=torch.float16, scaler=ref_scaler)
     assert_same(model.net, ref)
     assert scaler.get_scale() == ref_scaler.get_scale()
-    assert model.passes == [0, 1] * (N // BATCH)
+    if accumulate == 1:
+        assert model.passes == [0, 1] * (N // BATCH)
 
 
-def test_automatic_accumulation_is_refused_with_the_recipe(tmp_path):
-    """Lightning would run the earlier micro-batches at the clean weights only: refused at the
-    first step, before any weight changes, naming the manual-optimization recipe."""
-    model = Net("SAM")
+def test_automatic_accumulation_without_the_mixin_is_refused(tmp_path):
+    """Lightning alone runs the earlier micro-batches at the clean weights only: refused at the
+    first step, before any weight changes, naming the integration."""
+
+    class Plain(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_net()
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return PRESETS["SAM"](self.parameters())
+
+    model = Plain()
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(fp.UnsupportedTrainingLoop, match="fastperturb.integrations.lightning"):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_automatic_accumulation_needs_the_mixins_batch_hook(tmp_path):
+    class Overrides(Net):
+        def on_train_batch_start(self, batch, batch_idx):  # forgets super()
+            return None
+
+    model = Overrides("SAM")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="must call super"):
         trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
@@ -231,3 +258,40 @@ def test_manual_accumulation_recipe_equals_one_big_batch_step(preset, tmp_path):
     # reduced in one matmul, so fp32 rounding differs at the 1e-7 relative level per step.
     for a, b in zip(model.net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def micro_loop(preset, chunks, epochs=1, autocast=None, scaler=None):
+    """The reference for accumulation: each optimizer step's closure runs ``chunks`` consecutive
+    loader batches, each loss divided by ``chunks`` (Lightning's normalisation)."""
+    net = make_net()
+    opt = PRESETS[preset](net.parameters())
+    sched = make_sched(opt)
+    batches = list(loader())
+    for _ in range(epochs):
+        for s in range(0, len(batches), chunks):
+            window = batches[s:s + chunks]
+
+            def closure():
+                for x, y in window:
+                    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                        loss = F.cross_entropy(net(x), y) / chunks
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                return torch.zeros(())
+            if scaler is None:
+                opt.step(closure)
+            else:
+                opt.step(closure, scaler=scaler)
+                scaler.update()
+            sched.step()
+    return net
+
+
+@pytest.mark.parametrize("preset", ["SAM", "APD"])
+def test_automatic_accumulation_is_exact_with_the_mixin(preset, tmp_path):
+    model = Net(preset)
+    trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
+    ref = micro_loop(preset, chunks=2)
+    assert_same(model.net, ref)
+    steps = PRESETS[preset](make_net().parameters()).spec.steps
+    # per step: micro-batch 1 (clean, by Lightning), micro-batch 2 (clean), then both at each perturbed point
+    assert model.passes == ([None, 0] + [p for k in range(1, steps + 1) for p in (k, k)]) * (N // BATCH // 2)

@@ -84,7 +84,7 @@ def run_trainer(tmp_path, preset, accum, steps, **kw):
     return model, trainer
 
 
-def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None):
+def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None, scaler=None):
     """The same optimizer, param groups and linear LR schedule, driven by step(closure);
     ``base`` is the ``optim`` given to Trainer: ``"sgd"`` or its default, ``"adamw_torch_fused"``;
     ``max_grad_norm`` defaults to TrainingArguments' 1.0."""
@@ -121,11 +121,15 @@ def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None):
                 ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
                 with ctx:
                     loss = model(input_ids=ids, labels=labels).loss.float()
-                (loss / accum).backward()
+                (loss / accum if scaler is None else scaler.scale(loss / accum)).backward()
                 total += loss.detach() / accum
             return total
 
-        opt.step(closure)
+        if scaler is None:
+            opt.step(closure)
+        else:
+            opt.step(closure, scaler=scaler)
+            scaler.update()
         sched.step()
     return model, opt
 
@@ -139,7 +143,7 @@ DEFAULT_OPTIM = "adamw_torch_fused"  # TrainingArguments' default here
 
 
 @pytest.mark.parametrize("preset,accum,optim", [("SAM", 1, DEFAULT_OPTIM), ("SAM", 2, "sgd"), ("AWP", 2, "sgd"),
-                                                ("APD", 2, DEFAULT_OPTIM)])
+                                                pytest.param("APD", 2, DEFAULT_OPTIM, marks=pytest.mark.slow)])
 def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
     model, trainer = run_trainer(tmp_path, preset, accum, steps=2, optim=optim)
     ref, ref_opt = hand_loop(preset, accum, steps=2, base=optim)
@@ -152,14 +156,14 @@ def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("preset", ["SAM", "APD"])
+@pytest.mark.parametrize("preset", ["SAM", pytest.param("APD", marks=pytest.mark.slow)])
 def test_max_grad_norm_clips_the_descent_gradient(preset, tmp_path):
     model, trainer = run_trainer(tmp_path, preset, accum=2, steps=2, max_grad_norm=0.05, optim="sgd")
     ref, _ = hand_loop(preset, accum=2, steps=2, base="sgd", max_grad_norm=0.05)
     assert_close_models(model, ref)
     unclipped, _ = hand_loop(preset, accum=2, steps=2, base="sgd", max_grad_norm=None)
     assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), unclipped.parameters())), "clip too loose"
-    assert trainer.optimizer.optimizer.max_grad_norm == 0.05
+    assert trainer.optimizer.optimizer.max_grad_norm is None  # routed per step, not saved
 
 
 def test_bf16_mixed_precision_through_accelerate(tmp_path):
@@ -167,6 +171,24 @@ def test_bf16_mixed_precision_through_accelerate(tmp_path):
     assert trainer.accelerator.mixed_precision == "bf16"
     ref, _ = hand_loop("SAM", accum=2, steps=2, base="sgd", autocast=torch.bfloat16)
     assert_close_models(model, ref)
+
+
+@pytest.mark.slow
+def test_grad_scaler_is_handed_to_the_optimizer(tmp_path):
+    """fp16 on a GPU gives Trainer's Accelerator a GradScaler; on CPU Accelerate makes none, so
+    the test gives the Accelerator a CPU GradScaler before Trainer prepares the optimizer."""
+    cls, pkw = PRESETS["SAM"]
+    model = make_model()
+    trainer = PerturbTrainer(model=model, args=args(tmp_path, 2, 2, optim="sgd"), train_dataset=dataset(),
+                             perturb=cls, perturb_kwargs=pkw)
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    trainer.train()
+    assert trainer.optimizer.scaler is scaler  # Accelerate's own fp16 path would be taken without PerturbTrainer
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    ref, _ = hand_loop("SAM", accum=2, steps=2, base="sgd", scaler=ref_scaler)
+    assert_close_models(model, ref)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert not trainer.accelerator.optimizer_step_was_skipped
 
 
 @pytest.mark.slow
@@ -184,7 +206,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("preset,accum", [("SAM", 2), ("APD", 2)])
+@pytest.mark.parametrize("preset,accum", [("SAM", 2), pytest.param("APD", 2, marks=pytest.mark.slow)])
 def test_passes_per_step(preset, accum, tmp_path):
     """Trainer's own forward/backward gives g_0 over all micro-batches; the optimizer then runs
     only the K perturbed passes, each over every micro-batch: (K + 1) * accum forwards a step."""

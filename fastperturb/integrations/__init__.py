@@ -11,9 +11,10 @@ Each submodule imports its framework; this package imports none of them.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator, Optional
 
-__all__ = ["unwrap_optimizer"]
+__all__ = ["unwrap_optimizer", "routed_max_grad_norm"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -28,3 +29,16 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         optimizer = optimizer.optimizer
         seen += 1
     return optimizer
+
+
+@contextlib.contextmanager
+def routed_max_grad_norm(optimizer: Any, value: Optional[float]) -> Iterator[None]:
+    """For the duration of one step, clip the descent gradient to ``value`` (a framework's
+    clipping setting routed to the optimizer); the optimizer's own setting is put back after,
+    so it is neither saved in checkpoints nor compared on resume."""
+    saved = optimizer.max_grad_norm
+    optimizer.max_grad_norm = value
+    try:
+        yield
+    finally:
+        optimizer.max_grad_norm = saved

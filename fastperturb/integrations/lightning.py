@@ -17,12 +17,14 @@ The mixin
   plugin would run the closure once and call ``scaler.step(optimizer)`` without it, so the
   mixin hands the closure and the scaler to the fastperturb optimizer instead;
 * sets :attr:`PerturbMixin.perturb_pass` (0 at the clean weights, k at the k-th perturbed
-  point) while ``training_step`` runs inside a step, e.g. to log only the clean loss.
+  point) while ``training_step`` runs inside a step, e.g. to log only the clean loss;
+* makes ``accumulate_grad_batches > 1`` exact: Lightning runs the earlier micro-batches of a
+  window at the clean weights only, so the mixin remembers them (``on_train_batch_start``:
+  an override must call ``super()``) and replays them all at every perturbed point. Without
+  the mixin fastperturb refuses that loop.
 
-Gradient accumulation (``accumulate_grad_batches > 1``) cannot be exact under automatic
-optimization: Lightning runs the earlier micro-batches' backward before the optimizer step,
-at the clean weights only. Use manual optimization and :func:`perturb_step`, which runs
-every micro-batch at every point (clean and perturbed)::
+Manual optimization: :func:`perturb_step` runs given micro-batches at every point (clean and
+perturbed)::
 
     class Net(PerturbMixin, pl.LightningModule):
         def __init__(self):
@@ -38,13 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..optim.frameworks import accumulation_in_closure
 from ..optim.wrapper import PerturbOptimizer
-from . import unwrap_optimizer
+from . import routed_max_grad_norm, unwrap_optimizer
 
 try:
     import pytorch_lightning as pl
@@ -95,16 +98,6 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     return float(value)
 
 
-@contextlib.contextmanager
-def _max_grad_norm(optimizer: PerturbOptimizer, value: Optional[float]) -> Iterator[None]:
-    saved = optimizer.max_grad_norm
-    optimizer.max_grad_norm = value
-    try:
-        yield
-    finally:
-        optimizer.max_grad_norm = saved
-
-
 class PerturbMixin:
     """Hooks that make a ``LightningModule`` train right with a fastperturb optimizer.
 
@@ -117,19 +110,52 @@ class PerturbMixin:
     perturb_pass: Optional[int] = None
 
     def _counting(self, closure: Callable[[], Any]) -> Callable[[], Any]:
-        # A partial (not a nested function) so that fastperturb's check of the training loop
-        # still finds Lightning's Closure inside it (accumulate_grad_batches > 1 is refused).
+        # A partial (not a nested function) keeps Lightning's Closure visible to fastperturb's
+        # check of the training loop.
         return functools.partial(_counted_call, self, [0], closure)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Optional[int]:
+        # With accumulate_grad_batches > 1 the optimizer step replays the window's earlier
+        # micro-batches at every perturbed point: remember them (override: call super()).
+        n = self.trainer.accumulate_grad_batches  # type: ignore[attr-defined]
+        if n > 1 and self.automatic_optimization:  # type: ignore[attr-defined]
+            window = self.__dict__.setdefault("_perturb_window", [])
+            if batch_idx % n == 0:
+                window.clear()
+            window.append((batch, batch_idx))
+        return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Optional[Callable[[], Any]] = None) -> None:
         opt = unwrap_optimizer(optimizer)
         if not isinstance(opt, PerturbOptimizer):
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
-        closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
+        window = self.__dict__.pop("_perturb_window", [])
+        trainer = self.trainer  # type: ignore[attr-defined]
+        accumulating = trainer.accumulate_grad_batches > 1 and optimizer_closure is not None
+        if accumulating:
+            n = trainer.accumulate_grad_batches
+            if not window or window[-1][1] != batch_idx or window[0][1] % n != 0:
+                raise RuntimeError(
+                    "PerturbMixin did not see this step's micro-batches (accumulate_grad_batches="
+                    f"{n}): an on_train_batch_start override must call super().on_train_batch_start(batch, "
+                    "batch_idx); the weights were not changed"
+                )
+            # Lightning has run backward on the window's earlier micro-batches at the clean
+            # weights; the last one's closure completes g_0, then every perturbed pass replays
+            # them all (fastperturb takes the gradient in .grad as g_0).
+            self.perturb_pass = 0
+            optimizer_closure()
+            closure: Optional[Callable[[], Any]] = functools.partial(
+                _replay_window, self, optimizer, window[:-1], optimizer_closure, [1])
+        else:
+            closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
         try:
-            with _max_grad_norm(opt, clip_setting(self.trainer, opt)):  # type: ignore[attr-defined]
-                scaler = grad_scaler(self.trainer)  # type: ignore[attr-defined]
+            with contextlib.ExitStack() as stack:
+                if accumulating:
+                    stack.enter_context(accumulation_in_closure())
+                stack.enter_context(routed_max_grad_norm(opt, clip_setting(trainer, opt)))
+                scaler = grad_scaler(trainer)
                 if scaler is None or closure is None:
                     optimizer.step(closure=closure)
                 else:
@@ -150,6 +176,33 @@ def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any])
     module.perturb_pass = count[0]
     count[0] += 1
     return closure()
+
+
+def _replay_window(module: PerturbMixin, optimizer: Any, earlier: list, last_closure: Callable[[], Any],
+                   count: list) -> Any:
+    """One perturbed pass over an accumulation window: the earlier micro-batches through the
+    strategy (its precision context, DDP forward, loss scaling; gradient sync blocked), each
+    loss divided by ``accumulate_grad_batches`` as Lightning does, then the last micro-batch
+    through Lightning's own closure."""
+    module.perturb_pass = count[0]
+    count[0] += 1
+    trainer = module.trainer  # type: ignore[attr-defined]
+    n = trainer.accumulate_grad_batches
+    raw = unwrap_optimizer(optimizer)
+    for batch, idx in earlier:
+        sync = optimizer.toggle_model(sync_grad=False) if isinstance(optimizer, LightningOptimizer) \
+            else contextlib.nullcontext()
+        with sync:
+            previous, module._current_fx_name = module._current_fx_name, "training_step"  # type: ignore[attr-defined]
+            try:
+                out = trainer.strategy.training_step(batch, idx)
+            finally:
+                module._current_fx_name = previous  # type: ignore[attr-defined]
+            loss = out.get("loss") if isinstance(out, dict) else out
+            if loss is None:
+                raise RuntimeError("training_step returned no loss for a micro-batch replayed at a perturbed point")
+            trainer.strategy.backward(loss / n, raw)
+    return last_closure()
 
 
 class PerturbLightningModule(PerturbMixin, pl.LightningModule):

@@ -35,7 +35,7 @@ from transformers import Trainer
 
 from ..optim.frameworks import accumulation_in_closure
 from ..optim.wrapper import PerturbOptimizer
-from . import unwrap_optimizer
+from . import routed_max_grad_norm, unwrap_optimizer
 
 __all__ = ["PerturbTrainer"]
 
@@ -107,6 +107,10 @@ class PerturbTrainer(Trainer):
 
     # ---- recording micro-batches and stepping with them --------------------------------
 
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._micro_batches = []  # nothing left over from an interrupted run
+        return super().train(*args, **kwargs)
+
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._replaying:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -122,13 +126,13 @@ class PerturbTrainer(Trainer):
         if getattr(outer.step, "_fastperturb_replay", False):
             return
         opt = self._perturb_optimizer()
-        self._route_clipping(opt)
         counted_step = outer.step  # the scheduler's counting wrapper (or the plain bound method)
 
         def step(closure: Any = None) -> Any:
             if closure is not None:
                 return counted_step(closure)
-            with accumulation_in_closure():  # the replay closure runs every micro-batch
+            # the replay closure runs every micro-batch; max_grad_norm clips the descent gradient
+            with accumulation_in_closure(), routed_max_grad_norm(opt, self._max_grad_norm(opt)):
                 return self._step_with_replay(outer, counted_step, opt)
 
         step._fastperturb_replay = True  # type: ignore[attr-defined]
@@ -176,17 +180,17 @@ class PerturbTrainer(Trainer):
     # ---- clipping: the descent gradient, not the clean one ---------------------------------
 
     def _clip_grad_norm(self, model: nn.Module) -> Any:
-        """``Trainer`` clips the clean gradient before ``step()``; here ``max_grad_norm`` is the
-        optimizer's and clips the final descent gradient (see :meth:`_route_clipping`). Returns the
-        clean gradient's norm, unclipped, for the log."""
+        """``Trainer`` clips the clean gradient before ``step()``; here ``max_grad_norm`` clips the
+        final descent gradient instead (routed to the optimizer for each step). Returns the clean
+        gradient's norm, unclipped, for the log."""
         return self._get_grad_norm(model)
 
-    def _route_clipping(self, opt: PerturbOptimizer) -> None:
+    def _max_grad_norm(self, opt: PerturbOptimizer) -> Optional[float]:
         value = float(self.args.max_grad_norm or 0.0)
         if value <= 0:
-            return
+            return opt.max_grad_norm
         if opt.max_grad_norm is not None and opt.max_grad_norm != value:
             raise ValueError(f"TrainingArguments(max_grad_norm={value}) and {type(opt).__name__}(max_grad_norm="
                              f"{opt.max_grad_norm}) disagree; set only one of them (max_grad_norm=0 disables "
                              "Trainer's)")
-        opt.max_grad_norm = value
+        return value

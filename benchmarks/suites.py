@@ -399,6 +399,9 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
                 closure = SyntheticClosure(params, pre)
                 with backends.use_backend(b):
                     opt = wrapper(params, base, **preset.kwargs)
+                # The implementations share these tensors, so another one's gradient writes would look
+                # like a caller's g_0 to step(): give it g_0 explicitly, as the peers get it (K+1 calls).
+                opt.closure_calls_self = False
                 return _wrap_step(opt, closure, b, k), opt, closure
         else:
             def make(b=b):

@@ -13,15 +13,13 @@ step (median). Target: the same number of passes, and not slower. For reference,
 same fastperturb optimizer is also timed with its clean-pass convention
 (``opt.step(closure)`` alone: K+1 = 2 closure calls, no caller pass).
 
-Run alone: ``python -m benchmarks.train_loop [--quick]``; or as a suite of the runner:
-``python -m benchmarks --suites train_loop``.
+Run: ``python -m benchmarks --suites train_loop --threads 1`` (``--train-batch``, ``--reps``;
+``--quick`` for a smoke run on the MLP).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 from typing import Callable, Optional, TextIO
 
 import torch
@@ -167,7 +165,7 @@ def run_suite(device: torch.device, batch: int = 32, warmup: int = 2, reps: int 
 def suite_train_loop(cfg) -> list:
     """The runner's entry (``cfg`` is :class:`benchmarks.suites.Config`)."""
     return run_suite(cfg.device, batch=cfg.train_batch, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
-                     budget_s=max(cfg.budget_s, 5.0), models=cfg.models.get(SUITE, MODELS), progress=cfg.progress)
+                     budget_s=max(cfg.budget_s, 60.0), models=cfg.models.get(SUITE, MODELS), progress=cfg.progress)
 
 
 def targets(results: list) -> list:
@@ -193,14 +191,15 @@ def print_table(results: list, out: TextIO) -> None:
         return
     out.write(f"\n== {SUITE} ==  (the common SAM wrappers' loop on a real model, interleaved; "
               "passes = forward/backward per step, counted)\n")
-    peer = next((r for r in rows if r["status"] == "ok" and r["kind"] == "peer"), None)
-    header = ["model", "impl", "loop", "passes", "median ms", "min-max ms", "reps", "vs pytorch-optimizer"]
+    peers_by_model = {r["model"]: r for r in rows if r["status"] == "ok" and r["kind"] == "peer"}
+    header = ["model", "impl", "loop", "passes", "median ms", "min-max ms", "reps", "speedup vs pytorch-optimizer"]
     table = []
     for r in rows:
         if r["status"] != "ok":
             out.write(f"  {r['model']} {r['impl']}: {r['status']}: {r['reason']}\n")
             continue
-        ratio = f"{peer['median_s'] / r['median_s']:.2f}x faster" if peer and r is not peer else "-"
+        peer = peers_by_model.get(r["model"])
+        ratio = f"{peer['median_s'] / r['median_s']:.2f}x" if peer and r is not peer else "-"
         table.append([r["model"], r["impl"], r.get("convention", ""), f"{r['passes_per_step']:.2f}",
                       f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}",
                       str(r["reps"]), ratio])
@@ -208,28 +207,3 @@ def print_table(results: list, out: TextIO) -> None:
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "\n")
     for t in table:
         out.write("  ".join(c.ljust(w) for c, w in zip(t, widths)) + "\n")
-
-
-def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_loop", description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated: {', '.join(BUILDERS)}")
-    p.add_argument("--quick", action="store_true", help="batch 8, 3 repetitions (a smoke test)")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    batch, reps = (8, 3) if args.quick else (args.batch, args.reps)
-    load = timing.load_average()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    results = run_suite(torch.device("cpu"), batch=batch, reps=reps, min_reps=min(reps, 3), budget_s=60.0,
-                        models=models)
-    sys.stdout.write(f"torch {torch.__version__}  threads={torch.get_num_threads()}  load avg start={load} "
-                     f"end={timing.load_average()}\n")
-    print_table(results, sys.stdout)
-    return 0 if all(r["status"] == "ok" for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,9 +17,11 @@ DEFAULT_MODELS = {
     "step": ["resnet50", "small1000"],
     "train": ["cnn"],
     "memory": ["bert-base"],
+    "train_loop": list(suites._TRAIN_LOOP_MODELS),
 }
-QUICK_MODELS = {"ops": ["tiny"], "cycle": ["tiny"], "step": ["tiny"], "train": ["cnn"], "memory": ["tiny"]}
-UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS)}
+QUICK_MODELS = {"ops": ["tiny"], "cycle": ["tiny"], "step": ["tiny"], "train": ["cnn"], "memory": ["tiny"],
+                "train_loop": ["mlp"]}
+UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS), "train_loop": 1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -125,6 +127,8 @@ def main(args: argparse.Namespace) -> int:
     if args.memory_model:
         models["memory"] = [args.memory_model]
     for s in wanted:
+        if s == "train_loop":
+            continue  # its models are built in benchmarks/train_loop.py, which checks the names
         if s == "train":
             for m in models["train"]:
                 if m != "cnn":

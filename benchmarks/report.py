@@ -127,6 +127,9 @@ def print_tables(data: dict, out: TextIO) -> None:
                 rows.append([model, case, r["impl"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
                              "-" if ov is None else f"{100 * ov:.1f}%"])
         _table(rows, ["model", "case", "impl", "median ms", "min-max", "overhead"], out)
+    from .train_loop import print_table as print_train_loop  # its own table
+
+    print_train_loop(results, out)
     groups = _groups(results, "memory")
     if groups:
         out.write("\n== memory ==  (separate process per implementation; overhead = peak RSS - baseline)\n")
@@ -187,6 +190,9 @@ def targets(results: list[dict]) -> list[dict]:
             "<= 1 (one buffer per perturbed tensor)", lambda v: v <= 1.1)
         add(f"proxy-model AWP peak memory overhead on {model}, x parameter bytes (for comparison)",
             proxy["overhead_x_params"] if proxy else None, "~3 (issue #3)", lambda v: v >= 2)
+    from .train_loop import targets as train_loop_targets
+
+    out.extend(train_loop_targets(results))
     return out
 
 

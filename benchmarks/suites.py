@@ -26,7 +26,7 @@ from fastperturb.ops import dispatch as backends
 from . import counters, fused, peers, shapes, timing
 from .timing import Candidate
 
-SUITES = ("ops", "cycle", "step", "train", "memory")
+SUITES = ("ops", "cycle", "step", "train", "memory", "train_loop")
 
 
 @dataclass
@@ -399,6 +399,9 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
                 closure = SyntheticClosure(params, pre)
                 with backends.use_backend(b):
                     opt = wrapper(params, base, **preset.kwargs)
+                # The implementations share these tensors, so another one's gradient writes would look
+                # like a caller's g_0 to step(): give it g_0 explicitly, as the peers get it (K+1 calls).
+                opt.closure_calls_self = False
                 return _wrap_step(opt, closure, b, k), opt, closure
         else:
             def make(b=b):
@@ -772,3 +775,7 @@ def suite_memory(cfg: Config) -> list[dict]:
 
 
 RUNNERS = {"ops": suite_ops, "cycle": suite_cycle, "step": suite_step, "train": suite_train, "memory": suite_memory}
+
+from .train_loop import MODELS as _TRAIN_LOOP_MODELS, suite_train_loop  # noqa: E402  (it imports nothing from here)
+
+RUNNERS["train_loop"] = suite_train_loop

@@ -319,3 +319,16 @@ def test_bench_cli_writes_json_and_chart(tmp_path, capsys):
     assert "== cycle ==" in text
     pytest.importorskip("matplotlib")
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_loop_suite_counts_the_documented_loop_passes():
+    """The common SAM wrappers' loop costs fastperturb and pytorch-optimizer the same 2 passes."""
+    pytest.importorskip("pytorch_optimizer")
+    from benchmarks import train_loop
+
+    recs = train_loop.run_suite(torch.device("cpu"), batch=2, warmup=1, reps=1, min_reps=1, models=["mlp"])
+    assert {(r["impl"], r["convention"]) for r in recs} == {
+        ("fastperturb.SAM", "documented loop"), ("pytorch-optimizer SAM", "documented loop"),
+        ("fastperturb.SAM", "step(closure) alone")}
+    assert all(r["status"] == "ok" and r["passes_per_step"] == 2.0 and r["median_s"] > 0 for r in recs)

@@ -212,3 +212,40 @@ def test_accumulation_in_closure_lets_an_integration_through(fresh_accelerate_st
         opt.optimizer.step(closure)
     with pytest.raises(fp.UnsupportedTrainingLoop):
         opt.optimizer.step(closure)
+
+
+# ---- Hugging Face Trainer ----------------------------------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+
+class _TinyRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make_net()
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return len(X)
+
+    def __getitem__(self, i):
+        return {"x": X[i], "labels": Y[i]}
+
+
+def test_plain_hf_trainer_is_told_to_use_the_integration(tmp_path, fresh_accelerate_state):
+    """transformers' Trainer calls optimizer.step() with no closure: the error names PerturbTrainer."""
+    model = _TinyRegressor()
+    before = snapshot(model)
+    opt = OPTS["apd"](model.parameters())
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
+                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Pairs(), optimizers=(opt, None))
+    with pytest.raises(TypeError, match=r"Hugging Face Trainer: use fastperturb\.integrations\.transformers\."
+                                        r"PerturbTrainer.*no first_step"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -104,7 +105,8 @@ def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
 class PerturbOptimizer(torch.optim.Optimizer):
     """A base optimizer driven through weight-perturbation cycles (DESIGN.md section 2).
 
-    ``step(closure)`` computes the gradient at ``w``, takes ``spec.steps`` ascent steps
+    ``step(closure)`` takes the gradient at ``w`` (the caller's, if a backward ran since the
+    last ``step()``/``zero_grad()``; else from the closure), takes ``spec.steps`` ascent steps
     (each followed by the closure at the perturbed point), leaves the descent gradient
     ``G = sum_k c_k g_k`` in ``.grad`` at the exactly restored ``w`` and runs the base
     optimizer's step. The presets (:class:`SAM`, :class:`ASAM`, :class:`AWP`,
@@ -342,8 +344,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
         seen = self._grads_seen
-        if len(seen) != len(params):
-            return any(p.grad is not None for p in params)
+        if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
+            return False
         return _any_grad_changed(params, seen)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -389,7 +391,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"{type(self).__name__} skipped a step: {err} (opt.skipped_steps counts skipped steps; "
                 "nonfinite='raise' raises fastperturb.NonFiniteGradient instead). Warned once per optimizer.",
-                RuntimeWarning, stacklevel=4,
+                RuntimeWarning, stacklevel=_caller_stacklevel(),
             )
 
     def _named(self, err: NonFiniteGradient, plan: _Plan) -> NonFiniteGradient:
@@ -596,7 +598,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None)
+        state.update(_backups={}, _accums={}, _pending=None, _overflow_holder=None, _grads_seen=[])
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -652,6 +654,15 @@ def _keyword_names(cls: type) -> set:
 
 def _group_key(name: str, taken: set) -> str:
     return f"perturb_{name}" if name in taken else name
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first frame outside fastperturb and torch.optim
+    (the user's ``opt.step(...)`` line, however deep the call came from)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("fastperturb.", "torch.optim")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_scaler(scaler: object) -> None:

@@ -494,7 +494,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
             checks.append(coef < 1.0)
         # The one place Python branches on G: both decisions in one device sync (one
-        # torch.compile graph break); the clipping factor stays a tensor.
+        # torch.compile graph break). The clipping factor stays a tensor: as a Python float
+        # it would make dynamo recompile at every step that clips.
         finite, *clip = torch.stack(checks).tolist()
         if not finite:
             names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)

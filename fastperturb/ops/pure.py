@@ -24,6 +24,7 @@ from . import validation as V
 
 # grad_stats_'s schema (csrc/include/fastperturb/schemas.h) minus accum,
 # accum_weight and accum_init; tests/test_compile.py checks that they agree.
+NAME = "grad_stats"
 SCHEMA = "grad_stats(Tensor[] grads, Tensor[] params, Tensor[] backups, *, float adaptive_eta=-1.0) -> Tensor"
 
 _LIBS: list[torch.library.Library] = []  # keeps the registrations alive
@@ -36,7 +37,7 @@ def _fake(grads, params, backups, *, adaptive_eta=-1.0):
 
 def register(namespace: str) -> None:
     """Define ``namespace::grad_stats`` on top of ``namespace::grad_stats_`` (idempotent)."""
-    if hasattr(getattr(torch.ops, namespace), "grad_stats"):
+    if hasattr(getattr(torch.ops, namespace), NAME):
         return
     mutating = getattr(torch.ops, namespace).grad_stats_
 
@@ -47,6 +48,6 @@ def register(namespace: str) -> None:
     lib.define(SCHEMA)
     # CompositeExplicitAutograd: one kernel for every device, which redispatches to the
     # device's grad_stats_ (and is not decomposed by tracing, so the op stays in the graph).
-    lib.impl("grad_stats", impl, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{namespace}::grad_stats", _fake, lib=lib)
+    lib.impl(NAME, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{namespace}::{NAME}", _fake, lib=lib)
     _LIBS.append(lib)

@@ -244,8 +244,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:  # type: ignore[override]
-        base = self.__dict__.get("base_optimizer")
-        return self.__dict__["_own_param_groups"] if base is None else base.param_groups
+        return _read_through(self, "param_groups")
 
     @param_groups.setter
     def param_groups(self, value: List[Dict[str, Any]]) -> None:
@@ -257,8 +256,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self) -> Dict[Any, Any]:  # type: ignore[override]
-        base = self.__dict__.get("base_optimizer")
-        return self.__dict__["_own_state"] if base is None else base.state
+        return _read_through(self, "state")
 
     @state.setter
     def state(self, value: Dict[Any, Any]) -> None:
@@ -713,6 +711,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 group.setdefault(k, v)
         if settings is not None:
             self.spec, self.max_grad_norm, self.nonfinite = spec, max_grad_norm, nonfinite
+
+
+def _read_through(opt: Any, name: str) -> Any:
+    """``opt.base_optimizer.<name>``, or this object's own before the base exists. An object that
+    borrows this class without its attributes (Lightning's ``LightningOptimizer`` imitates the class
+    of the optimizer it wraps) gets an AttributeError, so Python falls back to its ``__getattr__``."""
+    d = opt.__dict__
+    base = d.get("base_optimizer")
+    if base is not None:
+        return getattr(base, name)
+    if f"_own_{name}" in d:
+        return d[f"_own_{name}"]
+    raise AttributeError(name)
 
 
 def _keyword_names(cls: type) -> set:

@@ -146,11 +146,12 @@ def test_demo_diverging_training_is_a_usage_error(tmp_path, capsys):
 
 
 def test_robustness_tool_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no such file"):
-        cli.main(["robustness", "--model", str(tmp_path / "missing.pt"), "--data", "digits"])
-    with pytest.raises(SystemExit, match="no parameters"):
-        torch.save(torch.nn.ReLU(), tmp_path / "relu.pt")
-        cli.main(["robustness", "--model", str(tmp_path / "relu.pt"), "--data", "digits", "--no-progress"])
+    # A user's mistake is one line naming the argument, exit code 2 (issue 13); it used to be argparse's SystemExit.
+    assert cli.main(["robustness", "--model", str(tmp_path / "missing.pt"), "--data", "digits"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    torch.save(torch.nn.ReLU(), tmp_path / "relu.pt")
+    assert cli.main(["robustness", "--model", str(tmp_path / "relu.pt"), "--data", "digits", "--no-progress"]) == 2
+    assert "no parameters" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli.main(["robustness", "--model", "fastperturb.tools.demo:DigitsCNN", "--data", "digits", "--eps", "-1"])
     assert e.value.code == 2

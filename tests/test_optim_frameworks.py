@@ -209,9 +209,30 @@ def test_accumulation_in_closure_lets_an_integration_through(fresh_accelerate_st
         return loss
 
     with fp.optim.frameworks.accumulation_in_closure():
-        opt.optimizer.step(closure)
+        opt.step(closure)
     with pytest.raises(fp.UnsupportedTrainingLoop):
-        opt.optimizer.step(closure)
+        opt.step(closure)
+
+
+def test_accelerate_state_left_behind_does_not_refuse_a_plain_loop(fresh_accelerate_state):
+    """Accelerate's accumulation setting is process-wide and outlives its Accelerator: only a step
+    that comes through Accelerate's optimizer wrapper is refused, not a plain loop run later."""
+    acc = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    net = make_net()
+    _, prepared = acc.prepare(net, OPTS["sam"](net.parameters()))
+    with pytest.raises(fp.UnsupportedTrainingLoop):
+        prepared.step(lambda: _mse_backward(net))
+    plain = make_net()
+    opt = OPTS["sam"](plain.parameters())
+    before = [p.detach().clone() for p in plain.parameters()]
+    opt.step(lambda: _mse_backward(plain))  # the same process, no Accelerate in the call
+    assert any(not torch.equal(p, q) for p, q in zip(plain.parameters(), before))
+
+
+def _mse_backward(net):
+    loss = nn.functional.mse_loss(net(X), Y)
+    loss.backward()
+    return loss
 
 
 # ---- Hugging Face Trainer ----------------------------------------------------------------

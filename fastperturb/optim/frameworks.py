@@ -65,12 +65,15 @@ def check_step(optimizer: Any, closure: Any) -> None:
             raise UnsupportedTrainingLoop(
                 f"{name} under Lightning automatic optimization with accumulate_grad_batches={n}: Lightning "
                 "runs the earlier micro-batches itself and passes step() the closure of the last one only, so "
-                "the perturbed passes would see one micro-batch (a silently wrong step). Use "
-                f"{LIGHTNING_RECIPE} (manual optimization whose closure runs every micro-batch) and "
-                "accumulate_grad_batches=1. Nothing was changed."
+                "the perturbed passes would see one micro-batch (a silently wrong step). Mix "
+                f"{LIGHTNING_RECIPE}.PerturbMixin into the LightningModule (it replays the whole window at "
+                f"every perturbed point: exact), or use manual optimization with {LIGHTNING_RECIPE}.perturb_step "
+                "and accumulate_grad_batches=1. Nothing was changed."
             )
     steps = _accelerate_accumulation_steps()
-    if steps > 1 and not _accumulation_in_closure.get():
+    # Accelerate's accumulation state is process-wide and outlives the Accelerator that set it:
+    # refuse only a step that comes through its optimizer wrapper, the path that skips micro-batches.
+    if steps > 1 and not _accumulation_in_closure.get() and _called_by_accelerate_optimizer():
         raise UnsupportedTrainingLoop(
             f"{name} in an Accelerate loop with gradient_accumulation_steps={steps}: accelerator.accumulate() "
             "skips optimizer.step() on the micro-batches that do not sync, so their data never reaches the "
@@ -116,6 +119,11 @@ def _accelerate_accumulation_steps() -> int:
         return int(gradient_state().num_steps)
     except Exception:  # a changed Accelerate internal must not break plain training
         return 1
+
+
+def _called_by_accelerate_optimizer() -> bool:
+    """Whether this step() was reached through Accelerate's ``AcceleratedOptimizer.step``."""
+    return any(m == "accelerate.optimizer" for m in _caller_modules())
 
 
 def no_closure_message(optimizer: Any) -> str:

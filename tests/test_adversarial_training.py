@@ -193,7 +193,8 @@ def test_demo_adversarial_end_to_end(tmp_path, capsys):
     out = tmp_path / "adv"
     rc = cli.main(["demo-adversarial", "--epochs", "2", "--warmup", "1", "--seeds", "0,1",
                    "--presets", "pgd,pgd-awp,trades-awp",
-                   "--train-steps", "1", "--eval-steps", "2", "--eval-restarts", "1", "--flat-eps", "0.01",
+                   "--train-size", "300", "--train-steps", "1", "--eval-steps", "2", "--eval-restarts", "1",
+                   "--flat-eps", "0.01",
                    "--flat-steps", "1", "--batch-size", "256", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -204,6 +205,7 @@ def test_demo_adversarial_end_to_end(tmp_path, capsys):
         assert set(by_seed) == {"0", "1"}
         for r in by_seed.values():
             assert len(r["history"]["robust_test"]) == 2
+            assert r["history"]["robust_train"][0] in {k / 300 for k in range(301)}  # measured on the 300 kept
             assert 0 <= r["final"]["robust_test"] <= 1 and r["final"]["adv_loss_change"]["0.01"] > 0
     # pgd vs pgd-awp are paired; trades-awp has no plain TRADES to compare with
     claims = [c["claim"] for c in doc["claims"]]

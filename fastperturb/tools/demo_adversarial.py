@@ -107,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="relative weight-corruption radii of the flatness measure (default %(default)s)")
     p.add_argument("--flat-steps", type=_number(int, 1, False), default=5,
                    help="ascent steps of the weight corruption (default 5)")
+    p.add_argument("--train-size", type=_number(int, 10, False), default=None,
+                   help="train on this many images of the training split (a fixed random subset, the same for every "
+                        "preset and seed; default all 1438): fewer images make robust overfitting likelier")
     p.add_argument("--batch-size", type=_number(int, 1, False), default=64)
     p.add_argument("--lr", type=_number(float, 0, True), default=0.05, help="base SGD learning rate (default 0.05)")
     p.add_argument("--threads", type=_number(int, 1, False), default=1, help="torch threads (default 1)")
@@ -340,6 +343,9 @@ def run(args, progress: Optional[bool] = None) -> dict:
     t_start, cpu_start = time.perf_counter(), time.process_time()
     os.makedirs(args.out, exist_ok=True)
     train_data, test_data = digits_split()
+    if args.train_size is not None and args.train_size < len(train_data[1]):
+        keep = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(1))[:args.train_size]
+        train_data = (train_data[0][keep], train_data[1][keep])
     # a fixed subset of the training split, as large as the test split, for the robust train accuracy
     sub = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(0))[:len(test_data[1])]
     data = (train_data, test_data, (train_data[0][sub], train_data[1][sub]))

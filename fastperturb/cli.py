@@ -43,10 +43,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser(argv).parse_args(argv)
-    except SystemExit as e:  # --help, or a bad argument (already printed as one line)
-        return e.code if isinstance(e.code, int) else 2
+    args = build_parser(argv).parse_args(argv)  # a bad argument: one line, SystemExit(2)
     from .tools._args import UsageError
 
     try:

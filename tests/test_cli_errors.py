@@ -63,6 +63,14 @@ def _robustness(mod, *extra):
             "--kinds", "adversarial,random", "--no-progress", *extra]
 
 
+def _main(argv) -> int:
+    """``fastperturb.cli.main``'s exit code: returned for usage errors, SystemExit(2) for argparse's."""
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def _one_line_error(capsys, rc, *needles):
     err = capsys.readouterr().err.strip()
     assert rc == 2, err
@@ -96,14 +104,14 @@ def _one_line_error(capsys, rc, *needles):
 ])
 def test_robustness_errors_are_one_line(work, capsys, extra, needles):
     tmp, mod = work
-    _one_line_error(capsys, cli.main(_robustness(mod, *extra)), *needles)
+    _one_line_error(capsys, _main(_robustness(mod, *extra)), *needles)
 
 
 def test_robustness_weights_that_do_not_match_the_model(work, capsys):
     tmp, mod = work
     args = _robustness(mod, "--data", "d.pt", "--weights", "w.pt")
     args[args.index(f"{mod}:lin")] = f"{mod}:wider"
-    _one_line_error(capsys, cli.main(args), "--weights w.pt does not match the model", "file (3, 4), model (3, 5)")
+    _one_line_error(capsys, _main(args), "--weights w.pt does not match the model", "file (3, 4), model (3, 5)")
 
 
 def test_robustness_bad_model_specs(work, capsys):
@@ -113,21 +121,21 @@ def test_robustness_bad_model_specs(work, capsys):
                          ("nothing-here", "no such file")):
         args = _robustness(mod, "--data", "d.pt")
         args[args.index(f"{mod}:lin")] = spec
-        _one_line_error(capsys, cli.main(args), f"--model {spec}", needle)
+        _one_line_error(capsys, _main(args), f"--model {spec}", needle)
 
 
 def test_a_failed_run_writes_nothing(work, capsys):
     tmp, mod = work
-    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "nan.pt", "--out", "out-nan")), "NaN")
+    _one_line_error(capsys, _main(_robustness(mod, "--data", "nan.pt", "--out", "out-nan")), "NaN")
     assert not (tmp / "out-nan").exists()
-    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "wide.pt", "--out", "out-wide")), "do not fit")
+    _one_line_error(capsys, _main(_robustness(mod, "--data", "wide.pt", "--out", "out-wide")), "do not fit")
     assert not (tmp / "out-wide").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder nobody can write in, even root)")
 def test_robustness_unwritable_out_fails_before_the_work(work, capsys):
     tmp, mod = work
-    _one_line_error(capsys, cli.main(_robustness(mod, "--data", "d.pt", "--out", "/proc/fastperturb-out")),
+    _one_line_error(capsys, _main(_robustness(mod, "--data", "d.pt", "--out", "/proc/fastperturb-out")),
                     "--out /proc/fastperturb-out", "cannot write")
 
 
@@ -168,14 +176,14 @@ def test_console_script_imports_the_model_from_the_current_directory(work):
 ])
 def test_bench_errors_are_one_line(work, capsys, extra, needles):
     tmp, mod = work
-    _one_line_error(capsys, cli.main(["bench", "--model", f"{mod}:lin", *extra]), *needles)
+    _one_line_error(capsys, _main(["bench", "--model", f"{mod}:lin", *extra]), *needles)
 
 
 def test_bench_model_errors(work, capsys):
     tmp, mod = work
-    _one_line_error(capsys, cli.main(["bench", "--model", f"{mod}:broken", "--input-shape", "4"]),
+    _one_line_error(capsys, _main(["bench", "--model", f"{mod}:broken", "--input-shape", "4"]),
                     f"--model {mod}:broken", "calling the factory failed")
-    _one_line_error(capsys, cli.main(["bench", "--model", "nomodule_xyz:f", "--input-shape", "4"]), "cannot import")
+    _one_line_error(capsys, _main(["bench", "--model", "nomodule_xyz:f", "--input-shape", "4"]), "cannot import")
 
 
 # ----------------------------------------------------------------------------- python -m benchmarks

@@ -14,8 +14,16 @@ from typing import Optional
 
 import torch
 
-from fastperturb.tools._args import (OneLineParser, UsageError, check_writable_file, nonnegative_float,
-                                     nonnegative_int, positive_float, positive_int, write_all)
+from fastperturb.tools._args import (
+    OneLineParser,
+    UsageError,
+    check_writable_file,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    write_all,
+)
 
 from . import report, shapes, suites, timing
 
@@ -27,45 +35,95 @@ DEFAULT_MODELS = {
     "memory": ["bert-base"],
     "train_loop": list(suites._TRAIN_LOOP_MODELS),
 }
-QUICK_MODELS = {"ops": ["tiny"], "cycle": ["tiny"], "step": ["tiny"], "train": ["cnn"], "memory": ["tiny"],
-                "train_loop": ["mlp"]}
+QUICK_MODELS = {
+    "ops": ["tiny"],
+    "cycle": ["tiny"],
+    "step": ["tiny"],
+    "train": ["cnn"],
+    "memory": ["tiny"],
+    "train_loop": ["mlp"],
+}
 UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS), "train_loop": 1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suites", default=",".join(suites.SUITES),
-                   help=f"comma-separated suites to run, from {', '.join(suites.SUITES)} (default: all)")
-    p.add_argument("--models", "--model", dest="models", default=None,
-                   help="comma-separated parameter lists for ops/cycle/step: built-in "
-                        f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
-                        "(default: resnet50 for ops; resnet50,small1000 for cycle and step)")
-    p.add_argument("--train-model", default=None, help="train suite model: 'cnn' (default) or pkg.module:factory (3x32x32 in, 10 classes)")
+    p.add_argument(
+        "--suites",
+        default=",".join(suites.SUITES),
+        help=f"comma-separated suites to run, from {', '.join(suites.SUITES)} (default: all)",
+    )
+    p.add_argument(
+        "--models",
+        "--model",
+        dest="models",
+        default=None,
+        help="comma-separated parameter lists for ops/cycle/step: built-in "
+        f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
+        "(default: resnet50 for ops; resnet50,small1000 for cycle and step)",
+    )
+    p.add_argument(
+        "--train-model",
+        default=None,
+        help="train suite model: 'cnn' (default) or pkg.module:factory (3x32x32 in, 10 classes)",
+    )
     p.add_argument("--memory-model", default=None, help="memory suite parameter list (default: bert-base)")
-    p.add_argument("--backends", default=None,
-                   help="comma-separated fastperturb backends to time (cpp, cuda, triton, reference; default: every one available)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated fastperturb backends to time (cpp, cuda, triton, reference; default: every one "
+        "available)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--warmup", type=nonnegative_int, default=2)
     p.add_argument("--reps", type=positive_int, default=10, help="maximum timed repetitions per implementation")
-    p.add_argument("--min-reps", type=positive_int, default=None,
-                   help="minimum repetitions even for slow implementations (default: 3, or --reps if fewer)")
-    p.add_argument("--budget", type=positive_float, default=1.0, help="seconds of timed calls per implementation per case")
+    p.add_argument(
+        "--min-reps",
+        type=positive_int,
+        default=None,
+        help="minimum repetitions even for slow implementations (default: 3, or --reps if fewer)",
+    )
+    p.add_argument(
+        "--budget", type=positive_float, default=1.0, help="seconds of timed calls per implementation per case"
+    )
     p.add_argument("--apd-steps", type=positive_int, default=3, help="K of the APD cycle/step")
     p.add_argument("--mem-steps", type=positive_int, default=20, help="steps per memory-suite process")
-    p.add_argument("--mem-max-seconds", type=nonnegative_float, default=10.0,
-                   help="a memory-suite process stops after this long, having run at least 3 steps (0: always --mem-steps)")
-    p.add_argument("--mem-jobs", type=positive_int, default=2, help="memory-suite processes run side by side (peak RSS is per process)")
-    p.add_argument("--memory-impls", default=None,
-                   help=f"comma-separated memory-suite implementations (default: all of {', '.join(suites.MEMORY_IMPLS)})")
+    p.add_argument(
+        "--mem-max-seconds",
+        type=nonnegative_float,
+        default=10.0,
+        help="a memory-suite process stops after this long, having run at least 3 steps (0: always --mem-steps)",
+    )
+    p.add_argument(
+        "--mem-jobs",
+        type=positive_int,
+        default=2,
+        help="memory-suite processes run side by side (peak RSS is per process)",
+    )
+    p.add_argument(
+        "--memory-impls",
+        default=None,
+        help=f"comma-separated memory-suite implementations (default: all of {', '.join(suites.MEMORY_IMPLS)})",
+    )
     p.add_argument("--train-batch", type=positive_int, default=64)
     p.add_argument("--no-costs", action="store_true", help="skip dispatch counts, allocation and state measurement")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny settings for a smoke test (tiny lists, 1 warm-up, 3 reps, 2 memory steps)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings for a smoke test (tiny lists, 1 warm-up, 3 reps, 2 memory steps)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write results (with environment metadata) here")
     p.add_argument("--chart", default=None, metavar="PATH", help="write a PNG chart here (needs matplotlib)")
-    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
-                   help="compare two result files and print regressions (exit 1 if any); runs nothing")
-    p.add_argument("--threshold", type=positive_float, default=0.10, help="--compare: relative change that counts (default 0.10)")
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        default=None,
+        help="compare two result files and print regressions (exit 1 if any); runs nothing",
+    )
+    p.add_argument(
+        "--threshold", type=positive_float, default=0.10, help="--compare: relative change that counts (default 0.10)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -91,7 +149,9 @@ class _Progress:
             self.bar.set_postfix_str(msg)
             self.bar.update(1)
         else:
-            print(f"[{time.perf_counter() - self.t0:7.1f}s {self.done}/{self.total}] {msg}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - self.t0:7.1f}s {self.done}/{self.total}] {msg}", file=sys.stderr, flush=True
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -116,8 +176,10 @@ def main(args: argparse.Namespace) -> int:
         old, new = (_load_result(p) for p in args.compare)
         regressions = report.compare(old, new, args.threshold, sys.stdout)
         if report.comparable(old, new) == 0:
-            raise UsageError(f"--compare {' '.join(args.compare)}: the files have no measured result in common, "
-                             "so nothing was compared")
+            raise UsageError(
+                f"--compare {' '.join(args.compare)}: the files have no measured result in common, "
+                "so nothing was compared"
+            )
         return 1 if regressions else 0
     for flag, path in (("--json", args.json), ("--chart", args.chart)):
         if path:
@@ -130,8 +192,10 @@ def main(args: argparse.Namespace) -> int:
     wanted = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in suites.SUITES]
     if unknown or not wanted:
-        return _fail(f"--suites {args.suites}: unknown suite(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(suites.SUITES)}")
+        return _fail(
+            f"--suites {args.suites}: unknown suite(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(suites.SUITES)}"
+        )
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -170,16 +234,26 @@ def main(args: argparse.Namespace) -> int:
                 return _fail(f"--models {m}: {e}")
     backends_list = [b.strip() for b in args.backends.split(",")] if args.backends else None
     cfg = suites.Config(
-        device=device, models={s: models[s] for s in wanted}, backends=backends_list,
-        warmup=args.warmup, reps=args.reps, min_reps=args.min_reps, budget_s=args.budget,
-        apd_steps=args.apd_steps, mem_steps=args.mem_steps, measure_costs=not args.no_costs,
-        train_batch=args.train_batch, mem_jobs=args.mem_jobs, mem_max_s=args.mem_max_seconds,
+        device=device,
+        models={s: models[s] for s in wanted},
+        backends=backends_list,
+        warmup=args.warmup,
+        reps=args.reps,
+        min_reps=args.min_reps,
+        budget_s=args.budget,
+        apd_steps=args.apd_steps,
+        mem_steps=args.mem_steps,
+        measure_costs=not args.no_costs,
+        train_batch=args.train_batch,
+        mem_jobs=args.mem_jobs,
+        mem_max_s=args.mem_max_seconds,
         memory_impls=[m.strip() for m in args.memory_impls.split(",")] if args.memory_impls else (),
     )
     bad = [m for m in cfg.memory_impls if m not in suites.MEMORY_IMPLS]
     if bad:
-        return _fail(f"--memory-impls: unknown implementation(s) {', '.join(bad)}; "
-                     f"choose from {', '.join(suites.MEMORY_IMPLS)}")
+        return _fail(
+            f"--memory-impls: unknown implementation(s) {', '.join(bad)}; choose from {', '.join(suites.MEMORY_IMPLS)}"
+        )
     if args.quick:
         cfg.warmup, cfg.reps, cfg.min_reps, cfg.budget_s = 1, 3, 2, 0.2
         cfg.mem_steps, cfg.train_batch = 2, 8
@@ -194,10 +268,12 @@ def main(args: argparse.Namespace) -> int:
         _write(args.json, "--json", lambda path: report.write_json(data, path))
         print(f"\nwrote {args.json}")
     if args.chart:
+
         def draw(path: str) -> None:
             err = report.chart(data, path)
             if err:
                 raise _NoChart(err)
+
         try:
             _write(args.chart, "--chart", draw)
             print(f"wrote {args.chart}")
@@ -239,8 +315,12 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
     config = {k: v for k, v in vars(cfg).items() if k not in ("progress", "bandwidth", "device")}
     config["device"] = str(cfg.device)
     return {
-        "schema": report.SCHEMA, "env": env, "config": config, "bandwidth": cfg.bandwidth,
-        "results": results, "targets": report.targets(results),
+        "schema": report.SCHEMA,
+        "env": env,
+        "config": config,
+        "bandwidth": cfg.bandwidth,
+        "results": results,
+        "targets": report.targets(results),
     }
 
 

@@ -137,8 +137,9 @@ def param_sized(param_sizes: Sequence[int]) -> frozenset[int]:
     return big or frozenset([max(param_sizes, default=1 << 62)])
 
 
-def measure_allocations(fn: Callable[[], object], param_sizes: Sequence[int],
-                        device: Optional[torch.device] = None) -> dict:
+def measure_allocations(
+    fn: Callable[[], object], param_sizes: Sequence[int], device: Optional[torch.device] = None
+) -> dict:
     """Gross bytes allocated by ``fn`` and how many allocations were parameter-sized (see module doc)."""
     sizes = param_sized(param_sizes)
     if device is not None and device.type == "cuda":
@@ -204,8 +205,14 @@ def _allocs_profiler(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
             walk(e.children, ex)
 
     walk(tree, False)
-    return {"method": "profiler", "alloc_bytes": gross, "alloc_count": count,
-            "param_sized_allocs": big, "peak_live_bytes": peak, "param_sized_bytes": sorted(sizes)}
+    return {
+        "method": "profiler",
+        "alloc_bytes": gross,
+        "alloc_count": count,
+        "param_sized_allocs": big,
+        "peak_live_bytes": peak,
+        "param_sized_bytes": sorted(sizes),
+    }
 
 
 def _allocs_cuda(fn: Callable[[], object], sizes: frozenset[int], device: torch.device) -> dict:
@@ -218,16 +225,26 @@ def _allocs_cuda(fn: Callable[[], object], sizes: frozenset[int], device: torch.
     torch.cuda.synchronize(device)
     after = torch.cuda.memory_stats(device)
     key_b, key_n = "allocated_bytes.all.allocated", "allocation.all.allocated"
-    return {"method": "cuda-allocator", "alloc_bytes": after.get(key_b, 0) - before.get(key_b, 0),
-            "alloc_count": after.get(key_n, 0) - before.get(key_n, 0), "param_sized_allocs": None,
-            "peak_live_bytes": torch.cuda.max_memory_allocated(device) - start,
-            "param_sized_bytes": sorted(sizes)}
+    return {
+        "method": "cuda-allocator",
+        "alloc_bytes": after.get(key_b, 0) - before.get(key_b, 0),
+        "alloc_count": after.get(key_n, 0) - before.get(key_n, 0),
+        "param_sized_allocs": None,
+        "peak_live_bytes": torch.cuda.max_memory_allocated(device) - start,
+        "param_sized_bytes": sorted(sizes),
+    }
 
 
 def _allocs_dispatch(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
     c = _run_counted(fn, track_allocs=True)
-    return {"method": "dispatch", "alloc_bytes": c.alloc_bytes, "alloc_count": c.alloc_count,
-            "param_sized_allocs": None, "peak_live_bytes": None, "param_sized_bytes": sorted(sizes)}
+    return {
+        "method": "dispatch",
+        "alloc_bytes": c.alloc_bytes,
+        "alloc_count": c.alloc_count,
+        "param_sized_allocs": None,
+        "peak_live_bytes": None,
+        "param_sized_bytes": sorted(sizes),
+    }
 
 
 CLOSURE_MARK = "fastperturb_bench::closure"

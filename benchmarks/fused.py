@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastperturb.ops import dispatch as backends
 from fastperturb.engine import Cycle, PerturbSpec, run_cycle
+from fastperturb.ops import dispatch as backends
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,30 @@ def presets(apd_steps: int = 3) -> dict[str, Preset]:
     eps = 1e-3
     return {
         "SAM": Preset("SAM", PerturbSpec(norm="l2", scope="global", steps=1), 0.05, 0.05, False, {"rho": 0.05}),
-        "ASAM": Preset("ASAM", PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.01), 0.5, 0.5, False,
-                       {"rho": 0.5, "eta": 0.01}),
-        "AWP": Preset("AWP", PerturbSpec(norm="l2", scope="layer", steps=1, relative=True), 5e-3, 5e-3, True,
-                      {"gamma": 5e-3, "steps": 1}),
-        "APD": Preset("APD", PerturbSpec(norm="l2", scope="global", steps=apd_steps, include_clean=True),
-                      eps, 1.5 * eps / apd_steps, False,
-                      {"eps": eps, "steps": apd_steps, "norm": "l2", "scope": "global", "include_clean": True}),
+        "ASAM": Preset(
+            "ASAM",
+            PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.01),
+            0.5,
+            0.5,
+            False,
+            {"rho": 0.5, "eta": 0.01},
+        ),
+        "AWP": Preset(
+            "AWP",
+            PerturbSpec(norm="l2", scope="layer", steps=1, relative=True),
+            5e-3,
+            5e-3,
+            True,
+            {"gamma": 5e-3, "steps": 1},
+        ),
+        "APD": Preset(
+            "APD",
+            PerturbSpec(norm="l2", scope="global", steps=apd_steps, include_clean=True),
+            eps,
+            1.5 * eps / apd_steps,
+            False,
+            {"eps": eps, "steps": apd_steps, "norm": "l2", "scope": "global", "include_clean": True},
+        ),
     }
 
 
@@ -127,8 +144,9 @@ class EngineStep:
 
     closure_calls_self = True  # calls the closure K+1 times itself
 
-    def __init__(self, params: Sequence[Tensor], base: torch.optim.Optimizer, preset: Preset,
-                 backend: Optional[str] = None):
+    def __init__(
+        self, params: Sequence[Tensor], base: torch.optim.Optimizer, preset: Preset, backend: Optional[str] = None
+    ):
         self.params = list(params)
         self.base = base
         self.fused = FusedCycle(preset, select(preset, self.params), backend)

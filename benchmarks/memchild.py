@@ -77,8 +77,9 @@ def make(a, params, pre):
         opt = peers.ProxyAWP(peers.ParamModule(params), base(params), gamma=preset.radius)
         extra, label = closure.for_module(), "peer"
     elif a.impl == "deep-copy-APD":
-        opt = peers.DeepCopyAPD(params, base, eps=preset.radius, steps=k, eta=preset.step_size,
-                                include_clean=preset.spec.include_clean)
+        opt = peers.DeepCopyAPD(
+            params, base, eps=preset.radius, steps=k, eta=preset.step_size, include_clean=preset.spec.include_clean
+        )
         label = "peer"
     else:
         print(f"unknown --impl {a.impl!r}", file=sys.stderr)
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     marks = []
     done = 0
-    for i in range(a.steps):
+    for _ in range(a.steps):
         step()
         done += 1
         marks.append(peak_bytes(reset_ok) - baseline)
@@ -140,13 +141,25 @@ def main(argv=None) -> int:
     gc.collect()
     end = rss_bytes()
     over = max(peak - baseline, 0)
-    print(json.dumps({
-        "impl_kind": label, "steps": done, "steps_asked": a.steps, "step_s": (time.perf_counter() - t0) / max(done, 1),
-        "peak_overhead_by_step": marks, "param_bytes": pbytes, "baseline_rss": baseline,
-        "peak_rss": peak, "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)", "end_rss": end,
-        "overhead_bytes": over, "overhead_x_params": over / pbytes,
-        "retained_x_params": max(end - baseline, 0) / pbytes,
-    }))
+    print(
+        json.dumps(
+            {
+                "impl_kind": label,
+                "steps": done,
+                "steps_asked": a.steps,
+                "step_s": (time.perf_counter() - t0) / max(done, 1),
+                "peak_overhead_by_step": marks,
+                "param_bytes": pbytes,
+                "baseline_rss": baseline,
+                "peak_rss": peak,
+                "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)",
+                "end_rss": end,
+                "overhead_bytes": over,
+                "overhead_x_params": over / pbytes,
+                "retained_x_params": max(end - baseline, 0) / pbytes,
+            }
+        )
+    )
     return 0
 
 

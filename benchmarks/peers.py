@@ -3,8 +3,9 @@
 These are written from the descriptions in docs/design.md §1 (what people run
 today) plus a careful pure-PyTorch ``torch._foreach_*`` version of each cycle,
 the honest baseline a good engineer would write without custom kernels. They
-live here, beside the benchmark runner, not in the installed package. Every peer computes the same perturbation as the matching
-fastperturb preset (tests/test_bench.py checks it), so only the cost differs.
+live here, beside the benchmark runner, not in the installed package. Every
+peer computes the same perturbation as the matching fastperturb preset
+(tests/test_bench.py checks it), so only the cost differs.
 
 Step conventions: peers written in the style of the common SAM wrapper expect
 the clean gradient g_0 to be in ``.grad`` before ``step(closure)`` and call the
@@ -316,7 +317,7 @@ class DeepCopyAPD:
             deltas = [[torch.zeros_like(p) for p in self.params]]
         loss = None
         try:
-            for k in range(1, k_total + 1):
+            for _ in range(1, k_total + 1):
                 with torch.no_grad():
                     gn = torch.norm(torch.stack([p.grad.norm() for p in self.params]))
                     new = [d + self.eta * p.grad / gn if gn > 0 else d.clone() for d, p in zip(deltas[-1], self.params)]

@@ -74,26 +74,36 @@ def _alloc(r: dict) -> str:
 
 def print_tables(data: dict, out: TextIO) -> None:
     env, bw = data.get("env", {}), data.get("bandwidth") or {}
-    out.write(f"fastperturb benchmarks  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
-              f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n")
+    out.write(
+        f"fastperturb benchmarks  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
+        f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n"
+    )
     load, cores = env.get("load_average_start"), env.get("cpu_count") or 1
     if load and max(load[0], (env.get("load_average_end") or [0])[0]) > 0.75 * cores:
-        out.write(f"WARNING: load average {load[0]} at start, {(env.get('load_average_end') or ['?'])[0]} at end on "
-                  f"{cores} cores: other processes competed for the CPU and memory bus; timings are not representative\n")
+        out.write(
+            f"WARNING: load average {load[0]} at start, {(env.get('load_average_end') or ['?'])[0]} at end on "
+            f"{cores} cores: other processes competed for the CPU and memory bus; timings are not representative\n"
+        )
     if bw.get("triad_gbps"):
-        out.write(f"memory bandwidth (this run): triad {bw['triad_gbps']:.1f} GB/s (median {bw['triad_gbps_median']:.1f}),"
-                  f" copy {bw['copy_gbps']:.1f} GB/s; bounds use the best triad\n")
+        out.write(
+            f"memory bandwidth (this run): triad {bw['triad_gbps']:.1f} GB/s (median {bw['triad_gbps_median']:.1f}),"
+            f" copy {bw['copy_gbps']:.1f} GB/s; bounds use the best triad\n"
+        )
     elif bw:
-        out.write(f"memory bandwidth: not measured reliably ({bw.get('unstable')}); no bandwidth bounds are printed"
-                  " (bound ms, x bound, %bound show '-'); rerun on a quieter machine\n")
+        out.write(
+            f"memory bandwidth: not measured reliably ({bw.get('unstable')}); no bandwidth bounds are printed"
+            " (bound ms, x bound, %bound show '-'); rerun on a quieter machine\n"
+        )
     results = data.get("results", [])
     for suite in ("ops", "cycle", "step"):
         groups = _groups(results, suite)
         if not groups:
             continue
-        out.write(f"\n== {suite} ==  (speedup = other's median / this median; >1 means this is faster;"
-                  " allocs = MB allocated per call, in steady state / of those, allocations the size of a parameter"
-                  " tensor of >= 4 KiB)\n")
+        out.write(
+            f"\n== {suite} ==  (speedup = other's median / this median; >1 means this is faster;"
+            " allocs = MB allocated per call, in steady state / of those, allocations the size of a parameter"
+            " tensor of >= 4 KiB)\n"
+        )
         rows, notes = [], []
         for (model, case), grp in groups.items():
             best_peer, best_fe = _speedups(grp)
@@ -102,20 +112,46 @@ def print_tables(data: dict, out: TextIO) -> None:
                     notes.append(f"  {model} {case} {r['impl']}: {r['status']}: {r['reason']}")
                     continue
                 med = r["median_s"]
-                rows.append([
-                    model, case, r["impl"], _ms(med), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}", str(r["reps"]),
-                    f"{r['gbps']:.1f}" if "gbps" in r else "-",
-                    _ms(r.get("optimizer_s")) if suite == "step" else _ms(r.get("bound_s")),
-                    _ratio(r.get("x_bound")),
-                    f"{r['pct_of_bound']:.0f}%" if "pct_of_bound" in r else "-",
-                    _ratio(best_fe / med) if best_fe else "-",
-                    _ratio(best_peer / med) if best_peer else "-",
-                    str(r.get("dispatches", "-")), _alloc(r),
-                    _mb(r.get("state_bytes")) if "state_bytes" in r else "-",
-                ])
-        _table(rows, ["model", "case", "impl", "median ms", "min-max", "reps", "GB/s",
-                      "excl.closure ms" if suite == "step" else "bound ms", "x bound", "%bound",
-                      "vs foreach", "vs best peer", "dispatch", "allocs", "state MB"], out)
+                rows.append(
+                    [
+                        model,
+                        case,
+                        r["impl"],
+                        _ms(med),
+                        f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
+                        str(r["reps"]),
+                        f"{r['gbps']:.1f}" if "gbps" in r else "-",
+                        _ms(r.get("optimizer_s")) if suite == "step" else _ms(r.get("bound_s")),
+                        _ratio(r.get("x_bound")),
+                        f"{r['pct_of_bound']:.0f}%" if "pct_of_bound" in r else "-",
+                        _ratio(best_fe / med) if best_fe else "-",
+                        _ratio(best_peer / med) if best_peer else "-",
+                        str(r.get("dispatches", "-")),
+                        _alloc(r),
+                        _mb(r.get("state_bytes")) if "state_bytes" in r else "-",
+                    ]
+                )
+        _table(
+            rows,
+            [
+                "model",
+                "case",
+                "impl",
+                "median ms",
+                "min-max",
+                "reps",
+                "GB/s",
+                "excl.closure ms" if suite == "step" else "bound ms",
+                "x bound",
+                "%bound",
+                "vs foreach",
+                "vs best peer",
+                "dispatch",
+                "allocs",
+                "state MB",
+            ],
+            out,
+        )
         if notes:
             out.write(f"not in the table ({len(dict.fromkeys(notes))}):\n")
         for n in dict.fromkeys(notes):
@@ -130,8 +166,16 @@ def print_tables(data: dict, out: TextIO) -> None:
                     rows.append([model, case, r["impl"], f"{r['status']}: {r['reason']}"[:70], "", ""])
                     continue
                 ov = r.get("overhead_share")
-                rows.append([model, case, r["impl"], _ms(r["median_s"]), f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
-                             "-" if ov is None else f"{100 * ov:.1f}%"])
+                rows.append(
+                    [
+                        model,
+                        case,
+                        r["impl"],
+                        _ms(r["median_s"]),
+                        f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
+                        "-" if ov is None else f"{100 * ov:.1f}%",
+                    ]
+                )
         _table(rows, ["model", "case", "impl", "median ms", "min-max", "overhead"], out)
     from .train_loop import print_table as print_train_loop  # its own table
 
@@ -145,8 +189,16 @@ def print_tables(data: dict, out: TextIO) -> None:
                 if r["status"] != "ok":
                     rows.append([model, case, r["impl"], f"{r['status']}: {r['reason']}"[:70], "", ""])
                     continue
-                rows.append([model, case, r["impl"], _mb(r["overhead_bytes"]), f"{r['overhead_x_params']:.2f}x",
-                             f"{r['retained_x_params']:.2f}x"])
+                rows.append(
+                    [
+                        model,
+                        case,
+                        r["impl"],
+                        _mb(r["overhead_bytes"]),
+                        f"{r['overhead_x_params']:.2f}x",
+                        f"{r['retained_x_params']:.2f}x",
+                    ]
+                )
         _table(rows, ["model", "case", "impl", "peak overhead MB", "x params", "retained x params"], out)
     if data.get("targets"):
         out.write("\n== targets (reported, not asserted) ==\n")
@@ -173,29 +225,63 @@ def targets(results: list[dict]) -> list[dict]:
     cpp = lambda r: r["impl"] == "fastperturb[cpp]"  # noqa: E731
     fe = lambda r: r["kind"] == "foreach"  # noqa: E731
     c = _find(results, "cycle", "resnet50", "SAM", cpp)
-    add("C++ SAM cycle on ResNet-50, time / bandwidth bound", c.get("x_bound") if c else None, "<= 1.5", lambda v: v <= 1.5)
+    add(
+        "C++ SAM cycle on ResNet-50, time / bandwidth bound",
+        c.get("x_bound") if c else None,
+        "<= 1.5",
+        lambda v: v <= 1.5,
+    )
     f = _find(results, "cycle", "resnet50", "SAM", fe)
-    add("C++ SAM cycle on ResNet-50, speedup vs foreach", f["median_s"] / c["median_s"] if c and f else None, ">= 2",
-        lambda v: v >= 2)
+    add(
+        "C++ SAM cycle on ResNet-50, speedup vs foreach",
+        f["median_s"] / c["median_s"] if c and f else None,
+        ">= 2",
+        lambda v: v >= 2,
+    )
     c = _find(results, "cycle", "small1000", "SAM", cpp)
     f = _find(results, "cycle", "small1000", "SAM", fe)
-    add("C++ SAM cycle on 1000 small tensors, speedup vs foreach", f["median_s"] / c["median_s"] if c and f else None,
-        ">= 5", lambda v: v >= 5)
+    add(
+        "C++ SAM cycle on 1000 small tensors, speedup vs foreach",
+        f["median_s"] / c["median_s"] if c and f else None,
+        ">= 5",
+        lambda v: v >= 5,
+    )
     for model, goal in (("resnet50", 4), ("small1000", 10)):
-        mine = _find(results, "step", model, "SAM", lambda r: r["kind"] == "fastperturb" and r["impl"].endswith("[cpp]"))
-        po = [r for r in results if r["suite"] == "step" and r["model"] == model and r["case"] == "SAM"
-              and r["status"] == "ok" and r["impl"].startswith("pytorch-optimizer")]
+        mine = _find(
+            results, "step", model, "SAM", lambda r: r["kind"] == "fastperturb" and r["impl"].endswith("[cpp]")
+        )
+        po = [
+            r
+            for r in results
+            if r["suite"] == "step"
+            and r["model"] == model
+            and r["case"] == "SAM"
+            and r["status"] == "ok"
+            and r["impl"].startswith("pytorch-optimizer")
+        ]
         for key, what in (("median_s", "whole step"), ("optimizer_s", "excluding the closure's gradient copies")):
             best = min((r[key] for r in po if r.get(key)), default=None)
-            add(f"SAM step on {model}, speedup vs pytorch-optimizer SAM (its faster configuration), {what}",
-                best / mine[key] if mine and best and mine.get(key) else None, f">= {goal}", lambda v, g=goal: v >= g)
+            add(
+                f"SAM step on {model}, speedup vs pytorch-optimizer SAM (its faster configuration), {what}",
+                best / mine[key] if mine and best and mine.get(key) else None,
+                f">= {goal}",
+                lambda v, g=goal: v >= g,
+            )
     for model in ("bert-base",):
         mine = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "fastperturb.AWP")
         proxy = _find(results, "memory", model, "AWP", lambda r: r["impl"] == "proxy-AWP")
-        add(f"AWP peak memory overhead on {model}, x parameter bytes", mine["overhead_x_params"] if mine else None,
-            "<= 1 (one buffer per perturbed tensor)", lambda v: v <= 1.1)
-        add(f"proxy-model AWP peak memory overhead on {model}, x parameter bytes (for comparison)",
-            proxy["overhead_x_params"] if proxy else None, "~3 (issue #3)", lambda v: v >= 2)
+        add(
+            f"AWP peak memory overhead on {model}, x parameter bytes",
+            mine["overhead_x_params"] if mine else None,
+            "<= 1 (one buffer per perturbed tensor)",
+            lambda v: v <= 1.1,
+        )
+        add(
+            f"proxy-model AWP peak memory overhead on {model}, x parameter bytes (for comparison)",
+            proxy["overhead_x_params"] if proxy else None,
+            "~3 (issue #3)",
+            lambda v: v >= 2,
+        )
     from .train_loop import targets as train_loop_targets
 
     out.extend(train_loop_targets(results))
@@ -211,7 +297,9 @@ def load_json(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if data.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a fastperturb benchmark result (schema {data.get('schema')!r}, expected {SCHEMA!r})")
+        raise ValueError(
+            f"{path}: not a fastperturb benchmark result (schema {data.get('schema')!r}, expected {SCHEMA!r})"
+        )
     return data
 
 
@@ -239,8 +327,11 @@ def in_common(old: dict, new: dict) -> int:
 def comparable(old: dict, new: dict) -> int:
     """How many results both runs have *and* measured (status ok in both)."""
     old_by = {_key(r): r for r in old.get("results", [])}
-    return sum(1 for r in new.get("results", []) if _key(r) in old_by
-               and _metric(r) is not None and _metric(old_by[_key(r)]) is not None)
+    return sum(
+        1
+        for r in new.get("results", [])
+        if _key(r) in old_by and _metric(r) is not None and _metric(old_by[_key(r)]) is not None
+    )
 
 
 def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
@@ -269,21 +360,36 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
             verdict, improvements = "improved", improvements + 1
         if verdict:
             unit = _ms if "median_s" in r else _mb
-            rows.append([r["suite"], r["model"], f"{r['case']} / {r['impl']}", unit(a[0]), unit(b[0]),
-                         f"{100 * change:+.1f}%", verdict])
+            rows.append(
+                [
+                    r["suite"],
+                    r["model"],
+                    f"{r['case']} / {r['impl']}",
+                    unit(a[0]),
+                    unit(b[0]),
+                    f"{100 * change:+.1f}%",
+                    verdict,
+                ]
+            )
     common = in_common(old, new)
     only_old = len(old_by) - common
     only_new = len({_key(r) for r in new.get("results", [])}) - common
     if compared == 0:
-        out.write(f"compare: nothing compared: the files have {common} result(s) in common"
-                  f"{' and none of them was measured in both' if common else ''} ({only_old} only in the old file,"
-                  f" {only_new} only in the new one; a result is suite, model, case and implementation)\n")
+        out.write(
+            f"compare: nothing compared: the files have {common} result(s) in common"
+            f"{' and none of them was measured in both' if common else ''} ({only_old} only in the old file,"
+            f" {only_new} only in the new one; a result is suite, model, case and implementation)\n"
+        )
         return 0
-    out.write(f"compare: {compared} result(s) compared; {len(rows)} significant change(s) beyond {100 * threshold:.0f}%"
-              f" with non-overlapping ranges ({regressions} regression(s), {improvements} improvement(s))\n")
+    out.write(
+        f"compare: {compared} result(s) compared; {len(rows)} significant change(s) beyond {100 * threshold:.0f}%"
+        f" with non-overlapping ranges ({regressions} regression(s), {improvements} improvement(s))\n"
+    )
     if only_old or only_new or not_ok:
-        out.write(f"  not compared: {only_old} result(s) only in the old file, {only_new} only in the new one,"
-                  f" {not_ok} skipped or failed in either\n")
+        out.write(
+            f"  not compared: {only_old} result(s) only in the old file, {only_new} only in the new one,"
+            f" {not_ok} skipped or failed in either\n"
+        )
     eo, en = old.get("env", {}), new.get("env", {})
     for k in ("torch", "cpu_model", "torch_threads"):
         if eo.get(k) != en.get(k):
@@ -312,22 +418,42 @@ def chart(data: dict, path: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"fastperturb": "#1f77b4", "reference": "#9ecae1", "foreach": "#ff7f0e", "peer": "#d62728", "baseline": "#7f7f7f"}
-    panels = [s for s in ("cycle", "step", "ops") if any(r["suite"] == s and r["status"] == "ok" for r in data["results"])]
+    colors = {
+        "fastperturb": "#1f77b4",
+        "reference": "#9ecae1",
+        "foreach": "#ff7f0e",
+        "peer": "#d62728",
+        "baseline": "#7f7f7f",
+    }
+    panels = [
+        s for s in ("cycle", "step", "ops") if any(r["suite"] == s and r["status"] == "ok" for r in data["results"])
+    ]
     if not panels:
         return "no chart: no timed cycle/step/ops results"
     heights = []
     for s in panels:
         heights.append(sum(1 for r in data["results"] if r["suite"] == s and r["status"] == "ok"))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.22 * sum(heights) + 1.2 * len(panels)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(10, 0.22 * sum(heights) + 1.2 * len(panels)),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
     for ax, suite in zip(axes[:, 0], panels):
         recs = [r for r in data["results"] if r["suite"] == suite and r["status"] == "ok"]
         labels = [f"{r['model']} {r['case']} {r['impl']}" for r in recs]
         ys = list(range(len(recs)))[::-1]
-        ax.barh(ys, [r["median_s"] * 1e3 for r in recs], color=[colors.get(r["kind"], "gray") for r in recs],
-                xerr=[[(r["median_s"] - r["min_s"]) * 1e3 for r in recs], [(r["max_s"] - r["median_s"]) * 1e3 for r in recs]],
-                error_kw={"elinewidth": 0.6, "capsize": 1.5})
+        ax.barh(
+            ys,
+            [r["median_s"] * 1e3 for r in recs],
+            color=[colors.get(r["kind"], "gray") for r in recs],
+            xerr=[
+                [(r["median_s"] - r["min_s"]) * 1e3 for r in recs],
+                [(r["max_s"] - r["median_s"]) * 1e3 for r in recs],
+            ],
+            error_kw={"elinewidth": 0.6, "capsize": 1.5},
+        )
         for y, r in zip(ys, recs):
             if r.get("bound_s"):
                 ax.plot([r["bound_s"] * 1e3] * 2, [y - 0.4, y + 0.4], color="black", lw=1.2)
@@ -343,8 +469,10 @@ def chart(data: dict, path: str) -> Optional[str]:
     left_out = [r for r in data["results"] if r["suite"] in ("cycle", "step", "ops") and r["status"] != "ok"]
     notes = []
     if left_out:
-        notes.append(f"left out: {len(left_out)} skipped or failed implementation(s) "
-                     f"({', '.join(sorted({r['impl'] for r in left_out}))}); reasons in the table")
+        notes.append(
+            f"left out: {len(left_out)} skipped or failed implementation(s) "
+            f"({', '.join(sorted({r['impl'] for r in left_out}))}); reasons in the table"
+        )
     other = sorted({r["suite"] for r in data["results"]} - {"cycle", "step", "ops"})
     if other:
         notes.append(f"not charted: the {', '.join(other)} suite(s) (see the table)")
@@ -353,8 +481,10 @@ def chart(data: dict, path: str) -> Optional[str]:
     if notes:
         fig.text(0.01, 0.002, "; ".join(notes), fontsize=6, ha="left", va="bottom", wrap=True)
     env = data.get("env", {})
-    fig.suptitle(f"fastperturb benchmarks, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
-                 fontsize=8)
+    fig.suptitle(
+        f"fastperturb benchmarks, torch {env.get('torch')}, {env.get('cpu_model')}, {env.get('torch_threads')} threads",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.03 if notes else 0, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -95,7 +95,7 @@ def _optimizer(model: nn.Module, preset: str, apd_steps: int):
     from . import fused, peers
 
     if preset.startswith("passes"):
-        return _PassesOnly(model, int(preset[len("passes"):]))
+        return _PassesOnly(model, int(preset[len("passes") :]))
 
     spec = fused.presets(apd_steps)[preset]
     return fused.wrapper_class(preset)(model.parameters(), peers.NoOpOptimizer, **spec.kwargs)
@@ -116,16 +116,18 @@ def _steps(model: nn.Module, opt, n: int, mark=None) -> list:
 
 
 def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
+    from fastperturb.distributed import local
+
     from . import shapes
     from .memchild import peak_bytes, reset_peak, rss_bytes
-    from fastperturb.distributed import local
 
     torch.set_num_threads(1)
     if world > 1:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(a.port)
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
-                                             timeout=datetime.timedelta(seconds=600))
+        torch.distributed.init_process_group(
+            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+        )
     try:
         # Warm-up on a tiny model: the first calls load code and allocate caches unrelated to the step.
         tiny = _build(shapes.shapes_for("tiny"), 2, world)
@@ -150,15 +152,27 @@ def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
         lbytes = sum(local(p).numel() * p.element_size() for p in params)  # this rank's shards
         over = max(peak - baseline, 0)
         # The optimizer's persistent buffers (backups, accumulators): exact, where the RSS is noisy.
-        buffers = sum(b.numel() * b.element_size() for store in ("_backups", "_accums")
-                      for b in getattr(opt, store, {}).values())
+        buffers = sum(
+            b.numel() * b.element_size() for store in ("_backups", "_accums") for b in getattr(opt, store, {}).values()
+        )
         rec = {
-            "rank": rank, "world": world, "steps": a.steps, "step_s": step_s, "units": len(model.units),
-            "param_bytes": pbytes, "local_param_bytes": lbytes, "baseline_rss": baseline, "peak_rss": peak,
+            "rank": rank,
+            "world": world,
+            "steps": a.steps,
+            "step_s": step_s,
+            "units": len(model.units),
+            "param_bytes": pbytes,
+            "local_param_bytes": lbytes,
+            "baseline_rss": baseline,
+            "peak_rss": peak,
             "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)",
-            "overhead_bytes": over, "overhead_x_params": over / pbytes, "overhead_x_local": over / lbytes,
-            "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes, "peak_overhead_by_step": marks,
-            "buffer_bytes": buffers, "buffer_x_local": buffers / lbytes,
+            "overhead_bytes": over,
+            "overhead_x_params": over / pbytes,
+            "overhead_x_local": over / lbytes,
+            "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes,
+            "peak_overhead_by_step": marks,
+            "buffer_bytes": buffers,
+            "buffer_x_local": buffers / lbytes,
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(rec, f)
@@ -176,15 +190,19 @@ def _free_port() -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bert-base")
-    ap.add_argument("--preset", default="SAM", help=f"{', '.join(PRESETS)}, or passesN: N forward/backward passes "
-                    "per step without an optimizer (what the harness itself costs)")
+    ap.add_argument(
+        "--preset",
+        default="SAM",
+        help=f"{', '.join(PRESETS)}, or passesN: N forward/backward passes "
+        "per step without an optimizer (what the harness itself costs)",
+    )
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--apd-steps", type=int, default=3)
     ap.add_argument("--units", type=int, default=12)
     ap.add_argument("--port", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.preset not in PRESETS and not (a.preset.startswith("passes") and a.preset[len("passes"):].isdigit()):
+    if a.preset not in PRESETS and not (a.preset.startswith("passes") and a.preset[len("passes") :].isdigit()):
         ap.error(f"--preset must be one of {', '.join(PRESETS)} or passesN, got {a.preset!r}")
     if a.world < 1 or a.steps < 1 or a.units < 1:
         ap.error("--world, --steps and --units must be >= 1")
@@ -226,15 +244,32 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
     out = []
     for what in (preset, passes):
         for w in (world, 1):
-            who = f"fastperturb.{preset}" if what == preset else f"{what[len('passes'):]} passes, no optimizer"
+            who = f"fastperturb.{preset}" if what == preset else f"{what[len('passes') :]} passes, no optimizer"
             impl = f"{who}, FSDP2" if w > 1 else f"{who}, 1 process"
-            cmd = [sys.executable, "-m", "benchmarks.sharded_memory", "--model", model, "--preset", what,
-                   "--world", str(w), "--steps", str(min(3, getattr(cfg, "mem_steps", 3))),
-                   "--apd-steps", str(getattr(cfg, "apd_steps", 3))]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.sharded_memory",
+                "--model",
+                model,
+                "--preset",
+                what,
+                "--world",
+                str(w),
+                "--steps",
+                str(min(3, getattr(cfg, "mem_steps", 3))),
+                "--apd-steps",
+                str(getattr(cfg, "apd_steps", 3)),
+            ]
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            base = {"suite": "memory", "model": model, "case": f"{preset} sharded", "kind": "fastperturb",
-                    "reason": None}
+            base = {
+                "suite": "memory",
+                "model": model,
+                "case": f"{preset} sharded",
+                "kind": "fastperturb",
+                "reason": None,
+            }
             if proc.returncode != 0:
                 reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 out.append(dict(base, impl=impl, status="error", reason=reason))

@@ -88,7 +88,7 @@ def run_interleaved(
     rounds = max(target.values(), default=0)
     live = [c for c in cands if not c.error]
     for r in range(rounds):
-        order = live[r % len(live):] + live[: r % len(live)] if live else []
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for c in order:
             if len(c.times) >= target[c.name] or c.error:
                 continue
@@ -124,13 +124,16 @@ def bandwidth_verdict(samples: Sequence[float], tolerance: float = 0.10, agree: 
         return f"only {len(samples)} samples"
     top = sorted(samples, reverse=True)[:agree]
     if top[-1] < (1 - tolerance) * top[0]:
-        return (f"the best {agree} of {len(samples)} triad samples spread {top[-1]:.1f}-{top[0]:.1f} GB/s "
-                f"(all: {min(samples):.1f}-{max(samples):.1f}), more than {100 * tolerance:.0f}% apart")
+        return (
+            f"the best {agree} of {len(samples)} triad samples spread {top[-1]:.1f}-{top[0]:.1f} GB/s "
+            f"(all: {min(samples):.1f}-{max(samples):.1f}), more than {100 * tolerance:.0f}% apart"
+        )
     return None
 
 
-def measure_bandwidth(device: torch.device, numel: int = 1 << 25, reps: int = 7, max_rounds: int = 4,
-                      tolerance: float = 0.10) -> dict:
+def measure_bandwidth(
+    device: torch.device, numel: int = 1 << 25, reps: int = 7, max_rounds: int = 4, tolerance: float = 0.10
+) -> dict:
     """In-place triad ``a += s*b`` (reads a and b, writes a) and a copy, on ``numel`` float32 each.
 
     Repeats rounds of ``reps`` samples until the best samples agree (:func:`bandwidth_verdict`), at most
@@ -197,8 +200,13 @@ def _git_commit() -> Optional[dict]:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except Exception:
         return None
@@ -227,8 +235,14 @@ def environment(device: torch.device) -> dict:
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "fastperturb": fastperturb.__version__,
         "git": _git_commit(),
-        "packages": {m: _version(m) for m in ("numpy", "triton", "pytorch_optimizer", "matplotlib", "tqdm", "torchvision", "timm")},
-        "backends": {b: (why_unavailable_safe(backends, b, device) or "available") for b in ("cpp", "cuda", "triton", "reference")},
+        "packages": {
+            m: _version(m)
+            for m in ("numpy", "triton", "pytorch_optimizer", "matplotlib", "tqdm", "torchvision", "timm")
+        },
+        "backends": {
+            b: (why_unavailable_safe(backends, b, device) or "available")
+            for b in ("cpp", "cuda", "triton", "reference")
+        },
         "load_average_start": load_average(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

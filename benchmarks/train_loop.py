@@ -27,6 +27,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 import fastperturb as fp
+
 from . import peers, timing
 from .timing import Candidate
 
@@ -43,8 +44,11 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
 
     def forward(self, x):
         out = Fn.relu(self.bn1(self.conv1(x)))
@@ -56,11 +60,18 @@ def resnet_cnn(num_classes: int = 10, width: int = 32) -> nn.Module:
     parameters, 2.8 MB in float32 at width 32)."""
     w = width
     return nn.Sequential(
-        nn.Conv2d(3, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(),
-        _Block(w, w, 1), _Block(w, w, 1),
-        _Block(w, 2 * w, 2), _Block(2 * w, 2 * w, 1),
-        _Block(2 * w, 4 * w, 2), _Block(4 * w, 4 * w, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * w, num_classes),
+        nn.Conv2d(3, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+        _Block(w, w, 1),
+        _Block(w, w, 1),
+        _Block(w, 2 * w, 2),
+        _Block(2 * w, 2 * w, 1),
+        _Block(2 * w, 4 * w, 2),
+        _Block(4 * w, 4 * w, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * w, num_classes),
     )
 
 
@@ -69,8 +80,14 @@ def mlp(num_classes: int = 10, width: int = 1024) -> nn.Module:
     17 MB in float32): forward/backward is cheap next to the CNN, so the optimizer's own
     work is a larger share of the step."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(3 * 32 * 32, width), nn.GELU(), nn.LayerNorm(width),
-        nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width), nn.Linear(width, num_classes),
+        nn.Flatten(),
+        nn.Linear(3 * 32 * 32, width),
+        nn.GELU(),
+        nn.LayerNorm(width),
+        nn.Linear(width, width),
+        nn.GELU(),
+        nn.LayerNorm(width),
+        nn.Linear(width, num_classes),
     )
 
 
@@ -101,13 +118,16 @@ def _loops(model: nn.Module, opt, x, y, convention: str) -> Callable[[], None]:
         return loss
 
     if convention == "documented":  # loss.backward(); opt.step(closure); opt.zero_grad()
+
         def step():
             Fn.cross_entropy(model(x), y).backward()
             opt.step(closure)
             opt.zero_grad()
     else:  # fastperturb's clean-pass convention: step(closure) alone
+
         def step():
             opt.step(closure)
+
     return step
 
 
@@ -127,8 +147,16 @@ def _impls(base: nn.Module, x, y) -> list:
     return out
 
 
-def run_suite(device: torch.device, batch: int = 32, warmup: int = 2, reps: int = 10, min_reps: int = 3,
-              budget_s: float = 10.0, models=MODELS, progress: Optional[Callable[[str], None]] = None) -> list:
+def run_suite(
+    device: torch.device,
+    batch: int = 32,
+    warmup: int = 2,
+    reps: int = 10,
+    min_reps: int = 3,
+    budget_s: float = 10.0,
+    models=MODELS,
+    progress: Optional[Callable[[str], None]] = None,
+) -> list:
     """Records (see :mod:`.report`) with ``passes_per_step`` added."""
     out = []
     for model_name in models:
@@ -145,11 +173,30 @@ def run_suite(device: torch.device, batch: int = 32, warmup: int = 2, reps: int 
         timing.run_interleaved(cands, device, warmup=warmup, reps=reps, min_reps=min_reps, budget_s=budget_s)
         nparams = sum(p.numel() for p in base.parameters())
         if peers.pytorch_optimizer_available() is not None:
-            out.append(dict(suite=SUITE, model=model_name, case="SAM", impl="pytorch-optimizer SAM", kind="peer",
-                            status="skipped", reason=peers.pytorch_optimizer_available()))
+            out.append(
+                dict(
+                    suite=SUITE,
+                    model=model_name,
+                    case="SAM",
+                    impl="pytorch-optimizer SAM",
+                    kind="peer",
+                    status="skipped",
+                    reason=peers.pytorch_optimizer_available(),
+                )
+            )
         for (impl, kind, conv, _, _), cand, cnt in zip(impls, cands, counters):
-            rec = dict(suite=SUITE, model=model_name, case="SAM", impl=impl, kind=kind, convention=conv,
-                       n_params=nparams, batch=batch, status="ok", reason=None)
+            rec = dict(
+                suite=SUITE,
+                model=model_name,
+                case="SAM",
+                impl=impl,
+                kind=kind,
+                convention=conv,
+                n_params=nparams,
+                batch=batch,
+                status="ok",
+                reason=None,
+            )
             if cand.error:
                 rec.update(status="error", reason=cand.error)
             else:
@@ -164,24 +211,49 @@ def run_suite(device: torch.device, batch: int = 32, warmup: int = 2, reps: int 
 
 def suite_train_loop(cfg) -> list:
     """The runner's entry (``cfg`` is :class:`benchmarks.suites.Config`)."""
-    return run_suite(cfg.device, batch=cfg.train_batch, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
-                     budget_s=max(cfg.budget_s, 60.0), models=cfg.models.get(SUITE, MODELS), progress=cfg.progress)
+    return run_suite(
+        cfg.device,
+        batch=cfg.train_batch,
+        warmup=cfg.warmup,
+        reps=cfg.reps,
+        min_reps=cfg.min_reps,
+        budget_s=max(cfg.budget_s, 60.0),
+        models=cfg.models.get(SUITE, MODELS),
+        progress=cfg.progress,
+    )
 
 
 def targets(results: list) -> list:
     """The issue's goals for this suite: the same passes as pytorch-optimizer's SAM, not slower."""
     out = []
     for model in dict.fromkeys(r["model"] for r in results if r["suite"] == SUITE):
-        ok = {r["impl"]: r for r in results if r["suite"] == SUITE and r["model"] == model and r["status"] == "ok"
-              and r.get("convention") == "documented loop"}
+        ok = {
+            r["impl"]: r
+            for r in results
+            if r["suite"] == SUITE
+            and r["model"] == model
+            and r["status"] == "ok"
+            and r.get("convention") == "documented loop"
+        }
         mine, peer = ok.get("fastperturb.SAM"), ok.get("pytorch-optimizer SAM")
         both = mine is not None and peer is not None
-        out.append({"name": f"documented SAM loop on {model}: passes per step, fastperturb minus pytorch-optimizer",
-                    "value": mine["passes_per_step"] - peer["passes_per_step"] if both else None, "goal": "0",
-                    "met": (mine["passes_per_step"] == peer["passes_per_step"]) if both else None})
+        out.append(
+            {
+                "name": f"documented SAM loop on {model}: passes per step, fastperturb minus pytorch-optimizer",
+                "value": mine["passes_per_step"] - peer["passes_per_step"] if both else None,
+                "goal": "0",
+                "met": (mine["passes_per_step"] == peer["passes_per_step"]) if both else None,
+            }
+        )
         ratio = peer["median_s"] / mine["median_s"] if both else None
-        out.append({"name": f"documented SAM loop on {model}: speedup vs pytorch-optimizer SAM (whole step)",
-                    "value": ratio, "goal": ">= 1 (not slower)", "met": None if ratio is None else ratio >= 1.0})
+        out.append(
+            {
+                "name": f"documented SAM loop on {model}: speedup vs pytorch-optimizer SAM (whole step)",
+                "value": ratio,
+                "goal": ">= 1 (not slower)",
+                "met": None if ratio is None else ratio >= 1.0,
+            }
+        )
     return out
 
 
@@ -189,8 +261,10 @@ def print_table(results: list, out: TextIO) -> None:
     rows = [r for r in results if r["suite"] == SUITE]
     if not rows:
         return
-    out.write(f"\n== {SUITE} ==  (the common SAM wrappers' loop on a real model, interleaved; "
-              "passes = forward/backward per step, counted)\n")
+    out.write(
+        f"\n== {SUITE} ==  (the common SAM wrappers' loop on a real model, interleaved; "
+        "passes = forward/backward per step, counted)\n"
+    )
     peers_by_model = {r["model"]: r for r in rows if r["status"] == "ok" and r["kind"] == "peer"}
     header = ["model", "impl", "loop", "passes", "median ms", "min-max ms", "reps", "speedup vs pytorch-optimizer"]
     table = []
@@ -200,9 +274,18 @@ def print_table(results: list, out: TextIO) -> None:
             continue
         peer = peers_by_model.get(r["model"])
         ratio = f"{peer['median_s'] / r['median_s']:.2f}x" if peer and r is not peer else "-"
-        table.append([r["model"], r["impl"], r.get("convention", ""), f"{r['passes_per_step']:.2f}",
-                      f"{r['median_s'] * 1e3:.1f}", f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}",
-                      str(r["reps"]), ratio])
+        table.append(
+            [
+                r["model"],
+                r["impl"],
+                r.get("convention", ""),
+                f"{r['passes_per_step']:.2f}",
+                f"{r['median_s'] * 1e3:.1f}",
+                f"{r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}",
+                str(r["reps"]),
+                ratio,
+            ]
+        )
     widths = [max(len(h), *(len(t[i]) for t in table)) if table else len(h) for i, h in enumerate(header)]
     out.write("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "\n")
     for t in table:

@@ -44,8 +44,15 @@ class AdversarialStep(NamedTuple):
     x_adv: Tensor
 
 
-def adversarial_step(optimizer: torch.optim.Optimizer, model: nn.Module, x: Tensor, y: Tensor, attack: Attack, *,
-                     trades_beta: Optional[float] = None) -> AdversarialStep:
+def adversarial_step(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: Attack,
+    *,
+    trades_beta: Optional[float] = None,
+) -> AdversarialStep:
     """One step of adversarial training: ``x_adv = attack(model, x, y)`` at the current (clean)
     weights, then ``optimizer.step(closure)`` with the adversarial loss on ``x_adv``.
 
@@ -57,9 +64,11 @@ def adversarial_step(optimizer: torch.optim.Optimizer, model: nn.Module, x: Tens
     """
     x_adv = attack(model, x, y).detach()
     if trades_beta is None:
+
         def compute() -> Tensor:
             return F.cross_entropy(model(x_adv), y)
     else:
+
         def compute() -> Tensor:
             return trades_loss(model, x, x_adv, y, beta=trades_beta)
 
@@ -78,6 +87,7 @@ def set_perturb(optimizer: torch.optim.Optimizer, enabled: bool) -> None:
     (off: a step is one plain pass, e.g. during AWP's warm-up epochs)."""
     for group in optimizer.param_groups:
         if "perturb" not in group:
-            raise TypeError(f"{type(optimizer).__name__} has no 'perturb' setting: "
-                            "set_perturb needs a fastperturb optimizer")
+            raise TypeError(
+                f"{type(optimizer).__name__} has no 'perturb' setting: set_perturb needs a fastperturb optimizer"
+            )
         group["perturb"] = bool(enabled)

@@ -53,8 +53,9 @@ def _mode(model: nn.Module, train: bool) -> Iterator[None]:
             m.training = flag
 
 
-def _check(eps: float, step_size: float, steps: int, norm: str, init: str, restarts: int,
-           data_range: Optional[Sequence[float]]) -> None:
+def _check(
+    eps: float, step_size: float, steps: int, norm: str, init: str, restarts: int, data_range: Optional[Sequence[float]]
+) -> None:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if init not in INITS:
@@ -110,8 +111,18 @@ def _ce(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
-def _ascend(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor, eps: float, step_size: float, steps: int,
-            norm: str, data_range: Optional[Sequence[float]], objective: Objective) -> Tensor:
+def _ascend(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    delta: Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: str,
+    data_range: Optional[Sequence[float]],
+    objective: Objective,
+) -> Tensor:
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -205,16 +216,38 @@ def kl_to_clean(model: nn.Module, x: Tensor) -> Objective:
     return objective
 
 
-def trades_pgd(model: nn.Module, x: Tensor, y: Tensor, eps: float, step_size: float, steps: int = 10, *,
-               norm: str = "linf", train_mode: bool = False, generator: Optional[torch.Generator] = None,
-               data_range: Optional[Sequence[float]] = (0.0, 1.0)) -> Tensor:
+def trades_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    step_size: float,
+    steps: int = 10,
+    *,
+    norm: str = "linf",
+    train_mode: bool = False,
+    generator: Optional[torch.Generator] = None,
+    data_range: Optional[Sequence[float]] = (0.0, 1.0),
+) -> Tensor:
     """TRADES' inner maximisation (Zhang et al. 2019): :func:`pgd` ascending :func:`kl_to_clean`
     from TRADES' Gaussian start (``init="normal"``). The clean prediction is taken in the same
     mode as the attack."""
     with _mode(model, train_mode):
         objective = kl_to_clean(model, x.detach())
-    return pgd(model, x, y, eps, step_size, steps, norm=norm, init="normal", objective=objective,
-               train_mode=train_mode, generator=generator, data_range=data_range)
+    return pgd(
+        model,
+        x,
+        y,
+        eps,
+        step_size,
+        steps,
+        norm=norm,
+        init="normal",
+        objective=objective,
+        train_mode=train_mode,
+        generator=generator,
+        data_range=data_range,
+    )
 
 
 def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0) -> Tensor:
@@ -228,14 +261,20 @@ def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: flo
     return F.cross_entropy(logits, y) + beta * robust
 
 
-def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 512,
-                    attack: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None) -> tuple[float, float]:
+def robust_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 512,
+    attack: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None,
+) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode on ``attack(model, x, y)``
     (``None``: the clean inputs), in batches. The model's flags and weights are unchanged."""
     correct, total_loss = 0, 0.0
     with _mode(model, False):
         for i in range(0, len(y), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             if attack is not None:
                 xb = attack(model, xb, yb)
             with torch.no_grad():

@@ -29,7 +29,14 @@ from torch import Tensor
 from .engine import Reduce
 
 __all__ = [
-    "Reduce", "ShardReducer", "check_engine", "is_sharded", "local", "local_list", "note_recovery", "reducer_for",
+    "Reduce",
+    "ShardReducer",
+    "check_engine",
+    "is_sharded",
+    "local",
+    "local_list",
+    "note_recovery",
+    "reducer_for",
 ]
 
 try:

@@ -169,7 +169,11 @@ Reduce = Callable[[Tensor, str], Tensor]
 
 
 def absolute_sizes(
-    spec: PerturbSpec, params: Sequence[Tensor], radius: Tensor, step_size: Tensor, reduce: Optional[Reduce] = None,
+    spec: PerturbSpec,
+    params: Sequence[Tensor],
+    radius: Tensor,
+    step_size: Tensor,
+    reduce: Optional[Reduce] = None,
 ) -> tuple[Tensor, Tensor]:
     """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute)."""
     if not spec.relative:
@@ -290,8 +294,13 @@ class Cycle:
             assert self._stats is not None, "call start() first"
             step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
             ops.ascent_step_(
-                self.params, grads[:n], self.backups, step, proj,
-                norm=self.spec.norm, first=self.k == 0,
+                self.params,
+                grads[:n],
+                self.backups,
+                step,
+                proj,
+                norm=self.spec.norm,
+                first=self.k == 0,
                 adaptive_eta=self.spec.adaptive_eta if self.spec.adaptive_eta is not None else -1.0,
                 zero_grads=zero_grads,
             )

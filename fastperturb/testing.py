@@ -26,8 +26,20 @@ from .ops.dispatch import use_backend
 from .ops.names import OPS
 
 __all__ = [
-    "OPS", "FLOAT_DTYPES", "Layer", "Inputs", "make_tensor", "make_inputs", "standard_cases",
-    "op_args", "run_op", "check_op", "bits", "assert_bitwise_equal", "ELEMENT_TOL", "REDUCTION_RTOL",
+    "OPS",
+    "FLOAT_DTYPES",
+    "Layer",
+    "Inputs",
+    "make_tensor",
+    "make_inputs",
+    "standard_cases",
+    "op_args",
+    "run_op",
+    "check_op",
+    "bits",
+    "assert_bitwise_equal",
+    "ELEMENT_TOL",
+    "REDUCTION_RTOL",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,8 +98,14 @@ def make_tensor(layer: Layer, gen: torch.Generator, *, scale: float = 1.0, speci
     return x
 
 
-def make_inputs(layers: Sequence[Layer], seed: int = 0, *, grad_special: float = 0.0,
-                param_special: float = 0.0, zero_grads: bool = False) -> Inputs:
+def make_inputs(
+    layers: Sequence[Layer],
+    seed: int = 0,
+    *,
+    grad_special: float = 0.0,
+    param_special: float = 0.0,
+    zero_grads: bool = False,
+) -> Inputs:
     """Parallel lists for ``layers``: params ~ N(0, 1), grads ~ N(0, 1) (or
     zeros), backups = params - N(0, 0.01), accum ~ N(0, 1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -153,13 +171,18 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
             x.backups if delta else [],
         ), dict(accum_weight=options.get("accum_weight", 1.0), accum_init=mode == "init", adaptive_eta=eta)
     if op == "ascent_step_":
+
         def coef(v):
             if isinstance(v, (int, float)):
                 return torch.full((n,), float(v), dtype=torch.float32)
             return torch.tensor(list(v), dtype=torch.float32).reshape(n)
+
         return (x.params, x.grads, x.backups, coef(options.get("step", 0.05)), coef(options.get("proj", 1.0))), dict(
-            norm=options.get("norm", "l2"), first=options.get("first", False),
-            adaptive_eta=options.get("adaptive_eta", -1.0), zero_grads=options.get("zero_grads", False))
+            norm=options.get("norm", "l2"),
+            first=options.get("first", False),
+            adaptive_eta=options.get("adaptive_eta", -1.0),
+            zero_grads=options.get("zero_grads", False),
+        )
     if op == "restore_":
         return (x.params, x.backups), {}
     if op == "combine_grads_":
@@ -190,14 +213,19 @@ def bits(t: Tensor) -> Tensor:
 
 
 def assert_bitwise_equal(actual: Tensor, expected: Tensor, what: str = "") -> None:
-    if actual.shape != expected.shape or actual.dtype != expected.dtype or not torch.equal(bits(actual), bits(expected)):
+    if (
+        actual.shape != expected.shape
+        or actual.dtype != expected.dtype
+        or not torch.equal(bits(actual), bits(expected))
+    ):
         raise AssertionError(f"{what}: not bit-identical\nactual:   {actual}\nexpected: {expected}")
 
 
 def _assert_close(actual: Tensor, expected: Tensor, what: str, **tol: float) -> None:
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
-        raise AssertionError(f"{what}: got {actual.dtype} {tuple(actual.shape)}, "
-                             f"expected {expected.dtype} {tuple(expected.shape)}")
+        raise AssertionError(
+            f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}"
+        )
     torch.testing.assert_close(actual, expected, equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
 
 
@@ -266,8 +294,14 @@ def option_grid(op: str) -> Iterable[dict]:
         for norm in ("l2", "linf"):
             for first in (True, False):
                 for eta in (-1.0, 0.01):
-                    yield dict(norm=norm, first=first, adaptive_eta=eta, zero_grads=first, step=0.05,
-                               proj=0.5 if norm == "l2" else 0.02)
+                    yield dict(
+                        norm=norm,
+                        first=first,
+                        adaptive_eta=eta,
+                        zero_grads=first,
+                        step=0.05,
+                        proj=0.5 if norm == "l2" else 0.02,
+                    )
     elif op == "restore_":
         yield {}
     elif op == "combine_grads_":
@@ -276,8 +310,9 @@ def option_grid(op: str) -> Iterable[dict]:
         raise ValueError(f"unknown op {op!r}")
 
 
-def check_all(backend: str, *, cases: dict[str, list[Layer]] | None = None,
-              report: Callable[[str], None] = lambda s: None) -> None:
+def check_all(
+    backend: str, *, cases: dict[str, list[Layer]] | None = None, report: Callable[[str], None] = lambda s: None
+) -> None:
     """Every op over every option of :func:`option_grid` on every case (default
     :func:`standard_cases`) against the reference. Raises on the first mismatch."""
     cases = standard_cases() if cases is None else cases

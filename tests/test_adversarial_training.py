@@ -31,8 +31,10 @@ def _model():
 
 def _batches(n_steps, batch=16):
     g = torch.Generator().manual_seed(2)
-    return [(torch.rand(batch, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 10, (batch,), generator=g))
-            for _ in range(n_steps)]
+    return [
+        (torch.rand(batch, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 10, (batch,), generator=g))
+        for _ in range(n_steps)
+    ]
 
 
 def _attack(seed, trades=False):
@@ -110,7 +112,7 @@ def test_weight_decay_difference_to_official():
     ours, theirs = _model(), _model()
     opt = fp.AWP(ours.parameters(), torch.optim.SGD, gamma=GAMMA, lr=lr, momentum=0.9, weight_decay=wd)
     official = OfficialAWP(theirs, torch.optim.SGD(theirs.parameters(), lr=lr, momentum=0.9, weight_decay=wd), GAMMA)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     adversarial_step(opt, ours, x, y, _attack(0))
     diff = official.step(x, _attack(0)(theirs, x, y), y)
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
@@ -125,7 +127,7 @@ def test_recipe_with_sam_equals_sam_on_adversarial_examples():
     rho, lr = 0.05, 0.1
     ours, ref = _model(), _model()
     opt = fp.SAM(ours.parameters(), torch.optim.SGD, rho=rho, lr=lr)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     adversarial_step(opt, ours, x, y, _attack(0))
     x_adv = _attack(0)(ref, x, y)
     params = list(ref.parameters())
@@ -153,7 +155,7 @@ def test_attack_in_eval_mode_weight_passes_in_train_mode():
 
     model = nn.Sequential(Probe(), _model()).train()
     opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=GAMMA, lr=0.1)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     adversarial_step(opt, model, x, y, _attack(0))
     # 1 + STEPS attack passes in eval mode, then the clean and the perturbed pass in train mode
     assert seen == [False] * STEPS + [True, True] and model.training
@@ -162,7 +164,7 @@ def test_attack_in_eval_mode_weight_passes_in_train_mode():
 def test_plain_optimizer_and_set_perturb_errors():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    (x, y), = _batches(1)
+    ((x, y),) = _batches(1)
     before = [p.clone() for p in model.parameters()]
     step = adversarial_step(opt, model, x, y, _attack(0))  # plain PGD-AT with any torch optimizer
     assert step.loss.ndim == 0 and all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -178,7 +180,8 @@ def test_demo_evaluation_leaves_the_trained_model_bit_identical():
     train_data, (xt, yt) = digits_split()
     data = (train_data, (xt[:40], yt[:40]), None)
     args = cli.build_parser(["demo-adversarial"]).parse_args(
-        ["demo-adversarial", "--eval-steps", "2", "--eval-restarts", "2", "--flat-eps", "0.01", "--flat-steps", "2"])
+        ["demo-adversarial", "--eval-steps", "2", "--eval-restarts", "2", "--flat-eps", "0.01", "--flat-steps", "2"]
+    )
     model = DigitsCNN().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     out = D.evaluate(model, data, 0, args)
@@ -191,11 +194,36 @@ def test_demo_evaluation_leaves_the_trained_model_bit_identical():
 @pytest.mark.slow
 def test_demo_adversarial_end_to_end(tmp_path, capsys):
     out = tmp_path / "adv"
-    rc = cli.main(["demo-adversarial", "--epochs", "2", "--warmup", "1", "--seeds", "0,1",
-                   "--presets", "pgd,pgd-awp,trades-awp",
-                   "--train-size", "300", "--train-steps", "1", "--eval-steps", "2", "--eval-restarts", "1",
-                   "--flat-eps", "0.01",
-                   "--flat-steps", "1", "--batch-size", "256", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "demo-adversarial",
+            "--epochs",
+            "2",
+            "--warmup",
+            "1",
+            "--seeds",
+            "0,1",
+            "--presets",
+            "pgd,pgd-awp,trades-awp",
+            "--train-size",
+            "300",
+            "--train-steps",
+            "1",
+            "--eval-steps",
+            "2",
+            "--eval-restarts",
+            "1",
+            "--flat-eps",
+            "0.01",
+            "--flat-steps",
+            "1",
+            "--batch-size",
+            "256",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "robust test PGD-2x1" in printed and "AWP paper claims checked by this run" in printed
@@ -220,4 +248,3 @@ def test_bad_demo_arguments():
     for bad in (["--presets", "pgd,fgsm"], ["--seeds", "-1"], ["--eps", "0"], ["--epochs", "0"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["demo-adversarial", *bad])
-

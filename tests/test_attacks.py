@@ -110,8 +110,18 @@ def test_examples_stay_in_ball_and_range(norm, init, restarts):
     x, y = _data(32, torch.float32)
     # a large step overshoots the ball every time: the projection must catch it
     for eps, alpha in ((0.1, 0.5), (0.3, 0.07), (2.0, 1.0)):
-        x_adv = pgd(model, x, y, eps, alpha, 6, norm=norm, init=init, restarts=restarts,
-                    generator=torch.Generator().manual_seed(0))
+        x_adv = pgd(
+            model,
+            x,
+            y,
+            eps,
+            alpha,
+            6,
+            norm=norm,
+            init=init,
+            restarts=restarts,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert x_adv.shape == x.shape and not x_adv.requires_grad
         assert float(_ball_norm(x_adv - x, norm).max()) <= eps * (1 + 1e-6)
         assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
@@ -146,9 +156,11 @@ def test_restarts_keep_the_strongest_per_example():
 
 
 def _snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            [None if p.grad is None else (p.grad, p.grad.clone()) for p in model.parameters()],
-            [m.training for m in model.modules()])
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else (p.grad, p.grad.clone()) for p in model.parameters()],
+        [m.training for m in model.modules()],
+    )
 
 
 def _assert_untouched(model, snap):
@@ -201,15 +213,18 @@ def test_attack_runs_in_eval_mode_unless_asked():
     assert seen and all(seen)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(norm="l1"), "norm must be one of"),
-    (dict(init="gauss"), "init must be one of"),
-    (dict(eps=-0.1), "eps must be a finite number >= 0"),
-    (dict(step_size=float("nan")), "step_size must be a finite number"),
-    (dict(steps=-1), "steps must be an integer >= 0"),
-    (dict(restarts=0), "restarts must be an integer >= 1"),
-    (dict(data_range=(1.0, 0.0)), "data_range must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(norm="l1"), "norm must be one of"),
+        (dict(init="gauss"), "init must be one of"),
+        (dict(eps=-0.1), "eps must be a finite number >= 0"),
+        (dict(step_size=float("nan")), "step_size must be a finite number"),
+        (dict(steps=-1), "steps must be an integer >= 0"),
+        (dict(restarts=0), "restarts must be an integer >= 1"),
+        (dict(data_range=(1.0, 0.0)), "data_range must be"),
+    ],
+)
 def test_bad_arguments_name_the_problem(kwargs, match):
     model = _model()
     x, y = _data(4)

@@ -27,6 +27,7 @@ def _tiny_cfg(suite_names, **kw) -> suites.Config:
 
 # ----------------------------------------------------------------------------- parameter lists
 
+
 def test_builtin_lists_match_the_architectures():
     for name, n_tensors, n_params in (
         ("resnet50", 161, 25_557_032),
@@ -48,6 +49,7 @@ def test_user_model_factory_and_unknown_model():
 
 
 # ----------------------------------------------------------------------------- counters
+
 
 def test_dispatch_counter_counts_a_known_sequence():
     a, b = torch.ones(4), torch.ones(4)
@@ -96,6 +98,7 @@ def test_state_bytes_counts_buffers_not_parameters():
 
 # ----------------------------------------------------------------------------- fair peers
 
+
 class RecordingClosure:
     """Writes gradient set k at the k-th call of a step and records the weights it sees."""
 
@@ -121,6 +124,7 @@ class RecordingClosure:
                 self.seen.append([p.detach().clone() for p in ps])
                 for p, g in zip(ps, self.grads[0]):
                     p.grad = g.clone()
+
         return proxy_closure
 
 
@@ -161,22 +165,36 @@ def _peer_makes(preset):
         out["foreach"] = lambda ps: (peers.ForeachSAM(ps, preset.radius, base=peers.NoOpOptimizer(ps)), False)
         out["loop"] = lambda ps: (peers.LoopSAM(ps, peers.NoOpOptimizer, rho=preset.radius), False)
         if peers.pytorch_optimizer_available() is None:
-            out["pytorch-optimizer"] = lambda ps: (peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius), False)
+            out["pytorch-optimizer"] = lambda ps: (
+                peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius),
+                False,
+            )
             out["pytorch-optimizer(foreach)"] = lambda ps: (
-                peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius, foreach=True), False)
+                peers.pytorch_optimizer_sam(ps, peers.NoOpOptimizer, rho=preset.radius, foreach=True),
+                False,
+            )
     elif name == "ASAM":
         eta = preset.spec.adaptive_eta
         out["foreach"] = lambda ps: (peers.ForeachSAM(ps, preset.radius, eta, base=peers.NoOpOptimizer(ps)), False)
         out["loop"] = lambda ps: (peers.LoopSAM(ps, peers.NoOpOptimizer, rho=preset.radius, adaptive_eta=eta), False)
     elif name == "AWP":
-        out["foreach"] = lambda ps: (peers.ForeachAWP([p for p in ps if p.dim() > 1], preset.radius,
-                                                      base=peers.NoOpOptimizer(ps)), False)
-        out["proxy"] = lambda ps: (peers.ProxyAWP(peers.ParamModule(ps), peers.NoOpOptimizer(ps), gamma=preset.radius), True)
+        out["foreach"] = lambda ps: (
+            peers.ForeachAWP([p for p in ps if p.dim() > 1], preset.radius, base=peers.NoOpOptimizer(ps)),
+            False,
+        )
+        out["proxy"] = lambda ps: (
+            peers.ProxyAWP(peers.ParamModule(ps), peers.NoOpOptimizer(ps), gamma=preset.radius),
+            True,
+        )
     else:
-        out["foreach"] = lambda ps: (peers.ForeachAPD(ps, preset.radius, k, preset.step_size, True,
-                                                      base=peers.NoOpOptimizer(ps)), False)
-        out["deep-copy"] = lambda ps: (peers.DeepCopyAPD(ps, peers.NoOpOptimizer, eps=preset.radius, steps=k,
-                                                         eta=preset.step_size), False)
+        out["foreach"] = lambda ps: (
+            peers.ForeachAPD(ps, preset.radius, k, preset.step_size, True, base=peers.NoOpOptimizer(ps)),
+            False,
+        )
+        out["deep-copy"] = lambda ps: (
+            peers.DeepCopyAPD(ps, peers.NoOpOptimizer, eps=preset.radius, steps=k, eta=preset.step_size),
+            False,
+        )
     return out
 
 
@@ -222,6 +240,7 @@ def test_foreach_cycles_restore_and_match_the_engine():
 
 
 # ----------------------------------------------------------------------------- runner
+
 
 def _check_record(r):
     for key in ("suite", "model", "case", "impl", "kind", "status", "reason"):
@@ -292,13 +311,32 @@ def test_missing_peer_is_reported_as_skipped(monkeypatch):
 
 
 def _fake_result(median, lo, hi, impl="fastperturb[cpp]"):
-    return {"suite": "cycle", "model": "m", "case": "SAM", "impl": impl, "kind": "fastperturb", "status": "ok",
-            "reason": None, "median_s": median, "min_s": lo, "max_s": hi, "reps": 3}
+    return {
+        "suite": "cycle",
+        "model": "m",
+        "case": "SAM",
+        "impl": impl,
+        "kind": "fastperturb",
+        "status": "ok",
+        "reason": None,
+        "median_s": median,
+        "min_s": lo,
+        "max_s": hi,
+        "reps": 3,
+    }
 
 
 def test_compare_flags_regressions_beyond_noise(tmp_path):
-    old = {"schema": report.SCHEMA, "env": {}, "results": [_fake_result(1.0, 0.95, 1.05), _fake_result(1.0, 0.9, 1.1, "foreach")]}
-    new = {"schema": report.SCHEMA, "env": {}, "results": [_fake_result(1.5, 1.4, 1.6), _fake_result(1.15, 1.0, 1.3, "foreach")]}
+    old = {
+        "schema": report.SCHEMA,
+        "env": {},
+        "results": [_fake_result(1.0, 0.95, 1.05), _fake_result(1.0, 0.9, 1.1, "foreach")],
+    }
+    new = {
+        "schema": report.SCHEMA,
+        "env": {},
+        "results": [_fake_result(1.5, 1.4, 1.6), _fake_result(1.15, 1.0, 1.3, "foreach")],
+    }
     out = io.StringIO()
     assert report.compare(old, new, 0.10, out) == 1  # the second overlaps: noise, not a regression
     assert "REGRESSION" in out.getvalue() and "fastperturb[cpp]" in out.getvalue()
@@ -325,7 +363,7 @@ def test_clear_errors_for_unknown_suite_model_backend(capsys):
 
 def test_bench_cli_writes_json_and_chart(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
-    rc = cli.entry([ "--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])
+    rc = cli.entry(["--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])
     assert rc == 0
     data = report.load_json(str(js))
     assert {r["suite"] for r in data["results"]} == {"cycle"}
@@ -344,8 +382,10 @@ def test_train_loop_suite_counts_the_documented_loop_passes():
 
     recs = train_loop.run_suite(torch.device("cpu"), batch=2, warmup=1, reps=1, min_reps=1, models=["mlp"])
     assert {(r["impl"], r["convention"]) for r in recs} == {
-        ("fastperturb.SAM", "documented loop"), ("pytorch-optimizer SAM", "documented loop"),
-        ("fastperturb.SAM", "step(closure) alone")}
+        ("fastperturb.SAM", "documented loop"),
+        ("pytorch-optimizer SAM", "documented loop"),
+        ("fastperturb.SAM", "step(closure) alone"),
+    }
     assert all(r["status"] == "ok" and r["passes_per_step"] == 2.0 and r["median_s"] > 0 for r in recs)
 
 
@@ -366,6 +406,7 @@ def test_sharded_memory_child_reports_each_rank(capsys):
 
 # ----------------------------------------------------------------------------- what the output leaves out
 
+
 def test_bandwidth_is_trusted_only_when_the_best_samples_agree():
     assert timing.bandwidth_verdict([40.0, 39.0, 38.5, 12.0, 20.0]) is None
     why = timing.bandwidth_verdict([1.6, 250.0, 40.0, 35.0])
@@ -376,8 +417,11 @@ def test_bandwidth_is_trusted_only_when_the_best_samples_agree():
 def test_tables_say_when_there_is_no_bound_and_what_they_left_out():
     rec = _fake_result(1.0, 0.9, 1.1)
     skipped = dict(_fake_result(1.0, 0.9, 1.1, "pytorch-optimizer SAM"), status="skipped", reason="not installed")
-    data = {"env": {}, "bandwidth": {"triad_gbps": None, "unstable": "the best 3 spread 1.6-250 GB/s"},
-            "results": [rec, skipped]}
+    data = {
+        "env": {},
+        "bandwidth": {"triad_gbps": None, "unstable": "the best 3 spread 1.6-250 GB/s"},
+        "results": [rec, skipped],
+    }
     out = io.StringIO()
     report.print_tables(data, out)
     text = out.getvalue()
@@ -441,8 +485,27 @@ def test_fastperturb_bench_measures_the_users_model(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     try:
-        rc = fp_cli.main(["bench", "--model", f"{mod}:net", "--input-shape", "6", "--batch-size", "8", "--steps", "2",
-                          "--warmup", "1", "--apd-steps", "2", "--threads", "1", "--json", "r.json"])
+        rc = fp_cli.main(
+            [
+                "bench",
+                "--model",
+                f"{mod}:net",
+                "--input-shape",
+                "6",
+                "--batch-size",
+                "8",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--apd-steps",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+                "r.json",
+            ]
+        )
     finally:
         sys.modules.pop(mod, None)
     assert rc == 0, capsys.readouterr().err
@@ -464,4 +527,3 @@ def test_fastperturb_bench_measures_the_users_model(tmp_path, monkeypatch, capsy
         assert r["peak_step_bytes"] is None or r["peak_step_bytes"] > 0
     out = capsys.readouterr().out
     assert "SGD (plain step)" in out and "passes" in out and "wrote r.json" in out
-

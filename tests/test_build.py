@@ -78,8 +78,14 @@ def test_the_shipped_extension_registers_no_test_harness(native):
         "names = torch._C._dispatch_get_all_op_names()\n"
         "print(sorted(n for n in names if n.startswith('fastperturb')))\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     from fastperturb.ops import pure
     from fastperturb.ops.names import OPS
@@ -118,8 +124,10 @@ def test_cuda_switch(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("ninja") is None and
-                    importlib.util.find_spec("ninja") is None, reason="needs cmake and ninja")
+@pytest.mark.skipif(
+    shutil.which("cmake") is None or shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None,
+    reason="needs cmake and ninja",
+)
 def test_cmake_configures_the_same_sources_as_setup_py(tmp_path):
     import torch.utils
 
@@ -130,9 +138,22 @@ def test_cmake_configures_the_same_sources_as_setup_py(tmp_path):
         ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
     env = dict(os.environ, FASTPERTURB_CUDA="0", FASTPERTURB_BUILD_TESTING="0")
     subprocess.run(
-        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
-         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython3_EXECUTABLE={sys.executable}"],
-        check=True, env=env, capture_output=True, text=True,
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(tmp_path),
+            "-G",
+            "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={ninja}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     commands = json.loads((tmp_path / "compile_commands.json").read_text())
     cmake_files = sorted(str(Path(c["file"]).resolve().relative_to(ROOT)) for c in commands)

@@ -59,8 +59,21 @@ def work(tmp_path, monkeypatch):
 
 
 def _robustness(mod, *extra):
-    return ["robustness", "--model", f"{mod}:lin", "--eps", "0.01", "--steps", "1", "--trials", "2",
-            "--kinds", "adversarial,random", "--no-progress", *extra]
+    return [
+        "robustness",
+        "--model",
+        f"{mod}:lin",
+        "--eps",
+        "0.01",
+        "--steps",
+        "1",
+        "--trials",
+        "2",
+        "--kinds",
+        "adversarial,random",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _main(argv) -> int:
@@ -83,25 +96,29 @@ def _one_line_error(capsys, rc, *needles):
 
 # ----------------------------------------------------------------------------- robustness
 
-@pytest.mark.parametrize("extra, needles", [
-    (["--data", "d.pt", "--weights", "missing.pt"], ["--weights missing.pt", "no such file"]),
-    (["--data", "d.pt", "--weights", "module.pt"], ["--weights module.pt", "pickled", "state_dict"]),
-    (["--data", "d.pt", "--weights", "text.pt"], ["--weights text.pt", "torch.save"]),
-    (["--data", "text.pt"], ["--data text.pt", "torch.save nor an .npz"]),
-    (["--data", "missing.npz"], ["--data missing.npz", "no such file"]),
-    (["--data", "wide.pt"], ["--data wide.pt", "do not fit", "(12, 7)"]),
-    (["--data", "short.pt"], ["--data short.pt", "one target per input"]),
-    (["--data", "nan.pt"], ["--data nan.pt", "1 NaN/Inf"]),
-    (["--data", "nan.npz"], ["--data nan.npz", "NaN/Inf"]),
-    (["--data", "digits:nope"], ["--data digits:nope"]),
-    (["--data", "d.pt", "--out", "a-file/results"], ["--out a-file/results", "not a folder"]),
-    (["--data", "d.pt", "--out", "a-file"], ["--out a-file", "not a folder"]),
-    (["--data", "d.pt", "--trials", "0"], ["--trials", ">= 1"]),
-    (["--data", "d.pt", "--steps", "0"], ["--steps"]),
-    (["--data", "d.pt", "--batch-size", "-1"], ["--batch-size"]),
-    (["--data", "d.pt", "--step-ratio", "nan"], ["--step-ratio"]),
-    (["--data", "d.pt", "--kinds", "adversarial,bogus"], ["--kinds", "bogus"]),
-])
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--data", "d.pt", "--weights", "missing.pt"], ["--weights missing.pt", "no such file"]),
+        (["--data", "d.pt", "--weights", "module.pt"], ["--weights module.pt", "pickled", "state_dict"]),
+        (["--data", "d.pt", "--weights", "text.pt"], ["--weights text.pt", "torch.save"]),
+        (["--data", "text.pt"], ["--data text.pt", "torch.save nor an .npz"]),
+        (["--data", "missing.npz"], ["--data missing.npz", "no such file"]),
+        (["--data", "wide.pt"], ["--data wide.pt", "do not fit", "(12, 7)"]),
+        (["--data", "short.pt"], ["--data short.pt", "one target per input"]),
+        (["--data", "nan.pt"], ["--data nan.pt", "1 NaN/Inf"]),
+        (["--data", "nan.npz"], ["--data nan.npz", "NaN/Inf"]),
+        (["--data", "digits:nope"], ["--data digits:nope"]),
+        (["--data", "d.pt", "--out", "a-file/results"], ["--out a-file/results", "not a folder"]),
+        (["--data", "d.pt", "--out", "a-file"], ["--out a-file", "not a folder"]),
+        (["--data", "d.pt", "--trials", "0"], ["--trials", ">= 1"]),
+        (["--data", "d.pt", "--steps", "0"], ["--steps"]),
+        (["--data", "d.pt", "--batch-size", "-1"], ["--batch-size"]),
+        (["--data", "d.pt", "--step-ratio", "nan"], ["--step-ratio"]),
+        (["--data", "d.pt", "--kinds", "adversarial,bogus"], ["--kinds", "bogus"]),
+    ],
+)
 def test_robustness_errors_are_one_line(work, capsys, extra, needles):
     tmp, mod = work
     _one_line_error(capsys, _main(_robustness(mod, *extra)), *needles)
@@ -116,9 +133,13 @@ def test_robustness_weights_that_do_not_match_the_model(work, capsys):
 
 def test_robustness_bad_model_specs(work, capsys):
     tmp, mod = work
-    for spec, needle in ((f"{mod}:nope", "has no 'nope'"), ("no_such_module_xyz:f", "cannot import"),
-                         (f"{mod}:broken", "calling the factory failed"), ("a-file", "not a pickled nn.Module"),
-                         ("nothing-here", "no such file")):
+    for spec, needle in (
+        (f"{mod}:nope", "has no 'nope'"),
+        ("no_such_module_xyz:f", "cannot import"),
+        (f"{mod}:broken", "calling the factory failed"),
+        ("a-file", "not a pickled nn.Module"),
+        ("nothing-here", "no such file"),
+    ):
         args = _robustness(mod, "--data", "d.pt")
         args[args.index(f"{mod}:lin")] = spec
         _one_line_error(capsys, _main(args), f"--model {spec}", needle)
@@ -135,8 +156,12 @@ def test_a_failed_run_writes_nothing(work, capsys):
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder nobody can write in, even root)")
 def test_robustness_unwritable_out_fails_before_the_work(work, capsys):
     tmp, mod = work
-    _one_line_error(capsys, _main(_robustness(mod, "--data", "d.pt", "--out", "/proc/fastperturb-out")),
-                    "--out /proc/fastperturb-out", "cannot write")
+    _one_line_error(
+        capsys,
+        _main(_robustness(mod, "--data", "d.pt", "--out", "/proc/fastperturb-out")),
+        "--out /proc/fastperturb-out",
+        "cannot write",
+    )
 
 
 def test_robustness_runs_with_a_model_from_the_current_directory(work, capsys):
@@ -152,28 +177,44 @@ def test_console_script_imports_the_model_from_the_current_directory(work):
     runner.parent.mkdir()
     runner.write_text("import sys\nfrom fastperturb.cli import main\nsys.exit(main())\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    bad = subprocess.run([sys.executable, str(runner), *_robustness(mod, "--data", "nan.pt")], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, str(runner), *_robustness(mod, "--data", "nan.pt")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "NaN" in bad.stderr, bad.stderr
-    ok = subprocess.run([sys.executable, str(runner), *_robustness(mod, "--data", "d.pt")], cwd=tmp, env=env,
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, str(runner), *_robustness(mod, "--data", "d.pt")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "fitted log-log slopes" in ok.stdout
 
 
 # ----------------------------------------------------------------------------- fastperturb bench
 
-@pytest.mark.parametrize("extra, needles", [
-    (["--input-shape", "7"], ["--input-shape 7", "forward fails"]),
-    (["--input-shape", "0,4"], ["--input-shape", "positive"]),
-    (["--input-shape", "4", "--steps", "0"], ["--steps", ">= 1"]),
-    (["--input-shape", "4", "--batch-size", "0"], ["--batch-size"]),
-    (["--input-shape", "4", "--warmup", "-1"], ["--warmup"]),
-    (["--input-shape", "4", "--presets", "SAM,XYZ"], ["--presets", "XYZ"]),
-    (["--input-shape", "4", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
-    (["--input-shape", "4", "--json", "no-folder/r.json"], ["--json no-folder/r.json", "does not exist"]),
-    (["--input-shape", "4", "--device", "tpu9"], ["--device tpu9"]),
-])
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--input-shape", "7"], ["--input-shape 7", "forward fails"]),
+        (["--input-shape", "0,4"], ["--input-shape", "positive"]),
+        (["--input-shape", "4", "--steps", "0"], ["--steps", ">= 1"]),
+        (["--input-shape", "4", "--batch-size", "0"], ["--batch-size"]),
+        (["--input-shape", "4", "--warmup", "-1"], ["--warmup"]),
+        (["--input-shape", "4", "--presets", "SAM,XYZ"], ["--presets", "XYZ"]),
+        (["--input-shape", "4", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
+        (["--input-shape", "4", "--json", "no-folder/r.json"], ["--json no-folder/r.json", "does not exist"]),
+        (["--input-shape", "4", "--device", "tpu9"], ["--device tpu9"]),
+    ],
+)
 def test_bench_errors_are_one_line(work, capsys, extra, needles):
     tmp, mod = work
     _one_line_error(capsys, _main(["bench", "--model", f"{mod}:lin", *extra]), *needles)
@@ -181,28 +222,36 @@ def test_bench_errors_are_one_line(work, capsys, extra, needles):
 
 def test_bench_model_errors(work, capsys):
     tmp, mod = work
-    _one_line_error(capsys, _main(["bench", "--model", f"{mod}:broken", "--input-shape", "4"]),
-                    f"--model {mod}:broken", "calling the factory failed")
+    _one_line_error(
+        capsys,
+        _main(["bench", "--model", f"{mod}:broken", "--input-shape", "4"]),
+        f"--model {mod}:broken",
+        "calling the factory failed",
+    )
     _one_line_error(capsys, _main(["bench", "--model", "nomodule_xyz:f", "--input-shape", "4"]), "cannot import")
 
 
 # ----------------------------------------------------------------------------- python -m benchmarks
 
-@pytest.mark.parametrize("args, needles", [
-    (["--reps", "0"], ["--reps"]),
-    (["--warmup", "-1"], ["--warmup"]),
-    (["--budget", "0"], ["--budget"]),
-    (["--mem-jobs", "0"], ["--mem-jobs"]),
-    (["--apd-steps", "0"], ["--apd-steps"]),
-    (["--threshold", "-0.1"], ["--threshold"]),
-    (["--reps", "2", "--min-reps", "5"], ["--min-reps 5"]),
-    (["--suites", "cycle,nope"], ["--suites", "unknown suite"]),
-    (["--suites", "cycle", "--models", "nope"], ["--models nope", "unknown model"]),
-    (["--suites", "cycle", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
-    (["--suites", "cycle", "--chart", "no-folder/c.png"], ["--chart no-folder/c.png"]),
-    (["--compare", "missing.json", "missing.json"], ["--compare missing.json", "no such file"]),
-    (["--compare", "d.pt", "d.pt"], ["--compare d.pt", "not a benchmark result"]),
-])
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--reps", "0"], ["--reps"]),
+        (["--warmup", "-1"], ["--warmup"]),
+        (["--budget", "0"], ["--budget"]),
+        (["--mem-jobs", "0"], ["--mem-jobs"]),
+        (["--apd-steps", "0"], ["--apd-steps"]),
+        (["--threshold", "-0.1"], ["--threshold"]),
+        (["--reps", "2", "--min-reps", "5"], ["--min-reps 5"]),
+        (["--suites", "cycle,nope"], ["--suites", "unknown suite"]),
+        (["--suites", "cycle", "--models", "nope"], ["--models nope", "unknown model"]),
+        (["--suites", "cycle", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
+        (["--suites", "cycle", "--chart", "no-folder/c.png"], ["--chart no-folder/c.png"]),
+        (["--compare", "missing.json", "missing.json"], ["--compare missing.json", "no such file"]),
+        (["--compare", "d.pt", "d.pt"], ["--compare d.pt", "not a benchmark result"]),
+    ],
+)
 def test_benchmarks_errors_are_one_line(work, capsys, args, needles):
     from benchmarks import cli as bench_cli
 
@@ -211,14 +260,18 @@ def test_benchmarks_errors_are_one_line(work, capsys, args, needles):
 
 
 def test_python_m_benchmarks_error_in_a_subprocess(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "benchmarks", "--reps", "0"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--reps", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == ("python -m benchmarks: error: argument --reps: expected an integer >= 1, got 0 "
-                                "(see python -m benchmarks --help)")
+    assert r.stderr.strip() == (
+        "python -m benchmarks: error: argument --reps: expected an integer >= 1, got 0 "
+        "(see python -m benchmarks --help)"
+    )
 
 
 # ----------------------------------------------------------------------------- the helpers
+
 
 def test_write_all_is_all_or_nothing(tmp_path):
     out = tmp_path / "new"

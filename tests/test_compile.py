@@ -92,12 +92,18 @@ def test_pure_grad_stats_twin_matches_the_mutating_op_schema_and_passes_opcheck(
     assert [str(r.type) for r in twin.returns] == [str(r.type) for r in mutating.returns]
     params, grads = _tensors(0), _tensors(1)
     backups = [p + 0.1 for p in params]
-    cases = [((grads, [], []), {}), ((grads, params, backups), {}), ((grads, params, []), {"adaptive_eta": 0.1}),
-             (([], [], []), {})]
+    cases = [
+        ((grads, [], []), {}),
+        ((grads, params, backups), {}),
+        ((grads, params, []), {"adaptive_eta": 0.1}),
+        (([], [], []), {}),
+    ]
     for args, kwargs in cases:
         torch.library.opcheck(torch.ops.fastperturb.grad_stats.default, args, kwargs)
-        assert torch.equal(torch.ops.fastperturb.grad_stats(*args, **kwargs),
-                           torch.ops.fastperturb.grad_stats_(args[0], [], *args[1:], **kwargs))
+        assert torch.equal(
+            torch.ops.fastperturb.grad_stats(*args, **kwargs),
+            torch.ops.fastperturb.grad_stats_(args[0], [], *args[1:], **kwargs),
+        )
 
 
 # --- a compiled training step, every preset --------------------------------------------
@@ -252,6 +258,7 @@ def test_triton_namespace_has_the_twin_too():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", TRITON_TWIN], check=False, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_TWIN], check=False, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ from fastperturb.ops import dispatch as backends
 from fastperturb.ops import native as _native
 from fastperturb.ops import reference as R
 from fastperturb.ops.names import OPS
+
 REQUIRE = os.environ.get("FASTPERTURB_REQUIRE_CUDA_BUILD") == "1"
 
 
@@ -133,21 +134,27 @@ def test_cuda_ops_match_the_reference(cuda_build):
     got = torch.ops.fastperturb.grad_stats_(grads, accum, params, backups, accum_weight=0.5, adaptive_eta=0.1)
     want = R.grad_stats_(grads, acc_ref, params, backups, accum_weight=0.5, adaptive_eta=0.1)
     # fp32 accumulation: within 3e-5 of the sum of the terms' magnitudes
-    scale = torch.stack([
-        torch.stack([
-            ((p.double().abs() + 0.1) * g.double()).square().sum(),
-            ((p.double() - b.double()) * g.double()).abs().sum(),
-            (p.double() - b.double()).square().sum(),
-        ])
-        for g, p, b in zip(grads, params, backups)
-    ])
+    scale = torch.stack(
+        [
+            torch.stack(
+                [
+                    ((p.double().abs() + 0.1) * g.double()).square().sum(),
+                    ((p.double() - b.double()) * g.double()).abs().sum(),
+                    (p.double() - b.double()).square().sum(),
+                ]
+            )
+            for g, p, b in zip(grads, params, backups)
+        ]
+    )
     assert torch.all((got.double() - want.double()).abs() <= 3e-5 * scale + 1e-30)
     assert _same(accum, acc_ref)
     n = len(specs)
     step, proj = torch.rand(n, device="cuda"), torch.rand(n, device="cuda") + 0.5
     for norm, first in (("l2", True), ("linf", False)):
         p2, g2, b2 = ([t.clone() for t in ls] for ls in (params, grads, backups))
-        torch.ops.fastperturb.ascent_step_(params, grads, backups, step, proj, norm=norm, first=first, adaptive_eta=0.05)
+        torch.ops.fastperturb.ascent_step_(
+            params, grads, backups, step, proj, norm=norm, first=first, adaptive_eta=0.05
+        )
         R.ascent_step_(p2, g2, b2, step, proj, norm=norm, first=first, adaptive_eta=0.05)
         assert _same(params + grads + backups, p2 + g2 + b2)
     g2 = [t.clone() for t in grads]

@@ -50,9 +50,27 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     # the robustness tool evaluates a model the demo saved like the demo did (up to the last bits: thread count)
     rout = tmp_path / "rob"
-    rc = cli.main(["robustness", "--model", "fastperturb.tools.demo:DigitsCNN", "--weights", str(out / "models" / "sgd.pt"),
-                   "--data", "digits", "--float64", "--eps", "0.01,0.1", "--trials", "2", "--out", str(rout), "--no-progress",
-                   "--threads", "1"])
+    rc = cli.main(
+        [
+            "robustness",
+            "--model",
+            "fastperturb.tools.demo:DigitsCNN",
+            "--weights",
+            str(out / "models" / "sgd.pt"),
+            "--data",
+            "digits",
+            "--float64",
+            "--eps",
+            "0.01,0.1",
+            "--trials",
+            "2",
+            "--out",
+            str(rout),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     capsys.readouterr()
     rdoc = json.loads((rout / "results.json").read_text())
@@ -84,5 +102,7 @@ def test_robustness_tool_bad_arguments(tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    r = subprocess.run([sys.executable, "-m", "fastperturb", "demo", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastperturb", "demo", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "--epochs" in r.stdout and "--presets" in r.stdout

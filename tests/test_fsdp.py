@@ -55,8 +55,9 @@ PRESETS = {
     # APD, L2: two projected steps in the global ball, clean term, clipped descent gradient
     "apd_l2": lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9, max_grad_norm=0.05),
     # APD, L-infinity: three steps, per-layer boxes relative to max|w_l| (a max across shards), AdamW
-    "apd_linf": lambda ps: fp.APD(ps, torch.optim.AdamW, eps=0.02, steps=3, norm="linf", scope="layer",
-                                  relative=True, lr=0.01),
+    "apd_linf": lambda ps: fp.APD(
+        ps, torch.optim.AdamW, eps=0.02, steps=3, norm="linf", scope="layer", relative=True, lr=0.01
+    ),
 }
 # SAM driven by the common loop (g_0 from the caller's backward) and by first_step()/second_step()
 VARIANTS = [(p, "closure") for p in PRESETS] + [("sam", "loop"), ("sam", "two_step")]
@@ -196,9 +197,16 @@ def _presets(rank: int) -> dict:
                 params = list(model.parameters()) + [scale]
                 seen = []
                 if preset == "awp":  # record what the filter sees: the DTensor, with its global shape
-                    opt = fp.AWP(params, torch.optim.SGD, gamma=0.05, lr=0.1, momentum=0.9,
-                                 perturb_filter=lambda p: seen.append((type(p).__name__, tuple(p.shape)))
-                                 or fp.optim.is_weight_matrix(p))
+                    opt = fp.AWP(
+                        params,
+                        torch.optim.SGD,
+                        gamma=0.05,
+                        lr=0.1,
+                        momentum=0.9,
+                        perturb_filter=lambda p: (
+                            seen.append((type(p).__name__, tuple(p.shape))) or fp.optim.is_weight_matrix(p)
+                        ),
+                    )
                 else:
                     opt = PRESETS[preset](params)
                 calls = []
@@ -340,22 +348,39 @@ def _dcp(rank: int, out_dir: str) -> dict:
     a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     def build(lr):
         model, scale = make_model()
         shard(model)
         scale.requires_grad_(False)  # a constant here: the checkpoint holds the model's sharded state
-        return model, scale, fp.APD(model.parameters(), torch.optim.AdamW, eps=0.02, steps=3, norm="linf",
-                                    scope="layer", relative=True, lr=lr)
+        return (
+            model,
+            scale,
+            fp.APD(
+                model.parameters(),
+                torch.optim.AdamW,
+                eps=0.02,
+                steps=3,
+                norm="linf",
+                scope="layer",
+                relative=True,
+                lr=lr,
+            ),
+        )
 
     path = os.path.join(out_dir, "dcp")
     model, scale, opt = build(0.01)
     run_steps(opt, model, scale, range(2), rank, WORLD)
     # The supported path: the base optimizer (it shares param_groups and state with the wrapper).
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.base_optimizer)},
-             checkpoint_id=path)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.base_optimizer)},
+        checkpoint_id=path,
+    )
     run_steps(opt, model, scale, range(2, 4), rank, WORLD)
     continued = [local(p).clone() for p in model.parameters()]
 
@@ -373,8 +398,12 @@ def _dcp(rank: int, out_dir: str) -> dict:
     return {
         "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
         "lr_loaded": lr_loaded,
-        "state_sharded": all(type(v).__name__ == "DTensor" for s in opt2.state.values() for k, v in s.items()
-                             if k in ("exp_avg", "exp_avg_sq")),
+        "state_sharded": all(
+            type(v).__name__ == "DTensor"
+            for s in opt2.state.values()
+            for k, v in s.items()
+            if k in ("exp_avg", "exp_avg_sq")
+        ),
     }
 
 
@@ -389,7 +418,7 @@ def _bf16(rank: int) -> dict:
         model, scale = make_model(torch.float32)
         shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
         params = list(model.parameters()) + [scale]
-        opt = (PRESETS["sam"](params) if preset == "sam" else torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        opt = PRESETS["sam"](params) if preset == "sam" else torch.optim.SGD(params, lr=0.1, momentum=0.9)
         for s in range(STEPS):
             x, y = local_batch(s, rank, WORLD, torch.float32)
             closure = lambda: loss_backward(model, scale, x, y, WORLD)  # noqa: E731
@@ -411,8 +440,9 @@ def _fsdp1(rank: int) -> dict:
 
     out = {}
     for use_orig_params in (False, True):
-        model = FullyShardedDataParallel(make_model()[0], device_id=torch.device("cpu"),
-                                         use_orig_params=use_orig_params)
+        model = FullyShardedDataParallel(
+            make_model()[0], device_id=torch.device("cpu"), use_orig_params=use_orig_params
+        )
         try:
             fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
             out[use_orig_params] = None
@@ -428,8 +458,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
-        for name, run in (("presets", _presets), ("nonfinite", _nonfinite), ("exception", _exception),
-                          ("batchnorm", _batchnorm), ("bf16", _bf16), ("fsdp1", _fsdp1)):
+        for name, run in (
+            ("presets", _presets),
+            ("nonfinite", _nonfinite),
+            ("exception", _exception),
+            ("batchnorm", _batchnorm),
+            ("bf16", _bf16),
+            ("fsdp1", _fsdp1),
+        ):
             results[name] = run(rank)
         results["dcp"] = _dcp(rank, out_dir)
     except BaseException:
@@ -489,8 +525,9 @@ def test_clipping_is_active_in_the_clipped_case(single_thread):
     """apd_l2 clips its descent gradient to 0.05: without max_grad_norm the trajectory differs, so the
     comparison above checks that the sharded step clips by the norm of the whole gradient."""
     clipped = single_process("apd_l2")
-    plain = single_process("apd_l2",
-                           make=lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9))
+    plain = single_process(
+        "apd_l2", make=lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.1, steps=2, lr=0.1, momentum=0.9)
+    )
     assert max(float((a - b).abs().max()) for a, b in zip(clipped, plain)) > 1e-3
 
 

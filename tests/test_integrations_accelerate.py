@@ -54,10 +54,12 @@ def big_batch_reference(preset):
     net = make_net()
     opt = PRESETS[preset](net.parameters())
     for x, y in batches():
+
         def closure():
             loss = F.cross_entropy(net(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
     return net
 
@@ -66,12 +68,14 @@ def micro_reference_autocast(preset, dtype):
     net = make_net()
     opt = PRESETS[preset](net.parameters())
     for x, y in batches():
+
         def closure():
             for xm, ym in zip(x.chunk(CHUNKS), y.chunk(CHUNKS)):
                 with torch.autocast("cpu", dtype=dtype):
                     out = net(xm)
                 (F.cross_entropy(out.float(), ym) / CHUNKS).backward()
             return torch.zeros(())
+
         opt.step(closure)
     return net
 
@@ -110,13 +114,13 @@ def test_bf16_autocast_through_the_accelerator():
 
 
 def test_grad_scaler_is_handed_to_the_optimizer():
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     net, opt, _ = train_with_accelerate("SAM", "no", scaler=scaler)
     ref = big_batch_reference("SAM")
     # scaled backward, unscaled descent gradient: the same step up to the scaling's rounding
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0 ** 10
+    assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0**10
 
 
 def test_an_accumulating_accelerator_is_refused_with_the_fix():

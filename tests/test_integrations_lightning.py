@@ -79,8 +79,15 @@ class Net(PerturbLightningModule):
 def trainer(tmp_path, **kw):
     kw.setdefault("max_epochs", 1)
     kw.setdefault("enable_checkpointing", False)
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **kw,
+    )
 
 
 def hand_loop(preset: str, epochs: int = 1, autocast=None, max_grad_norm=None, scaler=None):
@@ -91,6 +98,7 @@ def hand_loop(preset: str, epochs: int = 1, autocast=None, max_grad_norm=None, s
     sched = make_sched(opt)
     for _ in range(epochs):
         for x, y in loader():
+
             def closure():
                 opt.zero_grad()
                 ctx = torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None)
@@ -98,6 +106,7 @@ def hand_loop(preset: str, epochs: int = 1, autocast=None, max_grad_norm=None, s
                     loss = F.cross_entropy(net(x), y)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 return loss
+
             if scaler is not None:
                 opt.step(closure, scaler=scaler)
                 scaler.update()
@@ -174,11 +183,12 @@ def test_checkpoint_resume_is_bit_identical(preset, tmp_path):
 def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(accumulate, tmp_path):
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     model = Net("SAM")
-    trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-            accumulate_grad_batches=accumulate).fit(model, loader())
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    trainer(
+        tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], accumulate_grad_batches=accumulate
+    ).fit(model, loader())
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     ref = micro_loop("SAM", chunks=accumulate, autocast=torch.float16, scaler=ref_scaler)
     assert_same(model.net, ref)
     assert scaler.get_scale() == ref_scaler.get_scale()
@@ -269,7 +279,7 @@ def micro_loop(preset, chunks, epochs=1, autocast=None, scaler=None):
     batches = list(loader())
     for _ in range(epochs):
         for s in range(0, len(batches), chunks):
-            window = batches[s:s + chunks]
+            window = batches[s : s + chunks]
 
             def closure():
                 for x, y in window:
@@ -277,6 +287,7 @@ def micro_loop(preset, chunks, epochs=1, autocast=None, scaler=None):
                         loss = F.cross_entropy(net(x), y) / chunks
                     (loss if scaler is None else scaler.scale(loss)).backward()
                 return torch.zeros(())
+
             if scaler is None:
                 opt.step(closure)
             else:

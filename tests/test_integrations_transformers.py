@@ -40,9 +40,11 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
+
 VOCAB, SEQ, N, BATCH, LR, WD = 50, 8, 16, 4, 1e-2, 0.01
-CONFIG = dict(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
-              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+CONFIG = dict(
+    vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)
 PRESETS = {
     "SAM": (fp.SAM, {"rho": 0.05}),
     "AWP": (fp.AWP, {"gamma": 1e-2}),
@@ -69,17 +71,28 @@ def args(tmp_path, accum: int, steps: int, **kw):
     kw.setdefault("save_strategy", "no")
     kw.setdefault("weight_decay", WD)
     return transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=BATCH, gradient_accumulation_steps=accum,
-        max_steps=steps, learning_rate=LR, report_to="none", use_cpu=True,
-        dataloader_num_workers=0, train_sampling_strategy="sequential", logging_strategy="no",
-        disable_tqdm=True, seed=0, **kw)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=LR,
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 def run_trainer(tmp_path, preset, accum, steps, **kw):
     cls, pkw = PRESETS[preset]
     model = make_model()
-    trainer = PerturbTrainer(model=model, args=args(tmp_path, accum, steps, **kw), train_dataset=dataset(),
-                             perturb=cls, perturb_kwargs=pkw)
+    trainer = PerturbTrainer(
+        model=model, args=args(tmp_path, accum, steps, **kw), train_dataset=dataset(), perturb=cls, perturb_kwargs=pkw
+    )
     trainer.train()
     return model, trainer
 
@@ -103,14 +116,22 @@ def hand_loop(preset, accum, steps, base, max_grad_norm=1.0, autocast=None, scal
             g["eps"] = 1e-8
         opt = cls(groups, torch.optim.AdamW, lr=LR, betas=(0.9, 0.999), fused=True, max_grad_norm=max_grad_norm, **pkw)
     else:
-        opt = cls(groups, torch.optim.AdamW, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True,
-                  max_grad_norm=max_grad_norm, **pkw)
+        opt = cls(
+            groups,
+            torch.optim.AdamW,
+            lr=LR,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            fused=True,
+            max_grad_norm=max_grad_norm,
+            **pkw,
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
     data = dataset()
     per_step = BATCH * accum
     for s in range(steps):
-        rows = data[(s * per_step) % N:(s * per_step) % N + per_step]
-        micro = [rows[i:i + BATCH] for i in range(0, per_step, BATCH)]
+        rows = data[(s * per_step) % N : (s * per_step) % N + per_step]
+        micro = [rows[i : i + BATCH] for i in range(0, per_step, BATCH)]
 
         def closure():
             total = torch.zeros(())
@@ -142,8 +163,15 @@ def assert_close_models(a, b, rtol=1e-6, atol=1e-7):
 DEFAULT_OPTIM = "adamw_torch_fused"  # TrainingArguments' default here
 
 
-@pytest.mark.parametrize("preset,accum,optim", [("SAM", 1, DEFAULT_OPTIM), ("SAM", 2, "sgd"), ("AWP", 2, "sgd"),
-                                                pytest.param("APD", 2, DEFAULT_OPTIM, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "preset,accum,optim",
+    [
+        ("SAM", 1, DEFAULT_OPTIM),
+        ("SAM", 2, "sgd"),
+        ("AWP", 2, "sgd"),
+        pytest.param("APD", 2, DEFAULT_OPTIM, marks=pytest.mark.slow),
+    ],
+)
 def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
     model, trainer = run_trainer(tmp_path, preset, accum, steps=2, optim=optim)
     ref, ref_opt = hand_loop(preset, accum, steps=2, base=optim)
@@ -179,12 +207,13 @@ def test_grad_scaler_is_handed_to_the_optimizer(tmp_path):
     the test gives the Accelerator a CPU GradScaler before Trainer prepares the optimizer."""
     cls, pkw = PRESETS["SAM"]
     model = make_model()
-    trainer = PerturbTrainer(model=model, args=args(tmp_path, 2, 2, optim="sgd"), train_dataset=dataset(),
-                             perturb=cls, perturb_kwargs=pkw)
-    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    trainer = PerturbTrainer(
+        model=model, args=args(tmp_path, 2, 2, optim="sgd"), train_dataset=dataset(), perturb=cls, perturb_kwargs=pkw
+    )
+    scaler = trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     trainer.train()
     assert trainer.optimizer.scaler is scaler  # Accelerate's own fp16 path would be taken without PerturbTrainer
-    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     ref, _ = hand_loop("SAM", accum=2, steps=2, base="sgd", scaler=ref_scaler)
     assert_close_models(model, ref)
     assert scaler.get_scale() == ref_scaler.get_scale()
@@ -199,8 +228,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     assert (ckpt / "optimizer.pt").exists()
     model = make_model()
     cls, pkw = PRESETS["SAM"]
-    trainer = PerturbTrainer(model=model, args=args(tmp_path / "resumed", 2, 4), train_dataset=dataset(),
-                             perturb=cls, perturb_kwargs=pkw)
+    trainer = PerturbTrainer(
+        model=model, args=args(tmp_path / "resumed", 2, 4), train_dataset=dataset(), perturb=cls, perturb_kwargs=pkw
+    )
     trainer.train(resume_from_checkpoint=str(ckpt))
     for x, y in zip(model.parameters(), full.parameters()):
         assert torch.equal(x, y)
@@ -214,13 +244,18 @@ def test_passes_per_step(preset, accum, tmp_path):
     model = make_model()
     forwards = []
     model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"][:, 1].clone()), with_kwargs=True)
-    trainer = PerturbTrainer(model=model, args=args(tmp_path, accum, 2, optim="sgd"), train_dataset=dataset(),
-                             perturb=cls, perturb_kwargs=pkw)
+    trainer = PerturbTrainer(
+        model=model,
+        args=args(tmp_path, accum, 2, optim="sgd"),
+        train_dataset=dataset(),
+        perturb=cls,
+        perturb_kwargs=pkw,
+    )
     trainer.train()
     k = trainer.optimizer.optimizer.spec.steps
     assert len(forwards) == 2 * (k + 1) * accum
     # within a step: the micro-batches in order, then the same micro-batches at each perturbed point
-    first_step = forwards[:(k + 1) * accum]
+    first_step = forwards[: (k + 1) * accum]
     for i in range(accum, len(first_step)):
         assert torch.equal(first_step[i], first_step[i % accum])
 
@@ -234,10 +269,13 @@ def test_an_optimizer_instance_and_clear_errors(tmp_path):
     assert trainer.optimizer.optimizer is opt
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(TypeError, match="fastperturb optimizer"):
-        PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(),
-                       optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+        PerturbTrainer(
+            model=model,
+            args=args(tmp_path, 1, 1),
+            train_dataset=dataset(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
     with pytest.raises(TypeError, match="perturb="):
         PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset())
     with pytest.raises(TypeError, match="fastperturb optimizer class"):
         PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(), perturb=torch.optim.SGD)
-

@@ -23,26 +23,56 @@ F16, BF16, F32, F64 = testing.FLOAT_DTYPES
 
 # --- against the reference, hypothesis over lists, dtypes and options --------
 
+
 @given(layers(), seeds, st.sampled_from([2.0, math.inf]))
 def test_norms(compared_backend, ls, seed, ord):
     check_op("norms", compared_backend, make_inputs(ls, seed), ord=ord)
 
 
-@given(layers(), seeds, st.sampled_from([None, "init", "add"]), st.booleans(),
-       st.sampled_from([-1.0, 0.0, 0.01, 1.0]), finite_coefs)
+@given(
+    layers(),
+    seeds,
+    st.sampled_from([None, "init", "add"]),
+    st.booleans(),
+    st.sampled_from([-1.0, 0.0, 0.01, 1.0]),
+    finite_coefs,
+)
 def test_grad_stats(compared_backend, ls, seed, accum, delta, eta, weight):
-    check_op("grad_stats_", compared_backend, make_inputs(ls, seed), accum=accum, delta=delta, adaptive_eta=eta,
-             accum_weight=weight)
+    check_op(
+        "grad_stats_",
+        compared_backend,
+        make_inputs(ls, seed),
+        accum=accum,
+        delta=delta,
+        adaptive_eta=eta,
+        accum_weight=weight,
+    )
 
 
-@given(layers(), seeds, st.sampled_from(["l2", "linf"]), st.booleans(), st.sampled_from([-1.0, 0.0, 0.01]),
-       st.booleans(), st.data())
+@given(
+    layers(),
+    seeds,
+    st.sampled_from(["l2", "linf"]),
+    st.booleans(),
+    st.sampled_from([-1.0, 0.0, 0.01]),
+    st.booleans(),
+    st.data(),
+)
 def test_ascent_step(compared_backend, ls, seed, norm, first, eta, zero_grads, data):
     n = len(ls)
     step = data.draw(st.lists(finite_coefs, min_size=n, max_size=n))
     proj = data.draw(st.lists(st.floats(0.0, 2.0, width=32), min_size=n, max_size=n))
-    check_op("ascent_step_", compared_backend, make_inputs(ls, seed), norm=norm, first=first, adaptive_eta=eta,
-             zero_grads=zero_grads, step=step, proj=proj)
+    check_op(
+        "ascent_step_",
+        compared_backend,
+        make_inputs(ls, seed),
+        norm=norm,
+        first=first,
+        adaptive_eta=eta,
+        zero_grads=zero_grads,
+        step=step,
+        proj=proj,
+    )
 
 
 @given(layers(), seeds)
@@ -64,13 +94,19 @@ def test_standard_cases(compared_backend, case):
 
 # --- exactness and special values ---------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", testing.FLOAT_DTYPES)
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_restore_is_exact_after_steps_with_nonfinite_grads(backend, dtype, norm):
     """first step (backup), a second step, restore: params bit-identical to the
     start, with NaN/Inf gradients, denormal and special weights."""
-    ls = [Layer((33,), dtype), Layer((2, 3, 4, 5), dtype, True), Layer((), dtype), Layer((0, 3), dtype),
-          Layer((1500,), dtype)]
+    ls = [
+        Layer((33,), dtype),
+        Layer((2, 3, 4, 5), dtype, True),
+        Layer((), dtype),
+        Layer((0, 3), dtype),
+        Layer((1500,), dtype),
+    ]
     x = make_inputs(ls, seed=7, grad_special=0.3, param_special=0.3)
     x.params[0][:4] = torch.tensor([1e-40, -1e-45, 5e-324, -0.0], dtype=torch.float64).to(dtype)
     start = [p.clone() for p in x.params]
@@ -184,6 +220,7 @@ def test_sam_step_matches_the_formula(backend):
 
 # --- layouts -----------------------------------------------------------------------
 
+
 def test_dense_permuted_layouts(compared_backend):
     """Dense non-contiguous tensors (a transpose, channels_last) are walked as flat memory."""
     cl = torch.channels_last
@@ -200,15 +237,18 @@ def test_dense_permuted_layouts(compared_backend):
 
 # --- determinism ---------------------------------------------------------------------
 
+
 def _reductions(x):
     return [
-        *ops.norms(x.grads, 2.0), *ops.norms(x.grads, math.inf),
+        *ops.norms(x.grads, 2.0),
+        *ops.norms(x.grads, math.inf),
         ops.grad_stats_(x.grads, [], x.params, x.backups, adaptive_eta=0.01),
     ]
 
 
 DET_LAYERS = [Layer((300_001,), F32), Layer((7, 1000), F16), Layer((65537,), BF16), Layer((100_000,), F64)] + [
-    Layer((i % 50 + 1,), F32) for i in range(300)]
+    Layer((i % 50 + 1,), F32) for i in range(300)
+]
 
 
 def test_deterministic_across_thread_counts(backend):
@@ -265,6 +305,7 @@ def test_cpu_kernel_variants_agree_bitwise(native, tmp_path):
 
 
 # --- the registered ops ---------------------------------------------------------------
+
 
 def _opcheck_inputs():
     ls = [Layer((3, 4), F32), Layer((5,), F16), Layer((2, 2, 2, 2), F32, True), Layer((), F64)]

@@ -23,8 +23,9 @@ N = len(SHAPES)
 def fresh(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mk = lambda: [torch.randn(s, generator=g) for s in SHAPES]  # noqa: E731
-    return dict(params=mk(), grads=mk(), backups=mk(), accum=mk(),
-                step=torch.full((N,), 0.1), proj=torch.full((N,), 0.5))
+    return dict(
+        params=mk(), grads=mk(), backups=mk(), accum=mk(), step=torch.full((N,), 0.1), proj=torch.full((N,), 0.5)
+    )
 
 
 def replace(lst, i, t):
@@ -55,104 +56,285 @@ def norms_case(name, tensors_fn, exc, pattern, ord=2.0) -> Case:
 
 def stats(grads=None, accum=None, params=None, backups=None, **kw):
     def build(x):
-        return ((grads(x) if grads else x["grads"], accum(x) if accum else x["accum"],
-                 params(x) if params else x["params"], backups(x) if backups else x["backups"]),
-                dict(dict(accum_weight=0.5, adaptive_eta=0.1), **kw))
+        return (
+            (
+                grads(x) if grads else x["grads"],
+                accum(x) if accum else x["accum"],
+                params(x) if params else x["params"],
+                backups(x) if backups else x["backups"],
+            ),
+            dict(dict(accum_weight=0.5, adaptive_eta=0.1), **kw),
+        )
+
     return build
 
 
 def ascent(params=None, grads=None, backups=None, step=None, proj=None, **kw):
     def build(x):
-        return ((params(x) if params else x["params"], grads(x) if grads else x["grads"],
-                 backups(x) if backups else x["backups"], step(x) if step else x["step"],
-                 proj(x) if proj else x["proj"]), dict(dict(norm="l2", first=True, zero_grads=True), **kw))
+        return (
+            (
+                params(x) if params else x["params"],
+                grads(x) if grads else x["grads"],
+                backups(x) if backups else x["backups"],
+                step(x) if step else x["step"],
+                proj(x) if proj else x["proj"],
+            ),
+            dict(dict(norm="l2", first=True, zero_grads=True), **kw),
+        )
+
     return build
 
 
 CASES: list[Case] = [
     # norms
     norms_case("norms-ord", lambda x: x["grads"], ValueError, r"ord must be 2 or inf", ord=1.0),
-    norms_case("norms-int", lambda x: replace(x["grads"], 2, torch.ones(2, 3, dtype=torch.int64)),
-               TypeError, r"tensors\[2\] has dtype torch\.int64"),
-    norms_case("norms-bool", lambda x: replace(x["grads"], 3, torch.ones(6, dtype=torch.bool)),
-               TypeError, r"tensors\[3\] has dtype torch\.bool"),
-    norms_case("norms-complex", lambda x: replace(x["grads"], 2, torch.ones(3, dtype=torch.complex64)),
-               TypeError, r"tensors\[2\] is complex"),
-    norms_case("norms-sparse", lambda x: replace(x["grads"], 3, sparse((6,))), TypeError,
-               r"tensors\[3\] is a torch\.sparse_coo tensor"),
-    norms_case("norms-non-dense", lambda x: replace(x["grads"], 2, non_dense((2, 3))), ValueError,
-               r"tensors\[2\] must be dense"),
-    norms_case("norms-device", lambda x: replace(x["grads"], 2, meta((2, 3))), ValueError,
-               r"tensors\[2\] is on meta but tensors\[0\] is on cpu"),
+    norms_case(
+        "norms-int",
+        lambda x: replace(x["grads"], 2, torch.ones(2, 3, dtype=torch.int64)),
+        TypeError,
+        r"tensors\[2\] has dtype torch\.int64",
+    ),
+    norms_case(
+        "norms-bool",
+        lambda x: replace(x["grads"], 3, torch.ones(6, dtype=torch.bool)),
+        TypeError,
+        r"tensors\[3\] has dtype torch\.bool",
+    ),
+    norms_case(
+        "norms-complex",
+        lambda x: replace(x["grads"], 2, torch.ones(3, dtype=torch.complex64)),
+        TypeError,
+        r"tensors\[2\] is complex",
+    ),
+    norms_case(
+        "norms-sparse",
+        lambda x: replace(x["grads"], 3, sparse((6,))),
+        TypeError,
+        r"tensors\[3\] is a torch\.sparse_coo tensor",
+    ),
+    norms_case(
+        "norms-non-dense",
+        lambda x: replace(x["grads"], 2, non_dense((2, 3))),
+        ValueError,
+        r"tensors\[2\] must be dense",
+    ),
+    norms_case(
+        "norms-device",
+        lambda x: replace(x["grads"], 2, meta((2, 3))),
+        ValueError,
+        r"tensors\[2\] is on meta but tensors\[0\] is on cpu",
+    ),
     # grad_stats_
-    ("stats-accum-length", "grad_stats_", stats(accum=lambda x: x["accum"][:3]), ValueError,
-     r"accum has 3 tensors but grads has 4"),
-    ("stats-params-shape", "grad_stats_", stats(params=lambda x: replace(x["params"], 3, torch.randn(3, 2))),
-     ValueError, r"params\[3\] has shape \(3, 2\) but grads\[3\] has shape \(6,\)"),
-    ("stats-backups-dtype", "grad_stats_", stats(backups=lambda x: replace(x["backups"], 1, torch.randn(5, dtype=F64))),
-     TypeError, r"backups\[1\] has dtype torch\.float64 but grads\[1\] has dtype torch\.float32"),
-    ("stats-accum-strides", "grad_stats_",
-     stats(accum=lambda x: replace(x["accum"], 2, torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))),
-     ValueError, r"accum\[2\] has strides .* but grads\[2\] has strides"),
-    ("stats-backups-without-params", "grad_stats_", stats(params=lambda x: []), ValueError,
-     r"backups given without params"),
-    ("stats-adaptive-without-params", "grad_stats_", stats(params=lambda x: [], backups=lambda x: []), ValueError,
-     r"adaptive_eta >= 0 needs params"),
+    (
+        "stats-accum-length",
+        "grad_stats_",
+        stats(accum=lambda x: x["accum"][:3]),
+        ValueError,
+        r"accum has 3 tensors but grads has 4",
+    ),
+    (
+        "stats-params-shape",
+        "grad_stats_",
+        stats(params=lambda x: replace(x["params"], 3, torch.randn(3, 2))),
+        ValueError,
+        r"params\[3\] has shape \(3, 2\) but grads\[3\] has shape \(6,\)",
+    ),
+    (
+        "stats-backups-dtype",
+        "grad_stats_",
+        stats(backups=lambda x: replace(x["backups"], 1, torch.randn(5, dtype=F64))),
+        TypeError,
+        r"backups\[1\] has dtype torch\.float64 but grads\[1\] has dtype torch\.float32",
+    ),
+    (
+        "stats-accum-strides",
+        "grad_stats_",
+        stats(
+            accum=lambda x: replace(
+                x["accum"], 2, torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+            )
+        ),
+        ValueError,
+        r"accum\[2\] has strides .* but grads\[2\] has strides",
+    ),
+    (
+        "stats-backups-without-params",
+        "grad_stats_",
+        stats(params=lambda x: []),
+        ValueError,
+        r"backups given without params",
+    ),
+    (
+        "stats-adaptive-without-params",
+        "grad_stats_",
+        stats(params=lambda x: [], backups=lambda x: []),
+        ValueError,
+        r"adaptive_eta >= 0 needs params",
+    ),
     ("stats-weight-nan", "grad_stats_", stats(accum_weight=math.nan), ValueError, r"accum_weight must be finite"),
     ("stats-eta-inf", "grad_stats_", stats(adaptive_eta=math.inf), ValueError, r"adaptive_eta must be finite"),
-    ("stats-grads-sparse", "grad_stats_", stats(grads=lambda x: replace(x["grads"], 3, sparse((6,)))), TypeError,
-     r"grads\[3\] is a torch\.sparse_coo tensor"),
-    ("stats-device", "grad_stats_", stats(backups=lambda x: replace(x["backups"], 3, meta((6,)))), ValueError,
-     r"backups\[3\] is on meta"),
+    (
+        "stats-grads-sparse",
+        "grad_stats_",
+        stats(grads=lambda x: replace(x["grads"], 3, sparse((6,)))),
+        TypeError,
+        r"grads\[3\] is a torch\.sparse_coo tensor",
+    ),
+    (
+        "stats-device",
+        "grad_stats_",
+        stats(backups=lambda x: replace(x["backups"], 3, meta((6,)))),
+        ValueError,
+        r"backups\[3\] is on meta",
+    ),
     # ascent_step_
-    ("ascent-grads-length", "ascent_step_", ascent(grads=lambda x: x["grads"][:3]), ValueError,
-     r"grads has 3 tensors but params has 4"),
-    ("ascent-grads-shape", "ascent_step_", ascent(grads=lambda x: replace(x["grads"], 0, torch.randn(4, 3))),
-     ValueError, r"grads\[0\] has shape \(4, 3\) but params\[0\] has shape \(3, 4\)"),
-    ("ascent-grads-dtype", "ascent_step_", ascent(grads=lambda x: replace(x["grads"], 3, torch.randn(6, dtype=F16))),
-     TypeError, r"grads\[3\] has dtype torch\.float16 but params\[3\] has dtype torch\.float32"),
-    ("ascent-backups-device", "ascent_step_", ascent(backups=lambda x: replace(x["backups"], 3, meta((6,)))),
-     ValueError, r"backups\[3\] is on meta but params\[0\] is on cpu"),
-    ("ascent-grads-non-dense", "ascent_step_", ascent(grads=lambda x: replace(x["grads"], 3, non_dense((6,)))),
-     ValueError, r"grads\[3\] must be dense"),
-    ("ascent-params-complex", "ascent_step_",
-     ascent(params=lambda x: replace(x["params"], 3, torch.ones(6, dtype=torch.complex64))), TypeError,
-     r"params\[3\] is complex"),
-    ("ascent-params-int", "ascent_step_",
-     ascent(params=lambda x: replace(x["params"], 3, torch.ones(6, dtype=torch.int32))), TypeError,
-     r"params\[3\] has dtype torch\.int32"),
-    ("ascent-step-shape", "ascent_step_", ascent(step=lambda x: torch.zeros(N + 1)), ValueError,
-     r"step_coef must be a float32 tensor of shape \[4\]"),
-    ("ascent-step-2d", "ascent_step_", ascent(step=lambda x: torch.zeros(N, 1)), ValueError,
-     r"step_coef must be a float32 tensor of shape \[4\]"),
-    ("ascent-proj-dtype", "ascent_step_", ascent(proj=lambda x: torch.zeros(N, dtype=F64)), ValueError,
-     r"proj must be a float32 tensor of shape \[4\]"),
-    ("ascent-proj-device", "ascent_step_", ascent(proj=lambda x: meta((N,))), ValueError,
-     r"proj is on meta but the tensors are on cpu"),
+    (
+        "ascent-grads-length",
+        "ascent_step_",
+        ascent(grads=lambda x: x["grads"][:3]),
+        ValueError,
+        r"grads has 3 tensors but params has 4",
+    ),
+    (
+        "ascent-grads-shape",
+        "ascent_step_",
+        ascent(grads=lambda x: replace(x["grads"], 0, torch.randn(4, 3))),
+        ValueError,
+        r"grads\[0\] has shape \(4, 3\) but params\[0\] has shape \(3, 4\)",
+    ),
+    (
+        "ascent-grads-dtype",
+        "ascent_step_",
+        ascent(grads=lambda x: replace(x["grads"], 3, torch.randn(6, dtype=F16))),
+        TypeError,
+        r"grads\[3\] has dtype torch\.float16 but params\[3\] has dtype torch\.float32",
+    ),
+    (
+        "ascent-backups-device",
+        "ascent_step_",
+        ascent(backups=lambda x: replace(x["backups"], 3, meta((6,)))),
+        ValueError,
+        r"backups\[3\] is on meta but params\[0\] is on cpu",
+    ),
+    (
+        "ascent-grads-non-dense",
+        "ascent_step_",
+        ascent(grads=lambda x: replace(x["grads"], 3, non_dense((6,)))),
+        ValueError,
+        r"grads\[3\] must be dense",
+    ),
+    (
+        "ascent-params-complex",
+        "ascent_step_",
+        ascent(params=lambda x: replace(x["params"], 3, torch.ones(6, dtype=torch.complex64))),
+        TypeError,
+        r"params\[3\] is complex",
+    ),
+    (
+        "ascent-params-int",
+        "ascent_step_",
+        ascent(params=lambda x: replace(x["params"], 3, torch.ones(6, dtype=torch.int32))),
+        TypeError,
+        r"params\[3\] has dtype torch\.int32",
+    ),
+    (
+        "ascent-step-shape",
+        "ascent_step_",
+        ascent(step=lambda x: torch.zeros(N + 1)),
+        ValueError,
+        r"step_coef must be a float32 tensor of shape \[4\]",
+    ),
+    (
+        "ascent-step-2d",
+        "ascent_step_",
+        ascent(step=lambda x: torch.zeros(N, 1)),
+        ValueError,
+        r"step_coef must be a float32 tensor of shape \[4\]",
+    ),
+    (
+        "ascent-proj-dtype",
+        "ascent_step_",
+        ascent(proj=lambda x: torch.zeros(N, dtype=F64)),
+        ValueError,
+        r"proj must be a float32 tensor of shape \[4\]",
+    ),
+    (
+        "ascent-proj-device",
+        "ascent_step_",
+        ascent(proj=lambda x: meta((N,))),
+        ValueError,
+        r"proj is on meta but the tensors are on cpu",
+    ),
     ("ascent-norm", "ascent_step_", ascent(norm="l3"), ValueError, r"norm must be 'l2' or 'linf'"),
     ("ascent-eta-nan", "ascent_step_", ascent(adaptive_eta=math.nan), ValueError, r"adaptive_eta must be finite"),
     # restore_
-    ("restore-length", "restore_", lambda x: ((x["params"], x["backups"][:3]), {}), ValueError,
-     r"backups has 3 tensors but params has 4"),
-    ("restore-shape", "restore_", lambda x: ((x["params"], replace(x["backups"], 3, torch.randn(2, 3))), {}),
-     ValueError, r"backups\[3\] has shape \(2, 3\) but params\[3\] has shape \(6,\)"),
-    ("restore-dtype", "restore_", lambda x: ((x["params"], replace(x["backups"], 3, torch.randn(6, dtype=F64))), {}),
-     TypeError, r"backups\[3\] has dtype torch\.float64"),
-    ("restore-params-sparse", "restore_", lambda x: ((replace(x["params"], 3, sparse((6,))), x["backups"]), {}),
-     TypeError, r"params\[3\] is a torch\.sparse_coo tensor"),
-    ("restore-strides", "restore_",
-     lambda x: ((x["params"], replace(x["backups"], 2, x["backups"][2].contiguous(memory_format=torch.channels_last))), {}),
-     ValueError, r"backups\[2\] has strides"),
+    (
+        "restore-length",
+        "restore_",
+        lambda x: ((x["params"], x["backups"][:3]), {}),
+        ValueError,
+        r"backups has 3 tensors but params has 4",
+    ),
+    (
+        "restore-shape",
+        "restore_",
+        lambda x: ((x["params"], replace(x["backups"], 3, torch.randn(2, 3))), {}),
+        ValueError,
+        r"backups\[3\] has shape \(2, 3\) but params\[3\] has shape \(6,\)",
+    ),
+    (
+        "restore-dtype",
+        "restore_",
+        lambda x: ((x["params"], replace(x["backups"], 3, torch.randn(6, dtype=F64))), {}),
+        TypeError,
+        r"backups\[3\] has dtype torch\.float64",
+    ),
+    (
+        "restore-params-sparse",
+        "restore_",
+        lambda x: ((replace(x["params"], 3, sparse((6,))), x["backups"]), {}),
+        TypeError,
+        r"params\[3\] is a torch\.sparse_coo tensor",
+    ),
+    (
+        "restore-strides",
+        "restore_",
+        lambda x: (
+            (x["params"], replace(x["backups"], 2, x["backups"][2].contiguous(memory_format=torch.channels_last))),
+            {},
+        ),
+        ValueError,
+        r"backups\[2\] has strides",
+    ),
     # combine_grads_
-    ("combine-weight-inf", "combine_grads_", lambda x: ((x["grads"], x["accum"], math.inf), {}), ValueError,
-     r"weight must be finite"),
-    ("combine-length", "combine_grads_", lambda x: ((x["grads"], x["accum"][:2], 1.0), {}), ValueError,
-     r"accum has 2 tensors but grads has 4"),
-    ("combine-dtype", "combine_grads_",
-     lambda x: ((x["grads"], replace(x["accum"], 3, torch.randn(6, dtype=F16)), 1.0), {}), TypeError,
-     r"accum\[3\] has dtype torch\.float16 but grads\[3\] has dtype torch\.float32"),
-    ("combine-device", "combine_grads_", lambda x: ((x["grads"], replace(x["accum"], 1, meta((5,))), 1.0), {}),
-     ValueError, r"accum\[1\] is on meta"),
+    (
+        "combine-weight-inf",
+        "combine_grads_",
+        lambda x: ((x["grads"], x["accum"], math.inf), {}),
+        ValueError,
+        r"weight must be finite",
+    ),
+    (
+        "combine-length",
+        "combine_grads_",
+        lambda x: ((x["grads"], x["accum"][:2], 1.0), {}),
+        ValueError,
+        r"accum has 2 tensors but grads has 4",
+    ),
+    (
+        "combine-dtype",
+        "combine_grads_",
+        lambda x: ((x["grads"], replace(x["accum"], 3, torch.randn(6, dtype=F16)), 1.0), {}),
+        TypeError,
+        r"accum\[3\] has dtype torch\.float16 but grads\[3\] has dtype torch\.float32",
+    ),
+    (
+        "combine-device",
+        "combine_grads_",
+        lambda x: ((x["grads"], replace(x["accum"], 1, meta((5,))), 1.0), {}),
+        ValueError,
+        r"accum\[1\] is on meta",
+    ),
 ]
 
 
@@ -194,7 +376,8 @@ def test_the_unmodified_inputs_are_valid(backend):
     x = fresh()
     ops.norms(x["grads"], 2.0)
     ops.grad_stats_(x["grads"], x["accum"], x["params"], x["backups"], accum_weight=0.5, adaptive_eta=0.1)
-    ops.ascent_step_(x["params"], x["grads"], x["backups"], x["step"], x["proj"], norm="l2", first=True,
-                     zero_grads=True)
+    ops.ascent_step_(
+        x["params"], x["grads"], x["backups"], x["step"], x["proj"], norm="l2", first=True, zero_grads=True
+    )
     ops.restore_(x["params"], x["backups"])
     ops.combine_grads_(x["grads"], x["accum"], 1.0)

@@ -67,6 +67,7 @@ PRESETS = {
 
 # ---- param groups shared by identity --------------------------------------------------
 
+
 def test_param_groups_shared_by_identity_and_scheduler(backend):
     model = make_model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
@@ -83,7 +84,7 @@ def test_param_groups_shared_by_identity_and_scheduler(backend):
             sched.step()
             assert opt.base_optimizer.param_groups[0]["lr"] == lr * 0.5
             assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    assert opt.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    assert opt.param_groups[0]["lr"] == 0.1 * 0.5**3
 
 
 def test_add_param_group_goes_to_base_with_defaults(backend):
@@ -113,27 +114,33 @@ def test_add_param_group_goes_to_base_with_defaults(backend):
 
 # ---- bad arguments: a clear error naming the argument, nothing applied -----------------
 
-@pytest.mark.parametrize("make, match", [
-    (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=-0.1, lr=0.1), "rho"),
-    (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=float("nan"), lr=0.1), "rho"),
-    (lambda ps: fp.ASAM(ps, torch.optim.SGD, eta=-1.0, lr=0.1), "eta"),
-    (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=-5e-3, lr=0.1), "gamma"),
-    (lambda ps: fp.AWP(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, steps=2.5, lr=0.1), "steps"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, norm="l1", lr=0.1), "norm"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, scope="model", lr=0.1), "scope"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("inf"), lr=0.1), "step_size"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("nan"), lr=0.1), "step_size"),
-    (lambda ps: fp.APD(ps, torch.optim.SGD, eps=-1e-3, lr=0.1), "eps"),
-    (lambda ps: fp.SAM(ps, torch.optim.SGD(ps, lr=0.1), lr=0.1), "base_optimizer"),
-    (lambda ps: fp.SAM(ps, lambda p, **kw: torch.optim.SGD(p, **kw), lr=0.1), "base_optimizer"),
-    (lambda ps: fp.SAM(ps, nn.Linear, lr=0.1), "base_optimizer"),
-    (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
-    (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, nonfinite="ignore"), "nonfinite"),
-    (lambda ps: fp.SAM([{"params": ps[:2]}, {"params": ps[2:], "rho": -1.0}], torch.optim.SGD, lr=0.1),
-     r"param_groups\[1\]\['rho'\]"),
-])
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=-0.1, lr=0.1), "rho"),
+        (lambda ps: fp.SAM(ps, torch.optim.SGD, rho=float("nan"), lr=0.1), "rho"),
+        (lambda ps: fp.ASAM(ps, torch.optim.SGD, eta=-1.0, lr=0.1), "eta"),
+        (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=-5e-3, lr=0.1), "gamma"),
+        (lambda ps: fp.AWP(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, steps=2.5, lr=0.1), "steps"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, norm="l1", lr=0.1), "norm"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, scope="model", lr=0.1), "scope"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("inf"), lr=0.1), "step_size"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, step_size=float("nan"), lr=0.1), "step_size"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, eps=-1e-3, lr=0.1), "eps"),
+        (lambda ps: fp.SAM(ps, torch.optim.SGD(ps, lr=0.1), lr=0.1), "base_optimizer"),
+        (lambda ps: fp.SAM(ps, lambda p, **kw: torch.optim.SGD(p, **kw), lr=0.1), "base_optimizer"),
+        (lambda ps: fp.SAM(ps, nn.Linear, lr=0.1), "base_optimizer"),
+        (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, max_grad_norm=-1.0), "max_grad_norm"),
+        (lambda ps: fp.SAM(ps, torch.optim.SGD, lr=0.1, nonfinite="ignore"), "nonfinite"),
+        (
+            lambda ps: fp.SAM([{"params": ps[:2]}, {"params": ps[2:], "rho": -1.0}], torch.optim.SGD, lr=0.1),
+            r"param_groups\[1\]\['rho'\]",
+        ),
+    ],
+)
 def test_bad_arguments(make, match):
     model = make_model()
     before = snapshot(model)
@@ -230,6 +237,7 @@ def test_no_backward_between_first_and_second_step_restores(backend):
 
 # ---- exceptions at a perturbed point -----------------------------------------------------
 
+
 class Boom(Exception):
     pass
 
@@ -256,6 +264,7 @@ def test_closure_raising_at_perturbed_point_restores(preset, backend):
 
 # ---- non-finite gradients -----------------------------------------------------------------
 
+
 def nan_at(bad, where="all", model=None):
     def hook(k, loss):
         if k != bad:
@@ -263,6 +272,7 @@ def nan_at(bad, where="all", model=None):
         if where == "all":
             return loss * float("nan")
         return loss + (model[2].bias * float("inf")).sum()  # inf/nan only in a passive (bias) grad
+
     return hook
 
 
@@ -321,6 +331,7 @@ def test_nonfinite_in_sam_convention(backend):
 
 # ---- BatchNorm --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("preset", ["sam", "apd"])
 def test_freeze_bn_keeps_running_stats_to_clean_passes(preset, momentum, backend):
@@ -367,6 +378,7 @@ def test_freeze_bn_in_sam_convention_and_context_manager():
 
 # ---- clipping and accumulation ------------------------------------------------------------
 
+
 def test_max_grad_norm_clips_the_descent_gradient(backend):
     model = make_model()
     free = copy.deepcopy(model)
@@ -408,19 +420,20 @@ def test_gradient_accumulation_over_micro_batches(preset, backend):
 
 # ---- AMP ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_grad_scaler_matches_unscaled_run(preset, backend):
     a = make_model()
     b = copy.deepcopy(a)
     oa = PRESETS[preset](a.parameters(), max_grad_norm=0.05)  # small: clipping is active
     ob = PRESETS[preset](b.parameters(), max_grad_norm=0.05)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     for _ in range(4):
         oa.step(closure_for(a))
         ob.step(closure_for(b, scale=scaler.scale), scaler=scaler)
         scaler.update()
         assert not ob.last_step_skipped
-    assert scaler.get_scale() > 2.0 ** 12  # it grew: no step was reported as an overflow
+    assert scaler.get_scale() > 2.0**12  # it grew: no step was reported as an overflow
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)  # directions are scale-invariant
 
@@ -496,10 +509,10 @@ def test_autocast_on_cpu(dtype, backend):
 
 # ---- checkpoints and buffers ----------------------------------------------------------------
 
+
 def test_state_dict_round_trip_in_process(backend):
     model = make_model()
-    opt = fp.APD(model.parameters(), torch.optim.AdamW, eps=0.05, steps=2, norm="linf", lr=0.01,
-                 max_grad_norm=3.0)
+    opt = fp.APD(model.parameters(), torch.optim.AdamW, eps=0.05, steps=2, norm="linf", lr=0.01, max_grad_norm=3.0)
     for _ in range(2):
         opt.step(closure_for(model))
     sd = opt.state_dict()
@@ -652,15 +665,23 @@ def test_restore_undoes_first_step_and_scheduler_sees_second_step(backend):
     data=st.data(),
 )
 def test_any_configuration_any_fault_leaves_weights_bit_identical(
-        norm, scope, steps, relative, include_clean, weights_only, dtype, fault, data, backend):
+    norm, scope, steps, relative, include_clean, weights_only, dtype, fault, data, backend
+):
     model = make_model().to(dtype)
     spec = PerturbSpec(norm=norm, scope=scope, steps=steps, relative=relative, include_clean=include_clean)
-    opt = fp.PerturbOptimizer(model.parameters(), torch.optim.SGD, spec, 0.05, lr=0.1, momentum=0.9,
-                              perturb_filter=fp.optim.is_weight_matrix if weights_only else None)
+    opt = fp.PerturbOptimizer(
+        model.parameters(),
+        torch.optim.SGD,
+        spec,
+        0.05,
+        lr=0.1,
+        momentum=0.9,
+        perturb_filter=fp.optim.is_weight_matrix if weights_only else None,
+    )
     x = X.to(dtype)
     bad = data.draw(st.integers(0, steps), label="bad pass")
 
-    def closure(k=[0]):
+    def closure(k=[0]):  # noqa: B006  (a call counter that lives as long as the closure)
         i = k[0]
         k[0] += 1
         loss = nn.functional.cross_entropy(model(x).float(), Y)

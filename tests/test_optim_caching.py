@@ -21,6 +21,7 @@ def _closure(model):
         loss = ((model(X) - Y) ** 2).mean()
         loss.backward()
         return loss
+
     return closure
 
 
@@ -84,8 +85,7 @@ def test_group_toggled_passive_gets_the_same_descent_gradient_as_a_fresh_optimiz
     # Group 0 turned passive after warm-up must receive sum_k c_k g_k like in an
     # optimizer configured that way from the start (no stale selection).
     def build(model, perturb0):
-        groups = [{"params": list(model[0].parameters()), "perturb": perturb0},
-                  {"params": list(model[2].parameters())}]
+        groups = [{"params": list(model[0].parameters()), "perturb": perturb0}, {"params": list(model[2].parameters())}]
         return fp.APD(groups, torch.optim.SGD, eps=0.05, steps=2, lr=0.1)
 
     warm_model = _model()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import fastperturb as fp
+
 from test_optim_equations import BASES, PRESETS, direct_descent_grad, loss_of, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,6 +112,7 @@ def test_dropin_matches_direct_equations(preset, base, backend):
 @pytest.mark.parametrize("preset", ["sam", "apd_weights_only"])
 def test_dropin_with_clipping_and_frozen_batchnorm(preset, backend):
     """max_grad_norm and freeze_bn behave the same under both conventions."""
+
     def build():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).double()
@@ -132,6 +134,7 @@ def test_dropin_with_clipping_and_frozen_batchnorm(preset, backend):
 
 def test_dropin_under_grad_scaler(backend):
     """A caller's g_0 under an enabled GradScaler is scaled like the closure's gradients."""
+
     def build():
         m = make_model()
         return m, fp.APD(m.parameters(), torch.optim.SGD, eps=0.2, steps=2, lr=0.1)
@@ -141,6 +144,7 @@ def test_dropin_under_grad_scaler(backend):
             loss = loss_of(model, s)
             scaler.scale(loss).backward()
             return loss
+
         return closure
 
     (a, oa), (b, ob) = build(), build()
@@ -268,12 +272,14 @@ def test_pytorch_optimizer_docstring_loop(backend):
     for s in range(4):
         counts = []
         for m, opt in ((model, ours), (twin, theirs)):
+
             def closure(m=m, opt=opt):
                 closure.calls += 1
                 opt.zero_grad()
                 loss = loss_of(m, s)
                 loss.backward()
                 return loss
+
             closure.calls = 0
             opt.zero_grad()
             closure()
@@ -298,10 +304,12 @@ def test_first_second_step_loop_equals_pytorch_optimizer_sam(backend):
 
 # ---- errors and signals ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [0, 1, 3])
 def test_one_exception_type_for_every_pass(bad, backend):
     from test_optim_behaviour import closure_for, nan_at
     from test_optim_behaviour import make_model as behaviour_model
+
     model = behaviour_model()
     opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, nonfinite="raise")
     with pytest.raises(fp.NonFiniteGradient) as info:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import fastperturb as fp
-from fastperturb.ops.dispatch import why_unavailable
 from fastperturb.engine import PerturbSpec
+from fastperturb.ops.dispatch import why_unavailable
 
 BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
 
@@ -38,9 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(
-        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)
-    ).double()
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
 
 
 def loss_of(model, step):
@@ -50,11 +48,12 @@ def loss_of(model, step):
 
 # ---- the direct implementation --------------------------------------------------------
 
+
 def _norm(ts, norm):
     if not ts:
         return torch.zeros((), dtype=torch.float64)
     if norm == "l2":
-        return torch.sqrt(sum((t ** 2).sum() for t in ts))
+        return torch.sqrt(sum((t**2).sum() for t in ts))
     return max(t.abs().max() for t in ts)
 
 
@@ -128,58 +127,95 @@ def direct_descent_grad(model, step_idx, cfg):
 
 # ---- presets and their direct configuration ----------------------------------------
 
-def _cfg(model, norm="l2", scope="global", steps=1, relative=False, adaptive_eta=None, include_clean=False,
-         radius=0.0, step=None, selected=None):
+
+def _cfg(
+    model,
+    norm="l2",
+    scope="global",
+    steps=1,
+    relative=False,
+    adaptive_eta=None,
+    include_clean=False,
+    radius=0.0,
+    step=None,
+    selected=None,
+):
     ps = list(model.parameters())
     return dict(
-        norm=norm, scope=scope, steps=steps, relative=relative, adaptive_eta=adaptive_eta,
-        include_clean=include_clean, radius=[radius] * len(ps),
+        norm=norm,
+        scope=scope,
+        steps=steps,
+        relative=relative,
+        adaptive_eta=adaptive_eta,
+        include_clean=include_clean,
+        radius=[radius] * len(ps),
         step=[radius if step is None else step] * len(ps),
         selected=selected if selected is not None else [True] * len(ps),
     )
 
 
 PRESETS = {
-    "sam": (lambda ps, b, kw: fp.SAM(ps, b, rho=0.3, **kw),
-            lambda m: _cfg(m, radius=0.3)),
-    "sam_adaptive": (lambda ps, b, kw: fp.SAM(ps, b, rho=0.4, adaptive=True, **kw),
-                     lambda m: _cfg(m, radius=0.4, adaptive_eta=0.0)),
-    "asam": (lambda ps, b, kw: fp.ASAM(ps, b, rho=0.5, eta=0.01, **kw),
-             lambda m: _cfg(m, radius=0.5, adaptive_eta=0.01)),
-    "awp": (lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, **kw),
-            lambda m: _cfg(m, scope="layer", relative=True, radius=0.1,
-                           selected=[p.dim() > 1 for p in m.parameters()])),
-    "awp_3steps": (lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, steps=3, **kw),
-                   lambda m: _cfg(m, scope="layer", relative=True, radius=0.1, steps=3,
-                                  selected=[p.dim() > 1 for p in m.parameters()])),
-    "apd": (lambda ps, b, kw: fp.APD(ps, b, eps=0.2, **kw),
-            lambda m: _cfg(m, steps=3, radius=0.2, step=1.5 * 0.2 / 3, include_clean=True)),
-    "apd_1step": (lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, **kw),  # eta = 1.5 eps > eps: projected
-                  lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True)),
+    "sam": (lambda ps, b, kw: fp.SAM(ps, b, rho=0.3, **kw), lambda m: _cfg(m, radius=0.3)),
+    "sam_adaptive": (
+        lambda ps, b, kw: fp.SAM(ps, b, rho=0.4, adaptive=True, **kw),
+        lambda m: _cfg(m, radius=0.4, adaptive_eta=0.0),
+    ),
+    "asam": (
+        lambda ps, b, kw: fp.ASAM(ps, b, rho=0.5, eta=0.01, **kw),
+        lambda m: _cfg(m, radius=0.5, adaptive_eta=0.01),
+    ),
+    "awp": (
+        lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, **kw),
+        lambda m: _cfg(m, scope="layer", relative=True, radius=0.1, selected=[p.dim() > 1 for p in m.parameters()]),
+    ),
+    "awp_3steps": (
+        lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, steps=3, **kw),
+        lambda m: _cfg(
+            m, scope="layer", relative=True, radius=0.1, steps=3, selected=[p.dim() > 1 for p in m.parameters()]
+        ),
+    ),
+    "apd": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.2, **kw),
+        lambda m: _cfg(m, steps=3, radius=0.2, step=1.5 * 0.2 / 3, include_clean=True),
+    ),
+    "apd_1step": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, **kw),  # eta = 1.5 eps > eps: projected
+        lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True),
+    ),
     "apd_linf_layer_relative": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.05, steps=2, norm="linf", scope="layer", relative=True, **kw),
-        lambda m: _cfg(m, norm="linf", scope="layer", relative=True, steps=2, radius=0.05,
-                       step=1.5 * 0.05 / 2, include_clean=True)),
+        lambda m: _cfg(
+            m, norm="linf", scope="layer", relative=True, steps=2, radius=0.05, step=1.5 * 0.05 / 2, include_clean=True
+        ),
+    ),
     "apd_linf_global_noclean": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.03, steps=2, norm="linf", step_size=0.02, include_clean=False, **kw),
-        lambda m: _cfg(m, norm="linf", steps=2, radius=0.03, step=0.02)),
+        lambda m: _cfg(m, norm="linf", steps=2, radius=0.03, step=0.02),
+    ),
     "apd_l2_layer_relative": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.1, steps=2, scope="layer", relative=True, **kw),
-        lambda m: _cfg(m, scope="layer", relative=True, steps=2, radius=0.1, step=0.075, include_clean=True)),
+        lambda m: _cfg(m, scope="layer", relative=True, steps=2, radius=0.1, step=0.075, include_clean=True),
+    ),
     # passive tensors (biases) still get sum_k c_k g_k, accumulated across the passes
     "apd_weights_only": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=2, perturb_filter=lambda p: p.dim() > 1, **kw),
-        lambda m: _cfg(m, steps=2, radius=0.2, step=0.15, include_clean=True,
-                       selected=[p.dim() > 1 for p in m.parameters()])),
+        lambda m: _cfg(
+            m, steps=2, radius=0.2, step=0.15, include_clean=True, selected=[p.dim() > 1 for p in m.parameters()]
+        ),
+    ),
     "apd_1step_weights_only": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=1, perturb_filter=lambda p: p.dim() > 1, **kw),
-        lambda m: _cfg(m, steps=1, radius=0.2, step=0.3, include_clean=True,
-                       selected=[p.dim() > 1 for p in m.parameters()])),
+        lambda m: _cfg(
+            m, steps=1, radius=0.2, step=0.3, include_clean=True, selected=[p.dim() > 1 for p in m.parameters()]
+        ),
+    ),
     # the engine-driven base class with a spec of one's own
     "generic_linf_layer": (
-        lambda ps, b, kw: fp.PerturbOptimizer(ps, b, PerturbSpec(norm="linf", scope="layer", steps=2), 0.02,
-                                              0.015, **kw),
-        lambda m: _cfg(m, norm="linf", scope="layer", steps=2, radius=0.02, step=0.015)),
+        lambda ps, b, kw: fp.PerturbOptimizer(
+            ps, b, PerturbSpec(norm="linf", scope="layer", steps=2), 0.02, 0.015, **kw
+        ),
+        lambda m: _cfg(m, norm="linf", scope="layer", steps=2, radius=0.02, step=0.015),
+    ),
 }
 
 N_STEPS = 4
@@ -204,10 +240,12 @@ def _run_pair(preset, base, backend, first_second=False):
                 loss_of(model, s).backward()
                 opt.second_step(zero_grad=True)
             else:
+
                 def closure():
                     loss = loss_of(model, s)
                     loss.backward()
                     return loss
+
                 loss = opt.step(closure)
                 assert math.isclose(loss.item(), loss_of(ref_model, s).item(), rel_tol=1e-9)
             direct_descent_grad(ref_model, s, make_cfg(ref_model))
@@ -215,8 +253,12 @@ def _run_pair(preset, base, backend, first_second=False):
             plain_opt.zero_grad()
             loss_of(plain_model, s).backward()
             plain_opt.step()
-            traj.append([(p.detach().clone(), q.detach().clone(), u.detach().clone())
-                         for p, q, u in zip(model.parameters(), ref_model.parameters(), plain_model.parameters())])
+            traj.append(
+                [
+                    (p.detach().clone(), q.detach().clone(), u.detach().clone())
+                    for p, q, u in zip(model.parameters(), ref_model.parameters(), plain_model.parameters())
+                ]
+            )
     return traj
 
 
@@ -250,21 +292,29 @@ def test_per_group_radius_and_excluded_group(backend):
     model = make_model()
     ref = copy.deepcopy(model)
     l1, l2 = model[0], model[2]
-    opt = fp.SAM([
-        {"params": [l1.weight], "rho": 0.5},
-        {"params": [l1.bias]},
-        {"params": list(l2.parameters()), "perturb": False},
-    ], torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    opt = fp.SAM(
+        [
+            {"params": [l1.weight], "rho": 0.5},
+            {"params": [l1.bias]},
+            {"params": list(l2.parameters()), "perturb": False},
+        ],
+        torch.optim.SGD,
+        rho=0.2,
+        lr=0.1,
+        momentum=0.9,
+    )
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     cfg = _cfg(ref, radius=0.0)
     cfg["radius"] = cfg["step"] = [0.5, 0.2, 0.0, 0.0]
     cfg["selected"] = [True, True, False, False]
     with fp.use_backend(backend):
         for s in range(3):
+
             def closure():
                 loss = loss_of(model, s)
                 loss.backward()
                 return loss
+
             opt.step(closure)
             direct_descent_grad(ref, s, cfg)
             ref_opt.step()
@@ -277,11 +327,18 @@ def test_per_group_radius_and_excluded_group(backend):
 def test_apd_per_group_eps_and_step_size(backend):
     model = make_model()
     ref = copy.deepcopy(model)
-    opt = fp.APD([
-        # AdamW has its own eps, so APD's per-group radius is "perturb_eps" here
-        {"params": list(model[0].parameters()), "perturb_eps": 0.3, "step_size": 0.1},
-        {"params": list(model[2].parameters())},
-    ], torch.optim.AdamW, eps=0.05, steps=2, scope="layer", lr=0.01)
+    opt = fp.APD(
+        [
+            # AdamW has its own eps, so APD's per-group radius is "perturb_eps" here
+            {"params": list(model[0].parameters()), "perturb_eps": 0.3, "step_size": 0.1},
+            {"params": list(model[2].parameters())},
+        ],
+        torch.optim.AdamW,
+        eps=0.05,
+        steps=2,
+        scope="layer",
+        lr=0.01,
+    )
     assert opt.radius_key == "perturb_eps" and opt.param_groups[0]["eps"] == 1e-8
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
     cfg = _cfg(ref, scope="layer", steps=2, include_clean=True)
@@ -289,10 +346,12 @@ def test_apd_per_group_eps_and_step_size(backend):
     cfg["step"] = [0.1, 0.1, 1.5 * 0.05 / 2, 1.5 * 0.05 / 2]
     with fp.use_backend(backend):
         for s in range(3):
+
             def closure():
                 loss = loss_of(model, s)
                 loss.backward()
                 return loss
+
             opt.step(closure)
             direct_descent_grad(ref, s, cfg)
             ref_opt.step()

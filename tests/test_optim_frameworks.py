@@ -66,8 +66,17 @@ class Module(pl.LightningModule):
 
 def trainer(**kw):
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    args = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=4, enable_progress_bar=False,
-                logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=4,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     args.update(kw)
     return pl.Trainer(**args)
 
@@ -92,6 +101,7 @@ def test_lightning_automatic_optimization_equals_hand_loop(opt_name):
             loss = nn.functional.mse_loss(hand(x), y)
             loss.backward()
             return loss
+
         opt.step(closure)
     K = opt.spec.steps
     assert module.closure_calls == 4 * (K + 1)
@@ -137,6 +147,7 @@ accelerate = pytest.importorskip("accelerate")
 @pytest.fixture
 def fresh_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState, PartialState
+
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
@@ -152,11 +163,13 @@ def test_accelerate_accumulate_loop_is_refused(fresh_accelerate_state):
     with pytest.raises(fp.UnsupportedTrainingLoop, match="gradient_accumulation_steps=2.*no_sync"):
         for x, y in dl:
             with acc.accumulate(net):
+
                 def closure(x=x, y=y):
                     calls.append(1)
                     loss = nn.functional.mse_loss(net(x), y)
                     acc.backward(loss)
                     return loss
+
                 opt.step(closure)
                 opt.zero_grad()
     assert calls == []  # micro-batch 0 was skipped by Accelerate, micro-batch 1 refused by fastperturb
@@ -172,7 +185,7 @@ def test_accelerate_recipe_micro_batches_inside_the_closure(fresh_accelerate_sta
     net, opt = acc.prepare(net, OPTS["apd"](net.parameters()))
     ref_opt = OPTS["apd"](plain.parameters())
     for start in range(0, 32, 2 * BATCH):
-        xb, yb = X[start:start + 2 * BATCH], Y[start:start + 2 * BATCH]
+        xb, yb = X[start : start + 2 * BATCH], Y[start : start + 2 * BATCH]
         micro = [(xb[:BATCH], yb[:BATCH]), (xb[BATCH:], yb[BATCH:])]
 
         def closure(micro=micro):
@@ -263,10 +276,20 @@ def test_plain_hf_trainer_is_told_to_use_the_integration(tmp_path, fresh_acceler
     model = _TinyRegressor()
     before = snapshot(model)
     opt = OPTS["apd"](model.parameters())
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=2,
-                                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        max_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Pairs(), optimizers=(opt, None))
-    with pytest.raises(TypeError, match=r"Hugging Face Trainer: use fastperturb\.integrations\.transformers\."
-                                        r"PerturbTrainer.*no first_step"):
+    with pytest.raises(
+        TypeError,
+        match=r"Hugging Face Trainer: use fastperturb\.integrations\.transformers\."
+        r"PerturbTrainer.*no first_step",
+    ):
         trainer.train()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -19,8 +19,9 @@ TOTAL, STOP = 6, 3
 PRESETS = {
     "sam_sgd": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3),
     "apd_adamw": lambda ps: fp.APD(ps, torch.optim.AdamW, eps=0.05, steps=2, lr=0.01, max_grad_norm=1.0),
-    "awp_sgd_nesterov": lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=0.01, steps=2, lr=0.1, momentum=0.9,
-                                          nesterov=True),
+    "awp_sgd_nesterov": lambda ps: fp.AWP(
+        ps, torch.optim.SGD, gamma=0.01, steps=2, lr=0.1, momentum=0.9, nesterov=True
+    ),
 }
 
 
@@ -55,8 +56,9 @@ def train(preset: str, stop: int, ckpt_in: str | None = None, ckpt_out: str | No
         opt.step(closure)
         sched.step()
     if ckpt_out:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "step": stop}, ckpt_out)
+        torch.save(
+            {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": stop}, ckpt_out
+        )
     return [t.detach().clone() for t in model.state_dict().values()]
 
 
@@ -78,8 +80,13 @@ def test_resume_in_fresh_process_is_bit_identical(backend, tmp_path):
         torch.set_num_threads(old)
     code = "import sys; sys.path.insert(0, sys.argv[1]); import test_optim_resume as t; t.resume_all(*sys.argv[1:])"
     env = dict(os.environ, FASTPERTURB_BACKEND=backend, PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
-                   cwd=REPO, env=env, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     for preset in PRESETS:
         resumed = torch.load(tmp_path / f"{preset}.resumed.pt", weights_only=True)
         assert len(resumed) == len(full[preset])

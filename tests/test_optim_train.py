@@ -11,7 +11,6 @@ from torch import nn
 
 import fastperturb as fp
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -117,7 +117,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.norm}-{s.scope}-K{s.steps}-rel{int(s.relative)}-ad{s.adaptive_eta}-c{int(s.include_clean)}")
+@pytest.mark.parametrize(
+    "spec",
+    CASES,
+    ids=lambda s: f"{s.norm}-{s.scope}-K{s.steps}-rel{int(s.relative)}-ad{s.adaptive_eta}-c{int(s.include_clean)}",
+)
 def test_engine_matches_direct_equations(spec):
     radius, step = (0.05, 0.03) if not spec.relative else (0.02, 0.015)
     if spec.adaptive_eta is not None:
@@ -218,7 +222,14 @@ def test_closure_exception_at_perturbed_point_restores():
     def closure():
         raise KeyboardInterrupt
 
-    cyc = Cycle(PerturbSpec(steps=2), ps, [torch.empty_like(p) for p in ps], [0.1] * 4, [0.05] * 4, [torch.empty_like(p) for p in ps])
+    cyc = Cycle(
+        PerturbSpec(steps=2),
+        ps,
+        [torch.empty_like(p) for p in ps],
+        [0.1] * 4,
+        [0.05] * 4,
+        [torch.empty_like(p) for p in ps],
+    )
     with pytest.raises(KeyboardInterrupt):
         run_cycle(cyc, lambda k: closure())
     assert all(torch.equal(p, w) for p, w in zip(ps, w0))

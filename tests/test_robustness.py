@@ -33,7 +33,9 @@ def quad_problem(batches=1, dtype=torch.float64):
 
 
 def bits(model):
-    return [p.detach().clone().view(torch.int64 if p.dtype == torch.float64 else torch.int32) for p in model.parameters()]
+    return [
+        p.detach().clone().view(torch.int64 if p.dtype == torch.float64 else torch.int32) for p in model.parameters()
+    ]
 
 
 def same_bits(model, saved):
@@ -132,7 +134,7 @@ def test_one_step_ascent_matches_direct_computation_on_an_mlp():
         out = functional_call(model, moved, (x,))
     direct = F.cross_entropy(out, y).item() - loss.item()
     direct_acc = (out.argmax(1) == y).double().mean().item()
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 40, 16)]  # gradient accumulated over mini-batches
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)]  # gradient accumulated over mini-batches
     p = R.adversarial(model, F.cross_entropy, batches, eps)
     assert p.loss_change == pytest.approx(direct, rel=1e-6)
     assert p.accuracy == pytest.approx(direct_acc)
@@ -171,10 +173,12 @@ def test_random_matches_direct_computation():
     clean = F.cross_entropy(model(x), y).item()
     changes = []
     names = [n for n, _ in model.named_parameters()]
-    for i in range(trials // 2):
+    for _ in range(trials // 2):
         zs = [torch.empty_like(p).normal_(generator=g) for p in params]
         for sign in (1, -1):
-            moved = {n: p.detach() + sign * eps * p.detach().norm() * z / z.norm() for n, p, z in zip(names, params, zs)}
+            moved = {
+                n: p.detach() + sign * eps * p.detach().norm() * z / z.norm() for n, p, z in zip(names, params, zs)
+            }
             with torch.no_grad():
                 changes.append(F.cross_entropy(functional_call(model, moved, (x,)), y).item() - clean)
     p = R.random_corruption(model, F.cross_entropy, (x, y), eps, trials=trials, seed=seed)
@@ -213,6 +217,7 @@ def failing_loss(after_calls, exc):
         if count["n"] > after_calls:
             raise exc
         return F.cross_entropy(out, t)
+
     return loss_fn, count
 
 
@@ -242,7 +247,9 @@ def test_weights_bit_identical_after_interrupt(kind, exc):
 
 def test_sweep_leaves_weights_grads_modes_and_batchnorm_untouched():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3), nn.Dropout(0.5))
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3), nn.Dropout(0.5)
+    )
     x = torch.randn(30, 1, 8, 8)
     y = torch.randint(0, 3, (30,))
     model.train()
@@ -276,8 +283,18 @@ def test_sweep_leaves_weights_grads_modes_and_batchnorm_untouched():
 def test_sweep_result_export_and_slopes(tmp_path):
     model, loss_fn, data, y = quad_problem()
     grid = [1e-4, 1e-3, 1e-2, 1e-1]
-    res = R.sweep(model, loss_fn, data, grid, steps=(1, 3), trials=4, relative=False, scope="global",
-                  accuracy=False, progress=False)
+    res = R.sweep(
+        model,
+        loss_fn,
+        data,
+        grid,
+        steps=(1, 3),
+        trials=4,
+        relative=False,
+        scope="global",
+        accuracy=False,
+        progress=False,
+    )
     assert res.series == ["adversarial_k1", "adversarial_k3", "first_order", "random"]
     assert len(res.rows) == 4 * len(grid)
     sl = res.slopes()
@@ -300,8 +317,17 @@ def test_sweep_result_export_and_slopes(tmp_path):
 def test_sweep_points_equal_the_single_indicators():
     # random: the same draws at every eps, so a point does not depend on the rest of the grid
     model, x, y = mlp_problem()
-    res = R.sweep(model, F.cross_entropy, (x, y), [0.01, 0.03], kinds=("random", "adversarial"), steps=2, trials=3,
-                  seed=5, progress=False)
+    res = R.sweep(
+        model,
+        F.cross_entropy,
+        (x, y),
+        [0.01, 0.03],
+        kinds=("random", "adversarial"),
+        steps=2,
+        trials=3,
+        seed=5,
+        progress=False,
+    )
     for p in res.select("random"):
         q = R.random_corruption(model, F.cross_entropy, (x, y), p.eps, trials=3, seed=5)
         assert (p.loss_change, p.accuracy, p.loss_change_sem) == (q.loss_change, q.accuracy, q.loss_change_sem)

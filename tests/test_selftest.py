@@ -33,6 +33,7 @@ def test_selftest_reports_a_wrong_backend(monkeypatch):
                 if p.numel():
                     p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf"), dtype=p.dtype))
                     break
+
         return bad_restore
 
     monkeypatch.setattr(backends, "op", broken)
@@ -47,8 +48,10 @@ def test_selftest_reports_any_exception_as_fail(monkeypatch):
 
     def crashing(name, backend):
         if backend == "cpp" and name == "norms":
+
             def launch_failure(*args, **kwargs):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+
             return launch_failure
         return real(name, backend)
 

@@ -33,9 +33,9 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from fastperturb import testing as FT  # noqa: E402
 from fastperturb.ops import dispatch as backends  # noqa: E402
 from fastperturb.ops import reference  # noqa: E402
-from fastperturb import testing as FT  # noqa: E402
 from fastperturb.testing import Layer  # noqa: E402
 
 try:
@@ -59,8 +59,16 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 SMALL = dict(chunk_size=32, block_size=8)
 
 # Sizes around the small chunk (32) and block (8): every tail shape.
-AWKWARD = [Layer((100,), F32), Layer((3, 5), F32), Layer((), F32), Layer((0,), F32), Layer((33,), BF16),
-           Layer((65,), F16), Layer((17,), F64), Layer((2, 3, 2, 2), F32, True)]
+AWKWARD = [
+    Layer((100,), F32),
+    Layer((3, 5), F32),
+    Layer((), F32),
+    Layer((0,), F32),
+    Layer((33,), BF16),
+    Layer((65,), F16),
+    Layer((17,), F64),
+    Layer((2, 3, 2, 2), F32, True),
+]
 
 
 def check(op: str, x: FT.Inputs, **opts) -> None:
@@ -238,9 +246,13 @@ def test_reductions_are_deterministic_and_independent_of_the_rest_of_the_list():
 def _launches_per_op(layers):
     x = FT.make_inputs(layers, seed=7)
     counts = {}
-    for op, opts in (("norms", dict(ord=2.0)), ("grad_stats_", dict(accum="add", delta=True)),
-                     ("ascent_step_", dict(first=True, zero_grads=True)), ("restore_", {}),
-                     ("combine_grads_", dict(weight=0.5))):
+    for op, opts in (
+        ("norms", dict(ord=2.0)),
+        ("grad_stats_", dict(accum="add", delta=True)),
+        ("ascent_step_", dict(first=True, zero_grads=True)),
+        ("restore_", {}),
+        ("combine_grads_", dict(weight=0.5)),
+    ):
         with T.count_launches() as c:
             check(op, x, **opts)  # also checks the results
         counts[op] = c.total
@@ -312,8 +324,10 @@ def test_calls_with_only_empty_lists():
 
 def _opcheck_args(op):
     x = FT.make_inputs([Layer((3, 4), F32), Layer((5,), F16), Layer((), BF16)], seed=10)
-    opts = {"grad_stats_": dict(accum="add", delta=True, adaptive_eta=0.1),
-            "ascent_step_": dict(first=False, adaptive_eta=0.1, zero_grads=True)}.get(op, {})
+    opts = {
+        "grad_stats_": dict(accum="add", delta=True, adaptive_eta=0.1),
+        "ascent_step_": dict(first=False, adaptive_eta=0.1, zero_grads=True),
+    }.get(op, {})
     return FT.op_args(op, x, **opts)
 
 
@@ -354,8 +368,9 @@ def test_presets_match_the_reference_backend(preset):
         "ASAM": lambda ps: O.ASAM(ps, torch.optim.SGD, rho=0.5, **sgd),
         "AWP": lambda ps: O.AWP(ps, torch.optim.SGD, gamma=1e-2, **sgd),
         "APD-linf": lambda ps: O.APD(ps, torch.optim.SGD, eps=1e-2, steps=2, norm="linf", **sgd),
-        "APD-l2-layer-relative": lambda ps: O.APD(ps, torch.optim.SGD, eps=1e-2, steps=2, scope="layer",
-                                                  relative=True, **sgd),
+        "APD-l2-layer-relative": lambda ps: O.APD(
+            ps, torch.optim.SGD, eps=1e-2, steps=2, scope="layer", relative=True, **sgd
+        ),
     }[preset]
     with T.count_launches() as c:
         got = _train(make, "triton")
@@ -384,8 +399,14 @@ TUNINGS = st.sampled_from([dict(chunk_size=8, block_size=4), dict(chunk_size=16,
 
 
 @PROPERTY
-@given(layers=small_layers(), tune=TUNINGS, seed=st.integers(0, 2**31 - 1), special=st.sampled_from([0.0, 0.1]),
-       op=st.sampled_from(FT.OPS), pick=st.integers(0, 100))
+@given(
+    layers=small_layers(),
+    tune=TUNINGS,
+    seed=st.integers(0, 2**31 - 1),
+    special=st.sampled_from([0.0, 0.1]),
+    op=st.sampled_from(FT.OPS),
+    pick=st.integers(0, 100),
+)
 def test_property_matches_reference(layers, tune, seed, special, op, pick):
     grid = list(FT.option_grid(op))
     x = FT.make_inputs(layers, seed=seed, grad_special=special)
@@ -394,8 +415,14 @@ def test_property_matches_reference(layers, tune, seed, special, op, pick):
 
 
 @PROPERTY
-@given(layers=small_layers(), tune=TUNINGS, seed=st.integers(0, 2**31 - 1), norm=st.sampled_from(["l2", "linf"]),
-       eta=st.sampled_from([-1.0, 0.0, 0.5]), steps=st.integers(1, 3))
+@given(
+    layers=small_layers(),
+    tune=TUNINGS,
+    seed=st.integers(0, 2**31 - 1),
+    norm=st.sampled_from(["l2", "linf"]),
+    eta=st.sampled_from([-1.0, 0.0, 0.5]),
+    steps=st.integers(1, 3),
+)
 def test_property_cycle_restores_exactly(layers, tune, seed, norm, eta, steps):
     x = FT.make_inputs(layers, seed=seed, grad_special=0.1, param_special=0.1)
     original = [p.clone() for p in x.params]
@@ -447,8 +474,9 @@ def test_kernels_compile_for_sm80_with_vector_loads_and_no_fma():
     if reason:
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", COMPILE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert int(run.stdout.split()[-1]) == sum(1 for _ in T.specializations(exhaustive=False))
 
@@ -461,7 +489,8 @@ def test_reference_is_the_spec_used_here():
 # The same hypothesis cases as the CPU kernels (tests/strategies.py), every op and
 # option, with the interpreter's default (large) chunks: a few examples, as each
 # interpreted program instance costs milliseconds.
-from strategies import layers as cpu_layers, seeds as cpu_seeds  # noqa: E402
+from strategies import layers as cpu_layers  # noqa: E402
+from strategies import seeds as cpu_seeds
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

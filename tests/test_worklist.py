@@ -57,6 +57,7 @@ def configured(chunk_size=0, max_tensors=0, max_blocks=0, lanes=0, finalize_tens
 # starts `offset` elements into its buffer (misaligned unless offset is a
 # multiple of the vector width), transposed = dense but not contiguous.
 
+
 def make(spec, gen, kind="randn", shift=0):
     dtype, numel, offset, transposed = spec
     offset += shift  # lists of one call with different alignments
@@ -120,6 +121,7 @@ SETTINGS = settings(
 # ---------------------------------------------------------------------------
 # The planner.
 
+
 def check_plan(numels, groups, chunk, max_tensors, max_blocks, depth):
     tensors, blocks = W.plan(numels, groups, chunk, max_tensors, max_blocks, depth)
     tensors, blocks = tensors.tolist(), blocks.tolist()
@@ -132,7 +134,7 @@ def check_plan(numels, groups, chunk, max_tensors, max_blocks, depth):
     # every chunk of every tensor exactly once, in walk order, slots 0, 1, 2, ...
     assert [(b[2], b[3]) for b in blocks] == expected
     assert [b[4] for b in blocks] == list(range(len(expected)))
-    for launch, entry, i, c, slot, begin, end in blocks:
+    for _launch, _entry, i, c, _slot, begin, end in blocks:
         assert begin == c * chunk and end == min(begin + chunk, numels[i])
     n_launches = max([b[0] for b in blocks], default=-1) + 1
     assert sorted({t[0] for t in tensors}) == list(range(n_launches))
@@ -172,7 +174,9 @@ def check_plan(numels, groups, chunk, max_tensors, max_blocks, depth):
 )
 @settings(max_examples=max(200, settings.default.max_examples), deadline=None)
 def test_plan_covers_every_chunk_once(numels, ngroups, chunk, max_tensors, max_blocks, depth, data):
-    groups = data.draw(st.lists(st.integers(0, ngroups - 1), min_size=len(numels), max_size=len(numels))) if ngroups else []
+    groups = (
+        data.draw(st.lists(st.integers(0, ngroups - 1), min_size=len(numels), max_size=len(numels))) if ngroups else []
+    )
     check_plan(numels, groups, chunk, max_tensors, max_blocks, depth)
 
 
@@ -223,6 +227,7 @@ def test_schemas_are_the_op_sets():
 
 # ---------------------------------------------------------------------------
 # The ops against the reference.
+
 
 def close_reduction(got, want, scale, rtol=3e-5):
     """|got - want| <= rtol * scale elementwise (scale: the sum of magnitudes), NaN == NaN."""
@@ -279,7 +284,9 @@ def test_grad_stats(specs, cfg, seed, with_accum, accum_init, lists_given, adapt
     accum_ref = clones(accum)
     with configured(*cfg):
         got = W.grad_stats_(grads, accum, params, backups, accum_weight=weight, accum_init=accum_init, adaptive_eta=eta)
-    want = R.grad_stats_(grads, accum_ref, params, backups, accum_weight=weight, accum_init=accum_init, adaptive_eta=eta)
+    want = R.grad_stats_(
+        grads, accum_ref, params, backups, accum_weight=weight, accum_init=accum_init, adaptive_eta=eta
+    )
     assert got.dtype == torch.float32 and got.shape == (len(grads), 3)
     # scale of each column: the same sums over magnitudes
     scale = torch.zeros(len(grads), 3, dtype=torch.float64)
@@ -349,6 +356,7 @@ def test_combine_grads(specs, cfg, seed, weight):
 
 # ---------------------------------------------------------------------------
 # The CUDA geometry itself (default configuration) on an over-capacity list.
+
 
 def test_default_geometry_over_capacity():
     gen = torch.Generator().manual_seed(0)

@@ -42,6 +42,8 @@ def monkeypatch_session():
     # walks the CUDA launcher's work list on CPU); the reference stays the reference.
     real = backends.op
     mp = pytest.MonkeyPatch()
-    mp.setattr(backends, "op", lambda name, b: getattr(torch.ops.fastperturb_worklist, name) if b == "cpp" else real(name, b))
+    mp.setattr(
+        backends, "op", lambda name, b: getattr(torch.ops.fastperturb_worklist, name) if b == "cpp" else real(name, b)
+    )
     yield
     mp.undo()

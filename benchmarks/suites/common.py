@@ -40,7 +40,6 @@ def _say(cfg: Config, msg: str) -> None:
         cfg.progress(msg)
 
 
-
 def make_params(shape_list, device, seed: int = 0, grad_sets: int = 1, cheap: bool = False):
     """Parameters (small random weights) with ``.grad`` set, plus ``grad_sets`` precomputed gradients.
 
@@ -70,7 +69,10 @@ def fastperturb_backends(cfg: Config) -> list[tuple[str, Optional[str]]]:
             raise ValueError(f"unknown backend {b!r}; choose from cpp, cuda, triton, reference")
         why = timing.why_unavailable_safe(backends, b, cfg.device)
         if why is None and b == "triton" and cfg.device.type == "cpu" and cfg.backends is None:
-            why = "Triton on CPU runs in the interpreter (a correctness tool, ~ms per program); pass --backends triton to time it anyway"
+            why = (
+                "Triton on CPU runs in the interpreter (a correctness tool, ~ms per program); "
+                "pass --backends triton to time it anyway"
+            )
         if why is not None and cfg.backends is None and b in ("cuda", "triton") and cfg.device.type == "cpu":
             continue  # GPU backends are not expected on a CPU run unless asked for
         out.append((b, why))
@@ -137,4 +139,3 @@ def _skipped(suite, model, case, impl, kind, reason) -> dict:
 
 def _param_bytes(params: Sequence[Tensor]) -> int:
     return sum(p.numel() * p.element_size() for p in params)
-

@@ -8,6 +8,7 @@ from .. import fused, peers, shapes, timing
 from ..timing import Candidate
 from .common import Config, _costs, _finish, _param_bytes, _record, _say, _skipped, fastperturb_backends, make_params
 
+
 def _foreach_cycle(preset: fused.Preset, params):
     if preset.name == "SAM":
         return peers.ForeachSAM(params, preset.radius)
@@ -44,14 +45,24 @@ def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
                 continue
             fc = fused.FusedCycle(preset, params, b)
             cands.append(Candidate(f"fastperturb[{b}]", fc.run, refresh))
-            recs.append(_record("cycle", model, label, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb",
-                                passes=fused.cycle_passes(preset)))
+            recs.append(
+                _record(
+                    "cycle",
+                    model,
+                    label,
+                    f"fastperturb[{b}]",
+                    "reference" if b == "reference" else "fastperturb",
+                    passes=fused.cycle_passes(preset),
+                )
+            )
             objs.append(fc)
         fe = _foreach_cycle(preset, params)
         cands.append(Candidate("foreach", fe.cycle, refresh))
         recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
         objs.append(fe)
-        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        timing.run_interleaved(
+            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+        )
         for c, r, o in zip(cands, recs, objs):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, nbytes))

@@ -12,9 +12,16 @@ from .. import peers, sharded_memory
 from .common import Config, _record, _say, _skipped
 
 MEMORY_IMPLS = (
-    "fastperturb.SAM", "foreach.SAM", "loop-SAM", "pytorch-optimizer-SAM",
-    "fastperturb.AWP", "foreach.AWP", "proxy-AWP",
-    "fastperturb.APD", "foreach.APD", "deep-copy-APD",
+    "fastperturb.SAM",
+    "foreach.SAM",
+    "loop-SAM",
+    "pytorch-optimizer-SAM",
+    "fastperturb.AWP",
+    "foreach.AWP",
+    "proxy-AWP",
+    "fastperturb.APD",
+    "foreach.APD",
+    "deep-copy-APD",
 )
 
 
@@ -39,13 +46,31 @@ def suite_memory(cfg: Config) -> list[dict]:
             if impl not in MEMORY_IMPLS:
                 raise ValueError(f"unknown memory implementation {impl!r}; choose from {', '.join(MEMORY_IMPLS)}")
             case = impl.split(".")[-1].split("-")[-1]
-            kind = "fastperturb" if impl.startswith("fastperturb") else ("foreach" if impl.startswith("foreach") else "peer")
+            kind = (
+                "fastperturb"
+                if impl.startswith("fastperturb")
+                else ("foreach" if impl.startswith("foreach") else "peer")
+            )
             if impl == "pytorch-optimizer-SAM" and peers.pytorch_optimizer_available():
                 out.append(_skipped("memory", model, case, impl, kind, peers.pytorch_optimizer_available()))
                 continue
-            cmd = [sys.executable, "-m", "benchmarks.memchild", "--model", model, "--impl", impl,
-                   "--steps", str(cfg.mem_steps), "--apd-steps", str(cfg.apd_steps),
-                   "--max-seconds", str(cfg.mem_max_s), "--min-steps", str(min(3, cfg.mem_steps))]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.memchild",
+                "--model",
+                model,
+                "--impl",
+                impl,
+                "--steps",
+                str(cfg.mem_steps),
+                "--apd-steps",
+                str(cfg.apd_steps),
+                "--max-seconds",
+                str(cfg.mem_max_s),
+                "--min-steps",
+                str(min(3, cfg.mem_steps)),
+            ]
             jobs.append((impl, case, kind, cmd))
         # Peak RSS is per process, so the children may run side by side (mem_jobs at a time).
         running: list = []
@@ -59,8 +84,9 @@ def suite_memory(cfg: Config) -> list[dict]:
             impl, case, kind, proc, t0 = running.pop(0)
             stdout, stderr = proc.communicate(timeout=1800)
             if proc.returncode != 0:
-                results[impl] = _record("memory", model, case, impl, kind, status="error",
-                                        reason=(stderr.strip().splitlines() or ["?"])[-1])
+                results[impl] = _record(
+                    "memory", model, case, impl, kind, status="error", reason=(stderr.strip().splitlines() or ["?"])[-1]
+                )
             else:
                 data = json.loads(stdout.strip().splitlines()[-1])
                 data["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -13,6 +13,7 @@ from .. import peers, shapes, timing
 from ..timing import Candidate
 from .common import Config, _costs, _finish, _param_bytes, _record, _say, _skipped, make_params, timed_backends
 
+
 def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
     shp = shapes.shapes_for(model)
     params, pre = make_params(shp, cfg.device)
@@ -57,13 +58,27 @@ def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
         ("norms(l2)", 1, lambda: ops.norms(grads, 2.0), None, lambda: peers._global_norm(grads)),
         ("norms(inf)", 1, lambda: ops.norms(grads, math.inf), None, fe_norms_linf),
         ("grad_stats_", 1, lambda: ops.grad_stats_(grads), None, lambda: torch._foreach_norm(grads)),
-        ("grad_stats_+accum", 3, lambda: ops.grad_stats_(grads, accum, accum_weight=0.5), reset_a,
-         lambda: (torch._foreach_norm(grads), torch._foreach_add_(accum, grads, alpha=0.5))),
-        ("grad_stats_+delta+accum", 5, lambda: ops.grad_stats_(grads, accum, pw, backups, accum_weight=0.5),
-         reset_a, None),
-        ("ascent_step_(first)", 4,
-         lambda: ops.ascent_step_(pw, grads, backups, coef, proj, first=True), reset_w,
-         lambda: (torch._foreach_copy_(backups, pw), torch._foreach_add_(pw, grads, alpha=0.01))),
+        (
+            "grad_stats_+accum",
+            3,
+            lambda: ops.grad_stats_(grads, accum, accum_weight=0.5),
+            reset_a,
+            lambda: (torch._foreach_norm(grads), torch._foreach_add_(accum, grads, alpha=0.5)),
+        ),
+        (
+            "grad_stats_+delta+accum",
+            5,
+            lambda: ops.grad_stats_(grads, accum, pw, backups, accum_weight=0.5),
+            reset_a,
+            None,
+        ),
+        (
+            "ascent_step_(first)",
+            4,
+            lambda: ops.ascent_step_(pw, grads, backups, coef, proj, first=True),
+            reset_w,
+            lambda: (torch._foreach_copy_(backups, pw), torch._foreach_add_(pw, grads, alpha=0.01)),
+        ),
         ("ascent_step_(proj)", 4, lambda: ops.ascent_step_(pw, grads, backups, coef, proj), reset_w, fe_ascent_proj),
         ("restore_", 2, lambda: ops.restore_(pw, backups), reset_w, lambda: torch._foreach_copy_(pw, backups)),
         ("combine_grads_", 3, lambda: ops.combine_grads_(grads, accum, 0.25), reset_g, fe_combine),
@@ -81,17 +96,33 @@ def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
             def run(fp_fn=fp_fn, b=b):
                 with backends.use_backend(b), torch.no_grad():
                     fp_fn()
+
             cands.append(Candidate(f"fastperturb[{b}]", run, prep))
-            recs.append(_record("ops", model, case, f"fastperturb[{b}]", "reference" if b == "reference" else "fastperturb", passes=passes))
+            recs.append(
+                _record(
+                    "ops",
+                    model,
+                    case,
+                    f"fastperturb[{b}]",
+                    "reference" if b == "reference" else "fastperturb",
+                    passes=passes,
+                )
+            )
         if fe_fn is not None:
+
             def run_fe(fe_fn=fe_fn):
                 with torch.no_grad():
                     fe_fn()
+
             cands.append(Candidate("foreach", run_fe, prep))
             recs.append(_record("ops", model, case, "foreach", "foreach", passes=passes))
         else:
-            out.append(_skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)"))
-        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+            out.append(
+                _skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)")
+            )
+        timing.run_interleaved(
+            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+        )
         reset_all()
         for c, r in zip(cands, recs):
             r.update(n_tensors=n, n_params=sum(p.numel() for p in params))

@@ -13,6 +13,7 @@ from .. import counters, fused, peers, shapes, timing
 from ..timing import Candidate
 from .common import Config, _costs, _finish, _record, _say, _skipped, make_params, timed_backends
 
+
 class SyntheticClosure:
     """Writes precomputed gradients into ``.grad`` (no model): the same cost for every implementation.
 
@@ -78,6 +79,7 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
             impls.append((label, "fastperturb", f"skipped: {why}"))
             continue
         if wrapper is not None:
+
             def make(b=b):
                 closure = SyntheticClosure(params, pre)
                 with backends.use_backend(b):
@@ -87,10 +89,12 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
                 opt.closure_calls_self = False
                 return _wrap_step(opt, closure, b, k), opt, closure
         else:
+
             def make(b=b):
                 closure = SyntheticClosure(params, pre)
                 opt = fused.EngineStep(params, base(params), preset, b)
                 return _wrap_step(opt, closure, None, k), opt, closure
+
         impls.append((label, "fastperturb", make))
 
     sel = fused.select(preset, params)
@@ -104,9 +108,11 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
         elif name == "AWP":
             opt = peers.ForeachAWP(sel, preset.radius, base=base(params))
         else:
-            opt = peers.ForeachAPD(params, preset.radius, k, preset.step_size,
-                                   preset.spec.include_clean, base=base(params))
+            opt = peers.ForeachAPD(
+                params, preset.radius, k, preset.step_size, preset.spec.include_clean, base=base(params)
+            )
         return _wrap_step(opt, closure, None, k), opt, closure
+
     impls.append((f"foreach.{name}", "foreach", foreach_make))
 
     if name in ("SAM", "ASAM"):
@@ -116,6 +122,7 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
             closure = SyntheticClosure(params, pre)
             opt = peers.LoopSAM(params, base, rho=preset.radius, adaptive_eta=eta)
             return _wrap_step(opt, closure, None, 1), opt, closure
+
         impls.append((f"loop-{name} (old_p clones)", "peer", loop_make))
     if name == "SAM":
         why = peers.pytorch_optimizer_available()
@@ -128,8 +135,10 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
                 closure = SyntheticClosure(params, pre)
                 opt = peers.pytorch_optimizer_sam(params, base, rho=preset.radius, foreach=fe_flag)
                 return _wrap_step(opt, closure, None, 1), opt, closure
+
             impls.append((label, "peer", po_make))
     if name == "AWP":
+
         def proxy_make():
             closure = SyntheticClosure(params, pre)
             opt = peers.ProxyAWP(peers.ParamModule(params), base(params), gamma=preset.radius)
@@ -137,14 +146,19 @@ def _step_impls(cfg: Config, preset: fused.Preset, params, pre):
 
             def step():
                 opt.step(closure, proxy_closure)
+
             return step, opt, closure
+
         impls.append(("proxy-model AWP", "peer", proxy_make))
     if name == "APD":
+
         def dc_make():
             closure = SyntheticClosure(params, pre)
-            opt = peers.DeepCopyAPD(params, base, eps=preset.radius, steps=k,
-                                    eta=preset.step_size, include_clean=preset.spec.include_clean)
+            opt = peers.DeepCopyAPD(
+                params, base, eps=preset.radius, steps=k, eta=preset.step_size, include_clean=preset.spec.include_clean
+            )
             return _wrap_step(opt, closure, None, k), opt, closure
+
         impls.append(("deep-copy APD", "peer", dc_make))
     return impls
 
@@ -166,6 +180,7 @@ def _wrap_step(opt, closure: "SyntheticClosure", backend: Optional[str], k: int)
         if not mode["self"]:
             closure()
         _run(opt, closure, backend)
+
     return step
 
 
@@ -184,8 +199,9 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
     # The closure's own cost (one gradient copy), to report each step without it too.
     probe = SyntheticClosure(params, pre)
     cl_cand = Candidate("closure", probe)
-    timing.run_interleaved([cl_cand], cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
-                           budget_s=cfg.budget_s)
+    timing.run_interleaved(
+        [cl_cand], cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+    )
     closure_s = timing.summary(cl_cand.times).get("median_s")
     for pname in ("SAM", "ASAM", "AWP", "APD"):
         preset = pre_all[pname]
@@ -204,7 +220,9 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             recs.append(_record("step", model, label, impl, kind))
             objs.append(obj)
             closures.append(closure)
-        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s)
+        timing.run_interleaved(
+            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+        )
         for c, r, o, cl in zip(cands, recs, objs, closures):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, None))

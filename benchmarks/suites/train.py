@@ -12,13 +12,22 @@ from .. import fused, peers, shapes, timing
 from ..timing import Candidate
 from .common import Config, _finish, _record, _say, _skipped
 
+
 def small_cnn(num_classes: int = 10) -> nn.Module:
     """The train suite's model: a small CNN for 3x32x32 inputs (about 100k parameters)."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-        nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes),
+        nn.Conv2d(3, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(128),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, num_classes),
     )
 
 
@@ -51,6 +60,7 @@ def suite_train(cfg: Config) -> list[dict]:
                 loss = Fn.cross_entropy(model(x), y)
                 loss.backward()
                 return loss
+
             return closure
 
         def proxy_closure(proxy):
@@ -70,6 +80,7 @@ def suite_train(cfg: Config) -> list[dict]:
         def plain_step():
             c1()
             sgd.step()
+
         entries.append(("SGD (no perturbation)", "baseline", "plain", 0, plain_step))
         for pname in ("SAM", "AWP", "APD"):
             preset = pre_all[pname]
@@ -110,22 +121,31 @@ def suite_train(cfg: Config) -> list[dict]:
                 pa = peers.ProxyAWP(m, torch.optim.SGD(m.parameters(), lr=0.01), gamma=preset.radius)
                 entries.append(("proxy-model AWP", "peer", label, k, lambda pa=pa, c=c: pa.step(c, proxy_closure)))
             else:
-                fe = peers.ForeachAPD(ps, preset.radius, k, preset.step_size, preset.spec.include_clean,
-                                      base=torch.optim.SGD(ps, lr=0.01))
+                fe = peers.ForeachAPD(
+                    ps, preset.radius, k, preset.step_size, preset.spec.include_clean, base=torch.optim.SGD(ps, lr=0.01)
+                )
                 entries.append(("foreach.APD", "foreach", label, k, _train_step(fe, c, k)))
                 m = copy.deepcopy(base_model)
                 c = closure_for(m)
-                dc = peers.DeepCopyAPD(list(m.parameters()), torch.optim.SGD, eps=preset.radius, steps=k,
-                                       eta=preset.step_size, include_clean=preset.spec.include_clean, lr=0.01)
+                dc = peers.DeepCopyAPD(
+                    list(m.parameters()),
+                    torch.optim.SGD,
+                    eps=preset.radius,
+                    steps=k,
+                    eta=preset.step_size,
+                    include_clean=preset.spec.include_clean,
+                    lr=0.01,
+                )
                 entries.append(("deep-copy APD", "peer", label, k, _train_step(dc, c, k)))
         cands = [Candidate(f"{case}:{impl}", fn) for impl, kind, case, k, fn in entries]
-        timing.run_interleaved(cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps,
-                               budget_s=cfg.budget_s)
+        timing.run_interleaved(
+            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+        )
         med = {c.name: (statistics_median(c.times) if c.times else None) for c in cands}
         t_fb = med["plain:forward/backward"]
         t_plain = med["plain:SGD (no perturbation)"]
         nparams = sum(p.numel() for p in base_model.parameters())
-        for (impl, kind, case, k, fn), c in zip(entries, cands):
+        for (impl, kind, case, k, _fn), c in zip(entries, cands):
             r = _finish(cfg, _record("train", model_name, case, impl, kind, K=k, n_params=nparams), c, None)
             if r["status"] == "ok" and t_fb and t_plain and k:
                 r["fwd_bwd_s"] = t_fb
@@ -148,7 +168,9 @@ def _train_model(name: str) -> nn.Module:
 
         mod, _, attr = name.partition(":")
         return getattr(importlib.import_module(mod), attr)()
-    raise shapes.UnknownModel(f"unknown train model {name!r}: use 'cnn' or pkg.module:factory (3x32x32 input, 10 classes)")
+    raise shapes.UnknownModel(
+        f"unknown train model {name!r}: use 'cnn' or pkg.module:factory (3x32x32 input, 10 classes)"
+    )
 
 
 def _train_step(opt, closure, k: int):
@@ -167,4 +189,5 @@ def _train_step(opt, closure, k: int):
         if not mode["self"]:
             counted()
         opt.step(counted)
+
     return step

@@ -28,8 +28,9 @@ from . import unwrap_optimizer
 __all__ = ["micro_batch_closure", "perturb_step"]
 
 
-def micro_batch_closure(accelerator: Any, model: nn.Module, micro_batches: Sequence[Any],
-                        loss_fn: Callable[[Any], Tensor]) -> Callable[[], Tensor]:
+def micro_batch_closure(
+    accelerator: Any, model: nn.Module, micro_batches: Sequence[Any], loss_fn: Callable[[Any], Tensor]
+) -> Callable[[], Tensor]:
     """A closure that runs ``loss_fn(mb)`` on every micro-batch and back-propagates
     ``loss / len(micro_batches)`` with ``accelerator.backward`` (so the accelerator's loss scaling
     applies), all but the last under ``accelerator.no_sync(model)`` (one gradient all-reduce per

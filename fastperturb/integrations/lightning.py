@@ -125,8 +125,9 @@ class PerturbMixin:
             window.append((batch, batch_idx))
         return super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
-                       optimizer_closure: Optional[Callable[[], Any]] = None) -> None:
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Optional[Callable[[], Any]] = None
+    ) -> None:
         opt = unwrap_optimizer(optimizer)
         if not isinstance(opt, PerturbOptimizer):
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
@@ -147,7 +148,8 @@ class PerturbMixin:
             self.perturb_pass = 0
             optimizer_closure()
             closure: Optional[Callable[[], Any]] = functools.partial(
-                _replay_window, self, optimizer, window[:-1], optimizer_closure, [1])
+                _replay_window, self, optimizer, window[:-1], optimizer_closure, [1]
+            )
         else:
             closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
         try:
@@ -163,8 +165,9 @@ class PerturbMixin:
         finally:
             self.perturb_pass = None
 
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
-                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
         # Lightning calls this after every backward inside the closure (once per pass); for a
         # fastperturb optimizer the clipping is routed to its max_grad_norm (clip_setting).
         if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer):
@@ -178,8 +181,9 @@ def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any])
     return closure()
 
 
-def _replay_window(module: PerturbMixin, optimizer: Any, earlier: list, last_closure: Callable[[], Any],
-                   count: list) -> Any:
+def _replay_window(
+    module: PerturbMixin, optimizer: Any, earlier: list, last_closure: Callable[[], Any], count: list
+) -> Any:
     """One perturbed pass over an accumulation window: the earlier micro-batches through the
     strategy (its precision context, DDP forward, loss scaling; gradient sync blocked), each
     loss divided by ``accumulate_grad_batches`` as Lightning does, then the last micro-batch
@@ -190,8 +194,11 @@ def _replay_window(module: PerturbMixin, optimizer: Any, earlier: list, last_clo
     n = trainer.accumulate_grad_batches
     raw = unwrap_optimizer(optimizer)
     for batch, idx in earlier:
-        sync = optimizer.toggle_model(sync_grad=False) if isinstance(optimizer, LightningOptimizer) \
+        sync = (
+            optimizer.toggle_model(sync_grad=False)
+            if isinstance(optimizer, LightningOptimizer)
             else contextlib.nullcontext()
+        )
         with sync:
             previous, module._current_fx_name = module._current_fx_name, "training_step"  # type: ignore[attr-defined]
             try:
@@ -217,8 +224,9 @@ def _scaled_step(opt: PerturbOptimizer, closure: Callable[[], Any], scaler: torc
     return loss
 
 
-def perturb_step(module: "pl.LightningModule", optimizer: Any, micro_batches: Sequence[Any],
-                 loss_fn: Callable[[Any], Tensor]) -> Tensor:
+def perturb_step(
+    module: "pl.LightningModule", optimizer: Any, micro_batches: Sequence[Any], loss_fn: Callable[[Any], Tensor]
+) -> Tensor:
     """One fastperturb step under manual optimization, with gradient accumulation done exactly.
 
     Every pass (the clean one and each perturbed one) runs ``loss_fn(mb)`` on every micro-batch

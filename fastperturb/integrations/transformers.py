@@ -51,8 +51,9 @@ class PerturbTrainer(Trainer):
         *args, **kwargs: ``Trainer``'s.
     """
 
-    def __init__(self, *args: Any, perturb: Optional[type] = None, perturb_kwargs: Optional[Dict[str, Any]] = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, perturb: Optional[type] = None, perturb_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any
+    ) -> None:
         if perturb is not None and not (isinstance(perturb, type) and issubclass(perturb, PerturbOptimizer)):
             raise TypeError(f"perturb must be a fastperturb optimizer class such as fastperturb.SAM, got {perturb!r}")
         self.perturb = perturb
@@ -69,8 +70,10 @@ class PerturbTrainer(Trainer):
                 "Pass perturb=fastperturb.SAM (or ASAM, AWP, APD) or a fastperturb optimizer instance"
             )
         if given is None and perturb is None:
-            raise TypeError("PerturbTrainer needs perturb=fastperturb.SAM (or ASAM, AWP, APD) "
-                            "or optimizers=(fastperturb optimizer, scheduler)")
+            raise TypeError(
+                "PerturbTrainer needs perturb=fastperturb.SAM (or ASAM, AWP, APD) "
+                "or optimizers=(fastperturb optimizer, scheduler)"
+            )
 
     # ---- the optimizer -----------------------------------------------------------------
 
@@ -78,8 +81,11 @@ class PerturbTrainer(Trainer):
         """Build ``perturb`` on the base optimizer and parameter groups ``Trainer`` would use."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            base_cls, base_kwargs = (self.optimizer_cls_and_kwargs if self.optimizer_cls_and_kwargs is not None
-                                     else self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+            base_cls, base_kwargs = (
+                self.optimizer_cls_and_kwargs
+                if self.optimizer_cls_and_kwargs is not None
+                else self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            )
             if not (isinstance(base_cls, type) and issubclass(base_cls, torch.optim.Optimizer)):
                 raise TypeError(f"optim={self.args.optim!r} does not give an optimizer class that fastperturb can wrap")
             base_kwargs = dict(base_kwargs)
@@ -87,8 +93,10 @@ class PerturbTrainer(Trainer):
                 raise TypeError(f"optim={self.args.optim!r} builds its own parameter list; fastperturb cannot wrap it")
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-            groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
-                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            groups = [
+                {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
             # A base setting whose name the preset's signature takes (Adam's eps under APD) goes
             # into the groups, where the base optimizer reads it.
             taken = set(inspect.signature(self.perturb).parameters)
@@ -190,7 +198,9 @@ class PerturbTrainer(Trainer):
         if value <= 0:
             return opt.max_grad_norm
         if opt.max_grad_norm is not None and opt.max_grad_norm != value:
-            raise ValueError(f"TrainingArguments(max_grad_norm={value}) and {type(opt).__name__}(max_grad_norm="
-                             f"{opt.max_grad_norm}) disagree; set only one of them (max_grad_norm=0 disables "
-                             "Trainer's)")
+            raise ValueError(
+                f"TrainingArguments(max_grad_norm={value}) and {type(opt).__name__}(max_grad_norm="
+                f"{opt.max_grad_norm}) disagree; set only one of them (max_grad_norm=0 disables "
+                "Trainer's)"
+            )
         return value

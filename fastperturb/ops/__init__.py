@@ -71,8 +71,13 @@ def grad_stats_(
         # Nothing to accumulate: the non-mutating twin, which inductor can lower (see ops/pure.py).
         return dispatch.op("grad_stats", backend)(grads, params, backups, adaptive_eta=float(adaptive_eta))
     return dispatch.op("grad_stats_", backend)(
-        grads, accum, params, backups,
-        accum_weight=float(accum_weight), accum_init=bool(accum_init), adaptive_eta=float(adaptive_eta),
+        grads,
+        accum,
+        params,
+        backups,
+        accum_weight=float(accum_weight),
+        accum_init=bool(accum_init),
+        adaptive_eta=float(adaptive_eta),
     )
 
 
@@ -95,8 +100,15 @@ def ascent_step_(
     if backend in _PY_BACKENDS:
         V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
     dispatch.op("ascent_step_", backend)(
-        params, grads, backups, step_coef, proj,
-        norm=norm, first=bool(first), adaptive_eta=float(adaptive_eta), zero_grads=bool(zero_grads),
+        params,
+        grads,
+        backups,
+        step_coef,
+        proj,
+        norm=norm,
+        first=bool(first),
+        adaptive_eta=float(adaptive_eta),
+        zero_grads=bool(zero_grads),
     )
 
 
@@ -118,4 +130,3 @@ def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: flo
     if backend in _PY_BACKENDS:
         V.check_combine_grads(grads, accum, weight)
     dispatch.op("combine_grads_", backend)(grads, accum, float(weight))
-

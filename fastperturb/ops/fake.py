@@ -29,7 +29,9 @@ def grad_stats_(grads, accum, params, backups, *, accum_weight=1.0, accum_init=F
     return torch.empty(len(grads), 3, dtype=torch.float32, device=dev)
 
 
-def ascent_step_(params, grads, backups, step_coef, proj, *, norm="l2", first=False, adaptive_eta=-1.0, zero_grads=False):
+def ascent_step_(
+    params, grads, backups, step_coef, proj, *, norm="l2", first=False, adaptive_eta=-1.0, zero_grads=False
+):
     V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
     return None
 
@@ -42,7 +44,6 @@ def restore_(params, backups):
 def combine_grads_(grads, accum, weight):
     V.check_combine_grads(grads, accum, weight)
     return None
-
 
 
 def register(namespace: str) -> None:

@@ -42,9 +42,7 @@ def check_list(name: str, tensors: object) -> Sequence[Tensor]:
         if t.is_complex():
             raise TypeError(f"{name}[{i}] is complex ({t.dtype}); only real floating tensors are supported")
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(
-                f"{name}[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64"
-            )
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
         if not is_dense(t):
             raise ValueError(f"{name}[{i}] must be dense and non-overlapping (e.g. contiguous)")
     return tensors
@@ -61,7 +59,9 @@ def check_same_device(named: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
                 raise ValueError(f"{name}[{i}] is on {t.device} but {first} is on {device}; move them to one device")
 
 
-def check_parallel(ref_name: str, ref: Sequence[Tensor], name: str, other: Sequence[Tensor], optional: bool = False) -> None:
+def check_parallel(
+    ref_name: str, ref: Sequence[Tensor], name: str, other: Sequence[Tensor], optional: bool = False
+) -> None:
     """``other`` must mirror ``ref`` tensor by tensor (or be empty if optional)."""
     if optional and len(other) == 0:
         return
@@ -102,6 +102,7 @@ def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.
 
 
 # One check per op, mirroring the schemas in csrc/include/fastperturb/schemas.h.
+
 
 def check_norms(tensors, ord) -> None:
     check_list("tensors", tensors)

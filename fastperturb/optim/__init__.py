@@ -43,7 +43,14 @@ from .presets import APD, ASAM, AWP, SAM, is_weight_matrix
 from .wrapper import NonFiniteDescentGradient, NonFiniteGradient, PerturbOptimizer
 
 __all__ = [
-    "PerturbOptimizer", "SAM", "ASAM", "AWP", "APD",
-    "frozen_bn_stats", "is_weight_matrix", "NonFiniteGradient", "NonFiniteDescentGradient",
+    "PerturbOptimizer",
+    "SAM",
+    "ASAM",
+    "AWP",
+    "APD",
+    "frozen_bn_stats",
+    "is_weight_matrix",
+    "NonFiniteGradient",
+    "NonFiniteDescentGradient",
     "UnsupportedTrainingLoop",
 ]

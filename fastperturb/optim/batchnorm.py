@@ -19,10 +19,7 @@ def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
     block (covers BatchNorm1d/2d/3d, their lazy forms and SyncBatchNorm); restored on exit,
     also on an exception.
     """
-    changed = [
-        m for m in module.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-    ]
+    changed = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
     for m in changed:
         m.track_running_stats = False
     try:

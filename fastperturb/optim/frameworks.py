@@ -60,8 +60,11 @@ def check_step(optimizer: Any, closure: Any) -> None:
     if trainer is not None:
         n = getattr(trainer, "accumulate_grad_batches", 1)
         strategy = getattr(trainer, "strategy", None)
-        if (n > 1 and not getattr(strategy, "handles_gradient_accumulation", False)
-                and not _accumulation_in_closure.get()):
+        if (
+            n > 1
+            and not getattr(strategy, "handles_gradient_accumulation", False)
+            and not _accumulation_in_closure.get()
+        ):
             raise UnsupportedTrainingLoop(
                 f"{name} under Lightning automatic optimization with accumulate_grad_batches={n}: Lightning "
                 "runs the earlier micro-batches itself and passes step() the closure of the last one only, so "
@@ -90,8 +93,11 @@ def _lightning_trainer(closure: Any) -> Optional[Any]:
     optimizer, closure)`` where ``closure`` is a ``Closure`` whose step function is a
     partial of the automatic-optimization loop's bound ``_training_step``."""
     closure_types = tuple(
-        t for t in (getattr(sys.modules.get(p + ".loops.optimization.automatic"), "Closure", None)
-                    for p in _LIGHTNING_PACKAGES) if isinstance(t, type)
+        t
+        for t in (
+            getattr(sys.modules.get(p + ".loops.optimization.automatic"), "Closure", None) for p in _LIGHTNING_PACKAGES
+        )
+        if isinstance(t, type)
     )
     if not closure_types:
         return None
@@ -130,22 +136,28 @@ def no_closure_message(optimizer: Any) -> str:
     """What ``step()`` without a closure should tell the user, given who called it."""
     name = type(optimizer).__name__
     callers = _caller_modules()
-    msg = (f"{name}.step() needs a closure that computes the loss, calls backward() on it and returns it: "
-           "opt.step(closure) runs the clean and perturbed passes itself")
+    msg = (
+        f"{name}.step() needs a closure that computes the loss, calls backward() on it and returns it: "
+        "opt.step(closure) runs the clean and perturbed passes itself"
+    )
     if any(m.startswith("torch.amp.grad_scaler") or m.startswith("torch.cuda.amp") for m in callers):
-        msg += (". It was called by GradScaler.step(optimizer), which passes no closure (Lightning's "
-                "precision='16-mixed' does this): use bf16 autocast (Lightning: precision='bf16-mixed'), "
-                "which needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself "
-                f"(Lightning: manual optimization, {LIGHTNING_RECIPE})")
+        msg += (
+            ". It was called by GradScaler.step(optimizer), which passes no closure (Lightning's "
+            "precision='16-mixed' does this): use bf16 autocast (Lightning: precision='bf16-mixed'), "
+            "which needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself "
+            f"(Lightning: manual optimization, {LIGHTNING_RECIPE})"
+        )
     elif any(m.split(".")[0] in ("pytorch_lightning", "lightning") for m in callers):
         msg += f". Lightning: use {LIGHTNING_RECIPE}"
     elif any(m.split(".")[0] == "transformers" for m in callers):
         msg += f". Hugging Face Trainer: use {TRAINER_RECIPE}"
     else:
-        msg += (f". Hugging Face Trainer: use {TRAINER_RECIPE}; Lightning: use {LIGHTNING_RECIPE}")
+        msg += f". Hugging Face Trainer: use {TRAINER_RECIPE}; Lightning: use {LIGHTNING_RECIPE}"
     if getattr(getattr(optimizer, "spec", None), "steps", None) == 1:
-        msg += ("; or the two-call convention: loss.backward(); opt.first_step(); "
-                "loss_at_perturbed_point.backward(); opt.second_step()")
+        msg += (
+            "; or the two-call convention: loss.backward(); opt.first_step(); "
+            "loss_at_perturbed_point.backward(); opt.second_step()"
+        )
     else:
         msg += f" ({name} here takes several ascent steps, so it has no first_step()/second_step())"
     return msg

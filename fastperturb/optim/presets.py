@@ -34,8 +34,9 @@ class SAM(PerturbOptimizer):
     radius_key = "rho"
     step_key = None
 
-    def __init__(self, params: Params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, params: Params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False, **kwargs: Any
+    ) -> None:
         spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
 
@@ -50,8 +51,9 @@ class ASAM(PerturbOptimizer):
     radius_key = "rho"
     step_key = None
 
-    def __init__(self, params: Params, base_optimizer: type, rho: float = 0.5, eta: float = 0.01,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, params: Params, base_optimizer: type, rho: float = 0.5, eta: float = 0.01, **kwargs: Any
+    ) -> None:
         spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=check_radius("eta", eta))
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
 
@@ -70,8 +72,9 @@ class AWP(PerturbOptimizer):
     radius_key = "gamma"
     step_key = None
 
-    def __init__(self, params: Params, base_optimizer: type, gamma: float = 5e-3, steps: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, params: Params, base_optimizer: type, gamma: float = 5e-3, steps: int = 1, **kwargs: Any
+    ) -> None:
         spec = PerturbSpec(norm="l2", scope="layer", steps=steps, relative=True)
         kwargs.setdefault("perturb_filter", is_weight_matrix)
         super().__init__(params, base_optimizer, spec, gamma, **kwargs)
@@ -91,9 +94,19 @@ class APD(PerturbOptimizer):
     radius_key = "eps"
     step_key = "step_size"
 
-    def __init__(self, params: Params, base_optimizer: type, eps: float = 1e-3, steps: int = 3,
-                 norm: str = "l2", scope: str = "global", relative: bool = False,
-                 step_size: Optional[float] = None, include_clean: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        eps: float = 1e-3,
+        steps: int = 3,
+        norm: str = "l2",
+        scope: str = "global",
+        relative: bool = False,
+        step_size: Optional[float] = None,
+        include_clean: bool = True,
+        **kwargs: Any,
+    ) -> None:
         spec = PerturbSpec(norm=norm, scope=scope, steps=steps, relative=relative, include_clean=include_clean)
         super().__init__(params, base_optimizer, spec, eps, step_size, **kwargs)
 

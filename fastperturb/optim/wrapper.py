@@ -317,8 +317,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
             for group in self.param_groups:
                 on = bool(group.get("perturb", True))
                 flags = [on and self._is_selected(p) for p in group["params"]]
-                sel.append(([p for p, f in zip(group["params"], flags) if f],
-                            [p for p, f in zip(group["params"], flags) if not f]))
+                sel.append(
+                    (
+                        [p for p, f in zip(group["params"], flags) if f],
+                        [p for p, f in zip(group["params"], flags) if not f],
+                    )
+                )
             self._selection_cache = (key, sel)
         return self._selection_cache[1]
 
@@ -351,7 +355,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _buffer(store: Dict[Tensor, Tensor], key: Tensor, like: Tensor) -> Tensor:
         b = store.get(key)
-        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device or b.stride() != like.stride():
+        if (
+            b is None
+            or b.shape != like.shape
+            or b.dtype != like.dtype
+            or b.device != like.device
+            or b.stride() != like.stride()
+        ):
             b = torch.empty_like(like, memory_format=torch.preserve_format)
             store[key] = b
         return b
@@ -368,7 +378,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _backup_list(self, plan: _Plan) -> List[Tensor]:
         # Keyed by the parameter, shaped like what the ops see (a shard of a sharded parameter).
         return self._cached_list(
-            "backups", plan.local_params,
+            "backups",
+            plan.local_params,
             lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.local_params)],
         )
 
@@ -384,12 +395,26 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
-        passive_accum = (self._cached_list("passive_accum", plan.passive,
-                                           lambda: [self._buffer(self._accums, p, distributed.local(p.grad))
-                                                    for p in plan.passive])
-                         if self.spec.accumulates else [])
-        return Cycle(self.spec, plan.local_params, self._backup_list(plan), plan.radius, plan.step, accum,
-                     plan.local_passive, passive_accum, plan.reduce)
+        passive_accum = (
+            self._cached_list(
+                "passive_accum",
+                plan.passive,
+                lambda: [self._buffer(self._accums, p, distributed.local(p.grad)) for p in plan.passive],
+            )
+            if self.spec.accumulates
+            else []
+        )
+        return Cycle(
+            self.spec,
+            plan.local_params,
+            self._backup_list(plan),
+            plan.radius,
+            plan.step,
+            accum,
+            plan.local_passive,
+            passive_accum,
+            plan.reduce,
+        )
 
     # ---- which gradient is g_0 -------------------------------------------------------
 
@@ -449,15 +474,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"{type(self).__name__} skipped a step: {err} (opt.skipped_steps counts skipped steps; "
                 "nonfinite='raise' raises fastperturb.NonFiniteGradient instead). Warned once per optimizer.",
-                RuntimeWarning, stacklevel=_caller_stacklevel(),
+                RuntimeWarning,
+                stacklevel=_caller_stacklevel(),
             )
 
     def _named(self, err: NonFiniteGradient, plan: _Plan) -> NonFiniteGradient:
         """The engine's error, naming the parameters (``param_groups[i]['params'][j]``)."""
         if type(err) is not NonFiniteGradient:
             return err
-        where = {id(p): f"param_groups[{gi}]['params'][{pj}]"
-                 for gi, group in enumerate(self.param_groups) for pj, p in enumerate(group["params"])}
+        where = {
+            id(p): f"param_groups[{gi}]['params'][{pj}]"
+            for gi, group in enumerate(self.param_groups)
+            for pj, p in enumerate(group["params"])
+        }
         names = [where.get(id(plan.params[i]), f"perturbed tensor {i}") for i in err.tensor_indices]
         return NonFiniteGradient(err.tensor_indices, err.pass_index, names)
 
@@ -496,8 +525,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # it would make dynamo recompile at every step that clips.
         finite, *clip = torch.stack(checks).tolist()
         if not finite:
-            names = [f"param_groups[{gi}]['params'][{pj}]" for gi, group in enumerate(self.param_groups)
-                     for pj, p in enumerate(group["params"]) if p.grad is not None]
+            names = [
+                f"param_groups[{gi}]['params'][{pj}]"
+                for gi, group in enumerate(self.param_groups)
+                for pj, p in enumerate(group["params"])
+                if p.grad is not None
+            ]
             bad = [i for i, v in enumerate(per.tolist() if isinstance(per, Tensor) else per) if not math.isfinite(v)]
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
             self._on_nonfinite(err, scaler)
@@ -511,7 +544,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- public API --------------------------------------------------------------------
 
-    def step(self, closure: Optional[Closure] = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Optional[Closure] = None, scaler: Optional[torch.amp.GradScaler] = None
+    ) -> Any:
         """One full step at the weights ``w``: the clean-point gradient g_0, ``spec.steps``
         perturbed passes, the base step with ``G = sum_k c_k g_k`` at the exactly restored ``w``.
 

@@ -36,7 +36,9 @@ def _select_params(model: nn.Module, params: ParamSelection) -> list[Tensor]:
         chosen = [p for _, p in named if p.requires_grad and p.dim() > 1]
         what = "parameters with dim > 1 that require grad"
     elif isinstance(params, str):
-        raise ValueError(f"params must be 'all', 'weights', a predicate (name, param) -> bool or a list of tensors, got {params!r}")
+        raise ValueError(
+            f"params must be 'all', 'weights', a predicate (name, param) -> bool or a list of tensors, got {params!r}"
+        )
     elif callable(params):
         chosen = [p for n, p in named if params(n, p)]
         what = "parameters selected by the predicate"
@@ -55,7 +57,9 @@ def _select_params(model: nn.Module, params: ParamSelection) -> list[Tensor]:
             continue
         seen.add(id(p))
         if not p.requires_grad:
-            raise ValueError(f"tensor {i} (shape {tuple(p.shape)}) does not require grad: the ascent needs its gradient")
+            raise ValueError(
+                f"tensor {i} (shape {tuple(p.shape)}) does not require grad: the ascent needs its gradient"
+            )
         if not p.is_floating_point():
             raise TypeError(f"tensor {i} has dtype {p.dtype}; only floating-point weights can be corrupted")
         out.append(p)
@@ -63,14 +67,21 @@ def _select_params(model: nn.Module, params: ParamSelection) -> list[Tensor]:
 
 
 def _as_batches(data: Any) -> list[tuple[Any, Any]] | Iterable:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor) and isinstance(data[1], Tensor):
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], Tensor)
+        and isinstance(data[1], Tensor)
+    ):
         return [(data[0], data[1])]
     if isinstance(data, Tensor):
         raise TypeError("data must be a pair (inputs, targets) or an iterable of such pairs, not a single tensor")
     if isinstance(data, Iterator):
         raise TypeError("data is an iterator that can be consumed only once; pass a list or a DataLoader")
     if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a pair (inputs, targets) or an iterable of such pairs, got {type(data).__name__}")
+        raise TypeError(
+            f"data must be a pair (inputs, targets) or an iterable of such pairs, got {type(data).__name__}"
+        )
     return data
 
 
@@ -93,11 +104,17 @@ def _to(x: Any, device: torch.device) -> Any:
 
 def _auto_correct(out: Any, y: Any) -> Optional[float]:
     if (
-        isinstance(out, Tensor) and isinstance(y, Tensor) and out.dim() == 2 and y.dim() == 1
-        and out.shape[0] == y.shape[0] and not y.is_floating_point() and not y.is_complex()
+        isinstance(out, Tensor)
+        and isinstance(y, Tensor)
+        and out.dim() == 2
+        and y.dim() == 1
+        and out.shape[0] == y.shape[0]
+        and not y.is_floating_point()
+        and not y.is_complex()
     ):
         return float((out.argmax(dim=1) == y).sum())
     return None
+
 
 # ---------------------------------------------------------------------------
 # the evaluator
@@ -173,7 +190,9 @@ class _Evaluator:
                     for p in self.params:
                         p.grad.div_(n)
         elif n != self.n:
-            raise ValueError(f"the data gave {n} examples in one pass and {self.n} in another; it must be the same every time")
+            raise ValueError(
+                f"the data gave {n} examples in one pass and {self.n} in another; it must be the same every time"
+            )
         return total / n, (None if correct is None else correct / n)
 
     def _zero_grads(self) -> None:
@@ -250,7 +269,7 @@ class _Evaluator:
                         break  # the loss here is already recorded; no direction to go on
         finally:
             cycle.restore()
-        best = max(range(len(losses)), key=lambda i: (losses[i] if math.isfinite(losses[i]) else math.inf))
+        best = max(range(len(losses)), key=lambda i: losses[i] if math.isfinite(losses[i]) else math.inf)
         return self._point("adversarial", eps, [losses[best]], [accs[best]], steps=steps)
 
     @torch.no_grad()
@@ -383,7 +402,7 @@ def sweep(
     ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)
     work: list[tuple[str, Optional[int], float]] = []
     for kind in kinds:
-        for k in (ks if kind == "adversarial" else [None]):
+        for k in ks if kind == "adversarial" else [None]:
             work += [(kind, k, e) for e in grid]
     from tqdm.auto import tqdm
 
@@ -391,8 +410,13 @@ def sweep(
     gen = torch.Generator(device=ev.device).manual_seed(seed)
     with _session(model, train_mode):
         ev.start()
-        with tqdm(total=len(work), desc=desc, disable=(False if progress else True) if progress is not None else None,
-                  leave=False, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(work),
+            desc=desc,
+            disable=(False if progress else True) if progress is not None else None,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
             for kind, k, e in work:
                 bar.set_postfix_str(f"{kind if k is None else f'adv K={k}'} eps={e:.3g}", refresh=False)
                 if kind == "adversarial":
@@ -406,9 +430,20 @@ def sweep(
                     points.append(ev.random(e, trials, gen, antithetic))
                 bar.update(1)
     config = {
-        "norm": norm, "scope": scope, "relative": relative, "steps": ks, "step_ratio": step_ratio,
-        "trials": trials, "seed": seed, "antithetic": antithetic, "train_mode": train_mode, "eps": grid, "kinds": kinds,
-        "tensors": len(ev.params), "numel": sum(p.numel() for p in ev.params), "examples": ev.n,
+        "norm": norm,
+        "scope": scope,
+        "relative": relative,
+        "steps": ks,
+        "step_ratio": step_ratio,
+        "trials": trials,
+        "seed": seed,
+        "antithetic": antithetic,
+        "train_mode": train_mode,
+        "eps": grid,
+        "kinds": kinds,
+        "tensors": len(ev.params),
+        "numel": sum(p.numel() for p in ev.params),
+        "examples": ev.n,
     }
     return SweepResult(points, ev.clean_loss, ev.clean_accuracy, config)
 
@@ -424,42 +459,132 @@ def _single(kind, model, loss_fn, data, eps, *, norm, scope, relative, params, a
         if kind == "first_order":
             return ev.first_order(eps)
         if kind == "random":
-            return ev.random(eps, kw["trials"], torch.Generator(device=ev.device).manual_seed(kw["seed"]), kw["antithetic"])
-        return Point("clean", 0.0, ev.clean_loss, 0.0, accuracy=ev.clean_accuracy, accuracy_drop=0.0 if ev.clean_accuracy is not None else None)
+            return ev.random(
+                eps, kw["trials"], torch.Generator(device=ev.device).manual_seed(kw["seed"]), kw["antithetic"]
+            )
+        return Point(
+            "clean",
+            0.0,
+            ev.clean_loss,
+            0.0,
+            accuracy=ev.clean_accuracy,
+            accuracy_drop=0.0 if ev.clean_accuracy is not None else None,
+        )
 
 
-def adversarial(model, loss_fn, data, eps: float, *, steps: int = 1, step_ratio: Optional[float] = None,
-                norm: str = "l2", scope: str = "layer", relative: bool = True, params: ParamSelection = None,
-                accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
+def adversarial(
+    model,
+    loss_fn,
+    data,
+    eps: float,
+    *,
+    steps: int = 1,
+    step_ratio: Optional[float] = None,
+    norm: str = "l2",
+    scope: str = "layer",
+    relative: bool = True,
+    params: ParamSelection = None,
+    accuracy: AccuracyFn = None,
+    train_mode: bool = False,
+) -> Point:
     """Adversarial loss change at radius ``eps`` by ``steps``-step projected ascent (see the module docstring)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     k = steps
-    return _single("adversarial", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
-                   accuracy=accuracy, train_mode=train_mode, steps=k, step_ratio=step_ratio)
+    return _single(
+        "adversarial",
+        model,
+        loss_fn,
+        data,
+        eps,
+        norm=norm,
+        scope=scope,
+        relative=relative,
+        params=params,
+        accuracy=accuracy,
+        train_mode=train_mode,
+        steps=k,
+        step_ratio=step_ratio,
+    )
 
 
-def first_order(model, loss_fn, data, eps: float, *, norm: str = "l2", scope: str = "layer", relative: bool = True,
-                params: ParamSelection = None, train_mode: bool = False) -> Point:
+def first_order(
+    model,
+    loss_fn,
+    data,
+    eps: float,
+    *,
+    norm: str = "l2",
+    scope: str = "layer",
+    relative: bool = True,
+    params: ParamSelection = None,
+    train_mode: bool = False,
+) -> Point:
     """First-order estimate ``eps * ||g||_q`` of the adversarial loss change (see the module docstring)."""
-    return _single("first_order", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
-                   accuracy=False, train_mode=train_mode)
+    return _single(
+        "first_order",
+        model,
+        loss_fn,
+        data,
+        eps,
+        norm=norm,
+        scope=scope,
+        relative=relative,
+        params=params,
+        accuracy=False,
+        train_mode=train_mode,
+    )
 
 
-def random_corruption(model, loss_fn, data, eps: float, *, trials: int = 10, seed: int = 0, antithetic: bool = True,
-                      norm: str = "l2",
-                      scope: str = "layer", relative: bool = True, params: ParamSelection = None,
-                      accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
+def random_corruption(
+    model,
+    loss_fn,
+    data,
+    eps: float,
+    *,
+    trials: int = 10,
+    seed: int = 0,
+    antithetic: bool = True,
+    norm: str = "l2",
+    scope: str = "layer",
+    relative: bool = True,
+    params: ParamSelection = None,
+    accuracy: AccuracyFn = None,
+    train_mode: bool = False,
+) -> Point:
     """Mean (and std) loss change over ``trials`` Gaussian corruptions of norm ``eps`` (see the module docstring)."""
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
-    return _single("random", model, loss_fn, data, eps, norm=norm, scope=scope, relative=relative, params=params,
-                   accuracy=accuracy, train_mode=train_mode, trials=trials, seed=seed,
-                   antithetic=antithetic)
+    return _single(
+        "random",
+        model,
+        loss_fn,
+        data,
+        eps,
+        norm=norm,
+        scope=scope,
+        relative=relative,
+        params=params,
+        accuracy=accuracy,
+        train_mode=train_mode,
+        trials=trials,
+        seed=seed,
+        antithetic=antithetic,
+    )
 
 
 def clean(model, loss_fn, data, *, accuracy: AccuracyFn = None, train_mode: bool = False) -> Point:
     """The uncorrupted mean loss and accuracy over the data (``kind="clean"``)."""
-    return _single("clean", model, loss_fn, data, 0.0, norm="l2", scope="layer", relative=True, params=None,
-                   accuracy=accuracy, train_mode=train_mode)
-
+    return _single(
+        "clean",
+        model,
+        loss_fn,
+        data,
+        0.0,
+        norm="l2",
+        scope="layer",
+        relative=True,
+        params=None,
+        accuracy=accuracy,
+        train_mode=train_mode,
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Mapping, Optional, Sequence
 
-
 from .results import SweepResult
 
 _STYLE = {"random": "--", "first_order": ":"}
@@ -74,12 +73,21 @@ def plot_sweeps(
                 label += f" (slope {sl_all[s]:.2f}, resolved points)"
             key = name if len(results) > 1 else s
             # unresolved points (mean change <= 2 standard errors, e.g. <= 0) break the line
-            line = ax.plot([p.eps for p in pts], [p.loss_change if p.resolved else math.nan for p in pts], _STYLE.get(s, "-"),
-                           marker="o", ms=3, label=label, color=colors.get(key))[0]
+            line = ax.plot(
+                [p.eps for p in pts],
+                [p.loss_change if p.resolved else math.nan for p in pts],
+                _STYLE.get(s, "-"),
+                marker="o",
+                ms=3,
+                label=label,
+                color=colors.get(key),
+            )[0]
             colors.setdefault(key, line.get_color())
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("corruption radius ε" + (" (relative)" if any(r.config.get("relative") for r in results.values()) else ""))
+    ax.set_xlabel(
+        "corruption radius ε" + (" (relative)" if any(r.config.get("relative") for r in results.values()) else "")
+    )
     ax.set_ylabel("loss change ΔL")
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -90,11 +98,10 @@ def plot_sweeps(
     if text:
         import textwrap
 
-        ax.text(0.0, -0.14, textwrap.fill(text, 90), transform=ax.transAxes, fontsize="x-small", va="top",
-                color="dimgrey")
+        ax.text(
+            0.0, -0.14, textwrap.fill(text, 90), transform=ax.transAxes, fontsize="x-small", va="top", color="dimgrey"
+        )
     fig = fig or ax.figure
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
-
-

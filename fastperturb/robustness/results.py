@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-
 # ---------------------------------------------------------------------------
 # results
 
@@ -41,16 +40,28 @@ class Point:
 
     def as_row(self) -> dict:
         return {
-            "series": self.series, "kind": self.kind, "steps": self.steps, "eps": self.eps,
-            "loss": self.loss, "loss_change": self.loss_change, "loss_change_std": self.loss_change_std,
-            "accuracy": self.accuracy, "accuracy_std": self.accuracy_std, "accuracy_drop": self.accuracy_drop,
-            "trials": self.trials, "loss_change_sem": self.loss_change_sem,
+            "series": self.series,
+            "kind": self.kind,
+            "steps": self.steps,
+            "eps": self.eps,
+            "loss": self.loss,
+            "loss_change": self.loss_change,
+            "loss_change_std": self.loss_change_std,
+            "accuracy": self.accuracy,
+            "accuracy_std": self.accuracy_std,
+            "accuracy_drop": self.accuracy_drop,
+            "trials": self.trials,
+            "loss_change_sem": self.loss_change_sem,
         }
 
 
 def fit_slope(eps: Sequence[float], values: Sequence[float]) -> Optional[float]:
     """Least-squares slope of log(value) against log(eps) over the points with value > 0 (None if < 2)."""
-    pts = [(math.log(e), math.log(v)) for e, v in zip(eps, values) if e > 0 and v is not None and v > 0 and math.isfinite(v)]
+    pts = [
+        (math.log(e), math.log(v))
+        for e, v in zip(eps, values)
+        if e > 0 and v is not None and v > 0 and math.isfinite(v)
+    ]
     if len(pts) < 2:
         return None
     mx = sum(p[0] for p in pts) / len(pts)
@@ -61,8 +72,20 @@ def fit_slope(eps: Sequence[float], values: Sequence[float]) -> Optional[float]:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
 
 
-ROW_FIELDS = ["series", "kind", "steps", "eps", "loss", "loss_change", "loss_change_std",
-              "accuracy", "accuracy_std", "accuracy_drop", "trials", "loss_change_sem"]
+ROW_FIELDS = [
+    "series",
+    "kind",
+    "steps",
+    "eps",
+    "loss",
+    "loss_change",
+    "loss_change_std",
+    "accuracy",
+    "accuracy_std",
+    "accuracy_drop",
+    "trials",
+    "loss_change_sem",
+]
 
 
 @dataclass
@@ -142,11 +165,17 @@ class SweepResult:
     def table(self) -> str:
         """A plain-text table of the rows."""
         head = f"{'series':<16}{'eps':>10}{'loss change':>14}{'± std':>11}{'accuracy':>10}{'acc drop':>10}"
-        lines = [f"clean loss {self.clean_loss:.5g}" + (f", clean accuracy {self.clean_accuracy:.4f}" if self.clean_accuracy is not None else ""), head]
+        lines = [
+            f"clean loss {self.clean_loss:.5g}"
+            + (f", clean accuracy {self.clean_accuracy:.4f}" if self.clean_accuracy is not None else ""),
+            head,
+        ]
         for p in sorted(self.points, key=lambda p: (self.series.index(p.series), p.eps)):
             acc = "" if p.accuracy is None else f"{p.accuracy:.4f}"
             drop = "" if p.accuracy_drop is None else f"{p.accuracy_drop + 0.0:+.4f}"
-            lines.append(f"{p.series:<16}{p.eps:>10.4g}{p.loss_change:>14.4e}{p.loss_change_std:>11.2e}{acc:>10}{drop:>10}")
+            lines.append(
+                f"{p.series:<16}{p.eps:>10.4g}{p.loss_change:>14.4e}{p.loss_change_std:>11.2e}{acc:>10}{drop:>10}"
+            )
         return "\n".join(lines)
 
     def plot(self, path: Optional[str] = None, title: Optional[str] = None, ax=None):
@@ -154,5 +183,3 @@ class SweepResult:
         from .plot import plot_sweeps
 
         return plot_sweeps({"": self}, path=path, title=title, ax=ax)
-
-

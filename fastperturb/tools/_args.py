@@ -42,6 +42,7 @@ def _first_line(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- argument types
 
+
 def eps_list(text: str, *, allow_zero: bool = False) -> list[float]:
     """Comma-separated finite radii, > 0 (or >= 0 with ``allow_zero``)."""
     try:
@@ -52,7 +53,9 @@ def eps_list(text: str, *, allow_zero: bool = False) -> list[float]:
         raise argparse.ArgumentTypeError("expected at least one eps")
     for v in vals:
         if not (math.isfinite(v) and (v >= 0 if allow_zero else v > 0)):
-            raise argparse.ArgumentTypeError(f"every eps must be a finite number {'>=' if allow_zero else '>'} 0, got {v}")
+            raise argparse.ArgumentTypeError(
+                f"every eps must be a finite number {'>=' if allow_zero else '>'} 0, got {v}"
+            )
     return vals
 
 
@@ -124,6 +127,7 @@ def shape(text: str) -> tuple[int, ...]:
 
 # ----------------------------------------------------------------------------- the user's model
 
+
 def import_object(spec: str, arg: str = "--model"):
     """``package.module:name`` imported the way ``python -m`` would: the current directory is importable."""
     mod_name, sep, attr = spec.partition(":")
@@ -165,8 +169,11 @@ def load_module_file(path: str, arg: str = "--model") -> nn.Module:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 is_script = any(n.endswith("constants.pkl") for n in z.namelist())
-        model = (torch.jit.load(path, map_location="cpu") if is_script
-                 else torch.load(path, map_location="cpu", weights_only=False))
+        model = (
+            torch.jit.load(path, map_location="cpu")
+            if is_script
+            else torch.load(path, map_location="cpu", weights_only=False)
+        )
     except Exception as e:
         raise UsageError(f"{arg} {path}: not a pickled nn.Module or TorchScript file ({_first_line(e)})") from None
     if not isinstance(model, nn.Module):
@@ -185,8 +192,10 @@ def load_state_dict(path: str, arg: str = "--weights") -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UsageError(f"{arg} {path}: holds a pickled object (a whole nn.Module?), not a state_dict; pass "
-                         "such a file as --model, or save torch.save(model.state_dict(), path)") from None
+        raise UsageError(
+            f"{arg} {path}: holds a pickled object (a whole nn.Module?), not a state_dict; pass "
+            "such a file as --model, or save torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as e:
         raise UsageError(f"{arg} {path}: not a file written by torch.save ({_first_line(e)})") from None
     if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
@@ -219,8 +228,9 @@ def load_weights_into(model: nn.Module, path: str, arg: str = "--weights") -> No
             parts.append(f"{len(unexpected)} unexpected ({_names(unexpected)})")
         if shapes:
             k = sorted(shapes)[0]
-            parts.append(f"{len(shapes)} of another shape ({k}: file {tuple(state[k].shape)}, "
-                         f"model {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(shapes)} of another shape ({k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})"
+            )
         raise UsageError(f"{arg} {path} does not match the model: " + "; ".join(parts))
     try:
         model.load_state_dict(state)
@@ -230,16 +240,19 @@ def load_weights_into(model: nn.Module, path: str, arg: str = "--weights") -> No
 
 # ----------------------------------------------------------------------------- data
 
+
 def check_finite(t: torch.Tensor, what: str, arg: str, spec: str) -> None:
     """NaN or Inf in float data is the user's to clean: a loss over it means nothing."""
     if t.is_floating_point() or t.is_complex():
         bad = int((~torch.isfinite(t)).sum())
         if bad:
-            raise UsageError(f"{arg} {spec}: the {what} hold {bad} NaN/Inf value(s) of {t.numel()}; "
-                             "clean the data first")
+            raise UsageError(
+                f"{arg} {spec}: the {what} hold {bad} NaN/Inf value(s) of {t.numel()}; clean the data first"
+            )
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def check_writable_dir(path: str, arg: str = "--out") -> None:
     """Fail now, before any work, if ``path`` cannot become a folder we can write in (nothing is created)."""

@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._args import (UsageError, build_model, check_writable_file, nonnegative_int, positive_int, shape,
-                    write_all)
+from ._args import UsageError, build_model, check_writable_file, nonnegative_int, positive_int, shape, write_all
 
 PRESETS = ("SAM", "ASAM", "AWP", "APD")
 
@@ -41,11 +40,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning your nn.Module")
     p.add_argument("--input-shape", required=True, type=shape, help="one sample's shape, e.g. 3,32,32")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--vocab", type=positive_int, default=None,
-                   help="inputs are token ids below this (int64) instead of Gaussian floats")
-    p.add_argument("--loss", choices=("cross_entropy", "mse"), default="cross_entropy",
-                   help="cross_entropy against random classes of the output's last dimension, or mse against "
-                        "random targets of the output's shape")
+    p.add_argument(
+        "--vocab",
+        type=positive_int,
+        default=None,
+        help="inputs are token ids below this (int64) instead of Gaussian floats",
+    )
+    p.add_argument(
+        "--loss",
+        choices=("cross_entropy", "mse"),
+        default="cross_entropy",
+        help="cross_entropy against random classes of the output's last dimension, or mse against "
+        "random targets of the output's shape",
+    )
     p.add_argument("--base", choices=("sgd", "adamw"), default="sgd", help="base optimizer (default sgd, momentum 0.9)")
     p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, from {', '.join(PRESETS)}")
     p.add_argument("--apd-steps", type=positive_int, default=3, help="K of APD (default 3)")
@@ -143,8 +150,9 @@ def state_bytes(opt: torch.optim.Optimizer, model: nn.Module) -> int:
     stack: list = [opt]
     while stack:
         o = stack.pop()
-        if id(o) in seen_obj or isinstance(o, (nn.Module, type, types.ModuleType, types.FunctionType,
-                                               types.MethodType)):
+        if id(o) in seen_obj or isinstance(
+            o, (nn.Module, type, types.ModuleType, types.FunctionType, types.MethodType)
+        ):
             continue
         seen_obj.add(id(o))
         if isinstance(o, Tensor):
@@ -196,15 +204,20 @@ def _batch(model: nn.Module, args, device: torch.device) -> tuple[Tensor, Tensor
             out = model(x)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"--input-shape {','.join(map(str, args.input_shape))}: the model's forward fails on a "
-                         f"batch of {tuple(x.shape)} ({type(e).__name__}: {msg})") from None
+        raise UsageError(
+            f"--input-shape {','.join(map(str, args.input_shape))}: the model's forward fails on a "
+            f"batch of {tuple(x.shape)} ({type(e).__name__}: {msg})"
+        ) from None
     if not isinstance(out, Tensor) or not out.is_floating_point():
-        raise UsageError(f"--model {args.model}: the forward returns {type(out).__name__}, not a float tensor "
-                         "(wrap the model so it returns the output the loss uses)")
+        raise UsageError(
+            f"--model {args.model}: the forward returns {type(out).__name__}, not a float tensor "
+            "(wrap the model so it returns the output the loss uses)"
+        )
     if args.loss == "cross_entropy":
         if out.dim() != 2:
-            raise UsageError(f"--loss cross_entropy: the model's output is {tuple(out.shape)}, not (batch, classes); "
-                             "use --loss mse")
+            raise UsageError(
+                f"--loss cross_entropy: the model's output is {tuple(out.shape)}, not (batch, classes); use --loss mse"
+            )
         y = torch.randint(0, out.shape[1], (out.shape[0],), generator=gen).to(device)
     else:
         y = torch.randn(out.shape, generator=gen).to(device=device, dtype=out.dtype)
@@ -227,8 +240,9 @@ def _run(args) -> int:
     names = [n.strip().upper() for n in args.presets.split(",") if n.strip()]
     bad = [n for n in names if n not in PRESETS]
     if bad or not names:
-        raise UsageError(f"--presets {args.presets}: unknown {', '.join(bad) or '(none given)'}; "
-                         f"choose from {', '.join(PRESETS)}")
+        raise UsageError(
+            f"--presets {args.presets}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(PRESETS)}"
+        )
     if args.json:
         check_writable_file(args.json, "--json")
     device = _device(args.device)
@@ -242,12 +256,30 @@ def _run(args) -> int:
     base_cls = torch.optim.SGD if args.base == "sgd" else torch.optim.AdamW
     base_kw = {"lr": 1e-3, "momentum": 0.9} if args.base == "sgd" else {"lr": 1e-3}
 
-    configs = [_Config(f"{base_cls.__name__} (plain step)", copy.deepcopy(base_model),
-                       lambda ps: base_cls(ps, **base_kw), x, y, loss_fn, perturbs=False)]
+    configs = [
+        _Config(
+            f"{base_cls.__name__} (plain step)",
+            copy.deepcopy(base_model),
+            lambda ps: base_cls(ps, **base_kw),
+            x,
+            y,
+            loss_fn,
+            perturbs=False,
+        )
+    ]
     for name, (label, kw) in _presets(names, args.apd_steps).items():
         cls = getattr(fp, name)
-        configs.append(_Config(label, copy.deepcopy(base_model),
-                               lambda ps, cls=cls, kw=kw: cls(ps, base_cls, **kw, **base_kw), x, y, loss_fn, True))
+        configs.append(
+            _Config(
+                label,
+                copy.deepcopy(base_model),
+                lambda ps, cls=cls, kw=kw: cls(ps, base_cls, **kw, **base_kw),
+                x,
+                y,
+                loss_fn,
+                True,
+            )
+        )
     del base_model
 
     for c in configs:  # warm-up; also counts the passes of one step
@@ -256,7 +288,7 @@ def _run(args) -> int:
             c.step()
     passes = {c.label: c.passes for c in configs}
     for r in range(args.steps):  # round-robin, the starting configuration rotating
-        for c in configs[r % len(configs):] + configs[: r % len(configs)]:
+        for c in configs[r % len(configs) :] + configs[: r % len(configs)]:
             _sync(device)
             t0 = time.perf_counter()
             c.step()
@@ -270,13 +302,33 @@ def _run(args) -> int:
     for c in configs:
         peak, why = peak_step_bytes(c.step, device)
         med = statistics.median(c.times)
-        rows.append({"config": c.label, "passes": passes[c.label], "median_s": med, "min_s": min(c.times),
-                     "max_s": max(c.times), "steps": len(c.times), "x_plain": med / plain,
-                     "peak_step_bytes": peak, "peak_note": why, "state_bytes": state_bytes(c.opt, c.model)})
-    env = {"model": args.model, "n_params": n_params, "n_tensors": len(params), "param_bytes": param_bytes,
-           "batch": [args.batch_size, *args.input_shape], "base": base_cls.__name__, "loss": args.loss,
-           "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "backend": fp.get_backend()}
+        rows.append(
+            {
+                "config": c.label,
+                "passes": passes[c.label],
+                "median_s": med,
+                "min_s": min(c.times),
+                "max_s": max(c.times),
+                "steps": len(c.times),
+                "x_plain": med / plain,
+                "peak_step_bytes": peak,
+                "peak_note": why,
+                "state_bytes": state_bytes(c.opt, c.model),
+            }
+        )
+    env = {
+        "model": args.model,
+        "n_params": n_params,
+        "n_tensors": len(params),
+        "param_bytes": param_bytes,
+        "batch": [args.batch_size, *args.input_shape],
+        "base": base_cls.__name__,
+        "loss": args.loss,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "backend": fp.get_backend(),
+    }
     _print(env, rows)
     if args.json:
         folder, name = os.path.split(os.path.abspath(args.json))
@@ -291,25 +343,47 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _print(env: dict, rows: list[dict]) -> None:
-    print(f"fastperturb bench: {env['model']}, {env['n_params']:,} parameters in {env['n_tensors']} tensors, "
-          f"batch {tuple(env['batch'])}, {env['base']} base, {env['loss']}, {env['device']}, torch {env['torch']}, "
-          f"{env['threads']} threads")
+    print(
+        f"fastperturb bench: {env['model']}, {env['n_params']:,} parameters in {env['n_tensors']} tensors, "
+        f"batch {tuple(env['batch'])}, {env['base']} base, {env['loss']}, {env['device']}, torch {env['torch']}, "
+        f"{env['threads']} threads"
+    )
 
     def mb(b):
         return "-" if b is None else f"{b / 1e6:.3g}"
 
-    header = ["configuration", "passes", "median ms", "min-max ms", "x plain", "peak step MB", "state MB",
-              "state x params"]
-    table = [[r["config"], str(r["passes"]), f"{r['median_s'] * 1e3:.2f}",
-              f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}", f"{r['x_plain']:.2f}x", mb(r["peak_step_bytes"]),
-              mb(r["state_bytes"]), f"{r['state_bytes'] / env['param_bytes']:.2f}x"] for r in rows]
+    header = [
+        "configuration",
+        "passes",
+        "median ms",
+        "min-max ms",
+        "x plain",
+        "peak step MB",
+        "state MB",
+        "state x params",
+    ]
+    table = [
+        [
+            r["config"],
+            str(r["passes"]),
+            f"{r['median_s'] * 1e3:.2f}",
+            f"{r['min_s'] * 1e3:.2f}-{r['max_s'] * 1e3:.2f}",
+            f"{r['x_plain']:.2f}x",
+            mb(r["peak_step_bytes"]),
+            mb(r["state_bytes"]),
+            f"{r['state_bytes'] / env['param_bytes']:.2f}x",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
     for t in table:
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(t, widths))))
-    print(f"{rows[0]['steps']} timed steps each after warm-up, interleaved; passes = forward/backward passes per step; "
-          "peak step MB = most memory allocated during one step above what was allocated before it "
-          "(activations, gradients, temporaries); state = tensors the optimizer keeps between steps.")
+    print(
+        f"{rows[0]['steps']} timed steps each after warm-up, interleaved; passes = forward/backward passes per step; "
+        "peak step MB = most memory allocated during one step above what was allocated before it "
+        "(activations, gradients, temporaries); state = tensors the optimizer keeps between steps."
+    )
     notes = {r["peak_note"] for r in rows if r["peak_note"]}
     for n in notes:
         print(f"peak step MB not measured: {n}")

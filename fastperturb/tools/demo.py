@@ -57,7 +57,7 @@ from .verdicts import HOLDS, RULE, Check, ClaimVerdict, Stats, compare, judge_cl
 
 PRESETS = ("sgd", "sam", "awp", "apd")
 DEFAULT_SEEDS = 5
-MAX_SEED = 2 ** 32
+MAX_SEED = 2**32
 DEFAULT_EPS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 
 
@@ -67,12 +67,15 @@ class DigitsCNN(nn.Module):
     def __init__(self, width: int = 16, hidden: int = 64, classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(),
-                                        nn.Linear(hidden, classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 16, hidden), nn.ReLU(), nn.Linear(hidden, classes)
+        )
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -82,8 +85,9 @@ def _presets(text: str) -> list[str]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in PRESETS]
     if bad or not vals:
-        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}"
+        )
     return list(dict.fromkeys(vals))
 
 
@@ -96,6 +100,7 @@ def _positive(kind):
         if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
         return v
+
     return parse
 
 
@@ -112,46 +117,76 @@ def _seed(text: str) -> int:
 def _trials(text: str) -> int:
     v = _positive(int)(text)
     if v < 4 or v % 2:
-        raise argparse.ArgumentTypeError(f"expected an even number >= 4 (mirrored pairs; two pairs or more give a "
-                                         f"standard error), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected an even number >= 4 (mirrored pairs; two pairs or more give a standard error), got {text!r}"
+        )
     return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
-    p.add_argument("--presets", type=_presets, default=list(PRESETS),
-                   help="comma-separated, from sgd,sam,awp,apd (default all)")
-    p.add_argument("--eps", type=positive_eps_list, default=list(DEFAULT_EPS),
-                   help="comma-separated corruption radii, relative to each tensor's norm (default %(default)s)")
-    p.add_argument("--steps", type=int_list, default=[1, 5],
-                   help="ascent steps of the adversarial corruption (default 1,5)")
-    p.add_argument("--trials", type=_trials, default=20,
-                   help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4 (default 20)")
-    p.add_argument("--seeds", type=_positive(int), default=DEFAULT_SEEDS,
-                   help=f"independent runs (seeds --seed, --seed+1, ...) the claims are judged over "
-                        f"(default {DEFAULT_SEEDS})")
-    p.add_argument("--seed", type=_seed, default=0,
-                   help="first seed: each seed sets the initialisation, batch order and random corruptions (default 0)")
-    p.add_argument("--against", metavar="RESULTS",
-                   help="a previous run's results.json (or its folder), e.g. from another --seed: "
-                        "report which claims' verdicts are reproduced")
+    p.add_argument(
+        "--presets", type=_presets, default=list(PRESETS), help="comma-separated, from sgd,sam,awp,apd (default all)"
+    )
+    p.add_argument(
+        "--eps",
+        type=positive_eps_list,
+        default=list(DEFAULT_EPS),
+        help="comma-separated corruption radii, relative to each tensor's norm (default %(default)s)",
+    )
+    p.add_argument(
+        "--steps", type=int_list, default=[1, 5], help="ascent steps of the adversarial corruption (default 1,5)"
+    )
+    p.add_argument(
+        "--trials",
+        type=_trials,
+        default=20,
+        help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4 (default 20)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_positive(int),
+        default=DEFAULT_SEEDS,
+        help=f"independent runs (seeds --seed, --seed+1, ...) the claims are judged over (default {DEFAULT_SEEDS})",
+    )
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        help="first seed: each seed sets the initialisation, batch order and random corruptions (default 0)",
+    )
+    p.add_argument(
+        "--against",
+        metavar="RESULTS",
+        help="a previous run's results.json (or its folder), e.g. from another --seed: "
+        "report which claims' verdicts are reproduced",
+    )
     p.add_argument("--out", default="fastperturb-demo", help="output folder (default ./fastperturb-demo)")
     p.add_argument("--batch-size", type=_positive(int), default=32)
     p.add_argument("--lr", type=_positive(float), default=0.05, help="base SGD learning rate (default 0.05)")
     p.add_argument("--rho", type=_positive(float), default=0.05, help="SAM radius (absolute, global L2; default 0.05)")
     p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer (default 0.02)")
-    p.add_argument("--apd-eps", type=_positive(float), default=0.02,
-                   help="APD radius, relative per layer L2 (default 0.02)")
+    p.add_argument(
+        "--apd-eps", type=_positive(float), default=0.02, help="APD radius, relative per layer L2 (default 0.02)"
+    )
     p.add_argument("--apd-steps", type=_positive(int), default=3, help="APD ascent steps (default 3)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
-    p.add_argument("--threads", type=_positive(int), default=1,
-                   help="torch threads (default 1: the CNN is too small to gain from more, and on a shared "
-                        "machine several spinning threads per process slow everything down many times)")
-    p.add_argument("--jobs", type=_positive(int), default=min(2, os.cpu_count() or 1),
-                   help="seeds trained at once, each in its own process with --threads threads (default: 2 on a "
-                        "machine with 2 or more cores); the results do not depend on it")
+    p.add_argument(
+        "--threads",
+        type=_positive(int),
+        default=1,
+        help="torch threads (default 1: the CNN is too small to gain from more, and on a shared "
+        "machine several spinning threads per process slow everything down many times)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive(int),
+        default=min(2, os.cpu_count() or 1),
+        help="seeds trained at once, each in its own process with --threads threads (default: 2 on a "
+        "machine with 2 or more cores); the results do not depend on it",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
@@ -170,8 +205,17 @@ def make_optimizer(preset: str, model: nn.Module, args) -> torch.optim.Optimizer
     if preset == "awp":
         return fp.AWP(model.parameters(), torch.optim.SGD, gamma=args.gamma, steps=1, **base)
     if preset == "apd":
-        return fp.APD(model.parameters(), torch.optim.SGD, eps=args.apd_eps, steps=args.apd_steps, norm="l2",
-                      scope="layer", relative=True, include_clean=True, **base)
+        return fp.APD(
+            model.parameters(),
+            torch.optim.SGD,
+            eps=args.apd_eps,
+            steps=args.apd_steps,
+            norm="l2",
+            scope="layer",
+            relative=True,
+            include_clean=True,
+            **base,
+        )
     raise ValueError(f"unknown preset {preset!r}")
 
 
@@ -203,13 +247,18 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
     t0 = time.perf_counter()
     last = math.nan
     disable = None if progress is None else not progress
-    with tqdm(total=args.epochs * per_epoch, desc=f"seed {seed} train {preset}", disable=disable, leave=False,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=args.epochs * per_epoch,
+        desc=f"seed {seed} train {preset}",
+        disable=disable,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
         for epoch in range(args.epochs):
             perm = torch.randperm(len(y), generator=gen)
             total, seen = 0.0, 0
             for i in range(0, len(y), args.batch_size):
-                idx = perm[i:i + args.batch_size]
+                idx = perm[i : i + args.batch_size]
                 xb, yb = x[idx], y[idx]
 
                 def closure():
@@ -231,8 +280,10 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
             bar.set_postfix_str(f"epoch {epoch + 1} loss {last:.4f}", refresh=False)
             if not math.isfinite(last):  # the settings the user chose diverge: a usage error, not a crash
                 radius = {"sam": " or --rho", "awp": " or --gamma", "apd": " or --apd-eps"}.get(preset, "")
-                raise UsageError(f"--lr {args.lr:g}: {preset}'s training loss became {last} in epoch {epoch + 1} "
-                                 f"(seed {seed}); lower --lr{radius}")
+                raise UsageError(
+                    f"--lr {args.lr:g}: {preset}'s training loss became {last} in epoch {epoch + 1} "
+                    f"(seed {seed}); lower --lr{radius}"
+                )
     return model, time.perf_counter() - t0, last
 
 
@@ -250,9 +301,20 @@ def run_seed(seed: int, args, train_data, test64) -> dict:
         models[preset] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model64 = copy.deepcopy(model).double().eval()
         t0 = time.perf_counter()
-        res = sweep(model64, F.cross_entropy, test64, args.eps, steps=args.steps, trials=args.trials, seed=seed,
-                    norm="l2", scope="layer", relative=True, progress=args.progress,
-                    desc=f"seed {seed} corrupt {preset}")
+        res = sweep(
+            model64,
+            F.cross_entropy,
+            test64,
+            args.eps,
+            steps=args.steps,
+            trials=args.trials,
+            seed=seed,
+            norm="l2",
+            scope="layer",
+            relative=True,
+            progress=args.progress,
+            desc=f"seed {seed} corrupt {preset}",
+        )
         results[preset] = res
         summary[preset] = {
             "optimizer": describe(preset, args),
@@ -292,12 +354,21 @@ def mean_sweep(runs: Sequence[SweepResult]) -> SweepResult:
         lc = Stats.of(q.loss_change for q in same)
         has_acc = all(q.accuracy is not None for q in same)
         acc = Stats.of(q.accuracy for q in same) if has_acc else None
-        points.append(Point(
-            p.kind, p.eps, _mean(q.loss for q in same), lc.mean, lc.sd if lc.n > 1 else p.loss_change_std,
-            acc.mean if acc else None, (acc.sd if acc.n > 1 else 0.0) if acc else None,
-            _mean(q.accuracy_drop for q in same) if has_acc and p.accuracy_drop is not None else None,
-            p.steps, sum(q.trials for q in same), lc.sem if lc.n > 1 else p.loss_change_sem,
-        ))
+        points.append(
+            Point(
+                p.kind,
+                p.eps,
+                _mean(q.loss for q in same),
+                lc.mean,
+                lc.sd if lc.n > 1 else p.loss_change_std,
+                acc.mean if acc else None,
+                (acc.sd if acc.n > 1 else 0.0) if acc else None,
+                _mean(q.accuracy_drop for q in same) if has_acc and p.accuracy_drop is not None else None,
+                p.steps,
+                sum(q.trials for q in same),
+                lc.sem if lc.n > 1 else p.loss_change_sem,
+            )
+        )
     clean_acc = None if first.clean_accuracy is None else _mean(r.clean_accuracy for r in runs)
     return SweepResult(points, _mean(r.clean_loss for r in runs), clean_acc, dict(first.config, seeds=len(runs)))
 
@@ -355,11 +426,19 @@ def judge(per_seed: dict, args, n_test: int) -> list[ClaimVerdict]:
             vals.append(_log10(a.loss_change / bound) if bound > 0 else None)
         checks.append(Check(f"{n}: log10(adversarial K={kmax} / random)", seeds, vals, threshold=1.0))
     if checks:
-        out.append(judge_claim(
-            f"adversarial corruption raises the loss far more (>= 10x) than random corruption of the same norm "
-            f"(eps={grid[0]:g})", checks,
-            note=("random's mean not resolved (<= 2 s.e.), so 2 s.e. stands in for it (the ratio is a lower bound): "
-                  + ", ".join(stand_in)) if stand_in else ""))
+        out.append(
+            judge_claim(
+                f"adversarial corruption raises the loss far more (>= 10x) than random corruption of the same norm "
+                f"(eps={grid[0]:g})",
+                checks,
+                note=(
+                    "random's mean not resolved (<= 2 s.e.), so 2 s.e. stands in for it (the ratio is a lower bound): "
+                    + ", ".join(stand_in)
+                )
+                if stand_in
+                else "",
+            )
+        )
 
     # 2. log-log slopes: adversarial K=kmin over the small-eps half, random over the whole grid
     checks = []
@@ -368,25 +447,51 @@ def judge(per_seed: dict, args, n_test: int) -> list[ClaimVerdict]:
             continue
         a_sl = [r.slopes().get(adv1) for r in runs[n]]
         r_sl = [r.slopes(math.inf).get("random") for r in runs[n]]
-        checks.append(Check(f"{n}: |slope adversarial K={kmin} - 1|", seeds,
-                            [None if v is None else abs(v - 1) for v in a_sl], SLOPE_TOLERANCE, "<"))
-        checks.append(Check(f"{n}: |slope random (all eps) - 2|", seeds,
-                            [None if v is None else abs(v - 2) for v in r_sl], SLOPE_TOLERANCE, "<"))
+        checks.append(
+            Check(
+                f"{n}: |slope adversarial K={kmin} - 1|",
+                seeds,
+                [None if v is None else abs(v - 1) for v in a_sl],
+                SLOPE_TOLERANCE,
+                "<",
+            )
+        )
+        checks.append(
+            Check(
+                f"{n}: |slope random (all eps) - 2|",
+                seeds,
+                [None if v is None else abs(v - 2) for v in r_sl],
+                SLOPE_TOLERANCE,
+                "<",
+            )
+        )
     if checks:
-        out.append(judge_claim(
-            f"log-log slope of the loss change: about 1 for adversarial (small eps), about 2 for random "
-            f"(within {SLOPE_TOLERANCE:g})", checks,
-            note="a slope is fitted on a seed's points whose mean change exceeds 2 s.e.; fewer than 2 such points: "
-                 "not measured on that seed"))
+        out.append(
+            judge_claim(
+                f"log-log slope of the loss change: about 1 for adversarial (small eps), about 2 for random "
+                f"(within {SLOPE_TOLERANCE:g})",
+                checks,
+                note="a slope is fitted on a seed's points whose mean change exceeds 2 s.e.; fewer than 2 such points: "
+                "not measured on that seed",
+            )
+        )
 
     # 3. more ascent steps find at least as large a loss change, at every eps
     if kmax > kmin:
         checks = []
         for n in presets:
-            vals = [min(_log10(_at(r, adv, e).loss_change / _at(r, adv1, e).loss_change) or -math.inf for e in grid)
-                    for r in runs[n]]
-            checks.append(Check(f"{n}: min over eps of log10(K={kmax} / K={kmin})", seeds,
-                                [v if math.isfinite(v) else None for v in vals], 0.0))
+            vals = [
+                min(_log10(_at(r, adv, e).loss_change / _at(r, adv1, e).loss_change) or -math.inf for e in grid)
+                for r in runs[n]
+            ]
+            checks.append(
+                Check(
+                    f"{n}: min over eps of log10(K={kmax} / K={kmin})",
+                    seeds,
+                    [v if math.isfinite(v) else None for v in vals],
+                    0.0,
+                )
+            )
         out.append(judge_claim(f"{kmax}-step corruption is at least as strong as {kmin}-step", checks))
 
     # 4. AWP/APD lose less than SGD around their training radius, with clean accuracy no worse
@@ -397,18 +502,30 @@ def judge(per_seed: dict, args, n_test: int) -> list[ClaimVerdict]:
             if n not in runs:
                 continue
             near = near_radius(grid, radius)
-            ratio = [_mean(_log10(_at(r, adv, e).loss_change / _at(b, adv, e).loss_change) for e in near)
-                     for r, b in zip(runs[n], runs["sgd"])]
+            ratio = [
+                _mean(_log10(_at(r, adv, e).loss_change / _at(b, adv, e).loss_change) for e in near)
+                for r, b in zip(runs[n], runs["sgd"])
+            ]
             dacc = [r.clean_accuracy - b.clean_accuracy for r, b in zip(runs[n], runs["sgd"])]
-            out.append(judge_claim(
-                f"{n.upper()} (radius {radius:g}) loses less than SGD under adversarial corruption around its radius "
-                f"(eps {', '.join(f'{e:g}' for e in near)}), clean accuracy no worse", [
-                    Check(f"{n}: mean log10(loss change / SGD's), K={kmax}", seeds,
-                          [v if math.isfinite(v) else None for v in ratio], 0.0, "<"),
-                    Check(f"{n}: clean accuracy - SGD's", seeds, dacc, -tol),
-                ],
-                note=f"'no worse' allows {tol:.4f}: the larger of one test image (1/{n_test}) and the standard "
-                     f"deviation of SGD's clean accuracy over seeds"))
+            out.append(
+                judge_claim(
+                    f"{n.upper()} (radius {radius:g}) loses less than SGD under adversarial corruption "
+                    "around its radius "
+                    f"(eps {', '.join(f'{e:g}' for e in near)}), clean accuracy no worse",
+                    [
+                        Check(
+                            f"{n}: mean log10(loss change / SGD's), K={kmax}",
+                            seeds,
+                            [v if math.isfinite(v) else None for v in ratio],
+                            0.0,
+                            "<",
+                        ),
+                        Check(f"{n}: clean accuracy - SGD's", seeds, dacc, -tol),
+                    ],
+                    note=f"'no worse' allows {tol:.4f}: the larger of one test image (1/{n_test}) and the standard "
+                    f"deviation of SGD's clean accuracy over seeds",
+                )
+            )
     return out
 
 
@@ -417,8 +534,12 @@ def reproduction(claims: Sequence[dict], against: dict) -> dict:
     ignore = {"seed", "out", "against", "progress", "no_plots", "threads", "jobs", "func", "command", "seeds_run"}
     mine, theirs = against["_mine_config"], against.get("config", {})
     differ = sorted(k for k in set(mine) | set(theirs) if k not in ignore and mine.get(k) != theirs.get(k))
-    return {"file": against["_path"], "seed": theirs.get("seed"), "config_differs": differ,
-            "claims": compare(claims, against.get("claims", []))}
+    return {
+        "file": against["_path"],
+        "seed": theirs.get("seed"),
+        "config_differs": differ,
+        "claims": compare(claims, against.get("claims", [])),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -445,8 +566,9 @@ def _ms(values, spec: str, sd_spec: Optional[str] = None) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -459,28 +581,64 @@ def report(per_seed: dict, args) -> str:
     runs = {n: [per_seed[s]["results"][n] for s in seeds] for n in names}
     summ = {n: [per_seed[s]["summary"][n] for s in seeds] for n in names}
     slope_cols = [*(f"adversarial_k{k}" for k in args.steps), "random"]
-    parts = [f"Mean (standard deviation) over {len(seeds)} seed{'s' * (len(seeds) > 1)} "
-             f"{', '.join(map(str, seeds))}; [k/N]: a figure measured on k of the N seeds only; -: on none.", ""]
+    parts = [
+        f"Mean (standard deviation) over {len(seeds)} seed{'s' * (len(seeds) > 1)} "
+        f"{', '.join(map(str, seeds))}; [k/N]: a figure measured on k of the N seeds only; -: on none.",
+        "",
+    ]
     rows = []
     for n in names:
-        rows.append([n, summ[n][0]["optimizer"], _ms((s["clean_accuracy"] for s in summ[n]), ".4f"),
-                     _ms((s["clean_loss"] for s in summ[n]), ".4f"), _ms((s["train_seconds"] for s in summ[n]), ".1f"),
-                     *(_ms((r.slopes().get(k) for r in runs[n]), ".2f") for k in slope_cols if k in runs[n][0].series),
-                     _ms((r.slopes(math.inf).get("random") for r in runs[n]), ".2f")
-                     if "random" in runs[n][0].series else "-"])
-    parts.append("Clean test accuracy/loss, training time, and fitted log-log slopes of the loss change (small eps: "
-                 f"eps <= {grid[(len(grid) - 1) // 2]:g}; all: the whole grid; fitted on a seed's points whose mean "
-                 "change exceeds twice its standard error, so points at or below that are left out of the fit):")
-    parts.append(format_table(["preset", "optimizer", "test acc", "test loss", "train s",
-                               *(f"slope adv K={k}" for k in args.steps), "slope random", "slope random (all)"], rows))
+        rows.append(
+            [
+                n,
+                summ[n][0]["optimizer"],
+                _ms((s["clean_accuracy"] for s in summ[n]), ".4f"),
+                _ms((s["clean_loss"] for s in summ[n]), ".4f"),
+                _ms((s["train_seconds"] for s in summ[n]), ".1f"),
+                *(_ms((r.slopes().get(k) for r in runs[n]), ".2f") for k in slope_cols if k in runs[n][0].series),
+                _ms((r.slopes(math.inf).get("random") for r in runs[n]), ".2f")
+                if "random" in runs[n][0].series
+                else "-",
+            ]
+        )
+    parts.append(
+        "Clean test accuracy/loss, training time, and fitted log-log slopes of the loss change (small eps: "
+        f"eps <= {grid[(len(grid) - 1) // 2]:g}; all: the whole grid; fitted on a seed's points whose mean "
+        "change exceeds twice its standard error, so points at or below that are left out of the fit):"
+    )
+    parts.append(
+        format_table(
+            [
+                "preset",
+                "optimizer",
+                "test acc",
+                "test loss",
+                "train s",
+                *(f"slope adv K={k}" for k in args.steps),
+                "slope random",
+                "slope random (all)",
+            ],
+            rows,
+        )
+    )
     eps_h = [f"{e:g}" for e in grid]
     for title, series, field, spec, sd_spec in (
-        (f"Loss change under adversarial corruption (K={kmax}), relative eps:", f"adversarial_k{kmax}", "loss_change",
-         ".2e", ".0e"),
+        (
+            f"Loss change under adversarial corruption (K={kmax}), relative eps:",
+            f"adversarial_k{kmax}",
+            "loss_change",
+            ".2e",
+            ".0e",
+        ),
         ("Loss change under adversarial corruption (K=1):", "adversarial_k1", "loss_change", ".2e", ".0e"),
         ("First-order estimate eps*||g||:", "first_order", "loss_change", ".2e", ".0e"),
-        (f"Loss change under random corruption (per seed the mean of {args.trials} in mirrored pairs):", "random",
-         "loss_change", ".2e", ".0e"),
+        (
+            f"Loss change under random corruption (per seed the mean of {args.trials} in mirrored pairs):",
+            "random",
+            "loss_change",
+            ".2e",
+            ".0e",
+        ),
         (f"Test accuracy under adversarial corruption (K={kmax}):", f"adversarial_k{kmax}", "accuracy", ".4f", ".4f"),
         ("Test accuracy under random corruption:", "random", "accuracy", ".4f", ".4f"),
     ):
@@ -506,13 +664,17 @@ def format_claims(claims: Sequence[ClaimVerdict], repro: Optional[dict]) -> str:
             lines.append(f"      note: {c.note}")
         r = flips.get(c.claim)
         if r is not None and not r["reproduced"]:
-            lines.append(f"      NOT REPRODUCED: {r['second'] or 'not checked'} in {repro['file']} "
-                         f"(first seed {repro['seed']}), {r['first']} here")
+            lines.append(
+                f"      NOT REPRODUCED: {r['second'] or 'not checked'} in {repro['file']} "
+                f"(first seed {repro['seed']}), {r['first']} here"
+            )
     if repro:
         same = sum(r["reproduced"] for r in repro["claims"])
-        lines.append(f"Against {repro['file']} (first seed {repro['seed']}): {same} of {len(repro['claims'])} verdicts "
-                     "reproduced" + (f"; the runs also differ in {', '.join(repro['config_differs'])}"
-                                     if repro["config_differs"] else ""))
+        lines.append(
+            f"Against {repro['file']} (first seed {repro['seed']}): {same} of {len(repro['claims'])} verdicts "
+            "reproduced"
+            + (f"; the runs also differ in {', '.join(repro['config_differs'])}" if repro["config_differs"] else "")
+        )
     return "\n".join(lines)
 
 
@@ -528,9 +690,11 @@ def write_plots(mean: dict, args, out: str) -> tuple[list[str], list[str]]:
     files, notes = [], []
     path = os.path.join(out, "loss_change.png")
     series = [f"adversarial_k{kmax}"]
-    fig = plot_sweeps(mean, series=series,
-                      title=f"Adversarial corruption (K={kmax}), mean over {n_seeds} seeds: "
-                            "loss change vs relative radius")
+    fig = plot_sweeps(
+        mean,
+        series=series,
+        title=f"Adversarial corruption (K={kmax}), mean over {n_seeds} seeds: loss change vs relative radius",
+    )
     ax = fig.axes[0]
     for name, radius, style in (("awp", args.gamma, ":"), ("apd", args.apd_eps, "-.")):
         if name in mean:
@@ -560,8 +724,15 @@ def write_plots(mean: dict, args, out: str) -> tuple[list[str], list[str]]:
     ax = fig.add_subplot(1, 1, 1)
     for name, res in mean.items():
         pts = res.select(f"adversarial_k{kmax}")
-        line = ax.errorbar([p.eps for p in pts], [p.accuracy for p in pts], yerr=[p.accuracy_std for p in pts],
-                           fmt="-o", ms=3, capsize=2, label=f"{name} adversarial K={kmax}")[0]
+        line = ax.errorbar(
+            [p.eps for p in pts],
+            [p.accuracy for p in pts],
+            yerr=[p.accuracy_std for p in pts],
+            fmt="-o",
+            ms=3,
+            capsize=2,
+            label=f"{name} adversarial K={kmax}",
+        )[0]
         if "random" in res.series:
             rp = res.select("random")
             ax.plot([p.eps for p in rp], [p.accuracy for p in rp], "--", color=line.get_color(), label=f"{name} random")
@@ -670,17 +841,19 @@ def _run(args, against: Optional[dict]) -> dict:
     claim_dicts = [c.to_dict() for c in claims]
     mean = {n: mean_sweep([per_seed[s]["results"][n] for s in seeds]) for n in args.presets}
     config = _config(args)
-    config.update({
-        "seeds_run": seeds,
-        "model": "DigitsCNN(width=16, hidden=64)",
-        "data": "UCI optdigits 8x8 (bundled), stratified split test_fraction=0.2 split seed 0: "
-                f"{len(train_data[1])} train / {len(test_data[1])} test",
-        "base_optimizer": "SGD(momentum=0.9, weight_decay=5e-4), cosine schedule to 0 over all steps",
-        "evaluation": "float64 copy of the trained model, eval mode, test split full batch; "
-                      "relative per-layer L2 radius, all parameters",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    })
+    config.update(
+        {
+            "seeds_run": seeds,
+            "model": "DigitsCNN(width=16, hidden=64)",
+            "data": "UCI optdigits 8x8 (bundled), stratified split test_fraction=0.2 split seed 0: "
+            f"{len(train_data[1])} train / {len(test_data[1])} test",
+            "base_optimizer": "SGD(momentum=0.9, weight_decay=5e-4), cosine schedule to 0 over all steps",
+            "evaluation": "float64 copy of the trained model, eval mode, test split full batch; "
+            "relative per-layer L2 radius, all parameters",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+    )
     repro = None
     if against is not None:
         against["_mine_config"] = config
@@ -691,12 +864,23 @@ def _run(args, against: Optional[dict]) -> dict:
         "rule": RULE,
         "claims": claim_dicts,
         "reproduction": repro,
-        "summary": {n: {k: Stats.of(per_seed[s]["summary"][n][k] for s in seeds).to_dict()
-                        for k in ("clean_accuracy", "clean_loss", "train_seconds", "eval_seconds")}
-                    | {"optimizer": describe(n, args)} for n in args.presets},
+        "summary": {
+            n: {
+                k: Stats.of(per_seed[s]["summary"][n][k] for s in seeds).to_dict()
+                for k in ("clean_accuracy", "clean_loss", "train_seconds", "eval_seconds")
+            }
+            | {"optimizer": describe(n, args)}
+            for n in args.presets
+        },
         "results": {n: r.to_dict() for n, r in mean.items()},
-        "per_seed": {str(s): {"summary": per_seed[s]["summary"], "seconds": seed_seconds[s],
-                              "results": {n: r.to_dict() for n, r in per_seed[s]["results"].items()}} for s in seeds},
+        "per_seed": {
+            str(s): {
+                "summary": per_seed[s]["summary"],
+                "seconds": seed_seconds[s],
+                "results": {n: r.to_dict() for n, r in per_seed[s]["results"].items()},
+            }
+            for s in seeds
+        },
         "wall_seconds": time.perf_counter() - t_start,
     }
     doc["table"] = report(per_seed, args)
@@ -736,7 +920,9 @@ def main(args) -> int:
         print(note)
     print()
     per = [v["seconds"] for v in doc["per_seed"].values()]
-    print(f"wrote {os.path.join(args.out, 'results.json')}, results.csv"
-          + (", " + ", ".join(os.path.basename(p) for p in doc["plots"]) if doc["plots"] else "")
-          + f" and models/ in {args.out}  ({doc['wall_seconds']:.0f} s; {Stats.of(per).mean:.0f} s per seed)")
+    print(
+        f"wrote {os.path.join(args.out, 'results.json')}, results.csv"
+        + (", " + ", ".join(os.path.basename(p) for p in doc["plots"]) if doc["plots"] else "")
+        + f" and models/ in {args.out}  ({doc['wall_seconds']:.0f} s; {Stats.of(per).mean:.0f} s per seed)"
+    )
     return 0

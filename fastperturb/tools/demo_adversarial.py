@@ -56,8 +56,9 @@ def _presets(text: str) -> list[str]:
     vals = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in PRESETS]
     if bad or not vals:
-        raise argparse.ArgumentTypeError(f"presets must be a comma-separated subset of {','.join(PRESETS)}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}"
+        )
     return list(dict.fromkeys(vals))
 
 
@@ -70,6 +71,7 @@ def _number(kind, minimum: float, strict: bool):
         if not math.isfinite(v) or v < minimum or (strict and v == minimum):
             raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {minimum:g}, got {text!r}")
         return v
+
     return parse
 
 
@@ -84,32 +86,66 @@ def _seeds(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", type=_presets, default=["pgd", "pgd-awp"],
-                   help=f"comma-separated, from {','.join(PRESETS)} (default pgd,pgd-awp)")
+    p.add_argument(
+        "--presets",
+        type=_presets,
+        default=["pgd", "pgd-awp"],
+        help=f"comma-separated, from {','.join(PRESETS)} (default pgd,pgd-awp)",
+    )
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma-separated seeds (default 0,1,2,3,4)")
     p.add_argument("--epochs", type=_number(int, 1, False), default=20, help="training epochs (default 20)")
-    p.add_argument("--eps", type=_number(float, 0, True), default=0.1,
-                   help="L-infinity input radius, images in [0, 1] (default 0.1: PGD-20 takes a normally trained "
-                        "model from 99%% to about 60%% test accuracy; see the README for 0.2)")
+    p.add_argument(
+        "--eps",
+        type=_number(float, 0, True),
+        default=0.1,
+        help="L-infinity input radius, images in [0, 1] (default 0.1: PGD-20 takes a normally trained "
+        "model from 99%% to about 60%% test accuracy; see the README for 0.2)",
+    )
     p.add_argument("--train-steps", type=_number(int, 1, False), default=5, help="PGD steps while training (default 5)")
-    p.add_argument("--eval-steps", type=_number(int, 1, False), default=20,
-                   help="PGD steps of the final attack (default 20)")
-    p.add_argument("--eval-restarts", type=_number(int, 1, False), default=3,
-                   help="random restarts of the final attack (default 3)")
-    p.add_argument("--gamma", type=_number(float, 0, True), default=0.01,
-                   help="AWP radius for PGD-AT, relative per layer (default 0.01, the paper's)")
-    p.add_argument("--trades-gamma", type=_number(float, 0, True), default=0.005,
-                   help="AWP radius for TRADES (default 0.005, the paper's)")
+    p.add_argument(
+        "--eval-steps", type=_number(int, 1, False), default=20, help="PGD steps of the final attack (default 20)"
+    )
+    p.add_argument(
+        "--eval-restarts",
+        type=_number(int, 1, False),
+        default=3,
+        help="random restarts of the final attack (default 3)",
+    )
+    p.add_argument(
+        "--gamma",
+        type=_number(float, 0, True),
+        default=0.01,
+        help="AWP radius for PGD-AT, relative per layer (default 0.01, the paper's)",
+    )
+    p.add_argument(
+        "--trades-gamma",
+        type=_number(float, 0, True),
+        default=0.005,
+        help="AWP radius for TRADES (default 0.005, the paper's)",
+    )
     p.add_argument("--beta", type=_number(float, 0, False), default=6.0, help="TRADES' beta (default 6)")
-    p.add_argument("--warmup", type=_number(int, 0, False), default=2,
-                   help="epochs of plain adversarial training before AWP starts (default 2)")
-    p.add_argument("--flat-eps", type=positive_eps_list, default=list(DEFAULT_FLAT_EPS),
-                   help="relative weight-corruption radii of the flatness measure (default %(default)s)")
-    p.add_argument("--flat-steps", type=_number(int, 1, False), default=5,
-                   help="ascent steps of the weight corruption (default 5)")
-    p.add_argument("--train-size", type=_number(int, 10, False), default=None,
-                   help="train on this many images of the training split (a fixed random subset, the same for every "
-                        "preset and seed; default all 1438): fewer images make robust overfitting likelier")
+    p.add_argument(
+        "--warmup",
+        type=_number(int, 0, False),
+        default=2,
+        help="epochs of plain adversarial training before AWP starts (default 2)",
+    )
+    p.add_argument(
+        "--flat-eps",
+        type=positive_eps_list,
+        default=list(DEFAULT_FLAT_EPS),
+        help="relative weight-corruption radii of the flatness measure (default %(default)s)",
+    )
+    p.add_argument(
+        "--flat-steps", type=_number(int, 1, False), default=5, help="ascent steps of the weight corruption (default 5)"
+    )
+    p.add_argument(
+        "--train-size",
+        type=_number(int, 10, False),
+        default=None,
+        help="train on this many images of the training split (a fixed random subset, the same for every "
+        "preset and seed; default all 1438): fewer images make robust overfitting likelier",
+    )
     p.add_argument("--batch-size", type=_number(int, 1, False), default=64)
     p.add_argument("--lr", type=_number(float, 0, True), default=0.05, help="base SGD learning rate (default 0.05)")
     p.add_argument("--threads", type=_number(int, 1, False), default=1, help="torch threads (default 1)")
@@ -142,8 +178,10 @@ def train_attack(args):
     from ..attacks import pgd, trades_pgd
 
     step = 2.5 * args.eps / args.train_steps
-    return (functools.partial(pgd, eps=args.eps, step_size=step, steps=args.train_steps),
-            functools.partial(trades_pgd, eps=args.eps, step_size=step, steps=args.train_steps))
+    return (
+        functools.partial(pgd, eps=args.eps, step_size=step, steps=args.train_steps),
+        functools.partial(trades_pgd, eps=args.eps, step_size=step, steps=args.train_steps),
+    )
 
 
 def eval_attack(args, restarts: int, steps: int):
@@ -185,7 +223,7 @@ def train(preset: str, seed: int, data, args, bar) -> tuple[nn.Module, dict]:
         perm = torch.randperm(len(y), generator=gen)
         total = 0.0
         for i in range(0, len(y), args.batch_size):
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             step = adversarial_step(opt, model, x[idx], y[idx], attack, trades_beta=beta)
             total += float(step.loss) * len(idx)
             bar.update(1)
@@ -215,11 +253,26 @@ def evaluate(model: nn.Module, data, seed: int, args) -> dict:
     # Flatness of the adversarial loss in weight space, with the test adversarial examples fixed at the
     # trained weights; float64 so that small loss changes are not rounding noise.
     model64 = copy.deepcopy(model).double().eval()
-    res = sweep(model64, F.cross_entropy, (x_adv.double(), yt), args.flat_eps, kinds=("adversarial",),
-                steps=[args.flat_steps], norm="l2", scope="layer", relative=True, progress=False)
+    res = sweep(
+        model64,
+        F.cross_entropy,
+        (x_adv.double(), yt),
+        args.flat_eps,
+        kinds=("adversarial",),
+        steps=[args.flat_steps],
+        norm="l2",
+        scope="layer",
+        relative=True,
+        progress=False,
+    )
     flat = {f"{p.eps:g}": p.loss_change for p in res.select(f"adversarial_k{args.flat_steps}")}
-    return {"clean_test": clean, "clean_loss": clean_loss, "robust_test": robust, "robust_loss": robust_loss,
-            "adv_loss_change": flat}
+    return {
+        "clean_test": clean,
+        "clean_loss": clean_loss,
+        "robust_test": robust,
+        "robust_loss": robust_loss,
+        "adv_loss_change": flat,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -284,40 +337,82 @@ def _claims_of_pair(plain_runs: dict, awp_runs: dict, plain: str, awp: str, args
         return Check(label, seeds, values, threshold=threshold, direction=direction, unit=unit)
 
     name, base = awp.upper(), plain.upper()
-    flat = [check(f"log(loss change {awp} / {plain}) at eps={e:g}", log_ratio(e), "<", unit="")
-            for e in args.flat_eps]
-    return [judge_claim(claim, checks) for claim, checks in (
-        (f"{name} raises robust test accuracy (PGD-{args.eval_steps}, {args.eval_restarts} restarts) over {base}",
-         [check("robust test accuracy difference", diff("robust_test"), ">")]),
-        (f"{name} narrows the robust train-test gap at the last epoch",
-         [check("robust gap difference", diff("gap_last"), "<")]),
-        (f"{name} reduces robust overfitting (best minus last robust test accuracy)",
-         [check("robust overfitting difference", diff("overfit"), "<")]),
-        (f"{name} keeps clean test accuracy within 1 point of {base}",
-         [check("clean test accuracy difference", diff("clean_test"), ">", threshold=-1.0)]),
-        (f"{name} has a flatter adversarial weight loss landscape than {base}", flat),
-    )]
+    flat = [check(f"log(loss change {awp} / {plain}) at eps={e:g}", log_ratio(e), "<", unit="") for e in args.flat_eps]
+    return [
+        judge_claim(claim, checks)
+        for claim, checks in (
+            (
+                f"{name} raises robust test accuracy "
+                f"(PGD-{args.eval_steps}, {args.eval_restarts} restarts) over {base}",
+                [check("robust test accuracy difference", diff("robust_test"), ">")],
+            ),
+            (
+                f"{name} narrows the robust train-test gap at the last epoch",
+                [check("robust gap difference", diff("gap_last"), "<")],
+            ),
+            (
+                f"{name} reduces robust overfitting (best minus last robust test accuracy)",
+                [check("robust overfitting difference", diff("overfit"), "<")],
+            ),
+            (
+                f"{name} keeps clean test accuracy within 1 point of {base}",
+                [check("clean test accuracy difference", diff("clean_test"), ">", threshold=-1.0)],
+            ),
+            (f"{name} has a flatter adversarial weight loss landscape than {base}", flat),
+        )
+    ]
 
 
 def report(runs: dict, summary: dict, args) -> str:
-    parts = [(f"Adversarial training on the digits, L-inf eps={args.eps:g}, {args.epochs} epochs, "
-              f"seeds {','.join(map(str, args.seeds))} (mean ± sd over seeds):")]
+    parts = [
+        (
+            f"Adversarial training on the digits, L-inf eps={args.eps:g}, {args.epochs} epochs, "
+            f"seeds {','.join(map(str, args.seeds))} (mean ± sd over seeds):"
+        )
+    ]
     rows = []
     for preset, by_seed in summary.items():
         vals = list(by_seed.values())
-        rows.append([preset, describe(preset, args),
-                     _mean_sd(v["clean_test"] for v in vals), _mean_sd(v["robust_test"] for v in vals),
-                     _mean_sd(v["best_robust_monitor"] for v in vals), _mean_sd(v["gap_last"] for v in vals),
-                     _mean_sd(v["overfit"] for v in vals)])
-    parts.append(_table(["preset", "training", "clean test", f"robust test PGD-{args.eval_steps}x{args.eval_restarts}",
-                         f"best robust test PGD-{args.train_steps}", "robust gap (last)", "robust overfit"], rows))
+        rows.append(
+            [
+                preset,
+                describe(preset, args),
+                _mean_sd(v["clean_test"] for v in vals),
+                _mean_sd(v["robust_test"] for v in vals),
+                _mean_sd(v["best_robust_monitor"] for v in vals),
+                _mean_sd(v["gap_last"] for v in vals),
+                _mean_sd(v["overfit"] for v in vals),
+            ]
+        )
+    parts.append(
+        _table(
+            [
+                "preset",
+                "training",
+                "clean test",
+                f"robust test PGD-{args.eval_steps}x{args.eval_restarts}",
+                f"best robust test PGD-{args.train_steps}",
+                "robust gap (last)",
+                "robust overfit",
+            ],
+            rows,
+        )
+    )
     parts.append("")
-    parts.append("Adversarial loss change under the worst relative per-layer L2 weight corruption "
-                 f"(K={args.flat_steps}), test adversarial examples fixed at the trained weights (mean over seeds):")
+    parts.append(
+        "Adversarial loss change under the worst relative per-layer L2 weight corruption "
+        f"(K={args.flat_steps}), test adversarial examples fixed at the trained weights (mean over seeds):"
+    )
     eps_h = [f"{e:g}" for e in args.flat_eps]
-    parts.append(_table(["preset", *eps_h], [
-        [p, *(f"{statistics.mean(v['adv_loss_change'][e] for v in s.values()):.3e}" for e in eps_h)]
-        for p, s in summary.items()]))
+    parts.append(
+        _table(
+            ["preset", *eps_h],
+            [
+                [p, *(f"{statistics.mean(v['adv_loss_change'][e] for v in s.values()):.3e}" for e in eps_h)]
+                for p, s in summary.items()
+            ],
+        )
+    )
     parts.append("")
     parts.append(f"Robust accuracy over epochs (PGD-{args.train_steps}; train subset / test; mean over seeds):")
     epochs = runs[next(iter(runs))][args.seeds[0]]["history"]["epoch"]
@@ -344,10 +439,10 @@ def run(args, progress: Optional[bool] = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     train_data, test_data = digits_split()
     if args.train_size is not None and args.train_size < len(train_data[1]):
-        keep = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(1))[:args.train_size]
+        keep = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(1))[: args.train_size]
         train_data = (train_data[0][keep], train_data[1][keep])
     # a fixed subset of the training split, as large as the test split, for the robust train accuracy
-    sub = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(0))[:len(test_data[1])]
+    sub = torch.randperm(len(train_data[1]), generator=torch.Generator().manual_seed(0))[: len(test_data[1])]
     data = (train_data, test_data, (train_data[0][sub], train_data[1][sub]))
     per_epoch = math.ceil(len(train_data[1]) / args.batch_size)
     runs: dict = {p: {} for p in args.presets}
@@ -364,18 +459,22 @@ def run(args, progress: Optional[bool] = None) -> dict:
     summary = summarise(runs, args)
     verdicts = claims(summary, args)
     doc = {
-        "config": {k: v for k, v in vars(args).items() if k != "func"} | {
-            "model": "DigitsCNN(width=16, hidden=64)", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items() if k != "func"}
+        | {
+            "model": "DigitsCNN(width=16, hidden=64)",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
             "attack": "L-inf PGD, uniform random start, eval mode, clipped to [0, 1]",
             "flatness": "robustness.sweep adversarial indicator on CE of the strong attack's test examples, "
-                        "fixed at the trained weights; float64 copy",
+            "fixed at the trained weights; float64 copy",
         },
         "runs": {p: {str(s): r for s, r in by_seed.items()} for p, by_seed in runs.items()},
         "claims": [c.to_dict() for c in verdicts],
     }
     doc["table"] = report(runs, summary, args)
     doc["verdicts"] = "\n".join(
-        f"  [{v.verdict}] {v.claim}" + "".join(f"\n      {c.describe('.3g')}" for c in v.checks) for v in verdicts)
+        f"  [{v.verdict}] {v.claim}" + "".join(f"\n      {c.describe('.3g')}" for c in v.checks) for v in verdicts
+    )
     doc["wall_seconds"] = time.perf_counter() - t_start
     doc["cpu_seconds"] = time.process_time() - cpu_start  # what it costs on an idle machine (1 thread)
     with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -397,6 +496,8 @@ def main(args) -> int:
     print(f"AWP paper claims checked by this run ({RULE}):")
     print(doc["verdicts"])
     print()
-    print(f"wrote {os.path.join(args.out, 'results.json')}  ({doc['wall_seconds']:.0f} s, "
-          f"{doc['cpu_seconds']:.0f} s of CPU time)")
+    print(
+        f"wrote {os.path.join(args.out, 'results.json')}  ({doc['wall_seconds']:.0f} s, "
+        f"{doc['cpu_seconds']:.0f} s of CPU time)"
+    )
     return 0

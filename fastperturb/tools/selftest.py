@@ -32,8 +32,9 @@ class Verdict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backends", default="cpp,cuda,triton",
-                   help="comma-separated backends to verify (default: cpp,cuda,triton)")
+    p.add_argument(
+        "--backends", default="cpp,cuda,triton", help="comma-separated backends to verify (default: cpp,cuda,triton)"
+    )
     p.add_argument("--quick", action="store_true", help="fewer cases (the large ones are skipped)")
 
 
@@ -124,8 +125,12 @@ def run(backends: list[str], quick: bool = False, report: Callable[[str], None] 
 
     has_gpu = torch.cuda.is_available()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    targets = {"cpp": [cpu], "cuda": [cuda], "triton": [cuda if has_gpu else cpu],
-               "reference": [cpu] + ([cuda] if has_gpu else [])}
+    targets = {
+        "cpp": [cpu],
+        "cuda": [cuda],
+        "triton": [cuda if has_gpu else cpu],
+        "reference": [cpu] + ([cuda] if has_gpu else []),
+    }
     verdicts = []
     for backend in backends:
         if backend == "cuda" and not has_gpu:
@@ -154,8 +159,16 @@ def run(backends: list[str], quick: bool = False, report: Callable[[str], None] 
 def format_table(verdicts: list[Verdict]) -> str:
     rows = [("backend", "device", "verdict", "op checks", "SAM cycle", "detail")]
     for v in verdicts:
-        rows.append((v.backend, v.device, v.status, str(v.checked) if v.checked else "",
-                     f"{v.cycle_ms:.2f} ms" if v.cycle_ms is not None else "", v.detail))
+        rows.append(
+            (
+                v.backend,
+                v.device,
+                v.status,
+                str(v.checked) if v.checked else "",
+                f"{v.cycle_ms:.2f} ms" if v.cycle_ms is not None else "",
+                v.detail,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -166,8 +179,10 @@ def main(args: argparse.Namespace) -> int:
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in ("cpp", "cuda", "triton", "reference")]
     if unknown:
-        print(f"fastperturb selftest: unknown backend(s) {', '.join(unknown)}; choose from cpp, cuda, triton",
-              file=sys.stderr)
+        print(
+            f"fastperturb selftest: unknown backend(s) {', '.join(unknown)}; choose from cpp, cuda, triton",
+            file=sys.stderr,
+        )
         return 2
     verdicts = run(wanted, quick=args.quick)
     print()

@@ -31,14 +31,46 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 HOLDS, FAILS, UNDECIDED = "holds", "fails", "undecided"
 
-RULE = ("a check holds when the two-sided 95% Student-t interval of its mean margin over seeds "
-        "(mean +- t(0.975, n-1) * sd / sqrt(n)) lies entirely above zero, fails when it lies entirely below, "
-        "and is undecided otherwise or with fewer than 2 seeds; a claim holds when all its checks hold, "
-        "fails when any fails; a claim whose verdict differs between two starting seeds is not reproduced")
+RULE = (
+    "a check holds when the two-sided 95% Student-t interval of its mean margin over seeds "
+    "(mean +- t(0.975, n-1) * sd / sqrt(n)) lies entirely above zero, fails when it lies entirely below, "
+    "and is undecided otherwise or with fewer than 2 seeds; a claim holds when all its checks hold, "
+    "fails when any fails; a claim whose verdict differs between two starting seeds is not reproduced"
+)
 
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 def t_quantile(df: int) -> float:
@@ -48,7 +80,7 @@ def t_quantile(df: int) -> float:
     if df <= len(_T975):
         return _T975[df - 1]
     z = 1.959964  # Cornish-Fisher expansion around the normal quantile; within 1e-3 for df > 30
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 @dataclass(frozen=True)
@@ -141,15 +173,25 @@ class Check:
         ok = sum(1 for p in self.per_seed if p)
         spread = "" if s.n < 2 else f" ± {format(s.sd, spec)} sd (s.e. {format(s.sem, spec)})"
         mean = format(s.mean, spec) if s.n else "-"
-        return (f"{self.label}: {mean}{self.unit}{spread} {self.direction} {format(self.threshold, spec)}{self.unit} "
-                f"on {ok}/{len(self.seeds)} seeds -> {self.verdict} ({self.reason})")
+        return (
+            f"{self.label}: {mean}{self.unit}{spread} {self.direction} {format(self.threshold, spec)}{self.unit} "
+            f"on {ok}/{len(self.seeds)} seeds -> {self.verdict} ({self.reason})"
+        )
 
     def to_dict(self) -> dict:
         return {
-            "label": self.label, "threshold": self.threshold, "direction": self.direction, "unit": self.unit,
-            "seeds": list(self.seeds), "values": list(self.values), "per_seed": self.per_seed,
-            "stats": self.stats.to_dict(), "margin": self.margin.to_dict(), "interval": list(self.interval),
-            "verdict": self.verdict, "reason": self.reason,
+            "label": self.label,
+            "threshold": self.threshold,
+            "direction": self.direction,
+            "unit": self.unit,
+            "seeds": list(self.seeds),
+            "values": list(self.values),
+            "per_seed": self.per_seed,
+            "stats": self.stats.to_dict(),
+            "margin": self.margin.to_dict(),
+            "interval": list(self.interval),
+            "verdict": self.verdict,
+            "reason": self.reason,
         }
 
 
@@ -180,8 +222,13 @@ class ClaimVerdict:
         return self.verdict == HOLDS
 
     def to_dict(self) -> dict:
-        return {"claim": self.claim, "verdict": self.verdict, "holds": self.holds, "note": self.note,
-                "checks": [c.to_dict() for c in self.checks]}
+        return {
+            "claim": self.claim,
+            "verdict": self.verdict,
+            "holds": self.holds,
+            "note": self.note,
+            "checks": [c.to_dict() for c in self.checks],
+        }
 
 
 def judge_claim(claim: str, checks: Sequence[Check], note: str = "") -> ClaimVerdict:
@@ -199,6 +246,12 @@ def compare(first: Sequence[Mapping], second: Sequence[Mapping]) -> list[dict]:
     b = {c["claim"]: c["verdict"] for c in second}
     rows = []
     for k in dict.fromkeys([*a, *b]):
-        rows.append({"claim": k, "first": a.get(k), "second": b.get(k),
-                     "reproduced": a.get(k) is not None and a.get(k) == b.get(k)})
+        rows.append(
+            {
+                "claim": k,
+                "first": a.get(k),
+                "second": b.get(k),
+                "reproduced": a.get(k) is not None and a.get(k) == b.get(k),
+            }
+        )
     return rows

@@ -89,9 +89,10 @@ import torch
 
 import fastperturb
 from fastperturb.ops import native as _native
+from fastperturb.ops.names import OPS
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
-for name in ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_"):
+for name in OPS:
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA")
     print(f"  fastperturb::{name:15s} CUDA kernel: {has}")
     assert has, name

@@ -10,6 +10,7 @@ everything succeeded, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import math
 import os
@@ -17,7 +18,7 @@ import pickle
 import sys
 import tempfile
 import zipfile
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +66,33 @@ def positive_eps_list(text: str) -> list[float]:
 
 def nonnegative_eps_list(text: str) -> list[float]:
     return eps_list(text, allow_zero=True)
+
+
+def choice_list(choices: Sequence[str], what: str = "presets") -> Callable[[str], list[str]]:
+    """An argument type: a comma-separated, non-empty subset of ``choices`` (lower case, order kept,
+    duplicates dropped)."""
+
+    def parse(text: str) -> list[str]:
+        vals = [v.strip().lower() for v in text.split(",") if v.strip()]
+        if not vals or any(v not in choices for v in vals):
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a comma-separated subset of {','.join(choices)}, got {text!r}"
+            )
+        return list(dict.fromkeys(vals))
+
+    return parse
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads (``n <= 0``: leave torch's choice), restoring the count after."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def int_list(text: str) -> list[int]:

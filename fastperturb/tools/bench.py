@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _args
 from ._args import UsageError, build_model, check_writable_file, nonnegative_int, positive_int, shape, write_all
 
 PRESETS = ("SAM", "ASAM", "AWP", "APD")
@@ -225,13 +226,8 @@ def _batch(model: nn.Module, args, device: torch.device) -> tuple[Tensor, Tensor
 
 
 def main(args) -> int:
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with _args.torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..robustness.results import SweepResult
+from . import _args
 from ._args import UsageError, int_list, positive_eps_list
 from .verdicts import HOLDS, RULE, Check, ClaimVerdict, Stats, compare, judge_claim
 
@@ -81,14 +82,7 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def _presets(text: str) -> list[str]:
-    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in PRESETS]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(
-            f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}"
-        )
-    return list(dict.fromkeys(vals))
+_presets = _args.choice_list(PRESETS)
 
 
 def _positive(kind):
@@ -907,12 +901,8 @@ def _run(args, against: Optional[dict]) -> dict:
 
 
 def main(args) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with _args.torch_threads(args.threads):
         doc = run(args)
-    finally:
-        torch.set_num_threads(threads)
     print(doc["table"])
     print()
     print(doc["claims_text"])

@@ -46,20 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _args
 from ._args import positive_eps_list
 
 PRESETS = ("pgd", "pgd-awp", "trades", "trades-awp")
 DEFAULT_FLAT_EPS = (0.005, 0.01, 0.02, 0.05)
 
 
-def _presets(text: str) -> list[str]:
-    vals = [v.strip().lower() for v in text.split(",") if v.strip()]
-    bad = [v for v in vals if v not in PRESETS]
-    if bad or not vals:
-        raise argparse.ArgumentTypeError(
-            f"presets must be a comma-separated subset of {','.join(PRESETS)}, got {text!r}"
-        )
-    return list(dict.fromkeys(vals))
+_presets = _args.choice_list(PRESETS)
 
 
 def _number(kind, minimum: float, strict: bool):
@@ -483,12 +477,8 @@ def run(args, progress: Optional[bool] = None) -> dict:
 
 
 def main(args) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with _args.torch_threads(args.threads):
         doc = run(args, args.progress)
-    finally:
-        torch.set_num_threads(threads)
     print(doc["table"])
     print()
     from .verdicts import RULE

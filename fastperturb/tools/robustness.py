@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _args
 from ._args import (
     UsageError,
     build_model,
@@ -185,13 +186,8 @@ def check_fits(model: nn.Module, loss_fn, x, y, spec: str) -> None:
 
 
 def main(args) -> int:
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with _args.torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args) -> int:

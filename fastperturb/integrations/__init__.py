@@ -32,12 +32,21 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 @contextlib.contextmanager
-def routed_max_grad_norm(optimizer: Any, value: Optional[float]) -> Iterator[None]:
-    """For the duration of one step, clip the descent gradient to ``value`` (a framework's
-    clipping setting routed to the optimizer); the optimizer's own setting is put back after,
-    so it is neither saved in checkpoints nor compared on resume."""
+def routed_max_grad_norm(optimizer: Any, value: Optional[float], setting: str) -> Iterator[None]:
+    """For the duration of one step, clip the descent gradient to ``value``, a framework's
+    clipping setting (named ``setting`` in errors; None or <= 0: not set, the optimizer's own
+    ``max_grad_norm`` applies). Both set to different values is an error. The optimizer's own
+    setting is put back after, so the routed one is neither saved in checkpoints nor compared
+    on resume."""
     saved = optimizer.max_grad_norm
-    optimizer.max_grad_norm = value
+    if value is None or float(value) <= 0:
+        value = saved
+    elif saved is not None and saved != float(value):
+        raise ValueError(
+            f"{setting}={value!r} and {type(optimizer).__name__}(max_grad_norm={saved!r}) disagree; "
+            f"set only one of them ({setting}=0 or None disables the framework's)"
+        )
+    optimizer.max_grad_norm = None if value is None else float(value)
     try:
         yield
     finally:

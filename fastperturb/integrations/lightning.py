@@ -68,8 +68,8 @@ def grad_scaler(trainer: "pl.Trainer") -> Optional[torch.amp.GradScaler]:
 
 
 def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional[float]:
-    """The ``max_grad_norm`` a step takes under this trainer: ``Trainer(gradient_clip_val=c)``
-    becomes ``max_grad_norm=c`` on the fastperturb optimizer.
+    """The norm ``Trainer(gradient_clip_val=c)`` asks for (None if unset), routed to the
+    fastperturb optimizer's ``max_grad_norm`` for each step (:func:`routed_max_grad_norm`).
 
     Why: Lightning clips inside its closure, after each backward, i.e. once per pass. For the
     single-step presets (SAM, ASAM, AWP with ``steps=1``) that happens to give the same update
@@ -81,7 +81,7 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     """
     value = trainer.gradient_clip_val
     if value is None or value == 0:
-        return optimizer.max_grad_norm
+        return None
     algorithm = trainer.gradient_clip_algorithm
     algorithm = "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm)).lower()
     if algorithm != "norm":
@@ -89,11 +89,6 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
             f"Trainer(gradient_clip_algorithm={algorithm!r}) is not supported with {type(optimizer).__name__}: "
             "fastperturb clips the final descent gradient by its L2 norm; use gradient_clip_algorithm='norm' "
             "(or the optimizer's max_grad_norm)"
-        )
-    if optimizer.max_grad_norm is not None and optimizer.max_grad_norm != float(value):
-        raise ValueError(
-            f"Trainer(gradient_clip_val={value!r}) and {type(optimizer).__name__}(max_grad_norm="
-            f"{optimizer.max_grad_norm!r}) disagree; set only one of them"
         )
     return float(value)
 
@@ -156,7 +151,7 @@ class PerturbMixin:
             with contextlib.ExitStack() as stack:
                 if accumulating:
                     stack.enter_context(accumulation_in_closure())
-                stack.enter_context(routed_max_grad_norm(opt, clip_setting(trainer, opt)))
+                stack.enter_context(routed_max_grad_norm(opt, clip_setting(trainer, opt), "Trainer(gradient_clip_val)"))
                 scaler = grad_scaler(trainer)
                 if scaler is None or closure is None:
                     optimizer.step(closure=closure)

@@ -140,7 +140,10 @@ class PerturbTrainer(Trainer):
             if closure is not None:
                 return counted_step(closure)
             # the replay closure runs every micro-batch; max_grad_norm clips the descent gradient
-            with accumulation_in_closure(), routed_max_grad_norm(opt, self._max_grad_norm(opt)):
+            with (
+                accumulation_in_closure(),
+                routed_max_grad_norm(opt, self.args.max_grad_norm, "TrainingArguments(max_grad_norm)"),
+            ):
                 return self._step_with_replay(outer, counted_step, opt)
 
         step._fastperturb_replay = True  # type: ignore[attr-defined]
@@ -192,15 +195,3 @@ class PerturbTrainer(Trainer):
         final descent gradient instead (routed to the optimizer for each step). Returns the clean
         gradient's norm, unclipped, for the log."""
         return self._get_grad_norm(model)
-
-    def _max_grad_norm(self, opt: PerturbOptimizer) -> Optional[float]:
-        value = float(self.args.max_grad_norm or 0.0)
-        if value <= 0:
-            return opt.max_grad_norm
-        if opt.max_grad_norm is not None and opt.max_grad_norm != value:
-            raise ValueError(
-                f"TrainingArguments(max_grad_norm={value}) and {type(opt).__name__}(max_grad_norm="
-                f"{opt.max_grad_norm}) disagree; set only one of them (max_grad_norm=0 disables "
-                "Trainer's)"
-            )
-        return value

@@ -89,18 +89,24 @@ class _GradHolder:
     param_groups: list
 
 
+def _version(g: Tensor) -> int:
+    # A sharded gradient accumulates into its local tensor: that is where the version moves.
+    # The type test keeps plain gradients (the common case, read per tensor and per pass) off
+    # the DTensor check.
+    return g._version if type(g) is Tensor else distributed.local(g)._version
+
+
 def _versions(params: Sequence[Tensor]) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
     tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
     grads = [p.grad for p in params]
-    # A sharded gradient accumulates into its local tensor: that is where the version moves.
-    return [(g, -1 if g is None else distributed.local(g)._version) for g in grads]
+    return [(g, -1 if g is None else _version(g)) for g in grads]
 
 
 def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     for p, (g, v) in zip(params, before):
         ng = p.grad
-        if ng is not None and (ng is not g or distributed.local(ng)._version != v):
+        if ng is not None and (ng is not g or _version(ng) != v):
             return True
     return False
 

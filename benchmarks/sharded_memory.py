@@ -176,6 +176,10 @@ def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(rec, f)
+        if world > 1:
+            # Neither rank tears gloo down while the other still has collectives in flight (FSDP2's
+            # last reduce-scatter): that aborted a rank with "terminate called without an active exception".
+            torch.distributed.barrier()
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastperturb.tools.bench import quiet_fd2
+
 
 class DispatchCounter(TorchDispatchMode):
     """Counts operator dispatches (total and per op name)."""
@@ -152,28 +154,6 @@ def measure_allocations(
         return out
 
 
-@contextlib.contextmanager
-def _silent_stderr() -> Iterator[None]:
-    """The profiler's C++ side logs start/stop lines to fd 2: send them to /dev/null."""
-    import os
-    import sys
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        yield
-        return
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _allocs_profiler(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
@@ -182,7 +162,7 @@ def _allocs_profiler(fn: Callable[[], object], sizes: frozenset[int]) -> dict:
     # we mark them with record_function and drop allocations under them.
     _PROFILING[0] = True
     try:
-        with _silent_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
     finally:
         _PROFILING[0] = False

@@ -96,10 +96,16 @@ def _sync(device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_fd2() -> Iterator[None]:
-    """The profiler's C++ side logs a line to fd 2 at each start and stop: send them to /dev/null."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+def quiet_fd2() -> Iterator[None]:
+    """The profiler's C++ side logs a line to fd 2 at each start and stop: send them to /dev/null
+    (no-op where fd 2 cannot be duplicated). The benchmark runner's allocation counter uses it too."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
     try:
         os.dup2(devnull, 2)
         yield
@@ -122,7 +128,7 @@ def peak_step_bytes(fn: Callable[[], object], device: torch.device) -> tuple[Opt
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
 
-        with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         events = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -24,13 +24,18 @@ const auto tensor_lists_class =
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
                return self->list(static_cast<size_t>(k)).vec();
              })
-        .def("check", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self,
-                         const std::string& op) { self->check(op.c_str()); })
+        // The fingerprint of lists `which` (all if empty).
+        .def("check",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
+                std::vector<int64_t> which) {
+               if (which.empty()) return self->check(op.c_str());
+               for (int64_t k : which) self->check(op.c_str(), {static_cast<size_t>(k)});
+             })
         // The gradients checked and their generation (grads_of without handing the tensors to Python).
         .def("refresh_grads",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
-               self->grads_of(static_cast<size_t>(k), op.c_str());
+               self->grads_of(static_cast<size_t>(k), op.c_str(), false);
                return self->grads_generation();
              })
         // Version-counter bumps of list k (or of its tensors' .grad) after a backend outside C++ wrote them.

@@ -73,9 +73,11 @@ class TensorLists : public torch::CustomClassHolder {
   // holds gradient pointers (Triton) is rebuilt then.
   int64_t grads_generation() const { return grads_generation_.load(); }
 
-  // Every tensor still has the data pointer, shape, strides, dtype and device it was built with.
-  void check(const char* op) const {
-    for (size_t k = 0; k < lists_.size(); ++k) {
+  // Every tensor of the lists `which` (default: all) still has the data pointer, shape, strides, dtype and device
+  // it was built with.
+  void check(const char* op, std::initializer_list<size_t> which) const {
+    for (size_t k : which) {
+      if (k >= lists_.size()) continue;
       const std::vector<Print>& ps = prints_[k];
       for (size_t i = 0; i < ps.size(); ++i) {
         const at::Tensor& t = lists_[k][i];
@@ -86,37 +88,44 @@ class TensorLists : public torch::CustomClassHolder {
       }
     }
   }
+  void check(const char* op) const {
+    for (size_t k = 0; k < lists_.size(); ++k) check(op, {k});
+  }
 
-  // The .grad of every tensor of list k, checked as the list ops check a gradient list parallel to it.
-  std::vector<at::Tensor> grads_of(size_t k, const char* op) {
+  // The .grad of every tensor of list k, checked as the list ops check a gradient list parallel to it, against
+  // the shape, strides, dtype and device list k had when the handle was built (what its plan was made for).
+  // `keep`: return them (else only check them and update grads_generation()).
+  std::vector<at::Tensor> grads_of(size_t k, const char* op, bool keep = true) {
     const at::TensorList ts = list(k);
+    const std::vector<Print>& ps = prints_[k];
     std::vector<at::Tensor> grads;
-    grads.reserve(ts.size());
+    if (keep) grads.reserve(ts.size());
     bool moved = grad_ptrs_.size() != ts.size();
     if (moved) grad_ptrs_.assign(ts.size(), nullptr);
     for (size_t i = 0; i < ts.size(); ++i) {
       const at::Tensor& t = ts[i];
-      const at::Tensor& g = t.grad();
+      const Print& pt = ps[i];
+      const at::Tensor& g = t.unsafeGetTensorImpl()->grad();  // (no non-leaf warning: these are leaves or shards)
       TORCH_CHECK_TYPE(g.defined(), op, ": ", names_[k], "[", i, "].grad is None; run backward first");
       TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": ", names_[k], "[", i, "].grad is a ",
                        checks::layout_name(g.layout()), " tensor; only dense (strided) tensors are supported");
-      TORCH_CHECK_VALUE(g.sizes() == t.sizes(), op, ": ", names_[k], "[", i, "].grad has shape ",
+      TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef(pt.sizes), op, ": ", names_[k], "[", i, "].grad has shape ",
                         checks::tuple_str(g.sizes()), " but ", names_[k], "[", i, "] has shape ",
                         checks::tuple_str(t.sizes()));
-      TORCH_CHECK_TYPE(g.scalar_type() == t.scalar_type(), op, ": ", names_[k], "[", i, "].grad has dtype ",
+      TORCH_CHECK_TYPE(g.scalar_type() == pt.dtype, op, ": ", names_[k], "[", i, "].grad has dtype ",
                        checks::dtype_name(g.scalar_type()), " but ", names_[k], "[", i, "] has dtype ",
                        checks::dtype_name(t.scalar_type()));
-      TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == t.strides(), op, ": ", names_[k], "[", i,
+      TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == at::IntArrayRef(pt.strides), op, ": ", names_[k], "[", i,
                         "].grad has strides ", checks::tuple_str(g.strides()), " but ", names_[k], "[", i,
                         "] has strides ", checks::tuple_str(t.strides()), "; use the same memory format");
-      TORCH_CHECK_VALUE(g.device() == t.device(), op, ": ", names_[k], "[", i, "].grad is on ", g.device(),
+      TORCH_CHECK_VALUE(g.device() == pt.device, op, ": ", names_[k], "[", i, "].grad is on ", g.device(),
                         " but ", names_[k], "[", i, "] is on ", t.device());
       const void* p = g.data_ptr();
       if (grad_ptrs_[i] != p) {
         grad_ptrs_[i] = p;
         moved = true;
       }
-      grads.push_back(g);
+      if (keep) grads.push_back(g);
     }
     if (moved) ++grads_generation_;
     return grads;

@@ -236,21 +236,22 @@ namespace {
 
 constexpr size_t kParams = 0, kBackups = 1, kAccum = 2;
 
-// The handle's tensors are current and on the CPU; `wanted` lists must have been given.
-void check_lists(const char* op, const Lists& h, std::initializer_list<size_t> wanted) {
+// The handle is on the CPU, has the `wanted` lists, and the lists the op reads (`used`) are current.
+void check_lists(const char* op, const Lists& h, std::initializer_list<size_t> wanted,
+                 std::initializer_list<size_t> used) {
   TORCH_CHECK_NOT_IMPLEMENTED(h->device().is_cpu(), "fastperturb::", op, " has no kernel for ", h->device().type(),
                               " tensors in this build of fastperturb");
   for (size_t k : wanted)
     TORCH_CHECK_VALUE(h->has(k), op, ": the TensorLists handle has no ", k == kBackups ? "backups" : "accum",
                       " list; build it with one");
-  h->check(op);
+  h->check(op, used);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord) {
   TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
-  check_lists("norms_lists", h, {});
+  check_lists("norms_lists", h, {}, {kParams});
   return norms_run(h->list(kParams), ord, h->cpu_plan());
 }
 
@@ -263,10 +264,12 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
                     "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
   check_finite("accum_weight", accum_weight);
   check_finite("adaptive_eta", adaptive_eta);
-  if (with_accum && with_backups) check_lists(op, h, {kAccum, kBackups});
-  else if (with_accum) check_lists(op, h, {kAccum});
-  else if (with_backups) check_lists(op, h, {kBackups});
-  else check_lists(op, h, {});
+  // The gradients are checked against the params' fingerprint (grads_of), so the params need checking only when
+  // read.
+  if (with_accum) check_lists(op, h, {kAccum}, {kAccum});
+  if (with_params) check_lists(op, h, {}, {kParams});
+  if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
+  if (!(with_accum || with_params || with_backups)) check_lists(op, h, {}, {});
   const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
   return grad_stats_run(grads, with_accum ? h->list(kAccum) : at::TensorList(),
                         with_params ? h->list(kParams) : at::TensorList(),
@@ -277,7 +280,7 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
                        bool first, double adaptive_eta, bool zero_grads) {
   const char* op = "ascent_step_lists_";
-  check_lists(op, h, {kBackups});
+  check_lists(op, h, {kBackups}, {kParams, kBackups});
   const at::TensorList params = h->list(kParams);
   check_coef("step_coef", step_coef, params.size(), params);
   check_coef("proj", proj, params.size(), params);
@@ -289,14 +292,14 @@ void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Te
 }
 
 void restore_lists(const Lists& h) {
-  check_lists("restore_lists_", h, {kBackups});
+  check_lists("restore_lists_", h, {kBackups}, {kParams, kBackups});
   restore_run(h->list(kParams), h->list(kBackups), h->cpu_plan());
 }
 
 void combine_grads_lists(const Lists& h, double weight) {
   const char* op = "combine_grads_lists_";
   check_finite("weight", weight);
-  check_lists(op, h, {kAccum});
+  check_lists(op, h, {kAccum}, {kAccum});
   const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
   combine_grads_run(grads, h->list(kAccum), weight, h->cpu_plan());
 }

@@ -149,10 +149,16 @@ def _lists_backend(lists: TensorLists) -> str:
     return "lists"
 
 
-def _triton_impls():
-    from .triton import impls
+_triton_impls_module = None
 
-    return impls
+
+def _triton_impls():
+    global _triton_impls_module
+    if _triton_impls_module is None:
+        from .triton import impls
+
+        _triton_impls_module = impls
+    return _triton_impls_module
 
 
 def norms_lists(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, Tensor]:

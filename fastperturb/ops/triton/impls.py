@@ -244,10 +244,12 @@ def _combine_launch(plan: Plan) -> None:
 _PARAMS, _BACKUPS, _ACCUM = 0, 1, 2
 
 
-def _lists_plan(lists, op: str, key: tuple, uses_grads: bool, build) -> Plan:
-    """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks."""
+def _lists_plan(lists, op: str, key: tuple, uses_grads: bool, used: list[int], build) -> Plan:
+    """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks of
+    the ``used`` lists (and of the params' gradients if ``uses_grads``: against the params' fingerprint)."""
     h = lists.handle
-    h.check(op)
+    if used:
+        h.check(op, used)
     gen = h.refresh_grads(_PARAMS, op) if uses_grads else 0
     full_key = (op, Tuning.chunk_size, Tuning.block_size) + key
     hit = lists.plans.get(full_key)
@@ -276,7 +278,7 @@ def norms_lists(lists, ord: float) -> tuple[Tensor, Tensor]:
         if n == 0:
             return per, total.zero_()
         plan = _lists_plan(
-            lists, op, (), False, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
+            lists, op, (), False, [_PARAMS], lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
         )
         _norms_launch(plan, per, total, ord)
     return per, total
@@ -321,7 +323,8 @@ def grad_stats_lists_(
                 scalars=(accum_weight, adaptive_eta),
             )
 
-        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), True, build)
+        used = [r for r, on in ((_ACCUM, with_accum), (_PARAMS, with_params), (_BACKUPS, with_backups)) if on]
+        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), True, used, build)
         plan.set_scalars((accum_weight, adaptive_eta))
         _grad_stats_launch(plan, out, with_accum, accum_init, adaptive_eta, with_backups)
         if with_accum:
@@ -358,7 +361,7 @@ def ascent_step_lists_(
                 device, [lists.params, grads, lists.backups], [w.dtype for w in lists.params], scalars=(adaptive_eta,)
             )
 
-        plan = _lists_plan(lists, op, (), True, build)
+        plan = _lists_plan(lists, op, (), True, [_PARAMS, _BACKUPS], build)
         plan.set_scalars((adaptive_eta,))
         _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
     h = lists.handle
@@ -381,6 +384,7 @@ def restore_lists_(lists) -> None:
             op,
             (),
             False,
+            [_PARAMS, _BACKUPS],
             lambda: Plan(device, [lists.params, lists.backups], [w.element_size() for w in lists.params]),
         )
         _restore_launch(plan)
@@ -400,7 +404,7 @@ def combine_grads_lists_(lists, weight: float) -> None:
             grads = lists.handle.grads_of(_PARAMS, op)
             return Plan(device, [grads, lists.accum], [g.dtype for g in grads], scalars=(weight,))
 
-        plan = _lists_plan(lists, op, (), True, build)
+        plan = _lists_plan(lists, op, (), True, [_ACCUM], build)
         plan.set_scalars((weight,))
         _combine_launch(plan)
     lists.handle.bump_versions(_PARAMS, True)

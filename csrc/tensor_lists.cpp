@@ -17,6 +17,7 @@ const auto tensor_lists_class =
         .def(torch::init<std::vector<std::vector<at::Tensor>>, std::vector<std::string>>())
         .def("size", &fastperturb::TensorLists::size)
         .def("num_lists", &fastperturb::TensorLists::num_lists)
+        .def("current", &fastperturb::TensorLists::current)
         .def("serial", &fastperturb::TensorLists::serial)
         .def("grads_generation", &fastperturb::TensorLists::grads_generation)
         .def("list",

@@ -88,6 +88,13 @@ class TensorLists : public torch::CustomClassHolder {
       }
     }
   }
+  // Whether check() would pass for every list.
+  bool current() const {
+    for (size_t k = 0; k < lists_.size(); ++k)
+      for (size_t i = 0; i < prints_[k].size(); ++i)
+        if (!prints_[k][i].matches(lists_[k][i])) return false;
+    return true;
+  }
   void check(const char* op) const {
     for (size_t k = 0; k < lists_.size(); ++k) check(op, {k});
   }

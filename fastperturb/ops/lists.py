@@ -69,7 +69,8 @@ class ListsCache:
     """One :class:`TensorLists` per distinct set of lists, reused while the caller passes the same tensors.
 
     The key is the identity of every tensor (``id``): the cached handle holds the tensors, so an id cannot be
-    reused by a new tensor while its entry lives. Keeps the latest ``size`` entries.
+    reused by a new tensor while its entry lives. A handle whose tensors changed storage or shape since it was
+    built is replaced. Keeps the latest ``size`` entries.
     """
 
     def __init__(self, size: int = 2):
@@ -81,6 +82,10 @@ class ListsCache:
     ) -> TensorLists:
         key = (tuple(map(id, params)), tuple(map(id, backups)), tuple(map(id, accum)))
         hit = self._entries.get(key)
+        if hit is not None and hit.handle is not None and not hit.handle.current():
+            # Same tensors, but one's storage or shape changed (e.g. `module.to()` assigns `.data`): a new handle.
+            del self._entries[key]
+            hit = None
         if hit is None:
             hit = TensorLists(params, backups, accum)
             while len(self._entries) >= self.size:

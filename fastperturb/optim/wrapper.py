@@ -415,7 +415,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # The ops' handle on these lists (fastperturb.ops.TensorLists): not on shards, whose gradients are not the
         # .grad of the tensors the ops see.
         lists = None
-        if not self._sharded and plan.local_params:
+        if not self._sharded and plan.local_params and not torch.compiler.is_compiling():
             lists = self._lists_cache.get(plan.local_params, backups, accum)
         return Cycle(
             self.spec,

@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     recs = measure(args.tensors, args.numel, args.reps, args.rounds)
-    print(f"Triton host side per op call, launches stubbed; {args.tensors} tensors; torch threads "
-          f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"Triton host side per op call, launches stubbed; {args.tensors} tensors; torch threads "
+        f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'op':28s} {'call':7s} {'min us':>9s} {'median us':>10s} {'launches':>9s}")
     for r in recs:
         print(f"{r['op']:28s} {r['call']:7s} {r['min_us']:9.1f} {r['median_us']:10.1f} {r['launches_per_call']:9d}")

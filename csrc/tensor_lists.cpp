@@ -48,10 +48,11 @@ const auto tensor_lists_class =
                  if (w.defined()) w.unsafeGetTensorImpl()->bump_version();
                }
              })
-        .def("grads_of", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
-          TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
-          return self->grads_of(static_cast<size_t>(k), op.c_str());
-        });
+        .def("grads_of",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
+               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
+               return self->grads_of(static_cast<size_t>(k), op.c_str());
+             });
 
 }  // namespace
 

@@ -57,7 +57,9 @@ def _twin_states():
     return (p1, b1, a1), (p2, b2, a2)
 
 
-@pytest.mark.parametrize("flags", [(False, False, False), (True, False, False), (True, True, True), (False, True, True)])
+@pytest.mark.parametrize(
+    "flags", [(False, False, False), (True, False, False), (True, True, True), (False, True, True)]
+)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_grad_stats_on_handle_equals_list_op(flags, adaptive):
     with_accum, with_params, with_backups = flags

@@ -35,8 +35,8 @@ class TensorLists : public torch::CustomClassHolder {
   TensorLists(std::vector<std::vector<at::Tensor>> lists, std::vector<std::string> names)
       : lists_(std::move(lists)), names_(std::move(names)), serial_(next_serial()) {
     TORCH_CHECK_VALUE(!lists_.empty(), "TensorLists needs at least one list");
-    TORCH_CHECK_VALUE(names_.size() == lists_.size(), "TensorLists got ", lists_.size(), " lists but ",
-                      names_.size(), " names");
+    TORCH_CHECK_VALUE(names_.size() == lists_.size(), "TensorLists got ", lists_.size(), " lists but ", names_.size(),
+                      " names");
     const at::TensorList ref = lists_[0];
     bool have_device = false;
     at::Device device(at::kCPU);
@@ -125,8 +125,8 @@ class TensorLists : public torch::CustomClassHolder {
       TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == at::IntArrayRef(pt.strides), op, ": ", names_[k], "[", i,
                         "].grad has strides ", checks::tuple_str(g.strides()), " but ", names_[k], "[", i,
                         "] has strides ", checks::tuple_str(t.strides()), "; use the same memory format");
-      TORCH_CHECK_VALUE(g.device() == pt.device, op, ": ", names_[k], "[", i, "].grad is on ", g.device(),
-                        " but ", names_[k], "[", i, "] is on ", t.device());
+      TORCH_CHECK_VALUE(g.device() == pt.device, op, ": ", names_[k], "[", i, "].grad is on ", g.device(), " but ",
+                        names_[k], "[", i, "] is on ", t.device());
       const void* p = g.data_ptr();
       if (grad_ptrs_[i] != p) {
         grad_ptrs_[i] = p;

@@ -255,8 +255,8 @@ std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord) {
   return norms_run(h->list(kParams), ord, h->cpu_plan());
 }
 
-at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups,
-                            double accum_weight, bool accum_init, double adaptive_eta) {
+at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
+                            bool accum_init, double adaptive_eta) {
   const char* op = "grad_stats_lists_";
   TORCH_CHECK_VALUE(!with_backups || with_params,
                     "backups given without params: the perturbation d = params - backups needs both");
@@ -271,10 +271,9 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
   if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
   if (!(with_accum || with_params || with_backups)) check_lists(op, h, {}, {});
   const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
-  return grad_stats_run(grads, with_accum ? h->list(kAccum) : at::TensorList(),
-                        with_params ? h->list(kParams) : at::TensorList(),
-                        with_backups ? h->list(kBackups) : at::TensorList(), accum_weight, accum_init, adaptive_eta,
-                        h->cpu_plan());
+  return grad_stats_run(
+      grads, with_accum ? h->list(kAccum) : at::TensorList(), with_params ? h->list(kParams) : at::TensorList(),
+      with_backups ? h->list(kBackups) : at::TensorList(), accum_weight, accum_init, adaptive_eta, h->cpu_plan());
 }
 
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,

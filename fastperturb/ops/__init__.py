@@ -137,7 +137,8 @@ def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: flo
 # and the Triton backend take the handle (no list marshalling, checks and plan cached); under torch.compile, on
 # the CUDA C++ backend and on the reference the list ops run on the handle's lists.
 
-from .lists import ListsCache, TensorLists  # noqa: E402
+from .lists import ListsCache as ListsCache  # noqa: E402
+from .lists import TensorLists as TensorLists  # noqa: E402
 
 
 def _lists_backend(lists: TensorLists) -> str:

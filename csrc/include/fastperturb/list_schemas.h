@@ -14,11 +14,13 @@ namespace schemas {
 inline constexpr const char* kNormsLists = "norms_lists(" FASTPERTURB_LISTS ", float ord) -> (Tensor, Tensor)";
 
 inline constexpr const char* kGradStatsLists =
-    "grad_stats_lists_(" FASTPERTURB_LISTS ", *, bool with_accum, bool with_params, bool with_backups, "
+    "grad_stats_lists_(" FASTPERTURB_LISTS
+    ", *, bool with_accum, bool with_params, bool with_backups, "
     "float accum_weight=1.0, bool accum_init=False, float adaptive_eta=-1.0) -> Tensor";
 
 inline constexpr const char* kAscentStepLists =
-    "ascent_step_lists_(" FASTPERTURB_LISTS ", Tensor step_coef, Tensor proj, *, str norm=\"l2\", "
+    "ascent_step_lists_(" FASTPERTURB_LISTS
+    ", Tensor step_coef, Tensor proj, *, str norm=\"l2\", "
     "bool first=False, float adaptive_eta=-1.0, bool zero_grads=False) -> ()";
 
 inline constexpr const char* kRestoreLists = "restore_lists_(" FASTPERTURB_LISTS ") -> ()";

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fastperturb.engine import Cycle, PerturbSpec, run_cycle
+from fastperturb.ops import TensorLists
 from fastperturb.ops import dispatch as backends
 
 
@@ -118,9 +119,13 @@ class FusedCycle:
         dev = self.params[0].device if n else torch.device("cpu")
         self.radius = torch.full((n,), preset.radius, dtype=torch.float64, device=dev)
         self.step_size = torch.full((n,), preset.step_size, dtype=torch.float64, device=dev)
+        # The handle the optimizer wrappers keep per parameter list (one per wrapper, reused every step).
+        self.lists = TensorLists(self.params, self.backups, self.accum) if n else None
 
     def cycle(self) -> Cycle:
-        return Cycle(self.preset.spec, self.params, self.backups, self.radius, self.step_size, self.accum)
+        return Cycle(
+            self.preset.spec, self.params, self.backups, self.radius, self.step_size, self.accum, lists=self.lists
+        )
 
     def run(self, closure: Optional[Callable[[], object]] = None) -> None:
         with _backend(self.backend), torch.no_grad():

@@ -174,11 +174,13 @@ def absolute_sizes(
     radius: Tensor,
     step_size: Tensor,
     reduce: Optional[Reduce] = None,
+    lists: Optional[ops.TensorLists] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute)."""
+    """Turn relative radius/step multipliers into absolute per-tensor values (no-op if absolute).
+    ``lists``: a handle whose params are ``params`` (the norms then run on it)."""
     if not spec.relative:
         return radius, step_size
-    per, _ = ops.norms(params, spec.ord)
+    per, _ = ops.norms_lists(lists, spec.ord) if lists is not None else ops.norms(params, spec.ord)
     per = per.to(torch.float64)
     if reduce is not None:  # norms of the whole tensors from those of their shards
         per = reduce(per.square(), "sum").sqrt() if spec.norm == "l2" else reduce(per, "max")
@@ -204,6 +206,11 @@ class Cycle:
 
     Sharded tensors: pass the local shards and ``reduce``, which completes each pass's
     per-tensor statistics across ranks (one call per pass, plus one for relative radii).
+
+    ``lists``: an :class:`fastperturb.ops.TensorLists` handle on exactly ``params``, ``backups`` and
+    ``accum`` (built once and kept by the caller, e.g. with a :class:`fastperturb.ops.ListsCache`): the ops on
+    the perturbed tensors then run on it, which saves their per-call costs. The gradients of ``params`` are
+    then read from their ``.grad``, so the ``grads`` the methods take must be those (as :func:`grads_of` gives).
     """
 
     def __init__(
@@ -217,6 +224,7 @@ class Cycle:
         passive: Sequence[Tensor] = (),
         passive_accum: Sequence[Tensor] = (),
         reduce: Optional[Reduce] = None,
+        lists: Optional[ops.TensorLists] = None,
     ):
         self.spec = spec
         self.reduce = reduce
@@ -231,6 +239,9 @@ class Cycle:
             raise ValueError(
                 f"this spec sums several passes: pass one accumulator per passive tensor ({len(self.passive)})"
             )
+        if lists is not None and not lists.holds(self.params, self.backups, self.accum):
+            raise ValueError("lists is a handle on other tensors than params, backups and accum; build one on them")
+        self.lists = lists if self.params else None
         #: the tensors whose gradients every method takes, in this order
         self.tensors = self.params + self.passive
         dev = self.params[0].device if self.params else torch.device("cpu")
@@ -265,15 +276,26 @@ class Cycle:
             ops.grad_stats_(grads[n:], self.passive_accum, accum_weight=self.weights[k], accum_init=init)
         if not self.params:
             return
-        stats = ops.grad_stats_(
-            grads[:n],
-            self.accum if accumulate else [],
-            self.params if (want_delta or adaptive) else [],
-            self.backups if want_delta else [],
-            accum_weight=self.weights[k] if accumulate else 1.0,
-            accum_init=init,
-            adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
-        )
+        if self.lists is not None:
+            stats = ops.grad_stats_lists_(
+                self.lists,
+                with_accum=accumulate,
+                with_params=want_delta or adaptive,
+                with_backups=want_delta,
+                accum_weight=self.weights[k] if accumulate else 1.0,
+                accum_init=init,
+                adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
+            )
+        else:
+            stats = ops.grad_stats_(
+                grads[:n],
+                self.accum if accumulate else [],
+                self.params if (want_delta or adaptive) else [],
+                self.backups if want_delta else [],
+                accum_weight=self.weights[k] if accumulate else 1.0,
+                accum_init=init,
+                adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
+            )
         if self.reduce is not None:
             stats = self.reduce(stats, "sum")
         bad = ~torch.isfinite(stats).all(dim=1)
@@ -284,7 +306,9 @@ class Cycle:
     def start(self, grads: Sequence[Tensor]) -> None:
         """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
         if self.params:
-            self._radius, self._step = absolute_sizes(self.spec, self.params, self._radius, self._step, self.reduce)
+            self._radius, self._step = absolute_sizes(
+                self.spec, self.params, self._radius, self._step, self.reduce, self.lists
+            )
         self._measure(grads)
 
     def ascend(self, grads: Sequence[Tensor], zero_grads: bool = True) -> None:
@@ -293,17 +317,16 @@ class Cycle:
         if self.params:
             assert self._stats is not None, "call start() first"
             step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
-            ops.ascent_step_(
-                self.params,
-                grads[:n],
-                self.backups,
-                step,
-                proj,
+            kw = dict(
                 norm=self.spec.norm,
                 first=self.k == 0,
                 adaptive_eta=self.spec.adaptive_eta if self.spec.adaptive_eta is not None else -1.0,
                 zero_grads=zero_grads,
             )
+            if self.lists is not None:
+                ops.ascent_step_lists_(self.lists, step, proj, **kw)
+            else:
+                ops.ascent_step_(self.params, grads[:n], self.backups, step, proj, **kw)
             self.perturbed = True
         if zero_grads and self.passive:
             torch._foreach_zero_(list(grads[n:]))
@@ -317,13 +340,30 @@ class Cycle:
 
     def finish(self, grads: Sequence[Tensor]) -> None:
         """Leave G = sum_k c_k g_k in ``grads`` (the last pass's gradient is still there)."""
-        if self.spec.accumulates and self.tensors:
-            ops.combine_grads_(grads, self.accum + self.passive_accum, self.weights[self.spec.steps])
+        if not (self.spec.accumulates and self.tensors):
+            return
+        w = self.weights[self.spec.steps]
+        if self.lists is None:
+            ops.combine_grads_(grads, self.accum + self.passive_accum, w)
+            return
+        ops.combine_grads_lists_(self.lists, w)
+        if self.passive:
+            ops.combine_grads_(grads[len(self.params) :], self.passive_accum, w)
 
     def restore(self) -> None:
         """Put the pre-cycle weights back, bit for bit (no-op if never perturbed)."""
         if self.perturbed:
-            ops.restore_(self.params, self.backups)
+            try:
+                if self.lists is None:
+                    ops.restore_(self.params, self.backups)
+                else:
+                    ops.restore_lists_(self.lists)
+            except ValueError:
+                if self.lists is None:
+                    raise
+                # The handle refused a tensor that changed since it was built: the list op restores whatever
+                # its own checks accept (the weights must not stay perturbed), or raises.
+                ops.restore_(self.params, self.backups)
             self.perturbed = False
 
 

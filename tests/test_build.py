@@ -88,20 +88,22 @@ def test_the_shipped_extension_registers_no_test_harness(native):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     from fastperturb.ops import pure
-    from fastperturb.ops.names import OPS
+    from fastperturb.ops.names import HANDLE_OPS, OPS
 
-    # the op set, plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py)
-    assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME)))
+    # the op set, plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py), plus the
+    # ops on a TensorLists handle
+    assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME, *HANDLE_OPS)))
 
 
 def test_python_op_names_are_the_compiled_op_set(native):
     """fastperturb/ops/names.py and schemas.h's kAll name the same ops, in the same order."""
     from fastperturb.ops import pure
-    from fastperturb.ops.names import OPS
+    from fastperturb.ops.names import HANDLE_OPS, OPS
 
     registered = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastperturb::")]
-    # plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py)
-    assert sorted(registered) == sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME))
+    # plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py), plus the ops on a
+    # TensorLists handle (their order: kAllLists, checked below)
+    assert sorted(registered) == sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME, *HANDLE_OPS))
     # the order of kAll, as TORCH_LIBRARY defines them: the schemas' positions in the registry are not
     # observable, so the order is checked against the header's text
     header = (ROOT / "csrc/include/fastperturb/schemas.h").read_text()
@@ -109,6 +111,11 @@ def test_python_op_names_are_the_compiled_op_set(native):
     consts = [c.strip() for c in line.split("{", 1)[1].split("}", 1)[0].split(",")]
     defined = {c: header.split(f"{c} =", 1)[1].split('"', 2)[1].split("(", 1)[0] for c in consts}
     assert tuple(defined[c] for c in consts) == OPS
+    lists_header = (ROOT / "csrc/include/fastperturb/list_schemas.h").read_text()
+    body = lists_header.split("kAllLists[] = {", 1)[1].split("}", 1)[0]
+    consts = [c.strip() for c in body.split(",")]
+    defined = {c: lists_header.split(f"{c} =", 1)[1].split('"', 2)[1].split("(", 1)[0] for c in consts}
+    assert tuple(defined[c] for c in consts) == HANDLE_OPS
 
 
 def test_cuda_switch(monkeypatch):

@@ -500,3 +500,107 @@ def test_same_cases_as_cpu_kernels(layer_list, seed):
     for op in FT.OPS:
         for opts in FT.option_grid(op):
             FT.check_op(op, "triton", x, **opts)
+
+
+# ---- the ops on a TensorLists handle (fastperturb/ops/lists.py): cached plans ------------------------------
+
+
+def _handle_case(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes, dtypes = [(40,), (3, 5), (1,), (0,), (70,)], [F32, BF16, F64, F32, F16]
+    params = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    backups = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    accum = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    return params, backups, accum
+
+
+def _twins():
+    a = _handle_case()
+    b = tuple([t.clone() for t in ts] for ts in a)
+    for x, y in zip(a[0], b[0]):
+        y.grad = x.grad.clone()
+    return a, b
+
+
+def _same_bits(xs, ys):
+    return all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_handle_ops_equal_list_ops_bit_for_bit(norm):
+    from fastperturb import ops
+
+    (p1, b1, a1), (p2, b2, a2) = _twins()
+    n = len(p1)
+    step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(p2, b2, a2)
+        for first in (True, False):
+            s1 = ops.grad_stats_([p.grad for p in p1], a1, p1, b1, accum_weight=0.5)
+            s2 = ops.grad_stats_lists_(lists, with_accum=True, with_params=True, with_backups=True, accum_weight=0.5)
+            assert torch.equal(s1, s2) and _same_bits(a1, a2)
+            ops.ascent_step_(p1, [p.grad for p in p1], b1, step, proj, norm=norm, first=first)
+            ops.ascent_step_lists_(lists, step, proj, norm=norm, first=first)
+            assert _same_bits(p1, p2) and _same_bits(b1, b2)
+        for o in (2.0, math.inf):
+            for x, y in zip(ops.norms(p1, o), ops.norms_lists(lists, o)):
+                assert torch.equal(x, y)
+        ops.combine_grads_([p.grad for p in p1], a1, 0.25)
+        ops.combine_grads_lists_(lists, 0.25)
+        assert _same_bits([p.grad for p in p1], [p.grad for p in p2])
+        ops.restore_(p1, b1)
+        ops.restore_lists_(lists)
+        assert _same_bits(p1, p2) and _same_bits(p2, b2)
+
+
+def test_handle_plan_is_built_once_and_only_the_scalars_change():
+    from fastperturb import ops
+
+    (p1, b1, a1), (p2, b2, a2) = _twins()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(p2, b2, a2)
+        ops.grad_stats_lists_(lists, with_accum=True, accum_weight=1.0, accum_init=True)
+        (key,) = lists.plans
+        plan = lists.plans[key][1]
+        buf = plan.buf
+        ops.grad_stats_([p.grad for p in p1], a1, accum_weight=1.0, accum_init=True)
+        for w in (0.5, -2.0):  # new scalars, same plan and buffer
+            s1 = ops.grad_stats_([p.grad for p in p1], a1, accum_weight=w)
+            s2 = ops.grad_stats_lists_(lists, with_accum=True, accum_weight=w)
+            assert torch.equal(s1, s2) and _same_bits(a1, a2)
+            assert lists.plans[key][1] is plan and plan.buf is buf
+        with T.tuning(chunk_size=16, block_size=8):  # other sizes: another plan
+            ops.grad_stats_lists_(lists, with_accum=True, accum_weight=0.5)
+        assert len(lists.plans) == 2
+
+
+def test_handle_plan_follows_gradients_that_moved():
+    from fastperturb import ops
+
+    (p1, b1, a1), (p2, b2, a2) = _twins()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(p2, b2, a2)
+        ops.grad_stats_lists_(lists)
+        gen = lists.handle.grads_generation()
+        g = torch.Generator().manual_seed(7)
+        for x, y in zip(p1, p2):  # zero_grad(set_to_none=True), then a backward: new gradient tensors
+            x.grad = torch.randn(x.shape, generator=g).to(x.dtype)
+            y.grad = x.grad.clone()
+        got = ops.grad_stats_lists_(lists)
+        assert lists.handle.grads_generation() > gen
+        assert torch.equal(got, ops.grad_stats_([p.grad for p in p1]))
+
+
+def test_handle_refuses_a_tensor_that_changed_before_launching():
+    from fastperturb import ops
+
+    params, backups, _ = _handle_case()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(params, backups)
+        ops.restore_lists_(lists)
+        params[0].data = torch.zeros(40)
+        with T.count_launches() as c, pytest.raises(ValueError, match=r"params\[0\] changed since"):
+            ops.restore_lists_(lists)
+        assert c.total == 0 and torch.equal(params[0], torch.zeros(40))

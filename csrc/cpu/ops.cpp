@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/versions.h"
 #include "cpu/kernels.h"
+#include "cpu/list_ops.h"
 #include "cpu/plan.h"
 
 namespace fastperturb {
@@ -36,15 +37,13 @@ Plan plan_for(at::TensorList ts) {
   return Plan(ts.size(), [&](size_t i) { return ts[i].numel(); });
 }
 
-std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord) {
-  check_norms(tensors, ord);
+std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord, const Plan& plan) {
   const bool inf = std::isinf(ord);
   const size_t n = tensors.size();
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   at::Tensor per = at::empty({static_cast<int64_t>(n)}, opts);
   at::Tensor total = at::empty({}, opts);
 
-  const Plan plan = plan_for(tensors);
   std::vector<double> partial(plan.num_chunks());
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
@@ -65,9 +64,13 @@ std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord)
   return {per, total};
 }
 
-at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
-                          double accum_weight, bool accum_init, double adaptive_eta) {
-  check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord) {
+  check_norms(tensors, ord);
+  return norms_run(tensors, ord, plan_for(tensors));
+}
+
+at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                          double accum_weight, bool accum_init, double adaptive_eta, const Plan& plan) {
   const size_t n = grads.size();
   const bool adaptive = adaptive_eta >= 0;
   const bool has_delta = !backups.empty();
@@ -75,7 +78,6 @@ at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::Tensor
   at::Tensor out = at::empty({static_cast<int64_t>(n), 3}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
   bump_versions(accum);
 
-  const Plan plan = plan_for(grads);
   std::vector<double> partial(3 * plan.num_chunks());
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
@@ -103,9 +105,15 @@ at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::Tensor
   return out;
 }
 
-void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
-                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
-  check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
+                          double accum_weight, bool accum_init, double adaptive_eta) {
+  check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
+  return grad_stats_run(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta, plan_for(grads));
+}
+
+void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads,
+                     const Plan& plan) {
   const at::Tensor step_c = step_coef.contiguous();
   const at::Tensor proj_c = proj.contiguous();
   const float* step_p = step_c.data_ptr<float>();
@@ -115,7 +123,6 @@ void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   if (first) bump_versions(backups);
   if (zero_grads) bump_versions(grads);
 
-  const Plan plan = plan_for(params);
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const size_t i = static_cast<size_t>(ch.tensor);
@@ -135,10 +142,14 @@ void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   });
 }
 
-void restore_cpu(at::TensorList params, at::TensorList backups) {
-  check_restore(params, backups);
+void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
+                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
+  check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  ascent_step_run(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads, plan_for(params));
+}
+
+void restore_run(at::TensorList params, at::TensorList backups, const Plan& plan) {
   bump_versions(params);
-  const Plan plan = plan_for(params);
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& w = params[ch.tensor];
     std::memcpy(at_elem(w, ch.begin), at_elem(backups[ch.tensor], ch.begin),
@@ -146,15 +157,23 @@ void restore_cpu(at::TensorList params, at::TensorList backups) {
   });
 }
 
-void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
-  check_combine_grads(grads, accum, weight);
+void restore_cpu(at::TensorList params, at::TensorList backups) {
+  check_restore(params, backups);
+  restore_run(params, backups, plan_for(params));
+}
+
+void combine_grads_run(at::TensorList grads, at::TensorList accum, double weight, const Plan& plan) {
   bump_versions(grads);
-  const Plan plan = plan_for(grads);
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& g = grads[ch.tensor];
     k.combine(g.scalar_type(), at_elem(g, ch.begin), at_elem(accum[ch.tensor], ch.begin), weight, ch.size);
   });
+}
+
+void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
+  check_combine_grads(grads, accum, weight);
+  combine_grads_run(grads, accum, weight, plan_for(grads));
 }
 
 void register_impls(torch::Library& m) {
@@ -208,6 +227,82 @@ void combine_grads_any(at::TensorList grads, at::TensorList accum, double weight
 }
 
 }  // namespace
+
+// ---- the same ops on a TensorLists handle (schemas: fastperturb/list_schemas.h) ----------------------------
+// Validated when the handle was built; here only its fingerprint and the gradients are checked, and the work
+// plan is the handle's. Registered by csrc/tensor_lists.cpp, after the class their schemas name.
+
+namespace {
+
+constexpr size_t kParams = 0, kBackups = 1, kAccum = 2;
+
+// The handle is on the CPU, has the `wanted` lists, and the lists the op reads (`used`) are current.
+void check_lists(const char* op, const Lists& h, std::initializer_list<size_t> wanted,
+                 std::initializer_list<size_t> used) {
+  TORCH_CHECK_NOT_IMPLEMENTED(h->device().is_cpu(), "fastperturb::", op, " has no kernel for ", h->device().type(),
+                              " tensors in this build of fastperturb");
+  for (size_t k : wanted)
+    TORCH_CHECK_VALUE(h->has(k), op, ": the TensorLists handle has no ", k == kBackups ? "backups" : "accum",
+                      " list; build it with one");
+  h->check(op, used);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord) {
+  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
+  check_lists("norms_lists", h, {}, {kParams});
+  return norms_run(h->list(kParams), ord, h->cpu_plan());
+}
+
+at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
+                            bool accum_init, double adaptive_eta) {
+  const char* op = "grad_stats_lists_";
+  TORCH_CHECK_VALUE(!with_backups || with_params,
+                    "backups given without params: the perturbation d = params - backups needs both");
+  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || h->size() == 0 || with_params,
+                    "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
+  check_finite("accum_weight", accum_weight);
+  check_finite("adaptive_eta", adaptive_eta);
+  // The gradients are checked against the params' fingerprint (grads_of), so the params need checking only when
+  // read.
+  if (with_accum) check_lists(op, h, {kAccum}, {kAccum});
+  if (with_params) check_lists(op, h, {}, {kParams});
+  if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
+  if (!(with_accum || with_params || with_backups)) check_lists(op, h, {}, {});
+  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  return grad_stats_run(
+      grads, with_accum ? h->list(kAccum) : at::TensorList(), with_params ? h->list(kParams) : at::TensorList(),
+      with_backups ? h->list(kBackups) : at::TensorList(), accum_weight, accum_init, adaptive_eta, h->cpu_plan());
+}
+
+void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
+                       bool first, double adaptive_eta, bool zero_grads) {
+  const char* op = "ascent_step_lists_";
+  check_lists(op, h, {kBackups}, {kParams, kBackups});
+  const at::TensorList params = h->list(kParams);
+  check_coef("step_coef", step_coef, params.size(), params);
+  check_coef("proj", proj, params.size(), params);
+  TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
+  check_finite("adaptive_eta", adaptive_eta);
+  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  ascent_step_run(params, grads, h->list(kBackups), step_coef, proj, norm, first, adaptive_eta, zero_grads,
+                  h->cpu_plan());
+}
+
+void restore_lists(const Lists& h) {
+  check_lists("restore_lists_", h, {kBackups}, {kParams, kBackups});
+  restore_run(h->list(kParams), h->list(kBackups), h->cpu_plan());
+}
+
+void combine_grads_lists(const Lists& h, double weight) {
+  const char* op = "combine_grads_lists_";
+  check_finite("weight", weight);
+  check_lists(op, h, {kAccum}, {kAccum});
+  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  combine_grads_run(grads, h->list(kAccum), weight, h->cpu_plan());
+}
+
 }  // namespace cpu
 }  // namespace fastperturb
 

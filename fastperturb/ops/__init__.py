@@ -130,3 +130,125 @@ def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: flo
     if backend in _PY_BACKENDS:
         V.check_combine_grads(grads, accum, weight)
     dispatch.op("combine_grads_", backend)(grads, accum, float(weight))
+
+
+# ---- the same ops on a TensorLists handle (fastperturb/ops/lists.py) ------------------------------------------
+# The handle's lists by role: params, backups, accum; the gradients are the params' .grad. The compiled backends
+# and the Triton backend take the handle (no list marshalling, checks and plan cached); under torch.compile, on
+# the CUDA C++ backend and on the reference the list ops run on the handle's lists.
+
+from .lists import ListsCache as ListsCache  # noqa: E402
+from .lists import TensorLists as TensorLists  # noqa: E402
+
+
+def _lists_backend(lists: TensorLists) -> str:
+    backend = dispatch.resolve(lists.device)
+    if backend == "cpp" and lists.handle is not None and not torch.compiler.is_compiling():
+        return "cpp"
+    if backend == "triton" and lists.handle is not None and not torch.compiler.is_compiling():
+        return "triton"
+    return "lists"
+
+
+_triton_impls_module = None
+
+
+def _triton_impls():
+    global _triton_impls_module
+    if _triton_impls_module is None:
+        from .triton import impls
+
+        _triton_impls_module = impls
+    return _triton_impls_module
+
+
+def norms_lists(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, Tensor]:
+    """:func:`norms` of ``lists.params``."""
+    how = _lists_backend(lists)
+    if how == "cpp":
+        return torch.ops.fastperturb.norms_lists(lists.handle, float(ord))
+    if how == "triton":
+        return _triton_impls().norms_lists(lists, float(ord))
+    return norms(lists.params, ord)
+
+
+def grad_stats_lists_(
+    lists: TensorLists,
+    *,
+    with_accum: bool = False,
+    with_params: bool = False,
+    with_backups: bool = False,
+    accum_weight: float = 1.0,
+    accum_init: bool = False,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    """:func:`grad_stats_` of the params' ``.grad``, with the handle's accum, params and backups where asked."""
+    how = _lists_backend(lists)
+    kw = dict(
+        with_accum=bool(with_accum),
+        with_params=bool(with_params),
+        with_backups=bool(with_backups),
+        accum_weight=float(accum_weight),
+        accum_init=bool(accum_init),
+        adaptive_eta=float(adaptive_eta),
+    )
+    if how == "cpp":
+        with torch.no_grad():
+            return torch.ops.fastperturb.grad_stats_lists_(lists.handle, **kw)
+    if how == "triton":
+        return _triton_impls().grad_stats_lists_(lists, **kw)
+    return grad_stats_(
+        lists.grads(),
+        lists.accum if with_accum else [],
+        lists.params if with_params else [],
+        lists.backups if with_backups else [],
+        accum_weight=accum_weight,
+        accum_init=accum_init,
+        adaptive_eta=adaptive_eta,
+    )
+
+
+def ascent_step_lists_(
+    lists: TensorLists,
+    step_coef: Tensor,
+    proj: Tensor,
+    *,
+    norm: str = "l2",
+    first: bool = False,
+    adaptive_eta: float = -1.0,
+    zero_grads: bool = False,
+) -> None:
+    """:func:`ascent_step_` on the handle's params, their ``.grad`` and backups."""
+    how = _lists_backend(lists)
+    kw = dict(norm=norm, first=bool(first), adaptive_eta=float(adaptive_eta), zero_grads=bool(zero_grads))
+    if how == "cpp":
+        with torch.no_grad():
+            torch.ops.fastperturb.ascent_step_lists_(lists.handle, step_coef, proj, **kw)
+    elif how == "triton":
+        _triton_impls().ascent_step_lists_(lists, step_coef, proj, **kw)
+    else:
+        ascent_step_(lists.params, lists.grads(), lists.backups, step_coef, proj, **kw)
+
+
+def restore_lists_(lists: TensorLists) -> None:
+    """:func:`restore_` of the handle's params from its backups."""
+    how = _lists_backend(lists)
+    if how == "cpp":
+        with torch.no_grad():
+            torch.ops.fastperturb.restore_lists_(lists.handle)
+    elif how == "triton":
+        _triton_impls().restore_lists_(lists)
+    else:
+        restore_(lists.params, lists.backups)
+
+
+def combine_grads_lists_(lists: TensorLists, weight: float) -> None:
+    """:func:`combine_grads_` of the params' ``.grad`` with the handle's accum."""
+    how = _lists_backend(lists)
+    if how == "cpp":
+        with torch.no_grad():
+            torch.ops.fastperturb.combine_grads_lists_(lists.handle, float(weight))
+    elif how == "triton":
+        _triton_impls().combine_grads_lists_(lists, float(weight))
+    else:
+        combine_grads_(lists.grads(), lists.accum, weight)

@@ -10,3 +10,14 @@ two agree. Semantics and schemas: ``docs/design.md`` §3.
 from __future__ import annotations
 
 OPS: tuple[str, ...] = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
+
+#: The same ops on a TensorLists handle (fastperturb/ops/lists.py), in the order of
+#: ``csrc/include/fastperturb/list_schemas.h`` ``kAllLists``: a call path for eager code, not a second op set
+#: (torch.compile, the fake impls and the work-list executor know only :data:`OPS`).
+HANDLE_OPS: tuple[str, ...] = (
+    "norms_lists",
+    "grad_stats_lists_",
+    "ascent_step_lists_",
+    "restore_lists_",
+    "combine_grads_lists_",
+)

@@ -219,6 +219,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # selection and the buffer lists are cached while the tensors they cover stay the same.
         self._selection_cache: tuple = ((), [])
         self._list_cache: Dict[str, tuple] = {}
+        self._lists_cache = ops.ListsCache()
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
         # The gradients as the last step() / zero_grad() left them: a backward since then
@@ -410,16 +411,23 @@ class PerturbOptimizer(torch.optim.Optimizer):
             if self.spec.accumulates
             else []
         )
+        backups = self._backup_list(plan)
+        # The ops' handle on these lists (fastperturb.ops.TensorLists): not on shards, whose gradients are not the
+        # .grad of the tensors the ops see.
+        lists = None
+        if not self._sharded and plan.local_params and not torch.compiler.is_compiling():
+            lists = self._lists_cache.get(plan.local_params, backups, accum)
         return Cycle(
             self.spec,
             plan.local_params,
-            self._backup_list(plan),
+            backups,
             plan.radius,
             plan.step,
             accum,
             plan.local_passive,
             passive_accum,
             plan.reduce,
+            lists=lists,
         )
 
     # ---- which gradient is g_0 -------------------------------------------------------
@@ -708,10 +716,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
         state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
+        state.update(_lists_cache=ops.ListsCache())
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_lists_cache", ops.ListsCache())
 
     def _settings(self) -> Dict[str, Any]:
         return {

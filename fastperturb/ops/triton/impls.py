@@ -23,7 +23,7 @@ from .kernels import (
     _restore_kernel,
 )
 from .plan import INT_OF_SIZE, TYPES, Plan
-from .runtime import launch, why_unavailable
+from .runtime import Tuning, launch, why_unavailable
 
 #: The op namespace of the Triton backend: ``torch.ops.fastperturb_triton.*``.
 NAMESPACE = "fastperturb_triton"
@@ -39,6 +39,14 @@ def _device_guard(op: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _scratch(plan: Plan, name: str, shape: tuple) -> Tensor:
+    """The plan's float64 scratch buffer ``name`` (allocated with the plan, reused while it is cached)."""
+    buf = plan.scratch.get(name)
+    if buf is None or buf.shape != shape:
+        buf = plan.scratch[name] = torch.empty(shape, dtype=torch.float64, device=plan.buf.device)
+    return buf
+
+
 def _finalize(plan: Plan, partials: Tensor, out: Tensor, total: Tensor, ncol: int, mode: int) -> None:
     launch(_finalize_kernel, 1, partials, plan.pbase, out, total, plan.n, NCOL=ncol, MODE=mode, TB=FINALIZE_LANES)
 
@@ -52,27 +60,30 @@ def norms(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
         total = torch.empty((), dtype=torch.float32, device=device)
         if n == 0:
             return per, total.zero_()
-        linf = math.isinf(ord)
-        plan = Plan(device, [tensors], [t.dtype for t in tensors])
-        partials = torch.empty(max(plan.slots, 1), dtype=torch.float64, device=device)
-        for grp in plan.groups:
-            elem, st, _, ct = TYPES[grp.key]
-            launch(
-                _norms_kernel,
-                grp.programs,
-                grp.meta,
-                grp.work,
-                partials,
-                CHUNK=plan.chunk,
-                BLOCK=plan.block,
-                VEC=grp.vec,
-                ELEM=elem,
-                ST=st,
-                CT=ct,
-                LINF=linf,
-            )
-        _finalize(plan, partials, per, total, 1, 1 if linf else 0)
+        _norms_launch(Plan(device, [tensors], [t.dtype for t in tensors]), per, total, ord)
     return per, total
+
+
+def _norms_launch(plan: Plan, per: Tensor, total: Tensor, ord: float) -> None:
+    linf = math.isinf(ord)
+    partials = _scratch(plan, "partials", (max(plan.slots, 1),))
+    for grp in plan.groups:
+        elem, st, _, ct = TYPES[grp.key]
+        launch(
+            _norms_kernel,
+            grp.programs,
+            grp.meta,
+            grp.work,
+            partials,
+            CHUNK=plan.chunk,
+            BLOCK=plan.block,
+            VEC=grp.vec,
+            ELEM=elem,
+            ST=st,
+            CT=ct,
+            LINF=linf,
+        )
+    _finalize(plan, partials, per, total, 1, 1 if linf else 0)
 
 
 def grad_stats_(
@@ -95,29 +106,35 @@ def grad_stats_(
         plan = Plan(
             device, [grads, accum, params, backups], [g.dtype for g in grads], scalars=(accum_weight, adaptive_eta)
         )
-        partials = torch.empty(max(plan.slots, 1), 3, dtype=torch.float64, device=device)
-        for grp in plan.groups:
-            elem, st, _, ct = TYPES[grp.key]
-            launch(
-                _grad_stats_kernel,
-                grp.programs,
-                grp.meta,
-                grp.work,
-                plan.scal,
-                partials,
-                CHUNK=plan.chunk,
-                BLOCK=plan.block,
-                VEC=grp.vec,
-                ELEM=elem,
-                ST=st,
-                CT=ct,
-                HAS_ACC=bool(accum),
-                ACC_INIT=bool(accum) and bool(accum_init),
-                ADAPTIVE=adaptive_eta >= 0,
-                HAS_DELTA=bool(backups),
-            )
-        _finalize(plan, partials, out, out, 3, 2)
+        _grad_stats_launch(plan, out, bool(accum), bool(accum_init), adaptive_eta, bool(backups))
     return out
+
+
+def _grad_stats_launch(
+    plan: Plan, out: Tensor, has_acc: bool, accum_init: bool, adaptive_eta: float, has_delta: bool
+) -> None:
+    partials = _scratch(plan, "partials", (max(plan.slots, 1), 3))
+    for grp in plan.groups:
+        elem, st, _, ct = TYPES[grp.key]
+        launch(
+            _grad_stats_kernel,
+            grp.programs,
+            grp.meta,
+            grp.work,
+            plan.scal,
+            partials,
+            CHUNK=plan.chunk,
+            BLOCK=plan.block,
+            VEC=grp.vec,
+            ELEM=elem,
+            ST=st,
+            CT=ct,
+            HAS_ACC=has_acc,
+            ACC_INIT=has_acc and accum_init,
+            ADAPTIVE=adaptive_eta >= 0,
+            HAS_DELTA=has_delta,
+        )
+    _finalize(plan, partials, out, out, 3, 2)
 
 
 def ascent_step_(
@@ -138,28 +155,34 @@ def ascent_step_(
     device = params[0].device
     with _device_guard("ascent_step_", device):
         plan = Plan(device, [params, grads, backups], [w.dtype for w in params], scalars=(adaptive_eta,))
-        for grp in plan.groups:
-            elem, st, itype, ct = TYPES[grp.key]
-            launch(
-                _ascent_kernel,
-                grp.programs,
-                grp.meta,
-                grp.work,
-                plan.scal,
-                step_coef,
-                proj,
-                CHUNK=plan.chunk,
-                BLOCK=plan.block,
-                VEC=grp.vec,
-                ELEM=elem,
-                ST=st,
-                ITYPE=itype,
-                CT=ct,
-                LINF=norm == "linf",
-                FIRST=bool(first),
-                ADAPTIVE=adaptive_eta >= 0,
-                ZERO_GRADS=bool(zero_grads),
-            )
+        _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
+
+
+def _ascent_launch(
+    plan: Plan, step_coef: Tensor, proj: Tensor, norm: str, first: bool, adaptive_eta: float, zero_grads: bool
+) -> None:
+    for grp in plan.groups:
+        elem, st, itype, ct = TYPES[grp.key]
+        launch(
+            _ascent_kernel,
+            grp.programs,
+            grp.meta,
+            grp.work,
+            plan.scal,
+            step_coef,
+            proj,
+            CHUNK=plan.chunk,
+            BLOCK=plan.block,
+            VEC=grp.vec,
+            ELEM=elem,
+            ST=st,
+            ITYPE=itype,
+            CT=ct,
+            LINF=norm == "linf",
+            FIRST=bool(first),
+            ADAPTIVE=adaptive_eta >= 0,
+            ZERO_GRADS=bool(zero_grads),
+        )
 
 
 def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
@@ -168,18 +191,21 @@ def restore_(params: list[Tensor], backups: list[Tensor]) -> None:
         return
     device = params[0].device
     with _device_guard("restore_", device):
-        plan = Plan(device, [params, backups], [w.element_size() for w in params])
-        for grp in plan.groups:
-            launch(
-                _restore_kernel,
-                grp.programs,
-                grp.meta,
-                grp.work,
-                CHUNK=plan.chunk,
-                BLOCK=plan.block,
-                VEC=grp.vec,
-                ITYPE=INT_OF_SIZE[grp.key],
-            )
+        _restore_launch(Plan(device, [params, backups], [w.element_size() for w in params]))
+
+
+def _restore_launch(plan: Plan) -> None:
+    for grp in plan.groups:
+        launch(
+            _restore_kernel,
+            grp.programs,
+            grp.meta,
+            grp.work,
+            CHUNK=plan.chunk,
+            BLOCK=plan.block,
+            VEC=grp.vec,
+            ITYPE=INT_OF_SIZE[grp.key],
+        )
 
 
 def combine_grads_(grads: list[Tensor], accum: list[Tensor], weight: float) -> None:
@@ -188,19 +214,197 @@ def combine_grads_(grads: list[Tensor], accum: list[Tensor], weight: float) -> N
         return
     device = grads[0].device
     with _device_guard("combine_grads_", device):
-        plan = Plan(device, [grads, accum], [g.dtype for g in grads], scalars=(weight,))
-        for grp in plan.groups:
-            elem, st, _, ct = TYPES[grp.key]
-            launch(
-                _combine_kernel,
-                grp.programs,
-                grp.meta,
-                grp.work,
-                plan.scal,
-                CHUNK=plan.chunk,
-                BLOCK=plan.block,
-                VEC=grp.vec,
-                ELEM=elem,
-                ST=st,
-                CT=ct,
+        _combine_launch(Plan(device, [grads, accum], [g.dtype for g in grads], scalars=(weight,)))
+
+
+def _combine_launch(plan: Plan) -> None:
+    for grp in plan.groups:
+        elem, st, _, ct = TYPES[grp.key]
+        launch(
+            _combine_kernel,
+            grp.programs,
+            grp.meta,
+            grp.work,
+            plan.scal,
+            CHUNK=plan.chunk,
+            BLOCK=plan.block,
+            VEC=grp.vec,
+            ELEM=elem,
+            ST=st,
+            CT=ct,
+        )
+
+
+# ---- the ops on a TensorLists handle (fastperturb/ops/lists.py) ---------------------------------------------
+# The handle was validated when built; each call re-checks its fingerprint and the params' .grad in C++ (no
+# tensor list crosses into Python) and reuses the launch plan cached on the handle, device buffer included; only
+# the scalars are rewritten. A plan holding gradient pointers is rebuilt when a gradient moved (the handle's
+# grads generation). Lists by role: params, backups, accum; gradients: the params' .grad.
+
+_PARAMS, _BACKUPS, _ACCUM = 0, 1, 2
+
+
+def _lists_plan(lists, op: str, key: tuple, uses_grads: bool, used: list[int], build) -> Plan:
+    """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks of
+    the ``used`` lists (and of the params' gradients if ``uses_grads``: against the params' fingerprint)."""
+    h = lists.handle
+    if used:
+        h.check(op, used)
+    gen = h.refresh_grads(_PARAMS, op) if uses_grads else 0
+    full_key = (op, Tuning.chunk_size, Tuning.block_size) + key
+    hit = lists.plans.get(full_key)
+    if hit is None or hit[0] != gen:
+        hit = lists.plans[full_key] = (gen, build())
+    return hit[1]
+
+
+def _require(lists, op: str, *roles: int) -> None:
+    names = {_BACKUPS: "backups", _ACCUM: "accum"}
+    for r in roles:
+        have = (lists.params, lists.backups, lists.accum)[r]
+        if lists.params and not have:
+            raise ValueError(f"{op}: the TensorLists handle has no {names[r]} list; build it with one")
+
+
+def norms_lists(lists, ord: float) -> tuple[Tensor, Tensor]:
+    op = "norms_lists"
+    if not (ord == 2.0 or math.isinf(ord) and ord > 0):
+        raise ValueError(f"ord must be 2 or inf, got {ord}")
+    device = lists.device
+    with _device_guard(op, device):
+        n = len(lists.params)
+        per = torch.empty(n, dtype=torch.float32, device=device)
+        total = torch.empty((), dtype=torch.float32, device=device)
+        if n == 0:
+            return per, total.zero_()
+        plan = _lists_plan(
+            lists, op, (), False, [_PARAMS], lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
+        )
+        _norms_launch(plan, per, total, ord)
+    return per, total
+
+
+def grad_stats_lists_(
+    lists,
+    *,
+    with_accum: bool,
+    with_params: bool,
+    with_backups: bool,
+    accum_weight: float = 1.0,
+    accum_init: bool = False,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    op = "grad_stats_lists_"
+    if with_backups and not with_params:
+        raise ValueError("backups given without params: the perturbation d = params - backups needs both")
+    if adaptive_eta >= 0 and lists.params and not with_params:
+        raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
+    V.check_finite("accum_weight", accum_weight)
+    V.check_finite("adaptive_eta", adaptive_eta)
+    _require(lists, op, *([_ACCUM] if with_accum else []), *([_BACKUPS] if with_backups else []))
+    device = lists.device
+    with _device_guard(op, device):
+        n = len(lists.params)
+        out = torch.empty(n, 3, dtype=torch.float32, device=device)
+        if n == 0:
+            return out
+
+        def build() -> Plan:
+            grads = lists.handle.grads_of(_PARAMS, op)
+            return Plan(
+                device,
+                [
+                    grads,
+                    lists.accum if with_accum else [],
+                    lists.params if with_params else [],
+                    lists.backups if with_backups else [],
+                ],
+                [g.dtype for g in grads],
+                scalars=(accum_weight, adaptive_eta),
             )
+
+        used = [r for r, on in ((_ACCUM, with_accum), (_PARAMS, with_params), (_BACKUPS, with_backups)) if on]
+        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), True, used, build)
+        plan.set_scalars((accum_weight, adaptive_eta))
+        _grad_stats_launch(plan, out, with_accum, accum_init, adaptive_eta, with_backups)
+        if with_accum:
+            lists.handle.bump_versions(_ACCUM, False)
+    return out
+
+
+def ascent_step_lists_(
+    lists,
+    step_coef: Tensor,
+    proj: Tensor,
+    *,
+    norm: str = "l2",
+    first: bool = False,
+    adaptive_eta: float = -1.0,
+    zero_grads: bool = False,
+) -> None:
+    op = "ascent_step_lists_"
+    n = len(lists.params)
+    V.check_coef("step_coef", step_coef, n, lists.device if n else None)
+    V.check_coef("proj", proj, n, lists.device if n else None)
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+    V.check_finite("adaptive_eta", adaptive_eta)
+    _require(lists, op, _BACKUPS)
+    if not n:
+        return
+    device = lists.device
+    with _device_guard(op, device):
+
+        def build() -> Plan:
+            grads = lists.handle.grads_of(_PARAMS, op)
+            return Plan(
+                device, [lists.params, grads, lists.backups], [w.dtype for w in lists.params], scalars=(adaptive_eta,)
+            )
+
+        plan = _lists_plan(lists, op, (), True, [_PARAMS, _BACKUPS], build)
+        plan.set_scalars((adaptive_eta,))
+        _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
+    h = lists.handle
+    h.bump_versions(_PARAMS, False)
+    if first:
+        h.bump_versions(_BACKUPS, False)
+    if zero_grads:
+        h.bump_versions(_PARAMS, True)
+
+
+def restore_lists_(lists) -> None:
+    op = "restore_lists_"
+    _require(lists, op, _BACKUPS)
+    if not lists.params:
+        return
+    device = lists.device
+    with _device_guard(op, device):
+        plan = _lists_plan(
+            lists,
+            op,
+            (),
+            False,
+            [_PARAMS, _BACKUPS],
+            lambda: Plan(device, [lists.params, lists.backups], [w.element_size() for w in lists.params]),
+        )
+        _restore_launch(plan)
+    lists.handle.bump_versions(_PARAMS, False)
+
+
+def combine_grads_lists_(lists, weight: float) -> None:
+    op = "combine_grads_lists_"
+    V.check_finite("weight", weight)
+    _require(lists, op, _ACCUM)
+    if not lists.params:
+        return
+    device = lists.device
+    with _device_guard(op, device):
+
+        def build() -> Plan:
+            grads = lists.handle.grads_of(_PARAMS, op)
+            return Plan(device, [grads, lists.accum], [g.dtype for g in grads], scalars=(weight,))
+
+        plan = _lists_plan(lists, op, (), True, [_ACCUM], build)
+        plan.set_scalars((weight,))
+        _combine_launch(plan)
+    lists.handle.bump_versions(_PARAMS, True)

@@ -109,3 +109,14 @@ class Plan:
             Group(key, vec, buf[mo : mo + ml], buf[wo : wo + wl], programs)
             for key, vec, mo, ml, wo, wl, programs in layout
         ]
+        self.scalars = tuple(float(x) for x in scalars)
+        #: scratch buffers of a cached plan (e.g. the reduction partials), reused by the next call
+        self.scratch: dict[str, Tensor] = {}
+
+    def set_scalars(self, scalars: Sequence[float]) -> None:
+        """Rewrite the scalars in place (a cached plan reused with other scalars: one tiny copy, no re-plan)."""
+        scalars = tuple(float(x) for x in scalars)
+        if scalars != self.scalars:
+            bits = torch.tensor([f64_bits(x) for x in scalars], dtype=torch.int64)
+            self.scal.copy_(bits, non_blocking=self.scal.device.type == "cuda")
+            self.scalars = scalars

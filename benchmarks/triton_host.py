@@ -1,0 +1,126 @@
+"""The host side of the Triton ops: ``python -m benchmarks.triton_host [--tensors 1000] [--json FILE]``.
+
+On a GPU the Triton kernels of a SAM cycle take microseconds; what decides the op time there is the work the
+host does before each launch (validation, the launch plan, its device buffer). This times that work alone: the
+kernel launches are stubbed out (counted, not run), so it runs anywhere Triton imports, under the interpreter
+on CPU tensors (the process re-runs itself with ``TRITON_INTERPRET=1`` when needed). Every op is timed called
+with tensor lists (the plan rebuilt on every call) and on a :class:`fastperturb.ops.TensorLists` handle (the
+plan and its buffer cached, only the scalars rewritten), after a first call, on ``--tensors`` tensors of
+``--numel`` float32 elements each. The tensors' size does not matter to the host side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def _best_us(fn: Callable[[], object], reps: int, rounds: int) -> tuple[float, float]:
+    """(min, median) over ``rounds`` of the mean time of ``reps`` calls, in microseconds."""
+    fn()
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        per.append((time.perf_counter() - t0) / reps * 1e6)
+    per.sort()
+    return per[0], per[len(per) // 2]
+
+
+def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
+    import torch
+
+    from fastperturb import ops
+    from fastperturb.ops import dispatch
+    from fastperturb.ops.triton import impls
+
+    launches = []
+    impls.launch = lambda kernel, grid, *a, **k: launches.append(grid)  # the stub: the host work only
+
+    torch.manual_seed(0)
+    params = [torch.randn(numel) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    backups = [torch.empty_like(p) for p in params]
+    accum = [torch.zeros_like(p) for p in params]
+    grads = [p.grad for p in params]
+    lists = ops.TensorLists(params, backups, accum)
+    step = torch.full((n,), 1e-3)
+    proj = torch.ones(n)
+    cases = {
+        "restore_": (lambda: ops.restore_(params, backups), lambda: ops.restore_lists_(lists)),
+        "grad_stats_": (lambda: ops.grad_stats_(grads), lambda: ops.grad_stats_lists_(lists)),
+        "grad_stats_ (accum, delta)": (
+            lambda: ops.grad_stats_(grads, accum, params, backups, accum_weight=0.5),
+            lambda: ops.grad_stats_lists_(
+                lists, with_accum=True, with_params=True, with_backups=True, accum_weight=0.5
+            ),
+        ),
+        "ascent_step_": (
+            lambda: ops.ascent_step_(params, grads, backups, step, proj, first=True),
+            lambda: ops.ascent_step_lists_(lists, step, proj, first=True),
+        ),
+        "combine_grads_": (
+            lambda: ops.combine_grads_(grads, accum, 0.5),
+            lambda: ops.combine_grads_lists_(lists, 0.5),
+        ),
+        "norms": (lambda: ops.norms(params), lambda: ops.norms_lists(lists)),
+    }
+    out = []
+    with dispatch.use_backend("triton"):
+        for name, (with_lists, with_handle) in cases.items():
+            for how, fn in (("lists", with_lists), ("handle", with_handle)):
+                launches.clear()
+                fn()
+                per_call = len(launches)
+                lo, med = _best_us(fn, reps, rounds)
+                out.append(
+                    {
+                        "op": name,
+                        "call": how,
+                        "tensors": n,
+                        "min_us": round(lo, 1),
+                        "median_us": round(med, 1),
+                        "launches_per_call": per_call,
+                    }
+                )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.triton_host", description=__doc__.split("\n")[0])
+    p.add_argument("--tensors", type=int, default=1000)
+    p.add_argument("--numel", type=int, default=16)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--json", default=None, help="also write the records to this file")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
+        # The interpreter must be chosen before triton is imported: run again in a child that has it.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "benchmarks.triton_host", *(argv if argv is not None else sys.argv[1:])]
+        return subprocess.call(cmd, env=env)
+    import torch
+
+    recs = measure(args.tensors, args.numel, args.reps, args.rounds)
+    print(
+        f"Triton host side per op call, launches stubbed; {args.tensors} tensors; torch threads "
+        f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'op':28s} {'call':7s} {'min us':>9s} {'median us':>10s} {'launches':>9s}")
+    for r in recs:
+        print(f"{r['op']:28s} {r['call']:7s} {r['min_us']:9.1f} {r['median_us']:10.1f} {r['launches_per_call']:9d}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"loadavg": os.getloadavg(), "records": recs}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+// torch.classes.fastperturb.TensorLists (common/tensor_lists.h) and the ops that take one instead of tensor
+// lists. The handle ops compute exactly what the list ops of schemas.h compute; they read the lists by role:
+// list 0 holds the tensors (params), list 1 their backups, list 2 the accumulators (absent lists are empty), and
+// the gradients are the .grad of list 0. The CPU kernels are in cpu/ops.cpp; the Triton backend takes the same
+// handle (fastperturb/ops/triton/impls.py).
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include "common/tensor_lists.h"
+#include "cpu/list_ops.h"
+#include "fastperturb/list_schemas.h"
+
+namespace {
+
+const auto tensor_lists_class =
+    torch::class_<fastperturb::TensorLists>("fastperturb", "TensorLists")
+        .def(torch::init<std::vector<std::vector<at::Tensor>>, std::vector<std::string>>())
+        .def("size", &fastperturb::TensorLists::size)
+        .def("num_lists", &fastperturb::TensorLists::num_lists)
+        .def("current", &fastperturb::TensorLists::current)
+        .def("serial", &fastperturb::TensorLists::serial)
+        .def("grads_generation", &fastperturb::TensorLists::grads_generation)
+        .def("list",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k) {
+               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
+               return self->list(static_cast<size_t>(k)).vec();
+             })
+        // The fingerprint of lists `which` (all if empty).
+        .def("check",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
+                std::vector<int64_t> which) {
+               if (which.empty()) return self->check(op.c_str());
+               for (int64_t k : which) self->check(op.c_str(), {static_cast<size_t>(k)});
+             })
+        // The gradients checked and their generation (grads_of without handing the tensors to Python).
+        .def("refresh_grads",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
+               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
+               self->grads_of(static_cast<size_t>(k), op.c_str(), false);
+               return self->grads_generation();
+             })
+        // Version-counter bumps of list k (or of its tensors' .grad) after a backend outside C++ wrote them.
+        .def("bump_versions",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, bool grads) {
+               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
+               for (const at::Tensor& t : self->list(static_cast<size_t>(k))) {
+                 const at::Tensor& w = grads ? t.grad() : t;
+                 if (w.defined()) w.unsafeGetTensorImpl()->bump_version();
+               }
+             })
+        .def("grads_of",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
+               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
+               return self->grads_of(static_cast<size_t>(k), op.c_str());
+             });
+
+}  // namespace
+
+// After the class: the schemas name it, so it must be registered first (same translation unit, so in order).
+TORCH_LIBRARY_FRAGMENT(fastperturb, m) {
+  for (const char* schema : fastperturb::schemas::kAllLists) m.def(schema);
+}
+
+// The CPU kernels (cpu/ops.cpp). No list arguments to dispatch on (only the handle, and for ascent the coefficient
+// tensors): one kernel serves every key, and refuses a handle whose tensors are not on the CPU.
+TORCH_LIBRARY_IMPL(fastperturb, CompositeExplicitAutograd, m) {
+  using namespace fastperturb::cpu;
+  m.impl("norms_lists", &norms_lists);
+  m.impl("grad_stats_lists_", &grad_stats_lists);
+  m.impl("ascent_step_lists_", &ascent_step_lists);
+  m.impl("restore_lists_", &restore_lists);
+  m.impl("combine_grads_lists_", &combine_grads_lists);
+}

@@ -1,0 +1,97 @@
+"""Persistent handles on a parameter list and its buffers, so repeated op calls skip the per-call costs.
+
+An op call through ``torch.ops`` converts every tensor list argument (about 0.1 us per tensor per list),
+re-checks every tensor and re-plans the work: on a thousand small tensors that is most of a SAM cycle's time.
+A :class:`TensorLists` is built once per parameter list (params, their backups, optionally accumulators),
+validated once with the checks of the list ops, and then passed to the ``*_lists`` ops of
+:mod:`fastperturb.ops` in place of the lists. The compiled handle (``torch.classes.fastperturb.TensorLists``,
+``csrc/common/tensor_lists.h``) keeps the tensors alive and a fingerprint of each (data pointer, shape, strides,
+dtype, device) that every call re-checks in C++; it keeps the CPU work plan, and the Triton backend keeps its
+launch plans (device buffers included) on the Python object. Gradients are the ``.grad`` of the params, read and
+checked on every call.
+
+:class:`ListsCache` is the generic way to hold one: it returns the same handle while the lists hold the same
+tensors (by identity) and builds a new one otherwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import native
+from . import validation as V
+
+#: Roles of the lists in a handle (the order of ``csrc/include/fastperturb/list_schemas.h``).
+ROLES = ("params", "backups", "accum")
+
+
+class TensorLists:
+    """Parallel tensor lists held for repeated op calls: ``params``, ``backups`` and ``accum`` (both optional).
+
+    Building it validates the lists like the list ops do (same errors). The tensors must then keep their storage
+    and shape: an op on a handle whose tensor changed (``p.data = ...``, an in-place resize) raises and asks for a
+    new handle. ``plans`` is free for backends to cache per-op launch plans in (the Triton backend does).
+    """
+
+    __slots__ = ("params", "backups", "accum", "device", "handle", "plans", "__weakref__")
+
+    def __init__(self, params: Sequence[Tensor], backups: Sequence[Tensor] = (), accum: Sequence[Tensor] = ()):
+        self.params, self.backups, self.accum = list(params), list(backups), list(accum)
+        self.device = V.first_device(self.params, self.backups, self.accum)
+        #: the compiled handle, or None without the extension (the ops then take the lists)
+        self.handle: Optional[Any] = None
+        if native.load_error is None:
+            self.handle = torch.classes.fastperturb.TensorLists([self.params, self.backups, self.accum], list(ROLES))
+        else:  # the reference backend: validated alike all the same
+            V.check_grad_stats(self.params, self.accum, self.params, self.backups, 1.0, -1.0)
+        self.plans: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def grads(self) -> list[Tensor]:
+        """The ``.grad`` of the params (what the ops on this handle read as the gradients)."""
+        return [p.grad for p in self.params]
+
+    def holds(self, params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor]) -> bool:
+        """Whether these are the handle's tensors, one by one, in the same order."""
+        return all(
+            len(mine) == len(theirs) and all(map(operator.is_, mine, theirs))
+            for mine, theirs in ((self.params, params), (self.backups, backups), (self.accum, accum))
+        )
+
+
+class ListsCache:
+    """One :class:`TensorLists` per distinct set of lists, reused while the caller passes the same tensors.
+
+    The key is the identity of every tensor (``id``): the cached handle holds the tensors, so an id cannot be
+    reused by a new tensor while its entry lives. A handle whose tensors changed storage or shape since it was
+    built is replaced. Keeps the latest ``size`` entries.
+    """
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._entries: dict[tuple, TensorLists] = {}
+
+    def get(
+        self, params: Sequence[Tensor], backups: Sequence[Tensor] = (), accum: Sequence[Tensor] = ()
+    ) -> TensorLists:
+        key = (tuple(map(id, params)), tuple(map(id, backups)), tuple(map(id, accum)))
+        hit = self._entries.get(key)
+        if hit is not None and hit.handle is not None and not hit.handle.current():
+            # Same tensors, but one's storage or shape changed (e.g. `module.to()` assigns `.data`): a new handle.
+            del self._entries[key]
+            hit = None
+        if hit is None:
+            hit = TensorLists(params, backups, accum)
+            while len(self._entries) >= self.size:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = hit
+        return hit
+
+    def clear(self) -> None:
+        self._entries.clear()

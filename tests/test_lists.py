@@ -1,0 +1,352 @@
+"""TensorLists handles (fastperturb/ops/lists.py, csrc/common/tensor_lists.h): the ops on a handle compute what
+the list ops compute, bit for bit, and a handle is never used on tensors it was not built for (replaced,
+resized, re-pointed, freed and reused), on the C++ backend. The Triton backend's handle path: tests/test_triton.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+
+import fastperturb as fp
+from fastperturb import ops
+from fastperturb.engine import Cycle, PerturbSpec, grads_of, run_cycle
+from fastperturb.ops import dispatch, reference
+
+pytestmark = pytest.mark.usefixtures("native")
+
+SHAPES = [(5, 3), (7,), (2, 3, 4), (1,), (0,), (300,)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32, torch.float32]
+
+
+def _setup(seed: int = 0, dtypes=DTYPES):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g).to(d) for s, d in zip(SHAPES, dtypes)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    backups = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    accum = [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    return params, backups, accum
+
+
+def _clone(ts):
+    return [t.clone() for t in ts]
+
+
+def _bits_equal(a, b):
+    """Same dtype, shape and bits (NaNs included)."""
+
+    def raw(t):
+        return t.detach().contiguous().view(-1).view(torch.uint8)
+
+    return len(a) == len(b) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b)
+    )
+
+
+def _twin_states():
+    """Two identical (params, backups, accum) sets: one for the list ops, one for the handle ops."""
+    p1, b1, a1 = _setup()
+    p2, b2, a2 = _clone(p1), _clone(b1), _clone(a1)
+    for x, y in zip(p1, p2):
+        y.grad = x.grad.clone()
+    return (p1, b1, a1), (p2, b2, a2)
+
+
+@pytest.mark.parametrize(
+    "flags", [(False, False, False), (True, False, False), (True, True, True), (False, True, True)]
+)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_grad_stats_on_handle_equals_list_op(flags, adaptive):
+    with_accum, with_params, with_backups = flags
+    if adaptive and not with_params:
+        pytest.skip("adaptive needs params")
+    (p1, b1, a1), (p2, b2, a2) = _twin_states()
+    eta = 0.01 if adaptive else -1.0
+    want = ops.grad_stats_(
+        [p.grad for p in p1],
+        a1 if with_accum else [],
+        p1 if with_params else [],
+        b1 if with_backups else [],
+        accum_weight=0.25,
+        adaptive_eta=eta,
+    )
+    lists = ops.TensorLists(p2, b2, a2)
+    got = ops.grad_stats_lists_(
+        lists,
+        with_accum=with_accum,
+        with_params=with_params,
+        with_backups=with_backups,
+        accum_weight=0.25,
+        adaptive_eta=eta,
+    )
+    assert torch.equal(got, want)
+    assert _bits_equal(a2, a1)
+    # and what the reference computes (the list ops' own tests hold them to it exactly; here: closely)
+    ref = reference.grad_stats_(
+        [p.grad for p in p2],
+        _clone(a2) if with_accum else [],
+        p2 if with_params else [],
+        b2 if with_backups else [],
+        accum_weight=0.25,
+        adaptive_eta=eta,
+    )
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("zero_grads", [True, False])
+def test_ascent_restore_combine_norms_on_handle_equal_list_ops(norm, first, zero_grads):
+    (p1, b1, a1), (p2, b2, a2) = _twin_states()
+    n = len(p1)
+    step = torch.linspace(0.01, 0.2, n)
+    proj = torch.linspace(0.5, 1.0, n)
+    g1 = [p.grad for p in p1]
+    ops.ascent_step_(p1, g1, b1, step, proj, norm=norm, first=first, zero_grads=zero_grads)
+    lists = ops.TensorLists(p2, b2, a2)
+    ops.ascent_step_lists_(lists, step, proj, norm=norm, first=first, zero_grads=zero_grads)
+    assert _bits_equal(p2, p1) and _bits_equal(b2, b1) and _bits_equal([p.grad for p in p2], g1)
+
+    for o in (2.0, math.inf):
+        for x, y in zip(ops.norms(p1, o), ops.norms_lists(lists, o)):
+            assert torch.equal(x, y)
+
+    ops.combine_grads_([p.grad for p in p1], a1, 0.5)
+    ops.combine_grads_lists_(lists, 0.5)
+    assert _bits_equal([p.grad for p in p2], [p.grad for p in p1])
+
+    ops.restore_(p1, b1)
+    ops.restore_lists_(lists)
+    assert _bits_equal(p2, p1) and _bits_equal(p2, b2)
+
+
+def test_handle_ops_bump_the_version_counters_of_what_they_write():
+    params, backups, accum = _setup()
+    lists = ops.TensorLists(params, backups, accum)
+    before = [t._version for t in params + backups + accum + [p.grad for p in params]]
+    ops.ascent_step_lists_(lists, torch.ones(len(params)), torch.ones(len(params)), first=True, zero_grads=True)
+    ops.grad_stats_lists_(lists, with_accum=True)
+    after = [t._version for t in params + backups + accum + [p.grad for p in params]]
+    assert all(a > b for a, b in zip(after, before))
+
+
+def test_building_a_handle_validates_like_the_list_ops():
+    params, backups, _ = _setup()
+    with pytest.raises(ValueError, match=r"backups\[2\] has shape"):
+        ops.TensorLists(params, backups[:2] + [torch.zeros(3)] + backups[3:])
+    with pytest.raises(ValueError, match="backups has 5 tensors but params has 6"):
+        ops.TensorLists(params, backups[:5])
+    with pytest.raises(TypeError, match=r"params\[0\] has dtype torch.int64"):
+        ops.TensorLists([torch.zeros(3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="dense and non-overlapping"):
+        ops.TensorLists([torch.zeros(4, 4)[:, ::2]])
+    lists = ops.TensorLists(params)  # no backups: the ops that need them say so
+    with pytest.raises(ValueError, match="has no backups list"):
+        ops.restore_lists_(lists)
+    with pytest.raises(ValueError, match="has no accum list"):
+        ops.grad_stats_lists_(lists, with_accum=True)
+
+
+# ---- invalidation --------------------------------------------------------------------------------------------
+
+
+def test_a_tensor_given_new_storage_or_shape_is_refused_and_nothing_is_written():
+    for change in ("data", "resize", "set"):
+        params, backups, _ = _setup()
+        lists = ops.TensorLists(params, backups)
+        if change == "data":
+            params[2].data = torch.randn(params[2].shape)  # same shape, new storage
+        elif change == "resize":
+            params[5].resize_(600)
+        else:
+            params[0].set_(torch.randn(15).view(5, 3))
+        kept = _clone(params)
+        with pytest.raises(ValueError, match=r"params\[\d\] changed since its TensorLists handle was built"):
+            ops.restore_lists_(lists)
+        assert _bits_equal(params, kept)
+
+
+def test_a_backup_resized_behind_the_handle_is_refused():
+    params, backups, _ = _setup()
+    lists = ops.TensorLists(params, backups)
+    backups[1].resize_(3)
+    with pytest.raises(ValueError, match=r"backups\[1\] changed since"):
+        ops.restore_lists_(lists)
+
+
+def test_gradients_are_read_on_every_call_and_checked():
+    params, backups, _ = _setup()
+    lists = ops.TensorLists(params, backups)
+    ops.grad_stats_lists_(lists)
+    for p in params:  # a training loop's zero_grad(set_to_none=True) and the next backward
+        p.grad = torch.full_like(p, 2.0)
+    stats = ops.grad_stats_lists_(lists)
+    want = torch.tensor([4.0 * p.numel() for p in params])
+    torch.testing.assert_close(stats[:, 0], want)
+    params[3].grad = None
+    with pytest.raises(TypeError, match=r"params\[3\]\.grad is None"):
+        ops.grad_stats_lists_(lists)
+    params[3].grad = torch.zeros(1, dtype=params[3].dtype)
+    params[3].grad.resize_(2)  # (torch refuses to assign a gradient of another shape, not to resize one)
+    with pytest.raises(ValueError, match=r"params\[3\]\.grad has shape \(2,\) but params\[3\] has shape \(1,\)"):
+        ops.grad_stats_lists_(lists)
+    params[3].grad_dtype = None  # torch refuses a gradient of another dtype unless told
+    params[3].grad = torch.zeros(1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"params\[3\]\.grad has dtype torch.float64"):
+        ops.grad_stats_lists_(lists)
+
+
+def test_cache_gives_a_new_handle_for_a_new_list_a_replaced_tensor_or_a_changed_one():
+    params, backups, _ = _setup()
+    cache = ops.ListsCache()
+    h = cache.get(params, backups)
+    assert cache.get(params, backups) is h
+    assert cache.get(list(params), list(backups)) is h  # same tensors, other list objects
+    # a tensor replaced in the list
+    swapped = list(params)
+    swapped[1] = params[1].clone()
+    swapped[1].grad = params[1].grad
+    h2 = cache.get(swapped, backups)
+    assert h2 is not h and h2.params[1] is swapped[1]
+    # a new list altogether
+    other, other_b, _ = _setup(seed=1)
+    assert cache.get(other, other_b) not in (h, h2)
+    # a tensor whose storage changed (module.to() assigns .data): a fresh handle on the same tensors
+    params[4].data = torch.zeros(0)
+    h3 = cache.get(params, backups)
+    assert h3 is not h
+    ops.restore_lists_(h3)
+    assert _bits_equal(params, backups)
+
+
+def test_freed_tensors_memory_reused_never_reaches_a_stale_handle():
+    cache = ops.ListsCache(size=1)
+    params, backups, _ = _setup()
+    h = cache.get(params, backups)
+    alive = [weakref.ref(t) for t in params]
+    ids = [id(t) for t in params]
+    del params
+    gc.collect()
+    # the handle keeps its tensors alive, so their ids (and memory) cannot be taken by new tensors
+    assert all(r() is not None for r in alive)
+    new_params, new_backups, _ = _setup(seed=3)
+    assert not set(map(id, new_params)) & set(ids)
+    h2 = cache.get(new_params, new_backups)
+    assert h2 is not h
+    # evicted (size=1): the old tensors are released, and a handle on new tensors at their addresses works
+    del h
+    gc.collect()
+    assert all(r() is None for r in alive)
+    newer, newer_b, _ = _setup(seed=4)
+    ops.restore_lists_(cache.get(newer, newer_b))
+    assert _bits_equal(newer, newer_b)
+
+
+# ---- the engine and the optimizer -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        PerturbSpec(norm="l2", scope="global"),
+        PerturbSpec(norm="l2", scope="layer", adaptive_eta=0.01),
+        PerturbSpec(norm="l2", scope="layer", relative=True),
+        PerturbSpec(norm="linf", scope="layer", steps=2, include_clean=True),
+        PerturbSpec(norm="l2", scope="global", steps=3, include_clean=True),
+    ],
+)
+def test_a_cycle_on_a_handle_equals_one_on_lists(spec):
+    def run(use_handle: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        x, y = torch.randn(8, 4), torch.randn(8, 2)
+        params = list(model.parameters())
+        perturbed, passive = params[:3], params[3:]
+
+        def closure(k=0):
+            model.zero_grad(set_to_none=False)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        closure()
+        backups = [torch.empty_like(p) for p in perturbed]
+        accum = [torch.empty_like(p) for p in perturbed] if spec.accumulates else []
+        passive_accum = [torch.empty_like(p) for p in passive] if spec.accumulates else []
+        lists = ops.TensorLists(perturbed, backups, accum) if use_handle else None
+        cycle = Cycle(spec, perturbed, backups, [0.05] * 3, [0.03] * 3, accum, passive, passive_accum, lists=lists)
+        losses = run_cycle(cycle, closure)
+        return [p.detach().clone() for p in params], [p.grad.clone() for p in params], losses
+
+    w1, g1, l1 = run(False)
+    w2, g2, l2 = run(True)
+    assert _bits_equal(w1, w2) and _bits_equal(g1, g2)
+    assert [float(a.detach()) for a in l1] == [float(b.detach()) for b in l2]
+
+
+def test_a_cycle_refuses_a_handle_on_other_tensors():
+    params, backups, _ = _setup()
+    lists = ops.TensorLists(params, backups)
+    with pytest.raises(ValueError, match="handle on other tensors"):
+        Cycle(PerturbSpec(), params, [b.clone() for b in backups], [0.1] * 6, [0.1] * 6, lists=lists)
+
+
+def test_sam_steps_through_the_handle_and_survive_module_to():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    calls = []
+    real = ops.restore_lists_
+    ops.restore_lists_ = lambda lists: (calls.append(lists), real(lists))[1]
+    try:
+
+        def step(m, o):
+            def closure():
+                o.zero_grad()
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                return loss
+
+            return o.step(closure)
+
+        for _ in range(2):
+            step(model, opt)
+        assert len(calls) == 2 and calls[0] is calls[1]  # one handle, reused
+        model.double()  # assigns every parameter's .data: the wrapper builds a new handle
+        model.float()
+        step(model, opt)
+        assert len(calls) == 3 and calls[2] is not calls[0]
+    finally:
+        ops.restore_lists_ = real
+    # the same three steps on lists (handles off) give the same weights, bit for bit
+    twin_opt = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    twin_opt._lists_cache.get = lambda *a: None  # noqa: E731  (no handle: the list ops)
+    for _ in range(3):
+        step(twin, twin_opt)
+    assert _bits_equal(list(model.parameters()), list(twin.parameters()))
+
+
+def test_grads_of_matches_what_the_handle_reads():
+    params, backups, _ = _setup()
+    lists = ops.TensorLists(params, backups)
+    assert all(a is b for a, b in zip(lists.grads(), grads_of(params, 0)))
+    assert lists.holds(params, backups, [])
+    assert not lists.holds(params, [b.clone() for b in backups], [])
+
+
+def test_reference_backend_runs_the_list_ops_on_the_handles_lists():
+    (p1, b1, a1), (p2, b2, a2) = _twin_states()
+    lists = ops.TensorLists(p2, b2, a2)
+    with dispatch.use_backend("reference"):
+        got = ops.grad_stats_lists_(lists, with_accum=True)
+        want = ops.grad_stats_([p.grad for p in p1], a1)
+        ops.restore_lists_(lists)
+    assert torch.equal(got, want) and _bits_equal(p2, b2)

@@ -54,6 +54,70 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
 
 inline double add(double a, double b) { return a + b; }
 
+// Orders the streaming stores before everything after it, so the data is visible to whichever thread reads
+// it next. Once per kernel call, after its last streaming store.
+inline void stream_fence() {
+#ifdef FP_HAVE_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
+// memcpy whose stores bypass the cache (see kStreamMinBytes); stream_fence() must follow. Any alignment:
+// the destination is aligned to 16 bytes by a short memcpy head, the source is loaded unaligned.
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#ifdef FP_HAVE_STREAM_STORES
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
+  std::memcpy(d, s, static_cast<size_t>(head));
+  d += head, s += head, bytes -= head;
+  const int64_t body = bytes - bytes % 64;
+  for (int64_t i = 0; i < body; i += 64) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i v3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v0);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), v1);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), v2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), v3);
+  }
+  std::memcpy(d + body, s + body, static_cast<size_t>(bytes - body));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+#endif
+}
+
+// memset(dst, 0, bytes) with streaming stores, as stream_copy (stream_fence() must follow).
+inline void stream_zero(void* dst, int64_t bytes) {
+#ifdef FP_HAVE_STREAM_STORES
+  char* d = static_cast<char*>(dst);
+  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
+  std::memset(d, 0, static_cast<size_t>(head));
+  d += head, bytes -= head;
+  const int64_t body = bytes - bytes % 64;
+  const __m128i z = _mm_setzero_si128();
+  for (int64_t i = 0; i < body; i += 64) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), z);
+  }
+  std::memset(d + body, 0, static_cast<size_t>(bytes - body));
+#else
+  std::memset(dst, 0, static_cast<size_t>(bytes));
+#endif
+}
+
+inline void copy_entry(void* dst, const void* src, int64_t bytes) {
+  if (bytes < kStreamMinBytes) {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return;
+  }
+  stream_copy(dst, src, bytes);
+  stream_fence();
+}
+
 // Sum of squares (L2) or NaN-propagating max |x| (Linf) of one chunk.
 template <typename T, math::Norm N>
 double norm_chunk(const T* x, int64_t n) {
@@ -123,14 +187,34 @@ void ascent_t(const AscentArgs& a, int64_t n) {
   // of ascent_element fold away and the loop vectorises.
   const math::AscentCoefs<C> k{static_cast<C>(a.step), static_cast<C>(a.proj),
                                Adaptive ? static_cast<C>(a.adaptive_eta) : C(-1), N, First};
-  for (int64_t i = 0; i < n; ++i) {
-    const T old = w[i];
-    const C bi = First ? C(0) : static_cast<C>(b[i]);
-    const T nw = static_cast<T>(math::ascent_element(static_cast<C>(old), bi, static_cast<C>(g[i]), k));
-    if constexpr (First) b[i] = old;  // the backup is the stored value itself: restore is exact
-    w[i] = nw;
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const bool stream = bytes >= kStreamMinBytes;
+  if (First && stream) {
+    // The backup is write-only: stream a block of w's bits into it (the stored value itself: restore is
+    // exact), then update that block of w while it is still in L1.
+    constexpr int64_t kSub = 4096 / sizeof(T);
+    for (int64_t s = 0; s < n; s += kSub) {
+      const int64_t m = std::min(kSub, n - s);
+      stream_copy(b + s, w + s, m * static_cast<int64_t>(sizeof(T)));
+      for (int64_t i = s; i < s + m; ++i)
+        w[i] = static_cast<T>(math::ascent_element(static_cast<C>(w[i]), C(0), static_cast<C>(g[i]), k));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T old = w[i];
+      const C bi = First ? C(0) : static_cast<C>(b[i]);
+      const T nw = static_cast<T>(math::ascent_element(static_cast<C>(old), bi, static_cast<C>(g[i]), k));
+      if constexpr (First) b[i] = old;  // the backup is the stored value itself: restore is exact
+      w[i] = nw;
+    }
   }
-  if (a.zero_grads) std::memset(a.grad, 0, static_cast<size_t>(n) * sizeof(T));  // all-zero bits are +0
+  if (a.zero_grads) {  // all-zero bits are +0
+    if (stream)
+      stream_zero(a.grad, bytes);
+    else
+      std::memset(a.grad, 0, static_cast<size_t>(bytes));
+  }
+  if ((First || a.zero_grads) && stream) stream_fence();
 }
 
 template <typename T, math::Norm N>
@@ -192,7 +276,7 @@ inline void combine_entry(at::ScalarType dtype, void* grad, const void* accum, d
 #undef FP_DTYPE_SWITCH
 
 inline const KernelTable* table(const char* isa) {
-  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry};
+  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry, &copy_entry};
   return &t;
 }
 

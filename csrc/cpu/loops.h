@@ -31,9 +31,13 @@ inline compute_t<T> load(const void* p, int64_t i) {
 // K reductions over n elements; body(i, acc, lane) folds element i into
 // acc[k][lane]. Blocks of kBlock elements reduce in the compute type C; the
 // block results are folded lane-wise into double with combine(a, b), and the
-// lanes in order. The identity of every reduction here is 0.
-template <typename C, int K, typename Body, typename Combine>
-inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out) {
+// lanes in order. The identity of every reduction here is 0. After each block,
+// block_done(start, m) runs on its elements [start, start + m) while they are in
+// L1: element-wise work beside the reduction goes there, in its own loop, which
+// vectorises (stores inside body would keep the lanes from it).
+template <typename C, int K, typename Body, typename Combine, typename BlockDone>
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out,
+                        const BlockDone& block_done) {
   double total[K][kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - start);
@@ -42,6 +46,7 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
     for (int64_t j = 0; j < full; j += kLanes)
       for (int l = 0; l < kLanes; ++l) body(start + j + l, acc, l);
     for (int64_t j = full; j < m; ++j) body(start + j, acc, static_cast<int>(j - full));
+    block_done(start, m);
     for (int k = 0; k < K; ++k)
       for (int l = 0; l < kLanes; ++l) total[k][l] = combine(total[k][l], static_cast<double>(acc[k][l]));
   }
@@ -50,6 +55,11 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
     for (int l = 0; l < kLanes; ++l) s = combine(s, total[k][l]);
     out[k] = s;
   }
+}
+
+template <typename C, int K, typename Body, typename Combine>
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out) {
+  lane_reduce<C, K>(n, body, combine, out, [](int64_t, int64_t) {});
 }
 
 inline double add(double a, double b) { return a + b; }
@@ -149,6 +159,8 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
   T* acc = static_cast<T*>(a.accum);
   const C eta = static_cast<C>(a.adaptive_eta);
   const C weight = static_cast<C>(a.accum_weight);
+  // An initialised accumulator is write-only: streamed (kStreamMinBytes) from a block buffer.
+  const bool stream = A == Accum::Init && n * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   lane_reduce<C, 3>(
       n,
       [=](int64_t i, C(&s)[3][kLanes], int l) {
@@ -156,11 +168,21 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
         const C wi = (Adaptive || Delta) ? static_cast<C>(w[i]) : C(0);
         const C bi = Delta ? static_cast<C>(b[i]) : C(0);
         math::stats_element(gi, wi, bi, eta, Adaptive, Delta, s[0][l], s[1][l], s[2][l]);
-        if constexpr (A == Accum::Init) acc[i] = static_cast<T>(math::accum_element(C(0), gi, weight, true));
-        if constexpr (A == Accum::Add)
-          acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), gi, weight, false));
       },
-      add, out);
+      add, out,
+      [=](int64_t start, int64_t m) {
+        if constexpr (A == Accum::Init) {
+          T buf[kBlock];
+          T* dst = stream ? buf : acc + start;
+          for (int64_t j = 0; j < m; ++j)
+            dst[j] = static_cast<T>(math::accum_element(C(0), static_cast<C>(g[start + j]), weight, true));
+          if (stream) stream_copy(acc + start, buf, m * static_cast<int64_t>(sizeof(T)));
+        } else if constexpr (A == Accum::Add) {
+          for (int64_t i = start; i < start + m; ++i)
+            acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), static_cast<C>(g[i]), weight, false));
+        }
+      });
+  if (stream) stream_fence();
 }
 
 template <typename T, bool Adaptive, bool Delta>

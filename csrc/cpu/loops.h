@@ -36,8 +36,7 @@ inline compute_t<T> load(const void* p, int64_t i) {
 // L1: element-wise work beside the reduction goes there, in its own loop, which
 // vectorises (stores inside body would keep the lanes from it).
 template <typename C, int K, typename Body, typename Combine, typename BlockDone>
-inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out,
-                        const BlockDone& block_done) {
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out, const BlockDone& block_done) {
   double total[K][kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - start);

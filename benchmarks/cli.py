@@ -29,7 +29,8 @@ from . import report, shapes, suites, timing
 
 DEFAULT_MODELS = {
     "ops": ["resnet50"],
-    "cycle": ["resnet50", "small1000"],
+    # issue 14's targets are cycle ratios on ResNet-50 and BERT-base
+    "cycle": ["resnet50", "bert-base", "small1000"],
     "step": ["resnet50", "small1000"],
     "train": ["cnn"],
     "memory": ["bert-base"],
@@ -43,6 +44,12 @@ QUICK_MODELS = {
     "memory": ["tiny"],
     "train_loop": ["mlp"],
 }
+
+
+def _default_models_help() -> str:
+    return "; ".join(f"{s}: {','.join(DEFAULT_MODELS[s])}" for s in ("ops", "cycle", "step"))
+
+
 UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS), "train_loop": 1}
 
 
@@ -59,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated parameter lists for ops/cycle/step: built-in "
         f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
-        "(default: resnet50 for ops; resnet50,small1000 for cycle and step)",
+        f"(default: {_default_models_help()})",
     )
     p.add_argument(
         "--train-model",

@@ -31,9 +31,12 @@ inline compute_t<T> load(const void* p, int64_t i) {
 // K reductions over n elements; body(i, acc, lane) folds element i into
 // acc[k][lane]. Blocks of kBlock elements reduce in the compute type C; the
 // block results are folded lane-wise into double with combine(a, b), and the
-// lanes in order. The identity of every reduction here is 0.
-template <typename C, int K, typename Body, typename Combine>
-inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out) {
+// lanes in order. The identity of every reduction here is 0. After each block,
+// block_done(start, m) runs on its elements [start, start + m) while they are in
+// L1: element-wise work beside the reduction goes there, in its own loop, which
+// vectorises (stores inside body would keep the lanes from it).
+template <typename C, int K, typename Body, typename Combine, typename BlockDone>
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out, const BlockDone& block_done) {
   double total[K][kLanes] = {};
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t m = std::min<int64_t>(kBlock, n - start);
@@ -42,6 +45,7 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
     for (int64_t j = 0; j < full; j += kLanes)
       for (int l = 0; l < kLanes; ++l) body(start + j + l, acc, l);
     for (int64_t j = full; j < m; ++j) body(start + j, acc, static_cast<int>(j - full));
+    block_done(start, m);
     for (int k = 0; k < K; ++k)
       for (int l = 0; l < kLanes; ++l) total[k][l] = combine(total[k][l], static_cast<double>(acc[k][l]));
   }
@@ -52,7 +56,76 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
   }
 }
 
+template <typename C, int K, typename Body, typename Combine>
+inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, double* out) {
+  lane_reduce<C, K>(n, body, combine, out, [](int64_t, int64_t) {});
+}
+
 inline double add(double a, double b) { return a + b; }
+
+// Orders the streaming stores before everything after it, so the data is visible to whichever thread reads
+// it next. Once per kernel call, after its last streaming store.
+inline void stream_fence() {
+#ifdef FP_HAVE_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
+// memcpy whose stores bypass the cache (see kStreamMinBytes); stream_fence() must follow. Any alignment:
+// the destination is aligned to 16 bytes by a short memcpy head, the source is loaded unaligned.
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#ifdef FP_HAVE_STREAM_STORES
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
+  std::memcpy(d, s, static_cast<size_t>(head));
+  d += head, s += head, bytes -= head;
+  const int64_t body = bytes - bytes % 64;
+  for (int64_t i = 0; i < body; i += 64) {
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
+    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
+    const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
+    const __m128i v3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v0);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), v1);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), v2);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), v3);
+  }
+  std::memcpy(d + body, s + body, static_cast<size_t>(bytes - body));
+#else
+  std::memcpy(dst, src, static_cast<size_t>(bytes));
+#endif
+}
+
+// memset(dst, 0, bytes) with streaming stores, as stream_copy (stream_fence() must follow).
+inline void stream_zero(void* dst, int64_t bytes) {
+#ifdef FP_HAVE_STREAM_STORES
+  char* d = static_cast<char*>(dst);
+  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
+  std::memset(d, 0, static_cast<size_t>(head));
+  d += head, bytes -= head;
+  const int64_t body = bytes - bytes % 64;
+  const __m128i z = _mm_setzero_si128();
+  for (int64_t i = 0; i < body; i += 64) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), z);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), z);
+  }
+  std::memset(d + body, 0, static_cast<size_t>(bytes - body));
+#else
+  std::memset(dst, 0, static_cast<size_t>(bytes));
+#endif
+}
+
+inline void copy_entry(void* dst, const void* src, int64_t bytes) {
+  if (bytes < kStreamMinBytes) {
+    std::memcpy(dst, src, static_cast<size_t>(bytes));
+    return;
+  }
+  stream_copy(dst, src, bytes);
+  stream_fence();
+}
 
 // Sum of squares (L2) or NaN-propagating max |x| (Linf) of one chunk.
 template <typename T, math::Norm N>
@@ -85,6 +158,8 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
   T* acc = static_cast<T*>(a.accum);
   const C eta = static_cast<C>(a.adaptive_eta);
   const C weight = static_cast<C>(a.accum_weight);
+  // An initialised accumulator is write-only: streamed (kStreamMinBytes) from a block buffer.
+  const bool stream = A == Accum::Init && n * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes;
   lane_reduce<C, 3>(
       n,
       [=](int64_t i, C(&s)[3][kLanes], int l) {
@@ -92,11 +167,21 @@ void stats_t(const StatsArgs& a, int64_t n, double* out) {
         const C wi = (Adaptive || Delta) ? static_cast<C>(w[i]) : C(0);
         const C bi = Delta ? static_cast<C>(b[i]) : C(0);
         math::stats_element(gi, wi, bi, eta, Adaptive, Delta, s[0][l], s[1][l], s[2][l]);
-        if constexpr (A == Accum::Init) acc[i] = static_cast<T>(math::accum_element(C(0), gi, weight, true));
-        if constexpr (A == Accum::Add)
-          acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), gi, weight, false));
       },
-      add, out);
+      add, out,
+      [=](int64_t start, int64_t m) {
+        if constexpr (A == Accum::Init) {
+          T buf[kBlock];
+          T* dst = stream ? buf : acc + start;
+          for (int64_t j = 0; j < m; ++j)
+            dst[j] = static_cast<T>(math::accum_element(C(0), static_cast<C>(g[start + j]), weight, true));
+          if (stream) stream_copy(acc + start, buf, m * static_cast<int64_t>(sizeof(T)));
+        } else if constexpr (A == Accum::Add) {
+          for (int64_t i = start; i < start + m; ++i)
+            acc[i] = static_cast<T>(math::accum_element(static_cast<C>(acc[i]), static_cast<C>(g[i]), weight, false));
+        }
+      });
+  if (stream) stream_fence();
 }
 
 template <typename T, bool Adaptive, bool Delta>
@@ -123,14 +208,34 @@ void ascent_t(const AscentArgs& a, int64_t n) {
   // of ascent_element fold away and the loop vectorises.
   const math::AscentCoefs<C> k{static_cast<C>(a.step), static_cast<C>(a.proj),
                                Adaptive ? static_cast<C>(a.adaptive_eta) : C(-1), N, First};
-  for (int64_t i = 0; i < n; ++i) {
-    const T old = w[i];
-    const C bi = First ? C(0) : static_cast<C>(b[i]);
-    const T nw = static_cast<T>(math::ascent_element(static_cast<C>(old), bi, static_cast<C>(g[i]), k));
-    if constexpr (First) b[i] = old;  // the backup is the stored value itself: restore is exact
-    w[i] = nw;
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const bool stream = bytes >= kStreamMinBytes;
+  if (First && stream) {
+    // The backup is write-only: stream a block of w's bits into it (the stored value itself: restore is
+    // exact), then update that block of w while it is still in L1.
+    constexpr int64_t kSub = 4096 / sizeof(T);
+    for (int64_t s = 0; s < n; s += kSub) {
+      const int64_t m = std::min(kSub, n - s);
+      stream_copy(b + s, w + s, m * static_cast<int64_t>(sizeof(T)));
+      for (int64_t i = s; i < s + m; ++i)
+        w[i] = static_cast<T>(math::ascent_element(static_cast<C>(w[i]), C(0), static_cast<C>(g[i]), k));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const T old = w[i];
+      const C bi = First ? C(0) : static_cast<C>(b[i]);
+      const T nw = static_cast<T>(math::ascent_element(static_cast<C>(old), bi, static_cast<C>(g[i]), k));
+      if constexpr (First) b[i] = old;  // the backup is the stored value itself: restore is exact
+      w[i] = nw;
+    }
   }
-  if (a.zero_grads) std::memset(a.grad, 0, static_cast<size_t>(n) * sizeof(T));  // all-zero bits are +0
+  if (a.zero_grads) {  // all-zero bits are +0
+    if (stream)
+      stream_zero(a.grad, bytes);
+    else
+      std::memset(a.grad, 0, static_cast<size_t>(bytes));
+  }
+  if ((First || a.zero_grads) && stream) stream_fence();
 }
 
 template <typename T, math::Norm N>
@@ -192,7 +297,7 @@ inline void combine_entry(at::ScalarType dtype, void* grad, const void* accum, d
 #undef FP_DTYPE_SWITCH
 
 inline const KernelTable* table(const char* isa) {
-  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry};
+  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry, &copy_entry};
   return &t;
 }
 

@@ -488,7 +488,7 @@ class LookSAM(_Family):
                 f = torch.where(vv > 0, self.alpha * gg.sum().sqrt() / vv.sqrt(), torch.zeros_like(vv)).expand(n)
             else:
                 vv = self._gv_sq
-            f = torch.where(vv > 0, self.alpha * gg.sqrt() / (vv.sqrt() + 1e-8), torch.zeros_like(vv))
+                f = torch.where(vv > 0, self.alpha * gg.sqrt() / (vv.sqrt() + 1e-8), torch.zeros_like(vv))
             coef = torch.stack([torch.ones_like(f), f, torch.zeros_like(f)], 1)
             ops.lincomb_(grads, self._list("gv", self._gv, plan, grads), [], coef.float())
             return

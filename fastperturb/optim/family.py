@@ -260,9 +260,17 @@ class _Family(PerturbOptimizer):
             self._load_persistent(family.get("state", {}), self._flat_params())
 
     def __getstate__(self) -> Dict[str, Any]:
+        # The persistent state travels by parameter index (tensor identities do not survive a copy).
+        index = {p: i for i, p in enumerate(self._flat_params())}
         state = super().__getstate__()
-        state.update(_scratch={}, _lists={}, _cycle_plan=None, _scaler=None)
+        state.update(_scratch={}, _lists={}, _cycle_plan=None, _scaler=None, _family_saved=self._persistent(index))
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        saved = state.pop("_family_saved", None)
+        super().__setstate__(state)
+        if saved is not None:
+            self._load_persistent(saved, self._flat_params())
 
 
 _COPY = torch.tensor([0.0, 1.0, 0.0])  # lincomb_ row: out = x, exactly
@@ -394,8 +402,12 @@ class WSAM(_Family):
             ops.lincomb_(grads, g0, [], _coef(torch.tensor([a, 1.0 - a, 0.0]), n, dev))
             return
         # H = g1 - g into the backups (free once the weights are restored), then .grad = g exactly.
+        # Its squared norms (free with the write) are the non-finite check of g1, which G = g does not see.
         sharp = self._backup_list(plan)
-        ops.lincomb_(sharp, grads, g0, _coef(torch.tensor([0.0, 1.0, -1.0]), n, dev))
+        hh = self._reduced(plan, ops.lincomb_(sharp, grads, g0, _coef(torch.tensor([0.0, 1.0, -1.0]), n, dev)))
+        bad = ~torch.isfinite(hh)
+        if bool(bad.any()):
+            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
         ops.lincomb_(grads, g0, [], _coef(_COPY, n, dev))
 
     def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
@@ -561,7 +573,7 @@ class LookSAM(_Family):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        state.update(_gv={}, _gv_key=(), _gv_sq=None, _pending_gv=None)  # ids do not survive a copy: refresh
+        state.update(_gv={}, _gv_key=(), _gv_sq=None, _pending_gv=None)
         return state
 
 
@@ -708,7 +720,7 @@ class FriendlySAM(_Family):
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
-        state.update(_saved_ema={}, _undo=None, _ready_key=())
+        state.update(_ema={}, _saved_ema={}, _undo=None, _ready_key=())
         return state
 
 

@@ -390,3 +390,27 @@ def test_deepcopy_keeps_working():
         opt2 = cls(model2.parameters(), torch.optim.SGD, **kw, lr=0.1)
         opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
         opt2.step(fp_closure(model2, 1))
+
+
+@pytest.mark.parametrize("name", ["gsam", "wsam", "looksam", "fsam"])
+def test_freeze_bn_leaves_the_perturbed_passes_out(name):
+    """freeze_bn: BatchNorm counts the clean pass of each step only (LookSAM's reuse steps have no
+    other); without it the perturbed passes count too (the control)."""
+    cls, kw = PRESETS[name]
+    counts = {}
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 3)).double()
+        opt = cls(model.parameters(), torch.optim.SGD, **kw, lr=0.1, freeze_bn=model if freeze else None)
+        for step in range(4):
+            x, y = batch(step)
+
+            def closure():
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        counts[freeze] = int(model[0].num_batches_tracked)
+    refreshes = 2 if name == "looksam" else 4  # k=3 over 4 steps: t = 0 and 3
+    assert counts == {True: 4, False: 4 + refreshes}

@@ -414,3 +414,11 @@ def test_freeze_bn_leaves_the_perturbed_passes_out(name):
         counts[freeze] = int(model[0].num_batches_tracked)
     refreshes = 2 if name == "looksam" else 4  # k=3 over 4 steps: t = 0 and 3
     assert counts == {True: 4, False: 4 + refreshes}
+
+
+def test_step_without_closure_names_the_fix():
+    model = make_model()
+    with pytest.raises(TypeError, match="LookSAM has no first_step"):
+        fp.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1).step()
+    with pytest.raises(TypeError, match="two-call convention"):
+        fp.GSAM(model.parameters(), torch.optim.SGD, lr=0.1).step()

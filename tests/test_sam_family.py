@@ -422,3 +422,92 @@ def test_step_without_closure_names_the_fix():
         fp.LookSAM(model.parameters(), torch.optim.SGD, lr=0.1).step()
     with pytest.raises(TypeError, match="two-call convention"):
         fp.GSAM(model.parameters(), torch.optim.SGD, lr=0.1).step()
+
+
+def adaptive_shift(v, ws, rho):
+    """The ASAM form the presets use with adaptive=True: rho * w^2 v / || |w| v ||."""
+    n = sum(((w.abs() * x) ** 2).sum() for w, x in zip(ws, v)).sqrt()
+    return [rho * w * w * x / n for w, x in zip(ws, v)]
+
+
+@pytest.mark.parametrize("name", ["gsam", "wsam-coupled", "looksam", "fsam"])
+def test_adaptive_form(name):
+    """adaptive=True perturbs with rho*w^2 v/|| |w| v || (v = g, or FriendlySAM's d); the rest as without."""
+    cls, kw = PRESETS[name]
+    m_fp, m_ref = make_model(), make_model()
+    opt = cls(m_fp.parameters(), torch.optim.SGD, **kw, adaptive=True, lr=0.1, momentum=0.9)
+    ref = direct_for(name, m_ref, torch.optim.SGD, dict(lr=0.1, momentum=0.9))
+    global sam_shift
+    plain = sam_shift
+    try:
+        sam_shift = lambda v, rho: adaptive_shift(v, [p.detach() for p in m_ref.parameters()], rho)  # noqa: E731
+        for step in range(4):
+            opt.step(fp_closure(m_fp, step))
+            ref.step(step)
+    finally:
+        sam_shift = plain
+    for a, b in zip(m_fp.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    assert not all(torch.equal(a, b) for a, b in zip(m_fp.parameters(), make_model().parameters()))
+
+
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+def test_unperturbed_group_takes_the_last_pass_gradient(name):
+    """A perturb=False group takes no part in the rule's vectors (nor the perturbation) and descends with
+    the gradient of the step's last pass: g1 on two-pass steps, g on LookSAM's reuse steps."""
+    m_fp, m_ref = make_model(), make_model()
+    first = list(m_fp[0].parameters())
+    groups = [{"params": first}, {"params": list(m_fp[2].parameters()), "perturb": False}]
+    cls, kw = PRESETS[name]
+    opt = cls(groups, torch.optim.SGD, **kw, lr=0.1)
+    on = [True, True, False, False]
+    t = 0
+    gv = None
+    for step in range(4):
+        opt.step(fp_closure(m_fp, step))
+        g = grad_at(m_ref, step)
+        gp = [x for x, o in zip(g, on) if o]
+        refresh = name == "gsam" or t % kw["k"] == 0
+        if refresh:
+            e = sam_shift(gp, kw.get("rho", kw.get("rho_max")))
+            g1 = grad_at(m_ref, step, e + [torch.zeros_like(x) for x in g[2:]])
+            g1p = g1[:2]
+            if name == "gsam":
+                c = dot(gp, g1p) / dot(g1p, g1p)
+                G = [(1 + kw["alpha"] * c) * b - kw["alpha"] * a for a, b in zip(gp, g1p)] + g1[2:]
+            else:
+                beta = dot(gp, g1p) / dot(gp, gp)
+                gv = [y - beta * x for x, y in zip(gp, g1p)]
+                G = g1
+        else:
+            f = kw["alpha"] * dot(gp, gp).sqrt() / dot(gv, gv).sqrt()
+            G = [x + f * v for x, v in zip(gp, gv)] + g[2:]
+        t += 1
+        with torch.no_grad():
+            for p, x in zip(m_ref.parameters(), G):
+                p.sub_(0.1 * x)
+    for a, b in zip(m_fp.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_wsam_decoupled_uses_each_groups_lr():
+    """w <- Base(w, g) - lr_group * a * (g1 - g), with plain SGD and two groups of different lr."""
+    m_fp, m_ref = make_model(), make_model()
+    lrs = [0.1, 0.02]
+    groups = [
+        {"params": list(m_fp[0].parameters()), "lr": lrs[0]},
+        {"params": list(m_fp[2].parameters()), "lr": lrs[1]},
+    ]
+    opt = fp.WSAM(groups, torch.optim.SGD, rho=0.05, gamma=0.75, lr=0.5)
+    a = 0.75 / 0.25
+    for step in range(3):
+        opt.step(fp_closure(m_fp, step))
+        g = grad_at(m_ref, step)
+        g1 = grad_at(m_ref, step, sam_shift(g, 0.05))
+        with torch.no_grad():
+            for i, (p, x, y) in enumerate(zip(m_ref.parameters(), g, g1)):
+                lr = lrs[i // 2]
+                p.sub_(lr * x)
+                p.sub_(lr * a * (y - x))
+    for p, q in zip(m_fp.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)

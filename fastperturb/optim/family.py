@@ -453,10 +453,11 @@ class LookSAM(_Family):
 
     ``scope="global"`` (the paper) takes the projection and the rescale over all perturbed tensors as
     one vector; ``scope="layer"`` per tensor, as pytorch-optimizer (``||gv_i|| + 1e-8`` in the rescale).
-    ``t`` counts the steps taken (a skipped step does not advance it, and a skipped refresh leaves the
-    old ``gv``... or none: the next step refreshes); over ``T`` steps the closure runs ``T + ceil(T/k)``
-    times, ``T/k`` when the caller computes g_0 (``loss.backward(); opt.step(closure)``). ``gv``, its
-    norms and ``t`` are checkpointed. Defaults ``rho=0.1, k=10, alpha=0.7`` (pytorch-optimizer, rollovd's
+    ``t`` counts the steps taken: a skipped step (NaN/Inf, scaler overflow, exception) changes neither
+    ``t`` nor ``gv``, so a skipped refresh is retried on the next step. A step on other tensors than
+    ``gv`` was formed for (e.g. a new param group) refreshes. Over ``T`` steps the closure runs
+    ``T + ceil(T/k)`` times, ``ceil(T/k)`` when the caller computes g_0 (``loss.backward();
+    opt.step(closure)``). ``gv``, its norms and ``t`` are checkpointed. Defaults ``rho=0.1, k=10, alpha=0.7`` (pytorch-optimizer, rollovd's
     README). Differences from pytorch-optimizer: global scope by default; ``alpha`` may be 0 or 1;
     ``step(closure)`` skips the perturbed pass on reuse steps (pytorch-optimizer always runs 2); no
     ``use_gc``. ``first_step``/``second_step`` are not supported (reuse steps have no second pass).

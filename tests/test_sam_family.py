@@ -446,8 +446,11 @@ def test_adaptive_form(name):
             ref.step(step)
     finally:
         sam_shift = plain
+    # LookSAM: the w^2-weighted perturbation leaves g1 close to g, so gv = g1 - beta*g is a short difference
+    # and the float32 beta's rounding is magnified by ||g||/||gv|| in the rescale (measured 1.5e-7).
+    atol = 5e-7 if name == "looksam" else ATOL
     for a, b in zip(m_fp.parameters(), m_ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=atol)
     assert not all(torch.equal(a, b) for a, b in zip(m_fp.parameters(), make_model().parameters()))
 
 

@@ -102,6 +102,14 @@ class _Family(PerturbOptimizer):
             hit = self._lists[name] = (key, [self._buffer(store, p, t) for p, t in zip(plan.params, like)])
         return hit[1]
 
+    def _copy_coef(self, like: List[Tensor]) -> Tensor:
+        """lincomb_'s exact-copy rows for ``like`` (cached: built on the host, moved once per length)."""
+        key = (len(like), like[0].device)
+        hit = self._lists.get("copy_coef")
+        if hit is None or hit[0] != key:
+            hit = self._lists["copy_coef"] = (key, _coef(_COPY, len(like), like[0].device))
+        return hit[1]
+
     def _clean_copy(self, plan: _Plan, grads: Sequence[Tensor]) -> List[Tensor]:
         return self._list("scratch", self._scratch, plan, grads)
 
@@ -109,7 +117,7 @@ class _Family(PerturbOptimizer):
         """Keep g_0 (exact copy); its squared norms come free with the copy (non-adaptive only)."""
         plan = self._cycle_plan
         assert plan is not None
-        sq = ops.lincomb_(self._clean_copy(plan, grads), grads, [], _coef(_COPY, len(grads), grads[0].device))
+        sq = ops.lincomb_(self._clean_copy(plan, grads), grads, [], self._copy_coef(grads))
         return None if self.spec.adaptive_eta is not None else sq
 
     def _reduced(self, plan: _Plan, stats: Tensor) -> Tensor:
@@ -408,7 +416,7 @@ class WSAM(_Family):
         bad = ~torch.isfinite(hh)
         if bool(bad.any()):
             raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
-        ops.lincomb_(grads, g0, [], _coef(_COPY, n, dev))
+        ops.lincomb_(grads, g0, [], self._copy_coef(grads))
 
     def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
         if not self.decouple or not plan.params:
@@ -457,10 +465,11 @@ class LookSAM(_Family):
     ``t`` nor ``gv``, so a skipped refresh is retried on the next step. A step on other tensors than
     ``gv`` was formed for (e.g. a new param group) refreshes. Over ``T`` steps the closure runs
     ``T + ceil(T/k)`` times, ``ceil(T/k)`` when the caller computes g_0 (``loss.backward();
-    opt.step(closure)``). ``gv``, its norms and ``t`` are checkpointed. Defaults ``rho=0.1, k=10, alpha=0.7`` (pytorch-optimizer, rollovd's
-    README). Differences from pytorch-optimizer: global scope by default; ``alpha`` may be 0 or 1;
-    ``step(closure)`` skips the perturbed pass on reuse steps (pytorch-optimizer always runs 2); no
-    ``use_gc``. ``first_step``/``second_step`` are not supported (reuse steps have no second pass).
+    opt.step(closure)``). ``gv``, its norms and ``t`` are checkpointed. Defaults ``rho=0.1, k=10,
+    alpha=0.7`` (pytorch-optimizer, rollovd's README; the paper's could not be checked). Differences
+    from pytorch-optimizer: global scope by default; ``alpha`` may be 0 or 1; ``step(closure)`` skips
+    the perturbed pass on reuse steps (pytorch-optimizer always runs 2); no ``use_gc``.
+    ``first_step``/``second_step`` are not supported (reuse steps have no second pass).
     """
 
     two_call = False
@@ -626,10 +635,12 @@ class FriendlySAM(_Family):
         grad_scale = 1.0 / float(scaler.get_scale()) if _scaling(scaler) else 1.0
         key = tuple(map(id, plan.params))
         if self._ready_key == key:  # the common case: every tensor has its EMA
-            old, new = list(range(len(grads))), []
-        else:
-            old = [i for i, p in enumerate(plan.params) if p in self._ema]
-            new = [i for i, p in enumerate(plan.params) if p not in self._ema]
+            ema = self._ema_list(plan, plan.params)
+            ops.lincomb_(self._list("saved_ema", self._saved_ema, plan, ema), ema, [], self._copy_coef(ema))
+            self._undo = ([], plan.params)
+            return self._sweep(cycle, grads, ema, [], [], init=False, grad_scale=grad_scale)
+        old = [i for i, p in enumerate(plan.params) if p in self._ema]
+        new = [i for i, p in enumerate(plan.params) if p not in self._ema]
         sq = torch.empty(len(grads), dtype=torch.float32, device=grads[0].device)
         fresh: List[Tensor] = []
         copied: List[Tensor] = []
@@ -637,7 +648,7 @@ class FriendlySAM(_Family):
             copied = plan.params if not new else [plan.params[i] for i in old]
             ema = self._ema_list(plan, copied)
             saved = [self._buffer(self._saved_ema, p, m) for p, m in zip(copied, ema)]
-            ops.lincomb_(saved, ema, [], _coef(_COPY, len(ema), ema[0].device))
+            ops.lincomb_(saved, ema, [], self._copy_coef(ema))
             sq[old] = self._sweep(cycle, grads, ema, old, new, init=False, grad_scale=grad_scale)
         if new:
             fresh = [plan.params[i] for i in new]
@@ -699,7 +710,7 @@ class FriendlySAM(_Family):
             self._ema.pop(p, None)
         if copied:
             ema = [self._ema[p] for p in copied]
-            ops.lincomb_(ema, [self._saved_ema[p] for p in copied], [], _coef(_COPY, len(ema), ema[0].device))
+            ops.lincomb_(ema, [self._saved_ema[p] for p in copied], [], self._copy_coef(ema))
 
     def _hyper(self) -> Dict[str, Any]:
         return {"sigma": self.sigma, "lmbda": self.lmbda}

@@ -253,3 +253,110 @@ def test_ops_work_on_leaf_parameters(backend):
     w = [torch.nn.Parameter(torch.randn(4))]
     sq = ops.lincomb_(w, [torch.ones(4)], [], torch.tensor([[1.0, -0.5, 0.0]]))
     assert not sq.requires_grad
+
+
+# --- determinism and the compiled op --------------------------------------------------------
+
+DET_LAYERS = [Layer((300_001,), F32), Layer((7, 1000), F16), Layer((65537,), BF16), Layer((100_000,), F64)] + [
+    Layer((i % 50 + 1,), F32) for i in range(300)
+]
+DET_COEF = [0.0, 0.75, -0.5]
+
+
+def run_family(x) -> list[torch.Tensor]:
+    """Every SAM-family op once on copies of ``x``: the statistics and every tensor written."""
+    out = [t.clone() for t in x.accum]
+    grads = [t.clone() for t in x.grads]
+    ema = [t.clone() for t in x.accum]
+    n = len(out)
+    stats = [
+        ops.dot_stats(x.grads, x.accum),
+        ops.lincomb_(out, x.grads, x.backups, torch.tensor([DET_COEF] * n)),
+        ops.ema_residual_(grads, ema, x.params, sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.01),
+    ]
+    return stats + out + grads + ema
+
+
+def test_deterministic_across_thread_counts(backend):
+    x = make_inputs(DET_LAYERS, seed=5)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_family(x)
+        torch.set_num_threads(2)
+        two = run_family(x)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert_bitwise_equal(a, b, "1 vs 2 threads")
+
+
+def test_per_tensor_results_do_not_depend_on_the_rest_of_the_list(backend):
+    x = make_inputs(DET_LAYERS[:4], seed=9)
+    alone = torch.cat([ops.dot_stats([g], [a]) for g, a in zip(x.grads, x.accum)])
+    assert_bitwise_equal(alone, ops.dot_stats(x.grads, x.accum), "alone vs together")
+    coef = torch.tensor([DET_COEF])
+    alone = torch.cat([ops.lincomb_([a.clone()], [g], [], coef) for g, a in zip(x.grads, x.accum)])
+    together = ops.lincomb_([a.clone() for a in x.accum], x.grads, [], coef.expand(4, 3).contiguous())
+    assert_bitwise_equal(alone, together, "lincomb_ alone vs together")
+
+
+def test_cpu_kernel_variants_agree_bitwise(native, tmp_path):
+    """The AVX2 and the portable kernel variants give the same bits for the SAM-family ops."""
+    import os
+    import subprocess
+    import sys
+
+    if native.cpu_isa == "default":
+        pytest.skip("only the portable variant runs on this CPU")
+    script = (
+        "import sys, torch\n"
+        "from fastperturb import _C, testing\n"
+        "from test_samfam_ops import DET_LAYERS, run_family\n"
+        "x = testing.make_inputs(DET_LAYERS[:4], seed=1, grad_special=0.01)\n"
+        "torch.save(dict(isa=_C.cpu_isa, out=run_family(x)), sys.argv[1])\n"
+    )
+    results = {}
+    here = os.path.dirname(__file__)
+    for isa in ("default", native.cpu_isa):
+        path = tmp_path / f"{isa}.pt"
+        env = dict(os.environ, FASTPERTURB_CPU_ISA=isa, FASTPERTURB_BACKEND="cpp")
+        env["PYTHONPATH"] = os.pathsep.join([here, env.get("PYTHONPATH", "")])
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=300)
+        results[isa] = torch.load(path)
+        assert results[isa]["isa"] == isa
+    for a, b in zip(results["default"]["out"], results[native.cpu_isa]["out"]):
+        # bit for bit, except inside NaNs (a vector unit may make a NaN with another sign or payload)
+        nan = a.isnan()
+        assert torch.equal(nan, b.isnan())
+        assert_bitwise_equal(a[~nan], b[~nan], "default vs " + native.cpu_isa)
+
+
+def opcheck_inputs():
+    ls = [Layer((3, 4), F32), Layer((5,), F16), Layer((2, 2, 2, 2), F32, True), Layer((), F64)]
+    x = make_inputs(ls, seed=2)
+    yield "dot_stats", testing.op_args("dot_stats", x)
+    yield "lincomb_", testing.op_args("lincomb_", x)
+    yield "lincomb_", testing.op_args("lincomb_", x, coef=(0.0, 1.0, 0.0), with_y=False)
+    yield "ema_residual_", testing.op_args("ema_residual_", x, init=True)
+    yield "ema_residual_", testing.op_args("ema_residual_", x, adaptive_eta=0.1, grad_scale=0.5)
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck(native, i):
+    name, (args, kwargs) = list(opcheck_inputs())[i]
+    torch.library.opcheck(getattr(torch.ops.fastperturb, name), args, kwargs)
+
+
+def test_every_family_op_has_a_cpu_kernel(native):
+    for name in ("dot_stats", "lincomb_", "ema_residual_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CPU")
+
+
+def test_one_huge_tensor_and_thousands_of_tiny_ones(compared_backend):
+    """Beyond the shared cases: one tensor of many chunks beside 3000 one-element tensors."""
+    ls = [Layer((1_000_003,), F32)] + [Layer((1,), testing.FLOAT_DTYPES[i % 4]) for i in range(3000)]
+    x = make_inputs(ls, seed=11, grad_special=0.001)
+    check_op("dot_stats", compared_backend, x)
+    check_op("lincomb_", compared_backend, x, coef=(0.5, -1.0, 0.25))
+    check_op("ema_residual_", compared_backend, x, sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.01)

@@ -272,6 +272,35 @@ def _family(rank: int) -> dict:
     return out
 
 
+def _family_nonfinite(rank: int) -> dict:
+    """A NaN in rank 1's shard at step 1 (LookSAM k=2: a reuse step, pass 0; FriendlySAM: pass 1): every
+    rank skips, the persistent state (gv and counter, the running mean) stays, training continues."""
+    out = {}
+    for name, poison_pass in (("looksam", 0), ("fsam", 1)):
+        model, scale = make_model()
+        shard(model)
+        params = list(model.parameters()) + [scale]
+        opt = FAMILY[name](params)
+        skipped = []
+        for s in range(3):
+            x, y = local_batch(s, rank, WORLD)
+            passes = [0]
+
+            def closure():
+                loss = loss_backward(model, scale, x, y, WORLD)
+                if rank == 1 and s == 1 and passes[0] == poison_pass:
+                    local(model[0].weight.grad).view(-1)[-1] = math.nan
+                passes[0] += 1
+                return loss
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                opt.step(closure)
+            skipped.append(opt.last_step_skipped)
+        out[name] = {"skipped": skipped, "weights": [full(p) for p in params]}
+    return out
+
+
 def _nonfinite(rank: int) -> dict:
     """NaN written into rank 1's shard only (rows 4..6 of 0.weight): at pass 0 of step 1 (the
     engine's statistics) and at pass 1 of step 2 (the descent gradient's check)."""
@@ -506,6 +535,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for name, run in (
             ("presets", _presets),
             ("family", _family),
+            ("family_nonfinite", _family_nonfinite),
             ("nonfinite", _nonfinite),
             ("exception", _exception),
             ("batchnorm", _batchnorm),
@@ -700,3 +730,15 @@ def test_family_on_shards_match_one_process(ranks, single_thread, backend, name)
             torch.testing.assert_close(a, b, rtol=0, atol=atol)
         assert rec["collectives"] == FAMILY_COLLECTIVES[name]
         assert rec["state_is_shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["looksam", "fsam"])
+def test_family_skip_agrees_across_ranks(ranks, single_thread, name):
+    """The skipped step left no trace: the run equals one process trained on steps 0 and 2 only."""
+    single = single_process(name, batches=[0, 2], make=FAMILY[name])
+    for rank in ranks:
+        rec = rank["family_nonfinite"][name]
+        assert rec["skipped"] == [False, True, False]
+        for a, b in zip(rec["weights"], single):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

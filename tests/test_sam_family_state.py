@@ -281,3 +281,27 @@ def test_deepcopy_carries_the_persistent_state(name):
         opt2.step(Closure(model2, s))
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def test_misuse_of_the_two_calls_keeps_the_pending_state():
+    """first_step() twice, or step() between first_step() and second_step(), is refused; the pending
+    step (FriendlySAM's already-updated mean) completes as if nothing had happened."""
+    a, b = make_model(), make_model()
+    oa, ob = new_opt("fsam", a), new_opt("fsam", b)
+    for s in range(2):
+        Closure(a, s)()
+        oa.first_step()
+        Closure(a, s)()
+        oa.second_step()
+        Closure(b, s)()
+        ob.first_step()
+        if s == 1:
+            with pytest.raises(RuntimeError, match="twice"):
+                ob.first_step()
+            with pytest.raises(RuntimeError, match="without second_step"):
+                ob.step(Closure(b, s))
+        Closure(b, s)()
+        ob.second_step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    same_state(persistent(oa), persistent(ob))

@@ -194,6 +194,8 @@ class _Family(PerturbOptimizer):
             self._commit(plan, scaler)
 
     def step(self, closure: Any = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
+        if self._pending is not None:  # the wrapper refuses this; the pending first_step's state stays
+            return super().step(closure, scaler)
         self._cycle_plan = None
         self._scaler = scaler
         try:
@@ -208,6 +210,8 @@ class _Family(PerturbOptimizer):
                 f"{type(self).__name__} does not support first_step()/second_step(): its steps between refreshes "
                 "take no second pass; use step(closure) (or loss.backward(); opt.step(closure))"
             )
+        if self._pending is not None:  # refused by the wrapper, without touching the pending step's state
+            return super().first_step(zero_grad, scaler)
         self._cycle_plan = None
         self._scaler = scaler
         try:

@@ -562,8 +562,8 @@ class LookSAM(_Family):
 
     def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
         out: Dict[str, Any] = {"step": self.looksam_step}
-        params = [p for p in self._flat_params() if id(p) in set(self._gv_key)]
-        by_id = {id(p): p for p in params}
+        ids = set(self._gv_key)
+        by_id = {id(p): p for p in self._flat_params() if id(p) in ids}
         if self._gv_key and len(by_id) == len(self._gv_key) and self._gv_sq is not None:
             order = [by_id[i] for i in self._gv_key]
             out["gv_index"] = [index[p] for p in order]

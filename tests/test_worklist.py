@@ -1,6 +1,6 @@
 """The CUDA ops' work list, executed on CPU.
 
-``torch.ops.fastperturb_worklist.*`` are the five fused ops run by the CPU
+``torch.ops.fastperturb_worklist.*`` are the fused ops run by the CPU
 executor of csrc/testing/worklist_executor.cpp (in the test module
 fastperturb._C_testing, built with FASTPERTURB_BUILD_TESTING=1): the host code of the CUDA launcher
 (plan, kernel arguments, finalize launches) and the per-block loop and element

@@ -406,3 +406,18 @@ def test_family_ops_compile_under_inductor_inside_one_graph(native):
     for got_list, want_list in zip(compiled_args, eager_args):
         for a, b in zip(got_list, want_list):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+
+
+def test_zero_gradients(backend):
+    """All-zero inputs: zero statistics, no 0/0 anywhere, the EMA decays."""
+    x = make_inputs(MIXED, seed=12, zero_grads=True)
+    assert ops.dot_stats(x.grads, x.grads).abs().sum() == 0
+    out = [torch.full_like(g, math.nan) for g in x.grads]
+    assert ops.lincomb_(out, x.grads, [], torch.tensor([[0.0, 2.0, 0.0]] * len(MIXED))).abs().sum() == 0
+    assert all(torch.equal(o, g) for o, g in zip(out, x.grads))
+    ema = [torch.ones_like(g) for g in x.grads]
+    stat = ops.ema_residual_(x.grads, ema, x.params, sigma=1.0, lmbda=0.5, init=False, adaptive_eta=0.0)
+    assert all(torch.equal(m, torch.full_like(m, 0.5)) for m in ema)
+    assert all(torch.equal(g, torch.full_like(g, -1.0)) for g in x.grads)
+    want = torch.stack([p.double().abs().square().sum() for p in x.params]).float()
+    torch.testing.assert_close(stat, want, rtol=2e-5, atol=0.0)

@@ -29,6 +29,7 @@ from test_samfam_ops import (  # noqa: F401  (collected here with the backend be
     test_ops_work_on_leaf_parameters,
     test_per_tensor_results_do_not_depend_on_the_rest_of_the_list,
     test_written_tensors_bump_version_counters,
+    test_zero_gradients,
 )
 
 

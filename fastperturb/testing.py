@@ -146,6 +146,10 @@ def standard_cases() -> dict[str, list[Layer]]:
 # Running an op and comparing it with the reference.
 
 
+def _device(x: Inputs) -> torch.device:
+    return x.params[0].device if x.params else torch.device("cpu")
+
+
 def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
     """Positional and keyword arguments of ``op`` on ``x``. Options:
 
@@ -177,10 +181,10 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
         ), dict(accum_weight=options.get("accum_weight", 1.0), accum_init=mode == "init", adaptive_eta=eta)
     if op == "ascent_step_":
 
-        def coef(v):
+        def coef(v):  # on the tensors' device, as the ops require (selftest runs the cases on CUDA)
             if isinstance(v, (int, float)):
-                return torch.full((n,), float(v), dtype=torch.float32)
-            return torch.tensor(list(v), dtype=torch.float32).reshape(n)
+                return torch.full((n,), float(v), dtype=torch.float32, device=_device(x))
+            return torch.tensor(list(v), dtype=torch.float32, device=_device(x)).reshape(n)
 
         return (x.params, x.grads, x.backups, coef(options.get("step", 0.05)), coef(options.get("proj", 1.0))), dict(
             norm=options.get("norm", "l2"),
@@ -198,7 +202,7 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
         c = options.get("coef", (0.5, -1.25, 2.0))
         one = len(c) == 3 and all(isinstance(v, (int, float)) for v in c)
         rows = [list(c)] * n if one else [list(r) for r in c]
-        coef = torch.tensor(rows, dtype=torch.float32).reshape(n, 3)
+        coef = torch.tensor(rows, dtype=torch.float32, device=_device(x)).reshape(n, 3)
         return (x.accum, x.grads, x.backups if options.get("with_y", True) else [], coef), {}
     if op == "ema_residual_":
         eta = options.get("adaptive_eta", -1.0)
@@ -306,7 +310,7 @@ def check_op(op: str, backend: str, x: Inputs, **options: Any) -> None:
             raise AssertionError(f"{tag}: mismatch at {bad.nonzero().tolist()[:5]}\ngot  {got[bad]}\nwant {want[bad]}")
     elif op == "dot_stats":
         rows = [torch.stack([a.square().sum(), (a * b).abs().sum(), b.square().sum()]) for a, b in _doubles(*args)]
-        _check_reduction(got, want, torch.stack(rows).float() if rows else torch.zeros(0, 3), tag)
+        _check_reduction(got, want, torch.stack(rows).float() if rows else want.new_zeros(0, 3), tag)
     elif op in ("lincomb_", "ema_residual_"):
         # Sums of squares of what the op wrote (checked element-wise below): compared with the backend's
         # own written values, so one rounding difference in an element cannot hide a wrong statistic.
@@ -314,7 +318,7 @@ def check_op(op: str, backend: str, x: Inputs, **options: Any) -> None:
         if op == "ema_residual_" and kwargs["adaptive_eta"] >= 0:
             weights = [p.double().abs() + kwargs["adaptive_eta"] for p in args[2]]
         own = [(t.double() if w is None else w * t.double()).square().sum() for t, w in zip(written, weights)]
-        own = torch.stack(own).float() if own else torch.zeros(0)
+        own = torch.stack(own).float() if own else got.new_zeros(0)
         _check_reduction(got, own, own, tag)
         _check_reduction(want, own, own, f"{tag} (reference)")
     elif got is not None or want is not None:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fastperturb import ops, testing
+from fastperturb.ops.dispatch import use_backend
 from fastperturb.testing import Layer, assert_bitwise_equal, check_op, make_inputs
 
 from strategies import finite_coefs, layers, seeds
@@ -360,3 +361,63 @@ def test_one_huge_tensor_and_thousands_of_tiny_ones(compared_backend):
     check_op("dot_stats", compared_backend, x)
     check_op("lincomb_", compared_backend, x, coef=(0.5, -1.0, 0.25))
     check_op("ema_residual_", compared_backend, x, sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.01)
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+
+def gsam_like_step(grads, saved, ema, params):
+    """The presets' use of the ops: coefficients built on the device from a statistic (no host sync),
+    a combination written in place, the FriendlySAM sweep."""
+    s = ops.dot_stats(saved, grads)
+    c = s[:, 1] / s[:, 0].clamp_min(1e-12)
+    coef = torch.stack([1.0 + 0.1 * c, torch.full_like(c, -0.1), torch.zeros_like(c)], dim=1)
+    sq = ops.lincomb_(grads, saved, [], coef)
+    stat = ops.ema_residual_(grads, ema, params, sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.01)
+    return s, sq, stat
+
+
+@pytest.mark.slow  # an inductor compile
+def test_family_ops_compile_under_inductor_inside_one_graph(native):
+    import os
+    from pathlib import Path
+
+    from torch._inductor.utils import run_and_get_code
+
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / "build" / "inductor-cache")
+    )
+
+    def inputs():
+        g = torch.Generator().manual_seed(0)
+        return [[torch.randn(s, generator=g) for s in ((7,), (3, 4), (2, 3, 2))] for _ in range(4)]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(gsam_like_step, backend="inductor", fullgraph=True)
+    eager_args, compiled_args = inputs(), inputs()
+    with use_backend("cpp"):
+        want = gsam_like_step(*eager_args)
+        got, code = run_and_get_code(compiled, *compiled_args)
+    code = "\n".join(code)
+    for name in ("dot_stats", "lincomb_", "ema_residual_"):
+        assert f"torch.ops.fastperturb.{name}.default" in code, name
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+    for got_list, want_list in zip(compiled_args, eager_args):
+        for a, b in zip(got_list, want_list):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0.0)
+
+
+def test_zero_gradients(backend):
+    """All-zero inputs: zero statistics, no 0/0 anywhere, the EMA decays."""
+    x = make_inputs(MIXED, seed=12, zero_grads=True)
+    assert ops.dot_stats(x.grads, x.grads).abs().sum() == 0
+    out = [torch.full_like(g, math.nan) for g in x.grads]
+    assert ops.lincomb_(out, x.grads, [], torch.tensor([[0.0, 2.0, 0.0]] * len(MIXED))).abs().sum() == 0
+    assert all(torch.equal(o, g) for o, g in zip(out, x.grads))
+    ema = [torch.ones_like(g) for g in x.grads]
+    stat = ops.ema_residual_(x.grads, ema, x.params, sigma=1.0, lmbda=0.5, init=False, adaptive_eta=0.0)
+    assert all(torch.equal(m, torch.full_like(m, 0.5)) for m in ema)
+    assert all(torch.equal(g, torch.full_like(g, -1.0)) for g in x.grads)
+    want = torch.stack([p.double().abs().square().sum() for p in x.params]).float()
+    torch.testing.assert_close(stat, want, rtol=2e-5, atol=0.0)

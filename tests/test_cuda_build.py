@@ -62,6 +62,9 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
         "ascent_step_": lambda k: k(a, b, c, torch.ones(1), torch.ones(1)),
         "restore_": lambda k: k(a, b),
         "combine_grads_": lambda k: k(a, b, 1.0),
+        "dot_stats": lambda k: k(a, b),
+        "lincomb_": lambda k: k(a, b, [], torch.ones(1, 3)),
+        "ema_residual_": lambda k: k(a, b, [], sigma=1.0, lmbda=0.9, init=False),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"CUDA kernels got .* on cpu; pass CUDA tensors"):
@@ -184,3 +187,41 @@ def test_cuda_matches_the_cpu_executor(cuda_build):
     cper, ctotal = torch.ops.fastperturb_worklist.norms(cpu[0], 2.0)
     torch.testing.assert_close(per.cpu(), cper, rtol=1e-5, atol=0)
     torch.testing.assert_close(total.cpu(), ctotal, rtol=1e-5, atol=0)
+
+
+@GPU
+def test_cuda_family_ops_match_the_reference(cuda_build):
+    """dot_stats, lincomb_ and ema_residual_ on the GPU: written tensors bit for bit (NaN payloads aside),
+    statistics within the reduction tolerance, deterministic, c0 == 0 never reading a NaN-filled out."""
+    gen = torch.Generator().manual_seed(2)
+    specs = _specs()
+    n = len(specs)
+    x, y = _list(gen, specs), _list(gen, specs)
+    got = torch.ops.fastperturb.dot_stats(x, y)
+    scale = torch.stack(
+        [
+            torch.stack([(a.double() ** 2).sum(), (a.double() * b.double()).abs().sum(), (b.double() ** 2).sum()])
+            for a, b in zip(x, y)
+        ]
+    )
+    assert torch.all((got.double() - R.dot_stats(x, y).double()).abs() <= 3e-5 * scale + 1e-30)
+    assert _same([got], [torch.ops.fastperturb.dot_stats(x, y)])
+    coef = torch.rand(n, 3, device="cuda")
+    coef[::2, 0] = 0.0
+    out = _list(gen, specs)
+    for t in out[::2]:
+        t.fill_(math.nan)
+    ref = [t.clone() for t in out]
+    sq = torch.ops.fastperturb.lincomb_(out, x, y, coef)
+    R.lincomb_(ref, x, y, coef)
+    assert _same(out, ref)
+    own = torch.stack([(t.double() ** 2).sum() for t in out])
+    assert torch.all((sq.double() - own).abs() <= 3e-5 * own + 1e-30)
+    ema = _list(gen, specs)
+    g2, e2 = [t.clone() for t in x], [t.clone() for t in ema]
+    kw = dict(sigma=0.9, lmbda=0.8, init=False, grad_scale=0.5, adaptive_eta=0.05)
+    stat = torch.ops.fastperturb.ema_residual_(x, ema, y, **kw)
+    R.ema_residual_(g2, e2, y, **kw)
+    assert _same(x + ema, g2 + e2)
+    own = torch.stack([(((p.double().abs() + 0.05) * d.double()) ** 2).sum() for p, d in zip(y, x)])
+    assert torch.all((stat.double() - own).abs() <= 3e-5 * own + 1e-30)

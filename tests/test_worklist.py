@@ -1,6 +1,6 @@
 """The CUDA ops' work list, executed on CPU.
 
-``torch.ops.fastperturb_worklist.*`` are the five fused ops run by the CPU
+``torch.ops.fastperturb_worklist.*`` are the fused ops run by the CPU
 executor of csrc/testing/worklist_executor.cpp (in the test module
 fastperturb._C_testing, built with FASTPERTURB_BUILD_TESTING=1): the host code of the CUDA launcher
 (plan, kernel arguments, finalize launches) and the per-block loop and element
@@ -434,6 +434,133 @@ def test_ops_respect_their_schemas():
         (W.ascent_step_, (fresh(), fresh(), fresh(), one, one), {"norm": "linf"}),
         (W.restore_, (fresh(), fresh()), {}),
         (W.combine_grads_, (fresh(), fresh(), 2.0), {}),
+    ]
+    for op, args, kwargs in cases:
+        result = torch.library.opcheck(op.default, args, kwargs, test_utils=("test_schema",))
+        assert result == {"test_schema": "SUCCESS"}, (op, result)
+
+
+# ---------------------------------------------------------------------------
+# The SAM-family ops (dot_stats, lincomb_, ema_residual_) through the work list.
+
+
+def own_sums(ts, weights=None):
+    """float64 sum of squares of each tensor (times its weights): what the op's statistic must be."""
+    weights = weights or [None] * len(ts)
+    return torch.stack([((t.double() if w is None else w * t.double()) ** 2).sum() for t, w in zip(ts, weights)])
+
+
+@given(specs=lists, cfg=config_spec, seed=seeds, special=st.sampled_from([None, "nan", "inf"]))
+@SETTINGS
+def test_dot_stats(specs, cfg, seed, special):
+    gen = torch.Generator().manual_seed(seed)
+    x, y = make_list(specs, gen), make_list(specs, gen, shift=seed % 3)
+    if special and x[-1].numel():
+        x[-1][tuple(s // 2 for s in x[-1].shape)] = math.nan if special == "nan" else -math.inf
+    with configured(*cfg):
+        got = W.dot_stats(x, y)
+    want = R.dot_stats(x, y)
+    assert got.dtype == torch.float32 and got.shape == (len(x), 3)
+    scale = torch.stack(
+        [
+            torch.stack([(a.double() ** 2).sum(), (a.double() * b.double()).abs().sum(), (b.double() ** 2).sum()])
+            for a, b in zip(x, y)
+        ]
+    )
+    close_reduction(got, want, scale)
+
+
+@given(
+    specs=lists,
+    cfg=config_spec,
+    seed=seeds,
+    with_y=st.booleans(),
+    c0=st.sampled_from([0.0, 1.0, -0.5]),
+    nan_out=st.booleans(),
+)
+@SETTINGS
+def test_lincomb(specs, cfg, seed, with_y, c0, nan_out):
+    gen = torch.Generator().manual_seed(seed)
+    out, x = make_list(specs, gen), make_list(specs, gen, shift=seed % 3)
+    y = make_list(specs, gen, shift=1) if with_y else []
+    if nan_out and c0 == 0.0:  # c0 == 0: out is never read, whatever it holds
+        for t in out:
+            t.fill_(math.nan)
+    n = len(specs)
+    coef = torch.stack([torch.full((n,), c0), torch.rand(n, generator=gen) - 0.5, torch.rand(n, generator=gen)], 1)
+    out_ref = clones(out)
+    with configured(*cfg):
+        got = W.lincomb_(out, x, y, coef)
+    R.lincomb_(out_ref, x, y, coef)
+    assert_bitwise(out, out_ref)  # elementwise: bit for bit
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    close_reduction(got, own_sums(out), own_sums(out))
+
+
+@given(
+    specs=lists,
+    cfg=config_spec,
+    seed=seeds,
+    init=st.booleans(),
+    adaptive=st.booleans(),
+    nan_grad=st.booleans(),
+)
+@SETTINGS
+def test_ema_residual(specs, cfg, seed, init, adaptive, nan_grad):
+    gen = torch.Generator().manual_seed(seed)
+    grads, ema = make_list(specs, gen), make_list(specs, gen, shift=seed % 3)
+    params = make_list(specs, gen, shift=1) if adaptive else []
+    if nan_grad and grads[0].numel():  # the EMA keeps its value there; the residual is NaN
+        grads[0][tuple(s // 2 for s in grads[0].shape)] = math.nan
+    g2, e2 = clones(grads), clones(ema)
+    kw = dict(sigma=0.9, lmbda=0.7, init=init, grad_scale=0.5, adaptive_eta=0.05 if adaptive else -1.0)
+    with configured(*cfg):
+        got = W.ema_residual_(grads, ema, params, **kw)
+    R.ema_residual_(g2, e2, params, **kw)
+    assert_bitwise(grads, g2, any_nan=nan_grad)
+    assert_bitwise(ema, e2)
+    weights = [p.double().abs() + 0.05 for p in params] if adaptive else None
+    want = own_sums(grads, weights)
+    close_reduction(got, want.float(), want)
+
+
+def test_family_ops_default_geometry_over_capacity():
+    """Over one launch's capacity (60 tensors at depth 3), a tensor of three chunks, misaligned ones."""
+    gen = torch.Generator().manual_seed(3)
+    specs = [(DTYPES[i % 4], 1 + (i * 37) % 300, i % 3, False) for i in range(70)]
+    specs.insert(30, (torch.float32, 2 * CHUNK + 13, 1, False))
+    x, y, out = make_list(specs, gen), make_list(specs, gen), make_list(specs, gen)
+    coef = torch.rand(len(specs), 3, generator=gen)
+    out_ref, x_ref = clones(out), clones(x)
+    ema, ema_ref = make_list(specs, gen), None
+    ema_ref = clones(ema)
+    with configured():
+        stats = W.dot_stats(x, y)
+        sq = W.lincomb_(out, x, y, coef)
+        stat = W.ema_residual_(x, ema, [], sigma=1.0, lmbda=0.9, init=False)
+    close_reduction(stats, R.dot_stats(x_ref, y), R.dot_stats([t.abs() for t in x_ref], [t.abs() for t in y]))
+    R.lincomb_(out_ref, x_ref, y, coef)
+    assert_bitwise(out, out_ref)
+    close_reduction(sq, own_sums(out).float(), own_sums(out))
+    R.ema_residual_(x_ref, ema_ref, [], sigma=1.0, lmbda=0.9, init=False)
+    assert_bitwise(x + ema, x_ref + ema_ref)
+    close_reduction(stat, own_sums(x).float(), own_sums(x))
+
+
+def test_family_ops_respect_their_schemas():
+    gen = torch.Generator().manual_seed(4)
+    specs = [(torch.float32, 37, 1, False), (torch.float64, 12, 0, True), (torch.float16, 0, 0, False)]
+
+    def fresh():
+        return make_list(specs, gen)
+
+    coef = torch.rand(len(specs), 3, generator=gen)
+    cases = [
+        (W.dot_stats, (fresh(), fresh()), {}),
+        (W.lincomb_, (fresh(), fresh(), fresh(), coef), {}),
+        (W.lincomb_, (fresh(), fresh(), [], coef), {}),
+        (W.ema_residual_, (fresh(), fresh(), fresh()), dict(sigma=1.0, lmbda=0.5, init=False, adaptive_eta=0.1)),
+        (W.ema_residual_, (fresh(), fresh(), []), dict(sigma=1.0, lmbda=0.5, init=True)),
     ]
     for op, args, kwargs in cases:
         result = torch.library.opcheck(op.default, args, kwargs, test_utils=("test_schema",))

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -218,6 +219,99 @@ inline void check_combine_grads(at::TensorList grads, at::TensorList accum, doub
   check_parallel("grads", grads, "accum", accum);
   check_same_device({{"grads", grads}, {"accum", accum}});
   check_finite("weight", weight);
+}
+
+// The SAM-family ops (dot_stats, lincomb_, ema_residual_).
+
+// No tensor of a written list shares memory with any other tensor of the call (read or written); empty and
+// meta tensors have no memory to share. Sorted by start, a span overlaps an earlier one iff that one ends after
+// it starts: the sweep keeps the furthest-reaching earlier span overall (for written spans) and among the
+// written ones (for read spans). The message names the pair as fastperturb/ops/validation.py does.
+inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read) {
+  struct Span {
+    std::string device;
+    uintptr_t start, end;
+    bool written;
+    std::string label;
+  };
+  std::vector<Span> spans;
+  auto add = [&](const NamedList& l, bool is_written) {
+    for (size_t i = 0; i < l.tensors.size(); ++i) {
+      const at::Tensor& t = l.tensors[i];
+      if (t.numel() == 0 || t.device().is_meta()) continue;
+      const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+      const auto bytes = static_cast<uintptr_t>(t.numel()) * static_cast<uintptr_t>(t.element_size());
+      spans.push_back(
+          {t.device().str(), start, start + bytes, is_written, std::string(l.name) + "[" + std::to_string(i) + "]"});
+    }
+  };
+  for (const auto& l : written) add(l, true);
+  for (const auto& l : read) add(l, false);
+  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.device != b.device ? a.device < b.device : a.start < b.start;
+  });
+  const Span* reach_any = nullptr;
+  const Span* reach_written = nullptr;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const Span& s = spans[k];
+    if (k > 0 && s.device != spans[k - 1].device) reach_any = reach_written = nullptr;
+    const Span* other = s.written ? reach_any : reach_written;
+    if (other != nullptr && other->end > s.start) {
+      const std::string& w = s.written ? s.label : other->label;
+      const std::string& r = s.written ? other->label : s.label;
+      TORCH_CHECK_VALUE(false, w, " shares memory with ", r, "; ", w.substr(0, w.find('[')),
+                        " is written in place, so pass tensors that do not overlap (e.g. a clone)");
+    }
+    if (reach_any == nullptr || s.end > reach_any->end) reach_any = &s;
+    if (s.written && (reach_written == nullptr || s.end > reach_written->end)) reach_written = &s;
+  }
+}
+
+inline void check_coef_rows(const char* name, const at::Tensor& coef, size_t n, int64_t cols, at::TensorList like) {
+  TORCH_CHECK_TYPE(coef.defined(), name, " must be a float32 tensor of shape [", n, ", ", cols, "], got None");
+  TORCH_CHECK_VALUE(coef.layout() == at::kStrided && coef.scalar_type() == at::kFloat && coef.dim() == 2 &&
+                        static_cast<size_t>(coef.size(0)) == n && coef.size(1) == cols,
+                    name, " must be a float32 tensor of shape [", n, ", ", cols, "], got ",
+                    dtype_name(coef.scalar_type()), " ", tuple_str(coef.sizes()));
+  if (!like.empty()) {
+    TORCH_CHECK_VALUE(coef.device() == like[0].device(), name, " is on ", coef.device(), " but the tensors are on ",
+                      like[0].device());
+  }
+}
+
+inline void check_dot_stats(at::TensorList x, at::TensorList y) {
+  check_list("x", x);
+  check_list("y", y);
+  check_parallel("x", x, "y", y);
+  check_same_device({{"x", x}, {"y", y}});
+}
+
+inline void check_lincomb(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coef) {
+  check_list("out", out);
+  check_list("x", x);
+  check_list("y", y);
+  check_parallel("out", out, "x", x);
+  check_parallel("out", out, "y", y, true);
+  check_same_device({{"out", out}, {"x", x}, {"y", y}});
+  check_coef_rows("coef", coef, out.size(), 3, out);
+  check_no_overlap({{"out", out}}, {{"x", x}, {"y", y}});
+}
+
+inline void check_ema_residual(at::TensorList grads, at::TensorList ema, at::TensorList params, double sigma,
+                               double lmbda, double grad_scale, double adaptive_eta) {
+  check_list("grads", grads);
+  check_list("ema", ema);
+  check_list("params", params);
+  check_parallel("grads", grads, "ema", ema);
+  check_parallel("grads", grads, "params", params, true);
+  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || grads.empty() || !params.empty(),
+                    "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
+  check_same_device({{"grads", grads}, {"ema", ema}, {"params", params}});
+  check_finite("sigma", sigma);
+  check_finite("lmbda", lmbda);
+  check_finite("grad_scale", grad_scale);
+  check_finite("adaptive_eta", adaptive_eta);
+  check_no_overlap({{"grads", grads}, {"ema", ema}}, {{"params", params}});
 }
 
 }  // namespace checks

@@ -59,6 +59,23 @@ struct AscentArgs {
   bool zero_grads;
 };
 
+struct LincombArgs {
+  void* out;
+  const void* x;
+  const void* y;  // nullptr: no y term
+  float c0, c1, c2;
+};
+
+struct EmaArgs {
+  void* grad;
+  void* ema;
+  const void* param;  // nullptr unless adaptive
+  double grad_scale, sigma, lmbda;
+  bool init;
+  bool adaptive;
+  double adaptive_eta;
+};
+
 struct KernelTable {
   const char* isa;
   // out = sum of squares (ord 2) or NaN-propagating max |x| (ord inf).
@@ -69,6 +86,12 @@ struct KernelTable {
   void (*combine)(at::ScalarType dtype, void* grad, const void* accum, double weight, int64_t n);
   // dst[0..bytes) = src[0..bytes), bit for bit (restore_): memcpy, streaming when bytes >= kStreamMinBytes.
   void (*copy)(void* dst, const void* src, int64_t bytes);
+  // out[0..2] = sums of x*x, x*y, y*y.
+  void (*dot)(at::ScalarType dtype, const void* x, const void* y, int64_t n, double* out);
+  // Writes out; returns the sum of squares of the stored values.
+  double (*lincomb)(at::ScalarType dtype, const LincombArgs& a, int64_t n);
+  // Writes grad (the residual) and ema; returns the sum of (t d)^2 over the stored residuals.
+  double (*ema)(at::ScalarType dtype, const EmaArgs& a, int64_t n);
 };
 
 // The variants compiled in; nullptr when a variant is not built for this CPU architecture.

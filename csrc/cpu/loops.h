@@ -260,6 +260,79 @@ void combine_t(void* grad, const void* accum, double weight, int64_t n) {
     g[i] = static_cast<T>(math::combine_element(static_cast<C>(acc[i]), static_cast<C>(g[i]), wt));
 }
 
+template <typename T>
+void dot_t(const void* xp, const void* yp, int64_t n, double* out) {
+  using C = compute_t<T>;
+  const T* x = static_cast<const T*>(xp);
+  const T* y = static_cast<const T*>(yp);
+  lane_reduce<C, 3>(
+      n,
+      [=](int64_t i, C(&s)[3][kLanes], int l) {
+        math::dot_element(static_cast<C>(x[i]), static_cast<C>(y[i]), s[0][l], s[1][l], s[2][l]);
+      },
+      add, out);
+}
+
+// ReadOut and HasY are compile-time so the branches of lincomb_element fold away.
+template <typename T, bool ReadOut, bool HasY>
+double lincomb_t(const LincombArgs& a, int64_t n) {
+  using C = compute_t<T>;
+  T* o = static_cast<T*>(a.out);
+  const T* x = static_cast<const T*>(a.x);
+  const T* y = static_cast<const T*>(a.y);
+  const math::LincombCoefs<C> k{static_cast<C>(a.c0), static_cast<C>(a.c1), static_cast<C>(a.c2), ReadOut, HasY};
+  double out[1];
+  lane_reduce<C, 1>(
+      n,
+      [=](int64_t i, C(&s)[1][kLanes], int l) {
+        const C oi = ReadOut ? static_cast<C>(o[i]) : C(0);
+        const C yi = HasY ? static_cast<C>(y[i]) : C(0);
+        const T v = static_cast<T>(math::lincomb_element(oi, static_cast<C>(x[i]), yi, k));
+        o[i] = v;
+        const C stored = static_cast<C>(v);
+        s[0][l] += stored * stored;
+      },
+      add, out);
+  return out[0];
+}
+
+template <typename T>
+double lincomb_dispatch(const LincombArgs& a, int64_t n) {
+  const bool read_out = a.c0 != 0.0f;  // NaN != 0: a NaN c0 reads (and propagates)
+  if (read_out) return a.y != nullptr ? lincomb_t<T, true, true>(a, n) : lincomb_t<T, true, false>(a, n);
+  return a.y != nullptr ? lincomb_t<T, false, true>(a, n) : lincomb_t<T, false, false>(a, n);
+}
+
+template <typename T, bool Init, bool Adaptive>
+double ema_t(const EmaArgs& a, int64_t n) {
+  using C = compute_t<T>;
+  T* g = static_cast<T*>(a.grad);
+  T* m = static_cast<T*>(a.ema);
+  const T* w = static_cast<const T*>(a.param);
+  const math::EmaCoefs<C> k{static_cast<C>(a.grad_scale), static_cast<C>(a.sigma), static_cast<C>(a.lmbda),
+                            static_cast<C>(1.0 - a.lmbda), Init};
+  const C eta = static_cast<C>(a.adaptive_eta);
+  double out[1];
+  lane_reduce<C, 1>(
+      n,
+      [=](int64_t i, C(&s)[1][kLanes], int l) {
+        C d, m_new;
+        math::ema_element(static_cast<C>(g[i]), Init ? C(0) : static_cast<C>(m[i]), k, d, m_new);
+        const T stored = static_cast<T>(d);
+        g[i] = stored;
+        m[i] = static_cast<T>(m_new);
+        s[0][l] += math::scaled_square(static_cast<C>(stored), Adaptive ? static_cast<C>(w[i]) : C(0), eta, Adaptive);
+      },
+      add, out);
+  return out[0];
+}
+
+template <typename T>
+double ema_dispatch(const EmaArgs& a, int64_t n) {
+  if (a.init) return a.adaptive ? ema_t<T, true, true>(a, n) : ema_t<T, true, false>(a, n);
+  return a.adaptive ? ema_t<T, false, true>(a, n) : ema_t<T, false, false>(a, n);
+}
+
 // Type-erased entry points: one switch on the dtype per chunk.
 #define FP_DTYPE_SWITCH(dtype, CALL)                                       \
   switch (dtype) {                                                         \
@@ -294,10 +367,20 @@ inline void ascent_entry(at::ScalarType dtype, const AscentArgs& a, int64_t n) {
 inline void combine_entry(at::ScalarType dtype, void* grad, const void* accum, double weight, int64_t n) {
   FP_DTYPE_SWITCH(dtype, return combine_t<T>(grad, accum, weight, n))
 }
+inline void dot_entry(at::ScalarType dtype, const void* x, const void* y, int64_t n, double* out) {
+  FP_DTYPE_SWITCH(dtype, return dot_t<T>(x, y, n, out))
+}
+inline double lincomb_entry(at::ScalarType dtype, const LincombArgs& a, int64_t n) {
+  FP_DTYPE_SWITCH(dtype, return lincomb_dispatch<T>(a, n))
+}
+inline double ema_entry(at::ScalarType dtype, const EmaArgs& a, int64_t n) {
+  FP_DTYPE_SWITCH(dtype, return ema_dispatch<T>(a, n))
+}
 #undef FP_DTYPE_SWITCH
 
 inline const KernelTable* table(const char* isa) {
-  static const KernelTable t{isa, &norm_entry, &stats_entry, &ascent_entry, &combine_entry, &copy_entry};
+  static const KernelTable t{isa,         &norm_entry, &stats_entry,   &ascent_entry, &combine_entry,
+                             &copy_entry, &dot_entry,  &lincomb_entry, &ema_entry};
   return &t;
 }
 

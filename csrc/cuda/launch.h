@@ -33,11 +33,15 @@ void launch_finalize(const worklist::FinalizeArgs& f, const F& fin, cudaStream_t
   FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::StatsOp)   \
   FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::AscentOp)  \
   FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreOp) \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::CombineOp)
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::CombineOp) \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::DotOp)     \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::LincombOp) \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::EmaOp)
 
 #define FASTPERTURB_CUDA_FOR_EACH_FINALIZE(X) \
   X(worklist::FinalizeNorm)                   \
-  X(worklist::FinalizeStats)
+  X(worklist::FinalizeStats)                  \
+  X(worklist::FinalizeSum)
 
 }  // namespace cuda
 }  // namespace fastperturb

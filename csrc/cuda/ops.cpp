@@ -100,6 +100,31 @@ void combine_grads_cuda(at::TensorList grads, at::TensorList accum, double weigh
   worklist::combine_grads(ex, grads, accum, weight);
 }
 
+at::Tensor dot_stats_cuda(at::TensorList x, at::TensorList y) {
+  checks::check_dot_stats(x, y);
+  const at::Device d = device_of("x", x);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  return worklist::dot_stats(ex, x, y);
+}
+
+at::Tensor lincomb_cuda(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coef) {
+  checks::check_lincomb(out, x, y, coef);
+  const at::Device d = device_of("out", out);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  return worklist::lincomb(ex, out, x, y, coef);
+}
+
+at::Tensor ema_residual_cuda(at::TensorList grads, at::TensorList ema, at::TensorList params, double sigma,
+                             double lmbda, bool init, double grad_scale, double adaptive_eta) {
+  checks::check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta);
+  const at::Device d = device_of("grads", grads);
+  const c10::cuda::CUDAGuard guard(d);
+  CudaExec ex = exec_on(d);
+  return worklist::ema_residual(ex, grads, ema, params, sigma, lmbda, init, grad_scale, adaptive_eta);
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastperturb
@@ -110,4 +135,7 @@ TORCH_LIBRARY_IMPL(fastperturb, CUDA, m) {
   m.impl("ascent_step_", &fastperturb::cuda::ascent_step_cuda);
   m.impl("restore_", &fastperturb::cuda::restore_cuda);
   m.impl("combine_grads_", &fastperturb::cuda::combine_grads_cuda);
+  m.impl("dot_stats", &fastperturb::cuda::dot_stats_cuda);
+  m.impl("lincomb_", &fastperturb::cuda::lincomb_cuda);
+  m.impl("ema_residual_", &fastperturb::cuda::ema_residual_cuda);
 }

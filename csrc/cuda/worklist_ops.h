@@ -1,4 +1,4 @@
-// The host code of the CUDA ops: the five fused ops written once over the
+// The host code of the CUDA ops: the fused ops written once over the
 // work list (fastperturb/worklist/plan.h, device.h) and an executor `Exec`
 // that runs its launches:
 //   * the CUDA launcher (csrc/cuda/ops.cpp) launches the kernels of
@@ -183,6 +183,61 @@ void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double 
         return CombineOp<T>{static_cast<math::compute_t<T>>(weight)};
       },
       nullptr);
+}
+
+// The SAM-family ops.
+
+template <class Exec>
+at::Tensor dot_stats(Exec& ex, at::TensorList x, at::TensorList y) {
+  const auto f32 = f32_on(x);
+  const int64_t n = static_cast<int64_t>(x.size());
+  if (n == 0) return at::zeros({0, 3}, f32);
+  const Plan plan = plan_list(ex, x, 2);
+  at::Tensor partials = at::empty({3 * (plan.total_slots > 0 ? plan.total_slots : 1)}, f32.dtype(at::kDouble));
+  at::Tensor out = at::empty({n, 3}, f32);
+  run_plan<2>(ex, plan, {x, y}, [](auto tag) { return DotOp<decltype(tag)>{}; }, partials.data_ptr<double>());
+  const FinalizeStats fin{partials.data_ptr<double>(), out.data_ptr<float>()};
+  for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, fin);
+  return out;
+}
+
+// Runs a one-slot op over (lists) and sums each tensor's partials into a float32 [n].
+template <int D, class Exec, class MakeOp>
+at::Tensor run_with_sums(Exec& ex, const std::array<at::TensorList, D>& lists, MakeOp&& make_op) {
+  const auto f32 = f32_on(lists[0]);
+  const int64_t n = static_cast<int64_t>(lists[0].size());
+  if (n == 0) return at::zeros({0}, f32);
+  const Plan plan = plan_list(ex, lists[0], D);
+  at::Tensor partials = at::empty({plan.total_slots > 0 ? plan.total_slots : 1}, f32.dtype(at::kDouble));
+  at::Tensor out = at::empty({n}, f32);
+  run_plan<D>(ex, plan, lists, make_op, partials.data_ptr<double>());
+  const FinalizeSum fin{partials.data_ptr<double>(), out.data_ptr<float>()};
+  for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, fin);
+  return out;
+}
+
+template <class Exec>
+at::Tensor lincomb(Exec& ex, at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coef) {
+  bump_versions(out);
+  // The kernels index the coefficients as a flat [n, 3] array, read on the device (no host sync).
+  const at::Tensor coef_c = coef.contiguous();
+  const float* coef_ptr = coef_c.data_ptr<float>();
+  const bool has_y = !y.empty();
+  return run_with_sums<3>(ex, {out, x, y}, [&](auto tag) { return LincombOp<decltype(tag)>{coef_ptr, has_y}; });
+}
+
+template <class Exec>
+at::Tensor ema_residual(Exec& ex, at::TensorList grads, at::TensorList ema, at::TensorList params, double sigma,
+                        double lmbda, bool init, double grad_scale, double adaptive_eta) {
+  bump_versions(grads);
+  bump_versions(ema);
+  const bool adaptive = adaptive_eta >= 0;
+  return run_with_sums<3>(ex, {grads, ema, params}, [&](auto tag) {
+    using C = math::compute_t<decltype(tag)>;
+    const math::EmaCoefs<C> k{static_cast<C>(grad_scale), static_cast<C>(sigma), static_cast<C>(lmbda),
+                              static_cast<C>(1.0 - lmbda), init};
+    return EmaOp<decltype(tag)>{k, static_cast<C>(adaptive_eta), adaptive};
+  });
 }
 
 }  // namespace worklist

@@ -155,6 +155,28 @@ void combine_grads_op(at::TensorList grads, at::TensorList accum, double weight)
   combine_grads(ex, grads, accum, weight);
 }
 
+at::Tensor dot_stats_op(at::TensorList x, at::TensorList y) {
+  require_cpu("dot_stats", {x, y});
+  checks::check_dot_stats(x, y);
+  CpuExec ex = executor();
+  return dot_stats(ex, x, y);
+}
+
+at::Tensor lincomb_op(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coef) {
+  require_cpu("lincomb_", {out, x, y}, {&coef});
+  checks::check_lincomb(out, x, y, coef);
+  CpuExec ex = executor();
+  return lincomb(ex, out, x, y, coef);
+}
+
+at::Tensor ema_residual_op(at::TensorList grads, at::TensorList ema, at::TensorList params, double sigma, double lmbda,
+                           bool init, double grad_scale, double adaptive_eta) {
+  require_cpu("ema_residual_", {grads, ema, params});
+  checks::check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta);
+  CpuExec ex = executor();
+  return ema_residual(ex, grads, ema, params, sigma, lmbda, init, grad_scale, adaptive_eta);
+}
+
 // The planner's layout: (tensors [R, 3] = launch, group, tensor index, one row
 // per table entry; blocks [B, 7] = launch, entry, tensor index, chunk, slot,
 // begin, end).
@@ -253,6 +275,9 @@ void register_executor(torch::Library& m) {
   m.impl("ascent_step_", &fastperturb::worklist::ascent_step_op);
   m.impl("restore_", &fastperturb::worklist::restore_op);
   m.impl("combine_grads_", &fastperturb::worklist::combine_grads_op);
+  m.impl("dot_stats", &fastperturb::worklist::dot_stats_op);
+  m.impl("lincomb_", &fastperturb::worklist::lincomb_op);
+  m.impl("ema_residual_", &fastperturb::worklist::ema_residual_op);
 }
 }  // namespace
 

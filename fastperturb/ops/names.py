@@ -9,7 +9,16 @@ two agree. Semantics and schemas: ``docs/design.md`` §3.
 
 from __future__ import annotations
 
-OPS: tuple[str, ...] = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
+OPS: tuple[str, ...] = (
+    "norms",
+    "grad_stats_",
+    "ascent_step_",
+    "restore_",
+    "combine_grads_",
+    "dot_stats",
+    "lincomb_",
+    "ema_residual_",
+)
 
 #: The same ops on a TensorLists handle (fastperturb/ops/lists.py), in the order of
 #: ``csrc/include/fastperturb/list_schemas.h`` ``kAllLists``: a call path for eager code, not a second op set

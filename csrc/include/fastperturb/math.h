@@ -136,5 +136,74 @@ FP_HD C norm_finish(C acc, Norm n) {
   return n == Norm::L2 ? std::sqrt(acc) : acc;
 }
 
+// ---------------------------------------------------------------------------
+// The SAM-family ops (dot_stats, lincomb_, ema_residual_).
+
+// x is finite (neither NaN nor +-inf), without a library call: x - x is 0 for
+// every finite x and NaN otherwise.
+template <typename C>
+FP_HD bool is_finite(C x) {
+  const C z = x - x;
+  return z == z;
+}
+
+// Per-element contributions to dot_stats: s0 += x*x, s1 += x*y, s2 += y*y.
+template <typename C>
+FP_HD void dot_element(C x, C y, C& s0, C& s1, C& s2) {
+  s0 += x * x;
+  s1 += x * y;
+  s2 += y * y;
+}
+
+// lincomb_'s per-tensor coefficients: out = c0*out + c1*x + c2*y.
+template <typename C>
+struct LincombCoefs {
+  C c0, c1, c2;
+  bool read_out;  // c0 != 0 (a NaN c0 included): else out is not read at all
+  bool has_y;
+};
+
+// The new value of one element of out, the terms added left to right.
+template <typename C>
+FP_HD C lincomb_element(C out, C x, C y, const LincombCoefs<C>& k) {
+  C v = k.c1 * x;
+  if (k.read_out) v = k.c0 * out + v;
+  if (k.has_y) v = v + k.c2 * y;
+  return v;
+}
+
+// ema_residual_'s scalars in the compute type; lmbda_c = 1 - lmbda, taken in
+// double on the host before the conversion (as the reference does).
+template <typename C>
+struct EmaCoefs {
+  C grad_scale, sigma, lmbda, lmbda_c;
+  bool init;
+};
+
+// One element of FriendlySAM's sweep: from the incoming gradient g_in and the
+// running mean m, the residual d (the new gradient) and the new mean. Where g is
+// not finite the mean keeps its value (init: starts at 0, as the old value is
+// undefined there), so a bad gradient never poisons it.
+template <typename C>
+FP_HD void ema_element(C g_in, C m, const EmaCoefs<C>& k, C& d, C& m_new) {
+  const C g = k.grad_scale * g_in;
+  const bool ok = is_finite(g);
+  if (k.init) {
+    d = g;
+    m_new = ok ? g : C(0);
+  } else {
+    d = g - k.sigma * m;
+    m_new = ok ? k.lmbda * m + k.lmbda_c * g : m;
+  }
+}
+
+// The statistic term of one stored residual d: (t*d)^2 with t = |w| + eta
+// (adaptive) or 1.
+template <typename C>
+FP_HD C scaled_square(C d, C w, C eta, bool adaptive) {
+  const C td = adaptive ? ((w < C(0) ? -w : w) + eta) * d : d;
+  return td * td;
+}
+
 }  // namespace math
 }  // namespace fastperturb

@@ -13,8 +13,11 @@ from .kernels import (
     FINALIZE_LANES,
     _ascent_kernel,
     _combine_kernel,
+    _dot_kernel,
+    _ema_kernel,
     _finalize_kernel,
     _grad_stats_kernel,
+    _lincomb_kernel,
     _norms_kernel,
     _restore_kernel,
 )
@@ -61,10 +64,16 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
                     dict(base, ITYPE=itype, LINF=linf, FIRST=first, ADAPTIVE=adaptive, ZERO_GRADS=zero_grads),
                 )
             yield _combine_kernel, scal, base
+            yield _dot_kernel, dict(table, partials="*fp64"), base
+            for has_y in flags:
+                yield _lincomb_kernel, dict(table, coef="*fp32", partials="*fp64"), dict(base, HAS_Y=has_y)
+            for init, adaptive in itertools.product(flags, repeat=2):
+                if exhaustive or init == adaptive:
+                    yield _ema_kernel, dict(scal, partials="*fp64"), dict(base, INIT=init, ADAPTIVE=adaptive)
     for size, itype in INT_OF_SIZE.items():
         for vec in (1, VECTOR_BYTES // size):
             yield _restore_kernel, table, dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ITYPE=itype)
-    for ncol, mode in ((1, 0), (1, 1), (3, 2)):
+    for ncol, mode in ((1, 0), (1, 1), (3, 2), (1, 2)):
         yield (
             _finalize_kernel,
             {"partials": "*fp64", "pbase": "*i64", "out": "*fp32", "total": "*fp32", "n": "i32"},

@@ -1,4 +1,4 @@
-"""The five fused ops on the Triton kernels, one function per op named as the
+"""The fused ops on the Triton kernels, one function per op named as the
 op (the registration takes them by :data:`fastperturb.ops.names.OPS`). Each
 validates its arguments (the kernels follow raw pointers, so a bad list must
 never reach them, whoever calls the op) and refuses a device it cannot run on,
@@ -17,8 +17,11 @@ from .kernels import (
     FINALIZE_LANES,
     _ascent_kernel,
     _combine_kernel,
+    _dot_kernel,
+    _ema_kernel,
     _finalize_kernel,
     _grad_stats_kernel,
+    _lincomb_kernel,
     _norms_kernel,
     _restore_kernel,
 )
@@ -408,3 +411,109 @@ def combine_grads_lists_(lists, weight: float) -> None:
         plan.set_scalars((weight,))
         _combine_launch(plan)
     lists.handle.bump_versions(_PARAMS, True)
+
+
+def dot_stats(x: list[Tensor], y: list[Tensor]) -> Tensor:
+    V.check_dot_stats(x, y)
+    device = V.first_device(x)
+    with _device_guard("dot_stats", device):
+        n = len(x)
+        out = torch.empty(n, 3, dtype=torch.float32, device=device)
+        if n == 0:
+            return out
+        plan = Plan(device, [x, y], [t.dtype for t in x])
+        partials = torch.empty(max(plan.slots, 1), 3, dtype=torch.float64, device=device)
+        for grp in plan.groups:
+            elem, st, _, ct = TYPES[grp.key]
+            launch(
+                _dot_kernel,
+                grp.programs,
+                grp.meta,
+                grp.work,
+                partials,
+                CHUNK=plan.chunk,
+                BLOCK=plan.block,
+                VEC=grp.vec,
+                ELEM=elem,
+                ST=st,
+                CT=ct,
+            )
+        _finalize(plan, partials, out, out, 3, 2)
+    return out
+
+
+def lincomb_(out: list[Tensor], x: list[Tensor], y: list[Tensor], coef: Tensor) -> Tensor:
+    V.check_lincomb(out, x, y, coef)
+    device = V.first_device(out)
+    with _device_guard("lincomb_", device):
+        n = len(out)
+        sq = torch.empty(n, dtype=torch.float32, device=device)
+        if n == 0:
+            return sq
+        coef = coef.contiguous()  # read on the device as a flat [n, 3] array
+        plan = Plan(device, [out, x, y], [t.dtype for t in out])
+        partials = torch.empty(max(plan.slots, 1), dtype=torch.float64, device=device)
+        for grp in plan.groups:
+            elem, st, _, ct = TYPES[grp.key]
+            launch(
+                _lincomb_kernel,
+                grp.programs,
+                grp.meta,
+                grp.work,
+                coef,
+                partials,
+                CHUNK=plan.chunk,
+                BLOCK=plan.block,
+                VEC=grp.vec,
+                ELEM=elem,
+                ST=st,
+                CT=ct,
+                HAS_Y=bool(y),
+            )
+        _finalize(plan, partials, sq, sq, 1, 2)
+    return sq
+
+
+def ema_residual_(
+    grads: list[Tensor],
+    ema: list[Tensor],
+    params: list[Tensor],
+    *,
+    sigma: float,
+    lmbda: float,
+    init: bool,
+    grad_scale: float = 1.0,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    V.check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta)
+    device = V.first_device(grads, params)
+    with _device_guard("ema_residual_", device):
+        n = len(grads)
+        stat = torch.empty(n, dtype=torch.float32, device=device)
+        if n == 0:
+            return stat
+        adaptive = adaptive_eta >= 0
+        # 1 - lmbda in double before the conversion to the compute type, as math.h's callers do
+        scalars = (grad_scale, sigma, lmbda, 1.0 - lmbda, adaptive_eta)
+        plan = Plan(device, [grads, ema, params if adaptive else []], [g.dtype for g in grads], scalars=scalars)
+        partials = torch.empty(max(plan.slots, 1), dtype=torch.float64, device=device)
+        for grp in plan.groups:
+            elem, st, _, ct = TYPES[grp.key]
+            launch(
+                _ema_kernel,
+                grp.programs,
+                grp.meta,
+                grp.work,
+                plan.scal,
+                partials,
+                CHUNK=plan.chunk,
+                BLOCK=plan.block,
+                VEC=grp.vec,
+                ELEM=elem,
+                ST=st,
+                CT=ct,
+                INIT=bool(init),
+                ADAPTIVE=adaptive,
+            )
+        _finalize(plan, partials, stat, stat, 1, 2)
+    return stat

@@ -1,4 +1,4 @@
-"""The Triton kernels of the five fused ops and the fixed-order reduction of
+"""The Triton kernels of the fused ops and the fixed-order reduction of
 their partials. Each program handles one chunk of one tensor of a pointer
 table built by :mod:`.plan`; the arithmetic follows
 ``csrc/include/fastperturb/math.h`` operation by operation
@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .memory import load_elem, store_elem
+from .memory import load_elem, round_elem, store_elem
 
 #: Tensors the finalize kernel reduces side by side.
 FINALIZE_LANES = 128
@@ -256,6 +256,160 @@ def _combine_kernel(
         m = offs < numel
         g = load_elem(g_ptr, offs, m, ELEM, CT)
         store_elem(g_ptr, offs, load_elem(a_ptr, offs, m, ELEM, CT) + weight * g, m, ELEM)
+
+
+# --------------------------------------------------------------------------
+# The SAM-family ops (math.h dot_element, lincomb_element, ema_element).
+
+
+@triton.jit
+def _dot_kernel(
+    meta,
+    work,
+    partials,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ELEM: tl.constexpr,
+    ST: tl.constexpr,
+    CT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = tl.load(work + 2 * pid)
+    c = tl.load(work + 2 * pid + 1)
+    x_ptr = tl.load(meta + 5 * row).to(tl.pointer_type(ST))
+    y_ptr = tl.load(meta + 5 * row + 1).to(tl.pointer_type(ST))
+    numel = tl.load(meta + 5 * row + 2)
+    slot = tl.load(meta + 5 * row + 3) + c
+    if VEC > 1:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        y_ptr = tl.multiple_of(y_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
+    start = c * CHUNK
+    lanes = tl.arange(0, BLOCK)
+    s0 = tl.zeros([BLOCK], CT)
+    s1 = tl.zeros([BLOCK], CT)
+    s2 = tl.zeros([BLOCK], CT)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + lanes
+        m = offs < numel
+        x = load_elem(x_ptr, offs, m, ELEM, CT)
+        y = load_elem(y_ptr, offs, m, ELEM, CT)
+        s0 += x * x
+        s1 += x * y
+        s2 += y * y
+    tl.store(partials + 3 * slot, tl.sum(s0, axis=0).to(tl.float64))
+    tl.store(partials + 3 * slot + 1, tl.sum(s1, axis=0).to(tl.float64))
+    tl.store(partials + 3 * slot + 2, tl.sum(s2, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _lincomb_kernel(
+    meta,
+    work,
+    coef,
+    partials,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ELEM: tl.constexpr,
+    ST: tl.constexpr,
+    CT: tl.constexpr,
+    HAS_Y: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = tl.load(work + 2 * pid)
+    c = tl.load(work + 2 * pid + 1)
+    o_ptr = tl.load(meta + 6 * row).to(tl.pointer_type(ST))
+    x_ptr = tl.load(meta + 6 * row + 1).to(tl.pointer_type(ST))
+    y_ptr = tl.load(meta + 6 * row + 2).to(tl.pointer_type(ST))
+    numel = tl.load(meta + 6 * row + 3)
+    slot = tl.load(meta + 6 * row + 4) + c
+    index = tl.load(meta + 6 * row + 5)
+    if VEC > 1:
+        o_ptr = tl.multiple_of(o_ptr, 16)
+        x_ptr = tl.multiple_of(x_ptr, 16)
+        y_ptr = tl.multiple_of(y_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
+    c0f = tl.load(coef + 3 * index)
+    read_out = c0f != 0.0  # a NaN c0 reads (and propagates)
+    c0 = c0f.to(CT)
+    c1 = tl.load(coef + 3 * index + 1).to(CT)
+    c2 = tl.load(coef + 3 * index + 2).to(CT)
+    start = c * CHUNK
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], CT)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + lanes
+        m = offs < numel
+        v = c1 * load_elem(x_ptr, offs, m, ELEM, CT)
+        # c0 == 0: the loaded out values are discarded, whatever the buffer holds
+        v = tl.where(read_out, c0 * load_elem(o_ptr, offs, m, ELEM, CT) + v, v)
+        if HAS_Y:
+            v = v + c2 * load_elem(y_ptr, offs, m, ELEM, CT)
+        store_elem(o_ptr, offs, v, m, ELEM)
+        stored = tl.where(m, round_elem(v, ELEM, CT), 0.0)
+        acc += stored * stored
+    tl.store(partials + slot, tl.sum(acc, axis=0).to(tl.float64))
+
+
+@triton.jit
+def _ema_kernel(
+    meta,
+    work,
+    scal,
+    partials,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    ELEM: tl.constexpr,
+    ST: tl.constexpr,
+    CT: tl.constexpr,
+    INIT: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = tl.load(work + 2 * pid)
+    c = tl.load(work + 2 * pid + 1)
+    g_ptr = tl.load(meta + 6 * row).to(tl.pointer_type(ST))
+    e_ptr = tl.load(meta + 6 * row + 1).to(tl.pointer_type(ST))
+    w_ptr = tl.load(meta + 6 * row + 2).to(tl.pointer_type(ST))
+    numel = tl.load(meta + 6 * row + 3)
+    slot = tl.load(meta + 6 * row + 4) + c
+    if VEC > 1:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        e_ptr = tl.multiple_of(e_ptr, 16)
+        w_ptr = tl.multiple_of(w_ptr, 16)
+        numel = tl.multiple_of(numel, VEC)
+    grad_scale = tl.load(scal).to(tl.float64, bitcast=True).to(CT)
+    sigma = tl.load(scal + 1).to(tl.float64, bitcast=True).to(CT)
+    lmbda = tl.load(scal + 2).to(tl.float64, bitcast=True).to(CT)
+    lmbda_c = tl.load(scal + 3).to(tl.float64, bitcast=True).to(CT)
+    eta = tl.load(scal + 4).to(tl.float64, bitcast=True).to(CT)
+    start = c * CHUNK
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], CT)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + lanes
+        m = offs < numel
+        g = grad_scale * load_elem(g_ptr, offs, m, ELEM, CT)
+        z = g - g
+        ok = z == z  # g finite
+        if INIT:
+            d = g
+            mean = tl.where(ok, g, 0.0)
+        else:
+            mc = load_elem(e_ptr, offs, m, ELEM, CT)
+            d = g - sigma * mc
+            mean = tl.where(ok, lmbda * mc + lmbda_c * g, mc)
+        store_elem(g_ptr, offs, d, m, ELEM)
+        store_elem(e_ptr, offs, mean.to(CT), m, ELEM)
+        td = tl.where(m, round_elem(d, ELEM, CT), 0.0)
+        if ADAPTIVE:
+            w = load_elem(w_ptr, offs, m, ELEM, CT)
+            td = (tl.where(w < 0, -w, w) + eta) * td
+        acc += td * td
+    tl.store(partials + slot, tl.sum(acc, axis=0).to(tl.float64))
 
 
 @triton.jit

@@ -40,3 +40,17 @@ def store_elem(ptr, offs, x, mask, ELEM: tl.constexpr):
         tl.store(ptr + offs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offs, x.to(ELEM), mask=mask)
+
+
+@triton.jit
+def round_elem(x, ELEM: tl.constexpr, CT: tl.constexpr):
+    """``x`` (compute type) rounded to ELEM as :func:`store_elem` stores it, returned in CT: the value a
+    reduction over the stored result sees."""
+    if ELEM == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        r = tl.where(x != x, 0x7FC0, r)
+        y = (r << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(ELEM).to(CT)
+    return y

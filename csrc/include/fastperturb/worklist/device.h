@@ -282,5 +282,107 @@ struct FinalizeStats {
   }
 };
 
+// ---------------------------------------------------------------------------
+// The SAM-family ops.
+
+// dot_stats: lists (x, y), read-only; per block [sum x*x, sum x*y, sum y*y].
+template <typename T>
+struct DotOp {
+  static constexpr int kDepth = 2;
+  static constexpr int kSlots = 3;
+  using scalar_t = T;
+  using C = compute_t<T>;
+  using Acc = Sums3<C>;
+  using PerTensor = None;
+
+  FP_HD bool reads(int) const { return true; }
+  FP_HD bool writes(int) const { return false; }
+  FP_HD PerTensor tensor(int) const { return {}; }
+  FP_HD Acc identity() const { return Acc{C(0), C(0), C(0)}; }
+  FP_HD void element(T (&x)[2], Acc& acc, const PerTensor&) const {
+    math::dot_element(static_cast<C>(x[0]), static_cast<C>(x[1]), acc.s0, acc.s1, acc.s2);
+  }
+  FP_HD Acc combine(const Acc& a, const Acc& b) const { return Acc{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2}; }
+  FP_HD void store(const Acc& acc, double* out) const {
+    out[0] = static_cast<double>(acc.s0);
+    out[1] = static_cast<double>(acc.s1);
+    out[2] = static_cast<double>(acc.s2);
+  }
+};
+
+// lincomb_: lists (out, x, y), y possibly absent; out = c0*out + c1*x + c2*y with the coefficients read from
+// the float32 [n, 3] array coef[3 * index ...]; per block the sum of squares of the stored values. Where
+// c0 == 0 the loaded out values are ignored (lincomb_element), so whatever the buffer holds never leaks.
+template <typename T>
+struct LincombOp {
+  static constexpr int kDepth = 3;
+  static constexpr int kSlots = 1;
+  using scalar_t = T;
+  using C = compute_t<T>;
+  using Acc = C;
+  using PerTensor = math::LincombCoefs<C>;
+  const float* coef;
+  bool has_y;
+
+  FP_HD bool reads(int d) const { return d != 2 || has_y; }
+  FP_HD bool writes(int d) const { return d == 0; }
+  FP_HD PerTensor tensor(int i) const {
+    const float c0 = coef[3 * i];
+    return PerTensor{static_cast<C>(c0), static_cast<C>(coef[3 * i + 1]), static_cast<C>(coef[3 * i + 2]), c0 != 0.0f,
+                     has_y};
+  }
+  FP_HD Acc identity() const { return C(0); }
+  FP_HD void element(T (&x)[3], Acc& acc, const PerTensor& k) const {
+    const C y = has_y ? static_cast<C>(x[2]) : C(0);
+    x[0] = static_cast<T>(math::lincomb_element(static_cast<C>(x[0]), static_cast<C>(x[1]), y, k));
+    const C stored = static_cast<C>(x[0]);
+    acc += stored * stored;
+  }
+  FP_HD Acc combine(Acc a, Acc b) const { return a + b; }
+  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
+};
+
+// ema_residual_: lists (grads, ema, params), params read only when adaptive; grads = the residual d, ema = the
+// new mean (math::ema_element); per block the sum of (t d)^2 over the stored residuals.
+template <typename T>
+struct EmaOp {
+  static constexpr int kDepth = 3;
+  static constexpr int kSlots = 1;
+  using scalar_t = T;
+  using C = compute_t<T>;
+  using Acc = C;
+  using PerTensor = None;
+  math::EmaCoefs<C> k;
+  C eta;
+  bool adaptive;
+
+  FP_HD bool reads(int d) const { return d == 0 || (d == 1 && !k.init) || (d == 2 && adaptive); }
+  FP_HD bool writes(int d) const { return d != 2; }
+  FP_HD PerTensor tensor(int) const { return {}; }
+  FP_HD Acc identity() const { return C(0); }
+  FP_HD void element(T (&x)[3], Acc& acc, const PerTensor&) const {
+    C d, m_new;
+    math::ema_element(static_cast<C>(x[0]), k.init ? C(0) : static_cast<C>(x[1]), k, d, m_new);
+    x[0] = static_cast<T>(d);
+    x[1] = static_cast<T>(m_new);
+    acc += math::scaled_square(static_cast<C>(x[0]), adaptive ? static_cast<C>(x[2]) : C(0), eta, adaptive);
+  }
+  FP_HD Acc combine(Acc a, Acc b) const { return a + b; }
+  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
+};
+
+// Finalize of a one-column sum (lincomb_, ema_residual_): a tensor's partials summed in double into the
+// float32 [n] result.
+struct FinalizeSum {
+  using Acc = double;
+  const double* in;
+  float* out;
+
+  FP_HD Acc identity() const { return 0.0; }
+  FP_HD Acc load(int64_t slot) const { return in[slot]; }
+  FP_HD Acc combine(Acc a, Acc b) const { return a + b; }
+  FP_HD void store(int index, Acc acc) const { out[index] = static_cast<float>(acc); }
+};
+
 }  // namespace worklist
 }  // namespace fastperturb

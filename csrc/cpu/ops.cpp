@@ -150,10 +150,11 @@ void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 
 void restore_run(at::TensorList params, at::TensorList backups, const Plan& plan) {
   bump_versions(params);
+  const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& w = params[ch.tensor];
-    std::memcpy(at_elem(w, ch.begin), at_elem(backups[ch.tensor], ch.begin),
-                static_cast<size_t>(ch.size) * w.element_size());
+    // Streaming copy for large chunks: a plain store would first read the destination line.
+    k.copy(at_elem(w, ch.begin), at_elem(backups[ch.tensor], ch.begin), ch.size * w.element_size());
   });
 }
 

@@ -16,6 +16,7 @@ import math
 import operator
 import sys
 import warnings
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -32,6 +33,7 @@ Params = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
 Closure = Callable[[], Any]
 
 NONFINITE_MODES = ("skip", "raise")
+GRAD_CLEARINGS = ("release", "zero")
 STATE_KEY = "fastperturb"  # the wrapper's settings inside state_dict()
 
 
@@ -96,17 +98,46 @@ def _version(g: Tensor) -> int:
     return g._version if type(g) is Tensor else distributed.local(g)._version
 
 
-def _versions(params: Sequence[Tensor]) -> list:
+_GRAD = operator.attrgetter("grad")
+_VERSION = operator.attrgetter("_version")
+_PLAIN = {Tensor}
+_RELEASED = {type(None)}
+
+#: (gradients, their version counters), in the order of the tensors they were read from
+GradVersions = tuple
+
+
+def _versions(params: Sequence[Tensor]) -> GradVersions:
     """Each tensor's gradient and its version counter: a backward either replaces the
-    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
-    grads = [p.grad for p in params]
-    return [(g, -1 if g is None else _version(g)) for g in grads]
+    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version (-1: no gradient)."""
+    grads = list(map(_GRAD, params))
+    # Read per pass over every tensor: the common cases (all plain gradients, or all released)
+    # stay in C loops; sharded or mixed lists take the per-tensor path.
+    kinds = set(map(type, grads))
+    if kinds <= _PLAIN:
+        return grads, list(map(_VERSION, grads))
+    if kinds == _RELEASED:
+        return grads, [-1] * len(grads)
+    return grads, [-1 if g is None else _version(g) for g in grads]
 
 
-def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
-    for p, (g, v) in zip(params, before):
-        ng = p.grad
-        if ng is not None and (ng is not g or _version(ng) != v):
+def _any_grad(params: Sequence[Tensor]) -> bool:
+    return any(map(operator.is_not, map(_GRAD, params), repeat(None)))
+
+
+def _any_grad_changed(params: Sequence[Tensor], before: GradVersions) -> bool:
+    """Whether any tensor has a gradient other than ``before`` recorded (a new tensor, or the
+    same one with a new version); a gradient set to None since does not count."""
+    old_grads, old_versions = before
+    if params and old_grads:  # a backward writes every gradient: the first usually tells
+        g = params[0].grad
+        if g is not None and (g is not old_grads[0] or _version(g) != old_versions[0]):
+            return True
+    grads, versions = _versions(params)
+    if not any(map(operator.is_not, grads, old_grads)):
+        return versions != old_versions
+    for g, v, og, ov in zip(grads, versions, old_grads, old_versions):
+        if g is not None and (g is not og or v != ov):
             return True
     return False
 
@@ -156,6 +187,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: ``"perturb_" + name`` instead when its base optimizer has a setting of that name.
     radius_key: str = "radius"
     step_key: Optional[str] = "step_size"
+    #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
+    #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
+    #: zeroes them in place (fused into the ascent step). Both give the same steps; release is
+    #: the faster (benchmarks/README.md, "Clearing the gradients").
+    grad_clearing: str = "release"
 
     def __init__(
         self,
@@ -223,7 +259,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._overflow_holder: Optional[_GradHolder] = None
         # The gradients as the last step() / zero_grad() left them: a backward since then
         # makes them the caller's g_0 (see step()).
-        self._grads_seen: list = []
+        self._grads_seen: GradVersions = ([], [])
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
@@ -351,9 +387,25 @@ class PerturbOptimizer(torch.optim.Optimizer):
             plan.local_params, plan.local_passive = plan.params, plan.passive
         return plan
 
+    def _releases(self) -> bool:
+        if self.grad_clearing not in GRAD_CLEARINGS:
+            raise ValueError(f"grad_clearing must be one of {GRAD_CLEARINGS}, got {self.grad_clearing!r}")
+        return self.grad_clearing == "release"
+
+    def _clear_grads(self, params: Sequence[Tensor]) -> None:
+        """Clear the gradients before the clean pass (see :attr:`grad_clearing`)."""
+        if self._releases():
+            _release_grads(params)
+        else:
+            _zero_grads(params)
+
     def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
         """The gradients of ``plan.every`` after ``pass_index`` (their shards if sharded)."""
-        grads = grads_of(plan.every, pass_index)
+        grads = [p.grad for p in plan.every]
+        if not all(map(operator.is_not, grads, repeat(None))):  # rare: a tensor the backward did not reach
+            if pass_index > 0 and self._releases():
+                _fill_released(plan.every)
+            grads = grads_of(plan.every, pass_index)
         return distributed.local_list(grads) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
@@ -433,7 +485,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
         seen = self._grads_seen
-        if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
+        if len(seen) != 2 or len(seen[0]) != len(params):  # unknown (unpickled, groups added): clean pass, always right
             return False
         return _any_grad_changed(params, seen)
 
@@ -445,8 +497,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     # ---- the closure contract --------------------------------------------------------
 
     @staticmethod
-    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor]) -> Any:
-        before = _versions(watch)
+    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False) -> Any:
+        """Run the closure for pass ``k`` and check its contract; ``released``: the gradients of
+        ``watch`` were just set to None, so any gradient after it shows the backward."""
+        before = None if released else _versions(watch)
         with torch.enable_grad():
             loss = closure()
         if loss is None:
@@ -454,7 +508,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"the closure returned None at pass {k}; it must compute the loss, call loss.backward() "
                 "and return the loss"
             )
-        if not _any_grad_changed(watch, before):
+        if not (_any_grad(watch) if before is None else _any_grad_changed(watch, before)):
             raise RuntimeError(
                 f"the closure did not call backward() at pass {k}: no gradient of the optimized "
                 "parameters changed; it must compute the loss, call loss.backward() and return the loss"
@@ -515,21 +569,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in with_grad]
+        every = self._all_params()
+        grads = [g for g in map(_GRAD, every) if g is not None]
         reduce = None
         if self._sharded:  # the norm of the whole gradient, the same on every rank
+            with_grad = [p for p in every if p.grad is not None]
             grads = distributed.local_list(grads)
             reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
         total, per = _grad_norm(grads, reduce)
-        checks = [torch.isfinite(total)]
-        if self.max_grad_norm is not None:
-            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
-            checks.append(coef < 1.0)
         # The one place Python branches on G: both decisions in one device sync (one
         # torch.compile graph break). The clipping factor stays a tensor: as a Python float
         # it would make dynamo recompile at every step that clips.
-        finite, *clip = torch.stack(checks).tolist()
+        if self.max_grad_norm is not None:
+            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
+            finite, *clip = torch.stack([torch.isfinite(total), coef < 1.0]).tolist()
+        else:
+            finite, clip = math.isfinite(total.item()), []
         if not finite:
             names = [
                 f"param_groups[{gi}]['params'][{pj}]"
@@ -582,12 +637,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         every = self._all_params()
         try:
-            if self._caller_computed_g0(every):
+            g0_from_caller = self._caller_computed_g0(every)
+            self._grads_seen = ([], [])  # hold no stale gradient while the passes run (set again below)
+            if g0_from_caller:
                 _check_g0_scaling(self, scaler)
                 loss = None
             else:
-                _zero_grads(every)
-                loss = self._call_closure(closure, 0, every)
+                self._clear_grads(every)
+                loss = self._call_closure(closure, 0, every, released=self._releases())
             plan = self._plan()
             if plan.params:
                 try:
@@ -603,15 +660,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
         cycle = self._new_cycle(plan)
         watch = plan.every
+        release = self._releases()
         with contextlib.ExitStack() as stack:
 
             def run_pass(k: int) -> Any:
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
-                return self._call_closure(closure, k, watch)
+                if release:
+                    _release_grads(watch)
+                return self._call_closure(closure, k, watch, released=release)
 
             try:
-                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
+                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k), zero_grads=not release)
             except Exception as err:
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
@@ -638,7 +698,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         try:
             grads = self._grads(plan, 0)
             cycle.start(grads)
-            cycle.ascend(grads, zero_grads=zero_grad)
+            release = zero_grad and self._releases()
+            cycle.ascend(grads, zero_grads=zero_grad and not release)
+            del grads
+            if release:
+                _release_grads(plan.every)
         except NonFiniteGradient as err:
             cycle.restore()
             self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
@@ -707,7 +771,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
+        state.update(
+            _backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=([], [])
+        )
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -814,6 +880,21 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
     if grads:
         with torch.no_grad():
             torch._foreach_zero_(grads)
+
+
+def _release_grads(params: Sequence[Tensor]) -> None:
+    """Set the gradients to None (``zero_grad(set_to_none=True)`` without its per-group loop):
+    the next backward stores its fresh gradient instead of adding it to a zeroed one."""
+    for p in params:
+        p.grad = None
+
+
+def _fill_released(params: Sequence[Tensor]) -> None:
+    """A tensor the pass's backward did not reach gets a zero gradient, as it would have had
+    if its gradient had been zeroed rather than released."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = None) -> tuple:

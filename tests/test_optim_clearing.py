@@ -1,5 +1,5 @@
-"""How a step clears the gradients before a pass: released (``.grad = None``, the default) or
-zeroed in place (fused into the ascent step). Both must give the same steps; releasing must
+"""How a step clears the gradients before a pass: zeroed in place (fused into the ascent step,
+the default) or released (``.grad = None``). Both must give the same steps; releasing must
 not keep the old gradients alive while the pass runs; a tensor the pass's backward does not
 reach gets a zero gradient either way."""
 
@@ -76,8 +76,8 @@ def test_release_and_zero_give_identical_steps(preset, convention, backend):
     a = Branchy()
     b = copy.deepcopy(a)
     oa, ob = PRESETS[preset](a.parameters()), PRESETS[preset](b.parameters())
-    assert oa.grad_clearing == "release"  # the default
-    ob.grad_clearing = "zero"
+    assert ob.grad_clearing == "zero"  # the default
+    oa.grad_clearing = "release"
     run(a, oa, convention)
     run(b, ob, convention)
     for p, q in zip(a.parameters(), b.parameters()):
@@ -128,6 +128,7 @@ def test_released_gradients_are_freed_during_the_pass(preset, convention, backen
     (that would be one extra gradient-sized set at the peak)."""
     model = Branchy()
     opt = PRESETS[preset](model.parameters())
+    opt.grad_clearing = "release"
     run(model, opt, "clean", steps=1)
     if convention == "dropin":
         opt.zero_grad()
@@ -176,6 +177,7 @@ def test_tensor_unreached_at_a_perturbed_point_gets_a_zero_gradient(preset, clea
 def test_closure_without_backward_is_still_caught_after_release(backend):
     model = Branchy()
     opt = PRESETS["sam"](model.parameters())
+    opt.grad_clearing = "release"
     run(model, opt, "clean", steps=1)
     calls = [0]
 

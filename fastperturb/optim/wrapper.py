@@ -99,47 +99,26 @@ def _version(g: Tensor) -> int:
 
 
 _GRAD = operator.attrgetter("grad")
-_VERSION = operator.attrgetter("_version")
-_PLAIN = {Tensor}
-_RELEASED = {type(None)}
-
-#: (gradients, their version counters), in the order of the tensors they were read from
-GradVersions = tuple
 
 
-def _versions(params: Sequence[Tensor]) -> GradVersions:
+def _versions(params: Sequence[Tensor]) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
-    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version (-1: no gradient)."""
-    grads = list(map(_GRAD, params))
-    # Read per pass over every tensor: the common cases (all plain gradients, or all released)
-    # stay in C loops; sharded or mixed lists take the per-tensor path.
-    kinds = set(map(type, grads))
-    if kinds <= _PLAIN:
-        return grads, list(map(_VERSION, grads))
-    if kinds == _RELEASED:
-        return grads, [-1] * len(grads)
-    return grads, [-1 if g is None else _version(g) for g in grads]
+    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
+    grads = [p.grad for p in params]
+    return [(g, -1 if g is None else _version(g)) for g in grads]
+
+
+def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
+    for p, (g, v) in zip(params, before):
+        ng = p.grad
+        if ng is not None and (ng is not g or _version(ng) != v):
+            return True
+    return False
 
 
 def _any_grad(params: Sequence[Tensor]) -> bool:
+    """Whether any tensor has a gradient (after they were all set to None: a backward ran)."""
     return any(map(operator.is_not, map(_GRAD, params), repeat(None)))
-
-
-def _any_grad_changed(params: Sequence[Tensor], before: GradVersions) -> bool:
-    """Whether any tensor has a gradient other than ``before`` recorded (a new tensor, or the
-    same one with a new version); a gradient set to None since does not count."""
-    old_grads, old_versions = before
-    if params and old_grads:  # a backward writes every gradient: the first usually tells
-        g = params[0].grad
-        if g is not None and (g is not old_grads[0] or _version(g) != old_versions[0]):
-            return True
-    grads, versions = _versions(params)
-    if not any(map(operator.is_not, grads, old_grads)):
-        return versions != old_versions
-    for g, v, og, ov in zip(grads, versions, old_grads, old_versions):
-        if g is not None and (g is not og or v != ov):
-            return True
-    return False
 
 
 def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
@@ -187,11 +166,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: ``"perturb_" + name`` instead when its base optimizer has a setting of that name.
     radius_key: str = "radius"
     step_key: Optional[str] = "step_size"
-    #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
-    #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
-    #: zeroes them in place (fused into the ascent step). Both give the same steps; release is
-    #: the faster (benchmarks/README.md, "Clearing the gradients").
-    grad_clearing: str = "release"
+    #: How a pass clears the gradients before its backward: ``"zero"`` zeroes them in place (fused
+    #: into the ascent step), ``"release"`` sets ``.grad`` to None (the backward then stores its
+    #: fresh gradient instead of adding it to zeros). Both give the same steps. On CPU zeroing is
+    #: the faster (a released gradient is reallocated, page faults included: benchmarks/README.md,
+    #: "Clearing the gradients"). Under torch.compile the step always zeroes.
+    grad_clearing: str = "zero"
 
     def __init__(
         self,
@@ -259,7 +239,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._overflow_holder: Optional[_GradHolder] = None
         # The gradients as the last step() / zero_grad() left them: a backward since then
         # makes them the caller's g_0 (see step()).
-        self._grads_seen: GradVersions = ([], [])
+        self._grads_seen: list = []
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
@@ -390,7 +370,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _releases(self) -> bool:
         if self.grad_clearing not in GRAD_CLEARINGS:
             raise ValueError(f"grad_clearing must be one of {GRAD_CLEARINGS}, got {self.grad_clearing!r}")
-        return self.grad_clearing == "release"
+        return self.grad_clearing == "release" and not torch.compiler.is_compiling()
 
     def _clear_grads(self, params: Sequence[Tensor]) -> None:
         """Clear the gradients before the clean pass (see :attr:`grad_clearing`)."""
@@ -485,7 +465,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
         seen = self._grads_seen
-        if len(seen) != 2 or len(seen[0]) != len(params):  # unknown (unpickled, groups added): clean pass, always right
+        if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
             return False
         return _any_grad_changed(params, seen)
 
@@ -569,22 +549,21 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """G is in .grad at the restored weights: check it, clip it, take the base step."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        every = self._all_params()
-        grads = [g for g in map(_GRAD, every) if g is not None]
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in with_grad]
         reduce = None
         if self._sharded:  # the norm of the whole gradient, the same on every rank
-            with_grad = [p for p in every if p.grad is not None]
             grads = distributed.local_list(grads)
             reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
         total, per = _grad_norm(grads, reduce)
+        checks = [torch.isfinite(total)]
+        if self.max_grad_norm is not None:
+            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
+            checks.append(coef < 1.0)
         # The one place Python branches on G: both decisions in one device sync (one
         # torch.compile graph break). The clipping factor stays a tensor: as a Python float
         # it would make dynamo recompile at every step that clips.
-        if self.max_grad_norm is not None:
-            coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
-            finite, *clip = torch.stack([torch.isfinite(total), coef < 1.0]).tolist()
-        else:
-            finite, clip = math.isfinite(total.item()), []
+        finite, *clip = torch.stack(checks).tolist()
         if not finite:
             names = [
                 f"param_groups[{gi}]['params'][{pj}]"
@@ -638,7 +617,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         every = self._all_params()
         try:
             g0_from_caller = self._caller_computed_g0(every)
-            self._grads_seen = ([], [])  # hold no stale gradient while the passes run (set again below)
+            self._grads_seen = []  # hold no stale gradient while the passes run (set again below)
             if g0_from_caller:
                 _check_g0_scaling(self, scaler)
                 loss = None
@@ -771,9 +750,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
-        state.update(
-            _backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=([], [])
-        )
+        state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
-"""How a step clears the gradients before a pass: zeroed in place (fused into the ascent step,
-the default) or released (``.grad = None``). Both must give the same steps; releasing must
+"""How a step clears the gradients before a pass: released (``.grad = None``, the default) or
+zeroed in place (fused into the ascent step). Both must give the same steps; releasing must
 not keep the old gradients alive while the pass runs; a tensor the pass's backward does not
 reach gets a zero gradient either way."""
 
@@ -76,8 +76,8 @@ def test_release_and_zero_give_identical_steps(preset, convention, backend):
     a = Branchy()
     b = copy.deepcopy(a)
     oa, ob = PRESETS[preset](a.parameters()), PRESETS[preset](b.parameters())
-    assert ob.grad_clearing == "zero"  # the default
-    oa.grad_clearing = "release"
+    assert oa.grad_clearing == "release"  # the default
+    ob.grad_clearing = "zero"
     run(a, oa, convention)
     run(b, ob, convention)
     for p, q in zip(a.parameters(), b.parameters()):

@@ -166,12 +166,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: ``"perturb_" + name`` instead when its base optimizer has a setting of that name.
     radius_key: str = "radius"
     step_key: Optional[str] = "step_size"
-    #: How a pass clears the gradients before its backward: ``"zero"`` zeroes them in place (fused
-    #: into the ascent step), ``"release"`` sets ``.grad`` to None (the backward then stores its
-    #: fresh gradient instead of adding it to zeros). Both give the same steps. On CPU zeroing is
-    #: the faster (a released gradient is reallocated, page faults included: benchmarks/README.md,
-    #: "Clearing the gradients"). Under torch.compile the step always zeroes.
-    grad_clearing: str = "zero"
+    #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
+    #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
+    #: zeroes them in place (fused into the ascent step). Both give the same steps; release is the
+    #: faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
+    grad_clearing: str = "release"
 
     def __init__(
         self,
@@ -371,13 +370,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if self.grad_clearing not in GRAD_CLEARINGS:
             raise ValueError(f"grad_clearing must be one of {GRAD_CLEARINGS}, got {self.grad_clearing!r}")
         return self.grad_clearing == "release" and not torch.compiler.is_compiling()
-
-    def _clear_grads(self, params: Sequence[Tensor]) -> None:
-        """Clear the gradients before the clean pass (see :attr:`grad_clearing`)."""
-        if self._releases():
-            _release_grads(params)
-        else:
-            _zero_grads(params)
 
     def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
         """The gradients of ``plan.every`` after ``pass_index`` (their shards if sharded)."""
@@ -622,8 +614,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 _check_g0_scaling(self, scaler)
                 loss = None
             else:
-                self._clear_grads(every)
-                loss = self._call_closure(closure, 0, every, released=self._releases())
+                release = self._releases()
+                (_release_grads if release else _zero_grads)(every)
+                loss = self._call_closure(closure, 0, every, released=release)
             plan = self._plan()
             if plan.params:
                 try:

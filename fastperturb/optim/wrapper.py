@@ -587,14 +587,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
         wrappers), the gradient in ``.grad`` is g_0 and the closure runs only at the
         ``spec.steps`` perturbed points; the return value is then ``None``, as with
         pytorch-optimizer's SAM (the clean loss was computed by the caller). Otherwise
-        ``step()`` zeroes the gradients and calls the closure at ``w`` first
+        ``step()`` clears the gradients and calls the closure at ``w`` first
         (``spec.steps + 1`` calls) and returns that clean loss.
 
         ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
         micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
-        return the loss. It need not zero the gradients: the optimizer zeroes them before
-        each pass (a closure that calls ``zero_grad()`` first works too). The weights are
+        return the loss. It need not zero the gradients: the optimizer clears them before
+        each pass (sets them to None, or zeroes them: :attr:`grad_clearing`; a tensor a pass's
+        backward does not reach gets a zero gradient; a closure that calls ``zero_grad()``
+        first works too). The weights are
         restored bit for bit if it raises. With ``scaler`` (an enabled
         ``torch.amp.GradScaler``) the gradients are unscaled before clipping and the base
         step, an overflow skips the step, and the caller runs ``scaler.update()`` afterwards.
@@ -652,7 +654,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
-        Single-step presets only. ``zero_grad`` zeroes the gradients for that second pass."""
+        Single-step presets only. ``zero_grad`` clears the gradients for that second pass
+        (see :attr:`grad_clearing`)."""
         if self.spec.steps != 1:
             raise RuntimeError(
                 f"first_step()/second_step() are for single-step presets; this one takes {self.spec.steps} "

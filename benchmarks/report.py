@@ -282,6 +282,23 @@ def targets(results: list[dict]) -> list[dict]:
             "~3 (issue #3)",
             lambda v: v >= 2,
         )
+    # Issue 14: the whole step (no-op base optimizer, closure excluded) against the cycle alone, same run.
+    # SAM and APD only: the step suite's AWP perturbs the dim > 1 tensors, its cycle every tensor.
+    for model in ("resnet50", "small1000"):
+        for case in (
+            "SAM",
+            next((r["case"] for r in results if r["suite"] == "cycle" and r["case"][:4] == "APD-"), "APD-3"),
+        ):
+            step = _find(
+                results, "step", model, case, lambda r: r["kind"] == "fastperturb" and r["impl"].endswith("[cpp]")
+            )
+            cyc = _find(results, "cycle", model, case, cpp)
+            add(
+                f"{case} step on {model} (C++, closure excluded) / its cycle",
+                step["optimizer_s"] / cyc["median_s"] if step and cyc and step.get("optimizer_s") else None,
+                "<= 1.05",
+                lambda v: v <= 1.05,
+            )
     from .train_loop import targets as train_loop_targets
 
     out.extend(train_loop_targets(results))

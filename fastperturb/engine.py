@@ -121,7 +121,7 @@ def _any_longer(step_size: object, radius: object, step_t: Tensor, radius_t: Ten
     """Whether any step is longer than its radius: on the Python numbers when given lists of
     them (no device sync, so no torch.compile graph break), else on the float64 tensors."""
     if isinstance(step_size, (list, tuple)) and isinstance(radius, (list, tuple)):
-        return any(float(s) > float(r) for s, r in zip(step_size, radius))
+        return any(map(operator.gt, step_size, radius))  # a C loop: this runs every step, per tensor
     return bool((step_t > radius_t).any())
 
 
@@ -384,6 +384,7 @@ def run_cycle(
     cycle: Cycle,
     run_pass: Callable[[int], object],
     grads_at: Optional[Callable[[int], list[Tensor]]] = None,
+    zero_grads: bool = True,
 ) -> list[object]:
     """Run ``cycle``; ``run_pass(k)`` runs the forward/backward at perturbed point k = 1..K
     and returns its loss. Returns the losses of the perturbed passes.
@@ -392,7 +393,9 @@ def run_cycle(
     :class:`NonFiniteGradient`, the weights are restored before it propagates; on
     success they are restored too and G is in ``.grad``. ``grads_at(k)`` gives the
     gradients of ``cycle.tensors`` after pass k (default: their ``.grad``; the local
-    shards of the gradients when the cycle runs on shards).
+    shards of the gradients when the cycle runs on shards). ``zero_grads=False``: the
+    ascent steps leave the gradients as they are and ``run_pass`` clears them (e.g. sets
+    ``.grad`` to None, so its backward writes fresh ones instead of adding into zeros).
     """
     if grads_at is None:
         grads_at = lambda k: grads_of(cycle.tensors, k)  # noqa: E731
@@ -402,7 +405,8 @@ def run_cycle(
         grads = grads_at(0)
         cycle.start(grads)
         for k in range(1, cycle.spec.steps + 1):
-            cycle.ascend(grads)
+            cycle.ascend(grads, zero_grads=zero_grads)
+            del grads  # hold no gradient during the pass: one that run_pass releases is freed
             with torch.enable_grad():
                 losses.append(run_pass(k))
             grads = grads_at(k)

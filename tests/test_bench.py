@@ -527,3 +527,22 @@ def test_fastperturb_bench_measures_the_users_model(tmp_path, monkeypatch, capsy
         assert r["peak_step_bytes"] is None or r["peak_step_bytes"] > 0
     out = capsys.readouterr().out
     assert "SGD (plain step)" in out and "passes" in out and "wrote r.json" in out
+
+
+def test_step_over_cycle_targets_read_the_default_step_and_the_cpp_cycle():
+    """Issue 14's 'step at most 1.05x the cycle': the default fastperturb step (not the zeroing
+    variant) over the C++ cycle of the same model and case; 'not measured' when one is missing."""
+
+    def rec(suite, impl, **kw):
+        return dict(suite=suite, model="resnet50", case="SAM", impl=impl, kind="fastperturb", status="ok", **kw)
+
+    results = [
+        rec("cycle", "fastperturb[cpp]", median_s=0.020),
+        rec("step", "fastperturb.SAM[cpp, zeroing]", median_s=0.2, optimizer_s=0.030),
+        rec("step", "fastperturb.SAM[cpp]", median_s=0.2, optimizer_s=0.022),
+    ]
+    got = {t["name"]: t for t in report.targets(results)}
+    sam = got["SAM step on resnet50 (C++, closure excluded) / its cycle"]
+    assert sam["value"] == pytest.approx(1.1) and sam["met"] is False
+    apd = got["APD-3 step on resnet50 (C++, closure excluded) / its cycle"]
+    assert apd["value"] is None and apd["met"] is None

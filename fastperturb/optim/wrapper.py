@@ -16,6 +16,7 @@ import math
 import operator
 import sys
 import warnings
+from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
@@ -32,6 +33,7 @@ Params = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]
 Closure = Callable[[], Any]
 
 NONFINITE_MODES = ("skip", "raise")
+GRAD_CLEARINGS = ("release", "zero")
 STATE_KEY = "fastperturb"  # the wrapper's settings inside state_dict()
 
 
@@ -96,6 +98,9 @@ def _version(g: Tensor) -> int:
     return g._version if type(g) is Tensor else distributed.local(g)._version
 
 
+_GRAD = operator.attrgetter("grad")
+
+
 def _versions(params: Sequence[Tensor]) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
     tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
@@ -109,6 +114,11 @@ def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
         if ng is not None and (ng is not g or _version(ng) != v):
             return True
     return False
+
+
+def _any_grad(params: Sequence[Tensor]) -> bool:
+    """Whether any tensor has a gradient (after they were all set to None: a backward ran)."""
+    return any(map(operator.is_not, map(_GRAD, params), repeat(None)))
 
 
 def _scaling(scaler: Optional[torch.amp.GradScaler]) -> bool:
@@ -156,6 +166,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: ``"perturb_" + name`` instead when its base optimizer has a setting of that name.
     radius_key: str = "radius"
     step_key: Optional[str] = "step_size"
+    #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
+    #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
+    #: zeroes them in place (fused into the ascent step). Both give the same steps; release is the
+    #: faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
+    grad_clearing: str = "release"
 
     def __init__(
         self,
@@ -352,9 +367,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             plan.local_params, plan.local_passive = plan.params, plan.passive
         return plan
 
+    def _releases(self) -> bool:
+        if self.grad_clearing not in GRAD_CLEARINGS:
+            raise ValueError(f"grad_clearing must be one of {GRAD_CLEARINGS}, got {self.grad_clearing!r}")
+        return self.grad_clearing == "release" and not torch.compiler.is_compiling()
+
     def _grads(self, plan: _Plan, pass_index: int) -> List[Tensor]:
         """The gradients of ``plan.every`` after ``pass_index`` (their shards if sharded)."""
-        grads = grads_of(plan.every, pass_index)
+        grads = [p.grad for p in plan.every]
+        if not all(map(operator.is_not, grads, repeat(None))):  # rare: a tensor the backward did not reach
+            if pass_index > 0 and self._releases():
+                _fill_released(plan.every)
+            grads = grads_of(plan.every, pass_index)
         return distributed.local_list(grads) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
@@ -453,8 +477,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     # ---- the closure contract --------------------------------------------------------
 
     @staticmethod
-    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor]) -> Any:
-        before = _versions(watch)
+    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False) -> Any:
+        """Run the closure for pass ``k`` and check its contract; ``released``: the gradients of
+        ``watch`` were just set to None, so any gradient after it shows the backward."""
+        before = None if released else _versions(watch)
         with torch.enable_grad():
             loss = closure()
         if loss is None:
@@ -462,7 +488,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"the closure returned None at pass {k}; it must compute the loss, call loss.backward() "
                 "and return the loss"
             )
-        if not _any_grad_changed(watch, before):
+        if not (_any_grad(watch) if before is None else _any_grad_changed(watch, before)):
             raise RuntimeError(
                 f"the closure did not call backward() at pass {k}: no gradient of the optimized "
                 "parameters changed; it must compute the loss, call loss.backward() and return the loss"
@@ -569,14 +595,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
         wrappers), the gradient in ``.grad`` is g_0 and the closure runs only at the
         ``spec.steps`` perturbed points; the return value is then ``None``, as with
         pytorch-optimizer's SAM (the clean loss was computed by the caller). Otherwise
-        ``step()`` zeroes the gradients and calls the closure at ``w`` first
+        ``step()`` clears the gradients and calls the closure at ``w`` first
         (``spec.steps + 1`` calls) and returns that clean loss.
 
         ``closure()`` must compute the loss on the batch, call ``backward()`` on it (on
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
         micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
-        return the loss. It need not zero the gradients: the optimizer zeroes them before
-        each pass (a closure that calls ``zero_grad()`` first works too). The weights are
+        return the loss. It need not zero the gradients: the optimizer clears them before
+        each pass (sets them to None, or zeroes them: :attr:`grad_clearing`; a tensor a pass's
+        backward does not reach gets a zero gradient; a closure that calls ``zero_grad()``
+        first works too). The weights are
         restored bit for bit if it raises. With ``scaler`` (an enabled
         ``torch.amp.GradScaler``) the gradients are unscaled before clipping and the base
         step, an overflow skips the step, and the caller runs ``scaler.update()`` afterwards.
@@ -590,12 +618,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         every = self._all_params()
         try:
-            if self._caller_computed_g0(every):
+            g0_from_caller = self._caller_computed_g0(every)
+            self._grads_seen = []  # hold no stale gradient while the passes run (set again below)
+            if g0_from_caller:
                 _check_g0_scaling(self, scaler)
                 loss = None
             else:
-                _zero_grads(every)
-                loss = self._call_closure(closure, 0, every)
+                release = self._releases()
+                (_release_grads if release else _zero_grads)(every)
+                loss = self._call_closure(closure, 0, every, released=release)
             plan = self._plan()
             if plan.params:
                 try:
@@ -611,15 +642,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
         cycle = self._new_cycle(plan)
         watch = plan.every
+        release = self._releases()
         with contextlib.ExitStack() as stack:
 
             def run_pass(k: int) -> Any:
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
-                return self._call_closure(closure, k, watch)
+                if release:
+                    _release_grads(watch)
+                return self._call_closure(closure, k, watch, released=release)
 
             try:
-                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
+                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k), zero_grads=not release)
             except Exception as err:
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
@@ -628,7 +662,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
-        Single-step presets only. ``zero_grad`` zeroes the gradients for that second pass."""
+        Single-step presets only. ``zero_grad`` clears the gradients for that second pass
+        (see :attr:`grad_clearing`)."""
         if self.spec.steps != 1:
             raise RuntimeError(
                 f"first_step()/second_step() are for single-step presets; this one takes {self.spec.steps} "
@@ -646,7 +681,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         try:
             grads = self._grads(plan, 0)
             cycle.start(grads)
-            cycle.ascend(grads, zero_grads=zero_grad)
+            release = zero_grad and self._releases()
+            cycle.ascend(grads, zero_grads=zero_grad and not release)
+            del grads
+            if release:
+                _release_grads(plan.every)
         except NonFiniteGradient as err:
             cycle.restore()
             self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
@@ -824,6 +863,21 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
     if grads:
         with torch.no_grad():
             torch._foreach_zero_(grads)
+
+
+def _release_grads(params: Sequence[Tensor]) -> None:
+    """Set the gradients to None (``zero_grad(set_to_none=True)`` without its per-group loop):
+    the next backward stores its fresh gradient instead of adding it to a zeroed one."""
+    for p in params:
+        p.grad = None
+
+
+def _fill_released(params: Sequence[Tensor]) -> None:
+    """A tensor the pass's backward did not reach gets a zero gradient, as it would have had
+    if its gradient had been zeroed rather than released."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _grad_norm(grads: Sequence[Tensor], reduce: Optional[distributed.Reduce] = None) -> tuple:

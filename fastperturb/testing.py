@@ -154,7 +154,9 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
       ``adaptive_eta``, ``accum_weight``, ``with_params`` (bool);
     * ascent_step_: ``norm``, ``first``, ``adaptive_eta``, ``zero_grads``,
       ``step`` and ``proj`` (floats or per-tensor sequences);
-    * combine_grads_: ``weight``.
+    * combine_grads_: ``weight``;
+    * restore_sgd_step_, restore_adam_step_: the op's keywords (Adam: plus ``amsgrad``); the state
+      lists are made from ``accum`` (and ``backups`` for amsgrad's max).
     """
     n = len(x.params)
     if op == "norms":
@@ -187,6 +189,17 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
         return (x.params, x.backups), {}
     if op == "combine_grads_":
         return (x.grads, x.accum, options.get("weight", 0.5)), {}
+    if op == "restore_sgd_step_":
+        kwargs = dict(options)
+        buffers = x.accum if kwargs.get("momentum", 0.0) != 0 else []
+        return (x.params, x.backups, x.grads, buffers), kwargs
+    if op == "restore_adam_step_":
+        kwargs = dict(options)
+        amsgrad = kwargs.pop("amsgrad", False)
+        # second moments are non-negative; the max is below or above them elementwise
+        exp_avg_sqs = [a * a for a in x.accum]
+        max_sqs = [b * b for b in x.backups] if amsgrad else []
+        return (x.params, x.backups, x.grads, x.accum, exp_avg_sqs, max_sqs), kwargs
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -306,6 +319,21 @@ def option_grid(op: str) -> Iterable[dict]:
         yield {}
     elif op == "combine_grads_":
         yield from (dict(weight=0.5), dict(weight=-2.0))
+    elif op == "restore_sgd_step_":
+        yield from (
+            dict(lr=0.1),
+            dict(lr=0.1, momentum=0.9, weight_decay=0.01, init_momentum=True),
+            dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True),
+            dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+        )
+    elif op == "restore_adam_step_":
+        adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+        yield from (
+            dict(adam, step=1.0),
+            dict(adam, step=3.0, weight_decay=0.01),
+            dict(adam, step=5.0, weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True),
+            dict(adam, step=2.0, beta1=0.3, maximize=True, amsgrad=True),  # lerp's other branch (weight >= 0.5)
+        )
     else:
         raise ValueError(f"unknown op {op!r}")
 

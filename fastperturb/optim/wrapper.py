@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from . import frameworks
+from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
 
 __all__ = ["PerturbOptimizer", "NonFiniteGradient", "NonFiniteDescentGradient", "Params"]
@@ -144,11 +145,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
             ``GradScaler`` overflow always skips (and the scaler backs off).
         freeze_bn: a module whose BatchNorm running statistics must not be updated by
             the perturbed passes (see :func:`frozen_bn_stats`).
+        fused_step: take the base step of ``step(closure)`` from the stored pre-perturbation
+            weights in one pass that restores and updates (``torch.optim.SGD``, ``Adam``,
+            ``AdamW`` only; see :mod:`fastperturb.optim.fused_step`). A step it cannot fuse
+            falls back to restore + ``base_optimizer.step()``; ``fused_step_fallback`` says why.
         **base_kwargs: keyword arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
         base_optimizer: the base optimizer instance.
         last_step_skipped: whether the last step was skipped for a non-finite gradient.
+        fused_step_fallback: with ``fused_step=True``, why the last step was not fused (None if it was).
         skipped_steps: how many steps were skipped so far.
     """
 
@@ -169,6 +175,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         nonfinite: str = "skip",
         freeze_bn: Optional[nn.Module] = None,
+        fused_step: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(spec, PerturbSpec):
@@ -200,12 +207,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if freeze_bn is not None and not isinstance(freeze_bn, nn.Module):
             raise TypeError(f"freeze_bn must be an nn.Module (the model) or None, got {type(freeze_bn).__name__}")
+        if not isinstance(fused_step, bool):
+            raise TypeError(f"fused_step must be True or False, got {fused_step!r}")
+        if fused_step:
+            fused.check_base(base_optimizer, base_kwargs)
 
         self.spec = spec
         self.perturb_filter = perturb_filter
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.freeze_bn = freeze_bn
+        self.fused_step = fused_step
+        self.fused_step_fallback: Optional[str] = None
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._warned_skip = False
@@ -511,8 +524,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
             holder.param_groups[0]["params"][0].grad.fill_(math.inf)
         scaler.unscale_(holder)  # type: ignore[arg-type]
 
-    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        """G is in .grad at the restored weights: check it, clip it, take the base step."""
+    def _descend(
+        self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Callable[[], None]] = None
+    ) -> None:
+        """G is in .grad at the restored weights: check it, clip it, take the base step
+        (``base_step``, default ``base_optimizer.step``; never with an enabled scaler)."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -546,7 +562,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
         else:
-            self.base_optimizer.step()
+            (base_step or self.base_optimizer.step)()
 
     # ---- public API --------------------------------------------------------------------
 
@@ -589,18 +605,46 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 _zero_grads(every)
                 loss = self._call_closure(closure, 0, every)
             plan = self._plan()
+            fuse = self._fusable(scaler)
+            cycle = None
             if plan.params:
                 try:
-                    self._perturbed_passes(plan, closure)
+                    cycle = self._perturbed_passes(plan, closure, restore=not fuse)
                 except NonFiniteGradient as err:
                     self._on_nonfinite(self._named(err, plan), scaler)
                     return loss
-            self._descend(scaler)
+            if not fuse:
+                self._descend(scaler)
+                return loss
+            try:  # the weights are still perturbed: G is checked (and clipped) before the fused op reads it
+                self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
+            finally:
+                if cycle is not None:
+                    cycle.restore()  # a skipped step or an exception (no-op after the fused step)
             return loss
         finally:
             self._grads_seen = _versions(every)
 
-    def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
+    def _fusable(self, scaler: Optional[torch.amp.GradScaler]) -> bool:
+        """Whether this step's base step is fused (``fused_step=True`` and nothing needs the fallback)."""
+        if not self.fused_step:
+            return False
+        if _scaling(scaler):
+            reason = "an enabled GradScaler steps the base optimizer itself"
+        elif self._sharded:
+            reason = "sharded (FSDP2) parameters"
+        else:
+            reason = fused.why_not_fused(self.base_optimizer)
+        self.fused_step_fallback = reason
+        return reason is None
+
+    def _fused_base_step(self, cycle: Optional[Cycle]) -> None:
+        """Restore and base step in one pass (fused_step.py); the cycle's weights count as restored."""
+        fused.fused_base_step(self.base_optimizer, cycle.params if cycle else [], cycle.backups if cycle else [])
+        if cycle is not None:
+            cycle.mark_restored()
+
+    def _perturbed_passes(self, plan: _Plan, closure: Closure, restore: bool = True) -> Cycle:
         cycle = self._new_cycle(plan)
         watch = plan.every
         with contextlib.ExitStack() as stack:
@@ -611,11 +655,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 return self._call_closure(closure, k, watch)
 
             try:
-                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k))
+                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k), restore=restore)
             except Exception as err:
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
                 raise
+        return cycle
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the

@@ -204,3 +204,7 @@ def combine_grads_(grads: list[Tensor], accum: list[Tensor], weight: float) -> N
                 ST=st,
                 CT=ct,
             )
+
+
+# The fused restore + base-optimizer steps live in their own module; re-exported under their op names.
+from .step_impls import restore_adam_step_, restore_sgd_step_  # noqa: E402,F401

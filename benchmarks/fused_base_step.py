@@ -77,8 +77,19 @@ def _kernel_candidates(params, pre):
     def fused_op():
         state["step"] += 1
         ops.restore_adam_step_(
-            ws, backups, grads, m, v, [], lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, step=state["step"],
-            weight_decay=WD, decoupled_weight_decay=True,
+            ws,
+            backups,
+            grads,
+            m,
+            v,
+            [],
+            lr=LR,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            step=state["step"],
+            weight_decay=WD,
+            decoupled_weight_decay=True,
         )
 
     def torch_step(**flags) -> Callable[[], None]:
@@ -173,9 +184,7 @@ def report(r: dict) -> str:
         if "error" in k:
             lines.append(f"| {name} | error: {k['error']} | | | |")
             continue
-        lines.append(
-            f"| {name} | {1e3 * k['median_s']:.1f} | {k['passes']} | {k['gbps']:.1f} | {k['x_bound']:.2f} |"
-        )
+        lines.append(f"| {name} | {1e3 * k['median_s']:.1f} | {k['passes']} | {k['gbps']:.1f} | {k['x_bound']:.2f} |")
     return "\n".join(lines)
 
 

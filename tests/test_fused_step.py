@@ -117,9 +117,7 @@ def _run(opt, model, steps, x, y):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize(
-    "config", ["sgd_nesterov", "sgd_dampening_maximize", "adam_l2", "adamw", "adamw_amsgrad"]
-)
+@pytest.mark.parametrize("config", ["sgd_nesterov", "sgd_dampening_maximize", "adam_l2", "adamw", "adamw_amsgrad"])
 def test_sam_fused_step_equals_unfused(config, dtype):
     cls, kwargs = CONFIGS[config]
     x, y = _data(dtype)
@@ -357,7 +355,15 @@ def test_ops_reject_bad_state_before_writing():
         fp.ops.restore_sgd_step_(w, b, g, [torch.zeros(4)], lr=0.1)
     with pytest.raises(TypeError, match="exp_avgs\\[0\\] has dtype torch.float64"):
         fp.ops.restore_adam_step_(
-            w, b, g, [torch.zeros(4, dtype=torch.float64)], [torch.zeros(4)], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8,
+            w,
+            b,
+            g,
+            [torch.zeros(4, dtype=torch.float64)],
+            [torch.zeros(4)],
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.9,
+            eps=1e-8,
             step=1.0,
         )
     with pytest.raises(ValueError, match="step must be a finite count >= 1"):

@@ -524,9 +524,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             holder.param_groups[0]["params"][0].grad.fill_(math.inf)
         scaler.unscale_(holder)  # type: ignore[arg-type]
 
-    def _descend(
-        self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Callable[[], None]] = None
-    ) -> None:
+    def _descend(self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Callable[[], None]] = None) -> None:
         """G is in .grad at the restored weights: check it, clip it, take the base step
         (``base_step``, default ``base_optimizer.step``; never with an enabled scaler)."""
         if _scaling(scaler):

@@ -56,7 +56,8 @@ def test_fused_base_step_matches_torch_after_plain_restore(config, dtype):
     opt_ours, opt_theirs = cls(ours, **kwargs), cls(theirs, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for _ in range(4):
-        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype) for p in ours]
+        # gradients in their parameter's memory format, as autograd makes them
+        grads = [torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64)) for p in ours]
         backups = []
         for p, q, gr in zip(ours, theirs, grads):
             backups.append(p.detach().clone(memory_format=torch.preserve_format))
@@ -138,6 +139,7 @@ def test_awp_fused_with_passive_groups_and_clipping():
     x, y = _data()
     nets = [_model(), _model()]
     for net in nets:
+        torch.manual_seed(1)
         net.append(nn.Linear(3, 3))  # never reached by the loss: no gradient
     opts = []
     for fused in (True, False):
@@ -190,7 +192,7 @@ def test_switching_fused_unfused_and_plain_torch_mid_training():
     assert step_t.dtype == torch.float32 and step_t.device.type == "cpu" and float(step_t) == 4.0
     m3 = copy.deepcopy(m1)
     o3 = fp.SAM(m3.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, fused_step=True)
-    o3.load_state_dict(sd)
+    o3.load_state_dict(copy.deepcopy(sd))  # (torch loads the 'step' tensors without copying them)
     _run(o3, m3, 2, x, y)
     _run(o2, m2, 2, x, y)
     for p, q in zip(m3.parameters(), m2.parameters()):
@@ -329,7 +331,9 @@ def test_fallback_with_step_hooks():
 
 def test_fallback_with_an_enabled_grad_scaler():
     def setup(o1, o2):
-        return {"scaler": torch.amp.GradScaler("cpu", init_scale=1.0)}
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        scaler.scale(torch.ones(()))  # the closure's scaler.scale(loss), at scale 1: the same gradients
+        return {"scaler": scaler}
 
     o1 = _fallback_case(setup)
     assert "GradScaler" in o1.fused_step_fallback

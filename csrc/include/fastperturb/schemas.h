@@ -51,7 +51,7 @@ inline constexpr const char* kCombineGrads = "combine_grads_(Tensor(a!)[] grads,
 //   params = b - lr * g
 // momentum_buffers is empty iff momentum == 0. backups may be params themselves
 // (a tensor that was not perturbed). Arithmetic: fastperturb/step_math.h.
-inline constexpr const char* kRestoreSgdStep =
+inline constexpr const char* kSgdStep =
     "restore_sgd_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
     "float lr, float weight_decay=0.0, float momentum=0.0, float dampening=0.0, bool nesterov=False, "
     "bool maximize=False, bool init_momentum=False) -> ()";
@@ -62,14 +62,13 @@ inline constexpr const char* kRestoreSgdStep =
 //   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
 //   amsgrad (max_exp_avg_sqs non-empty): vmax = max(vmax, v) and v := vmax below
 //   params = w - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
-inline constexpr const char* kRestoreAdamStep =
+inline constexpr const char* kAdamStep =
     "restore_adam_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, *, float lr, float beta1, float beta2, float eps, "
     "float step, float weight_decay=0.0, bool decoupled_weight_decay=False, bool maximize=False) -> ()";
 
 // All of them, in the order above.
-inline constexpr const char* kAll[] = {kNorms,        kGradStats,      kAscentStep,     kRestore,
-                                       kCombineGrads, kRestoreSgdStep, kRestoreAdamStep};
+inline constexpr const char* kAll[] = {kNorms, kGradStats, kAscentStep, kRestore, kCombineGrads, kSgdStep, kAdamStep};
 
 }  // namespace schemas
 }  // namespace fastperturb

@@ -375,3 +375,38 @@ def test_ops_reject_bad_state_before_writing():
             w, b, g, [torch.zeros(4)], [torch.zeros(4)], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=0.0
         )
     assert torch.equal(w[0], torch.ones(4))
+
+
+def test_first_step_second_step_fused_equals_unfused():
+    """The two-call SAM convention is fused too (second_step restores through the fused op)."""
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        for opt, m in ((o1, m1), (o2, m2)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.first_step()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.second_step()
+    assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_second_step_nonfinite_keeps_weights_and_state():
+    x, y = _data()
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, fused_step=True, nonfinite="raise")
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    nn.functional.cross_entropy(m(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]  # perturbed: compare after the restore below
+    m[0].bias.grad[0] = math.inf
+    with pytest.raises(fp.NonFiniteGradient):
+        opt.second_step()
+    assert len(opt.state) == 0
+    assert any(not torch.equal(p, b) for p, b in zip(m.parameters(), before))  # no longer perturbed
+    m2 = _model()
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)  # exactly the initial weights

@@ -149,6 +149,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             weights in one pass that restores and updates (``torch.optim.SGD``, ``Adam``,
             ``AdamW`` only; see :mod:`fastperturb.optim.fused_step`). A step it cannot fuse
             falls back to restore + ``base_optimizer.step()``; ``fused_step_fallback`` says why.
+            Also ``second_step()``.
         **base_kwargs: keyword arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
@@ -707,6 +708,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         scaler = scaler if scaler is not None else pending.scaler
         _check_scaler(scaler)
         cycle = pending.cycle
+        fuse = not pending.skipped and self._fusable(scaler)  # then the fused base step restores
         try:
             if not pending.skipped:
                 try:
@@ -718,14 +720,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     grads = self._grads(pending.plan, 1)
                     cycle.observe(grads)
                     cycle.finish(grads)
-                finally:
+                except BaseException:
+                    cycle.restore()
+                    raise
+                if not fuse:
                     cycle.restore()
         finally:
-            pending.stack.close()
+            try:
+                pending.stack.close()
+            except BaseException:
+                cycle.restore()
+                raise
         if not pending.skipped:
             try:
-                self._descend(scaler)
+                self._descend(scaler, base_step=(lambda: self._fused_base_step(cycle)) if fuse else None)
             finally:
+                cycle.restore()  # no-op unless the fused step was skipped or raised
                 self._see_grads()
         else:
             self._see_grads()

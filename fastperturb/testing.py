@@ -190,11 +190,11 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
     if op == "combine_grads_":
         return (x.grads, x.accum, options.get("weight", 0.5)), {}
     if op == "restore_sgd_step_":
-        kwargs = dict(options)
+        kwargs = {"lr": 0.1, **options}
         buffers = x.accum if kwargs.get("momentum", 0.0) != 0 else []
         return (x.params, x.backups, x.grads, buffers), kwargs
     if op == "restore_adam_step_":
-        kwargs = dict(options)
+        kwargs = {**dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1.0), **options}
         amsgrad = kwargs.pop("amsgrad", False)
         # second moments are non-negative; the max is below or above them elementwise
         exp_avg_sqs = [a * a for a in x.accum]

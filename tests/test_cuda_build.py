@@ -62,6 +62,10 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
         "ascent_step_": lambda k: k(a, b, c, torch.ones(1), torch.ones(1)),
         "restore_": lambda k: k(a, b),
         "combine_grads_": lambda k: k(a, b, 1.0),
+        "restore_sgd_step_": lambda k: k(a, b, c, [], lr=0.1),
+        "restore_adam_step_": lambda k: k(
+            a, b, c, [torch.ones(1)], [torch.ones(1)], [], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=1.0
+        ),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"CUDA kernels got .* on cpu; pass CUDA tensors"):

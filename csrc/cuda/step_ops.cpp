@@ -49,8 +49,8 @@ void restore_sgd_step_cuda(at::TensorList params, at::TensorList backups, at::Te
                            double dampening, bool nesterov, bool maximize, bool init_momentum) {
   checks::check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening);
   if (params.empty()) return;
+  StepExec ex = exec_for("params", params);  // (checks the device before the guard, which needs a CUDA one)
   const c10::cuda::CUDAGuard guard(params[0].device());
-  StepExec ex = exec_for("params", params);
   worklist::sgd_step(ex, params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov,
                      maximize, init_momentum);
 }
@@ -62,8 +62,8 @@ void restore_adam_step_cuda(at::TensorList params, at::TensorList backups, at::T
   checks::check_restore_adam_step(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
                                   step, weight_decay);
   if (params.empty()) return;
+  StepExec ex = exec_for("params", params);  // (checks the device before the guard, which needs a CUDA one)
   const c10::cuda::CUDAGuard guard(params[0].device());
-  StepExec ex = exec_for("params", params);
   worklist::adam_step(ex, params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, step,
                       weight_decay, decoupled_weight_decay, maximize);
 }

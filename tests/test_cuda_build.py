@@ -64,7 +64,7 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
         "combine_grads_": lambda k: k(a, b, 1.0),
         "restore_sgd_step_": lambda k: k(a, b, c, [], lr=0.1),
         "restore_adam_step_": lambda k: k(
-            a, b, c, [torch.ones(1)], [torch.ones(1)], [], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=1.0
+            a, b, c, [torch.ones(3)], [torch.ones(3)], [], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=1.0
         ),
     }
     for name, call in calls.items():

@@ -25,6 +25,7 @@ struct SgdCoefs {
   C weight_decay;  // 0: off
   C momentum;      // 0: no momentum buffer
   C one_minus_dampening;
+  bool decay;  // weight_decay != 0
   bool nesterov;
   bool maximize;
   bool init_momentum;  // buf := g (torch's first step: a fresh buffer)
@@ -35,7 +36,7 @@ struct SgdCoefs {
 template <typename C>
 FP_HD C sgd_element(C b, C g, C& buf, const SgdCoefs<C>& k) {
   if (k.maximize) g = -g;
-  if (k.weight_decay != C(0)) g = g + k.weight_decay * b;
+  if (k.decay) g = g + k.weight_decay * b;
   if (k.momentum != C(0)) {
     buf = k.init_momentum ? g : buf * k.momentum + k.one_minus_dampening * g;
     g = k.nesterov ? g + k.momentum * buf : buf;
@@ -46,8 +47,8 @@ FP_HD C sgd_element(C b, C g, C& buf, const SgdCoefs<C>& k) {
 // The per-call coefficients of Adam/AdamW (one step count per call).
 template <typename C>
 struct AdamCoefs {
-  C weight_decay;  // L2 (Adam): g += wd * w; 0: off
-  C decay_factor;  // decoupled (AdamW): w *= 1 - lr * wd; 1: off
+  C weight_decay;  // L2 (Adam): g += wd * w
+  C decay_factor;  // decoupled (AdamW): w *= 1 - lr * wd
   C one_minus_beta1;
   C beta2;
   C one_minus_beta2;
@@ -56,12 +57,26 @@ struct AdamCoefs {
   C neg_step_size;  // -lr / (1 - beta1^step)
   bool maximize;
   bool amsgrad;
+  bool l2;         // weight_decay != 0, not decoupled
+  bool decoupled;  // weight_decay != 0, decoupled
 };
 
-// torch's lerp(a, b, w): two formulas split at w = 0.5 (kept, so the rounding matches).
+// torch's lerp(a, b, w): two formulas split at w = 0.5 (kept, so the rounding matches). Both are
+// computed and one is selected: a branch around floating-point operations is not if-converted by GCC
+// (they might trap), which would keep the loop from vectorising; the extra flops are free in a
+// memory-bound loop.
 template <typename C>
 FP_HD C lerp(C a, C b, C w) {
-  return w < C(0.5) ? a + w * (b - a) : b - (b - a) * (C(1) - w);
+  const C low = a + w * (b - a);
+  const C high = b - (b - a) * (C(1) - w);
+  return w < C(0.5) ? low : high;
+}
+
+// math.h's max_nan (NaN from a first, then from b), written as selects for the same reason.
+template <typename C>
+FP_HD C max_nan_select(C a, C b) {
+  const C larger = a > b ? a : b;
+  return a != a ? a : (b != b ? b : larger);
 }
 
 // One element of torch.optim.Adam's single-tensor step (AdamW: decoupled decay)
@@ -70,13 +85,13 @@ template <typename C>
 FP_HD C adam_element(C b, C g, C& m, C& v, C& vmax, const AdamCoefs<C>& k) {
   if (k.maximize) g = -g;
   C w = b;
-  if (k.decay_factor != C(1)) w = w * k.decay_factor;
-  if (k.weight_decay != C(0)) g = g + k.weight_decay * w;
+  if (k.decoupled) w = w * k.decay_factor;
+  if (k.l2) g = g + k.weight_decay * w;
   m = lerp(m, g, k.one_minus_beta1);
   v = v * k.beta2 + k.one_minus_beta2 * g * g;  // mul_ then addcmul_, in ATen's order
   C s = v;
   if (k.amsgrad) {
-    vmax = math::max_nan(vmax, v);
+    vmax = max_nan_select(vmax, v);
     s = vmax;
   }
   const C denom = std::sqrt(s) / k.bias_correction2_sqrt + k.eps;
@@ -92,6 +107,7 @@ inline SgdCoefs<C> sgd_coefs(double lr, double weight_decay, double momentum, do
                      static_cast<C>(weight_decay),
                      static_cast<C>(momentum),
                      static_cast<C>(1.0 - dampening),
+                     weight_decay != 0.0,
                      nesterov,
                      maximize,
                      init_momentum};
@@ -111,7 +127,9 @@ inline AdamCoefs<C> adam_coefs(double lr, double beta1, double beta2, double eps
                       static_cast<C>(eps),
                       static_cast<C>(-(lr / bias_correction1)),
                       maximize,
-                      amsgrad};
+                      amsgrad,
+                      !decoupled && weight_decay != 0.0,
+                      decoupled && weight_decay != 0.0};
 }
 
 }  // namespace step_math

@@ -366,6 +366,11 @@ class Cycle:
                 ops.restore_(self.params, self.backups)
             self.perturbed = False
 
+    def mark_restored(self) -> None:
+        """The caller has overwritten every perturbed tensor from :attr:`backups` itself (a fused
+        restore + base step): :meth:`restore` becomes a no-op."""
+        self.perturbed = False
+
 
 def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     """The ``.grad`` of every tensor, with a clear error if a backward did not reach one."""
@@ -385,6 +390,7 @@ def run_cycle(
     run_pass: Callable[[int], object],
     grads_at: Optional[Callable[[int], list[Tensor]]] = None,
     zero_grads: bool = True,
+    restore: bool = True,
 ) -> list[object]:
     """Run ``cycle``; ``run_pass(k)`` runs the forward/backward at perturbed point k = 1..K
     and returns its loss. Returns the losses of the perturbed passes.
@@ -396,6 +402,10 @@ def run_cycle(
     shards of the gradients when the cycle runs on shards). ``zero_grads=False``: the
     ascent steps leave the gradients as they are and ``run_pass`` clears them (e.g. sets
     ``.grad`` to None, so its backward writes fresh ones instead of adding into zeros).
+
+    ``restore=False`` leaves the weights perturbed on success (only): the caller then owns the
+    restore (``cycle.restore()`` on any later exception, or a fused op that restores and updates
+    at once, then ``cycle.mark_restored()``).
     """
     if grads_at is None:
         grads_at = lambda k: grads_of(cycle.tensors, k)  # noqa: E731
@@ -412,6 +422,9 @@ def run_cycle(
             grads = grads_at(k)
             cycle.observe(grads)
         cycle.finish(grads)
-    finally:
+    except BaseException:
+        cycle.restore()
+        raise
+    if restore:
         cycle.restore()
     return losses

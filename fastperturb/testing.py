@@ -164,6 +164,8 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
       ``with_y`` (bool);
     * ema_residual_ (grads, ema = accum): ``sigma``, ``lmbda``, ``init``, ``grad_scale``, ``adaptive_eta``,
       ``with_params`` (bool).
+    * restore_sgd_step_, restore_adam_step_: the op's keywords (Adam: plus ``amsgrad``); the state
+      lists are made from ``accum`` (and ``backups`` for amsgrad's max).
     """
     n = len(x.params)
     if op == "norms":
@@ -214,6 +216,17 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
             grad_scale=options.get("grad_scale", 1.0),
             adaptive_eta=eta,
         )
+    if op == "restore_sgd_step_":
+        kwargs = {"lr": 0.1, **options}
+        buffers = x.accum if kwargs.get("momentum", 0.0) != 0 else []
+        return (x.params, x.backups, x.grads, buffers), kwargs
+    if op == "restore_adam_step_":
+        kwargs = {**dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, step=1.0), **options}
+        amsgrad = kwargs.pop("amsgrad", False)
+        # second moments are non-negative; the max is below or above them elementwise
+        exp_avg_sqs = [a * a for a in x.accum]
+        max_sqs = [b * b for b in x.backups] if amsgrad else []
+        return (x.params, x.backups, x.grads, x.accum, exp_avg_sqs, max_sqs), kwargs
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -373,6 +386,21 @@ def option_grid(op: str) -> Iterable[dict]:
             for eta in (-1.0, 0.01):
                 yield dict(sigma=1.0, lmbda=0.9, init=init, adaptive_eta=eta, grad_scale=1.0 if init else 0.5)
         yield dict(sigma=0.5, lmbda=0.0, init=False, with_params=True)
+    elif op == "restore_sgd_step_":
+        yield from (
+            dict(lr=0.1),
+            dict(lr=0.1, momentum=0.9, weight_decay=0.01, init_momentum=True),
+            dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True),
+            dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+        )
+    elif op == "restore_adam_step_":
+        adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+        yield from (
+            dict(adam, step=1.0),
+            dict(adam, step=3.0, weight_decay=0.01),
+            dict(adam, step=5.0, weight_decay=0.01, decoupled_weight_decay=True, amsgrad=True),
+            dict(adam, step=2.0, beta1=0.3, maximize=True, amsgrad=True),  # lerp's other branch (weight >= 0.5)
+        )
     else:
         raise ValueError(f"unknown op {op!r}")
 

@@ -65,6 +65,10 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
         "dot_stats": lambda k: k(a, b),
         "lincomb_": lambda k: k(a, b, [], torch.ones(1, 3)),
         "ema_residual_": lambda k: k(a, b, [], sigma=1.0, lmbda=0.9, init=False),
+        "restore_sgd_step_": lambda k: k(a, b, c, [], lr=0.1),
+        "restore_adam_step_": lambda k: k(
+            a, b, c, [torch.ones(3)], [torch.ones(3)], [], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=1.0
+        ),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"CUDA kernels got .* on cpu; pass CUDA tensors"):

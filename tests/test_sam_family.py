@@ -378,6 +378,9 @@ def test_bad_hyperparameters_are_refused():
         fp.FriendlySAM(params(), torch.optim.SGD, sigma=math.nan, lr=0.1)
     with pytest.raises(ValueError, match="rho_max"):
         fp.GSAM(params(), torch.optim.SGD, rho_max=-1.0, lr=0.1)
+    for cls, kw in PRESETS.values():  # their descent rules run around an unfused base step
+        with pytest.raises(ValueError, match="fused_step"):
+            cls(params(), torch.optim.SGD, **kw, lr=0.1, fused_step=True)
 
 
 def test_deepcopy_keeps_working():

@@ -314,5 +314,62 @@ inline void check_ema_residual(at::TensorList grads, at::TensorList ema, at::Ten
   check_no_overlap({{"grads", grads}, {"ema", ema}}, {{"params", params}});
 }
 
+// The fused restore + base steps: params, backups and grads parallel; the state lists parallel or
+// (where allowed) empty; hyperparameters finite.
+inline void check_step_lists(at::TensorList params, at::TensorList backups, at::TensorList grads) {
+  check_list("params", params);
+  check_list("backups", backups);
+  check_list("grads", grads);
+  check_parallel("params", params, "backups", backups);
+  check_parallel("params", params, "grads", grads);
+}
+
+inline void check_restore_sgd_step(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                   at::TensorList momentum_buffers, double lr, double weight_decay, double momentum,
+                                   double dampening) {
+  check_step_lists(params, backups, grads);
+  check_list("momentum_buffers", momentum_buffers);
+  if (momentum != 0.0) {
+    check_parallel("params", params, "momentum_buffers", momentum_buffers);
+  } else {
+    TORCH_CHECK_VALUE(momentum_buffers.empty(), "momentum_buffers must be empty when momentum is 0, got ",
+                      momentum_buffers.size(), " tensors");
+  }
+  check_same_device(
+      {{"params", params}, {"backups", backups}, {"grads", grads}, {"momentum_buffers", momentum_buffers}});
+  check_finite("lr", lr);
+  check_finite("weight_decay", weight_decay);
+  check_finite("momentum", momentum);
+  check_finite("dampening", dampening);
+}
+
+inline void check_restore_adam_step(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                                    at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                    double lr, double beta1, double beta2, double eps, double step,
+                                    double weight_decay) {
+  check_step_lists(params, backups, grads);
+  check_list("exp_avgs", exp_avgs);
+  check_list("exp_avg_sqs", exp_avg_sqs);
+  check_list("max_exp_avg_sqs", max_exp_avg_sqs);
+  check_parallel("params", params, "exp_avgs", exp_avgs);
+  check_parallel("params", params, "exp_avg_sqs", exp_avg_sqs);
+  check_parallel("params", params, "max_exp_avg_sqs", max_exp_avg_sqs, true);
+  check_same_device({{"params", params},
+                     {"backups", backups},
+                     {"grads", grads},
+                     {"exp_avgs", exp_avgs},
+                     {"exp_avg_sqs", exp_avg_sqs},
+                     {"max_exp_avg_sqs", max_exp_avg_sqs}});
+  check_finite("lr", lr);
+  check_finite("beta1", beta1);
+  check_finite("beta2", beta2);
+  check_finite("eps", eps);
+  check_finite("weight_decay", weight_decay);
+  TORCH_CHECK_VALUE(std::isfinite(step) && step >= 1.0, "step must be a finite count >= 1 (after its increment), got ",
+                    float_str(step));
+  TORCH_CHECK_VALUE(beta1 < 1.0 && beta2 < 1.0,
+                    "beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)");
+}
+
 }  // namespace checks
 }  // namespace fastperturb

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "cuda/step_worklist_ops.h"
 #include "cuda/worklist_ops.h"
 #include "fastperturb/schemas.h"
 #include "fastperturb/worklist/device.h"
@@ -177,6 +178,28 @@ at::Tensor ema_residual_op(at::TensorList grads, at::TensorList ema, at::TensorL
   return ema_residual(ex, grads, ema, params, sigma, lmbda, init, grad_scale, adaptive_eta);
 }
 
+void restore_sgd_step_op(at::TensorList params, at::TensorList backups, at::TensorList grads,
+                         at::TensorList momentum_buffers, double lr, double weight_decay, double momentum,
+                         double dampening, bool nesterov, bool maximize, bool init_momentum) {
+  require_cpu("restore_sgd_step_", {params, backups, grads, momentum_buffers});
+  checks::check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening);
+  CpuExec ex = executor();
+  sgd_step(ex, params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening, nesterov, maximize,
+           init_momentum);
+}
+
+void restore_adam_step_op(at::TensorList params, at::TensorList backups, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, double lr, double beta1,
+                          double beta2, double eps, double step, double weight_decay, bool decoupled_weight_decay,
+                          bool maximize) {
+  require_cpu("restore_adam_step_", {params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs});
+  checks::check_restore_adam_step(params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps,
+                                  step, weight_decay);
+  CpuExec ex = executor();
+  adam_step(ex, params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, step,
+            weight_decay, decoupled_weight_decay, maximize);
+}
+
 // The planner's layout: (tensors [R, 3] = launch, group, tensor index, one row
 // per table entry; blocks [B, 7] = launch, entry, tensor index, chunk, slot,
 // begin, end).
@@ -278,6 +301,8 @@ void register_executor(torch::Library& m) {
   m.impl("dot_stats", &fastperturb::worklist::dot_stats_op);
   m.impl("lincomb_", &fastperturb::worklist::lincomb_op);
   m.impl("ema_residual_", &fastperturb::worklist::ema_residual_op);
+  m.impl("restore_sgd_step_", &fastperturb::worklist::restore_sgd_step_op);
+  m.impl("restore_adam_step_", &fastperturb::worklist::restore_adam_step_op);
 }
 }  // namespace
 

@@ -304,3 +304,73 @@ def combine_grads_lists_(lists: TensorLists, weight: float) -> None:
         _triton_impls().combine_grads_lists_(lists, float(weight))
     else:
         combine_grads_(lists.grads(), lists.accum, weight)
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_momentum: bool = False,
+) -> None:
+    """torch.optim.SGD's step taken from ``backups`` into ``params`` in one pass (restore + update)."""
+    params, backups, grads, momentum_buffers = list(params), list(backups), list(grads), list(momentum_buffers)
+    backend = dispatch.resolve(V.first_device(params))
+    if backend in _PY_BACKENDS:
+        V.check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening)
+    dispatch.op("restore_sgd_step_", backend)(
+        params,
+        backups,
+        grads,
+        momentum_buffers,
+        lr=float(lr),
+        weight_decay=float(weight_decay),
+        momentum=float(momentum),
+        dampening=float(dampening),
+        nesterov=bool(nesterov),
+        maximize=bool(maximize),
+        init_momentum=bool(init_momentum),
+    )
+
+
+@_non_differentiable
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor] = (),
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    """torch.optim.Adam's (AdamW's) step taken from ``backups`` into ``params`` in one pass (restore + update)."""
+    lists = [list(x) for x in (params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)]
+    backend = dispatch.resolve(V.first_device(lists[0]))
+    if backend in _PY_BACKENDS:
+        V.check_restore_adam_step(*lists, lr, beta1, beta2, eps, step, weight_decay)
+    dispatch.op("restore_adam_step_", backend)(
+        *lists,
+        lr=float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(eps),
+        step=float(step),
+        weight_decay=float(weight_decay),
+        decoupled_weight_decay=bool(decoupled_weight_decay),
+        maximize=bool(maximize),
+    )

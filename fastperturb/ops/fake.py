@@ -61,6 +61,47 @@ def ema_residual_(grads, ema, params, *, sigma, lmbda, init, grad_scale=1.0, ada
     return torch.empty(len(grads), dtype=torch.float32, device=V.first_device(grads))
 
 
+def restore_sgd_step_(
+    params,
+    backups,
+    grads,
+    momentum_buffers,
+    *,
+    lr,
+    weight_decay=0.0,
+    momentum=0.0,
+    dampening=0.0,
+    nesterov=False,
+    maximize=False,
+    init_momentum=False,
+):
+    V.check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening)
+    return None
+
+
+def restore_adam_step_(
+    params,
+    backups,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    max_exp_avg_sqs,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    step,
+    weight_decay=0.0,
+    decoupled_weight_decay=False,
+    maximize=False,
+):
+    V.check_restore_adam_step(
+        params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, step, weight_decay
+    )
+    return None
+
+
 def register(namespace: str) -> None:
     """Register the fake impls for every op of ``namespace``."""
     for name in OPS:

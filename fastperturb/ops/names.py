@@ -18,6 +18,8 @@ OPS: tuple[str, ...] = (
     "dot_stats",
     "lincomb_",
     "ema_residual_",
+    "restore_sgd_step_",
+    "restore_adam_step_",
 )
 
 #: The same ops on a TensorLists handle (fastperturb/ops/lists.py), in the order of

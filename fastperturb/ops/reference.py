@@ -226,3 +226,109 @@ def ema_residual_(
                 d64 = (params[i].to(torch.float64).abs() + adaptive_eta) * d64
             stat[i] = d64.square().sum()
     return stat.float()
+
+
+def _coef(x: float, cd: torch.dtype) -> Tensor:
+    """A hyperparameter rounded to the compute dtype once, as the kernels convert it (step_math.h)."""
+    return torch.tensor(x, dtype=cd)
+
+
+def restore_sgd_step_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    init_momentum: bool = False,
+) -> None:
+    """torch.optim.SGD's single-tensor step taken from the backups (the restore folded in).
+
+    ``params = b - lr * d`` with ``d`` the SGD direction of ``g`` at ``b``; the momentum buffer as torch
+    keeps it (``init_momentum``: the buffer is new and becomes the direction's ``g``)."""
+    with torch.no_grad():
+        for i, (w, b, g) in enumerate(zip(params, backups, grads)):
+            cd = _compute_dtype(w)
+            base = b.to(cd, copy=True)  # read before any write: b may be w itself
+            gc = g.to(cd, copy=True)
+            if maximize:
+                gc = -gc
+            if weight_decay != 0:
+                gc = gc + _coef(weight_decay, cd) * base
+            if momentum != 0:
+                buf = momentum_buffers[i]
+                mom = _coef(momentum, cd)
+                new_buf = gc if init_momentum else buf.to(cd) * mom + _coef(1.0 - dampening, cd) * gc
+                gc = gc + mom * new_buf if nesterov else new_buf
+                buf.copy_(new_buf)
+            w.copy_(base + _coef(-lr, cd) * gc)
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """The correctly rounded square root (IEEE, as the kernels' sqrt). torch.sqrt's vectorised CPU
+    kernels may be an ulp off (measured here: about 20% of float32 and 1% of float64 elements), which the
+    cancellation in ``w - step * m / denom`` can turn into a large relative error of a small weight.
+    float32: the float64 root rounded once is the correctly rounded float32 root; float64: Python's
+    math.sqrt element by element (slow, but this is the spec)."""
+    if x.dtype == torch.float32:
+        return x.double().sqrt().float()
+    flat = [math.sqrt(v) if v >= 0 else math.nan for v in x.reshape(-1).tolist()]
+    return torch.tensor(flat, dtype=x.dtype, device=x.device).reshape(x.shape)
+
+
+def _lerp(a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
+    """torch.lerp's two formulas, split at weight 0.5."""
+    return a + weight * (b - a) if float(weight) < 0.5 else b - (b - a) * (1 - weight)
+
+
+def restore_adam_step_(
+    params: Sequence[Tensor],
+    backups: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    max_exp_avg_sqs: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: float,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> None:
+    """torch.optim.Adam's single-tensor step (AdamW: ``decoupled_weight_decay``) taken from the backups.
+
+    ``step`` is the step count after its increment, the same for every tensor of the call;
+    amsgrad when ``max_exp_avg_sqs`` is non-empty."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    decay_factor = 1 - lr * weight_decay if decoupled_weight_decay and weight_decay != 0 else 1.0
+    l2 = 0.0 if decoupled_weight_decay else weight_decay
+    with torch.no_grad():
+        for i, (w, b, g) in enumerate(zip(params, backups, grads)):
+            cd = _compute_dtype(w)
+            base = b.to(cd, copy=True)
+            gc = g.to(cd, copy=True)
+            if maximize:
+                gc = -gc
+            if decay_factor != 1.0:
+                base = base * _coef(decay_factor, cd)
+            if l2 != 0:
+                gc = gc + _coef(l2, cd) * base
+            m = _lerp(exp_avgs[i].to(cd), gc, _coef(1 - beta1, cd))
+            v = exp_avg_sqs[i].to(cd) * _coef(beta2, cd) + _coef(1 - beta2, cd) * gc * gc
+            s = v
+            if len(max_exp_avg_sqs):
+                s = torch.maximum(max_exp_avg_sqs[i].to(cd), v)
+                max_exp_avg_sqs[i].copy_(s)
+            denom = _sqrt_rn(s) / _coef(bias_correction2_sqrt, cd) + _coef(eps, cd)
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+            w.copy_(base + _coef(-(lr / bias_correction1), cd) * m / denom)

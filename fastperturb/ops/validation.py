@@ -243,3 +243,51 @@ def check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_et
     check_finite("grad_scale", grad_scale)
     check_finite("adaptive_eta", adaptive_eta)
     check_no_overlap([("grads", grads), ("ema", ema)], [("params", params)])
+
+
+def _check_step_lists(params, backups, grads) -> None:
+    for name, ts in (("params", params), ("backups", backups), ("grads", grads)):
+        check_list(name, ts)
+    check_parallel("params", params, "backups", backups)
+    check_parallel("params", params, "grads", grads)
+
+
+def check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening) -> None:
+    _check_step_lists(params, backups, grads)
+    check_list("momentum_buffers", momentum_buffers)
+    if momentum != 0:
+        check_parallel("params", params, "momentum_buffers", momentum_buffers)
+    elif len(momentum_buffers):
+        raise ValueError(f"momentum_buffers must be empty when momentum is 0, got {len(momentum_buffers)} tensors")
+    check_same_device(
+        [("params", params), ("backups", backups), ("grads", grads), ("momentum_buffers", momentum_buffers)]
+    )
+    for name, v in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening)):
+        check_finite(name, v)
+
+
+def check_restore_adam_step(
+    params, backups, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, lr, beta1, beta2, eps, step, weight_decay
+) -> None:
+    _check_step_lists(params, backups, grads)
+    for name, ts in (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs), ("max_exp_avg_sqs", max_exp_avg_sqs)):
+        check_list(name, ts)
+    check_parallel("params", params, "exp_avgs", exp_avgs)
+    check_parallel("params", params, "exp_avg_sqs", exp_avg_sqs)
+    check_parallel("params", params, "max_exp_avg_sqs", max_exp_avg_sqs, optional=True)
+    check_same_device(
+        [
+            ("params", params),
+            ("backups", backups),
+            ("grads", grads),
+            ("exp_avgs", exp_avgs),
+            ("exp_avg_sqs", exp_avg_sqs),
+            ("max_exp_avg_sqs", max_exp_avg_sqs),
+        ]
+    )
+    for name, v in (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("eps", eps), ("weight_decay", weight_decay)):
+        check_finite(name, v)
+    if not (math.isfinite(step) and step >= 1.0):
+        raise ValueError(f"step must be a finite count >= 1 (after its increment), got {step}")
+    if not (beta1 < 1.0 and beta2 < 1.0):
+        raise ValueError("beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)")

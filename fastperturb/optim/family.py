@@ -85,6 +85,14 @@ class _Family(PerturbOptimizer):
     two_call = True
 
     def __init__(self, params: Params, base_optimizer: type, rho: float, adaptive: bool, **kwargs: Any) -> None:
+        if kwargs.get("fused_step"):
+            # Their descent rules need the restored weights' buffers after the passes (WSAM keeps
+            # g1 - g in the backups) and hooks around the base step: the fused restore + base step
+            # of SAM, ASAM, AWP and APD does not apply.
+            raise ValueError(
+                f"{type(self).__name__} does not take fused_step=True: the SAM family's descent rules run "
+                "around an unfused base step; use fused_step with SAM, ASAM, AWP or APD"
+            )
         self._scratch: Dict[Tensor, Tensor] = {}  # the clean gradient's copy, one per tensor
         self._lists: Dict[str, tuple] = {}
         self._cycle_plan: Optional[_Plan] = None  # the plan whose passes are done and descent not yet formed
@@ -163,18 +171,18 @@ class _Family(PerturbOptimizer):
             reduce=plan.reduce,
         )
 
-    def _perturbed_passes(self, plan: _Plan, closure: Any) -> None:
+    def _perturbed_passes(self, plan: _Plan, closure: Any, restore: bool = True) -> Optional[Cycle]:
         if self._reuses(plan):
             self._cycle_plan = plan
-            return
+            return None
         try:
-            super()._perturbed_passes(plan, closure)
+            return super()._perturbed_passes(plan, closure, restore)
         except BaseException:
             self._cycle_plan = None
             self._rollback()
             raise
 
-    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+    def _descend(self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Any] = None) -> None:
         plan, self._cycle_plan = self._cycle_plan, None
         try:
             if plan is not None:
@@ -184,7 +192,7 @@ class _Family(PerturbOptimizer):
                     self._rollback()
                     self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
                     return
-            super()._descend(scaler)
+            super()._descend(scaler, base_step)
         except BaseException:
             self._rollback()
             raise

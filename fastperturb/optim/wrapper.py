@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from . import frameworks
+from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
 
 __all__ = ["PerturbOptimizer", "NonFiniteGradient", "NonFiniteDescentGradient", "Params"]
@@ -154,11 +155,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
             ``GradScaler`` overflow always skips (and the scaler backs off).
         freeze_bn: a module whose BatchNorm running statistics must not be updated by
             the perturbed passes (see :func:`frozen_bn_stats`).
+        fused_step: take the base step of ``step(closure)`` from the stored pre-perturbation
+            weights in one pass that restores and updates (``torch.optim.SGD``, ``Adam``,
+            ``AdamW`` only; see :mod:`fastperturb.optim.fused_step`). A step it cannot fuse
+            falls back to restore + ``base_optimizer.step()``; ``fused_step_fallback`` says why.
+            Also ``second_step()``.
         **base_kwargs: keyword arguments of ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Attributes:
         base_optimizer: the base optimizer instance.
         last_step_skipped: whether the last step was skipped for a non-finite gradient.
+        fused_step_fallback: with ``fused_step=True``, why the last step was not fused (None if it was).
         skipped_steps: how many steps were skipped so far.
     """
 
@@ -184,6 +191,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         max_grad_norm: Optional[float] = None,
         nonfinite: str = "skip",
         freeze_bn: Optional[nn.Module] = None,
+        fused_step: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if not isinstance(spec, PerturbSpec):
@@ -215,12 +223,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if freeze_bn is not None and not isinstance(freeze_bn, nn.Module):
             raise TypeError(f"freeze_bn must be an nn.Module (the model) or None, got {type(freeze_bn).__name__}")
+        if not isinstance(fused_step, bool):
+            raise TypeError(f"fused_step must be True or False, got {fused_step!r}")
+        if fused_step:
+            fused.check_base(base_optimizer, base_kwargs)
 
         self.spec = spec
         self.perturb_filter = perturb_filter
         self.max_grad_norm = max_grad_norm
         self.nonfinite = nonfinite
         self.freeze_bn = freeze_bn
+        self.fused_step = fused_step
+        self.fused_step_fallback: Optional[str] = None
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._warned_skip = False
@@ -545,8 +559,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
             holder.param_groups[0]["params"][0].grad.fill_(math.inf)
         scaler.unscale_(holder)  # type: ignore[arg-type]
 
-    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
-        """G is in .grad at the restored weights: check it, clip it, take the base step."""
+    def _descend(self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Callable[[], None]] = None) -> None:
+        """G is in .grad at the restored weights: check it, clip it, take the base step
+        (``base_step``, default ``base_optimizer.step``; never with an enabled scaler)."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -580,7 +595,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
         else:
-            self.base_optimizer.step()
+            (base_step or self.base_optimizer.step)()
 
     # ---- public API --------------------------------------------------------------------
 
@@ -628,18 +643,46 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 (_release_grads if release else _zero_grads)(every)
                 loss = self._call_closure(closure, 0, every, released=release)
             plan = self._plan()
+            fuse = self._fusable(scaler)
+            cycle = None
             if plan.params:
                 try:
-                    self._perturbed_passes(plan, closure)
+                    cycle = self._perturbed_passes(plan, closure, restore=not fuse)
                 except NonFiniteGradient as err:
                     self._on_nonfinite(self._named(err, plan), scaler)
                     return loss
-            self._descend(scaler)
+            if not fuse:
+                self._descend(scaler)
+                return loss
+            try:  # the weights are still perturbed: G is checked (and clipped) before the fused op reads it
+                self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
+            finally:
+                if cycle is not None:
+                    cycle.restore()  # a skipped step or an exception (no-op after the fused step)
             return loss
         finally:
             self._grads_seen = _versions(every)
 
-    def _perturbed_passes(self, plan: _Plan, closure: Closure) -> None:
+    def _fusable(self, scaler: Optional[torch.amp.GradScaler]) -> bool:
+        """Whether this step's base step is fused (``fused_step=True`` and nothing needs the fallback)."""
+        if not self.fused_step:
+            return False
+        if _scaling(scaler):
+            reason = "an enabled GradScaler steps the base optimizer itself"
+        elif self._sharded:
+            reason = "sharded (FSDP2) parameters"
+        else:
+            reason = fused.why_not_fused(self.base_optimizer)
+        self.fused_step_fallback = reason
+        return reason is None
+
+    def _fused_base_step(self, cycle: Optional[Cycle]) -> None:
+        """Restore and base step in one pass (fused_step.py); the cycle's weights count as restored."""
+        fused.fused_base_step(self.base_optimizer, cycle.params if cycle else [], cycle.backups if cycle else [])
+        if cycle is not None:
+            cycle.mark_restored()
+
+    def _perturbed_passes(self, plan: _Plan, closure: Closure, restore: bool = True) -> Cycle:
         cycle = self._new_cycle(plan)
         watch = plan.every
         release = self._releases()
@@ -653,11 +696,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 return self._call_closure(closure, k, watch, released=release)
 
             try:
-                run_cycle(cycle, run_pass, grads_at=lambda k: self._grads(plan, k), zero_grads=not release)
+                run_cycle(
+                    cycle, run_pass, grads_at=lambda k: self._grads(plan, k), zero_grads=not release, restore=restore
+                )
             except Exception as err:
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
                 raise
+        return cycle
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
@@ -711,6 +757,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         scaler = scaler if scaler is not None else pending.scaler
         _check_scaler(scaler)
         cycle = pending.cycle
+        fuse = not pending.skipped and self._fusable(scaler)  # then the fused base step restores
         try:
             if not pending.skipped:
                 try:
@@ -722,14 +769,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     grads = self._grads(pending.plan, 1)
                     cycle.observe(grads)
                     cycle.finish(grads)
-                finally:
+                except BaseException:
+                    cycle.restore()
+                    raise
+                if not fuse:
                     cycle.restore()
         finally:
-            pending.stack.close()
+            try:
+                pending.stack.close()
+            except BaseException:
+                cycle.restore()
+                raise
         if not pending.skipped:
             try:
-                self._descend(scaler)
+                self._descend(scaler, base_step=(lambda: self._fused_base_step(cycle)) if fuse else None)
             finally:
+                cycle.restore()  # no-op unless the fused step was skipped or raised
                 self._see_grads()
         else:
             self._see_grads()

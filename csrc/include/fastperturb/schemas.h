@@ -65,9 +65,33 @@ inline constexpr const char* kEmaResidual =
     "ema_residual_(Tensor(a!)[] grads, Tensor(b!)[] ema, Tensor[] params, *, float sigma, float lmbda, "
     "bool init, float grad_scale=1.0, float adaptive_eta=-1.0) -> Tensor";
 
+// Restore folded into torch.optim.SGD's step (fastperturb/optim/fused_step.py):
+// per element, from the backup b (the pre-perturbation weight) and g:
+//   g = maximize ? -g : g;  if weight_decay: g += weight_decay * b
+//   if momentum: buf = init_momentum ? g : momentum * buf + (1 - dampening) * g
+//                g = nesterov ? g + momentum * buf : buf
+//   params = b - lr * g
+// momentum_buffers is empty iff momentum == 0. backups may be params themselves
+// (a tensor that was not perturbed). Arithmetic: fastperturb/step_math.h.
+inline constexpr const char* kSgdStep =
+    "restore_sgd_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] momentum_buffers, *, "
+    "float lr, float weight_decay=0.0, float momentum=0.0, float dampening=0.0, bool nesterov=False, "
+    "bool maximize=False, bool init_momentum=False) -> ()";
+
+// Restore folded into torch.optim.Adam's step (AdamW: decoupled_weight_decay),
+// all tensors at the same step count `step` (after its increment):
+//   g = maximize ? -g : g;  w = b, times (1 - lr * weight_decay) if decoupled, else g += weight_decay * w
+//   m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+//   amsgrad (max_exp_avg_sqs non-empty): vmax = max(vmax, v) and v := vmax below
+//   params = w - lr / (1 - beta1^step) * m / (sqrt(v) / sqrt(1 - beta2^step) + eps)
+inline constexpr const char* kAdamStep =
+    "restore_adam_step_(Tensor(a!)[] params, Tensor[] backups, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, *, float lr, float beta1, float beta2, float eps, "
+    "float step, float weight_decay=0.0, bool decoupled_weight_decay=False, bool maximize=False) -> ()";
+
 // All of them, in the order above.
-inline constexpr const char* kAll[] = {kNorms,        kGradStats, kAscentStep, kRestore,
-                                       kCombineGrads, kDotStats,  kLincomb,    kEmaResidual};
+inline constexpr const char* kAll[] = {kNorms,    kGradStats, kAscentStep,  kRestore, kCombineGrads,
+                                       kDotStats, kLincomb,   kEmaResidual, kSgdStep, kAdamStep};
 
 }  // namespace schemas
 }  // namespace fastperturb

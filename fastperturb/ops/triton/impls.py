@@ -517,3 +517,7 @@ def ema_residual_(
             )
         _finalize(plan, partials, stat, stat, 1, 2)
     return stat
+
+
+# The fused restore + base-optimizer steps live in their own module; re-exported under their op names.
+from .step_impls import restore_adam_step_, restore_sgd_step_  # noqa: E402,F401

@@ -28,7 +28,10 @@ constexpr int kFinalizeTensors = 240;  // tensors per finalize launch
 constexpr std::size_t kArgBudget = 3900;
 
 // Distinct tensors per launch, by depth (the number of parallel lists).
-constexpr int max_tensors_for_depth(int depth) { return depth == 1 ? 110 : depth == 2 ? 80 : depth == 3 ? 60 : 48; }
+// Depths 5 and 6 are the fused Adam step's lists (worklist/step_ops.h).
+constexpr int max_tensors_for_depth(int depth) {
+  return depth == 1 ? 110 : depth == 2 ? 80 : depth == 3 ? 60 : depth == 4 ? 48 : 32;
+}
 
 // Metadata of one launch of a main kernel over `Depth` parallel lists. Passed
 // by value as the kernel argument (__grid_constant__).
@@ -51,6 +54,7 @@ static_assert(sizeof(LaunchArgs<1>) <= kArgBudget, "LaunchArgs<1> too large");
 static_assert(sizeof(LaunchArgs<2>) <= kArgBudget, "LaunchArgs<2> too large");
 static_assert(sizeof(LaunchArgs<3>) <= kArgBudget, "LaunchArgs<3> too large");
 static_assert(sizeof(LaunchArgs<4>) <= kArgBudget, "LaunchArgs<4> too large");
+static_assert(sizeof(LaunchArgs<6>) <= kArgBudget, "LaunchArgs<6> too large");
 static_assert(max_tensors_for_depth(1) <= 255, "block_tensor is a uint8_t");
 
 // Metadata of one finalize launch: block j reduces the slots

@@ -1,0 +1,412 @@
+"""The fused restore + base step (fastperturb/optim/fused_step.py, ops restore_sgd_step_ and
+restore_adam_step_) against torch.optim's own SGD, Adam and AdamW.
+
+Tolerance: the fused ops compute each element in float32 (float64 for float64 tensors) with the
+operations of torch's single-tensor implementation in the same order, so one step agrees with torch to
+within a couple of ulps (torch's CPU kernels may vectorise a few operations differently); over the
+few steps here we allow rtol 1e-5 / atol 1e-6 in float32 and rtol 1e-12 / atol 1e-14 in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fastperturb as fp
+from fastperturb.ops import native
+from fastperturb.optim import fused_step
+
+pytestmark = pytest.mark.skipif(native.load_error is not None, reason="fastperturb._C did not load")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-14)}
+
+CONFIGS = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1)),
+    "sgd_momentum_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3)),
+    "sgd_dampening_maximize": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2)),
+    "adam_l2": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01, betas=(0.8, 0.99))),
+    "adam_amsgrad_maximize": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
+    "adamw_amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, amsgrad=True, betas=(0.3, 0.9))),
+    "adam_foreach": (torch.optim.Adam, dict(lr=1e-2, foreach=True)),
+}
+
+
+def _tensors(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(7, 5), (5,), (3, 2, 2, 2), (1,), (70_001,)]  # crosses the CPU chunk size
+    ps = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    ps[2] = ps[2].contiguous(memory_format=torch.channels_last)
+    return [nn.Parameter(p) for p in ps]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_fused_base_step_matches_torch_after_plain_restore(config, dtype):
+    """Each step: weights perturbed, the same gradient; fused (restore + step in one op) against
+    a plain restore followed by torch's own step(). Four steps, so state created lazily and reused."""
+    cls, kwargs = CONFIGS[config]
+    ours, theirs = _tensors(dtype), _tensors(dtype)
+    opt_ours, opt_theirs = cls(ours, **kwargs), cls(theirs, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        # gradients in their parameter's memory format, as autograd makes them
+        grads = [torch.empty_like(p).copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64)) for p in ours]
+        backups = []
+        for p, q, gr in zip(ours, theirs, grads):
+            backups.append(p.detach().clone(memory_format=torch.preserve_format))
+            with torch.no_grad():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype))  # the perturbation
+            p.grad = gr.clone(memory_format=torch.preserve_format)
+            q.grad = gr.clone(memory_format=torch.preserve_format)
+        # the last tensor is not perturbed: it is read from itself
+        with torch.no_grad():
+            ours[-1].copy_(backups[-1])
+        assert fused_step.why_not_fused(opt_ours) is None
+        fused_step.fused_base_step(opt_ours, ours[:-1], backups[:-1])
+        opt_theirs.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOL[dtype])
+            assert p.stride() == q.stride()
+    sd_ours, sd_theirs = opt_ours.state_dict(), opt_theirs.state_dict()
+    assert sd_ours["param_groups"] == sd_theirs["param_groups"]
+    assert sd_ours["state"].keys() == sd_theirs["state"].keys()
+    for i, st in sd_theirs["state"].items():
+        assert st.keys() == sd_ours["state"][i].keys()
+        for k, v in st.items():
+            mine = sd_ours["state"][i][k]
+            assert mine.dtype == v.dtype and mine.device == v.device and mine.shape == v.shape, k
+            torch.testing.assert_close(mine, v, **TOL[dtype])
+
+
+# ---------------------------------------------------------------------------
+# Through fp.SAM: the whole step, fused against unfused.
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def _data(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(32, 6, generator=g, dtype=dtype), torch.randint(0, 3, (32,), generator=g)
+
+
+def _closure(model, x, y):
+    def closure():
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _run(opt, model, steps, x, y):
+    closure = _closure(model, x, y)
+    losses = []
+    for _ in range(steps):
+        losses.append(opt.step(closure))
+        opt.zero_grad()
+    return losses
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("config", ["sgd_nesterov", "sgd_dampening_maximize", "adam_l2", "adamw", "adamw_amsgrad"])
+def test_sam_fused_step_equals_unfused(config, dtype):
+    cls, kwargs = CONFIGS[config]
+    x, y = _data(dtype)
+    m1, m2 = _model(dtype=dtype), _model(dtype=dtype)
+    o1 = fp.SAM(m1.parameters(), cls, rho=0.05, fused_step=True, **kwargs)
+    o2 = fp.SAM(m2.parameters(), cls, rho=0.05, **kwargs)
+    l1, l2 = _run(o1, m1, 4, x, y), _run(o2, m2, 4, x, y)
+    assert o1.fused_step_fallback is None
+    for a, b in zip(l1, l2):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[dtype])
+
+
+def test_awp_fused_with_passive_groups_and_clipping():
+    """Multi-step AWP with a perturb=False group (read from itself), a parameter without gradient
+    (left alone, as torch does) and max_grad_norm clipping (applied to G before the fused op)."""
+    x, y = _data()
+    nets = [_model(), _model()]
+    for net in nets:
+        torch.manual_seed(1)
+        net.append(nn.Linear(3, 3))  # never reached by the loss: no gradient
+    opts = []
+    for fused in (True, False):
+        net = nets[len(opts)]
+        groups = [
+            {"params": list(net[0].parameters())},
+            {"params": list(net[2].parameters()), "perturb": False, "lr": 5e-3},
+            {"params": list(net[3].parameters())},
+        ]
+        opts.append(
+            fp.AWP(groups, torch.optim.AdamW, gamma=0.05, steps=2, lr=1e-2, max_grad_norm=0.05, fused_step=fused)
+        )
+    before = [p.detach().clone() for p in nets[0][3].parameters()]
+
+    def closure_of(net):
+        def closure():
+            loss = nn.functional.cross_entropy(net[2](torch.tanh(net[0](x))), y)
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        for opt, net in zip(opts, nets):
+            opt.step(closure_of(net))
+            opt.zero_grad()
+    assert opts[0].fused_step_fallback is None
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    for p, b in zip(nets[0][3].parameters(), before):
+        assert torch.equal(p, b) and p not in opts[0].state
+
+
+def test_switching_fused_unfused_and_plain_torch_mid_training():
+    """state_dict() is torch's: 2 fused steps, 2 unfused, then the state loaded into a plain
+    torch.optim.AdamW stepping on G from an unfused SAM... equals 6 unfused steps throughout."""
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1)
+    _run(o1, m1, 2, x, y)
+    o1.fused_step = False
+    _run(o1, m1, 2, x, y)
+    _run(o2, m2, 4, x, y)
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    # the checkpoint goes into a new optimizer (fused again) and into plain torch AdamW
+    sd = copy.deepcopy(o1.state_dict())
+    step_t = next(iter(sd["state"].values()))["step"]
+    assert step_t.dtype == torch.float32 and step_t.device.type == "cpu" and float(step_t) == 4.0
+    m3 = copy.deepcopy(m1)
+    o3 = fp.SAM(m3.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, fused_step=True)
+    o3.load_state_dict(copy.deepcopy(sd))  # (torch loads the 'step' tensors without copying them)
+    _run(o3, m3, 2, x, y)
+    _run(o2, m2, 2, x, y)
+    for p, q in zip(m3.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    plain = torch.optim.AdamW(m1.parameters(), lr=1e-2, weight_decay=0.1)
+    sd.pop("fastperturb")
+    plain.load_state_dict(sd)
+    closure = _closure(m1, x, y)
+    closure()
+    plain.step()  # a plain torch step continues from the fused path's state without complaint
+    assert all(float(s["step"]) == 5.0 for s in plain.state.values())
+
+
+def test_lr_scheduler_and_tensor_lr_are_read_each_step():
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.SGD, lr=torch.tensor(0.1), momentum=0.9, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.SGD, lr=torch.tensor(0.1), momentum=0.9)
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(o2, step_size=1, gamma=0.5)
+    for _ in range(3):
+        _run(o1, m1, 1, x, y)
+        _run(o2, m2, 1, x, y)
+        s1.step()
+        s2.step()
+    assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------------
+# Safety: bad gradients, exceptions, fallbacks.
+
+
+def test_nonfinite_descent_gradient_skips_before_the_fused_update():
+    """A NaN in G: the step is skipped, weights bit-identical, state untouched (never created)."""
+    x, y = _data()
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2, fused_step=True)
+    before = [p.detach().clone() for p in m.parameters()]
+    calls = []
+
+    def closure():
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        calls.append(1)
+        if len(calls) == 2:  # the perturbed pass: G is NaN
+            m[0].weight.grad[0, 0] = math.nan
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="skipped a step"):
+        opt.step(closure)
+    assert opt.last_step_skipped and opt.fused_step_fallback is None
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
+    assert len(opt.state) == 0
+    with pytest.raises(fp.NonFiniteGradient):
+        opt.nonfinite = "raise"
+        calls.clear()
+        opt.step(closure)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_exception_in_perturbed_pass_restores_exactly():
+    x, y = _data()
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, fused_step=True)
+    before = [p.detach().clone() for p in m.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_exception_in_fused_step_restores_exactly(monkeypatch):
+    x, y = _data()
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, fused_step=True)
+    before = [p.detach().clone() for p in m.parameters()]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(fused_step, "fused_base_step", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        opt.step(_closure(m, x, y))
+    for p, b in zip(m.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_unsupported_base_optimizers_and_flags_raise_at_construction():
+    m = _model()
+    with pytest.raises(TypeError, match="fused_step=True needs one of torch.optim.SGD"):
+        fp.SAM(m.parameters(), torch.optim.RMSprop, lr=0.1, fused_step=True)
+    with pytest.raises(ValueError, match="fused=True"):
+        fp.SAM(m.parameters(), torch.optim.AdamW, lr=0.1, fused=True, fused_step=True)
+    with pytest.raises(TypeError, match="True or False"):
+        fp.SAM(m.parameters(), torch.optim.AdamW, lr=0.1, fused_step="yes")
+
+
+def _fallback_case(setup):
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.Adam, rho=0.05, lr=1e-2)
+    kwargs = setup(o1, o2)
+    for opt, m in ((o1, m1), (o2, m2)):
+        opt.step(_closure(m, x, y), **kwargs)
+        opt.zero_grad()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)  # the fallback is exactly the unfused path
+    return o1
+
+
+def test_fallback_with_step_hooks():
+    seen = []
+
+    def setup(o1, o2):
+        o1.base_optimizer.register_step_post_hook(lambda *a: seen.append(1))
+        return {}
+
+    o1 = _fallback_case(setup)
+    assert "hooks" in o1.fused_step_fallback and seen == [1]
+
+
+def test_fallback_with_an_enabled_grad_scaler():
+    def setup(o1, o2):
+        scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+        scaler.scale(torch.ones(()))  # the closure's scaler.scale(loss), at scale 1: the same gradients
+        return {"scaler": scaler}
+
+    o1 = _fallback_case(setup)
+    assert "GradScaler" in o1.fused_step_fallback
+
+
+def test_fallback_when_a_group_turns_on_a_flag():
+    def setup(o1, o2):
+        for o in (o1, o2):
+            o.param_groups[0]["differentiable"] = True
+        return {}
+
+    o1 = _fallback_case(setup)
+    assert "differentiable" in o1.fused_step_fallback
+
+
+def test_ops_reject_bad_state_before_writing():
+    w = [torch.ones(4)]
+    b = [torch.zeros(4)]
+    g = [torch.ones(4)]
+    with pytest.raises(ValueError, match="momentum_buffers has 0 tensors"):
+        fp.ops.restore_sgd_step_(w, b, g, [], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum_buffers must be empty"):
+        fp.ops.restore_sgd_step_(w, b, g, [torch.zeros(4)], lr=0.1)
+    with pytest.raises(TypeError, match="exp_avgs\\[0\\] has dtype torch.float64"):
+        fp.ops.restore_adam_step_(
+            w,
+            b,
+            g,
+            [torch.zeros(4, dtype=torch.float64)],
+            [torch.zeros(4)],
+            lr=0.1,
+            beta1=0.9,
+            beta2=0.9,
+            eps=1e-8,
+            step=1.0,
+        )
+    with pytest.raises(ValueError, match="step must be a finite count >= 1"):
+        fp.ops.restore_adam_step_(
+            w, b, g, [torch.zeros(4)], [torch.zeros(4)], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=0.0
+        )
+    assert torch.equal(w[0], torch.ones(4))
+
+
+def test_first_step_second_step_fused_equals_unfused():
+    """The two-call SAM convention is fused too (second_step restores through the fused op)."""
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        for opt, m in ((o1, m1), (o2, m2)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.first_step()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.second_step()
+    assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_second_step_nonfinite_keeps_weights_and_state():
+    x, y = _data()
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, fused_step=True, nonfinite="raise")
+    nn.functional.cross_entropy(m(x), y).backward()
+    opt.first_step()
+    nn.functional.cross_entropy(m(x), y).backward()
+    before = [p.detach().clone() for p in m.parameters()]  # perturbed: compare after the restore below
+    m[0].bias.grad[0] = math.inf
+    with pytest.raises(fp.NonFiniteGradient):
+        opt.second_step()
+    assert len(opt.state) == 0
+    assert any(not torch.equal(p, b) for p, b in zip(m.parameters(), before))  # no longer perturbed
+    m2 = _model()
+    for p, q in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, q)  # exactly the initial weights

@@ -34,6 +34,7 @@ DEFAULT_MODELS = {
     "train": ["cnn"],
     "memory": ["bert-base"],
     "train_loop": list(suites._TRAIN_LOOP_MODELS),
+    "family": ["resnet50", "small1000"],
 }
 QUICK_MODELS = {
     "ops": ["tiny"],
@@ -42,8 +43,17 @@ QUICK_MODELS = {
     "train": ["cnn"],
     "memory": ["tiny"],
     "train_loop": ["mlp"],
+    "family": ["tiny"],
 }
-UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS), "train_loop": 1}
+UNITS = {
+    "ops": 9,
+    "cycle": 3,
+    "step": 4,
+    "train": 1,
+    "memory": len(suites.MEMORY_IMPLS),
+    "train_loop": 1,
+    "family": len(suites.FAMILY_NAMES),
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,9 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         dest="models",
         default=None,
-        help="comma-separated parameter lists for ops/cycle/step: built-in "
+        help="comma-separated parameter lists for ops/cycle/step/family: built-in "
         f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
-        "(default: resnet50 for ops; resnet50,small1000 for cycle and step)",
+        "(default: resnet50 for ops; resnet50,small1000 for cycle, step and family)",
     )
     p.add_argument(
         "--train-model",
@@ -210,7 +220,7 @@ def main(args: argparse.Namespace) -> int:
 
     models = {k: list(v) for k, v in (QUICK_MODELS if args.quick else DEFAULT_MODELS).items()}
     if args.models:
-        for s in ("ops", "cycle", "step"):
+        for s in ("ops", "cycle", "step", "family"):
             models[s] = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.train_model:
         models["train"] = [args.train_model]

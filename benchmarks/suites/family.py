@@ -33,8 +33,21 @@ def window(name: str) -> int:
 
 
 def fastperturb_kwargs(name: str) -> dict:
-    """``fastperturb.<name>(params, base, lr=..., **these)``: the same hyper-parameters as pytorch-optimizer's."""
-    return dict(peers.FAMILY[name])
+    """``fastperturb.<name>(params, base, lr=..., **these)``: the same hyper-parameters as pytorch-optimizer's.
+
+    GSAM's radius follows the LR between ``rho_min`` and ``rho_max`` (pytorch-optimizer: a ProportionScheduler
+    between ``min_value`` and ``max_value``); both are set to rho, so it is constant for both.
+    """
+    hp = dict(peers.FAMILY[name])
+    if name == "GSAM":
+        rho = hp.pop("rho")
+        hp.update(rho_max=rho, rho_min=rho)
+    return hp
+
+
+#: fastperturb configurations timed besides the default one: LookSAM's per-tensor projection and rescale
+#: (pytorch-optimizer's form; the default is the paper's global one).
+EXTRA_FASTPERTURB = {"LookSAM": [("scope=layer", {"scope": "layer"})]}
 
 
 def _impls(cfg: Config, name: str, params, pre) -> list:
@@ -44,8 +57,9 @@ def _impls(cfg: Config, name: str, params, pre) -> list:
     from .. import fused
 
     wrapper = fused.wrapper_class(name)
-    for b, why in timed_backends(cfg):
-        label = f"fastperturb.{name}[{b}]"
+    configs = [("", {}), *EXTRA_FASTPERTURB.get(name, [])]
+    for (b, why), (suffix, extra) in ((bw, c) for bw in timed_backends(cfg) for c in configs):
+        label = f"fastperturb.{name}[{b}]" + (f" {suffix}" if suffix else "")
         if wrapper is None:
             out.append((label, "fastperturb", f"this fastperturb build has no fastperturb.{name}"))
             continue
@@ -53,10 +67,10 @@ def _impls(cfg: Config, name: str, params, pre) -> list:
             out.append((label, "fastperturb", why))
             continue
 
-        def make(b=b):
+        def make(b=b, extra=extra):
             closure = SyntheticClosure(params, pre)
             with backends.use_backend(b):
-                opt = wrapper(params, base, lr=peers.FAMILY_LR, **fastperturb_kwargs(name))
+                opt = wrapper(params, base, lr=peers.FAMILY_LR, **fastperturb_kwargs(name), **extra)
             # The implementations share these tensors: give step() g_0 from a caller's pass, as the
             # pytorch-optimizer loops that compute g_0 first do (the step suite's convention).
             opt.closure_calls_self = False

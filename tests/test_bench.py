@@ -532,12 +532,16 @@ def test_fastperturb_bench_measures_the_users_model(tmp_path, monkeypatch, capsy
 # ----------------------------------------------------------------------------- the SAM family suite (issue 11)
 
 
-def test_family_suite_runs_on_tiny_settings():
-    """Every preset: pytorch-optimizer's class on its documented loop (and LookSAM's manual loop), and
-    fastperturb's class when this build has it, each with its passes per step counted."""
+def test_family_suite_runs_in_quick_mode(tmp_path, capsys):
+    """``python -m benchmarks --quick --suites family``: every preset, pytorch-optimizer's class on its documented
+    loop (and LookSAM's manual loop), and fastperturb's class when this build has it, passes per step counted."""
     pytest.importorskip("pytorch_optimizer")
-    data = cli.run(_tiny_cfg(["family"]), bw_numel=1 << 16)
-    data = json.loads(json.dumps(data, default=str))
+    js = tmp_path / "family.json"
+    assert cli.entry(["--quick", "--quiet", "--suites", "family", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "== family ==" in printed and "pytorch-optimizer LookSAM manual 1+1/k" in printed
+    data = json.loads(js.read_text())
+    assert data["config"]["models"] == {"family": ["tiny"]}
     res = [r for r in data["results"] if r["suite"] == "family"]
     assert {r["case"] for r in res} == {"GSAM", "WSAM", "LookSAM k=10", "FriendlySAM"}
     for r in res:
@@ -559,9 +563,6 @@ def test_family_suite_runs_on_tiny_settings():
             assert r["status"] == "skipped" and r["reason"] == f"this fastperturb build has no fastperturb.{name}"
             continue
         assert r["status"] == "ok" and r["passes_per_step"] == (1.1 if name == "LookSAM" else 2.0), r
-    out = io.StringIO()
-    report.print_tables(data, out)
-    assert "== family ==" in out.getvalue() and "pytorch-optimizer LookSAM manual 1+1/k" in out.getvalue()
 
 
 class _QuadraticClosure:

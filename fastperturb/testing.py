@@ -154,7 +154,12 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
       ``adaptive_eta``, ``accum_weight``, ``with_params`` (bool);
     * ascent_step_: ``norm``, ``first``, ``adaptive_eta``, ``zero_grads``,
       ``step`` and ``proj`` (floats or per-tensor sequences);
-    * combine_grads_: ``weight``.
+    * combine_grads_: ``weight``;
+    * dot_stats (x = grads, y = accum): ``same`` (y = x);
+    * lincomb_ (out = accum, x = grads, y = backups): ``coef`` (one ``(c0, c1, c2)`` or one per tensor),
+      ``with_y`` (bool);
+    * ema_residual_ (grads, ema = accum): ``sigma``, ``lmbda``, ``init``, ``grad_scale``, ``adaptive_eta``,
+      ``with_params`` (bool).
     """
     n = len(x.params)
     if op == "norms":
@@ -187,6 +192,24 @@ def op_args(op: str, x: Inputs, **options: Any) -> tuple[tuple, dict]:
         return (x.params, x.backups), {}
     if op == "combine_grads_":
         return (x.grads, x.accum, options.get("weight", 0.5)), {}
+    if op == "dot_stats":
+        return (x.grads, x.grads if options.get("same", False) else x.accum), {}
+    if op == "lincomb_":
+        c = options.get("coef", (0.5, -1.25, 2.0))
+        one = len(c) == 3 and all(isinstance(v, (int, float)) for v in c)
+        rows = [list(c)] * n if one else [list(r) for r in c]
+        coef = torch.tensor(rows, dtype=torch.float32).reshape(n, 3)
+        return (x.accum, x.grads, x.backups if options.get("with_y", True) else [], coef), {}
+    if op == "ema_residual_":
+        eta = options.get("adaptive_eta", -1.0)
+        with_params = options.get("with_params", eta >= 0)
+        return (x.grads, x.accum, x.params if with_params else []), dict(
+            sigma=options.get("sigma", 1.0),
+            lmbda=options.get("lmbda", 0.9),
+            init=options.get("init", False),
+            grad_scale=options.get("grad_scale", 1.0),
+            adaptive_eta=eta,
+        )
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -246,6 +269,21 @@ def _reduction_scale(op: str, args: tuple, kwargs: dict) -> Tensor:
     return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
 
+def _doubles(x: Sequence[Tensor], y: Sequence[Tensor]) -> Iterable[tuple[Tensor, Tensor]]:
+    return ((a.double(), b.double()) for a, b in zip(x, y))
+
+
+def _check_reduction(got: Tensor, want: Tensor, scale: Tensor, tag: str) -> None:
+    """float32 ``got`` within ``REDUCTION_RTOL * scale`` of ``want`` (NaN where ``want`` is NaN)."""
+    if got.shape != want.shape or got.dtype != torch.float32:
+        raise AssertionError(f"{tag}: got {got.dtype} {tuple(got.shape)}, expected float32 {tuple(want.shape)}")
+    err = (got.double() - want.double()).abs()
+    ok = (err <= REDUCTION_RTOL * scale.double() + 1e-30) | (got.isnan() & want.isnan()) | (got == want)
+    if not ok.all():
+        bad = ~ok
+        raise AssertionError(f"{tag}: mismatch at {bad.nonzero().tolist()[:5]}\ngot  {got[bad]}\nwant {want[bad]}")
+
+
 def check_op(op: str, backend: str, x: Inputs, **options: Any) -> None:
     """Runs ``op`` with ``options`` on ``backend`` and on the reference and
     compares the results and every tensor the op may write. Raises
@@ -266,6 +304,19 @@ def check_op(op: str, backend: str, x: Inputs, **options: Any) -> None:
         bad = ~((err <= REDUCTION_RTOL * scale + 1e-30) | (got.isnan() & want.isnan()) | (got == want))
         if bad.any():
             raise AssertionError(f"{tag}: mismatch at {bad.nonzero().tolist()[:5]}\ngot  {got[bad]}\nwant {want[bad]}")
+    elif op == "dot_stats":
+        rows = [torch.stack([a.square().sum(), (a * b).abs().sum(), b.square().sum()]) for a, b in _doubles(*args)]
+        _check_reduction(got, want, torch.stack(rows).float() if rows else torch.zeros(0, 3), tag)
+    elif op in ("lincomb_", "ema_residual_"):
+        # Sums of squares of what the op wrote (checked element-wise below): compared with the backend's
+        # own written values, so one rounding difference in an element cannot hide a wrong statistic.
+        written, weights = got_args[0], [None] * len(got_args[0])
+        if op == "ema_residual_" and kwargs["adaptive_eta"] >= 0:
+            weights = [p.double().abs() + kwargs["adaptive_eta"] for p in args[2]]
+        own = [(t.double() if w is None else w * t.double()).square().sum() for t, w in zip(written, weights)]
+        own = torch.stack(own).float() if own else torch.zeros(0)
+        _check_reduction(got, own, own, tag)
+        _check_reduction(want, own, own, f"{tag} (reference)")
     elif got is not None or want is not None:
         raise AssertionError(f"{tag}: returned {got!r}, the reference {want!r}")
     # Everything the op may write, element-wise.
@@ -306,6 +357,18 @@ def option_grid(op: str) -> Iterable[dict]:
         yield {}
     elif op == "combine_grads_":
         yield from (dict(weight=0.5), dict(weight=-2.0))
+    elif op == "dot_stats":
+        yield from (dict(), dict(same=True))
+    elif op == "lincomb_":
+        yield dict(coef=(0.5, -1.25, 2.0))
+        yield dict(coef=(0.0, 1.0, 0.0), with_y=False)  # an exact copy; out not read
+        yield dict(coef=(0.0, 0.7, -0.3))
+        yield dict(coef=(1.0, 0.25, 0.0), with_y=False)
+    elif op == "ema_residual_":
+        for init in (True, False):
+            for eta in (-1.0, 0.01):
+                yield dict(sigma=1.0, lmbda=0.9, init=init, adaptive_eta=eta, grad_scale=1.0 if init else 0.5)
+        yield dict(sigma=0.5, lmbda=0.0, init=False, with_params=True)
     else:
         raise ValueError(f"unknown op {op!r}")
 

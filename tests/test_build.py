@@ -105,8 +105,8 @@ def test_python_op_names_are_the_compiled_op_set(native):
     # the order of kAll, as TORCH_LIBRARY defines them: the schemas' positions in the registry are not
     # observable, so the order is checked against the header's text
     header = (ROOT / "csrc/include/fastperturb/schemas.h").read_text()
-    line = next(ln for ln in header.splitlines() if "kAll[]" in ln)
-    consts = [c.strip() for c in line.split("{", 1)[1].split("}", 1)[0].split(",")]
+    init = header.split("kAll[] =", 1)[1].split(";", 1)[0]  # the initializer may span lines
+    consts = [c.strip() for c in init.split("{", 1)[1].split("}", 1)[0].split(",")]
     defined = {c: header.split(f"{c} =", 1)[1].split('"', 2)[1].split("(", 1)[0] for c in consts}
     assert tuple(defined[c] for c in consts) == OPS
 

@@ -338,6 +338,207 @@ CASES: list[Case] = [
 ]
 
 
+# The SAM-family ops: x = grads, y = accum; lincomb_ writes accum from grads (+ backups); ema_residual_
+# writes grads and ema = accum (+ params).
+def lincomb(out=None, x=None, y=None, coef=None):
+    def build(d):
+        return (
+            (
+                out(d) if out else d["accum"],
+                x(d) if x else d["grads"],
+                y(d) if y else d["backups"],
+                coef(d) if coef else torch.tensor([[0.5, 1.0, -1.0]] * N),
+            ),
+            {},
+        )
+
+    return build
+
+
+def ema(grads=None, ema=None, params=None, **kw):
+    def build(d):
+        return (
+            (grads(d) if grads else d["grads"], ema(d) if ema else d["accum"], params(d) if params else d["params"]),
+            dict(dict(sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.1), **kw),
+        )
+
+    return build
+
+
+def dots(x=None, y=None):
+    return lambda d: ((x(d) if x else d["grads"], y(d) if y else d["accum"]), {})
+
+
+CASES += [
+    # dot_stats
+    ("dot-length", "dot_stats", dots(y=lambda d: d["accum"][:3]), ValueError, r"y has 3 tensors but x has 4"),
+    (
+        "dot-shape",
+        "dot_stats",
+        dots(y=lambda d: replace(d["accum"], 3, torch.randn(2, 3))),
+        ValueError,
+        r"y\[3\] has shape \(2, 3\) but x\[3\] has shape \(6,\)",
+    ),
+    (
+        "dot-dtype",
+        "dot_stats",
+        dots(y=lambda d: replace(d["accum"], 1, torch.randn(5, dtype=F16))),
+        TypeError,
+        r"y\[1\] has dtype torch\.float16 but x\[1\] has dtype torch\.float32",
+    ),
+    ("dot-device", "dot_stats", dots(y=lambda d: replace(d["accum"], 3, meta((6,)))), ValueError, r"y\[3\] is on meta"),
+    (
+        "dot-int",
+        "dot_stats",
+        dots(x=lambda d: replace(d["grads"], 3, torch.ones(6, dtype=torch.int32))),
+        TypeError,
+        r"x\[3\] has dtype torch\.int32",
+    ),
+    # lincomb_
+    ("lincomb-x-length", "lincomb_", lincomb(x=lambda d: d["grads"][:2]), ValueError, r"x has 2 tensors but out has 4"),
+    (
+        "lincomb-y-shape",
+        "lincomb_",
+        lincomb(y=lambda d: replace(d["backups"], 3, torch.randn(3, 2))),
+        ValueError,
+        r"y\[3\] has shape \(3, 2\) but out\[3\] has shape \(6,\)",
+    ),
+    (
+        "lincomb-x-strides",
+        "lincomb_",
+        lincomb(
+            x=lambda d: replace(d["grads"], 2, torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+        ),
+        ValueError,
+        r"x\[2\] has strides .* but out\[2\] has strides",
+    ),
+    (
+        "lincomb-out-non-dense",
+        "lincomb_",
+        lincomb(out=lambda d: replace(d["accum"], 3, non_dense((6,)))),
+        ValueError,
+        r"out\[3\] must be dense",
+    ),
+    (
+        "lincomb-y-device",
+        "lincomb_",
+        lincomb(y=lambda d: replace(d["backups"], 3, meta((6,)))),
+        ValueError,
+        r"y\[3\] is on meta but out\[0\] is on cpu",
+    ),
+    (
+        "lincomb-coef-shape",
+        "lincomb_",
+        lincomb(coef=lambda d: torch.zeros(N, 2)),
+        ValueError,
+        r"coef must be a float32 tensor of shape \[4, 3\]",
+    ),
+    (
+        "lincomb-coef-flat",
+        "lincomb_",
+        lincomb(coef=lambda d: torch.zeros(3 * N)),
+        ValueError,
+        r"coef must be a float32 tensor of shape \[4, 3\]",
+    ),
+    (
+        "lincomb-coef-dtype",
+        "lincomb_",
+        lincomb(coef=lambda d: torch.zeros(N, 3, dtype=F64)),
+        ValueError,
+        r"coef must be a float32 tensor of shape \[4, 3\]",
+    ),
+    (
+        "lincomb-coef-device",
+        "lincomb_",
+        lincomb(coef=lambda d: meta((N, 3))),
+        ValueError,
+        r"coef is on meta but the tensors are on cpu",
+    ),
+    (
+        "lincomb-out-is-x",
+        "lincomb_",
+        lincomb(x=lambda d: replace(d["grads"], 3, d["accum"][3])),
+        ValueError,
+        r"out\[3\] shares memory with x\[3\]",
+    ),
+    (
+        "lincomb-out-views-y",
+        "lincomb_",
+        lincomb(out=lambda d: replace(d["accum"], 1, d["backups"][0].view(-1)[5:10])),
+        ValueError,
+        r"out\[1\] shares memory with y\[0\]",
+    ),
+    (
+        "lincomb-out-twice",
+        "lincomb_",
+        lincomb(out=lambda d: replace(d["accum"], 3, d["accum"][2].view(-1)[:6])),
+        ValueError,
+        r"out\[(2|3)\] shares memory with out\[(2|3)\]",
+    ),
+    # ema_residual_
+    (
+        "ema-length",
+        "ema_residual_",
+        ema(ema=lambda d: d["accum"][:3]),
+        ValueError,
+        r"ema has 3 tensors but grads has 4",
+    ),
+    (
+        "ema-dtype",
+        "ema_residual_",
+        ema(ema=lambda d: replace(d["accum"], 3, torch.randn(6, dtype=F64))),
+        TypeError,
+        r"ema\[3\] has dtype torch\.float64 but grads\[3\] has dtype torch\.float32",
+    ),
+    (
+        "ema-params-shape",
+        "ema_residual_",
+        ema(params=lambda d: replace(d["params"], 3, torch.randn(6, 1))),
+        ValueError,
+        r"params\[3\] has shape \(6, 1\) but grads\[3\] has shape \(6,\)",
+    ),
+    (
+        "ema-adaptive-without-params",
+        "ema_residual_",
+        ema(params=lambda d: []),
+        ValueError,
+        r"adaptive_eta >= 0 needs params",
+    ),
+    ("ema-sigma-nan", "ema_residual_", ema(sigma=math.nan), ValueError, r"sigma must be finite"),
+    ("ema-lmbda-inf", "ema_residual_", ema(lmbda=math.inf), ValueError, r"lmbda must be finite"),
+    ("ema-scale-inf", "ema_residual_", ema(grad_scale=-math.inf), ValueError, r"grad_scale must be finite"),
+    ("ema-eta-nan", "ema_residual_", ema(adaptive_eta=math.nan), ValueError, r"adaptive_eta must be finite"),
+    (
+        "ema-device",
+        "ema_residual_",
+        ema(params=lambda d: replace(d["params"], 2, meta((2, 3, 4, 5)))),
+        ValueError,
+        r"params\[2\] is on meta",
+    ),
+    (
+        "ema-grads-sparse",
+        "ema_residual_",
+        ema(grads=lambda d: replace(d["grads"], 3, sparse((6,)))),
+        TypeError,
+        r"grads\[3\] is a torch\.sparse_coo tensor",
+    ),
+    (
+        "ema-is-grads",
+        "ema_residual_",
+        ema(ema=lambda d: replace(d["accum"], 2, d["grads"][2])),
+        ValueError,
+        r"(grads\[2\] shares memory with ema\[2\]|ema\[2\] shares memory with grads\[2\])",
+    ),
+    (
+        "ema-grads-is-params",
+        "ema_residual_",
+        ema(params=lambda d: replace(d["params"], 0, d["grads"][0])),
+        ValueError,
+        r"grads\[0\] shares memory with params\[0\]",
+    ),
+]
+
+
 def _tensors(args) -> list[torch.Tensor]:
     out = []
     for a in args:
@@ -381,3 +582,6 @@ def test_the_unmodified_inputs_are_valid(backend):
     )
     ops.restore_(x["params"], x["backups"])
     ops.combine_grads_(x["grads"], x["accum"], 1.0)
+    ops.dot_stats(x["grads"], x["accum"])
+    ops.lincomb_(x["accum"], x["grads"], x["backups"], torch.tensor([[0.5, 1.0, -1.0]] * N))
+    ops.ema_residual_(x["grads"], x["accum"], x["params"], sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.1)

@@ -38,6 +38,7 @@ if not T.INTERPRETED:
 
 import test_optim_behaviour as behaviour
 import test_optim_equations as equations
+import test_sam_family as family
 from test_ops import test_in_place_ops_bump_version_counters  # noqa: F401
 from test_ops_errors import test_bad_input_raises_and_writes_nothing, test_the_unmodified_inputs_are_valid  # noqa: F401
 from test_optim_behaviour import (  # noqa: F401
@@ -89,3 +90,8 @@ def test_per_group_radius_and_excluded_group():
 
 def test_apd_per_group_eps_and_step_size():
     equations.test_apd_per_group_eps_and_step_size("triton")
+
+
+@pytest.mark.parametrize("name", sorted(family.PRESETS))
+def test_sam_family_matches_direct_equations(name):
+    family.test_preset_follows_its_equations(name, "sgd", "triton")

@@ -130,3 +130,65 @@ def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: flo
     if backend in _PY_BACKENDS:
         V.check_combine_grads(grads, accum, weight)
     dispatch.op("combine_grads_", backend)(grads, accum, float(weight))
+
+
+# TEMPORARY (samfam-ops step 1): the SAM-family ops have no C++/CUDA/Triton kernels yet, so every backend
+# runs them in the reference; step 2 adds the kernels and removes this set.
+_REFERENCE_ONLY = frozenset({"dot_stats", "lincomb_", "ema_residual_"})
+
+
+def _backend_for(name: str, device: torch.device) -> str:
+    backend = dispatch.resolve(device)
+    return "reference" if name in _REFERENCE_ONLY else backend
+
+
+@_non_differentiable
+def dot_stats(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
+    """float32 ``[n, 3]`` of ``[sum x*x, sum x*y, sum y*y]`` per tensor pair (read-only)."""
+    x, y = list(x), list(y)
+    backend = _backend_for("dot_stats", V.first_device(x))
+    if backend in _PY_BACKENDS:
+        V.check_dot_stats(x, y)
+    return dispatch.op("dot_stats", backend)(x, y)
+
+
+@_non_differentiable
+def lincomb_(out: Sequence[Tensor], x: Sequence[Tensor], y: Sequence[Tensor], coef: Tensor) -> Tensor:
+    """``out = c0*out + c1*x + c2*y`` per tensor (``coef`` float32 ``[n, 3]``; ``out`` not read where ``c0 == 0``;
+    ``y`` may be empty). Returns float32 ``[n]``: ``sum out**2`` of the new values."""
+    out, x, y = list(out), list(x), list(y)
+    backend = _backend_for("lincomb_", V.first_device(out))
+    if backend in _PY_BACKENDS:
+        V.check_lincomb(out, x, y, coef)
+    return dispatch.op("lincomb_", backend)(out, x, y, coef)
+
+
+@_non_differentiable
+def ema_residual_(
+    grads: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    params: Sequence[Tensor] = (),
+    *,
+    sigma: float,
+    lmbda: float,
+    init: bool,
+    grad_scale: float = 1.0,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    """FriendlySAM: ``grads = g - sigma*ema`` and ``ema = lmbda*ema + (1-lmbda)*g`` (``g = grad_scale*grads``;
+    ``init``: ``ema = grads = g``); ``ema`` keeps its value where ``g`` is not finite. Returns float32 ``[n]``:
+    ``sum (t*grads)**2`` (``t = |params| + adaptive_eta`` if ``adaptive_eta >= 0``, else 1)."""
+    grads, ema, params = list(grads), list(ema), list(params)
+    backend = _backend_for("ema_residual_", V.first_device(grads, params))
+    if backend in _PY_BACKENDS:
+        V.check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta)
+    return dispatch.op("ema_residual_", backend)(
+        grads,
+        ema,
+        params,
+        sigma=float(sigma),
+        lmbda=float(lmbda),
+        init=bool(init),
+        grad_scale=float(grad_scale),
+        adaptive_eta=float(adaptive_eta),
+    )

@@ -46,6 +46,21 @@ def combine_grads_(grads, accum, weight):
     return None
 
 
+def dot_stats(x, y):
+    V.check_dot_stats(x, y)
+    return torch.empty(len(x), 3, dtype=torch.float32, device=V.first_device(x))
+
+
+def lincomb_(out, x, y, coef):
+    V.check_lincomb(out, x, y, coef)
+    return torch.empty(len(out), dtype=torch.float32, device=V.first_device(out))
+
+
+def ema_residual_(grads, ema, params, *, sigma, lmbda, init, grad_scale=1.0, adaptive_eta=-1.0):
+    V.check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta)
+    return torch.empty(len(grads), dtype=torch.float32, device=V.first_device(grads))
+
+
 def register(namespace: str) -> None:
     """Register the fake impls for every op of ``namespace``."""
     for name in OPS:

@@ -9,4 +9,13 @@ two agree. Semantics and schemas: ``docs/design.md`` §3.
 
 from __future__ import annotations
 
-OPS: tuple[str, ...] = ("norms", "grad_stats_", "ascent_step_", "restore_", "combine_grads_")
+OPS: tuple[str, ...] = (
+    "norms",
+    "grad_stats_",
+    "ascent_step_",
+    "restore_",
+    "combine_grads_",
+    "dot_stats",
+    "lincomb_",
+    "ema_residual_",
+)

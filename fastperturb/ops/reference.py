@@ -150,3 +150,79 @@ def combine_grads_(grads: Sequence[Tensor], accum: Sequence[Tensor], weight: flo
         for g, a in zip(grads, accum):
             cd = _compute_dtype(g)
             g.copy_(a.to(cd) + weight * g.to(cd))
+
+
+def dot_stats(x: Sequence[Tensor], y: Sequence[Tensor]) -> Tensor:
+    """float32 ``[n, 3]``: ``[sum x*x, sum x*y, sum y*y]`` per tensor pair."""
+    dev = first_device(x)
+    out = torch.zeros(len(x), 3, dtype=torch.float64, device=dev)
+    for i, (a, b) in enumerate(zip(x, y)):
+        a64, b64 = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        out[i, 0] = a64.square().sum()
+        out[i, 1] = (a64 * b64).sum()
+        out[i, 2] = b64.square().sum()
+    return out.float()
+
+
+def lincomb_(out: Sequence[Tensor], x: Sequence[Tensor], y: Sequence[Tensor], coef: Tensor) -> Tensor:
+    """``out = c0*out + c1*x + c2*y`` per tensor with ``(c0, c1, c2) = coef[i]``; returns float32 ``[n]`` of
+    ``sum out**2`` over the stored values.
+
+    ``c0 == 0`` exactly: ``out`` is not read (a NaN in it does not leak). No ``y``: no ``c2`` term. The terms
+    are added left to right in the compute dtype and rounded once.
+    """
+    sq = torch.zeros(len(out), dtype=torch.float64, device=first_device(out))
+    with torch.no_grad():
+        for i, o in enumerate(out):
+            cd = _compute_dtype(o)
+            c0, c1, c2 = (c.to(cd) for c in coef[i].unbind())
+            new = c1 * x[i].to(cd)
+            if bool(c0 != 0):
+                new = c0 * o.to(cd) + new
+            if len(y):
+                new = new + c2 * y[i].to(cd)
+            o.copy_(new)
+            sq[i] = o.to(torch.float64).square().sum()
+    return sq.float()
+
+
+def ema_residual_(
+    grads: Sequence[Tensor],
+    ema: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    sigma: float,
+    lmbda: float,
+    init: bool,
+    grad_scale: float = 1.0,
+    adaptive_eta: float = -1.0,
+) -> Tensor:
+    """FriendlySAM's residual of the gradient against its running mean, in place.
+
+    Per element, ``g = grad_scale * grads`` and ``m = ema``: ``init``: ``m = g``, ``d = g``; else
+    ``d = g - sigma*m`` and ``m = lmbda*m + (1 - lmbda)*g``; then ``grads = d``. Where ``g`` is not finite
+    ``m`` keeps its value (``init``: becomes 0), so a bad gradient never poisons the running mean; ``d`` is
+    still written and non-finite. Returns float32 ``[n]``: ``sum (t*d)**2`` per tensor over the stored ``d``,
+    ``t = |params| + adaptive_eta`` if ``adaptive_eta >= 0`` else 1.
+    """
+    stat = torch.zeros(len(grads), dtype=torch.float64, device=first_device(grads))
+    with torch.no_grad():
+        for i, (gr, m) in enumerate(zip(grads, ema)):
+            cd = _compute_dtype(gr)
+            g = torch.tensor(grad_scale, dtype=cd) * gr.to(cd)
+            ok = g.isfinite()
+            if init:
+                d = g
+                m_new = torch.where(ok, g, torch.zeros_like(g))
+            else:
+                mc = m.to(cd)
+                d = g - torch.tensor(sigma, dtype=cd) * mc
+                blend = torch.tensor(lmbda, dtype=cd) * mc + torch.tensor(1.0 - lmbda, dtype=cd) * g
+                m_new = torch.where(ok, blend, mc)
+            m.copy_(m_new)
+            gr.copy_(d)
+            d64 = gr.to(torch.float64)
+            if adaptive_eta >= 0:
+                d64 = (params[i].to(torch.float64).abs() + adaptive_eta) * d64
+            stat[i] = d64.square().sum()
+    return stat.float()

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ORDS = (2.0, math.inf)
@@ -154,3 +155,91 @@ def check_combine_grads(grads, accum, weight) -> None:
     check_parallel("grads", grads, "accum", accum)
     check_same_device([("grads", grads), ("accum", accum)])
     check_finite("weight", weight)
+
+
+# The SAM-family ops (dot_stats, lincomb_, ema_residual_).
+
+
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """The bytes a dense tensor occupies, or None if it has none we can see (empty, meta or fake tensors)."""
+    # Fake tensors (tracing) report a data pointer of 0: their aliasing is the real call's to check.
+    if t.numel() == 0 or t.device.type == "meta" or is_fake(t):
+        return None
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
+        return None
+    return start, start + t.numel() * t.element_size()
+
+
+def check_no_overlap(written: Sequence[tuple[str, Sequence[Tensor]]], read: Sequence[tuple[str, Sequence[Tensor]]]):
+    """No tensor of a ``written`` list shares memory with any other tensor of the call (read or written)."""
+    spans = []
+    for is_written, named in ((True, written), (False, read)):
+        for name, ts in named:
+            for i, t in enumerate(ts):
+                s = _span(t)
+                if s is not None:
+                    spans.append((str(t.device), s[0], s[1], is_written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    # Sorted by start, a span overlaps an earlier one iff that one ends after it starts: keep the
+    # furthest-reaching earlier span overall (for written spans) and among the written (for read spans).
+    reach_any = reach_written = None
+    device = None
+    for dev, start, end, is_written, label in spans:
+        if dev != device:
+            device, reach_any, reach_written = dev, None, None
+        other = reach_any if is_written else reach_written
+        if other is not None and other[0] > start:
+            w, r = (label, other[1]) if is_written else (other[1], label)
+            raise ValueError(
+                f"{w} shares memory with {r}; {w.split('[')[0]} is written in place, "
+                "so pass tensors that do not overlap (e.g. a clone)"
+            )
+        if reach_any is None or end > reach_any[0]:
+            reach_any = (end, label)
+        if is_written and (reach_written is None or end > reach_written[0]):
+            reach_written = (end, label)
+
+
+def check_coef_rows(name: str, coef: object, n: int, cols: int, device: torch.device | None) -> None:
+    if not isinstance(coef, Tensor):
+        raise TypeError(f"{name} must be a float32 tensor of shape [{n}, {cols}], got {type(coef).__name__}")
+    if coef.layout != torch.strided or coef.dtype != torch.float32 or tuple(coef.shape) != (n, cols):
+        raise ValueError(
+            f"{name} must be a float32 tensor of shape [{n}, {cols}], got {coef.dtype} {tuple(coef.shape)}"
+        )
+    if device is not None and coef.device != device:
+        raise ValueError(f"{name} is on {coef.device} but the tensors are on {device}")
+
+
+def check_dot_stats(x, y) -> None:
+    check_list("x", x)
+    check_list("y", y)
+    check_parallel("x", x, "y", y)
+    check_same_device([("x", x), ("y", y)])
+
+
+def check_lincomb(out, x, y, coef) -> None:
+    for name, ts in (("out", out), ("x", x), ("y", y)):
+        check_list(name, ts)
+    check_parallel("out", out, "x", x)
+    check_parallel("out", out, "y", y, optional=True)
+    check_same_device([("out", out), ("x", x), ("y", y)])
+    check_coef_rows("coef", coef, len(out), 3, first_device(out, default=None))
+    check_no_overlap([("out", out)], [("x", x), ("y", y)])
+
+
+def check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta) -> None:
+    for name, ts in (("grads", grads), ("ema", ema), ("params", params)):
+        check_list(name, ts)
+    check_parallel("grads", grads, "ema", ema)
+    check_parallel("grads", grads, "params", params, optional=True)
+    if adaptive_eta >= 0 and len(grads) and not len(params):
+        raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
+    check_same_device([("grads", grads), ("ema", ema), ("params", params)])
+    check_finite("sigma", sigma)
+    check_finite("lmbda", lmbda)
+    check_finite("grad_scale", grad_scale)
+    check_finite("adaptive_eta", adaptive_eta)
+    check_no_overlap([("grads", grads), ("ema", ema)], [("params", params)])

@@ -38,6 +38,7 @@ inside the closure, calling ``backward()`` on each. Checkpoints: ``opt.state_dic
 """
 
 from .batchnorm import frozen_bn_stats
+from .family import GSAM, WSAM, FriendlySAM, LookSAM
 from .frameworks import UnsupportedTrainingLoop
 from .presets import APD, ASAM, AWP, SAM, is_weight_matrix
 from .wrapper import NonFiniteDescentGradient, NonFiniteGradient, PerturbOptimizer
@@ -48,6 +49,10 @@ __all__ = [
     "ASAM",
     "AWP",
     "APD",
+    "GSAM",
+    "WSAM",
+    "LookSAM",
+    "FriendlySAM",
     "frozen_bn_stats",
     "is_weight_matrix",
     "NonFiniteGradient",

@@ -153,7 +153,9 @@ def no_closure_message(optimizer: Any) -> str:
         msg += f". Hugging Face Trainer: use {TRAINER_RECIPE}"
     else:
         msg += f". Hugging Face Trainer: use {TRAINER_RECIPE}; Lightning: use {LIGHTNING_RECIPE}"
-    if getattr(getattr(optimizer, "spec", None), "steps", None) == 1:
+    if not getattr(optimizer, "two_call", True):  # LookSAM: its reuse steps have no second pass
+        msg += f" ({name} has no first_step()/second_step(): its steps between refreshes take no second pass)"
+    elif getattr(getattr(optimizer, "spec", None), "steps", None) == 1:
         msg += (
             "; or the two-call convention: loss.backward(); opt.first_step(); "
             "loss_at_perturbed_point.backward(); opt.second_step()"

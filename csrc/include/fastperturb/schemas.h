@@ -43,8 +43,31 @@ inline constexpr const char* kRestore = "restore_(Tensor(a!)[] params, Tensor[] 
 // grads = accum + weight * grads (the last term of the descent gradient).
 inline constexpr const char* kCombineGrads = "combine_grads_(Tensor(a!)[] grads, Tensor[] accum, float weight) -> ()";
 
-// All five, in the order above.
-inline constexpr const char* kAll[] = {kNorms, kGradStats, kAscentStep, kRestore, kCombineGrads};
+// The SAM-family ops (GSAM, WSAM, LookSAM, FriendlySAM).
+//
+// Per tensor [sum x*x, sum x*y, sum y*y] as float32 [n, 3]; x[i] and y[i] are
+// parallel. Read-only. GSAM's and LookSAM's inner products of the clean and the
+// perturbed gradients.
+inline constexpr const char* kDotStats = "dot_stats(Tensor[] x, Tensor[] y) -> Tensor";
+
+// Per element of tensor i, with (c0, c1, c2) = coef[i] (float32 [n, 3]):
+//   out = c0*out + c1*x + c2*y      (no c2 term when y is empty)
+// When c0 == 0 exactly, out is not read (write-only: NaN in it does not leak).
+// Returns float32 [n]: per tensor sum out^2 of the stored (rounded) values.
+inline constexpr const char* kLincomb = "lincomb_(Tensor(a!)[] out, Tensor[] x, Tensor[] y, Tensor coef) -> Tensor";
+
+// FriendlySAM's sweep, per element with g = grad_scale * grads, m = ema:
+//   init: m = g, d = g;   else: d = g - sigma*m, m = lmbda*m + (1 - lmbda)*g
+//   (m is left unchanged where g is not finite);   grads = d.
+// Returns float32 [n]: per tensor sum (t*d)^2, t = |params| + adaptive_eta when
+// adaptive_eta >= 0 (else 1; params may then be empty). init never reads ema.
+inline constexpr const char* kEmaResidual =
+    "ema_residual_(Tensor(a!)[] grads, Tensor(b!)[] ema, Tensor[] params, *, float sigma, float lmbda, "
+    "bool init, float grad_scale=1.0, float adaptive_eta=-1.0) -> Tensor";
+
+// All of them, in the order above.
+inline constexpr const char* kAll[] = {kNorms,        kGradStats, kAscentStep, kRestore,
+                                       kCombineGrads, kDotStats,  kLincomb,    kEmaResidual};
 
 }  // namespace schemas
 }  // namespace fastperturb

@@ -204,3 +204,30 @@ def combine_grads_(grads: list[Tensor], accum: list[Tensor], weight: float) -> N
                 ST=st,
                 CT=ct,
             )
+
+
+# TEMPORARY (samfam-ops step 1): the SAM-family ops run the reference until their Triton kernels land
+# (step 2); the registration needs a function per op of the op set.
+
+
+def dot_stats(x: list[Tensor], y: list[Tensor]) -> Tensor:
+    from .. import reference
+
+    V.check_dot_stats(x, y)
+    return reference.dot_stats(x, y)
+
+
+def lincomb_(out: list[Tensor], x: list[Tensor], y: list[Tensor], coef: Tensor) -> Tensor:
+    from .. import reference
+
+    V.check_lincomb(out, x, y, coef)
+    return reference.lincomb_(out, x, y, coef)
+
+
+def ema_residual_(grads, ema, params, *, sigma, lmbda, init, grad_scale=1.0, adaptive_eta=-1.0) -> Tensor:
+    from .. import reference
+
+    V.check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta)
+    return reference.ema_residual_(
+        grads, ema, params, sigma=sigma, lmbda=lmbda, init=init, grad_scale=grad_scale, adaptive_eta=adaptive_eta
+    )

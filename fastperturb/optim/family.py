@@ -1,0 +1,735 @@
+"""The SAM family on the one engine: GSAM, WSAM, LookSAM and FriendlySAM.
+
+Each is a :class:`PerturbOptimizer` with a single global ascent step (SAM's ``delta = rho*v/||v||``)
+plus a *descent rule*: a few hooks around the engine's cycle, all tensor work in the fused ops
+(``dot_stats``, ``lincomb_``, ``ema_residual_``), all statistics per tensor and completed across
+shards by the cycle's ``reduce`` like the engine's own. The hooks, in step order:
+
+* ``_at_clean_point``: rewrite g_0 before the ascent (FriendlySAM: ``d = g - sigma*m``) or keep a
+  copy of it for after the passes (GSAM, WSAM, LookSAM's refresh);
+* ``_reuses``: skip the perturbed pass (LookSAM between refreshes);
+* ``_form_descent``: turn the passes' gradients into the descent gradient G in ``.grad``, before the
+  wrapper's clipping, non-finite check and base step;
+* ``_commit`` after a base step that was taken (WSAM's decoupled update, LookSAM's counter and
+  its new ``gv``), ``_rollback`` after a skipped step or an exception (FriendlySAM's EMA): the
+  persistent state only moves with a step that happened.
+
+The maths and where each preset departs from pytorch-optimizer 4.1.0 are in the README
+("SAM family") and in each class's docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import distributed, ops
+from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius
+from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
+
+__all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
+
+FAMILY_KEY = "family"  # the preset's hyperparameters and persistent state inside state_dict()["fastperturb"]
+
+
+def _finite(name: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> float:
+    """A float in ``[lo, hi]`` (``[lo, hi)`` if ``hi_open``), with a clear error otherwise."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(v) or v < lo or v > hi or (hi_open and v == hi):
+        right = ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in [{lo}, {hi}{right}, got {value}")
+    return v
+
+
+def _coef(rows: Tensor, n: int, device: torch.device) -> Tensor:
+    """A float32 ``[n, 3]`` coefficient tensor for ``ops.lincomb_`` from rows broadcast to it."""
+    return rows.to(device=device, dtype=torch.float32).expand(n, 3).contiguous()
+
+
+class _FamilyCycle(Cycle):
+    """A cycle whose clean-point measurement belongs to the preset (see :meth:`_Family._at_clean_point`)."""
+
+    def __init__(self, owner: "_Family", *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+
+    def start(self, grads: Sequence[Tensor]) -> None:
+        n = len(self.params)
+        sq = self.owner._at_clean_point(self, list(grads[:n])) if n else None
+        if sq is None:  # the engine's own measurement (e.g. the adaptive form's |w|-weighted norm)
+            super().start(grads)
+            return
+        if self.reduce is not None:
+            sq = self.reduce(sq, "sum")
+        bad = ~torch.isfinite(sq)
+        if bool(bad.any()):
+            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 0)
+        # ascent_coefficients reads column 0 (the squared norm of the direction); the other two
+        # columns serve the projection, which a single step of length rho never needs.
+        sq = sq.to(torch.float32)
+        self._stats = torch.stack([sq, torch.zeros_like(sq), torch.zeros_like(sq)], 1)
+
+
+class _Family(PerturbOptimizer):
+    """What the four presets share: the hooks' sequencing, scratch buffers, checkpointed state."""
+
+    radius_key = "rho"
+    step_key = None
+    #: whether first_step()/second_step() work (LookSAM's reuse steps have no second pass)
+    two_call = True
+
+    def __init__(self, params: Params, base_optimizer: type, rho: float, adaptive: bool, **kwargs: Any) -> None:
+        self._scratch: Dict[Tensor, Tensor] = {}  # the clean gradient's copy, one per tensor
+        self._lists: Dict[str, tuple] = {}
+        self._cycle_plan: Optional[_Plan] = None  # the plan whose passes are done and descent not yet formed
+        self._scaler: Optional[torch.amp.GradScaler] = None
+        spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
+        super().__init__(params, base_optimizer, spec, rho, **kwargs)
+
+    # ---- buffers ------------------------------------------------------------------------
+
+    def _list(self, name: str, store: Dict[Tensor, Tensor], plan: _Plan, like: Sequence[Tensor]) -> List[Tensor]:
+        """``store``'s buffer of each perturbed tensor (allocated like ``like``), cached per tensor list."""
+        key = (id(store), tuple(map(id, plan.params)))
+        hit = self._lists.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._lists[name] = (key, [self._buffer(store, p, t) for p, t in zip(plan.params, like)])
+        return hit[1]
+
+    def _clean_copy(self, plan: _Plan, grads: Sequence[Tensor]) -> List[Tensor]:
+        return self._list("scratch", self._scratch, plan, grads)
+
+    def _copy_clean(self, cycle: Cycle, grads: List[Tensor]) -> Optional[Tensor]:
+        """Keep g_0 (exact copy); its squared norms come free with the copy (non-adaptive only)."""
+        plan = self._cycle_plan
+        assert plan is not None
+        sq = ops.lincomb_(self._clean_copy(plan, grads), grads, [], _coef(_COPY, len(grads), grads[0].device))
+        return None if self.spec.adaptive_eta is not None else sq
+
+    def _reduced(self, plan: _Plan, stats: Tensor) -> Tensor:
+        stats = plan.reduce(stats, "sum") if plan.reduce is not None else stats
+        return stats.to(torch.float64)
+
+    def _local_grads(self, plan: _Plan) -> List[Tensor]:
+        n = len(plan.params)
+        return self._grads(plan, 1)[:n]
+
+    # ---- the hooks (overridden by the presets) --------------------------------------------
+
+    def _at_clean_point(self, cycle: Cycle, grads: List[Tensor]) -> Optional[Tensor]:
+        """Before the ascent, with g_0 in ``grads``: may rewrite it; returns the per-tensor squared
+        norms of the ascent direction (or None: the engine measures it)."""
+        return self._copy_clean(cycle, grads)
+
+    def _reuses(self, plan: _Plan) -> bool:
+        """Whether this step takes no perturbed pass (the descent is formed from g_0 alone)."""
+        return False
+
+    def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
+        """Leave G in ``grads``; raise :class:`NonFiniteGradient` to skip before persistent state moves."""
+
+    def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
+        """After the base step was taken."""
+
+    def _rollback(self) -> None:
+        """After a skipped step or an exception: undo this step's changes to the persistent state."""
+
+    # ---- sequencing (the wrapper's paths, extended) -----------------------------------------
+
+    def _new_cycle(self, plan: _Plan) -> Cycle:
+        self._cycle_plan = plan
+        return _FamilyCycle(
+            self,
+            self.spec,
+            plan.local_params,
+            self._backup_list(plan),
+            plan.radius,
+            plan.step,
+            passive=plan.local_passive,
+            reduce=plan.reduce,
+        )
+
+    def _perturbed_passes(self, plan: _Plan, closure: Any) -> None:
+        if self._reuses(plan):
+            self._cycle_plan = plan
+            return
+        try:
+            super()._perturbed_passes(plan, closure)
+        except BaseException:
+            self._cycle_plan = None
+            self._rollback()
+            raise
+
+    def _descend(self, scaler: Optional[torch.amp.GradScaler]) -> None:
+        plan, self._cycle_plan = self._cycle_plan, None
+        try:
+            if plan is not None:
+                try:
+                    self._form_descent(plan, self._local_grads(plan), scaler)
+                except NonFiniteGradient as err:
+                    self._rollback()
+                    self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
+                    return
+            super()._descend(scaler)
+        except BaseException:
+            self._rollback()
+            raise
+        if self.last_step_skipped:
+            self._rollback()
+        elif plan is not None:
+            self._commit(plan, scaler)
+
+    def step(self, closure: Any = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
+        self._cycle_plan = None
+        self._scaler = scaler
+        try:
+            return super().step(closure, scaler)
+        except BaseException:
+            self._rollback()
+            raise
+
+    def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        if not self.two_call:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support first_step()/second_step(): its steps between refreshes "
+                "take no second pass; use step(closure) (or loss.backward(); opt.step(closure))"
+            )
+        self._cycle_plan = None
+        self._scaler = scaler
+        try:
+            super().first_step(zero_grad, scaler)
+        except BaseException:
+            self._rollback()
+            raise
+        if self.last_step_skipped:
+            self._rollback()
+
+    def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        if not self.two_call:
+            raise RuntimeError(f"{type(self).__name__} does not support first_step()/second_step(): use step(closure)")
+        try:
+            super().second_step(zero_grad, scaler)
+        except BaseException:
+            self._rollback()
+            raise
+
+    def restore(self) -> None:
+        had = self._pending is not None
+        super().restore()
+        if had:
+            self._cycle_plan = None
+            self._rollback()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _hyper(self) -> Dict[str, Any]:
+        """The preset's hyperparameters (saved with the settings, restored by load_state_dict)."""
+        return {}
+
+    def _set_hyper(self, hyper: Dict[str, Any]) -> None:
+        pass
+
+    def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
+        """The persistent state, tensors keyed by parameter index (the state_dict's numbering)."""
+        return {}
+
+    def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
+        pass
+
+    def _flat_params(self) -> List[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _settings(self) -> Dict[str, Any]:
+        settings = super()._settings()
+        index = {p: i for i, p in enumerate(self._flat_params())}
+        settings[FAMILY_KEY] = {"hyper": self._hyper(), "state": self._persistent(index)}
+        return settings
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        settings = (state_dict.get("fastperturb") or {}) if isinstance(state_dict, dict) else {}
+        family = settings.get(FAMILY_KEY)
+        super().load_state_dict(state_dict)
+        if family is not None:
+            self._set_hyper(dict(family.get("hyper", {})))
+            self._load_persistent(family.get("state", {}), self._flat_params())
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The persistent state travels by parameter index (tensor identities do not survive a copy).
+        index = {p: i for i, p in enumerate(self._flat_params())}
+        state = super().__getstate__()
+        state.update(_scratch={}, _lists={}, _cycle_plan=None, _scaler=None, _family_saved=self._persistent(index))
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        saved = state.pop("_family_saved", None)
+        super().__setstate__(state)
+        if saved is not None:
+            self._load_persistent(saved, self._flat_params())
+
+
+_COPY = torch.tensor([0.0, 1.0, 0.0])  # lincomb_ row: out = x, exactly
+
+
+def _local(t: Tensor) -> Tensor:
+    return distributed.local(t)
+
+
+class GSAM(_Family):
+    """GSAM (Zhuang et al., ICLR 2022, Algorithm 1): SAM's perturbed gradient ``g1`` minus ``alpha`` times the
+    part of the clean gradient ``g`` orthogonal to it, all vectors global::
+
+        rho_t = rho_min + (rho_max - rho_min) * (lr_t - lr_min) / (lr_max - lr_min)   (per group)
+        e = rho_t * g / ||g||;   g1 = grad L(w + e)
+        G = g1 - alpha * (g - (<g, g1> / ||g1||^2) * g1) = (1 + alpha*<g,g1>/||g1||^2) * g1 - alpha * g
+
+    ``rho_t`` follows each group's current ``lr`` linearly (read at every step, so any LR scheduler
+    drives it), clamped to ``[rho_min, rho_max]``; ``lr_max`` defaults to the group's ``lr`` when the
+    optimizer is built, ``lr_min`` to 0; ``rho_min = rho_max`` is a constant radius. Group keys:
+    ``rho_max``, ``rho_min``, ``lr_max``, ``lr_min``. Defaults: the paper's Table 4, ResNet rows.
+    ``adaptive=True`` perturbs with ``rho*w^2 g/|| |w| g ||`` (the official code's form; the paper
+    multiplies by ``|w|`` once). Differences from pytorch-optimizer: ``alpha = 1`` is allowed; a plain
+    ``rho_max``/``rho_min`` pair replaces its ``ProportionScheduler``; ``<g,g1>/||g1||^2`` is taken
+    without its two ``perturb_eps`` (0 when ``g1 = 0``); the weights are restored by copy, not
+    ``(w + e) - e``. Other keywords: see :class:`PerturbOptimizer`, then the base optimizer's.
+    """
+
+    radius_key = "rho_max"
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        rho_max: float = 0.04,
+        rho_min: float = 0.02,
+        alpha: float = 0.01,
+        lr_max: Optional[float] = None,
+        lr_min: float = 0.0,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.alpha = _finite("alpha", alpha, 0.0, 1.0)
+        taken = _keyword_names(base_optimizer) if isinstance(base_optimizer, type) else set()
+        self._keys = {k: _group_key(k, taken) for k in ("rho_min", "lr_max", "lr_min")}
+        self._group_defaults = {
+            "rho_min": check_radius("rho_min", rho_min),
+            "lr_max": None if lr_max is None else check_radius("lr_max", lr_max),
+            "lr_min": check_radius("lr_min", lr_min),
+        }
+        super().__init__(params, base_optimizer, rho_max, adaptive, **kwargs)
+        extra = {self._keys[k]: v for k, v in self._group_defaults.items() if v is not None}
+        self._perturb_defaults.update(extra)
+        self.defaults.update(extra)
+
+    def _group_sizes(self, i: int, group: Dict[str, Any]) -> Optional[tuple]:
+        sizes = super()._group_sizes(i, group)
+        if sizes is None:
+            return None
+        k = self._keys
+        for name, default in self._group_defaults.items():
+            if default is None and name == "lr_max":
+                default = group.get("lr")
+            if default is not None:
+                group.setdefault(k[name], default)
+        rho_max = sizes[0]
+        rho_min = check_radius(f"param_groups[{i}][{k['rho_min']!r}]", group[k["rho_min"]])
+        lr_max, lr_min, lr = group.get(k["lr_max"]), group[k["lr_min"]], group.get("lr")
+        if lr is None or lr_max is None or not float(lr_max) > float(lr_min):
+            return rho_max, rho_max
+        frac = (float(lr) - float(lr_min)) / (float(lr_max) - float(lr_min))
+        rho = rho_min + (rho_max - rho_min) * frac
+        rho = min(max(rho, min(rho_min, rho_max)), max(rho_min, rho_max))
+        return rho, rho
+
+    def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
+        g0 = self._clean_copy(plan, grads)
+        s = self._reduced(plan, ops.dot_stats(g0, grads)).sum(0)  # [<g,g>, <g,g1>, <g1,g1>], global
+        c = torch.where(s[2] > 0, s[1] / s[2], torch.zeros_like(s[1]))
+        row = torch.stack([1.0 + self.alpha * c, torch.full_like(c, -self.alpha), torch.zeros_like(c)])
+        ops.lincomb_(grads, g0, [], _coef(row, len(grads), grads[0].device))
+
+    def _hyper(self) -> Dict[str, Any]:
+        return {"alpha": self.alpha}
+
+    def _set_hyper(self, hyper: Dict[str, Any]) -> None:
+        self.alpha = _finite("alpha", hyper.get("alpha", self.alpha), 0.0, 1.0)
+
+
+class WSAM(_Family):
+    """WSAM (Yue et al., KDD 2023): SAM's sharpness as a regulariser weighted by ``a = gamma/(1-gamma)``::
+
+        e = rho * g / ||g||;   g1 = grad L(w + e)
+        decouple=True  (the official code's default, "as used in our paper"):
+            w <- Base(w, g);   then   w <- w - lr * a * (g1 - g)          (lr: the group's current lr)
+        decouple=False:  w <- Base(w, a*g1 + (1 - a)*g)
+
+    ``gamma = 0.5`` is SAM. Defaults: ``rho=0.05, gamma=0.9, decouple=True`` (official code and
+    pytorch-optimizer). In the decoupled form ``max_grad_norm`` clips the base step's gradient ``g``
+    only, and the sharpness update is unscaled under a ``GradScaler`` (its inverse scale goes into the
+    update's coefficient, no device sync). Differences from pytorch-optimizer: no ``max_norm`` clip of
+    ``g1`` (use ``max_grad_norm``); the weights are restored by copy, not ``(w + e) - e``; no
+    ``sharpness`` buffer left in the state. Other keywords: see :class:`PerturbOptimizer`.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        rho: float = 0.05,
+        gamma: float = 0.9,
+        decouple: bool = True,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.gamma = _finite("gamma", gamma, 0.0, 1.0, hi_open=True)
+        self.decouple = bool(decouple)
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+
+    @property
+    def weight(self) -> float:
+        """``a = gamma / (1 - gamma)``, the weight of the sharpness term."""
+        return self.gamma / (1.0 - self.gamma)
+
+    def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
+        g0 = self._clean_copy(plan, grads)
+        n, dev, a = len(grads), grads[0].device, self.weight
+        if not self.decouple:
+            ops.lincomb_(grads, g0, [], _coef(torch.tensor([a, 1.0 - a, 0.0]), n, dev))
+            return
+        # H = g1 - g into the backups (free once the weights are restored), then .grad = g exactly.
+        # Its squared norms (free with the write) are the non-finite check of g1, which G = g does not see.
+        sharp = self._backup_list(plan)
+        hh = self._reduced(plan, ops.lincomb_(sharp, grads, g0, _coef(torch.tensor([0.0, 1.0, -1.0]), n, dev)))
+        bad = ~torch.isfinite(hh)
+        if bool(bad.any()):
+            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
+        ops.lincomb_(grads, g0, [], _coef(_COPY, n, dev))
+
+    def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
+        if not self.decouple or not plan.params:
+            return
+        dev = plan.local_params[0].device
+        lrs = torch.tensor([float(g["lr"]) for g in self.param_groups], dtype=torch.float64, device=dev)
+        col = lrs[self._group_index(plan, dev)] * (-self.weight)
+        if _scaling(scaler):  # H is in the scaled units of this step's gradients
+            col = col / scaler._get_scale_async().to(device=dev, dtype=torch.float64)  # type: ignore[union-attr]
+        coef = torch.stack([torch.ones_like(col), col, torch.zeros_like(col)], 1)
+        ops.lincomb_(plan.local_params, self._backup_list(plan), [], coef.float())
+
+    def _group_index(self, plan: _Plan, dev: torch.device) -> Tensor:
+        """The param group of each perturbed tensor (long ``[n]``), cached per tensor list."""
+        key = (tuple(map(id, plan.params)), tuple(id(g["params"]) for g in self.param_groups), dev)
+        hit = self._lists.get("group_index")
+        if hit is None or hit[0] != key:
+            where = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+            idx = torch.tensor([where[id(p)] for p in plan.params], dtype=torch.long, device=dev)
+            hit = self._lists["group_index"] = (key, idx)
+        return hit[1]
+
+    def _hyper(self) -> Dict[str, Any]:
+        return {"gamma": self.gamma, "decouple": self.decouple}
+
+    def _set_hyper(self, hyper: Dict[str, Any]) -> None:
+        self.gamma = _finite("gamma", hyper.get("gamma", self.gamma), 0.0, 1.0, hi_open=True)
+        self.decouple = bool(hyper.get("decouple", self.decouple))
+
+
+LOOKSAM_SCOPES = ("global", "layer")
+LAYER_GV_TOL = 1e-5  # scope="layer": a gv_i shorter than this times ||g1_i|| is rounding, taken as 0
+
+
+class LookSAM(_Family):
+    """LookSAM (Liu et al., CVPR 2022): the SAM gradient every ``k`` steps, and in between the clean
+    gradient plus the stored component ``gv`` of the last SAM gradient orthogonal to the clean one::
+
+        t % k == 0 (refresh, 2 passes):  e = rho * g / ||g||;  g1 = grad L(w + e)
+                                         gv = g1 - (<g, g1> / ||g||^2) * g;   G = g1
+        otherwise  (reuse, 1 pass):      G = g + alpha * (||g|| / ||gv||) * gv
+
+    ``scope="global"`` (the paper) takes the projection and the rescale over all perturbed tensors as
+    one vector; ``scope="layer"`` per tensor, as pytorch-optimizer (``||gv_i|| + 1e-8`` in the rescale).
+    ``t`` counts the steps taken: a skipped step (NaN/Inf, scaler overflow, exception) changes neither
+    ``t`` nor ``gv``, so a skipped refresh is retried on the next step. A step on other tensors than
+    ``gv`` was formed for (e.g. a new param group) refreshes. Over ``T`` steps the closure runs
+    ``T + ceil(T/k)`` times, ``ceil(T/k)`` when the caller computes g_0 (``loss.backward();
+    opt.step(closure)``). ``gv``, its norms and ``t`` are checkpointed. Defaults ``rho=0.1, k=10, alpha=0.7`` (pytorch-optimizer, rollovd's
+    README). Differences from pytorch-optimizer: global scope by default; ``alpha`` may be 0 or 1;
+    ``step(closure)`` skips the perturbed pass on reuse steps (pytorch-optimizer always runs 2); no
+    ``use_gc``. ``first_step``/``second_step`` are not supported (reuse steps have no second pass).
+    """
+
+    two_call = False
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        rho: float = 0.1,
+        k: int = 10,
+        alpha: float = 0.7,
+        scope: str = "global",
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.k, self.alpha, self.scope = _check_looksam(k, alpha, scope)
+        self.looksam_step = 0  # steps taken (refresh when % k == 0)
+        self._gv: Dict[Tensor, Tensor] = {}  # the stored orthogonal component, per tensor
+        self._gv_key: tuple = ()  # the tensors (ids) gv was formed for
+        self._gv_sq: Optional[Tensor] = None  # float64 [n]: ||gv_i||^2 (whole tensors)
+        self._pending_gv: Optional[Tensor] = None  # a refresh's ||gv_i||^2, committed with its step
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+
+    def _reuses(self, plan: _Plan) -> bool:
+        return self.looksam_step % self.k != 0 and self._gv_key == tuple(map(id, plan.params))
+
+    def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
+        n = len(grads)
+        self._pending_gv = None
+        if self._reuses(plan):
+            gg = self._reduced(plan, ops.grad_stats_(grads)[:, 0])  # ||g_i||^2: also the non-finite check
+            bad = ~torch.isfinite(gg)
+            if bool(bad.any()):
+                raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 0)
+            assert self._gv_sq is not None
+            if self.scope == "global":
+                vv = self._gv_sq.sum()
+                f = torch.where(vv > 0, self.alpha * gg.sum().sqrt() / vv.sqrt(), torch.zeros_like(vv)).expand(n)
+            else:
+                vv = self._gv_sq
+                f = torch.where(vv > 0, self.alpha * gg.sqrt() / (vv.sqrt() + 1e-8), torch.zeros_like(vv))
+            coef = torch.stack([torch.ones_like(f), f, torch.zeros_like(f)], 1)
+            ops.lincomb_(grads, self._list("gv", self._gv, plan, grads), [], coef.float())
+            return
+        # refresh: G = g1 stays in .grad; gv = g1 - (<g,g1>/||g||^2) g is formed in the clean copy's
+        # buffer and becomes the stored gv (a swap, no copy) only if the step is taken.
+        g0 = self._clean_copy(plan, grads)
+        s = self._reduced(plan, ops.dot_stats(g0, grads))
+        bad = ~torch.isfinite(s).all(1)
+        if bool(bad.any()):
+            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
+        if self.scope == "global":
+            t = s.sum(0)
+            beta = torch.where(t[0] > 0, t[1] / t[0], torch.zeros_like(t[0])).expand(n)
+        else:  # pytorch-optimizer's g1_i - ||g1_i|| <g^_i, g1^_i> g^_i with clamp_min(eps) on both norms
+            eps = 1e-12
+            ng, n1 = s[:, 0].sqrt(), s[:, 2].sqrt()
+            beta = s[:, 1] / (ng.clamp_min(eps) * n1.clamp_min(eps)) * n1 / ng.clamp_min(eps)
+        coef = torch.stack([-beta, torch.ones_like(beta), torch.zeros_like(beta)], 1)
+        vv = self._reduced(plan, ops.lincomb_(g0, grads, [], coef.float()))
+        if self.scope == "layer":
+            # A g1_i parallel to g_i (every one-element tensor) leaves only rounding in gv_i, which the
+            # per-tensor rescale would blow up to alpha*||g_i||: below 1e-5 ||g1_i|| it counts as 0.
+            vv = torch.where(vv > LAYER_GV_TOL**2 * s[:, 2], vv, torch.zeros_like(vv))
+        self._pending_gv = vv
+
+    def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
+        if self._pending_gv is not None:
+            self._gv, self._scratch = self._scratch, self._gv
+            self._lists.pop("gv", None)
+            self._lists.pop("scratch", None)
+            self._gv_sq, self._gv_key = self._pending_gv, tuple(map(id, plan.params))
+            self._pending_gv = None
+        self.looksam_step += 1
+
+    def _rollback(self) -> None:
+        self._pending_gv = None
+
+    def _hyper(self) -> Dict[str, Any]:
+        return {"k": self.k, "alpha": self.alpha, "scope": self.scope}
+
+    def _set_hyper(self, hyper: Dict[str, Any]) -> None:
+        self.k, self.alpha, self.scope = _check_looksam(
+            hyper.get("k", self.k), hyper.get("alpha", self.alpha), hyper.get("scope", self.scope)
+        )
+
+    def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"step": self.looksam_step}
+        params = [p for p in self._flat_params() if id(p) in set(self._gv_key)]
+        by_id = {id(p): p for p in params}
+        if self._gv_key and len(by_id) == len(self._gv_key) and self._gv_sq is not None:
+            order = [by_id[i] for i in self._gv_key]
+            out["gv_index"] = [index[p] for p in order]
+            out["gv"] = [self._gv[p] for p in order]
+            out["gv_sq"] = self._gv_sq.detach().cpu()
+        return out
+
+    def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
+        self.looksam_step = int(saved.get("step", 0))
+        self._gv, self._gv_key, self._gv_sq, self._pending_gv = {}, (), None, None
+        self._lists.clear()
+        if "gv_index" in saved:
+            order = [params[i] for i in saved["gv_index"]]
+            for p, v in zip(order, saved["gv"]):
+                buf = torch.empty_like(_local(p.detach()))
+                buf.copy_(v)
+                self._gv[p] = buf
+            self._gv_key = tuple(map(id, order))
+            dev = order[0].device if order else torch.device("cpu")
+            self._gv_sq = saved["gv_sq"].to(device=dev, dtype=torch.float64)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_gv={}, _gv_key=(), _gv_sq=None, _pending_gv=None)
+        return state
+
+
+def _check_looksam(k: Any, alpha: Any, scope: Any) -> tuple:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k (the refresh period) must be an integer >= 1, got {k!r}")
+    if scope not in LOOKSAM_SCOPES:
+        raise ValueError(f"scope must be one of {LOOKSAM_SCOPES}, got {scope!r}")
+    return k, _finite("alpha", alpha, 0.0, 1.0), scope
+
+
+class FriendlySAM(_Family):
+    """FriendlySAM (Li et al., CVPR 2024): SAM perturbing along the clean gradient minus ``sigma`` times its
+    running mean (the batch-specific part of the gradient)::
+
+        first step:  m = g;  d = g
+        later:       d = g - sigma * m;   m <- lmbda * m + (1 - lmbda) * g      (m: EMA of clean gradients)
+        e = rho * d / ||d||;   G = grad L(w + e)
+
+    as the official code (``nblt/F-SAM``) and pytorch-optimizer, in one fused sweep (``ops.ema_residual_``).
+    ``m`` is kept in unscaled units under a ``GradScaler`` and is checkpointed; a skipped step
+    (a NaN/Inf gradient in either pass, a scaler overflow) or an exception leaves it as it was (it is
+    copied before the sweep and copied back). Defaults ``rho=0.05, sigma=1, lmbda=0.9`` (official class,
+    pytorch-optimizer). Difference from pytorch-optimizer: ``.grad`` holds the descent gradient after
+    the step, not ``d``. Other keywords: see :class:`PerturbOptimizer`.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        base_optimizer: type,
+        rho: float = 0.05,
+        sigma: float = 1.0,
+        lmbda: float = 0.9,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.sigma, self.lmbda = _check_fsam(sigma, lmbda)
+        self._ema: Dict[Tensor, Tensor] = {}  # m per tensor; present = initialised
+        self._saved_ema: Dict[Tensor, Tensor] = {}  # transient copy for the rollback
+        self._undo: Optional[tuple] = None  # (tensors initialised this step, tensors whose m was copied)
+        self._ready_key: tuple = ()  # the tensor list (ids) whose EMAs all exist
+        super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
+
+    def _at_clean_point(self, cycle: Cycle, grads: List[Tensor]) -> Optional[Tensor]:
+        plan = self._cycle_plan
+        assert plan is not None
+        scaler = self._scaler
+        grad_scale = 1.0 / float(scaler.get_scale()) if _scaling(scaler) else 1.0
+        key = tuple(map(id, plan.params))
+        if self._ready_key == key:  # the common case: every tensor has its EMA
+            old, new = list(range(len(grads))), []
+        else:
+            old = [i for i, p in enumerate(plan.params) if p in self._ema]
+            new = [i for i, p in enumerate(plan.params) if p not in self._ema]
+        sq = torch.empty(len(grads), dtype=torch.float32, device=grads[0].device)
+        fresh: List[Tensor] = []
+        copied: List[Tensor] = []
+        if old:
+            copied = plan.params if not new else [plan.params[i] for i in old]
+            ema = self._ema_list(plan, copied)
+            saved = [self._buffer(self._saved_ema, p, m) for p, m in zip(copied, ema)]
+            ops.lincomb_(saved, ema, [], _coef(_COPY, len(ema), ema[0].device))
+            sq[old] = self._sweep(cycle, grads, ema, old, new, init=False, grad_scale=grad_scale)
+        if new:
+            fresh = [plan.params[i] for i in new]
+            for p, i in zip(fresh, new):
+                self._ema[p] = torch.empty_like(grads[i], memory_format=torch.preserve_format)
+            self._lists.pop("ema", None)
+            sq[new] = self._sweep(
+                cycle, grads, [self._ema[p] for p in fresh], new, old, init=True, grad_scale=grad_scale
+            )
+            self._ready_key = key
+        self._undo = (fresh, copied)
+        return sq
+
+    def _ema_list(self, plan: _Plan, params: List[Tensor]) -> List[Tensor]:
+        key = (tuple(map(id, params)), id(self._ema))
+        hit = self._lists.get("ema")
+        if hit is None or hit[0] != key:
+            hit = self._lists["ema"] = (key, [self._ema[p] for p in params])
+        return hit[1]
+
+    def _sweep(
+        self,
+        cycle: Cycle,
+        grads: List[Tensor],
+        ema: List[Tensor],
+        idx: List[int],
+        others: List[int],
+        *,
+        init: bool,
+        grad_scale: float,
+    ) -> Tensor:
+        """``ops.ema_residual_`` over the tensors ``idx`` (all of them when ``others`` is empty)."""
+        adaptive = self.spec.adaptive_eta is not None
+        g = grads if not others else [grads[i] for i in idx]
+        w = (cycle.params if not others else [cycle.params[i] for i in idx]) if adaptive else []
+        return ops.ema_residual_(
+            g,
+            ema,
+            w,
+            sigma=self.sigma,
+            lmbda=self.lmbda,
+            init=init,
+            grad_scale=grad_scale,
+            adaptive_eta=0.0 if adaptive else -1.0,
+        )
+
+    def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
+        self._undo = None
+
+    def _rollback(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        fresh, copied = undo
+        if fresh:
+            self._ready_key = ()
+            self._lists.pop("ema", None)
+        for p in fresh:
+            self._ema.pop(p, None)
+        if copied:
+            ema = [self._ema[p] for p in copied]
+            ops.lincomb_(ema, [self._saved_ema[p] for p in copied], [], _coef(_COPY, len(ema), ema[0].device))
+
+    def _hyper(self) -> Dict[str, Any]:
+        return {"sigma": self.sigma, "lmbda": self.lmbda}
+
+    def _set_hyper(self, hyper: Dict[str, Any]) -> None:
+        self.sigma, self.lmbda = _check_fsam(hyper.get("sigma", self.sigma), hyper.get("lmbda", self.lmbda))
+
+    def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
+        return {"ema": {index[p]: m for p, m in self._ema.items() if p in index}}
+
+    def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
+        self._ema, self._saved_ema, self._undo, self._ready_key = {}, {}, None, ()
+        self._lists.clear()
+        for i, m in saved.get("ema", {}).items():
+            p = params[int(i)]
+            buf = torch.empty_like(_local(p.detach()))
+            buf.copy_(m)
+            self._ema[p] = buf
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_ema={}, _saved_ema={}, _undo=None, _ready_key=())
+        return state
+
+
+def _check_fsam(sigma: Any, lmbda: Any) -> tuple:
+    try:
+        s = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}") from None
+    if not math.isfinite(s):
+        raise ValueError(f"sigma must be finite, got {sigma}")
+    return s, _finite("lmbda", lmbda, 0.0, 1.0)

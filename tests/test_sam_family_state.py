@@ -1,0 +1,283 @@
+"""The SAM family's persistent state (LookSAM's gv, its norms and step counter; FriendlySAM's EMA):
+checkpointed (resume is bit-identical), untouched by a skipped step (NaN/Inf in any pass, a GradScaler
+overflow) or an exception (the weights bit-identical too), and kept in one unit under a GradScaler.
+
+The reference for "untouched" is a run that never saw the bad step: the two must be bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import fastperturb as fp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PRESETS = {
+    "gsam": (fp.GSAM, dict(rho_max=0.08, rho_min=0.02, alpha=0.4)),
+    "wsam": (fp.WSAM, dict(rho=0.05, gamma=0.9)),
+    "wsam-coupled": (fp.WSAM, dict(rho=0.05, gamma=0.8, decouple=False)),
+    "looksam": (fp.LookSAM, dict(rho=0.05, k=3, alpha=0.7)),
+    "looksam-layer": (fp.LookSAM, dict(rho=0.05, k=2, alpha=0.5, scope="layer")),
+    "fsam": (fp.FriendlySAM, dict(rho=0.05, sigma=0.5, lmbda=0.8)),
+}
+
+
+def make_model(dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+
+
+def batch(step: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 5, generator=g).to(dtype), torch.randn(16, 3, generator=g).to(dtype)
+
+
+class Closure:
+    """loss + backward; ``poison`` maps a call number (0 = first call of this closure) to what
+    happens then: "nan" (a NaN gradient), "inf", or "raise"; ``scale`` is a scaler's ``scale``."""
+
+    def __init__(self, model, step, poison=None, scale=None):
+        self.model, self.step, self.poison, self.scale, self.calls = model, step, poison or {}, scale, 0
+
+    def __call__(self):
+        x, y = batch(self.step, next(self.model.parameters()).dtype)
+        loss = ((self.model(x) - y) ** 2).mean() + 0.1 * self.model(x).pow(3).mean()
+        what = self.poison.get(self.calls)
+        self.calls += 1
+        if what == "raise":
+            raise KeyError("closure failed")
+        if what is not None:
+            loss = loss * float(what)
+        (self.scale(loss) if self.scale else loss).backward()
+        return loss.detach()
+
+
+def new_opt(name, model, **extra):
+    cls, kw = PRESETS[name]
+    return cls(model.parameters(), torch.optim.SGD, **kw, lr=0.1, momentum=0.9, **extra)
+
+
+def persistent(opt):
+    """A deep copy of the preset's persistent state (None where it has none)."""
+    if isinstance(opt, fp.LookSAM):
+        gv = [opt._gv[p].clone() for p in opt._flat_params()] if opt._gv_key else None
+        return ("looksam", opt.looksam_step, gv, None if opt._gv_sq is None else opt._gv_sq.clone())
+    if isinstance(opt, fp.FriendlySAM):
+        return ("fsam", {i: opt._ema[p].clone() for i, p in enumerate(opt._flat_params()) if p in opt._ema})
+    return None
+
+
+def same_state(a, b):
+    assert type(a) is type(b)
+    if a is None:
+        return
+    assert a[0] == b[0]
+    if a[0] == "looksam":
+        assert a[1] == b[1]
+        assert (a[2] is None) == (b[2] is None)
+        if a[2] is not None:
+            assert all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
+            assert torch.equal(a[3], b[3])
+    else:
+        assert a[1].keys() == b[1].keys()
+        assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def same_weights(model, ws):
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), ws))
+
+
+CALLS = [0, 1]  # which closure call is poisoned: pass 0 (the clean point) or pass 1 (the perturbed point)
+
+
+@pytest.mark.parametrize("what", ["nan", "inf"])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_skipped_step_changes_nothing(name, call, what):
+    """A NaN/Inf gradient in either pass: weights, base state and persistent state as if the step never ran."""
+    tried = 0
+    for good_before in (1, 2, 3):  # LookSAM (k=3 or 2): reuse and refresh steps go bad
+        a, b = make_model(), make_model()
+        oa, ob = new_opt(name, a), new_opt(name, b)
+        if isinstance(ob, fp.LookSAM) and call == 1 and good_before % ob.k != 0:
+            continue  # a reuse step has no pass 1
+        tried += 1
+        steps = list(range(5))
+        for s in steps[:good_before]:
+            oa.step(Closure(a, s))
+            ob.step(Closure(b, s))
+        ws, st = weights(b), persistent(ob)
+        with pytest.warns(RuntimeWarning, match="skipped a step"):
+            ob.step(Closure(b, 99, poison={call: what}))
+        assert ob.last_step_skipped
+        same_weights(b, ws)
+        same_state(persistent(ob), st)
+        for s in steps[good_before:]:
+            oa.step(Closure(a, s))
+            ob.step(Closure(b, s))
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+        same_state(persistent(oa), persistent(ob))
+    assert tried
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_nonfinite_raise_mode(name):
+    model = make_model()
+    opt = new_opt(name, model, nonfinite="raise")
+    opt.step(Closure(model, 0))
+    ws, st = weights(model), persistent(opt)
+    with pytest.raises(fp.NonFiniteGradient):
+        opt.step(Closure(model, 1, poison={0: "nan"}))
+    same_weights(model, ws)
+    same_state(persistent(opt), st)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_exception_restores_weights_and_state(name):
+    """The closure raises at the perturbed point: weights bit-identical, state untouched, and the run
+    continues as if the step had never been attempted."""
+    a, b = make_model(), make_model()
+    oa, ob = new_opt(name, a), new_opt(name, b)
+    for s in range(2):
+        oa.step(Closure(a, s))
+        ob.step(Closure(b, s))
+    ws, st = weights(b), persistent(ob)
+    # LookSAM at t=2 with k=3 is a reuse step: it has no perturbed pass, so make the clean one raise.
+    call = 0 if name == "looksam" else 1
+    with pytest.raises(KeyError, match="closure failed"):
+        ob.step(Closure(b, 99, poison={call: "raise"}))
+    same_weights(b, ws)
+    same_state(persistent(ob), st)
+    for s in range(2, 5):
+        oa.step(Closure(a, s))
+        ob.step(Closure(b, s))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_checkpoint_resume_is_bit_identical(name):
+    """3 steps, save (torch.save), load into a fresh optimizer on a copy of the model, 4 more steps:
+    bit-identical to 7 steps without the checkpoint (LookSAM resumes mid-period with the saved gv)."""
+    a = make_model()
+    oa = new_opt(name, a)
+    for s in range(3):
+        oa.step(Closure(a, s))
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
+    b = make_model()
+    ob = new_opt(name, b)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    b.load_state_dict(ck["model"])
+    ob.load_state_dict(ck["opt"])
+    same_state(persistent(ob), persistent(oa))
+    for s in range(3, 7):
+        oa.step(Closure(a, s))
+        ob.step(Closure(b, s))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    same_state(persistent(oa), persistent(ob))
+
+
+def test_checkpoint_restores_the_hyperparameters():
+    a = make_model()
+    oa = fp.LookSAM(a.parameters(), torch.optim.SGD, k=4, alpha=0.3, scope="layer", lr=0.1)
+    oa.step(Closure(a, 0))
+    ob = fp.LookSAM(make_model().parameters(), torch.optim.SGD, lr=0.1)
+    ob.load_state_dict(oa.state_dict())
+    assert (ob.k, ob.alpha, ob.scope, ob.looksam_step) == (4, 0.3, "layer", 1)
+    with pytest.raises(ValueError, match="from a LookSAM optimizer, not FriendlySAM"):
+        fp.FriendlySAM(make_model().parameters(), torch.optim.SGD, lr=0.1).load_state_dict(oa.state_dict())
+
+
+# ---- GradScaler -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_grad_scaler_matches_unscaled_run(name):
+    """float32 under a GradScaler whose scale changes (growth every 2 steps) follows the unscaled run:
+    the persistent state is in one unit (FriendlySAM's EMA unscaled; LookSAM's gv used scale-free) and
+    WSAM's decoupled update is unscaled."""
+    a, b = make_model(torch.float32), make_model(torch.float32)
+    oa, ob = new_opt(name, a), new_opt(name, b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    for s in range(6):
+        oa.step(Closure(a, s))
+        ob.step(Closure(b, s, scale=scaler.scale), scaler=scaler)
+        scaler.update()
+        assert not ob.last_step_skipped
+    assert scaler.get_scale() > 2.0**8
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if name == "fsam":
+        for p, q in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(oa._ema[p], ob._ema[q], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_grad_scaler_overflow_skips_and_keeps_state(name, call):
+    model = make_model(torch.float32)
+    opt = new_opt(name, model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    good = opt.k if isinstance(opt, fp.LookSAM) and call == 1 else 1  # pass 1 exists on refresh steps only
+    for s in range(good):
+        opt.step(Closure(model, s, scale=scaler.scale), scaler=scaler)
+        scaler.update()
+    ws, st = weights(model), persistent(opt)
+    opt.step(Closure(model, 1, poison={call: "inf"}, scale=scaler.scale), scaler=scaler)
+    scaler.update()
+    assert opt.last_step_skipped
+    assert scaler.get_scale() == 512.0  # backed off once (growth_interval 2000 keeps it from growing)
+    same_weights(model, ws)
+    same_state(persistent(opt), st)
+
+
+def test_wsam_decoupled_under_scaler_is_unscaled():
+    """One WSAM step with a huge scale: a scaled sharpness term would move the weights by ~scale."""
+    a, b = make_model(torch.float32), make_model(torch.float32)
+    oa, ob = new_opt("wsam", a), new_opt("wsam", b)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    oa.step(Closure(a, 0))
+    ob.step(Closure(b, 0, scale=scaler.scale), scaler=scaler)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fsam_ema_is_in_unscaled_units():
+    model = make_model(torch.float32)
+    ref = make_model(torch.float32)
+    opt = new_opt("fsam", model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt.step(Closure(model, 0, scale=scaler.scale), scaler=scaler)
+    Closure(ref, 0)()
+    for p, q in zip(model.parameters(), ref.parameters()):  # first step: m = g, unscaled
+        torch.testing.assert_close(opt._ema[p], q.grad, rtol=1e-6, atol=1e-8)
+    assert math.isfinite(scaler.get_scale())
+
+
+@pytest.mark.parametrize("name", ["looksam", "fsam"])
+def test_deepcopy_carries_the_persistent_state(name):
+    """copy.deepcopy of (model, optimizer) mid-run (as frameworks do) continues bit-identically."""
+    model = make_model()
+    opt = new_opt(name, model)
+    opt.step(Closure(model, 0))
+    model2, opt2 = copy.deepcopy((model, opt))
+    same_state(persistent(opt2), persistent(opt))
+    for s in range(1, 4):
+        opt.step(Closure(model, s))
+        opt2.step(Closure(model2, s))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)

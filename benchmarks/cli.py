@@ -35,6 +35,7 @@ DEFAULT_MODELS = {
     "train": ["cnn"],
     "memory": ["bert-base"],
     "train_loop": list(suites._TRAIN_LOOP_MODELS),
+    "family": ["resnet50", "small1000"],
 }
 QUICK_MODELS = {
     "ops": ["tiny"],
@@ -43,14 +44,21 @@ QUICK_MODELS = {
     "train": ["cnn"],
     "memory": ["tiny"],
     "train_loop": ["mlp"],
+    "family": ["tiny"],
+}
+UNITS = {
+    "ops": 9,
+    "cycle": 3,
+    "step": 4,
+    "train": 1,
+    "memory": len(suites.MEMORY_IMPLS),
+    "train_loop": 1,
+    "family": len(suites.FAMILY_NAMES),
 }
 
 
 def _default_models_help() -> str:
-    return "; ".join(f"{s}: {','.join(DEFAULT_MODELS[s])}" for s in ("ops", "cycle", "step"))
-
-
-UNITS = {"ops": 9, "cycle": 3, "step": 4, "train": 1, "memory": len(suites.MEMORY_IMPLS), "train_loop": 1}
+    return "; ".join(f"{s}: {','.join(DEFAULT_MODELS[s])}" for s in ("ops", "cycle", "step", "family"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--model",
         dest="models",
         default=None,
-        help="comma-separated parameter lists for ops/cycle/step: built-in "
+        help="comma-separated parameter lists for ops/cycle/step/family: built-in "
         f"({', '.join(shapes.BUILTIN)}), pkg.module:factory, or a torchvision/timm model name "
         f"(default: {_default_models_help()})",
     )
@@ -217,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
 
     models = {k: list(v) for k, v in (QUICK_MODELS if args.quick else DEFAULT_MODELS).items()}
     if args.models:
-        for s in ("ops", "cycle", "step"):
+        for s in ("ops", "cycle", "step", "family"):
             models[s] = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.train_model:
         models["train"] = [args.train_model]

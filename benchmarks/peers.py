@@ -366,3 +366,95 @@ def pytorch_optimizer_sam(params, base_cls, rho: float, foreach: Optional[bool] 
     opt = SAM(params, base_cls, rho=rho, foreach=foreach, **kwargs)
     opt.closure_calls_self = False
     return opt
+
+
+# ----------------------------------------------------------------------------- the SAM family (issue 11)
+
+#: The hyper-parameters every implementation of the ``family`` suite uses: pytorch-optimizer 4.1.0's defaults
+#: (GSAM's alpha and WSAM's gamma too), rho kept constant for GSAM (its ProportionScheduler maps a constant LR).
+FAMILY = {
+    "GSAM": {"rho": 0.05, "alpha": 0.4},
+    "WSAM": {"rho": 0.05, "gamma": 0.9},
+    "LookSAM": {"rho": 0.1, "k": 10, "alpha": 0.7},
+    "FriendlySAM": {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9},
+}
+FAMILY_LR = 0.01  # the base optimizer's lr: WSAM's decoupled update and GSAM's rho schedule read it
+
+
+def pytorch_optimizer_family_available(name: str) -> Optional[str]:
+    """None if pytorch-optimizer's class ``name`` (and GSAM's ProportionScheduler) can be used, else why not."""
+    try:
+        import pytorch_optimizer
+
+        getattr(pytorch_optimizer, name)
+        if name == "GSAM":
+            pytorch_optimizer.ProportionScheduler  # noqa: B018
+    except Exception as e:
+        return f"not available ({type(e).__name__}: {e}); pip install --no-deps pytorch-optimizer"
+    return None
+
+
+def pytorch_optimizer_family(
+    name: str,
+    params: Sequence[Tensor],
+    base_cls,
+    closure: Callable[[], object],
+    foreach: Optional[bool] = None,
+    manual: bool = False,
+):
+    """pytorch-optimizer's ``name`` on its documented loop: ``(step, optimizer)``, one call of ``step`` = one step.
+
+    ``closure`` writes the gradients (as a forward/backward would). The loops, as pytorch-optimizer documents them:
+
+    * GSAM: ``optimizer.step(closure)`` makes both passes itself (its closure is what ``set_closure`` builds:
+      zero the gradients, forward, backward, return (outputs, loss)); then ``lr_scheduler.step()`` and
+      ``optimizer.update_rho_t()``. It takes a base optimizer *instance*, the model and a ProportionScheduler.
+    * WSAM: ``optimizer.step(closure)`` makes both passes itself; it takes the model.
+    * LookSAM, FriendlySAM: ``closure(); optimizer.step(closure)`` (2 passes every step, LookSAM too).
+    * LookSAM with ``manual=True``: the loop that gets 1 + 1/k passes: ``closure()``, then on a refresh step
+      ``first_step(zero_grad=True); closure(); second_step()`` and on the others ``second_step()`` alone.
+    """
+    import pytorch_optimizer as po
+
+    hp = FAMILY[name]
+    params = list(params)
+    model = ParamModule(params)
+    if name == "GSAM":
+        base = base_cls(params, lr=FAMILY_LR)
+        sched = torch.optim.lr_scheduler.LambdaLR(base, lambda t: 1.0)
+        rho = po.ProportionScheduler(sched, max_lr=FAMILY_LR, min_lr=0.0, max_value=hp["rho"], min_value=hp["rho"])
+        opt = po.GSAM(params, base, model, rho, alpha=hp["alpha"], foreach=foreach)
+
+        def get_grad():
+            base.zero_grad()
+            return None, closure()
+
+        def step():
+            opt.step(get_grad)
+            sched.step()
+            opt.update_rho_t()
+
+        return step, opt
+    if name == "WSAM":
+        opt = po.WSAM(model, params, base_cls, rho=hp["rho"], gamma=hp["gamma"], foreach=foreach, lr=FAMILY_LR)
+        return (lambda: opt.step(closure)), opt
+    cls = getattr(po, name)
+    opt = cls(params, base_cls, foreach=foreach, lr=FAMILY_LR, **hp)
+
+    def documented():
+        closure()
+        opt.step(closure)
+
+    if not manual:
+        return documented, opt
+    if name != "LookSAM":
+        raise ValueError(f"manual=True is LookSAM's loop, not {name}'s")
+
+    def manual_step():
+        closure()
+        if opt.get_step() % opt.k == 0:
+            opt.first_step(zero_grad=True)
+            closure()
+        opt.second_step()
+
+    return manual_step, opt

@@ -13,7 +13,8 @@ records add the byte model (``passes, bytes``) and ``gbps, bound_s,
 pct_of_bound, x_bound``; cost measurements add ``dispatches, top_ops, alloc
 {method, alloc_bytes, alloc_count, param_sized_allocs, ...}, state_bytes``;
 train records add ``overhead_share``; memory records add ``param_bytes,
-baseline_rss, peak_rss, overhead_bytes, overhead_x_params``.
+baseline_rss, peak_rss, overhead_bytes, overhead_x_params``; family records
+(times per step) add ``steps_per_call, passes_per_step, peak_extra_bytes``.
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ def print_tables(data: dict, out: TextIO) -> None:
                     ]
                 )
         _table(rows, ["model", "case", "impl", "median ms", "min-max", "overhead"], out)
+    _family_table(results, out)
     from .train_loop import print_table as print_train_loop  # its own table
 
     print_train_loop(results, out)
@@ -206,6 +208,50 @@ def print_tables(data: dict, out: TextIO) -> None:
             val = "n/a" if t["value"] is None else f"{t['value']:.2f}"
             met = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
             out.write(f"  {t['name']}: {val} (goal {t['goal']}) -> {met}\n")
+
+
+def _family_table(results: list[dict], out: TextIO) -> None:
+    """The ``family`` suite: each preset's step, fastperturb beside pytorch-optimizer's class of the same name."""
+    groups = _groups(results, "family")
+    if not groups:
+        return
+    out.write(
+        "\n== family ==  (per step; LookSAM: the mean step of a k-step window; passes = closure calls per step;"
+        " vs p-o = pytorch-optimizer's fastest configuration's ms / this ms, >1 means this is faster;"
+        " peak MB = peak of the bytes the step allocated above its start, closure excluded)\n"
+    )
+    rows, notes = [], []
+    for (model, case), grp in groups.items():
+        po = [r["median_s"] for r in grp if r["status"] == "ok" and "median_s" in r and r["kind"] in PEER_KINDS]
+        best_po = min(po) if po else None
+        for r in grp:
+            if r["status"] != "ok":
+                notes.append(f"  {model} {case} {r['impl']}: {r['status']}: {r['reason']}")
+                continue
+            med = r["median_s"]
+            passes = r.get("passes_per_step")
+            dispatches = r.get("dispatches")
+            rows.append(
+                [
+                    model,
+                    case,
+                    r["impl"],
+                    _ms(med),
+                    f"{_ms(r['min_s'])}-{_ms(r['max_s'])}",
+                    str(r["reps"]),
+                    "-" if passes is None else f"{passes:.2f}",
+                    _ratio(best_po / med) if best_po else "-",
+                    "-" if dispatches is None else f"{dispatches:.0f}",
+                    _mb(r.get("peak_extra_bytes")),
+                    _mb(r.get("state_bytes")),
+                ]
+            )
+    header = ["model", "case", "impl", "ms/step", "min-max", "reps", "passes", "vs p-o", "dispatch", "peak MB"]
+    _table(rows, [*header, "state MB"], out)
+    if notes:
+        out.write(f"not in the table ({len(dict.fromkeys(notes))}):\n")
+    for n in dict.fromkeys(notes):
+        out.write(n + "\n")
 
 
 def _find(results, suite, model, case, pred) -> Optional[dict]:

@@ -546,3 +546,103 @@ def test_step_over_cycle_targets_read_the_default_step_and_the_cpp_cycle():
     assert sam["value"] == pytest.approx(1.1) and sam["met"] is False
     apd = got["APD-3 step on resnet50 (C++, closure excluded) / its cycle"]
     assert apd["value"] is None and apd["met"] is None
+
+
+# ----------------------------------------------------------------------------- the SAM family suite (issue 11)
+
+
+def test_family_suite_runs_in_quick_mode(tmp_path, capsys):
+    """``python -m benchmarks --quick --suites family``: every preset, pytorch-optimizer's class on its documented
+    loop (and LookSAM's manual loop), and fastperturb's class when this build has it, passes per step counted."""
+    pytest.importorskip("pytorch_optimizer")
+    js = tmp_path / "family.json"
+    assert cli.entry(["--quick", "--quiet", "--suites", "family", "--json", str(js)]) == 0
+    printed = capsys.readouterr().out
+    assert "== family ==" in printed and "pytorch-optimizer LookSAM manual 1+1/k" in printed
+    data = json.loads(js.read_text())
+    assert data["config"]["models"] == {"family": ["tiny"]}
+    res = [r for r in data["results"] if r["suite"] == "family"]
+    assert {r["case"] for r in res} == {"GSAM", "WSAM", "LookSAM k=10", "FriendlySAM"}
+    for r in res:
+        _check_record(r)
+        assert r["status"] != "error", r
+    po = {(r["case"], r["impl"]): r for r in res if r["kind"] == "peer"}
+    assert len(po) == 2 + 2 + 4 + 2  # default and foreach configurations; LookSAM's manual loop too
+    for (case, impl), r in po.items():
+        assert r["status"] == "ok" and r["median_s"] > 0
+        # pytorch-optimizer's documented loops make 2 passes every step, LookSAM's too; the manual one 1 + 1/k
+        assert r["passes_per_step"] == (1.1 if "manual" in impl else 2.0), impl
+        assert r["steps_per_call"] == (10 if case.startswith("LookSAM") else 1)
+        assert "dispatches" in r and "state_bytes" in r and "peak_extra_bytes" in r
+    import fastperturb
+
+    for r in (r for r in res if r["kind"] == "fastperturb"):
+        name = r["impl"].split("[")[0].removeprefix("fastperturb.")
+        if not hasattr(fastperturb, name):
+            assert r["status"] == "skipped" and r["reason"] == f"this fastperturb build has no fastperturb.{name}"
+            continue
+        assert r["status"] == "ok" and r["passes_per_step"] == (1.1 if name == "LookSAM" else 2.0), r
+
+
+class _QuadraticClosure:
+    """Gradients of 0.5 * sum(a * w**2) at the current weights (a differs per element): a real closure."""
+
+    def __init__(self, params):
+        self.params = params
+        gen = torch.Generator().manual_seed(5)
+        self.a = [torch.rand(p.shape, generator=gen) + 0.5 for p in params]
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        with torch.no_grad():
+            for p, a in zip(self.params, self.a):
+                p.grad = a * p
+        return torch.zeros(())
+
+
+def _family_params(seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes.tiny()]
+
+
+def test_pytorch_optimizer_looksam_manual_loop_is_its_step_with_fewer_passes():
+    """SAM_FAMILY.md §5.3: with a deterministic closure the manual loop gives step()'s weights with 1 + 1/k passes."""
+    pytest.importorskip("pytorch_optimizer")
+    runs = []
+    for manual in (False, True):
+        ps = _family_params()
+        closure = _QuadraticClosure(ps)
+        step, _ = peers.pytorch_optimizer_family("LookSAM", ps, torch.optim.SGD, closure, manual=manual)
+        for _ in range(25):
+            step()
+        runs.append((ps, closure.calls))
+    (documented, calls_doc), (manual, calls_manual) = runs
+    assert calls_doc == 50 and calls_manual == 25 + 3  # refreshes at steps 0, 10 and 20
+    for p, q, w in zip(documented, manual, _family_params()):
+        assert not torch.equal(p.detach(), w)  # it trained
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["GSAM", "WSAM", "FriendlySAM"])
+def test_family_suite_computes_the_same_steps_as_pytorch_optimizer(name):
+    """Where pytorch-optimizer follows the paper (SAM_FAMILY.md: GSAM, WSAM decoupled, FriendlySAM), the
+    suite's fastperturb and pytorch-optimizer configurations take the same steps (SGD base, several steps)."""
+    pytest.importorskip("pytorch_optimizer")
+    import fastperturb
+    from benchmarks.suites import family
+
+    if not hasattr(fastperturb, name):
+        pytest.skip(f"this fastperturb build has no fastperturb.{name}")
+    ps_po, ps_fp = _family_params(), _family_params()
+    step, _ = peers.pytorch_optimizer_family(name, ps_po, torch.optim.SGD, _QuadraticClosure(ps_po))
+    closure = _QuadraticClosure(ps_fp)
+    opt = getattr(fastperturb, name)(ps_fp, torch.optim.SGD, lr=peers.FAMILY_LR, **family.fastperturb_kwargs(name))
+    for _ in range(4):
+        step()
+        opt.zero_grad()
+        opt.step(closure)
+    for p, q, w in zip(ps_fp, ps_po, _family_params()):
+        assert not torch.equal(p.detach(), w)
+        # pytorch-optimizer keeps the global norm as a float32 scalar: rtol 1e-5 (SAM_FAMILY.md §1)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-7)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import fastperturb
 from fastperturb import cli
 from fastperturb.data import digits_split, load_digits
 from fastperturb.robustness.results import Point, SweepResult
@@ -429,3 +430,133 @@ def test_plots_say_what_they_leave_out(tmp_path):
     texts = [t.get_text().replace("\n", " ") for t in fig.axes[0].texts]
     assert texts == [omitted_note({"sgd": res})] and "sgd random at eps 0.001, 0.01" in texts[0]
     assert {line.get_label() for line in fig.axes[0].lines} == {"sgd adversarial_k1 (slope 1.00)", "sgd random"}
+
+
+# ---------------------------------------------------------------------------
+# LookSAM beside SAM: the trade, judged
+
+
+def _trade_per_seed(look_seconds, look_adv, look_acc=0.99, seeds=5):
+    """Per seed: SGD, SAM and LookSAM sweeps with SAM's training taking 10 s and LookSAM's ``look_seconds``."""
+    per_seed = {}
+    for s in range(seeds):
+        rng = random.Random(7 * s)
+        results = {
+            "sgd": _sweep(rng, adv=1.0),
+            "sam": _sweep(rng, adv=0.8),
+            "looksam": _sweep(rng, adv=look_adv, acc=look_acc),
+        }
+        jitter = 1 + 0.02 * rng.uniform(-1, 1)
+        summary = {
+            "sgd": {"train_seconds": 5.0 * jitter, "passes_per_step": 1.0},
+            "sam": {"train_seconds": 10.0 * jitter, "passes_per_step": 2.0},
+            "looksam": {"train_seconds": look_seconds * jitter, "passes_per_step": 1.2},
+        }
+        per_seed[s] = {"results": results, "summary": summary}
+    return per_seed
+
+
+def _trade_claims(per_seed):
+    claims = demo.judge(per_seed, _args(looksam_k=5), n_test=359)
+    return [c for c in claims if c.claim.startswith("LookSAM")]
+
+
+def test_looksam_trade_holds_when_cheaper_and_as_good():
+    per_seed = _trade_per_seed(look_seconds=6.0, look_adv=0.82)
+    cost, kept = _trade_claims(per_seed)
+    assert cost.claim == "LookSAM (k=5) trains in less wall time than SAM" and cost.verdict == "holds"
+    # the per-seed number is the paired log ratio of the two training times, written out here
+    want = [
+        math.log10(per_seed[s]["summary"]["looksam"]["train_seconds"] / per_seed[s]["summary"]["sam"]["train_seconds"])
+        for s in range(5)
+    ]
+    assert cost.checks[0].values == pytest.approx(want) and cost.checks[0].stats.mean == pytest.approx(math.log10(0.6))
+    assert "LookSAM 1.200, SAM 2.000" in cost.note and "(k+1)/k = 1.200" in cost.note
+    assert kept.verdict == "holds", [c.describe() for c in kept.checks]
+    labels = [c.label for c in kept.checks]
+    assert labels == [
+        "looksam: clean accuracy - SAM's",
+        "looksam: mean log10(loss change / SAM's), K=5",
+        "looksam: mean log10(loss change / SGD's), K=5",
+    ]
+    # the robustness number: per seed, the mean over the grid of log10(LookSAM's / SAM's) adversarial K=5 change
+    s0 = per_seed[0]["results"]
+    ratio0 = sum(
+        math.log10(
+            demo._at(s0["looksam"], "adversarial_k5", e).loss_change
+            / demo._at(s0["sam"], "adversarial_k5", e).loss_change
+        )
+        for e in GRID
+    ) / len(GRID)
+    assert kept.checks[1].values[0] == pytest.approx(ratio0)
+
+
+def test_looksam_trade_fails_when_slower_or_less_robust():
+    cost, kept = _trade_claims(_trade_per_seed(look_seconds=14.0, look_adv=1.3))
+    assert cost.verdict == "fails"
+    assert kept.verdict == "fails" and [c.verdict for c in kept.checks][1:] == ["fails", "fails"]
+    # less accurate than SAM by 7 test images on every seed: the accuracy check fails too
+    _, kept = _trade_claims(_trade_per_seed(look_seconds=6.0, look_adv=0.8, look_acc=0.97))
+    assert kept.checks[0].verdict == "fails"
+    # without SAM in the run there is nothing to judge the trade against
+    per_seed = _trade_per_seed(6.0, 0.8)
+    for run in per_seed.values():
+        del run["results"]["sam"], run["summary"]["sam"]
+    assert _trade_claims(per_seed) == []
+
+
+class _CheapScheduleStandIn(fastperturb.SAM):
+    """Stands in for fastperturb.LookSAM where this build has none: fp.SAM's two passes every k steps, one plain
+    base-optimizer pass in between (not LookSAM's update rule: only its pass schedule, which the demo counts)."""
+
+    def __init__(self, params, base, rho, k, alpha, **kw):
+        super().__init__(params, base, rho=rho, **kw)
+        self._k, self._t = k, 0
+
+    def step(self, closure=None):
+        self._t += 1
+        if (self._t - 1) % self._k == 0:
+            return super().step(closure)
+        with torch.enable_grad():
+            loss = closure()
+        self.base_optimizer.step()
+        return loss
+
+
+@pytest.mark.slow
+def test_demo_looksam_beside_sam(tmp_path, capsys, monkeypatch):
+    if not hasattr(fastperturb, "LookSAM"):
+        monkeypatch.setattr(fastperturb, "LookSAM", _CheapScheduleStandIn, raising=False)
+    out = tmp_path / "demo"
+    argv = ["demo", "--presets", "sgd,sam,looksam", "--epochs", "1", "--seeds", "2", "--eps", "0.005,0.05"]
+    argv += ["--steps", "1,2", "--trials", "4", "--looksam-k", "4", "--no-progress", "--no-plots", "--jobs", "1"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    steps = math.ceil(1437 / 32)  # one epoch of the training split in batches of 32
+    for run in doc["per_seed"].values():
+        passes = {n: run["summary"][n]["passes_per_step"] for n in ("sgd", "sam", "looksam")}
+        # counted: 1 per SGD step, 2 per SAM step; LookSAM 2 on steps 0, k, 2k, ... and 1 in between
+        assert passes == {"sgd": 1.0, "sam": 2.0, "looksam": (steps + math.ceil(steps / 4)) / steps}
+    assert doc["summary"]["looksam"]["optimizer"] == "LookSAM rho=0.05 k=4 alpha=0.7"
+    assert "passes/step" in printed and "LookSAM rho=0.05 k=4 alpha=0.7" in printed
+    trade = [c for c in doc["claims"] if c["claim"].startswith("LookSAM")]
+    assert [c["claim"][:40] for c in trade] == [
+        "LookSAM (k=4) trains in less wall time t",
+        "LookSAM keeps SAM's clean accuracy and r",
+    ]
+    for c in trade:
+        assert c["verdict"] in (verdicts.HOLDS, verdicts.FAILS, verdicts.UNDECIDED)
+        assert f"{c['claim']}" in printed
+
+
+def test_demo_looksam_arguments(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "never"
+    for bad in (["--looksam-k", "0"], ["--looksam-alpha", "1"], ["--looksam-alpha", "0"]):
+        line = _cli_error(capsys, ["demo", *bad, "--out", str(out)])
+        assert bad[0] in line and "error" in line, (bad, line)
+    monkeypatch.delattr(fastperturb, "LookSAM", raising=False)  # a build without the preset: said, before any work
+    line = _cli_error(capsys, ["demo", "--presets", "sgd,looksam", "--out", str(out)])
+    assert "--presets looksam: this fastperturb build has no LookSAM preset" in line
+    assert demo.default_presets() == ["sgd", "sam", "awp", "apd"]
+    assert not out.exists()

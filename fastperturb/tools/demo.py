@@ -1,4 +1,4 @@
-"""``fastperturb demo``: train a small CNN on the bundled digits with SGD, SAM, AWP and APD, then corrupt its weights.
+"""``fastperturb demo``: train a small CNN on the bundled digits with SGD, SAM, LookSAM, AWP and APD, then corrupt it.
 
 Every preset trains the same CNN from the same initialisation, on the same
 mini-batch order, with the same base optimizer (SGD, momentum 0.9, weight
@@ -22,7 +22,10 @@ Radii are *relative* by default: a corruption of radius eps moves each
 parameter tensor by at most ``eps * ||w_l||_2`` (per-layer L2 ball). AWP and
 APD are trained with the same kind of radius (``gamma``/``eps`` relative, per
 layer), so the training radius can be read off the eps axis; SAM's rho is
-absolute and global, as in its paper.
+absolute and global, as in its paper. LookSAM uses SAM's rho: it takes SAM's
+two passes every ``--looksam-k`` steps and one pass in between, so the demo
+shows the trade (passes per step and wall time against accuracy and
+robustness) as two claims judged like the others.
 
 The evaluation runs on a float64 copy of each trained model: the loss change
 of random corruption at the smallest eps is around 1e-8, below float32's
@@ -56,7 +59,7 @@ from . import _args
 from ._args import UsageError, int_list, positive_eps_list
 from .verdicts import HOLDS, RULE, Check, ClaimVerdict, Stats, compare, judge_claim
 
-PRESETS = ("sgd", "sam", "awp", "apd")
+PRESETS = ("sgd", "sam", "looksam", "awp", "apd")
 DEFAULT_SEEDS = 5
 MAX_SEED = 2**32
 DEFAULT_EPS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -98,6 +101,13 @@ def _positive(kind):
     return parse
 
 
+def _open_unit(text: str) -> float:
+    v = _positive(float)(text)
+    if v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return v
+
+
 def _seed(text: str) -> int:
     try:
         v = int(text)
@@ -117,10 +127,25 @@ def _trials(text: str) -> int:
     return v
 
 
+def has_looksam() -> bool:
+    import fastperturb as fp
+
+    return hasattr(fp, "LookSAM")
+
+
+def default_presets() -> list[str]:
+    """Every preset this build can train (LookSAM is newer than the others)."""
+    return [n for n in PRESETS if n != "looksam" or has_looksam()]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
     p.add_argument(
-        "--presets", type=_presets, default=list(PRESETS), help="comma-separated, from sgd,sam,awp,apd (default all)"
+        "--presets",
+        type=_presets,
+        default=default_presets(),
+        help=f"comma-separated, from {','.join(PRESETS)} (default: all; looksam only in a build that has "
+        "fastperturb.LookSAM)",
     )
     p.add_argument(
         "--eps",
@@ -159,6 +184,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive(int), default=32)
     p.add_argument("--lr", type=_positive(float), default=0.05, help="base SGD learning rate (default 0.05)")
     p.add_argument("--rho", type=_positive(float), default=0.05, help="SAM radius (absolute, global L2; default 0.05)")
+    p.add_argument(
+        "--looksam-k",
+        type=_positive(int),
+        default=5,
+        help="LookSAM: a full SAM step (2 passes) every k steps, 1 pass in between (default 5)",
+    )
+    p.add_argument(
+        "--looksam-alpha",
+        type=_open_unit,
+        default=0.7,
+        help="LookSAM: weight of the reused orthogonal component, in (0, 1) (default 0.7)",
+    )
     p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer (default 0.02)")
     p.add_argument(
         "--apd-eps", type=_positive(float), default=0.02, help="APD radius, relative per layer L2 (default 0.02)"
@@ -196,6 +233,10 @@ def make_optimizer(preset: str, model: nn.Module, args) -> torch.optim.Optimizer
 
     if preset == "sam":
         return fp.SAM(model.parameters(), torch.optim.SGD, rho=args.rho, **base)
+    if preset == "looksam":
+        return fp.LookSAM(
+            model.parameters(), torch.optim.SGD, rho=args.rho, k=args.looksam_k, alpha=args.looksam_alpha, **base
+        )
     if preset == "awp":
         return fp.AWP(model.parameters(), torch.optim.SGD, gamma=args.gamma, steps=1, **base)
     if preset == "apd":
@@ -217,15 +258,17 @@ def describe(preset: str, args) -> str:
     return {
         "sgd": "SGD",
         "sam": f"SAM rho={args.rho:g} (abs, global L2)",
+        "looksam": f"LookSAM rho={args.rho:g} k={args.looksam_k} alpha={args.looksam_alpha:g}",
         "awp": f"AWP gamma={args.gamma:g} (rel, layer, dim>1)",
         "apd": f"APD eps={args.apd_eps:g} K={args.apd_steps} (rel, layer L2)",
     }[preset]
 
 
-def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) -> tuple[nn.Module, float, float]:
+def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) -> tuple[nn.Module, float, float, float]:
     """Train one model from ``seed`` (initialisation and batch order).
 
-    Returns (model, seconds, last epoch's mean loss)."""
+    Returns (model, seconds, last epoch's mean loss, forward/backward passes per step): the passes are the
+    closure's calls, counted, so LookSAM's reuse steps show as 1 and its refresh steps as 2."""
     from tqdm.auto import tqdm
 
     x, y = train_data
@@ -240,6 +283,7 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
     model.train()
     t0 = time.perf_counter()
     last = math.nan
+    passes = steps = 0
     disable = None if progress is None else not progress
     with tqdm(
         total=args.epochs * per_epoch,
@@ -256,6 +300,8 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
                 xb, yb = x[idx], y[idx]
 
                 def closure():
+                    nonlocal passes
+                    passes += 1
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()
                     return loss
@@ -267,18 +313,21 @@ def train(preset: str, seed: int, train_data, args, progress: Optional[bool]) ->
                 else:
                     loss = opt.step(closure)
                 sched.step()
+                steps += 1
                 total += float(loss.detach()) * len(yb)
                 seen += len(yb)
                 bar.update(1)
             last = total / seen
             bar.set_postfix_str(f"epoch {epoch + 1} loss {last:.4f}", refresh=False)
             if not math.isfinite(last):  # the settings the user chose diverge: a usage error, not a crash
-                radius = {"sam": " or --rho", "awp": " or --gamma", "apd": " or --apd-eps"}.get(preset, "")
+                radius = {"sam": " or --rho", "looksam": " or --rho", "awp": " or --gamma", "apd": " or --apd-eps"}.get(
+                    preset, ""
+                )
                 raise UsageError(
                     f"--lr {args.lr:g}: {preset}'s training loss became {last} in epoch {epoch + 1} "
                     f"(seed {seed}); lower --lr{radius}"
                 )
-    return model, time.perf_counter() - t0, last
+    return model, time.perf_counter() - t0, last, passes / steps
 
 
 # ---------------------------------------------------------------------------
@@ -291,7 +340,7 @@ def run_seed(seed: int, args, train_data, test64) -> dict:
 
     results, summary, models = {}, {}, {}
     for preset in args.presets:
-        model, seconds, train_loss = train(preset, seed, train_data, args, args.progress)
+        model, seconds, train_loss, passes = train(preset, seed, train_data, args, args.progress)
         models[preset] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model64 = copy.deepcopy(model).double().eval()
         t0 = time.perf_counter()
@@ -316,6 +365,7 @@ def run_seed(seed: int, args, train_data, test64) -> dict:
             "clean_loss": res.clean_loss,
             "train_loss_last_epoch": train_loss,
             "train_seconds": seconds,
+            "passes_per_step": passes,
             "eval_seconds": time.perf_counter() - t0,
         }
     return {"results": results, "summary": summary, "models": models}
@@ -520,6 +570,74 @@ def judge(per_seed: dict, args, n_test: int) -> list[ClaimVerdict]:
                     f"deviation of SGD's clean accuracy over seeds",
                 )
             )
+
+    # 5-6. LookSAM against SAM (same rho, seed, batches): the cost it saves, and what it keeps
+    if "looksam" in runs and "sam" in runs:
+        out.extend(_looksam_claims(per_seed, seeds, runs, args, grid, adv, n_test))
+    return out
+
+
+LOOKSAM_ROBUSTNESS_TOLERANCE = 0.05  # log10: "as robust as SAM" allows LookSAM's loss change up to 1.12x SAM's
+
+
+def _looksam_claims(per_seed, seeds, runs, args, grid, adv, n_test) -> list[ClaimVerdict]:
+    """LookSAM's trade, judged: less wall time than SAM, and accuracy and robustness kept (against SAM and SGD)."""
+    summ = lambda n: [per_seed[s]["summary"][n] for s in seeds]
+    look, sam = summ("looksam"), summ("sam")
+    passes = Stats.of(s.get("passes_per_step") for s in look).mean
+    sam_passes = Stats.of(s.get("passes_per_step") for s in sam).mean
+    k = getattr(args, "looksam_k", None)
+    wall = [_log10(a["train_seconds"] / b["train_seconds"]) for a, b in zip(look, sam)]
+    out = [
+        judge_claim(
+            f"LookSAM (k={k}) trains in less wall time than SAM",
+            [Check("looksam: log10(training seconds / SAM's)", seeds, wall, 0.0, "<")],
+            note=f"passes per step counted: LookSAM {passes:.3f}, SAM {sam_passes:.3f} (the algorithm: "
+            f"(k+1)/k = {(k + 1) / k:.3f} and 2); wall time includes everything else a step does, and the "
+            "seeds' presets ran one after another in the same process, on a machine that may be shared"
+            if k
+            else "",
+        )
+    ]
+    sam_acc = Stats.of(r.clean_accuracy for r in runs["sam"])
+    tol = max(1.0 / n_test, sam_acc.sd if sam_acc.n > 1 else 0.0)
+    ratio = lambda other: [
+        _mean(_log10(_at(r, adv, e).loss_change / _at(b, adv, e).loss_change) for e in grid)
+        for r, b in zip(runs["looksam"], runs[other])
+    ]
+    finite = lambda vals: [v if math.isfinite(v) else None for v in vals]
+    checks = [
+        Check(
+            "looksam: clean accuracy - SAM's",
+            seeds,
+            [r.clean_accuracy - b.clean_accuracy for r, b in zip(runs["looksam"], runs["sam"])],
+            -tol,
+        ),
+        Check(
+            f"looksam: mean log10(loss change / SAM's), K={max(args.steps)}",
+            seeds,
+            finite(ratio("sam")),
+            LOOKSAM_ROBUSTNESS_TOLERANCE,
+            "<",
+        ),
+    ]
+    if "sgd" in runs:
+        checks.append(
+            Check(
+                f"looksam: mean log10(loss change / SGD's), K={max(args.steps)}", seeds, finite(ratio("sgd")), 0.0, "<"
+            )
+        )
+    out.append(
+        judge_claim(
+            "LookSAM keeps SAM's clean accuracy and robustness: accuracy no worse, adversarial loss change at most "
+            f"{10**LOOKSAM_ROBUSTNESS_TOLERANCE:.2f}x SAM's"
+            + (" and below SGD's" if "sgd" in runs else "")
+            + " (mean over the eps grid)",
+            checks,
+            note=f"'no worse' allows {tol:.4f}: the larger of one test image (1/{n_test}) and the standard deviation "
+            "of SAM's clean accuracy over seeds",
+        )
+    )
     return out
 
 
@@ -589,6 +707,7 @@ def report(per_seed: dict, args) -> str:
                 _ms((s["clean_accuracy"] for s in summ[n]), ".4f"),
                 _ms((s["clean_loss"] for s in summ[n]), ".4f"),
                 _ms((s["train_seconds"] for s in summ[n]), ".1f"),
+                _ms((s.get("passes_per_step") for s in summ[n]), ".2f"),
                 *(_ms((r.slopes().get(k) for r in runs[n]), ".2f") for k in slope_cols if k in runs[n][0].series),
                 _ms((r.slopes(math.inf).get("random") for r in runs[n]), ".2f")
                 if "random" in runs[n][0].series
@@ -596,7 +715,8 @@ def report(per_seed: dict, args) -> str:
             ]
         )
     parts.append(
-        "Clean test accuracy/loss, training time, and fitted log-log slopes of the loss change (small eps: "
+        "Clean test accuracy/loss, training time, forward/backward passes per training step (counted), and fitted "
+        "log-log slopes of the loss change (small eps: "
         f"eps <= {grid[(len(grid) - 1) // 2]:g}; all: the whole grid; fitted on a seed's points whose mean "
         "change exceeds twice its standard error, so points at or below that are left out of the fit):"
     )
@@ -608,6 +728,7 @@ def report(per_seed: dict, args) -> str:
                 "test acc",
                 "test loss",
                 "train s",
+                "passes/step",
                 *(f"slope adv K={k}" for k in args.steps),
                 "slope random",
                 "slope random (all)",
@@ -804,6 +925,11 @@ def run(args) -> dict:
     """Everything the demo computes, then writes: per seed, the mean over seeds, the judged claims."""
     if args.seed + args.seeds > MAX_SEED:
         raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the seeds run past 2**32 - 1")
+    if "looksam" in args.presets and not has_looksam():
+        raise UsageError(
+            "--presets looksam: this fastperturb build has no LookSAM preset (fastperturb.LookSAM); "
+            "leave looksam out of --presets"
+        )
     against = load_against(args.against) if args.against else None
     created = prepare_out(args.out)
     try:
@@ -861,7 +987,7 @@ def _run(args, against: Optional[dict]) -> dict:
         "summary": {
             n: {
                 k: Stats.of(per_seed[s]["summary"][n][k] for s in seeds).to_dict()
-                for k in ("clean_accuracy", "clean_loss", "train_seconds", "eval_seconds")
+                for k in ("clean_accuracy", "clean_loss", "train_seconds", "passes_per_step", "eval_seconds")
             }
             | {"optimizer": describe(n, args)}
             for n in args.presets

@@ -174,9 +174,10 @@ def report(r: dict) -> str:
         f"triad {bw['triad_gbps_best_seen']:.1f} GB/s (stable: {bw['unstable'] is None}), "
         f"closure (one gradient copy) {1e3 * r['closure_s']:.1f} ms, subtracted twice",
         "",
-        "Passes over the parameter bytes per SAM step (closure excluded): unfused 16 = g_0 statistics 1 +"
-        " ascent with zeroing 5 + restore 2 + the check of G 1 + AdamW 7; fused 14 (restore folded into the"
-        " AdamW pass): at the bandwidth bound the fused path can be at most 16/14 = 1.14x faster.",
+        "Passes over the parameter bytes per SAM step (closure excluded; the gradients are released, not"
+        " zeroed, before the perturbed pass): unfused 15 = g_0 statistics 1 + ascent 4 + restore 2 + the check"
+        " of G 1 + AdamW 7; fused 13 (restore folded into the AdamW pass): at the bandwidth bound the fused"
+        " path can be at most 15/13 = 1.15x faster.",
         "",
         "| SAM + AdamW step (closure excluded) | median ms | speed-up | best ms | speed-up (best) |",
         "|---|---|---|---|---|",

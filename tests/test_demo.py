@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import fastperturb
 from fastperturb import cli
 from fastperturb.data import digits_split, load_digits
 from fastperturb.robustness.results import Point, SweepResult
@@ -505,28 +504,8 @@ def test_looksam_trade_fails_when_slower_or_less_robust():
     assert _trade_claims(per_seed) == []
 
 
-class _CheapScheduleStandIn(fastperturb.SAM):
-    """Stands in for fastperturb.LookSAM where this build has none: fp.SAM's two passes every k steps, one plain
-    base-optimizer pass in between (not LookSAM's update rule: only its pass schedule, which the demo counts)."""
-
-    def __init__(self, params, base, rho, k, alpha, **kw):
-        super().__init__(params, base, rho=rho, **kw)
-        self._k, self._t = k, 0
-
-    def step(self, closure=None):
-        self._t += 1
-        if (self._t - 1) % self._k == 0:
-            return super().step(closure)
-        with torch.enable_grad():
-            loss = closure()
-        self.base_optimizer.step()
-        return loss
-
-
 @pytest.mark.slow
-def test_demo_looksam_beside_sam(tmp_path, capsys, monkeypatch):
-    if not hasattr(fastperturb, "LookSAM"):
-        monkeypatch.setattr(fastperturb, "LookSAM", _CheapScheduleStandIn, raising=False)
+def test_demo_looksam_beside_sam(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--presets", "sgd,sam,looksam", "--epochs", "1", "--seeds", "2", "--eps", "0.005,0.05"]
     argv += ["--steps", "1,2", "--trials", "4", "--looksam-k", "4", "--no-progress", "--no-plots", "--jobs", "1"]
@@ -550,13 +529,9 @@ def test_demo_looksam_beside_sam(tmp_path, capsys, monkeypatch):
         assert f"{c['claim']}" in printed
 
 
-def test_demo_looksam_arguments(tmp_path, capsys, monkeypatch):
+def test_demo_looksam_arguments(tmp_path, capsys):
     out = tmp_path / "never"
     for bad in (["--looksam-k", "0"], ["--looksam-alpha", "1"], ["--looksam-alpha", "0"]):
         line = _cli_error(capsys, ["demo", *bad, "--out", str(out)])
         assert bad[0] in line and "error" in line, (bad, line)
-    monkeypatch.delattr(fastperturb, "LookSAM", raising=False)  # a build without the preset: said, before any work
-    line = _cli_error(capsys, ["demo", "--presets", "sgd,looksam", "--out", str(out)])
-    assert "--presets looksam: this fastperturb build has no LookSAM preset" in line
-    assert demo.default_presets() == ["sgd", "sam", "awp", "apd"]
     assert not out.exists()

@@ -127,25 +127,13 @@ def _trials(text: str) -> int:
     return v
 
 
-def has_looksam() -> bool:
-    import fastperturb as fp
-
-    return hasattr(fp, "LookSAM")
-
-
-def default_presets() -> list[str]:
-    """Every preset this build can train (LookSAM is newer than the others)."""
-    return [n for n in PRESETS if n != "looksam" or has_looksam()]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
     p.add_argument(
         "--presets",
         type=_presets,
-        default=default_presets(),
-        help=f"comma-separated, from {','.join(PRESETS)} (default: all; looksam only in a build that has "
-        "fastperturb.LookSAM)",
+        default=list(PRESETS),
+        help=f"comma-separated, from {','.join(PRESETS)} (default: all)",
     )
     p.add_argument(
         "--eps",
@@ -925,11 +913,6 @@ def run(args) -> dict:
     """Everything the demo computes, then writes: per seed, the mean over seeds, the judged claims."""
     if args.seed + args.seeds > MAX_SEED:
         raise UsageError(f"--seed {args.seed} --seeds {args.seeds}: the seeds run past 2**32 - 1")
-    if "looksam" in args.presets and not has_looksam():
-        raise UsageError(
-            "--presets looksam: this fastperturb build has no LookSAM preset (fastperturb.LookSAM); "
-            "leave looksam out of --presets"
-        )
     against = load_against(args.against) if args.against else None
     created = prepare_out(args.out)
     try:

@@ -1,5 +1,4 @@
-// Helpers shared by the CPU op files (family_ops.cpp; ops.cpp still has its own copies, to be folded in
-// here when the concurrent changes to it are merged).
+// Helpers shared by the CPU op files (ops.cpp, family_ops.cpp, step_ops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

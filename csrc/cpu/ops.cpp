@@ -17,6 +17,7 @@
 #include "common/versions.h"
 #include "cpu/kernels.h"
 #include "cpu/list_ops.h"
+#include "cpu/op_common.h"
 #include "cpu/plan.h"
 
 namespace fastperturb {
@@ -24,18 +25,6 @@ namespace cpu {
 namespace {
 
 using namespace checks;
-
-// Address of element `offset` (in memory order) of a dense tensor. Dense
-// tensors may be non-contiguous (channels_last): the lists of one op share
-// strides (checked), so walking each one's memory block in order pairs up the
-// same elements.
-inline char* at_elem(const at::Tensor& t, int64_t offset) {
-  return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
-}
-
-Plan plan_for(at::TensorList ts) {
-  return Plan(ts.size(), [&](size_t i) { return ts[i].numel(); });
-}
 
 std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord, const Plan& plan) {
   const bool inf = std::isinf(ord);
@@ -48,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord,
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
     const at::Tensor& t = tensors[ch.tensor];
-    partial[c] = k.norm(t.scalar_type(), at_elem(t, ch.begin), ch.size, inf);
+    partial[c] = k.norm(t.scalar_type(), elem_ptr(t, ch.begin), ch.size, inf);
   });
 
   const math::Norm nrm = inf ? math::Norm::Linf : math::Norm::L2;
@@ -66,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord,
 
 std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord) {
   check_norms(tensors, ord);
-  return norms_run(tensors, ord, plan_for(tensors));
+  return norms_run(tensors, ord, plan_over(tensors));
 }
 
 at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
@@ -84,10 +73,10 @@ at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::Tensor
     const size_t i = static_cast<size_t>(ch.tensor);
     const at::Tensor& g = grads[i];
     StatsArgs a{};
-    a.grad = at_elem(g, ch.begin);
-    a.accum = accum.empty() ? nullptr : at_elem(accum[i], ch.begin);
-    a.param = need_params ? at_elem(params[i], ch.begin) : nullptr;
-    a.backup = has_delta ? at_elem(backups[i], ch.begin) : nullptr;
+    a.grad = elem_ptr(g, ch.begin);
+    a.accum = accum.empty() ? nullptr : elem_ptr(accum[i], ch.begin);
+    a.param = need_params ? elem_ptr(params[i], ch.begin) : nullptr;
+    a.backup = has_delta ? elem_ptr(backups[i], ch.begin) : nullptr;
     a.accum_weight = accum_weight;
     a.accum_init = accum_init;
     a.adaptive = adaptive;
@@ -108,7 +97,7 @@ at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::Tensor
 at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
                           double accum_weight, bool accum_init, double adaptive_eta) {
   check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
-  return grad_stats_run(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta, plan_for(grads));
+  return grad_stats_run(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta, plan_over(grads));
 }
 
 void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
@@ -128,9 +117,9 @@ void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList
     const size_t i = static_cast<size_t>(ch.tensor);
     const at::Tensor& w = params[i];
     AscentArgs a{};
-    a.param = at_elem(w, ch.begin);
-    a.grad = at_elem(grads[i], ch.begin);
-    a.backup = at_elem(backups[i], ch.begin);
+    a.param = elem_ptr(w, ch.begin);
+    a.grad = elem_ptr(grads[i], ch.begin);
+    a.backup = elem_ptr(backups[i], ch.begin);
     a.step = step_p[i];
     a.proj = proj_p[i];
     a.norm = nrm;
@@ -145,7 +134,7 @@ void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList
 void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
-  ascent_step_run(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads, plan_for(params));
+  ascent_step_run(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads, plan_over(params));
 }
 
 void restore_run(at::TensorList params, at::TensorList backups, const Plan& plan) {
@@ -154,13 +143,13 @@ void restore_run(at::TensorList params, at::TensorList backups, const Plan& plan
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& w = params[ch.tensor];
     // Streaming copy for large chunks: a plain store would first read the destination line.
-    k.copy(at_elem(w, ch.begin), at_elem(backups[ch.tensor], ch.begin), ch.size * w.element_size());
+    k.copy(elem_ptr(w, ch.begin), elem_ptr(backups[ch.tensor], ch.begin), ch.size * w.element_size());
   });
 }
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_restore(params, backups);
-  restore_run(params, backups, plan_for(params));
+  restore_run(params, backups, plan_over(params));
 }
 
 void combine_grads_run(at::TensorList grads, at::TensorList accum, double weight, const Plan& plan) {
@@ -168,13 +157,13 @@ void combine_grads_run(at::TensorList grads, at::TensorList accum, double weight
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const at::Tensor& g = grads[ch.tensor];
-    k.combine(g.scalar_type(), at_elem(g, ch.begin), at_elem(accum[ch.tensor], ch.begin), weight, ch.size);
+    k.combine(g.scalar_type(), elem_ptr(g, ch.begin), elem_ptr(accum[ch.tensor], ch.begin), weight, ch.size);
   });
 }
 
 void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
   check_combine_grads(grads, accum, weight);
-  combine_grads_run(grads, accum, weight, plan_for(grads));
+  combine_grads_run(grads, accum, weight, plan_over(grads));
 }
 
 void register_impls(torch::Library& m) {
@@ -185,21 +174,7 @@ void register_impls(torch::Library& m) {
   m.impl("combine_grads_", &combine_grads_cpu);
 }
 
-// Calls with only empty lists carry no tensor, so the dispatcher has no key
-// to pick a kernel by; it then runs the CompositeExplicitAutograd kernel,
-// which also serves any device that has no kernel of its own. These wrappers
-// run the CPU kernel after making sure every tensor is a CPU tensor.
-void require_cpu(const char* op, std::initializer_list<at::TensorList> lists,
-                 std::initializer_list<const at::Tensor*> single = {}) {
-  auto check = [op](const at::Tensor& t) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || t.device().is_cpu(), "fastperturb::", op, " has no kernel for ",
-                                t.device().type(), " tensors in this build of fastperturb");
-  };
-  for (const auto& l : lists)
-    for (const auto& t : l) check(t);
-  for (const at::Tensor* t : single) check(*t);
-}
-
+// The CompositeExplicitAutograd kernels (all lists empty, or a device without a kernel): see require_cpu.
 std::tuple<at::Tensor, at::Tensor> norms_any(at::TensorList tensors, double ord) {
   require_cpu("norms", {tensors});
   return norms_cpu(tensors, ord);

@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "common/versions.h"
+#include "cpu/op_common.h"
 #include "cpu/plan.h"
 #include "cpu/step_kernels.h"
 
@@ -17,27 +18,23 @@ namespace fastperturb {
 namespace cpu {
 namespace {
 
-inline char* elem(const at::Tensor& t, int64_t offset) {
-  return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
-}
-
 void restore_sgd_step_cpu(at::TensorList params, at::TensorList backups, at::TensorList grads,
                           at::TensorList momentum_buffers, double lr, double weight_decay, double momentum,
                           double dampening, bool nesterov, bool maximize, bool init_momentum) {
   checks::check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_decay, momentum, dampening);
   bump_versions(params);
   bump_versions(momentum_buffers);
-  const Plan plan(params.size(), [&](size_t i) { return params[i].numel(); });
+  const Plan plan = plan_over(params);
   const StepKernelTable& k = step_kernels();
   const bool has_buf = !momentum_buffers.empty();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const size_t i = static_cast<size_t>(ch.tensor);
     const at::Tensor& w = params[i];
     SgdStepArgs a{};
-    a.param = elem(w, ch.begin);
-    a.backup = elem(backups[i], ch.begin);
-    a.grad = elem(grads[i], ch.begin);
-    a.momentum = has_buf ? elem(momentum_buffers[i], ch.begin) : nullptr;
+    a.param = elem_ptr(w, ch.begin);
+    a.backup = elem_ptr(backups[i], ch.begin);
+    a.grad = elem_ptr(grads[i], ch.begin);
+    a.momentum = has_buf ? elem_ptr(momentum_buffers[i], ch.begin) : nullptr;
     a.lr = lr;
     a.weight_decay = weight_decay;
     a.momentum_coef = momentum;
@@ -59,19 +56,19 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
   bump_versions(exp_avgs);
   bump_versions(exp_avg_sqs);
   bump_versions(max_exp_avg_sqs);
-  const Plan plan(params.size(), [&](size_t i) { return params[i].numel(); });
+  const Plan plan = plan_over(params);
   const StepKernelTable& k = step_kernels();
   const bool amsgrad = !max_exp_avg_sqs.empty();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const size_t i = static_cast<size_t>(ch.tensor);
     const at::Tensor& w = params[i];
     AdamStepArgs a{};
-    a.param = elem(w, ch.begin);
-    a.backup = elem(backups[i], ch.begin);
-    a.grad = elem(grads[i], ch.begin);
-    a.exp_avg = elem(exp_avgs[i], ch.begin);
-    a.exp_avg_sq = elem(exp_avg_sqs[i], ch.begin);
-    a.max_exp_avg_sq = amsgrad ? elem(max_exp_avg_sqs[i], ch.begin) : nullptr;
+    a.param = elem_ptr(w, ch.begin);
+    a.backup = elem_ptr(backups[i], ch.begin);
+    a.grad = elem_ptr(grads[i], ch.begin);
+    a.exp_avg = elem_ptr(exp_avgs[i], ch.begin);
+    a.exp_avg_sq = elem_ptr(exp_avg_sqs[i], ch.begin);
+    a.max_exp_avg_sq = amsgrad ? elem_ptr(max_exp_avg_sqs[i], ch.begin) : nullptr;
     a.lr = lr;
     a.beta1 = beta1;
     a.beta2 = beta2;
@@ -82,15 +79,6 @@ void restore_adam_step_cpu(at::TensorList params, at::TensorList backups, at::Te
     a.maximize = maximize;
     k.adam(w.scalar_type(), a, ch.size);
   });
-}
-
-// Calls whose lists are all empty carry no tensor to dispatch on (see ops.cpp): CPU kernels, after
-// making sure nothing is on another device.
-void require_cpu(const char* op, std::initializer_list<at::TensorList> lists) {
-  for (const auto& l : lists)
-    for (const auto& t : l)
-      TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || t.device().is_cpu(), "fastperturb::", op, " has no kernel for ",
-                                  t.device().type(), " tensors in this build of fastperturb");
 }
 
 void restore_sgd_step_any(at::TensorList params, at::TensorList backups, at::TensorList grads,

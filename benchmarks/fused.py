@@ -123,9 +123,11 @@ class FusedCycle:
         self.lists = TensorLists(self.params, self.backups, self.accum) if n else None
 
     def cycle(self) -> Cycle:
-        return Cycle(
-            self.preset.spec, self.params, self.backups, self.radius, self.step_size, self.accum, lists=self.lists
-        )
+        if self.lists is None:
+            return Cycle(self.preset.spec, self.params, self.backups, self.radius, self.step_size, self.accum)
+        # As the optimizer wrappers do: the handle's own lists, so the cycle sees at once that they are its tensors.
+        h = self.lists
+        return Cycle(self.preset.spec, h.params, h.backups, self.radius, self.step_size, h.accum, lists=h)
 
     def run(self, closure: Optional[Callable[[], object]] = None) -> None:
         with _backend(self.backend), torch.no_grad():
@@ -133,7 +135,8 @@ class FusedCycle:
             if closure is not None:
                 run_cycle(c, closure)
                 return
-            grads = [p.grad for p in self.params]
+            # With a handle the cycle reads each .grad itself (as in the wrappers); without one it takes the list.
+            grads = () if c.lists is not None else [p.grad for p in self.params]
             try:
                 c.start(grads)
                 for _ in range(self.preset.spec.steps):

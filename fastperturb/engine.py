@@ -211,6 +211,9 @@ class Cycle:
     ``accum`` (built once and kept by the caller, e.g. with a :class:`fastperturb.ops.ListsCache`): the ops on
     the perturbed tensors then run on it, which saves their per-call costs. The gradients of ``params`` are
     then read from their ``.grad``, so the ``grads`` the methods take must be those (as :func:`grads_of` gives).
+
+    ``longer``: whether any step size exceeds its radius, when the caller knows it (given ``radius`` and
+    ``step_size`` as tensors, the cycle would otherwise compare them on the device).
     """
 
     def __init__(
@@ -225,6 +228,7 @@ class Cycle:
         passive_accum: Sequence[Tensor] = (),
         reduce: Optional[Reduce] = None,
         lists: Optional[ops.TensorLists] = None,
+        longer: Optional[bool] = None,
     ):
         self.spec = spec
         self.reduce = reduce
@@ -239,7 +243,7 @@ class Cycle:
             raise ValueError(
                 f"this spec sums several passes: pass one accumulator per passive tensor ({len(self.passive)})"
             )
-        if lists is not None and not lists.holds(self.params, self.backups, self.accum):
+        if lists is not None and not _held(lists, params, backups, self.accum):
             raise ValueError("lists is a handle on other tensors than params, backups and accum; build one on them")
         self.lists = lists if self.params else None
         #: the tensors whose gradients every method takes, in this order
@@ -255,7 +259,9 @@ class Cycle:
         self._first_summed = next(k for k, c in enumerate(self.weights) if c != 0.0)
         # A single step from delta_0 = 0 needs no projection unless it is longer than the
         # radius (e.g. APD's default eta = 1.5 eps with K = 1): then project it too.
-        self.project = spec.projects or _any_longer(step_size, radius, self._step, self._radius)
+        if longer is None:
+            longer = _any_longer(step_size, radius, self._step, self._radius)
+        self.project = spec.projects or longer
         self.k = 0  # ascent steps taken
         self.perturbed = False
         self._stats: Optional[Tensor] = None
@@ -372,6 +378,15 @@ class Cycle:
         self.perturbed = False
 
 
+def _held(lists: ops.TensorLists, params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor]) -> bool:
+    """Whether ``lists`` is a handle on these tensors: at once when given the handle's own lists (what a caller
+    keeping one does), else compared tensor by tensor."""
+    pairs = ((lists.params, params), (lists.backups, backups), (lists.accum, accum))
+    if all(mine is theirs or (len(mine) == 0 and len(theirs) == 0) for mine, theirs in pairs):
+        return True
+    return lists.holds(params, backups, accum)
+
+
 def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:
     """The ``.grad`` of every tensor, with a clear error if a backward did not reach one."""
     grads = [p.grad for p in tensors]
@@ -388,7 +403,7 @@ def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:
 def run_cycle(
     cycle: Cycle,
     run_pass: Callable[[int], object],
-    grads_at: Optional[Callable[[int], list[Tensor]]] = None,
+    grads_at: Optional[Callable[[int], Sequence[Tensor]]] = None,
     zero_grads: bool = True,
     restore: bool = True,
 ) -> list[object]:
@@ -399,7 +414,8 @@ def run_cycle(
     :class:`NonFiniteGradient`, the weights are restored before it propagates; on
     success they are restored too and G is in ``.grad``. ``grads_at(k)`` gives the
     gradients of ``cycle.tensors`` after pass k (default: their ``.grad``; the local
-    shards of the gradients when the cycle runs on shards). ``zero_grads=False``: the
+    shards of the gradients when the cycle runs on shards; an empty sequence when the
+    cycle has a handle and no passive tensors, as it then reads each ``.grad`` itself). ``zero_grads=False``: the
     ascent steps leave the gradients as they are and ``run_pass`` clears them (e.g. sets
     ``.grad`` to None, so its backward writes fresh ones instead of adding into zeros).
 

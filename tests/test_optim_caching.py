@@ -3,6 +3,7 @@ to the groups made between steps must still take effect."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fastperturb as fp
@@ -101,3 +102,144 @@ def test_group_toggled_passive_gets_the_same_descent_gradient_as_a_fresh_optimiz
     fresh.step(_closure(fresh_model))
     for a, b in zip(warm_model.parameters(), fresh_model.parameters()):
         assert torch.equal(a, b)
+
+
+# ---- the step's cached plan and its compiled gradient watch (issue 14: per-step Python on many tensors) ------------
+
+
+def _twin(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _python_watch(opt):
+    """Make ``opt`` look at the gradients in Python (the path without the extension / under compile)."""
+    sel = opt._selected_groups()
+    sel.watch, sel.watch_built = None, True
+
+
+def test_radius_changed_between_steps_takes_effect_like_a_fresh_optimizer():
+    model = _model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.step(_closure(model))  # caches the plan with rho = 0.05
+    fresh_model = _twin(model)
+    opt.param_groups[0]["rho"] = 0.3
+    opt.step(_closure(model))
+    fresh = fp.SAM(fresh_model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    fresh.step(_closure(fresh_model))
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_data_reassigned_between_steps_uses_the_new_tensors():
+    model = _model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.step(_closure(model))
+    with torch.no_grad():
+        model[0].weight.data = model[0].weight.detach().clone() * 0.5  # new storage: the cached handle is stale
+    fresh_model = _twin(model)
+    opt.step(_closure(model))
+    fresh = fp.SAM(fresh_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    fresh.step(_closure(fresh_model))
+    for a, b in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(a, b)
+
+
+class _Counted:
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self):
+        self.calls += 1
+        return _closure(self.model)()
+
+
+def _run_loops(model, opt):
+    """Every way of driving a step, in sequence: returns the closure calls of each."""
+    calls = []
+    for loop in ("closure", "backward-then-closure", "first-second", "closure", "backward-then-closure"):
+        c = _Counted(model)
+        if loop == "closure":
+            opt.step(c)
+        elif loop == "backward-then-closure":
+            _closure(model)()
+            opt.step(c)
+            opt.zero_grad()
+        else:
+            _closure(model)()
+            opt.first_step(zero_grad=True)
+            c()
+            opt.second_step(zero_grad=True)
+        calls.append(c.calls)
+    return calls
+
+
+@pytest.mark.parametrize("clearing", ["release", "zero"])
+@pytest.mark.parametrize("preset", ["SAM", "APD"])
+def test_compiled_gradient_watch_equals_the_python_path(clearing, preset):
+    def build(model):
+        if preset == "SAM":
+            opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        else:
+            opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, steps=1, lr=0.1, momentum=0.9)
+        opt.grad_clearing = clearing
+        return opt
+
+    model = _model()
+    twin = _twin(model)
+    fast, slow = build(model), build(twin)
+    _python_watch(slow)
+    assert fast._watch() is not None, "the extension's GradWatch is in use"
+    got, want = _run_loops(model, fast), _run_loops(twin, slow)
+    assert got == want == [2, 1, 1, 2, 1]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_plan_cache_follows_a_tensor_losing_and_regaining_its_gradient():
+    model = _model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.step(_closure(model))
+    dense = opt._plan()
+    assert opt._plan() is dense, "every tensor has a gradient: the plan is reused"
+    model[2].bias.grad = None
+    sparse = opt._plan()
+    assert all(p is not model[2].bias for p in sparse.params) and len(sparse.params) == len(dense.params) - 1
+    model[2].bias.grad = torch.zeros_like(model[2].bias)
+    assert opt._plan() is not sparse and len(opt._plan().params) == len(dense.params)
+
+
+def test_grad_watch_semantics():
+    import gc
+    import weakref
+
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    w = torch.classes.fastperturb.GradWatch(ps)
+    assert w.size() == 4 and w.count_defined() == 0 and not w.changed(0) and not w.has_snapshot(0)
+    w.snapshot(0)
+    assert w.has_snapshot(0) and not w.changed(0)
+    ps[1].grad = torch.ones(3)  # None -> a tensor
+    assert w.changed(0) and w.count_defined() == 1
+    w.snapshot(0)
+    w.snapshot(1)
+    ps[1].grad.add_(1)  # accumulated in place: the version moves
+    assert w.changed(0) and w.changed(1)
+    w.snapshot(0)
+    assert not w.changed(0) and w.changed(1), "slot 1 still remembers the version before the add"
+    ps[1].grad = None  # a tensor -> None is not a backward
+    assert not w.changed(0) and not w.changed(1)
+    for p in ps:
+        p.grad = torch.zeros(3)
+    assert w.count_defined() == 4
+    w.snapshot(0)
+    ref = weakref.ref(ps[2].grad)
+    w.release()
+    assert w.count_defined() == 0 and all(p.grad is None for p in ps)
+    gc.collect()
+    assert ref() is not None, "the snapshot holds the gradients it remembers"
+    w.forget(0)
+    gc.collect()
+    assert ref() is None, "forget() drops them"
+    with pytest.raises(ValueError, match="slot 2 out of range"):
+        w.snapshot(2)

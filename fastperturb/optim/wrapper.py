@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
+from ..ops import native
 from . import frameworks
 from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
@@ -71,6 +72,24 @@ class _Plan:
     local_params: List[Tensor] = dataclasses.field(default_factory=list)
     local_passive: List[Tensor] = dataclasses.field(default_factory=list)
     reduce: Optional[distributed.Reduce] = None
+    #: (spec, backups, accum, passive_accum, handle, radius, step, longer) of the cycles on this plan (_new_cycle)
+    cycle_parts: Optional[tuple] = None
+
+
+#: GradWatch snapshot slots: since the last step() / zero_grad(), and since before a pass.
+_SEEN, _PASS = 0, 1
+
+
+@dataclasses.dataclass
+class _Selection:
+    """The cached group selection: its key, per group (perturbed, passive) candidates, every parameter in
+    group order, and a compiled GradWatch on them (None if sharded or without the extension)."""
+
+    key: tuple = ()
+    groups: list = dataclasses.field(default_factory=list)
+    every: list = dataclasses.field(default_factory=list)
+    watch: Optional[Any] = None
+    watch_built: bool = False
 
 
 @dataclasses.dataclass
@@ -82,6 +101,17 @@ class _Pending:
     scaler: Optional[torch.amp.GradScaler]
     skipped: bool = False
     versions: list = dataclasses.field(default_factory=list)
+    watch: Optional[Any] = None  # a GradWatch holding the snapshot in place of versions
+
+    def backward_ran(self) -> bool:
+        """Whether a gradient of the plan's tensors changed since first_step() (then forgets the snapshot)."""
+        if self.watch is None:
+            return _any_grad_changed(self.plan.every, self.versions)
+        try:
+            return self.watch.changed(_PASS)
+        finally:
+            self.watch.forget(_PASS)
+
     stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
@@ -246,14 +276,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._accums: Dict[Tensor, Tensor] = {}
         # Per-step Python work must not grow with per-parameter lookups: the group
         # selection and the buffer lists are cached while the tensors they cover stay the same.
-        self._selection_cache: tuple = ((), [])
+        self._selection_cache: _Selection = _Selection()
+        self._plan_cache: Optional[tuple] = None  # (key, plan) of the last step where every tensor had a gradient
         self._list_cache: Dict[str, tuple] = {}
         self._lists_cache = ops.ListsCache()
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
         # The gradients as the last step() / zero_grad() left them: a backward since then
         # makes them the caller's g_0 (see step()).
+        # Python: a list of (gradient, version); compiled: kept in the selection's GradWatch (``_seen_by_watch``).
         self._grads_seen: list = []
+        self._seen_by_watch = False
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
@@ -346,9 +379,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _selection(self) -> List[tuple]:
         """Per group: (perturbed candidates, passive candidates), cached while the groups'
         parameter lists and ``perturb`` flags are unchanged."""
+        return self._selected_groups().groups
+
+    def _selected_groups(self) -> "_Selection":
         key = tuple((id(g["params"]), len(g["params"]), bool(g.get("perturb", True))) for g in self.param_groups)
-        if key != self._selection_cache[0]:
-            self._sharded = distributed.check_engine([p for g in self.param_groups for p in g["params"]])
+        if key != self._selection_cache.key:
+            every = [p for g in self.param_groups for p in g["params"]]
+            self._sharded = distributed.check_engine(every)
             sel = []
             for group in self.param_groups:
                 on = bool(group.get("perturb", True))
@@ -359,10 +396,46 @@ class PerturbOptimizer(torch.optim.Optimizer):
                         [p for p, f in zip(group["params"], flags) if not f],
                     )
                 )
-            self._selection_cache = (key, sel)
-        return self._selection_cache[1]
+            old = self._selection_cache
+            new = _Selection(key, sel, every)
+            if len(old.every) == len(every) and all(map(operator.is_, old.every, every)):
+                new.watch, new.watch_built = old.watch, old.watch_built  # same tensors (e.g. a `perturb` flag flipped)
+            else:
+                self._seen_by_watch = False
+            self._selection_cache = new
+            self._plan_cache = None
+        return self._selection_cache
+
+    def _dense_watch(self, plan: _Plan) -> Optional[Any]:
+        """The GradWatch when it watches exactly ``plan.every`` (every parameter has a gradient), else None."""
+        watch = self._watch()
+        return watch if watch is not None and watch.size() == len(plan.every) else None
+
+    def _watch(self) -> Optional[Any]:
+        """The compiled GradWatch on every parameter (None when sharded, compiling or without the extension)."""
+        if torch.compiler.is_compiling():
+            return None
+        sel = self._selected_groups()
+        if not sel.watch_built:  # built outside any compiled region, on first use
+            sel.watch_built = True
+            if not self._sharded and sel.every and native.load_error is None:
+                sel.watch = torch.classes.fastperturb.GradWatch(sel.every)
+        return sel.watch
 
     def _plan(self) -> _Plan:
+        watch = self._watch()
+        sel = self._selected_groups()
+        dense = watch is not None and watch.count_defined() == len(sel.every)
+        if dense:  # the common step: every tensor has a gradient, so the plan is the last one while sizes hold
+            key = (sel.key, tuple(self._group_sizes(i, g) for i, g in enumerate(self.param_groups)))
+            if self._plan_cache is not None and self._plan_cache[0] == key:
+                return self._plan_cache[1]
+        plan = self._build_plan()
+        if dense:
+            self._plan_cache = (key, plan)
+        return plan
+
+    def _build_plan(self) -> _Plan:
         plan = _Plan([], [], [], [])
         for i, (group, (chosen, passive)) in enumerate(zip(self.param_groups, self._selection())):
             sizes = self._group_sizes(i, group)
@@ -439,6 +512,31 @@ class PerturbOptimizer(torch.optim.Optimizer):
         return len(self._backups), len(self._accums)
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
+        # A cached plan (_plan) keeps its buffer lists and handle: a step on the same tensors looks nothing up.
+        parts = plan.cycle_parts
+        stale = parts is not None and parts[4] is not None and parts[4].handle is not None
+        if parts is None or parts[0] is not self.spec or (stale and not parts[4].handle.current()):
+            parts = plan.cycle_parts = (self.spec, *self._cycle_buffers(plan))
+        _, backups, accum, passive_accum, lists, radius, step, longer = parts
+        params = plan.local_params
+        if lists is not None:  # the handle's own lists: the cycle then sees at once that they are its tensors
+            params, backups, accum = lists.params, lists.backups, lists.accum
+        return Cycle(
+            self.spec,
+            params,
+            backups,
+            radius,
+            step,
+            accum,
+            plan.local_passive,
+            passive_accum,
+            plan.reduce,
+            lists=lists,
+            longer=longer,
+        )
+
+    def _cycle_buffers(self, plan: _Plan) -> tuple:
+        """(backups, accum, passive_accum, handle or None) for a cycle on ``plan``."""
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
         passive_accum = (
             self._cached_list(
@@ -455,29 +553,39 @@ class PerturbOptimizer(torch.optim.Optimizer):
         lists = None
         if not self._sharded and plan.local_params and not torch.compiler.is_compiling():
             lists = self._lists_cache.get(plan.local_params, backups, accum)
-        return Cycle(
-            self.spec,
-            plan.local_params,
-            backups,
-            plan.radius,
-            plan.step,
-            accum,
-            plan.local_passive,
-            passive_accum,
-            plan.reduce,
-            lists=lists,
-        )
+        radius, step = plan.radius, plan.step
+        if not torch.compiler.is_compiling():  # as tensors once (a list of floats is converted by every cycle)
+            dev = plan.local_params[0].device if plan.local_params else torch.device("cpu")
+            radius = torch.tensor(radius, dtype=torch.float64, device=dev)
+            step = torch.tensor(step, dtype=torch.float64, device=dev)
+        return backups, accum, passive_accum, lists, radius, step, any(map(operator.gt, plan.step, plan.radius))
 
     # ---- which gradient is g_0 -------------------------------------------------------
 
     def _all_params(self) -> List[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+        return self._selected_groups().every
 
     def _see_grads(self) -> None:
-        self._grads_seen = _versions(self._all_params())
+        watch = self._watch()
+        self._seen_by_watch = watch is not None
+        if watch is not None:
+            self._grads_seen = []
+            watch.snapshot(_SEEN)
+        else:
+            self._grads_seen = _versions(self._all_params())
+
+    def _forget_grads(self) -> None:
+        """Hold no stale gradient while the passes run (see_grads() again after them)."""
+        self._grads_seen = []
+        watch = self._watch()
+        if watch is not None:
+            watch.forget(_SEEN)
 
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
+        watch = self._watch()
+        if self._seen_by_watch and watch is not None:
+            return watch.changed(_SEEN)  # False without a snapshot of these tensors: unknown, run the clean pass
         seen = self._grads_seen
         if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
             return False
@@ -491,18 +599,32 @@ class PerturbOptimizer(torch.optim.Optimizer):
     # ---- the closure contract --------------------------------------------------------
 
     @staticmethod
-    def _call_closure(closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False) -> Any:
+    def _call_closure(
+        closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False, compiled: Optional[Any] = None
+    ) -> Any:
         """Run the closure for pass ``k`` and check its contract; ``released``: the gradients of
-        ``watch`` were just set to None, so any gradient after it shows the backward."""
-        before = None if released else _versions(watch)
-        with torch.enable_grad():
-            loss = closure()
+        ``watch`` were just set to None, so any gradient after it shows the backward. ``compiled``: a
+        GradWatch on exactly ``watch``, which then does the looking."""
+        if compiled is not None:
+            if not released:
+                compiled.snapshot(_PASS)
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+                ran = compiled.count_defined() > 0 if released else compiled.changed(_PASS)
+            finally:
+                compiled.forget(_PASS)
+        else:
+            before = None if released else _versions(watch)
+            with torch.enable_grad():
+                loss = closure()
+            ran = _any_grad(watch) if before is None else _any_grad_changed(watch, before)
         if loss is None:
             raise TypeError(
                 f"the closure returned None at pass {k}; it must compute the loss, call loss.backward() "
                 "and return the loss"
             )
-        if not (_any_grad(watch) if before is None else _any_grad_changed(watch, before)):
+        if not ran:
             raise RuntimeError(
                 f"the closure did not call backward() at pass {k}: no gradient of the optimized "
                 "parameters changed; it must compute the loss, call loss.backward() and return the loss"
@@ -564,7 +686,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         (``base_step``, default ``base_optimizer.step``; never with an enabled scaler)."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        every, watch = self._all_params(), self._watch()
+        if watch is not None and watch.count_defined() == len(every):
+            with_grad = every
+        else:
+            with_grad = [p for p in every if p.grad is not None]
         grads = [p.grad for p in with_grad]
         reduce = None
         if self._sharded:  # the norm of the whole gradient, the same on every rank
@@ -632,16 +758,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
         frameworks.check_step(self, closure)
         self.last_step_skipped = False
         every = self._all_params()
+        watch = self._watch()
         try:
             g0_from_caller = self._caller_computed_g0(every)
-            self._grads_seen = []  # hold no stale gradient while the passes run (set again below)
+            self._forget_grads()  # hold no stale gradient while the passes run (seen again below)
             if g0_from_caller:
                 _check_g0_scaling(self, scaler)
                 loss = None
             else:
                 release = self._releases()
-                (_release_grads if release else _zero_grads)(every)
-                loss = self._call_closure(closure, 0, every, released=release)
+                if release and watch is not None:
+                    watch.release()
+                else:
+                    (_release_grads if release else _zero_grads)(every)
+                loss = self._call_closure(closure, 0, every, released=release, compiled=watch)
             plan = self._plan()
             fuse = self._fusable(scaler)
             cycle = None
@@ -661,7 +791,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     cycle.restore()  # a skipped step or an exception (no-op after the fused step)
             return loss
         finally:
-            self._grads_seen = _versions(every)
+            self._see_grads()
 
     def _fusable(self, scaler: Optional[torch.amp.GradScaler]) -> bool:
         """Whether this step's base step is fused (``fused_step=True`` and nothing needs the fallback)."""
@@ -685,6 +815,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _perturbed_passes(self, plan: _Plan, closure: Closure, restore: bool = True) -> Cycle:
         cycle = self._new_cycle(plan)
         watch = plan.every
+        compiled = self._dense_watch(plan)
         release = self._releases()
         with contextlib.ExitStack() as stack:
 
@@ -692,13 +823,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 if release:
-                    _release_grads(watch)
-                return self._call_closure(closure, k, watch, released=release)
+                    compiled.release() if compiled is not None else _release_grads(watch)
+                return self._call_closure(closure, k, watch, released=release, compiled=compiled)
+
+            # A plain cycle on a handle reads the perturbed tensors' .grad itself: with no passive tensor and every
+            # gradient there, it needs no list of them (building one per pass costs ~0.1 us per tensor).
+            own = compiled is not None and type(cycle) is Cycle and cycle.lists is not None and not plan.passive
+
+            def grads_at(k: int) -> Sequence[Tensor]:
+                if own and compiled.count_defined() == len(plan.every):
+                    return ()
+                return self._grads(plan, k)
 
             try:
-                run_cycle(
-                    cycle, run_pass, grads_at=lambda k: self._grads(plan, k), zero_grads=not release, restore=restore
-                )
+                run_cycle(cycle, run_pass, grads_at=grads_at, zero_grads=not release, restore=restore)
             except Exception as err:
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
@@ -731,7 +869,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             cycle.ascend(grads, zero_grads=zero_grad and not release)
             del grads
             if release:
-                _release_grads(plan.every)
+                compiled = self._dense_watch(plan)
+                compiled.release() if compiled is not None else _release_grads(plan.every)
         except NonFiniteGradient as err:
             cycle.restore()
             self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
@@ -744,7 +883,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 self.zero_grad(set_to_none=False)
         elif self.freeze_bn is not None:
             pending.stack.enter_context(frozen_bn_stats(self.freeze_bn))
-        pending.versions = _versions(plan.every)
+        compiled = self._dense_watch(plan)
+        if compiled is not None:
+            compiled.snapshot(_PASS)
+            pending.watch = compiled
+        else:
+            pending.versions = _versions(plan.every)
         self._pending = pending
 
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -761,7 +905,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         try:
             if not pending.skipped:
                 try:
-                    if not _any_grad_changed(pending.plan.every, pending.versions):
+                    if not pending.backward_ran():
                         raise RuntimeError(
                             "no backward() between first_step() and second_step(): compute the loss at the "
                             "perturbed weights and call backward() on it; the weights were restored"
@@ -810,12 +954,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # without the transient perturbation buffers.
         state = self.__dict__.copy()
         state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
+        state.update(_selection_cache=_Selection(), _plan_cache=None, _seen_by_watch=False)
         state.update(_lists_cache=ops.ListsCache())
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_lists_cache", ops.ListsCache())
+        self.__dict__.setdefault("_plan_cache", None)
+        self.__dict__.setdefault("_seen_by_watch", False)
+        if not isinstance(self.__dict__.get("_selection_cache"), _Selection):
+            self._selection_cache = _Selection()
 
     def _settings(self) -> Dict[str, Any]:
         return {

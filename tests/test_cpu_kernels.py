@@ -109,7 +109,8 @@ def test_kernels_around_stream_block_and_chunk_sizes(native, dtype):
 @pytest.mark.slow
 def test_portable_variant_streams_too(native):
     """The streaming paths on the portable kernel variant (the AVX2 one runs in-process when the CPU has it):
-    per dtype, a length past the streaming threshold with a partial block, off the 16-byte alignment."""
+    per dtype, a length past the streaming threshold with a partial block, off the 16-byte alignment; and the
+    fused-step kernels' streamed weights."""
     if native.cpu_isa == "default":
         pytest.skip("the in-process tests already ran the portable variant")
     script = (
@@ -120,6 +121,8 @@ def test_portable_variant_streams_too(native):
         "assert _C.cpu_isa == 'default', _C.cpu_isa\n"
         "for dt in testing.FLOAT_DTYPES:\n"
         "    t._case(dt, t._lengths(dt)[-2], t.PAD - 1)\n"
+        "    for cfg in t.STEP_CONFIGS:\n"
+        "        t.test_fused_step_kernels_stream_the_weights_bit_for_bit(_C, dt, cfg)\n"
     )
     env = dict(os.environ, FASTPERTURB_CPU_ISA="default")
     subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], check=True, env=env, timeout=600)
@@ -147,3 +150,81 @@ def test_accumulating_stats_are_thread_count_independent(native):
         torch.set_num_threads(old)
     for a, b in zip(one, two):
         assert_bitwise_equal(a, b, "1 vs 2 threads")
+
+
+# ---- the fused restore + base-step kernels (csrc/cpu/step_loops.h) ----------------------------------------------
+# Their weights are write-only where read from the backup, so a chunk of 64 KB or more computes them a block of 4 KB
+# at a time on the stack and streams each block out. The same elements taken as 1024-element tensors (never
+# streamed) must give the same bits, and nothing outside a tensor may be written.
+
+STEP_CONFIGS = {
+    "sgd-momentum": lambda k: k.sgd(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.1),
+    "sgd-nesterov-first": lambda k: k.sgd(lr=0.1, momentum=0.9, nesterov=True, init_momentum=True),
+    "sgd-plain-maximize": lambda k: k.sgd(lr=0.1, maximize=True),
+    "adamw": lambda k: k.adam(lr=1e-3, weight_decay=1e-2, decoupled_weight_decay=True),
+    "adam-l2-amsgrad": lambda k: k.adam(lr=1e-3, weight_decay=1e-2, amsgrad=True),
+}
+
+
+class _StepCase:
+    """One fused-step call on lists of tensors (params, backups, grads and the base optimizer's state)."""
+
+    def __init__(self, tensors: dict):
+        self.t = tensors
+
+    def sgd(self, *, init_momentum=False, **kw):
+        momentum = kw.get("momentum", 0.0)
+        bufs = self.t["m"] if momentum else []
+        ops.restore_sgd_step_(self.t["w"], self.t["b"], self.t["g"], bufs, init_momentum=init_momentum, **kw)
+
+    def adam(self, *, amsgrad=False, **kw):
+        vmax = self.t["vmax"] if amsgrad else []
+        ops.restore_adam_step_(
+            self.t["w"],
+            self.t["b"],
+            self.t["g"],
+            self.t["m"],
+            self.t["v"],
+            vmax,
+            beta1=0.9,
+            beta2=0.999,
+            eps=1e-8,
+            step=3.0,
+            **kw,
+        )
+
+
+def _step_inputs(dtype: torch.dtype, n: int, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(scale, positive=False):
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * scale
+        return (x.abs() if positive else x).to(dtype)
+
+    return {"w": r(1.0), "b": r(1.0), "g": r(0.1), "m": r(0.01), "v": r(1e-3, True), "vmax": r(2e-3, True)}
+
+
+@pytest.mark.parametrize("config", sorted(STEP_CONFIGS))
+@pytest.mark.parametrize("dtype", testing.FLOAT_DTYPES, ids=str)
+def test_fused_step_kernels_stream_the_weights_bit_for_bit(native, dtype, config):
+    for n in _lengths(dtype):
+        src = _step_inputs(dtype, n, seed=n)
+        # One tensor of n elements, off the 16-byte alignment inside a sentinel-filled buffer ...
+        bufs, whole = {}, {}
+        for k, x in src.items():
+            bufs[k], view = _embedded(x, PAD - 1)
+            whole[k] = [view]
+        # ... against the same elements as tensors of 1024 (each below the streaming threshold).
+        pieces = {k: list(x.clone().split(BLOCK)) for k, x in src.items()}
+        with use_backend("cpp"):
+            STEP_CONFIGS[config](_StepCase(whole))
+            STEP_CONFIGS[config](_StepCase(pieces))
+        for k in src:
+            tag = f"{config} {dtype} n={n} {k}"
+            assert_bitwise_equal(whole[k][0], torch.cat(pieces[k]), tag)
+            _assert_sentinels(bufs[k], PAD - 1, n, tag)
+        # and the reference computes the same within the element tolerance
+        ref = {k: [x.clone()] for k, x in src.items()}
+        with use_backend("reference"):
+            STEP_CONFIGS[config](_StepCase(ref))
+        torch.testing.assert_close(whole["w"][0], ref["w"][0], **testing.ELEMENT_TOL[dtype])

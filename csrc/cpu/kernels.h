@@ -16,24 +16,12 @@
 #include <cstring>
 #include <type_traits>
 
-// Streaming (non-temporal) stores: SSE2, part of every x86-64 CPU.
-#if defined(__SSE2__) || defined(_M_X64)
-#include <emmintrin.h>
-#define FP_HAVE_STREAM_STORES 1
-#endif
+#include "cpu/stream_stores.h"
 
 namespace fastperturb {
 namespace cpu {
 
 using math::compute_t;
-
-// A chunk's write-only output (the backup written by ascent_step_(first=True), restore_'s copy, zeroed
-// gradients) of at least this many bytes is written with streaming stores. A plain store first reads the
-// destination line from memory (read for ownership), so a write-only stream costs two passes of memory
-// traffic instead of one: streaming stores make the backup write and restore_'s copy cost what the byte
-// model counts. Smaller outputs (a list of small tensors, which may stay in cache for the next op) keep
-// plain stores. The choice moves bits exactly like memcpy: results are the same either way.
-constexpr int64_t kStreamMinBytes = int64_t(64) * 1024;
 
 struct StatsArgs {
   const void* grad;

@@ -63,61 +63,6 @@ inline void lane_reduce(int64_t n, const Body& body, const Combine& combine, dou
 
 inline double add(double a, double b) { return a + b; }
 
-// Orders the streaming stores before everything after it, so the data is visible to whichever thread reads
-// it next. Once per kernel call, after its last streaming store.
-inline void stream_fence() {
-#ifdef FP_HAVE_STREAM_STORES
-  _mm_sfence();
-#endif
-}
-
-// memcpy whose stores bypass the cache (see kStreamMinBytes); stream_fence() must follow. Any alignment:
-// the destination is aligned to 16 bytes by a short memcpy head, the source is loaded unaligned.
-inline void stream_copy(void* dst, const void* src, int64_t bytes) {
-#ifdef FP_HAVE_STREAM_STORES
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
-  std::memcpy(d, s, static_cast<size_t>(head));
-  d += head, s += head, bytes -= head;
-  const int64_t body = bytes - bytes % 64;
-  for (int64_t i = 0; i < body; i += 64) {
-    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-    const __m128i v1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 16));
-    const __m128i v2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 32));
-    const __m128i v3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), v0);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), v1);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), v2);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), v3);
-  }
-  std::memcpy(d + body, s + body, static_cast<size_t>(bytes - body));
-#else
-  std::memcpy(dst, src, static_cast<size_t>(bytes));
-#endif
-}
-
-// memset(dst, 0, bytes) with streaming stores, as stream_copy (stream_fence() must follow).
-inline void stream_zero(void* dst, int64_t bytes) {
-#ifdef FP_HAVE_STREAM_STORES
-  char* d = static_cast<char*>(dst);
-  const int64_t head = std::min<int64_t>(bytes, (16 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(d) % 16)) % 16);
-  std::memset(d, 0, static_cast<size_t>(head));
-  d += head, bytes -= head;
-  const int64_t body = bytes - bytes % 64;
-  const __m128i z = _mm_setzero_si128();
-  for (int64_t i = 0; i < body; i += 64) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), z);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 16), z);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 32), z);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i + 48), z);
-  }
-  std::memset(d + body, 0, static_cast<size_t>(bytes - body));
-#else
-  std::memset(dst, 0, static_cast<size_t>(bytes));
-#endif
-}
-
 inline void copy_entry(void* dst, const void* src, int64_t bytes) {
   if (bytes < kStreamMinBytes) {
     std::memcpy(dst, src, static_cast<size_t>(bytes));

@@ -298,8 +298,8 @@ def test_unsupported_base_optimizers_and_flags_raise_at_construction():
     m = _model()
     with pytest.raises(TypeError, match="fused_step=True needs one of torch.optim.SGD"):
         fp.SAM(m.parameters(), torch.optim.RMSprop, lr=0.1, fused_step=True)
-    with pytest.raises(ValueError, match="fused=True"):
-        fp.SAM(m.parameters(), torch.optim.AdamW, lr=0.1, fused=True, fused_step=True)
+    with pytest.raises(ValueError, match="capturable=True"):
+        fp.SAM(m.parameters(), torch.optim.AdamW, lr=0.1, capturable=True, fused_step=True)
     with pytest.raises(TypeError, match="True or False"):
         fp.SAM(m.parameters(), torch.optim.AdamW, lr=0.1, fused_step="yes")
 
@@ -410,3 +410,19 @@ def test_second_step_nonfinite_keeps_weights_and_state():
     m2 = _model()
     for p, q in zip(m.parameters(), m2.parameters()):
         assert torch.equal(p, q)  # exactly the initial weights
+
+
+def test_a_base_with_torchs_fused_flag_is_fused_and_matches_it():
+    """``fused=True`` on the base (the Hugging Face Trainer's default ``adamw_torch_fused``) only picks torch's kernel:
+    the step is fused all the same, and agrees with SAM over torch's fused AdamW."""
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, fused=True, fused_step=True)
+    o2 = fp.SAM(m2.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(3):
+        for opt, m in ((o1, m1), (o2, m2)):
+            opt.step(_closure(m, x, y))
+            opt.zero_grad()
+        assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -32,6 +32,9 @@ PRESETS = {
     "ASAM": lambda p: fp.ASAM(p, torch.optim.SGD, rho=0.5, eta=0.01, lr=0.1),
     "AWP": lambda p: fp.AWP(p, torch.optim.SGD, gamma=1e-2, lr=0.1),
     "APD": lambda p: fp.APD(p, torch.optim.AdamW, eps=1e-2, steps=2, lr=1e-2),
+    # The fused restore + base step, with the scheduler moving the learning rate it reads every step.
+    "SAM-fused": lambda p: fp.SAM(p, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, fused_step=True),
+    "APD-fused": lambda p: fp.APD(p, torch.optim.AdamW, eps=1e-2, steps=2, lr=1e-2, fused_step=True),
 }
 
 
@@ -131,6 +134,9 @@ def test_trains_like_the_hand_written_loop(preset, tmp_path):
     steps = PRESETS[preset](make_net().parameters()).spec.steps
     assert model.passes == list(range(steps + 1)) * (N // BATCH)
     assert model.perturb_pass is None
+    if preset.endswith("-fused"):  # and the fused path ran under the Trainer (no per-step fallback)
+        opt = model.trainer.optimizers[0]
+        assert opt.fused_step and opt.fused_step_fallback is None, opt.fused_step_fallback
 
 
 def test_bf16_mixed_equals_hand_loop_under_bf16_autocast(tmp_path):

@@ -49,6 +49,8 @@ PRESETS = {
     "SAM": (fp.SAM, {"rho": 0.05}),
     "AWP": (fp.AWP, {"gamma": 1e-2}),
     "APD": (fp.APD, {"eps": 1e-2, "steps": 2}),
+    # The fused restore + base step under Trainer's default optim (torch's AdamW with fused=True).
+    "SAM-fused": (fp.SAM, {"rho": 0.05, "fused_step": True}),
 }
 
 
@@ -167,6 +169,7 @@ DEFAULT_OPTIM = "adamw_torch_fused"  # TrainingArguments' default here
     "preset,accum,optim",
     [
         ("SAM", 1, DEFAULT_OPTIM),
+        ("SAM-fused", 2, DEFAULT_OPTIM),
         ("SAM", 2, "sgd"),
         ("AWP", 2, "sgd"),
         pytest.param("APD", 2, DEFAULT_OPTIM, marks=pytest.mark.slow),
@@ -182,6 +185,8 @@ def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
     moved = max((x - y).abs().max() for x, y in zip(model.parameters(), make_model().parameters()))
     assert moved > 1e-3  # it trained
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)
+    if opt.fused_step:  # the fused path ran under Trainer (no per-step fallback)
+        assert opt.fused_step_fallback is None, opt.fused_step_fallback
 
 
 @pytest.mark.parametrize("preset", ["SAM", pytest.param("APD", marks=pytest.mark.slow)])

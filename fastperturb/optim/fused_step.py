@@ -13,9 +13,10 @@ float CPU tensor, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), created lazi
 torch at any step.
 
 What is fused: ``torch.optim.SGD``, ``Adam`` and ``AdamW`` (amsgrad, maximize, weight decay,
-momentum, dampening, nesterov; ``foreach`` is an implementation choice the fused op replaces).
-Anything else falls back to restore + ``base_optimizer.step()`` for that step
-(:func:`why_not_fused` says why): ``fused``/``capturable``/``differentiable`` groups, an enabled
+momentum, dampening, nesterov; ``foreach`` and ``fused`` are implementation choices the fused op
+replaces, ``fused`` then serving the steps that fall back, as with the Hugging Face Trainer's default
+``adamw_torch_fused``). Anything else falls back to restore + ``base_optimizer.step()`` for that step
+(:func:`why_not_fused` says why): ``capturable``/``differentiable`` groups, an enabled
 ``GradScaler``, sharded (FSDP2) parameters, sparse or complex tensors, a gradient whose dtype or
 memory layout differs from its parameter's, state tensors that do not match their parameter.
 """
@@ -32,8 +33,9 @@ from ..ops import validation as V
 
 #: The base optimizer classes with a fused step, and the op family of each.
 FAMILIES: Dict[type, str] = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
-# Group flags that change torch's state format or arithmetic in ways the fused ops do not reproduce.
-_FALLBACK_FLAGS = ("fused", "capturable", "differentiable")
+# Group flags that change torch's state format or arithmetic in ways the fused ops do not reproduce
+# (``fused`` does not: it picks torch's kernel for the same update, kept for the steps that fall back).
+_FALLBACK_FLAGS = ("capturable", "differentiable")
 
 
 def check_base(base_class: type, base_kwargs: Dict[str, Any]) -> None:

@@ -24,13 +24,6 @@ const auto tensor_lists_class =
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
                return self->list(static_cast<size_t>(k)).vec();
              })
-        // The fingerprint of lists `which` (all if empty).
-        .def("check",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
-                std::vector<int64_t> which) {
-               if (which.empty()) return self->check(op.c_str());
-               for (int64_t k : which) self->check(op.c_str(), {static_cast<size_t>(k)});
-             })
         // The fingerprint of the lists whose bit (1 << k) is set in `mask`: one call however many lists.
         .def("check_mask",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op, int64_t mask) {

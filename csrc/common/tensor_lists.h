@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -120,27 +121,9 @@ class TensorLists : public torch::CustomClassHolder {
     if (grads_k >= 0) {
       const size_t k = static_cast<size_t>(grads_k);
       TORCH_CHECK_INDEX(k < lists_.size() && lists_[k].size() == n, "enter: no list ", grads_k);
-      // In passes whose loads do not depend on each other across tensors, so that they overlap: the chain from a
-      // parameter to its gradient's storage is five loads long (TensorImpl, AutogradMeta, its vtable, the grad's
-      // TensorImpl, its StorageImpl), each a cache miss when walked one tensor at a time.
-      const std::vector<at::Tensor>& ts = lists_[k];
-      std::vector<const c10::TensorImpl*> grad_impls(n);
-      for (size_t i = 0; i < n; ++i) {
-        if (i + 2 * kAhead < n) __builtin_prefetch(ts[i + 2 * kAhead].unsafeGetTensorImpl());
-        if (i + kAhead < n) prefetch_meta(ts[i + kAhead].unsafeGetTensorImpl());
-        grad_impls[i] = ts[i].unsafeGetTensorImpl()->grad().unsafeGetTensorImpl();
-      }
       std::vector<int64_t> grad_ptrs(n);
-      const std::vector<Print>& ps = prints_[k];
-      for (size_t i = 0; i < n; ++i) {
-        if (i + 2 * kAhead < n) prefetch_impl(grad_impls[i + 2 * kAhead]);
-        if (i + kAhead < n) prefetch_storage(grad_impls[i + kAhead]);
-        const c10::TensorImpl* g = grad_impls[i];
-        bool ok = g != c10::UndefinedTensorImpl::singleton() && g->layout() == at::kStrided &&
-                  same_layout(g, ps[i], g->numel() <= 1);
-        if (ok) grad_ptrs[i] = reinterpret_cast<int64_t>(data_of(g, ps[i].itemsize, ok));
-        if (C10_UNLIKELY(!ok)) grad_ptrs[i] = reinterpret_cast<int64_t>(checked_grad(op, k, i).data_ptr());
-      }
+      for (size_t i = read_grads(k, grad_ptrs.data()); i < n; i = read_grads(k, grad_ptrs.data(), i + 1))
+        grad_ptrs[i] = reinterpret_cast<int64_t>(checked_grad(op, k, i).data_ptr());  // (throws, or is fine)
       for (size_t i = 0; i < n; ++i) {
         const int64_t c = code[i];
         TORCH_CHECK_INDEX((c >> 1) < table_len, "pointer table position ", c >> 1, " out of range (", table_len, ")");
@@ -159,18 +142,54 @@ class TensorLists : public torch::CustomClassHolder {
     bump(bump_mask);
     return status;
   }
+  // The data pointers of the .grad of list k's tensors from `from` on, into ptrs, up to the first that fails the
+  // fast checks (returned; n if none). In passes whose loads do not depend on each other across tensors, so that
+  // they overlap: the chain from a parameter to its gradient's storage is five loads long (TensorImpl,
+  // AutogradMeta, its vtable, the grad's TensorImpl, its StorageImpl), each a cache miss when walked one tensor
+  // at a time.
+  __attribute__((flatten)) size_t read_grads(size_t k, int64_t* ptrs, size_t from = 0) const {
+    const std::vector<at::Tensor>& ts = lists_[k];
+    const std::vector<Print>& ps = prints_[k];
+    const size_t n = ts.size();
+    std::vector<const c10::TensorImpl*> impls(n);
+    for (size_t i = from; i < n; ++i) {
+      if (i + 2 * kAhead < n) __builtin_prefetch(ts[i + 2 * kAhead].unsafeGetTensorImpl());
+      if (i + kAhead < n) prefetch_meta(ts[i + kAhead].unsafeGetTensorImpl());
+      impls[i] = ts[i].unsafeGetTensorImpl()->grad().unsafeGetTensorImpl();
+    }
+    for (size_t i = from; i < n; ++i) {
+      if (i + 2 * kAhead < n) prefetch_impl(impls[i + 2 * kAhead]);
+      if (i + kAhead < n) prefetch_storage(impls[i + kAhead]);
+      const c10::TensorImpl* g = impls[i];
+      bool ok = g != c10::UndefinedTensorImpl::singleton() && g->layout() == at::kStrided &&
+                same_layout(g, ps[i], g->numel() <= 1);
+      if (ok) ptrs[i] = reinterpret_cast<int64_t>(data_of(g, ps[i].itemsize, ok));
+      if (C10_UNLIKELY(!ok)) return i;
+    }
+    return n;
+  }
   // Version-counter bumps after a backend outside C++ wrote the tensors: bit k of `mask` for list k, bit 16 + k
-  // for the .grad of list k's tensors.
+  // for the .grad of list k's tensors. A bump is a locked add, which waits for its counter's cache line and lets
+  // nothing overlap it: the counters of a block of tensors are fetched first, together.
   void bump(int64_t mask) const {
+    constexpr size_t kBlock = 64;
+    c10::TensorImpl* impls[2 * kBlock];
     for (size_t k = 0; k < lists_.size(); ++k) {
       const bool tensors = mask >> k & 1, grads = mask >> (16 + k) & 1;
       if (!tensors && !grads) continue;
-      for (const at::Tensor& t : lists_[k]) {
-        if (tensors) t.unsafeGetTensorImpl()->bump_version();
-        if (grads) {
-          const at::Tensor& g = t.unsafeGetTensorImpl()->grad();
-          if (g.defined()) g.unsafeGetTensorImpl()->bump_version();
+      const std::vector<at::Tensor>& ts = lists_[k];
+      for (size_t start = 0; start < ts.size(); start += kBlock) {
+        size_t m = 0;
+        for (size_t i = start; i < std::min(ts.size(), start + kBlock); ++i) {
+          c10::TensorImpl* t = ts[i].unsafeGetTensorImpl();
+          if (tensors) impls[m++] = t;
+          if (grads) {
+            const at::Tensor& g = t->grad();
+            if (g.defined()) impls[m++] = g.unsafeGetTensorImpl();
+          }
         }
+        for (size_t j = 0; j < m; ++j) prefetch_counter(impls[j]);
+        for (size_t j = 0; j < m; ++j) impls[j]->bump_version();
       }
     }
   }
@@ -211,7 +230,7 @@ class TensorLists : public torch::CustomClassHolder {
   // tensor instead of 10-15. Whatever they do not pass goes to the full checks, which name the problem.
 
   // Whether `t` has the shape, dtype and device of `p`, and unless `any_strides` its strides.
-  C10_ALWAYS_INLINE bool same_layout(const c10::TensorImpl* t, const Print& p, bool any_strides) const {
+  bool same_layout(const c10::TensorImpl* t, const Print& p, bool any_strides) const {
     if (t->dtype() != p.meta || t->device() != device_) return false;
     const at::IntArrayRef sizes = t->sizes();
     if (static_cast<int64_t>(sizes.size()) != p.dim) return false;
@@ -225,7 +244,7 @@ class TensorLists : public torch::CustomClassHolder {
   }
   // The data pointer of `t` as at::Tensor::data_ptr() has it (a copy-on-write storage materialised first), null
   // for an empty tensor; `ok` false if `t` has no storage (the full check then says why).
-  static C10_ALWAYS_INLINE void* data_of(const c10::TensorImpl* t, int64_t itemsize, bool& ok) {
+  static void* data_of(const c10::TensorImpl* t, int64_t itemsize, bool& ok) {
     c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
     if (C10_UNLIKELY(s == nullptr)) {
       ok = false;
@@ -234,7 +253,7 @@ class TensorLists : public torch::CustomClassHolder {
     char* base = static_cast<char*>(s->mutable_data());
     return t->numel() == 0 ? nullptr : base + itemsize * t->storage_offset();
   }
-  C10_ALWAYS_INLINE bool fast_matches(const at::Tensor& t, const Print& p) const {
+  bool fast_matches(const at::Tensor& t, const Print& p) const {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     bool ok = true;
     return same_layout(impl, p, false) && data_of(impl, p.itemsize, ok) == p.data && ok;
@@ -243,19 +262,27 @@ class TensorLists : public torch::CustomClassHolder {
     return fast_matches(t, p) || (t.data_ptr() == p.data && t.scalar_type() == p.dtype &&
                                   t.sizes() == sizes_of(p) && t.strides() == strides_of(p) && t.device() == device_);
   }
-  void check_list(const char* op, size_t k) const {
-    if (k >= lists_.size()) return;
+  // The first tensor of list k that fails fast_matches() (n if none): the loop of every call, flattened so that
+  // the TensorImpl accessors it calls are inlined too.
+  __attribute__((flatten)) size_t first_changed(size_t k) const {
     const std::vector<at::Tensor>& ts = lists_[k];
     const std::vector<Print>& ps = prints_[k];
     const size_t n = ps.size();
     for (size_t i = 0; i < n; ++i) {
       if (i + 2 * kAhead < n) prefetch_impl(ts[i + 2 * kAhead].unsafeGetTensorImpl());
       if (i + kAhead < n) prefetch_storage(ts[i + kAhead].unsafeGetTensorImpl());
-      TORCH_CHECK_VALUE(fast_matches(ts[i], ps[i]) || matches(ts[i], ps[i]), op, ": ", names_[k], "[", i,
+      if (C10_UNLIKELY(!fast_matches(ts[i], ps[i]))) return i;
+    }
+    return n;
+  }
+  void check_list(const char* op, size_t k) const {
+    if (k >= lists_.size()) return;
+    const size_t n = prints_[k].size();
+    for (size_t i = first_changed(k); i < n; ++i)
+      TORCH_CHECK_VALUE(matches(lists_[k][i], prints_[k][i]), op, ": ", names_[k], "[", i,
                         "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or "
                         "device; e.g. `.data` assigned or resized in place); build a new handle for the new tensors "
                         "(fastperturb.ops.TensorLists)");
-    }
   }
   // The checks are bound by the latency of reading each TensorImpl and its StorageImpl, scattered on the heap
   // (and out of cache after a backward pass): fetch those of the tensors a few places ahead meanwhile.
@@ -272,6 +299,12 @@ class TensorLists : public torch::CustomClassHolder {
       __builtin_prefetch(m);
       __builtin_prefetch(m + 64);
     }
+  }
+  static void prefetch_counter(const c10::TensorImpl* t) {
+    // (a VariableVersion is one intrusive_ptr to the counter)
+    static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is not one pointer");
+    const void* counter = *reinterpret_cast<const void* const*>(&t->version_counter());
+    if (counter != nullptr) __builtin_prefetch(counter, 1);
   }
   static void prefetch_storage(const c10::TensorImpl* t) {
     __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());

@@ -39,7 +39,10 @@ def _device_guard(op: str, device: torch.device):
         raise NotImplementedError(f"{NAMESPACE}::{op} cannot run on {device.type} tensors: {reason}")
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # (reusable: it holds nothing)
 
 
 def _scratch(plan: Plan, name: str, shape: tuple) -> Tensor:
@@ -320,7 +323,10 @@ def grad_stats_lists_(
         raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
     V.check_finite("accum_weight", accum_weight)
     V.check_finite("adaptive_eta", adaptive_eta)
-    _require(lists, op, *([_ACCUM] if with_accum else []), *([_BACKUPS] if with_backups else []))
+    if with_accum:
+        _require(lists, op, _ACCUM)
+    if with_backups:
+        _require(lists, op, _BACKUPS)
     device = lists.device
     with _device_guard(op, device):
         n = len(lists.params)

@@ -49,6 +49,12 @@ class Plan:
     (rows of ``ptr columns + [numel, first slot, index]``) and the work list of
     (row, chunk) pairs. So at most two launches per key, whatever the number
     of tensors.
+
+    A plan cached for a :class:`~fastperturb.ops.TensorLists` handle is
+    reused call after call: only its scalars (:meth:`set_scalars`) and, when
+    built with ``grads_column``, that column's gradient pointers (written in
+    ``host`` by the handle, in C++) change, and the host copy is uploaded to
+    the device buffer when they did.
     """
 
     def __init__(
@@ -101,20 +107,15 @@ class Plan:
                 (key, vec, meta_at, work_at - meta_at, work_at, len(ints) - work_at, (len(ints) - work_at) // 2)
             )
         host = torch.tensor(ints, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
         #: the buffer as the host writes it: ``buf`` itself on the CPU, else its (pinned) copy, uploaded after
         #: every rewrite (:meth:`upload`)
         self.host = host
         self.uploaded: object = None  # the event of the last upload, waited for before the host copy changes
-        if device.type == "cpu":
-            buf = host
-        else:
-            if device.type == "cuda":
-                self.host = host.pin_memory()
-            buf = torch.empty_like(self.host, device=device)
-            self.buf = buf
-            self.upload()
-        self.buf = buf
-        #: per tensor, for :meth:`TensorLists.enter_grads`: ``position << 1 | aligned`` of its pointer of column
+        self.buf = buf = host if device.type == "cpu" else torch.empty_like(host, device=device)
+        self.upload()
+        #: per tensor, for the handle's ``enter_grads``: ``position << 1 | aligned`` of its pointer of column
         #: ``grads_column`` in the buffer (-1: no row), so that new gradients only rewrite their pointers
         self.grad_codes = torch.tensor(codes, dtype=torch.int64) if grads_column >= 0 else None
         self.pbase = buf[: n + 1]

@@ -25,10 +25,8 @@ const auto tensor_lists_class =
                return self->list(static_cast<size_t>(k)).vec();
              })
         // The fingerprint of the lists whose bit (1 << k) is set in `mask`: one call however many lists.
-        .def("check_mask",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op, int64_t mask) {
-               self->check_mask(op.c_str(), mask);
-             })
+        .def("check_mask", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
+                              int64_t mask) { self->check_mask(op.c_str(), mask); })
         // TensorLists::enter: the checks of one op call of a backend with its own launch plan, the gradients'
         // pointers written into its pointer table (`table`, `code`: contiguous int64 CPU tensors), the version
         // bumps of what it will write; returns the table's status. One crossing per op call.
@@ -48,8 +46,7 @@ const auto tensor_lists_class =
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op, int64_t check_mask,
                 int64_t bump_mask) { self->enter(op.c_str(), check_mask, -1, nullptr, 0, nullptr, bump_mask); })
         // TensorLists::bump.
-        .def("bump",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t mask) { self->bump(mask); })
+        .def("bump", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t mask) { self->bump(mask); })
         .def("grads_of",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");

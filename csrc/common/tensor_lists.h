@@ -214,8 +214,9 @@ class TensorLists : public torch::CustomClassHolder {
     at::ScalarType dtype;
   };
   Print print_of(const at::Tensor& t) {
-    Print p{t.data_ptr(), static_cast<int64_t>(shapes_.size()), t.dim(), static_cast<int64_t>(t.element_size()),
-            t.dtype(), t.scalar_type()};
+    Print p{t.data_ptr(), static_cast<int64_t>(shapes_.size()),
+            t.dim(),      static_cast<int64_t>(t.element_size()),
+            t.dtype(),    t.scalar_type()};
     shapes_.insert(shapes_.end(), t.sizes().begin(), t.sizes().end());
     shapes_.insert(shapes_.end(), t.strides().begin(), t.strides().end());
     return p;
@@ -259,8 +260,8 @@ class TensorLists : public torch::CustomClassHolder {
     return same_layout(impl, p, false) && data_of(impl, p.itemsize, ok) == p.data && ok;
   }
   bool matches(const at::Tensor& t, const Print& p) const {
-    return fast_matches(t, p) || (t.data_ptr() == p.data && t.scalar_type() == p.dtype &&
-                                  t.sizes() == sizes_of(p) && t.strides() == strides_of(p) && t.device() == device_);
+    return fast_matches(t, p) || (t.data_ptr() == p.data && t.scalar_type() == p.dtype && t.sizes() == sizes_of(p) &&
+                                  t.strides() == strides_of(p) && t.device() == device_);
   }
   // The first tensor of list k that fails fast_matches() (n if none): the loop of every call, flattened so that
   // the TensorImpl accessors it calls are inlined too.

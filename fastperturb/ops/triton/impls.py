@@ -34,6 +34,8 @@ NAMESPACE = "fastperturb_triton"
 
 def _device_guard(op: str, device: torch.device):
     """Refuse devices the kernels cannot run on (before anything is written); select the CUDA device."""
+    if device.type == "cpu" and _cpu_ok:
+        return _NO_GUARD
     reason = why_unavailable(device)
     if reason is not None:
         raise NotImplementedError(f"{NAMESPACE}::{op} cannot run on {device.type} tensors: {reason}")
@@ -43,6 +45,7 @@ def _device_guard(op: str, device: torch.device):
 
 
 _NO_GUARD = contextlib.nullcontext()  # (reusable: it holds nothing)
+_cpu_ok = why_unavailable(torch.device("cpu")) is None  # (fixed when the kernels were defined)
 
 
 def _scratch(plan: Plan, name: str, shape: tuple) -> Tensor:
@@ -258,15 +261,14 @@ def _lists_plan(lists, op: str, key: tuple, check: int, bump: int, grads_column:
     """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks of
     the lists of mask ``check`` (and of the params' gradients if ``grads_column`` >= 0: the plan's column holding
     them) and the version bumps of mask ``bump`` (the caller launches next)."""
-    h = lists.handle
     full_key = (op, Tuning.chunk_size, Tuning.block_size, *key)
     plan = lists.plans.get(full_key)
     if plan is not None:
         if grads_column < 0:
-            h.enter(op, check, bump)
+            lists.enter(op, check, bump)
             return plan
         plan.host_writable()
-        status = h.enter_grads(op, check, _PARAMS, plan.host, plan.grad_codes, bump)
+        status = lists.enter_grads(op, check, _PARAMS, plan.host, plan.grad_codes, bump)
         if status == 1:
             plan.upload()
         if status != 2:
@@ -274,6 +276,7 @@ def _lists_plan(lists, op: str, key: tuple, check: int, bump: int, grads_column:
         # a gradient is misaligned where the plan assumed 16-byte alignment: a new plan (checked and bumped)
         plan = lists.plans[full_key] = build()
         return plan
+    h = lists.handle
     h.check_mask(op, check)
     plan = lists.plans[full_key] = build()  # (reads the gradients with grads_of: checked)
     h.bump(bump)
@@ -350,9 +353,7 @@ def grad_stats_lists_(
             )
 
         check = (_A if with_accum else 0) | (_P if with_params else 0) | (_B if with_backups else 0)
-        plan = _lists_plan(
-            lists, op, (with_accum, with_params, with_backups), check, _A if with_accum else 0, 0, build
-        )
+        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), check, _A if with_accum else 0, 0, build)
         plan.set_scalars((accum_weight, adaptive_eta))
         _grad_stats_launch(plan, out, with_accum, accum_init, adaptive_eta, with_backups)
     return out

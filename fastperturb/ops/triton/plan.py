@@ -143,10 +143,10 @@ class Plan:
             self.uploaded.synchronize()
             self.uploaded = None
 
-    def set_scalars(self, scalars: Sequence[float]) -> None:
+    def set_scalars(self, scalars: tuple) -> None:
         """Rewrite the scalars in place (a cached plan reused with other scalars: one tiny copy, no re-plan)."""
-        scalars = tuple(float(x) for x in scalars)
         if scalars != self.scalars:
+            scalars = tuple(float(x) for x in scalars)
             self.host_writable()
             self.host[self.n + 1 : self.n + 1 + len(scalars)] = torch.tensor(
                 [f64_bits(x) for x in scalars], dtype=torch.int64

@@ -629,6 +629,32 @@ def test_handle_plan_rebuilt_when_a_new_gradient_is_misaligned():
         assert torch.equal(got, ops.grad_stats_([p.grad for p in params]))
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: setattr(p, "data", p.data.view(torch.int32)),  # same pointer and shape, other dtype
+        lambda p: p.as_strided_((36,), (1,), 4),  # other offset
+        lambda p: p.untyped_storage().resize_(4 * 400),  # same StorageImpl, new memory
+        lambda p: p.resize_(20),  # same pointer, smaller
+    ],
+)
+def test_handle_refuses_a_tensor_changed_in_place_before_launching(change):
+    from fastperturb import ops
+
+    params, backups, _ = _handle_case()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(params, backups)
+        step, proj = torch.ones(5), torch.ones(5)
+        ops.ascent_step_lists_(lists, step, proj, first=True)
+        ops.restore_lists_(lists)
+        change(params[0])  # float32, shape (40,)
+        versions = [p._version for p in params]
+        for call in (lambda: ops.restore_lists_(lists), lambda: ops.ascent_step_lists_(lists, step, proj)):
+            with T.count_launches() as c, pytest.raises(ValueError, match=r"params\[0\] changed since"):
+                call()
+            assert c.total == 0 and [p._version for p in params] == versions
+
+
 def test_handle_refuses_a_changed_gradient_before_launching():
     from fastperturb import ops
 

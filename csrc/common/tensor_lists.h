@@ -289,11 +289,12 @@ class TensorLists : public torch::CustomClassHolder {
   // The checks are bound by the latency of reading each TensorImpl and its StorageImpl, scattered on the heap
   // (and out of cache after a backward pass): fetch those of the tensors a few places ahead meanwhile.
   static constexpr size_t kAhead = 8;
+  // The fields the checks read span the first sizeof(TensorImpl) bytes (storage, sizes and strides, offset,
+  // dtype, device, flags), which start anywhere in a cache line: the lines of both ends and those between.
   static void prefetch_impl(const c10::TensorImpl* t) {
     const char* p = reinterpret_cast<const char*>(t);
-    __builtin_prefetch(p);
-    __builtin_prefetch(p + 64);
-    __builtin_prefetch(p + 128);
+    for (size_t at = 0; at < sizeof(c10::TensorImpl); at += 64) __builtin_prefetch(p + at);
+    __builtin_prefetch(p + sizeof(c10::TensorImpl) - 1);
   }
   static void prefetch_meta(const c10::TensorImpl* t) {
     const char* m = reinterpret_cast<const char*>(t->autograd_meta());
@@ -309,7 +310,9 @@ class TensorLists : public torch::CustomClassHolder {
     if (counter != nullptr) __builtin_prefetch(counter, 1);
   }
   static void prefetch_storage(const c10::TensorImpl* t) {
-    __builtin_prefetch(t->unsafe_storage().unsafeGetStorageImpl());
+    const char* s = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
+    __builtin_prefetch(s);
+    __builtin_prefetch(s + 63);
   }
   // The .grad of lists_[k][i], checked as grads_of() says.
   const at::Tensor& checked_grad(const char* op, size_t k, size_t i) const {

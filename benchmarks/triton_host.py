@@ -7,6 +7,10 @@ on CPU tensors (the process re-runs itself with ``TRITON_INTERPRET=1`` when need
 with tensor lists (the plan rebuilt on every call) and on a :class:`fastperturb.ops.TensorLists` handle (the
 plan and its buffer cached, only the scalars rewritten), after a first call, on ``--tensors`` tensors of
 ``--numel`` float32 elements each. The tensors' size does not matter to the host side.
+
+The handle calls are timed twice: on unchanged gradients (``handle``), and with every ``.grad`` replaced by
+another tensor before each call (``new .grad``, as in training, where the gradients are released before each
+backward; two sets of gradient tensors alternate, so every pointer changes; the replacing is not timed).
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ def _best_us(fn: Callable[[], object], reps: int, rounds: int) -> tuple[float, f
     return per[0], per[len(per) // 2]
 
 
+def _per_call_us(fn: Callable[[], object], before: Callable[[], object], calls: int) -> tuple[float, float]:
+    """(min, median) of the time of one call of ``fn``, ``before()`` run (untimed) before each, in microseconds."""
+    before()
+    fn()
+    per = []
+    for _ in range(calls):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        per.append((time.perf_counter() - t0) * 1e6)
+    per.sort()
+    return per[0], per[len(per) // 2]
+
+
 def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
     import torch
 
@@ -50,7 +68,15 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
     backups = [torch.empty_like(p) for p in params]
     accum = [torch.zeros_like(p) for p in params]
     grads = [p.grad for p in params]
+    spare = [g.clone() for g in grads]
     lists = ops.TensorLists(params, backups, accum)
+    swaps = [0]
+
+    def new_grads() -> None:  # every .grad replaced by another tensor (alternating between two sets)
+        swaps[0] += 1
+        for p, g in zip(params, spare if swaps[0] % 2 else grads):
+            p.grad = g
+
     step = torch.full((n,), 1e-3)
     proj = torch.ones(n)
     cases = {
@@ -73,23 +99,30 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
         "norms": (lambda: ops.norms(params), lambda: ops.norms_lists(lists)),
     }
     out = []
+
+    def record(name: str, how: str, lo: float, med: float, per_call: int) -> None:
+        out.append(
+            {
+                "op": name,
+                "call": how,
+                "tensors": n,
+                "min_us": round(lo, 1),
+                "median_us": round(med, 1),
+                "launches_per_call": per_call,
+            }
+        )
+
     with dispatch.use_backend("triton"):
         for name, (with_lists, with_handle) in cases.items():
             for how, fn in (("lists", with_lists), ("handle", with_handle)):
                 launches.clear()
                 fn()
                 per_call = len(launches)
-                lo, med = _best_us(fn, reps, rounds)
-                out.append(
-                    {
-                        "op": name,
-                        "call": how,
-                        "tensors": n,
-                        "min_us": round(lo, 1),
-                        "median_us": round(med, 1),
-                        "launches_per_call": per_call,
-                    }
-                )
+                record(name, how, *_best_us(fn, reps, rounds), per_call)
+            lo, med = _per_call_us(with_handle, new_grads, reps * rounds)
+            record(name, "new .grad", lo, med, per_call)
+            for p, g in zip(params, grads):
+                p.grad = g
     return out
 
 
@@ -113,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Triton host side per op call, launches stubbed; {args.tensors} tensors; torch threads "
         f"{torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"{'op':28s} {'call':7s} {'min us':>9s} {'median us':>10s} {'launches':>9s}")
+    print(f"{'op':28s} {'call':9s} {'min us':>9s} {'median us':>10s} {'launches':>9s}")
     for r in recs:
-        print(f"{r['op']:28s} {r['call']:7s} {r['min_us']:9.1f} {r['median_us']:10.1f} {r['launches_per_call']:9d}")
+        print(f"{r['op']:28s} {r['call']:9s} {r['min_us']:9.1f} {r['median_us']:10.1f} {r['launches_per_call']:9d}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"loadavg": os.getloadavg(), "records": recs}, f, indent=1)

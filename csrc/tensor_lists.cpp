@@ -19,35 +19,34 @@ const auto tensor_lists_class =
         .def("num_lists", &fastperturb::TensorLists::num_lists)
         .def("current", &fastperturb::TensorLists::current)
         .def("serial", &fastperturb::TensorLists::serial)
-        .def("grads_generation", &fastperturb::TensorLists::grads_generation)
         .def("list",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k) {
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
                return self->list(static_cast<size_t>(k)).vec();
              })
-        // The fingerprint of lists `which` (all if empty).
-        .def("check",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
-                std::vector<int64_t> which) {
-               if (which.empty()) return self->check(op.c_str());
-               for (int64_t k : which) self->check(op.c_str(), {static_cast<size_t>(k)});
+        // The fingerprint of the lists whose bit (1 << k) is set in `mask`: one call however many lists.
+        .def("check_mask", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op,
+                              int64_t mask) { self->check_mask(op.c_str(), mask); })
+        // TensorLists::enter: the checks of one op call of a backend with its own launch plan, the gradients'
+        // pointers written into its pointer table (`table`, `code`: contiguous int64 CPU tensors), the version
+        // bumps of what it will write; returns the table's status. One crossing per op call.
+        .def("enter_grads",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op, int64_t check_mask,
+                int64_t grads_k, const at::Tensor& table, const at::Tensor& code, int64_t bump_mask) {
+               for (const at::Tensor* t : {&table, &code})
+                 TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(),
+                                   "enter_grads: the pointer table and its codes must be contiguous int64 CPU tensors");
+               TORCH_CHECK_VALUE(code.numel() == self->size(), "enter_grads: ", code.numel(), " codes for ",
+                                 self->size(), " tensors");
+               return self->enter(op.c_str(), check_mask, grads_k, table.data_ptr<int64_t>(), table.numel(),
+                                  code.const_data_ptr<int64_t>(), bump_mask);
              })
-        // The gradients checked and their generation (grads_of without handing the tensors to Python).
-        .def("refresh_grads",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
-               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
-               self->grads_of(static_cast<size_t>(k), op.c_str(), false);
-               return self->grads_generation();
-             })
-        // Version-counter bumps of list k (or of its tensors' .grad) after a backend outside C++ wrote them.
-        .def("bump_versions",
-             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, bool grads) {
-               TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");
-               for (const at::Tensor& t : self->list(static_cast<size_t>(k))) {
-                 const at::Tensor& w = grads ? t.grad() : t;
-                 if (w.defined()) w.unsafeGetTensorImpl()->bump_version();
-               }
-             })
+        // The same without gradients.
+        .def("enter",
+             [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, const std::string& op, int64_t check_mask,
+                int64_t bump_mask) { self->enter(op.c_str(), check_mask, -1, nullptr, 0, nullptr, bump_mask); })
+        // TensorLists::bump.
+        .def("bump", [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t mask) { self->bump(mask); })
         .def("grads_of",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k, const std::string& op) {
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");

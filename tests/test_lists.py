@@ -171,6 +171,34 @@ def test_a_tensor_given_new_storage_or_shape_is_refused_and_nothing_is_written()
         assert _bits_equal(params, kept)
 
 
+# Changes that keep a tensor's TensorImpl (and some its data pointer): the per-call check reads the TensorImpl's
+# and StorageImpl's fields directly, so each field must be seen changing.
+METADATA_CHANGES = {
+    "dtype": (0, lambda p: setattr(p, "data", p.data.view(torch.int32))),  # same pointer and shape
+    "transposed": (0, lambda p: p.t_()),  # same pointer
+    "strides": (0, lambda p: p.as_strided_((5, 3), (1, 5))),  # same pointer and shape
+    "shrunk": (5, lambda p: p.resize_(100)),  # same pointer
+    "offset": (5, lambda p: p.set_(p.untyped_storage(), 4, (296,))),
+    "storage reallocated": (5, lambda p: p.untyped_storage().resize_(4 * 1200)),  # same StorageImpl, new memory
+}
+
+
+@pytest.mark.parametrize("change", list(METADATA_CHANGES))
+def test_a_tensor_changed_in_place_is_refused_and_nothing_is_written(change):
+    i, mutate = METADATA_CHANGES[change]
+    params, backups, _ = _setup()
+    lists = ops.TensorLists(params, backups)
+    ops.restore_lists_(lists)
+    before = params[i].data_ptr()
+    mutate(params[i])
+    assert change != "storage reallocated" or params[i].data_ptr() != before
+    kept = _clone(params)
+    with pytest.raises(ValueError, match=rf"params\[{i}\] changed since its TensorLists handle was built"):
+        ops.restore_lists_(lists)
+    assert _bits_equal(params, kept)
+    assert not lists.handle.current()
+
+
 def test_a_backup_resized_behind_the_handle_is_refused():
     params, backups, _ = _setup()
     lists = ops.TensorLists(params, backups)

@@ -563,14 +563,14 @@ def test_handle_plan_is_built_once_and_only_the_scalars_change():
         lists = ops.TensorLists(p2, b2, a2)
         ops.grad_stats_lists_(lists, with_accum=True, accum_weight=1.0, accum_init=True)
         (key,) = lists.plans
-        plan = lists.plans[key][1]
+        plan = lists.plans[key]
         buf = plan.buf
         ops.grad_stats_([p.grad for p in p1], a1, accum_weight=1.0, accum_init=True)
         for w in (0.5, -2.0):  # new scalars, same plan and buffer
             s1 = ops.grad_stats_([p.grad for p in p1], a1, accum_weight=w)
             s2 = ops.grad_stats_lists_(lists, with_accum=True, accum_weight=w)
             assert torch.equal(s1, s2) and _same_bits(a1, a2)
-            assert lists.plans[key][1] is plan and plan.buf is buf
+            assert lists.plans[key] is plan and plan.buf is buf
         with T.tuning(chunk_size=16, block_size=8):  # other sizes: another plan
             ops.grad_stats_lists_(lists, with_accum=True, accum_weight=0.5)
         assert len(lists.plans) == 2
@@ -580,17 +580,112 @@ def test_handle_plan_follows_gradients_that_moved():
     from fastperturb import ops
 
     (p1, b1, a1), (p2, b2, a2) = _twins()
+    n = len(p1)
+    step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
+    g = torch.Generator().manual_seed(7)
     with backends.use_backend("triton"), T.tuning(**SMALL):
         lists = ops.TensorLists(p2, b2, a2)
         ops.grad_stats_lists_(lists)
-        gen = lists.handle.grads_generation()
-        g = torch.Generator().manual_seed(7)
-        for x, y in zip(p1, p2):  # zero_grad(set_to_none=True), then a backward: new gradient tensors
-            x.grad = torch.randn(x.shape, generator=g).to(x.dtype)
-            y.grad = x.grad.clone()
+        ops.ascent_step_lists_(lists, step, proj, first=True)
+        ops.restore_lists_(lists)
+        plans = dict(lists.plans)
+        for x, y in zip(p1, p2):
+            y.data.copy_(x)
+        for _ in range(2):
+            for x, y in zip(p1, p2):  # zero_grad(set_to_none=True), then a backward: new gradient tensors
+                x.grad = torch.randn(x.shape, generator=g).to(x.dtype)
+                y.grad = x.grad.clone()
+            # the same plans, their gradient pointers rewritten
+            got = ops.grad_stats_lists_(lists)
+            assert torch.equal(got, ops.grad_stats_([p.grad for p in p1]))
+            ops.ascent_step_(p1, [p.grad for p in p1], b1, step, proj, first=True)
+            ops.ascent_step_lists_(lists, step, proj, first=True)
+            assert _same_bits(p1, p2) and _same_bits(b1, b2)
+            ops.combine_grads_([p.grad for p in p1], a1, 0.5)
+            ops.combine_grads_lists_(lists, 0.5)
+            assert _same_bits([p.grad for p in p1], [p.grad for p in p2])
+            ops.restore_(p1, b1)
+            ops.restore_lists_(lists)
+            assert all(lists.plans[k] is plan for k, plan in plans.items())
+
+
+def test_handle_plan_rebuilt_when_a_new_gradient_is_misaligned():
+    from fastperturb import ops
+
+    shapes = [(40,), (64,), (3,)]
+    params = [torch.randn(s) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(params)
+        ops.grad_stats_lists_(lists)
+        (key,) = lists.plans
+        plan = lists.plans[key]
+        assert plan.grad_codes[1].item() & 1  # 64 float32: aligned, 16-byte loads assumed
+        # a gradient 4 bytes off 16-byte alignment (a view at offset 1): the plan cannot keep its row
+        params[1].grad = torch.randn(65)[1:]
         got = ops.grad_stats_lists_(lists)
-        assert lists.handle.grads_generation() > gen
-        assert torch.equal(got, ops.grad_stats_([p.grad for p in p1]))
+        assert lists.plans[key] is not plan and not lists.plans[key].grad_codes[1].item() & 1
+        assert torch.equal(got, ops.grad_stats_([p.grad for p in params]))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda p: setattr(p, "data", p.data.view(torch.int32)),  # same pointer and shape, other dtype
+        lambda p: p.as_strided_((36,), (1,), 4),  # other offset
+        lambda p: p.untyped_storage().resize_(4 * 400),  # same StorageImpl, new memory
+        lambda p: p.resize_(20),  # same pointer, smaller
+    ],
+)
+def test_handle_refuses_a_tensor_changed_in_place_before_launching(change):
+    from fastperturb import ops
+
+    params, backups, _ = _handle_case()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(params, backups)
+        step, proj = torch.ones(5), torch.ones(5)
+        ops.ascent_step_lists_(lists, step, proj, first=True)
+        ops.restore_lists_(lists)
+        change(params[0])  # float32, shape (40,)
+        versions = [p._version for p in params]
+        for call in (lambda: ops.restore_lists_(lists), lambda: ops.ascent_step_lists_(lists, step, proj)):
+            with T.count_launches() as c, pytest.raises(ValueError, match=r"params\[0\] changed since"):
+                call()
+            assert c.total == 0 and [p._version for p in params] == versions
+
+
+def test_handle_refuses_a_changed_gradient_before_launching():
+    from fastperturb import ops
+
+    params, backups, _ = _handle_case()
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(params, backups)
+        ops.ascent_step_lists_(lists, torch.ones(5), torch.ones(5), first=True)
+        versions = [p._version for p in params] + [b._version for b in backups]
+        pointers = lists.plans[next(iter(lists.plans))].host.clone()
+        p = params[4]  # float16, shape (70,)
+        p.grad_dtype = None  # (torch refuses a gradient of another dtype unless told)
+
+        def set_grad(g):
+            p.grad = None
+            p.grad = g
+
+        cases = [  # (torch refuses to assign a gradient of another shape, not to resize one)
+            (lambda: set_grad(None), TypeError, r"params\[4\]\.grad is None"),
+            (lambda: set_grad(torch.zeros(70, dtype=F16)) or p.grad.resize_(71), ValueError, r"\]\.grad has shape"),
+            (lambda: set_grad(torch.zeros(70, dtype=F32)), TypeError, r"params\[4\]\.grad has dtype"),
+            (lambda: set_grad(torch.zeros(140, dtype=F16)[::2]), ValueError, r"params\[4\]\.grad has strides"),
+            (lambda: set_grad(torch.zeros(70, dtype=F16).to_sparse()), TypeError, r"params\[4\]\.grad is a"),
+        ]
+        for change, error, message in cases:
+            change()
+            with T.count_launches() as c, pytest.raises(error, match=message):
+                ops.ascent_step_lists_(lists, torch.ones(5), torch.ones(5), first=True)
+            assert c.total == 0
+            # nothing bumped, and the plan's pointers untouched (the new ones are written only once all passed)
+            assert [p._version for p in params] + [b._version for b in backups] == versions
+            assert torch.equal(lists.plans[next(iter(lists.plans))].host, pointers)
 
 
 def test_handle_refuses_a_tensor_that_changed_before_launching():

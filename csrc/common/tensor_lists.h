@@ -11,12 +11,15 @@
 //
 // Gradients are not part of the fingerprint: they are read from the `.grad` of a list's tensors on every call
 // (they are replaced whenever a training loop sets them to None) and checked then, as the list ops check them.
-// Any op can take a handle: it calls check(), reads lists with list(k) / grads_of(k), and reuses cpu_plan().
+// Any op can take a handle: it calls check(), reads lists with list(k) / grads_of(k), and reuses cpu_plan(). A
+// backend that keeps launch plans of its own (Triton) makes one enter() per op call instead: checks, the
+// gradients' pointers written into its plan, version bumps.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -69,73 +72,126 @@ class TensorLists : public torch::CustomClassHolder {
   at::Device device() const { return device_; }
   // A number no other handle of this process has (for caches kept outside the handle, e.g. the Triton plans).
   int64_t serial() const { return serial_; }
-  // Bumped whenever grads_of() sees a gradient with another data pointer than the previous call did: a plan that
-  // holds gradient pointers (Triton) is rebuilt then.
-  int64_t grads_generation() const { return grads_generation_.load(); }
 
   // Every tensor of the lists `which` (default: all) still has the data pointer, shape, strides, dtype and device
   // it was built with.
   void check(const char* op, std::initializer_list<size_t> which) const {
-    for (size_t k : which) {
-      if (k >= lists_.size()) continue;
-      const std::vector<Print>& ps = prints_[k];
-      for (size_t i = 0; i < ps.size(); ++i) {
-        const at::Tensor& t = lists_[k][i];
-        TORCH_CHECK_VALUE(ps[i].matches(t), op, ": ", names_[k], "[", i,
-                          "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or "
-                          "device; e.g. `.data` assigned or resized in place); build a new handle for the new tensors "
-                          "(fastperturb.ops.TensorLists)");
-      }
-    }
+    for (size_t k : which) check_list(op, k);
+  }
+  // The same for the lists whose bit (1 << k) is set in `mask`.
+  void check_mask(const char* op, int64_t mask) const {
+    for (size_t k = 0; k < lists_.size(); ++k)
+      if (mask >> k & 1) check_list(op, k);
   }
   // Whether check() would pass for every list.
   bool current() const {
     for (size_t k = 0; k < lists_.size(); ++k)
       for (size_t i = 0; i < prints_[k].size(); ++i)
-        if (!prints_[k][i].matches(lists_[k][i])) return false;
+        if (!matches(lists_[k][i], prints_[k][i])) return false;
     return true;
   }
   void check(const char* op) const {
-    for (size_t k = 0; k < lists_.size(); ++k) check(op, {k});
+    for (size_t k = 0; k < lists_.size(); ++k) check_list(op, k);
   }
 
   // The .grad of every tensor of list k, checked as the list ops check a gradient list parallel to it, against
   // the shape, strides, dtype and device list k had when the handle was built (what its plan was made for).
-  // `keep`: return them (else only check them and update grads_generation()).
-  std::vector<at::Tensor> grads_of(size_t k, const char* op, bool keep = true) {
+  std::vector<at::Tensor> grads_of(size_t k, const char* op) const {
     const at::TensorList ts = list(k);
-    const std::vector<Print>& ps = prints_[k];
     std::vector<at::Tensor> grads;
-    if (keep) grads.reserve(ts.size());
-    bool moved = grad_ptrs_.size() != ts.size();
-    if (moved) grad_ptrs_.assign(ts.size(), nullptr);
-    for (size_t i = 0; i < ts.size(); ++i) {
-      const at::Tensor& t = ts[i];
-      const Print& pt = ps[i];
-      const at::Tensor& g = t.unsafeGetTensorImpl()->grad();  // (no non-leaf warning: these are leaves or shards)
-      TORCH_CHECK_TYPE(g.defined(), op, ": ", names_[k], "[", i, "].grad is None; run backward first");
-      TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": ", names_[k], "[", i, "].grad is a ",
-                       checks::layout_name(g.layout()), " tensor; only dense (strided) tensors are supported");
-      TORCH_CHECK_VALUE(g.sizes() == at::IntArrayRef(pt.sizes), op, ": ", names_[k], "[", i, "].grad has shape ",
-                        checks::tuple_str(g.sizes()), " but ", names_[k], "[", i, "] has shape ",
-                        checks::tuple_str(t.sizes()));
-      TORCH_CHECK_TYPE(g.scalar_type() == pt.dtype, op, ": ", names_[k], "[", i, "].grad has dtype ",
-                       checks::dtype_name(g.scalar_type()), " but ", names_[k], "[", i, "] has dtype ",
-                       checks::dtype_name(t.scalar_type()));
-      TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == at::IntArrayRef(pt.strides), op, ": ", names_[k], "[", i,
-                        "].grad has strides ", checks::tuple_str(g.strides()), " but ", names_[k], "[", i,
-                        "] has strides ", checks::tuple_str(t.strides()), "; use the same memory format");
-      TORCH_CHECK_VALUE(g.device() == pt.device, op, ": ", names_[k], "[", i, "].grad is on ", g.device(), " but ",
-                        names_[k], "[", i, "] is on ", t.device());
-      const void* p = g.data_ptr();
-      if (grad_ptrs_[i] != p) {
-        grad_ptrs_[i] = p;
-        moved = true;
-      }
-      if (keep) grads.push_back(g);
-    }
-    if (moved) ++grads_generation_;
+    grads.reserve(ts.size());
+    for (size_t i = 0; i < ts.size(); ++i) grads.push_back(checked_grad(op, k, i));
     return grads;
+  }
+
+  // What a backend that keeps its own launch plan (the Triton one) does once per op call, in one C++ call: check()
+  // the lists whose bit (1 << k) is set in `check_mask`; if `grads_k` >= 0, check the .grad of list grads_k's
+  // tensors as grads_of() does and write their data pointers into the plan's pointer table, table[code[i] >> 1]
+  // for every i with code[i] >= 0 (-1: the tensor has no row); then, everything checked, bump() `bump_mask`
+  // (the caller launches right after: a rejected call leaves tables and counters alone). Bit 0 of code[i] says
+  // the row's kernels assume a 16-byte aligned pointer. Returns 0 if the table already held every pointer, 1 if
+  // some were written, 2 if a gradient breaks its row's alignment (the table is then unusable: build another).
+  // The gradients are usually new tensors every step: rewriting their pointers is what keeps the plan.
+  int64_t enter(const char* op, int64_t check_mask, int64_t grads_k, int64_t* table, int64_t table_len,
+                const int64_t* code, int64_t bump_mask) const {
+    const size_t n = lists_[0].size();
+    for (size_t k = 0; k < lists_.size(); ++k)
+      if (check_mask >> k & 1) check_list(op, k);
+    int64_t status = 0;
+    if (grads_k >= 0) {
+      const size_t k = static_cast<size_t>(grads_k);
+      TORCH_CHECK_INDEX(k < lists_.size() && lists_[k].size() == n, "enter: no list ", grads_k);
+      std::vector<int64_t> grad_ptrs(n);
+      for (size_t i = read_grads(k, grad_ptrs.data()); i < n; i = read_grads(k, grad_ptrs.data(), i + 1))
+        grad_ptrs[i] = reinterpret_cast<int64_t>(checked_grad(op, k, i).data_ptr());  // (throws, or is fine)
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t c = code[i];
+        TORCH_CHECK_INDEX((c >> 1) < table_len, "pointer table position ", c >> 1, " out of range (", table_len, ")");
+      }
+      for (size_t i = 0; i < n; ++i) {
+        const int64_t c = code[i], p = grad_ptrs[i];
+        if (c < 0) continue;
+        if ((c & 1) && (p & 15)) status = 2;
+        int64_t& slot = table[c >> 1];
+        if (slot != p) {
+          slot = p;
+          if (status == 0) status = 1;
+        }
+      }
+    }
+    bump(bump_mask);
+    return status;
+  }
+  // The data pointers of the .grad of list k's tensors from `from` on, into ptrs, up to the first that fails the
+  // fast checks (returned; n if none). In passes whose loads do not depend on each other across tensors, so that
+  // they overlap: the chain from a parameter to its gradient's storage is five loads long (TensorImpl,
+  // AutogradMeta, its vtable, the grad's TensorImpl, its StorageImpl), each a cache miss when walked one tensor
+  // at a time.
+  __attribute__((flatten)) size_t read_grads(size_t k, int64_t* ptrs, size_t from = 0) const {
+    const std::vector<at::Tensor>& ts = lists_[k];
+    const std::vector<Print>& ps = prints_[k];
+    const size_t n = ts.size();
+    std::vector<const c10::TensorImpl*> impls(n);
+    for (size_t i = from; i < n; ++i) {
+      if (i + 2 * kAhead < n) __builtin_prefetch(ts[i + 2 * kAhead].unsafeGetTensorImpl());
+      if (i + kAhead < n) prefetch_meta(ts[i + kAhead].unsafeGetTensorImpl());
+      impls[i] = ts[i].unsafeGetTensorImpl()->grad().unsafeGetTensorImpl();
+    }
+    for (size_t i = from; i < n; ++i) {
+      if (i + 2 * kAhead < n) prefetch_impl(impls[i + 2 * kAhead]);
+      if (i + kAhead < n) prefetch_storage(impls[i + kAhead]);
+      const c10::TensorImpl* g = impls[i];
+      bool ok = g != c10::UndefinedTensorImpl::singleton() && g->layout() == at::kStrided &&
+                same_layout(g, ps[i], g->numel() <= 1);
+      if (ok) ptrs[i] = reinterpret_cast<int64_t>(data_of(g, ps[i].itemsize, ok));
+      if (C10_UNLIKELY(!ok)) return i;
+    }
+    return n;
+  }
+  // Version-counter bumps after a backend outside C++ wrote the tensors: bit k of `mask` for list k, bit 16 + k
+  // for the .grad of list k's tensors. A bump is a locked add, which waits for its counter's cache line and lets
+  // nothing overlap it: the counters of a block of tensors are fetched first, together.
+  void bump(int64_t mask) const {
+    constexpr size_t kBlock = 64;
+    c10::TensorImpl* impls[2 * kBlock];
+    for (size_t k = 0; k < lists_.size(); ++k) {
+      const bool tensors = mask >> k & 1, grads = mask >> (16 + k) & 1;
+      if (!tensors && !grads) continue;
+      const std::vector<at::Tensor>& ts = lists_[k];
+      for (size_t start = 0; start < ts.size(); start += kBlock) {
+        size_t m = 0;
+        for (size_t i = start; i < std::min(ts.size(), start + kBlock); ++i) {
+          c10::TensorImpl* t = ts[i].unsafeGetTensorImpl();
+          if (tensors) impls[m++] = t;
+          if (grads) {
+            const at::Tensor& g = t->grad();
+            if (g.defined()) impls[m++] = g.unsafeGetTensorImpl();
+          }
+        }
+        for (size_t j = 0; j < m; ++j) prefetch_counter(impls[j]);
+        for (size_t j = 0; j < m; ++j) impls[j]->bump_version();
+      }
+    }
   }
 
   // The CPU work plan over list 0, built on first use.
@@ -148,18 +204,139 @@ class TensorLists : public torch::CustomClassHolder {
   }
 
  private:
+  // A tensor's fingerprint; its sizes and then its strides are shapes_[at .. at + 2 * dim).
   struct Print {
-    const void* data;
-    std::vector<int64_t> sizes, strides;
+    const void* data;  // (null for an empty tensor)
+    int64_t at;
+    int64_t dim;
+    int64_t itemsize;
+    caffe2::TypeMeta meta;
     at::ScalarType dtype;
-    at::Device device;
-    bool matches(const at::Tensor& t) const {
-      return t.data_ptr() == data && t.scalar_type() == dtype && t.sizes() == at::IntArrayRef(sizes) &&
-             t.strides() == at::IntArrayRef(strides) && t.device() == device;
-    }
   };
-  static Print print_of(const at::Tensor& t) {
-    return {t.data_ptr(), t.sizes().vec(), t.strides().vec(), t.scalar_type(), t.device()};
+  Print print_of(const at::Tensor& t) {
+    Print p{t.data_ptr(), static_cast<int64_t>(shapes_.size()),
+            t.dim(),      static_cast<int64_t>(t.element_size()),
+            t.dtype(),    t.scalar_type()};
+    shapes_.insert(shapes_.end(), t.sizes().begin(), t.sizes().end());
+    shapes_.insert(shapes_.end(), t.strides().begin(), t.strides().end());
+    return p;
+  }
+  at::IntArrayRef sizes_of(const Print& p) const { return {shapes_.data() + p.at, static_cast<size_t>(p.dim)}; }
+  at::IntArrayRef strides_of(const Print& p) const {
+    return {shapes_.data() + p.at + p.dim, static_cast<size_t>(p.dim)};
+  }
+
+  // The per-call checks run for every tensor of every call, so they read the TensorImpl and StorageImpl fields
+  // directly, inlined (the at::Tensor accessors are out-of-line calls with checks of their own): about 6 ns a
+  // tensor instead of 15 (1000 small tensors, one core of this machine). Whatever they do not pass goes to the
+  // full checks, which name the problem.
+
+  // Whether `t` has the shape, dtype and device of `p`, and unless `any_strides` its strides.
+  bool same_layout(const c10::TensorImpl* t, const Print& p, bool any_strides) const {
+    if (t->dtype() != p.meta || t->device() != device_) return false;
+    const at::IntArrayRef sizes = t->sizes();
+    if (static_cast<int64_t>(sizes.size()) != p.dim) return false;
+    const int64_t* want = shapes_.data() + p.at;
+    bool same = true;
+    for (int64_t d = 0; d < p.dim; ++d) same &= sizes[d] == want[d];
+    if (any_strides || !same) return same;
+    const at::IntArrayRef strides = t->strides();
+    for (int64_t d = 0; d < p.dim; ++d) same &= strides[d] == want[p.dim + d];
+    return same;
+  }
+  // The data pointer of `t` as at::Tensor::data_ptr() has it (a copy-on-write storage materialised first), null
+  // for an empty tensor; `ok` false if `t` has no storage (the full check then says why).
+  static void* data_of(const c10::TensorImpl* t, int64_t itemsize, bool& ok) {
+    c10::StorageImpl* s = t->unsafe_storage().unsafeGetStorageImpl();
+    if (C10_UNLIKELY(s == nullptr)) {
+      ok = false;
+      return nullptr;
+    }
+    char* base = static_cast<char*>(s->mutable_data());
+    return t->numel() == 0 ? nullptr : base + itemsize * t->storage_offset();
+  }
+  bool fast_matches(const at::Tensor& t, const Print& p) const {
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    bool ok = true;
+    return same_layout(impl, p, false) && data_of(impl, p.itemsize, ok) == p.data && ok;
+  }
+  bool matches(const at::Tensor& t, const Print& p) const {
+    return fast_matches(t, p) || (t.data_ptr() == p.data && t.scalar_type() == p.dtype && t.sizes() == sizes_of(p) &&
+                                  t.strides() == strides_of(p) && t.device() == device_);
+  }
+  // The first tensor of list k that fails fast_matches() (n if none): the loop of every call, flattened so that
+  // the TensorImpl accessors it calls are inlined too.
+  __attribute__((flatten)) size_t first_changed(size_t k) const {
+    const std::vector<at::Tensor>& ts = lists_[k];
+    const std::vector<Print>& ps = prints_[k];
+    const size_t n = ps.size();
+    for (size_t i = 0; i < n; ++i) {
+      if (i + 2 * kAhead < n) prefetch_impl(ts[i + 2 * kAhead].unsafeGetTensorImpl());
+      if (i + kAhead < n) prefetch_storage(ts[i + kAhead].unsafeGetTensorImpl());
+      if (C10_UNLIKELY(!fast_matches(ts[i], ps[i]))) return i;
+    }
+    return n;
+  }
+  void check_list(const char* op, size_t k) const {
+    if (k >= lists_.size()) return;
+    const size_t n = prints_[k].size();
+    for (size_t i = first_changed(k); i < n; ++i)
+      TORCH_CHECK_VALUE(matches(lists_[k][i], prints_[k][i]), op, ": ", names_[k], "[", i,
+                        "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or "
+                        "device; e.g. `.data` assigned or resized in place); build a new handle for the new tensors "
+                        "(fastperturb.ops.TensorLists)");
+  }
+  // The checks are bound by the latency of reading each TensorImpl and its StorageImpl, scattered on the heap
+  // (and out of cache after a backward pass): fetch those of the tensors a few places ahead meanwhile.
+  static constexpr size_t kAhead = 8;
+  // The fields the checks read span the first sizeof(TensorImpl) bytes (storage, sizes and strides, offset,
+  // dtype, device, flags), which start anywhere in a cache line: the lines of both ends and those between.
+  static void prefetch_impl(const c10::TensorImpl* t) {
+    const char* p = reinterpret_cast<const char*>(t);
+    for (size_t at = 0; at < sizeof(c10::TensorImpl); at += 64) __builtin_prefetch(p + at);
+    __builtin_prefetch(p + sizeof(c10::TensorImpl) - 1);
+  }
+  static void prefetch_meta(const c10::TensorImpl* t) {
+    const char* m = reinterpret_cast<const char*>(t->autograd_meta());
+    if (m != nullptr) {
+      __builtin_prefetch(m);
+      __builtin_prefetch(m + 64);
+    }
+  }
+  static void prefetch_counter(const c10::TensorImpl* t) {
+    // (a VariableVersion is one intrusive_ptr to the counter)
+    static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is not one pointer");
+    const void* counter = *reinterpret_cast<const void* const*>(&t->version_counter());
+    if (counter != nullptr) __builtin_prefetch(counter, 1);
+  }
+  static void prefetch_storage(const c10::TensorImpl* t) {
+    const char* s = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
+    __builtin_prefetch(s);
+    __builtin_prefetch(s + 63);
+  }
+  // The .grad of lists_[k][i], checked as grads_of() says.
+  const at::Tensor& checked_grad(const char* op, size_t k, size_t i) const {
+    const at::Tensor& t = lists_[k][i];
+    const Print& pt = prints_[k][i];
+    const at::Tensor& g = t.unsafeGetTensorImpl()->grad();  // (no non-leaf warning: these are leaves or shards)
+    // The common case in one pass over the TensorImpl; the checks below name what is wrong otherwise.
+    const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
+    if (C10_LIKELY(g.defined() && gi->layout() == at::kStrided && same_layout(gi, pt, gi->numel() <= 1))) return g;
+    TORCH_CHECK_TYPE(g.defined(), op, ": ", names_[k], "[", i, "].grad is None; run backward first");
+    TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": ", names_[k], "[", i, "].grad is a ",
+                     checks::layout_name(g.layout()), " tensor; only dense (strided) tensors are supported");
+    TORCH_CHECK_VALUE(g.sizes() == sizes_of(pt), op, ": ", names_[k], "[", i, "].grad has shape ",
+                      checks::tuple_str(g.sizes()), " but ", names_[k], "[", i, "] has shape ",
+                      checks::tuple_str(t.sizes()));
+    TORCH_CHECK_TYPE(g.scalar_type() == pt.dtype, op, ": ", names_[k], "[", i, "].grad has dtype ",
+                     checks::dtype_name(g.scalar_type()), " but ", names_[k], "[", i, "] has dtype ",
+                     checks::dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == strides_of(pt), op, ": ", names_[k], "[", i,
+                      "].grad has strides ", checks::tuple_str(g.strides()), " but ", names_[k], "[", i,
+                      "] has strides ", checks::tuple_str(t.strides()), "; use the same memory format");
+    TORCH_CHECK_VALUE(g.device() == device_, op, ": ", names_[k], "[", i, "].grad is on ", g.device(), " but ",
+                      names_[k], "[", i, "] is on ", t.device());
+    return g;
   }
   static int64_t next_serial() {
     static std::atomic<int64_t> counter{0};
@@ -169,10 +346,9 @@ class TensorLists : public torch::CustomClassHolder {
   std::vector<std::vector<at::Tensor>> lists_;
   std::vector<std::string> names_;
   std::vector<std::vector<Print>> prints_;
+  std::vector<int64_t> shapes_;
   at::Device device_{at::kCPU};
   int64_t serial_;
-  std::vector<const void*> grad_ptrs_;
-  std::atomic<int64_t> grads_generation_{0};
   mutable std::once_flag plan_once_;
   mutable std::unique_ptr<cpu::Plan> plan_;
 };

@@ -37,7 +37,7 @@ class TensorLists:
     new handle. ``plans`` is free for backends to cache per-op launch plans in (the Triton backend does).
     """
 
-    __slots__ = ("params", "backups", "accum", "device", "handle", "plans", "__weakref__")
+    __slots__ = ("params", "backups", "accum", "device", "handle", "plans", "enter", "enter_grads", "__weakref__")
 
     def __init__(self, params: Sequence[Tensor], backups: Sequence[Tensor] = (), accum: Sequence[Tensor] = ()):
         self.params, self.backups, self.accum = list(params), list(backups), list(accum)
@@ -49,6 +49,9 @@ class TensorLists:
         else:  # the reference backend: validated alike all the same
             V.check_grad_stats(self.params, self.accum, self.params, self.backups, 1.0, -1.0)
         self.plans: dict = {}
+        # the handle's per-call entry points, bound once (a method lookup on a ScriptObject costs about 1 us)
+        self.enter = self.handle.enter if self.handle is not None else None
+        self.enter_grads = self.handle.enter_grads if self.handle is not None else None
 
     def __len__(self) -> int:
         return len(self.params)

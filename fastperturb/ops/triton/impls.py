@@ -34,12 +34,18 @@ NAMESPACE = "fastperturb_triton"
 
 def _device_guard(op: str, device: torch.device):
     """Refuse devices the kernels cannot run on (before anything is written); select the CUDA device."""
+    if device.type == "cpu" and _cpu_ok:
+        return _NO_GUARD
     reason = why_unavailable(device)
     if reason is not None:
         raise NotImplementedError(f"{NAMESPACE}::{op} cannot run on {device.type} tensors: {reason}")
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_GUARD
+
+
+_NO_GUARD = contextlib.nullcontext()  # (reusable: it holds nothing)
+_cpu_ok = why_unavailable(torch.device("cpu")) is None  # (fixed when the kernels were defined)
 
 
 def _scratch(plan: Plan, name: str, shape: tuple) -> Tensor:
@@ -239,26 +245,42 @@ def _combine_launch(plan: Plan) -> None:
 
 
 # ---- the ops on a TensorLists handle (fastperturb/ops/lists.py) ---------------------------------------------
-# The handle was validated when built; each call re-checks its fingerprint and the params' .grad in C++ (no
-# tensor list crosses into Python) and reuses the launch plan cached on the handle, device buffer included; only
-# the scalars are rewritten. A plan holding gradient pointers is rebuilt when a gradient moved (the handle's
-# grads generation). Lists by role: params, backups, accum; gradients: the params' .grad.
+# The handle was validated when built. Each call makes one call into C++ (TensorLists::enter): the fingerprint
+# check of the lists the op reads, the check of the params' .grad, and the version-counter bumps of what the op
+# writes; no tensor list crosses into Python. The launch plan is cached on the handle, device buffer included:
+# only the scalars are rewritten, and the gradients' pointers, which enter() writes into the plan's host buffer
+# (it is uploaded when one changed: in training every .grad is a new tensor each step). Lists by role: params,
+# backups, accum; gradients: the params' .grad.
 
 _PARAMS, _BACKUPS, _ACCUM = 0, 1, 2
+_P, _B, _A = 1 << _PARAMS, 1 << _BACKUPS, 1 << _ACCUM  # list masks of enter()
+_PG = 1 << (16 + _PARAMS)  # the params' .grad, in a bump mask
 
 
-def _lists_plan(lists, op: str, key: tuple, uses_grads: bool, used: list[int], build) -> Plan:
+def _lists_plan(lists, op: str, key: tuple, check: int, bump: int, grads_column: int, build) -> Plan:
     """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks of
-    the ``used`` lists (and of the params' gradients if ``uses_grads``: against the params' fingerprint)."""
+    the lists of mask ``check`` (and of the params' gradients if ``grads_column`` >= 0: the plan's column holding
+    them) and the version bumps of mask ``bump`` (the caller launches next)."""
+    full_key = (op, Tuning.chunk_size, Tuning.block_size, *key)
+    plan = lists.plans.get(full_key)
+    if plan is not None:
+        if grads_column < 0:
+            lists.enter(op, check, bump)
+            return plan
+        plan.host_writable()
+        status = lists.enter_grads(op, check, _PARAMS, plan.host, plan.grad_codes, bump)
+        if status == 1:
+            plan.upload()
+        if status != 2:
+            return plan
+        # a gradient is misaligned where the plan assumed 16-byte alignment: a new plan (checked and bumped)
+        plan = lists.plans[full_key] = build()
+        return plan
     h = lists.handle
-    if used:
-        h.check(op, used)
-    gen = h.refresh_grads(_PARAMS, op) if uses_grads else 0
-    full_key = (op, Tuning.chunk_size, Tuning.block_size) + key
-    hit = lists.plans.get(full_key)
-    if hit is None or hit[0] != gen:
-        hit = lists.plans[full_key] = (gen, build())
-    return hit[1]
+    h.check_mask(op, check)
+    plan = lists.plans[full_key] = build()  # (reads the gradients with grads_of: checked)
+    h.bump(bump)
+    return plan
 
 
 def _require(lists, op: str, *roles: int) -> None:
@@ -281,7 +303,7 @@ def norms_lists(lists, ord: float) -> tuple[Tensor, Tensor]:
         if n == 0:
             return per, total.zero_()
         plan = _lists_plan(
-            lists, op, (), False, [_PARAMS], lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
+            lists, op, (), _P, 0, -1, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
         )
         _norms_launch(plan, per, total, ord)
     return per, total
@@ -304,7 +326,10 @@ def grad_stats_lists_(
         raise ValueError("adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)")
     V.check_finite("accum_weight", accum_weight)
     V.check_finite("adaptive_eta", adaptive_eta)
-    _require(lists, op, *([_ACCUM] if with_accum else []), *([_BACKUPS] if with_backups else []))
+    if with_accum:
+        _require(lists, op, _ACCUM)
+    if with_backups:
+        _require(lists, op, _BACKUPS)
     device = lists.device
     with _device_guard(op, device):
         n = len(lists.params)
@@ -324,14 +349,13 @@ def grad_stats_lists_(
                 ],
                 [g.dtype for g in grads],
                 scalars=(accum_weight, adaptive_eta),
+                grads_column=0,
             )
 
-        used = [r for r, on in ((_ACCUM, with_accum), (_PARAMS, with_params), (_BACKUPS, with_backups)) if on]
-        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), True, used, build)
+        check = (_A if with_accum else 0) | (_P if with_params else 0) | (_B if with_backups else 0)
+        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), check, _A if with_accum else 0, 0, build)
         plan.set_scalars((accum_weight, adaptive_eta))
         _grad_stats_launch(plan, out, with_accum, accum_init, adaptive_eta, with_backups)
-        if with_accum:
-            lists.handle.bump_versions(_ACCUM, False)
     return out
 
 
@@ -361,18 +385,17 @@ def ascent_step_lists_(
         def build() -> Plan:
             grads = lists.handle.grads_of(_PARAMS, op)
             return Plan(
-                device, [lists.params, grads, lists.backups], [w.dtype for w in lists.params], scalars=(adaptive_eta,)
+                device,
+                [lists.params, grads, lists.backups],
+                [w.dtype for w in lists.params],
+                scalars=(adaptive_eta,),
+                grads_column=1,
             )
 
-        plan = _lists_plan(lists, op, (), True, [_PARAMS, _BACKUPS], build)
+        bump = _P | (_B if first else 0) | (_PG if zero_grads else 0)
+        plan = _lists_plan(lists, op, (), _P | _B, bump, 1, build)
         plan.set_scalars((adaptive_eta,))
         _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
-    h = lists.handle
-    h.bump_versions(_PARAMS, False)
-    if first:
-        h.bump_versions(_BACKUPS, False)
-    if zero_grads:
-        h.bump_versions(_PARAMS, True)
 
 
 def restore_lists_(lists) -> None:
@@ -386,12 +409,12 @@ def restore_lists_(lists) -> None:
             lists,
             op,
             (),
-            False,
-            [_PARAMS, _BACKUPS],
+            _P | _B,
+            _P,
+            -1,
             lambda: Plan(device, [lists.params, lists.backups], [w.element_size() for w in lists.params]),
         )
         _restore_launch(plan)
-    lists.handle.bump_versions(_PARAMS, False)
 
 
 def combine_grads_lists_(lists, weight: float) -> None:
@@ -405,12 +428,11 @@ def combine_grads_lists_(lists, weight: float) -> None:
 
         def build() -> Plan:
             grads = lists.handle.grads_of(_PARAMS, op)
-            return Plan(device, [grads, lists.accum], [g.dtype for g in grads], scalars=(weight,))
+            return Plan(device, [grads, lists.accum], [g.dtype for g in grads], scalars=(weight,), grads_column=0)
 
-        plan = _lists_plan(lists, op, (), True, [_ACCUM], build)
+        plan = _lists_plan(lists, op, (), _A, _PG, 0, build)
         plan.set_scalars((weight,))
         _combine_launch(plan)
-    lists.handle.bump_versions(_PARAMS, True)
 
 
 def dot_stats(x: list[Tensor], y: list[Tensor]) -> Tensor:

@@ -49,6 +49,12 @@ class Plan:
     (rows of ``ptr columns + [numel, first slot, index]``) and the work list of
     (row, chunk) pairs. So at most two launches per key, whatever the number
     of tensors.
+
+    A plan cached for a :class:`~fastperturb.ops.TensorLists` handle is
+    reused call after call: only its scalars (:meth:`set_scalars`) and, when
+    built with ``grads_column``, that column's gradient pointers (written in
+    ``host`` by the handle, in C++) change, and the host copy is uploaded to
+    the device buffer when they did.
     """
 
     def __init__(
@@ -57,6 +63,7 @@ class Plan:
         lists: Sequence[Sequence[Tensor]],
         keys: Sequence[object],
         scalars: Sequence[float] = (),
+        grads_column: int = -1,
     ) -> None:
         chunk = Tuning.chunk_size
         ref = lists[0]
@@ -85,9 +92,11 @@ class Plan:
         head = pbase + [f64_bits(s) for s in scalars]
         ints = list(head)
         layout = []  # (key, vec, meta offset, meta length, work offset, work length, programs)
+        codes = [-1] * n  # where each tensor's pointer of column grads_column is, and whether it must be aligned
         for (key, vec), idx in members.items():
             meta_at = len(ints)
             for i in idx:
+                codes[i] = (len(ints) + grads_column) << 1 | (vec > 1)
                 ints += rows_of[i]
                 ints += (numels[i], pbase[i], i)
             work_at = len(ints)
@@ -97,12 +106,18 @@ class Plan:
             layout.append(
                 (key, vec, meta_at, work_at - meta_at, work_at, len(ints) - work_at, (len(ints) - work_at) // 2)
             )
-        buf = torch.tensor(ints, dtype=torch.int64)
+        host = torch.tensor(ints, dtype=torch.int64)
         if device.type == "cuda":
-            buf = buf.pin_memory().to(device, non_blocking=True)
-        elif device.type != "cpu":
-            buf = buf.to(device)
-        self.buf = buf
+            host = host.pin_memory()
+        #: the buffer as the host writes it: ``buf`` itself on the CPU, else its (pinned) copy, uploaded after
+        #: every rewrite (:meth:`upload`)
+        self.host = host
+        self.uploaded: object = None  # the event of the last upload, waited for before the host copy changes
+        self.buf = buf = host if device.type == "cpu" else torch.empty_like(host, device=device)
+        self.upload()
+        #: per tensor, for the handle's ``enter_grads``: ``position << 1 | aligned`` of its pointer of column
+        #: ``grads_column`` in the buffer (-1: no row), so that new gradients only rewrite their pointers
+        self.grad_codes = torch.tensor(codes, dtype=torch.int64) if grads_column >= 0 else None
         self.pbase = buf[: n + 1]
         self.scal = buf[n + 1 : len(head)]
         self.groups = [
@@ -113,10 +128,28 @@ class Plan:
         #: scratch buffers of a cached plan (e.g. the reduction partials), reused by the next call
         self.scratch: dict[str, Tensor] = {}
 
-    def set_scalars(self, scalars: Sequence[float]) -> None:
+    def upload(self) -> None:
+        """Copy the host buffer to the device buffer (after the host copy changed; nothing to do on the CPU)."""
+        if self.buf is self.host:
+            return
+        self.buf.copy_(self.host, non_blocking=True)
+        if self.buf.device.type == "cuda":
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
+
+    def host_writable(self) -> None:
+        """Wait until the last upload has read the host buffer (pinned memory is copied asynchronously)."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+            self.uploaded = None
+
+    def set_scalars(self, scalars: tuple) -> None:
         """Rewrite the scalars in place (a cached plan reused with other scalars: one tiny copy, no re-plan)."""
-        scalars = tuple(float(x) for x in scalars)
         if scalars != self.scalars:
-            bits = torch.tensor([f64_bits(x) for x in scalars], dtype=torch.int64)
-            self.scal.copy_(bits, non_blocking=self.scal.device.type == "cuda")
+            scalars = tuple(float(x) for x in scalars)
+            self.host_writable()
+            self.host[self.n + 1 : self.n + 1 + len(scalars)] = torch.tensor(
+                [f64_bits(x) for x in scalars], dtype=torch.int64
+            )
+            self.upload()
             self.scalars = scalars

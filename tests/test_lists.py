@@ -115,6 +115,8 @@ def test_ascent_restore_combine_norms_on_handle_equal_list_ops(norm, first, zero
     for o in (2.0, math.inf):
         for x, y in zip(ops.norms(p1, o), ops.norms_lists(lists, o)):
             assert torch.equal(x, y)
+        for x, y in zip(ops.norms([p.grad for p in p1], o), ops.norms_lists(lists, o, of_grads=True)):
+            assert torch.equal(x, y)
 
     ops.combine_grads_([p.grad for p in p1], a1, 0.5)
     ops.combine_grads_lists_(lists, 0.5)
@@ -216,9 +218,16 @@ def test_gradients_are_read_on_every_call_and_checked():
     stats = ops.grad_stats_lists_(lists)
     want = torch.tensor([4.0 * p.numel() for p in params])
     torch.testing.assert_close(stats[:, 0], want)
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)  # new gradients again: the norms of .grad read them too
+    torch.testing.assert_close(
+        ops.norms_lists(lists, of_grads=True)[0], torch.tensor([3.0 * p.numel() ** 0.5 for p in params])
+    )
     params[3].grad = None
     with pytest.raises(TypeError, match=r"params\[3\]\.grad is None"):
         ops.grad_stats_lists_(lists)
+    with pytest.raises(TypeError, match=r"params\[3\]\.grad is None"):
+        ops.norms_lists(lists, of_grads=True)
     params[3].grad = torch.zeros(1, dtype=params[3].dtype)
     params[3].grad.resize_(2)  # (torch refuses to assign a gradient of another shape, not to resize one)
     with pytest.raises(ValueError, match=r"params\[3\]\.grad has shape \(2,\) but params\[3\] has shape \(1,\)"):

@@ -547,6 +547,14 @@ def test_handle_ops_equal_list_ops_bit_for_bit(norm):
         for o in (2.0, math.inf):
             for x, y in zip(ops.norms(p1, o), ops.norms_lists(lists, o)):
                 assert torch.equal(x, y)
+            for x, y in zip(ops.norms([p.grad for p in p1], o), ops.norms_lists(lists, o, of_grads=True)):
+                assert torch.equal(x, y)
+        for p in p2:  # new gradient tensors: the plan's pointers follow them
+            p.grad = p.grad.clone() * 2
+        for x, y in zip(ops.norms([p.grad for p in p2], 2.0), ops.norms_lists(lists, 2.0, of_grads=True)):
+            assert torch.equal(x, y)
+        for p in p2:
+            p.grad = p.grad / 2
         ops.combine_grads_([p.grad for p in p1], a1, 0.25)
         ops.combine_grads_lists_(lists, 0.25)
         assert _same_bits([p.grad for p in p1], [p.grad for p in p2])

@@ -14,7 +14,7 @@ namespace cpu {
 
 using Lists = c10::intrusive_ptr<TensorLists>;
 
-std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord);
+std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord, bool of_grads);
 at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
                             bool accum_init, double adaptive_eta);
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,

@@ -225,8 +225,13 @@ void check_lists(const char* op, const Lists& h, std::initializer_list<size_t> w
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord) {
+std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord, bool of_grads) {
   TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
+  if (of_grads) {  // checked against the params' fingerprint by grads_of; same numels, so the same plan
+    check_lists("norms_lists", h, {}, {});
+    const std::vector<at::Tensor> grads = h->grads_of(kParams, "norms_lists");
+    return norms_run(grads, ord, h->cpu_plan());
+  }
   check_lists("norms_lists", h, {}, {kParams});
   return norms_run(h->list(kParams), ord, h->cpu_plan());
 }

@@ -214,14 +214,14 @@ def _triton_impls():
     return _triton_impls_module
 
 
-def norms_lists(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, Tensor]:
-    """:func:`norms` of ``lists.params``."""
+def norms_lists(lists: TensorLists, ord: float = 2.0, *, of_grads: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`norms` of ``lists.params``, or of their ``.grad`` with ``of_grads``."""
     how = _lists_backend(lists)
     if how == "cpp":
-        return torch.ops.fastperturb.norms_lists(lists.handle, float(ord))
+        return torch.ops.fastperturb.norms_lists(lists.handle, float(ord), of_grads=bool(of_grads))
     if how == "triton":
-        return _triton_impls().norms_lists(lists, float(ord))
-    return norms(lists.params, ord)
+        return _triton_impls().norms_lists(lists, float(ord), bool(of_grads))
+    return norms(lists.grads() if of_grads else lists.params, ord)
 
 
 def grad_stats_lists_(

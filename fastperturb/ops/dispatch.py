@@ -66,11 +66,18 @@ def use_backend(name: str) -> Iterator[None]:
         _choice = old
 
 
+_triton_loaded = None  # the module once imported: every op call asks (an import_module costs ~1.5 us)
+
+
 def _triton_module():
+    global _triton_loaded
+    if _triton_loaded is not None:
+        return _triton_loaded
     try:
-        return importlib.import_module("fastperturb.ops.triton")
-    except Exception as e:  # ImportError, or triton failing to initialise
+        _triton_loaded = importlib.import_module("fastperturb.ops.triton")
+    except Exception as e:  # ImportError, or triton failing to initialise (not cached: the cause may be fixed)
         return e
+    return _triton_loaded
 
 
 def why_unavailable(name: str, device: torch.device) -> str | None:

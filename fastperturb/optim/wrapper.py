@@ -406,6 +406,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self._plan_cache = None
         return self._selection_cache
 
+    def _handle_on_every(self) -> Optional[ops.TensorLists]:
+        """The handle of this step's cycle when its params are every parameter, in order (all perturbed, none
+        passive; the plan cached for the current selection), else None."""
+        cached = self._plan_cache
+        if cached is None or cached[0][0] != self._selection_cache.key or torch.compiler.is_compiling():
+            return None
+        plan = cached[1]
+        parts = plan.cycle_parts
+        if plan.passive or parts is None or parts[4] is None or len(plan.params) != len(self._selection_cache.every):
+            return None
+        return parts[4]
+
     def _dense_watch(self, plan: _Plan) -> Optional[Any]:
         """The GradWatch when it watches exactly ``plan.every`` (every parameter has a gradient), else None."""
         watch = self._watch()
@@ -687,16 +699,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
         every, watch = self._all_params(), self._watch()
-        if watch is not None and watch.count_defined() == len(every):
-            with_grad = every
+        dense = watch is not None and watch.count_defined() == len(every)
+        with_grad = every if dense else [p for p in every if p.grad is not None]
+        handle = self._handle_on_every() if dense else None
+        grads: Optional[List[Tensor]] = None
+        if handle is not None:  # the step's handle holds exactly these tensors: it reads their .grad itself
+            per, total = ops.norms_lists(handle, 2.0, of_grads=True)
+            total = total.to(torch.float64)
         else:
-            with_grad = [p for p in every if p.grad is not None]
-        grads = [p.grad for p in with_grad]
-        reduce = None
-        if self._sharded:  # the norm of the whole gradient, the same on every rank
-            grads = distributed.local_list(grads)
-            reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
-        total, per = _grad_norm(grads, reduce)
+            grads = [p.grad for p in with_grad]
+            reduce = None
+            if self._sharded:  # the norm of the whole gradient, the same on every rank
+                grads = distributed.local_list(grads)
+                reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
+            total, per = _grad_norm(grads, reduce)
         checks = [torch.isfinite(total)]
         if self.max_grad_norm is not None:
             coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
@@ -717,7 +733,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self._on_nonfinite(err, scaler)
             return
         if clip and clip[0]:
-            torch._foreach_mul_(grads, coef)
+            torch._foreach_mul_(grads if grads is not None else [p.grad for p in with_grad], coef)
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
         else:

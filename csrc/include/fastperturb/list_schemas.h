@@ -11,7 +11,9 @@ namespace schemas {
 
 #define FASTPERTURB_LISTS "__torch__.torch.classes.fastperturb.TensorLists lists"
 
-inline constexpr const char* kNormsLists = "norms_lists(" FASTPERTURB_LISTS ", float ord) -> (Tensor, Tensor)";
+// of_grads: the norms of the params' .grad instead of the params (the check of the descent gradient).
+inline constexpr const char* kNormsLists =
+    "norms_lists(" FASTPERTURB_LISTS ", float ord, *, bool of_grads=False) -> (Tensor, Tensor)";
 
 inline constexpr const char* kGradStatsLists =
     "grad_stats_lists_(" FASTPERTURB_LISTS

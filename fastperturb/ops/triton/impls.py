@@ -291,7 +291,7 @@ def _require(lists, op: str, *roles: int) -> None:
             raise ValueError(f"{op}: the TensorLists handle has no {names[r]} list; build it with one")
 
 
-def norms_lists(lists, ord: float) -> tuple[Tensor, Tensor]:
+def norms_lists(lists, ord: float, of_grads: bool = False) -> tuple[Tensor, Tensor]:
     op = "norms_lists"
     if not (ord == 2.0 or math.isinf(ord) and ord > 0):
         raise ValueError(f"ord must be 2 or inf, got {ord}")
@@ -302,9 +302,17 @@ def norms_lists(lists, ord: float) -> tuple[Tensor, Tensor]:
         total = torch.empty((), dtype=torch.float32, device=device)
         if n == 0:
             return per, total.zero_()
-        plan = _lists_plan(
-            lists, op, (), _P, 0, -1, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
-        )
+        if of_grads:
+
+            def build() -> Plan:
+                grads = lists.handle.grads_of(_PARAMS, op)
+                return Plan(device, [grads], [g.dtype for g in grads], grads_column=0)
+
+            plan = _lists_plan(lists, op, (True,), 0, 0, 0, build)
+        else:
+            plan = _lists_plan(
+                lists, op, (), _P, 0, -1, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
+            )
         _norms_launch(plan, per, total, ord)
     return per, total
 

@@ -53,20 +53,27 @@ void sgd_t(const SgdStepArgs& a, int64_t n) {
   const T* __restrict__ b = static_cast<const T*>(a.backup);
   const T* __restrict__ g = static_cast<const T*>(a.grad);
   T* __restrict__ buf = static_cast<T*>(a.momentum);
-  auto k = step_math::sgd_coefs<C>(a.lr, a.weight_decay, Momentum ? a.momentum_coef : 0.0, a.dampening, Nesterov,
-                                   Maximize, Init);
-  k.decay = Decay;
-  auto block = [&](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {
+  // Everything the loop reads is local to the block function: the pointers re-declared __restrict__ and the
+  // coefficients computed there, so their compile-time switches fold into the loop and it vectorises (through
+  // captured references or a captured copy of the coefficients it does not).
+  auto block = [=, &a](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {
+    auto k = step_math::sgd_coefs<C>(a.lr, a.weight_decay, Momentum ? a.momentum_coef : 0.0, a.dampening, Nesterov,
+                                     Maximize, Init);
+    k.decay = Decay;
+    T* __restrict__ w_ = w;
+    const T* __restrict__ b_ = b;
+    const T* __restrict__ g_ = g;
+    T* __restrict__ buf_ = buf;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = s + j;
-      C bi = Momentum && !Init ? static_cast<C>(buf[i]) : C(0);
-      const C base = static_cast<C>(InPlace ? w[i] : b[i]);
-      const C nw = step_math::sgd_element(base, static_cast<C>(g[i]), bi, k);
-      if constexpr (Momentum) buf[i] = static_cast<T>(bi);
+      C bi = Momentum && !Init ? static_cast<C>(buf_[i]) : C(0);
+      const C base = static_cast<C>(InPlace ? w_[i] : b_[i]);
+      const C nw = step_math::sgd_element(base, static_cast<C>(g_[i]), bi, k);
+      if constexpr (Momentum) buf_[i] = static_cast<T>(bi);
       if constexpr (decltype(to_buf)::value)
         out[j] = static_cast<T>(nw);
       else
-        w[i] = static_cast<T>(nw);
+        w_[i] = static_cast<T>(nw);
     }
   };
   over_blocks(w, n, streams<InPlace, T>(n), block);
@@ -107,25 +114,31 @@ void adam_t(const AdamStepArgs& a, int64_t n) {
   T* __restrict__ m = static_cast<T*>(a.exp_avg);
   T* __restrict__ v = static_cast<T*>(a.exp_avg_sq);
   T* __restrict__ vmax = static_cast<T*>(a.max_exp_avg_sq);
-  auto k =
-      step_math::adam_coefs<C>(a.lr, a.beta1, a.beta2, a.eps, a.step, a.weight_decay, a.decoupled, Maximize, Amsgrad);
-  k.l2 = L2;
-  k.decoupled = Decoupled;
-  auto block = [&](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {
+  auto block = [=, &a](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {  // all local: see sgd_t
+    auto k =
+        step_math::adam_coefs<C>(a.lr, a.beta1, a.beta2, a.eps, a.step, a.weight_decay, a.decoupled, Maximize, Amsgrad);
+    k.l2 = L2;
+    k.decoupled = Decoupled;
+    T* __restrict__ w_ = w;
+    const T* __restrict__ b_ = b;
+    const T* __restrict__ g_ = g;
+    T* __restrict__ m_ = m;
+    T* __restrict__ v_ = v;
+    T* __restrict__ vmax_ = vmax;
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = s + j;
-      C mi = static_cast<C>(m[i]);
-      C vi = static_cast<C>(v[i]);
-      C xi = Amsgrad ? static_cast<C>(vmax[i]) : C(0);
-      const C base = static_cast<C>(InPlace ? w[i] : b[i]);
-      const C nw = step_math::adam_element(base, static_cast<C>(g[i]), mi, vi, xi, k);
-      m[i] = static_cast<T>(mi);
-      v[i] = static_cast<T>(vi);
-      if constexpr (Amsgrad) vmax[i] = static_cast<T>(xi);
+      C mi = static_cast<C>(m_[i]);
+      C vi = static_cast<C>(v_[i]);
+      C xi = Amsgrad ? static_cast<C>(vmax_[i]) : C(0);
+      const C base = static_cast<C>(InPlace ? w_[i] : b_[i]);
+      const C nw = step_math::adam_element(base, static_cast<C>(g_[i]), mi, vi, xi, k);
+      m_[i] = static_cast<T>(mi);
+      v_[i] = static_cast<T>(vi);
+      if constexpr (Amsgrad) vmax_[i] = static_cast<T>(xi);
       if constexpr (decltype(to_buf)::value)
         out[j] = static_cast<T>(nw);
       else
-        w[i] = static_cast<T>(nw);
+        w_[i] = static_cast<T>(nw);
     }
   };
   over_blocks(w, n, streams<InPlace, T>(n), block);

@@ -10,8 +10,12 @@
 
 #include <cmath>
 
+// Always inlined, on the host too: the CPU loops only vectorise when the element functions are inlined into them,
+// and GCC's heuristics stop inlining them once a kernel has a few instantiations of its loop.
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FP_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__) || defined(__clang__)
+#define FP_HD inline __attribute__((always_inline))
 #else
 #define FP_HD inline
 #endif

@@ -113,6 +113,11 @@ def _twin(model):
     return copy.deepcopy(model)
 
 
+def _assert_same_weights(a, b):
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
 def _python_watch(opt):
     """Make ``opt`` look at the gradients in Python (the path without the extension / under compile)."""
     sel = opt._selected_groups()
@@ -128,8 +133,7 @@ def test_radius_changed_between_steps_takes_effect_like_a_fresh_optimizer():
     opt.step(_closure(model))
     fresh = fp.SAM(fresh_model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
     fresh.step(_closure(fresh_model))
-    for a, b in zip(model.parameters(), fresh_model.parameters()):
-        assert torch.equal(a, b)
+    _assert_same_weights(model, fresh_model)
 
 
 def test_data_reassigned_between_steps_uses_the_new_tensors():
@@ -142,8 +146,7 @@ def test_data_reassigned_between_steps_uses_the_new_tensors():
     opt.step(_closure(model))
     fresh = fp.SAM(fresh_model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     fresh.step(_closure(fresh_model))
-    for a, b in zip(model.parameters(), fresh_model.parameters()):
-        assert torch.equal(a, b)
+    _assert_same_weights(model, fresh_model)
 
 
 class _Counted:
@@ -193,8 +196,7 @@ def test_compiled_gradient_watch_equals_the_python_path(clearing, preset):
     assert fast._watch() is not None, "the extension's GradWatch is in use"
     got, want = _run_loops(model, fast), _run_loops(twin, slow)
     assert got == want == [2, 1, 1, 2, 1]
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
+    _assert_same_weights(model, twin)
 
 
 def test_plan_cache_follows_a_tensor_losing_and_regaining_its_gradient():

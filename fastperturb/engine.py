@@ -243,7 +243,8 @@ class Cycle:
             raise ValueError(
                 f"this spec sums several passes: pass one accumulator per passive tensor ({len(self.passive)})"
             )
-        if lists is not None and not _held(lists, params, backups, self.accum):
+        # The caller's own lists (not the copies above): a caller passing the handle's lists is then checked at once.
+        if lists is not None and not lists.holds(params, backups, accum if spec.accumulates else []):
             raise ValueError("lists is a handle on other tensors than params, backups and accum; build one on them")
         self.lists = lists if self.params else None
         #: the tensors whose gradients every method takes, in this order
@@ -376,15 +377,6 @@ class Cycle:
         """The caller has overwritten every perturbed tensor from :attr:`backups` itself (a fused
         restore + base step): :meth:`restore` becomes a no-op."""
         self.perturbed = False
-
-
-def _held(lists: ops.TensorLists, params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor]) -> bool:
-    """Whether ``lists`` is a handle on these tensors: at once when given the handle's own lists (what a caller
-    keeping one does), else compared tensor by tensor."""
-    pairs = ((lists.params, params), (lists.backups, backups), (lists.accum, accum))
-    if all(mine is theirs or (len(mine) == 0 and len(theirs) == 0) for mine, theirs in pairs):
-        return True
-    return lists.holds(params, backups, accum)
 
 
 def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:

@@ -61,9 +61,10 @@ class TensorLists:
         return [p.grad for p in self.params]
 
     def holds(self, params: Sequence[Tensor], backups: Sequence[Tensor], accum: Sequence[Tensor]) -> bool:
-        """Whether these are the handle's tensors, one by one, in the same order."""
+        """Whether these are the handle's tensors, one by one, in the same order (at once for the handle's own
+        lists, which is what a caller keeping the handle passes)."""
         return all(
-            len(mine) == len(theirs) and all(map(operator.is_, mine, theirs))
+            mine is theirs or (len(mine) == len(theirs) and all(map(operator.is_, mine, theirs)))
             for mine, theirs in ((self.params, params), (self.backups, backups), (self.accum, accum))
         )
 

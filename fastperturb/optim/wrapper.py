@@ -102,6 +102,7 @@ class _Pending:
     skipped: bool = False
     versions: list = dataclasses.field(default_factory=list)
     watch: Optional[Any] = None  # a GradWatch holding the snapshot in place of versions
+    stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
     def backward_ran(self) -> bool:
         """Whether a gradient of the plan's tensors changed since first_step() (then forgets the snapshot)."""
@@ -111,8 +112,6 @@ class _Pending:
             return self.watch.changed(_PASS)
         finally:
             self.watch.forget(_PASS)
-
-    stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
 @dataclasses.dataclass
@@ -526,8 +525,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _new_cycle(self, plan: _Plan) -> Cycle:
         # A cached plan (_plan) keeps its buffer lists and handle: a step on the same tensors looks nothing up.
         parts = plan.cycle_parts
-        stale = parts is not None and parts[4] is not None and parts[4].handle is not None
-        if parts is None or parts[0] is not self.spec or (stale and not parts[4].handle.current()):
+        native_handle = parts is not None and parts[4] is not None and parts[4].handle is not None
+        if parts is None or parts[0] is not self.spec or (native_handle and not parts[4].handle.current()):
             parts = plan.cycle_parts = (self.spec, *self._cycle_buffers(plan))
         _, backups, accum, passive_accum, lists, radius, step, longer = parts
         params = plan.local_params
@@ -548,7 +547,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         )
 
     def _cycle_buffers(self, plan: _Plan) -> tuple:
-        """(backups, accum, passive_accum, handle or None) for a cycle on ``plan``."""
+        """(backups, accum, passive_accum, handle or None, radius, step, whether a step exceeds its radius) for a
+        cycle on ``plan``."""
         accum = self._accum_list(plan.params) if self.spec.accumulates else []
         passive_accum = (
             self._cached_list(
@@ -783,10 +783,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 loss = None
             else:
                 release = self._releases()
-                if release and watch is not None:
-                    watch.release()
-                else:
-                    (_release_grads if release else _zero_grads)(every)
+                _release_grads(every, watch) if release else _zero_grads(every)
                 loss = self._call_closure(closure, 0, every, released=release, compiled=watch)
             plan = self._plan()
             fuse = self._fusable(scaler)
@@ -839,7 +836,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 if release:
-                    compiled.release() if compiled is not None else _release_grads(watch)
+                    _release_grads(watch, compiled)
                 return self._call_closure(closure, k, watch, released=release, compiled=compiled)
 
             # A plain cycle on a handle reads the perturbed tensors' .grad itself: with no passive tensor and every
@@ -885,8 +882,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             cycle.ascend(grads, zero_grads=zero_grad and not release)
             del grads
             if release:
-                compiled = self._dense_watch(plan)
-                compiled.release() if compiled is not None else _release_grads(plan.every)
+                _release_grads(plan.every, self._dense_watch(plan))
         except NonFiniteGradient as err:
             cycle.restore()
             self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
@@ -1085,9 +1081,13 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
             torch._foreach_zero_(grads)
 
 
-def _release_grads(params: Sequence[Tensor]) -> None:
+def _release_grads(params: Sequence[Tensor], compiled: Optional[Any] = None) -> None:
     """Set the gradients to None (``zero_grad(set_to_none=True)`` without its per-group loop):
-    the next backward stores its fresh gradient instead of adding it to a zeroed one."""
+    the next backward stores its fresh gradient instead of adding it to a zeroed one. ``compiled``: a
+    GradWatch on exactly ``params``, which does it in one call."""
+    if compiled is not None:
+        compiled.release()
+        return
     for p in params:
         p.grad = None
 

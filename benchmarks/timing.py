@@ -36,6 +36,8 @@ class Candidate:
     prepare: Optional[Callable[[], object]] = None
     times: list[float] = field(default_factory=list)
     error: Optional[str] = None
+    #: the round of each of ``times`` (run_interleaved), to pair it with the probe's sample of that round
+    rounds: list[int] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -67,13 +69,19 @@ def run_interleaved(
     min_reps: int = 3,
     budget_s: float = 5.0,
     tick: Optional[Callable[[], None]] = None,
+    probe: Optional[Candidate] = None,
 ) -> None:
-    """Fill ``c.times`` for every candidate; a candidate that raises gets ``c.error`` and is dropped."""
+    """Fill ``c.times`` for every candidate; a candidate that raises gets ``c.error`` and is dropped.
+
+    ``probe`` (see :func:`triad_probe`): timed once in every round, in its rotating place among the
+    candidates, so each candidate sample has a bandwidth sample taken under the same conditions
+    (:func:`paired_ratios`). It takes no part in the warm-up estimates or the repetition targets.
+    """
     est: dict[str, float] = {}
-    for c in cands:  # warm-up, also round-robin
-        c.times = []
+    for c in [*cands, *([probe] if probe else [])]:  # warm-up, also round-robin
+        c.times, c.rounds = [], []
     for w in range(max(warmup, 1)):
-        for c in cands:
+        for c in [*cands, *([probe] if probe and w == 0 else [])]:
             if c.error:
                 continue
             if w and est.get(c.name, 0.0) > budget_s / 3:
@@ -87,6 +95,9 @@ def run_interleaved(
     target = {c.name: max(min_reps, min(reps, int(budget_s / max(est.get(c.name, 1e-9), 1e-9)))) for c in cands}
     rounds = max(target.values(), default=0)
     live = [c for c in cands if not c.error]
+    if probe is not None and not probe.error and live:
+        live.append(probe)
+        target[probe.name] = rounds
     for r in range(rounds):
         order = live[r % len(live) :] + live[: r % len(live)] if live else []
         for c in order:
@@ -96,10 +107,26 @@ def run_interleaved(
                 if c.prepare:
                     c.prepare()
                 c.times.append(time_call(c.fn, device))
+                c.rounds.append(r)
             except Exception as e:
                 c.error = f"{type(e).__name__}: {e}"
         if tick:
             tick()
+
+
+def triad_probe(device: torch.device, numel: int) -> tuple[Candidate, int]:
+    """A bandwidth probe for :func:`run_interleaved`: the in-place triad of :func:`measure_bandwidth` on
+    ``numel`` float32 each, and the bytes one call moves."""
+    a = torch.ones(numel, device=device)
+    b = torch.full((numel,), 1e-7, device=device)
+    return Candidate("triad probe", lambda: a.add_(b, alpha=0.5)), 3 * numel * a.element_size()
+
+
+def paired_ratios(cand: Candidate, probe: Candidate, probe_bytes: int, nbytes: float) -> list[float]:
+    """Each sample of ``cand`` over the bound computed from the probe's sample of the same round: time
+    x (bytes the probe moved per second in that round) / ``nbytes``. Rounds the probe missed are skipped."""
+    by_round = dict(zip(probe.rounds, probe.times))
+    return [t * (probe_bytes / by_round[r]) / nbytes for t, r in zip(cand.times, cand.rounds) if r in by_round]
 
 
 def summary(times: Sequence[float]) -> dict:

@@ -414,6 +414,40 @@ def test_bandwidth_is_trusted_only_when_the_best_samples_agree():
     assert timing.bandwidth_verdict([40.0, 41.0]) is not None  # too few to tell
 
 
+def test_paired_bound_divides_each_sample_by_its_own_rounds_probe():
+    # A machine that halves its bandwidth for the second half of the run: the candidate's time doubles with it,
+    # so the paired ratio stays put where the run-level ratio (best triad) would double.
+    cand = timing.Candidate("c", lambda: None, times=[1.0, 1.0, 2.0, 2.0], rounds=[0, 1, 2, 3])
+    probe = timing.Candidate("p", lambda: None, times=[0.5, 0.5, 1.0, 1.0], rounds=[0, 1, 2, 3])
+    assert timing.paired_ratios(cand, probe, probe_bytes=100, nbytes=100) == [2.0, 2.0, 2.0, 2.0]
+    # A sample whose round has no probe sample (the probe raised) is left out, not paired with another round.
+    probe.times, probe.rounds = [0.5, 1.0], [0, 3]
+    assert timing.paired_ratios(cand, probe, probe_bytes=100, nbytes=100) == [2.0, 2.0]
+
+
+def test_the_probe_runs_once_in_every_round_of_the_interleaving():
+    calls: list[str] = []
+    fast = timing.Candidate("fast", lambda: calls.append("fast"))
+    slow = timing.Candidate("slow", lambda: (calls.append("slow"), __import__("time").sleep(0.02)))
+    probe = timing.Candidate("probe", lambda: calls.append("probe"))
+    timing.run_interleaved([fast, slow], torch.device("cpu"), warmup=1, reps=6, min_reps=2, budget_s=0.05, probe=probe)
+    assert len(fast.times) == 6 and 2 <= len(slow.times) < 6  # the slow one got fewer repetitions
+    assert probe.rounds == list(range(6)) and len(probe.times) == 6
+    assert fast.rounds == list(range(6)) and set(slow.rounds) <= set(range(6))
+    assert calls.count("probe") == 7  # one warm-up call, then one per round
+
+
+def test_cycle_records_carry_the_paired_bound_when_the_run_has_a_bandwidth():
+    cfg = _tiny_cfg(["cycle"], backends=["cpp"])
+    cfg.bandwidth = {"triad_gbps": 10.0, "numel": 1 << 12}
+    recs = [r for r in suites.RUNNERS["cycle"](cfg) if r["status"] == "ok"]
+    assert recs and all(r["x_bound_paired"] > 0 and r["probe_gbps_median"] > 0 for r in recs)
+    cfg = _tiny_cfg(["cycle"], backends=["cpp"])  # no reliable bandwidth: no bound of either kind
+    cfg.bandwidth = {"triad_gbps": None, "unstable": "spread"}
+    recs = [r for r in suites.RUNNERS["cycle"](cfg) if r["status"] == "ok"]
+    assert recs and not any("x_bound_paired" in r or "x_bound" in r for r in recs)
+
+
 def test_tables_say_when_there_is_no_bound_and_what_they_left_out():
     rec = _fake_result(1.0, 0.9, 1.1)
     skipped = dict(_fake_result(1.0, 0.9, 1.1, "pytorch-optimizer SAM"), status="skipped", reason="not installed")

@@ -3,6 +3,7 @@ and the result records (see :mod:`benchmarks.report` for their fields)."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +34,8 @@ class Config:
     train_batch: int = 64
     bandwidth: Optional[dict] = None
     progress: Optional[Callable[[str], None]] = None
+    #: the triad probe timed in every round of the bounded suites (:func:`bound_probe`), built once
+    probe: Optional[tuple[Candidate, int]] = None
 
 
 def _say(cfg: Config, msg: str) -> None:
@@ -87,6 +90,21 @@ def timed_backends(cfg: Config) -> list[tuple[str, Optional[str]]]:
     return [(b, why) for b, why in bks if b != "reference"]
 
 
+#: The paired probe's arrays: 3 x 64 MiB of traffic, twice the L3 cache of the machines measured here, so it
+#: streams from memory as the run-level probe does, in about 4 ms a round.
+PROBE_NUMEL = 1 << 24
+
+
+def bound_probe(cfg: Config) -> Optional[tuple[Candidate, int]]:
+    """The triad probe to interleave with a bounded comparison, and its bytes per call; None when the run's
+    bandwidth was not measured reliably (then no bound is printed at all)."""
+    if not (cfg.bandwidth or {}).get("triad_gbps"):
+        return None
+    if cfg.probe is None:
+        cfg.probe = timing.triad_probe(cfg.device, min(PROBE_NUMEL, cfg.bandwidth.get("numel", PROBE_NUMEL)))
+    return cfg.probe
+
+
 def _bound(cfg: Config, nbytes: float) -> Optional[float]:
     bw = (cfg.bandwidth or {}).get("triad_gbps")
     return nbytes / (bw * 1e9) if bw else None
@@ -98,7 +116,10 @@ def _record(suite, model, case, impl, kind, **kw) -> dict:
     return rec
 
 
-def _finish(cfg: Config, rec: dict, cand: Candidate, nbytes: Optional[float]) -> dict:
+def _finish(
+    cfg: Config, rec: dict, cand: Candidate, nbytes: Optional[float], probe: Optional[tuple[Candidate, int]] = None
+) -> dict:
+    """The record's timing fields; ``probe``: the triad probe that ran in the same rounds (``x_bound_paired``)."""
     if cand.error:
         rec.update(status="error", reason=cand.error)
         return rec
@@ -113,6 +134,11 @@ def _finish(cfg: Config, rec: dict, cand: Candidate, nbytes: Optional[float]) ->
             rec["bound_s"] = bound
             rec["pct_of_bound"] = 100.0 * bound / med
             rec["x_bound"] = med / bound
+        if probe is not None and not probe[0].error:
+            ratios = timing.paired_ratios(cand, probe[0], probe[1], nbytes)
+            if ratios:
+                rec["x_bound_paired"] = statistics.median(ratios)
+                rec["probe_gbps_median"] = statistics.median(probe[1] / t / 1e9 for t in probe[0].times)
     return rec
 
 

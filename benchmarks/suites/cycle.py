@@ -6,7 +6,18 @@ import torch
 
 from .. import fused, peers, shapes, timing
 from ..timing import Candidate
-from .common import Config, _costs, _finish, _param_bytes, _record, _say, _skipped, fastperturb_backends, make_params
+from .common import (
+    Config,
+    _costs,
+    _finish,
+    _param_bytes,
+    _record,
+    _say,
+    _skipped,
+    bound_probe,
+    fastperturb_backends,
+    make_params,
+)
 
 
 def _foreach_cycle(preset: fused.Preset, params):
@@ -60,12 +71,19 @@ def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
         cands.append(Candidate("foreach", fe.cycle, refresh))
         recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
         objs.append(fe)
+        probe = bound_probe(cfg)
         timing.run_interleaved(
-            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+            cands,
+            cfg.device,
+            warmup=cfg.warmup,
+            reps=cfg.reps,
+            min_reps=cfg.min_reps,
+            budget_s=cfg.budget_s,
+            probe=probe[0] if probe else None,
         )
         for c, r, o in zip(cands, recs, objs):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
-            out.append(_finish(cfg, r, c, nbytes))
+            out.append(_finish(cfg, r, c, nbytes, probe))
             if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
                 _costs(cfg, r, c.fn, refresh, params, state_obj=o)
         refresh()

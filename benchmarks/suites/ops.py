@@ -11,7 +11,18 @@ from fastperturb.ops import dispatch as backends
 
 from .. import peers, shapes, timing
 from ..timing import Candidate
-from .common import Config, _costs, _finish, _param_bytes, _record, _say, _skipped, make_params, timed_backends
+from .common import (
+    Config,
+    _costs,
+    _finish,
+    _param_bytes,
+    _record,
+    _say,
+    _skipped,
+    bound_probe,
+    make_params,
+    timed_backends,
+)
 
 
 def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
@@ -120,13 +131,20 @@ def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
             out.append(
                 _skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)")
             )
+        probe = bound_probe(cfg)
         timing.run_interleaved(
-            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+            cands,
+            cfg.device,
+            warmup=cfg.warmup,
+            reps=cfg.reps,
+            min_reps=cfg.min_reps,
+            budget_s=cfg.budget_s,
+            probe=probe[0] if probe else None,
         )
         reset_all()
         for c, r in zip(cands, recs):
             r.update(n_tensors=n, n_params=sum(p.numel() for p in params))
-            out.append(_finish(cfg, r, c, nbytes))
+            out.append(_finish(cfg, r, c, nbytes, probe))
             _costs(cfg, r, c.fn, prep, params)
         reset_all()
         _say(cfg, f"ops {model} {case}")

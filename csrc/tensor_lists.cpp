@@ -68,5 +68,6 @@ TORCH_LIBRARY_IMPL(fastperturb, CompositeExplicitAutograd, m) {
   m.impl("grad_stats_lists_", &grad_stats_lists);
   m.impl("ascent_step_lists_", &ascent_step_lists);
   m.impl("restore_lists_", &restore_lists);
+  m.impl("restore_norms_lists_", &restore_norms_lists);
   m.impl("combine_grads_lists_", &combine_grads_lists);
 }

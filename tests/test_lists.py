@@ -127,6 +127,115 @@ def test_ascent_restore_combine_norms_on_handle_equal_list_ops(norm, first, zero
     assert _bits_equal(p2, p1) and _bits_equal(p2, b2)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("o", [2.0, math.inf])
+def test_restore_norms_lists_is_restore_then_the_norms_of_the_grads(backend, o):
+    (p1, b1, a1), (p2, b2, a2) = _twin_states()
+    for ps in (p1, p2):  # awkward gradients: NaN, Inf and zeros, in the float and the half-precision tensors
+        ps[0].grad[0, 0] = float("nan")
+        ps[2].grad.zero_()
+        ps[3].grad[0] = float("inf")
+    lists = ops.TensorLists(p2, b2, a2)
+    with dispatch.use_backend(backend):
+        per, total = ops.restore_norms_lists_(lists, o)
+        want = ops.norms([p.grad for p in p1], o)
+    ops.restore_(p1, b1)
+    assert _bits_equal([per, total], list(want))  # (NaN where a gradient has one)
+    assert _bits_equal(p2, p1) and _bits_equal(p2, b2)
+
+
+def test_restore_norms_lists_on_many_tiny_tensors_and_one_long_one():
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g) for s in [()] * 700 + [(0,), (3,)] * 150 + [(70_001,)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    backups = [torch.randn(p.shape, generator=g) for p in params]
+    lists = ops.TensorLists(params, backups)
+    want = ops.norms([p.grad for p in params], 2.0)
+    per, total = ops.restore_norms_lists_(lists)
+    assert torch.equal(per, want[0]) and torch.equal(total, want[1]) and _bits_equal(params, backups)
+
+
+def test_restore_norms_lists_refuses_bad_gradients_before_restoring_anything():
+    params, backups, _ = _setup()
+    perturbed = _clone(params)
+    lists = ops.TensorLists(params, backups)
+    params[4].grad = None  # (the empty tensor's: every gradient counts)
+    with pytest.raises(TypeError, match=r"restore_norms_lists_: params\[4\]\.grad is None"):
+        ops.restore_norms_lists_(lists)
+    assert _bits_equal(params, perturbed)  # nothing written: the caller's own restore still runs
+    with pytest.raises(ValueError, match="ord must be 2 or inf"):
+        ops.restore_norms_lists_(lists, 1.0)
+    with pytest.raises(ValueError, match="no backups list"):
+        ops.restore_norms_lists_(ops.TensorLists(params))
+    v = params[0]._version
+    params[4].grad = torch.zeros(0)
+    ops.restore_norms_lists_(lists)
+    assert params[0]._version > v and _bits_equal(params, backups)
+
+
+def test_a_plain_step_restores_in_the_pass_that_checks_g_and_the_family_does_not():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    calls = []
+    real = ops.restore_norms_lists_
+    ops.restore_norms_lists_ = lambda lists, ord=2.0: (calls.append(lists), real(lists, ord))[1]
+
+    def closure():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    try:
+        for opt in (
+            fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1),
+            fp.APD(model.parameters(), torch.optim.SGD, eps=0.01, steps=2, lr=0.1),
+        ):
+            calls.clear()
+            opt.step(closure)
+            opt.zero_grad()
+            assert len(calls) == 1
+            loss = torch.nn.functional.mse_loss(model(x), y)  # the SAM convention's two calls use it too
+            if opt.spec.steps == 1:
+                loss.backward()
+                opt.first_step()
+                closure()
+                opt.second_step()
+                assert len(calls) == 2
+        calls.clear()
+        fp.GSAM(model.parameters(), torch.optim.SGD, lr=0.1).step(closure)
+        assert calls == []  # its descent rule reads the restored buffers: restore first, then check G
+    finally:
+        ops.restore_norms_lists_ = real
+
+
+def test_a_step_whose_check_of_g_raises_leaves_the_weights_restored():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+
+    def closure():
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    real = ops.restore_norms_lists_
+
+    def broken(lists, ord=2.0):
+        raise RuntimeError("out of memory (simulated)")
+
+    ops.restore_norms_lists_ = broken
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            opt.step(closure)
+    finally:
+        ops.restore_norms_lists_ = real
+    assert _bits_equal([p.detach() for p in model.parameters()], before)  # not left at w + e
+
+
 def test_handle_ops_bump_the_version_counters_of_what_they_write():
     params, backups, accum = _setup()
     lists = ops.TensorLists(params, backups, accum)
@@ -340,9 +449,10 @@ def test_sam_steps_through_the_handle_and_survive_module_to():
     twin.load_state_dict(model.state_dict())
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    calls = []
-    real = ops.restore_lists_
+    calls = []  # the handles the restores ran on (a plain step restores in the pass that checks G)
+    real, real_fused = ops.restore_lists_, ops.restore_norms_lists_
     ops.restore_lists_ = lambda lists: (calls.append(lists), real(lists))[1]
+    ops.restore_norms_lists_ = lambda lists, ord=2.0: (calls.append(lists), real_fused(lists, ord))[1]
     try:
 
         def step(m, o):
@@ -362,7 +472,7 @@ def test_sam_steps_through_the_handle_and_survive_module_to():
         step(model, opt)
         assert len(calls) == 3 and calls[2] is not calls[0]
     finally:
-        ops.restore_lists_ = real
+        ops.restore_lists_, ops.restore_norms_lists_ = real, real_fused
     # the same three steps on lists (handles off) give the same weights, bit for bit
     twin_opt = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     twin_opt._lists_cache.get = lambda *a: None  # noqa: E731  (no handle: the list ops)

@@ -555,6 +555,15 @@ def test_handle_ops_equal_list_ops_bit_for_bit(norm):
             assert torch.equal(x, y)
         for p in p2:
             p.grad = p.grad / 2
+        # the restore in the pass that reads G: restore_ and the gradients' norms, bit for bit, twice (the
+        # second on the cached plan)
+        perturbed = [p.clone() for p in p2]
+        for o in (2.0, math.inf):
+            want = ops.norms([p.grad for p in p2], o)
+            got = ops.restore_norms_lists_(lists, o)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            assert _same_bits(p2, b2)
+            torch._foreach_copy_(p2, perturbed)
         ops.combine_grads_([p.grad for p in p1], a1, 0.25)
         ops.combine_grads_lists_(lists, 0.25)
         assert _same_bits([p.grad for p in p1], [p.grad for p in p2])

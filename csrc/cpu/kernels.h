@@ -66,8 +66,9 @@ struct EmaArgs {
 
 struct KernelTable {
   const char* isa;
-  // out = sum of squares (ord 2) or NaN-propagating max |x| (ord inf).
-  double (*norm)(at::ScalarType dtype, const void* x, int64_t n, bool inf);
+  // out = sum of squares (ord 2) or NaN-propagating max |x| (ord inf). Unless dst is null, also copies n elements
+  // of x's dtype from src to dst, bit for bit, in the same pass (restore_norms_lists_).
+  double (*norm)(at::ScalarType dtype, const void* x, int64_t n, bool inf, void* dst, const void* src);
   // out[0..2] = sums of (t g)^2, d g, d^2; also writes accum if given.
   void (*stats)(at::ScalarType dtype, const StatsArgs& a, int64_t n, double* out);
   void (*ascent)(at::ScalarType dtype, const AscentArgs& a, int64_t n);

@@ -20,6 +20,7 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
                        bool first, double adaptive_eta, bool zero_grads);
 void restore_lists(const Lists& h);
+std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord);
 void combine_grads_lists(const Lists& h, double weight);
 
 }  // namespace cpu

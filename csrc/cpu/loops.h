@@ -72,24 +72,39 @@ inline void copy_entry(void* dst, const void* src, int64_t bytes) {
   stream_fence();
 }
 
-// Sum of squares (L2) or NaN-propagating max |x| (Linf) of one chunk.
+// Sum of squares (L2) or NaN-propagating max |x| (Linf) of one chunk. With dst, also dst = src bit for bit, block
+// by block beside the reduction (restore_ fused with the check of the descent gradient): three streams in one
+// pass, where a read-only pass alone runs at about 60% of the triad's bytes per second here. The reduction is
+// the same either way, so are its bits.
 template <typename T, math::Norm N>
-double norm_chunk(const T* x, int64_t n) {
+double norm_chunk(const T* x, int64_t n, void* dst = nullptr, const void* src = nullptr) {
   using C = compute_t<T>;
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  const bool stream = dst != nullptr && bytes >= kStreamMinBytes;  // dst is write-only: see stream_stores.h
   double out[1];
   lane_reduce<C, 1>(
       n,
       [x](int64_t i, C(&acc)[1][kLanes], int l) {
         acc[0][l] = math::norm_accumulate(acc[0][l], static_cast<C>(x[i]), N);
       },
-      [](double a, double b) { return math::norm_combine(a, b, N); }, out);
+      [](double a, double b) { return math::norm_combine(a, b, N); }, out,
+      [=](int64_t start, int64_t m) {
+        if (dst == nullptr) return;
+        char* d = static_cast<char*>(dst) + start * static_cast<int64_t>(sizeof(T));
+        const char* s = static_cast<const char*>(src) + start * static_cast<int64_t>(sizeof(T));
+        if (stream)
+          stream_copy(d, s, m * static_cast<int64_t>(sizeof(T)));
+        else
+          std::memcpy(d, s, static_cast<size_t>(m) * sizeof(T));
+      });
+  if (stream) stream_fence();
   return out[0];
 }
 
 template <typename T>
-double norm_t(const void* x, int64_t n, bool inf) {
-  return inf ? norm_chunk<T, math::Norm::Linf>(static_cast<const T*>(x), n)
-             : norm_chunk<T, math::Norm::L2>(static_cast<const T*>(x), n);
+double norm_t(const void* x, int64_t n, bool inf, void* dst, const void* src) {
+  return inf ? norm_chunk<T, math::Norm::Linf>(static_cast<const T*>(x), n, dst, src)
+             : norm_chunk<T, math::Norm::L2>(static_cast<const T*>(x), n, dst, src);
 }
 
 enum class Accum { None, Init, Add };
@@ -300,8 +315,8 @@ double ema_dispatch(const EmaArgs& a, int64_t n) {
     default: TORCH_CHECK(false, "fastperturb: unsupported dtype ", dtype); \
   }
 
-inline double norm_entry(at::ScalarType dtype, const void* x, int64_t n, bool inf) {
-  FP_DTYPE_SWITCH(dtype, return norm_t<T>(x, n, inf))
+inline double norm_entry(at::ScalarType dtype, const void* x, int64_t n, bool inf, void* dst, const void* src) {
+  FP_DTYPE_SWITCH(dtype, return norm_t<T>(x, n, inf, dst, src))
 }
 inline void stats_entry(at::ScalarType dtype, const StatsArgs& a, int64_t n, double* out) {
   FP_DTYPE_SWITCH(dtype, return stats_dispatch<T>(a, n, out))

@@ -26,7 +26,9 @@ namespace {
 
 using namespace checks;
 
-std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord, const Plan& plan) {
+// With `params` and `backups` (restore_norms_lists_), also params = backups, chunk by chunk in the same pass.
+std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord, const Plan& plan,
+                                             at::TensorList params = {}, at::TensorList backups = {}) {
   const bool inf = std::isinf(ord);
   const size_t n = tensors.size();
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
@@ -35,9 +37,13 @@ std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord,
 
   std::vector<double> partial(plan.num_chunks());
   const KernelTable& k = kernels();
+  const bool restore = !params.empty();
+  if (restore) bump_versions(params);
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
     const at::Tensor& t = tensors[ch.tensor];
-    partial[c] = k.norm(t.scalar_type(), elem_ptr(t, ch.begin), ch.size, inf);
+    void* dst = restore ? elem_ptr(params[ch.tensor], ch.begin) : nullptr;
+    const void* src = restore ? elem_ptr(backups[ch.tensor], ch.begin) : nullptr;
+    partial[c] = k.norm(t.scalar_type(), elem_ptr(t, ch.begin), ch.size, inf, dst, src);
   });
 
   const math::Norm nrm = inf ? math::Norm::Linf : math::Norm::L2;
@@ -269,6 +275,15 @@ void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Te
   const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
   ascent_step_run(params, grads, h->list(kBackups), step_coef, proj, norm, first, adaptive_eta, zero_grads,
                   h->cpu_plan());
+}
+
+std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord) {
+  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
+  const char* op = "restore_norms_lists_";
+  check_lists(op, h, {kBackups}, {kParams, kBackups});
+  // Every gradient is checked (grads_of) before a weight is written: a refused call restores nothing.
+  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  return norms_run(grads, ord, h->cpu_plan(), h->list(kParams), h->list(kBackups));
 }
 
 void restore_lists(const Lists& h) {

@@ -294,6 +294,24 @@ def restore_lists_(lists: TensorLists) -> None:
         restore_(lists.params, lists.backups)
 
 
+def restore_norms_lists_(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, Tensor]:
+    """:func:`restore_lists_` and ``norms_lists(lists, ord, of_grads=True)`` in one pass over the memory (the
+    restore before the check of the descent gradient); the same results, bit for bit. Every gradient is checked
+    before a weight is written: a call refused for its gradients restores nothing."""
+    how = _lists_backend(lists)
+    if how == "cpp":
+        with torch.no_grad():
+            return torch.ops.fastperturb.restore_norms_lists_(lists.handle, float(ord))
+    if how == "triton":
+        return _triton_impls().restore_norms_lists_(lists, float(ord))
+    grads = lists.grads()  # (refused here, before the restore, as the fused paths refuse them)
+    if not lists.backups and lists.params:
+        raise ValueError("restore_norms_lists_: the TensorLists handle has no backups list; build it with one")
+    V.check_norms(grads, ord)
+    restore_(lists.params, lists.backups)
+    return norms(grads, ord)
+
+
 def combine_grads_lists_(lists: TensorLists, weight: float) -> None:
     """:func:`combine_grads_` of the params' ``.grad`` with the handle's accum."""
     how = _lists_backend(lists)

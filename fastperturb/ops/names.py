@@ -30,5 +30,6 @@ HANDLE_OPS: tuple[str, ...] = (
     "grad_stats_lists_",
     "ascent_step_lists_",
     "restore_lists_",
+    "restore_norms_lists_",
     "combine_grads_lists_",
 )

@@ -83,6 +83,9 @@ class _Family(PerturbOptimizer):
     step_key = None
     #: whether first_step()/second_step() work (LookSAM's reuse steps have no second pass)
     two_call = True
+    # Their descent rules run after the restore and reuse the backups (WSAM keeps g1 - g there): the restore
+    # stays first, not in the pass that checks G.
+    _restore_in_descend = False
 
     def __init__(self, params: Params, base_optimizer: type, rho: float, adaptive: bool, **kwargs: Any) -> None:
         if kwargs.get("fused_step"):

@@ -208,6 +208,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
     grad_clearing: str = "release"
 
+    # Whether a step that is not fused leaves the restore to _descend, which does it in the pass that checks G
+    # (restore_norms_lists_; one pass where a restore and a separate read of G take two).
+    _restore_in_descend: bool = True
+
     def __init__(
         self,
         params: Params,
@@ -693,9 +697,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             holder.param_groups[0]["params"][0].grad.fill_(math.inf)
         scaler.unscale_(holder)  # type: ignore[arg-type]
 
-    def _descend(self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Callable[[], None]] = None) -> None:
-        """G is in .grad at the restored weights: check it, clip it, take the base step
-        (``base_step``, default ``base_optimizer.step``; never with an enabled scaler)."""
+    def _descend(
+        self,
+        scaler: Optional[torch.amp.GradScaler],
+        base_step: Optional[Callable[[], None]] = None,
+        cycle: Optional[Cycle] = None,
+    ) -> None:
+        """G is in .grad: check it, clip it, take the base step at the restored weights
+        (``base_step``, default ``base_optimizer.step``; never with an enabled scaler).
+
+        ``cycle``: still perturbed (G complete); restored here before anything reads the weights, in the
+        same pass as the check of G where its handle holds every parameter (``restore_norms_lists_``). The
+        caller restores it on any exception (``cycle.restore()`` is a no-op once restored)."""
         if _scaling(scaler):
             scaler.unscale_(self.base_optimizer)
         every, watch = self._all_params(), self._watch()
@@ -703,10 +716,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
         with_grad = every if dense else [p for p in every if p.grad is not None]
         handle = self._handle_on_every() if dense else None
         grads: Optional[List[Tensor]] = None
-        if handle is not None:  # the step's handle holds exactly these tensors: it reads their .grad itself
+        if handle is not None and cycle is not None and cycle.perturbed and cycle.lists is handle:
+            # The restore's pass reads the backups and writes the weights: G's read rides on it.
+            per, total = ops.restore_norms_lists_(handle, 2.0)
+            cycle.mark_restored()
+            total = total.to(torch.float64)
+        elif handle is not None:  # the step's handle holds exactly these tensors: it reads their .grad itself
+            if cycle is not None:
+                cycle.restore()
             per, total = ops.norms_lists(handle, 2.0, of_grads=True)
             total = total.to(torch.float64)
         else:
+            if cycle is not None:
+                cycle.restore()
             grads = [p.grad for p in with_grad]
             reduce = None
             if self._sharded:  # the norm of the whole gradient, the same on every rank
@@ -787,15 +809,23 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 loss = self._call_closure(closure, 0, every, released=release, compiled=watch)
             plan = self._plan()
             fuse = self._fusable(scaler)
+            defer = not fuse and self._restore_in_descend
             cycle = None
             if plan.params:
                 try:
-                    cycle = self._perturbed_passes(plan, closure, restore=not fuse)
+                    cycle = self._perturbed_passes(plan, closure, restore=not (fuse or defer))
                 except NonFiniteGradient as err:
                     self._on_nonfinite(self._named(err, plan), scaler)
                     return loss
             if not fuse:
-                self._descend(scaler)
+                try:
+                    if defer:
+                        self._descend(scaler, cycle=cycle)
+                    else:
+                        self._descend(scaler)
+                finally:
+                    if cycle is not None:
+                        cycle.restore()  # an exception before _descend restored (no-op otherwise)
                 return loss
             try:  # the weights are still perturbed: G is checked (and clipped) before the fused op reads it
                 self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
@@ -928,7 +958,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 except BaseException:
                     cycle.restore()
                     raise
-                if not fuse:
+                if not (fuse or self._restore_in_descend):
                     cycle.restore()
         finally:
             try:
@@ -938,7 +968,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 raise
         if not pending.skipped:
             try:
-                self._descend(scaler, base_step=(lambda: self._fused_base_step(cycle)) if fuse else None)
+                if fuse:
+                    self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
+                elif self._restore_in_descend:
+                    self._descend(scaler, cycle=cycle)
+                else:
+                    self._descend(scaler)
             finally:
                 cycle.restore()  # no-op unless the fused step was skipped or raised
                 self._see_grads()

@@ -27,12 +27,17 @@ inline constexpr const char* kAscentStepLists =
 
 inline constexpr const char* kRestoreLists = "restore_lists_(" FASTPERTURB_LISTS ") -> ()";
 
+// restore_lists_ and norms_lists(of_grads=True) in one pass (the restore before the check of the descent
+// gradient): the params are restored whatever the norms are; a gradient the checks refuse restores nothing.
+inline constexpr const char* kRestoreNormsLists =
+    "restore_norms_lists_(" FASTPERTURB_LISTS ", float ord) -> (Tensor, Tensor)";
+
 inline constexpr const char* kCombineGradsLists = "combine_grads_lists_(" FASTPERTURB_LISTS ", float weight) -> ()";
 
 #undef FASTPERTURB_LISTS
 
-inline constexpr const char* kAllLists[] = {kNormsLists, kGradStatsLists, kAscentStepLists, kRestoreLists,
-                                            kCombineGradsLists};
+inline constexpr const char* kAllLists[] = {kNormsLists,   kGradStatsLists,    kAscentStepLists,
+                                            kRestoreLists, kRestoreNormsLists, kCombineGradsLists};
 
 }  // namespace schemas
 }  // namespace fastperturb

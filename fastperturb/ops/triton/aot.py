@@ -49,8 +49,8 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
             vecs = vecs[1:]
         for vec in vecs:
             base = dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ELEM=elem, ST=st, CT=ct)
-            for linf in flags:
-                yield _norms_kernel, dict(table, partials="*fp64"), dict(base, LINF=linf)
+            for linf, restore in itertools.product(flags, repeat=2):
+                yield _norms_kernel, dict(table, partials="*fp64"), dict(base, LINF=linf, RESTORE=restore, ITYPE=itype)
             for has_acc, acc_init, adaptive, has_delta in stats_flags:
                 yield (
                     _grad_stats_kernel,

@@ -73,11 +73,12 @@ def norms(tensors: list[Tensor], ord: float) -> tuple[Tensor, Tensor]:
     return per, total
 
 
-def _norms_launch(plan: Plan, per: Tensor, total: Tensor, ord: float) -> None:
+def _norms_launch(plan: Plan, per: Tensor, total: Tensor, ord: float, restore: bool = False) -> None:
+    """``restore``: a plan over (grads, params, backups) whose kernels also copy the backups into the params."""
     linf = math.isinf(ord)
     partials = _scratch(plan, "partials", (max(plan.slots, 1),))
     for grp in plan.groups:
-        elem, st, _, ct = TYPES[grp.key]
+        elem, st, it, ct = TYPES[grp.key]
         launch(
             _norms_kernel,
             grp.programs,
@@ -91,6 +92,8 @@ def _norms_launch(plan: Plan, per: Tensor, total: Tensor, ord: float) -> None:
             ST=st,
             CT=ct,
             LINF=linf,
+            RESTORE=restore,
+            ITYPE=it,
         )
     _finalize(plan, partials, per, total, 1, 1 if linf else 0)
 
@@ -404,6 +407,29 @@ def ascent_step_lists_(
         plan = _lists_plan(lists, op, (), _P | _B, bump, 1, build)
         plan.set_scalars((adaptive_eta,))
         _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
+
+
+def restore_norms_lists_(lists, ord: float) -> tuple[Tensor, Tensor]:
+    op = "restore_norms_lists_"
+    if not (ord == 2.0 or math.isinf(ord) and ord > 0):
+        raise ValueError(f"ord must be 2 or inf, got {ord}")
+    _require(lists, op, _BACKUPS)
+    device = lists.device
+    with _device_guard(op, device):
+        n = len(lists.params)
+        per = torch.empty(n, dtype=torch.float32, device=device)
+        total = torch.empty((), dtype=torch.float32, device=device)
+        if n == 0:
+            return per, total.zero_()
+
+        def build() -> Plan:
+            grads = lists.handle.grads_of(_PARAMS, op)
+            return Plan(device, [grads, lists.params, lists.backups], [g.dtype for g in grads], grads_column=0)
+
+        # Checked (params, backups and every gradient) before the launch: a refused call restores nothing.
+        plan = _lists_plan(lists, op, (), _P | _B, _P, 0, build)
+        _norms_launch(plan, per, total, ord, restore=True)
+    return per, total
 
 
 def restore_lists_(lists) -> None:

@@ -31,16 +31,27 @@ def _norms_kernel(
     ST: tl.constexpr,
     CT: tl.constexpr,
     LINF: tl.constexpr,
+    RESTORE: tl.constexpr,
+    ITYPE: tl.constexpr,
 ):
+    # RESTORE (restore_norms_lists_): rows (x, params, backups, ...), and params = backups, bit for bit, block by
+    # block beside the reduction.
     pid = tl.program_id(0)
     row = tl.load(work + 2 * pid)
     c = tl.load(work + 2 * pid + 1)
-    x_ptr = tl.load(meta + 4 * row).to(tl.pointer_type(ST))
-    numel = tl.load(meta + 4 * row + 1)
-    slot = tl.load(meta + 4 * row + 2) + c
+    NPTR: tl.constexpr = 3 if RESTORE else 1
+    x_ptr = tl.load(meta + (NPTR + 3) * row).to(tl.pointer_type(ST))
+    numel = tl.load(meta + (NPTR + 3) * row + NPTR)
+    slot = tl.load(meta + (NPTR + 3) * row + NPTR + 1) + c
     if VEC > 1:
         x_ptr = tl.multiple_of(x_ptr, 16)
         numel = tl.multiple_of(numel, VEC)
+    if RESTORE:
+        w_ptr = tl.load(meta + (NPTR + 3) * row + 1).to(tl.pointer_type(ITYPE))
+        b_ptr = tl.load(meta + (NPTR + 3) * row + 2).to(tl.pointer_type(ITYPE))
+        if VEC > 1:
+            w_ptr = tl.multiple_of(w_ptr, 16)
+            b_ptr = tl.multiple_of(b_ptr, 16)
     start = c * CHUNK
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], CT)
@@ -48,6 +59,8 @@ def _norms_kernel(
         offs = start + off + lanes
         m = offs < numel
         x = load_elem(x_ptr, offs, m, ELEM, CT)
+        if RESTORE:
+            tl.store(w_ptr + offs, tl.load(b_ptr + offs, mask=m), mask=m)
         if LINF:
             # math.h max_abs_nan, per lane: a NaN sticks.
             a = tl.where(x < 0, -x, x)

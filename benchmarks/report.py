@@ -366,6 +366,12 @@ def targets(results: list[dict]) -> list[dict]:
                 "<= 1.05",
                 lambda v: v <= 1.05,
             )
+            add(  # the same, each step sample against the closure and the cycle timed in its own round
+                f"{case} step on {model} (C++, closure excluded) / its cycle, paired per round",
+                step.get("over_cycle_paired") if step else None,
+                "<= 1.05",
+                lambda v: v <= 1.05,
+            )
     from .train_loop import targets as train_loop_targets
 
     out.extend(train_loop_targets(results))

@@ -97,6 +97,11 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
             lambda: ops.combine_grads_lists_(lists, 0.5),
         ),
         "norms": (lambda: ops.norms(params), lambda: ops.norms_lists(lists)),
+        # the restore before the check of G: two list ops, one handle op
+        "restore_ + norms of .grad": (
+            lambda: (ops.restore_(params, backups), ops.norms(grads)),
+            lambda: ops.restore_norms_lists_(lists),
+        ),
     }
     out = []
 

@@ -582,6 +582,28 @@ def test_step_over_cycle_targets_read_the_default_step_and_the_cpp_cycle():
     assert apd["value"] is None and apd["met"] is None
 
 
+def test_paired_step_share_subtracts_each_rounds_own_closure_and_divides_by_its_cycle():
+    from benchmarks.suites import step as step_suite
+
+    # Round 1 is slow for everything (the machine), round 2 has no cycle sample: the pairs are per round.
+    step = timing.Candidate("s", lambda: None, times=[0.030, 0.060, 0.031], rounds=[0, 1, 2])
+    closure = timing.Candidate("c", lambda: None, times=[0.005, 0.010, 0.005], rounds=[0, 1, 2])
+    cycle = timing.Candidate("y", lambda: None, times=[0.020, 0.040], rounds=[0, 1])
+    got = step_suite._paired_shares(step, {"closure": closure, "cycle": cycle}, calls=2)
+    assert got["optimizer_s_paired"] == pytest.approx(0.030) and got["over_cycle_paired"] == pytest.approx(1.0)
+
+
+def test_step_suite_times_the_closure_and_the_cycle_beside_the_cpp_step():
+    cfg = _tiny_cfg(["step"], backends=["cpp"], reps=3, min_reps=3)
+    recs = suites.RUNNERS["step"](cfg)
+    sam = next(r for r in recs if r["case"] == "SAM" and r["impl"] == "fastperturb.SAM[cpp]")
+    assert sam["optimizer_s_paired"] < sam["median_s"] and sam["over_cycle_paired"] > 0
+    assert not any("paired" in r["impl"] for r in recs)  # helpers, not rows of the table
+    targets = {t["name"]: t for t in report.targets([dict(r, model="resnet50") for r in recs])}
+    paired = targets["SAM step on resnet50 (C++, closure excluded) / its cycle, paired per round"]
+    assert paired["value"] == pytest.approx(sam["over_cycle_paired"])
+
+
 # ----------------------------------------------------------------------------- the SAM family suite (issue 11)
 
 

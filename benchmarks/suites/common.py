@@ -105,6 +105,22 @@ def bound_probe(cfg: Config) -> Optional[tuple[Candidate, int]]:
     return cfg.probe
 
 
+def run_bounded(cfg: Config, cands: list[Candidate]) -> Optional[tuple[Candidate, int]]:
+    """:func:`timing.run_interleaved` over ``cands`` with the triad probe in every round (:func:`bound_probe`);
+    returns the probe, for :func:`_finish`."""
+    probe = bound_probe(cfg)
+    timing.run_interleaved(
+        cands,
+        cfg.device,
+        warmup=cfg.warmup,
+        reps=cfg.reps,
+        min_reps=cfg.min_reps,
+        budget_s=cfg.budget_s,
+        probe=probe[0] if probe else None,
+    )
+    return probe
+
+
 def _bound(cfg: Config, nbytes: float) -> Optional[float]:
     bw = (cfg.bandwidth or {}).get("triad_gbps")
     return nbytes / (bw * 1e9) if bw else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import fused, peers, shapes, timing
+from .. import fused, peers, shapes
 from ..timing import Candidate
 from .common import (
     Config,
@@ -14,9 +14,9 @@ from .common import (
     _record,
     _say,
     _skipped,
-    bound_probe,
     fastperturb_backends,
     make_params,
+    run_bounded,
 )
 
 
@@ -71,16 +71,7 @@ def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
         cands.append(Candidate("foreach", fe.cycle, refresh))
         recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
         objs.append(fe)
-        probe = bound_probe(cfg)
-        timing.run_interleaved(
-            cands,
-            cfg.device,
-            warmup=cfg.warmup,
-            reps=cfg.reps,
-            min_reps=cfg.min_reps,
-            budget_s=cfg.budget_s,
-            probe=probe[0] if probe else None,
-        )
+        probe = run_bounded(cfg, cands)
         for c, r, o in zip(cands, recs, objs):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, nbytes, probe))

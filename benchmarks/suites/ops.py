@@ -9,7 +9,7 @@ import torch
 from fastperturb import ops
 from fastperturb.ops import dispatch as backends
 
-from .. import peers, shapes, timing
+from .. import peers, shapes
 from ..timing import Candidate
 from .common import (
     Config,
@@ -19,8 +19,8 @@ from .common import (
     _record,
     _say,
     _skipped,
-    bound_probe,
     make_params,
+    run_bounded,
     timed_backends,
 )
 
@@ -131,16 +131,7 @@ def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
             out.append(
                 _skipped("ops", model, case, "foreach", "foreach", "no single foreach equivalent (needs temporaries)")
             )
-        probe = bound_probe(cfg)
-        timing.run_interleaved(
-            cands,
-            cfg.device,
-            warmup=cfg.warmup,
-            reps=cfg.reps,
-            min_reps=cfg.min_reps,
-            budget_s=cfg.budget_s,
-            probe=probe[0] if probe else None,
-        )
+        probe = run_bounded(cfg, cands)
         reset_all()
         for c, r in zip(cands, recs):
             r.update(n_tensors=n, n_params=sum(p.numel() for p in params))

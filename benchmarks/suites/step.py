@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Optional, Sequence
 
 import torch
@@ -230,8 +231,14 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             recs.append(_record("step", model, label, impl, kind))
             objs.append(obj)
             closures.append(closure)
+        paired = _paired_helpers(cfg, preset, params, pre)
         timing.run_interleaved(
-            cands, cfg.device, warmup=cfg.warmup, reps=cfg.reps, min_reps=cfg.min_reps, budget_s=cfg.budget_s
+            cands + list(paired.values()),
+            cfg.device,
+            warmup=cfg.warmup,
+            reps=cfg.reps,
+            min_reps=cfg.min_reps,
+            budget_s=cfg.budget_s,
         )
         for c, r, o, cl in zip(cands, recs, objs, closures):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
@@ -241,12 +248,66 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             if closure_s is not None:
                 r["closure_s"] = closure_s
                 r["optimizer_s"] = r["median_s"] - (preset.spec.steps + 1) * closure_s
+            if paired and r["impl"] == f"fastperturb.{preset.name}[cpp]":
+                r.update(_paired_shares(c, paired, preset.spec.steps + 1))
             before = cl.calls
             _costs(cfg, r, c.fn, None, params, state_obj=o)
             if cfg.measure_costs:
                 r["closure_calls"] = (cl.calls - before) // 2
         del cands, objs, closures
         _say(cfg, f"step {model} {label}")
+
+
+def _paired_helpers(cfg: Config, preset: fused.Preset, params, pre) -> dict[str, Candidate]:
+    """For SAM and APD on the C++ backend: the closure alone and the engine's cycle alone, timed in the same
+    rounds as the steps, so that each step sample has its own round's closure and cycle (:func:`_paired_shares`).
+    The cycle is that of the cycle suite (gradient given, no closure), on these tensors."""
+    if preset.name not in ("SAM", "APD") or not any(b == "cpp" and not why for b, why in timed_backends(cfg)):
+        return {}
+    cycle = _PairedCycle(preset, params, pre)
+    return {
+        "closure": Candidate("closure (paired)", SyntheticClosure(params, pre)),
+        "cycle": Candidate("cycle (paired)", cycle.run, cycle.prepare),
+    }
+
+
+class _PairedCycle:
+    """The engine's cycle on the step suite's tensors, g_0 given by the closure before each call (untimed)."""
+
+    def __init__(self, preset: fused.Preset, params, pre):
+        self.preset, self.params = preset, list(params)
+        self.closure = SyntheticClosure(params, pre)
+        self.cycle = fused.FusedCycle(preset, self.params, "cpp")
+
+    def prepare(self) -> None:
+        self.closure()
+        # The peers that restore by assigning .data (the old_p loop) leave a handle on the old storage: a new one.
+        h = self.cycle.lists
+        if h is not None and h.handle is not None and not h.handle.current():
+            self.cycle = fused.FusedCycle(self.preset, self.params, "cpp")
+
+    def run(self) -> None:
+        self.cycle.run()
+
+
+def _paired_shares(step: Candidate, paired: dict[str, Candidate], calls: int) -> dict:
+    """The step's own time (its time minus ``calls`` times the closure's) and that over the cycle's, each sample
+    against the closure and cycle samples of its own round; medians over the rounds all three have."""
+    by_round = {k: dict(zip(c.rounds, c.times)) for k, c in paired.items() if not c.error}
+    if len(by_round) < 2:
+        return {}
+    own, ratio = [], []
+    for t, r in zip(step.times, step.rounds):
+        if r in by_round["closure"] and r in by_round["cycle"]:
+            own.append(t - calls * by_round["closure"][r])
+            ratio.append(own[-1] / by_round["cycle"][r])
+    if not own:
+        return {}
+    return {
+        "optimizer_s_paired": statistics.median(own),
+        "over_cycle_paired": statistics.median(ratio),
+        "cycle_s_paired": statistics.median(paired["cycle"].times),
+    }
 
 
 def suite_step(cfg: Config) -> list[dict]:

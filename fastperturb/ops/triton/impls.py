@@ -295,7 +295,18 @@ def _require(lists, op: str, *roles: int) -> None:
 
 
 def norms_lists(lists, ord: float, of_grads: bool = False) -> tuple[Tensor, Tensor]:
-    op = "norms_lists"
+    return _norms_on_handle(lists, "norms_lists", ord, "grads" if of_grads else "params")
+
+
+def restore_norms_lists_(lists, ord: float) -> tuple[Tensor, Tensor]:
+    _require(lists, "restore_norms_lists_", _BACKUPS)
+    return _norms_on_handle(lists, "restore_norms_lists_", ord, "restore")
+
+
+def _norms_on_handle(lists, op: str, ord: float, of: str) -> tuple[Tensor, Tensor]:
+    """The norms of the params (``of="params"``), of their ``.grad`` (``"grads"``), or of their ``.grad`` with the
+    params restored from the backups in the same kernels (``"restore"``: checked, params, backups and every
+    gradient, before the launch, so a refused call restores nothing)."""
     if not (ord == 2.0 or math.isinf(ord) and ord > 0):
         raise ValueError(f"ord must be 2 or inf, got {ord}")
     device = lists.device
@@ -305,18 +316,20 @@ def norms_lists(lists, ord: float, of_grads: bool = False) -> tuple[Tensor, Tens
         total = torch.empty((), dtype=torch.float32, device=device)
         if n == 0:
             return per, total.zero_()
-        if of_grads:
-
-            def build() -> Plan:
-                grads = lists.handle.grads_of(_PARAMS, op)
-                return Plan(device, [grads], [g.dtype for g in grads], grads_column=0)
-
-            plan = _lists_plan(lists, op, (True,), 0, 0, 0, build)
-        else:
+        if of == "params":
             plan = _lists_plan(
                 lists, op, (), _P, 0, -1, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
             )
-        _norms_launch(plan, per, total, ord)
+        else:
+            restore = of == "restore"
+
+            def build() -> Plan:
+                grads = lists.handle.grads_of(_PARAMS, op)
+                cols = [grads, lists.params, lists.backups] if restore else [grads]
+                return Plan(device, cols, [g.dtype for g in grads], grads_column=0)
+
+            plan = _lists_plan(lists, op, (True,), _P | _B if restore else 0, _P if restore else 0, 0, build)
+        _norms_launch(plan, per, total, ord, restore=of == "restore")
     return per, total
 
 
@@ -407,29 +420,6 @@ def ascent_step_lists_(
         plan = _lists_plan(lists, op, (), _P | _B, bump, 1, build)
         plan.set_scalars((adaptive_eta,))
         _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
-
-
-def restore_norms_lists_(lists, ord: float) -> tuple[Tensor, Tensor]:
-    op = "restore_norms_lists_"
-    if not (ord == 2.0 or math.isinf(ord) and ord > 0):
-        raise ValueError(f"ord must be 2 or inf, got {ord}")
-    _require(lists, op, _BACKUPS)
-    device = lists.device
-    with _device_guard(op, device):
-        n = len(lists.params)
-        per = torch.empty(n, dtype=torch.float32, device=device)
-        total = torch.empty((), dtype=torch.float32, device=device)
-        if n == 0:
-            return per, total.zero_()
-
-        def build() -> Plan:
-            grads = lists.handle.grads_of(_PARAMS, op)
-            return Plan(device, [grads, lists.params, lists.backups], [g.dtype for g in grads], grads_column=0)
-
-        # Checked (params, backups and every gradient) before the launch: a refused call restores nothing.
-        plan = _lists_plan(lists, op, (), _P | _B, _P, 0, build)
-        _norms_launch(plan, per, total, ord, restore=True)
-    return per, total
 
 
 def restore_lists_(lists) -> None:

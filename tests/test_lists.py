@@ -11,11 +11,15 @@ import weakref
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastperturb as fp
-from fastperturb import ops
+from fastperturb import ops, testing
 from fastperturb.engine import Cycle, PerturbSpec, grads_of, run_cycle
 from fastperturb.ops import dispatch, reference
+
+from strategies import layers, seeds
 
 pytestmark = pytest.mark.usefixtures("native")
 
@@ -142,6 +146,23 @@ def test_restore_norms_lists_is_restore_then_the_norms_of_the_grads(backend, o):
     ops.restore_(p1, b1)
     assert _bits_equal([per, total], list(want))  # (NaN where a gradient has one)
     assert _bits_equal(p2, p1) and _bits_equal(p2, b2)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layers(max_len=5), seeds, st.sampled_from([2.0, math.inf]))
+def test_restore_norms_lists_property(lays, seed, o):
+    """Any list (0-dim, empty, odd sizes, every dtype, channels_last, NaN/Inf/denormal gradients): the weights
+    are the backups bit for bit, the norms are the C++ norms of the gradients bit for bit and the reference's
+    within its tolerance."""
+    x = testing.make_inputs(lays, seed, grad_special=0.1)
+    for p, g in zip(x.params, x.grads):
+        p.grad = g
+    want = ops.norms(x.grads, o)
+    with dispatch.use_backend("reference"):
+        ref = ops.norms(x.grads, o)
+    per, total = ops.restore_norms_lists_(ops.TensorLists(x.params, x.backups), o)
+    assert _bits_equal([per, total], list(want)) and _bits_equal(x.params, x.backups)
+    torch.testing.assert_close(per, ref[0], rtol=1e-5, atol=0, equal_nan=True)
 
 
 def test_restore_norms_lists_on_many_tiny_tensors_and_one_long_one():

@@ -182,9 +182,13 @@ def test_restore_norms_lists_refuses_bad_gradients_before_restoring_anything():
     perturbed = _clone(params)
     lists = ops.TensorLists(params, backups)
     params[4].grad = None  # (the empty tensor's: every gradient counts)
-    with pytest.raises(TypeError, match=r"restore_norms_lists_: params\[4\]\.grad is None"):
-        ops.restore_norms_lists_(lists)
-    assert _bits_equal(params, perturbed)  # nothing written: the caller's own restore still runs
+    for backend in ("cpp", "reference"):  # the handle op, and the list ops it falls back to
+        with (
+            dispatch.use_backend(backend),
+            pytest.raises(TypeError, match=r"restore_norms_lists_: params\[4\]\.grad is None"),
+        ):
+            ops.restore_norms_lists_(lists)
+        assert _bits_equal(params, perturbed)  # nothing written: the caller's own restore still runs
     with pytest.raises(ValueError, match="ord must be 2 or inf"):
         ops.restore_norms_lists_(lists, 1.0)
     with pytest.raises(ValueError, match="no backups list"):

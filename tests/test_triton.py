@@ -564,6 +564,11 @@ def test_handle_ops_equal_list_ops_bit_for_bit(norm):
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
             assert _same_bits(p2, b2)
             torch._foreach_copy_(p2, perturbed)
+        held, p2[1].grad = p2[1].grad, None  # refused before the launch: nothing restored
+        with pytest.raises(TypeError, match=r"restore_norms_lists_: params\[1\]\.grad is None"):
+            ops.restore_norms_lists_(lists)
+        assert _same_bits(p2, perturbed)
+        p2[1].grad = held
         ops.combine_grads_([p.grad for p in p1], a1, 0.25)
         ops.combine_grads_lists_(lists, 0.25)
         assert _same_bits([p.grad for p in p1], [p.grad for p in p2])

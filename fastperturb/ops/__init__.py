@@ -304,9 +304,12 @@ def restore_norms_lists_(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, 
             return torch.ops.fastperturb.restore_norms_lists_(lists.handle, float(ord))
     if how == "triton":
         return _triton_impls().restore_norms_lists_(lists, float(ord))
-    grads = lists.grads()  # (refused here, before the restore, as the fused paths refuse them)
     if not lists.backups and lists.params:
         raise ValueError("restore_norms_lists_: the TensorLists handle has no backups list; build it with one")
+    grads = lists.grads()  # checked here, before the restore, as the fused paths check them
+    missing = next((i for i, g in enumerate(grads) if g is None), None)
+    if missing is not None:
+        raise TypeError(f"restore_norms_lists_: params[{missing}].grad is None; run backward first")
     V.check_norms(grads, ord)
     restore_(lists.params, lists.backups)
     return norms(grads, ord)

@@ -185,7 +185,9 @@ class _Family(PerturbOptimizer):
             self._rollback()
             raise
 
-    def _descend(self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Any] = None) -> None:
+    def _descend(
+        self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Any] = None, cycle: Optional[Cycle] = None
+    ) -> None:
         plan, self._cycle_plan = self._cycle_plan, None
         try:
             if plan is not None:
@@ -195,7 +197,7 @@ class _Family(PerturbOptimizer):
                     self._rollback()
                     self._on_nonfinite(self._named(err, plan), scaler)  # raises in "raise" mode
                     return
-            super()._descend(scaler, base_step)
+            super()._descend(scaler, base_step, cycle)
         except BaseException:
             self._rollback()
             raise

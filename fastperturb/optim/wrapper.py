@@ -715,20 +715,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
         dense = watch is not None and watch.count_defined() == len(every)
         with_grad = every if dense else [p for p in every if p.grad is not None]
         handle = self._handle_on_every() if dense else None
+        # The restore's pass reads the backups and writes the weights: G's read rides on it where the handle can.
+        in_restore = handle is not None and cycle is not None and cycle.perturbed and cycle.lists is handle
+        if cycle is not None and not in_restore:
+            cycle.restore()  # (a no-op when the caller restored it)
         grads: Optional[List[Tensor]] = None
-        if handle is not None and cycle is not None and cycle.perturbed and cycle.lists is handle:
-            # The restore's pass reads the backups and writes the weights: G's read rides on it.
-            per, total = ops.restore_norms_lists_(handle, 2.0)
-            cycle.mark_restored()
-            total = total.to(torch.float64)
-        elif handle is not None:  # the step's handle holds exactly these tensors: it reads their .grad itself
-            if cycle is not None:
-                cycle.restore()
-            per, total = ops.norms_lists(handle, 2.0, of_grads=True)
+        if handle is not None:  # the step's handle holds exactly these tensors: it reads their .grad itself
+            if in_restore:
+                per, total = ops.restore_norms_lists_(handle, 2.0)
+                cycle.mark_restored()
+            else:
+                per, total = ops.norms_lists(handle, 2.0, of_grads=True)
             total = total.to(torch.float64)
         else:
-            if cycle is not None:
-                cycle.restore()
             grads = [p.grad for p in with_grad]
             reduce = None
             if self._sharded:  # the norm of the whole gradient, the same on every rank
@@ -809,20 +808,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 loss = self._call_closure(closure, 0, every, released=release, compiled=watch)
             plan = self._plan()
             fuse = self._fusable(scaler)
-            defer = not fuse and self._restore_in_descend
             cycle = None
             if plan.params:
                 try:
-                    cycle = self._perturbed_passes(plan, closure, restore=not (fuse or defer))
+                    cycle = self._perturbed_passes(plan, closure, restore=not (fuse or self._restore_in_descend))
                 except NonFiniteGradient as err:
                     self._on_nonfinite(self._named(err, plan), scaler)
                     return loss
             if not fuse:
                 try:
-                    if defer:
-                        self._descend(scaler, cycle=cycle)
-                    else:
-                        self._descend(scaler)
+                    self._descend(scaler, cycle=cycle)
                 finally:
                     if cycle is not None:
                         cycle.restore()  # an exception before _descend restored (no-op otherwise)
@@ -968,12 +963,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 raise
         if not pending.skipped:
             try:
-                if fuse:
+                if fuse:  # (the fused op restores: the cycle stays perturbed through the check of G)
                     self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
-                elif self._restore_in_descend:
-                    self._descend(scaler, cycle=cycle)
                 else:
-                    self._descend(scaler)
+                    self._descend(scaler, cycle=cycle)
             finally:
                 cycle.restore()  # no-op unless the fused step was skipped or raised
                 self._see_grads()

@@ -316,12 +316,12 @@ def _norms_on_handle(lists, op: str, ord: float, of: str) -> tuple[Tensor, Tenso
         total = torch.empty((), dtype=torch.float32, device=device)
         if n == 0:
             return per, total.zero_()
+        restore = of == "restore"
         if of == "params":
             plan = _lists_plan(
                 lists, op, (), _P, 0, -1, lambda: Plan(device, [lists.params], [t.dtype for t in lists.params])
             )
         else:
-            restore = of == "restore"
 
             def build() -> Plan:
                 grads = lists.handle.grads_of(_PARAMS, op)
@@ -329,7 +329,7 @@ def _norms_on_handle(lists, op: str, ord: float, of: str) -> tuple[Tensor, Tenso
                 return Plan(device, cols, [g.dtype for g in grads], grads_column=0)
 
             plan = _lists_plan(lists, op, (True,), _P | _B if restore else 0, _P if restore else 0, 0, build)
-        _norms_launch(plan, per, total, ord, restore=of == "restore")
+        _norms_launch(plan, per, total, ord, restore=restore)
     return per, total
 
 

@@ -29,6 +29,18 @@ def test_norms(compared_backend, ls, seed, ord):
     check_op("norms", compared_backend, make_inputs(ls, seed), ord=ord)
 
 
+def test_norms_of_values_whose_squares_underflow(compared_backend):
+    # float32 squares of |x| < ~1e-19 are subnormal or 0, the reference's float64 ones are not: within
+    # check_op's bound for that (a lone subnormal in a 0-dim tensor once failed the relative bound alone).
+    x = make_inputs([Layer((), F32), Layer((3,), F32), Layer((2,), BF16), Layer((2,), F64)], 0)
+    x.grads[0].fill_(1e-40)
+    x.grads[1].copy_(torch.tensor([3e-20, -1e-30, 0.0]))
+    x.grads[2].fill_(1e-25)
+    x.grads[3].fill_(1e-200)
+    for ord in (2.0, math.inf):
+        check_op("norms", compared_backend, x, ord=ord)
+
+
 @given(
     layers(),
     seeds,

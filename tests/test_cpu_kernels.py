@@ -153,7 +153,7 @@ def test_accumulating_stats_are_thread_count_independent(native):
 
 
 # ---- the fused restore + base-step kernels (csrc/cpu/step_loops.h) ----------------------------------------------
-# Their weights are write-only where read from the backup, so a chunk of 64 KB or more computes them a block of 4 KB
+# Their weights are write-only where read from the backup, so a chunk of 64 KB or more computes them a block of 1 KB
 # at a time on the stack and streams each block out. The same elements taken as 1024-element tensors (never
 # streamed) must give the same bits, and nothing outside a tensor may be written.
 

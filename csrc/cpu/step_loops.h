@@ -32,7 +32,9 @@ inline void over_blocks(T* __restrict__ w, int64_t n, bool stream, const Body& b
     body(std::false_type{}, int64_t(0), n, w);
     return;
   }
-  constexpr int64_t kSub = 4096 / sizeof(T);
+  // 1 KB blocks: the streamed stores then interleave with the loads finely. Measured side by side against
+  // 4 KB (SGD with momentum on ResNet-50's list, 2 threads): 1.12-1.19x torch's fused SGD against 1.32x.
+  constexpr int64_t kSub = 1024 / sizeof(T);
   T buf[kSub];
   for (int64_t s = 0; s < n; s += kSub) {
     const int64_t m = std::min(kSub, n - s);
@@ -53,12 +55,15 @@ void sgd_t(const SgdStepArgs& a, int64_t n) {
   const T* __restrict__ b = static_cast<const T*>(a.backup);
   const T* __restrict__ g = static_cast<const T*>(a.grad);
   T* __restrict__ buf = static_cast<T*>(a.momentum);
-  // Everything the loop reads is local to the block function: the pointers re-declared __restrict__ and the
-  // coefficients computed there, so their compile-time switches fold into the loop and it vectorises (through
-  // captured references or a captured copy of the coefficients it does not).
-  auto block = [=, &a](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {
-    auto k = step_math::sgd_coefs<C>(a.lr, a.weight_decay, Momentum ? a.momentum_coef : 0.0, a.dampening, Nesterov,
-                                     Maximize, Init);
+  // Everything the loop reads is local to the block function: the pointers re-declared __restrict__ and a local
+  // copy of the coefficients, so their compile-time switches fold into the loop and it vectorises (through
+  // captured references, or the captured copy itself, it does not). The coefficients are computed once per
+  // chunk, not per block: Adam's two pow() calls per 4 KB block made the fused AdamW kernel 1.2-1.36x slower
+  // than torch's fused AdamW on the same lists (1.07-1.15x once hoisted, measured side by side).
+  const auto coefs = step_math::sgd_coefs<C>(a.lr, a.weight_decay, Momentum ? a.momentum_coef : 0.0, a.dampening,
+                                             Nesterov, Maximize, Init);
+  auto block = [=](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {
+    auto k = coefs;
     k.decay = Decay;
     T* __restrict__ w_ = w;
     const T* __restrict__ b_ = b;
@@ -114,9 +119,10 @@ void adam_t(const AdamStepArgs& a, int64_t n) {
   T* __restrict__ m = static_cast<T*>(a.exp_avg);
   T* __restrict__ v = static_cast<T*>(a.exp_avg_sq);
   T* __restrict__ vmax = static_cast<T*>(a.max_exp_avg_sq);
-  auto block = [=, &a](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {  // all local: see sgd_t
-    auto k =
-        step_math::adam_coefs<C>(a.lr, a.beta1, a.beta2, a.eps, a.step, a.weight_decay, a.decoupled, Maximize, Amsgrad);
+  const auto coefs =
+      step_math::adam_coefs<C>(a.lr, a.beta1, a.beta2, a.eps, a.step, a.weight_decay, a.decoupled, Maximize, Amsgrad);
+  auto block = [=](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {  // all local: see sgd_t
+    auto k = coefs;
     k.l2 = L2;
     k.decoupled = Decoupled;
     T* __restrict__ w_ = w;

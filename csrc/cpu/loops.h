@@ -173,7 +173,7 @@ void ascent_t(const AscentArgs& a, int64_t n) {
   if (First && stream) {
     // The backup is write-only: stream a block of w's bits into it (the stored value itself: restore is
     // exact), then update that block of w while it is still in L1.
-    constexpr int64_t kSub = 4096 / sizeof(T);
+    constexpr int64_t kSub = kStreamBlockBytes / sizeof(T);
     for (int64_t s = 0; s < n; s += kSub) {
       const int64_t m = std::min(kSub, n - s);
       stream_copy(b + s, w + s, m * static_cast<int64_t>(sizeof(T)));

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import statistics
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,11 +31,20 @@ class SyntheticClosure:
         self.bufs = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.k = 0
         self.calls = 0
+        #: seconds spent inside the calls so far (so that a step's time can exclude its own closure calls)
+        self.spent = 0.0
 
     def _targets(self, params):
         return params
 
     def __call__(self):
+        t0 = time.perf_counter()
+        try:
+            return self._call()
+        finally:
+            self.spent += time.perf_counter() - t0
+
+    def _call(self):
         with counters.closure_scope(), torch.no_grad():
             for p, b in zip(self.params, self.bufs):
                 if p.grad is None:
@@ -227,10 +237,11 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             except Exception as e:
                 out.append(_record("step", model, label, impl, kind, status="error", reason=f"{type(e).__name__}: {e}"))
                 continue
+            fn, spent = _closure_timed(fn, closure)
             cands.append(Candidate(impl, fn))
             recs.append(_record("step", model, label, impl, kind))
             objs.append(obj)
-            closures.append(closure)
+            closures.append((closure, spent))
         paired = _paired_helpers(cfg, preset, params, pre)
         timing.run_interleaved(
             cands + list(paired.values()),
@@ -240,7 +251,7 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             min_reps=cfg.min_reps,
             budget_s=cfg.budget_s,
         )
-        for c, r, o, cl in zip(cands, recs, objs, closures):
+        for c, r, o, (cl, spent) in zip(cands, recs, objs, closures):
             r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, None))
             if c.error:
@@ -249,7 +260,8 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
                 r["closure_s"] = closure_s
                 r["optimizer_s"] = r["median_s"] - (preset.spec.steps + 1) * closure_s
             if paired and r["impl"] == f"fastperturb.{preset.name}[cpp]":
-                r.update(_paired_shares(c, paired, preset.spec.steps + 1))
+                # the timed calls are the last ones made (warm-up first; the costs below call again later)
+                r.update(_paired_shares(c, paired, preset.spec.steps + 1, spent[-len(c.times) :]))
             before = cl.calls
             _costs(cfg, r, c.fn, None, params, state_obj=o)
             if cfg.measure_costs:
@@ -290,24 +302,48 @@ class _PairedCycle:
         self.cycle.run()
 
 
-def _paired_shares(step: Candidate, paired: dict[str, Candidate], calls: int) -> dict:
+def _closure_timed(fn: Callable[[], object], closure: SyntheticClosure) -> tuple[Callable[[], None], list[float]]:
+    """``fn`` recording, per call, the seconds spent inside ``closure`` during that call (in the list returned)."""
+    spent: list[float] = []
+
+    def run() -> None:
+        before = closure.spent
+        fn()
+        spent.append(closure.spent - before)
+
+    return run, spent
+
+
+def _paired_shares(
+    step: Candidate, paired: dict[str, Candidate], calls: int, inside: Optional[Sequence[float]] = None
+) -> dict:
     """The step's own time (its time minus ``calls`` times the closure's) and that over the cycle's, each sample
-    against the closure and cycle samples of its own round; medians over the rounds all three have."""
+    against the closure and cycle samples of its own round; medians over the rounds all three have. With
+    ``inside`` (per sample, the seconds the step spent in its own closure calls), also the step's time minus
+    exactly those (``optimizer_s_own``) and that over its round's cycle (``over_cycle_own``)."""
     by_round = {k: dict(zip(c.rounds, c.times)) for k, c in paired.items() if not c.error}
     if len(by_round) < 2:
         return {}
-    own, ratio = [], []
-    for t, r in zip(step.times, step.rounds):
+    if inside is not None and len(inside) != len(step.times):
+        inside = None
+    own, ratio, own_in, ratio_in = [], [], [], []
+    for j, (t, r) in enumerate(zip(step.times, step.rounds)):
         if r in by_round["closure"] and r in by_round["cycle"]:
             own.append(t - calls * by_round["closure"][r])
             ratio.append(own[-1] / by_round["cycle"][r])
+            if inside is not None:
+                own_in.append(t - inside[j])
+                ratio_in.append(own_in[-1] / by_round["cycle"][r])
     if not own:
         return {}
-    return {
+    out = {
         "optimizer_s_paired": statistics.median(own),
         "over_cycle_paired": statistics.median(ratio),
         "cycle_s_paired": statistics.median(paired["cycle"].times),
     }
+    if own_in:
+        out.update(optimizer_s_own=statistics.median(own_in), over_cycle_own=statistics.median(ratio_in))
+    return out
 
 
 def suite_step(cfg: Config) -> list[dict]:

@@ -582,6 +582,24 @@ def test_step_over_cycle_targets_read_the_default_step_and_the_cpp_cycle():
     assert apd["value"] is None and apd["met"] is None
 
 
+def test_cycle_suite_times_a_long_list_beside_one_tensor_of_the_same_bytes(monkeypatch):
+    from benchmarks.suites import cycle
+
+    monkeypatch.setattr(cycle, "ONE_TENSOR_MIN_TENSORS", 3)  # the tiny list qualifies
+    recs = suites.RUNNERS["cycle"](_tiny_cfg(["cycle"], backends=["cpp"], measure_costs=False))
+    one = [r for r in recs if r["impl"] == cycle.ONE_TENSOR]
+    assert [r["case"] for r in one] == ["SAM"] and one[0]["status"] == "ok" and one[0]["kind"] == "baseline"
+    lst = next(r for r in recs if r["case"] == "SAM" and r["impl"] == "fastperturb[cpp]")
+    assert one[0]["n_tensors"] == 1 < lst["n_tensors"] and one[0]["n_params"] == lst["n_params"]
+    assert one[0]["bytes"] == lst["bytes"] and one[0]["median_s"] > 0
+    # not a peer: the speedup columns compare fastperturb with foreach and the peers only
+    assert report._speedups([one[0]]) == (None, None)
+    # a short list gets no such row
+    monkeypatch.setattr(cycle, "ONE_TENSOR_MIN_TENSORS", 10_000)
+    recs = suites.RUNNERS["cycle"](_tiny_cfg(["cycle"], backends=["cpp"], measure_costs=False))
+    assert not any(r["impl"] == cycle.ONE_TENSOR for r in recs)
+
+
 def test_paired_step_share_subtracts_each_rounds_own_closure_and_divides_by_its_cycle():
     from benchmarks.suites import step as step_suite
 

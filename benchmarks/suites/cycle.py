@@ -34,6 +34,31 @@ def _foreach_cycle(preset: fused.Preset, params):
 
 CYCLES = ("SAM", "AWP", "APD")
 
+#: The row of the C++ SAM cycle on one tensor holding as many elements as a list of many tensors: the same
+#: bytes in one stream, timed in the same rounds, so the share of a list's time due to its tensor count shows.
+ONE_TENSOR = "fastperturb[cpp], the same bytes as one tensor"
+#: Lists of at least this many tensors get that row.
+ONE_TENSOR_MIN_TENSORS = 100
+
+
+class _OneTensorCycle:
+    """The engine's cycle (C++) on one float32 tensor of ``numel`` elements, its gradient set before each call."""
+
+    def __init__(self, preset: fused.Preset, numel: int, device):
+        (self.param,), (pre,) = make_params([(numel,)], device)
+        self.grad, self.pre = self.param.grad, pre[0]
+        self.cycle = fused.FusedCycle(preset, [self.param], "cpp")
+        self.run = self.cycle.run
+
+    def refresh(self) -> None:
+        self.grad.copy_(self.pre)
+
+
+def _one_tensor_cycle(cfg: Config, preset: fused.Preset, params) -> "_OneTensorCycle | None":
+    if len(params) < ONE_TENSOR_MIN_TENSORS or not any(b == "cpp" and not why for b, why in fastperturb_backends(cfg)):
+        return None
+    return _OneTensorCycle(preset, sum(p.numel() for p in params), cfg.device)
+
 
 def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
     pre_all = fused.presets(cfg.apd_steps)
@@ -71,9 +96,14 @@ def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
         cands.append(Candidate("foreach", fe.cycle, refresh))
         recs.append(_record("cycle", model, label, "foreach", "foreach", passes=fused.cycle_passes(preset)))
         objs.append(fe)
+        one = _one_tensor_cycle(cfg, preset, params) if cname == "SAM" else None
+        if one is not None:
+            cands.append(Candidate(ONE_TENSOR, one.run, one.refresh))
+            recs.append(_record("cycle", model, label, ONE_TENSOR, "baseline", passes=fused.cycle_passes(preset)))
+            objs.append(one)
         probe = run_bounded(cfg, cands)
         for c, r, o in zip(cands, recs, objs):
-            r.update(n_tensors=len(params), n_params=sum(p.numel() for p in params))
+            r.update(n_tensors=1 if o is one else len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, nbytes, probe))
             if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
                 _costs(cfg, r, c.fn, refresh, params, state_obj=o)

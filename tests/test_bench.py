@@ -586,12 +586,14 @@ def test_cycle_suite_times_a_long_list_beside_one_tensor_of_the_same_bytes(monke
     from benchmarks.suites import cycle
 
     monkeypatch.setattr(cycle, "ONE_TENSOR_MIN_TENSORS", 3)  # the tiny list qualifies
-    recs = suites.RUNNERS["cycle"](_tiny_cfg(["cycle"], backends=["cpp"], measure_costs=False))
+    recs = suites.RUNNERS["cycle"](_tiny_cfg(["cycle"], backends=["cpp"]))
     one = [r for r in recs if r["impl"] == cycle.ONE_TENSOR]
     assert [r["case"] for r in one] == ["SAM"] and one[0]["status"] == "ok" and one[0]["kind"] == "baseline"
     lst = next(r for r in recs if r["case"] == "SAM" and r["impl"] == "fastperturb[cpp]")
     assert one[0]["n_tensors"] == 1 < lst["n_tensors"] and one[0]["n_params"] == lst["n_params"]
     assert one[0]["bytes"] == lst["bytes"] and one[0]["median_s"] > 0
+    # its state is its own backup (and a few per-tensor scalars): not the list's buffers, nor its tensor and gradient
+    assert 4 * lst["n_params"] <= one[0]["state_bytes"] <= lst["state_bytes"]
     # not a peer: the speedup columns compare fastperturb with foreach and the peers only
     assert report._speedups([one[0]]) == (None, None)
     # a short list gets no such row

@@ -106,7 +106,10 @@ def _suite_cycle_model(cfg: Config, model: str, out: list) -> None:
             r.update(n_tensors=1 if o is one else len(params), n_params=sum(p.numel() for p in params))
             out.append(_finish(cfg, r, c, nbytes, probe))
             if r["kind"] != "reference":  # the slow spec: its costs are not the point, its time is
-                _costs(cfg, r, c.fn, refresh, params, state_obj=o)
+                if o is one:  # its own tensor and buffers
+                    _costs(cfg, r, c.fn, one.refresh, [one.param], state_obj=one.cycle)
+                else:
+                    _costs(cfg, r, c.fn, refresh, params, state_obj=o)
         refresh()
         del objs, cands
         _say(cfg, f"cycle {model} {label}")

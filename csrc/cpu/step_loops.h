@@ -56,8 +56,8 @@ void sgd_t(const SgdStepArgs& a, int64_t n) {
   // Everything the loop reads is local to the block function: the pointers re-declared __restrict__ and a local
   // copy of the coefficients, so their compile-time switches fold into the loop and it vectorises (through
   // captured references, or the captured copy itself, it does not). The coefficients are computed once per
-  // chunk, not per block: Adam's two pow() calls per 4 KB block made the fused AdamW kernel 1.2-1.36x slower
-  // than torch's fused AdamW on the same lists (1.07-1.15x once hoisted, measured side by side).
+  // chunk, not per block: Adam's two pow() calls per block cost more than the block's arithmetic (measured:
+  // docs/design.md §5.1).
   const auto coefs = step_math::sgd_coefs<C>(a.lr, a.weight_decay, Momentum ? a.momentum_coef : 0.0, a.dampening,
                                              Nesterov, Maximize, Init);
   auto block = [=](auto to_buf, int64_t s, int64_t count, T* __restrict__ out) {

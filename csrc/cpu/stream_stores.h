@@ -25,9 +25,7 @@ namespace cpu {
 constexpr int64_t kStreamMinBytes = int64_t(64) * 1024;
 
 // Where a kernel streams a block it computed (or copied) beside its other work, the block's size: the streamed
-// stores then interleave finely with the loop's loads. Measured side by side on this project's machine (2
-// threads, interleaved): 1 KB blocks against 4 KB ran the first ascent on ResNet-50's list 4-15% faster, and the
-// fused SGD-with-momentum step at 1.12-1.19x torch's fused SGD against 1.32x; 512 bytes was no better.
+// stores then interleave finely with the loop's loads (1 KB measured faster than 4 KB: docs/design.md §5.1).
 constexpr int64_t kStreamBlockBytes = 1024;
 
 // Orders the streaming stores before everything after it, so the data is visible to whichever thread reads

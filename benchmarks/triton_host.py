@@ -8,9 +8,12 @@ with tensor lists (the plan rebuilt on every call) and on a :class:`fastperturb.
 plan and its buffer cached, only the scalars rewritten), after a first call, on ``--tensors`` tensors of
 ``--numel`` float32 elements each. The tensors' size does not matter to the host side.
 
-The handle calls are timed twice: on unchanged gradients (``handle``), and with every ``.grad`` replaced by
-another tensor before each call (``new .grad``, as in training, where the gradients are released before each
-backward; two sets of gradient tensors alternate, so every pointer changes; the replacing is not timed).
+The handle calls are timed on the handle the optimizers build, whose backups and accumulators are their own
+buffers (``private_buffers=True``: fingerprinted once, the params on every call), twice: on unchanged gradients
+(``handle``), and with every ``.grad`` replaced by another tensor before each call (``new .grad``, as in
+training, where the gradients are released before each backward; two sets of gradient tensors alternate, so
+every pointer changes; the replacing is not timed). ``checked`` is a handle on buffers the caller may change, whose
+fingerprints are re-checked on every call too (on unchanged gradients).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
     accum = [torch.zeros_like(p) for p in params]
     grads = [p.grad for p in params]
     spare = [g.clone() for g in grads]
-    lists = ops.TensorLists(params, backups, accum)
+    private = ops.TensorLists(params, backups, accum, private_buffers=True)
+    checked = ops.TensorLists(params, backups, accum)
     swaps = [0]
 
     def new_grads() -> None:  # every .grad replaced by another tensor (alternating between two sets)
@@ -80,27 +84,27 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
     step = torch.full((n,), 1e-3)
     proj = torch.ones(n)
     cases = {
-        "restore_": (lambda: ops.restore_(params, backups), lambda: ops.restore_lists_(lists)),
-        "grad_stats_": (lambda: ops.grad_stats_(grads), lambda: ops.grad_stats_lists_(lists)),
+        "restore_": (lambda: ops.restore_(params, backups), lambda lists: ops.restore_lists_(lists)),
+        "grad_stats_": (lambda: ops.grad_stats_(grads), lambda lists: ops.grad_stats_lists_(lists)),
         "grad_stats_ (accum, delta)": (
             lambda: ops.grad_stats_(grads, accum, params, backups, accum_weight=0.5),
-            lambda: ops.grad_stats_lists_(
+            lambda lists: ops.grad_stats_lists_(
                 lists, with_accum=True, with_params=True, with_backups=True, accum_weight=0.5
             ),
         ),
         "ascent_step_": (
             lambda: ops.ascent_step_(params, grads, backups, step, proj, first=True),
-            lambda: ops.ascent_step_lists_(lists, step, proj, first=True),
+            lambda lists: ops.ascent_step_lists_(lists, step, proj, first=True),
         ),
         "combine_grads_": (
             lambda: ops.combine_grads_(grads, accum, 0.5),
-            lambda: ops.combine_grads_lists_(lists, 0.5),
+            lambda lists: ops.combine_grads_lists_(lists, 0.5),
         ),
-        "norms": (lambda: ops.norms(params), lambda: ops.norms_lists(lists)),
+        "norms": (lambda: ops.norms(params), lambda lists: ops.norms_lists(lists)),
         # the restore before the check of G: two list ops, one handle op
         "restore_ + norms of .grad": (
             lambda: (ops.restore_(params, backups), ops.norms(grads)),
-            lambda: ops.restore_norms_lists_(lists),
+            lambda lists: ops.restore_norms_lists_(lists),
         ),
     }
     out = []
@@ -118,13 +122,17 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
         )
 
     with dispatch.use_backend("triton"):
-        for name, (with_lists, with_handle) in cases.items():
-            for how, fn in (("lists", with_lists), ("handle", with_handle)):
+        for name, (with_lists, on_handle) in cases.items():
+            for how, fn in (
+                ("lists", with_lists),
+                ("handle", lambda: on_handle(private)),
+                ("checked", lambda: on_handle(checked)),
+            ):
                 launches.clear()
                 fn()
                 per_call = len(launches)
                 record(name, how, *_best_us(fn, reps, rounds), per_call)
-            lo, med = _per_call_us(with_handle, new_grads, reps * rounds)
+            lo, med = _per_call_us(lambda: on_handle(private), new_grads, reps * rounds)
             record(name, "new .grad", lo, med, per_call)
             for p, g in zip(params, grads):
                 p.grad = g

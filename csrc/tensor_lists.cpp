@@ -14,11 +14,12 @@ namespace {
 
 const auto tensor_lists_class =
     torch::class_<fastperturb::TensorLists>("fastperturb", "TensorLists")
-        .def(torch::init<std::vector<std::vector<at::Tensor>>, std::vector<std::string>>())
+        .def(torch::init<std::vector<std::vector<at::Tensor>>, std::vector<std::string>, int64_t>())
         .def("size", &fastperturb::TensorLists::size)
         .def("num_lists", &fastperturb::TensorLists::num_lists)
         .def("current", &fastperturb::TensorLists::current)
         .def("serial", &fastperturb::TensorLists::serial)
+        .def("fixed", &fastperturb::TensorLists::fixed)
         .def("list",
              [](const c10::intrusive_ptr<fastperturb::TensorLists>& self, int64_t k) {
                TORCH_CHECK_VALUE(k >= 0 && k < self->num_lists(), "list index ", k, " out of range");

@@ -65,7 +65,8 @@ def _twin_states():
     "flags", [(False, False, False), (True, False, False), (True, True, True), (False, True, True)]
 )
 @pytest.mark.parametrize("adaptive", [False, True])
-def test_grad_stats_on_handle_equals_list_op(flags, adaptive):
+@pytest.mark.parametrize("private", [False, True])
+def test_grad_stats_on_handle_equals_list_op(flags, adaptive, private):
     with_accum, with_params, with_backups = flags
     if adaptive and not with_params:
         pytest.skip("adaptive needs params")
@@ -79,7 +80,7 @@ def test_grad_stats_on_handle_equals_list_op(flags, adaptive):
         accum_weight=0.25,
         adaptive_eta=eta,
     )
-    lists = ops.TensorLists(p2, b2, a2)
+    lists = ops.TensorLists(p2, b2, a2, private_buffers=private)
     got = ops.grad_stats_lists_(
         lists,
         with_accum=with_accum,
@@ -105,14 +106,15 @@ def test_grad_stats_on_handle_equals_list_op(flags, adaptive):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("first", [True, False])
 @pytest.mark.parametrize("zero_grads", [True, False])
-def test_ascent_restore_combine_norms_on_handle_equal_list_ops(norm, first, zero_grads):
+@pytest.mark.parametrize("private", [False, True])
+def test_ascent_restore_combine_norms_on_handle_equal_list_ops(norm, first, zero_grads, private):
     (p1, b1, a1), (p2, b2, a2) = _twin_states()
     n = len(p1)
     step = torch.linspace(0.01, 0.2, n)
     proj = torch.linspace(0.5, 1.0, n)
     g1 = [p.grad for p in p1]
     ops.ascent_step_(p1, g1, b1, step, proj, norm=norm, first=first, zero_grads=zero_grads)
-    lists = ops.TensorLists(p2, b2, a2)
+    lists = ops.TensorLists(p2, b2, a2, private_buffers=private)
     ops.ascent_step_lists_(lists, step, proj, norm=norm, first=first, zero_grads=zero_grads)
     assert _bits_equal(p2, p1) and _bits_equal(b2, b1) and _bits_equal([p.grad for p in p2], g1)
 
@@ -343,6 +345,62 @@ def test_a_backup_resized_behind_the_handle_is_refused():
         ops.restore_lists_(lists)
 
 
+def test_private_buffers_are_checked_when_built_and_the_params_on_every_call():
+    params, backups, accum = _setup()
+    # built: validated like any handle
+    with pytest.raises(ValueError, match=r"backups\[2\] has shape"):
+        ops.TensorLists(params, backups[:2] + [torch.zeros(3)] + backups[3:], private_buffers=True)
+    lists = ops.TensorLists(params, backups, accum, private_buffers=True)
+    assert lists.handle.fixed() == 0b110 and ops.TensorLists(params, backups, accum).handle.fixed() == 0
+    # the params are re-checked on every call, with or without private buffers
+    params[2].data = torch.randn(params[2].shape)
+    kept = _clone(params)
+    with pytest.raises(ValueError, match=r"params\[2\] changed since its TensorLists handle was built"):
+        ops.restore_lists_(lists)
+    assert _bits_equal(params, kept) and not lists.handle.current()
+    # the buffers are not: a backup given new storage of its shape (which the caller promised not to do) is
+    # refused by an ordinary handle and read where it now is by one on private buffers
+    params, backups, accum = _setup()
+    checked = ops.TensorLists(params, backups, accum)
+    private = ops.TensorLists(params, backups, accum, private_buffers=True)
+    backups[1].data = torch.full(backups[1].shape, 7.0, dtype=backups[1].dtype)
+    with pytest.raises(ValueError, match=r"backups\[1\] changed since"):
+        ops.restore_lists_(checked)
+    assert private.handle.current() and not checked.handle.current()
+    ops.restore_lists_(private)
+    assert _bits_equal(params, backups)
+
+
+def test_only_buffer_lists_can_be_fixed():
+    params, backups, accum = _setup()
+    for mask in (1, 0b111, 0b1000, -2):
+        with pytest.raises(ValueError, match="fixed mask"):
+            torch.classes.fastperturb.TensorLists([params, backups, accum], list(ops.lists.ROLES), mask)
+
+
+def test_cache_keeps_private_and_checked_handles_apart_and_the_optimizer_uses_private_ones():
+    params, backups, accum = _setup()
+    cache = ops.ListsCache()
+    h = cache.get(params, backups, accum)
+    hp = cache.get(params, backups, accum, private_buffers=True)
+    assert hp is not h and hp.private_buffers and not h.private_buffers
+    assert cache.get(params, backups, accum, private_buffers=True) is hp
+    model = torch.nn.Linear(4, 3)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    closure()
+    opt.step(closure)
+    (handle,) = opt._lists_cache._entries.values()
+    assert handle.private_buffers and handle.handle.fixed() == 0b110
+
+
 def test_gradients_are_read_on_every_call_and_checked():
     params, backups, _ = _setup()
     lists = ops.TensorLists(params, backups)
@@ -500,7 +558,7 @@ def test_sam_steps_through_the_handle_and_survive_module_to():
         ops.restore_lists_, ops.restore_norms_lists_ = real, real_fused
     # the same three steps on lists (handles off) give the same weights, bit for bit
     twin_opt = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
-    twin_opt._lists_cache.get = lambda *a: None  # noqa: E731  (no handle: the list ops)
+    twin_opt._lists_cache.get = lambda *a, **k: None  # noqa: E731  (no handle: the list ops)
     for _ in range(3):
         step(twin, twin_opt)
     assert _bits_equal(list(model.parameters()), list(twin.parameters()))

@@ -532,18 +532,23 @@ def _same_bits(xs, ys):
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_handle_ops_equal_list_ops_bit_for_bit(norm):
+@pytest.mark.parametrize("private", [False, True])
+def test_handle_ops_equal_list_ops_bit_for_bit(norm, private):
     from fastperturb import ops
 
     (p1, b1, a1), (p2, b2, a2) = _twins()
     n = len(p1)
     step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
     with backends.use_backend("triton"), T.tuning(**SMALL):
-        lists = ops.TensorLists(p2, b2, a2)
+        lists = ops.TensorLists(p2, b2, a2, private_buffers=private)
+        versions = [a._version for a in a2]
         for first in (True, False):
             s1 = ops.grad_stats_([p.grad for p in p1], a1, p1, b1, accum_weight=0.5)
             s2 = ops.grad_stats_lists_(lists, with_accum=True, with_params=True, with_backups=True, accum_weight=0.5)
             assert torch.equal(s1, s2) and _same_bits(a1, a2)
+            # what the op writes is bumped, private or not
+            assert all(a._version > v for a, v in zip(a2, versions))
+            versions = [a._version for a in a2]
             ops.ascent_step_(p1, [p.grad for p in p1], b1, step, proj, norm=norm, first=first)
             ops.ascent_step_lists_(lists, step, proj, norm=norm, first=first)
             assert _same_bits(p1, p2) and _same_bits(b1, b2)

@@ -35,17 +35,44 @@ class TensorLists:
     Building it validates the lists like the list ops do (same errors). The tensors must then keep their storage
     and shape: an op on a handle whose tensor changed (``p.data = ...``, an in-place resize) raises and asks for a
     new handle. ``plans`` is free for backends to cache per-op launch plans in (the Triton backend does).
+
+    ``private_buffers=True`` says that ``backups`` and ``accum`` are buffers only the caller holds and never
+    reshapes or reassigns (as the optimizers' own are): they are then checked when the handle is built, not again
+    on every call, which saves about 7 us per list per call on 1000 tensors. The params (and their ``.grad``)
+    are re-checked on every call either way.
     """
 
-    __slots__ = ("params", "backups", "accum", "device", "handle", "plans", "enter", "enter_grads", "__weakref__")
+    __slots__ = (
+        "params",
+        "backups",
+        "accum",
+        "private_buffers",
+        "device",
+        "handle",
+        "plans",
+        "enter",
+        "enter_grads",
+        "__weakref__",
+    )
 
-    def __init__(self, params: Sequence[Tensor], backups: Sequence[Tensor] = (), accum: Sequence[Tensor] = ()):
+    def __init__(
+        self,
+        params: Sequence[Tensor],
+        backups: Sequence[Tensor] = (),
+        accum: Sequence[Tensor] = (),
+        *,
+        private_buffers: bool = False,
+    ):
         self.params, self.backups, self.accum = list(params), list(backups), list(accum)
+        self.private_buffers = bool(private_buffers)
         self.device = V.first_device(self.params, self.backups, self.accum)
         #: the compiled handle, or None without the extension (the ops then take the lists)
         self.handle: Optional[Any] = None
         if native.load_error is None:
-            self.handle = torch.classes.fastperturb.TensorLists([self.params, self.backups, self.accum], list(ROLES))
+            fixed = sum(1 << ROLES.index(r) for r in ("backups", "accum")) if self.private_buffers else 0
+            self.handle = torch.classes.fastperturb.TensorLists(
+                [self.params, self.backups, self.accum], list(ROLES), fixed
+            )
         else:  # the reference backend: validated alike all the same
             V.check_grad_stats(self.params, self.accum, self.params, self.backups, 1.0, -1.0)
         self.plans: dict = {}
@@ -82,16 +109,22 @@ class ListsCache:
         self._entries: dict[tuple, TensorLists] = {}
 
     def get(
-        self, params: Sequence[Tensor], backups: Sequence[Tensor] = (), accum: Sequence[Tensor] = ()
+        self,
+        params: Sequence[Tensor],
+        backups: Sequence[Tensor] = (),
+        accum: Sequence[Tensor] = (),
+        *,
+        private_buffers: bool = False,
     ) -> TensorLists:
-        key = (tuple(map(id, params)), tuple(map(id, backups)), tuple(map(id, accum)))
+        """The handle on these lists (:class:`TensorLists`' arguments), built if there is none yet."""
+        key = (tuple(map(id, params)), tuple(map(id, backups)), tuple(map(id, accum)), bool(private_buffers))
         hit = self._entries.get(key)
         if hit is not None and hit.handle is not None and not hit.handle.current():
             # Same tensors, but one's storage or shape changed (e.g. `module.to()` assigns `.data`): a new handle.
             del self._entries[key]
             hit = None
         if hit is None:
-            hit = TensorLists(params, backups, accum)
+            hit = TensorLists(params, backups, accum, private_buffers=private_buffers)
             while len(self._entries) >= self.size:
                 self._entries.pop(next(iter(self._entries)))
             self._entries[key] = hit

@@ -568,7 +568,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # .grad of the tensors the ops see.
         lists = None
         if not self._sharded and plan.local_params and not torch.compiler.is_compiling():
-            lists = self._lists_cache.get(plan.local_params, backups, accum)
+            # (backups and accum are this optimizer's own buffers, never handed out: checked once, when built)
+            lists = self._lists_cache.get(plan.local_params, backups, accum, private_buffers=True)
         radius, step = plan.radius, plan.step
         if not torch.compiler.is_compiling():  # as tensors once (a list of floats is converted by every cycle)
             dev = plan.local_params[0].device if plan.local_params else torch.device("cpu")

@@ -164,7 +164,9 @@ def test_restore_norms_lists_property(lays, seed, o):
         ref = ops.norms(x.grads, o)
     per, total = ops.restore_norms_lists_(ops.TensorLists(x.params, x.backups), o)
     assert _bits_equal([per, total], list(want)) and _bits_equal(x.params, x.backups)
-    torch.testing.assert_close(per, ref[0], rtol=1e-5, atol=0, equal_nan=True)
+    # (squares that underflow float32, which the kernels square in: testing.check_op's bound for that)
+    atol = math.sqrt(sum(g.numel() for g in x.grads) * 2.0**-149) if o == 2.0 else 0.0
+    torch.testing.assert_close(per, ref[0], rtol=1e-5, atol=atol, equal_nan=True)
 
 
 def test_restore_norms_lists_on_many_tiny_tensors_and_one_long_one():

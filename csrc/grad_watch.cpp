@@ -13,10 +13,16 @@
 //
 // Plain tensors only: a sharded (DTensor) gradient moves the version of its local tensor, which the Python path
 // reads (fastperturb.distributed.local). The wrapper uses this class only on unsharded parameters.
+//
+// Each look walks the parameters in two passes: the first finds every `.grad` (parameter, AutogradMeta, gradient:
+// a chain of loads per parameter, out of cache after a backward), the second reads or changes the gradients, with
+// the links of the parameters a few places ahead fetched meanwhile (common/impl_prefetch.h).
 #include <torch/custom_class.h>
 
 #include <cstdint>
 #include <vector>
+
+#include "common/impl_prefetch.h"
 
 namespace fastperturb {
 namespace {
@@ -30,13 +36,23 @@ class GradWatch : public torch::CustomClassHolder {
   // How many parameters have a gradient.
   int64_t count_defined() const {
     int64_t n = 0;
-    for (const at::Tensor& p : params_) n += p.grad().defined();
+    for (const at::Tensor* g : grads()) n += g->defined();
     return n;
   }
 
   // Every `.grad` = None (what `zero_grad(set_to_none=True)` does per parameter).
   void release() {
-    for (at::Tensor& p : params_) p.mutable_grad().reset();
+    const size_t n = params_.size();
+    std::vector<at::Tensor*> gs(n);
+    for (size_t i = 0; i < n; ++i) {
+      fetch_meta(i);
+      gs[i] = &params_[i].unsafeGetTensorImpl()->mutable_grad();
+    }
+    for (size_t i = 0; i < n; ++i) {
+      // the reset decrements the gradient's reference count, in its TensorImpl
+      if (i + prefetch::kAhead < n) __builtin_prefetch(gs[i + prefetch::kAhead]->unsafeGetTensorImpl(), 1);
+      gs[i]->reset();
+    }
   }
 
   // Remember every gradient and its version, in snapshot `slot` (kSlots independent ones: a step's "since the last
@@ -45,8 +61,10 @@ class GradWatch : public torch::CustomClassHolder {
     std::vector<Seen>& seen = slot_(slot);
     seen.clear();
     seen.reserve(params_.size());
-    for (const at::Tensor& p : params_) {
-      const at::Tensor& g = p.grad();
+    const std::vector<const at::Tensor*> gs = grads();
+    for (size_t i = 0; i < gs.size(); ++i) {
+      fetch_version(gs, i);
+      const at::Tensor& g = *gs[i];
       seen.push_back({g, g.defined() ? static_cast<int64_t>(g._version()) : -1});
     }
   }
@@ -60,8 +78,10 @@ class GradWatch : public torch::CustomClassHolder {
   bool changed(int64_t slot) const {
     if (!has_snapshot(slot)) return false;
     const std::vector<Seen>& seen = slot_(slot);
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].grad();
+    const std::vector<const at::Tensor*> gs = grads();
+    for (size_t i = 0; i < gs.size(); ++i) {
+      fetch_version(gs, i);
+      const at::Tensor& g = *gs[i];
       if (!g.defined()) continue;
       if (!seen[i].grad.is_same(g) || static_cast<int64_t>(g._version()) != seen[i].version) return true;
     }
@@ -79,6 +99,30 @@ class GradWatch : public torch::CustomClassHolder {
     return seen_[k];
   }
   const std::vector<Seen>& slot_(int64_t k) const { return const_cast<GradWatch*>(this)->slot_(k); }
+
+  // The `.grad` of every parameter (undefined where there is none), in order. The parameters are leaves
+  // (torch.optim refuses others), so no non-leaf warning is due.
+  std::vector<const at::Tensor*> grads() const {
+    std::vector<const at::Tensor*> gs(params_.size());
+    for (size_t i = 0; i < gs.size(); ++i) {
+      fetch_meta(i);
+      gs[i] = &params_[i].unsafeGetTensorImpl()->grad();
+    }
+    return gs;
+  }
+  // While at parameter i, the parameters ahead: their TensorImpl, then their AutogradMeta.
+  void fetch_meta(size_t i) const {
+    const size_t n = params_.size();
+    if (i + 2 * prefetch::kAhead < n) __builtin_prefetch(params_[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
+    if (i + prefetch::kAhead < n) prefetch::meta(params_[i + prefetch::kAhead].unsafeGetTensorImpl());
+  }
+  // While at gradient i, the gradients ahead: their TensorImpl, then their version counter.
+  static void fetch_version(const std::vector<const at::Tensor*>& gs, size_t i) {
+    const size_t n = gs.size();
+    if (i + 2 * prefetch::kAhead < n) __builtin_prefetch(gs[i + 2 * prefetch::kAhead]->unsafeGetTensorImpl());
+    if (i + prefetch::kAhead < n && gs[i + prefetch::kAhead]->defined())
+      prefetch::counter(gs[i + prefetch::kAhead]->unsafeGetTensorImpl(), false);
+  }
 
   std::vector<at::Tensor> params_;
   std::vector<Seen> seen_[kSlots];

@@ -245,3 +245,24 @@ def test_grad_watch_semantics():
     assert ref() is None, "forget() drops them"
     with pytest.raises(ValueError, match="slot 2 out of range"):
         w.snapshot(2)
+
+
+def test_grad_watch_on_many_parameters_some_without_autograd_metadata():
+    # Longer than the walks' look-ahead (csrc/common/impl_prefetch.h), with tensors that never had autograd
+    # metadata (plain tensors) among parameters, gradients on some, and the change on the last one.
+    ps = [torch.nn.Parameter(torch.randn(2)) if i % 3 else torch.randn(2) for i in range(50)]
+    for i, p in enumerate(ps):
+        if i % 3 == 2:
+            p.grad = torch.ones(2)
+    w = torch.classes.fastperturb.GradWatch(ps)
+    with_grad = sum(1 for p in ps if p.grad is not None)
+    assert w.count_defined() == with_grad == 16
+    w.snapshot(0)
+    assert not w.changed(0)
+    ps[-1].grad = torch.zeros(2)  # None -> a tensor, at the end
+    assert w.changed(0) and w.count_defined() == 17
+    w.snapshot(0)
+    ps[-3].grad.mul_(2)  # in place, near the end
+    assert w.changed(0)
+    w.release()
+    assert w.count_defined() == 0 and all(p.grad is None for p in ps)

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/impl_prefetch.h"
 #include "cpu/plan.h"
 
 namespace fastperturb {
@@ -162,13 +163,13 @@ class TensorLists : public torch::CustomClassHolder {
     const size_t n = ts.size();
     std::vector<const c10::TensorImpl*> impls(n);
     for (size_t i = from; i < n; ++i) {
-      if (i + 2 * kAhead < n) __builtin_prefetch(ts[i + 2 * kAhead].unsafeGetTensorImpl());
-      if (i + kAhead < n) prefetch_meta(ts[i + kAhead].unsafeGetTensorImpl());
+      if (i + 2 * prefetch::kAhead < n) __builtin_prefetch(ts[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
+      if (i + prefetch::kAhead < n) prefetch::meta(ts[i + prefetch::kAhead].unsafeGetTensorImpl());
       impls[i] = ts[i].unsafeGetTensorImpl()->grad().unsafeGetTensorImpl();
     }
     for (size_t i = from; i < n; ++i) {
-      if (i + 2 * kAhead < n) prefetch_impl(impls[i + 2 * kAhead]);
-      if (i + kAhead < n) prefetch_storage(impls[i + kAhead]);
+      if (i + 2 * prefetch::kAhead < n) prefetch::impl(impls[i + 2 * prefetch::kAhead]);
+      if (i + prefetch::kAhead < n) prefetch::storage(impls[i + prefetch::kAhead]);
       const c10::TensorImpl* g = impls[i];
       bool ok = g != c10::UndefinedTensorImpl::singleton() && g->layout() == at::kStrided &&
                 same_layout(g, ps[i], g->numel() <= 1);
@@ -197,7 +198,7 @@ class TensorLists : public torch::CustomClassHolder {
             if (g.defined()) impls[m++] = g.unsafeGetTensorImpl();
           }
         }
-        for (size_t j = 0; j < m; ++j) prefetch_counter(impls[j]);
+        for (size_t j = 0; j < m; ++j) prefetch::counter(impls[j], true);
         for (size_t j = 0; j < m; ++j) impls[j]->bump_version();
       }
     }
@@ -280,8 +281,8 @@ class TensorLists : public torch::CustomClassHolder {
     const std::vector<Print>& ps = prints_[k];
     const size_t n = ps.size();
     for (size_t i = 0; i < n; ++i) {
-      if (i + 2 * kAhead < n) prefetch_impl(ts[i + 2 * kAhead].unsafeGetTensorImpl());
-      if (i + kAhead < n) prefetch_storage(ts[i + kAhead].unsafeGetTensorImpl());
+      if (i + 2 * prefetch::kAhead < n) prefetch::impl(ts[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
+      if (i + prefetch::kAhead < n) prefetch::storage(ts[i + prefetch::kAhead].unsafeGetTensorImpl());
       if (C10_UNLIKELY(!fast_matches(ts[i], ps[i]))) return i;
     }
     return n;
@@ -294,34 +295,6 @@ class TensorLists : public torch::CustomClassHolder {
                         "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or "
                         "device; e.g. `.data` assigned or resized in place); build a new handle for the new tensors "
                         "(fastperturb.ops.TensorLists)");
-  }
-  // The checks are bound by the latency of reading each TensorImpl and its StorageImpl, scattered on the heap
-  // (and out of cache after a backward pass): fetch those of the tensors a few places ahead meanwhile.
-  static constexpr size_t kAhead = 8;
-  // The fields the checks read span the first sizeof(TensorImpl) bytes (storage, sizes and strides, offset,
-  // dtype, device, flags), which start anywhere in a cache line: the lines of both ends and those between.
-  static void prefetch_impl(const c10::TensorImpl* t) {
-    const char* p = reinterpret_cast<const char*>(t);
-    for (size_t at = 0; at < sizeof(c10::TensorImpl); at += 64) __builtin_prefetch(p + at);
-    __builtin_prefetch(p + sizeof(c10::TensorImpl) - 1);
-  }
-  static void prefetch_meta(const c10::TensorImpl* t) {
-    const char* m = reinterpret_cast<const char*>(t->autograd_meta());
-    if (m != nullptr) {
-      __builtin_prefetch(m);
-      __builtin_prefetch(m + 64);
-    }
-  }
-  static void prefetch_counter(const c10::TensorImpl* t) {
-    // (a VariableVersion is one intrusive_ptr to the counter)
-    static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion is not one pointer");
-    const void* counter = *reinterpret_cast<const void* const*>(&t->version_counter());
-    if (counter != nullptr) __builtin_prefetch(counter, 1);
-  }
-  static void prefetch_storage(const c10::TensorImpl* t) {
-    const char* s = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
-    __builtin_prefetch(s);
-    __builtin_prefetch(s + 63);
   }
   // The .grad of lists_[k][i], checked as grads_of() says.
   const at::Tensor& checked_grad(const char* op, size_t k, size_t i) const {

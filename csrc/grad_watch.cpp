@@ -45,7 +45,7 @@ class GradWatch : public torch::CustomClassHolder {
     const size_t n = params_.size();
     std::vector<at::Tensor*> gs(n);
     for (size_t i = 0; i < n; ++i) {
-      fetch_meta(i);
+      prefetch::grad_links_ahead(params_, i);
       gs[i] = &params_[i].unsafeGetTensorImpl()->mutable_grad();
     }
     for (size_t i = 0; i < n; ++i) {
@@ -105,16 +105,10 @@ class GradWatch : public torch::CustomClassHolder {
   std::vector<const at::Tensor*> grads() const {
     std::vector<const at::Tensor*> gs(params_.size());
     for (size_t i = 0; i < gs.size(); ++i) {
-      fetch_meta(i);
+      prefetch::grad_links_ahead(params_, i);
       gs[i] = &params_[i].unsafeGetTensorImpl()->grad();
     }
     return gs;
-  }
-  // While at parameter i, the parameters ahead: their TensorImpl, then their AutogradMeta.
-  void fetch_meta(size_t i) const {
-    const size_t n = params_.size();
-    if (i + 2 * prefetch::kAhead < n) __builtin_prefetch(params_[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
-    if (i + prefetch::kAhead < n) prefetch::meta(params_[i + prefetch::kAhead].unsafeGetTensorImpl());
   }
   // While at gradient i, the gradients ahead: their TensorImpl, then their version counter.
   static void fetch_version(const std::vector<const at::Tensor*>& gs, size_t i) {

@@ -4,9 +4,11 @@
 // backward pass; fetching the links of the tensors a few places ahead overlaps those chains.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 
 #include <cstddef>
+#include <vector>
 
 namespace fastperturb {
 namespace prefetch {
@@ -48,6 +50,14 @@ inline void storage(const c10::TensorImpl* t) {
   const char* s = reinterpret_cast<const char*>(t->unsafe_storage().unsafeGetStorageImpl());
   __builtin_prefetch(s);
   __builtin_prefetch(s + 63);
+}
+
+// While at tensor i of `ts`, the tensors ahead on the way to their `.grad`: the TensorImpl of the one 2 * kAhead
+// ahead, and the AutogradMeta of the one kAhead ahead (whose TensorImpl was fetched kAhead tensors earlier).
+inline void grad_links_ahead(const std::vector<at::Tensor>& ts, size_t i) {
+  const size_t n = ts.size();
+  if (i + 2 * kAhead < n) __builtin_prefetch(ts[i + 2 * kAhead].unsafeGetTensorImpl());
+  if (i + kAhead < n) meta(ts[i + kAhead].unsafeGetTensorImpl());
 }
 
 }  // namespace prefetch

@@ -163,8 +163,7 @@ class TensorLists : public torch::CustomClassHolder {
     const size_t n = ts.size();
     std::vector<const c10::TensorImpl*> impls(n);
     for (size_t i = from; i < n; ++i) {
-      if (i + 2 * prefetch::kAhead < n) __builtin_prefetch(ts[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
-      if (i + prefetch::kAhead < n) prefetch::meta(ts[i + prefetch::kAhead].unsafeGetTensorImpl());
+      prefetch::grad_links_ahead(ts, i);
       impls[i] = ts[i].unsafeGetTensorImpl()->grad().unsafeGetTensorImpl();
     }
     for (size_t i = from; i < n; ++i) {

@@ -128,8 +128,13 @@ DROPIN = {"ASAM", "APD-l2"}
 # marked not traceable; _use_grad breaks around every base optimizer's step()).
 ALLOWED_BREAKS = {
     "test_compile.py": ("backward()",),
-    "engine.py": ("if bool(bad.any()):",),
-    "wrapper.py": ("finite, *clip = torch.stack(checks).tolist()", "_version(ng) != v", "super().zero_grad("),
+    "engine.py": ("math.isfinite(stats.sum(dtype=torch.float64).item())",),
+    "wrapper.py": (
+        "math.isfinite(total.item())",
+        "torch.stack([torch.isfinite(total), coef < 1.0]).tolist()",
+        "_version(ng) != v",
+        "super().zero_grad(",
+    ),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastperturb.engine import Cycle, NonFiniteGradient, PerturbSpec, run_cycle
+from fastperturb.engine import Cycle, NonFiniteGradient, PerturbSpec, ascent_coefficients, nonfinite_rows, run_cycle
 
 X = torch.randn(24, 5, generator=torch.Generator().manual_seed(0))
 Y = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
@@ -181,6 +181,86 @@ def test_zero_gradient_gives_no_nan():
         cyc.ascend([g], zero_grads=False)
         assert torch.equal(w, w0)  # zero gradient: no move, and no 0/0
         cyc.restore()
+
+
+def _direct_coefficients(stats, step_size, radius, scope, project):
+    """ascent_coefficients for l2 written out per tensor in Python floats (docs/design.md §2)."""
+    rows = [[float(v) for v in r] for r in stats]
+    gg = [r[0] for r in rows]
+    gsum = sum(gg)
+    step = []
+    for i, eta in enumerate(step_size):
+        gn = math.sqrt(gsum if scope == "global" else gg[i])
+        step.append(eta / gn if gn > 0 else 0.0)
+    if not project:
+        return step, [1.0] * len(step)
+    uu = [r[2] + 2 * a * r[1] + a * a * r[0] for r, a in zip(rows, step)]
+    usum = sum(uu)
+    proj = []
+    for i, r in enumerate(radius):
+        u = math.sqrt(max(usum if scope == "global" else uu[i], 0.0))
+        proj.append(r / u if u > r else 1.0)
+    return step, proj
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 1e-30, 0.5, 3.0, 1e30]),
+            st.floats(-2.0, 2.0, width=32),
+            st.floats(0.0, 4.0, width=32),
+            st.sampled_from([0.0, 0.01, 0.2]),
+        ),
+        min_size=0,
+        max_size=7,
+    ),
+    st.sampled_from(["layer", "global"]),
+    st.booleans(),
+)
+def test_ascent_coefficients_match_the_direct_formula(rows, scope, project):
+    """Zero gradients (eta / 0 and 0 / 0) give a zero step, never NaN; tiny and huge norms stay exact."""
+    stats = torch.tensor([[gg, dg, dd] for gg, dg, dd, _ in rows], dtype=torch.float32).reshape(-1, 3)
+    eta = torch.tensor([e for *_, e in rows], dtype=torch.float64)
+    radius = eta * 1.5
+    step, proj = ascent_coefficients(PerturbSpec(scope=scope), stats, eta, radius, project)
+    assert step.dtype == proj.dtype == torch.float32 and step.shape == proj.shape == (len(rows),)
+    want_step, want_proj = _direct_coefficients(stats, eta.tolist(), radius.tolist(), scope, project)
+    torch.testing.assert_close(step, torch.tensor(want_step, dtype=torch.float32), rtol=1e-6, atol=0)
+    torch.testing.assert_close(proj, torch.tensor(want_proj, dtype=torch.float32), rtol=1e-6, atol=0)
+
+
+def test_ascent_coefficients_leave_their_inputs_alone_and_return_tensors_they_own():
+    stats = torch.tensor([[4.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
+    eta = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    radius = eta.clone()
+    before = (stats.clone(), eta.clone(), radius.clone())
+    step, proj = ascent_coefficients(PerturbSpec(), stats, eta, radius, True)
+    assert all(torch.equal(a, b) for a, b in zip((stats, eta, radius), before))
+    step.add_(1.0), proj.add_(1.0)  # the ops' own buffers: writing them touches nothing of the caller's
+    assert all(torch.equal(a, b) for a, b in zip((stats, eta, radius), before))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from([0.0, -1.5, 2.0, 3e38, -3e38, math.nan, math.inf, -math.inf]), min_size=3, max_size=3),
+        max_size=6,
+    ),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_nonfinite_rows_names_exactly_the_rows_with_nan_or_inf(rows, dtype):
+    stats = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3).to(dtype)
+    want = [i for i, r in enumerate(stats.double().tolist()) if not all(map(math.isfinite, r))]
+    assert nonfinite_rows(stats) == want
+    assert nonfinite_rows(stats[:, 0]) == [i for i, r in enumerate(stats.double().tolist()) if not math.isfinite(r[0])]
+
+
+def test_nonfinite_rows_is_not_fooled_by_finite_values_whose_sum_overflows():
+    big = torch.full((4, 3), 1.7e308, dtype=torch.float64)  # every value finite, their float64 sum is not
+    assert nonfinite_rows(big) == []
+    big[2, 1] = math.nan
+    assert nonfinite_rows(big) == [2]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed, ops
-from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius
+from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_finite, check_radius
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -67,9 +67,7 @@ class _FamilyCycle(Cycle):
             return
         if self.reduce is not None:
             sq = self.reduce(sq, "sum")
-        bad = ~torch.isfinite(sq)
-        if bool(bad.any()):
-            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 0)
+        check_finite(sq, 0)
         # ascent_coefficients reads column 0 (the squared norm of the direction); the other two
         # columns serve the projection, which a single step of length rho never needs.
         sq = sq.to(torch.float32)
@@ -430,9 +428,7 @@ class WSAM(_Family):
         # Its squared norms (free with the write) are the non-finite check of g1, which G = g does not see.
         sharp = self._backup_list(plan)
         hh = self._reduced(plan, ops.lincomb_(sharp, grads, g0, _coef(torch.tensor([0.0, 1.0, -1.0]), n, dev)))
-        bad = ~torch.isfinite(hh)
-        if bool(bad.any()):
-            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
+        check_finite(hh, 1)
         ops.lincomb_(grads, g0, [], self._copy_coef(grads))
 
     def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
@@ -518,9 +514,7 @@ class LookSAM(_Family):
         self._pending_gv = None
         if self._reuses(plan):
             gg = self._reduced(plan, ops.grad_stats_(grads)[:, 0])  # ||g_i||^2: also the non-finite check
-            bad = ~torch.isfinite(gg)
-            if bool(bad.any()):
-                raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 0)
+            check_finite(gg, 0)
             assert self._gv_sq is not None
             if self.scope == "global":
                 vv = self._gv_sq.sum()
@@ -535,9 +529,7 @@ class LookSAM(_Family):
         # buffer and becomes the stored gv (a swap, no copy) only if the step is taken.
         g0 = self._clean_copy(plan, grads)
         s = self._reduced(plan, ops.dot_stats(g0, grads))
-        bad = ~torch.isfinite(s).all(1)
-        if bool(bad.any()):
-            raise NonFiniteGradient(bad.nonzero().flatten().tolist(), 1)
+        check_finite(s, 1)
         if self.scope == "global":
             t = s.sum(0)
             beta = torch.where(t[0] > 0, t[1] / t[0], torch.zeros_like(t[0])).expand(n)

@@ -7,6 +7,8 @@
 
 #include "fastperturb/schemas.h"
 
+// The engine's helper ops (schemas.h, outside kAll; fastperturb/ops/names.py HELPER_OPS) are defined after the op set.
 TORCH_LIBRARY(fastperturb, m) {
   for (const char* schema : fastperturb::schemas::kAll) m.def(schema);
+  m.def(fastperturb::schemas::kAscentCoefficients);
 }

@@ -175,23 +175,11 @@ def ascent_coefficients(
     For l2 the projection scale uses ||delta + a g||^2 = ||d||^2 + 2a<d,g> + a^2||g||^2,
     so the stats pass that reads g also yields the norm of the candidate step.
     """
-    # As few ops as it can: each costs 5-20 us of dispatch on these [n]-vectors, tens of microseconds on a host
-    # whose caches the parameter-sized passes have just flushed (see nonfinite_rows).
     if spec.norm == "linf":
         step = step_size
         proj = radius if project else torch.full_like(radius, math.inf)
         return step.float(), proj.float()
-    s = stats.to(torch.float64)
-    gg = s[:, 0]
-    gnorm = (gg.sum() if spec.scope == "global" else gg).sqrt()
-    # eta / ||g||, and 0 where ||g|| = 0 (eta/0 is inf, or NaN for eta = 0): the steps are finite otherwise.
-    step = (step_size / gnorm).nan_to_num_(nan=0.0, posinf=0.0)
-    if not project:
-        return step.float(), torch.ones(step.shape, dtype=torch.float32, device=step.device)
-    uu = s[:, 2] + 2 * step * s[:, 1] + step * step * gg
-    uu = (uu.sum() if spec.scope == "global" else uu).clamp_min(0).sqrt()
-    proj = torch.where(uu > radius, radius / uu, 1.0)
-    return step.float(), proj.float()
+    return ops.ascent_coefficients(stats, step_size, radius, global_scope=spec.scope == "global", project=project)
 
 
 #: ``reduce(stats, kind)``: per-tensor statistics of local shards (one row per tensor) completed

@@ -88,22 +88,28 @@ def test_the_shipped_extension_registers_no_test_harness(native):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     from fastperturb.ops import pure
-    from fastperturb.ops.names import HANDLE_OPS, OPS
+    from fastperturb.ops.names import HANDLE_OPS, HELPER_OPS, OPS
 
     # the op set, plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py), plus the
-    # ops on a TensorLists handle
-    assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME, *HANDLE_OPS)))
+    # ops on a TensorLists handle and the engine's helpers
+    want = (*OPS, pure.NAME, *HANDLE_OPS, *HELPER_OPS)
+    assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in want))
 
 
 def test_python_op_names_are_the_compiled_op_set(native):
     """fastperturb/ops/names.py and schemas.h's kAll name the same ops, in the same order."""
     from fastperturb.ops import pure
-    from fastperturb.ops.names import HANDLE_OPS, OPS
+    from fastperturb.ops.names import HANDLE_OPS, HELPER_OPS, OPS
 
     registered = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fastperturb::")]
     # plus grad_stats_'s non-mutating twin that torch.compile calls (fastperturb/ops/pure.py), plus the ops on a
-    # TensorLists handle (their order: kAllLists, checked below)
-    assert sorted(registered) == sorted(f"fastperturb::{name}" for name in (*OPS, pure.NAME, *HANDLE_OPS))
+    # TensorLists handle (their order: kAllLists, checked below) and the engine's helpers (defined outside kAll)
+    want = (*OPS, pure.NAME, *HANDLE_OPS, *HELPER_OPS)
+    assert sorted(registered) == sorted(f"fastperturb::{name}" for name in want)
+    helpers = (ROOT / "csrc/schemas.cpp").read_text()
+    assert all(
+        f"m.def(fastperturb::schemas::k{''.join(w.title() for w in name.split('_'))})" in helpers for name in HELPER_OPS
+    )
     # the order of kAll, as TORCH_LIBRARY defines them: the schemas' positions in the registry are not
     # observable, so the order is checked against the header's text
     header = (ROOT / "csrc/include/fastperturb/schemas.h").read_text()

@@ -189,6 +189,21 @@ def ema_residual_(
 # and the Triton backend take the handle (no list marshalling, checks and plan cached); under torch.compile, on
 # the CUDA C++ backend and on the reference the list ops run on the handle's lists.
 
+
+def ascent_coefficients(
+    stats: Tensor, step_size: Tensor, radius: Tensor, *, global_scope: bool, project: bool
+) -> tuple[Tensor, Tensor]:
+    """The l2 ascent step's per-tensor ``(step_coef, proj)`` from ``grad_stats_``'s rows and the float64 eta and r:
+    one native call on the cpp backend (eager), else :func:`fastperturb.ops.reference.ascent_coefficients`."""
+    if not torch.compiler.is_compiling() and dispatch.resolve(stats.device) == "cpp":
+        return torch.ops.fastperturb.ascent_coefficients(
+            stats, step_size, radius, global_scope=bool(global_scope), project=bool(project)
+        )
+    from . import reference
+
+    return reference.ascent_coefficients(stats, step_size, radius, global_scope=global_scope, project=project)
+
+
 from .lists import ListsCache as ListsCache  # noqa: E402
 from .lists import TensorLists as TensorLists  # noqa: E402
 

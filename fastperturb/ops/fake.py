@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as V
-from .names import OPS
+from .names import HELPER_OPS, OPS
 
 
 def norms(tensors, ord):
@@ -102,7 +102,15 @@ def restore_adam_step_(
     return None
 
 
+def ascent_coefficients(stats, step_size, radius, *, global_scope, project):
+    n = stats.shape[0]
+    return tuple(torch.empty(n, dtype=torch.float32, device=stats.device) for _ in range(2))
+
+
 def register(namespace: str) -> None:
     """Register the fake impls for every op of ``namespace``."""
     for name in OPS:
         torch.library.register_fake(f"{namespace}::{name}")(globals()[name])
+    if namespace == "fastperturb":  # (the helper ops exist in the compiled extension's namespace only)
+        for name in HELPER_OPS:
+            torch.library.register_fake(f"{namespace}::{name}")(globals()[name])

@@ -33,3 +33,7 @@ HANDLE_OPS: tuple[str, ...] = (
     "restore_norms_lists_",
     "combine_grads_lists_",
 )
+
+#: Ops on per-tensor statistics rather than tensor lists (``schemas.h``, outside ``kAll``): the engine's eager
+#: CPU path (fastperturb/ops/__init__.py says when it calls them); the reference computes them everywhere else.
+HELPER_OPS: tuple[str, ...] = ("ascent_coefficients",)

@@ -332,3 +332,21 @@ def restore_adam_step_(
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
             w.copy_(base + _coef(-(lr / bias_correction1), cd) * m / denom)
+
+
+def ascent_coefficients(
+    stats: Tensor, step_size: Tensor, radius: Tensor, *, global_scope: bool, project: bool
+) -> tuple[Tensor, Tensor]:
+    """The l2 ascent step's per-tensor ``(step_coef, proj)`` (float32 ``[n]``) from ``grad_stats_``'s rows
+    ``[gg, dg, dd]`` and the float64 ``[n]`` step sizes and radii: not a list op (see schemas.h). Torch ops on
+    ``[n]``-vectors, in float64; the path of torch.compile and of devices without a native kernel."""
+    s = stats.to(torch.float64)
+    gg = s[:, 0]
+    gnorm = (gg.sum() if global_scope else gg).sqrt()
+    # eta / ||g||, and 0 where ||g|| = 0 (eta/0 is inf, or NaN for eta = 0): the steps are finite otherwise.
+    step = (step_size / gnorm).nan_to_num_(nan=0.0, posinf=0.0)
+    if not project:
+        return step.float(), torch.ones(step.shape, dtype=torch.float32, device=step.device)
+    uu = s[:, 2] + 2 * step * s[:, 1] + step * step * gg
+    uu = (uu.sum() if global_scope else uu).clamp_min(0).sqrt()
+    return step.float(), torch.where(uu > radius, radius / uu, 1.0).float()

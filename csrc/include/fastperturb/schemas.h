@@ -89,6 +89,17 @@ inline constexpr const char* kAdamStep =
     "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, *, float lr, float beta1, float beta2, float eps, "
     "float step, float weight_decay=0.0, bool decoupled_weight_decay=False, bool maximize=False) -> ()";
 
+// Not a list op (not in kAll): the per-tensor coefficients of an l2 ascent step from grad_stats_'s rows
+// [gg, dg, dd] (float32 [n, 3]) and the float64 [n] step sizes eta and radii r, computed in float64 and
+// returned as float32 [n] (step_coef, proj) for ascent_step_ (fastperturb/engine.py, ascent_coefficients):
+//   a = eta / sqrt(gg), with NaN and +inf (||g|| = 0) replaced by 0 and -inf by the lowest double
+//   u = sqrt(max(dd + 2 a dg + a^2 gg, 0));  proj = u > r ? r / u : 1   (proj = 1 without project)
+// global_scope: gg and the u^2 terms are summed over all tensors first. One eager CPU call in place of a
+// dozen tiny torch ops; other devices and torch.compile run the reference's torch ops.
+inline constexpr const char* kAscentCoefficients =
+    "ascent_coefficients(Tensor stats, Tensor step_size, Tensor radius, *, bool global_scope, "
+    "bool project) -> (Tensor, Tensor)";
+
 // All of them, in the order above.
 inline constexpr const char* kAll[] = {kNorms,    kGradStats, kAscentStep,  kRestore, kCombineGrads,
                                        kDotStats, kLincomb,   kEmaResidual, kSgdStep, kAdamStep};

@@ -76,49 +76,23 @@ def test_the_engine_takes_the_native_op_on_cpp_and_the_reference_elsewhere(nativ
     assert calls == [1] and all(map(torch.equal, again, (step, proj)))
 
 
+_GOOD = {"stats": ((2, 3), torch.float32), "step_size": ((2,), torch.float64), "radius": ((2,), torch.float64)}
+
+
 @pytest.mark.parametrize(
-    "stats, eta, radius, exc, match",
+    "bad, exc, match",
     [
-        (
-            torch.zeros(2, 3),
-            torch.zeros(2),
-            torch.zeros(2, dtype=torch.float64),
-            TypeError,
-            "step_size must be torch.float64",
-        ),
-        (
-            torch.zeros(2, 3),
-            torch.zeros(3, dtype=torch.float64),
-            torch.zeros(2, dtype=torch.float64),
-            ValueError,
-            r"step_size must have shape \(2,\)",
-        ),
-        (
-            torch.zeros(2, 3),
-            torch.zeros(2, dtype=torch.float64),
-            torch.zeros(2, 1, dtype=torch.float64),
-            ValueError,
-            "radius must have shape",
-        ),
-        (
-            torch.zeros(2, 2),
-            torch.zeros(2, dtype=torch.float64),
-            torch.zeros(2, dtype=torch.float64),
-            ValueError,
-            r"stats must have shape \(n, 3\)",
-        ),
-        (
-            torch.zeros(2, 3, dtype=torch.int32),
-            torch.zeros(2, dtype=torch.float64),
-            torch.zeros(2, dtype=torch.float64),
-            TypeError,
-            "stats must be torch.float32 or torch.float64",
-        ),
+        ({"step_size": ((2,), torch.float32)}, TypeError, "step_size must be torch.float64"),
+        ({"step_size": ((3,), torch.float64)}, ValueError, r"step_size must have shape \(2,\)"),
+        ({"radius": ((2, 1), torch.float64)}, ValueError, "radius must have shape"),
+        ({"stats": ((2, 2), torch.float32)}, ValueError, r"stats must have shape \(n, 3\)"),
+        ({"stats": ((2, 3), torch.int32)}, TypeError, "stats must be torch.float32 or torch.float64"),
     ],
 )
-def test_bad_arguments_are_clear_errors(native, stats, eta, radius, exc, match):
+def test_bad_arguments_are_clear_errors(native, bad, exc, match):
+    args = [torch.zeros(shape, dtype=dtype) for shape, dtype in {**_GOOD, **bad}.values()]
     with pytest.raises(exc, match=match):
-        torch.ops.fastperturb.ascent_coefficients(stats, eta, radius, global_scope=False, project=True)
+        torch.ops.fastperturb.ascent_coefficients(*args, global_scope=False, project=True)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7])

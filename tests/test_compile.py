@@ -130,7 +130,7 @@ ALLOWED_BREAKS = {
     "test_compile.py": ("backward()",),
     "engine.py": ("math.isfinite(stats.sum(dtype=torch.float64).item())",),
     "wrapper.py": (
-        "math.isfinite(total.item())",
+        "finite = math.isfinite(norm := total.item())",
         "torch.stack([torch.isfinite(total), coef < 1.0]).tolist()",
         "_version(ng) != v",
         "super().zero_grad(",

@@ -736,14 +736,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
             total, per = _grad_norm(grads, reduce)
         # The one place Python branches on G: both decisions in one device sync (one torch.compile graph break),
         # in as few ops as it can (each costs tens of microseconds on a host the passes have left cold).
-        if self.max_grad_norm is None:
-            finite, clip = math.isfinite(total.item()), []
-        else:
+        if self.max_grad_norm is not None and torch.compiler.is_compiling():
             # The clipping factor stays a tensor: as a Python float it would make dynamo recompile at every step
             # that clips.
             total = total.to(torch.float64)
             coef = torch.full_like(total, self.max_grad_norm) / (total + 1e-6)
-            finite, *clip = torch.stack([torch.isfinite(total), coef < 1.0]).tolist()
+            finite, clip = torch.stack([torch.isfinite(total), coef < 1.0]).tolist()
+        else:  # the same float64 arithmetic on the host; the factor becomes a tensor only when it clips
+            finite = math.isfinite(norm := total.item())
+            clip = finite and self.max_grad_norm is not None and float(self.max_grad_norm) / (norm + 1e-6) < 1.0
+            if clip:
+                coef = torch.tensor(float(self.max_grad_norm) / (norm + 1e-6), dtype=torch.float64, device=total.device)
         if not finite:
             names = [
                 f"param_groups[{gi}]['params'][{pj}]"
@@ -755,7 +758,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             err = NonFiniteDescentGradient([names[i] for i in bad], bad, self.spec.steps)
             self._on_nonfinite(err, scaler)
             return
-        if clip and clip[0]:
+        if clip:
             torch._foreach_mul_(grads if grads is not None else [p.grad for p in with_grad], coef)
         if _scaling(scaler):
             scaler.step(self.base_optimizer)

@@ -744,9 +744,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
             finite, clip = torch.stack([torch.isfinite(total), coef < 1.0]).tolist()
         else:  # the same float64 arithmetic on the host; the factor becomes a tensor only when it clips
             finite = math.isfinite(norm := total.item())
-            clip = finite and self.max_grad_norm is not None and float(self.max_grad_norm) / (norm + 1e-6) < 1.0
+            factor = float(self.max_grad_norm) / (norm + 1e-6) if finite and self.max_grad_norm is not None else 1.0
+            clip = factor < 1.0
             if clip:
-                coef = torch.tensor(float(self.max_grad_norm) / (norm + 1e-6), dtype=torch.float64, device=total.device)
+                coef = torch.tensor(factor, dtype=torch.float64, device=total.device)
         if not finite:
             names = [
                 f"param_groups[{gi}]['params'][{pj}]"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds fastperturb with its CUDA kernels on a machine without a GPU and checks
 # what can be checked there: the build is warning-free (nvcc -Werror), the
-# extension imports, the 5 ops have kernels for the CUDA dispatch key, and
+# extension imports, the ops (OPS, HELPER_OPS) have kernels for the CUDA dispatch key, and
 # calling them without a GPU fails with a clear error instead of crashing. Then
 # runs the work-list executor tests against this build (and, on a machine with a
 # GPU, tests/test_cuda_build.py also runs the kernels against the reference).
@@ -89,12 +89,12 @@ import torch
 
 import fastperturb
 from fastperturb.ops import native as _native
-from fastperturb.ops.names import OPS
+from fastperturb.ops.names import HELPER_OPS, OPS
 
 assert _native.load_error is None, f"fastperturb._C did not load: {_native.load_error}"
-for name in OPS:
+for name in (*OPS, *HELPER_OPS):
     has = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA")
-    print(f"  fastperturb::{name:15s} CUDA kernel: {has}")
+    print(f"  fastperturb::{name:19s} CUDA kernel: {has}")
     assert has, name
 if not torch.cuda.is_available():
     try:

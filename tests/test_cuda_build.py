@@ -19,7 +19,7 @@ from fastperturb import ops
 from fastperturb.ops import dispatch as backends
 from fastperturb.ops import native as _native
 from fastperturb.ops import reference as R
-from fastperturb.ops.names import OPS
+from fastperturb.ops.names import HELPER_OPS, OPS
 
 REQUIRE = os.environ.get("FASTPERTURB_REQUIRE_CUDA_BUILD") == "1"
 
@@ -41,7 +41,7 @@ def cuda_build():
 
 
 def test_ops_have_cuda_and_cpu_kernels(cuda_build):
-    for name in OPS:
+    for name in (*OPS, *HELPER_OPS):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CPU"), name
 
@@ -69,6 +69,9 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
         "restore_adam_step_": lambda k: k(
             a, b, c, [torch.ones(3)], [torch.ones(3)], [], lr=0.1, beta1=0.9, beta2=0.9, eps=1e-8, step=1.0
         ),
+        "ascent_coefficients": lambda k: k(
+            torch.ones(1, 3), *[torch.ones(1, dtype=torch.float64)] * 2, global_scope=True, project=True
+        ),
     }
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"CUDA kernels got .* on cpu; pass CUDA tensors"):
@@ -76,6 +79,11 @@ def test_cuda_kernels_reject_cpu_tensors_cleanly(cuda_build):
     # the argument checks (shared with the CPU kernels) come first
     with pytest.raises(ValueError, match=r"backups\[0\] has shape"):
         _cuda_kernel("restore_")(a, [torch.ones(4)])
+    eta = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"stats must have shape \(n, 3\)"):
+        _cuda_kernel("ascent_coefficients")(torch.ones(1, 2), eta, eta, global_scope=False, project=True)
+    with pytest.raises(ValueError, match=r"radius must be a dense tensor on stats's device \(cpu\), got meta"):
+        _cuda_kernel("ascent_coefficients")(torch.ones(1, 3), eta, eta.to("meta"), global_scope=False, project=True)
     assert a[0].tolist() == [1.0, 1.0, 1.0]
 
 
@@ -171,6 +179,39 @@ def test_cuda_ops_match_the_reference(cuda_build):
     raw = _list(gen, specs, kind="bits")
     torch.ops.fastperturb.restore_(params, raw)
     assert _same(params, raw)
+
+
+@GPU
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 3000])
+def test_cuda_ascent_coefficients_match_the_cpu_kernel(cuda_build, n):
+    """One block: per-tensor results are the CPU kernel's bits (math.h), global sums within reduction order,
+    reruns bit-identical; NaN/Inf and zero rows as on the CPU."""
+    gen = torch.Generator().manual_seed(n)
+    for dtype in (torch.float32, torch.float64):
+        stats = (torch.rand(n, 3, generator=gen, dtype=torch.float64) - torch.tensor([0.0, 0.5, 0.0])).to(dtype)
+        if n > 3:
+            stats[0] = 0.0
+            stats[1, 0], stats[2, 1] = math.nan, math.inf
+        eta = torch.rand(n, generator=gen, dtype=torch.float64) * 0.1
+        radius = eta * 0.9
+        for glob in (False, True):
+            for project in (False, True):
+                args = (stats, eta, radius)
+                got = torch.ops.fastperturb.ascent_coefficients(
+                    *(t.cuda() for t in args), global_scope=glob, project=project
+                )
+                want = torch.ops.fastperturb.ascent_coefficients(*args, global_scope=glob, project=project)
+                again = torch.ops.fastperturb.ascent_coefficients(
+                    *(t.cuda() for t in args), global_scope=glob, project=project
+                )
+                assert _same(got, again)
+                for g, w in zip(got, want):
+                    assert g.device.type == "cuda" and g.dtype == torch.float32 and g.shape == (n,)
+                    g = g.cpu()
+                    if glob:
+                        torch.testing.assert_close(g, w, rtol=1e-6, atol=0, equal_nan=True)
+                    else:
+                        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num())
 
 
 @GPU

@@ -463,6 +463,9 @@ for name, constexprs, k in done:
     # the vector hints give 128-bit loads
     if constexprs.get("VEC", 1) > 1:
         assert re.search(r"ld\\.global\\.v[24]\\.", ptx), (name, constexprs)
+    # ascent_coefficients: float64 division and square root IEEE-rounded (math.h's, the reference's)
+    if name == "_coefficients_kernel":
+        assert "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx and ".approx." not in ptx, constexprs
 print(len(done))
 """
 

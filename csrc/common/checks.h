@@ -371,5 +371,28 @@ inline void check_restore_adam_step(at::TensorList params, at::TensorList backup
                     "beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)");
 }
 
+// ascent_coefficients: stats float32/float64 [n, 3] (grad_stats_'s rows), step_size and radius float64 [n], all dense
+// and on stats's device.
+inline void check_ascent_coefficients(const at::Tensor& stats, const at::Tensor& step_size, const at::Tensor& radius) {
+  TORCH_CHECK_TYPE(stats.dtype() == at::kFloat || stats.dtype() == at::kDouble,
+                   "ascent_coefficients: stats must be torch.float32 or torch.float64, got ",
+                   dtype_name(stats.scalar_type()));
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == 3,
+                    "ascent_coefficients: stats must have shape (n, 3) (grad_stats_'s rows), got ",
+                    tuple_str(stats.sizes()));
+  TORCH_CHECK_VALUE(stats.layout() == at::kStrided, "ascent_coefficients: stats must be a dense tensor");
+  const int64_t n = stats.size(0);
+  auto check_vector = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_TYPE(t.dtype() == at::kDouble, "ascent_coefficients: ", name, " must be torch.float64, got ",
+                     dtype_name(t.scalar_type()));
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, "ascent_coefficients: ", name, " must have shape (", n,
+                      ",) (one value per row of stats), got ", tuple_str(t.sizes()));
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided && t.device() == stats.device(), "ascent_coefficients: ", name,
+                      " must be a dense tensor on stats's device (", stats.device(), "), got ", t.device());
+  };
+  check_vector("step_size", step_size);
+  check_vector("radius", radius);
+}
+
 }  // namespace checks
 }  // namespace fastperturb

@@ -194,14 +194,12 @@ def ascent_coefficients(
     stats: Tensor, step_size: Tensor, radius: Tensor, *, global_scope: bool, project: bool
 ) -> tuple[Tensor, Tensor]:
     """The l2 ascent step's per-tensor ``(step_coef, proj)`` from ``grad_stats_``'s rows and the float64 eta and r:
-    one native call on the cpp backend (eager), else :func:`fastperturb.ops.reference.ascent_coefficients`."""
-    if not torch.compiler.is_compiling() and dispatch.resolve(stats.device) == "cpp":
-        return torch.ops.fastperturb.ascent_coefficients(
-            stats, step_size, radius, global_scope=bool(global_scope), project=bool(project)
-        )
-    from . import reference
-
-    return reference.ascent_coefficients(stats, step_size, radius, global_scope=global_scope, project=project)
+    one kernel call on the cpp, cuda and triton backends (eager), else the torch ops of
+    :func:`fastperturb.ops.reference.ascent_coefficients` (which torch.compile traces and fuses)."""
+    backend = "reference" if torch.compiler.is_compiling() else dispatch.resolve(stats.device)
+    return dispatch.op("ascent_coefficients", backend)(
+        stats, step_size, radius, global_scope=bool(global_scope), project=bool(project)
+    )
 
 
 from .lists import ListsCache as ListsCache  # noqa: E402

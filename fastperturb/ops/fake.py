@@ -103,14 +103,12 @@ def restore_adam_step_(
 
 
 def ascent_coefficients(stats, step_size, radius, *, global_scope, project):
+    V.check_ascent_coefficients(stats, step_size, radius)
     n = stats.shape[0]
     return tuple(torch.empty(n, dtype=torch.float32, device=stats.device) for _ in range(2))
 
 
 def register(namespace: str) -> None:
     """Register the fake impls for every op of ``namespace``."""
-    for name in OPS:
+    for name in (*OPS, *HELPER_OPS):
         torch.library.register_fake(f"{namespace}::{name}")(globals()[name])
-    if namespace == "fastperturb":  # (the helper ops exist in the compiled extension's namespace only)
-        for name in HELPER_OPS:
-            torch.library.register_fake(f"{namespace}::{name}")(globals()[name])

@@ -291,3 +291,28 @@ def check_restore_adam_step(
         raise ValueError(f"step must be a finite count >= 1 (after its increment), got {step}")
     if not (beta1 < 1.0 and beta2 < 1.0):
         raise ValueError("beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)")
+
+
+def check_ascent_coefficients(stats, step_size, radius) -> None:
+    """Not a list op (schemas.h): ``stats`` float32/float64 ``[n, 3]``, ``step_size`` and ``radius`` float64
+    ``[n]``, dense and on ``stats``'s device."""
+    if stats.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"ascent_coefficients: stats must be torch.float32 or torch.float64, got {stats.dtype}")
+    if stats.dim() != 2 or stats.shape[1] != 3:
+        raise ValueError(
+            f"ascent_coefficients: stats must have shape (n, 3) (grad_stats_'s rows), got {tuple(stats.shape)}"
+        )
+    if stats.layout != torch.strided:
+        raise ValueError("ascent_coefficients: stats must be a dense tensor")
+    n = stats.shape[0]
+    for name, t in (("step_size", step_size), ("radius", radius)):
+        if t.dtype != torch.float64:
+            raise TypeError(f"ascent_coefficients: {name} must be torch.float64, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(
+                f"ascent_coefficients: {name} must have shape ({n},) (one value per row of stats), got {tuple(t.shape)}"
+            )
+        if t.layout != torch.strided or t.device != stats.device:
+            raise ValueError(
+                f"ascent_coefficients: {name} must be a dense tensor on stats's device ({stats.device}), got {t.device}"
+            )

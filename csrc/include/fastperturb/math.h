@@ -8,6 +8,7 @@
 // two in step (docs/design.md §3.4).
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 
 // Always inlined, on the host too: the CPU loops only vectorise when the element functions are inlined into them,
@@ -207,6 +208,29 @@ template <typename C>
 FP_HD C scaled_square(C d, C w, C eta, bool adaptive) {
   const C td = adaptive ? ((w < C(0) ? -w : w) + eta) * d : d;
   return td * td;
+}
+
+// ---------------------------------------------------------------------------
+// ascent_coefficients (schemas.h): the l2 ascent step's per-tensor
+// coefficients, in double, from grad_stats_'s row [gg, dg, dd] (or the sums
+// of its columns over all tensors, for the global scope).
+
+// a = eta / ||g||; 0 where that is NaN or +inf (||g|| = 0: eta/0 or 0/0),
+// and the lowest double for -inf, as torch.nan_to_num(nan=0, posinf=0).
+FP_HD double ascent_step_coef(double eta, double gg) {
+  const double a = eta / std::sqrt(gg);
+  if (a != a || a > DBL_MAX) return 0.0;
+  return a < -DBL_MAX ? -DBL_MAX : a;
+}
+
+// ||d + a g||^2 from the row's terms, added left to right.
+FP_HD double moved_sq(double a, double gg, double dg, double dd) { return dd + 2.0 * a * dg + a * a * gg; }
+
+// The projection onto the radius r: r / u with u = sqrt(max(uu, 0)) when u
+// exceeds r, else 1 (a NaN uu stays NaN through the clamp, so it gives 1).
+FP_HD double projection_coef(double r, double uu) {
+  const double u = std::sqrt(uu < 0.0 ? 0.0 : uu);
+  return u > r ? r / u : 1.0;
 }
 
 }  // namespace math

@@ -1,7 +1,8 @@
 """Triton kernels of the fused op set, registered as ``torch.ops.fastperturb_triton.*``.
 
-Importing this package defines the five ops of
-``csrc/include/fastperturb/schemas.h`` a second time, under the namespace
+Importing this package defines the ops of
+``csrc/include/fastperturb/schemas.h`` (the list ops of ``kAll`` and the
+helper ``ascent_coefficients``) a second time, under the namespace
 ``fastperturb_triton``, with these kernels behind them (``docs/design.md``
 §5.2). The schema strings are read from the ops the compiled extension
 registers (``torch.ops.fastperturb.<op>.default._schema``), so the schemas are
@@ -16,9 +17,12 @@ Modules
 ``memory`` (element loads and stores, bfloat16 by hand), ``kernels`` (the
 kernels), ``runtime`` (interpreter or compiled, launches with pinned
 ``num_warps``, launch counting, chunk and block sizes, availability), ``plan``
-(the launch plan of one call), ``impls`` (the five ops), ``aot`` (ahead-of-time
-compilation for a GPU target), ``registration`` (the ``torch.library``
-registration, with version-counter bumps on the written tensors).
+(the launch plan of one call), ``impls`` (the list ops), ``step_kernels`` and
+``step_impls`` (the fused restore + base steps), ``coefficient_kernels`` and
+``coefficient_impls`` (``ascent_coefficients``: one program, one launch),
+``aot`` (ahead-of-time compilation for a GPU target), ``registration`` (the
+``torch.library`` registration, with version-counter bumps on the written
+tensors).
 
 Registration: opaque ops, custom_op-style
 -----------------------------------------

@@ -9,6 +9,8 @@ import itertools
 import torch
 import triton
 
+from .coefficient_impls import BLOCK as COEFFICIENT_BLOCK
+from .coefficient_kernels import _coefficients_kernel
 from .kernels import (
     FINALIZE_LANES,
     _ascent_kernel,
@@ -73,6 +75,13 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
     for size, itype in INT_OF_SIZE.items():
         for vec in (1, VECTOR_BYTES // size):
             yield _restore_kernel, table, dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ITYPE=itype)
+    for stats, glob, project in itertools.product(("*fp32", "*fp64"), flags, flags):
+        if exhaustive or glob == project:
+            yield (
+                _coefficients_kernel,
+                dict(stats=stats, eta="*fp64", radius="*fp64", step_out="*fp32", proj_out="*fp32", n="i32"),
+                dict(GLOBAL=glob, PROJECT=project, BLOCK=COEFFICIENT_BLOCK),
+            )
     for ncol, mode in ((1, 0), (1, 1), (3, 2), (1, 2)):
         yield (
             _finalize_kernel,

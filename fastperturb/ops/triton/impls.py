@@ -566,4 +566,5 @@ def ema_residual_(
 
 
 # The fused restore + base-optimizer steps live in their own module; re-exported under their op names.
+from .coefficient_impls import ascent_coefficients  # noqa: E402,F401
 from .step_impls import restore_adam_step_, restore_sgd_step_  # noqa: E402,F401

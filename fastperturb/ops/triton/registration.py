@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .. import fake, native, pure
-from ..names import OPS
+from ..names import HELPER_OPS, OPS
 from . import impls
 from .impls import NAMESPACE
 
@@ -77,11 +77,12 @@ _LIBS: list[torch.library.Library] = []  # keeps the registrations alive
 
 
 def register() -> None:
-    """Define ``fastperturb_triton::<op>`` for every op of :data:`~fastperturb.ops.names.OPS` (once per process)."""
+    """Define ``fastperturb_triton::<op>`` for every op of :data:`~fastperturb.ops.names.OPS` and
+    :data:`~fastperturb.ops.names.HELPER_OPS` (once per process)."""
     if _already_defined():
         return
     lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-    for name in OPS:
+    for name in (*OPS, *HELPER_OPS):
         qualname = f"{NAMESPACE}::{name}"
         schema = _schema_of(name)
         torch.library.define(qualname, _signature(schema), lib=lib)

@@ -13,7 +13,8 @@ buffers (``private_buffers=True``: fingerprinted once, the params on every call)
 (``handle``), and with every ``.grad`` replaced by another tensor before each call (``new .grad``, as in
 training, where the gradients are released before each backward; two sets of gradient tensors alternate, so
 every pointer changes; the replacing is not timed). ``checked`` is a handle on buffers the caller may change, whose
-fingerprints are re-checked on every call too (on unchanged gradients).
+fingerprints are re-checked on every call too (on unchanged gradients). ``ascent_coefficients`` (the engine's
+per-tensor coefficients, between the passes) takes ``[n]``-vectors, not lists: one row, ``vectors``.
 """
 
 from __future__ import annotations
@@ -59,10 +60,11 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
 
     from fastperturb import ops
     from fastperturb.ops import dispatch
-    from fastperturb.ops.triton import impls
+    from fastperturb.ops.triton import coefficient_impls, impls
 
     launches = []
     impls.launch = lambda kernel, grid, *a, **k: launches.append(grid)  # the stub: the host work only
+    coefficient_impls.launch = impls.launch
 
     torch.manual_seed(0)
     params = [torch.randn(numel) for _ in range(n)]
@@ -136,6 +138,14 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
             record(name, "new .grad", lo, med, per_call)
             for p, g in zip(params, grads):
                 p.grad = g
+        # the engine's per-tensor ascent coefficients between the passes: one call on [n]-vectors, no plan
+        stats = torch.rand(n, 3)
+        eta = torch.full((n,), 1e-3, dtype=torch.float64)
+        for project in (False, True):
+            fn = lambda: ops.ascent_coefficients(stats, eta, eta, global_scope=False, project=project)  # noqa: E731
+            launches.clear()
+            fn()
+            record("ascent_coefficients" + (" (proj)" if project else ""), "vectors", *_best_us(fn, reps, rounds), 1)
     return out
 
 

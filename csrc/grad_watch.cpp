@@ -8,8 +8,10 @@
 // The semantics are those of the Python loops they replace (fastperturb/optim/wrapper.py): a gradient "changed"
 // when it is defined and is another tensor than the one remembered, or the same tensor with another version
 // (a backward either stores a fresh tensor after `.grad = None` or accumulates into the old one in place).
-// Remembered gradients are held (strong references), as the Python snapshot held them, so an address cannot be
-// reused by a new tensor while it is remembered; forget() drops them.
+// Remembered gradients are held by weak references: a gradient the caller drops between steps (model.zero_grad(),
+// as Hugging Face's Trainer calls it after every step) frees its memory at once, while its TensorImpl, which the
+// weak reference keeps allocated, keeps its address from being reused by a new gradient, so "another tensor" is
+// still told by address. forget() drops them.
 //
 // Plain tensors only: a sharded (DTensor) gradient moves the version of its local tensor, which the Python path
 // reads (fastperturb.distributed.local). The wrapper uses this class only on unsharded parameters.
@@ -65,7 +67,7 @@ class GradWatch : public torch::CustomClassHolder {
     for (size_t i = 0; i < gs.size(); ++i) {
       fetch_version(gs, i);
       const at::Tensor& g = *gs[i];
-      seen.push_back({g, g.defined() ? static_cast<int64_t>(g._version()) : -1});
+      seen.push_back({WeakImpl(g.getIntrusivePtr()), g.defined() ? static_cast<int64_t>(g._version()) : -1});
     }
   }
 
@@ -83,14 +85,17 @@ class GradWatch : public torch::CustomClassHolder {
       fetch_version(gs, i);
       const at::Tensor& g = *gs[i];
       if (!g.defined()) continue;
-      if (!seen[i].grad.is_same(g) || static_cast<int64_t>(g._version()) != seen[i].version) return true;
+      if (seen[i].grad._unsafe_get_target() != g.unsafeGetTensorImpl() ||
+          static_cast<int64_t>(g._version()) != seen[i].version)
+        return true;
     }
     return false;
   }
 
  private:
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Seen {
-    at::Tensor grad;  // undefined: there was none
+    WeakImpl grad;  // UndefinedTensorImpl's singleton: there was none
     int64_t version;
   };
   static constexpr int64_t kSlots = 2;

@@ -199,6 +199,35 @@ def test_compiled_gradient_watch_equals_the_python_path(clearing, preset):
     _assert_same_weights(model, twin)
 
 
+@pytest.mark.parametrize("watch", ["compiled", "python"])
+def test_dropping_the_gradients_between_steps_frees_them_and_g0_is_still_seen(watch):
+    """Hugging Face's Trainer calls model.zero_grad() after each step: the step's snapshot of the gradients (which
+    tells whether a backward ran before the next step) must not keep them alive, and the backward that follows is
+    still the caller's g_0 (one closure call per SAM step, not two)."""
+    import gc
+    import weakref
+
+    model = _model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    if watch == "python":
+        _python_watch(opt)
+        opt.zero_grad()  # its first snapshot, in Python (the constructor took it with the GradWatch)
+    else:
+        assert opt._watch() is not None
+    for _ in range(3):
+        _closure(model)()
+        c = _Counted(model)
+        opt.step(c)
+        assert c.calls == 1, "the caller's backward is g_0"
+        refs = [weakref.ref(p.grad) for p in model.parameters()]
+        model.zero_grad()
+        gc.collect()
+        assert all(r() is None for r in refs), "the optimizer holds no gradient the caller dropped"
+    c = _Counted(model)
+    opt.step(c)  # no backward since the last step: the step computes g_0 itself
+    assert c.calls == 2
+
+
 def test_plan_cache_follows_a_tensor_losing_and_regaining_its_gradient():
     model = _model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
@@ -239,10 +268,15 @@ def test_grad_watch_semantics():
     w.release()
     assert w.count_defined() == 0 and all(p.grad is None for p in ps)
     gc.collect()
-    assert ref() is not None, "the snapshot holds the gradients it remembers"
+    assert ref() is None, "a snapshot keeps no gradient alive (model.zero_grad() between steps frees them)"
+    assert not w.changed(0), "no gradient now: nothing a backward wrote"
+    for p in ps:  # new tensors, where the allocator may reuse the memory of those just freed
+        p.grad = torch.zeros(3)
+    assert w.changed(0), "a gradient now is another tensor than the one remembered"
+    w.snapshot(0)
+    assert not w.changed(0)
     w.forget(0)
-    gc.collect()
-    assert ref() is None, "forget() drops them"
+    assert not w.changed(0) and not w.has_snapshot(0)
     with pytest.raises(ValueError, match="slot 2 out of range"):
         w.snapshot(2)
 

@@ -16,6 +16,7 @@ import math
 import operator
 import sys
 import warnings
+import weakref
 from itertools import repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
@@ -131,17 +132,25 @@ def _version(g: Tensor) -> int:
 _GRAD = operator.attrgetter("grad")
 
 
-def _versions(params: Sequence[Tensor]) -> list:
+def _versions(params: Sequence[Tensor], weak: bool = False) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
-    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version."""
+    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version. ``weak``: the gradients
+    by weak references, for a snapshot kept from one step to the next, which must not keep alive
+    the gradients the caller drops in between (``model.zero_grad()``)."""
     grads = [p.grad for p in params]
+    if weak:
+        return [(None, -1) if g is None else (weakref.ref(g), _version(g)) for g in grads]
     return [(g, -1 if g is None else _version(g)) for g in grads]
 
 
 def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     for p, (g, v) in zip(params, before):
         ng = p.grad
-        if ng is not None and (ng is not g or _version(ng) != v):
+        if ng is None:
+            continue
+        if type(g) is weakref.ref:  # (a dead reference gives None: the gradient now is another tensor)
+            g = g()
+        if ng is not g or _version(ng) != v:
             return True
     return False
 
@@ -589,7 +598,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self._grads_seen = []
             watch.snapshot(_SEEN)
         else:
-            self._grads_seen = _versions(self._all_params())
+            # (weak references in eager mode; torch.compile traces the plain ones)
+            self._grads_seen = _versions(self._all_params(), weak=not torch.compiler.is_compiling())
 
     def _forget_grads(self) -> None:
         """Hold no stale gradient while the passes run (see_grads() again after them)."""

@@ -265,6 +265,37 @@ def test_passes_per_step(preset, accum, tmp_path):
         assert torch.equal(first_step[i], first_step[i % accum])
 
 
+def test_the_gradients_trainer_drops_are_freed(tmp_path):
+    """Trainer calls model.zero_grad() after each optimizer step: the optimizer keeps no reference that holds
+    those gradients through the next step's forward and backward (a second set of gradients in memory)."""
+    import gc
+    import weakref
+
+    model = make_model()
+    freed = []
+
+    class Watch(transformers.TrainerCallback):
+        refs: list = []
+
+        def on_optimizer_step(self, args, state, control, **kw):  # after optimizer.step()
+            self.refs = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+
+        def on_step_end(self, args, state, control, **kw):  # after model.zero_grad()
+            gc.collect()
+            freed.append((len(self.refs), sum(r() is None for r in self.refs)))
+
+    trainer = PerturbTrainer(
+        model=model,
+        args=args(tmp_path, 1, 3, optim="sgd"),
+        train_dataset=dataset(),
+        perturb=fp.SAM,
+        perturb_kwargs={"rho": 0.05},
+        callbacks=[Watch()],
+    )
+    trainer.train()
+    assert len(freed) == 3 and all(n > 0 and dead == n for n, dead in freed), freed
+
+
 def test_an_optimizer_instance_and_clear_errors(tmp_path):
     model = make_model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)

@@ -463,9 +463,11 @@ for name, constexprs, k in done:
     # the vector hints give 128-bit loads
     if constexprs.get("VEC", 1) > 1:
         assert re.search(r"ld\\.global\\.v[24]\\.", ptx), (name, constexprs)
-    # ascent_coefficients: float64 division and square root IEEE-rounded (math.h's, the reference's)
+    # ascent_coefficients: float64 division and square root IEEE-rounded, results rounded to nearest into float32
+    # (math.h's operations, the reference's)
     if name == "_coefficients_kernel":
         assert "div.rn.f64" in ptx and "sqrt.rn.f64" in ptx and ".approx." not in ptx, constexprs
+        assert "cvt.rn.f32.f64" in ptx and not re.search(r"cvt\\.r[zmp]\\.f32\\.f64", ptx), constexprs
 print(len(done))
 """
 

@@ -56,15 +56,24 @@ def _per_call_us(fn: Callable[[], object], before: Callable[[], object], calls: 
 
 
 def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
+    """The records (one per op and way of calling it), with the kernel launches stubbed out meanwhile."""
+    from fastperturb.ops.triton import coefficient_impls, impls
+
+    launches = []
+    real = impls.launch, coefficient_impls.launch
+    stub = lambda kernel, grid, *a, **k: launches.append(grid)  # noqa: E731  (the host work only)
+    impls.launch = coefficient_impls.launch = stub
+    try:
+        return _measure(n, numel, reps, rounds, launches)
+    finally:
+        impls.launch, coefficient_impls.launch = real
+
+
+def _measure(n: int, numel: int, reps: int, rounds: int, launches: list) -> list[dict]:
     import torch
 
     from fastperturb import ops
     from fastperturb.ops import dispatch
-    from fastperturb.ops.triton import coefficient_impls, impls
-
-    launches = []
-    impls.launch = lambda kernel, grid, *a, **k: launches.append(grid)  # the stub: the host work only
-    coefficient_impls.launch = impls.launch
 
     torch.manual_seed(0)
     params = [torch.randn(numel) for _ in range(n)]
@@ -145,7 +154,9 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
             fn = lambda: ops.ascent_coefficients(stats, eta, eta, global_scope=False, project=project)  # noqa: E731
             launches.clear()
             fn()
-            record("ascent_coefficients" + (" (proj)" if project else ""), "vectors", *_best_us(fn, reps, rounds), 1)
+            per_call = len(launches)
+            name = "ascent_coefficients" + (" (proj)" if project else "")
+            record(name, "vectors", *_best_us(fn, reps, rounds), per_call)
     return out
 
 

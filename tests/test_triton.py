@@ -734,3 +734,17 @@ def test_handle_refuses_a_tensor_that_changed_before_launching():
         with T.count_launches() as c, pytest.raises(ValueError, match=r"params\[0\] changed since"):
             ops.restore_lists_(lists)
         assert c.total == 0 and torch.equal(params[0], torch.zeros(40))
+
+
+def test_the_host_benchmark_times_every_op_and_leaves_the_launches_real():
+    # benchmarks/triton_host.py (the README's Triton host figures): tiny sizes, every record present
+    from benchmarks import triton_host
+    from fastperturb.ops.triton import coefficient_impls, impls, runtime
+
+    recs = triton_host.measure(n=3, numel=5, reps=1, rounds=1)
+    ops_seen = {r["op"] for r in recs}
+    assert {"restore_", "grad_stats_", "ascent_step_", "norms", "ascent_coefficients (proj)"} <= ops_seen
+    assert all(r["min_us"] > 0 and r["launches_per_call"] >= 1 for r in recs), recs
+    assert {r["call"] for r in recs if r["op"] == "norms"} == {"lists", "handle", "checked", "new .grad"}
+    assert [r["launches_per_call"] for r in recs if r["op"].startswith("ascent_coefficients")] == [1, 1]
+    assert impls.launch is runtime.launch and coefficient_impls.launch is runtime.launch

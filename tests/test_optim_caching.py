@@ -228,6 +228,32 @@ def test_dropping_the_gradients_between_steps_frees_them_and_g0_is_still_seen(wa
     assert c.calls == 2
 
 
+@pytest.mark.parametrize("watch", ["compiled", "python"])
+def test_a_closure_that_drops_the_gradients_gets_their_memory_back(watch):
+    """With ``grad_clearing="zero"`` the step snapshots the gradients before each pass to see the closure's
+    backward; a closure that drops them first (model.zero_grad(set_to_none=True)) must find them freed."""
+    import gc
+    import weakref
+
+    model = _model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    opt.grad_clearing = "zero"
+    if watch == "python":
+        _python_watch(opt)
+    alive = []
+
+    def closure():
+        refs = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        return _closure(model)()
+
+    for _ in range(2):
+        opt.step(closure)
+    assert len(alive) == 4 and alive == [0, 0, 0, 0]
+
+
 def test_plan_cache_follows_a_tensor_losing_and_regaining_its_gradient():
     model = _model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)

@@ -132,13 +132,14 @@ def _version(g: Tensor) -> int:
 _GRAD = operator.attrgetter("grad")
 
 
-def _versions(params: Sequence[Tensor], weak: bool = False) -> list:
+def _versions(params: Sequence[Tensor]) -> list:
     """Each tensor's gradient and its version counter: a backward either replaces the
-    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version. ``weak``: the gradients
-    by weak references, for a snapshot kept from one step to the next, which must not keep alive
-    the gradients the caller drops in between (``model.zero_grad()``)."""
+    tensor (after ``zero_grad(set_to_none=True)``) or bumps its version. In eager mode the
+    gradients are held by weak references: a snapshot must not keep alive the gradients the
+    caller drops while it is kept (``model.zero_grad()`` between steps, or in a closure);
+    torch.compile traces the plain references."""
     grads = [p.grad for p in params]
-    if weak:
+    if not torch.compiler.is_compiling():
         return [(None, -1) if g is None else (weakref.ref(g), _version(g)) for g in grads]
     return [(g, -1 if g is None else _version(g)) for g in grads]
 
@@ -598,8 +599,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self._grads_seen = []
             watch.snapshot(_SEEN)
         else:
-            # (weak references in eager mode; torch.compile traces the plain ones)
-            self._grads_seen = _versions(self._all_params(), weak=not torch.compiler.is_compiling())
+            self._grads_seen = _versions(self._all_params())
 
     def _forget_grads(self) -> None:
         """Hold no stale gradient while the passes run (see_grads() again after them)."""

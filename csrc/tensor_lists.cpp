@@ -1,14 +1,39 @@
 // torch.classes.fastperturb.TensorLists (common/tensor_lists.h) and the ops that take one instead of tensor
 // lists. The handle ops compute exactly what the list ops of schemas.h compute; they read the lists by role:
 // list 0 holds the tensors (params), list 1 their backups, list 2 the accumulators (absent lists are empty), and
-// the gradients are the .grad of list 0. The CPU kernels are in cpu/ops.cpp; the Triton backend takes the same
-// handle (fastperturb/ops/triton/impls.py).
+// the gradients are the .grad of list 0. Their kernels are looked up by the handle's device type
+// (common/handle_kernels.h): the CPU kernels (cpu/ops.cpp) and the CUDA work list (cuda/ops.cpp); the Triton
+// backend takes the same handle from Python (fastperturb/ops/triton/impls.py).
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <array>
+
+#include "common/handle_kernels.h"
 #include "common/tensor_lists.h"
-#include "cpu/list_ops.h"
 #include "fastperturb/list_schemas.h"
+
+namespace fastperturb {
+namespace {
+
+// One table per device type; filled by static initialisers, read by every call.
+std::array<HandleKernels, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>& handle_table() {
+  static std::array<HandleKernels, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)> table{};
+  return table;
+}
+
+}  // namespace
+
+void register_handle_kernels(c10::DeviceType type, const HandleKernels& kernels) {
+  handle_table()[static_cast<size_t>(type)] = kernels;
+}
+
+const HandleKernels* handle_kernels(c10::DeviceType type) {
+  const HandleKernels& k = handle_table()[static_cast<size_t>(type)];
+  return k.norms != nullptr ? &k : nullptr;
+}
+
+}  // namespace fastperturb
 
 namespace {
 
@@ -61,10 +86,47 @@ TORCH_LIBRARY_FRAGMENT(fastperturb, m) {
   for (const char* schema : fastperturb::schemas::kAllLists) m.def(schema);
 }
 
-// The CPU kernels (cpu/ops.cpp). No list arguments to dispatch on (only the handle, and for ascent the coefficient
-// tensors): one kernel serves every key, and refuses a handle whose tensors are not on the CPU.
+// No list arguments to dispatch on (only the handle, and for ascent the coefficient tensors): one kernel per op
+// serves every dispatch key and calls the kernel of the handle's device type.
+namespace {
+
+using fastperturb::Lists;
+
+const fastperturb::HandleKernels& kernels_for(const char* op, const Lists& h) {
+  const fastperturb::HandleKernels* k = fastperturb::handle_kernels(h->device().type());
+  TORCH_CHECK_NOT_IMPLEMENTED(k != nullptr, "fastperturb::", op, " has no kernel for ", h->device().type(),
+                              " tensors in this build of fastperturb");
+  return *k;
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord, bool of_grads) {
+  return kernels_for("norms_lists", h).norms(h, ord, of_grads);
+}
+
+at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
+                            bool accum_init, double adaptive_eta) {
+  return kernels_for("grad_stats_lists_", h)
+      .grad_stats(h, with_accum, with_params, with_backups, accum_weight, accum_init, adaptive_eta);
+}
+
+void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
+                       bool first, double adaptive_eta, bool zero_grads) {
+  kernels_for("ascent_step_lists_", h).ascent_step(h, step_coef, proj, norm, first, adaptive_eta, zero_grads);
+}
+
+void restore_lists(const Lists& h) { kernels_for("restore_lists_", h).restore(h); }
+
+std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord) {
+  return kernels_for("restore_norms_lists_", h).restore_norms(h, ord);
+}
+
+void combine_grads_lists(const Lists& h, double weight) {
+  kernels_for("combine_grads_lists_", h).combine_grads(h, weight);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(fastperturb, CompositeExplicitAutograd, m) {
-  using namespace fastperturb::cpu;
   m.impl("norms_lists", &norms_lists);
   m.impl("grad_stats_lists_", &grad_stats_lists);
   m.impl("ascent_step_lists_", &ascent_step_lists);

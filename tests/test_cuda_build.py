@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+import fastperturb
 from fastperturb import ops
 from fastperturb.ops import dispatch as backends
 from fastperturb.ops import native as _native
@@ -44,6 +45,11 @@ def test_ops_have_cuda_and_cpu_kernels(cuda_build):
     for name in (*OPS, *HELPER_OPS):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastperturb::{name}", "CPU"), name
+
+
+def test_handle_ops_have_cuda_kernels(cuda_build):
+    """The ops on a TensorLists handle route by the handle's device (csrc/common/handle_kernels.h)."""
+    assert set(fastperturb._C.handle_devices()) == {"cpu", "cuda"}
 
 
 def _cuda_kernel(name):
@@ -232,6 +238,32 @@ def test_cuda_matches_the_cpu_executor(cuda_build):
     cper, ctotal = torch.ops.fastperturb_worklist.norms(cpu[0], 2.0)
     torch.testing.assert_close(per.cpu(), cper, rtol=1e-5, atol=0)
     torch.testing.assert_close(total.cpu(), ctotal, rtol=1e-5, atol=0)
+
+
+@GPU
+def test_cuda_handle_ops_match_the_cuda_list_ops(cuda_build):
+    """The handle ops on CUDA tensors (cached work-list plan) against the list ops on the same tensors: bit for
+    bit; restore_norms_lists_ is restore_ then norms of the gradients."""
+
+    gen = torch.Generator().manual_seed(2)
+    specs = [(d, n, 0) for d, n, _ in _specs()]  # aligned: the one-pass restore + norms sums as norms does
+    params, grads, backups, accum = (_list(gen, specs) for _ in range(4))
+    for p, g in zip(params, grads):
+        p.grad = g
+    lists = ops.TensorLists(params, backups, accum, private_buffers=True)
+    h = lists.handle
+    F = torch.ops.fastperturb
+    for ord in (2.0, math.inf):
+        for a, b in zip(F.norms_lists(h, ord, of_grads=True), F.norms(grads, ord)):
+            assert torch.equal(a, b)
+    want = F.grad_stats_(grads, [], params, backups)
+    assert torch.equal(F.grad_stats_lists_(h, with_accum=False, with_params=True, with_backups=True), want)
+    twins = [[t.clone() for t in ls] for ls in (params, backups)]
+    per, total = F.restore_norms_lists_(h, 2.0)
+    F.restore_(*twins)
+    assert _same(params, twins[0])
+    wper, wtotal = F.norms(grads, 2.0)
+    assert torch.equal(per, wper) and torch.equal(total, wtotal)
 
 
 @GPU

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import fastperturb as fp
 from fastperturb import ops, testing
 from fastperturb.engine import Cycle, PerturbSpec, grads_of, run_cycle
-from fastperturb.ops import dispatch, reference
+from fastperturb.ops import dispatch, native, reference
 
 from strategies import layers, seeds
 
@@ -582,3 +582,14 @@ def test_reference_backend_runs_the_list_ops_on_the_handles_lists():
         want = ops.grad_stats_([p.grad for p in p1], a1)
         ops.restore_lists_(lists)
     assert torch.equal(got, want) and _bits_equal(p2, b2)
+
+
+def test_handle_ops_route_by_the_handles_device():
+    """The handle ops take no tensor list to dispatch on: they look up the handle's device type
+    (csrc/common/handle_kernels.h). Every build has the CPU kernels; the CUDA work list registers "cuda" when
+    built in (tests/test_cuda_build.py)."""
+    import fastperturb._C as C
+
+    devices = C.handle_devices()
+    assert "cpu" in devices and set(devices) <= {"cpu", "cuda"}
+    assert ("cuda" in devices) == native.has_cuda_kernels()

@@ -15,7 +15,8 @@
 //
 // Gradients are not part of the fingerprint: they are read from the `.grad` of a list's tensors on every call
 // (they are replaced whenever a training loop sets them to None) and checked then, as the list ops check them.
-// Any op can take a handle: it calls check(), reads lists with list(k) / grads_of(k), and reuses cpu_plan(). A
+// Any op can take a handle: it calls check(), reads lists with list(k) / grads_of(k), and reuses cpu_plan() (the
+// CUDA work list: worklist_plan()). A
 // backend that keeps launch plans of its own (Triton) makes one enter() per op call instead: checks, the
 // gradients' pointers written into its plan, version bumps.
 #pragma once
@@ -24,8 +25,10 @@
 #include <torch/custom_class.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -33,6 +36,7 @@
 #include "common/checks.h"
 #include "common/impl_prefetch.h"
 #include "cpu/plan.h"
+#include "fastperturb/worklist/plan.h"
 
 namespace fastperturb {
 
@@ -212,6 +216,30 @@ class TensorLists : public torch::CustomClassHolder {
     return *plan_;
   }
 
+  // The work-list plan (fastperturb/worklist/plan.h: the CUDA kernels' launches) over list 0 for an op of `depth`
+  // lists under the executor's limits `lim`, built on first use; rebuilt only when the limits differ from the
+  // cached plan's (the test build's executor can be reconfigured). Shared, so a call keeps its plan alive.
+  std::shared_ptr<const worklist::Plan> worklist_plan(int depth, const worklist::Limits& lim) const {
+    TORCH_CHECK_INDEX(depth >= 1 && depth <= 4, "work list depth ", depth, " out of range");
+    std::lock_guard<std::mutex> lock(worklist_mutex_);
+    WorklistPlan& slot = worklist_plans_[static_cast<size_t>(depth - 1)];
+    if (!slot.plan || slot.lim.chunk_size != lim.chunk_size || slot.lim.max_tensors != lim.max_tensors ||
+        slot.lim.max_blocks != lim.max_blocks) {
+      const at::TensorList ts = lists_[0];
+      std::vector<int64_t> numels;
+      std::vector<int> keys;
+      numels.reserve(ts.size());
+      keys.reserve(ts.size());
+      for (const at::Tensor& t : ts) {
+        numels.push_back(t.numel());
+        keys.push_back(static_cast<int>(t.scalar_type()));
+      }
+      slot.plan = std::make_shared<const worklist::Plan>(worklist::make_plan(numels, keys, lim, depth));
+      slot.lim = lim;
+    }
+    return slot.plan;
+  }
+
  private:
   // A tensor's fingerprint; its sizes and then its strides are shapes_[at .. at + 2 * dim).
   struct Print {
@@ -333,6 +361,12 @@ class TensorLists : public torch::CustomClassHolder {
   int64_t serial_;
   mutable std::once_flag plan_once_;
   mutable std::unique_ptr<cpu::Plan> plan_;
+  struct WorklistPlan {
+    worklist::Limits lim;
+    std::shared_ptr<const worklist::Plan> plan;
+  };
+  mutable std::mutex worklist_mutex_;
+  mutable std::array<WorklistPlan, 4> worklist_plans_;
 };
 
 }  // namespace fastperturb

@@ -14,9 +14,10 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/handle_kernels.h"
+#include "common/list_calls.h"
 #include "common/versions.h"
 #include "cpu/kernels.h"
-#include "cpu/list_ops.h"
 #include "cpu/op_common.h"
 #include "cpu/plan.h"
 
@@ -211,53 +212,23 @@ void combine_grads_any(at::TensorList grads, at::TensorList accum, double weight
 }  // namespace
 
 // ---- the same ops on a TensorLists handle (schemas: fastperturb/list_schemas.h) ----------------------------
-// Validated when the handle was built; here only its fingerprint and the gradients are checked, and the work
-// plan is the handle's. Registered by csrc/tensor_lists.cpp, after the class their schemas name.
+// Validated when the handle was built; here only the call's arguments, the handle's fingerprint and the gradients
+// are checked (common/list_calls.h), and the work plan is the handle's. Reached through the handle-kernel table
+// (common/handle_kernels.h) for CPU handles.
 
 namespace {
 
-constexpr size_t kParams = 0, kBackups = 1, kAccum = 2;
-
-// The handle is on the CPU, has the `wanted` lists, and the lists the op reads (`used`) are current.
-void check_lists(const char* op, const Lists& h, std::initializer_list<size_t> wanted,
-                 std::initializer_list<size_t> used) {
-  TORCH_CHECK_NOT_IMPLEMENTED(h->device().is_cpu(), "fastperturb::", op, " has no kernel for ", h->device().type(),
-                              " tensors in this build of fastperturb");
-  for (size_t k : wanted)
-    TORCH_CHECK_VALUE(h->has(k), op, ": the TensorLists handle has no ", k == kBackups ? "backups" : "accum",
-                      " list; build it with one");
-  h->check(op, used);
-}
-
-}  // namespace
+using namespace list_calls;
 
 std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord, bool of_grads) {
-  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
-  if (of_grads) {  // checked against the params' fingerprint by grads_of; same numels, so the same plan
-    check_lists("norms_lists", h, {}, {});
-    const std::vector<at::Tensor> grads = h->grads_of(kParams, "norms_lists");
-    return norms_run(grads, ord, h->cpu_plan());
-  }
-  check_lists("norms_lists", h, {}, {kParams});
-  return norms_run(h->list(kParams), ord, h->cpu_plan());
+  const std::vector<at::Tensor> grads = prepare_norms(*h, ord, of_grads);
+  return norms_run(norms_input(*h, of_grads, grads), ord, h->cpu_plan());
 }
 
 at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
                             bool accum_init, double adaptive_eta) {
-  const char* op = "grad_stats_lists_";
-  TORCH_CHECK_VALUE(!with_backups || with_params,
-                    "backups given without params: the perturbation d = params - backups needs both");
-  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || h->size() == 0 || with_params,
-                    "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
-  check_finite("accum_weight", accum_weight);
-  check_finite("adaptive_eta", adaptive_eta);
-  // The gradients are checked against the params' fingerprint (grads_of), so the params need checking only when
-  // read.
-  if (with_accum) check_lists(op, h, {kAccum}, {kAccum});
-  if (with_params) check_lists(op, h, {}, {kParams});
-  if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
-  if (!(with_accum || with_params || with_backups)) check_lists(op, h, {}, {});
-  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  const std::vector<at::Tensor> grads =
+      prepare_grad_stats(*h, with_accum, with_params, with_backups, accum_weight, adaptive_eta);
   return grad_stats_run(
       grads, with_accum ? h->list(kAccum) : at::TensorList(), with_params ? h->list(kParams) : at::TensorList(),
       with_backups ? h->list(kBackups) : at::TensorList(), accum_weight, accum_init, adaptive_eta, h->cpu_plan());
@@ -265,39 +236,34 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
 
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
                        bool first, double adaptive_eta, bool zero_grads) {
-  const char* op = "ascent_step_lists_";
-  check_lists(op, h, {kBackups}, {kParams, kBackups});
-  const at::TensorList params = h->list(kParams);
-  check_coef("step_coef", step_coef, params.size(), params);
-  check_coef("proj", proj, params.size(), params);
-  TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
-  check_finite("adaptive_eta", adaptive_eta);
-  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
-  ascent_step_run(params, grads, h->list(kBackups), step_coef, proj, norm, first, adaptive_eta, zero_grads,
+  const std::vector<at::Tensor> grads = prepare_ascent_step(*h, step_coef, proj, norm, adaptive_eta);
+  ascent_step_run(h->list(kParams), grads, h->list(kBackups), step_coef, proj, norm, first, adaptive_eta, zero_grads,
                   h->cpu_plan());
 }
 
 std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord) {
-  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", float_str(ord));
-  const char* op = "restore_norms_lists_";
-  check_lists(op, h, {kBackups}, {kParams, kBackups});
-  // Every gradient is checked (grads_of) before a weight is written: a refused call restores nothing.
-  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  const std::vector<at::Tensor> grads = prepare_restore_norms(*h, ord);
   return norms_run(grads, ord, h->cpu_plan(), h->list(kParams), h->list(kBackups));
 }
 
 void restore_lists(const Lists& h) {
-  check_lists("restore_lists_", h, {kBackups}, {kParams, kBackups});
+  prepare_restore(*h);
   restore_run(h->list(kParams), h->list(kBackups), h->cpu_plan());
 }
 
 void combine_grads_lists(const Lists& h, double weight) {
-  const char* op = "combine_grads_lists_";
-  check_finite("weight", weight);
-  check_lists(op, h, {kAccum}, {kAccum});
-  const std::vector<at::Tensor> grads = h->grads_of(kParams, op);
+  const std::vector<at::Tensor> grads = prepare_combine_grads(*h, weight);
   combine_grads_run(grads, h->list(kAccum), weight, h->cpu_plan());
 }
+
+const bool handle_kernels_registered = [] {
+  register_handle_kernels(c10::DeviceType::CPU,
+                          HandleKernels{&norms_lists, &grad_stats_lists, &ascent_step_lists, &restore_lists,
+                                        &restore_norms_lists, &combine_grads_lists});
+  return true;
+}();
+
+}  // namespace
 
 }  // namespace cpu
 }  // namespace fastperturb

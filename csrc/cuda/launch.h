@@ -28,14 +28,15 @@ void launch_finalize(const worklist::FinalizeArgs& f, const F& fin, cudaStream_t
   X(OP<float>)                                 \
   X(OP<double>)
 
-#define FASTPERTURB_CUDA_FOR_EACH_MAIN(X)                 \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::NormsOp)   \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::StatsOp)   \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::AscentOp)  \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreOp) \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::CombineOp) \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::DotOp)     \
-  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::LincombOp) \
+#define FASTPERTURB_CUDA_FOR_EACH_MAIN(X)                      \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::NormsOp)        \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::StatsOp)        \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::AscentOp)       \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreOp)      \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::RestoreNormsOp) \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::CombineOp)      \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::DotOp)          \
+  FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::LincombOp)      \
   FASTPERTURB_CUDA_FOR_EACH_DTYPE(X, worklist::EmaOp)
 
 #define FASTPERTURB_CUDA_FOR_EACH_FINALIZE(X) \

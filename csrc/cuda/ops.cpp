@@ -2,7 +2,8 @@
 // CUDA). The host code is shared with the CPU work-list executor of the test
 // build (cuda/worklist_ops.h): the same checks (common/checks.h), the same plan,
 // kernel arguments and version-counter bumps; CudaExec only turns each planned launch into a kernel launch
-// on the current stream (kernels.cu). No host synchronisation: the per-tensor
+// on the current stream (kernels.cu). The ops on a TensorLists handle run the same host code with the handle's
+// cached plan (cuda/worklist_list_ops.h). No host synchronisation: the per-tensor
 // coefficients are read on the device, the results stay on the device.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 
 #include "common/checks.h"
 #include "cuda/launch.h"
+#include "cuda/worklist_list_ops.h"
 #include "cuda/worklist_ops.h"
 #include "fastperturb/worklist/launch_args.h"
 #include "fastperturb/worklist/plan.h"
@@ -124,6 +126,57 @@ at::Tensor ema_residual_cuda(at::TensorList grads, at::TensorList ema, at::Tenso
   CudaExec ex = exec_on(d);
   return worklist::ema_residual(ex, grads, ema, params, sigma, lmbda, init, grad_scale, adaptive_eta);
 }
+
+// ---- the ops on a TensorLists handle (common/handle_kernels.h; host code: cuda/worklist_list_ops.h) ----------
+// Reached for handles whose tensors are on a CUDA device (tensor_lists.cpp routes by it).
+
+CudaExec exec_for(const Lists& h) { return exec_on(h->device()); }
+
+std::tuple<at::Tensor, at::Tensor> norms_lists_cuda(const Lists& h, double ord, bool of_grads) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  return worklist::norms_lists(ex, *h, ord, of_grads);
+}
+
+at::Tensor grad_stats_lists_cuda(const Lists& h, bool with_accum, bool with_params, bool with_backups,
+                                 double accum_weight, bool accum_init, double adaptive_eta) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  return worklist::grad_stats_lists(ex, *h, with_accum, with_params, with_backups, accum_weight, accum_init,
+                                    adaptive_eta);
+}
+
+void ascent_step_lists_cuda(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
+                            bool first, double adaptive_eta, bool zero_grads) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  worklist::ascent_step_lists(ex, *h, step_coef, proj, norm, first, adaptive_eta, zero_grads);
+}
+
+void restore_lists_cuda(const Lists& h) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  worklist::restore_lists(ex, *h);
+}
+
+std::tuple<at::Tensor, at::Tensor> restore_norms_lists_cuda(const Lists& h, double ord) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  return worklist::restore_norms_lists(ex, *h, ord);
+}
+
+void combine_grads_lists_cuda(const Lists& h, double weight) {
+  const c10::cuda::CUDAGuard guard(h->device());
+  CudaExec ex = exec_for(h);
+  worklist::combine_grads_lists(ex, *h, weight);
+}
+
+const bool handle_kernels_registered = [] {
+  register_handle_kernels(c10::DeviceType::CUDA,
+                          HandleKernels{&norms_lists_cuda, &grad_stats_lists_cuda, &ascent_step_lists_cuda,
+                                        &restore_lists_cuda, &restore_norms_lists_cuda, &combine_grads_lists_cuda});
+  return true;
+}();
 
 }  // namespace
 }  // namespace cuda

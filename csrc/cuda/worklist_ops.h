@@ -90,19 +90,32 @@ inline at::TensorOptions f32_on(at::TensorList l) {
   return at::TensorOptions().dtype(at::kFloat).device(l.empty() ? at::Device(at::kCPU) : l[0].device());
 }
 
+// The five core ops below take their plan: the list ops plan every call (plan_list), the ops on a TensorLists
+// handle reuse the handle's (worklist_list_ops.h). A plan is made for one list of numels and dtypes and one
+// depth; every list an op reads mirrors the first.
+
+// norms of `tensors`; with `params` and `backups` also params = backups in the same pass (restore_norms_lists_).
 template <class Exec>
-std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, at::TensorList tensors, double ord) {
+std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, const Plan& plan, at::TensorList tensors, double ord,
+                                         at::TensorList params = {}, at::TensorList backups = {}) {
   const math::Norm norm = ord == 2.0 ? math::Norm::L2 : math::Norm::Linf;
+  const bool restoring = !params.empty();
+  if (restoring) bump_versions(params);
   const auto f32 = f32_on(tensors);
   const int64_t n = static_cast<int64_t>(tensors.size());
   if (n == 0) return {at::zeros({0}, f32), at::zeros({}, f32)};
   const auto f64 = f32.dtype(at::kDouble);
-  const Plan plan = plan_list(ex, tensors, 1);
   at::Tensor partials = at::empty({plan.total_slots > 0 ? plan.total_slots : 1}, f64);
   at::Tensor acc = at::empty({n}, f64);
   at::Tensor per = at::empty({n}, f32);
   at::Tensor total = at::empty({}, f32);
-  run_plan<1>(ex, plan, {tensors}, [&](auto tag) { return NormsOp<decltype(tag)>{norm}; }, partials.data_ptr<double>());
+  if (restoring)
+    run_plan<3>(
+        ex, plan, {tensors, params, backups}, [&](auto tag) { return RestoreNormsOp<decltype(tag)>{norm}; },
+        partials.data_ptr<double>());
+  else
+    run_plan<1>(
+        ex, plan, {tensors}, [&](auto tag) { return NormsOp<decltype(tag)>{norm}; }, partials.data_ptr<double>());
   const FinalizeNorm per_tensor{partials.data_ptr<double>(), acc.data_ptr<double>(), per.data_ptr<float>(), norm};
   for (const FinalizeArgs& f : plan_finalize(plan, ex.finalize_tensors())) ex.finalize(f, per_tensor);
   ex.finalize(single_finalize(n), FinalizeNorm{acc.data_ptr<double>(), nullptr, total.data_ptr<float>(), norm});
@@ -110,13 +123,17 @@ std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, at::TensorList tensors, doubl
 }
 
 template <class Exec>
-at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::TensorList params,
+std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, at::TensorList tensors, double ord) {
+  return norms(ex, plan_list(ex, tensors, 1), tensors, ord);
+}
+
+template <class Exec>
+at::Tensor grad_stats(Exec& ex, const Plan& plan, at::TensorList grads, at::TensorList accum, at::TensorList params,
                       at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
   const auto f32 = f32_on(grads);
   const int64_t n = static_cast<int64_t>(grads.size());
   bump_versions(accum);
   if (n == 0) return at::zeros({0, 3}, f32);
-  const Plan plan = plan_list(ex, grads, 4);
   at::Tensor partials = at::empty({3 * (plan.total_slots > 0 ? plan.total_slots : 1)}, f32.dtype(at::kDouble));
   at::Tensor out = at::empty({n, 3}, f32);
   run_plan<4>(
@@ -139,7 +156,13 @@ at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::
 }
 
 template <class Exec>
-void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::TensorList backups,
+at::Tensor grad_stats(Exec& ex, at::TensorList grads, at::TensorList accum, at::TensorList params,
+                      at::TensorList backups, double accum_weight, bool accum_init, double adaptive_eta) {
+  return grad_stats(ex, plan_list(ex, grads, 4), grads, accum, params, backups, accum_weight, accum_init, adaptive_eta);
+}
+
+template <class Exec>
+void ascent_step(Exec& ex, const Plan& plan, at::TensorList params, at::TensorList grads, at::TensorList backups,
                  const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm_name, bool first,
                  double adaptive_eta, bool zero_grads) {
   bump_versions(params);
@@ -152,7 +175,6 @@ void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::Tens
   const at::Tensor radius = proj.contiguous();
   const float* step_ptr = step.data_ptr<float>();
   const float* proj_ptr = radius.data_ptr<float>();
-  const Plan plan = plan_list(ex, params, 3);
   run_plan<3>(
       ex, plan, {params, grads, backups},
       [&](auto tag) {
@@ -164,18 +186,29 @@ void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::Tens
 }
 
 template <class Exec>
-void restore(Exec& ex, at::TensorList params, at::TensorList backups) {
+void ascent_step(Exec& ex, at::TensorList params, at::TensorList grads, at::TensorList backups,
+                 const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm_name, bool first,
+                 double adaptive_eta, bool zero_grads) {
+  ascent_step(ex, plan_list(ex, params, 3), params, grads, backups, step_coef, proj, norm_name, first, adaptive_eta,
+              zero_grads);
+}
+
+template <class Exec>
+void restore(Exec& ex, const Plan& plan, at::TensorList params, at::TensorList backups) {
   bump_versions(params);
   if (params.empty()) return;
-  const Plan plan = plan_list(ex, params, 2);
   run_plan<2>(ex, plan, {params, backups}, [](auto tag) { return RestoreOp<decltype(tag)>{}; }, nullptr);
 }
 
 template <class Exec>
-void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double weight) {
+void restore(Exec& ex, at::TensorList params, at::TensorList backups) {
+  restore(ex, plan_list(ex, params, 2), params, backups);
+}
+
+template <class Exec>
+void combine_grads(Exec& ex, const Plan& plan, at::TensorList grads, at::TensorList accum, double weight) {
   bump_versions(grads);
   if (grads.empty()) return;
-  const Plan plan = plan_list(ex, grads, 2);
   run_plan<2>(
       ex, plan, {grads, accum},
       [&](auto tag) {
@@ -183,6 +216,11 @@ void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double 
         return CombineOp<T>{static_cast<math::compute_t<T>>(weight)};
       },
       nullptr);
+}
+
+template <class Exec>
+void combine_grads(Exec& ex, at::TensorList grads, at::TensorList accum, double weight) {
+  combine_grads(ex, plan_list(ex, grads, 2), grads, accum, weight);
 }
 
 // The SAM-family ops.

@@ -10,6 +10,11 @@
 // where the GPU uses cub::BlockReduce. This lets the CPU tests run everything
 // the CUDA ops do except the kernels' thread indexing and the CUB reduction.
 //
+// The ops on a TensorLists handle (fastperturb/list_schemas.h) are registered
+// here too, on the host code of the CUDA handle ops (cuda/worklist_list_ops.h),
+// for handles on CPU tensors (fastperturb._C, which registers the handle class,
+// is loaded first).
+//
 // Extra ops for the tests:
 //   plan(...)       the launch/block layout the planner makes, for inspection;
 //   configure(...)  the executor's chunk size, launch capacities, lanes and
@@ -27,7 +32,9 @@
 
 #include "common/checks.h"
 #include "cuda/step_worklist_ops.h"
+#include "cuda/worklist_list_ops.h"
 #include "cuda/worklist_ops.h"
+#include "fastperturb/list_schemas.h"
 #include "fastperturb/schemas.h"
 #include "fastperturb/worklist/device.h"
 #include "fastperturb/worklist/plan.h"
@@ -200,6 +207,51 @@ void restore_adam_step_op(at::TensorList params, at::TensorList backups, at::Ten
             weight_decay, decoupled_weight_decay, maximize);
 }
 
+// The ops on a handle.
+void require_cpu_handle(const char* op, const Lists& h) {
+  TORCH_CHECK_NOT_IMPLEMENTED(h->device().is_cpu(), "fastperturb_worklist::", op,
+                              " is the CPU executor of the CUDA work list; it runs on CPU tensors, not ",
+                              h->device().type());
+}
+
+std::tuple<at::Tensor, at::Tensor> norms_lists_op(const Lists& h, double ord, bool of_grads) {
+  require_cpu_handle("norms_lists", h);
+  CpuExec ex = executor();
+  return norms_lists(ex, *h, ord, of_grads);
+}
+
+at::Tensor grad_stats_lists_op(const Lists& h, bool with_accum, bool with_params, bool with_backups,
+                               double accum_weight, bool accum_init, double adaptive_eta) {
+  require_cpu_handle("grad_stats_lists_", h);
+  CpuExec ex = executor();
+  return grad_stats_lists(ex, *h, with_accum, with_params, with_backups, accum_weight, accum_init, adaptive_eta);
+}
+
+void ascent_step_lists_op(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
+                          bool first, double adaptive_eta, bool zero_grads) {
+  require_cpu_handle("ascent_step_lists_", h);
+  CpuExec ex = executor();
+  ascent_step_lists(ex, *h, step_coef, proj, norm, first, adaptive_eta, zero_grads);
+}
+
+void restore_lists_op(const Lists& h) {
+  require_cpu_handle("restore_lists_", h);
+  CpuExec ex = executor();
+  restore_lists(ex, *h);
+}
+
+std::tuple<at::Tensor, at::Tensor> restore_norms_lists_op(const Lists& h, double ord) {
+  require_cpu_handle("restore_norms_lists_", h);
+  CpuExec ex = executor();
+  return restore_norms_lists(ex, *h, ord);
+}
+
+void combine_grads_lists_op(const Lists& h, double weight) {
+  require_cpu_handle("combine_grads_lists_", h);
+  CpuExec ex = executor();
+  combine_grads_lists(ex, *h, weight);
+}
+
 // The planner's layout: (tensors [R, 3] = launch, group, tensor index, one row
 // per table entry; blocks [B, 7] = launch, entry, tensor index, chunk, slot,
 // begin, end).
@@ -280,6 +332,7 @@ std::vector<int64_t> capacity_op(int64_t depth) {
 
 TORCH_LIBRARY(fastperturb_worklist, m) {
   for (const char* schema : fastperturb::schemas::kAll) m.def(schema);
+  for (const char* schema : fastperturb::schemas::kAllLists) m.def(schema);
   m.def(
       "plan(int[] numels, int[] groups, int chunk_size, int max_tensors, int max_blocks, int depth=1) "
       "-> (Tensor, Tensor)",
@@ -303,6 +356,12 @@ void register_executor(torch::Library& m) {
   m.impl("ema_residual_", &fastperturb::worklist::ema_residual_op);
   m.impl("restore_sgd_step_", &fastperturb::worklist::restore_sgd_step_op);
   m.impl("restore_adam_step_", &fastperturb::worklist::restore_adam_step_op);
+  m.impl("norms_lists", &fastperturb::worklist::norms_lists_op);
+  m.impl("grad_stats_lists_", &fastperturb::worklist::grad_stats_lists_op);
+  m.impl("ascent_step_lists_", &fastperturb::worklist::ascent_step_lists_op);
+  m.impl("restore_lists_", &fastperturb::worklist::restore_lists_op);
+  m.impl("restore_norms_lists_", &fastperturb::worklist::restore_norms_lists_op);
+  m.impl("combine_grads_lists_", &fastperturb::worklist::combine_grads_lists_op);
 }
 }  // namespace
 

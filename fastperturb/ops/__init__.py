@@ -186,8 +186,8 @@ def ema_residual_(
 
 # ---- the same ops on a TensorLists handle (fastperturb/ops/lists.py) ------------------------------------------
 # The handle's lists by role: params, backups, accum; the gradients are the params' .grad. The compiled backends
-# and the Triton backend take the handle (no list marshalling, checks and plan cached); under torch.compile, on
-# the CUDA C++ backend and on the reference the list ops run on the handle's lists.
+# (CPU kernels, CUDA work list) and the Triton backend take the handle (no list marshalling, checks and plan
+# cached); under torch.compile and on the reference the list ops run on the handle's lists.
 
 
 def ascent_coefficients(
@@ -207,12 +207,14 @@ from .lists import TensorLists as TensorLists  # noqa: E402
 
 
 def _lists_backend(lists: TensorLists) -> str:
+    """How the handle ops run: ``"native"`` (the compiled handle ops: the CPU kernels or the CUDA work list, by
+    the handle's device), ``"triton"``, or ``"lists"`` (the list ops on the handle's lists)."""
+    if lists.handle is None or torch.compiler.is_compiling():
+        return "lists"
     backend = dispatch.resolve(lists.device)
-    if backend == "cpp" and lists.handle is not None and not torch.compiler.is_compiling():
-        return "cpp"
-    if backend == "triton" and lists.handle is not None and not torch.compiler.is_compiling():
-        return "triton"
-    return "lists"
+    if backend in ("cpp", "cuda"):
+        return "native"
+    return "triton" if backend == "triton" else "lists"
 
 
 _triton_impls_module = None
@@ -230,7 +232,7 @@ def _triton_impls():
 def norms_lists(lists: TensorLists, ord: float = 2.0, *, of_grads: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`norms` of ``lists.params``, or of their ``.grad`` with ``of_grads``."""
     how = _lists_backend(lists)
-    if how == "cpp":
+    if how == "native":
         return torch.ops.fastperturb.norms_lists(lists.handle, float(ord), of_grads=bool(of_grads))
     if how == "triton":
         return _triton_impls().norms_lists(lists, float(ord), bool(of_grads))
@@ -257,7 +259,7 @@ def grad_stats_lists_(
         accum_init=bool(accum_init),
         adaptive_eta=float(adaptive_eta),
     )
-    if how == "cpp":
+    if how == "native":
         with torch.no_grad():
             return torch.ops.fastperturb.grad_stats_lists_(lists.handle, **kw)
     if how == "triton":
@@ -286,7 +288,7 @@ def ascent_step_lists_(
     """:func:`ascent_step_` on the handle's params, their ``.grad`` and backups."""
     how = _lists_backend(lists)
     kw = dict(norm=norm, first=bool(first), adaptive_eta=float(adaptive_eta), zero_grads=bool(zero_grads))
-    if how == "cpp":
+    if how == "native":
         with torch.no_grad():
             torch.ops.fastperturb.ascent_step_lists_(lists.handle, step_coef, proj, **kw)
     elif how == "triton":
@@ -298,7 +300,7 @@ def ascent_step_lists_(
 def restore_lists_(lists: TensorLists) -> None:
     """:func:`restore_` of the handle's params from its backups."""
     how = _lists_backend(lists)
-    if how == "cpp":
+    if how == "native":
         with torch.no_grad():
             torch.ops.fastperturb.restore_lists_(lists.handle)
     elif how == "triton":
@@ -312,7 +314,7 @@ def restore_norms_lists_(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, 
     restore before the check of the descent gradient); the same results, bit for bit. Every gradient is checked
     before a weight is written: a call refused for its gradients restores nothing."""
     how = _lists_backend(lists)
-    if how == "cpp":
+    if how == "native":
         with torch.no_grad():
             return torch.ops.fastperturb.restore_norms_lists_(lists.handle, float(ord))
     if how == "triton":
@@ -331,7 +333,7 @@ def restore_norms_lists_(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, 
 def combine_grads_lists_(lists: TensorLists, weight: float) -> None:
     """:func:`combine_grads_` of the params' ``.grad`` with the handle's accum."""
     how = _lists_backend(lists)
-    if how == "cpp":
+    if how == "native":
         with torch.no_grad():
             torch.ops.fastperturb.combine_grads_lists_(lists.handle, float(weight))
     elif how == "triton":

@@ -1,0 +1,101 @@
+// The checks of the ops on a TensorLists handle (schemas: fastperturb/list_schemas.h), written once for every
+// backend that runs them: the CPU kernels (cpu/ops.cpp) and the CUDA work list (cuda/worklist_list_ops.h, also
+// run on CPU tensors by the test build's executor). The handle was validated when it was built; a call checks
+// its own arguments, that the handle has the lists it reads and that they are current (their fingerprint), and
+// the params' .grad it reads. Everything is checked before anything is written: a refused call changes nothing.
+// Which device a handle's tensors are on is the caller's check (tensor_lists.cpp routes by it).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstddef>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/tensor_lists.h"
+
+namespace fastperturb {
+namespace list_calls {
+
+// The handle's lists by role.
+constexpr size_t kParams = 0, kBackups = 1, kAccum = 2;
+
+// The handle has the `wanted` lists, and the lists the op reads (`used`) are current.
+inline void check_lists(const char* op, const TensorLists& h, std::initializer_list<size_t> wanted,
+                        std::initializer_list<size_t> used) {
+  for (size_t k : wanted)
+    TORCH_CHECK_VALUE(h.has(k), op, ": the TensorLists handle has no ", k == kBackups ? "backups" : "accum",
+                      " list; build it with one");
+  h.check(op, used);
+}
+
+inline void check_ord(double ord) {
+  TORCH_CHECK_VALUE(ord == 2.0 || ord == INFINITY, "ord must be 2 or inf, got ", checks::float_str(ord));
+}
+
+// norms_lists: with of_grads the params' .grad (checked against the params' fingerprint by grads_of; same
+// numels, so the same plan), else nothing: the norms are then the params' (norms_input).
+inline std::vector<at::Tensor> prepare_norms(const TensorLists& h, double ord, bool of_grads) {
+  check_ord(ord);
+  if (of_grads) return h.grads_of(kParams, "norms_lists");
+  check_lists("norms_lists", h, {}, {kParams});
+  return {};
+}
+inline at::TensorList norms_input(const TensorLists& h, bool of_grads, const std::vector<at::Tensor>& grads) {
+  return of_grads ? at::TensorList(grads) : h.list(kParams);
+}
+
+// grad_stats_lists_: the gradients (the lists the flags ask for are the handle's).
+inline std::vector<at::Tensor> prepare_grad_stats(const TensorLists& h, bool with_accum, bool with_params,
+                                                  bool with_backups, double accum_weight, double adaptive_eta) {
+  const char* op = "grad_stats_lists_";
+  TORCH_CHECK_VALUE(!with_backups || with_params,
+                    "backups given without params: the perturbation d = params - backups needs both");
+  TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || h.size() == 0 || with_params,
+                    "adaptive_eta >= 0 needs params (the adaptive scale is |params| + eta)");
+  checks::check_finite("accum_weight", accum_weight);
+  checks::check_finite("adaptive_eta", adaptive_eta);
+  // The gradients are checked against the params' fingerprint (grads_of), so the params need checking only when
+  // read.
+  if (with_accum) check_lists(op, h, {kAccum}, {kAccum});
+  if (with_params) check_lists(op, h, {}, {kParams});
+  if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
+  return h.grads_of(kParams, op);
+}
+
+// ascent_step_lists_: the gradients.
+inline std::vector<at::Tensor> prepare_ascent_step(const TensorLists& h, const at::Tensor& step_coef,
+                                                   const at::Tensor& proj, c10::string_view norm, double adaptive_eta) {
+  const char* op = "ascent_step_lists_";
+  check_lists(op, h, {kBackups}, {kParams, kBackups});
+  const at::TensorList params = h.list(kParams);
+  checks::check_coef("step_coef", step_coef, params.size(), params);
+  checks::check_coef("proj", proj, params.size(), params);
+  TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
+  checks::check_finite("adaptive_eta", adaptive_eta);
+  return h.grads_of(kParams, op);
+}
+
+// restore_norms_lists_: the gradients, every one checked before a weight is written.
+inline std::vector<at::Tensor> prepare_restore_norms(const TensorLists& h, double ord) {
+  check_ord(ord);
+  const char* op = "restore_norms_lists_";
+  check_lists(op, h, {kBackups}, {kParams, kBackups});
+  return h.grads_of(kParams, op);
+}
+
+inline void prepare_restore(const TensorLists& h) { check_lists("restore_lists_", h, {kBackups}, {kParams, kBackups}); }
+
+// combine_grads_lists_: the gradients.
+inline std::vector<at::Tensor> prepare_combine_grads(const TensorLists& h, double weight) {
+  const char* op = "combine_grads_lists_";
+  checks::check_finite("weight", weight);
+  check_lists(op, h, {kAccum}, {kAccum});
+  return h.grads_of(kParams, op);
+}
+
+}  // namespace list_calls
+}  // namespace fastperturb

@@ -21,6 +21,12 @@ def _step_coef(eta, gg):
 
 
 @triton.jit
+def _moved_sq(a, gg, dg, dd):
+    # |d + a g|^2 from the row's sums: dd + 2 a dg + a^2 gg, in math.h moved_sq's order
+    return dd + 2.0 * a * dg + a * a * gg
+
+
+@triton.jit
 def _projection_coef(r, uu):
     # r / sqrt(max(uu, 0)) beyond the radius, else 1; a NaN uu gives 1 (math.h projection_coef)
     u = tl.sqrt(tl.where(uu < 0.0, 0.0, uu))
@@ -67,7 +73,7 @@ def _coefficients_kernel(
             a = _step_coef(e, gg)
         tl.store(step_out + i, a.to(tl.float32), mask=m)
         if PROJECT:
-            uu = dd + 2.0 * a * dg + a * a * gg
+            uu = _moved_sq(a, gg, dg, dd)
             if GLOBAL:
                 uu_acc += tl.where(m, uu, 0.0)
             else:

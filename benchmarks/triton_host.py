@@ -160,14 +160,25 @@ def _measure(n: int, numel: int, reps: int, rounds: int, launches: list) -> list
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.triton_host", description=__doc__.split("\n")[0])
+def host_arguments(module: str, doc: str, numel: int) -> argparse.ArgumentParser:
+    """The options of a host-side benchmark (this one, ``worklist_host``)."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}", description=doc.split("\n")[0])
     p.add_argument("--tensors", type=int, default=1000)
-    p.add_argument("--numel", type=int, default=16)
+    p.add_argument("--numel", type=int, default=numel)
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--json", default=None, help="also write the records to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def write_records(path: str | None, recs: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"loadavg": os.getloadavg(), "records": recs}, f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = host_arguments("triton_host", __doc__, numel=16).parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
         # The interpreter must be chosen before triton is imported: run again in a child that has it.
         env = dict(os.environ, TRITON_INTERPRET="1")
@@ -183,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'op':28s} {'call':9s} {'min us':>9s} {'median us':>10s} {'launches':>9s}")
     for r in recs:
         print(f"{r['op']:28s} {r['call']:9s} {r['min_us']:9.1f} {r['median_us']:10.1f} {r['launches_per_call']:9d}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"loadavg": os.getloadavg(), "records": recs}, f, indent=1)
+    write_records(args.json, recs)
     return 0
 
 

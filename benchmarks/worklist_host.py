@@ -13,12 +13,10 @@ a test build (``FASTPERTURB_BUILD_TESTING=1``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
-from benchmarks.triton_host import _best_us
+from benchmarks.triton_host import _best_us, host_arguments, write_records
 
 
 def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
@@ -63,13 +61,7 @@ def measure(n: int, numel: int, reps: int, rounds: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.worklist_host", description=__doc__.split("\n")[0])
-    p.add_argument("--tensors", type=int, default=1000)
-    p.add_argument("--numel", type=int, default=1)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--json", default=None, help="also write the records to this file")
-    args = p.parse_args(argv)
+    args = host_arguments("worklist_host", __doc__, numel=1).parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
@@ -81,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'op':30s} {'call':7s} {'min us':>9s} {'median us':>10s}")
     for r in recs:
         print(f"{r['op']:30s} {r['call']:7s} {r['min_us']:9.1f} {r['median_us']:10.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"loadavg": os.getloadavg(), "records": recs}, f, indent=1)
+    write_records(args.json, recs)
     return 0
 
 

@@ -217,24 +217,16 @@ class TensorLists : public torch::CustomClassHolder {
   }
 
   // The work-list plan (fastperturb/worklist/plan.h: the CUDA kernels' launches) over list 0 for an op of `depth`
-  // lists under the executor's limits `lim`, built on first use; rebuilt only when the limits differ from the
-  // cached plan's (the test build's executor can be reconfigured). Shared, so a call keeps its plan alive.
-  std::shared_ptr<const worklist::Plan> worklist_plan(int depth, const worklist::Limits& lim) const {
+  // lists under the executor's limits `lim`: made by `make()` on first use, and again only when the limits differ
+  // from the cached plan's (the test build's executor can be reconfigured). Shared, so a call keeps its plan alive.
+  template <class Make>
+  std::shared_ptr<const worklist::Plan> worklist_plan(int depth, const worklist::Limits& lim, Make&& make) const {
     TORCH_CHECK_INDEX(depth >= 1 && depth <= 4, "work list depth ", depth, " out of range");
     std::lock_guard<std::mutex> lock(worklist_mutex_);
     WorklistPlan& slot = worklist_plans_[static_cast<size_t>(depth - 1)];
     if (!slot.plan || slot.lim.chunk_size != lim.chunk_size || slot.lim.max_tensors != lim.max_tensors ||
         slot.lim.max_blocks != lim.max_blocks) {
-      const at::TensorList ts = lists_[0];
-      std::vector<int64_t> numels;
-      std::vector<int> keys;
-      numels.reserve(ts.size());
-      keys.reserve(ts.size());
-      for (const at::Tensor& t : ts) {
-        numels.push_back(t.numel());
-        keys.push_back(static_cast<int>(t.scalar_type()));
-      }
-      slot.plan = std::make_shared<const worklist::Plan>(worklist::make_plan(numels, keys, lim, depth));
+      slot.plan = std::make_shared<const worklist::Plan>(make());
       slot.lim = lim;
     }
     return slot.plan;

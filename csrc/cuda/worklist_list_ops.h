@@ -19,9 +19,10 @@
 namespace fastperturb {
 namespace worklist {
 
+// The handle's plan for `depth` lists: plan_list over its params, made once per depth and executor geometry.
 template <class Exec>
 std::shared_ptr<const Plan> plan_of(const Exec& ex, const TensorLists& h, int depth) {
-  return h.worklist_plan(depth, ex.limits(depth));
+  return h.worklist_plan(depth, ex.limits(depth), [&] { return plan_list(ex, h.list(list_calls::kParams), depth); });
 }
 
 template <class Exec>

@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> norms(Exec& ex, const Plan& plan, at::TensorL
   at::Tensor total = at::empty({}, f32);
   if (restoring)
     run_plan<3>(
-        ex, plan, {tensors, params, backups}, [&](auto tag) { return RestoreNormsOp<decltype(tag)>{norm}; },
+        ex, plan, {tensors, params, backups}, [&](auto tag) { return RestoreNormsOp<decltype(tag)>{{norm}}; },
         partials.data_ptr<double>());
   else
     run_plan<1>(

@@ -228,25 +228,17 @@ struct RestoreOp {
 // NormsOp's over the grads bit for bit when the three lists share the vector path's alignment (a chunk whose
 // params or backups are not 16-byte aligned goes element by element, a different lane split of the sum).
 template <typename T>
-struct RestoreNormsOp {
+struct RestoreNormsOp : NormsOp<T> {
   static constexpr int kDepth = 3;
-  static constexpr int kSlots = 1;
-  using scalar_t = T;
-  using C = compute_t<T>;
-  using Acc = C;
-  using PerTensor = None;
-  math::Norm norm;
+  using typename NormsOp<T>::Acc;
 
   FP_HD bool reads(int d) const { return d != 1; }
   FP_HD bool writes(int d) const { return d == 1; }
-  FP_HD PerTensor tensor(int) const { return {}; }
-  FP_HD Acc identity() const { return C(0); }
-  FP_HD void element(T (&x)[3], Acc& acc, const PerTensor&) const {
-    acc = math::norm_accumulate(acc, static_cast<C>(x[0]), norm);
+  FP_HD void element(T (&x)[3], Acc& acc, const None& pt) const {
+    T g[1] = {x[0]};
+    NormsOp<T>::element(g, acc, pt);
     x[1] = x[2];
   }
-  FP_HD Acc combine(Acc a, Acc b) const { return math::norm_combine(a, b, norm); }
-  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
 };
 
 // combine_grads_: lists (grads, accum); grads = accum + weight * grads.

@@ -433,8 +433,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _dense_watch(self, plan: _Plan) -> Optional[Any]:
         """The GradWatch when it watches exactly ``plan.every`` (every parameter has a gradient), else None."""
-        watch = self._watch()
-        return watch if watch is not None and watch.size() == len(plan.every) else None
+        watch = self._watch()  # (built on the selection's every; its length is the watch's size, no call needed)
+        return watch if watch is not None and len(self._selection_cache.every) == len(plan.every) else None
 
     def _watch(self) -> Optional[Any]:
         """The compiled GradWatch on every parameter (None when sharded, compiling or without the extension)."""
@@ -628,19 +628,26 @@ class PerturbOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _call_closure(
         closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False, compiled: Optional[Any] = None
-    ) -> Any:
+    ) -> tuple[Any, Optional[int]]:
         """Run the closure for pass ``k`` and check its contract; ``released``: the gradients of
         ``watch`` were just set to None, so any gradient after it shows the backward. ``compiled``: a
-        GradWatch on exactly ``watch``, which then does the looking."""
+        GradWatch on exactly ``watch``, which then does the looking. Returns the loss and, where the check
+        counted them, how many of ``watch`` have a gradient after the pass (else None)."""
+        defined = None
         if compiled is not None:
-            if not released:
-                compiled.snapshot(_PASS)
-            try:
+            if released:  # (each GradWatch call costs ~10 us, tens on a cold host: count once, hand it on)
                 with torch.enable_grad():
                     loss = closure()
-                ran = compiled.count_defined() > 0 if released else compiled.changed(_PASS)
-            finally:
-                compiled.forget(_PASS)
+                defined = compiled.count_defined()
+                ran = defined > 0
+            else:
+                compiled.snapshot(_PASS)
+                try:
+                    with torch.enable_grad():
+                        loss = closure()
+                    ran = compiled.changed(_PASS)
+                finally:
+                    compiled.forget(_PASS)
         else:
             before = None if released else _versions(watch)
             with torch.enable_grad():
@@ -656,7 +663,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"the closure did not call backward() at pass {k}: no gradient of the optimized "
                 "parameters changed; it must compute the loss, call loss.backward() and return the loss"
             )
-        return loss
+        return loss, defined
 
     # ---- non-finite handling, clipping, the base step ------------------------------
 
@@ -821,7 +828,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             else:
                 release = self._releases()
                 _release_grads(every, watch) if release else _zero_grads(every)
-                loss = self._call_closure(closure, 0, every, released=release, compiled=watch)
+                loss = self._call_closure(closure, 0, every, released=release, compiled=watch)[0]
             plan = self._plan()
             fuse = self._fusable(scaler)
             cycle = None
@@ -871,6 +878,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         watch = plan.every
         compiled = self._dense_watch(plan)
         release = self._releases()
+        # pass k -> how many of plan.every had a gradient after it, as the closure's check counted them (run_cycle
+        # asks grads_at(k) right after run_pass(k), with nothing in between)
+        counted: dict[int, int] = {}
         with contextlib.ExitStack() as stack:
 
             def run_pass(k: int) -> Any:
@@ -878,14 +888,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
                 if release:
                     _release_grads(watch, compiled)
-                return self._call_closure(closure, k, watch, released=release, compiled=compiled)
+                loss, defined = self._call_closure(closure, k, watch, released=release, compiled=compiled)
+                if defined is not None:
+                    counted[k] = defined
+                return loss
 
             # A plain cycle on a handle reads the perturbed tensors' .grad itself: with no passive tensor and every
             # gradient there, it needs no list of them (building one per pass costs ~0.1 us per tensor).
             own = compiled is not None and type(cycle) is Cycle and cycle.lists is not None and not plan.passive
 
             def grads_at(k: int) -> Sequence[Tensor]:
-                if own and compiled.count_defined() == len(plan.every):
+                defined = counted.pop(k, None)
+                if own and (defined if defined is not None else compiled.count_defined()) == len(plan.every):
                     return ()
                 return self._grads(plan, k)
 

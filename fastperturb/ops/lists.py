@@ -6,9 +6,9 @@ A :class:`TensorLists` is built once per parameter list (params, their backups, 
 validated once with the checks of the list ops, and then passed to the ``*_lists`` ops of
 :mod:`fastperturb.ops` in place of the lists. The compiled handle (``torch.classes.fastperturb.TensorLists``,
 ``csrc/common/tensor_lists.h``) keeps the tensors alive and a fingerprint of each (data pointer, shape, strides,
-dtype, device) that every call re-checks in C++; it keeps the CPU work plan, and the Triton backend keeps its
-launch plans (device buffers included) on the Python object. Gradients are the ``.grad`` of the params, read and
-checked on every call.
+dtype, device) that every call re-checks in C++; it keeps the CPU work plan and the CUDA kernels' work-list
+plans, and the Triton backend keeps its launch plans (device buffers included) on the Python object. Gradients
+are the ``.grad`` of the params, read and checked on every call.
 
 :class:`ListsCache` is the generic way to hold one: it returns the same handle while the lists hold the same
 tensors (by identity) and builds a new one otherwise.

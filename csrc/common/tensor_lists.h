@@ -224,8 +224,7 @@ class TensorLists : public torch::CustomClassHolder {
     TORCH_CHECK_INDEX(depth >= 1 && depth <= 4, "work list depth ", depth, " out of range");
     std::lock_guard<std::mutex> lock(worklist_mutex_);
     WorklistPlan& slot = worklist_plans_[static_cast<size_t>(depth - 1)];
-    if (!slot.plan || slot.lim.chunk_size != lim.chunk_size || slot.lim.max_tensors != lim.max_tensors ||
-        slot.lim.max_blocks != lim.max_blocks) {
+    if (!slot.plan || !(slot.lim == lim)) {
       slot.plan = std::make_shared<const worklist::Plan>(make());
       slot.lim = lim;
     }

@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/handle_kernels.h"
 #include "cuda/launch.h"
 #include "cuda/worklist_list_ops.h"
 #include "cuda/worklist_ops.h"

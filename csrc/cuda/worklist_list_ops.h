@@ -9,10 +9,10 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <tuple>
 #include <vector>
 
-#include "common/handle_kernels.h"
 #include "common/list_calls.h"
 #include "cuda/worklist_ops.h"
 

@@ -68,16 +68,13 @@ template <int D, class Exec, class MakeOp>
 void run_plan(Exec& ex, const Plan& plan, const std::array<at::TensorList, D>& lists, MakeOp&& make_op,
               double* partials) {
   const at::TensorList primary = lists[0];
-  std::vector<int64_t> numels;
-  numels.reserve(primary.size());
-  for (const at::Tensor& t : primary) numels.push_back(t.numel());
   for (const PlannedLaunch& l : plan.launches) {
     const at::ScalarType st = primary[static_cast<std::size_t>(plan.groups[l.group].front())].scalar_type();
     dispatch_float(st, [&](auto tag) {
       using T = decltype(tag);
       const auto op = make_op(T{});
       static_assert(std::decay_t<decltype(op)>::kDepth == D, "op depth and list count differ");
-      const LaunchArgs<D> args = fill_launch<D>(plan, l, numels, [&](int d, int32_t i) -> void* {
+      const LaunchArgs<D> args = fill_launch<D>(plan, l, [&](int d, int32_t i) -> void* {
         const at::TensorList list = lists[static_cast<std::size_t>(d)];
         return list.empty() ? nullptr : list[static_cast<std::size_t>(i)].data_ptr();
       });

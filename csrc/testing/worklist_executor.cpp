@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/handle_kernels.h"
 #include "cuda/step_worklist_ops.h"
 #include "cuda/worklist_list_ops.h"
 #include "cuda/worklist_ops.h"

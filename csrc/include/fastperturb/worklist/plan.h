@@ -35,6 +35,8 @@ struct Limits {
   int64_t chunk_size = kChunkSize;
   int max_tensors = max_tensors_for_depth(1);
   int max_blocks = kMaxBlocks;
+
+  bool operator==(const Limits&) const = default;
 };
 
 struct PlannedBlock {
@@ -51,6 +53,7 @@ struct PlannedLaunch {
 
 struct Plan {
   int64_t chunk_size = kChunkSize;
+  std::vector<int64_t> numels;               // per tensor index, as planned
   std::vector<std::vector<int32_t>> groups;  // tensor indices of each group, in list order
   std::vector<PlannedLaunch> launches;       // group by group, in walk order
   std::vector<int64_t> slot_begin;           // per tensor index
@@ -80,6 +83,7 @@ inline Plan make_plan(const std::vector<int64_t>& numels, const std::vector<int>
   if (n > static_cast<std::size_t>(INT32_MAX)) throw std::invalid_argument("work list: too many tensors");
   Plan plan;
   plan.chunk_size = lim.chunk_size;
+  plan.numels = numels;
   plan.slot_begin.assign(n, 0);
   plan.slot_count.assign(n, 0);
 
@@ -137,8 +141,7 @@ inline Plan make_plan(const std::vector<int64_t>& numels, const std::vector<int>
 // The kernel argument of one planned launch. ptrs(d, i) gives the data of
 // tensor index i in list d (nullptr for an absent list).
 template <int Depth, class Ptrs>
-LaunchArgs<Depth> fill_launch(const Plan& plan, const PlannedLaunch& l, const std::vector<int64_t>& numels,
-                              Ptrs&& ptrs) {
+LaunchArgs<Depth> fill_launch(const Plan& plan, const PlannedLaunch& l, Ptrs&& ptrs) {
   LaunchArgs<Depth> a{};
   if (static_cast<int>(l.tensors.size()) > LaunchArgs<Depth>::kTensors ||
       static_cast<int>(l.blocks.size()) > LaunchArgs<Depth>::kBlocks)
@@ -150,7 +153,7 @@ LaunchArgs<Depth> fill_launch(const Plan& plan, const PlannedLaunch& l, const st
   for (std::size_t t = 0; t < l.tensors.size(); ++t) {
     const int32_t i = l.tensors[t];
     a.index[t] = i;
-    a.numel[t] = numels[static_cast<std::size_t>(i)];
+    a.numel[t] = plan.numels[static_cast<std::size_t>(i)];
     for (int d = 0; d < Depth; ++d) a.ptr[d][t] = ptrs(d, i);
   }
   for (std::size_t b = 0; b < l.blocks.size(); ++b) {

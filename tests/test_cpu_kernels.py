@@ -152,6 +152,42 @@ def test_accumulating_stats_are_thread_count_independent(native):
         assert_bitwise_equal(a, b, "1 vs 2 threads")
 
 
+MIN_PARALLEL_ELEMENTS = 4 * CHUNK  # kMinParallelElements in csrc/cpu/plan.h
+
+
+@pytest.mark.parametrize("count,numel", [(10, 51200), (8, MIN_PARALLEL_ELEMENTS // 8), (300, 1000)])
+def test_lists_at_the_parallel_threshold_are_thread_count_independent(native, count, numel):
+    """Lists of 256K-512K elements, which run on two threads since the threshold counts elements (before: 16 tasks,
+    which 10 tensors of 51200 elements never made): every op 1 vs 2 threads bit-identical."""
+    assert count * numel >= MIN_PARALLEL_ELEMENTS
+    x = testing.make_inputs([testing.Layer((numel,))] * count, seed=count, grad_special=1e-3)
+    step = torch.rand(count, generator=torch.Generator().manual_seed(1)) * 1e-2
+    proj = torch.full((count,), 0.9)
+
+    def run():
+        params, backups = [p.clone() for p in x.params], [torch.empty_like(p) for p in x.params]
+        grads, acc = [g.clone() for g in x.grads], [a.clone() for a in x.accum]
+        out = list(ops.norms(grads, 2.0)) + list(ops.norms(grads, float("inf")))
+        out.append(ops.grad_stats_(grads, acc, x.params, x.backups, accum_weight=0.3))
+        ops.ascent_step_(params, grads, backups, step, proj, first=True)
+        out += params + backups + acc
+        ops.restore_(params, backups)
+        return out + params
+
+    old = torch.get_num_threads()
+    try:
+        with use_backend("cpp"):
+            torch.set_num_threads(1)
+            one = run()
+            torch.set_num_threads(2)
+            two = run()
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert_bitwise_equal(a, b, "1 vs 2 threads")
+    assert_bitwise_equal(torch.stack(one[-count:]), torch.stack(x.params), "restored")
+
+
 # ---- the fused restore + base-step kernels (csrc/cpu/step_loops.h) ----------------------------------------------
 # Their weights are write-only where read from the backup, so a chunk of 64 KB or more computes them a block of 1 KB
 # at a time on the stack and streams each block out. The same elements taken as 1024-element tensors (never

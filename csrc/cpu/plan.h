@@ -24,12 +24,14 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 // Cost of a chunk in elements beyond its size (dispatch, pointer set-up), so
 // that tasks made of many tiny chunks stay small enough to balance.
 constexpr int64_t kChunkOverhead = 256;
-// Below this many tasks (about a million elements, 4 MB of float32 per list)
-// one thread finishes in well under a millisecond, and a parallel region
-// saves little; on a busy machine waking a second thread can cost
-// milliseconds (measured here: 1000 tensors of 100 elements took 4-12 ms
-// with 2 threads against 0.4 ms with one).
-constexpr int64_t kMinParallelTasks = 16;
+// A list of fewer elements than this (1 MB of float32) runs on the calling
+// thread: one thread finishes it in about 0.1 ms, and on a busy machine waking
+// a second thread can cost milliseconds (measured here: 1000 tensors of 100
+// elements took 4-12 ms with 2 threads against 0.4 ms with one). Above it two
+// threads measured 1.4-2x faster (lists of 256K to 1M elements, quiet host;
+// docs/design.md §5.1). Counted in elements, not tasks, so how the chunks pack
+// into tasks does not decide it.
+constexpr int64_t kMinParallelElements = 4 * kChunk;
 
 struct Chunk {
   int64_t tensor;  // index in the list
@@ -51,6 +53,7 @@ class Plan {
         if (task_cost == 0) task_begin_.push_back(static_cast<int64_t>(chunks_.size()));
         chunks_.push_back({static_cast<int64_t>(i), b, size});
         task_cost += size + kChunkOverhead;
+        elements_ += size;
         if (task_cost >= kChunk) task_cost = 0;
       }
     }
@@ -70,7 +73,7 @@ class Plan {
     auto run = [&](int64_t t0, int64_t t1) {
       for (int64_t c = task_begin_[t0]; c < task_begin_[t1]; ++c) f(c, chunks_[c]);
     };
-    if (num_tasks < kMinParallelTasks) {
+    if (elements_ < kMinParallelElements || num_tasks < 2) {
       run(0, num_tasks);
       return;
     }
@@ -81,6 +84,7 @@ class Plan {
   std::vector<Chunk> chunks_;
   std::vector<int64_t> task_begin_;  // task t is chunks [task_begin_[t], task_begin_[t + 1])
   std::vector<int64_t> first_chunk_;
+  int64_t elements_ = 0;  // over the whole list
 };
 
 }  // namespace cpu

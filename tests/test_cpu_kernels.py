@@ -128,6 +128,19 @@ def test_portable_variant_streams_too(native):
     subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], check=True, env=env, timeout=600)
 
 
+def _on_one_and_two_threads(run):
+    """``run()`` on the C++ backend with 1, then 2 torch threads: both results."""
+    old = torch.get_num_threads()
+    try:
+        with use_backend("cpp"):
+            torch.set_num_threads(1)
+            one = run()
+            torch.set_num_threads(2)
+            return one, run()
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_accumulating_stats_are_thread_count_independent(native):
     """Accumulator writes and statistics with the per-block update: 1 vs 2 threads bit-identical."""
     x = testing.make_inputs([testing.Layer((5 * CHUNK + 17,)), testing.Layer((3, 1000), torch.bfloat16)] * 4, seed=3)
@@ -139,15 +152,7 @@ def test_accumulating_stats_are_thread_count_independent(native):
         out.append(ops.grad_stats_(x.grads, fresh, accum_weight=0.2, accum_init=True))
         return out + acc + fresh
 
-    old = torch.get_num_threads()
-    try:
-        with use_backend("cpp"):
-            torch.set_num_threads(1)
-            one = run()
-            torch.set_num_threads(2)
-            two = run()
-    finally:
-        torch.set_num_threads(old)
+    one, two = _on_one_and_two_threads(run)
     for a, b in zip(one, two):
         assert_bitwise_equal(a, b, "1 vs 2 threads")
 
@@ -174,15 +179,7 @@ def test_lists_at_the_parallel_threshold_are_thread_count_independent(native, co
         ops.restore_(params, backups)
         return out + params
 
-    old = torch.get_num_threads()
-    try:
-        with use_backend("cpp"):
-            torch.set_num_threads(1)
-            one = run()
-            torch.set_num_threads(2)
-            two = run()
-    finally:
-        torch.set_num_threads(old)
+    one, two = _on_one_and_two_threads(run)
     for a, b in zip(one, two):
         assert_bitwise_equal(a, b, "1 vs 2 threads")
     assert_bitwise_equal(torch.stack(one[-count:]), torch.stack(x.params), "restored")

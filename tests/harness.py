@@ -31,3 +31,9 @@ def worklist_executor():
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason, allow_module_level=True)
     return torch.ops.fastperturb_worklist
+
+
+def cpu_plan():
+    """``torch.ops.fastperturb_worklist.cpu_plan(numels) -> (chunks, tasks, parallel)``: the CPU kernels'
+    chunk plan over tensors of those sizes (csrc/testing/cpu_plan.cpp)."""
+    return worklist_executor().cpu_plan

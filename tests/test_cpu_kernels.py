@@ -23,6 +23,8 @@ from fastperturb import ops, testing
 from fastperturb.ops.dispatch import use_backend
 from fastperturb.testing import assert_bitwise_equal
 
+from harness import cpu_plan
+
 STREAM_MIN_BYTES = 64 * 1024  # kStreamMinBytes in csrc/cpu/kernels.h
 BLOCK = 1024  # kBlock in csrc/cpu/loops.h
 CHUNK = 65536  # kChunk in csrc/cpu/plan.h
@@ -158,6 +160,29 @@ def test_accumulating_stats_are_thread_count_independent(native):
 
 
 MIN_PARALLEL_ELEMENTS = 4 * CHUNK  # kMinParallelElements in csrc/cpu/plan.h
+
+
+@pytest.mark.parametrize(
+    "numels,parallel",
+    [
+        ([51200] * 10, True),  # 5 tasks: on one thread while the switch counted 16 tasks
+        ([51200] * 20, True),
+        ([1024000], True),
+        ([MIN_PARALLEL_ELEMENTS], True),
+        ([MIN_PARALLEL_ELEMENTS - 1], False),
+        ([100] * 1000, False),  # 100K elements: the busy-host case plan.h names stays on one thread
+        ([1000] * 300, True),
+        ([], False),
+    ],
+)
+def test_a_list_runs_on_two_threads_by_its_element_count(numels, parallel):
+    """csrc/cpu/plan.h: a list of kMinParallelElements elements or more runs in a parallel region, however its
+    chunks pack into tasks; the chunking itself does not depend on it."""
+    chunks, tasks, runs_parallel = cpu_plan()(numels)
+    assert runs_parallel is parallel
+    assert chunks == sum(-(-n // CHUNK) for n in numels)
+    if parallel:
+        assert tasks >= 2
 
 
 @pytest.mark.parametrize("count,numel", [(10, 51200), (8, MIN_PARALLEL_ELEMENTS // 8), (300, 1000)])

@@ -25,7 +25,7 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 // that tasks made of many tiny chunks stay small enough to balance.
 constexpr int64_t kChunkOverhead = 256;
 // A list of fewer elements than this (1 MB of float32) runs on the calling
-// thread: one thread finishes it in about 0.1 ms, and on a busy machine waking
+// thread: one thread finishes it in 0.1-0.2 ms, and on a busy machine waking
 // a second thread can cost milliseconds (measured here: 1000 tensors of 100
 // elements took 4-12 ms with 2 threads against 0.4 ms with one). Above it two
 // threads measured 1.4-2x faster (lists of 256K to 1M elements, quiet host;
@@ -65,19 +65,24 @@ class Plan {
   // Chunks of tensor i are [first_chunk(i), first_chunk(i + 1)).
   int64_t first_chunk(size_t i) const { return first_chunk_[i]; }
 
+  int64_t num_tasks() const { return static_cast<int64_t>(task_begin_.size()) - 1; }
+  // Whether for_each_chunk() runs the tasks in a parallel region (else on the calling thread). Such a list has
+  // at least 4 tasks: each closes once it holds kChunk of work.
+  bool parallel() const { return elements_ >= kMinParallelElements; }
+
   // Calls f(chunk_index, chunk) for every chunk, in one parallel region.
   template <typename F>
   void for_each_chunk(const F& f) const {
-    const int64_t num_tasks = static_cast<int64_t>(task_begin_.size()) - 1;
-    if (num_tasks <= 0) return;
+    const int64_t tasks = num_tasks();
+    if (tasks <= 0) return;
     auto run = [&](int64_t t0, int64_t t1) {
       for (int64_t c = task_begin_[t0]; c < task_begin_[t1]; ++c) f(c, chunks_[c]);
     };
-    if (elements_ < kMinParallelElements || num_tasks < 2) {
-      run(0, num_tasks);
+    if (!parallel()) {
+      run(0, tasks);
       return;
     }
-    at::parallel_for(0, num_tasks, 1, run);
+    at::parallel_for(0, tasks, 1, run);
   }
 
  private:

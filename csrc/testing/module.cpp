@@ -2,7 +2,8 @@
 // code, built only when FASTPERTURB_BUILD_TESTING=1 (setup.py, CMakeLists.txt)
 // and never shipped in the wheel. Importing it loads this library, whose
 // static initialisers register torch.ops.fastperturb_worklist.* (the CPU
-// executor of the CUDA work list, worklist_executor.cpp).
+// executor of the CUDA work list, worklist_executor.cpp; and cpu_plan, the CPU
+// kernels' chunk plan, cpu_plan.cpp).
 #include <Python.h>
 
 static struct PyModuleDef fastperturb_c_testing_module = {

@@ -21,6 +21,7 @@ from torch import Tensor
 from fastperturb.engine import Cycle, PerturbSpec, run_cycle
 from fastperturb.ops import TensorLists
 from fastperturb.ops import dispatch as backends
+from fastperturb.optim.buffers import buffers_like
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class FusedCycle:
         self.preset = preset
         self.params = list(params)
         self.backend = backend
-        self.backups = [torch.empty_like(p) for p in self.params]
-        self.accum = [torch.empty_like(p) for p in self.params] if preset.spec.accumulates else []
+        # Allocated as the optimizer wrappers allocate them (one block per dtype and device).
+        self.backups = buffers_like(self.params)
+        self.accum = buffers_like(self.params) if preset.spec.accumulates else []
         n = len(self.params)
         dev = self.params[0].device if n else torch.device("cpu")
         self.radius = torch.full((n,), preset.radius, dtype=torch.float64, device=dev)

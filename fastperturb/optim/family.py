@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_finite, check_radius
+from .buffers import buffers_for
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -108,7 +109,7 @@ class _Family(PerturbOptimizer):
         key = (id(store), tuple(map(id, plan.params)))
         hit = self._lists.get(name)
         if hit is None or hit[0] != key:
-            hit = self._lists[name] = (key, [self._buffer(store, p, t) for p, t in zip(plan.params, like)])
+            hit = self._lists[name] = (key, buffers_for(store, plan.params, like))
         return hit[1]
 
     def _copy_coef(self, like: List[Tensor]) -> Tensor:
@@ -656,7 +657,7 @@ class FriendlySAM(_Family):
         if old:
             copied = plan.params if not new else [plan.params[i] for i in old]
             ema = self._ema_list(plan, copied)
-            saved = [self._buffer(self._saved_ema, p, m) for p, m in zip(copied, ema)]
+            saved = buffers_for(self._saved_ema, copied, ema)
             ops.lincomb_(saved, ema, [], self._copy_coef(ema))
             sq[old] = self._sweep(cycle, grads, ema, old, new, init=False, grad_scale=grad_scale)
         if new:

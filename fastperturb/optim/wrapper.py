@@ -29,6 +29,7 @@ from ..ops import native
 from . import frameworks
 from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
+from .buffers import buffers_for
 
 __all__ = ["PerturbOptimizer", "NonFiniteGradient", "NonFiniteDescentGradient", "Params"]
 
@@ -495,20 +496,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
 
-    @staticmethod
-    def _buffer(store: Dict[Tensor, Tensor], key: Tensor, like: Tensor) -> Tensor:
-        b = store.get(key)
-        if (
-            b is None
-            or b.shape != like.shape
-            or b.dtype != like.dtype
-            or b.device != like.device
-            or b.stride() != like.stride()
-        ):
-            b = torch.empty_like(like, memory_format=torch.preserve_format)
-            store[key] = b
-        return b
-
     def _cached_list(self, name: str, params: Sequence[Tensor], build: Callable[[], Any]) -> Any:
         """``build()``'s list (or reducer), reused while ``params`` are the same tensors in the same order
         (a tensor whose shape changed behind our back is caught by the fused ops' checks)."""
@@ -523,12 +510,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         return self._cached_list(
             "backups",
             plan.local_params,
-            lambda: [self._buffer(self._backups, p, t) for p, t in zip(plan.params, plan.local_params)],
+            lambda: buffers_for(self._backups, plan.params, plan.local_params),
         )
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
         return self._cached_list(
-            "accum", params, lambda: [self._buffer(self._accums, p, distributed.local(p.grad)) for p in params]
+            "accum", params, lambda: buffers_for(self._accums, params, [distributed.local(p.grad) for p in params])
         )
 
     def buffer_count(self) -> tuple:
@@ -568,7 +555,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self._cached_list(
                 "passive_accum",
                 plan.passive,
-                lambda: [self._buffer(self._accums, p, distributed.local(p.grad)) for p in plan.passive],
+                lambda: buffers_for(self._accums, plan.passive, [distributed.local(p.grad) for p in plan.passive]),
             )
             if self.spec.accumulates
             else []

@@ -265,14 +265,48 @@ def test_a_step_whose_check_of_g_raises_leaves_the_weights_restored():
     assert _bits_equal([p.detach() for p in model.parameters()], before)  # not left at w + e
 
 
-def test_handle_ops_bump_the_version_counters_of_what_they_write():
-    params, backups, accum = _setup()
-    lists = ops.TensorLists(params, backups, accum)
-    before = [t._version for t in params + backups + accum + [p.grad for p in params]]
-    ops.ascent_step_lists_(lists, torch.ones(len(params)), torch.ones(len(params)), first=True, zero_grads=True)
-    ops.grad_stats_lists_(lists, with_accum=True)
-    after = [t._version for t in params + backups + accum + [p.grad for p in params]]
-    assert all(a > b for a, b in zip(after, before))
+_WRITERS = {  # each handle op and the list op of the same name, on the same tensors
+    "ascent_step": (
+        lambda h, p, b, a, g: ops.ascent_step_lists_(
+            h, torch.ones(len(p)), torch.ones(len(p)), first=True, zero_grads=True
+        ),
+        lambda h, p, b, a, g: ops.ascent_step_(
+            p, g, b, torch.ones(len(p)), torch.ones(len(p)), first=True, zero_grads=True
+        ),
+    ),
+    "grad_stats": (
+        lambda h, p, b, a, g: ops.grad_stats_lists_(h, with_accum=True),
+        lambda h, p, b, a, g: ops.grad_stats_(g, a),
+    ),
+    "restore": (lambda h, p, b, a, g: ops.restore_lists_(h), lambda h, p, b, a, g: ops.restore_(p, b)),
+    "restore_norms": (
+        lambda h, p, b, a, g: ops.restore_norms_lists_(h),
+        lambda h, p, b, a, g: (ops.restore_(p, b), ops.norms(g)),
+    ),
+    "combine_grads": (
+        lambda h, p, b, a, g: ops.combine_grads_lists_(h, 0.5),
+        lambda h, p, b, a, g: ops.combine_grads_(g, a, 0.5),
+    ),
+    "norms": (lambda h, p, b, a, g: ops.norms_lists(h, of_grads=True), lambda h, p, b, a, g: ops.norms(g)),
+}
+
+
+@pytest.mark.parametrize("private", [False, True])
+@pytest.mark.parametrize("op", sorted(_WRITERS))
+def test_handle_ops_bump_the_version_counters_the_list_ops_bump(op, private):
+    def deltas(run, use_handle):
+        params, backups, accum = _setup()
+        grads = [p.grad for p in params]
+        lists = ops.TensorLists(params, backups, accum, private_buffers=private)
+        tensors = params + backups + accum + grads
+        before = [t._version for t in tensors]
+        run(lists if use_handle else None, params, backups, accum, grads)
+        return [t._version - v for t, v in zip(tensors, before)]
+
+    on_handle, on_lists = _WRITERS[op]
+    got, want = deltas(on_handle, True), deltas(on_lists, False)
+    assert got == want
+    assert any(want) or op == "norms"
 
 
 def test_building_a_handle_validates_like_the_list_ops():

@@ -38,20 +38,24 @@ inline void check_ord(double ord) {
 
 // norms_lists: with of_grads the params' .grad (checked against the params' fingerprint by grads_of; same
 // numels, so the same plan), else nothing: the norms are then the params' (norms_input).
-inline std::vector<at::Tensor> prepare_norms(const TensorLists& h, double ord, bool of_grads) {
+inline constexpr const char* kNorms = "norms_lists";
+inline void check_norms_call(const TensorLists& h, double ord, bool of_grads) {
   check_ord(ord);
-  if (of_grads) return h.grads_of(kParams, "norms_lists");
-  check_lists("norms_lists", h, {}, {kParams});
-  return {};
+  if (!of_grads) check_lists(kNorms, h, {}, {kParams});
+}
+inline std::vector<at::Tensor> prepare_norms(const TensorLists& h, double ord, bool of_grads) {
+  check_norms_call(h, ord, of_grads);
+  return of_grads ? h.grads_of(kParams, kNorms) : std::vector<at::Tensor>{};
 }
 inline at::TensorList norms_input(const TensorLists& h, bool of_grads, const std::vector<at::Tensor>& grads) {
   return of_grads ? at::TensorList(grads) : h.list(kParams);
 }
 
 // grad_stats_lists_: the gradients (the lists the flags ask for are the handle's).
-inline std::vector<at::Tensor> prepare_grad_stats(const TensorLists& h, bool with_accum, bool with_params,
-                                                  bool with_backups, double accum_weight, double adaptive_eta) {
-  const char* op = "grad_stats_lists_";
+inline constexpr const char* kGradStats = "grad_stats_lists_";
+inline void check_grad_stats_call(const TensorLists& h, bool with_accum, bool with_params, bool with_backups,
+                                  double accum_weight, double adaptive_eta) {
+  const char* op = kGradStats;
   TORCH_CHECK_VALUE(!with_backups || with_params,
                     "backups given without params: the perturbation d = params - backups needs both");
   TORCH_CHECK_VALUE(!(adaptive_eta >= 0) || h.size() == 0 || with_params,
@@ -63,38 +67,53 @@ inline std::vector<at::Tensor> prepare_grad_stats(const TensorLists& h, bool wit
   if (with_accum) check_lists(op, h, {kAccum}, {kAccum});
   if (with_params) check_lists(op, h, {}, {kParams});
   if (with_backups) check_lists(op, h, {kBackups}, {kBackups});
-  return h.grads_of(kParams, op);
+}
+inline std::vector<at::Tensor> prepare_grad_stats(const TensorLists& h, bool with_accum, bool with_params,
+                                                  bool with_backups, double accum_weight, double adaptive_eta) {
+  check_grad_stats_call(h, with_accum, with_params, with_backups, accum_weight, adaptive_eta);
+  return h.grads_of(kParams, kGradStats);
 }
 
 // ascent_step_lists_: the gradients.
-inline std::vector<at::Tensor> prepare_ascent_step(const TensorLists& h, const at::Tensor& step_coef,
-                                                   const at::Tensor& proj, c10::string_view norm, double adaptive_eta) {
-  const char* op = "ascent_step_lists_";
+inline constexpr const char* kAscentStep = "ascent_step_lists_";
+inline void check_ascent_step_call(const TensorLists& h, const at::Tensor& step_coef, const at::Tensor& proj,
+                                   c10::string_view norm, double adaptive_eta) {
+  const char* op = kAscentStep;
   check_lists(op, h, {kBackups}, {kParams, kBackups});
   const at::TensorList params = h.list(kParams);
   checks::check_coef("step_coef", step_coef, params.size(), params);
   checks::check_coef("proj", proj, params.size(), params);
   TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
   checks::check_finite("adaptive_eta", adaptive_eta);
-  return h.grads_of(kParams, op);
+}
+inline std::vector<at::Tensor> prepare_ascent_step(const TensorLists& h, const at::Tensor& step_coef,
+                                                   const at::Tensor& proj, c10::string_view norm, double adaptive_eta) {
+  check_ascent_step_call(h, step_coef, proj, norm, adaptive_eta);
+  return h.grads_of(kParams, kAscentStep);
 }
 
 // restore_norms_lists_: the gradients, every one checked before a weight is written.
-inline std::vector<at::Tensor> prepare_restore_norms(const TensorLists& h, double ord) {
+inline constexpr const char* kRestoreNorms = "restore_norms_lists_";
+inline void check_restore_norms_call(const TensorLists& h, double ord) {
   check_ord(ord);
-  const char* op = "restore_norms_lists_";
-  check_lists(op, h, {kBackups}, {kParams, kBackups});
-  return h.grads_of(kParams, op);
+  check_lists(kRestoreNorms, h, {kBackups}, {kParams, kBackups});
+}
+inline std::vector<at::Tensor> prepare_restore_norms(const TensorLists& h, double ord) {
+  check_restore_norms_call(h, ord);
+  return h.grads_of(kParams, kRestoreNorms);
 }
 
 inline void prepare_restore(const TensorLists& h) { check_lists("restore_lists_", h, {kBackups}, {kParams, kBackups}); }
 
 // combine_grads_lists_: the gradients.
-inline std::vector<at::Tensor> prepare_combine_grads(const TensorLists& h, double weight) {
-  const char* op = "combine_grads_lists_";
+inline constexpr const char* kCombineGrads = "combine_grads_lists_";
+inline void check_combine_grads_call(const TensorLists& h, double weight) {
   checks::check_finite("weight", weight);
-  check_lists(op, h, {kAccum}, {kAccum});
-  return h.grads_of(kParams, op);
+  check_lists(kCombineGrads, h, {kAccum}, {kAccum});
+}
+inline std::vector<at::Tensor> prepare_combine_grads(const TensorLists& h, double weight) {
+  check_combine_grads_call(h, weight);
+  return h.grads_of(kParams, kCombineGrads);
 }
 
 }  // namespace list_calls

@@ -181,6 +181,46 @@ class TensorLists : public torch::CustomClassHolder {
     }
     return n;
   }
+  // The data pointer of each tensor of list k (null for an empty tensor), for an op that check()ed list k in this
+  // call. A checked list's pointers are its fingerprint's, which the check found current, so no TensorImpl is read
+  // again. A list checked at build time only (fixed()) is read where its tensors now are, in a pass that fetches
+  // them ahead: its fingerprint is not verified, and a pointer kept from then could point at freed memory.
+  std::vector<char*> data_ptrs(size_t k) const {
+    const std::vector<Print>& ps = prints_[k];
+    const size_t n = ps.size();
+    std::vector<char*> out(n);
+    if (!(fixed_ >> k & 1)) {
+      for (size_t i = 0; i < n; ++i) out[i] = static_cast<char*>(const_cast<void*>(ps[i].data));
+      return out;
+    }
+    const std::vector<at::Tensor>& ts = lists_[k];
+    for (size_t i = 0; i < n; ++i) {
+      if (i + 2 * prefetch::kAhead < n) prefetch::impl(ts[i + 2 * prefetch::kAhead].unsafeGetTensorImpl());
+      if (i + prefetch::kAhead < n) prefetch::storage(ts[i + prefetch::kAhead].unsafeGetTensorImpl());
+      bool ok = true;
+      void* p = data_of(ts[i].unsafeGetTensorImpl(), ps[i].itemsize, ok);
+      out[i] = static_cast<char*>(ok ? p : ts[i].data_ptr());  // (data_ptr() says what is wrong)
+    }
+    return out;
+  }
+  std::vector<at::ScalarType> dtypes(size_t k) const {
+    std::vector<at::ScalarType> out;
+    out.reserve(prints_[k].size());
+    for (const Print& p : prints_[k]) out.push_back(p.dtype);
+    return out;
+  }
+  // The data pointers of the .grad of list k's tensors, checked as grads_of() checks them: read_grads() for every
+  // gradient its fast checks pass, the full check (which throws, or passes) for any other. No tensor is copied,
+  // so no reference count moves.
+  std::vector<char*> grad_ptrs(size_t k, const char* op) const {
+    const size_t n = lists_[k].size();
+    std::vector<int64_t> raw(n);
+    for (size_t i = read_grads(k, raw.data()); i < n; i = read_grads(k, raw.data(), i + 1))
+      raw[i] = reinterpret_cast<int64_t>(checked_grad(op, k, i).data_ptr());
+    std::vector<char*> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = reinterpret_cast<char*>(raw[i]);
+    return out;
+  }
   // Version-counter bumps after a backend outside C++ wrote the tensors: bit k of `mask` for list k, bit 16 + k
   // for the .grad of list k's tensors. A bump is a locked add, which waits for its counter's cache line and lets
   // nothing overlap it: the counters of a block of tensors are fetched first, together.

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <vector>
 
 #include "cpu/plan.h"
 
@@ -15,6 +16,31 @@ namespace cpu {
 // pairs up the same elements.
 inline char* elem_ptr(const at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.data_ptr()) + offset * static_cast<int64_t>(t.element_size());
+}
+
+// Where the chunks of an op find their elements: the base data pointer of each tensor of a list (null for an
+// empty tensor), and each tensor's dtype, which the op's lists share (checked). Read once per call, before the
+// parallel region. Dense tensors may be non-contiguous (channels_last): see elem_ptr.
+using Bases = std::vector<char*>;
+using Dtypes = std::vector<at::ScalarType>;
+
+inline Bases bases_of(at::TensorList ts) {
+  Bases out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts) out.push_back(static_cast<char*>(t.data_ptr()));
+  return out;
+}
+
+inline Dtypes dtypes_of(at::TensorList ts) {
+  Dtypes out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts) out.push_back(t.scalar_type());
+  return out;
+}
+
+// Address of a chunk's first element in list `b`, whose tensors have the chunk's dtype `t`.
+inline char* chunk_ptr(const Bases& b, at::ScalarType t, const Chunk& ch) {
+  return b[static_cast<size_t>(ch.tensor)] + ch.begin * static_cast<int64_t>(c10::elementSize(t));
 }
 
 // The chunk plan over a list (plan.h).

@@ -27,24 +27,29 @@ namespace {
 
 using namespace checks;
 
-// With `params` and `backups` (restore_norms_lists_), also params = backups, chunk by chunk in the same pass.
-std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord, const Plan& plan,
-                                             at::TensorList params = {}, at::TensorList backups = {}) {
+// The runs address each list through its tensors' base data pointers (`Bases`, op_common.h) and take the dtypes
+// of the op's tensors (shared by its lists, checked): built from the tensors by the list ops, from the handle's
+// fingerprints by the handle ops, before the parallel region, so the chunk loop reads no TensorImpl. Version
+// counters are the callers' to bump.
+
+// With `dst` and `src` (restore_norms_lists_), also dst = src (the params from the backups), chunk by chunk in the
+// same pass.
+std::tuple<at::Tensor, at::Tensor> norms_run(const Dtypes& dt, const Bases& x, double ord, const Plan& plan,
+                                             const Bases& dst = {}, const Bases& src = {}) {
   const bool inf = std::isinf(ord);
-  const size_t n = tensors.size();
+  const size_t n = dt.size();
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(at::kCPU);
   at::Tensor per = at::empty({static_cast<int64_t>(n)}, opts);
   at::Tensor total = at::empty({}, opts);
 
   std::vector<double> partial(plan.num_chunks());
   const KernelTable& k = kernels();
-  const bool restore = !params.empty();
-  if (restore) bump_versions(params);
+  const bool restore = !dst.empty();
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
-    const at::Tensor& t = tensors[ch.tensor];
-    void* dst = restore ? elem_ptr(params[ch.tensor], ch.begin) : nullptr;
-    const void* src = restore ? elem_ptr(backups[ch.tensor], ch.begin) : nullptr;
-    partial[c] = k.norm(t.scalar_type(), elem_ptr(t, ch.begin), ch.size, inf, dst, src);
+    const at::ScalarType t = dt[ch.tensor];
+    void* d = restore ? chunk_ptr(dst, t, ch) : nullptr;
+    const void* s = restore ? chunk_ptr(src, t, ch) : nullptr;
+    partial[c] = k.norm(t, chunk_ptr(x, t, ch), ch.size, inf, d, s);
   });
 
   const math::Norm nrm = inf ? math::Norm::Linf : math::Norm::L2;
@@ -62,33 +67,33 @@ std::tuple<at::Tensor, at::Tensor> norms_run(at::TensorList tensors, double ord,
 
 std::tuple<at::Tensor, at::Tensor> norms_cpu(at::TensorList tensors, double ord) {
   check_norms(tensors, ord);
-  return norms_run(tensors, ord, plan_over(tensors));
+  return norms_run(dtypes_of(tensors), bases_of(tensors), ord, plan_over(tensors));
 }
 
-at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
-                          double accum_weight, bool accum_init, double adaptive_eta, const Plan& plan) {
-  const size_t n = grads.size();
+// `accum`, `params`, `backups`: empty when not given.
+at::Tensor grad_stats_run(const Dtypes& dt, const Bases& grads, const Bases& accum, const Bases& params,
+                          const Bases& backups, double accum_weight, bool accum_init, double adaptive_eta,
+                          const Plan& plan) {
+  const size_t n = dt.size();
   const bool adaptive = adaptive_eta >= 0;
   const bool has_delta = !backups.empty();
   const bool need_params = adaptive || has_delta;
   at::Tensor out = at::empty({static_cast<int64_t>(n), 3}, at::TensorOptions().dtype(at::kFloat).device(at::kCPU));
-  bump_versions(accum);
 
   std::vector<double> partial(3 * plan.num_chunks());
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t c, const Chunk& ch) {
-    const size_t i = static_cast<size_t>(ch.tensor);
-    const at::Tensor& g = grads[i];
+    const at::ScalarType t = dt[ch.tensor];
     StatsArgs a{};
-    a.grad = elem_ptr(g, ch.begin);
-    a.accum = accum.empty() ? nullptr : elem_ptr(accum[i], ch.begin);
-    a.param = need_params ? elem_ptr(params[i], ch.begin) : nullptr;
-    a.backup = has_delta ? elem_ptr(backups[i], ch.begin) : nullptr;
+    a.grad = chunk_ptr(grads, t, ch);
+    a.accum = accum.empty() ? nullptr : chunk_ptr(accum, t, ch);
+    a.param = need_params ? chunk_ptr(params, t, ch) : nullptr;
+    a.backup = has_delta ? chunk_ptr(backups, t, ch) : nullptr;
     a.accum_weight = accum_weight;
     a.accum_init = accum_init;
     a.adaptive = adaptive;
     a.adaptive_eta = adaptive_eta;
-    k.stats(g.scalar_type(), a, ch.size, &partial[3 * c]);
+    k.stats(t, a, ch.size, &partial[3 * c]);
   });
 
   float* o = out.data_ptr<float>();
@@ -104,29 +109,28 @@ at::Tensor grad_stats_run(at::TensorList grads, at::TensorList accum, at::Tensor
 at::Tensor grad_stats_cpu(at::TensorList grads, at::TensorList accum, at::TensorList params, at::TensorList backups,
                           double accum_weight, bool accum_init, double adaptive_eta) {
   check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta);
-  return grad_stats_run(grads, accum, params, backups, accum_weight, accum_init, adaptive_eta, plan_over(grads));
+  bump_versions(accum);
+  return grad_stats_run(dtypes_of(grads), bases_of(grads), bases_of(accum), bases_of(params), bases_of(backups),
+                        accum_weight, accum_init, adaptive_eta, plan_over(grads));
 }
 
-void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
-                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads,
-                     const Plan& plan) {
+void ascent_step_run(const Dtypes& dt, const Bases& params, const Bases& grads, const Bases& backups,
+                     const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm, bool first,
+                     double adaptive_eta, bool zero_grads, const Plan& plan) {
   const at::Tensor step_c = step_coef.contiguous();
   const at::Tensor proj_c = proj.contiguous();
   const float* step_p = step_c.data_ptr<float>();
   const float* proj_p = proj_c.data_ptr<float>();
   const math::Norm nrm = norm == "l2" ? math::Norm::L2 : math::Norm::Linf;
-  bump_versions(params);
-  if (first) bump_versions(backups);
-  if (zero_grads) bump_versions(grads);
 
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
     const size_t i = static_cast<size_t>(ch.tensor);
-    const at::Tensor& w = params[i];
+    const at::ScalarType t = dt[i];
     AscentArgs a{};
-    a.param = elem_ptr(w, ch.begin);
-    a.grad = elem_ptr(grads[i], ch.begin);
-    a.backup = elem_ptr(backups[i], ch.begin);
+    a.param = chunk_ptr(params, t, ch);
+    a.grad = chunk_ptr(grads, t, ch);
+    a.backup = chunk_ptr(backups, t, ch);
     a.step = step_p[i];
     a.proj = proj_p[i];
     a.norm = nrm;
@@ -134,43 +138,47 @@ void ascent_step_run(at::TensorList params, at::TensorList grads, at::TensorList
     a.adaptive = adaptive_eta >= 0;
     a.adaptive_eta = adaptive_eta;
     a.zero_grads = zero_grads;
-    k.ascent(w.scalar_type(), a, ch.size);
+    k.ascent(t, a, ch.size);
   });
 }
 
 void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
-  ascent_step_run(params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads, plan_over(params));
+  bump_versions(params);
+  if (first) bump_versions(backups);
+  if (zero_grads) bump_versions(grads);
+  ascent_step_run(dtypes_of(params), bases_of(params), bases_of(grads), bases_of(backups), step_coef, proj, norm, first,
+                  adaptive_eta, zero_grads, plan_over(params));
 }
 
-void restore_run(at::TensorList params, at::TensorList backups, const Plan& plan) {
-  bump_versions(params);
+void restore_run(const Dtypes& dt, const Bases& params, const Bases& backups, const Plan& plan) {
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
-    const at::Tensor& w = params[ch.tensor];
+    const at::ScalarType t = dt[ch.tensor];
     // Streaming copy for large chunks: a plain store would first read the destination line.
-    k.copy(elem_ptr(w, ch.begin), elem_ptr(backups[ch.tensor], ch.begin), ch.size * w.element_size());
+    k.copy(chunk_ptr(params, t, ch), chunk_ptr(backups, t, ch), ch.size * static_cast<int64_t>(c10::elementSize(t)));
   });
 }
 
 void restore_cpu(at::TensorList params, at::TensorList backups) {
   check_restore(params, backups);
-  restore_run(params, backups, plan_over(params));
+  bump_versions(params);
+  restore_run(dtypes_of(params), bases_of(params), bases_of(backups), plan_over(params));
 }
 
-void combine_grads_run(at::TensorList grads, at::TensorList accum, double weight, const Plan& plan) {
-  bump_versions(grads);
+void combine_grads_run(const Dtypes& dt, const Bases& grads, const Bases& accum, double weight, const Plan& plan) {
   const KernelTable& k = kernels();
   plan.for_each_chunk([&](int64_t, const Chunk& ch) {
-    const at::Tensor& g = grads[ch.tensor];
-    k.combine(g.scalar_type(), elem_ptr(g, ch.begin), elem_ptr(accum[ch.tensor], ch.begin), weight, ch.size);
+    const at::ScalarType t = dt[ch.tensor];
+    k.combine(t, chunk_ptr(grads, t, ch), chunk_ptr(accum, t, ch), weight, ch.size);
   });
 }
 
 void combine_grads_cpu(at::TensorList grads, at::TensorList accum, double weight) {
   check_combine_grads(grads, accum, weight);
-  combine_grads_run(grads, accum, weight, plan_over(grads));
+  bump_versions(grads);
+  combine_grads_run(dtypes_of(grads), bases_of(grads), bases_of(accum), weight, plan_over(grads));
 }
 
 void register_impls(torch::Library& m) {
@@ -220,40 +228,53 @@ namespace {
 
 using namespace list_calls;
 
+// The bump() masks: list k's tensors, and the .grad of the params.
+constexpr int64_t bit(size_t k) { return int64_t(1) << k; }
+constexpr int64_t kParamGrads = int64_t(1) << (16 + kParams);
+
 std::tuple<at::Tensor, at::Tensor> norms_lists(const Lists& h, double ord, bool of_grads) {
-  const std::vector<at::Tensor> grads = prepare_norms(*h, ord, of_grads);
-  return norms_run(norms_input(*h, of_grads, grads), ord, h->cpu_plan());
+  check_norms_call(*h, ord, of_grads);
+  const Bases x = of_grads ? h->grad_ptrs(kParams, kNorms) : h->data_ptrs(kParams);
+  return norms_run(h->dtypes(kParams), x, ord, h->cpu_plan());
 }
 
 at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, bool with_backups, double accum_weight,
                             bool accum_init, double adaptive_eta) {
-  const std::vector<at::Tensor> grads =
-      prepare_grad_stats(*h, with_accum, with_params, with_backups, accum_weight, adaptive_eta);
-  return grad_stats_run(
-      grads, with_accum ? h->list(kAccum) : at::TensorList(), with_params ? h->list(kParams) : at::TensorList(),
-      with_backups ? h->list(kBackups) : at::TensorList(), accum_weight, accum_init, adaptive_eta, h->cpu_plan());
+  check_grad_stats_call(*h, with_accum, with_params, with_backups, accum_weight, adaptive_eta);
+  const Bases grads = h->grad_ptrs(kParams, kGradStats);
+  if (with_accum) h->bump(bit(kAccum));
+  return grad_stats_run(h->dtypes(kParams), grads, with_accum ? h->data_ptrs(kAccum) : Bases(),
+                        with_params ? h->data_ptrs(kParams) : Bases(), with_backups ? h->data_ptrs(kBackups) : Bases(),
+                        accum_weight, accum_init, adaptive_eta, h->cpu_plan());
 }
 
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
                        bool first, double adaptive_eta, bool zero_grads) {
-  const std::vector<at::Tensor> grads = prepare_ascent_step(*h, step_coef, proj, norm, adaptive_eta);
-  ascent_step_run(h->list(kParams), grads, h->list(kBackups), step_coef, proj, norm, first, adaptive_eta, zero_grads,
-                  h->cpu_plan());
+  check_ascent_step_call(*h, step_coef, proj, norm, adaptive_eta);
+  const Bases grads = h->grad_ptrs(kParams, kAscentStep);
+  h->bump(bit(kParams) | (first ? bit(kBackups) : 0) | (zero_grads ? kParamGrads : 0));
+  ascent_step_run(h->dtypes(kParams), h->data_ptrs(kParams), grads, h->data_ptrs(kBackups), step_coef, proj, norm,
+                  first, adaptive_eta, zero_grads, h->cpu_plan());
 }
 
 std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord) {
-  const std::vector<at::Tensor> grads = prepare_restore_norms(*h, ord);
-  return norms_run(grads, ord, h->cpu_plan(), h->list(kParams), h->list(kBackups));
+  check_restore_norms_call(*h, ord);
+  const Bases grads = h->grad_ptrs(kParams, kRestoreNorms);
+  h->bump(bit(kParams));
+  return norms_run(h->dtypes(kParams), grads, ord, h->cpu_plan(), h->data_ptrs(kParams), h->data_ptrs(kBackups));
 }
 
 void restore_lists(const Lists& h) {
   prepare_restore(*h);
-  restore_run(h->list(kParams), h->list(kBackups), h->cpu_plan());
+  h->bump(bit(kParams));
+  restore_run(h->dtypes(kParams), h->data_ptrs(kParams), h->data_ptrs(kBackups), h->cpu_plan());
 }
 
 void combine_grads_lists(const Lists& h, double weight) {
-  const std::vector<at::Tensor> grads = prepare_combine_grads(*h, weight);
-  combine_grads_run(grads, h->list(kAccum), weight, h->cpu_plan());
+  check_combine_grads_call(*h, weight);
+  const Bases grads = h->grad_ptrs(kParams, kCombineGrads);
+  h->bump(kParamGrads);
+  combine_grads_run(h->dtypes(kParams), grads, h->data_ptrs(kAccum), weight, h->cpu_plan());
 }
 
 const bool handle_kernels_registered = [] {

@@ -3,6 +3,9 @@
 // run on CPU tensors by the test build's executor). The handle was validated when it was built; a call checks
 // its own arguments, that the handle has the lists it reads and that they are current (their fingerprint), and
 // the params' .grad it reads. Everything is checked before anything is written: a refused call changes nothing.
+// check_<op>_call() runs an op's checks but the gradients'; prepare_<op>() adds them and returns the gradients as
+// tensors (the CUDA work list). The CPU kernels take them as data pointers instead (TensorLists::grad_ptrs, with
+// the same checks), so no tensor is copied per call.
 // Which device a handle's tensors are on is the caller's check (tensor_lists.cpp routes by it).
 #pragma once
 

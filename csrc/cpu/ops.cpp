@@ -228,7 +228,8 @@ namespace {
 
 using namespace list_calls;
 
-// The bump() masks: list k's tensors, and the .grad of the params.
+// The bump() masks: list k's tensors, and the .grad of the params. Each op reads every pointer it needs (which
+// can still refuse a tensor) before it bumps a counter.
 constexpr int64_t bit(size_t k) { return int64_t(1) << k; }
 constexpr int64_t kParamGrads = int64_t(1) << (16 + kParams);
 
@@ -242,39 +243,45 @@ at::Tensor grad_stats_lists(const Lists& h, bool with_accum, bool with_params, b
                             bool accum_init, double adaptive_eta) {
   check_grad_stats_call(*h, with_accum, with_params, with_backups, accum_weight, adaptive_eta);
   const Bases grads = h->grad_ptrs(kParams, kGradStats);
+  const Bases accum = with_accum ? h->data_ptrs(kAccum) : Bases();
+  const Bases params = with_params ? h->data_ptrs(kParams) : Bases();
+  const Bases backups = with_backups ? h->data_ptrs(kBackups) : Bases();
   if (with_accum) h->bump(bit(kAccum));
-  return grad_stats_run(h->dtypes(kParams), grads, with_accum ? h->data_ptrs(kAccum) : Bases(),
-                        with_params ? h->data_ptrs(kParams) : Bases(), with_backups ? h->data_ptrs(kBackups) : Bases(),
-                        accum_weight, accum_init, adaptive_eta, h->cpu_plan());
+  return grad_stats_run(h->dtypes(kParams), grads, accum, params, backups, accum_weight, accum_init, adaptive_eta,
+                        h->cpu_plan());
 }
 
 void ascent_step_lists(const Lists& h, const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
                        bool first, double adaptive_eta, bool zero_grads) {
   check_ascent_step_call(*h, step_coef, proj, norm, adaptive_eta);
   const Bases grads = h->grad_ptrs(kParams, kAscentStep);
+  const Bases params = h->data_ptrs(kParams), backups = h->data_ptrs(kBackups);
   h->bump(bit(kParams) | (first ? bit(kBackups) : 0) | (zero_grads ? kParamGrads : 0));
-  ascent_step_run(h->dtypes(kParams), h->data_ptrs(kParams), grads, h->data_ptrs(kBackups), step_coef, proj, norm,
-                  first, adaptive_eta, zero_grads, h->cpu_plan());
+  ascent_step_run(h->dtypes(kParams), params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads,
+                  h->cpu_plan());
 }
 
 std::tuple<at::Tensor, at::Tensor> restore_norms_lists(const Lists& h, double ord) {
   check_restore_norms_call(*h, ord);
   const Bases grads = h->grad_ptrs(kParams, kRestoreNorms);
+  const Bases params = h->data_ptrs(kParams), backups = h->data_ptrs(kBackups);
   h->bump(bit(kParams));
-  return norms_run(h->dtypes(kParams), grads, ord, h->cpu_plan(), h->data_ptrs(kParams), h->data_ptrs(kBackups));
+  return norms_run(h->dtypes(kParams), grads, ord, h->cpu_plan(), params, backups);
 }
 
 void restore_lists(const Lists& h) {
   prepare_restore(*h);
+  const Bases params = h->data_ptrs(kParams), backups = h->data_ptrs(kBackups);
   h->bump(bit(kParams));
-  restore_run(h->dtypes(kParams), h->data_ptrs(kParams), h->data_ptrs(kBackups), h->cpu_plan());
+  restore_run(h->dtypes(kParams), params, backups, h->cpu_plan());
 }
 
 void combine_grads_lists(const Lists& h, double weight) {
   check_combine_grads_call(*h, weight);
   const Bases grads = h->grad_ptrs(kParams, kCombineGrads);
+  const Bases accum = h->data_ptrs(kAccum);
   h->bump(kParamGrads);
-  combine_grads_run(h->dtypes(kParams), grads, h->data_ptrs(kAccum), weight, h->cpu_plan());
+  combine_grads_run(h->dtypes(kParams), grads, accum, weight, h->cpu_plan());
 }
 
 const bool handle_kernels_registered = [] {

@@ -619,6 +619,32 @@ def test_paired_step_share_subtracts_each_rounds_own_closure_and_divides_by_its_
     assert "over_cycle_own" not in step_suite._paired_shares(step, {"closure": closure, "cycle": cycle}, 2, [0.01])
 
 
+def test_the_paired_cycle_keeps_its_buffers_when_a_peer_reassigns_the_parameters_data():
+    from benchmarks.suites import step as step_suite
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 4, requires_grad=True), torch.randn(7, requires_grad=True)]
+    pre = [[torch.randn_like(p) for p in params]]
+    sam = fused.presets(2)["SAM"]
+    paired = step_suite._PairedCycle(sam, params, pre)
+    paired.prepare()
+    paired.run()
+    before = [b.data_ptr() for b in paired.cycle.backups]
+    with torch.no_grad():  # the old_p loop's restore: new storage under the same parameters
+        for p in params:
+            p.data = p.data.clone()
+    paired.prepare()
+    paired.run()
+    # the same buffers (no allocation timed with the cycle), on a handle of the new storage
+    assert [b.data_ptr() for b in paired.cycle.backups] == before
+    assert paired.cycle.lists.handle.current()
+    # and the cycle still restores the parameters exactly
+    want = [p.detach().clone() for p in params]
+    paired.prepare()
+    paired.run()
+    assert all(torch.equal(p, w) for p, w in zip(params, want))
+
+
 def test_the_synthetic_closure_times_itself_and_a_step_its_own_calls():
     from benchmarks.suites import step as step_suite
 

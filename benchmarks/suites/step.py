@@ -293,10 +293,12 @@ class _PairedCycle:
 
     def prepare(self) -> None:
         self.closure()
-        # The peers that restore by assigning .data (the old_p loop) leave a handle on the old storage: a new one.
+        # The peers that restore by assigning .data (the old_p loop) leave the handle on the old storage: a new
+        # handle on the same buffers (new buffers every round would put 1x the parameter bytes of page faults in
+        # the cycle's time: 62 against 27 ms on ResNet-50, and step / cycle 0.54).
         h = self.cycle.lists
         if h is not None and h.handle is not None and not h.handle.current():
-            self.cycle = fused.FusedCycle(self.preset, self.params, "cpp")
+            self.cycle.rebind()
 
     def run(self) -> None:
         self.cycle.run()

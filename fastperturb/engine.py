@@ -208,6 +208,13 @@ def absolute_sizes(
     return radius * wn, step_size * wn
 
 
+#: Mean elements per tensor from which a handle's relative l2 cycle measures the weights with g_0 in one
+#: list-op pass. The pass saves about 45 us per MB of parameters against the handle's two passes (AWP cycle,
+#: ResNet-50: 38.1 against 42.6 ms; BERT-base 159 against 164 ms) and costs about 0.45 us more per tensor
+#: (1000 tensors of 1024 elements: 2.97 against 2.51 ms): even at about 10 KB per tensor.
+ONE_PASS_MIN_MEAN_NUMEL = 16384
+
+
 class Cycle:
     """One perturb-restore cycle over ``params`` (the tensors to perturb) and ``passive``
     (tensors with a gradient that are not perturbed: they still receive G).
@@ -225,7 +232,8 @@ class Cycle:
     around a closure, restoring the weights on any exception.
 
     Sharded tensors: pass the local shards and ``reduce``, which completes each pass's
-    per-tensor statistics across ranks (one call per pass, plus one for relative radii).
+    per-tensor statistics across ranks (one call per pass, plus one for relative radii where
+    they are not measured with g_0: see :meth:`_weights_with_clean`).
 
     ``lists``: an :class:`fastperturb.ops.TensorLists` handle on exactly ``params``, ``backups`` and
     ``accum`` (built once and kept by the caller, e.g. with a :class:`fastperturb.ops.ListsCache`): the ops on
@@ -328,8 +336,47 @@ class Cycle:
         check_finite(stats, k)
         self._stats = stats
 
+    def _weights_with_clean(self) -> bool:
+        """Whether the clean point's two read-only measurements, the weights' norms (relative l2 radii) and
+        the stats of g_0, run as one pass over both (``dot_stats``): nothing to accumulate or scale there, and
+        (on a handle) tensors large enough on average that a list op's per-tensor cost is below the second
+        pass's (the handle's two ops are cheaper per tensor than one list op), or sharded, where it saves a
+        collective too."""
+        return (
+            self.spec.relative
+            and self.spec.norm == "l2"
+            and self.spec.adaptive_eta is None
+            and not self._sums(0)
+            and bool(self.params)
+            and (
+                self.lists is None
+                or self.reduce is not None  # sharded: also one collective less
+                or self.lists.numel >= ONE_PASS_MIN_MEAN_NUMEL * len(self.lists)
+            )
+        )
+
+    def _start_in_one_pass(self, grads: Sequence[Tensor]) -> None:
+        """:meth:`start` for :meth:`_weights_with_clean`: ``[sum w^2, sum w g, sum g^2]`` per tensor in one pass
+        that reads w and g_0 side by side (two read streams in one pass run faster than one stream in each of
+        two passes on the CPU hosts measured: 11.6 against 15.3 ms on ResNet-50's list), and one ``reduce``
+        for both."""
+        n = len(self.params)
+        g = list(grads[:n]) if len(grads) >= n else grads_of(self.params, 0)
+        rows = ops.dot_stats(self.params, g)
+        if self.reduce is not None:
+            rows = self.reduce(rows, "sum")
+        wn = _scope_sum(rows[:, 0].to(torch.float64), self.spec.scope).sqrt()
+        self._radius, self._step = self._radius * wn, self._step * wn
+        stats = torch.zeros_like(rows)
+        stats[:, 0] = rows[:, 2]
+        check_finite(stats, 0)
+        self._stats = stats
+
     def start(self, grads: Sequence[Tensor]) -> None:
         """At the clean point: measure g_0 (and store c_0 g_0), fix the absolute radii."""
+        if self._weights_with_clean():
+            self._start_in_one_pass(grads)
+            return
         if self.params:
             self._radius, self._step = absolute_sizes(
                 self.spec, self.params, self._radius, self._step, self.reduce, self.lists

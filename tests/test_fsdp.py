@@ -61,7 +61,9 @@ PRESETS = {
 }
 # SAM driven by the common loop (g_0 from the caller's backward) and by first_step()/second_step()
 VARIANTS = [(p, "closure") for p in PRESETS] + [("sam", "loop"), ("sam", "two_step")]
-RELATIVE = {"sam": False, "awp": True, "apd_l2": False, "apd_linf": True}
+# Presets whose relative radius costs a collective of its own: AWP (l2) measures the weights with g_0 in
+# one pass (dot_stats) and one all_gather; APD-linf's max |w| is a separate reduction.
+RELATIVE = {"sam": False, "awp": False, "apd_l2": False, "apd_linf": True}
 ASCENTS = {"sam": 1, "awp": 1, "apd_l2": 2, "apd_linf": 3}
 
 # The SAM family (fastperturb/optim/family.py): their statistics (dot products, the norms of formed
@@ -612,7 +614,7 @@ def test_clipping_is_active_in_the_clipped_case(single_thread):
 def test_one_collective_per_pass(ranks, preset):
     """Outside the closure a step issues one all_gather per pass (the statistics of the gradient
     read after passes 0..K-1, then the descent gradient's norm), plus one for the weights' norms
-    when the radius is relative."""
+    when the radius is relative and they are not measured with g_0 (l2 without accumulation)."""
     expected = ASCENTS[preset] + 1 + RELATIVE[preset]
     for rank in ranks:
         for backend in BACKENDS:

@@ -276,6 +276,27 @@ def test_preset_matches_direct_equations(preset, base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("preset", ["awp", "awp_3steps", "apd_l2_layer_relative"])
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_relative_l2_radii_measured_with_g0_follow_the_equations(preset, backend, one_pass, monkeypatch):
+    """The clean point of a relative l2 cycle measures the weights and g_0 in one pass (``dot_stats``) where the
+    tensors are large enough on average (``engine.ONE_PASS_MIN_MEAN_NUMEL``), else in two (``norms``, then
+    ``grad_stats_``); both follow the equations. APD sums g_0 (its clean term): always two passes."""
+    from fastperturb import engine, ops
+
+    monkeypatch.setattr(engine, "ONE_PASS_MIN_MEAN_NUMEL", 0 if one_pass else 1 << 40)
+    calls = []
+    dot_stats = ops.dot_stats
+    monkeypatch.setattr(ops, "dot_stats", lambda x, y: calls.append(len(x)) or dot_stats(x, y))
+    traj = _run_pair(preset, "sgd", backend)
+    for s, params in enumerate(traj):
+        for p, q, _ in params:
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=lambda m: f"step {s}: {m}")
+    assert max(float((p - u).abs().max()) for p, _, u in traj[-1]) > 1e-4
+    assert len(calls) == (N_STEPS if one_pass and preset.startswith("awp") else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset", ["sam", "asam", "awp", "apd_1step", "apd_1step_weights_only"])
 def test_first_second_step_equals_step(preset, backend):
     a = _run_pair(preset, "sgd", backend, first_second=False)

@@ -50,6 +50,7 @@ class TensorLists:
         "device",
         "handle",
         "plans",
+        "numel",
         "enter",
         "enter_grads",
         "__weakref__",
@@ -76,6 +77,8 @@ class TensorLists:
         else:  # the reference backend: validated alike all the same
             V.check_grad_stats(self.params, self.accum, self.params, self.backups, 1.0, -1.0)
         self.plans: dict = {}
+        #: elements of the params in all (the engine sizes per-call costs against the bytes with it)
+        self.numel = sum(p.numel() for p in self.params)
         # the handle's per-call entry points, bound once (a method lookup on a ScriptObject costs about 1 us)
         self.enter = self.handle.enter if self.handle is not None else None
         self.enter_grads = self.handle.enter_grads if self.handle is not None else None

@@ -367,8 +367,7 @@ class Cycle:
             rows = self.reduce(rows, "sum")
         wn = _scope_sum(rows[:, 0].to(torch.float64), self.spec.scope).sqrt()
         self._radius, self._step = self._radius * wn, self._step * wn
-        stats = torch.zeros_like(rows)
-        stats[:, 0] = rows[:, 2]
+        stats = torch.nn.functional.pad(rows[:, 2:], (0, 2))  # grad_stats_'s row at the clean point: [sum g^2, 0, 0]
         check_finite(stats, 0)
         self._stats = stats
 

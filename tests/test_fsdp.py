@@ -60,7 +60,7 @@ PRESETS = {
     ),
 }
 # SAM driven by the common loop (g_0 from the caller's backward) and by first_step()/second_step()
-VARIANTS = [(p, "closure") for p in PRESETS] + [("sam", "loop"), ("sam", "two_step")]
+VARIANTS = [(p, "closure") for p in PRESETS] + [("sam", "loop"), ("sam", "two_step"), ("sam", "zeroed")]
 # Presets whose relative radius costs a collective of its own: AWP (l2) measures the weights with g_0 in
 # one pass (dot_stats) and one all_gather; APD-linf's max |w| is a separate reduction.
 RELATIVE = {"sam": False, "awp": False, "apd_l2": False, "apd_linf": True}
@@ -156,6 +156,11 @@ def run_steps(opt, model, scale, batches, rank=0, world=1, variant="closure", dt
             closure()
             opt.step(closure)
             opt.zero_grad()
+        elif variant == "zeroed":  # gradients zeroed in place after a backward: no g_0, the ranks agree on it
+            closure()
+            model.zero_grad(set_to_none=False)
+            scale.grad.zero_()
+            opt.step(closure)
         else:  # first_step() / second_step()
             closure()
             opt.first_step()
@@ -589,8 +594,8 @@ def single_thread():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("preset,variant", VARIANTS)
 def test_presets_on_shards_match_one_process(ranks, single_thread, backend, preset, variant):
-    with fp.use_backend(backend):
-        single = single_process(preset, variant)
+    with fp.use_backend(backend):  # (zeroed gradients are no g_0: the steps of step(closure) alone)
+        single = single_process(preset, "closure" if variant == "zeroed" else variant)
     start = [full(p) for p in list(make_model()[0].parameters()) + [make_model()[1]]]
     for rank in ranks:
         got = rank["presets"][(backend, preset, variant)]["weights"]

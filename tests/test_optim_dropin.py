@@ -74,6 +74,16 @@ def run(preset, convention, base="sgd", steps=N_STEPS, **extra):
             loss_of(model, s).backward()
             opt.zero_grad()
             returned.append(opt.step(closure))
+        elif convention == "model_zeroed_in_place":  # the gradients zeroed in place, not through the optimizer
+            loss_of(model, s).backward()
+            model.zero_grad(set_to_none=False)
+            returned.append(opt.step(closure))
+        elif convention == "grads_zeroed_by_hand":
+            loss_of(model, s).backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+            returned.append(opt.step(closure))
         calls.append(closure.calls)
     return model, opt, calls, returned
 
@@ -84,7 +94,15 @@ def test_passes_counted_and_conventions_bit_identical(preset, backend):
     K = _steps_of(opt)
     assert clean_calls == [K + 1] * N_STEPS
     assert all(isinstance(r, torch.Tensor) for r in clean_ret)
-    for convention, calls in (("dropin", K), ("dropin_keep", K), ("zeroed_first", K + 1)):
+    conventions = (
+        ("dropin", K),
+        ("dropin_keep", K),
+        ("zeroed_first", K + 1),
+        # zeroed in place: their versions moved as after a backward, but zeros are no g_0: the clean pass runs
+        ("model_zeroed_in_place", K + 1),
+        ("grads_zeroed_by_hand", K + 1),
+    )
+    for convention, calls in conventions:
         model, _, got, ret = run(preset, convention)
         assert got == [calls] * N_STEPS, convention
         assert all((r is None) == (calls == K) for r in ret), convention
@@ -377,6 +395,36 @@ def test_unknown_gradient_history_runs_the_clean_pass(backend):
     ref_opt.zero_grad()
     ref_opt.step(Counting(ref, 1))
     assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
+
+
+def test_a_caller_gradient_zero_in_places_is_still_g0(backend):
+    """Only a gradient that is zero everywhere counts as zeroed: a caller's g_0 that is zero but for the last element
+    the scan for a nonzero one reaches (it starts at the output layer) is still used, and the closure runs K times.
+    Checked against SAM's equations with that g_0: w + rho g_0 / ||g_0||, then w - lr G."""
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
+    params = list(model.parameters())
+    w0 = [p.detach().clone() for p in params]
+    loss_of(model, 0).backward()
+    with torch.no_grad():
+        for p in params[1:]:
+            p.grad.zero_()
+        first = params[0].grad.view(-1)
+        first[:-1].zero_()
+        first[-1] = 0.5
+    g0 = [p.grad.clone() for p in params]
+    c = Counting(model, 0)
+    assert opt.step(c) is None and c.calls == 1
+
+    ref = make_model()
+    with torch.no_grad():
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in g0))
+        for p, w, g in zip(ref.parameters(), w0, g0):
+            p.copy_(w + 0.3 * g / norm)
+    loss_of(ref, 0).backward()
+    for p, w, q in zip(params, w0, ref.parameters()):
+        torch.testing.assert_close(p.detach(), w - 0.1 * q.grad, rtol=0, atol=1e-6)
+    assert moved(model) > 1e-3
 
 
 def test_skip_warning_points_at_the_callers_line(backend):

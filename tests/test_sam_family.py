@@ -322,6 +322,37 @@ def test_caller_g0_gives_the_same_steps():
             assert torch.equal(x, y), cls.__name__
 
 
+def test_gradients_zeroed_in_place_are_no_g0():
+    """``model.zero_grad(set_to_none=False)`` before step(closure) leaves zeros whose versions moved as after a
+    backward: they are no g_0, and the steps equal those after the optimizer's own zero_grad (clean pass run)."""
+    for name, (cls, kw) in PRESETS.items():
+        a, b = make_model(), make_model()
+        oa = cls(a.parameters(), torch.optim.SGD, **kw, lr=0.1, momentum=0.9)
+        ob = cls(b.parameters(), torch.optim.SGD, **kw, lr=0.1, momentum=0.9)
+        calls = {id(oa): 0, id(ob): 0}
+        for step in range(4):
+            for m, o, zero in ((a, oa, o_zero), (b, ob, m_zero)):
+                loss_of(m, step).backward()
+                zero(m, o)
+
+                def closure(m=m, o=o, step=step):
+                    calls[id(o)] += 1
+                    return fp_closure(m, step)()
+
+                o.step(closure)
+        assert calls[id(oa)] == calls[id(ob)], name
+        for x, y in zip(a.parameters(), b.parameters()):
+            assert torch.equal(x, y), name
+
+
+def o_zero(model, opt):
+    opt.zero_grad(set_to_none=False)
+
+
+def m_zero(model, opt):
+    model.zero_grad(set_to_none=False)
+
+
 def test_first_second_step_where_supported():
     for name in ("gsam", "wsam", "wsam-coupled", "fsam"):
         cls, kw = PRESETS[name]

@@ -605,6 +605,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return False
         return _any_grad_changed(params, seen)
 
+    def _zeroed_in_place(self, params: Sequence[Tensor]) -> bool:
+        """Whether every gradient in ``.grad`` is all zeros: zeroed in place (``model.zero_grad(set_to_none=False)``,
+        ``p.grad.zero_()``) with no backward since, which bumps their versions as a backward does but leaves no
+        g_0. Sharded: agreed over the shard group, so every rank runs the same passes."""
+        local = [distributed.local(p.grad) if self._sharded else p.grad for p in params if p.grad is not None]
+        zero = _all_zero(local)
+        if self._sharded:
+            reduce = self._cached_list("zero_scan", params, lambda: distributed.reducer_for(params))
+            if reduce is not None:
+                flag = torch.tensor([float(zero)], device=local[0].device if local else "cpu")
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=reduce.group)
+                zero = bool(flag.item())
+        return zero
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``; a backward after it gives ``step()`` its g_0."""
         super().zero_grad(set_to_none=set_to_none)
@@ -807,7 +821,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         every = self._all_params()
         watch = self._watch()
         try:
-            g0_from_caller = self._caller_computed_g0(every)
+            g0_from_caller = self._caller_computed_g0(every) and not self._zeroed_in_place(every)
             self._forget_grads()  # hold no stale gradient while the passes run (seen again below)
             if g0_from_caller:
                 _check_g0_scaling(self, scaler)
@@ -1124,6 +1138,29 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
     if grads:
         with torch.no_grad():
             torch._foreach_zero_(grads)
+
+
+# The elements of a gradient's head looked at before the rest of it (one op and one sync each).
+_ZERO_SCAN_HEAD = 4096
+
+
+def _all_zero(grads: Sequence[Tensor]) -> bool:
+    """Whether every element of ``grads`` is zero (NaN is not). From the last tensor back, where a model's output
+    layer sits, whose gradient any loss reaches: a real gradient ends the scan at the head of one tensor, and
+    only gradients that are zero (or start with zeros) are read further."""
+    for g in reversed(grads):
+        if g.numel() == 0:
+            continue
+        if g.layout != torch.strided or not g.is_contiguous():
+            if bool(g.any()):  # (sparse: its stored values; other layouts: one look at the whole tensor)
+                return False
+            continue
+        flat = g.view(-1)
+        if bool(flat[:_ZERO_SCAN_HEAD].any()):
+            return False
+        if flat.numel() > _ZERO_SCAN_HEAD and bool(flat[_ZERO_SCAN_HEAD:].any()):
+            return False
+    return True
 
 
 def _release_grads(params: Sequence[Tensor], compiled: Optional[Any] = None) -> None:

@@ -531,7 +531,15 @@ def test_demo_looksam_beside_sam(tmp_path, capsys):
 
 def test_demo_looksam_arguments(tmp_path, capsys):
     out = tmp_path / "never"
-    for bad in (["--looksam-k", "0"], ["--looksam-alpha", "1"], ["--looksam-alpha", "0"]):
+    for bad in (
+        ["--looksam-k", "0"],
+        ["--looksam-alpha", "1.5"],
+        ["--looksam-alpha", "-0.1"],
+        ["--looksam-alpha", "nan"],
+    ):
         line = _cli_error(capsys, ["demo", *bad, "--out", str(out)])
         assert bad[0] in line and "error" in line, (bad, line)
     assert not out.exists()
+    from fastperturb.tools import demo
+
+    assert [demo._unit_interval(t) for t in ("0", "1", "0.7")] == [0.0, 1.0, 0.7]  # fp.LookSAM's range

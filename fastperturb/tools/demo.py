@@ -101,10 +101,14 @@ def _positive(kind):
     return parse
 
 
-def _open_unit(text: str) -> float:
-    v = _positive(float)(text)
-    if v >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+def _unit_interval(text: str) -> float:
+    """A number in [0, 1] (LookSAM's alpha: fp.LookSAM takes both ends)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return v
 
 
@@ -180,9 +184,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--looksam-alpha",
-        type=_open_unit,
+        type=_unit_interval,
         default=0.7,
-        help="LookSAM: weight of the reused orthogonal component, in (0, 1) (default 0.7)",
+        help="LookSAM: weight of the reused orthogonal component, in [0, 1] (default 0.7)",
     )
     p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer (default 0.02)")
     p.add_argument(

@@ -16,6 +16,12 @@ descent gradient); the base optimizer then steps from the restored ``w``. With
 ``fp.SAM``/``fp.APD`` the same closure gives SAM/APD adversarial training, and with
 a plain ``torch.optim`` optimizer it is ordinary PGD (or TRADES) adversarial training.
 
+BatchNorm running statistics move once per step, from the last pass (at ``w + delta``), as in the official
+code, whose only forward of the trained model is that one (its ascent runs on a proxy model): each closure call
+after the first starts the layers that will update them from their values at the start of the step. A
+preset's ``freeze_bn`` (statistics from the clean pass, the common SAM convention) is kept: its frozen
+passes leave them alone.
+
 One deliberate difference from the official code: it takes the base optimizer step
 at ``w + delta`` and subtracts ``delta`` afterwards, so its weight decay acts on
 ``w + delta``; fastperturb steps from ``w``, so weight decay acts on ``w``. Without
@@ -29,6 +35,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attacks import trades_loss
 
@@ -72,7 +79,18 @@ def adversarial_step(
         def compute() -> Tensor:
             return trades_loss(model, x, x_adv, y, beta=trades_beta)
 
+    stats = _running_stats(model)
+    start: list = []
+
     def closure() -> Tensor:
+        if stats:
+            if not start:
+                start.extend(s.clone() for s in stats)
+            else:
+                with torch.no_grad():
+                    for s, s0 in zip(stats, start):
+                        if s.updates():  # this pass moves them: from where the step started
+                            s.load(s0)
         loss = compute()
         loss.backward()
         return loss
@@ -80,6 +98,34 @@ def adversarial_step(
     optimizer.zero_grad()
     loss = optimizer.step(closure)
     return AdversarialStep(loss.detach(), x_adv)
+
+
+class _Stats:
+    """A BatchNorm layer's running statistics (or a copy of them)."""
+
+    def __init__(self, module: Optional[_BatchNorm], buffers: list):
+        self.module, self.buffers = module, buffers
+
+    def clone(self) -> "_Stats":
+        return _Stats(None, [b.clone() for b in self.buffers])
+
+    def updates(self) -> bool:
+        """Whether the layer's next forward updates them (training, and not frozen by the optimizer's freeze_bn)."""
+        m = self.module
+        return m is not None and m.training and m.track_running_stats
+
+    def load(self, saved: "_Stats") -> None:
+        for b, v in zip(self.buffers, saved.buffers):
+            b.copy_(v)
+
+
+def _running_stats(model: nn.Module) -> list:
+    out = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None:
+            bufs = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+            out.append(_Stats(m, bufs))
+    return out
 
 
 def set_perturb(optimizer: torch.optim.Optimizer, enabled: bool) -> None:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .module_state import kept_buffers
+
 __all__ = ["pgd", "trades_pgd", "trades_loss", "kl_to_clean", "robust_accuracy", "NORMS", "INITS"]
 
 NORMS = ("linf", "l2")
@@ -43,14 +45,16 @@ Objective = Callable[[Tensor, Tensor], Tensor]
 
 @contextlib.contextmanager
 def _mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Set every submodule's train flag, and put each one back afterwards."""
+    """Set every submodule's train flag, and put each one back afterwards; in train mode the forward may move
+    buffers (BatchNorm statistics), which are put back too."""
     flags = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with kept_buffers(model) if train else contextlib.nullcontext():
+        model.train(train)
+        try:
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
 
 
 def _check(

@@ -24,9 +24,10 @@ EPS, ALPHA, STEPS = 0.2, 0.08, 3
 TOL = dict(rtol=1e-6, atol=1e-9)
 
 
-def _model():
+def _model(batchnorm=False):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).double()
+    norm = [nn.BatchNorm2d(4)] if batchnorm else []
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), *norm, nn.ReLU(), nn.Flatten(), nn.Linear(64, 10)).double()
 
 
 def _batches(n_steps, batch=16):
@@ -85,8 +86,11 @@ class OfficialAWP:
 
 @pytest.mark.parametrize("n_steps", [1, 4])
 @pytest.mark.parametrize("trades_beta", [None, 6.0])
-def test_recipe_equals_official_awp(n_steps, trades_beta):
-    ours, theirs = _model(), _model()
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_recipe_equals_official_awp(n_steps, trades_beta, batchnorm):
+    """With BatchNorm the running statistics move once per step, at w + delta, as the official code's one
+    forward of the trained model (the eval-mode attack of the next step reads them, so the weights show it)."""
+    ours, theirs = _model(batchnorm), _model(batchnorm)
     sgd = dict(lr=0.1, momentum=0.9)  # no weight decay: see test_weight_decay_difference_to_official
     opt = fp.AWP(ours.parameters(), torch.optim.SGD, gamma=GAMMA, **sgd)
     official = OfficialAWP(theirs, torch.optim.SGD(theirs.parameters(), **sgd), GAMMA, trades_beta)
@@ -102,7 +106,23 @@ def test_recipe_equals_official_awp(n_steps, trades_beta):
             # the descent gradient G (left in .grad at the restored weights) is the official gradient at w + delta
             torch.testing.assert_close(p.grad, q.grad, **TOL, msg=f"grad {name} step {i}")
             torch.testing.assert_close(p, q, **TOL, msg=f"weight {name} step {i}")
+        for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
+            torch.testing.assert_close(b, c, **TOL, msg=f"buffer {name} step {i}")
     assert not torch.equal(ours[0].weight, _model()[0].weight)  # it trained
+    if batchnorm:  # one forward per step (TRADES: two, natural and adversarial)
+        assert int(ours[1].num_batches_tracked) == n_steps * (1 if trades_beta is None else 2)
+
+
+def test_freeze_bn_keeps_the_clean_pass_statistics():
+    """A preset's freeze_bn (the SAM convention) wins: the statistics move once, in the clean pass at w."""
+    model, ref = _model(True), _model(True)
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=GAMMA, lr=0.1, freeze_bn=model)
+    ((x, y),) = _batches(1)
+    step = adversarial_step(opt, model, x, y, _attack(0))
+    ref(step.x_adv)  # train mode, the clean weights: one update
+    for b, c in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+    assert int(model[1].num_batches_tracked) == 1
 
 
 def test_weight_decay_difference_to_official():

@@ -184,6 +184,10 @@ def test_attack_and_evaluation_leave_the_model_bit_identical(train):
     pgd(model, x, y, 0.2, 0.05, 4, restarts=2)
     trades_pgd(model, x, y, 0.2, 0.05, 2, norm="l2")
     _assert_untouched(model, snap)
+    # in train mode BatchNorm moves its running statistics at every forward: they are put back
+    pgd(model, x, y, 0.2, 0.05, 3, train_mode=True)
+    trades_pgd(model, x, y, 0.2, 0.05, 2, train_mode=True)
+    _assert_untouched(model, snap)
     robust_accuracy(model, x, y, batch_size=5, attack=lambda m, a, b: pgd(m, a, b, 0.2, 0.05, 2))
     robust_accuracy(model, x, y)
     _assert_untouched(model, snap)

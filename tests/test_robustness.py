@@ -6,6 +6,7 @@ the float64 closed forms to ~1e-7 relative (tolerance 1e-6).
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -276,6 +277,33 @@ def test_sweep_leaves_weights_grads_modes_and_batchnorm_untouched():
     assert [m.training for m in model.modules()] == modes
 
 
+class _Rebinding(nn.Module):
+    """A forward that rebinds its buffers (a call counter, an out-of-place EMA of its input's mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x):
+        self.calls = self.calls + 1
+        self.ema = 0.9 * self.ema + 0.1 * x.detach().mean(0)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_sweep_puts_back_buffers_the_forward_rebinds(train_mode):
+    torch.manual_seed(0)
+    model = _Rebinding()
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    before = {name: (b, b.clone()) for name, b in model.named_buffers()}
+    R.sweep(model, F.cross_entropy, (x, y), [0.1], steps=1, trials=2, train_mode=train_mode, progress=False)
+    assert model.calls.item() == 0
+    for name, b in model.named_buffers():
+        assert b is before[name][0] and torch.equal(b, before[name][1]), name
+
+
 # ---------------------------------------------------------------------------
 # the sweep result
 
@@ -367,6 +395,15 @@ def test_bad_arguments_give_clear_errors():
         R.sweep(model, F.cross_entropy, data, [0.1], kinds=("adverserial",), progress=False)
     with pytest.raises(ValueError, match="norm must be"):
         R.adversarial(model, F.cross_entropy, data, 0.1, norm="l1")
+    for kw, match in (
+        (dict(steps=1.5), "steps must be an integer >= 1 or a sequence"),
+        (dict(eps=torch.tensor(0.1)), "eps must be a number or a sequence"),
+        (dict(kinds="random"), "kinds must be a sequence of kinds"),
+        (dict(kinds=[]), "kinds is empty"),
+        (dict(seed=None), "seed must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            R.sweep(model, F.cross_entropy, data, **{"eps": [0.1], **kw}, progress=False)
     with pytest.raises(TypeError, match="iterator"):
         R.adversarial(model, F.cross_entropy, iter([data]), 0.1)
     with pytest.raises(TypeError, match="nn.Module"):
@@ -374,5 +411,13 @@ def test_bad_arguments_give_clear_errors():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="require grad"):
         R.adversarial(frozen, F.cross_entropy, (torch.randn(3, 2), torch.zeros(3, dtype=torch.long)), 0.1)
+    saved = bits(model)
+    with torch.no_grad():
+        bad = list(model.parameters())[-1]
+        bad.view(-1)[0] = float("nan")
+    name = [n for n, p in model.named_parameters() if p is bad][0]
+    for only in (None, lambda n, p: p is not bad):  # a NaN outside the selection spoils every loss too
+        with pytest.raises(ValueError, match=rf"weights hold NaN/Inf in {re.escape(name)}"):
+            R.sweep(model, F.cross_entropy, data, [0.1], params=only, progress=False)
     saved = bits(model)
     assert same_bits(model, saved)

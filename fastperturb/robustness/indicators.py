@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, absolute_sizes, check_radius
+from ..module_state import kept_buffers
 from .results import Point, SweepResult
 
 KINDS = ("adversarial", "first_order", "random")
@@ -120,6 +121,20 @@ def _auto_correct(out: Any, y: Any) -> Optional[float]:
 # the evaluator
 
 
+def _check_finite_weights(model: nn.Module, params: Sequence[Tensor]) -> None:
+    """A NaN/Inf weight (selected or not) makes every loss NaN: say which, before any pass (not as a non-finite
+    gradient later)."""
+    every = {id(p): p for p in [*model.parameters(), *params] if p.is_floating_point() or p.is_complex()}
+    bad = {i for i, p in every.items() if not bool(torch.isfinite(p.detach()).all())}
+    if bad:
+        names = [n for n, p in model.named_parameters() if id(p) in bad] or [f"{len(bad)} selected tensor(s)"]
+        raise ValueError(
+            f"the model's weights hold NaN/Inf in {', '.join(names[:8])}"
+            + (" ..." if len(names) > 8 else "")
+            + ": robustness cannot be measured at a non-finite point"
+        )
+
+
 class _Evaluator:
     """Holds the buffers of one evaluation session; every method leaves the weights as it found them."""
 
@@ -133,6 +148,7 @@ class _Evaluator:
         self.model = model
         self.loss_fn = loss_fn
         self.params = _select_params(model, params)
+        _check_finite_weights(model, self.params)
         self.device = self.params[0].device
         self.data = _as_batches(data)
         self.norm, self.scope, self.relative = norm, scope, bool(relative)
@@ -326,31 +342,35 @@ def _session(model: nn.Module, train_mode: bool) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     all_params = list(model.parameters())
     grads = [p.grad for p in all_params]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        for p in all_params:
-            p.grad = None
-        model.train(train_mode)
-        yield
+        with kept_buffers(model):
+            for p in all_params:
+                p.grad = None
+            model.train(train_mode)
+            yield
     finally:
         for p, g in zip(all_params, grads):
             p.grad = g
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
         for m, flag in modes:
             m.training = flag
 
 
 def _check_eps_grid(eps: Union[float, Sequence[float]]) -> list[float]:
-    grid = [eps] if isinstance(eps, (int, float)) else list(eps)
+    grid = [eps] if isinstance(eps, (int, float)) else _sequence("eps", eps, "a number or a sequence of numbers")
     if not grid:
         raise ValueError("the eps grid is empty")
     return [check_radius("eps", e) for e in grid]
 
 
+def _sequence(name: str, value: Any, what: str) -> list:
+    """``value`` as a list, where it may be a sequence; a clear error for anything else (a string, a tensor)."""
+    if isinstance(value, (str, bytes, Tensor)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return list(value)
+
+
 def _check_steps(steps: Union[int, Sequence[int]]) -> list[int]:
-    ks = [steps] if isinstance(steps, int) else list(steps)
+    ks = [steps] if isinstance(steps, int) else _sequence("steps", steps, "an integer >= 1 or a sequence of them")
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"steps must be integers >= 1, got {k!r}")
@@ -391,10 +411,14 @@ def sweep(
     """
     grid = _check_eps_grid(eps)
     ks = _check_steps(steps)
-    kinds = list(kinds)
+    kinds = _sequence("kinds", kinds, f"a sequence of kinds from {KINDS}")
+    if not kinds:
+        raise ValueError(f"kinds is empty; choose from {KINDS}")
     for k in kinds:
         if k not in KINDS:
             raise ValueError(f"unknown kind {k!r}; choose from {KINDS}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
     if step_ratio is not None:

@@ -609,12 +609,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """Whether every gradient in ``.grad`` is all zeros: zeroed in place (``model.zero_grad(set_to_none=False)``,
         ``p.grad.zero_()``) with no backward since, which bumps their versions as a backward does but leaves no
         g_0. Sharded: agreed over the shard group, so every rank runs the same passes."""
-        local = [distributed.local(p.grad) if self._sharded else p.grad for p in params if p.grad is not None]
-        zero = _all_zero(local)
+        zero = _all_zero(params, self._sharded)
         if self._sharded:
             reduce = self._cached_list("zero_scan", params, lambda: distributed.reducer_for(params))
             if reduce is not None:
-                flag = torch.tensor([float(zero)], device=local[0].device if local else "cpu")
+                flag = torch.tensor([float(zero)], device=distributed.local(params[0]).device)
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=reduce.group)
                 zero = bool(flag.item())
         return zero
@@ -1144,11 +1143,17 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
 _ZERO_SCAN_HEAD = 4096
 
 
-def _all_zero(grads: Sequence[Tensor]) -> bool:
-    """Whether every element of ``grads`` is zero (NaN is not). From the last tensor back, where a model's output
-    layer sits, whose gradient any loss reaches: a real gradient ends the scan at the head of one tensor, and
-    only gradients that are zero (or start with zeros) are read further."""
-    for g in reversed(grads):
+def _all_zero(params: Sequence[Tensor], sharded: bool) -> bool:
+    """Whether every element of the ``params``' gradients is zero (NaN is not; their local shards if ``sharded``).
+    From the last tensor back, where a model's output layer sits, whose gradient any loss reaches: a real gradient
+    ends the scan at the head of one tensor (each ``.grad`` is read only when reached: on 1000 tensors, building
+    their list first cost 0.4 ms), and only gradients that are zero (or start with zeros) are read further."""
+    for p in reversed(params):
+        g = p.grad
+        if g is None:
+            continue
+        if sharded:
+            g = distributed.local(g)
         if g.numel() == 0:
             continue
         if g.layout != torch.strided or not g.is_contiguous():

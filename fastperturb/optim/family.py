@@ -507,9 +507,14 @@ class LookSAM(_Family):
         self._pending_gv: Optional[Tensor] = None  # a refresh's ||gv_i||^2, committed with its step
         super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
 
+    # The three methods that read and rebind LookSAM's state across steps (gv, the tensors it was formed for, the
+    # step counter) run eagerly under torch.compile: in a compiled step dynamo lost the rebinding of _pending_gv
+    # across the graph break of the finite check, so gv was never kept and every step ran as SAM's refresh.
+    @torch.compiler.disable
     def _reuses(self, plan: _Plan) -> bool:
         return self.looksam_step % self.k != 0 and self._gv_key == tuple(map(id, plan.params))
 
+    @torch.compiler.disable
     def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
         n = len(grads)
         self._pending_gv = None
@@ -546,6 +551,7 @@ class LookSAM(_Family):
             vv = torch.where(vv > LAYER_GV_TOL**2 * s[:, 2], vv, torch.zeros_like(vv))
         self._pending_gv = vv
 
+    @torch.compiler.disable
     def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
         if self._pending_gv is not None:
             self._gv, self._scratch = self._scratch, self._gv

@@ -202,6 +202,118 @@ def test_16_mixed_with_a_grad_scaler_steps_through_the_mixin(accumulate, tmp_pat
         assert model.passes == [0, 1] * (N // BATCH)
 
 
+class _Plain(pl.LightningModule):
+    """No mixin: Lightning's own loop around a fastperturb optimizer."""
+
+    def __init__(self, preset="SAM"):
+        super().__init__()
+        self.net = make_net()
+        self.preset = preset
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return PRESETS[self.preset](self.parameters())
+
+
+class _OwnOptimizerStep(Net):
+    """The mixin with an optimizer_step override that steps the optimizer itself (Lightning's LR warm-up recipe)."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)
+
+
+def test_clipping_still_applies_when_an_override_bypasses_the_mixins_step(tmp_path):
+    """The routing to max_grad_norm lives in the mixin's optimizer_step; an override that skips it gets Lightning's
+    per-pass clipping, as without the mixin (for SAM the same update as clipping the descent gradient)."""
+    model = _OwnOptimizerStep("SAM", sched=False)
+    trainer(tmp_path, gradient_clip_val=0.05).fit(model, loader())
+    ref = make_net()
+    opt = PRESETS["SAM"](ref.parameters())
+    opt.max_grad_norm = 0.05
+    unclipped = make_net()
+    plain = PRESETS["SAM"](unclipped.parameters())
+    for x, y in loader():
+        for net, o in ((ref, opt), (unclipped, plain)):
+
+            def closure(net=net, o=o):
+                o.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            o.step(closure)
+    for a, b in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref.parameters(), unclipped.parameters())) > 1e-3
+
+
+@pytest.mark.parametrize("module", [_Plain, _OwnOptimizerStep])
+def test_gradient_clip_by_value_is_refused_on_every_path(module, tmp_path):
+    """Without the mixin (or past its optimizer_step) Lightning would clip each pass's gradient by value, g_0
+    included: refused at the first step, nothing changed."""
+    model = module("SAM")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="gradient_clip_algorithm='value'"):
+        trainer(tmp_path, gradient_clip_val=0.5, gradient_clip_algorithm="value").fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("mixin", [False, True])
+@pytest.mark.parametrize("skip_pass", [0, 1])
+def test_training_step_returning_none_skips_the_batch(mixin, skip_pass, tmp_path):
+    """Lightning's "return None to skip this batch", at the clean pass or at the perturbed one: that batch leaves
+    the weights as they were (restored bit for bit), the others train as the hand loop on them alone."""
+    skip_batch = 1
+    base = Net if mixin else _Plain
+
+    class Skipping(base):
+        def __init__(self):
+            super().__init__("SAM", sched=False) if mixin else super().__init__("SAM")
+            self.calls = {}
+
+        def training_step(self, batch, batch_idx):
+            k = self.calls[batch_idx] = self.calls.get(batch_idx, -1) + 1
+            if batch_idx == skip_batch and k == skip_pass:
+                return None
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    model = Skipping()
+    trainer(tmp_path).fit(model, loader())
+    ref = make_net()
+    opt = PRESETS["SAM"](ref.parameters())
+    for i, (x, y) in enumerate(loader()):
+        if i == skip_batch:
+            continue
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    assert_same(model.net, ref)
+    assert model.trainer.optimizers[0].skipped_steps == 0
+
+
+def test_training_step_returning_none_under_16_mixed_leaves_the_scale(tmp_path):
+    """The skipped batch checked no gradient: the scaler is not updated for it (GradScaler.update() would fail with
+    no inf check recorded) and its scale stays where the other batches put it."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    class Skipping(Net):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model = Skipping("SAM", sched=False)
+    trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, loader())
+    assert scaler.get_scale() == 2.0**8
+    assert model.trainer.optimizers[0].skipped_steps == 0
+
+
 def test_automatic_accumulation_without_the_mixin_is_refused(tmp_path):
     """Lightning alone runs the earlier micro-batches at the clean weights only: refused at the
     first step, before any weight changes, naming the integration."""

@@ -147,6 +147,7 @@ class PerturbMixin:
             )
         else:
             closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
+        self.__dict__["_perturb_clip_routed"] = True
         try:
             with contextlib.ExitStack() as stack:
                 if accumulating:
@@ -159,13 +160,16 @@ class PerturbMixin:
                     _scaled_step(opt, closure, scaler)
         finally:
             self.perturb_pass = None
+            self.__dict__.pop("_perturb_clip_routed", None)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
     ) -> None:
         # Lightning calls this after every backward inside the closure (once per pass); for a
-        # fastperturb optimizer the clipping is routed to its max_grad_norm (clip_setting).
-        if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer):
+        # fastperturb optimizer stepped by this mixin's optimizer_step the clipping is routed to its max_grad_norm
+        # (clip_setting). An optimizer_step override that steps the optimizer itself bypasses that routing: then
+        # Lightning clips each pass, as without the mixin (the same update for single-step presets).
+        if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer) and self.__dict__.get("_perturb_clip_routed"):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
 
@@ -214,8 +218,10 @@ class PerturbLightningModule(PerturbMixin, pl.LightningModule):
 def _scaled_step(opt: PerturbOptimizer, closure: Callable[[], Any], scaler: torch.amp.GradScaler) -> Any:
     # Lightning's MixedPrecision plugin scales the loss in backward (pre_backward) but would call
     # scaler.step(optimizer) without the closure; fastperturb unscales, checks and steps itself.
+    skipped = opt.skipped_steps
     loss = opt.step(closure, scaler=scaler)
-    scaler.update()
+    if not (opt.last_step_skipped and opt.skipped_steps == skipped):  # (a training_step that returned None
+        scaler.update()  # skipped the batch before any gradient was checked: nothing for the scaler to update)
     return loss
 
 

@@ -22,7 +22,14 @@ import functools
 import sys
 from typing import Any, Iterator, Optional
 
-__all__ = ["UnsupportedTrainingLoop", "check_step", "accumulation_in_closure", "no_closure_message"]
+__all__ = [
+    "UnsupportedTrainingLoop",
+    "TrainingStepSkipped",
+    "check_step",
+    "accumulation_in_closure",
+    "no_closure_message",
+    "skips_on_none",
+]
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"
 TRAINER_RECIPE = "fastperturb.integrations.transformers.PerturbTrainer"
@@ -35,6 +42,17 @@ _accumulation_in_closure: contextvars.ContextVar[bool] = contextvars.ContextVar(
 
 class UnsupportedTrainingLoop(RuntimeError):
     """A framework's training loop would make the step silently wrong; nothing was changed."""
+
+
+class TrainingStepSkipped(Exception):
+    """Lightning's ``training_step`` returned None in a pass of a step (Lightning's "skip this batch"): the
+    optimizer skips the step, weights restored (raised by the closure check, caught by ``step()``)."""
+
+
+def skips_on_none(closure: Any) -> bool:
+    """Whether a None from ``closure`` means "skip this batch": Lightning's automatic-optimization closure, whose
+    ``training_step`` may return None to skip."""
+    return _lightning_trainer(closure) is not None
 
 
 @contextlib.contextmanager
@@ -58,6 +76,17 @@ def check_step(optimizer: Any, closure: Any) -> None:
     name = type(optimizer).__name__
     trainer = _lightning_trainer(closure)
     if trainer is not None:
+        clip = getattr(trainer, "gradient_clip_val", None)
+        algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+        algorithm = str(getattr(algorithm, "value", algorithm)).lower() if algorithm is not None else "norm"
+        if clip and algorithm != "norm":
+            raise UnsupportedTrainingLoop(
+                f"{name} under Lightning with Trainer(gradient_clip_algorithm={algorithm!r}): Lightning clips every "
+                "pass's gradient inside the closure, so value clipping would change g_0, the ascent direction (a "
+                "silently different step). Use gradient_clip_algorithm='norm' (with "
+                f"{LIGHTNING_RECIPE}.PerturbMixin it clips the final descent gradient) or the optimizer's "
+                "max_grad_norm. Nothing was changed."
+            )
         n = getattr(trainer, "accumulate_grad_batches", 1)
         strategy = getattr(trainer, "strategy", None)
         if (

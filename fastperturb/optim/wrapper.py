@@ -204,7 +204,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     Attributes:
         base_optimizer: the base optimizer instance.
-        last_step_skipped: whether the last step was skipped for a non-finite gradient.
+        last_step_skipped: whether the last step was skipped: a non-finite gradient (counted in
+            ``skipped_steps``), or Lightning's ``training_step`` returned None in one of its passes.
         fused_step_fallback: with ``fused_step=True``, why the last step was not fused (None if it was).
         skipped_steps: how many steps were skipped so far.
     """
@@ -654,6 +655,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 loss = closure()
             ran = _any_grad(watch) if before is None else _any_grad_changed(watch, before)
         if loss is None:
+            if frameworks.skips_on_none(closure):  # Lightning's training_step returned None: skip this batch
+                raise frameworks.TrainingStepSkipped(k)
             raise TypeError(
                 f"the closure returned None at pass {k}; it must compute the loss, call loss.backward() "
                 "and return the loss"
@@ -851,6 +854,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 if cycle is not None:
                     cycle.restore()  # a skipped step or an exception (no-op after the fused step)
             return loss
+        except frameworks.TrainingStepSkipped:  # (the weights were restored on the way out of the cycle)
+            self.last_step_skipped = True
+            return None
         finally:
             self._see_grads()
 

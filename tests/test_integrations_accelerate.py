@@ -130,5 +130,15 @@ def test_an_accumulating_accelerator_is_refused_with_the_fix():
     x, y = batches()[0]
     with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
         micro_batch_closure(acc, model, [(x, y)], lambda mb: F.cross_entropy(model(mb[0]), mb[1]))
+
+    def own_closure():  # a hand-written closure: accelerator.backward would halve its gradients
+        loss = F.cross_entropy(model(x), y)
+        acc.backward(loss)
+        return loss
+
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        perturb_step(acc, opt, own_closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(TypeError, match="fastperturb optimizer"):
         perturb_step(acc, acc.prepare(torch.optim.SGD(net.parameters(), lr=0.1)), lambda: None)

@@ -74,6 +74,13 @@ def perturb_step(accelerator: Any, optimizer: Any, closure: Callable[[], Any]) -
     opt = unwrap_optimizer(optimizer)
     if not isinstance(opt, PerturbOptimizer):
         raise TypeError(f"perturb_step needs a fastperturb optimizer, got {type(opt).__name__}")
+    if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:  # (whatever closure it is given)
+        raise ValueError(
+            f"perturb_step under Accelerator(gradient_accumulation_steps={accelerator.gradient_accumulation_steps}): "
+            "accelerator.backward divides every loss by that number, so the step's gradients would be that much too "
+            "small; build the Accelerator with gradient_accumulation_steps=1 and run the micro-batches inside the "
+            "closure (micro_batch_closure). Nothing was changed"
+        )
     if not accelerator.gradient_state.sync_gradients:
         raise RuntimeError(
             "perturb_step was called on a micro-batch that does not sync (inside accelerator.accumulate() with "

@@ -273,9 +273,17 @@ def main(args: argparse.Namespace) -> int:
         cfg.warmup, cfg.reps, cfg.min_reps, cfg.budget_s = 1, 3, 2, 0.2
         cfg.mem_steps, cfg.train_batch = 2, 8
     try:
-        suites.fastperturb_backends(cfg)
+        chosen = suites.fastperturb_backends(cfg)
     except ValueError as e:
         return _fail(f"--backends {args.backends}: {e}")
+    # Without --backends a run is about the compiled kernels: one that could time only the reference (a build
+    # that did not load) would report the spec's speed as fastperturb's, with every target "not measured".
+    if not backends_list and not any(why is None for b, why in chosen if b != "reference"):
+        whys = "; ".join(f"{b}: {why}" for b, why in chosen if b != "reference" and why)
+        return _fail(
+            f"no compiled fastperturb backend runs on {device} ({whys}); pass --backends reference to time the "
+            "pure-PyTorch reference alone"
+        )
 
     data = run(cfg, quiet=args.quiet, bw_numel=(1 << 20) if args.quick else (1 << 25))
     report.print_tables(data, sys.stdout)

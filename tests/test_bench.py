@@ -361,6 +361,21 @@ def test_clear_errors_for_unknown_suite_model_backend(capsys):
     assert "train-model" in capsys.readouterr().err
 
 
+def test_a_run_without_a_compiled_backend_is_refused(monkeypatch, capsys):
+    """Without --backends, a run where only the reference would run (a build that did not load) stops with the
+    reason instead of timing the spec as fastperturb's kernels."""
+    real = timing.why_unavailable_safe
+    monkeypatch.setattr(
+        timing,
+        "why_unavailable_safe",
+        lambda bk, b, dev: "the extension did not load" if b == "cpp" else real(bk, b, dev),
+    )
+    assert cli.entry(["--quick", "--suites", "cycle", "--models", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "no compiled fastperturb backend" in err and "cpp: the extension did not load" in err
+    assert "--backends reference" in err
+
+
 def test_bench_cli_writes_json_and_chart(tmp_path, capsys):
     js, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = cli.entry(["--quick", "--quiet", "--suites", "cycle", "--json", str(js), "--chart", str(png)])

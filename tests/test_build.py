@@ -185,3 +185,20 @@ def test_extension_is_built_and_loaded():
 
     assert C.cpu_isa in ("default", "avx2")
     assert Path(C.__file__).suffix == ".so"
+
+
+def test_a_source_checkout_without_the_extension_says_so(tmp_path):
+    """Run from a checkout after `pip install .`, Python imports the checkout's package, which has no compiled
+    extension: the load error says that, and how to fix it (not Python's "circular import")."""
+    import fastperturb
+
+    shutil.copytree(
+        Path(fastperturb.__file__).parent,
+        tmp_path / "fastperturb",
+        ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__", "data"),
+    )
+    (tmp_path / "setup.py").write_text("")
+    code = "from fastperturb.ops import native; print(native.load_error)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "imported from the source checkout" in proc.stdout and "pip install --no-build-isolation -e ." in proc.stdout

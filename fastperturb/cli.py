@@ -14,7 +14,10 @@ from typing import Sequence
 
 # name -> one-line help; the module is fastperturb.tools.<name> (with '-' as '_')
 TOOLS = {
-    "demo": "train a small CNN on the bundled digits with SGD/SAM/AWP/APD and measure robustness to weight corruption",
+    "demo": (
+        "train a small CNN on the bundled digits with SGD/SAM/LookSAM/AWP/APD and measure robustness to weight "
+        "corruption"
+    ),
     "demo-adversarial": "adversarial training (PGD, TRADES) with and without AWP on the digits: robustness, flatness",
     "robustness": "loss change indicators of a model under adversarial and random weight corruption",
     "bench": "time your model's training step with fastperturb's presets against the plain base optimizer step",
@@ -29,7 +32,7 @@ def _tool(name: str):
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     from .tools._args import OneLineParser
 
-    parser = OneLineParser(prog="fastperturb", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fastperturb", description=__doc__.splitlines()[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = None
     if argv:

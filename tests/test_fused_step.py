@@ -294,6 +294,46 @@ def test_exception_in_fused_step_restores_exactly(monkeypatch):
         assert torch.equal(p, b)
 
 
+@pytest.mark.parametrize(
+    "base, kw, bad",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9), dict(lr=math.nan)),
+        (torch.optim.Adam, dict(lr=1e-2), dict(betas=(1.0, 0.999))),
+        (torch.optim.AdamW, dict(lr=1e-2), dict(lr=math.inf)),
+    ],
+)
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_refused_group_leaves_every_groups_state_as_it_was(base, kw, bad, warm):
+    """A second group's setting the fused op refuses (a NaN lr from a schedule, betas[0] = 1) is found before any
+    state is created or advanced: no momentum buffer allocated and left unfilled, no Adam step count moved in the
+    first group; the next step, with the setting fixed, equals that of a twin that never saw the failed call."""
+    x, y = _data()
+    m = _model()
+    ws = list(m.parameters())
+    opt = fp.SAM([{"params": ws[:2]}, {"params": ws[2:]}], base, rho=0.5, fused_step=True, **kw)
+    if warm:  # state already there: the refused call must not advance it either
+        _run(opt, m, 1, x, y)
+    twin_m, twin = copy.deepcopy((m, opt))
+    weights = [p.detach().clone() for p in ws]
+    state = copy.deepcopy(opt.base_optimizer.state_dict())
+    good = {k: opt.param_groups[1][k] for k in bad}
+    opt.param_groups[1].update(bad)
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*nothing was stepped"):
+        opt.step(_closure(m, x, y))
+    assert all(torch.equal(p, w) for p, w in zip(ws, weights))
+    after = opt.base_optimizer.state_dict()
+    assert after["state"].keys() == state["state"].keys()
+    for i, entry in state["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
+    opt.param_groups[1].update(good)
+    opt.zero_grad()
+    _run(opt, m, 1, x, y)
+    _run(twin, twin_m, 1, x, y)
+    for p, q in zip(m.parameters(), twin_m.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_unsupported_base_optimizers_and_flags_raise_at_construction():
     m = _model()
     with pytest.raises(TypeError, match="fused_step=True needs one of torch.optim.SGD"):

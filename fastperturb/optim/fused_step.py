@@ -208,10 +208,33 @@ def _adam(base: torch.optim.Adam, backup_of: Dict[Tensor, Tensor]) -> None:
             )
 
 
+def _check_group_scalars(base: torch.optim.Optimizer) -> None:
+    """The fused ops' checks of every group's settings (a NaN lr from a schedule, betas[0] = 1), all made before any
+    state is created or advanced: a group refused after another had stepped would leave the state half-written
+    (a momentum buffer allocated and never filled, Adam's step counts advanced) under restored weights."""
+    sgd = FAMILIES[type(base)] == "sgd"
+    for gi, group in enumerate(base.param_groups):
+        if not _with_grad(group):
+            continue
+        try:
+            if sgd:
+                V.check_restore_sgd_step(
+                    [], [], [], [], group["lr"], group["weight_decay"], group["momentum"], group["dampening"]
+                )
+            else:
+                beta1, beta2 = group["betas"]
+                V.check_restore_adam_step(
+                    [], [], [], [], [], [], group["lr"], beta1, beta2, group["eps"], 1.0, group["weight_decay"]
+                )
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param_groups[{gi}]: {e}; nothing was stepped") from None
+
+
 def fused_base_step(base: torch.optim.Optimizer, params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
     """Take ``base``'s step with every perturbed tensor ``params[i]`` read from ``backups[i]`` (its
     pre-perturbation weights) and every other tensor from itself: restore and update in one pass.
     Call only when :func:`why_not_fused` returned None for this step."""
+    _check_group_scalars(base)
     backup_of = dict(zip(params, backups))
     with torch.no_grad():
         if FAMILIES[type(base)] == "sgd":

@@ -729,3 +729,58 @@ def test_nothing_to_perturb_is_one_plain_pass(backend):
     closure = closure_for(model)
     opt.step(closure)
     assert closure.calls[0] == 3
+
+
+@pytest.mark.parametrize("how", ["view", "twice"])
+@pytest.mark.parametrize("make", [fp.SAM, fp.GSAM], ids=["SAM", "GSAM"])
+def test_parameters_sharing_memory_are_refused_before_anything_moves(how, make):
+    """One tensor listed twice, or a parameter that is a view of another: the perturbation would hit the shared
+    elements twice and restore could not be exact. Refused with both named, the weights untouched."""
+    w = nn.Parameter(torch.randn(4, 3))
+    other = nn.Parameter(w.data[:2]) if how == "view" else w
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] and .*\['params'\]\[1\] share memory"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's own warning about a duplicate parameter
+            opt = make([w, other], torch.optim.SGD, lr=0.1)
+
+            def closure():
+                loss = (w**2).sum() + (other**3).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    assert torch.equal(w.detach(), before)
+
+
+def test_a_parameter_swapped_into_its_group_takes_its_part():
+    """torch.optim lets a group's list be edited in place (``group['params'][i] = new``): the new tensor is
+    perturbed and cleared between passes like the one it replaced; the steps equal a fresh optimizer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+
+    def closure_for(m):
+        def closure():
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1)
+    opt.step(closure_for(model))
+    opt.zero_grad()
+    new = nn.Parameter(torch.randn(4, 3))
+    model[0].weight = new
+    opt.param_groups[0]["params"][0] = new
+    opt.base_optimizer.state.clear()
+    twin = copy.deepcopy(model)
+    fresh = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.2, lr=0.1)
+    for _ in range(2):
+        opt.step(closure_for(model))
+        opt.zero_grad()
+        fresh.step(closure_for(twin))
+        fresh.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

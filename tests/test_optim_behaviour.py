@@ -784,3 +784,81 @@ def test_a_parameter_swapped_into_its_group_takes_its_part():
         fresh.zero_grad()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("convert", ["float64", "channels_last"])
+def test_module_to_after_steps_keeps_training_like_a_fresh_optimizer(convert):
+    """``model.to(torch.float64)`` or ``.to(memory_format=torch.channels_last)`` swaps every parameter's data in
+    place: the optimizer's buffers follow (new ones where the old no longer fit), and the steps equal a fresh
+    optimizer's on the converted model (its own momentum state carried over)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2))
+    x, y = torch.randn(4, 2, 4, 4), torch.randn(4, 2)
+
+    def closure_of(m, dtype):
+        def closure():
+            loss = ((m(x.to(dtype)) - y.to(dtype)) ** 2).mean()
+            loss.backward()
+            return loss
+
+        return closure
+
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    opt.step(closure_of(model, torch.float32))
+    opt.zero_grad()
+    if convert == "float64":
+        model.to(torch.float64)
+    else:
+        model.to(memory_format=torch.channels_last)
+    dtype = next(model.parameters()).dtype
+    twin = copy.deepcopy(model)
+    fresh = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    for _ in range(2):
+        opt.step(closure_of(model, dtype))
+        opt.zero_grad()
+        fresh.step(closure_of(twin, dtype))
+        fresh.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.dtype == dtype and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make", [fp.SAM, fp.GSAM], ids=["SAM", "GSAM"])
+def test_copy_or_checkpoint_between_first_and_second_step_is_refused(make):
+    """The weights are perturbed and the backups transient: a copy would be stuck at w + delta. Refused, and the
+    step then finishes as if nothing had been tried."""
+    import pickle
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    twin = copy.deepcopy(model)
+    runs = []
+    for m, meddle in ((model, True), (twin, False)):
+        opt = make(m.parameters(), torch.optim.SGD, lr=0.1)
+        ((m(x) - y) ** 2).mean().backward()
+        opt.first_step()
+        if meddle:
+            for attempt in (lambda: copy.deepcopy(opt), lambda: pickle.dumps(opt), opt.state_dict):
+                with pytest.raises(RuntimeError, match="between first_step\\(\\) and second_step\\(\\)"):
+                    attempt()
+        ((m(x) - y) ** 2).mean().backward()
+        opt.second_step()
+        runs.append(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make", [fp.SAM, fp.APD, fp.GSAM, fp.LookSAM, fp.FriendlySAM])
+def test_a_sparse_gradient_is_refused_by_name_before_anything_moves(make):
+    emb = nn.Embedding(10, 3, sparse=True)
+    opt = make(emb.parameters(), torch.optim.SGD, lr=0.1)
+    before = emb.weight.detach().clone()
+
+    def closure():
+        loss = emb(torch.tensor([1, 2, 3])).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match=r"shape \(10, 3\) has a torch.sparse_coo gradient.*sparse=False"):
+        opt.step(closure)
+    assert torch.equal(emb.weight.detach(), before)

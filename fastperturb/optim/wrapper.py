@@ -477,6 +477,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 plan.step += [sizes[1]] * len(with_grad)
             plan.passive += [p for p in passive if p.grad is not None]
         plan.every = plan.params + plan.passive
+        sparse = next((p for p in plan.every if p.grad.layout != torch.strided), None)
+        if sparse is not None:  # (found here, before any buffer is shaped after it or any weight moves)
+            raise TypeError(
+                f"a parameter of shape {tuple(sparse.shape)} has a {sparse.grad.layout} gradient (e.g. "
+                "nn.Embedding(sparse=True)): the perturbation passes need dense gradients; use sparse=False"
+            )
         if self._sharded:  # FSDP2: the ops run on the local shards (looked up each step: FSDP may swap them)
             plan.local_params = distributed.local_list(plan.params)
             plan.local_passive = distributed.local_list(plan.passive)
@@ -533,6 +539,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         parts = plan.cycle_parts
         native_handle = parts is not None and parts[4] is not None and parts[4].handle is not None
         if parts is None or parts[0] is not self.spec or (native_handle and not parts[4].handle.current()):
+            # The same tensors may hold other data now (module.to(float64), channels_last): the buffer lists are
+            # looked up again, each buffer kept only while it still fits its tensor.
+            self._list_cache.pop("backups", None)
+            self._list_cache.pop("accum", None)
             parts = plan.cycle_parts = (self.spec, *self._cycle_buffers(plan))
         _, backups, accum, passive_accum, lists, radius, step, longer = parts
         params = plan.local_params
@@ -1029,9 +1039,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints -----------------------------------------------------------------
 
+    def _refuse_while_pending(self, what: str) -> None:
+        """Between first_step() and second_step() the weights are perturbed and their backups are transient: a copy
+        or a checkpoint would hold w + delta with no way back."""
+        if self._pending is not None:
+            raise RuntimeError(
+                f"the optimizer cannot be {what} between first_step() and second_step(): the weights are perturbed "
+                "(w + delta) and their backups are not part of the copy; call second_step() (or restore()) first"
+            )
+
     def __getstate__(self) -> Dict[str, Any]:
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.
+        self._refuse_while_pending("copied or pickled")
         state = self.__dict__.copy()
         state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
         state.update(_selection_cache=_Selection(), _plan_cache=None, _seen_by_watch=False)
@@ -1058,6 +1078,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """The base optimizer's state dict (its state and the shared param_groups, which hold
         the per-group radius/step) plus this wrapper's settings under ``"fastperturb"``.
         The perturbation buffers are transient and not saved."""
+        self._refuse_while_pending("saved")
         sd = self.base_optimizer.state_dict()
         sd[STATE_KEY] = self._settings()
         return sd

@@ -305,3 +305,34 @@ def test_misuse_of_the_two_calls_keeps_the_pending_state():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     same_state(persistent(oa), persistent(ob))
+
+
+@pytest.mark.parametrize("make", [fp.LookSAM, fp.FriendlySAM], ids=["LookSAM", "FriendlySAM"])
+def test_a_state_dict_from_another_model_is_refused_before_anything_loads(make):
+    """The preset's own state (LookSAM's gv, FriendlySAM's running mean) is checked against the parameters before
+    the base optimizer's state is replaced: an error naming the parameter, and nothing half-loaded."""
+
+    def trained(rows):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, rows), torch.nn.Tanh(), torch.nn.Linear(rows, 2))
+        opt = make(net.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        x, y = torch.randn(8, 4), torch.randn(8, 2)
+
+        def closure():
+            loss = ((net(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            opt.step(closure)
+            opt.zero_grad()
+        return opt
+
+    mine, other = trained(5), trained(7)
+    before = copy.deepcopy(mine.state_dict())
+    with pytest.raises(ValueError, match=r"state for parameter 0 has shape \(7, 4\), the parameter \(5, 4\)"):
+        mine.load_state_dict(other.state_dict())
+    after = mine.state_dict()
+    for i, entry in before["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)

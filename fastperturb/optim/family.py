@@ -278,10 +278,29 @@ class _Family(PerturbOptimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         settings = (state_dict.get("fastperturb") or {}) if isinstance(state_dict, dict) else {}
         family = settings.get(FAMILY_KEY)
+        if family is not None:  # checked before the base optimizer's state is replaced: nothing half-loaded
+            self._check_saved(family.get("state", {}), self._flat_params())
         super().load_state_dict(state_dict)
         if family is not None:
             self._set_hyper(dict(family.get("hyper", {})))
             self._load_persistent(family.get("state", {}), self._flat_params())
+
+    def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:
+        """(parameter index, tensor) of the preset's persistent state in ``saved`` (none by default)."""
+        return []
+
+    def _check_saved(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
+        for i, t in self._saved_tensors(saved):
+            i = int(i)
+            if not 0 <= i < len(params):
+                raise ValueError(f"the state dict's {type(self).__name__} state names parameter {i} of {len(params)}")
+            want = tuple(_local(params[i].detach()).shape)
+            if not isinstance(t, Tensor) or tuple(t.shape) != want:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"the state dict's {type(self).__name__} state for parameter {i} has shape {got}, the parameter "
+                    f"{want}: it is from another model; nothing was loaded"
+                )
 
     def __getstate__(self) -> Dict[str, Any]:
         # The persistent state travels by parameter index (tensor identities do not survive a copy).
@@ -583,6 +602,9 @@ class LookSAM(_Family):
             out["gv_sq"] = self._gv_sq.detach().cpu()
         return out
 
+    def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:
+        return list(zip(saved.get("gv_index", []), saved.get("gv", [])))
+
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         self.looksam_step = int(saved.get("step", 0))
         self._gv, self._gv_key, self._gv_sq, self._pending_gv = {}, (), None, None
@@ -736,6 +758,9 @@ class FriendlySAM(_Family):
 
     def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
         return {"ema": {index[p]: m for p, m in self._ema.items() if p in index}}
+
+    def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:
+        return list(saved.get("ema", {}).items())
 
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         self._ema, self._saved_ema, self._undo, self._ready_key = {}, {}, None, ()

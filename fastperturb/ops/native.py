@@ -13,11 +13,10 @@ except Exception as e:  # ImportError, or an ABI mismatch with this torch
     load_error = e
 
 
-def _source_checkout_error() -> ImportError | None:
+def _source_checkout_error(package: Path) -> ImportError | None:
     """The common newcomer's case, said as it is: Python imported the checkout's ``fastperturb/`` (the current
     directory comes first on its path), which has no compiled extension, while ``pip install .`` put the built one
-    in site-packages (Python's own message blames a circular import)."""
-    package = Path(__file__).resolve().parents[1]
+    in site-packages (Python's own message blames a circular import). ``package``: the imported package's folder."""
     if any(package.glob("_C*.so")) or any(package.glob("_C*.pyd")) or not (package.parent / "setup.py").is_file():
         return None
     return ImportError(
@@ -28,7 +27,7 @@ def _source_checkout_error() -> ImportError | None:
 
 
 if load_error is not None:
-    load_error = _source_checkout_error() or load_error
+    load_error = _source_checkout_error(Path(__file__).resolve().parents[1]) or load_error
 
 
 def has_cuda_kernels() -> bool:

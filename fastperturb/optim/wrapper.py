@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from ..ops import native
+from ..ops import validation as V
 from . import frameworks
 from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
@@ -1173,18 +1174,17 @@ def _zero_grads(params: Sequence[Tensor]) -> None:
 def _check_no_shared_memory(every: Sequence[Tensor], groups: Sequence[Dict[str, Any]]) -> None:
     """Refuse parameters that share memory (one listed twice, one a view of another): the perturbation would be
     applied twice to the shared elements and the restore of one would undo the other's backup, so the weights
-    would not come back bit for bit."""
+    would not come back bit for bit. (The ops' own span, ``validation._span``: per device, none for fake tensors.)"""
     spans = []
     for i, p in enumerate(every):
         t = distributed.local(p)
-        if t.numel() == 0 or t.device.type == "meta":
-            continue
-        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
-        start = t.data_ptr()
-        spans.append((start, start + extent * t.element_size(), i))
+        s = V._span(t)
+        if s is not None:
+            spans.append((str(t.device), s[0], s[1], i))
     spans.sort()
-    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
-        if start < end:
+    # Sorted by start, some two spans overlap iff two neighbours on one device do.
+    for (dev, _, end, i), (dev2, start, _, j) in zip(spans, spans[1:]):
+        if dev == dev2 and start < end:
             names = [
                 f"param_groups[{gi}]['params'][{pj}]" for gi, g in enumerate(groups) for pj in range(len(g["params"]))
             ]

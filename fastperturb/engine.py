@@ -73,6 +73,41 @@ def check_finite(stats: Tensor, pass_index: int) -> None:
         raise NonFiniteGradient(bad, pass_index)
 
 
+# Below this a float32 sum of squares may have lost bits to squares under float32's normal range (every
+# element with |g| < 2^-63): each such square is off by at most 2^-150, so above it the sum is within
+# n * 2^-60 of the exact one, relative; at or below it the sum is taken again in float64.
+TINY_SUMSQ = 2.0**-90
+
+
+def _tiny_rows(stats: Tensor, scope: str, low: float) -> list[int]:
+    """The rows whose ``sum (t g)^2`` (column 0) is too small to trust in float32 for ``scope``, given ``low``:
+    the smallest value of column 0 (``"layer"``) or its sum (``"global"``). A NaN or Inf compares False: never
+    taken again (check_finite reports it)."""
+    if not low <= TINY_SUMSQ:
+        return []
+    if scope == "global":
+        return list(range(stats.shape[0]))
+    return (stats[:, 0] <= TINY_SUMSQ).nonzero().flatten().tolist()
+
+
+def exact_tiny_sums(
+    stats: Tensor, rows: list[int], grads: Sequence[Tensor], params: Sequence[Tensor], adaptive_eta: Optional[float]
+) -> Tensor:
+    """``stats`` with column 0 of ``rows`` taken again in float64 from the gradients (and ``|w| + eta``).
+
+    A gradient whose elements are all below about 1e-19 squares to float32 subnormals or zeros: its float32
+    norm comes out short (0 below about 1e-23), and the step ``eta / ||g||`` overshoots the radius (2.7x at
+    1e-23) or vanishes. Rare (vanishing gradients in float32 or bfloat16), so the fix is a float64 read of those
+    tensors only, never of the rest. The rows come back as float64 (``ascent_coefficients`` takes either)."""
+    out = stats.to(torch.float64)
+    for i in rows:
+        g = grads[i]
+        if adaptive_eta is not None:
+            g = g * (params[i].abs() + adaptive_eta)
+        out[i, 0] = torch.linalg.vector_norm(g, 2, dtype=torch.float64).square()
+    return out
+
+
 @dataclass(frozen=True)
 class PerturbSpec:
     """How the perturbation is built (the preset-independent part of docs/design.md §2).
@@ -331,10 +366,36 @@ class Cycle:
                 accum_init=init,
                 adaptive_eta=self.spec.adaptive_eta if adaptive else -1.0,
             )
+        self._stats = self._checked(stats, grads, adaptive, k)
+
+    def _checked(self, stats: Tensor, grads: Sequence[Tensor], adaptive: bool, k: int) -> Tensor:
+        """``stats`` completed across shards, checked finite, with the sums of squares of vanishing gradients
+        taken in float64 (:func:`exact_tiny_sums`; l2 only: an l-inf step does not divide by a norm). Unsharded,
+        the finite check and the smallness test share one host read. Sharded, each rank takes its own shards'
+        sums again before the collective, which takes them as float32 (the float64 sum rounded once, to the
+        few bits a float32 keeps below 1e-38, where before they were lost to zero)."""
+        l2 = self.spec.norm == "l2"
         if self.reduce is not None:
+            if l2 and stats.numel():
+                rows = _tiny_rows(stats, "layer", float(stats[:, 0].min()))
+                stats = self._exact_rows(stats, rows, grads, adaptive).to(stats.dtype) if rows else stats
             stats = self.reduce(stats, "sum")
-        check_finite(stats, k)
-        self._stats = stats
+            check_finite(stats, k)
+            return stats
+        if stats.numel() == 0:
+            return stats
+        col = stats[:, 0]
+        low = col.sum(dtype=torch.float64) if self.spec.scope == "global" else col.min().to(torch.float64)
+        total, low = torch.stack([stats.sum(dtype=torch.float64), low]).tolist()
+        if not math.isfinite(total):
+            check_finite(stats, k)  # raises, naming the rows (unless float64 values only overflowed their sum)
+        rows = _tiny_rows(stats, self.spec.scope, low) if l2 else []
+        return self._exact_rows(stats, rows, grads, adaptive) if rows else stats
+
+    def _exact_rows(self, stats: Tensor, rows: list[int], grads: Sequence[Tensor], adaptive: bool) -> Tensor:
+        n = len(self.params)
+        g = list(grads[:n]) if len(grads) >= n else grads_of(self.params, self.k)
+        return exact_tiny_sums(stats, rows, g, self.params, self.spec.adaptive_eta if adaptive else None)
 
     def _weights_with_clean(self) -> bool:
         """Whether the clean point's two read-only measurements, the weights' norms (relative l2 radii) and
@@ -368,7 +429,10 @@ class Cycle:
         wn = _scope_sum(rows[:, 0].to(torch.float64), self.spec.scope).sqrt()
         self._radius, self._step = self._radius * wn, self._step * wn
         stats = torch.nn.functional.pad(rows[:, 2:], (0, 2))  # grad_stats_'s row at the clean point: [sum g^2, 0, 0]
-        check_finite(stats, 0)
+        if self.reduce is None:
+            stats = self._checked(stats, grads, False, 0)
+        else:  # (the rows above are already summed across ranks: a vanishing g_0 keeps its float32 sums here)
+            check_finite(stats, 0)
         self._stats = stats
 
     def start(self, grads: Sequence[Tensor]) -> None:

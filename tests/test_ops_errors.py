@@ -539,6 +539,169 @@ CASES += [
 ]
 
 
+# Overlapping memory: a list an op writes may share no memory with any other tensor of the call, on every
+# backend (the reference's torch ops would otherwise raise some overlaps and silently compute others).
+def sgd(params=None, backups=None, grads=None, bufs=None, **kw):
+    def build(d):
+        return (
+            (
+                params(d) if params else d["params"],
+                backups(d) if backups else d["backups"],
+                grads(d) if grads else d["grads"],
+                bufs(d) if bufs else d["accum"],
+            ),
+            dict(dict(lr=0.1, momentum=0.9), **kw),
+        )
+
+    return build
+
+
+def adam(params=None, backups=None, grads=None, avgs=None, sqs=None):
+    def build(d):
+        return (
+            (
+                params(d) if params else d["params"],
+                backups(d) if backups else d["backups"],
+                grads(d) if grads else d["grads"],
+                avgs(d) if avgs else d["accum"],
+                sqs(d) if sqs else [t.abs() for t in d["accum"]],
+            ),
+            dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1.0),
+        )
+
+    return build
+
+
+def shifted_twin(d):
+    """params[2] and backups[2] in one buffer, ten elements apart: the same index, but not the same memory."""
+    buf = torch.randn(130)
+    d = dict(d, params=replace(d["params"], 2, buf[:120].view(2, 3, 4, 5)))
+    d["backups"] = replace(d["backups"], 2, buf[10:].view(2, 3, 4, 5))
+    return sgd()(d)
+
+
+CASES += [
+    (
+        "stats-accum-is-grads",
+        "grad_stats_",
+        stats(accum=lambda d: replace(d["accum"], 2, d["grads"][2])),
+        ValueError,
+        r"accum\[2\] shares memory with grads\[2\]",
+    ),
+    (
+        "stats-accum-views-params",
+        "grad_stats_",
+        stats(accum=lambda d: replace(d["accum"], 1, d["params"][2].view(-1)[7:12])),
+        ValueError,
+        r"accum\[1\] shares memory with params\[2\]",
+    ),
+    (
+        "ascent-backups-is-params",
+        "ascent_step_",
+        ascent(backups=lambda d: replace(d["backups"], 3, d["params"][3])),
+        ValueError,
+        r"(params\[3\] shares memory with backups\[3\]|backups\[3\] shares memory with params\[3\])",
+    ),
+    (
+        "ascent-zeroed-grads-view-backups",
+        "ascent_step_",
+        ascent(grads=lambda d: replace(d["grads"], 1, d["backups"][2].view(-1)[:5]), first=False),
+        ValueError,
+        r"grads\[1\] shares memory with backups\[2\]",
+    ),
+    (
+        "ascent-read-grads-view-params",
+        "ascent_step_",
+        ascent(grads=lambda d: replace(d["grads"], 3, d["params"][2].view(-1)[10:16]), zero_grads=False),
+        ValueError,
+        r"params\[2\] shares memory with grads\[3\]",
+    ),
+    (
+        "restore-params-is-backups",
+        "restore_",
+        lambda d: ((d["params"], replace(d["backups"], 3, d["params"][3])), {}),
+        ValueError,
+        r"params\[3\] shares memory with backups\[3\]",
+    ),
+    (
+        "restore-params-twice",
+        "restore_",
+        lambda d: ((replace(d["params"], 3, d["params"][2].view(-1)[:6]), d["backups"]), {}),
+        ValueError,
+        r"params\[(2|3)\] shares memory with params\[(2|3)\]",
+    ),
+    (
+        "combine-grads-is-accum",
+        "combine_grads_",
+        lambda d: ((d["grads"], replace(d["accum"], 0, d["grads"][0]), 1.0), {}),
+        ValueError,
+        r"grads\[0\] shares memory with accum\[0\]",
+    ),
+    (
+        "sgd-buffer-is-grad",
+        "restore_sgd_step_",
+        sgd(bufs=lambda d: replace(d["accum"], 2, d["grads"][2])),
+        ValueError,
+        r"momentum_buffers\[2\] shares memory with grads\[2\]",
+    ),
+    (
+        "sgd-backup-is-another-param",
+        "restore_sgd_step_",
+        sgd(backups=lambda d: replace(d["backups"], 3, d["params"][2].view(-1)[:6])),
+        ValueError,
+        r"params\[2\] shares memory with backups\[3\]",
+    ),
+    (
+        "sgd-backup-views-its-param",
+        "restore_sgd_step_",
+        shifted_twin,
+        ValueError,
+        r"params\[2\] shares memory with backups\[2\]",
+    ),
+    (
+        "adam-avg-is-sq",
+        "restore_adam_step_",
+        adam(sqs=lambda d: replace([t.abs() for t in d["accum"]], 1, d["accum"][1])),
+        ValueError,
+        r"exp_avg(_sq)?s\[1\] shares memory with exp_avg(_sq)?s\[1\]",
+    ),
+    (
+        "adam-param-twice",
+        "restore_adam_step_",
+        adam(params=lambda d: replace(d["params"], 1, d["params"][2].view(-1)[:5])),
+        ValueError,
+        r"params\[(1|2)\] shares memory with params\[(1|2)\]",
+    ),
+]
+
+
+def test_a_passive_tensor_is_its_own_backup_in_the_fused_steps(backend):
+    """The fused steps take ``backups[i] is params[i]`` for a tensor that was not perturbed: the one overlap allowed."""
+    x = fresh()
+    w = [t.clone() for t in x["params"]]
+    backups = replace(x["backups"], 1, w[1])
+    ops.restore_sgd_step_(w, backups, x["grads"], [], lr=0.5)
+    assert torch.equal(w[1], x["params"][1] - 0.5 * x["grads"][1])
+    assert torch.equal(w[0], x["backups"][0] - 0.5 * x["grads"][0])
+    sqs = [t.abs() for t in x["accum"]]
+    backups = replace(x["backups"], 3, w[3])
+    ops.restore_adam_step_(w, backups, x["grads"], x["accum"], sqs, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1.0)
+    # the passive tensor's twin in a third list is still refused
+    with pytest.raises(ValueError, match=r"momentum_buffers\[1\] shares memory with (params|backups)\[1\]"):
+        ops.restore_sgd_step_(
+            w, replace(x["backups"], 1, w[1]), x["grads"], replace(x["accum"], 1, w[1]), lr=0.1, momentum=0.9
+        )
+
+
+def test_read_only_lists_may_share_memory(backend):
+    """Only written lists are compared: an ascent step that neither fills backups nor clears grads may read one
+    gradient tensor twice, and ``grad_stats_`` may read params and backups that are one."""
+    x = fresh()
+    grads = replace(x["grads"], 1, x["grads"][0].view(-1)[:5])
+    ops.ascent_step_(x["params"], grads, x["backups"], x["step"], x["proj"], norm="l2")
+    ops.grad_stats_(x["grads"], x["accum"], x["params"], x["params"], accum_weight=1.0, adaptive_eta=-1.0)
+
+
 def _tensors(args) -> list[torch.Tensor]:
     out = []
     for a in args:

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -164,6 +165,76 @@ inline void check_finite(const char* name, double value) {
   TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", float_str(value));
 }
 
+// No tensor of a written list shares memory with any other tensor of the call (read or written); empty and
+// meta tensors have no memory to share. `alias_ok` names a (written, read) pair of lists whose tensors at the same
+// index may be one and the same memory (the fused steps' backups[i] is params[i] where a tensor was not
+// perturbed); any other overlap is refused. Sorted by start, a span overlaps an earlier one iff that one ends
+// after it starts: the sweep keeps the furthest-reaching earlier span overall (for written spans) and among the
+// written ones (for read spans). A span skipped as the allowed twin has the same bytes as its partner, so any third
+// span overlapping it overlaps the partner too and is found there. Labels are built only for the message (this
+// runs on every call of a plain op). The message names the pair as fastperturb/ops/validation.py does.
+inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read,
+                             std::pair<const char*, const char*> alias_ok = {nullptr, nullptr}) {
+  struct Span {
+    int8_t device_type;
+    int8_t device_index;
+    uint16_t list;  // index into `lists` below
+    uint32_t index;
+    uintptr_t start, end;
+  };
+  std::vector<const NamedList*> lists;
+  std::vector<bool> list_written;
+  for (const auto& l : written) lists.push_back(&l), list_written.push_back(true);
+  for (const auto& l : read) lists.push_back(&l), list_written.push_back(false);
+  size_t total = 0;
+  for (const NamedList* l : lists) total += l->tensors.size();
+  std::vector<Span> spans;
+  spans.reserve(total);
+  int twin_w = -1, twin_r = -1;
+  for (size_t k = 0; k < lists.size(); ++k) {
+    if (alias_ok.first != nullptr && std::strcmp(lists[k]->name, alias_ok.first) == 0) twin_w = static_cast<int>(k);
+    if (alias_ok.second != nullptr && std::strcmp(lists[k]->name, alias_ok.second) == 0) twin_r = static_cast<int>(k);
+    const at::TensorList ts = lists[k]->tensors;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const at::Tensor& t = ts[i];
+      if (t.numel() == 0 || t.device().is_meta()) continue;
+      const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+      const auto bytes = static_cast<uintptr_t>(t.numel()) * static_cast<uintptr_t>(t.element_size());
+      spans.push_back({static_cast<int8_t>(t.device().type()), t.device().index(), static_cast<uint16_t>(k),
+                       static_cast<uint32_t>(i), start, start + bytes});
+    }
+  }
+  auto before = [](const Span& a, const Span& b) {
+    if (a.device_type != b.device_type) return a.device_type < b.device_type;
+    if (a.device_index != b.device_index) return a.device_index < b.device_index;
+    return a.start < b.start;
+  };
+  std::stable_sort(spans.begin(), spans.end(), before);
+  auto label = [&](const Span& s) { return std::string(lists[s.list]->name) + "[" + std::to_string(s.index) + "]"; };
+  auto twins = [&](const Span& a, const Span& b) {
+    const bool pair = (a.list == twin_w && b.list == twin_r) || (a.list == twin_r && b.list == twin_w);
+    return pair && a.index == b.index && a.start == b.start && a.end == b.end;
+  };
+  const Span* reach_any = nullptr;
+  const Span* reach_written = nullptr;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    const Span& s = spans[k];
+    if (k > 0 && (s.device_type != spans[k - 1].device_type || s.device_index != spans[k - 1].device_index)) {
+      reach_any = reach_written = nullptr;
+    }
+    const bool s_written = list_written[s.list];
+    const Span* other = s_written ? reach_any : reach_written;
+    if (other != nullptr && other->end > s.start && !twins(s, *other)) {
+      const std::string w = s_written ? label(s) : label(*other);
+      const std::string r = s_written ? label(*other) : label(s);
+      TORCH_CHECK_VALUE(false, w, " shares memory with ", r, "; ", w.substr(0, w.find('[')),
+                        " is written in place, so pass tensors that do not overlap (e.g. a clone)");
+    }
+    if (reach_any == nullptr || s.end > reach_any->end) reach_any = &s;
+    if (s_written && (reach_written == nullptr || s.end > reach_written->end)) reach_written = &s;
+  }
+}
+
 // One check per op, mirroring fastperturb/ops/validation.py.
 
 inline void check_norms(at::TensorList tensors, double ord) {
@@ -189,11 +260,12 @@ inline void check_grad_stats(at::TensorList grads, at::TensorList accum, at::Ten
   check_same_device({{"grads", grads}, {"accum", accum}, {"params", params}, {"backups", backups}});
   check_finite("accum_weight", accum_weight);
   check_finite("adaptive_eta", adaptive_eta);
+  check_no_overlap({{"accum", accum}}, {{"grads", grads}, {"params", params}, {"backups", backups}});
 }
 
 inline void check_ascent_step(at::TensorList params, at::TensorList grads, at::TensorList backups,
                               const at::Tensor& step_coef, const at::Tensor& proj, c10::string_view norm,
-                              double adaptive_eta) {
+                              double adaptive_eta, bool first, bool zero_grads) {
   check_list("params", params);
   check_list("grads", grads);
   check_list("backups", backups);
@@ -204,6 +276,17 @@ inline void check_ascent_step(at::TensorList params, at::TensorList grads, at::T
   check_coef("proj", proj, params.size(), params);
   TORCH_CHECK_VALUE(norm == "l2" || norm == "linf", "norm must be 'l2' or 'linf', got '", std::string(norm), "'");
   check_finite("adaptive_eta", adaptive_eta);
+  // backups is written by the first step (the old weights) and read after; grads is cleared by zero_grads.
+  const NamedList p{"params", params}, g{"grads", grads}, b{"backups", backups};
+  if (first && zero_grads) {
+    check_no_overlap({p, g, b}, {});
+  } else if (first) {
+    check_no_overlap({p, b}, {g});
+  } else if (zero_grads) {
+    check_no_overlap({p, g}, {b});
+  } else {
+    check_no_overlap({p}, {g, b});
+  }
 }
 
 inline void check_restore(at::TensorList params, at::TensorList backups) {
@@ -211,6 +294,7 @@ inline void check_restore(at::TensorList params, at::TensorList backups) {
   check_list("backups", backups);
   check_parallel("params", params, "backups", backups);
   check_same_device({{"params", params}, {"backups", backups}});
+  check_no_overlap({{"params", params}}, {{"backups", backups}});
 }
 
 inline void check_combine_grads(at::TensorList grads, at::TensorList accum, double weight) {
@@ -219,53 +303,10 @@ inline void check_combine_grads(at::TensorList grads, at::TensorList accum, doub
   check_parallel("grads", grads, "accum", accum);
   check_same_device({{"grads", grads}, {"accum", accum}});
   check_finite("weight", weight);
+  check_no_overlap({{"grads", grads}}, {{"accum", accum}});
 }
 
 // The SAM-family ops (dot_stats, lincomb_, ema_residual_).
-
-// No tensor of a written list shares memory with any other tensor of the call (read or written); empty and
-// meta tensors have no memory to share. Sorted by start, a span overlaps an earlier one iff that one ends after
-// it starts: the sweep keeps the furthest-reaching earlier span overall (for written spans) and among the
-// written ones (for read spans). The message names the pair as fastperturb/ops/validation.py does.
-inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read) {
-  struct Span {
-    std::string device;
-    uintptr_t start, end;
-    bool written;
-    std::string label;
-  };
-  std::vector<Span> spans;
-  auto add = [&](const NamedList& l, bool is_written) {
-    for (size_t i = 0; i < l.tensors.size(); ++i) {
-      const at::Tensor& t = l.tensors[i];
-      if (t.numel() == 0 || t.device().is_meta()) continue;
-      const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-      const auto bytes = static_cast<uintptr_t>(t.numel()) * static_cast<uintptr_t>(t.element_size());
-      spans.push_back(
-          {t.device().str(), start, start + bytes, is_written, std::string(l.name) + "[" + std::to_string(i) + "]"});
-    }
-  };
-  for (const auto& l : written) add(l, true);
-  for (const auto& l : read) add(l, false);
-  std::stable_sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
-    return a.device != b.device ? a.device < b.device : a.start < b.start;
-  });
-  const Span* reach_any = nullptr;
-  const Span* reach_written = nullptr;
-  for (size_t k = 0; k < spans.size(); ++k) {
-    const Span& s = spans[k];
-    if (k > 0 && s.device != spans[k - 1].device) reach_any = reach_written = nullptr;
-    const Span* other = s.written ? reach_any : reach_written;
-    if (other != nullptr && other->end > s.start) {
-      const std::string& w = s.written ? s.label : other->label;
-      const std::string& r = s.written ? other->label : s.label;
-      TORCH_CHECK_VALUE(false, w, " shares memory with ", r, "; ", w.substr(0, w.find('[')),
-                        " is written in place, so pass tensors that do not overlap (e.g. a clone)");
-    }
-    if (reach_any == nullptr || s.end > reach_any->end) reach_any = &s;
-    if (s.written && (reach_written == nullptr || s.end > reach_written->end)) reach_written = &s;
-  }
-}
 
 inline void check_coef_rows(const char* name, const at::Tensor& coef, size_t n, int64_t cols, at::TensorList like) {
   TORCH_CHECK_TYPE(coef.defined(), name, " must be a float32 tensor of shape [", n, ", ", cols, "], got None");
@@ -341,6 +382,8 @@ inline void check_restore_sgd_step(at::TensorList params, at::TensorList backups
   check_finite("weight_decay", weight_decay);
   check_finite("momentum", momentum);
   check_finite("dampening", dampening);
+  check_no_overlap({{"params", params}, {"momentum_buffers", momentum_buffers}},
+                   {{"backups", backups}, {"grads", grads}}, {"params", "backups"});
 }
 
 inline void check_restore_adam_step(at::TensorList params, at::TensorList backups, at::TensorList grads,
@@ -369,6 +412,11 @@ inline void check_restore_adam_step(at::TensorList params, at::TensorList backup
                     float_str(step));
   TORCH_CHECK_VALUE(beta1 < 1.0 && beta2 < 1.0,
                     "beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)");
+  check_no_overlap({{"params", params},
+                    {"exp_avgs", exp_avgs},
+                    {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs}},
+                   {{"backups", backups}, {"grads", grads}}, {"params", "backups"});
 }
 
 // ascent_coefficients: stats float32/float64 [n, 3] (grad_stats_'s rows), step_size and radius float64 [n], all dense

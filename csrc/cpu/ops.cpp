@@ -144,7 +144,7 @@ void ascent_step_run(const Dtypes& dt, const Bases& params, const Bases& grads, 
 
 void ascent_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                      const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
-  check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads);
   bump_versions(params);
   if (first) bump_versions(backups);
   if (zero_grads) bump_versions(grads);

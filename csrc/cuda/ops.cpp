@@ -80,7 +80,7 @@ at::Tensor grad_stats_cuda(at::TensorList grads, at::TensorList accum, at::Tenso
 
 void ascent_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                       const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
-  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads);
   const at::Device d = device_of("params", params);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);

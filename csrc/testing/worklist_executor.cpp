@@ -145,7 +145,7 @@ at::Tensor grad_stats_op(at::TensorList grads, at::TensorList accum, at::TensorL
 void ascent_step_op(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                     const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   require_cpu("ascent_step_", {params, grads, backups}, {&step_coef, &proj});
-  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta);
+  checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads);
   CpuExec ex = executor();
   ascent_step(ex, params, grads, backups, step_coef, proj, norm, first, adaptive_eta, zero_grads);
 }

@@ -98,7 +98,7 @@ def ascent_step_(
     params, grads, backups = list(params), list(grads), list(backups)
     backend = dispatch.resolve(V.first_device(params))
     if backend in _PY_BACKENDS:
-        V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
+        V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads)
     dispatch.op("ascent_step_", backend)(
         params,
         grads,

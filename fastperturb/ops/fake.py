@@ -32,7 +32,7 @@ def grad_stats_(grads, accum, params, backups, *, accum_weight=1.0, accum_init=F
 def ascent_step_(
     params, grads, backups, step_coef, proj, *, norm="l2", first=False, adaptive_eta=-1.0, zero_grads=False
 ):
-    V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
+    V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads)
     return None
 
 

@@ -102,6 +102,64 @@ def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.
     return default
 
 
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """The bytes a dense tensor occupies, or None if it has none we can see (empty, meta or fake tensors)."""
+    # Fake tensors (tracing) report a data pointer of 0: their aliasing is the real call's to check.
+    if t.numel() == 0 or t.device.type == "meta" or is_fake(t):
+        return None
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
+        return None
+    return start, start + t.numel() * t.element_size()
+
+
+def check_no_overlap(
+    written: Sequence[tuple[str, Sequence[Tensor]]],
+    read: Sequence[tuple[str, Sequence[Tensor]]],
+    alias_ok: tuple[str, str] | None = None,
+):
+    """No tensor of a ``written`` list shares memory with any other tensor of the call (read or written).
+
+    ``alias_ok`` names a (written, read) pair of lists whose tensors at the same index may be the very same
+    memory (the fused steps' ``backups[i]`` is ``params[i]`` where a tensor was not perturbed)."""
+    spans = []
+    for is_written, named in ((True, written), (False, read)):
+        for name, ts in named:
+            for i, t in enumerate(ts):
+                s = _span(t)
+                if s is not None:
+                    spans.append((str(t.device), s[0], s[1], is_written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    twins = set() if alias_ok is None else set(alias_ok)
+
+    def twin(a: tuple, b: tuple) -> bool:
+        # The same bytes at the same index of the alias_ok lists. A third span overlapping one of the twins
+        # overlaps the other as well, and the sweep finds it there.
+        (na, ia), (nb, ib) = a[2].split("["), b[2].split("[")
+        return na != nb and {na, nb} == twins and ia == ib and a[:2] == b[:2]
+
+    # Sorted by start, a span overlaps an earlier one iff that one ends after it starts: keep the
+    # furthest-reaching earlier span overall (for written spans) and among the written (for read spans).
+    reach_any = reach_written = None
+    device = None
+    for dev, start, end, is_written, label in spans:
+        if dev != device:
+            device, reach_any, reach_written = dev, None, None
+        span = (start, end, label)
+        other = reach_any if is_written else reach_written
+        if other is not None and other[1] > start and not (twins and twin(other, span)):
+            w, r = (label, other[2]) if is_written else (other[2], label)
+            raise ValueError(
+                f"{w} shares memory with {r}; {w.split('[')[0]} is written in place, "
+                "so pass tensors that do not overlap (e.g. a clone)"
+            )
+        if reach_any is None or end > reach_any[1]:
+            reach_any = span
+        if is_written and (reach_written is None or end > reach_written[1]):
+            reach_written = span
+
+
 # One check per op, mirroring the schemas in csrc/include/fastperturb/schemas.h.
 
 
@@ -126,9 +184,12 @@ def check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta) 
     check_same_device([("grads", grads), ("accum", accum), ("params", params), ("backups", backups)])
     check_finite("accum_weight", accum_weight)
     check_finite("adaptive_eta", adaptive_eta)
+    check_no_overlap([("accum", accum)], [("grads", grads), ("params", params), ("backups", backups)])
 
 
-def check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta) -> None:
+def check_ascent_step(
+    params, grads, backups, step_coef, proj, norm, adaptive_eta, first: bool = False, zero_grads: bool = False
+) -> None:
     for name, ts in (("params", params), ("grads", grads), ("backups", backups)):
         check_list(name, ts)
     check_parallel("params", params, "grads", grads)
@@ -140,6 +201,9 @@ def check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_et
     if norm not in NORMS:
         raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
     check_finite("adaptive_eta", adaptive_eta)
+    # backups is written by the first step (the old weights) and read after; grads is cleared by zero_grads.
+    named = (("params", params, True), ("grads", grads, zero_grads), ("backups", backups, first))
+    check_no_overlap([(n, ts) for n, ts, w in named if w], [(n, ts) for n, ts, w in named if not w])
 
 
 def check_restore(params, backups) -> None:
@@ -147,6 +211,7 @@ def check_restore(params, backups) -> None:
     check_list("backups", backups)
     check_parallel("params", params, "backups", backups)
     check_same_device([("params", params), ("backups", backups)])
+    check_no_overlap([("params", params)], [("backups", backups)])
 
 
 def check_combine_grads(grads, accum, weight) -> None:
@@ -155,51 +220,10 @@ def check_combine_grads(grads, accum, weight) -> None:
     check_parallel("grads", grads, "accum", accum)
     check_same_device([("grads", grads), ("accum", accum)])
     check_finite("weight", weight)
+    check_no_overlap([("grads", grads)], [("accum", accum)])
 
 
 # The SAM-family ops (dot_stats, lincomb_, ema_residual_).
-
-
-def _span(t: Tensor) -> tuple[int, int] | None:
-    """The bytes a dense tensor occupies, or None if it has none we can see (empty, meta or fake tensors)."""
-    # Fake tensors (tracing) report a data pointer of 0: their aliasing is the real call's to check.
-    if t.numel() == 0 or t.device.type == "meta" or is_fake(t):
-        return None
-    try:
-        start = t.data_ptr()
-    except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
-        return None
-    return start, start + t.numel() * t.element_size()
-
-
-def check_no_overlap(written: Sequence[tuple[str, Sequence[Tensor]]], read: Sequence[tuple[str, Sequence[Tensor]]]):
-    """No tensor of a ``written`` list shares memory with any other tensor of the call (read or written)."""
-    spans = []
-    for is_written, named in ((True, written), (False, read)):
-        for name, ts in named:
-            for i, t in enumerate(ts):
-                s = _span(t)
-                if s is not None:
-                    spans.append((str(t.device), s[0], s[1], is_written, f"{name}[{i}]"))
-    spans.sort(key=lambda s: (s[0], s[1]))
-    # Sorted by start, a span overlaps an earlier one iff that one ends after it starts: keep the
-    # furthest-reaching earlier span overall (for written spans) and among the written (for read spans).
-    reach_any = reach_written = None
-    device = None
-    for dev, start, end, is_written, label in spans:
-        if dev != device:
-            device, reach_any, reach_written = dev, None, None
-        other = reach_any if is_written else reach_written
-        if other is not None and other[0] > start:
-            w, r = (label, other[1]) if is_written else (other[1], label)
-            raise ValueError(
-                f"{w} shares memory with {r}; {w.split('[')[0]} is written in place, "
-                "so pass tensors that do not overlap (e.g. a clone)"
-            )
-        if reach_any is None or end > reach_any[0]:
-            reach_any = (end, label)
-        if is_written and (reach_written is None or end > reach_written[0]):
-            reach_written = (end, label)
 
 
 def check_coef_rows(name: str, coef: object, n: int, cols: int, device: torch.device | None) -> None:
@@ -264,6 +288,11 @@ def check_restore_sgd_step(params, backups, grads, momentum_buffers, lr, weight_
     )
     for name, v in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum), ("dampening", dampening)):
         check_finite(name, v)
+    check_no_overlap(
+        [("params", params), ("momentum_buffers", momentum_buffers)],
+        [("backups", backups), ("grads", grads)],
+        alias_ok=("params", "backups"),
+    )
 
 
 def check_restore_adam_step(
@@ -291,6 +320,16 @@ def check_restore_adam_step(
         raise ValueError(f"step must be a finite count >= 1 (after its increment), got {step}")
     if not (beta1 < 1.0 and beta2 < 1.0):
         raise ValueError("beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)")
+    check_no_overlap(
+        [
+            ("params", params),
+            ("exp_avgs", exp_avgs),
+            ("exp_avg_sqs", exp_avg_sqs),
+            ("max_exp_avg_sqs", max_exp_avg_sqs),
+        ],
+        [("backups", backups), ("grads", grads)],
+        alias_ok=("params", "backups"),
+    )
 
 
 def check_ascent_coefficients(stats, step_size, radius) -> None:

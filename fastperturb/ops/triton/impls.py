@@ -161,7 +161,7 @@ def ascent_step_(
     adaptive_eta: float = -1.0,
     zero_grads: bool = False,
 ) -> None:
-    V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta)
+    V.check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads)
     if not params:
         return
     device = params[0].device

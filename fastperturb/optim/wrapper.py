@@ -31,6 +31,7 @@ from . import frameworks
 from . import fused_step as fused
 from .batchnorm import frozen_bn_stats
 from .buffers import buffers_for
+from .late_grads import LateGrads
 
 __all__ = ["PerturbOptimizer", "NonFiniteGradient", "NonFiniteDescentGradient", "Params"]
 
@@ -70,6 +71,7 @@ class _Plan:
     step: List[float]
     passive: List[Tensor]
     every: List[Tensor] = dataclasses.field(default_factory=list)  # params + passive: whose .grad is read
+    late: List[Tensor] = dataclasses.field(default_factory=list)  # no gradient at the clean point (late_grads.py)
     # What the ops see: the tensors themselves, or their local shards (FSDP2) with a reducer
     # completing the shards' statistics across ranks.
     local_params: List[Tensor] = dataclasses.field(default_factory=list)
@@ -477,6 +479,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 plan.radius += [sizes[0]] * len(with_grad)
                 plan.step += [sizes[1]] * len(with_grad)
             plan.passive += [p for p in passive if p.grad is not None]
+            plan.late += [p for p in chosen + passive if p.grad is None]
         plan.every = plan.params + plan.passive
         sparse = next((p for p in plan.every if p.grad.layout != torch.strided), None)
         if sparse is not None:  # (found here, before any buffer is shaped after it or any weight moves)
@@ -902,11 +905,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # pass k -> how many of plan.every had a gradient after it, as the closure's check counted them (run_cycle
         # asks grads_at(k) right after run_pass(k), with nothing in between)
         counted: dict[int, int] = {}
+        late = self._late_grads(plan, cycle)
         with contextlib.ExitStack() as stack:
 
             def run_pass(k: int) -> Any:
                 if k == 1 and self.freeze_bn is not None:
                     stack.enter_context(frozen_bn_stats(self.freeze_bn))
+                if late is not None and k >= 2:
+                    late.collect(k - 1)
                 if release:
                     _release_grads(watch, compiled)
                 loss, defined = self._call_closure(closure, k, watch, released=release, compiled=compiled)
@@ -930,7 +936,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 if self._sharded and not isinstance(err, NonFiniteGradient):
                     distributed.note_recovery(err)
                 raise
+        if late is not None:
+            late.finish()
         return cycle
+
+    def _late_grads(self, plan: _Plan, cycle: Cycle) -> Optional[LateGrads]:
+        """The gatherer for the tensors a perturbed pass may reach first (None when the plain rule is right)."""
+        if not plan.late or not LateGrads.needed(self.spec.steps, cycle.weights):
+            return None
+        return LateGrads(plan.late, cycle.weights)
 
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
@@ -1001,6 +1015,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     grads = self._grads(pending.plan, 1)
                     cycle.observe(grads)
                     cycle.finish(grads)
+                    late = self._late_grads(pending.plan, cycle)
+                    if late is not None:
+                        late.finish()
                 except BaseException:
                     cycle.restore()
                     raise

@@ -675,6 +675,23 @@ CASES += [
 ]
 
 
+def test_adam_betas_outside_torchs_range_are_refused(backend):
+    """torch.optim.Adam takes betas in [0, 1): a negative one made the reference raise ZeroDivisionError or a
+    complex-number TypeError while the C++ op wrote inf/NaN (found by this round's ops review)."""
+    x = fresh()
+    sqs = [t.abs() for t in x["accum"]]
+    for b1, b2, step in ((-1.0, 0.99, 2.0), (-0.5, 0.99, 2.5), (0.9, -0.5, 3.0)):
+        before = [t.clone() for t in x["params"]]
+        with pytest.raises(ValueError, match=r"beta1 and beta2 must be in \[0, 1\)"):
+            ops.restore_adam_step_(
+                x["params"], x["backups"], x["grads"], x["accum"], sqs, lr=0.1, beta1=b1, beta2=b2, eps=1e-8, step=step
+            )
+        assert all(torch.equal(a, b) for a, b in zip(x["params"], before))
+    ops.restore_adam_step_(
+        x["params"], x["backups"], x["grads"], x["accum"], sqs, lr=0.1, beta1=0.0, beta2=0.0, eps=1e-8, step=2.0
+    )
+
+
 def test_a_passive_tensor_is_its_own_backup_in_the_fused_steps(backend):
     """The fused steps take ``backups[i] is params[i]`` for a tensor that was not perturbed: the one overlap allowed."""
     x = fresh()

@@ -410,8 +410,10 @@ inline void check_restore_adam_step(at::TensorList params, at::TensorList backup
   check_finite("weight_decay", weight_decay);
   TORCH_CHECK_VALUE(std::isfinite(step) && step >= 1.0, "step must be a finite count >= 1 (after its increment), got ",
                     float_str(step));
-  TORCH_CHECK_VALUE(beta1 < 1.0 && beta2 < 1.0,
-                    "beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)");
+  // torch.optim.Adam's range: 1 - beta^step of a negative beta is 0 or a root of a negative number at some steps
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+                    "beta1 and beta2 must be in [0, 1) (the bias corrections divide by 1 - beta^step), got ",
+                    float_str(beta1), " and ", float_str(beta2));
   check_no_overlap({{"params", params},
                     {"exp_avgs", exp_avgs},
                     {"exp_avg_sqs", exp_avg_sqs},

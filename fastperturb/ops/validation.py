@@ -318,8 +318,11 @@ def check_restore_adam_step(
         check_finite(name, v)
     if not (math.isfinite(step) and step >= 1.0):
         raise ValueError(f"step must be a finite count >= 1 (after its increment), got {step}")
-    if not (beta1 < 1.0 and beta2 < 1.0):
-        raise ValueError("beta1 and beta2 must be < 1 (the bias corrections divide by 1 - beta^step)")
+    # torch.optim.Adam's range: 1 - beta^step of a negative beta is 0 or a root of a negative number at some steps
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        raise ValueError(
+            f"beta1 and beta2 must be in [0, 1) (the bias corrections divide by 1 - beta^step), got {beta1} and {beta2}"
+        )
     check_no_overlap(
         [
             ("params", params),

@@ -39,8 +39,15 @@ if not T.INTERPRETED:
 import test_optim_behaviour as behaviour
 import test_optim_equations as equations
 import test_sam_family as family
-from test_ops import test_in_place_ops_bump_version_counters  # noqa: F401
-from test_ops_errors import test_bad_input_raises_and_writes_nothing, test_the_unmodified_inputs_are_valid  # noqa: F401
+from test_ops import (  # noqa: F401
+    test_in_place_ops_bump_version_counters,
+    test_strided_and_expanded_coefficients_are_read_by_index,
+)
+from test_ops_errors import (  # noqa: F401
+    test_adam_betas_outside_torchs_range_are_refused,
+    test_bad_input_raises_and_writes_nothing,
+    test_the_unmodified_inputs_are_valid,
+)
 from test_optim_behaviour import (  # noqa: F401
     test_bad_group_setting_at_step_time_touches_nothing,
     test_closure_raising_at_perturbed_point_restores,

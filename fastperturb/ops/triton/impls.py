@@ -173,6 +173,9 @@ def ascent_step_(
 def _ascent_launch(
     plan: Plan, step_coef: Tensor, proj: Tensor, norm: str, first: bool, adaptive_eta: float, zero_grads: bool
 ) -> None:
+    # The kernel reads step_coef[i] and proj[i] at offset i: a strided or expanded [n] vector is made dense first
+    # (no copy for the engine's own, which are).
+    step_coef, proj = step_coef.contiguous(), proj.contiguous()
     for grp in plan.groups:
         elem, st, itype, ct = TYPES[grp.key]
         launch(

@@ -118,7 +118,7 @@ def _run(opt, model, steps, x, y):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("config", ["sgd_nesterov", "sgd_dampening_maximize", "adam_l2", "adamw", "adamw_amsgrad"])
+@pytest.mark.parametrize("config", ["sgd_nesterov", "sgd_momentum_wd", "adam_l2", "adamw", "adamw_amsgrad"])
 def test_sam_fused_step_equals_unfused(config, dtype):
     cls, kwargs = CONFIGS[config]
     x, y = _data(dtype)

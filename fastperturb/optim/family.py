@@ -275,12 +275,12 @@ class _Family(PerturbOptimizer):
         settings[FAMILY_KEY] = {"hyper": self._hyper(), "state": self._persistent(index)}
         return settings
 
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _load(self, state_dict: Dict[str, Any]) -> None:
         settings = (state_dict.get("fastperturb") or {}) if isinstance(state_dict, dict) else {}
         family = settings.get(FAMILY_KEY)
         if family is not None:  # checked before the base optimizer's state is replaced: nothing half-loaded
             self._check_saved(family.get("state", {}), self._flat_params())
-        super().load_state_dict(state_dict)
+        super()._load(state_dict)
         if family is not None:
             self._set_hyper(dict(family.get("hyper", {})))
             self._load_persistent(family.get("state", {}), self._flat_params())

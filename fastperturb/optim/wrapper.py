@@ -17,10 +17,11 @@ import operator
 import sys
 import warnings
 import weakref
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
+import torch.optim.optimizer as optim_hooks
 from torch import Tensor, nn
 
 from .. import distributed, ops
@@ -275,6 +276,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise TypeError(f"fused_step must be True or False, got {fused_step!r}")
         if fused_step:
             fused.check_base(base_optimizer, base_kwargs)
+        _check_base_step(base_optimizer)
 
         self.spec = spec
         self.perturb_filter = perturb_filter
@@ -376,6 +378,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _group_sizes(self, i: int, group: Dict[str, Any]) -> Optional[tuple]:
         """(radius, step) of group ``i``, validated; None if the group is not perturbed."""
+        if group.get("maximize", False):
+            # The ascent would still climb the loss the base optimizer climbs: the worst case of a maximised
+            # objective lies the other way. Refused rather than silently perturbing towards the better point.
+            raise ValueError(
+                f"param_groups[{i}] has maximize=True, which {type(self).__name__} does not support (its ascent "
+                "would go towards the better point of the objective); minimise the negated loss instead"
+            )
         if not group.get("perturb", True):
             return None
         rk = self.radius_key
@@ -995,7 +1004,24 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
-        ``w`` exactly and take the base step with the descent gradient."""
+        ``w`` exactly and take the base step with the descent gradient. This is the step the
+        optimizer's step hooks (``register_step_pre_hook``/``post_hook``) run around, as they
+        run around :meth:`step`."""
+        if self._pending is None:
+            raise RuntimeError("second_step() called without first_step()")
+        args: tuple = ()
+        kwargs: Dict[str, Any] = {"zero_grad": zero_grad, "scaler": scaler}
+        for hook in chain(optim_hooks._global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:  # torch's contract: a pre hook may replace (args, kwargs)
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
+                args, kwargs = result
+        self._second_step(*args, **kwargs)
+        for hook in chain(self._optimizer_step_post_hooks.values(), optim_hooks._global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+
+    def _second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         pending = self._pending
         if pending is None:
             raise RuntimeError("second_step() called without first_step()")
@@ -1095,14 +1121,32 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict (its state and the shared param_groups, which hold
         the per-group radius/step) plus this wrapper's settings under ``"fastperturb"``.
-        The perturbation buffers are transient and not saved."""
+        The perturbation buffers are transient and not saved. Hooks registered on this optimizer
+        (``register_state_dict_pre_hook``/``post_hook``) run as torch.optim runs them."""
         self._refuse_while_pending("saved")
+        for pre in self._optimizer_state_dict_pre_hooks.values():
+            pre(self)
         sd = self.base_optimizer.state_dict()
         sd[STATE_KEY] = self._settings()
+        for post in self._optimizer_state_dict_post_hooks.values():
+            result = post(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict)."""
+        """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict), between this
+        optimizer's ``register_load_state_dict_pre_hook``/``post_hook`` hooks."""
+        sd = state_dict.copy()
+        for pre in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre(self, sd)
+            if result is not None:
+                sd = result
+        self._load(sd)
+        for post in self._optimizer_load_state_dict_post_hooks.values():
+            post(self)
+
+    def _load(self, state_dict: Dict[str, Any]) -> None:
         sd = dict(state_dict)
         settings = sd.pop(STATE_KEY, None)
         if settings is not None:
@@ -1157,6 +1201,17 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(("fastperturb.", "torch.optim")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _check_base_step(base: type) -> None:
+    """A base optimizer whose step() needs a closure (LBFGS) re-evaluates the loss itself: there is no place for
+    the perturbed passes in it, and calling it without one failed only after the passes."""
+    closure = inspect.signature(base.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{base.__name__}.step() needs a closure (it evaluates the loss several times itself), so it cannot be "
+            "the base of a perturbation step; use a first-order optimizer such as torch.optim.SGD or AdamW"
+        )
 
 
 def _check_scaler(scaler: object) -> None:

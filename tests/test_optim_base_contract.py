@@ -1,0 +1,82 @@
+"""What the wrapper takes from torch.optim's contract beyond step(): hooks, and the base optimizers and settings it
+refuses because it cannot honour them (found by this round's optimizer-semantics review)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastperturb as fp
+
+
+def _w():
+    return torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(0)))
+
+
+def _closure(w):
+    def closure():
+        loss = (w**2).sum() + w.sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+PRESETS = {
+    "SAM": lambda ps, **kw: fp.SAM(ps, torch.optim.SGD, lr=0.1, **kw),
+    "APD": lambda ps, **kw: fp.APD(ps, torch.optim.SGD, steps=1, lr=0.1, **kw),
+    "GSAM": lambda ps, **kw: fp.GSAM(ps, torch.optim.SGD, lr=0.1, **kw),
+    "FriendlySAM": lambda ps, **kw: fp.FriendlySAM(ps, torch.optim.SGD, lr=0.1, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_state_dict_hooks_on_the_wrapper_run(name):
+    w = _w()
+    opt = PRESETS[name]([w])
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("save-pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 7})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load-post"))
+    opt.step(_closure(w))
+    sd = opt.state_dict()
+    assert sd["extra"] == 7 and calls == ["save-pre"]
+    opt.load_state_dict(sd)  # the pre hook drops "extra" (the base optimizer would refuse it otherwise)
+    assert calls == ["save-pre", "load-post"]
+
+
+@pytest.mark.parametrize("name", ["SAM", "APD", "GSAM"])
+def test_step_hooks_run_around_second_step(name):
+    """An EMA or a logger registered as a step hook runs in the two-call convention too, once per step."""
+    w = _w()
+    opt = PRESETS[name]([w])
+    seen = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", w.detach().clone())))
+    opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", w.detach().clone())))
+    _closure(w)()
+    w0 = w.detach().clone()
+    opt.first_step()
+    _closure(w)()
+    opt.second_step()
+    assert [s for s, _ in seen] == ["pre", "post"]
+    assert not torch.equal(seen[1][1], w0)  # after the base step
+    assert torch.equal(seen[1][1], w.detach())
+
+
+def test_a_base_optimizer_that_needs_a_closure_is_refused_at_construction():
+    with pytest.raises(TypeError, match=r"LBFGS.step\(\) needs a closure"):
+        fp.SAM([_w()], torch.optim.LBFGS, lr=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_maximize_is_refused_before_anything_moves(name):
+    w = _w()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has maximize=True"):
+        PRESETS[name]([w], maximize=True)
+    opt = PRESETS[name]([w])
+    opt.param_groups[0]["maximize"] = True  # set later, as a schedule or a user may
+    w0 = w.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has maximize=True"):
+        opt.step(_closure(w))
+    assert torch.equal(w.detach(), w0)

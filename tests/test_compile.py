@@ -141,6 +141,7 @@ ALLOWED_BREAKS = {
         "bool(flat[:_ZERO_SCAN_HEAD].any())",
         "bool(flat[_ZERO_SCAN_HEAD:].any())",
         "bool(g.any())",
+        "return _watch_changed(self)",  # the drop-in check reads an eager snapshot (zero_grad() outside)
         "super().zero_grad(",
     ),
 }
@@ -323,3 +324,48 @@ def test_compiled_family_step_equals_eager(name):
     for a, b in zip(comp.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert max(float((a - b).abs().max()) for a, b in zip(comp.parameters(), _mlp().parameters())) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_grad_inside", [True, False])
+def test_compiled_dropin_step_runs_no_clean_pass_of_its_own(zero_grad_inside):
+    """``torch.compile(train_step)`` where train_step runs the caller's backward then ``opt.step(closure)``: one
+    closure call per SAM step, as in eager, with ``opt.zero_grad()`` inside the compiled function or outside it
+    (eager). The snapshot an eager zero_grad() takes lives in the GradWatch, which traced code cannot reach: the
+    compiled step took the caller's g_0 as unknown and ran a clean pass of its own, every step (found by this
+    round's torch.compile review)."""
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(4)]
+    calls = {}
+    weights = {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        model = _mlp()
+        opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+        n = [0]
+
+        def train_step(x, y, model=model, opt=opt, n=n):
+            def closure():
+                n[0] += 1
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            F.cross_entropy(model(x), y).backward()
+            opt.step(closure)
+            if zero_grad_inside:
+                opt.zero_grad()
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        per_step = []
+        for x, y in batches:
+            before = n[0]
+            step(x, y)
+            if not zero_grad_inside:
+                opt.zero_grad()
+            per_step.append(n[0] - before)
+        calls[compiled] = per_step
+        weights[compiled] = [p.detach().clone() for p in model.parameters()]
+    assert calls[False] == calls[True] == [1] * len(batches), calls
+    for a, b in zip(weights[False], weights[True]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

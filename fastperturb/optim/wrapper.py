@@ -625,9 +625,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
-        watch = self._watch()
-        if self._seen_by_watch and watch is not None:
-            return watch.changed(_SEEN)  # False without a snapshot of these tensors: unknown, run the clean pass
+        if self._seen_by_watch:
+            # The snapshot is in the GradWatch (an eager step() or zero_grad() took it). A compiled step cannot reach
+            # the watch from traced code, so it reads it eagerly: else it took the caller's g_0 as unknown and ran
+            # a clean pass of its own (a third pass per SAM step, BatchNorm statistics moved once more).
+            if torch.compiler.is_compiling():
+                return _watch_changed(self)
+            watch = self._watch()
+            if watch is not None:
+                return watch.changed(_SEEN)  # False without a snapshot of these tensors: unknown, run the clean pass
         seen = self._grads_seen
         if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
             return False
@@ -1201,6 +1207,13 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_globals.get("__name__", "").startswith(("fastperturb.", "torch.optim")):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@torch.compiler.disable
+def _watch_changed(opt: PerturbOptimizer) -> bool:
+    """``GradWatch.changed`` of ``opt``'s snapshot, run eagerly (called from a compiled step)."""
+    watch = opt._watch()
+    return watch is not None and watch.changed(_SEEN)
 
 
 def _check_base_step(base: type) -> None:

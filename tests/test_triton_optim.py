@@ -41,6 +41,7 @@ import test_optim_equations as equations
 import test_sam_family as family
 from test_ops import (  # noqa: F401
     test_in_place_ops_bump_version_counters,
+    test_linf_clamp_with_any_radius_follows_the_reference,
     test_strided_and_expanded_coefficients_are_read_by_index,
 )
 from test_ops_errors import (  # noqa: F401

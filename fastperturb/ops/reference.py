@@ -129,7 +129,8 @@ def ascent_step_(
             a = step_coef[i].to(cd)
             p = proj[i].to(cd)
             u = delta + a * direction
-            u = p * u if norm == "l2" else torch.minimum(torch.maximum(u, -p), p)
+            # the kernels' clamp (math.h clamp_sym): a NaN in u stays NaN; a NaN radius clamps nothing
+            u = p * u if norm == "l2" else torch.where(u < -p, -p, torch.where(u > p, p, u))
             if first:
                 b.copy_(w)
             w.copy_(base + u)

@@ -47,7 +47,9 @@ FP_HD C sign_of(C g) {
   return g > C(0) ? C(1) : (g < C(0) ? C(-1) : g);
 }
 
-// clamp(u, -r, r), propagating NaN (as torch.minimum/maximum do).
+// clamp(u, -r, r): a NaN in u stays NaN; a NaN radius clamps nothing (the comparisons are false), and a
+// negative one gives r or -r by the same two comparisons. fastperturb/ops/reference.py and the Triton kernel
+// compute it the same way.
 template <typename C>
 FP_HD C clamp_sym(C u, C r) {
   return u < -r ? -r : (u > r ? r : u);

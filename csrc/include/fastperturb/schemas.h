@@ -30,7 +30,7 @@ inline constexpr const char* kGradStats =
 //   base  = first ? w : backup        delta = first ? 0 : w - backup
 //   dir   = l2: g | linf: sign(g);    adaptive: dir = (|base| + eta)^2 * g
 //   u     = delta + a * dir
-//   u     = l2: p * u | linf: clamp(u, -p, p)
+//   u     = l2: p * u | linf: u < -p ? -p : (u > p ? p : u)
 //   w     = base + u;  if first: backup = old w;  if zero_grads: g = 0
 inline constexpr const char* kAscentStep =
     "ascent_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] backups, "

@@ -376,6 +376,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """The ascent step when a group gives none: eta = r (one step to the ball's surface)."""
         return radius
 
+    def _check_real(self, groups: Sequence[Dict[str, Any]]) -> None:
+        """torch.optim steps complex parameters; the perturbation ops take real floating tensors only. Refused when
+        the groups are read (at construction), not after the first passes ran the closure."""
+        for group in groups:
+            for p in group["params"]:
+                if p.is_complex():
+                    raise TypeError(
+                        f"{_name_in(groups, p)} is complex ({p.dtype}): {type(self).__name__} works on real floating "
+                        "tensors; register its real view (torch.view_as_real) as the parameter, or give it an "
+                        "optimizer of its own"
+                    )
+
     def _group_sizes(self, i: int, group: Dict[str, Any]) -> Optional[tuple]:
         """(radius, step) of group ``i``, validated; None if the group is not perturbed."""
         if group.get("maximize", False):
@@ -416,6 +428,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if key != self._selection_cache.key:
             every = [p for g in self.param_groups for p in g["params"]]
             _check_no_shared_memory(every, self.param_groups)
+            self._check_real(self.param_groups)
             self._sharded = distributed.check_engine(every)
             sel = []
             for group in self.param_groups:
@@ -496,6 +509,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"a parameter of shape {tuple(sparse.shape)} has a {sparse.grad.layout} gradient (e.g. "
                 "nn.Embedding(sparse=True)): the perturbation passes need dense gradients; use sparse=False"
             )
+        meta = next((p for p in plan.every if p.device.type == "meta"), None)
+        if meta is not None:  # (torch.optim steps it; the passes have no values to read, and said so in an op's terms)
+            raise ValueError(
+                f"{_name_in(self.param_groups, meta)} is on the meta device: it has no values to perturb (materialise "
+                "it first, e.g. module.to_empty(device=...) and initialise it)"
+            )
         if self._sharded:  # FSDP2: the ops run on the local shards (looked up each step: FSDP may swap them)
             plan.local_params = distributed.local_list(plan.params)
             plan.local_passive = distributed.local_list(plan.passive)
@@ -539,7 +558,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _accum_list(self, params: Sequence[Tensor]) -> List[Tensor]:
         return self._cached_list(
-            "accum", params, lambda: buffers_for(self._accums, params, [distributed.local(p.grad) for p in params])
+            # shaped like the parameters, whose gradients the ops hold to them: a gradient in another layout is then
+            # refused in its own name, not in the words of a buffer the user never made
+            "accum",
+            params,
+            lambda: buffers_for(self._accums, params, [distributed.local(p) for p in params]),
         )
 
     def buffer_count(self) -> tuple:
@@ -1214,6 +1237,16 @@ def _watch_changed(opt: PerturbOptimizer) -> bool:
     """``GradWatch.changed`` of ``opt``'s snapshot, run eagerly (called from a compiled step)."""
     watch = opt._watch()
     return watch is not None and watch.changed(_SEEN)
+
+
+def _name_in(groups: Sequence[Dict[str, Any]], t: Tensor) -> str:
+    """``param_groups[i]['params'][j]`` of ``t``."""
+    return next(
+        f"param_groups[{gi}]['params'][{pj}]"
+        for gi, g in enumerate(groups)
+        for pj, p in enumerate(g["params"])
+        if p is t
+    )
 
 
 def _check_base_step(base: type) -> None:

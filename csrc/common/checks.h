@@ -414,11 +414,9 @@ inline void check_restore_adam_step(at::TensorList params, at::TensorList backup
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
                     "beta1 and beta2 must be in [0, 1) (the bias corrections divide by 1 - beta^step), got ",
                     float_str(beta1), " and ", float_str(beta2));
-  check_no_overlap({{"params", params},
-                    {"exp_avgs", exp_avgs},
-                    {"exp_avg_sqs", exp_avg_sqs},
-                    {"max_exp_avg_sqs", max_exp_avg_sqs}},
-                   {{"backups", backups}, {"grads", grads}}, {"params", "backups"});
+  check_no_overlap(
+      {{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}, {"max_exp_avg_sqs", max_exp_avg_sqs}},
+      {{"backups", backups}, {"grads", grads}}, {"params", "backups"});
 }
 
 // ascent_coefficients: stats float32/float64 [n, 3] (grad_stats_'s rows), step_size and radius float64 [n], all dense

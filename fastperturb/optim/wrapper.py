@@ -1166,7 +1166,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict), between this
         optimizer's ``register_load_state_dict_pre_hook``/``post_hook`` hooks."""
-        sd = state_dict.copy()
+        sd = dict(state_dict)  # (a hook may change it in place: never the caller's)
         for pre in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre(self, sd)
             if result is not None:

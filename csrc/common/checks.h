@@ -166,63 +166,56 @@ inline void check_finite(const char* name, double value) {
 }
 
 // No tensor of a written list shares memory with any other tensor of the call (read or written); empty and
-// meta tensors have no memory to share. `alias_ok` names a (written, read) pair of lists whose tensors at the same
-// index may be one and the same memory (the fused steps' backups[i] is params[i] where a tensor was not
-// perturbed); any other overlap is refused. Sorted by start, a span overlaps an earlier one iff that one ends
-// after it starts: the sweep keeps the furthest-reaching earlier span overall (for written spans) and among the
-// written ones (for read spans). A span skipped as the allowed twin has the same bytes as its partner, so any third
-// span overlapping it overlaps the partner too and is found there. Labels are built only for the message (this
-// runs on every call of a plain op). The message names the pair as fastperturb/ops/validation.py does.
+// meta tensors have no memory to share. The tensors are on one device (check_same_device runs first). `alias_ok`
+// names a (written, read) pair of lists whose tensors at the same index may be one and the same memory (the fused
+// steps' backups[i] is params[i] where a tensor was not perturbed); any other overlap is refused. Sorted by
+// start (then list, then index: written lists come first), a span overlaps an earlier one iff that one ends after
+// it starts: the sweep keeps the furthest-reaching earlier span overall (for written spans) and among the written
+// ones (for read spans). A span skipped as the allowed twin has the same bytes as its partner, so any third span
+// overlapping it overlaps the partner too and is found there. This runs on every call of a plain op: plain spans,
+// one sort, labels built only for the message (named as fastperturb/ops/validation.py names them).
 inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read,
                              std::pair<const char*, const char*> alias_ok = {nullptr, nullptr}) {
   struct Span {
-    int8_t device_type;
-    int8_t device_index;
-    uint16_t list;  // index into `lists` below
-    uint32_t index;
     uintptr_t start, end;
+    uint32_t list, index;  // list: into `lists` below
   };
   std::vector<const NamedList*> lists;
-  std::vector<bool> list_written;
-  for (const auto& l : written) lists.push_back(&l), list_written.push_back(true);
-  for (const auto& l : read) lists.push_back(&l), list_written.push_back(false);
+  for (const auto& l : written) lists.push_back(&l);
+  for (const auto& l : read) lists.push_back(&l);
+  const size_t n_written = written.size();
   size_t total = 0;
   for (const NamedList* l : lists) total += l->tensors.size();
   std::vector<Span> spans;
   spans.reserve(total);
-  int twin_w = -1, twin_r = -1;
+  int64_t twin_w = -1, twin_r = -1;
   for (size_t k = 0; k < lists.size(); ++k) {
-    if (alias_ok.first != nullptr && std::strcmp(lists[k]->name, alias_ok.first) == 0) twin_w = static_cast<int>(k);
-    if (alias_ok.second != nullptr && std::strcmp(lists[k]->name, alias_ok.second) == 0) twin_r = static_cast<int>(k);
+    if (alias_ok.first != nullptr && std::strcmp(lists[k]->name, alias_ok.first) == 0) twin_w = static_cast<int64_t>(k);
+    if (alias_ok.second != nullptr && std::strcmp(lists[k]->name, alias_ok.second) == 0)
+      twin_r = static_cast<int64_t>(k);
     const at::TensorList ts = lists[k]->tensors;
     for (size_t i = 0; i < ts.size(); ++i) {
       const at::Tensor& t = ts[i];
       if (t.numel() == 0 || t.device().is_meta()) continue;
       const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
       const auto bytes = static_cast<uintptr_t>(t.numel()) * static_cast<uintptr_t>(t.element_size());
-      spans.push_back({static_cast<int8_t>(t.device().type()), t.device().index(), static_cast<uint16_t>(k),
-                       static_cast<uint32_t>(i), start, start + bytes});
+      spans.push_back({start, start + bytes, static_cast<uint32_t>(k), static_cast<uint32_t>(i)});
     }
   }
-  auto before = [](const Span& a, const Span& b) {
-    if (a.device_type != b.device_type) return a.device_type < b.device_type;
-    if (a.device_index != b.device_index) return a.device_index < b.device_index;
-    return a.start < b.start;
-  };
-  std::stable_sort(spans.begin(), spans.end(), before);
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    if (a.start != b.start) return a.start < b.start;
+    return a.list != b.list ? a.list < b.list : a.index < b.index;
+  });
   auto label = [&](const Span& s) { return std::string(lists[s.list]->name) + "[" + std::to_string(s.index) + "]"; };
   auto twins = [&](const Span& a, const Span& b) {
-    const bool pair = (a.list == twin_w && b.list == twin_r) || (a.list == twin_r && b.list == twin_w);
+    const int64_t la = a.list, lb = b.list;
+    const bool pair = (la == twin_w && lb == twin_r) || (la == twin_r && lb == twin_w);
     return pair && a.index == b.index && a.start == b.start && a.end == b.end;
   };
   const Span* reach_any = nullptr;
   const Span* reach_written = nullptr;
-  for (size_t k = 0; k < spans.size(); ++k) {
-    const Span& s = spans[k];
-    if (k > 0 && (s.device_type != spans[k - 1].device_type || s.device_index != spans[k - 1].device_index)) {
-      reach_any = reach_written = nullptr;
-    }
-    const bool s_written = list_written[s.list];
+  for (const Span& s : spans) {
+    const bool s_written = s.list < n_written;
     const Span* other = s_written ? reach_any : reach_written;
     if (other != nullptr && other->end > s.start && !twins(s, *other)) {
       const std::string w = s_written ? label(s) : label(*other);

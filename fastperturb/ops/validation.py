@@ -104,7 +104,7 @@ def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.
 
 def _span(t: Tensor) -> tuple[int, int] | None:
     """The bytes a dense tensor occupies, or None if it has none we can see (empty, meta or fake tensors)."""
-    # Fake tensors (tracing) report a data pointer of 0: their aliasing is the real call's to check.
+    # Fake tensors (tracing) have no memory of their own: their aliasing is the real call's to check.
     if t.numel() == 0 or t.device.type == "meta" or is_fake(t):
         return None
     try:
@@ -122,42 +122,56 @@ def check_no_overlap(
     """No tensor of a ``written`` list shares memory with any other tensor of the call (read or written).
 
     ``alias_ok`` names a (written, read) pair of lists whose tensors at the same index may be the very same
-    memory (the fused steps' ``backups[i]`` is ``params[i]`` where a tensor was not perturbed)."""
+    memory (the fused steps' ``backups[i]`` is ``params[i]`` where a tensor was not perturbed). The tensors are
+    on one device (``check_same_device`` runs first). This runs on every call of a plain op, so the spans are
+    plain tuples and a label is built only for the message."""
+    lists = [(name, ts, True) for name, ts in written] + [(name, ts, False) for name, ts in read]
+    first = next((ts[0] for _, ts, _ in lists if len(ts)), None)
+    if first is None or is_fake(first):  # tracing: every tensor of the call is fake, its aliasing the real call's
+        return
     spans = []
-    for is_written, named in ((True, written), (False, read)):
-        for name, ts in named:
-            for i, t in enumerate(ts):
-                s = _span(t)
-                if s is not None:
-                    spans.append((str(t.device), s[0], s[1], is_written, f"{name}[{i}]"))
-    spans.sort(key=lambda s: (s[0], s[1]))
-    twins = set() if alias_ok is None else set(alias_ok)
+    for k, (_, ts, _) in enumerate(lists):
+        for i, t in enumerate(ts):
+            if t.numel() == 0:
+                continue
+            try:
+                start = t.data_ptr()
+            except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
+                continue
+            if start:  # 0: a meta tensor, which has no memory
+                spans.append((start, k, i, start + t.numel() * t.element_size()))
+    if not spans:
+        return
+    spans.sort()  # by start, then written lists before read ones (their order in `lists`), then index
+    names = [name for name, _, _ in lists]
+    twins = {names.index(n) for n in alias_ok} if alias_ok is not None else None
 
-    def twin(a: tuple, b: tuple) -> bool:
-        # The same bytes at the same index of the alias_ok lists. A third span overlapping one of the twins
-        # overlaps the other as well, and the sweep finds it there.
-        (na, ia), (nb, ib) = a[2].split("["), b[2].split("[")
-        return na != nb and {na, nb} == twins and ia == ib and a[:2] == b[:2]
+    def label(s: tuple) -> str:
+        return f"{names[s[1]]}[{s[2]}]"
 
     # Sorted by start, a span overlaps an earlier one iff that one ends after it starts: keep the
-    # furthest-reaching earlier span overall (for written spans) and among the written (for read spans).
+    # furthest-reaching earlier span overall (for written spans) and among the written (for read spans). A span
+    # skipped as the allowed twin has the same bytes as its partner, so a third span overlapping it overlaps the
+    # partner too and is found there.
     reach_any = reach_written = None
-    device = None
-    for dev, start, end, is_written, label in spans:
-        if dev != device:
-            device, reach_any, reach_written = dev, None, None
-        span = (start, end, label)
+    for s in spans:
+        start, k, i, end = s
+        is_written = lists[k][2]
         other = reach_any if is_written else reach_written
-        if other is not None and other[1] > start and not (twins and twin(other, span)):
-            w, r = (label, other[2]) if is_written else (other[2], label)
-            raise ValueError(
-                f"{w} shares memory with {r}; {w.split('[')[0]} is written in place, "
-                "so pass tensors that do not overlap (e.g. a clone)"
+        if other is not None and other[3] > start:
+            twin = (
+                twins is not None and {k, other[1]} == twins and i == other[2] and start == other[0] and end == other[3]
             )
-        if reach_any is None or end > reach_any[1]:
-            reach_any = span
-        if is_written and (reach_written is None or end > reach_written[1]):
-            reach_written = span
+            if not twin:
+                w, r = (label(s), label(other)) if is_written else (label(other), label(s))
+                raise ValueError(
+                    f"{w} shares memory with {r}; {w.split('[')[0]} is written in place, "
+                    "so pass tensors that do not overlap (e.g. a clone)"
+                )
+        if reach_any is None or end > reach_any[3]:
+            reach_any = s
+        if is_written and (reach_written is None or end > reach_written[3]):
+            reach_written = s
 
 
 # One check per op, mirroring the schemas in csrc/include/fastperturb/schemas.h.

@@ -99,12 +99,11 @@ def exact_tiny_sums(
     norm comes out short (0 below about 1e-23), and the step ``eta / ||g||`` overshoots the radius (2.7x at
     1e-23) or vanishes. Rare (vanishing gradients in float32 or bfloat16), so the fix is a float64 read of those
     tensors only, never of the rest. The rows come back as float64 (``ascent_coefficients`` takes either)."""
+    g = [grads[i] for i in rows]
+    if adaptive_eta is not None:
+        g = torch._foreach_mul(g, torch._foreach_add(torch._foreach_abs([params[i] for i in rows]), adaptive_eta))
     out = stats.to(torch.float64)
-    for i in rows:
-        g = grads[i]
-        if adaptive_eta is not None:
-            g = g * (params[i].abs() + adaptive_eta)
-        out[i, 0] = torch.linalg.vector_norm(g, 2, dtype=torch.float64).square()
+    out[rows, 0] = torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).square()
     return out
 
 

@@ -102,16 +102,21 @@ def first_device(*lists: Sequence[Tensor], default: torch.device | None = torch.
     return default
 
 
-def _span(t: Tensor) -> tuple[int, int] | None:
-    """The bytes a dense tensor occupies, or None if it has none we can see (empty, meta or fake tensors)."""
-    # Fake tensors (tracing) have no memory of their own: their aliasing is the real call's to check.
-    if t.numel() == 0 or t.device.type == "meta" or is_fake(t):
+def _bytes(t: Tensor) -> tuple[int, int] | None:
+    """The bytes a real dense tensor occupies, or None if it has none (empty, or meta: data pointer 0)."""
+    if t.numel() == 0:
         return None
     try:
         start = t.data_ptr()
     except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
         return None
-    return start, start + t.numel() * t.element_size()
+    return (start, start + t.numel() * t.element_size()) if start else None
+
+
+def _span(t: Tensor) -> tuple[int, int] | None:
+    """:func:`_bytes`, and None for a fake tensor (tracing), whose aliasing is the real call's to check (asked
+    first: reading a fake tensor's data pointer warns)."""
+    return None if is_fake(t) else _bytes(t)
 
 
 def check_no_overlap(
@@ -132,14 +137,9 @@ def check_no_overlap(
     spans = []
     for k, (_, ts, _) in enumerate(lists):
         for i, t in enumerate(ts):
-            if t.numel() == 0:
-                continue
-            try:
-                start = t.data_ptr()
-            except (RuntimeError, NotImplementedError):  # a subclass without storage of its own
-                continue
-            if start:  # 0: a meta tensor, which has no memory
-                spans.append((start, k, i, start + t.numel() * t.element_size()))
+            b = _bytes(t)
+            if b is not None:
+                spans.append((b[0], k, i, b[1]))
     if not spans:
         return
     spans.sort()  # by start, then written lists before read ones (their order in `lists`), then index

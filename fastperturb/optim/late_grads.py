@@ -24,9 +24,10 @@ class LateGrads:
         self._sums: Dict[int, Tensor] = {}
 
     @staticmethod
-    def needed(steps: int, weights: Sequence[float]) -> bool:
-        """Whether the plain rule (the last pass's gradient, as is) differs from ``sum_k c_k g_k`` for them."""
-        return steps > 1 or weights[-1] != 1.0
+    def needed(weights: Sequence[float]) -> bool:
+        """Whether the plain rule (the last pass's gradient, as is) differs from ``sum_k c_k g_k`` for them: more
+        than one perturbed pass, or a last weight other than 1."""
+        return len(weights) > 2 or weights[-1] != 1.0
 
     def collect(self, k: int) -> None:
         """Before pass ``k + 1``: take pass ``k``'s gradients (weighted by ``c_k``) off the tensors."""

@@ -980,7 +980,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _late_grads(self, plan: _Plan, cycle: Cycle) -> Optional[LateGrads]:
         """The gatherer for the tensors a perturbed pass may reach first (None when the plain rule is right)."""
-        if not plan.late or not LateGrads.needed(self.spec.steps, cycle.weights):
+        if not plan.late or not LateGrads.needed(cycle.weights):
             return None
         return LateGrads(plan.late, cycle.weights)
 

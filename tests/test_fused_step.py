@@ -466,3 +466,112 @@ def test_a_base_with_torchs_fused_flag_is_fused_and_matches_it():
         assert o1.fused_step_fallback is None
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def _warm_pair(base=torch.optim.Adam, steps=2, **kw):
+    """A fused and an unfused SAM on twin models, after ``steps`` identical steps."""
+    x, y = _data()
+    m1, m2 = _model(), _model()
+    o1 = fp.SAM(m1.parameters(), base, rho=0.05, lr=1e-2, fused_step=True, **kw)
+    o2 = fp.SAM(m2.parameters(), base, rho=0.05, lr=1e-2, **kw)
+    for _ in range(steps):
+        for opt, m in ((o1, m1), (o2, m2)):
+            opt.step(_closure(m, x, y))
+            opt.zero_grad()
+    assert o1.fused_step_fallback is None
+    return (o1, m1), (o2, m2), (x, y)
+
+
+def _step_both(pairs, data):
+    for opt, m in pairs:
+        opt.step(_closure(m, *data))
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("base, key", [(torch.optim.Adam, "exp_avg"), (torch.optim.SGD, "momentum_buffer")])
+def test_a_state_replaced_by_one_of_another_layout_falls_back_after_cached_steps(base, key):
+    """The fused step records the state tensors it checked and skips the checks while they are the same objects;
+    a state tensor replaced by one with other strides is checked again and the step falls back (the weights agree
+    with the unfused twin's within the tolerance of the fused warm-up steps)."""
+    kw = dict(momentum=0.9) if base is torch.optim.SGD else {}
+    (o1, m1), (o2, m2), data = _warm_pair(base, **kw)
+    for opt, m in ((o1, m1), (o2, m2)):
+        w = m[0].weight
+        st = opt.base_optimizer.state[w]
+        st[key] = st[key].t().contiguous().t()  # same values, transposed strides
+    _step_both(((o1, m1), (o2, m2)), data)
+    assert "does not match" in o1.fused_step_fallback
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    # Back to a fitting layout: fused again, and equal to torch within the file's tolerance.
+    for opt, m in ((o1, m1), (o2, m2)):
+        st = opt.base_optimizer.state[m[0].weight]
+        st[key] = st[key].contiguous()
+    _step_both(((o1, m1), (o2, m2)), data)
+    assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_a_reset_state_is_used_by_the_next_fused_step():
+    """Moments reset by assignment (as when a layer is re-initialised) are read by the next fused step."""
+    (o1, m1), (o2, m2), data = _warm_pair(torch.optim.AdamW)
+    for opt, m in ((o1, m1), (o2, m2)):
+        for p in m.parameters():
+            st = opt.base_optimizer.state[p]
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            st["step"] = torch.tensor(0.0)
+    _step_both(((o1, m1), (o2, m2)), data)
+    assert o1.fused_step_fallback is None
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])
+    for p in m1.parameters():
+        assert float(o1.base_optimizer.state[p]["step"]) == 1.0
+
+
+def test_state_checks_are_skipped_while_the_state_is_unchanged(monkeypatch):
+    calls = []
+    real = fused_step._state_reason
+    monkeypatch.setattr(fused_step, "_state_reason", lambda *a: calls.append(1) or real(*a))
+    (o1, m1), _, data = _warm_pair(torch.optim.Adam)
+    n = sum(1 for _ in m1.parameters())
+    calls.clear()
+    _step_both(((o1, m1),), data)
+    assert calls == [] and o1.fused_step_fallback is None
+    o1.base_optimizer.load_state_dict(o1.base_optimizer.state_dict())  # new state tensors: checked again
+    _step_both(((o1, m1),), data)
+    assert len(calls) == n and o1.fused_step_fallback is None
+
+
+def test_a_descent_gradient_of_another_layout_falls_back():
+    """Without a handle on every parameter (one has no gradient) G's layout is checked by the fused step itself:
+    a transposed gradient in the perturbed pass makes that step fall back (before: checked on g_0 only, and the
+    fused op refused G's strides with an error under perturbed weights)."""
+    x, y = _data()
+    models, opts = [], []
+    for fused in (True, False):
+        m = _model()
+        unused = nn.Parameter(torch.ones(2, 2))  # its gradient stays None
+        models.append(m)
+        opts.append(fp.SAM([*m.parameters(), unused], torch.optim.Adam, rho=0.05, lr=1e-2, fused_step=fused))
+    for step in range(3):
+        for opt, m in zip(opts, models):
+            calls = []
+
+            def closure(m=m, calls=calls):
+                loss = nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                calls.append(1)
+                if step == 1 and len(calls) == 2:  # the perturbed pass's gradient, on the step in the middle
+                    w = m[2].weight
+                    w.grad = w.grad.t().contiguous().t()
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+        if step == 1:
+            assert "memory layout" in opts[0].fused_step_fallback
+        else:
+            assert opts[0].fused_step_fallback is None
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, **TOL[torch.float32])

@@ -23,7 +23,10 @@ memory layout differs from its parameter's, state tensors that do not match thei
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+import itertools
+import operator
+import weakref
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -78,10 +81,9 @@ def _state_fits(p: Tensor, t: object) -> bool:
     )
 
 
-def why_not_fused(base: torch.optim.Optimizer) -> Optional[str]:
-    """None if this step of ``base`` can be fused, else why it falls back (checked before anything is written)."""
-    family = FAMILIES.get(type(base))
-    if family is None:
+def step_reason(base: torch.optim.Optimizer) -> Optional[str]:
+    """Why no step of ``base`` can be fused as it is set up now (class, hooks, group flags), or None."""
+    if type(base) not in FAMILIES:
         return f"{type(base).__name__} has no fused step"
     from torch.optim import optimizer as torch_optimizer
 
@@ -96,33 +98,130 @@ def why_not_fused(base: torch.optim.Optimizer) -> Optional[str]:
         flags = [f for f in _FALLBACK_FLAGS if group.get(f)]
         if flags:
             return f"param_groups[{gi}] sets {', '.join(flags)}"
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            reason = _tensor_fits(p, g)
+    return None
+
+
+def _state_keys(family: str, group: Dict[str, Any]) -> Tuple[str, ...]:
+    if family == "sgd":
+        return ("momentum_buffer",)
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+
+
+def _state_reason(family: str, group: Dict[str, Any], p: Tensor, state: Dict[str, Any]) -> Optional[str]:
+    for key in _state_keys(family, group):
+        if key in state and not _state_fits(p, state[key]):
+            return f"state[{key!r}] of a parameter does not match it (shape, dtype, device or layout)"
+    if family == "adam":
+        step = state.get("step")
+        if not (isinstance(step, Tensor) and step.numel() == 1 and step.device.type == "cpu"):
+            return "an Adam state whose 'step' is not a CPU scalar tensor"
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            return "amsgrad was turned on after the state was created"
+    return None
+
+
+def why_not_fused(base: torch.optim.Optimizer) -> Optional[str]:
+    """None if this step of ``base`` can be fused, else why it falls back: the checks :func:`fused_base_step`
+    makes before it writes anything, made here on the gradients now in ``.grad``."""
+    reason = step_reason(base)
+    if reason is not None:
+        return reason
+    family = FAMILIES[type(base)]
+    for group in base.param_groups:
+        for p in _with_grad(group):
+            reason = _tensor_fits(p, p.grad)
+            if reason is None and base.state.get(p):
+                reason = _state_reason(family, group, p, base.state[p])
             if reason is not None:
                 return reason
-            state = base.state.get(p)
-            if not state:
-                continue
-            keys = ("momentum_buffer",) if family == "sgd" else ("exp_avg", "exp_avg_sq")
-            if family == "adam" and group["amsgrad"]:
-                keys += ("max_exp_avg_sq",)
-            for key in keys:
-                if key in state and not _state_fits(p, state[key]):
-                    return f"state[{key!r}] of a parameter does not match it (shape, dtype, device or layout)"
-            if family == "adam":
-                step = state.get("step")
-                if not (isinstance(step, Tensor) and step.numel() == 1 and step.device.type == "cpu"):
-                    return "an Adam state whose 'step' is not a CPU scalar tensor"
-                if group["amsgrad"] and "max_exp_avg_sq" not in state:
-                    return "amsgrad was turned on after the state was created"
     return None
 
 
 def _with_grad(group: Dict[str, Any]) -> List[Tensor]:
     return [p for p in group["params"] if p.grad is not None]
+
+
+class _Gathered:
+    """One step's tensors of one param group: the params with a gradient and their torch state dicts (``None``
+    where torch has not created the state yet)."""
+
+    __slots__ = ("group", "params", "states")
+
+    def __init__(self, group: Dict[str, Any], params: List[Tensor], states: List[Optional[Dict[str, Any]]]):
+        self.group, self.params, self.states = group, params, states
+
+
+class _Checked:
+    """The tensors a base optimizer's last fused step checked, by identity: each group's state keys, then its
+    params with a gradient, their state dicts (None where torch has not created one) and those dicts' tensors.
+    While every tensor is alive (a weak reference's callback marks the record stale when one is freed, so no id
+    can have been reused) and every object is the same one in the same place, the per-tensor state checks are not
+    made again: on 1000 tensors they cost about 10 ms a step in Python, more than the fused op itself. A state
+    replaced (load_state_dict, an assignment) is a new object and is checked again; the ops check shapes and
+    dtypes again in C++ before they write."""
+
+    __slots__ = ("keys", "ids", "refs", "stale", "__weakref__")
+
+    def __init__(self, keys: list, objs: list):
+        self.keys, self.ids, self.stale = keys, list(map(id, objs)), False
+        self.refs = [weakref.ref(o, self._freed) for o in objs if isinstance(o, Tensor)]
+
+    def _freed(self, _ref: object) -> None:
+        self.stale = True
+
+    def holds(self, keys: list, objs: list) -> bool:
+        return not self.stale and self.keys == keys and self.ids == list(map(id, objs))
+
+
+_checked: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Checked]" = weakref.WeakKeyDictionary()
+
+
+def _flatten(family: str, gathered: Sequence[_Gathered]) -> Tuple[Optional[list], list]:
+    """The objects :class:`_Checked` compares (None when a state lacks one of its group's keys: not recorded)."""
+    objs: list = []
+    keys: list = []
+    for gat in gathered:
+        names = _state_keys(family, gat.group) + (("step",) if family == "adam" else ())
+        keys.append(names)
+        objs += gat.params
+        objs += gat.states
+        present = [st for st in gat.states if st is not None]
+        try:
+            values = list(map(operator.itemgetter(*names), present))  # (a tuple per state when names has several)
+        except KeyError:
+            return None, keys
+        objs += values if len(names) == 1 else itertools.chain.from_iterable(values)
+    return objs, keys
+
+
+def _gather(base: torch.optim.Optimizer, grads_checked: bool) -> Tuple[Optional[str], List[_Gathered]]:
+    """Every group's params with a gradient and their states, and why the step cannot be fused (None if it can),
+    found before anything is written or created."""
+    family = FAMILIES[type(base)]
+    state = base.state
+    gathered = []
+    for group in base.param_groups:
+        params = _with_grad(group)
+        if params:
+            gathered.append(_Gathered(group, params, [state.get(p) or None for p in params]))
+    if not grads_checked:
+        for gat in gathered:
+            for p in gat.params:
+                reason = _tensor_fits(p, p.grad)
+                if reason is not None:
+                    return reason, gathered
+    objs, keys = _flatten(family, gathered)
+    last = _checked.get(base)
+    if objs is not None and last is not None and last.holds(keys, objs):
+        return None, gathered
+    for gat in gathered:
+        for p, st in zip(gat.params, gat.states):
+            reason = _state_reason(family, gat.group, p, st) if st is not None else None
+            if reason is not None:
+                return reason, gathered
+    if objs is not None:
+        _checked[base] = _Checked(keys, objs)
+    return None, gathered
 
 
 def _by_device(params: Iterable[Tensor], key=lambda p: None) -> Dict[tuple, List[Tensor]]:
@@ -132,22 +231,28 @@ def _by_device(params: Iterable[Tensor], key=lambda p: None) -> Dict[tuple, List
     return out
 
 
-def _sgd(base: torch.optim.SGD, backup_of: Dict[Tensor, Tensor]) -> None:
-    for group in base.param_groups:
+def _sgd(base: torch.optim.SGD, gathered: Sequence[_Gathered], backup_of: Dict[int, Tensor]) -> None:
+    for gat in gathered:
+        group = gat.group
         momentum = float(group["momentum"])
         # A parameter's first step creates its buffer (torch: a clone of the direction's g).
-        fresh = (lambda p: "momentum_buffer" not in base.state[p]) if momentum != 0 else (lambda p: False)
-        for (_, init), params in _by_device(_with_grad(group), fresh).items():
+        state_of = {id(p): st for p, st in zip(gat.params, gat.states)}
+        if momentum != 0:
+            fresh = {i for i, st in state_of.items() if st is None or "momentum_buffer" not in st}
+        else:
+            fresh = set()
+        for (_, init), params in _by_device(gat.params, lambda p: id(p) in fresh).items():
             buffers: List[Tensor] = []
             if momentum != 0:
                 for p in params:
-                    state = base.state[p]
                     if init:
-                        state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                    buffers.append(state["momentum_buffer"])
+                        base.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                        buffers.append(base.state[p]["momentum_buffer"])
+                    else:
+                        buffers.append(state_of[id(p)]["momentum_buffer"])
             ops.restore_sgd_step_(
                 params,
-                [backup_of.get(p, p) for p in params],
+                [backup_of.get(id(p), p) for p in params],
                 [p.grad for p in params],
                 buffers,
                 lr=float(group["lr"]),
@@ -174,29 +279,33 @@ def _adam_state(p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
     return state
 
 
-def _adam(base: torch.optim.Adam, backup_of: Dict[Tensor, Tensor]) -> None:
-    for group in base.param_groups:
-        params = _with_grad(group)
-        if not params:
-            continue
+def _adam(base: torch.optim.Adam, gathered: Sequence[_Gathered], backup_of: Dict[int, Tensor]) -> None:
+    for gat in gathered:
+        group, params = gat.group, gat.params
         amsgrad = bool(group["amsgrad"])
-        for p in params:
-            if not base.state[p]:
-                base.state[p] = _adam_state(p, amsgrad)
-        steps = [base.state[p]["step"] for p in params]
+        states = gat.states
+        if any(st is None for st in states):
+            states = list(states)
+            for i, (p, st) in enumerate(zip(params, states)):
+                if st is None:
+                    states[i] = base.state[p] = _adam_state(p, amsgrad)
+        steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)  # torch: step_t += 1 for every parameter with a gradient
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
-        count_of = dict(zip(map(id, params), counts))
+        state_of = {id(p): st for p, st in zip(params, states)}
+        count_of = {id(p): c for p, c in zip(params, counts)}
+        one_bucket = len(set(counts)) == 1 and len({p.device for p in params}) == 1
+        buckets = {(None, counts[0]): params} if one_bucket else _by_device(params, lambda p: count_of[id(p)])
         beta1, beta2 = (float(b) for b in group["betas"])
-        for (_, step), ps in _by_device(params, lambda p: count_of[id(p)]).items():
-            states = [base.state[p] for p in ps]
+        for (_, step), ps in buckets.items():
+            sts = states if one_bucket else [state_of[id(p)] for p in ps]
             ops.restore_adam_step_(
                 ps,
-                [backup_of.get(p, p) for p in ps],
+                [backup_of.get(id(p), p) for p in ps],
                 [p.grad for p in ps],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                [s["exp_avg"] for s in sts],
+                [s["exp_avg_sq"] for s in sts],
+                [s["max_exp_avg_sq"] for s in sts] if amsgrad else [],
                 lr=float(group["lr"]),
                 beta1=beta1,
                 beta2=beta2,
@@ -208,14 +317,13 @@ def _adam(base: torch.optim.Adam, backup_of: Dict[Tensor, Tensor]) -> None:
             )
 
 
-def _check_group_scalars(base: torch.optim.Optimizer) -> None:
+def _check_group_scalars(base: torch.optim.Optimizer, gathered: Sequence[_Gathered]) -> None:
     """The fused ops' checks of every group's settings (a NaN lr from a schedule, betas[0] = 1), all made before any
     state is created or advanced: a group refused after another had stepped would leave the state half-written
     (a momentum buffer allocated and never filled, Adam's step counts advanced) under restored weights."""
     sgd = FAMILIES[type(base)] == "sgd"
-    for gi, group in enumerate(base.param_groups):
-        if not _with_grad(group):
-            continue
+    for gat in gathered:
+        group = gat.group
         try:
             if sgd:
                 V.check_restore_sgd_step(
@@ -227,18 +335,31 @@ def _check_group_scalars(base: torch.optim.Optimizer) -> None:
                     [], [], [], [], [], [], group["lr"], beta1, beta2, group["eps"], 1.0, group["weight_decay"]
                 )
         except (TypeError, ValueError) as e:
+            gi = next(i for i, g in enumerate(base.param_groups) if g is group)
             raise type(e)(f"param_groups[{gi}]: {e}; nothing was stepped") from None
 
 
-def fused_base_step(base: torch.optim.Optimizer, params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+def fused_base_step(
+    base: torch.optim.Optimizer, params: Sequence[Tensor], backups: Sequence[Tensor], grads_checked: bool = False
+) -> Optional[str]:
     """Take ``base``'s step with every perturbed tensor ``params[i]`` read from ``backups[i]`` (its
     pre-perturbation weights) and every other tensor from itself: restore and update in one pass.
-    Call only when :func:`why_not_fused` returned None for this step."""
-    _check_group_scalars(base)
-    backup_of = dict(zip(params, backups))
+
+    Returns None when it stepped. When this step cannot be fused (see :func:`why_not_fused`) it writes nothing and
+    returns why; the caller then restores and calls ``base.step()``. ``grads_checked``: the caller has checked
+    that every ``.grad`` has its parameter's dtype, shape, strides and device (a handle's norm of them does)."""
+    reason = step_reason(base)
+    if reason is not None:
+        return reason
+    reason, gathered = _gather(base, grads_checked)
+    if reason is not None:
+        return reason
+    _check_group_scalars(base, gathered)
+    backup_of = {id(p): b for p, b in zip(params, backups)}
     with torch.no_grad():
         if FAMILIES[type(base)] == "sgd":
-            _sgd(base, backup_of)  # type: ignore[arg-type]
+            _sgd(base, gathered, backup_of)  # type: ignore[arg-type]
         else:
-            _adam(base, backup_of)  # type: ignore[arg-type]
+            _adam(base, gathered, backup_of)  # type: ignore[arg-type]
     base._opt_called = True  # type: ignore[attr-defined]  # what an LR scheduler bound to the base checks
+    return None

@@ -777,7 +777,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _descend(
         self,
         scaler: Optional[torch.amp.GradScaler],
-        base_step: Optional[Callable[[], None]] = None,
+        base_step: Optional[Callable[[bool], None]] = None,
         cycle: Optional[Cycle] = None,
     ) -> None:
         """G is in .grad: check it, clip it, take the base step at the restored weights
@@ -839,8 +839,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
             torch._foreach_mul_(grads if grads is not None else [p.grad for p in with_grad], coef)
         if _scaling(scaler):
             scaler.step(self.base_optimizer)
-        else:
-            (base_step or self.base_optimizer.step)()
+        elif base_step is None:
+            self.base_optimizer.step()
+        else:  # (the handle's norm of G checked each .grad's layout against its parameter's)
+            base_step(handle is not None)
 
     # ---- public API --------------------------------------------------------------------
 
@@ -905,7 +907,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                         cycle.restore()  # an exception before _descend restored (no-op otherwise)
                 return loss
             try:  # the weights are still perturbed: G is checked (and clipped) before the fused op reads it
-                self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
+                self._descend(scaler, base_step=lambda checked: self._fused_base_step(cycle, checked))
             finally:
                 if cycle is not None:
                     cycle.restore()  # a skipped step or an exception (no-op after the fused step)
@@ -924,16 +926,25 @@ class PerturbOptimizer(torch.optim.Optimizer):
             reason = "an enabled GradScaler steps the base optimizer itself"
         elif self._sharded:
             reason = "sharded (FSDP2) parameters"
-        else:
-            reason = fused.why_not_fused(self.base_optimizer)
+        else:  # (the checks of each tensor and its state are made by the fused step, on G, before it writes)
+            reason = fused.step_reason(self.base_optimizer)
         self.fused_step_fallback = reason
         return reason is None
 
-    def _fused_base_step(self, cycle: Optional[Cycle]) -> None:
-        """Restore and base step in one pass (fused_step.py); the cycle's weights count as restored."""
-        fused.fused_base_step(self.base_optimizer, cycle.params if cycle else [], cycle.backups if cycle else [])
+    def _fused_base_step(self, cycle: Optional[Cycle], grads_checked: bool) -> None:
+        """Restore and base step in one pass (fused_step.py); the cycle's weights count as restored. A step the
+        fused op cannot take (a gradient or a state that does not fit) is restored and given to the base optimizer.
+        """
+        params, backups = (cycle.params, cycle.backups) if cycle is not None else ([], [])
+        reason = fused.fused_base_step(self.base_optimizer, params, backups, grads_checked=grads_checked)
+        if reason is None:
+            if cycle is not None:
+                cycle.mark_restored()
+            return
+        self.fused_step_fallback = reason
         if cycle is not None:
-            cycle.mark_restored()
+            cycle.restore()
+        self.base_optimizer.step()
 
     def _perturbed_passes(self, plan: _Plan, closure: Closure, restore: bool = True) -> Cycle:
         cycle = self._new_cycle(plan)
@@ -1087,7 +1098,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if not pending.skipped:
             try:
                 if fuse:  # (the fused op restores: the cycle stays perturbed through the check of G)
-                    self._descend(scaler, base_step=lambda: self._fused_base_step(cycle))
+                    self._descend(scaler, base_step=lambda checked: self._fused_base_step(cycle, checked))
                 else:
                     self._descend(scaler, cycle=cycle)
             finally:

@@ -142,3 +142,59 @@ def test_an_accumulating_accelerator_is_refused_with_the_fix():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     with pytest.raises(TypeError, match="fastperturb optimizer"):
         perturb_step(acc, acc.prepare(torch.optim.SGD(net.parameters(), lr=0.1)), lambda: None)
+
+
+def _drop_in_closure(model, x, y, backward):
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        backward(loss)
+        return loss
+
+    return closure
+
+
+def test_a_step_through_grad_scaler_step_is_refused_before_anything_changes():
+    """GradScaler.step(optimizer, closure), plain or through AcceleratedOptimizer.step under fp16, unscales g_0 and
+    then lets the closure leave the perturbed pass's gradient scaled for the base step (a step 1024x too large,
+    silently, until this was refused): the step is refused, the weights are as they were."""
+    x, y = batches()[0]
+    net = make_net()
+    opt = PRESETS["SAM"](net.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler.scale(F.cross_entropy(net(x), y)).backward()
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="scaler=scaler"):
+        scaler.step(opt, _drop_in_closure(net, x, y, lambda loss: scaler.scale(loss).backward()))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+    acc = accelerate.Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what Accelerate builds for fp16 on a GPU
+    net = make_net()
+    model, aopt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
+    before = [p.detach().clone() for p in net.parameters()]
+    acc.backward(F.cross_entropy(model(x), y))
+    with pytest.raises(fp.UnsupportedTrainingLoop, match="perturb_step"):
+        aopt.step(_drop_in_closure(model, x, y, acc.backward))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+@pytest.mark.filterwarnings("ignore:SAM skipped a step")
+def test_a_skipped_step_is_reported_to_accelerate_without_a_scaler():
+    """A step skipped for a non-finite gradient holds an AcceleratedScheduler's LR as an overflow would."""
+    acc = accelerate.Accelerator(cpu=True)
+    net = make_net()
+    opt0 = PRESETS["SAM"](net.parameters())
+    sched0 = torch.optim.lr_scheduler.StepLR(opt0, step_size=1, gamma=0.5)
+    model, opt, sched = acc.prepare(net, opt0, sched0)
+    x, y = batches()[0]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    lrs, skipped = [], []
+    for inputs in (x, bad, x):
+        closure = micro_batch_closure(acc, model, [(inputs, y)], lambda mb: F.cross_entropy(model(mb[0]), mb[1]))
+        perturb_step(acc, opt, closure)
+        skipped.append((opt.optimizer.last_step_skipped, opt.step_was_skipped, acc.optimizer_step_was_skipped))
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert skipped == [(False, False, False), (True, True, True), (False, False, False)]
+    assert lrs == [0.05, 0.05, 0.025]

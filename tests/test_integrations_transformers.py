@@ -315,3 +315,28 @@ def test_an_optimizer_instance_and_clear_errors(tmp_path):
         PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset())
     with pytest.raises(TypeError, match="fastperturb optimizer class"):
         PerturbTrainer(model=model, args=args(tmp_path, 1, 1), train_dataset=dataset(), perturb=torch.optim.SGD)
+
+
+@pytest.mark.filterwarnings("ignore:SAM skipped a step")
+def test_a_skipped_step_holds_the_lr_schedule(tmp_path):
+    """A step skipped for a non-finite gradient is reported to Trainer as an overflow would be
+    (accelerator.optimizer_step_was_skipped), so the LR schedule does not advance on it."""
+    cls, pkw = PRESETS["SAM"]
+    model = make_model()
+    forwards = []
+
+    def poison(module, inputs, output):  # the clean pass of the second step gives a NaN loss
+        forwards.append(1)
+        if len(forwards) == 3:
+            output.loss = output.loss * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    trainer = PerturbTrainer(
+        model=model, args=args(tmp_path, 1, 3, optim="sgd"), train_dataset=dataset(), perturb=cls, perturb_kwargs=pkw
+    )
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert opt.skipped_steps == 1 and len(forwards) == 5  # the skipped step stops after its clean pass
+    assert trainer.lr_scheduler.last_epoch == 2  # three steps, one skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())

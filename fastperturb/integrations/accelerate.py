@@ -97,8 +97,10 @@ def perturb_step(accelerator: Any, optimizer: Any, closure: Callable[[], Any]) -
         loss = opt.step(closure, scaler=scaler)
     if scaler is not None:
         scaler.update()
-        if hasattr(optimizer, "_is_overflow"):  # what accelerator.optimizer_step_was_skipped reads
-            optimizer._is_overflow = opt.last_step_skipped
+    # What accelerator.optimizer_step_was_skipped reads (AcceleratedScheduler then holds the LR): a step skipped for
+    # a non-finite gradient counts as skipped with or without a scaler.
+    if hasattr(optimizer, "_is_overflow"):
+        optimizer._is_overflow = opt.last_step_skipped
     if optimizer is not opt:
         optimizer._opt_called = True
     return loss

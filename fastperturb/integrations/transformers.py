@@ -158,8 +158,11 @@ class PerturbTrainer(Trainer):
         closure = self._replay_closure(micro)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
-            # AcceleratedOptimizer.step(closure) -> opt.step(closure), with the LR scheduler's counter
-            return counted_step(closure)
+            # AcceleratedOptimizer.step(closure) -> opt.step(closure), with the LR scheduler's counter; a step
+            # skipped for a non-finite gradient is reported as Accelerate reports an overflow
+            loss = counted_step(closure)
+            outer._is_overflow = opt.last_step_skipped
+            return loss
         # fp16 with a GradScaler: accelerate's path would call scaler.step(opt, closure), which
         # unscales before the closure runs; fastperturb takes the scaler and unscales G itself.
         # The clean gradient in .grad may have been unscaled already (Trainer's grad norm), so the

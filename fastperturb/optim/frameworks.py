@@ -22,6 +22,8 @@ import functools
 import sys
 from typing import Any, Iterator, Optional
 
+import torch
+
 __all__ = [
     "UnsupportedTrainingLoop",
     "TrainingStepSkipped",
@@ -33,6 +35,7 @@ __all__ = [
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"
 TRAINER_RECIPE = "fastperturb.integrations.transformers.PerturbTrainer"
+ACCELERATE_RECIPE = "fastperturb.integrations.accelerate"
 _LIGHTNING_PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 _accumulation_in_closure: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -102,6 +105,15 @@ def check_step(optimizer: Any, closure: Any) -> None:
                 f"every perturbed point: exact), or use manual optimization with {LIGHTNING_RECIPE}.perturb_step "
                 "and accumulate_grad_batches=1. Nothing was changed."
             )
+    if not torch.compiler.is_compiling() and _called_by_grad_scaler():
+        raise UnsupportedTrainingLoop(
+            f"{name}.step(closure) was called by GradScaler.step(optimizer, closure) (Accelerate's "
+            "AcceleratedOptimizer.step does this under fp16): the scaler unscales the gradients before the closure "
+            "runs, then the closure's backward leaves the perturbed passes' gradients scaled, and the base step "
+            "would use them as they are (a step the scale factor times too large, silently). Hand the scaler to the "
+            "optimizer instead: opt.step(closure, scaler=scaler); scaler.update() (Accelerate: "
+            f"{ACCELERATE_RECIPE}.perturb_step(accelerator, optimizer, closure)). Nothing was changed."
+        )
     steps = _accelerate_accumulation_steps()
     # Accelerate's accumulation state is process-wide and outlives the Accelerator that set it:
     # refuse only a step that comes through its optimizer wrapper, the path that skips micro-batches.
@@ -154,6 +166,20 @@ def _accelerate_accumulation_steps() -> int:
         return int(gradient_state().num_steps)
     except Exception:  # a changed Accelerate internal must not break plain training
         return 1
+
+
+def _called_by_grad_scaler() -> bool:
+    """Whether this step() was reached through ``GradScaler.step`` (its ``_maybe_opt_step`` calls it, through
+    torch.optim's profiling wrapper: a few frames up)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return False
+        name = frame.f_globals.get("__name__", "")
+        if name.startswith("torch.amp.grad_scaler") or name.startswith("torch.cuda.amp"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _called_by_accelerate_optimizer() -> bool:

@@ -23,7 +23,8 @@ from ..ops.validation import is_dense
 ALIGN_BYTES = 64
 
 
-def _fits(buffer: Tensor, like: Tensor) -> bool:
+def fits(buffer: Tensor, like: Tensor) -> bool:
+    """Whether ``buffer`` can serve as ``like``'s buffer in the fused ops (shape, dtype, device, strides)."""
     # (A tensor that is not dense gets a contiguous buffer: the fused ops refuse it anyway, naming it.)
     return (
         buffer.shape == like.shape
@@ -64,7 +65,7 @@ def buffers_for(store: MutableMapping[Tensor, Tensor], keys: Sequence[Tensor], l
     """``store[keys[i]]`` for each i, shaped like ``likes[i]``: the stored buffer while it still fits, else a new
     one (the new ones allocated together by :func:`buffers_like`) that replaces it in ``store``."""
     out = [store.get(k) for k in keys]
-    stale = [i for i, (b, t) in enumerate(zip(out, likes)) if b is None or not _fits(b, t)]
+    stale = [i for i, (b, t) in enumerate(zip(out, likes)) if b is None or not fits(b, t)]
     for i, b in zip(stale, buffers_like([likes[i] for i in stale])):
         out[i] = store[keys[i]] = b
     return out  # type: ignore[return-value]

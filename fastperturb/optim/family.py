@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_finite, check_radius
-from .buffers import buffers_for
+from .buffers import buffers_for, fits
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -149,6 +149,18 @@ class _Family(PerturbOptimizer):
         """Whether this step takes no perturbed pass (the descent is formed from g_0 alone)."""
         return False
 
+    def _refit_saved(self) -> None:
+        """After the tensors changed dtype, layout or shape: bring the state kept across steps to them."""
+
+    def _follow_tensors(self, plan: _Plan) -> None:
+        """When this step's tensors hold other data than at the last step (``module.to(float64)``, channels_last,
+        ``.data`` of another shape): the cached lists are looked up again and the state kept across steps is
+        brought to the tensors (``_refit_saved``)."""
+        if self._changed("family", [*plan.local_params, *plan.local_passive]):
+            self._list_cache.clear()
+            self._lists.clear()
+            self._refit_saved()
+
     def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
         """Leave G in ``grads``; raise :class:`NonFiniteGradient` to skip before persistent state moves."""
 
@@ -162,6 +174,7 @@ class _Family(PerturbOptimizer):
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
         self._cycle_plan = plan
+        self._follow_tensors(plan)  # (a no-op when _perturbed_passes has just done it)
         return _FamilyCycle(
             self,
             self.spec,
@@ -174,6 +187,7 @@ class _Family(PerturbOptimizer):
         )
 
     def _perturbed_passes(self, plan: _Plan, closure: Any, restore: bool = True) -> Optional[Cycle]:
+        self._follow_tensors(plan)
         if self._reuses(plan):
             self._cycle_plan = plan
             return None
@@ -317,6 +331,22 @@ class _Family(PerturbOptimizer):
 
 
 _COPY = torch.tensor([0.0, 1.0, 0.0])  # lincomb_ row: out = x, exactly
+
+
+def _refit(store: Dict[Tensor, Tensor]) -> bool:
+    """Each of ``store``'s buffers that no longer fits its tensor (dtype, layout, device) converted to it, values
+    kept; a buffer of another shape dropped. False if one was dropped."""
+    kept = True
+    for p, b in list(store.items()):
+        like = _local(p.detach())
+        if fits(b, like):
+            continue
+        if b.shape == like.shape:
+            store[p] = torch.empty_like(like, memory_format=torch.preserve_format).copy_(b)
+        else:
+            del store[p]
+            kept = False
+    return kept
 
 
 def _local(t: Tensor) -> Tensor:
@@ -464,7 +494,9 @@ class WSAM(_Family):
 
     def _group_index(self, plan: _Plan, dev: torch.device) -> Tensor:
         """The param group of each perturbed tensor (long ``[n]``), cached per tensor list."""
-        key = (tuple(map(id, plan.params)), tuple(id(g["params"]) for g in self.param_groups), dev)
+        # (each group's length too: a tensor moved in place from the end of one group's list to the front of the
+        # next keeps the order and the lists)
+        key = (tuple(map(id, plan.params)), tuple((id(g["params"]), len(g["params"])) for g in self.param_groups), dev)
         hit = self._lists.get("group_index")
         if hit is None or hit[0] != key:
             where = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
@@ -619,6 +651,16 @@ class LookSAM(_Family):
             dev = order[0].device if order else torch.device("cpu")
             self._gv_sq = saved["gv_sq"].to(device=dev, dtype=torch.float64)
 
+    def _refit_saved(self) -> None:
+        # gv converted to its tensor's new dtype or layout (its norms taken again from what was kept); a tensor of
+        # another shape has no gv any more: the next step refreshes
+        if not _refit(self._gv):
+            self._gv_key = ()
+        elif self._gv_key and self._gv_sq is not None:
+            by_id = {id(p): v for p, v in self._gv.items()}
+            sq = [by_id[i].detach().to(torch.float64).square().sum() for i in self._gv_key]
+            self._gv_sq = torch.stack(sq).to(self._gv_sq.device)
+
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()
         state.update(_gv={}, _gv_key=(), _gv_sq=None, _pending_gv=None)
@@ -770,6 +812,12 @@ class FriendlySAM(_Family):
             buf = torch.empty_like(_local(p.detach()))
             buf.copy_(m)
             self._ema[p] = buf
+
+    def _refit_saved(self) -> None:
+        # m converted to its tensor's new dtype or layout; a tensor of another shape starts a new m
+        if not _refit(self._ema):
+            self._ready_key = ()
+        self._saved_ema.clear()
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()

@@ -220,8 +220,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
     step_key: Optional[str] = "step_size"
     #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
     #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
-    #: zeroes them in place (fused into the ascent step). Both give the same steps; release is the
-    #: faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
+    #: zeroes them in place (fused into the ascent step). Both give the same steps except for a tensor the clean
+    #: pass does not reach and a perturbed pass does (routing), with several ascent steps: zeroed, it keeps a zero
+    #: gradient from its earlier steps, so it has g_0 = 0 and is perturbed from the second ascent step on;
+    #: released, it has no g_0 and is not perturbed (README, "Tensors a perturbed pass reaches first"). Release
+    #: is the faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
     grad_clearing: str = "release"
 
     # Whether a step that is not fused leaves the restore to _descend, which does it in the pass that checks G
@@ -299,6 +302,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._selection_cache: _Selection = _Selection()
         self._plan_cache: Optional[tuple] = None  # (key, plan) of the last step where every tensor had a gradient
         self._list_cache: Dict[str, tuple] = {}
+        self._fingerprints: Dict[str, tuple] = {}  # name -> (ids, a handle on those tensors): _changed
         self._lists_cache = ops.ListsCache()
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
@@ -460,7 +464,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         parts = plan.cycle_parts
         if plan.passive or parts is None or parts[4] is None or len(plan.params) != len(self._selection_cache.every):
             return None
-        return parts[4]
+        lists = parts[4]
+        # (a plan of an earlier step, when this step's ran without the cache: its tensors may have changed since)
+        return lists if lists.handle is None or lists.handle.current() else None
 
     def _dense_watch(self, plan: _Plan) -> Optional[Any]:
         """The GradWatch when it watches exactly ``plan.every`` (every parameter has a gradient), else None."""
@@ -574,11 +580,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # A cached plan (_plan) keeps its buffer lists and handle: a step on the same tensors looks nothing up.
         parts = plan.cycle_parts
         native_handle = parts is not None and parts[4] is not None and parts[4].handle is not None
-        if parts is None or parts[0] is not self.spec or (native_handle and not parts[4].handle.current()):
-            # The same tensors may hold other data now (module.to(float64), channels_last): the buffer lists are
-            # looked up again, each buffer kept only while it still fits its tensor.
-            self._list_cache.pop("backups", None)
-            self._list_cache.pop("accum", None)
+        stale = native_handle and not parts[4].handle.current()
+        if self._changed("passive", plan.passive) or stale or parts is None or parts[0] is not self.spec:
+            # The same tensors may hold other data now (module.to(float64), channels_last): every list cached by
+            # their ids is looked up again, each buffer kept only while it still fits its tensor.
+            self._list_cache.clear()
             parts = plan.cycle_parts = (self.spec, *self._cycle_buffers(plan))
         _, backups, accum, passive_accum, lists, radius, step, longer = parts
         params = plan.local_params
@@ -597,6 +603,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
             lists=lists,
             longer=longer,
         )
+
+    def _changed(self, name: str, tensors: Sequence[Tensor]) -> bool:
+        """Whether ``tensors`` (the same ones as at the last call for ``name``) hold other data now: dtype, shape,
+        strides or storage (``module.to(float64)``, channels_last, ``.data`` assigned). A handle on them alone
+        fingerprints them (its ``current()`` compares in C++, a few ns per tensor). False for another list (whose
+        buffers are looked up by the new ids anyway), for shards (rebuilt every step) and while compiling."""
+        if not tensors or self._sharded or torch.compiler.is_compiling() or native.load_error is not None:
+            return False
+        key = tuple(map(id, tensors))
+        last = self._fingerprints.get(name)
+        if last is not None and last[0] == key and (last[1].handle is None or last[1].handle.current()):
+            return False
+        self._fingerprints[name] = (key, ops.TensorLists(tensors))
+        return last is not None and last[0] == key
 
     def _cycle_buffers(self, plan: _Plan) -> tuple:
         """(backups, accum, passive_accum, handle or None, radius, step, whether a step exceeds its radius) for a
@@ -1137,7 +1157,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # without the transient perturbation buffers.
         self._refuse_while_pending("copied or pickled")
         state = self.__dict__.copy()
-        state.update(_backups={}, _accums={}, _list_cache={}, _pending=None, _overflow_holder=None, _grads_seen=[])
+        state.update(
+            _backups={},
+            _accums={},
+            _list_cache={},
+            _fingerprints={},
+            _pending=None,
+            _overflow_holder=None,
+            _grads_seen=[],
+        )
         state.update(_selection_cache=_Selection(), _plan_cache=None, _seen_by_watch=False)
         state.update(_lists_cache=ops.ListsCache())
         return state

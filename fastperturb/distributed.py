@@ -60,11 +60,26 @@ def local(t: Tensor) -> Tensor:
 
 
 def local_list(tensors: Sequence[Tensor]) -> List[Tensor]:
-    """:func:`local` of each tensor."""
+    """:func:`local` of each tensor. A DTensor with a ``Partial`` placement is refused: its local tensor is one
+    rank's share of a sum, not a shard (a gradient left unreduced, as tensor parallelism's ``SequenceParallel``
+    leaves LayerNorm's), and norms and steps taken from it would differ on every rank, silently."""
     if DTensor is None:
         return list(tensors)
+    out = []
     with torch.no_grad():
-        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+        for t in tensors:
+            if isinstance(t, DTensor):
+                if any(pl.is_partial() for pl in t.placements):
+                    raise ValueError(
+                        f"a DTensor gradient (or tensor) of shape {tuple(t.shape)} has the placements {t.placements}: "
+                        "a Partial placement holds an unreduced sum on each rank (tensor parallelism's "
+                        "SequenceParallel leaves the LayerNorm gradients so), which the perturbation cannot use; "
+                        "fastperturb supports FSDP2 shards and tensor-parallel plans whose gradients have their "
+                        "parameters' Shard/Replicate placements. The weights were left (or restored) as they were"
+                    )
+                t = t.to_local()
+            out.append(t)
+    return out
 
 
 def _fsdp1_flattened(p: Tensor) -> bool:

@@ -532,6 +532,52 @@ def _fsdp1(rank: int) -> dict:
     return out
 
 
+def _sequence_parallel(rank: int) -> dict:
+    """Tensor parallelism with SequenceParallel on a 1-D mesh: LayerNorm's Replicate() parameters get Partial(sum)
+    gradients. The step is refused at g_0 (it used each rank's partial sum as the gradient, silently)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.w1, self.w2 = nn.LayerNorm(4), nn.Linear(4, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.w2(torch.tanh(self.w1(self.norm(x))))
+
+    torch.manual_seed(0)
+    model = Block().double()
+    plan = {
+        "norm": SequenceParallel(),
+        "w1": ColwiseParallel(input_layouts=Shard(1)),
+        "w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    parallelize_module(model, init_device_mesh("cpu", (WORLD,)), plan)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 4, generator=g, dtype=torch.float64).chunk(WORLD, dim=1)[rank]
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    before = [local(p).detach().clone() for p in model.parameters()]
+
+    def closure():
+        loss = (model(x) ** 2).mean()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+        err = None
+    except ValueError as e:
+        err = str(e)
+    return {"error": err, "unchanged": all(torch.equal(local(p), b) for p, b in zip(model.parameters(), before))}
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -548,6 +594,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ("batchnorm", _batchnorm),
             ("bf16", _bf16),
             ("fsdp1", _fsdp1),
+            ("sequence_parallel", _sequence_parallel),
         ):
             results[name] = run(rank)
         results["dcp"] = _dcp(rank, out_dir)
@@ -712,6 +759,14 @@ def test_bf16_mixed_precision(ranks, single_thread):
     sam_vs_sgd = dist_of(sgd["weights"], ref)
     assert err <= 0.02 * update, (err, update)
     assert sam_vs_sgd > 5 * err, (sam_vs_sgd, err)
+
+
+@pytest.mark.slow
+def test_partial_gradients_of_sequence_parallel_refused(ranks):
+    for rank in ranks:
+        out = rank["sequence_parallel"]
+        assert out["error"] is not None and "Partial" in out["error"], out
+        assert out["unchanged"]
 
 
 @pytest.mark.slow

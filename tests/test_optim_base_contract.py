@@ -80,3 +80,30 @@ def test_maximize_is_refused_before_anything_moves(name):
     with pytest.raises(ValueError, match=r"param_groups\[0\] has maximize=True"):
         opt.step(_closure(w))
     assert torch.equal(w.detach(), w0)
+
+
+def test_per_group_adaptive_and_eta_are_refused_unless_they_match():
+    """davda54's and pytorch-optimizer's SAM read ``adaptive`` per group; here it is the optimizer's (so is ASAM's
+    eta). A group that sets it otherwise was silently ignored: now refused, at construction or at the step,
+    before any weight moves; a group that repeats the optimizer's value is fine."""
+    p = torch.nn.Parameter(torch.randn(3))
+
+    def closure():
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="takes adaptive for the whole optimizer"):
+        fp.SAM([{"params": [p], "adaptive": True}], torch.optim.SGD, lr=0.1)
+    opt = fp.SAM([{"params": [p], "adaptive": True}], torch.optim.SGD, lr=0.1, adaptive=True)
+    opt.step(closure)
+    opt.param_groups[0]["adaptive"] = False
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="takes adaptive for the whole optimizer"):
+        opt.step(closure)
+    assert torch.equal(p, before)
+    asam = fp.ASAM([p], torch.optim.SGD, lr=0.1, eta=0.01)
+    asam.param_groups[0]["eta"] = 0.1
+    with pytest.raises(ValueError, match="takes eta for the whole optimizer"):
+        asam.step(closure)
+    assert torch.equal(p, before)

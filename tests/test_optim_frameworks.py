@@ -293,3 +293,13 @@ def test_plain_hf_trainer_is_told_to_use_the_integration(tmp_path, fresh_acceler
     ):
         trainer.train()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_dcp_on_the_wrapper_names_the_base_optimizer():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    m = nn.Linear(3, 2)
+    opt = fp.SAM(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match=r"torch.distributed.checkpoint.*opt.base_optimizer"):
+        get_optimizer_state_dict(m, opt)
+    assert set(get_optimizer_state_dict(m, opt.base_optimizer)) == {"state", "param_groups"}

@@ -202,6 +202,12 @@ def no_closure_message(optimizer: Any) -> str:
             "which needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself "
             f"(Lightning: manual optimization, {LIGHTNING_RECIPE})"
         )
+    elif any(m.startswith("torch.distributed.checkpoint") for m in callers):
+        msg += (
+            ". It was called by torch.distributed.checkpoint, which steps an optimizer without state to create it: "
+            "give get_optimizer_state_dict / set_optimizer_state_dict the base optimizer (opt.base_optimizer), "
+            "which shares param_groups and state with it (README, 'Distributed training')"
+        )
     elif any(m.split(".")[0] in ("pytorch_lightning", "lightning") for m in callers):
         msg += f". Lightning: use {LIGHTNING_RECIPE}"
     elif any(m.split(".")[0] == "transformers" for m in callers):

@@ -259,6 +259,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # name (APD's eps vs Adam's eps, SAM's rho vs Adadelta's rho): then "perturb_<name>".
         taken = _keyword_names(base_optimizer)
         self.radius_key = _group_key(type(self).radius_key, taken)
+        # Keys the SAM wrappers people migrate from read per group (davda54's and pytorch-optimizer's SAM: adaptive;
+        # ASAM's eta) but these presets take for the whole optimizer: a group that sets one otherwise is refused.
+        self._optimizer_wide_keys = tuple(k for k in ("adaptive", "eta") if k not in taken)
         self.step_key = None if type(self).step_key is None else _group_key(type(self).step_key, taken)
         radius = check_radius(type(self).radius_key, radius)
         if step_size is not None:
@@ -401,6 +404,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"param_groups[{i}] has maximize=True, which {type(self).__name__} does not support (its ascent "
                 "would go towards the better point of the objective); minimise the negated loss instead"
             )
+        base_defaults = getattr(getattr(self, "base_optimizer", None), "defaults", {})
+        for key in self._optimizer_wide_keys:
+            if key in group and key not in base_defaults and group[key] != self._optimizer_wide(key):
+                raise ValueError(
+                    f"param_groups[{i}] sets {key!r} = {group[key]!r}, but {type(self).__name__} takes {key} for the "
+                    f"whole optimizer ({self._optimizer_wide(key)!r} here), not per group as some SAM wrappers do: "
+                    f"build it with {key}=... (or one optimizer per setting), and drop the key from the group"
+                )
         if not group.get("perturb", True):
             return None
         rk = self.radius_key
@@ -412,6 +423,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if not math.isfinite(s):
             raise ValueError(f"param_groups[{i}]: the step size must be finite, got {s}")
         return r, s
+
+    def _optimizer_wide(self, key: str) -> Any:
+        """The optimizer's own value of a key some wrappers read per group (``adaptive``, ``eta``)."""
+        eta = self.spec.adaptive_eta
+        return eta is not None if key == "adaptive" else eta
 
     def _is_selected(self, p: Tensor) -> bool:
         sel = self._selected.get(p)

@@ -373,6 +373,18 @@ def test_a_tensor_changed_in_place_is_refused_and_nothing_is_written(change):
     assert not lists.handle.current()
 
 
+def test_a_gradient_read_after_its_tensor_changed_names_the_change():
+    """A tensor converted behind the handle (``module.double()`` assigns ``.data``) with a gradient of its new dtype:
+    the gradients' check compares with the handle's fingerprint, and said the gradient "has dtype float64 but
+    params[0] has dtype float64"; it names the changed tensor now."""
+    params, _, _ = _setup(dtypes=[torch.float32] * len(SHAPES))
+    lists = ops.TensorLists(params)
+    params[0].data = params[0].data.double()
+    params[0].grad = torch.ones_like(params[0])
+    with pytest.raises(ValueError, match=r"params\[0\] changed since its TensorLists handle was built"):
+        ops.norms_lists(lists, 2.0, of_grads=True)
+
+
 def test_a_backup_resized_behind_the_handle_is_refused():
     params, backups, _ = _setup()
     lists = ops.TensorLists(params, backups)

@@ -272,6 +272,10 @@ class TensorLists : public torch::CustomClassHolder {
   }
 
  private:
+  // The end of the message for a tensor that no longer matches its fingerprint (after "op: list[i]").
+  static constexpr const char* kChanged =
+      "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or device; e.g. `.data` "
+      "assigned or resized in place); build a new handle for the new tensors (fastperturb.ops.TensorLists)";
   // A tensor's fingerprint; its sizes and then its strides are shapes_[at .. at + 2 * dim).
   struct Print {
     const void* data;  // (null for an empty tensor)
@@ -349,10 +353,7 @@ class TensorLists : public torch::CustomClassHolder {
     if (k >= lists_.size() || fixed_ >> k & 1) return;
     const size_t n = prints_[k].size();
     for (size_t i = first_changed(k); i < n; ++i)
-      TORCH_CHECK_VALUE(matches(lists_[k][i], prints_[k][i]), op, ": ", names_[k], "[", i,
-                        "] changed since its TensorLists handle was built (data pointer, shape, strides, dtype or "
-                        "device; e.g. `.data` assigned or resized in place); build a new handle for the new tensors "
-                        "(fastperturb.ops.TensorLists)");
+      TORCH_CHECK_VALUE(matches(lists_[k][i], prints_[k][i]), op, ": ", names_[k], "[", i, kChanged);
   }
   // The .grad of lists_[k][i], checked as grads_of() says.
   const at::Tensor& checked_grad(const char* op, size_t k, size_t i) const {
@@ -362,6 +363,9 @@ class TensorLists : public torch::CustomClassHolder {
     // The common case in one pass over the TensorImpl; the checks below name what is wrong otherwise.
     const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
     if (C10_LIKELY(g.defined() && gi->layout() == at::kStrided && same_layout(gi, pt, gi->numel() <= 1))) return g;
+    // The gradient is compared with the tensor as the handle saw it: a tensor changed since then is named as such
+    // (the messages below print the tensor's own shape and dtype, which would then equal the gradient's).
+    TORCH_CHECK_VALUE(matches(t, pt), op, ": ", names_[k], "[", i, kChanged);
     TORCH_CHECK_TYPE(g.defined(), op, ": ", names_[k], "[", i, "].grad is None; run backward first");
     TORCH_CHECK_TYPE(g.layout() == at::kStrided, op, ": ", names_[k], "[", i, "].grad is a ",
                      checks::layout_name(g.layout()), " tensor; only dense (strided) tensors are supported");

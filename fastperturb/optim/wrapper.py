@@ -305,7 +305,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._selection_cache: _Selection = _Selection()
         self._plan_cache: Optional[tuple] = None  # (key, plan) of the last step where every tensor had a gradient
         self._list_cache: Dict[str, tuple] = {}
-        self._fingerprints: Dict[str, tuple] = {}  # name -> (ids, a handle on those tensors): _changed
+        self._fingerprints: Dict[str, tuple] = {}  # name -> (ids, the native handle on those tensors): _changed
         self._lists_cache = ops.ListsCache()
         self._pending: Optional[_Pending] = None
         self._overflow_holder: Optional[_GradHolder] = None
@@ -629,9 +629,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return False
         key = tuple(map(id, tensors))
         last = self._fingerprints.get(name)
-        if last is not None and last[0] == key and (last[1].handle is None or last[1].handle.current()):
+        handle = None if last is None else last[1]
+        if last is not None and last[0] == key and (handle is None or handle.current()):
             return False
-        self._fingerprints[name] = (key, ops.TensorLists(tensors))
+        try:
+            lists = ops.TensorLists(tensors)
+        except (TypeError, ValueError, RuntimeError):  # tensors the ops refuse (they say so where they are used)
+            lists = None
+        self._fingerprints[name] = (key, None if lists is None else lists.handle)
         return last is not None and last[0] == key
 
     def _cycle_buffers(self, plan: _Plan) -> tuple:

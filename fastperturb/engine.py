@@ -462,6 +462,7 @@ class Cycle:
             else:
                 ops.ascent_step_(self.params, grads[:n], self.backups, step, proj, **kw)
             self.perturbed = True
+            _weights_moved()
         if zero_grads and self.passive:
             torch._foreach_zero_(list(grads[n:]))
         self.k += 1
@@ -492,18 +493,46 @@ class Cycle:
                     ops.restore_(self.params, self.backups)
                 else:
                     ops.restore_lists_(self.lists)
-            except ValueError:
-                if self.lists is None:
-                    raise
-                # The handle refused a tensor that changed since it was built: the list op restores whatever
-                # its own checks accept (the weights must not stay perturbed), or raises.
-                ops.restore_(self.params, self.backups)
+            except (TypeError, ValueError) as err:
+                # The handle refused a tensor that changed since it was built: the list op restores whatever its own
+                # checks accept; a tensor converted since the cycle began (module.to(float64), channels_last between
+                # first_step() and second_step()) no backup fits any more, so each weight is copied back converted,
+                # and the step is refused: the weights must not stay perturbed.
+                try:
+                    ops.restore_(self.params, self.backups)
+                except (TypeError, ValueError):
+                    _copy_back_converted(self.params, self.backups)
+                    self.perturbed = False
+                    raise RuntimeError(
+                        "the parameters changed dtype, memory layout or storage while perturbed (e.g. module.to() "
+                        "between first_step() and second_step()): each weight was put back from its backup, converted "
+                        f"to its new dtype and layout, and this step was dropped; convert between steps ({err})"
+                    ) from None
             self.perturbed = False
+            _weights_moved()
 
     def mark_restored(self) -> None:
         """The caller has overwritten every perturbed tensor from :attr:`backups` itself (a fused
         restore + base step): :meth:`restore` becomes a no-op."""
         self.perturbed = False
+        _weights_moved()
+
+
+def _weights_moved() -> None:
+    """After the weights moved in place within a step: autocast caches the low-precision copies of the weights until
+    its outermost region exits, so a step run inside one (``with torch.autocast(...): opt.step(closure)``) would
+    give the perturbed pass the clean weights' copies (the step became the base optimizer's, silently)."""
+    if not torch.compiler.is_compiling():
+        torch.clear_autocast_cache()
+
+
+def _copy_back_converted(params: Sequence[Tensor], backups: Sequence[Tensor]) -> None:
+    """``p = b`` for each pair of the same shape, converting dtype and layout (``copy_``); a tensor of another shape
+    holds data assigned since the cycle began, which was never perturbed."""
+    with torch.no_grad():
+        for p, b in zip(params, backups):
+            if p.shape == b.shape:
+                p.copy_(b)
 
 
 def grads_of(tensors: Sequence[Tensor], pass_index: int) -> list[Tensor]:

@@ -198,3 +198,22 @@ def test_a_skipped_step_is_reported_to_accelerate_without_a_scaler():
         lrs.append(opt.param_groups[0]["lr"])
     assert skipped == [(False, False, False), (True, True, True), (False, False, False)]
     assert lrs == [0.05, 0.05, 0.025]
+
+
+def test_a_disabled_grad_scaler_step_is_the_plain_step():
+    """A disabled scaler's step(optimizer, closure) is the optimizer's own step (Accelerate keeps one for fp16 with
+    GradScalerKwargs(enabled=False)): not refused, and equal to opt.step(closure)."""
+    x, y = batches()[0]
+    nets = [make_net(), make_net()]
+    opts = [PRESETS["SAM"](n.parameters()) for n in nets]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler.step(opts[0], _drop_in_closure(nets[0], x, y, lambda loss: loss.backward()))
+    opts[1].step(_drop_in_closure(nets[1], x, y, lambda loss: loss.backward()))
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+    acc = accelerate.Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    net = make_net()
+    model, aopt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
+    aopt.step(_drop_in_closure(model, x, y, acc.backward))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), nets[1].parameters()))

@@ -3,6 +3,8 @@ refuses because it cannot honour them (found by this round's optimizer-semantics
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -107,3 +109,47 @@ def test_per_group_adaptive_and_eta_are_refused_unless_they_match():
     with pytest.raises(ValueError, match="takes eta for the whole optimizer"):
         asam.step(closure)
     assert torch.equal(p, before)
+
+
+def test_sparse_adam_is_refused_at_construction():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="SparseAdam steps only on sparse gradients"):
+        fp.SAM([p], torch.optim.SparseAdam, lr=0.1)
+
+
+@pytest.mark.parametrize("two_call", [False, True])
+def test_a_step_inside_an_autocast_region_perturbs_the_pass(two_call):
+    """autocast caches the bf16 copies of the weights until its outermost region exits: a step taken inside one
+    gave the perturbed pass the clean weights' copies, so the step was the base optimizer's. Inside or outside an
+    outer region, the same step now."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randn(16, 3, generator=g)
+    results = []
+    for outer in (False, True):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt = fp.SAM(m.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+
+        def loss_fn():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            return ((out.float() - y) ** 2).mean()
+
+        def closure():
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        region = torch.autocast("cpu", dtype=torch.bfloat16) if outer else contextlib.nullcontext()
+        for _ in range(2):
+            with region:
+                if two_call:
+                    loss_fn().backward()
+                    opt.first_step(zero_grad=True)
+                    loss_fn().backward()
+                    opt.second_step(zero_grad=True)
+                else:
+                    opt.step(closure)
+                    opt.zero_grad()
+        results.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -160,3 +160,50 @@ def test_wsam_follows_a_tensor_moved_between_groups_in_place():
     fresh.step(closure_of(f))
     for p, q in zip(m.parameters(), f.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "base, kw, how",
+    [
+        (torch.optim.SGD, dict(momentum=0.9), "double"),
+        (torch.optim.SGD, dict(momentum=0.9), "channels_last"),
+        (torch.optim.AdamW, dict(weight_decay=0.01), "channels_last"),
+    ],
+)
+def test_the_fused_step_after_a_conversion_falls_back_like_the_unfused_one(base, kw, how):
+    """The fused step's record of checked state tensors is by identity; a conversion keeps the params' objects and
+    changes their dtype or strides, so the record is dropped: the next steps check the state again and fall back
+    to torch (whose state keeps the old dtype or layout). Until then they raised in the fused op."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randn(8, 3, generator=g)
+    models = [_model(), _model()]
+    opts = [fp.SAM(m.parameters(), base, rho=0.05, lr=0.01, fused_step=f, **kw) for m, f in zip(models, (True, False))]
+    for step in range(5):
+        if step == 3:
+            for m in models:
+                _convert(m, how)
+        for o, m in zip(opts, models):
+            o.step(_closure(m, x, y))
+            o.zero_grad()
+        assert (opts[0].fused_step_fallback is None) == (step < 3)
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_conversion_between_first_step_and_second_step_restores_and_refuses():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 2, 6, 6, generator=g), torch.randn(8, 3, generator=g)
+    m = _model()
+    opt = fp.SAM(m.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    _closure(m, x, y)()
+    opt.first_step()
+    w0 = [b.detach().double().clone() for b in opt._pending.cycle.backups]
+    m.double()
+    _closure(m, x, y)()
+    with pytest.raises(RuntimeError, match="changed dtype, memory layout or storage while perturbed"):
+        opt.second_step()
+    for p, w in zip(m.parameters(), w0):
+        assert p.dtype == torch.float64 and torch.equal(p, w)  # the weights before first_step(), converted
+    opt.zero_grad()
+    opt.step(_closure(m, x, y))  # and training goes on
+    assert not opt.last_step_skipped

@@ -169,15 +169,17 @@ def _accelerate_accumulation_steps() -> int:
 
 
 def _called_by_grad_scaler() -> bool:
-    """Whether this step() was reached through ``GradScaler.step`` (its ``_maybe_opt_step`` calls it, through
-    torch.optim's profiling wrapper: a few frames up)."""
+    """Whether this step() was reached through an enabled ``GradScaler``'s ``step`` (its ``_maybe_opt_step`` calls
+    it, through torch.optim's profiling wrapper: a few frames up)."""
     frame = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return False
         name = frame.f_globals.get("__name__", "")
         if name.startswith("torch.amp.grad_scaler") or name.startswith("torch.cuda.amp"):
-            return True
+            # a disabled scaler's step() is the optimizer's own step on unscaled gradients
+            scaler = frame.f_locals.get("self")
+            return not (isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled())
         frame = frame.f_back
     return False
 

@@ -176,6 +176,12 @@ class _Checked:
 _checked: "weakref.WeakKeyDictionary[torch.optim.Optimizer, _Checked]" = weakref.WeakKeyDictionary()
 
 
+def forget_checks(base: torch.optim.Optimizer) -> None:
+    """Make the next fused step check every state tensor again (the params changed dtype or layout in place: the
+    same objects, so :class:`_Checked` cannot see it)."""
+    _checked.pop(base, None)
+
+
 def _flatten(family: str, gathered: Sequence[_Gathered]) -> Tuple[Optional[list], list]:
     """The objects :class:`_Checked` compares (None when a state lacks one of its group's keys: not recorded)."""
     objs: list = []

@@ -977,6 +977,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         fused op cannot take (a gradient or a state that does not fit) is restored and given to the base optimizer.
         """
         params, backups = (cycle.params, cycle.backups) if cycle is not None else ([], [])
+        if self._changed("fused_step", self._all_params()):  # (module.to(float64), channels_last: same objects)
+            fused.forget_checks(self.base_optimizer)
         reason = fused.fused_base_step(self.base_optimizer, params, backups, grads_checked=grads_checked)
         if reason is None:
             if cycle is not None:
@@ -1311,7 +1313,14 @@ def _name_in(groups: Sequence[Dict[str, Any]], t: Tensor) -> str:
 
 def _check_base_step(base: type) -> None:
     """A base optimizer whose step() needs a closure (LBFGS) re-evaluates the loss itself: there is no place for
-    the perturbed passes in it, and calling it without one failed only after the passes."""
+    the perturbed passes in it, and calling it without one failed only after the passes. SparseAdam takes only
+    sparse gradients, which the perturbation passes cannot use: it failed after the passes too."""
+    if issubclass(base, torch.optim.SparseAdam):
+        raise TypeError(
+            "torch.optim.SparseAdam steps only on sparse gradients, and the perturbation passes need dense ones (an "
+            "nn.Embedding(sparse=True) is refused), so it cannot be the base of a perturbation step; use "
+            "torch.optim.Adam or AdamW with dense gradients"
+        )
     closure = inspect.signature(base.step).parameters.get("closure")
     if closure is not None and closure.default is inspect.Parameter.empty:
         raise TypeError(

@@ -492,22 +492,23 @@ class Cycle:
                 if self.lists is None:
                     ops.restore_(self.params, self.backups)
                 else:
-                    ops.restore_lists_(self.lists)
+                    try:
+                        ops.restore_lists_(self.lists)
+                    except (TypeError, ValueError):
+                        # The handle refused a tensor that changed since it was built: the list op restores
+                        # whatever its own checks accept.
+                        ops.restore_(self.params, self.backups)
             except (TypeError, ValueError) as err:
-                # The handle refused a tensor that changed since it was built: the list op restores whatever its own
-                # checks accept; a tensor converted since the cycle began (module.to(float64), channels_last between
-                # first_step() and second_step()) no backup fits any more, so each weight is copied back converted,
-                # and the step is refused: the weights must not stay perturbed.
-                try:
-                    ops.restore_(self.params, self.backups)
-                except (TypeError, ValueError):
-                    _copy_back_converted(self.params, self.backups)
-                    self.perturbed = False
-                    raise RuntimeError(
-                        "the parameters changed dtype, memory layout or storage while perturbed (e.g. module.to() "
-                        "between first_step() and second_step()): each weight was put back from its backup, converted "
-                        f"to its new dtype and layout, and this step was dropped; convert between steps ({err})"
-                    ) from None
+                # A tensor converted since the cycle began (module.to(float64), channels_last between first_step()
+                # and second_step()) fits no backup any more: each weight is copied back converted, and the step
+                # is refused; the weights must not stay perturbed.
+                _copy_back_converted(self.params, self.backups)
+                self.perturbed = False
+                raise RuntimeError(
+                    "the parameters changed dtype, memory layout or storage while perturbed (e.g. module.to() "
+                    "between first_step() and second_step()): each weight was put back from its backup, converted "
+                    f"to its new dtype and layout, and this step was dropped; convert between steps ({err})"
+                ) from None
             self.perturbed = False
             _weights_moved()
 

@@ -11,7 +11,7 @@ and each is the only reference the optimizer hands to the ops.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, MutableMapping, Sequence
+from typing import Callable, Dict, List, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,8 +23,7 @@ from ..ops.validation import is_dense
 ALIGN_BYTES = 64
 
 
-def fits(buffer: Tensor, like: Tensor) -> bool:
-    """Whether ``buffer`` can serve as ``like``'s buffer in the fused ops (shape, dtype, device, strides)."""
+def _fits(buffer: Tensor, like: Tensor) -> bool:
     # (A tensor that is not dense gets a contiguous buffer: the fused ops refuse it anyway, naming it.)
     return (
         buffer.shape == like.shape
@@ -65,7 +64,24 @@ def buffers_for(store: MutableMapping[Tensor, Tensor], keys: Sequence[Tensor], l
     """``store[keys[i]]`` for each i, shaped like ``likes[i]``: the stored buffer while it still fits, else a new
     one (the new ones allocated together by :func:`buffers_like`) that replaces it in ``store``."""
     out = [store.get(k) for k in keys]
-    stale = [i for i, (b, t) in enumerate(zip(out, likes)) if b is None or not fits(b, t)]
+    stale = [i for i, (b, t) in enumerate(zip(out, likes)) if b is None or not _fits(b, t)]
     for i, b in zip(stale, buffers_like([likes[i] for i in stale])):
         out[i] = store[keys[i]] = b
     return out  # type: ignore[return-value]
+
+
+def refit(store: MutableMapping[Tensor, Tensor], like: Callable[[Tensor], Tensor]) -> bool:
+    """State kept across steps brought to its tensors after they changed dtype, layout or shape: each buffer that
+    no longer fits ``like(key)`` is converted to it, values kept; one of another shape is dropped. False if one
+    was dropped."""
+    kept = True
+    for key, b in list(store.items()):
+        t = like(key)
+        if _fits(b, t):
+            continue
+        if b.shape == t.shape:
+            store[key] = torch.empty_like(t, memory_format=torch.preserve_format).copy_(b)
+        else:
+            del store[key]
+            kept = False
+    return kept

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import distributed, ops
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_finite, check_radius
-from .buffers import buffers_for, fits
+from .buffers import buffers_for, refit
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
@@ -173,8 +173,9 @@ class _Family(PerturbOptimizer):
     # ---- sequencing (the wrapper's paths, extended) -----------------------------------------
 
     def _new_cycle(self, plan: _Plan) -> Cycle:
+        if self._cycle_plan is not plan:  # (_perturbed_passes has followed them for this plan already)
+            self._follow_tensors(plan)
         self._cycle_plan = plan
-        self._follow_tensors(plan)  # (a no-op when _perturbed_passes has just done it)
         return _FamilyCycle(
             self,
             self.spec,
@@ -188,8 +189,8 @@ class _Family(PerturbOptimizer):
 
     def _perturbed_passes(self, plan: _Plan, closure: Any, restore: bool = True) -> Optional[Cycle]:
         self._follow_tensors(plan)
+        self._cycle_plan = plan
         if self._reuses(plan):
-            self._cycle_plan = plan
             return None
         try:
             return super()._perturbed_passes(plan, closure, restore)
@@ -334,19 +335,7 @@ _COPY = torch.tensor([0.0, 1.0, 0.0])  # lincomb_ row: out = x, exactly
 
 
 def _refit(store: Dict[Tensor, Tensor]) -> bool:
-    """Each of ``store``'s buffers that no longer fits its tensor (dtype, layout, device) converted to it, values
-    kept; a buffer of another shape dropped. False if one was dropped."""
-    kept = True
-    for p, b in list(store.items()):
-        like = _local(p.detach())
-        if fits(b, like):
-            continue
-        if b.shape == like.shape:
-            store[p] = torch.empty_like(like, memory_format=torch.preserve_format).copy_(b)
-        else:
-            del store[p]
-            kept = False
-    return kept
+    return refit(store, lambda p: _local(p.detach()))
 
 
 def _local(t: Tensor) -> Tensor:
@@ -658,8 +647,8 @@ class LookSAM(_Family):
             self._gv_key = ()
         elif self._gv_key and self._gv_sq is not None:
             by_id = {id(p): v for p, v in self._gv.items()}
-            sq = [by_id[i].detach().to(torch.float64).square().sum() for i in self._gv_key]
-            self._gv_sq = torch.stack(sq).to(self._gv_sq.device)
+            gv = [by_id[i].detach() for i in self._gv_key]
+            self._gv_sq = torch.stack(torch._foreach_norm(gv, 2, dtype=torch.float64)).square().to(self._gv_sq.device)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = super().__getstate__()

@@ -168,6 +168,10 @@ def _accelerate_accumulation_steps() -> int:
         return 1
 
 
+def _is_grad_scaler_module(name: str) -> bool:
+    return name.startswith(("torch.amp.grad_scaler", "torch.cuda.amp"))
+
+
 def _called_by_grad_scaler() -> bool:
     """Whether this step() was reached through an enabled ``GradScaler``'s ``step`` (its ``_maybe_opt_step`` calls
     it, through torch.optim's profiling wrapper: a few frames up)."""
@@ -175,8 +179,7 @@ def _called_by_grad_scaler() -> bool:
     for _ in range(8):
         if frame is None:
             return False
-        name = frame.f_globals.get("__name__", "")
-        if name.startswith("torch.amp.grad_scaler") or name.startswith("torch.cuda.amp"):
+        if _is_grad_scaler_module(frame.f_globals.get("__name__", "")):
             # a disabled scaler's step() is the optimizer's own step on unscaled gradients
             scaler = frame.f_locals.get("self")
             return not (isinstance(scaler, torch.amp.GradScaler) and not scaler.is_enabled())
@@ -197,7 +200,7 @@ def no_closure_message(optimizer: Any) -> str:
         f"{name}.step() needs a closure that computes the loss, calls backward() on it and returns it: "
         "opt.step(closure) runs the clean and perturbed passes itself"
     )
-    if any(m.startswith("torch.amp.grad_scaler") or m.startswith("torch.cuda.amp") for m in callers):
+    if any(map(_is_grad_scaler_module, callers)):
         msg += (
             ". It was called by GradScaler.step(optimizer), which passes no closure (Lightning's "
             "precision='16-mixed' does this): use bf16 autocast (Lightning: precision='bf16-mixed'), "

@@ -123,18 +123,7 @@ def _state_reason(family: str, group: Dict[str, Any], p: Tensor, state: Dict[str
 def why_not_fused(base: torch.optim.Optimizer) -> Optional[str]:
     """None if this step of ``base`` can be fused, else why it falls back: the checks :func:`fused_base_step`
     makes before it writes anything, made here on the gradients now in ``.grad``."""
-    reason = step_reason(base)
-    if reason is not None:
-        return reason
-    family = FAMILIES[type(base)]
-    for group in base.param_groups:
-        for p in _with_grad(group):
-            reason = _tensor_fits(p, p.grad)
-            if reason is None and base.state.get(p):
-                reason = _state_reason(family, group, p, base.state[p])
-            if reason is not None:
-                return reason
-    return None
+    return step_reason(base) or _gather(base, grads_checked=False)[0]
 
 
 def _with_grad(group: Dict[str, Any]) -> List[Tensor]:
@@ -252,10 +241,12 @@ def _sgd(base: torch.optim.SGD, gathered: Sequence[_Gathered], backup_of: Dict[i
             if momentum != 0:
                 for p in params:
                     if init:
-                        base.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                        buffers.append(base.state[p]["momentum_buffer"])
+                        buf = base.state[p]["momentum_buffer"] = torch.empty_like(
+                            p, memory_format=torch.preserve_format
+                        )
                     else:
-                        buffers.append(state_of[id(p)]["momentum_buffer"])
+                        buf = state_of[id(p)]["momentum_buffer"]
+                    buffers.append(buf)
             ops.restore_sgd_step_(
                 params,
                 [backup_of.get(id(p), p) for p in params],
@@ -298,13 +289,15 @@ def _adam(base: torch.optim.Adam, gathered: Sequence[_Gathered], backup_of: Dict
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)  # torch: step_t += 1 for every parameter with a gradient
         counts = torch.stack(steps).tolist() if len(steps) > 1 else [float(steps[0])]
-        state_of = {id(p): st for p, st in zip(params, states)}
-        count_of = {id(p): c for p, c in zip(params, counts)}
-        one_bucket = len(set(counts)) == 1 and len({p.device for p in params}) == 1
-        buckets = {(None, counts[0]): params} if one_bucket else _by_device(params, lambda p: count_of[id(p)])
+        if len(set(counts)) == 1 and len({p.device for p in params}) == 1:  # the common case: one call
+            buckets = [(counts[0], params, states)]
+        else:  # one call per device and step count (the op takes one count)
+            state_of = {id(p): st for p, st in zip(params, states)}
+            count_of = {id(p): c for p, c in zip(params, counts)}
+            grouped = _by_device(params, lambda p: count_of[id(p)]).items()
+            buckets = [(step, ps, [state_of[id(p)] for p in ps]) for (_, step), ps in grouped]
         beta1, beta2 = (float(b) for b in group["betas"])
-        for (_, step), ps in buckets.items():
-            sts = states if one_bucket else [state_of[id(p)] for p in ps]
+        for step, ps, sts in buckets:
             ops.restore_adam_step_(
                 ps,
                 [backup_of.get(id(p), p) for p in ps],

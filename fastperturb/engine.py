@@ -107,6 +107,38 @@ def exact_tiny_sums(
     return out
 
 
+def tiny_rows(sums: Tensor, scope: str) -> list[int]:
+    """The rows of ``sums`` (``[n]`` or ``[n, c]``: float sums of squares, one quantity per column) too small to
+    trust in float32: every row when a column's total is at or below :data:`TINY_SUMSQ` (``"global"``), else the
+    rows where a column is (``"layer"``; a rank's shards before the collective). NaN and Inf are never taken
+    (check_finite reports them). One host read."""
+    if sums.numel() == 0:
+        return []
+    s = sums.reshape(sums.shape[0], -1).to(torch.float64)
+    if scope == "global":
+        return list(range(s.shape[0])) if float(s.sum(0).min()) <= TINY_SUMSQ else []
+    return (s.min(1).values <= TINY_SUMSQ).nonzero().flatten().tolist()
+
+
+def exact_tiny_norms(sums: Tensor, rows: list[int], tensors: Sequence[Tensor]) -> Tensor:
+    """``sums`` (``[n]``: ``||tensors[i]||^2``) as float64, with ``rows`` taken again in float64."""
+    out = sums.to(torch.float64)
+    if rows:
+        out[rows] = torch.stack(torch._foreach_norm([tensors[i] for i in rows], 2, dtype=torch.float64)).square()
+    return out
+
+
+def exact_tiny_dots(stats: Tensor, rows: list[int], a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """``dot_stats(a, b)``'s rows ``[<a,a>, <a,b>, <b,b>]`` as float64, with ``rows`` taken again in float64 (one
+    tensor at a time: only one float64 copy of a tensor pair is alive at once)."""
+    out = stats.to(torch.float64)
+    for i in rows:
+        x = a[i].detach().reshape(-1).to(torch.float64)
+        y = b[i].detach().reshape(-1).to(torch.float64)
+        out[i] = torch.stack([x.dot(x), x.dot(y), y.dot(y)]).to(out.device)
+    return out
+
+
 @dataclass(frozen=True)
 class PerturbSpec:
     """How the perturbation is built (the preset-independent part of docs/design.md §2).
@@ -371,13 +403,13 @@ class Cycle:
         """``stats`` completed across shards, checked finite, with the sums of squares of vanishing gradients
         taken in float64 (:func:`exact_tiny_sums`; l2 only: an l-inf step does not divide by a norm). Unsharded,
         the finite check and the smallness test share one host read. Sharded, each rank takes its own shards'
-        sums again before the collective, which takes them as float32 (the float64 sum rounded once, to the
-        few bits a float32 keeps below 1e-38, where before they were lost to zero)."""
+        sums again before the collective, which sums in float64 (a float32 would round sums of squares of
+        elements below about 2^-75 to zero)."""
         l2 = self.spec.norm == "l2"
         if self.reduce is not None:
             if l2 and stats.numel():
                 rows = _tiny_rows(stats, "layer", float(stats[:, 0].min()))
-                stats = self._exact_rows(stats, rows, grads, adaptive).to(stats.dtype) if rows else stats
+                stats = self._exact_rows(stats, rows, grads, adaptive) if rows else stats
             stats = self.reduce(stats, "sum")
             check_finite(stats, k)
             return stats

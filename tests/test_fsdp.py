@@ -79,6 +79,18 @@ FAMILY = {
     "fsam": lambda ps: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.2, sigma=0.5, lmbda=0.8, lr=0.1, momentum=0.9),
 }
 FAMILY_STEPS = 4
+# Vanishing gradients on shards (float32): a loss scaled by 2^-85 and an lr scaled by 2^85 take the steps of the
+# unscaled run (SAM through the engine's own check, the family through its descent rules): the rules are
+# equivariant in the gradient's scale, and powers of two keep the scaled gradients exact. That needs the sums of
+# squares and inner products of each rank's shards taken again in float64 before the collective (their float32
+# squares are subnormal or zero) and a collective that keeps them.
+VANISHING_LOG2 = -85
+VANISHING = {
+    "sam": lambda ps, lr: fp.SAM(ps, torch.optim.SGD, rho=0.2, lr=lr),
+    "gsam": lambda ps, lr: fp.GSAM(ps, torch.optim.SGD, rho_max=0.2, rho_min=0.2, alpha=0.4, lr=lr),
+    "looksam": lambda ps, lr: fp.LookSAM(ps, torch.optim.SGD, rho=0.2, k=2, alpha=0.7, lr=lr),
+    "fsam": lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.2, sigma=0.5, lmbda=0.8, lr=lr),
+}
 FAMILY_COLLECTIVES = {
     "gsam": [3] * 4,
     "wsam": [3] * 4,
@@ -167,6 +179,29 @@ def run_steps(opt, model, scale, batches, rank=0, world=1, variant="closure", dt
             closure()
             opt.second_step()
         assert not opt.last_step_skipped, (variant, s)
+
+
+def vanishing_run(name: str, log2_scale: int, rank: int = 0, world: int = 1) -> list:
+    """FAMILY_STEPS steps of ``VANISHING[name]`` on the float32 model, loss scaled by 2^log2_scale."""
+    model, scale = make_model(torch.float32)
+    if world > 1:
+        shard(model)
+    params = list(model.parameters()) + [scale]
+    opt = VANISHING[name](params, 0.05 * 2.0**-log2_scale)
+    for s in range(FAMILY_STEPS):
+        x, y = local_batch(s, rank, world, torch.float32)
+
+        def closure():
+            loss = ((model(x) * scale - y) ** 2).mean() * 2.0**log2_scale
+            loss.backward()
+            if world > 1 and scale.grad is not None:
+                dist.all_reduce(scale.grad)
+                scale.grad /= world
+            return loss
+
+        opt.step(closure)
+        assert not opt.last_step_skipped, (name, s)
+    return [full(p) for p in params]
 
 
 def single_process(preset: str, variant: str = "closure", batches=range(STEPS), dtype=torch.float64, make=None):
@@ -277,6 +312,11 @@ def _family(rank: int) -> dict:
                     and all(b.shape == local(p).shape for p, b in kept),
                 }
     return out
+
+
+def _family_vanishing(rank: int) -> dict:
+    with fp.use_backend("cpp" if "cpp" in BACKENDS else "reference"):
+        return {name: vanishing_run(name, VANISHING_LOG2, rank, WORLD) for name in VANISHING}
 
 
 def _family_nonfinite(rank: int) -> dict:
@@ -589,6 +629,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ("presets", _presets),
             ("family", _family),
             ("family_nonfinite", _family_nonfinite),
+            ("family_vanishing", _family_vanishing),
             ("nonfinite", _nonfinite),
             ("exception", _exception),
             ("batchnorm", _batchnorm),
@@ -792,6 +833,16 @@ def test_family_on_shards_match_one_process(ranks, single_thread, backend, name)
             torch.testing.assert_close(a, b, rtol=0, atol=atol)
         assert rec["collectives"] == FAMILY_COLLECTIVES[name]
         assert rec["state_is_shards"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VANISHING))
+def test_vanishing_gradients_on_shards_take_the_unscaled_steps(ranks, single_thread, name):
+    with fp.use_backend("cpp" if "cpp" in BACKENDS else "reference"):
+        want = vanishing_run(name, 0)
+    for rank in ranks:
+        for a, b in zip(rank["family_vanishing"][name], want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -96,3 +96,54 @@ def test_a_zero_gradient_is_still_no_step():
 
     opt.step(closure)
     assert seen == [True, True]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The SAM family: every rule is equivariant in the gradient's scale. The ascent is g/||g|| (scale-free); GSAM's
+# and LookSAM's projections, LookSAM's reuse and WSAM's sharpness term are linear in it; so a loss scaled by 2^-k
+# and an lr scaled by 2^k take the same steps (powers of two: the scaled gradients are exact). Before this round
+# the family's sums of squares and inner products were float32 only, and the ascent overshot or vanished below
+# about 1e-19 per element, GSAM's projection coefficient went to 0 and LookSAM's stored direction was dropped.
+
+FAMILY = {
+    "GSAM": lambda ps, lr: fp.GSAM(ps, torch.optim.SGD, rho_max=0.05, rho_min=0.05, alpha=0.3, lr=lr),
+    "WSAM": lambda ps, lr: fp.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.8, lr=lr),
+    "WSAM-coupled": lambda ps, lr: fp.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=0.8, decouple=False, lr=lr),
+    "LookSAM": lambda ps, lr: fp.LookSAM(ps, torch.optim.SGD, rho=0.05, k=2, alpha=0.7, lr=lr),
+    "FriendlySAM": lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.05, sigma=1.0, lmbda=0.6, lr=lr),
+    "FriendlySAM-adaptive": lambda ps, lr: fp.FriendlySAM(
+        ps, torch.optim.SGD, rho=0.5, sigma=1.0, lmbda=0.6, adaptive=True, lr=lr
+    ),
+}
+
+
+def _family_run(name: str, log2_scale: int, steps: int = 4) -> list:
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(16, 8), (8,), (4, 3, 3)]
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    curv = [torch.rand(s, generator=gen) + 0.5 for s in shapes]
+    shift = [torch.randn(s, generator=gen) for s in shapes]
+    params = [torch.nn.Parameter(t.clone()) for t in w0]
+    scale = 2.0**log2_scale
+    opt = FAMILY[name](params, 0.05 / scale)
+
+    def closure():  # loss = scale * sum(0.5 c (w - s)^2 + 0.05 (w - s)^4): a contraction at this lr, so rounding
+        # differences (float32 sums at scale 1, float64 ones below) stay at rounding size
+        loss = sum((0.5 * c * (p - s) ** 2 + 0.05 * (p - s) ** 4).sum() for p, c, s in zip(params, curv, shift))
+        (loss * scale).backward()
+        return loss
+
+    for _ in range(steps):
+        opt.zero_grad()
+        closure()
+        opt.step(closure)
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("log2_scale", [-70, -85, -100])
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_the_sam_family_takes_the_same_steps_at_any_gradient_scale(name, log2_scale):
+    want = _family_run(name, 0)
+    got = _family_run(name, log2_scale)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

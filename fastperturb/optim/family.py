@@ -27,7 +27,16 @@ import torch
 from torch import Tensor
 
 from .. import distributed, ops
-from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_finite, check_radius
+from ..engine import (
+    Cycle,
+    NonFiniteGradient,
+    PerturbSpec,
+    check_finite,
+    check_radius,
+    exact_tiny_dots,
+    exact_tiny_norms,
+    tiny_rows,
+)
 from .buffers import buffers_for, refit
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
 
@@ -66,13 +75,11 @@ class _FamilyCycle(Cycle):
         if sq is None:  # the engine's own measurement (e.g. the adaptive form's |w|-weighted norm)
             super().start(grads)
             return
-        if self.reduce is not None:
-            sq = self.reduce(sq, "sum")
-        check_finite(sq, 0)
-        # ascent_coefficients reads column 0 (the squared norm of the direction); the other two
-        # columns serve the projection, which a single step of length rho never needs.
-        sq = sq.to(torch.float32)
-        self._stats = torch.stack([sq, torch.zeros_like(sq), torch.zeros_like(sq)], 1)
+        # ascent_coefficients reads column 0 (the squared norm of the direction, which the preset left in
+        # ``grads``); the other two columns serve the projection, which a single step of length rho never needs.
+        # The engine's check completes it across shards, checks it and takes vanishing sums again in float64.
+        stats = torch.nn.functional.pad(sq.to(torch.float32).unsqueeze(1), (0, 2))
+        self._stats = self._checked(stats, grads, self.owner.spec.adaptive_eta is not None, 0)
 
 
 class _Family(PerturbOptimizer):
@@ -133,6 +140,25 @@ class _Family(PerturbOptimizer):
     def _reduced(self, plan: _Plan, stats: Tensor) -> Tensor:
         stats = plan.reduce(stats, "sum") if plan.reduce is not None else stats
         return stats.to(torch.float64)
+
+    # A gradient whose elements are all below about 1e-19 has float32 squares and products that are subnormal
+    # or zero, so its float32 sums come out short: those sums are taken again in float64 (a rank's own shards
+    # before the collective, as the engine does for the ascent's norms).
+
+    def _dots(self, plan: _Plan, a: List[Tensor], b: List[Tensor], scope: str) -> Tensor:
+        """``dot_stats(a, b)`` (``[<a,a>, <a,b>, <b,b>]`` per tensor) completed across shards, as float64."""
+        s = ops.dot_stats(a, b)
+        rows = tiny_rows(s[:, 0::2], "layer" if plan.reduce is not None else scope)
+        if rows:
+            s = exact_tiny_dots(s, rows, a, b)  # (float64: the collective keeps it)
+        return self._reduced(plan, s)
+
+    def _sums(self, plan: _Plan, sq: Tensor, tensors: List[Tensor], scope: str) -> Tensor:
+        """``sq`` (``||tensors[i]||^2`` per tensor, from an op) completed across shards, as float64."""
+        rows = tiny_rows(sq, "layer" if plan.reduce is not None else scope)
+        if rows:
+            sq = exact_tiny_norms(sq, rows, tensors)
+        return self._reduced(plan, sq)
 
     def _local_grads(self, plan: _Plan) -> List[Tensor]:
         n = len(plan.params)
@@ -410,7 +436,7 @@ class GSAM(_Family):
 
     def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
         g0 = self._clean_copy(plan, grads)
-        s = self._reduced(plan, ops.dot_stats(g0, grads)).sum(0)  # [<g,g>, <g,g1>, <g1,g1>], global
+        s = self._dots(plan, g0, grads, "global").sum(0)  # [<g,g>, <g,g1>, <g1,g1>], global
         c = torch.where(s[2] > 0, s[1] / s[2], torch.zeros_like(s[1]))
         row = torch.stack([1.0 + self.alpha * c, torch.full_like(c, -self.alpha), torch.zeros_like(c)])
         ops.lincomb_(grads, g0, [], _coef(row, len(grads), grads[0].device))
@@ -559,7 +585,7 @@ class LookSAM(_Family):
         n = len(grads)
         self._pending_gv = None
         if self._reuses(plan):
-            gg = self._reduced(plan, ops.grad_stats_(grads)[:, 0])  # ||g_i||^2: also the non-finite check
+            gg = self._sums(plan, ops.grad_stats_(grads)[:, 0], grads, self.scope)  # also the non-finite check
             check_finite(gg, 0)
             assert self._gv_sq is not None
             if self.scope == "global":
@@ -574,7 +600,7 @@ class LookSAM(_Family):
         # refresh: G = g1 stays in .grad; gv = g1 - (<g,g1>/||g||^2) g is formed in the clean copy's
         # buffer and becomes the stored gv (a swap, no copy) only if the step is taken.
         g0 = self._clean_copy(plan, grads)
-        s = self._reduced(plan, ops.dot_stats(g0, grads))
+        s = self._dots(plan, g0, grads, self.scope)
         check_finite(s, 1)
         if self.scope == "global":
             t = s.sum(0)
@@ -584,7 +610,7 @@ class LookSAM(_Family):
             ng, n1 = s[:, 0].sqrt(), s[:, 2].sqrt()
             beta = s[:, 1] / (ng.clamp_min(eps) * n1.clamp_min(eps)) * n1 / ng.clamp_min(eps)
         coef = torch.stack([-beta, torch.ones_like(beta), torch.zeros_like(beta)], 1)
-        vv = self._reduced(plan, ops.lincomb_(g0, grads, [], coef.float()))
+        vv = self._sums(plan, ops.lincomb_(g0, grads, [], coef.float()), g0, self.scope)
         if self.scope == "layer":
             # A g1_i parallel to g_i (every one-element tensor) leaves only rounding in gv_i, which the
             # per-tensor rescale would blow up to alpha*||g_i||: below 1e-5 ||g1_i|| it counts as 0.

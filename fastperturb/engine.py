@@ -456,13 +456,17 @@ class Cycle:
         g = list(grads[:n]) if len(grads) >= n else grads_of(self.params, 0)
         rows = ops.dot_stats(self.params, g)
         if self.reduce is not None:
+            tiny = _tiny_rows(rows[:, 2:], "layer", float(rows[:, 2].min())) if rows.numel() else []
+            if tiny:  # (this rank's shards of a vanishing g_0, as in _checked: the collective sums in float64)
+                rows = rows.to(torch.float64)
+                rows[tiny, 2] = torch.stack(torch._foreach_norm([g[i] for i in tiny], 2, dtype=torch.float64)).square()
             rows = self.reduce(rows, "sum")
         wn = _scope_sum(rows[:, 0].to(torch.float64), self.spec.scope).sqrt()
         self._radius, self._step = self._radius * wn, self._step * wn
         stats = torch.nn.functional.pad(rows[:, 2:], (0, 2))  # grad_stats_'s row at the clean point: [sum g^2, 0, 0]
         if self.reduce is None:
             stats = self._checked(stats, grads, False, 0)
-        else:  # (the rows above are already summed across ranks: a vanishing g_0 keeps its float32 sums here)
+        else:  # (the rows above are already summed across ranks, vanishing ones taken in float64 first)
             check_finite(stats, 0)
         self._stats = stats
 

@@ -80,13 +80,14 @@ FAMILY = {
 }
 FAMILY_STEPS = 4
 # Vanishing gradients on shards (float32): a loss scaled by 2^-85 and an lr scaled by 2^85 take the steps of the
-# unscaled run (SAM through the engine's own check, the family through its descent rules): the rules are
+# unscaled run (SAM and AWP through the engine's own checks, the family through its descent rules): the rules are
 # equivariant in the gradient's scale, and powers of two keep the scaled gradients exact. That needs the sums of
 # squares and inner products of each rank's shards taken again in float64 before the collective (their float32
 # squares are subnormal or zero) and a collective that keeps them.
 VANISHING_LOG2 = -85
 VANISHING = {
     "sam": lambda ps, lr: fp.SAM(ps, torch.optim.SGD, rho=0.2, lr=lr),
+    "awp": lambda ps, lr: fp.AWP(ps, torch.optim.SGD, gamma=0.05, lr=lr),  # (one pass over w and g_0)
     "gsam": lambda ps, lr: fp.GSAM(ps, torch.optim.SGD, rho_max=0.2, rho_min=0.2, alpha=0.4, lr=lr),
     "looksam": lambda ps, lr: fp.LookSAM(ps, torch.optim.SGD, rho=0.2, k=2, alpha=0.7, lr=lr),
     "fsam": lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.2, sigma=0.5, lmbda=0.8, lr=lr),

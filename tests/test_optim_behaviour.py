@@ -4,6 +4,7 @@ exceptions, BatchNorm, clipping, accumulation, AMP, checkpoints, buffers."""
 from __future__ import annotations
 
 import copy
+import io
 import math
 import warnings
 
@@ -597,6 +598,36 @@ def test_deepcopy_keeps_a_working_optimizer(backend):
         opt2.step(closure_for(model2))
     for p, q in zip(model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_with_an_lr_scheduler_attached_step_themselves(how):
+    """An LR scheduler wraps ``step`` on the optimizer instance; a copy (``copy.deepcopy``, ``torch.save`` of the
+    objects) is a working optimizer of its own, as torch.optim's are: before, the copy's step() drove the original
+    and pickling raised."""
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step(closure_for(model))
+    sched.step()
+    if how == "deepcopy":
+        model2, opt2, sched2 = copy.deepcopy((model, opt, sched))
+    else:
+        buf = io.BytesIO()
+        torch.save((model, opt, sched), buf)
+        buf.seek(0)
+        model2, opt2, sched2 = torch.load(buf, weights_only=False)
+    before = snapshot(model)
+    for _ in range(2):
+        opt2.step(closure_for(model2))
+        sched2.step()
+    assert_bit_identical(model, before)  # the original did not move
+    for _ in range(2):
+        opt.step(closure_for(model))
+        sched.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.1 * 0.5**3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

@@ -1180,6 +1180,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # without the transient perturbation buffers.
         self._refuse_while_pending("copied or pickled")
         state = self.__dict__.copy()
+        # An LR scheduler wraps step() in an instance attribute bound to *this* optimizer (and sets _opt_called):
+        # copied, the copy's step() would drive the original, and a closure does not pickle. torch.optim drops both.
+        state.pop("step", None)
+        state.pop("_opt_called", None)
         state.update(
             _backups={},
             _accums={},

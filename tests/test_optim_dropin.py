@@ -434,3 +434,60 @@ def test_skip_warning_points_at_the_callers_line(backend):
     with pytest.warns(RuntimeWarning) as record:
         opt.first_step()
     assert record[0].filename == __file__
+
+
+# ---- constructor calls migrated from pytorch-optimizer ---------------------------------------------------------
+
+
+class _KwargsBase(torch.optim.SGD):
+    """A base optimizer that swallows unknown keywords, as many of pytorch-optimizer's do (SGDW, Lion, AdamP)."""
+
+    def __init__(self, params, lr=0.1, **kwargs):
+        super().__init__(params, lr=lr)
+
+
+class _GCBase(torch.optim.SGD):
+    """A base optimizer with its own ``use_gc`` setting (as Ranger has)."""
+
+    def __init__(self, params, lr=0.1, use_gc=False):
+        super().__init__(params, lr=lr)
+        self.defaults["use_gc"] = use_gc
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, _KwargsBase])
+@pytest.mark.parametrize(
+    "make, key, hint",
+    [
+        (lambda ps, b, **k: fp.WSAM(ps, b, rho=0.05, **k), "max_norm", "max_grad_norm"),
+        (lambda ps, b, **k: fp.SAM(ps, b, rho=0.05, **k), "use_gc", "not offered"),
+        (lambda ps, b, **k: fp.LookSAM(ps, b, rho=0.05, **k), "perturb_eps", "not needed"),
+        (lambda ps, b, **k: fp.GSAM(ps, b, **k), "model", "freeze_bn=model"),
+    ],
+)
+def test_pytorch_optimizer_wrapper_keywords_are_refused_by_name(base, make, key, hint):
+    """Before, a base taking **kwargs swallowed them (WSAM's max_norm: no clipping at all) and torch's SGD refused
+    them with an error about itself."""
+    with pytest.raises(TypeError, match=f"got {key}=.*{hint}"):
+        make(nn.Linear(2, 2).parameters(), base, lr=0.1, **{key: 0.01 if key != "model" else nn.Linear(2, 2)})
+
+
+def test_a_base_that_names_the_keyword_gets_it():
+    opt = fp.SAM(nn.Linear(2, 2).parameters(), _GCBase, rho=0.05, lr=0.1, use_gc=True)
+    assert opt.base_optimizer.defaults["use_gc"] is True
+
+
+def test_pytorch_optimizer_constructor_shapes_are_refused_with_what_differs():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="no model.*freeze_bn=model"):
+        fp.GSAM(model.parameters(), base, model, object(), alpha=0.4)  # pytorch-optimizer's GSAM call
+    with pytest.raises(TypeError, match="no model.*freeze_bn=model"):
+        fp.WSAM(model, model.parameters(), torch.optim.SGD)  # pytorch-optimizer's WSAM argument order
+    with pytest.raises(TypeError, match="not an instance"):
+        fp.GSAM(model.parameters(), base)
+
+    class ProportionScheduler:  # (pytorch-optimizer's class is matched by name: it need not be installed)
+        pass
+
+    with pytest.raises(TypeError, match="ProportionScheduler as rho_max.*rho_max/rho_min"):
+        fp.GSAM(model.parameters(), torch.optim.SGD, ProportionScheduler(), lr=0.1)

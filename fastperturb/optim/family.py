@@ -38,7 +38,7 @@ from ..engine import (
     tiny_rows,
 )
 from .buffers import buffers_for, refit
-from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling
+from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling, check_signature
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
 
@@ -401,8 +401,11 @@ class GSAM(_Family):
         adaptive: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_signature(
+            "GSAM", params, base_optimizer, dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, lr_max=lr_max)
+        )
         self.alpha = _finite("alpha", alpha, 0.0, 1.0)
-        taken = _keyword_names(base_optimizer) if isinstance(base_optimizer, type) else set()
+        taken = _keyword_names(base_optimizer)
         self._keys = {k: _group_key(k, taken) for k in ("rho_min", "lr_max", "lr_min")}
         self._group_defaults = {
             "rho_min": check_radius("rho_min", rho_min),

@@ -248,16 +248,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(spec, PerturbSpec):
             raise TypeError(f"spec must be a fastperturb.PerturbSpec, got {type(spec).__name__}")
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-            raise TypeError(
-                "base_optimizer must be an optimizer class such as torch.optim.SGD (not an instance), "
-                f"with its arguments passed as keywords; got {base_optimizer!r}"
-            )
-        if issubclass(base_optimizer, PerturbOptimizer):
-            raise TypeError("base_optimizer cannot itself be a fastperturb optimizer; pass e.g. torch.optim.SGD")
+        check_signature(type(self).__name__, params, base_optimizer, {type(self).radius_key: radius})
         # Group keys: the preset's names unless the base optimizer has a setting of the same
         # name (APD's eps vs Adam's eps, SAM's rho vs Adadelta's rho): then "perturb_<name>".
         taken = _keyword_names(base_optimizer)
+        for key in sorted(set(base_kwargs) & set(MIGRATION_KEYWORDS) - taken):
+            raise TypeError(f"{type(self).__name__} got {key}={base_kwargs[key]!r}: {MIGRATION_KEYWORDS[key]}")
         self.radius_key = _group_key(type(self).radius_key, taken)
         # Keys the SAM wrappers people migrate from read per group (davda54's and pytorch-optimizer's SAM: adaptive;
         # ASAM's eta) but these presets take for the whole optimizer: a group that sets one otherwise is refused.
@@ -1276,6 +1272,51 @@ def _read_through(opt: Any, name: str) -> Any:
     if f"_own_{name}" in d:
         return d[f"_own_{name}"]
     raise AttributeError(name)
+
+
+#: Keywords of the SAM wrappers people migrate from (pytorch-optimizer's) that fastperturb's optimizers do not take,
+#: and what to do instead. Passed on to a base optimizer that does not name them, they would be refused by it with an
+#: error that blames the base, or swallowed by a base that takes ``**kwargs`` and ignored (WSAM's ``max_norm``: no
+#: clipping at all). A base optimizer that names one of them in its signature gets it.
+MIGRATION_KEYWORDS: Dict[str, str] = {
+    "max_norm": "pytorch-optimizer's WSAM clipping; pass max_grad_norm=..., which clips the descent gradient "
+    "(README, 'The SAM family')",
+    "use_gc": "gradient centralisation of the ascent direction (pytorch-optimizer's SAM and LookSAM) is not offered; "
+    "drop it",
+    "perturb_eps": "pytorch-optimizer's epsilon in the ascent's norm is not needed here (a zero gradient takes no "
+    "step); drop it (APD's radius is eps=, kept per group as 'perturb_eps' when the base has its own eps)",
+    "model": "fastperturb's optimizers take no model; for the BatchNorm handling of pytorch-optimizer's WSAM and GSAM "
+    "pass freeze_bn=model",
+    "rho_scheduler": "GSAM here takes rho_max/rho_min (and lr_max/lr_min), linear in each group's lr, instead of a "
+    "ProportionScheduler",
+}
+
+
+def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str, Any]) -> None:
+    """Refuse, naming the difference, the constructor calls of the SAM wrappers people migrate from whose arguments
+    land in the wrong places here: a model first (pytorch-optimizer's WSAM), a base optimizer instance and a model
+    and a ``ProportionScheduler`` (pytorch-optimizer's GSAM), before any setting is checked by value."""
+    if isinstance(params, nn.Module) or any(isinstance(v, nn.Module) for v in named.values()):
+        raise TypeError(
+            f"{name}(params, base_optimizer, ...) takes the parameters (model.parameters()) and no model, unlike "
+            "pytorch-optimizer's WSAM and GSAM; for their BatchNorm handling pass freeze_bn=model"
+        )
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"{name}'s base_optimizer must be an optimizer class such as torch.optim.SGD, not an instance (as "
+            "pytorch-optimizer's GSAM takes), with its arguments passed as keywords: "
+            f"{name}(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9); got {base_optimizer!r}"
+        )
+    if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError(
+            "base_optimizer must be an optimizer class such as torch.optim.SGD (not an instance), "
+            f"with its arguments passed as keywords; got {base_optimizer!r}"
+        )
+    if issubclass(base_optimizer, PerturbOptimizer):
+        raise TypeError("base_optimizer cannot itself be a fastperturb optimizer; pass e.g. torch.optim.SGD")
+    for key, value in named.items():
+        if type(value).__name__ == "ProportionScheduler":
+            raise TypeError(f"{name} got a ProportionScheduler as {key}: {MIGRATION_KEYWORDS['rho_scheduler']}")
 
 
 def _keyword_names(cls: type) -> set:

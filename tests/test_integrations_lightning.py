@@ -9,6 +9,7 @@ where the gradient is summed in a different order (micro-batches against one big
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import pytest
@@ -312,6 +313,48 @@ def test_training_step_returning_none_under_16_mixed_leaves_the_scale(tmp_path):
     trainer(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, loader())
     assert scaler.get_scale() == 2.0**8
     assert model.trainer.optimizers[0].skipped_steps == 0
+
+
+PER_PASS_DIFFERENT = {
+    "APD": PRESETS["APD"],
+    "GSAM": lambda p: fp.GSAM(p, torch.optim.SGD, rho_max=0.05, rho_min=0.05, alpha=0.4, lr=0.1),
+    "WSAM": lambda p: fp.WSAM(p, torch.optim.SGD, rho=0.05, gamma=0.8, lr=0.1),
+    "LookSAM": lambda p: fp.LookSAM(p, torch.optim.SGD, rho=0.05, k=2, lr=0.1),
+    "FriendlySAM": lambda p: fp.FriendlySAM(p, torch.optim.SGD, rho=0.05, lr=0.1),
+}
+
+
+class _PlainAny(_Plain):
+    def configure_optimizers(self):
+        return PER_PASS_DIFFERENT[self.preset](self.parameters())
+
+
+class _OwnOptimizerStepAny(_OwnOptimizerStep):
+    def configure_optimizers(self):
+        return PER_PASS_DIFFERENT[self.preset](self.parameters())
+
+
+@pytest.mark.parametrize("module", [_PlainAny, _OwnOptimizerStepAny])
+@pytest.mark.parametrize("preset", sorted(PER_PASS_DIFFERENT))
+def test_per_pass_norm_clipping_is_refused_where_it_changes_the_step(module, preset, tmp_path):
+    """Lightning's gradient_clip_val outside the mixin's routing clips each pass's gradient: for APD (several
+    passes averaged) and the SAM family (rules that use g_0's length) that is another step than clipping the descent
+    gradient (WSAM 1.5e-2 after 4 steps in the review): refused at the first step, nothing changed, naming the fix
+    for the path taken."""
+    model = module(preset) if module is _PlainAny else module(preset, sched=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    fix = re.escape("call super().optimizer_step" if module is _OwnOptimizerStepAny else "Mix fastperturb.integrations")
+    with pytest.raises(fp.UnsupportedTrainingLoop, match=f"gradient_clip_val=0.05.*{fix}"):
+        trainer(tmp_path, gradient_clip_val=0.05).fit(model, loader())
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_an_optimizer_step_override_with_accumulation_is_told_to_call_super(tmp_path):
+    model = _OwnOptimizerStep("SAM", sched=False)
+    with pytest.raises(
+        fp.UnsupportedTrainingLoop, match="override steps the optimizer itself.*super\\(\\).optimizer_step"
+    ):
+        trainer(tmp_path, accumulate_grad_batches=2).fit(model, loader())
 
 
 def test_automatic_accumulation_without_the_mixin_is_refused(tmp_path):

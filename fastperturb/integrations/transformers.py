@@ -13,9 +13,9 @@ micro-batches, exactly as the clean point does::
                              perturb=fp.SAM, perturb_kwargs={"rho": 0.05})
     trainer.train()
 
-``perturb`` is a preset class (``fp.SAM``, ``fp.ASAM``, ``fp.AWP``, ``fp.APD``) built on the base
-optimizer and parameter groups ``Trainer`` would create from its arguments (``optim``,
-``learning_rate``, ``weight_decay``, ``adam_*``); or pass a ready optimizer with
+``perturb`` is a preset class (``fp.SAM``, ``fp.ASAM``, ``fp.AWP``, ``fp.APD``, ``fp.GSAM``, ``fp.WSAM``,
+``fp.LookSAM``, ``fp.FriendlySAM``) built on the base optimizer and parameter groups ``Trainer`` would create
+from its arguments (``optim``, ``learning_rate``, ``weight_decay``, ``adam_*``); or pass a ready optimizer with
 ``optimizers=(fp.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3), None)``.
 
 ``max_grad_norm`` clips the final descent gradient (the optimizer's ``max_grad_norm``), not the
@@ -41,7 +41,7 @@ __all__ = ["PerturbTrainer"]
 
 
 class PerturbTrainer(Trainer):
-    """A ``transformers.Trainer`` that trains with a fastperturb optimizer (SAM, ASAM, AWP, APD).
+    """A ``transformers.Trainer`` that trains with a fastperturb optimizer (any preset, the SAM family included).
 
     Args:
         perturb: a :class:`~fastperturb.PerturbOptimizer` subclass (e.g. ``fastperturb.SAM``),
@@ -67,12 +67,13 @@ class PerturbTrainer(Trainer):
         if given is not None and not isinstance(unwrap_optimizer(given), PerturbOptimizer):
             raise TypeError(
                 f"PerturbTrainer needs a fastperturb optimizer; optimizers=({type(given).__name__}, ...) is not one. "
-                "Pass perturb=fastperturb.SAM (or ASAM, AWP, APD) or a fastperturb optimizer instance"
+                "Pass perturb=fastperturb.SAM (or any other preset: ASAM, AWP, APD, GSAM, WSAM, LookSAM, FriendlySAM) "
+                "or a fastperturb optimizer instance"
             )
         if given is None and perturb is None:
             raise TypeError(
-                "PerturbTrainer needs perturb=fastperturb.SAM (or ASAM, AWP, APD) "
-                "or optimizers=(fastperturb optimizer, scheduler)"
+                "PerturbTrainer needs perturb=fastperturb.SAM (or any other preset: ASAM, AWP, APD, GSAM, WSAM, "
+                "LookSAM, FriendlySAM) or optimizers=(fastperturb optimizer, scheduler)"
             )
 
     # ---- the optimizer -----------------------------------------------------------------

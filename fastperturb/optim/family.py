@@ -164,6 +164,11 @@ class _Family(PerturbOptimizer):
         n = len(plan.params)
         return self._grads(plan, 1)[:n]
 
+    def per_pass_clipping_is_exact(self) -> bool:
+        """False: every descent rule here uses the clean gradient's length (GSAM's and LookSAM's projections,
+        WSAM's mix, FriendlySAM's running mean), which clipping each pass changes."""
+        return False
+
     # ---- the hooks (overridden by the presets) --------------------------------------------
 
     def _at_clean_point(self, cycle: Cycle, grads: List[Tensor]) -> Optional[Tensor]:

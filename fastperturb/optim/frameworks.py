@@ -90,6 +90,24 @@ def check_step(optimizer: Any, closure: Any) -> None:
                 f"{LIGHTNING_RECIPE}.PerturbMixin it clips the final descent gradient) or the optimizer's "
                 "max_grad_norm. Nothing was changed."
             )
+        module = getattr(trainer, "lightning_module", None)
+        mixed_in = module is not None and any(c.__name__ == "PerturbMixin" for c in type(module).__mro__)
+        bypassed = (
+            f"{type(module).__name__} mixes in PerturbMixin but its optimizer_step override steps the optimizer "
+            "itself: call super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure) from it instead"
+            if mixed_in
+            else f"Mix {LIGHTNING_RECIPE}.PerturbMixin into the LightningModule"
+        )
+        routed = module is not None and bool(module.__dict__.get("_perturb_clip_routed"))
+        exact = getattr(optimizer, "per_pass_clipping_is_exact", lambda: True)()
+        if clip and not routed and not exact:
+            raise UnsupportedTrainingLoop(
+                f"{name} under Lightning with Trainer(gradient_clip_val={clip!r}): Lightning clips every pass's "
+                f"gradient inside the closure, and {name}'s step uses the clean gradient's length or several "
+                f"passes, so that is a silently different step from clipping the descent gradient. {bypassed} "
+                "(it routes gradient_clip_val to the optimizer's max_grad_norm), or set gradient_clip_val=None and "
+                "pass max_grad_norm to the optimizer. Nothing was changed."
+            )
         n = getattr(trainer, "accumulate_grad_batches", 1)
         strategy = getattr(trainer, "strategy", None)
         if (
@@ -100,10 +118,9 @@ def check_step(optimizer: Any, closure: Any) -> None:
             raise UnsupportedTrainingLoop(
                 f"{name} under Lightning automatic optimization with accumulate_grad_batches={n}: Lightning "
                 "runs the earlier micro-batches itself and passes step() the closure of the last one only, so "
-                "the perturbed passes would see one micro-batch (a silently wrong step). Mix "
-                f"{LIGHTNING_RECIPE}.PerturbMixin into the LightningModule (it replays the whole window at "
-                f"every perturbed point: exact), or use manual optimization with {LIGHTNING_RECIPE}.perturb_step "
-                "and accumulate_grad_batches=1. Nothing was changed."
+                f"the perturbed passes would see one micro-batch (a silently wrong step). {bypassed} (it replays "
+                f"the whole window at every perturbed point: exact), or use manual optimization with "
+                f"{LIGHTNING_RECIPE}.perturb_step and accumulate_grad_batches=1. Nothing was changed."
             )
     if not torch.compiler.is_compiling() and _called_by_grad_scaler():
         raise UnsupportedTrainingLoop(

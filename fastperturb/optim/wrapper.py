@@ -1171,6 +1171,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 "(w + delta) and their backups are not part of the copy; call second_step() (or restore()) first"
             )
 
+    def per_pass_clipping_is_exact(self) -> bool:
+        """Whether clipping each pass's gradient by its norm (what a framework's closure does: Lightning's
+        ``gradient_clip_val`` without :class:`~fastperturb.integrations.lightning.PerturbMixin`) takes the step that
+        clipping the descent gradient takes: one ascent step whose direction ignores the gradient's length, and a
+        descent gradient that is the last pass's (SAM, ASAM, one-step AWP)."""
+        return self.spec.steps == 1 and not self.spec.include_clean
+
     def __getstate__(self) -> Dict[str, Any]:
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),
         # without the transient perturbation buffers.

@@ -143,3 +143,28 @@ def test_counts_replaced_or_reset_are_the_ones_advanced():
         _step(o2, m2, x, y)
     _assert_same(o1, m1, o2, m2)
     assert o1.base_optimizer.state[next(iter(m1.parameters()))]["step"].item() == 2.0
+
+
+def test_tensors_on_several_devices_take_one_call_per_device(monkeypatch):
+    """With one shared count the per-device bucketing still sees every tensor's count (it raised KeyError on
+    the second device's tensors once the counts came from StepCounts; a meta tensor stands in for a GPU here,
+    the fused op is recorded, not run)."""
+    from fastperturb.optim import fused_step
+
+    a = nn.Parameter(torch.randn(3))
+    b = nn.Parameter(torch.randn(3, device="meta"))
+    a.grad, b.grad = torch.randn(3), torch.randn(3, device="meta")
+    base = torch.optim.Adam([a, b], lr=0.1)
+    for p in (a, b):  # the state torch makes: the count on the CPU, the moments on the tensor's device
+        base.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    calls = []
+    monkeypatch.setattr(
+        fused_step.ops,
+        "restore_adam_step_",
+        lambda ps, *a, step, **k: calls.append(([p.device.type for p in ps], step)),
+    )
+    for want in (4.0, 5.0):  # the second step takes the counts from the record's StepCounts
+        calls.clear()
+        assert fused_step.fused_base_step(base, [], []) is None
+        assert sorted(calls) == [(["cpu"], want), (["meta"], want)]
+        assert [base.state[p]["step"].item() for p in (a, b)] == [want, want]

@@ -285,7 +285,8 @@ def _adam_state(p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
 
 
 def _advance_steps(steps: List[Tensor], record: Optional[_Checked], gi: int) -> List[float]:
-    """torch's ``step_t += 1`` for every parameter with a gradient; the counts after it (one when they agree).
+    """torch's ``step_t += 1`` for every parameter with a gradient; the counts after it, one per tensor, or a
+    single one when they all have it.
     ``record``: this step's checked tensors, whose group ``gi`` holds these steps (None: they were just made)."""
     counter = None
     if record is not None and native.load_error is None and not torch.compiler.is_compiling():
@@ -318,6 +319,7 @@ def _adam(
         if len(set(counts)) == 1 and len({p.device for p in params}) == 1:  # the common case: one call
             buckets = [(counts[0], params, states)]
         else:  # one call per device and step count (the op takes one count)
+            counts = counts if len(counts) == len(params) else counts * len(params)  # (one shared count)
             state_of = {id(p): st for p, st in zip(params, states)}
             count_of = {id(p): c for p, c in zip(params, counts)}
             grouped = _by_device(params, lambda p: count_of[id(p)]).items()

@@ -476,6 +476,21 @@ def test_a_base_that_names_the_keyword_gets_it():
     assert opt.base_optimizer.defaults["use_gc"] is True
 
 
+def test_a_base_that_takes_the_keyword_through_kwargs_and_keeps_it_gets_it():
+    """pytorch-optimizer's Lion and AdamP take use_gc through **kwargs and read it from their groups."""
+    po = pytest.importorskip("pytorch_optimizer")
+    for base in (po.Lion, po.AdamP):
+        opt = fp.SAM(nn.Linear(2, 2).parameters(), base, rho=0.05, lr=0.1, use_gc=True)
+        assert opt.base_optimizer.defaults["use_gc"] is True
+        assert all(g["use_gc"] is True for g in opt.param_groups)
+
+
+def test_a_parameter_list_is_parameters_not_a_model():
+    ps = nn.ParameterList([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))])
+    opt = fp.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1)
+    assert len(opt.param_groups[0]["params"]) == 2
+
+
 def test_pytorch_optimizer_constructor_shapes_are_refused_with_what_differs():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
     base = torch.optim.SGD(model.parameters(), lr=0.1)

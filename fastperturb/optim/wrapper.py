@@ -252,7 +252,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Group keys: the preset's names unless the base optimizer has a setting of the same
         # name (APD's eps vs Adam's eps, SAM's rho vs Adadelta's rho): then "perturb_<name>".
         taken = _keyword_names(base_optimizer)
-        for key in sorted(set(base_kwargs) & set(MIGRATION_KEYWORDS) - taken):
+        migrating = sorted(set(base_kwargs) & set(MIGRATION_KEYWORDS) - taken)
+        if migrating and not _takes_any_keyword(base_optimizer):  # (the base would refuse it, blaming itself)
+            key = migrating[0]
             raise TypeError(f"{type(self).__name__} got {key}={base_kwargs[key]!r}: {MIGRATION_KEYWORDS[key]}")
         self.radius_key = _group_key(type(self).radius_key, taken)
         # Keys the SAM wrappers people migrate from read per group (davda54's and pytorch-optimizer's SAM: adaptive;
@@ -314,6 +316,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
         super().__init__(params, dict(self._perturb_defaults))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        # A base taking **kwargs that kept the keyword (pytorch-optimizer's Lion and AdamP read use_gc from their
+        # groups) uses it; one that dropped it swallowed it (SGDW and WSAM's max_norm: no clipping at all).
+        for key in migrating:
+            if key not in self.base_optimizer.defaults:
+                raise TypeError(
+                    f"{type(self).__name__} got {key}={base_kwargs[key]!r}, which {base_optimizer.__name__} takes "
+                    f"through **kwargs and does not keep: {MIGRATION_KEYWORDS[key]}"
+                )
         clash = set(self._perturb_defaults) & set(self.base_optimizer.defaults)
         if clash:  # a base whose signature hid the name (**kwargs) uses it too
             raise TypeError(
@@ -1303,7 +1313,10 @@ def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str
     """Refuse, naming the difference, the constructor calls of the SAM wrappers people migrate from whose arguments
     land in the wrong places here: a model first (pytorch-optimizer's WSAM), a base optimizer instance and a model
     and a ``ProportionScheduler`` (pytorch-optimizer's GSAM), before any setting is checked by value."""
-    if isinstance(params, nn.Module) or any(isinstance(v, nn.Module) for v in named.values()):
+    containers = (nn.ParameterList, nn.ParameterDict)  # (modules that are also plain iterables of parameters)
+    if (isinstance(params, nn.Module) and not isinstance(params, containers)) or any(
+        isinstance(v, nn.Module) for v in named.values()
+    ):
         raise TypeError(
             f"{name}(params, base_optimizer, ...) takes the parameters (model.parameters()) and no model, unlike "
             "pytorch-optimizer's WSAM and GSAM; for their BatchNorm handling pass freeze_bn=model"
@@ -1324,6 +1337,15 @@ def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str
     for key, value in named.items():
         if type(value).__name__ == "ProportionScheduler":
             raise TypeError(f"{name} got a ProportionScheduler as {key}: {MIGRATION_KEYWORDS['rho_scheduler']}")
+
+
+def _takes_any_keyword(cls: type) -> bool:
+    """Whether ``cls.__init__`` takes ``**kwargs`` (or its signature cannot be read)."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _keyword_names(cls: type) -> set:

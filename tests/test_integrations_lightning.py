@@ -349,6 +349,41 @@ def test_per_pass_norm_clipping_is_refused_where_it_changes_the_step(module, pre
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
+class _GatedClip(Net):
+    """Lightning's documented customisation: configure_gradient_clipping calling self.clip_gradients on some steps."""
+
+    def configure_optimizers(self):
+        return PER_PASS_DIFFERENT["WSAM"](self.parameters())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.global_step >= 2:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
+
+
+def test_a_configure_gradient_clipping_override_clips_the_descent_gradient_of_the_steps_it_chooses(tmp_path):
+    """Inside the mixin's step, clip_gradients sets that step's max_grad_norm instead of clipping each pass (before:
+    each pass's gradient was clipped, and the routed clipping on top of it, on every step: WSAM 6.9e-3 off)."""
+    model = _GatedClip("WSAM", sched=False)
+    trainer(tmp_path, gradient_clip_val=0.05).fit(model, loader())
+    ref = make_net()
+    opt = PER_PASS_DIFFERENT["WSAM"](ref.parameters())
+    for i, (x, y) in enumerate(loader()):
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(ref(x), y)
+            loss.backward()
+            return loss
+
+        opt.max_grad_norm = 0.05 if i >= 2 else None
+        opt.step(closure)
+    for a, b in zip(model.net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert i >= 3
+
+
 def test_an_optimizer_step_override_with_accumulation_is_told_to_call_super(tmp_path):
     model = _OwnOptimizerStep("SAM", sched=False)
     with pytest.raises(

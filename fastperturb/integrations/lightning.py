@@ -152,7 +152,12 @@ class PerturbMixin:
             with contextlib.ExitStack() as stack:
                 if accumulating:
                     stack.enter_context(accumulation_in_closure())
-                stack.enter_context(routed_max_grad_norm(opt, clip_setting(trainer, opt), "Trainer(gradient_clip_val)"))
+                setting = clip_setting(trainer, opt)
+                # A configure_gradient_clipping override decides per step whether to clip (Lightning documents
+                # calling self.clip_gradients from it): its clip_gradients calls set this step's clipping.
+                if type(self).configure_gradient_clipping is not PerturbMixin.configure_gradient_clipping:
+                    setting = None
+                stack.enter_context(routed_max_grad_norm(opt, setting, "Trainer(gradient_clip_val)"))
                 scaler = grad_scaler(trainer)
                 if scaler is None or closure is None:
                     optimizer.step(closure=closure)
@@ -172,6 +177,34 @@ class PerturbMixin:
         if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer) and self.__dict__.get("_perturb_clip_routed"):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+
+    def clip_gradients(
+        self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
+    ) -> None:
+        # Inside this mixin's optimizer_step, a configure_gradient_clipping override that calls clip_gradients (as
+        # Lightning documents) runs after every pass's backward: the clipping it asks for is this step's, of the
+        # final descent gradient (the optimizer's max_grad_norm until the step ends), not of each pass's gradient.
+        opt = unwrap_optimizer(optimizer)
+        if not (isinstance(opt, PerturbOptimizer) and self.__dict__.get("_perturb_clip_routed")):
+            super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
+            return
+        trainer = self.trainer  # type: ignore[attr-defined]
+        value = trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
+        algorithm = trainer.gradient_clip_algorithm if gradient_clip_algorithm is None else gradient_clip_algorithm
+        algorithm = "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm)).lower()
+        if not value:
+            return
+        if algorithm != "norm":
+            raise ValueError(
+                f"clip_gradients(gradient_clip_algorithm={algorithm!r}) is not supported with {type(opt).__name__}: "
+                "fastperturb clips the final descent gradient by its L2 norm; use 'norm'"
+            )
+        if opt.max_grad_norm is not None and opt.max_grad_norm != float(value):
+            raise ValueError(
+                f"clip_gradients(gradient_clip_val={value!r}) and {type(opt).__name__}(max_grad_norm="
+                f"{opt.max_grad_norm!r}) disagree; set only one of them"
+            )
+        opt.max_grad_norm = float(value)  # (routed_max_grad_norm puts the optimizer's own back after the step)
 
 
 def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any]) -> Any:

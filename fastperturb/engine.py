@@ -408,7 +408,7 @@ class Cycle:
         l2 = self.spec.norm == "l2"
         if self.reduce is not None:
             if l2 and stats.numel():
-                rows = _tiny_rows(stats, "layer", float(stats[:, 0].min()))
+                rows = tiny_rows(stats[:, 0], "layer")
                 stats = self._exact_rows(stats, rows, grads, adaptive) if rows else stats
             stats = self.reduce(stats, "sum")
             check_finite(stats, k)
@@ -456,10 +456,10 @@ class Cycle:
         g = list(grads[:n]) if len(grads) >= n else grads_of(self.params, 0)
         rows = ops.dot_stats(self.params, g)
         if self.reduce is not None:
-            tiny = _tiny_rows(rows[:, 2:], "layer", float(rows[:, 2].min())) if rows.numel() else []
+            tiny = tiny_rows(rows[:, 2], "layer")
             if tiny:  # (this rank's shards of a vanishing g_0, as in _checked: the collective sums in float64)
                 rows = rows.to(torch.float64)
-                rows[tiny, 2] = torch.stack(torch._foreach_norm([g[i] for i in tiny], 2, dtype=torch.float64)).square()
+                rows[:, 2] = exact_tiny_norms(rows[:, 2], tiny, g)
             rows = self.reduce(rows, "sum")
         wn = _scope_sum(rows[:, 0].to(torch.float64), self.spec.scope).sqrt()
         self._radius, self._step = self._radius * wn, self._step * wn

@@ -79,14 +79,18 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     definition that holds for every preset. Value clipping (``gradient_clip_algorithm="value"``)
     changes the ascent direction and has no such definition: it raises.
     """
-    value = trainer.gradient_clip_val
-    if value is None or value == 0:
+    return _norm_clip(trainer.gradient_clip_val, trainer.gradient_clip_algorithm, optimizer, "Trainer")
+
+
+def _norm_clip(value: Any, algorithm: Any, optimizer: PerturbOptimizer, where: str) -> Optional[float]:
+    """A Lightning clipping request (``value``, ``algorithm``) as the norm to clip the descent gradient to (None:
+    no clipping); value clipping raises."""
+    if not value:
         return None
-    algorithm = trainer.gradient_clip_algorithm
     algorithm = "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm)).lower()
     if algorithm != "norm":
         raise ValueError(
-            f"Trainer(gradient_clip_algorithm={algorithm!r}) is not supported with {type(optimizer).__name__}: "
+            f"{where}(gradient_clip_algorithm={algorithm!r}) is not supported with {type(optimizer).__name__}: "
             "fastperturb clips the final descent gradient by its L2 norm; use gradient_clip_algorithm='norm' "
             "(or the optimizer's max_grad_norm)"
         )
@@ -189,22 +193,20 @@ class PerturbMixin:
             super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
             return
         trainer = self.trainer  # type: ignore[attr-defined]
-        value = trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val
-        algorithm = trainer.gradient_clip_algorithm if gradient_clip_algorithm is None else gradient_clip_algorithm
-        algorithm = "norm" if algorithm is None else str(getattr(algorithm, "value", algorithm)).lower()
-        if not value:
+        value = _norm_clip(
+            trainer.gradient_clip_val if gradient_clip_val is None else gradient_clip_val,
+            trainer.gradient_clip_algorithm if gradient_clip_algorithm is None else gradient_clip_algorithm,
+            opt,
+            "clip_gradients",
+        )
+        if value is None:
             return
-        if algorithm != "norm":
-            raise ValueError(
-                f"clip_gradients(gradient_clip_algorithm={algorithm!r}) is not supported with {type(opt).__name__}: "
-                "fastperturb clips the final descent gradient by its L2 norm; use 'norm'"
-            )
-        if opt.max_grad_norm is not None and opt.max_grad_norm != float(value):
+        if opt.max_grad_norm is not None and opt.max_grad_norm != value:
             raise ValueError(
                 f"clip_gradients(gradient_clip_val={value!r}) and {type(opt).__name__}(max_grad_norm="
                 f"{opt.max_grad_norm!r}) disagree; set only one of them"
             )
-        opt.max_grad_norm = float(value)  # (routed_max_grad_norm puts the optimizer's own back after the step)
+        opt.max_grad_norm = value  # (routed_max_grad_norm puts the optimizer's own back after the step)
 
 
 def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any]) -> Any:

@@ -1,12 +1,16 @@
 """Sharded parameters: running the engine on FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Under FSDP2 every parameter is a DTensor sharded on one mesh dimension (``Shard(0)`` by
-default) and its gradient is a DTensor with the same layout. The fused ops run on the
+default) and its gradient is a DTensor with the same layout; composed with tensor parallelism
+(FSDP2 + TP on a 2-D mesh) a parameter may be sharded over both dimensions, and the parameters
+TP leaves alone live on the FSDP dimension's 1-D mesh. The fused ops run on the
 local shards (``to_local()``), which is exact for everything elementwise: the ascent step,
 the restore and the gradient accumulation. What spans a whole tensor (its norm, the
 statistics of its gradient) or the global scope is a sum or a maximum over the shards, so
 each rank computes it on its shard and :class:`ShardReducer` completes it across the ranks
-that hold the other shards, for the whole list of tensors in one collective.
+that hold the other shards, for the whole list of tensors in one collective (:class:`MeshReducer`
+when the tensors are sharded over more than one mesh dimension: one collective over every rank,
+each tensor's rows summed over its own peers).
 
 Because every rank receives the same gathered values and reduces them in the same (rank)
 order, every rank computes bit-identical coefficients and takes the same decisions: the same
@@ -21,7 +25,7 @@ DDP needs nothing here: its parameters and reduced gradients are complete on eve
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +33,7 @@ from torch import Tensor
 from .engine import Reduce
 
 __all__ = [
+    "MeshReducer",
     "Reduce",
     "ShardReducer",
     "check_engine",
@@ -43,6 +48,16 @@ try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # a torch built without distributed support: nothing can be sharded
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+try:  # FSDP2's placement on the data-parallel dimension of a tensor-parallel parameter (private in torch 2.13)
+    from torch.distributed.tensor.placement_types import _StridedShard
+except ImportError:
+    _StridedShard = None  # type: ignore[assignment,misc]
+
+
+def _is_shard(placement: object) -> bool:
+    # (_StridedShard is no Shard subclass and its is_shard() is False, yet its local tensor is a disjoint part of the
+    # elements too: a shard for every sum and maximum taken here)
+    return isinstance(placement, Shard) or (_StridedShard is not None and isinstance(placement, _StridedShard))
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -98,10 +113,10 @@ def check_engine(params: Sequence[Tensor]) -> bool:
     """Check that ``params`` come from a supported engine; return whether any is sharded.
 
     Raises a ``NotImplementedError`` naming the engine and the supported alternative for
-    FSDP1 and DeepSpeed ZeRO parameters, and a ``ValueError`` for DTensor layouts other
-    than FSDP2's (one sharded mesh dimension, the others replicated, one mesh)."""
-    sharded = False
-    mesh = None
+    FSDP1 and DeepSpeed ZeRO parameters, and a ``ValueError`` for DTensor layouts the
+    reducers cannot complete (placements other than ``Shard`` / ``Replicate``; tensors sharded
+    over different mesh dimensions whose meshes do not together span every rank)."""
+    sharded = []
     for i, p in enumerate(params):
         if _fsdp1_flattened(p):
             raise NotImplementedError(
@@ -115,31 +130,36 @@ def check_engine(params: Sequence[Tensor]) -> bool:
                 "not support (the optimizer would see partial tensors). Use FSDP2 "
                 "(torch.distributed.fsdp.fully_shard) or DDP"
             )
-        if not is_sharded(p):
-            continue
-        sharded = True
-        if mesh is None:
-            mesh = p.device_mesh
-        elif p.device_mesh != mesh:
-            raise ValueError(
-                f"parameter {i} is a DTensor on another device mesh ({p.device_mesh}) than the first sharded one "
-                f"({mesh}): put every parameter of one optimizer on one mesh"
-            )
-        _shard_dim(p, i)
-    return sharded
+        if is_sharded(p):
+            sharded.append(p)
+    if sharded:
+        reducer_for(sharded)  # (its layout checks; building one makes no collective)
+    return bool(sharded)
 
 
-def _shard_dim(p: Tensor, i: int) -> Optional[int]:
-    """The mesh dimension ``p`` is sharded over (None if replicated on every dimension)."""
-    dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Shard)]
-    others = [pl for pl in p.placements if not isinstance(pl, (Shard, Replicate))]
-    if others or len(dims) > 1:
+def _shard_dims(p: Tensor, i: int) -> List[int]:
+    """The mesh dimensions ``p`` is sharded over (empty if replicated on every dimension), ``_StridedShard`` (FSDP2's
+    placement on top of a tensor-parallel ``Shard``) included."""
+    dims = [d for d, pl in enumerate(p.placements) if _is_shard(pl)]
+    others = [pl for pl in p.placements if not (_is_shard(pl) or isinstance(pl, Replicate))]
+    if others:
         raise ValueError(
-            f"parameter {i} (shape {tuple(p.shape)}) is a DTensor with placements {p.placements}: fastperturb "
-            "supports FSDP2's layouts (sharded over one mesh dimension, replicated over the others, e.g. HSDP), "
-            "not tensor parallelism or partial placements"
+            f"tensor {i} (shape {tuple(p.shape)}) is a DTensor with placements {p.placements}: fastperturb "
+            "supports Shard and Replicate placements (FSDP2, HSDP, tensor parallelism and their compositions), "
+            "not partial ones"
         )
-    return dims[0] if dims else None
+    return dims
+
+
+def _peers(t: Tensor, dims: Sequence[int]) -> Tuple[int, ...]:
+    """The global ranks holding the shards of ``t`` that complete this rank's: those that share this rank's
+    coordinate on every mesh dimension ``t`` is replicated over, in rank order."""
+    mesh = t.device_mesh
+    coord = mesh.get_coordinate()
+    if coord is None:
+        raise ValueError(f"this rank is not in the device mesh {mesh} of a parameter it holds")
+    index = tuple(slice(None) if d in dims else coord[d] for d in range(mesh.ndim))
+    return tuple(sorted(mesh.mesh[index].flatten().tolist()))
 
 
 class ShardReducer:
@@ -176,24 +196,65 @@ class ShardReducer:
         return torch.where(torch.isfinite(gathered).all(0), out, torch.full_like(out, float("nan")))
 
 
+class MeshReducer(ShardReducer):
+    """A :class:`ShardReducer` for tensors sharded over different mesh dimensions (FSDP2 + TP on a 2-D mesh: a
+    column-parallel weight sharded over both dimensions, a LayerNorm over the FSDP one only). One ``all_gather``
+    over every rank; each tensor's rows are summed (maxed) over its own peers (:func:`_peers`), in rank order, so
+    the peers of a tensor compute bit-identical values. A non-finite entry on any rank is NaN on every rank, as in
+    :class:`ShardReducer`, so every rank takes the same skip."""
+
+    def __init__(self, peers: Sequence[Optional[Tuple[int, ...]]]):
+        super().__init__(torch.distributed.group.WORLD, [p is not None for p in peers])
+        rows: Dict[Tuple[int, ...], List[int]] = {}
+        for i, ranks in enumerate(peers):
+            if ranks is not None and len(ranks) > 1:
+                rows.setdefault(ranks, []).append(i)
+        self._parts = [(torch.tensor(r), torch.tensor(i)) for r, i in rows.items()]
+
+    def __call__(self, stats: Tensor, kind: str) -> Tensor:
+        if kind not in ("sum", "max"):
+            raise ValueError(f"kind must be 'sum' or 'max', got {kind!r}")
+        mine = stats.detach().to(torch.float64).contiguous()
+        if mine.shape[0] != self._mask.numel():
+            raise ValueError(f"{mine.shape[0]} rows of statistics for {self._mask.numel()} tensors")
+        gathered = mine.new_empty((self.world * mine.shape[0],) + tuple(mine.shape[1:]))
+        torch.distributed.all_gather_into_tensor(gathered, mine, group=self.group)
+        gathered = gathered.view((self.world,) + tuple(mine.shape))
+        out = mine.clone()
+        for ranks, rows in self._parts:
+            ranks, rows = ranks.to(mine.device), rows.to(mine.device)
+            part = gathered.index_select(0, ranks).index_select(1, rows)
+            out[rows] = part.sum(0) if kind == "sum" else part.amax(0)
+        return torch.where(torch.isfinite(gathered).all(0), out, torch.full_like(out, float("nan")))
+
+
 def reducer_for(tensors: Sequence[Tensor]) -> Optional[ShardReducer]:
-    """A :class:`ShardReducer` for statistics of ``tensors`` (one row each), or None when
-    none is sharded (plain or DDP parameters: their statistics are already complete)."""
-    group = where = None
-    flags = []
+    """A reducer for statistics of ``tensors`` (one row each), or None when none is sharded (plain or DDP
+    parameters: their statistics are already complete). Tensors sharded over one mesh dimension of one mesh (FSDP2,
+    HSDP) get a :class:`ShardReducer` on that dimension's group; tensors sharded over several dimensions or meshes
+    (FSDP2 + TP) a :class:`MeshReducer` over every rank, which their meshes must span together."""
+    layouts: List[Optional[tuple]] = []
     for i, t in enumerate(tensors):
-        dim = _shard_dim(t, i) if is_sharded(t) else None
-        flags.append(dim is not None)
-        if dim is None:
-            continue
-        if where is None:
-            where, group = (t.device_mesh, dim), t.device_mesh.get_group(dim)
-        elif (t.device_mesh, dim) != where:
-            raise ValueError(
-                f"tensor {i} is sharded over mesh dimension {dim} of {t.device_mesh}, the first sharded one over "
-                f"dimension {where[1]} of {where[0]}: one optimizer's tensors must share one shard group"
-            )
-    return None if group is None else ShardReducer(group, flags)
+        dims = _shard_dims(t, i) if is_sharded(t) else []
+        layouts.append((t.device_mesh, tuple(dims)) if dims else None)
+    present = [lay for lay in layouts if lay is not None]
+    if not present:
+        return None
+    first = present[0]
+    if len(first[1]) == 1 and all(lay[0] == first[0] and lay[1] == first[1] for lay in present):
+        return ShardReducer(first[0].get_group(first[1][0]), [lay is not None for lay in layouts])
+    world = torch.distributed.get_world_size()
+    covered = set()
+    for lay in present:
+        covered.update(lay[0].mesh.flatten().tolist())
+    if covered != set(range(world)):
+        raise ValueError(
+            f"the tensors are sharded over {len({lay for lay in present})} different meshes or mesh dimensions whose "
+            f"ranks ({sorted(covered)}) are not every rank of the {world}: fastperturb completes such layouts "
+            "(FSDP2 + tensor parallelism) with one collective over every rank; put one optimizer's tensors on meshes "
+            "that together span the default process group"
+        )
+    return MeshReducer([_peers(t, lay[1]) if lay is not None else None for t, lay in zip(tensors, layouts)])
 
 
 RECOVERY_NOTE = (

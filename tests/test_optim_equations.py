@@ -103,14 +103,21 @@ def direct_descent_grad(model, step_idx, cfg):
             for i in sel:
                 D = g[i] / norm_over(g, i) if cfg["norm"] == "l2" else torch.sign(g[i])
                 new[i] = delta[i] + eta[i] * D
-            # projection onto the ball; a single step no longer than the radius is left as is
-            # (with per-group radii in a global scope that is SAM's rho_group * g / ||g||)
-            single_inside = K == 1 and all(eta[i] <= r[i] for i in sel)
-            if cfg["norm"] == "l2" and not single_inside:
-                ns = {i: float(norm_over(new, i)) for i in sel}  # all norms before any rescale
+            # projection onto the ball: per layer, or for the global scope onto the ellipsoid
+            # sum_i ||delta_i||^2 / r_i^2 <= 1 of the per-group radii (one radius: the plain ball; a single
+            # step of eta_i <= r_i then stays inside, as SAM's rho_group * g / ||g||); a radius 0 allows no move
+            if cfg["norm"] == "l2" and cfg["scope"] == "layer":
+                ns = {i: float(norm_over(new, i)) for i in sel}
                 for i in sel:
                     if ns[i] > r[i]:
                         new[i] = new[i] * (r[i] / ns[i])
+            elif cfg["norm"] == "l2":
+                inside = math.sqrt(sum(float((new[i] ** 2).sum()) / r[i] ** 2 for i in sel if r[i] > 0))
+                for i in sel:
+                    if r[i] == 0:
+                        new[i] = torch.zeros_like(new[i])
+                    elif inside > 1:
+                        new[i] = new[i] / inside
             if cfg["norm"] == "linf":
                 for i in sel:
                     new[i] = new[i].clamp(-r[i], r[i])
@@ -342,6 +349,75 @@ def test_per_group_radius_and_excluded_group(backend):
             for p, q in zip(model.parameters(), ref.parameters()):
                 torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
     assert opt.buffer_count() == (2, 0)  # one backup per perturbed tensor, no accumulator for SAM
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("step_sizes", [(None, None), (0.01, 0.05), (0.02, 0.01)])
+def test_apd_global_scope_with_per_group_radii(backend, steps, step_sizes):
+    """A global l2 ball with a radius per group is the ellipsoid sum_i ||delta_i||^2 / eps_i^2 <= 1 (SAM's per-group
+    rho in the same scope: rho_group * g / ||g|| lies on its boundary). Until this round each tensor was projected
+    by its own radius over the norm of the whole perturbation: the small group was shrunk by the others'
+    perturbation and the large one left outside its radius, and the point depended on the number of steps."""
+    model = make_model()
+    ref = copy.deepcopy(model)
+    a, b = step_sizes
+    opt = fp.APD(
+        [
+            {"params": list(model[0].parameters()), "eps": 0.01, **({} if a is None else {"step_size": a})},
+            {"params": [model[2].weight], "eps": 0.05, **({} if b is None else {"step_size": b})},
+            {"params": [model[2].bias], "eps": 0.0},  # (a radius 0: never moved, still descends)
+        ],
+        torch.optim.SGD,
+        eps=0.02,
+        steps=steps,
+        lr=0.1,
+    )
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    cfg = _cfg(ref, steps=steps, include_clean=True)
+    cfg["radius"] = [0.01, 0.01, 0.05, 0.0]
+    cfg["step"] = [1.5 * e / steps if x is None else x for e, x in ((0.01, a), (0.01, a), (0.05, b), (0.0, None))]
+    with fp.use_backend(backend):
+        for s in range(3):
+
+            def closure():
+                loss = loss_of(model, s)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            direct_descent_grad(ref, s, cfg)
+            ref_opt.step()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_apd_global_per_group_radii_on_a_linear_loss_closed_form(backend, steps):
+    """On a linear loss every ascent step points along the same g: the k-th of K default steps (1.5 eps_i / K each)
+    reaches delta_i = min(1.5 k / K, 1) * eps_i * g_i / ||g||, on the ellipsoid's boundary from 1.5 k >= K on."""
+    a = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([3.0, -1.0], dtype=torch.float64))
+    ca, cb = torch.tensor([3.0, 32.0], dtype=torch.float64), torch.tensor([6.0, -1.0], dtype=torch.float64)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    seen = []
+
+    def closure():
+        seen.append((a.detach() - a0, b.detach() - b0))
+        loss = (ca * a).sum() + (cb * b).sum()
+        loss.backward()
+        return loss
+
+    opt = fp.APD([{"params": [a], "eps": 0.01}, {"params": [b], "eps": 0.05}], torch.optim.SGD, steps=steps, lr=0.1)
+    with fp.use_backend(backend):
+        opt.step(closure)
+    gnorm = torch.cat([ca, cb]).norm()
+    assert len(seen) == steps + 1  # (seen[0]: the clean pass)
+    for k, (da, db) in enumerate(seen[1:], start=1):
+        reach = min(1.5 * k / steps, 1.0)
+        torch.testing.assert_close(da, reach * 0.01 * ca / gnorm, rtol=1e-6, atol=0)
+        torch.testing.assert_close(db, reach * 0.05 * cb / gnorm, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

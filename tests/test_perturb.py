@@ -195,11 +195,16 @@ def _direct_coefficients(stats, step_size, radius, scope, project):
     if not project:
         return step, [1.0] * len(step)
     uu = [r[2] + 2 * a * r[1] + a * a * r[0] for r, a in zip(rows, step)]
-    usum = sum(uu)
+    # global: the ellipsoid sum_i ||u_i||^2 / r_i^2 <= 1 of per-tensor radii, every tensor scaled alike; a tensor of
+    # radius 0 is projected on its own (to 0 when it moved)
+    inside = math.sqrt(max(sum(v / r**2 for v, r in zip(uu, radius) if r > 0), 0.0))
     proj = []
     for i, r in enumerate(radius):
-        u = math.sqrt(max(usum if scope == "global" else uu[i], 0.0))
-        proj.append(r / u if u > r else 1.0)
+        if scope == "global" and r > 0:
+            proj.append(1.0 / inside if inside > 1 else 1.0)
+        else:
+            u = math.sqrt(max(uu[i], 0.0))
+            proj.append(r / u if u > r else 1.0)
     return step, proj
 
 

@@ -44,11 +44,16 @@ std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& stats, const a
     return {step_t, proj_t};
   }
   auto uu = [&](int64_t i) { return math::moved_sq(step[i], col(i, 0), col(i, 1), col(i, 2)); };
+  if (!global_scope) {
+    for (int64_t i = 0; i < n; ++i) proj_out[i] = static_cast<float>(math::projection_coef(radius[i], uu(i)));
+    return {step_t, proj_t};
+  }
+  double r_max = 0.0;
+  for (int64_t i = 0; i < n; ++i) r_max = std::max(r_max, radius[i]);
   double uu_sum = 0.0;
-  if (global_scope)
-    for (int64_t i = 0; i < n; ++i) uu_sum += uu(i);
+  for (int64_t i = 0; i < n; ++i) uu_sum += math::ball_weight(r_max, radius[i]) * uu(i);
   for (int64_t i = 0; i < n; ++i)
-    proj_out[i] = static_cast<float>(math::projection_coef(radius[i], global_scope ? uu_sum : uu(i)));
+    proj_out[i] = static_cast<float>(math::global_projection_coef(r_max, radius[i], uu_sum, uu(i)));
   return {step_t, proj_t};
 }
 

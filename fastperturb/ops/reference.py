@@ -349,5 +349,17 @@ def ascent_coefficients(
     if not project:
         return step.float(), torch.ones(step.shape, dtype=torch.float32, device=step.device)
     uu = s[:, 2] + 2 * step * s[:, 1] + step * step * gg
-    uu = (uu.sum() if global_scope else uu).clamp_min(0).sqrt()
-    return step.float(), torch.where(uu > radius, radius / uu, 1.0).float()
+    own = uu.clamp_min(0).sqrt()
+    own_proj = torch.where(own > radius, radius / own, 1.0)
+    if not global_scope or radius.numel() == 0:
+        return step.float(), own_proj.float()
+    # The global ball with per-tensor radii (a param group's own eps) is the ellipsoid sum_i ||u_i||^2 / r_i^2 <= 1:
+    # the u^2 terms are summed in units of the largest radius R, each weighed (R / r_i)^2, exactly 1 for r_i = R, so
+    # one shared radius sums and projects as a plain ball. A tensor of radius 0 may not move: it is left out of the
+    # sum and projected on its own (math.h ball_weight, global_projection_coef).
+    r_max = radius.max()
+    q = r_max / radius
+    weight = torch.where(radius > 0, torch.where(radius == r_max, 1.0, q * q), 0.0)
+    total = (weight * uu).sum().clamp_min(0).sqrt()
+    proj = torch.where(radius > 0, torch.where(total > r_max, r_max / total, 1.0), own_proj)
+    return step.float(), proj.float()

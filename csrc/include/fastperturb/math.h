@@ -235,5 +235,23 @@ FP_HD double projection_coef(double r, double uu) {
   return u > r ? r / u : 1.0;
 }
 
+// The global scope's ball with per-tensor radii (a param group's own eps) is
+// the ellipsoid sum_i ||u_i||^2 / r_i^2 <= 1, summed in units of the largest
+// radius R: tensor i's u^2 term counts (R / r_i)^2 times, exactly 1 when
+// r_i = R, so one shared radius sums and projects as a plain ball. A tensor of
+// radius 0 may not move: it counts 0 here and is projected on its own.
+FP_HD double ball_weight(double r_max, double r) {
+  if (!(r > 0.0)) return 0.0;
+  if (r == r_max) return 1.0;
+  const double q = r_max / r;
+  return q * q;
+}
+
+// The projection of tensor i in that ball: by the weighed sum for r > 0, on
+// its own radius 0 (its own u^2) otherwise.
+FP_HD double global_projection_coef(double r_max, double r, double uu_sum, double uu_own) {
+  return r > 0.0 ? projection_coef(r_max, uu_sum) : projection_coef(r, uu_own);
+}
+
 }  // namespace math
 }  // namespace fastperturb

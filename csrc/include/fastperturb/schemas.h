@@ -94,7 +94,10 @@ inline constexpr const char* kAdamStep =
 // returned as float32 [n] (step_coef, proj) for ascent_step_ (fastperturb/engine.py, ascent_coefficients):
 //   a = eta / sqrt(gg), with NaN and +inf (||g|| = 0) replaced by 0 and -inf by the lowest double
 //   u = sqrt(max(dd + 2 a dg + a^2 gg, 0));  proj = u > r ? r / u : 1   (proj = 1 without project)
-// global_scope: gg and the u^2 terms are summed over all tensors first. One eager CPU call in place of a
+// global_scope: gg and the u^2 terms are summed over all tensors first, each u^2 weighed (R / r)^2 with R the
+// largest radius (0 for r = 0), and proj = U > R ? R / U : 1 with U the root of that sum: the ellipsoid
+// sum ||u_i||^2 / r_i^2 <= 1 of per-group radii, a plain ball for one radius; a tensor of radius 0 is projected
+// on its own u. One eager CPU call in place of a
 // dozen tiny torch ops; other devices and torch.compile run the reference's torch ops.
 inline constexpr const char* kAscentCoefficients =
     "ascent_coefficients(Tensor stats, Tensor step_size, Tensor radius, *, bool global_scope, "

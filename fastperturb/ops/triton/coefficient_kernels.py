@@ -1,9 +1,10 @@
 """The Triton kernel of ``ascent_coefficients`` (schemas.h): the l2 ascent step's per-tensor coefficients from
-``grad_stats_``'s rows, in float64, following math.h's ``ascent_step_coef``, ``moved_sq`` and ``projection_coef``
-operation by operation (float64 division and square root are IEEE-rounded in Triton, interpreted and compiled).
-One program walks all ``n`` rows in blocks: ``n`` is the number of tensors, and the point is one launch where
-the reference's torch ops take a dozen. The global scope's sums are a per-lane running sum and a ``tl.sum``
-over the lanes: a fixed order for the fixed block and warp count, so reruns are bit-identical."""
+``grad_stats_``'s rows, in float64, following math.h's ``ascent_step_coef``, ``moved_sq``, ``projection_coef``
+and ``ball_weight`` operation by operation (float64 division and square root are IEEE-rounded in Triton,
+interpreted and compiled). One program walks all ``n`` rows in blocks: ``n`` is the number of tensors, and the
+point is one launch where the reference's torch ops take a dozen. The global scope's sums are a per-lane running
+sum and a ``tl.sum`` over the lanes: a fixed order for the fixed block and warp count, so reruns are
+bit-identical."""
 
 from __future__ import annotations
 
@@ -34,6 +35,13 @@ def _projection_coef(r, uu):
 
 
 @triton.jit
+def _ball_weight(r_max, r):
+    # (R / r)^2, exactly 1 for r = R, 0 for r = 0 (math.h ball_weight)
+    q = r_max / tl.where(r > 0.0, r, 1.0)
+    return tl.where(r > 0.0, tl.where(r == r_max, 1.0, q * q), 0.0)
+
+
+@triton.jit
 def _row(stats, i, m):
     gg = tl.load(stats + 3 * i, mask=m, other=0.0).to(tl.float64)
     dg = tl.load(stats + 3 * i + 1, mask=m, other=0.0).to(tl.float64)
@@ -61,6 +69,13 @@ def _coefficients_kernel(
             i = off + lanes
             acc += tl.load(stats + 3 * i, mask=i < n, other=0.0).to(tl.float64)
         gg_total = tl.sum(acc, axis=0)
+    r_max = 0.0
+    if PROJECT and GLOBAL:  # the largest radius: the global ball's unit (math.h ball_weight)
+        r_acc = tl.zeros([BLOCK], dtype=tl.float64)
+        for off in range(0, n, BLOCK):
+            i = off + lanes
+            r_acc = tl.maximum(r_acc, tl.load(radius + i, mask=i < n, other=0.0))
+        r_max = tl.max(r_acc, axis=0)
     uu_acc = tl.zeros([BLOCK], dtype=tl.float64)
     for off in range(0, n, BLOCK):
         i = off + lanes
@@ -74,10 +89,10 @@ def _coefficients_kernel(
         tl.store(step_out + i, a.to(tl.float32), mask=m)
         if PROJECT:
             uu = _moved_sq(a, gg, dg, dd)
+            r = tl.load(radius + i, mask=m, other=0.0)
             if GLOBAL:
-                uu_acc += tl.where(m, uu, 0.0)
+                uu_acc += tl.where(m, _ball_weight(r_max, r) * uu, 0.0)
             else:
-                r = tl.load(radius + i, mask=m, other=0.0)
                 tl.store(proj_out + i, _projection_coef(r, uu).to(tl.float32), mask=m)
         else:
             tl.store(proj_out + i, tl.full([BLOCK], 1.0, tl.float32), mask=m)
@@ -86,5 +101,9 @@ def _coefficients_kernel(
         for off in range(0, n, BLOCK):
             i = off + lanes
             m = i < n
+            gg, dg, dd = _row(stats, i, m)
+            uu = _moved_sq(_step_coef(tl.load(eta + i, mask=m, other=0.0), gg_total), gg, dg, dd)
             r = tl.load(radius + i, mask=m, other=0.0)
-            tl.store(proj_out + i, _projection_coef(r, uu_total).to(tl.float32), mask=m)
+            # (math.h global_projection_coef: the weighed ball for r > 0, a radius-0 tensor on its own u)
+            proj = tl.where(r > 0.0, _projection_coef(r_max, uu_total), _projection_coef(r, uu))
+            tl.store(proj_out + i, proj.to(tl.float32), mask=m)

@@ -537,7 +537,15 @@ def test_freed_tensors_memory_reused_never_reaches_a_stale_handle():
         PerturbSpec(norm="l2", scope="global", steps=3, include_clean=True),
     ],
 )
-def test_a_cycle_on_a_handle_equals_one_on_lists(spec):
+def test_a_cycle_on_a_handle_equals_one_on_lists(spec, monkeypatch):
+    """Bit for bit. A relative l2 radius is measured in one pass with g_0 on lists, and on a handle only from
+    ONE_PASS_MIN_MEAN_NUMEL elements per tensor (two handle ops are cheaper per tensor below it): the two
+    measurements round the weights' norm differently (the root of a float32 sum of squares, or the float32 norm),
+    which moves a step coefficient by up to one float32 ulp. The handle here takes the lists' one pass; the
+    two-pass handle is compared within that rounding. (Until this round the comparison was bit for bit with
+    either, which held or not depending on the data: torch.randn's values differ between CPUs.)"""
+    import fastperturb.engine as engine
+
     def run(use_handle: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
@@ -561,6 +569,11 @@ def test_a_cycle_on_a_handle_equals_one_on_lists(spec):
         return [p.detach().clone() for p in params], [p.grad.clone() for p in params], losses
 
     w1, g1, l1 = run(False)
+    if spec.relative and spec.norm == "l2":
+        w3, g3, _ = run(True)  # (the handle's own two passes for these small tensors)
+        for a, b in zip(w1 + g1, w3 + g3):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        monkeypatch.setattr(engine, "ONE_PASS_MIN_MEAN_NUMEL", 0)
     w2, g2, l2 = run(True)
     assert _bits_equal(w1, w2) and _bits_equal(g1, g2)
     assert [float(a.detach()) for a in l1] == [float(b.detach()) for b in l2]

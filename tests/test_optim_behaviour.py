@@ -784,6 +784,30 @@ def test_parameters_sharing_memory_are_refused_before_anything_moves(how, make):
     assert torch.equal(w.detach(), before)
 
 
+@pytest.mark.parametrize("kind", ["view", "complex"])
+def test_add_param_group_refuses_what_the_step_would_refuse_and_adds_nothing(kind):
+    """A group whose tensor is a view of a parameter already there, or complex: refused by add_param_group itself,
+    with the optimizer unchanged and still stepping. (Until this round the group was added, and every later step
+    raised until it was removed by hand.)"""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    new = nn.Parameter(model.weight.data[:1]) if kind == "view" else nn.Parameter(torch.randn(2, dtype=torch.cfloat))
+    with pytest.raises((ValueError, TypeError), match="share memory" if kind == "view" else "complex"):
+        opt.add_param_group({"params": new})
+    assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+
+    def closure():
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    before = model.weight.detach().clone()
+    opt.step(closure)
+    assert not torch.equal(model.weight.detach(), before)
+
+
 def test_a_parameter_swapped_into_its_group_takes_its_part():
     """torch.optim lets a group's list be edited in place (``group['params'][i] = new``): the new tensor is
     perturbed and cleared between passes like the one it replaced; the steps equal a fresh optimizer's."""

@@ -383,6 +383,16 @@ class PerturbOptimizer(torch.optim.Optimizer):
         for k, v in self._perturb_defaults.items():
             param_group.setdefault(k, v)
         self._group_sizes(len(self.param_groups), param_group)
+        # What the first step would refuse (tensors sharing memory with the others, complex ones), refused now with
+        # nothing added: found at the step, the group stayed and every later step raised. (torch's own checks, of a
+        # tensor listed twice and of the "params" type, come from the base below.)
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            params = [params]
+        if isinstance(params, (list, tuple)) and all(isinstance(p, Tensor) for p in params):
+            groups = [*self.param_groups, {**param_group, "params": list(params)}]
+            _check_no_shared_memory([p for g in groups for p in g["params"]], groups)
+            self._check_real(groups)
         self.base_optimizer.add_param_group(param_group)
 
     def default_step_size(self, radius: float) -> float:

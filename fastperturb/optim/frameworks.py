@@ -218,12 +218,18 @@ def no_closure_message(optimizer: Any) -> str:
         "opt.step(closure) runs the clean and perturbed passes itself"
     )
     if any(map(_is_grad_scaler_module, callers)):
-        msg += (
-            ". It was called by GradScaler.step(optimizer), which passes no closure (Lightning's "
-            "precision='16-mixed' does this): use bf16 autocast (Lightning: precision='bf16-mixed'), "
-            "which needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself "
-            f"(Lightning: manual optimization, {LIGHTNING_RECIPE})"
-        )
+        if any(m.split(".")[0] in ("pytorch_lightning", "lightning") for m in callers):
+            msg += (
+                ". It was called by GradScaler.step(optimizer), which passes no closure: Lightning's "
+                f"precision='16-mixed' does this. Mix {LIGHTNING_RECIPE}.PerturbMixin into the LightningModule "
+                "(it steps with the closure and the scaler, in automatic optimization), or use "
+                "precision='bf16-mixed', which needs no scaler"
+            )
+        else:
+            msg += (
+                ". It was called by GradScaler.step(optimizer), which passes no closure: use bf16 autocast, which "
+                "needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself"
+            )
     elif any(m.startswith("torch.distributed.checkpoint") for m in callers):
         msg += (
             ". It was called by torch.distributed.checkpoint, which steps an optimizer without state to create it: "

@@ -3,7 +3,7 @@
 Example, on a model the demo trained::
 
     fastperturb robustness --model fastperturb.tools.demo:DigitsCNN \\
-        --weights fastperturb-demo/models/sgd.pt --data digits --out robustness-sgd
+        --weights fastperturb-demo/models/seed0/sgd.pt --data digits --out robustness-sgd
 
 ``--model`` is ``package.module:factory`` (called without arguments, then
 ``--weights`` loads a ``state_dict``), or a file holding a whole pickled

@@ -178,7 +178,8 @@ class ShardReducer:
         self._mask = torch.tensor(list(sharded), dtype=torch.bool)
         self._masks: dict = {}  # the mask on each device it was used on
 
-    def __call__(self, stats: Tensor, kind: str) -> Tensor:
+    def _gather(self, stats: Tensor, kind: str) -> Tuple[Tensor, Tensor]:
+        """This rank's rows in float64 and every rank's, ``[world, n, ...]``, in rank order."""
         if kind not in ("sum", "max"):
             raise ValueError(f"kind must be 'sum' or 'max', got {kind!r}")
         mine = stats.detach().to(torch.float64).contiguous()
@@ -186,7 +187,10 @@ class ShardReducer:
             raise ValueError(f"{mine.shape[0]} rows of statistics for {self._mask.numel()} tensors")
         gathered = mine.new_empty((self.world * mine.shape[0],) + tuple(mine.shape[1:]))
         torch.distributed.all_gather_into_tensor(gathered, mine, group=self.group)
-        gathered = gathered.view((self.world,) + tuple(mine.shape))
+        return mine, gathered.view((self.world,) + tuple(mine.shape))
+
+    def __call__(self, stats: Tensor, kind: str) -> Tensor:
+        mine, gathered = self._gather(stats, kind)
         total = gathered.sum(0) if kind == "sum" else gathered.amax(0)
         mask = self._masks.get(mine.device)
         if mask is None:
@@ -212,14 +216,7 @@ class MeshReducer(ShardReducer):
         self._parts = [(torch.tensor(r), torch.tensor(i)) for r, i in rows.items()]
 
     def __call__(self, stats: Tensor, kind: str) -> Tensor:
-        if kind not in ("sum", "max"):
-            raise ValueError(f"kind must be 'sum' or 'max', got {kind!r}")
-        mine = stats.detach().to(torch.float64).contiguous()
-        if mine.shape[0] != self._mask.numel():
-            raise ValueError(f"{mine.shape[0]} rows of statistics for {self._mask.numel()} tensors")
-        gathered = mine.new_empty((self.world * mine.shape[0],) + tuple(mine.shape[1:]))
-        torch.distributed.all_gather_into_tensor(gathered, mine, group=self.group)
-        gathered = gathered.view((self.world,) + tuple(mine.shape))
+        mine, gathered = self._gather(stats, kind)
         out = mine.clone()
         for ranks, rows in self._parts:
             ranks, rows = ranks.to(mine.device), rows.to(mine.device)
@@ -249,8 +246,8 @@ def reducer_for(tensors: Sequence[Tensor]) -> Optional[ShardReducer]:
         covered.update(lay[0].mesh.flatten().tolist())
     if covered != set(range(world)):
         raise ValueError(
-            f"the tensors are sharded over {len({lay for lay in present})} different meshes or mesh dimensions whose "
-            f"ranks ({sorted(covered)}) are not every rank of the {world}: fastperturb completes such layouts "
+            f"the tensors are sharded over several meshes or mesh dimensions whose ranks ({sorted(covered)}) are not "
+            f"every rank of the {world}: fastperturb completes such layouts "
             "(FSDP2 + tensor parallelism) with one collective over every rank; put one optimizer's tensors on meshes "
             "that together span the default process group"
         )

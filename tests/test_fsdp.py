@@ -19,18 +19,14 @@ for the tensor's) changes the weights by more than 1e-4.
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import socket
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 from torch import nn
 
 import fastperturb as fp
@@ -619,53 +615,28 @@ def _sequence_parallel(rank: int) -> dict:
     return {"error": err, "unchanged": all(torch.equal(local(p), b) for p, b in zip(model.parameters(), before))}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    results = {}
-    try:
-        for name, run in (
-            ("presets", _presets),
-            ("family", _family),
-            ("family_nonfinite", _family_nonfinite),
-            ("family_vanishing", _family_vanishing),
-            ("nonfinite", _nonfinite),
-            ("exception", _exception),
-            ("batchnorm", _batchnorm),
-            ("bf16", _bf16),
-            ("fsdp1", _fsdp1),
-            ("sequence_parallel", _sequence_parallel),
-        ):
-            results[name] = run(rank)
-        results["dcp"] = _dcp(rank, out_dir)
-    except BaseException:
-        results["error"] = traceback.format_exc()
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _scenarios(rank: int, out_dir: str, results: dict) -> None:
+    """Every scenario, on this rank (``spawned.run_ranks``)."""
+    for name, run in (
+        ("presets", _presets),
+        ("family", _family),
+        ("family_nonfinite", _family_nonfinite),
+        ("family_vanishing", _family_vanishing),
+        ("nonfinite", _nonfinite),
+        ("exception", _exception),
+        ("batchnorm", _batchnorm),
+        ("bf16", _bf16),
+        ("fsdp1", _fsdp1),
+        ("sequence_parallel", _sequence_parallel),
+    ):
+        results[name] = run(rank)
+    results["dcp"] = _dcp(rank, out_dir)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Each rank's records from one spawned run of every scenario."""
-    out_dir = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the FSDP2 run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("fsdp"), SPAWN_TIMEOUT_S, "FSDP2")
 
 
 @pytest.fixture

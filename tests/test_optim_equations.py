@@ -313,6 +313,23 @@ def test_first_second_step_equals_step(preset, backend):
             assert torch.equal(p, q)
 
 
+def follow_direct(opt, model, ref_opt, ref, cfg, backend: str, steps: int = 3) -> None:
+    """``steps`` steps of ``opt`` on ``model`` beside the direct equations (``cfg``) and ``ref_opt`` on ``ref``."""
+    with fp.use_backend(backend):
+        for s in range(steps):
+
+            def closure():
+                loss = loss_of(model, s)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            direct_descent_grad(ref, s, cfg)
+            ref_opt.step()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_group_radius_and_excluded_group(backend):
     """Groups with their own rho, and a perturb=False group: its tensors are not moved but
@@ -335,19 +352,7 @@ def test_per_group_radius_and_excluded_group(backend):
     cfg = _cfg(ref, radius=0.0)
     cfg["radius"] = cfg["step"] = [0.5, 0.2, 0.0, 0.0]
     cfg["selected"] = [True, True, False, False]
-    with fp.use_backend(backend):
-        for s in range(3):
-
-            def closure():
-                loss = loss_of(model, s)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            direct_descent_grad(ref, s, cfg)
-            ref_opt.step()
-            for p, q in zip(model.parameters(), ref.parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    follow_direct(opt, model, ref_opt, ref, cfg, backend)
     assert opt.buffer_count() == (2, 0)  # one backup per perturbed tensor, no accumulator for SAM
 
 
@@ -377,19 +382,7 @@ def test_apd_global_scope_with_per_group_radii(backend, steps, step_sizes):
     cfg = _cfg(ref, steps=steps, include_clean=True)
     cfg["radius"] = [0.01, 0.01, 0.05, 0.0]
     cfg["step"] = [1.5 * e / steps if x is None else x for e, x in ((0.01, a), (0.01, a), (0.05, b), (0.0, None))]
-    with fp.use_backend(backend):
-        for s in range(3):
-
-            def closure():
-                loss = loss_of(model, s)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            direct_descent_grad(ref, s, cfg)
-            ref_opt.step()
-            for p, q in zip(model.parameters(), ref.parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    follow_direct(opt, model, ref_opt, ref, cfg, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -441,18 +434,6 @@ def test_apd_per_group_eps_and_step_size(backend):
     cfg = _cfg(ref, scope="layer", steps=2, include_clean=True)
     cfg["radius"] = [0.3, 0.3, 0.05, 0.05]
     cfg["step"] = [0.1, 0.1, 1.5 * 0.05 / 2, 1.5 * 0.05 / 2]
-    with fp.use_backend(backend):
-        for s in range(3):
-
-            def closure():
-                loss = loss_of(model, s)
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            direct_descent_grad(ref, s, cfg)
-            ref_opt.step()
-            for p, q in zip(model.parameters(), ref.parameters()):
-                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    follow_direct(opt, model, ref_opt, ref, cfg, backend)
     # one backup per perturbed tensor, one accumulator per tensor with a gradient
     assert opt.buffer_count() == (4, 4)

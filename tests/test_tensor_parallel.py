@@ -19,16 +19,10 @@ moved the weights by 2e-4 or more (every preset, checked by dropping one).
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 from torch import nn
 
 import fastperturb as fp
@@ -169,42 +163,17 @@ def _nonfinite(rank: int) -> dict:
     return {"skipped": skipped, "unchanged": unchanged}
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    results = {}
-    try:
-        results["tp"] = _presets(rank, two_d=False)
-        results["fsdp_tp"] = _presets(rank, two_d=True)
-        results["nonfinite"] = _nonfinite(rank)
-    except BaseException:
-        results["error"] = traceback.format_exc()
-        raise
-    finally:
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _scenarios(rank: int, out_dir: str, results: dict) -> None:
+    """Every scenario, on this rank (``spawned.run_ranks``)."""
+    results["tp"] = _presets(rank, two_d=False)
+    results["fsdp_tp"] = _presets(rank, two_d=True)
+    results["nonfinite"] = _nonfinite(rank)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Each rank's records from one spawned run of every scenario."""
-    out_dir = tmp_path_factory.mktemp("tp")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the tensor-parallel run did not finish in {SPAWN_TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_scenarios, WORLD, tmp_path_factory.mktemp("tp"), SPAWN_TIMEOUT_S, "tensor-parallel")
 
 
 # ---- the tests ------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ moved the weights by 2e-4 or more (every preset, checked by dropping one).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -163,11 +165,56 @@ def _nonfinite(rank: int) -> dict:
     return {"skipped": skipped, "unchanged": unchanged}
 
 
+def _dcp(rank: int, out_dir: str) -> dict:
+    """torch.distributed.checkpoint on the 2-D layout: save model and base-optimizer state after 2 steps, train 2
+    more; a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def build(lr: float):
+        model, dp_rank, dp_world = _parallel_model(True)
+        opt = fp.SAM(model.parameters(), torch.optim.AdamW, rho=0.2, lr=lr)
+        return model, opt, dp_rank, dp_world
+
+    path = os.path.join(out_dir, "dcp")
+    model, opt, dp_rank, dp_world = build(0.01)
+    train(model, opt, range(2), dp_rank, dp_world)
+    dcp.save(
+        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.base_optimizer)},
+        checkpoint_id=path,
+    )
+    train(model, opt, range(2, 4), dp_rank, dp_world)
+    continued = [local(p).clone() for p in model.parameters()]
+
+    model2, opt2, _, _ = build(0.5)
+    with torch.no_grad():
+        for p in model2.parameters():
+            local(p).normal_()
+    state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2.base_optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model2, state["model"])
+    set_optimizer_state_dict(model2, opt2.base_optimizer, state["optim"])
+    lr_loaded = opt2.param_groups[0]["lr"]
+    skipped = train(model2, opt2, range(2, 4), dp_rank, dp_world)
+    resumed = [local(p).clone() for p in model2.parameters()]
+    return {
+        "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
+        "lr_loaded": lr_loaded,
+        "skipped": skipped,
+    }
+
+
 def _scenarios(rank: int, out_dir: str, results: dict) -> None:
     """Every scenario, on this rank (``spawned.run_ranks``)."""
     results["tp"] = _presets(rank, two_d=False)
     results["fsdp_tp"] = _presets(rank, two_d=True)
     results["nonfinite"] = _nonfinite(rank)
+    results["dcp"] = _dcp(rank, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +257,10 @@ def test_a_nonfinite_shard_skips_the_step_on_every_rank(ranks):
     for rank in ranks:
         assert rank["nonfinite"]["skipped"] == [True, False]
         assert rank["nonfinite"]["unchanged"]
+
+
+def test_dcp_checkpoint_on_the_2d_layout_resumes_bit_identical(ranks):
+    for rank in ranks:
+        rec = rank["dcp"]
+        assert rec["bit_identical"] and rec["skipped"] == [False, False]
+        assert rec["lr_loaded"] == 0.01  # the wrapper sees the loaded param_groups

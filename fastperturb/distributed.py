@@ -74,15 +74,27 @@ def local(t: Tensor) -> Tensor:
     return t
 
 
-def local_list(tensors: Sequence[Tensor]) -> List[Tensor]:
+def local_list(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
     """:func:`local` of each tensor. A DTensor with a ``Partial`` placement is refused: its local tensor is one
     rank's share of a sum, not a shard (a gradient left unreduced, as tensor parallelism's ``SequenceParallel``
-    leaves LayerNorm's), and norms and steps taken from it would differ on every rank, silently."""
+    leaves LayerNorm's), and norms and steps taken from it would differ on every rank, silently. ``params``: the
+    parameters of these gradients; a gradient whose placements differ from its parameter's is refused too (torch
+    gives a column-parallel weight with an empty shard a Replicate gradient): its local tensor is not the shard the
+    rank holds. Both are refused on every rank alike (placements are the same on every rank)."""
     if DTensor is None:
         return list(tensors)
     out = []
     with torch.no_grad():
-        for t in tensors:
+        for i, t in enumerate(tensors):
+            p = params[i] if params is not None else None
+            if isinstance(p, DTensor) and isinstance(t, DTensor) and tuple(t.placements) != tuple(p.placements):
+                raise ValueError(
+                    f"the gradient of a DTensor parameter of shape {tuple(p.shape)} has the placements "
+                    f"{t.placements}, its parameter {p.placements}: its local tensor is not the shard this rank "
+                    "holds (torch gives a tensor-parallel weight with an empty shard on some rank such a gradient; "
+                    "use a parallel plan that leaves every rank a non-empty shard). The weights were left (or "
+                    "restored) as they were"
+                )
             if isinstance(t, DTensor):
                 if any(pl.is_partial() for pl in t.placements):
                     raise ValueError(
@@ -240,18 +252,29 @@ def reducer_for(tensors: Sequence[Tensor]) -> Optional[ShardReducer]:
     first = present[0]
     if len(first[1]) == 1 and all(lay[0] == first[0] and lay[1] == first[1] for lay in present):
         return ShardReducer(first[0].get_group(first[1][0]), [lay is not None for lay in layouts])
-    world = torch.distributed.get_world_size()
-    covered = set()
+    # The checks below read what every rank sees alike (the root mesh the sub-meshes were sliced from, not this
+    # rank's own row or column of it), so every rank refuses or every rank gathers: never some of them.
+    roots = []
     for lay in present:
-        covered.update(lay[0].mesh.flatten().tolist())
-    if covered != set(range(world)):
+        root = _root_mesh(lay[0])
+        if not any(root == r for r in roots):
+            roots.append(root)
+    world = torch.distributed.get_world_size()
+    ranks = sorted(roots[0].mesh.flatten().tolist())
+    if len(roots) > 1 or ranks != list(range(world)):
+        where = "meshes sliced from different device meshes" if len(roots) > 1 else f"a device mesh of ranks {ranks}"
         raise ValueError(
-            f"the tensors are sharded over several meshes or mesh dimensions whose ranks ({sorted(covered)}) are not "
-            f"every rank of the {world}: fastperturb completes such layouts "
-            "(FSDP2 + tensor parallelism) with one collective over every rank; put one optimizer's tensors on meshes "
-            "that together span the default process group"
+            f"the tensors are sharded over several mesh dimensions of {where}: fastperturb completes such layouts "
+            f"(FSDP2 + tensor parallelism) with one collective over every rank, so their meshes must be sliced from "
+            f"one device mesh over all {world} ranks of the default process group"
         )
     return MeshReducer([_peers(t, lay[1]) if lay is not None else None for t, lay in zip(tensors, layouts)])
+
+
+def _root_mesh(mesh: "torch.distributed.device_mesh.DeviceMesh") -> "torch.distributed.device_mesh.DeviceMesh":
+    """The device mesh ``mesh`` was sliced from (``mesh["dp"]`` of a 2-D mesh: the 2-D mesh), or ``mesh``."""
+    get = getattr(mesh, "_get_root_mesh", None)  # (private in torch 2.13: without it, every mesh is its own root)
+    return get() if callable(get) else mesh
 
 
 RECOVERY_NOTE = (

@@ -165,6 +165,63 @@ def _nonfinite(rank: int) -> dict:
     return {"skipped": skipped, "unchanged": unchanged}
 
 
+def _submeshes(rank: int) -> dict:
+    """TP modules on ``mesh["tp"]`` and FSDP2 on the head alone (``mesh["dp"]``): a row of the 2-D mesh and a column
+    of it, which span every rank only together. Each rank's own view covers three of the four ranks, which the first
+    version of the layout check read as a mesh missing a rank, and refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = make_model()
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    fully_shard(model.head, mesh=mesh["dp"])
+    opt = PRESETS["sam"](list(model.parameters()))
+    # (the batch is not split over "dp": only the head is data-parallel, and FSDP2 averages its identical gradients)
+    skipped = train(model, opt, range(STEPS))
+    return {"weights": [full(p) for p in model.parameters()], "skipped": skipped, "reducer": _reducer_kind(opt)}
+
+
+def _refusals(rank: int) -> dict:
+    """Layouts refused on every rank alike, before anything moves (a refusal on some ranks only left the others
+    waiting in the next collective): a parameter on a mesh of ranks 0 and 1 beside the 2-D layout, and a column-
+    parallel weight with an empty shard, whose gradient torch makes Replicate."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    out = {}
+    model, _, _ = _parallel_model(True)
+    extra = nn.Parameter(distribute_tensor(torch.ones(4, dtype=torch.float64), DeviceMesh("cpu", [0, 1]), [Shard(0)]))
+    try:
+        PRESETS["sam"](list(model.parameters()) + [extra])
+        out["other_root"] = None
+    except ValueError as e:
+        out["other_root"] = str(e)
+
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).double()  # out_features 1 over 4 ranks
+    parallelize_module(small, init_device_mesh("cpu", (WORLD,)), {"2": ColwiseParallel(output_layouts=Replicate())})
+    opt = PRESETS["sam"](list(small.parameters()))
+    before = [local(p).detach().clone() for p in small.parameters()]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
+
+    def closure():
+        loss = ((small(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+        out["empty_shard"] = None
+    except ValueError as e:
+        out["empty_shard"] = str(e)
+    out["unchanged"] = all(torch.equal(local(p), b) for p, b in zip(small.parameters(), before))
+    return out
+
+
 def _dcp(rank: int, out_dir: str) -> dict:
     """torch.distributed.checkpoint on the 2-D layout: save model and base-optimizer state after 2 steps, train 2
     more; a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
@@ -215,6 +272,8 @@ def _scenarios(rank: int, out_dir: str, results: dict) -> None:
     results["fsdp_tp"] = _presets(rank, two_d=True)
     results["nonfinite"] = _nonfinite(rank)
     results["dcp"] = _dcp(rank, out_dir)
+    results["submeshes"] = _submeshes(rank)
+    results["refusals"] = _refusals(rank)
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +323,20 @@ def test_dcp_checkpoint_on_the_2d_layout_resumes_bit_identical(ranks):
         rec = rank["dcp"]
         assert rec["bit_identical"] and rec["skipped"] == [False, False]
         assert rec["lr_loaded"] == 0.01  # the wrapper sees the loaded param_groups
+
+
+def test_tp_and_fsdp_on_a_row_and_a_column_of_the_mesh_match_one_process(ranks):
+    single = single_process("sam")
+    for rank in ranks:
+        got = rank["submeshes"]
+        assert got["reducer"] == MeshReducer.__name__ and got["skipped"] == [False] * STEPS
+        for a, b in zip(got["weights"], single):
+            torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+def test_layouts_that_cannot_be_completed_are_refused_on_every_rank(ranks):
+    for rank in ranks:
+        rec = rank["refusals"]
+        assert rec["other_root"] is not None and "sliced from different device meshes" in rec["other_root"]
+        assert rec["empty_shard"] is not None and "placements" in rec["empty_shard"]
+        assert rec["unchanged"]

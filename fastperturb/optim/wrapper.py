@@ -573,7 +573,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             if pass_index > 0 and self._releases():
                 _fill_released(plan.every)
             grads = grads_of(plan.every, pass_index)
-        return distributed.local_list(grads) if self._sharded else grads
+        return distributed.local_list(grads, plan.every) if self._sharded else grads
 
     # ---- buffers (wrapper-owned, allocated once, reused) ----------------------------
 
@@ -864,7 +864,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in with_grad]
             reduce = None
             if self._sharded:  # the norm of the whole gradient, the same on every rank
-                grads = distributed.local_list(grads)
+                grads = distributed.local_list(grads, with_grad)
                 reduce = self._cached_list("descend_reduce", with_grad, lambda: distributed.reducer_for(with_grad))
             total, per = _grad_norm(grads, reduce)
         # The one place Python branches on G: both decisions in one device sync (one torch.compile graph break),

@@ -20,6 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: The modules' mark: their runs need torch.distributed with gloo.
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
+)
+#: How long a module's whole spawned run may take.
+SPAWN_TIMEOUT_S = 600
+
 #: A module's scenarios: ``run(rank, out_dir, results)`` fills ``results`` as it goes.
 Scenarios = Callable[[int, str, Dict[str, object]], None]
 

@@ -26,21 +26,18 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from spawned import run_ranks
+from spawned import SPAWN_TIMEOUT_S, needs_gloo, run_ranks
 from torch import nn
 
 import fastperturb as fp
 from fastperturb.distributed import local
 from fastperturb.ops.dispatch import why_unavailable
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = needs_gloo
 
 WORLD = 2
 STEPS = 3
 ATOL = 1e-8
-SPAWN_TIMEOUT_S = 600
 BACKENDS = [b for b in ("reference", "cpp") if why_unavailable(b, torch.device("cpu")) is None]
 
 PRESETS = {

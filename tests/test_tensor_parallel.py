@@ -23,21 +23,17 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-from spawned import run_ranks
+from spawned import SPAWN_TIMEOUT_S, needs_gloo, run_ranks
 from torch import nn
 
 import fastperturb as fp
 from fastperturb.distributed import MeshReducer, ShardReducer, local
 
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
-)
+pytestmark = needs_gloo
 
 WORLD = 4
 STEPS = 3
 ATOL = 3e-7
-SPAWN_TIMEOUT_S = 600
 
 PRESETS = {
     "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9),

@@ -226,12 +226,15 @@ class MeshReducer(ShardReducer):
             if ranks is not None and len(ranks) > 1:
                 rows.setdefault(ranks, []).append(i)
         self._parts = [(torch.tensor(r), torch.tensor(i)) for r, i in rows.items()]
+        self._parts_on: dict = {}  # the index tensors on each device they were used on (no copy per reduction)
 
     def __call__(self, stats: Tensor, kind: str) -> Tensor:
         mine, gathered = self._gather(stats, kind)
         out = mine.clone()
-        for ranks, rows in self._parts:
-            ranks, rows = ranks.to(mine.device), rows.to(mine.device)
+        parts = self._parts_on.get(mine.device)
+        if parts is None:
+            parts = self._parts_on[mine.device] = [(r.to(mine.device), i.to(mine.device)) for r, i in self._parts]
+        for ranks, rows in parts:
             part = gathered.index_select(0, ranks).index_select(1, rows)
             out[rows] = part.sum(0) if kind == "sum" else part.amax(0)
         return torch.where(torch.isfinite(gathered).all(0), out, torch.full_like(out, float("nan")))

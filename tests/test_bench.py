@@ -660,6 +660,34 @@ def test_the_paired_cycle_keeps_its_buffers_when_a_peer_reassigns_the_parameters
     assert all(torch.equal(p, w) for p, w in zip(params, want))
 
 
+def test_every_step_implementation_runs_on_the_parameters_own_storage_after_the_old_p_loop():
+    import fastperturb
+    from benchmarks.suites import step as step_suite
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 4, requires_grad=True), torch.randn(7, requires_grad=True)]
+    pre = [[torch.randn_like(p) for p in params]]
+    own = step_suite.OwnStorage(params)
+    ptrs = [p.data_ptr() for p in params]
+    opt = fastperturb.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1)
+    closure = step_suite.SyntheticClosure(params, pre)
+    closure()
+    opt.step(closure)
+    handle = opt._plan().cycle_parts[4].handle
+    loop = peers.LoopSAM(params, torch.optim.SGD, rho=0.05, lr=0.1)
+    closure()
+    loop.step(closure)  # restores by assigning .data: the loop's clones under the same parameters
+    assert [p.data_ptr() for p in params] != ptrs
+    after_loop = [p.detach().clone() for p in params]
+    own()
+    # the parameters' own storage again, holding the values the loop left, so fastperturb's plan is still current
+    assert [p.data_ptr() for p in params] == ptrs
+    assert all(torch.equal(p, w) for p, w in zip(params, after_loop))
+    assert handle.current()
+    own()  # (nothing swapped: nothing to do)
+    assert [p.data_ptr() for p in params] == ptrs
+
+
 def test_the_synthetic_closure_times_itself_and_a_step_its_own_calls():
     from benchmarks.suites import step as step_suite
 

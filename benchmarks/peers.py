@@ -37,6 +37,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastperturb.optim.buffers import buffers_like
+
 TINY = 1e-12
 
 
@@ -63,7 +65,8 @@ class _ForeachBase:
     def __init__(self, params: Sequence[Tensor], base: Optional[torch.optim.Optimizer] = None):
         self.params = list(params)
         self.base = base
-        self.backups = [torch.empty_like(p) for p in self.params]
+        # views of one block per dtype and device, as fastperturb lays out its own buffers
+        self.backups = buffers_like(self.params)
 
     def _grads(self) -> list[Tensor]:
         return [p.grad for p in self.params]
@@ -99,6 +102,9 @@ class ForeachSAM(_ForeachBase):
         super().__init__(params, base)
         self.rho = rho
         self.eta = adaptive_eta
+        # ASAM's temporaries T and T*g, allocated once (out-of-place foreach ops would allocate them every step)
+        self._t = buffers_like(self.params) if adaptive_eta is not None else []
+        self._tg = buffers_like(self.params) if adaptive_eta is not None else []
 
     @torch.no_grad()
     def cycle(self, closure: Optional[Callable[[], object]] = None) -> None:
@@ -108,13 +114,15 @@ class ForeachSAM(_ForeachBase):
             scale = self.rho / max(float(_global_norm(grads)), TINY)
             torch._foreach_add_(ps, grads, alpha=scale)
         else:
-            t = torch._foreach_abs(ps)
+            t, tg = self._t, self._tg
+            torch._foreach_copy_(t, ps)
+            torch._foreach_abs_(t)
             torch._foreach_add_(t, self.eta)  # T = |w| + eta
-            tg = torch._foreach_mul(t, grads)
+            torch._foreach_copy_(tg, grads)
+            torch._foreach_mul_(tg, t)
             scale = self.rho / max(float(_global_norm(tg)), TINY)
             torch._foreach_mul_(tg, t)  # T^2 g
             torch._foreach_add_(ps, tg, alpha=scale)
-            del t, tg
         self._pass_then_restore(closure)
 
 
@@ -224,6 +232,7 @@ class LoopSAM:
 
     def step(self, closure: Callable[[], object]):
         self.first_step()
+        self.zero_grad()  # the wrapper's first_step(zero_grad=True), as its step(closure) calls it
         with torch.enable_grad():
             loss = closure()
         self.second_step()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -73,8 +74,8 @@ def run_interleaved(
 ) -> None:
     """Fill ``c.times`` for every candidate; a candidate that raises gets ``c.error`` and is dropped.
 
-    ``probe`` (see :func:`triad_probe`): timed once in every round, in its rotating place among the
-    candidates, so each candidate sample has a bandwidth sample taken under the same conditions
+    ``probe`` (see :func:`triad_probe`): timed once in every round, in its place among the candidates (a new
+    random order each round), so each candidate sample has a bandwidth sample taken under the same conditions
     (:func:`paired_ratios`). It takes no part in the warm-up estimates or the repetition targets.
     """
     est: dict[str, float] = {}
@@ -98,8 +99,11 @@ def run_interleaved(
     if probe is not None and not probe.error and live:
         live.append(probe)
         target[probe.name] = rounds
+    # A fresh order every round (seeded: runs are repeatable): a fixed rotation put the same implementation right
+    # after the probe, which flushes the caches, and another right after it on the same tensors, most rounds.
+    shuffle = random.Random(0x5EED)
     for r in range(rounds):
-        order = live[r % len(live) :] + live[: r % len(live)] if live else []
+        order = shuffle.sample(live, len(live))
         for c in order:
             if len(c.times) >= target[c.name] or c.error:
                 continue

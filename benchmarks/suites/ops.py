@@ -55,11 +55,9 @@ def _suite_ops_model(cfg: Config, model: str, out: list) -> None:
     def fe_norms_linf():
         torch.stack(torch._foreach_norm(grads, math.inf)).max()
 
-    def fe_ascent_proj():
-        torch._foreach_sub_(pw, backups)
+    def fe_ascent_proj():  # w = b + 0.9 (w + 0.01 g - b): 6 passes
         torch._foreach_add_(pw, grads, alpha=0.01)
-        torch._foreach_mul_(pw, 0.9)
-        torch._foreach_add_(pw, backups)
+        torch._foreach_lerp_(pw, backups, 0.1)
 
     def fe_combine():
         torch._foreach_mul_(grads, 0.25)

@@ -64,13 +64,17 @@ class SyntheticClosure:
         inner = {}
 
         def proxy_closure(module: nn.Module):
-            ps = [p for p in module.parameters()]
-            if "c" not in inner:
-                with torch.no_grad():
-                    inner["c"] = SyntheticClosure(ps, self.pre)
+            t0 = time.perf_counter()
+            try:
+                ps = [p for p in module.parameters()]
+                if "c" not in inner:
+                    with torch.no_grad():
+                        inner["c"] = SyntheticClosure(ps, self.pre)
                 inner["c"].params = ps
-            self.calls += 1  # one of the step's K+1 passes
-            return inner["c"]()
+                self.calls += 1  # one of the step's K+1 passes
+                return inner["c"]()
+            finally:
+                self.spent += time.perf_counter() - t0  # (a closure call of the step, excluded like the others)
 
         return proxy_closure
 
@@ -289,11 +293,15 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             if c.error:
                 continue
             if closure_s is not None:
-                r["closure_s"] = closure_s
-                r["optimizer_s"] = r["median_s"] - (preset.spec.steps + 1) * closure_s
+                r["closure_s"] = closure_s  # (the closure alone, for reference)
+            inside = spent[-len(c.times) :]  # the timed calls are the last ones made
+            if len(inside) == len(c.times):
+                # each sample minus the seconds that very step spent in its own closure calls: the closure alone,
+                # timed apart, moves between repeats by as much as a small list's whole step
+                r["optimizer_s"] = statistics.median(t - s for t, s in zip(c.times, inside))
             if paired and r["impl"] == f"fastperturb.{preset.name}[cpp]":
-                # the timed calls are the last ones made (warm-up first; the costs below call again later)
-                r.update(_paired_shares(c, paired, preset.spec.steps + 1, spent[-len(c.times) :]))
+                # (warm-up first; the costs below call again later)
+                r.update(_paired_shares(c, paired, preset.spec.steps + 1, inside))
             before = cl.calls
             _costs(cfg, r, c.fn, own, params, state_obj=o)
             if cfg.measure_costs:
@@ -385,8 +393,9 @@ def suite_step(cfg: Config) -> list[dict]:
 
     Every implementation makes K+1 closure calls per step (the closure copies
     precomputed gradients into ``.grad``), so step times include K+1 gradient
-    copies for all alike; ``optimizer_s`` = median - (K+1) x the closure's own
-    median time (measured alone), the optimizer's share. Also per step: operator
+    copies for all alike; ``optimizer_s`` = the median over the samples of each
+    step's time minus the seconds it spent in its own closure calls, the optimizer's
+    share (``closure_s``: the closure alone, for reference). Also per step: operator
     dispatches and allocations (the closure's own excluded), persistent state bytes.
     """
     out = []

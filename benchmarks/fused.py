@@ -124,13 +124,6 @@ class FusedCycle:
         # The handle the optimizer wrappers keep per parameter list (one per wrapper, reused every step).
         self.lists = TensorLists(self.params, self.backups, self.accum) if n else None
 
-    def rebind(self) -> None:
-        """A new handle on the same buffers once the parameters' storage has changed (a peer that restores by
-        assigning ``.data``), as the optimizer wrappers do: building new buffers instead would time their
-        allocation and first-touch page faults with the cycle."""
-        if self.lists is not None:
-            self.lists = TensorLists(self.params, self.backups, self.accum)
-
     def cycle(self) -> Cycle:
         if self.lists is None:
             return Cycle(self.preset.spec, self.params, self.backups, self.radius, self.step_size, self.accum)

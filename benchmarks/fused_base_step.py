@@ -28,7 +28,7 @@ from fastperturb import ops
 
 from . import shapes, timing
 from .suites.common import make_params
-from .suites.step import SyntheticClosure
+from .suites.step import SyntheticClosure, _closure_timed
 
 LR, WD, RHO = 1e-4, 0.01, 0.05
 
@@ -55,16 +55,14 @@ def _step_candidates(params, pre):
     for name, make in impls.items():
         opt = make()
         closure = SyntheticClosure(params, pre)
-        inside: list[float] = []
 
-        def step(opt=opt, closure=closure, inside=inside):
-            before = closure.spent
+        def step(opt=opt, closure=closure):
             closure()  # g_0 by the caller, as in the usual SAM loop
             opt.step(closure)
-            inside.append(closure.spent - before)
 
+        step, spent[name] = _closure_timed(step, closure)
         cands.append(timing.Candidate(name, step))
-        opts[name], spent[name] = opt, inside
+        opts[name] = opt
     return cands, opts, spent
 
 

@@ -237,15 +237,6 @@ class OwnStorage:
                     p.data = own
 
 
-def _then(first: Callable[[], object], second: Optional[Callable[[], object]]) -> Callable[[], None]:
-    def both() -> None:
-        first()
-        if second is not None:
-            second()
-
-    return both
-
-
 def _suite_step_model(cfg: Config, model: str, out: list) -> None:
     pre_all = fused.presets(cfg.apd_steps)
     shp = shapes.shapes_for(model)
@@ -276,9 +267,7 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
             recs.append(_record("step", model, label, impl, kind))
             objs.append(obj)
             closures.append((closure, spent))
-        paired = _paired_helpers(cfg, preset, params, pre)
-        for c in paired.values():
-            c.prepare = _then(own, c.prepare)
+        paired = _paired_helpers(cfg, preset, params, pre, own)
         timing.run_interleaved(
             cands + list(paired.values()),
             cfg.device,
@@ -310,15 +299,15 @@ def _suite_step_model(cfg: Config, model: str, out: list) -> None:
         _say(cfg, f"step {model} {label}")
 
 
-def _paired_helpers(cfg: Config, preset: fused.Preset, params, pre) -> dict[str, Candidate]:
+def _paired_helpers(cfg: Config, preset: fused.Preset, params, pre, own: OwnStorage) -> dict[str, Candidate]:
     """For SAM and APD on the C++ backend: the closure alone and the engine's cycle alone, timed in the same
     rounds as the steps, so that each step sample has its own round's closure and cycle (:func:`_paired_shares`).
     The cycle is that of the cycle suite (gradient given, no closure), on these tensors."""
     if preset.name not in ("SAM", "APD") or not any(b == "cpp" and not why for b, why in timed_backends(cfg)):
         return {}
-    cycle = _PairedCycle(preset, params, pre)
+    cycle = _PairedCycle(preset, params, pre, own)
     return {
-        "closure": Candidate("closure (paired)", SyntheticClosure(params, pre)),
+        "closure": Candidate("closure (paired)", SyntheticClosure(params, pre), own),
         "cycle": Candidate("cycle (paired)", cycle.run, cycle.prepare),
     }
 
@@ -326,19 +315,17 @@ def _paired_helpers(cfg: Config, preset: fused.Preset, params, pre) -> dict[str,
 class _PairedCycle:
     """The engine's cycle on the step suite's tensors, g_0 given by the closure before each call (untimed)."""
 
-    def __init__(self, preset: fused.Preset, params, pre):
-        self.preset, self.params = preset, list(params)
+    def __init__(self, preset: fused.Preset, params, pre, own: OwnStorage):
+        self.preset, self.params, self.own = preset, list(params), own
         self.closure = SyntheticClosure(params, pre)
         self.cycle = fused.FusedCycle(preset, self.params, "cpp")
 
     def prepare(self) -> None:
+        # The parameters' own storage back first (the old_p loop assigns .data), so the handle built on it stays
+        # current: new buffers every round would put 1x the parameter bytes of page faults in the cycle's time
+        # (62 against 27 ms on ResNet-50, and step / cycle 0.54).
+        self.own()
         self.closure()
-        # The peers that restore by assigning .data (the old_p loop) leave the handle on the old storage: a new
-        # handle on the same buffers (new buffers every round would put 1x the parameter bytes of page faults in
-        # the cycle's time: 62 against 27 ms on ResNet-50, and step / cycle 0.54).
-        h = self.cycle.lists
-        if h is not None and h.handle is not None and not h.handle.current():
-            self.cycle.rebind()
 
     def run(self) -> None:
         self.cycle.run()

@@ -864,4 +864,3 @@ def test_fused_base_step_runner_subtracts_each_steps_own_closure_calls(monkeypat
     for name, s in r["steps"].items():
         # two closure calls of >= 5 ms each were inside every step: none of them is left in the optimizer's share
         assert 0 < s["min_optimizer_s"] <= s["optimizer_s"] < s["median_s"] - 0.009, name
-        assert s["optimizer_s"] < 0.005, name

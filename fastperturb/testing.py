@@ -375,6 +375,8 @@ def option_grid(op: str) -> Iterable[dict]:
                         step=0.05,
                         proj=0.5 if norm == "l2" else 0.02,
                     )
+        # off, though -0.0 in float32: decided before it is rounded
+        yield dict(norm="l2", first=False, adaptive_eta=-1e-300, zero_grads=False, step=0.05, proj=0.5)
     elif op == "restore_":
         yield {}
     elif op == "combine_grads_":
@@ -397,6 +399,9 @@ def option_grid(op: str) -> Iterable[dict]:
             dict(lr=0.1, momentum=0.9, weight_decay=0.01, init_momentum=True),
             dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True),
             dict(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01),
+            # non-zero (torch keeps a buffer) but 0 in float32: decided in double, as torch decides it
+            dict(lr=0.1, momentum=1e-46, dampening=0.5, init_momentum=True),
+            dict(lr=0.1, momentum=1e-46, dampening=0.5),
         )
     elif op == "restore_adam_step_":
         adam = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)

@@ -29,6 +29,8 @@ CONFIGS = {
     "sgd_momentum_wd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
     "sgd_nesterov": (torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True, weight_decay=1e-3)),
     "sgd_dampening_maximize": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.3, maximize=True)),
+    # non-zero, so torch keeps a buffer, but 0 in float32: the buffer is g, then (1 - dampening) g
+    "sgd_momentum_below_float32": (torch.optim.SGD, dict(lr=0.1, momentum=1e-46, dampening=0.5)),
     "adam": (torch.optim.Adam, dict(lr=1e-2)),
     "adam_l2": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01, betas=(0.8, 0.99))),
     "adam_amsgrad_maximize": (torch.optim.Adam, dict(lr=1e-2, amsgrad=True, maximize=True)),

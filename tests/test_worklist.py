@@ -331,6 +331,23 @@ def test_ascent_step(specs, cfg, seed, norm, first, adaptive, zero_grads, nan_gr
     assert_bitwise(backups, b2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("first", [True, False])
+def test_ascent_step_off_eta_that_rounds_to_zero_stays_off(dtype, first):
+    """Any adaptive_eta < 0 is off, as in the reference: -1e-300 is -0.0 in float32, which the element's eta >= 0
+    test would take as ASAM's direction (|w| + eta)^2 g if the off value were rounded before it was decided."""
+    gen = torch.Generator().manual_seed(0)
+    make_ts = lambda: [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in (5000, 37)]  # noqa: E731
+    params, grads, backups = make_ts(), make_ts(), make_ts()
+    p2, g2, b2 = clones(params), clones(grads), clones(backups)
+    step, proj = torch.tensor([0.3, 0.7]), torch.tensor([0.9, 1.1])
+    kw = dict(norm="l2", first=first, adaptive_eta=-1e-300, zero_grads=False)
+    W.ascent_step_(params, grads, backups, step, proj, **kw)
+    R.ascent_step_(p2, g2, b2, step, proj, **kw)
+    assert_bitwise(params, p2)
+    assert_bitwise(backups, b2)
+
+
 @given(specs=lists, cfg=config_spec, seed=seeds)
 @SETTINGS
 def test_restore_is_bitwise(specs, cfg, seed):

@@ -81,6 +81,9 @@ at::Tensor grad_stats_cuda(at::TensorList grads, at::TensorList accum, at::Tenso
 void ascent_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList backups, const at::Tensor& step_coef,
                       const at::Tensor& proj, c10::string_view norm, bool first, double adaptive_eta, bool zero_grads) {
   checks::check_ascent_step(params, grads, backups, step_coef, proj, norm, adaptive_eta, first, zero_grads);
+  // All lists empty: nothing to do (docs/design.md §3.2), as on the CPU. The dispatcher sends such a call here when
+  // the coefficients are CUDA tensors; device_of would refuse it.
+  if (params.empty()) return;
   const at::Device d = device_of("params", params);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);
@@ -113,6 +116,7 @@ at::Tensor dot_stats_cuda(at::TensorList x, at::TensorList y) {
 
 at::Tensor lincomb_cuda(at::TensorList out, at::TensorList x, at::TensorList y, const at::Tensor& coef) {
   checks::check_lincomb(out, x, y, coef);
+  if (out.empty()) return at::empty({0}, coef.options().dtype(at::kFloat));  // (as ascent_step_cuda's empty call)
   const at::Device d = device_of("out", out);
   const c10::cuda::CUDAGuard guard(d);
   CudaExec ex = exec_on(d);

@@ -4,7 +4,8 @@
 // (TensorLists::worklist_plan: built on the first call of each depth, then only the tensors' pointers are
 // written into each launch's arguments). The results equal the list ops' of worklist_ops.h on the same tensors,
 // bit for bit (the same plan and kernels); restore_norms_lists_ is restore_ and norms of the gradients in one
-// pass (RestoreNormsOp).
+// pass (RestoreNormsOp), whose norms are NormsOp's bit for bit only where the three lists share the vector path's
+// alignment (see RestoreNormsOp).
 #pragma once
 
 #include <ATen/ATen.h>

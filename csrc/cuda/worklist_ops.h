@@ -177,7 +177,10 @@ void ascent_step(Exec& ex, const Plan& plan, at::TensorList params, at::TensorLi
       [&](auto tag) {
         using T = decltype(tag);
         using C = math::compute_t<T>;
-        return AscentOp<T>{step_ptr, proj_ptr, static_cast<C>(adaptive_eta), norm, first, zero_grads};
+        // On or off is decided here, in double, as the CPU kernels and the reference decide it: an off value in
+        // [-2^-150, 0) rounds to -0.0 in float, which the element's `adaptive_eta >= 0` would take as on.
+        const C eta = adaptive_eta >= 0 ? static_cast<C>(adaptive_eta) : C(-1);
+        return AscentOp<T>{step_ptr, proj_ptr, eta, norm, first, zero_grads};
       },
       nullptr);
 }

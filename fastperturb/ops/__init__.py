@@ -311,8 +311,11 @@ def restore_lists_(lists: TensorLists) -> None:
 
 def restore_norms_lists_(lists: TensorLists, ord: float = 2.0) -> tuple[Tensor, Tensor]:
     """:func:`restore_lists_` and ``norms_lists(lists, ord, of_grads=True)`` in one pass over the memory (the
-    restore before the check of the descent gradient); the same results, bit for bit. Every gradient is checked
-    before a weight is written: a call refused for its gradients restores nothing."""
+    restore before the check of the descent gradient); the same results, bit for bit, except on CUDA where a
+    chunk's params, backups and gradients do not all start 16-byte aligned (a parameter that is an unaligned view of
+    a flat buffer; the optimizers' own backups are aligned): there the l2 norms are the same sum in another lane
+    order, a few ulps apart. Every gradient is checked before a weight is written: a call refused for its
+    gradients restores nothing."""
     how = _lists_backend(lists)
     if how == "native":
         with torch.no_grad():

@@ -23,9 +23,12 @@ template <typename C>
 struct SgdCoefs {
   C lr;
   C weight_decay;  // 0: off
-  C momentum;      // 0: no momentum buffer
+  C momentum;
   C one_minus_dampening;
   bool decay;  // weight_decay != 0
+  // momentum != 0, decided in double: torch keeps a buffer for any non-zero momentum, also one that rounds to 0 in
+  // the compute type (the buffer is then (1 - dampening) g, and g itself on its first step)
+  bool has_momentum;
   bool nesterov;
   bool maximize;
   bool init_momentum;  // buf := g (torch's first step: a fresh buffer)
@@ -37,7 +40,7 @@ template <typename C>
 FP_HD C sgd_element(C b, C g, C& buf, const SgdCoefs<C>& k) {
   if (k.maximize) g = -g;
   if (k.decay) g = g + k.weight_decay * b;
-  if (k.momentum != C(0)) {
+  if (k.has_momentum) {
     buf = k.init_momentum ? g : buf * k.momentum + k.one_minus_dampening * g;
     g = k.nesterov ? g + k.momentum * buf : buf;
   }
@@ -108,6 +111,7 @@ inline SgdCoefs<C> sgd_coefs(double lr, double weight_decay, double momentum, do
                      static_cast<C>(momentum),
                      static_cast<C>(1.0 - dampening),
                      weight_decay != 0.0,
+                     momentum != 0.0,
                      nesterov,
                      maximize,
                      init_momentum};

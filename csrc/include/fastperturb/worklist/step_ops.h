@@ -21,8 +21,8 @@ struct SgdStepOp {
   using PerTensor = None;
   step_math::SgdCoefs<C> k;
 
-  FP_HD bool reads(int d) const { return d == 1 || d == 2 || (d == 3 && k.momentum != C(0) && !k.init_momentum); }
-  FP_HD bool writes(int d) const { return d == 0 || (d == 3 && k.momentum != C(0)); }
+  FP_HD bool reads(int d) const { return d == 1 || d == 2 || (d == 3 && k.has_momentum && !k.init_momentum); }
+  FP_HD bool writes(int d) const { return d == 0 || (d == 3 && k.has_momentum); }
   FP_HD PerTensor tensor(int) const { return {}; }
   FP_HD Acc identity() const { return {}; }
   FP_HD void element(T (&x)[4], Acc&, const PerTensor&) const {

@@ -9,6 +9,10 @@ Environment switches (all read at build time):
 * FASTPERTURB_CUDA: the [cuda] sources are compiled when torch is a CUDA build
   and nvcc is found (CUDA_HOME), or when FASTPERTURB_CUDA=1; FASTPERTURB_CUDA=0
   builds the CPU kernels only.
+* TORCH_CUDA_ARCH_LIST: torch's, read as torch reads it; the CUDA kernels need
+  compute capability 7.0 or newer, so an older entry (or visible GPU) is refused
+  with a message. Unset on a machine without a GPU: torch's own architectures
+  from 7.0 on.
 * FASTPERTURB_BUILD_TESTING=1: also build fastperturb._C_testing from the
   [testing] sources (the native test harnesses the test suite needs). Never
   set for the wheel users install.
@@ -97,6 +101,81 @@ def cuda_enabled() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+#: The oldest GPU architecture the CUDA kernels compile for: they take their launch arguments as
+#: ``__grid_constant__`` parameters, which need compute capability 7.0.
+MIN_CUDA_ARCH = (7, 0)
+_NAMED_ARCHS = {"kepler": "3.5", "maxwell": "5.0", "pascal": "6.0", "volta": "7.0", "turing": "7.5"}
+
+
+def _arch_version(entry: str) -> tuple[int, int] | None:
+    """(major, minor) of a TORCH_CUDA_ARCH_LIST entry ("8.6", "7.5+PTX", "Pascal") or of a torch arch name
+    ("sm_86", "compute_90"); None for names newer than any refused here (Ampere, Ada, Hopper, ...)."""
+    e = entry.strip().lower().split("+")[0]
+    e = _NAMED_ARCHS.get(e, e)
+    if e.startswith(("sm_", "compute_")):
+        digits = e.split("_", 1)[1].rstrip("abf")
+        e = f"{digits[:-1]}.{digits[-1]}" if len(digits) >= 2 and digits.isdigit() else ""
+    major, _, minor = e.partition(".")
+    if not (major.isdigit() and minor[:1].isdigit()):
+        return None
+    return int(major), int(minor[0])
+
+
+def cuda_arch_plan(
+    arch_list: str | None, visible: list[tuple[int, int]], torch_archs: list[str]
+) -> tuple[str | None, str | None]:
+    """(TORCH_CUDA_ARCH_LIST to set or None, error or None) for a CUDA build.
+
+    ``arch_list``: the user's TORCH_CUDA_ARCH_LIST (None if unset); ``visible``: the compute capabilities of the
+    visible GPUs; ``torch_archs``: ``torch.cuda.get_arch_list()``, the architectures torch itself was built for.
+    An architecture older than MIN_CUDA_ARCH that the user or the GPU asks for is an error (the kernels could
+    not run there). With neither (no GPU on the build machine, where torch's extension builder finds no
+    architecture to compile for), the list is torch's own without the architectures older than that."""
+    floor = ".".join(map(str, MIN_CUDA_ARCH))
+    if arch_list is not None and arch_list.strip() not in ("", "native"):
+        old = [
+            e for e in arch_list.replace(";", " ").split() if (v := _arch_version(e)) is not None and v < MIN_CUDA_ARCH
+        ]
+        if old:
+            return None, (
+                f"TORCH_CUDA_ARCH_LIST={arch_list!r} names {', '.join(old)}: fastperturb's CUDA kernels need compute "
+                f"capability {floor} or newer; drop those entries (or build without CUDA: FASTPERTURB_CUDA=0)"
+            )
+        return None, None
+    if visible:
+        old = sorted({v for v in visible if v < MIN_CUDA_ARCH})
+        if old:
+            names = ", ".join(f"{a}.{b}" for a, b in old)
+            return None, (
+                f"the visible GPU has compute capability {names}: fastperturb's CUDA kernels need {floor} or newer; "
+                "build without CUDA (FASTPERTURB_CUDA=0) or set TORCH_CUDA_ARCH_LIST to newer architectures"
+            )
+        return None, None
+    versions = [v for v in map(_arch_version, torch_archs) if v is not None]
+    if not versions:
+        return None, None  # (torch's builder then says what it needs)
+    keep = sorted({v for v in versions if v >= MIN_CUDA_ARCH})
+    if not keep:
+        return None, f"this torch is built only for CUDA architectures older than {floor}: {torch_archs}"
+    return ";".join(f"{a}.{b}" for a, b in keep), None
+
+
+def _set_cuda_archs() -> None:
+    """Checks (and, with neither TORCH_CUDA_ARCH_LIST nor a GPU to say, chooses) the architectures."""
+    import torch
+
+    visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    archs, error = cuda_arch_plan(os.environ.get("TORCH_CUDA_ARCH_LIST"), visible, torch.cuda.get_arch_list())
+    if error is not None:
+        raise SystemExit(f"fastperturb: {error}")
+    if archs is not None:
+        print(
+            f"fastperturb: no GPU and no TORCH_CUDA_ARCH_LIST: building the CUDA kernels for {archs} (torch's own "
+            f"architectures from {'.'.join(map(str, MIN_CUDA_ARCH))} on)"
+        )
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+
+
 def extension_sources(cuda: bool) -> list[str]:
     """What goes into fastperturb._C: the [cpu] sources, plus [cuda] when cuda."""
     sections = read_sources()
@@ -121,6 +200,7 @@ def make_extension():
         extra_link_args=flags["link"],
     )
     if cuda:
+        _set_cuda_archs()
         kwargs["define_macros"] = [("FASTPERTURB_WITH_CUDA", "1")]
         return cpp_extension.CUDAExtension(**kwargs)
     return cpp_extension.CppExtension(**kwargs)

@@ -204,3 +204,38 @@ def test_a_source_checkout_without_the_extension_says_so(tmp_path):
     assert "imported from the source checkout" in str(err) and "pip install --no-build-isolation -e ." in str(err)
     (copy / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     assert native._source_checkout_error(copy) is None  # built in place: a load failure is something else
+
+
+@pytest.mark.parametrize(
+    "arch_list, visible, torch_archs, want_archs, error",
+    [
+        ("8.0;9.0", [], [], None, None),  # CI's list
+        ("7.5+PTX 8.6", [(6, 1)], [], None, None),  # the user's list decides, not the GPU
+        ("6.1;8.0+PTX", [], [], None, "names 6.1:"),
+        ("Pascal;Ampere", [], [], None, "names Pascal:"),
+        (None, [(8, 6), (7, 0)], ["sm_50"], None, None),
+        (None, [(8, 6), (6, 1)], [], None, "compute capability 6.1"),
+        ("native", [(6, 0)], [], None, "compute capability 6.0"),  # torch's "native" is the visible GPU
+        (
+            None,
+            [],
+            ["sm_50", "sm_60", "sm_70", "sm_75", "sm_90a", "sm_100", "compute_120"],
+            "7.0;7.5;9.0;10.0;12.0",
+            None,
+        ),
+        ("", [], ["sm_75", "sm_80"], "7.5;8.0", None),
+        (None, [], ["sm_50", "sm_61"], None, "only for CUDA architectures older than 7.0"),
+        (None, [], [], None, None),  # torch's builder says what it needs
+    ],
+)
+def test_cuda_architectures_older_than_the_kernels_need_are_refused_or_dropped(
+    arch_list, visible, torch_archs, want_archs, error
+):
+    """The CUDA kernels take __grid_constant__ launch arguments (compute capability 7.0+): an older architecture the
+    user or the GPU asks for fails the build with a message naming it, not with nvcc's error on a kernel."""
+    archs, err = load_setup().cuda_arch_plan(arch_list, visible, torch_archs)
+    assert archs == want_archs
+    if error is None:
+        assert err is None
+    else:
+        assert err is not None and error in err

@@ -139,6 +139,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold", type=positive_float, default=0.10, help="--compare: relative change that counts (default 0.10)"
     )
+    p.add_argument(
+        "--spread",
+        nargs="+",
+        metavar="RUN",
+        default=None,
+        help="the median and range of fastperturb's paired ratios over several result files; runs nothing",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -177,16 +184,21 @@ def _fail(msg: str) -> int:
     raise UsageError(msg)
 
 
-def _load_result(path: str) -> dict:
+def _load_result(path: str, flag: str = "--compare") -> dict:
     try:
         return report.load_json(path)
     except FileNotFoundError:
-        raise UsageError(f"--compare {path}: no such file") from None
+        raise UsageError(f"{flag} {path}: no such file") from None
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise UsageError(f"--compare {path}: not a benchmark result file ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"{flag} {path}: not a benchmark result file ({str(e).splitlines()[0]})") from None
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.spread:
+        runs = [(p, _load_result(p, "--spread")) for p in args.spread]
+        if report.spread(runs, sys.stdout) == 0:
+            raise UsageError(f"--spread {' '.join(args.spread)}: no fastperturb record with a paired ratio in them")
+        return 0
     if args.compare:
         old, new = (_load_result(p) for p in args.compare)
         regressions = report.compare(old, new, args.threshold, sys.stdout)

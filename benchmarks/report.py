@@ -21,6 +21,7 @@ baseline_rss, peak_rss, overhead_bytes, overhead_x_params``; family records
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from typing import Iterable, Optional, TextIO
 
@@ -493,6 +494,47 @@ def compare(old: dict, new: dict, threshold: float, out: TextIO) -> int:
     if rows:
         _table(rows, ["suite", "model", "case / impl", "old", "new", "change", ""], out)
     return regressions
+
+
+def spread(runs: list[tuple[str, dict]], out: TextIO) -> int:
+    """Print, for every record of fastperturb (and of its one-tensor baseline) with a paired ratio
+    (``x_bound_paired``) in any of ``runs`` ((name, result) pairs), the median and range of that ratio over the
+    runs that measured it, and each run's value in the order given; then each run's triad. Returns the number of
+    records printed.
+
+    One run's figure near a target says little on a host whose speed moves between runs; the same figure over
+    several runs gives its median and spread."""
+    values: dict[tuple, list[Optional[float]]] = {}
+    for i, (_, data) in enumerate(runs):
+        for r in data.get("results", []):
+            if (
+                r.get("kind") not in ("fastperturb", "baseline")
+                or r.get("status") != "ok"
+                or r.get("x_bound_paired") is None
+            ):
+                continue
+            values.setdefault(_key(r), [None] * len(runs))[i] = r["x_bound_paired"]
+    rows = []
+    for key, vals in values.items():
+        got = sorted(v for v in vals if v is not None)
+        rows.append(
+            [
+                key[0],
+                key[1],
+                f"{key[2]} / {key[3]}",
+                f"{len(got)}/{len(runs)}",
+                _ratio(statistics.median(got)),
+                f"{got[0]:.2f}-{got[-1]:.2f}",
+                " ".join("-" if v is None else f"{v:.2f}" for v in vals),
+            ]
+        )
+    _table(rows, ["suite", "model", "case / impl", "runs", "median x paired", "min-max", "each run"], out)
+    triads = [(name, data.get("bandwidth", {}).get("triad_gbps_best_seen")) for name, data in runs]
+    out.write(
+        "triad GB/s (best seen) per run: " + ", ".join(f"{n} {'-' if g is None else f'{g:.1f}'}" for n, g in triads)
+    )
+    out.write("\n")
+    return len(rows)
 
 
 def chart_unavailable() -> Optional[str]:

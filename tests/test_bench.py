@@ -327,6 +327,37 @@ def _fake_result(median, lo, hi, impl="fastperturb[cpp]"):
     }
 
 
+def test_spread_gives_each_paired_ratio_over_the_runs(tmp_path, capsys):
+    def run(*paired, triad=40.0):
+        results = []
+        for impl, kind, x in zip(
+            ("fastperturb[cpp]", "one tensor", "foreach"), ("fastperturb", "baseline", "foreach"), paired
+        ):
+            if x is not None:
+                results.append(dict(_fake_result(1.0, 0.9, 1.1, impl), kind=kind, x_bound_paired=x))
+        return {"schema": report.SCHEMA, "env": {}, "bandwidth": {"triad_gbps_best_seen": triad}, "results": results}
+
+    runs = [("a", run(1.3, 1.1, 2.0)), ("b", run(1.1, None, 2.0)), ("c", run(1.2, 1.2, 2.0, triad=30.0))]
+    out = io.StringIO()
+    assert report.spread(runs, out) == 2  # fastperturb and its baseline; not the peers
+    lines = out.getvalue().splitlines()
+    ours = " ".join(next(line for line in lines if "fastperturb[cpp]" in line).split())
+    assert ours.endswith("3/3 1.20x 1.10-1.30 1.30 1.10 1.20")  # runs, median, range, each run in order
+    base = " ".join(next(line for line in lines if "one tensor" in line).split())
+    assert base.endswith("2/3 1.15x 1.10-1.20 1.10 - 1.20")  # a run that did not measure it: counted, shown
+    assert "foreach" not in out.getvalue()
+    assert lines[-1] == "triad GB/s (best seen) per run: a 40.0, b 40.0, c 30.0"
+    paths = []
+    for name, data in runs:
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        paths.append(str(tmp_path / f"{name}.json"))
+    assert cli.entry(["--spread", *paths]) == 0
+    assert "1.10-1.30" in capsys.readouterr().out
+    (tmp_path / "peers.json").write_text(json.dumps(run(None, None, 2.0)))
+    assert cli.entry(["--spread", str(tmp_path / "peers.json")]) == 2  # nothing of fastperturb's: says so
+    assert cli.entry(["--spread", str(tmp_path / "missing.json")]) == 2
+
+
 def test_compare_flags_regressions_beyond_noise(tmp_path):
     old = {
         "schema": report.SCHEMA,

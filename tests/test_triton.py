@@ -644,6 +644,54 @@ def test_handle_plan_follows_gradients_that_moved():
             assert all(lists.plans[k] is plan for k, plan in plans.items())
 
 
+def test_handle_call_uploads_new_gradients_and_new_scalars_together(monkeypatch):
+    """On a GPU an upload is an asynchronous copy from pinned memory, and writing the host copy again waits for it
+    (host_writable), behind everything the stream holds (a backward pass). A call with new gradient tensors and
+    new scalars writes both, then uploads once: one wait (for an earlier call's upload), before any write."""
+    from fastperturb import ops
+    from fastperturb.ops.triton import plan as P
+
+    events = []
+    upload, wait = P.Plan.upload, P.Plan.host_writable
+    monkeypatch.setattr(P.Plan, "upload", lambda self: (events.append("upload"), upload(self))[1])
+    monkeypatch.setattr(P.Plan, "host_writable", lambda self: (events.append("wait"), wait(self))[1])
+    (p1, b1, a1), (p2, b2, a2) = _twins()
+    n = len(p1)
+    step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
+    g = torch.Generator().manual_seed(3)
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(p2, b2, a2)
+        ops.grad_stats_lists_(lists, with_accum=True, accum_weight=1.0, accum_init=True)
+        ops.ascent_step_lists_(lists, step, proj, first=True, adaptive_eta=0.1)
+        ops.combine_grads_lists_(lists, 0.5)
+        ops.grad_stats_([p.grad for p in p1], a1, accum_weight=1.0, accum_init=True)
+        ops.ascent_step_(p1, [p.grad for p in p1], b1, step, proj, first=True, adaptive_eta=0.1)
+        ops.combine_grads_([p.grad for p in p1], a1, 0.5)
+
+        def new_grads():
+            for x, y in zip(p1, p2):
+                x.grad = torch.randn(x.shape, generator=g).to(x.dtype)
+                y.grad = x.grad.clone()
+
+        new_grads()
+        events.clear()
+        got = ops.grad_stats_lists_(lists, with_accum=True, accum_weight=0.25)
+        assert events == ["wait", "upload"]
+        assert torch.equal(got, ops.grad_stats_([p.grad for p in p1], a1, accum_weight=0.25)) and _same_bits(a1, a2)
+        new_grads()
+        events.clear()
+        ops.ascent_step_lists_(lists, step, proj, first=True, adaptive_eta=0.2)
+        assert events == ["wait", "upload"]
+        ops.ascent_step_(p1, [p.grad for p in p1], b1, step, proj, first=True, adaptive_eta=0.2)
+        assert _same_bits(p1, p2) and _same_bits(b1, b2)
+        new_grads()
+        events.clear()
+        ops.combine_grads_lists_(lists, 0.75)
+        assert events == ["wait", "upload"]
+        ops.combine_grads_([p.grad for p in p1], a1, 0.75)
+        assert _same_bits([p.grad for p in p1], [p.grad for p in p2])
+
+
 def test_handle_plan_rebuilt_when_a_new_gradient_is_misaligned():
     from fastperturb import ops
 

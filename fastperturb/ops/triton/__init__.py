@@ -82,7 +82,12 @@ for ``norms`` combines the per-tensor results into the total in a fixed order.
 A tensor's result therefore depends only on its own values, the chunk size and
 the block size (both fixed), not on the other tensors, the launch grid or the
 scheduling (and ``num_warps`` is pinned: the lane order of a block-wide
-reduction depends on it); reruns are bit-identical. Accumulation is float32 within a chunk
+reduction depends on it); reruns are bit-identical. One exception on a GPU
+(not under the interpreter, which sums with numpy): the compiler gives each
+thread 1 element of a block or a vector of them depending on whether the
+tensor is in a 16-byte-aligned group (``VEC``), and a block's sum associates
+in that layout, so the same values in an aligned tensor and in an unaligned
+view can differ in the last bits of a chunk's partial. Accumulation is float32 within a chunk
 (float64 for float64 tensors) and float64 across chunks.
 
 Where it runs

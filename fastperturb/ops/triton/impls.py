@@ -263,21 +263,26 @@ _P, _B, _A = 1 << _PARAMS, 1 << _BACKUPS, 1 << _ACCUM  # list masks of enter()
 _PG = 1 << (16 + _PARAMS)  # the params' .grad, in a bump mask
 
 
-def _lists_plan(lists, op: str, key: tuple, check: int, bump: int, grads_column: int, build) -> Plan:
+def _lists_plan(
+    lists, op: str, key: tuple, check: int, bump: int, grads_column: int, build, scalars: tuple = ()
+) -> Plan:
     """The cached plan of ``op`` with ``key`` on ``lists`` (``build()`` makes one), after the handle's checks of
     the lists of mask ``check`` (and of the params' gradients if ``grads_column`` >= 0: the plan's column holding
-    them) and the version bumps of mask ``bump`` (the caller launches next)."""
+    them) and the version bumps of mask ``bump`` (the caller launches next). ``scalars``: the call's, written with
+    the new gradient pointers and uploaded with them: a second upload in the same call would first wait for the
+    first, which on a GPU queues behind everything the stream holds (a backward pass)."""
     full_key = (op, Tuning.chunk_size, Tuning.block_size, *key)
     plan = lists.plans.get(full_key)
     if plan is not None:
         if grads_column < 0:
             lists.enter(op, check, bump)
+            plan.set_scalars(scalars)
             return plan
         plan.host_writable()
         status = lists.enter_grads(op, check, _PARAMS, plan.host, plan.grad_codes, bump)
-        if status == 1:
-            plan.upload()
         if status != 2:
+            if plan.write_scalars(scalars) or status == 1:
+                plan.upload()
             return plan
         # a gradient is misaligned where the plan assumed 16-byte alignment: a new plan (checked and bumped)
         plan = lists.plans[full_key] = build()
@@ -380,8 +385,16 @@ def grad_stats_lists_(
             )
 
         check = (_A if with_accum else 0) | (_P if with_params else 0) | (_B if with_backups else 0)
-        plan = _lists_plan(lists, op, (with_accum, with_params, with_backups), check, _A if with_accum else 0, 0, build)
-        plan.set_scalars((accum_weight, adaptive_eta))
+        plan = _lists_plan(
+            lists,
+            op,
+            (with_accum, with_params, with_backups),
+            check,
+            _A if with_accum else 0,
+            0,
+            build,
+            scalars=(accum_weight, adaptive_eta),
+        )
         _grad_stats_launch(plan, out, with_accum, accum_init, adaptive_eta, with_backups)
     return out
 
@@ -420,8 +433,7 @@ def ascent_step_lists_(
             )
 
         bump = _P | (_B if first else 0) | (_PG if zero_grads else 0)
-        plan = _lists_plan(lists, op, (), _P | _B, bump, 1, build)
-        plan.set_scalars((adaptive_eta,))
+        plan = _lists_plan(lists, op, (), _P | _B, bump, 1, build, scalars=(adaptive_eta,))
         _ascent_launch(plan, step_coef, proj, norm, first, adaptive_eta, zero_grads)
 
 
@@ -457,8 +469,7 @@ def combine_grads_lists_(lists, weight: float) -> None:
             grads = lists.handle.grads_of(_PARAMS, op)
             return Plan(device, [grads, lists.accum], [g.dtype for g in grads], scalars=(weight,), grads_column=0)
 
-        plan = _lists_plan(lists, op, (), _A, _PG, 0, build)
-        plan.set_scalars((weight,))
+        plan = _lists_plan(lists, op, (), _A, _PG, 0, build, scalars=(weight,))
         _combine_launch(plan)
 
 

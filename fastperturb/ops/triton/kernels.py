@@ -345,7 +345,9 @@ def _lincomb_kernel(
         y_ptr = tl.multiple_of(y_ptr, 16)
         numel = tl.multiple_of(numel, VEC)
     c0f = tl.load(coef + 3 * index)
-    read_out = c0f != 0.0  # a NaN c0 reads (and propagates)
+    # c0 != 0 on its bits, not as a float compare: a NaN c0 reads (and propagates), also where a compiler free to
+    # assume no NaNs (LLVM's NoNaNsFPMath, which Triton sets) would fold an unordered != into an ordered one
+    read_out = (c0f.to(tl.int32, bitcast=True) & 0x7FFFFFFF) != 0
     c0 = c0f.to(CT)
     c1 = tl.load(coef + 3 * index + 1).to(CT)
     c2 = tl.load(coef + 3 * index + 2).to(CT)

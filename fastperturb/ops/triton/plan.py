@@ -143,13 +143,21 @@ class Plan:
             self.uploaded.synchronize()
             self.uploaded = None
 
+    def write_scalars(self, scalars: tuple) -> bool:
+        """Write the scalars into the host copy, which must be writable (:meth:`host_writable`); whether they
+        changed, when the caller uploads next. No scalars given: nothing to write."""
+        scalars = tuple(float(x) for x in scalars)
+        if not scalars or scalars == self.scalars:
+            return False
+        self.host[self.n + 1 : self.n + 1 + len(scalars)] = torch.tensor(
+            [f64_bits(x) for x in scalars], dtype=torch.int64
+        )
+        self.scalars = scalars
+        return True
+
     def set_scalars(self, scalars: tuple) -> None:
         """Rewrite the scalars in place (a cached plan reused with other scalars: one tiny copy, no re-plan)."""
-        if scalars != self.scalars:
-            scalars = tuple(float(x) for x in scalars)
+        if scalars and tuple(float(x) for x in scalars) != self.scalars:
             self.host_writable()
-            self.host[self.n + 1 : self.n + 1 + len(scalars)] = torch.tensor(
-                [f64_bits(x) for x in scalars], dtype=torch.int64
-            )
+            self.write_scalars(scalars)
             self.upload()
-            self.scalars = scalars

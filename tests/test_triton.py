@@ -463,6 +463,10 @@ for name, constexprs, k in done:
     # the vector hints give 128-bit loads
     if constexprs.get("VEC", 1) > 1:
         assert re.search(r"ld\\.global\\.v[24]\\.", ptx), (name, constexprs)
+    # Adam's step: division and square root IEEE-rounded (div_rn / sqrt_rn in float32), as torch's and math.h's
+    if name == "_adam_step_kernel":
+        assert ".approx." not in ptx and "div.full" not in ptx, constexprs
+        assert re.search(r"div\\.rn\\.f(32|64)", ptx) and re.search(r"sqrt\\.rn\\.f(32|64)", ptx), constexprs
     # ascent_coefficients: float64 division and square root IEEE-rounded, results rounded to nearest into float32
     # (math.h's operations, the reference's)
     if name == "_coefficients_kernel":

@@ -25,6 +25,7 @@ from .kernels import (
 )
 from .plan import INT_OF_SIZE, TYPES, VECTOR_BYTES
 from .runtime import COMPILE_OPTIONS, INTERPRETED
+from .step_kernels import _adam_step_kernel, _sgd_step_kernel
 
 
 def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaustive: bool = True):
@@ -44,6 +45,18 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
     )
     ascent_flags = (
         all4 if exhaustive else [(False, False, False, False), (True, True, True, True), (True, False, True, False)]
+    )
+    # (MOMENTUM, INIT, NESTEROV, MAXIMIZE, DECAY): INIT only with a buffer; (AMSGRAD, MAXIMIZE, L2, DECOUPLED):
+    # one kind of weight decay at most
+    sgd_flags = (
+        [f for f in itertools.product(flags, repeat=5) if f[0] or not f[1]]
+        if exhaustive
+        else [(False, False, False, False, False), (True, True, True, True, True), (True, False, False, False, True)]
+    )
+    adam_flags = (
+        [f for f in all4 if not (f[2] and f[3])]
+        if exhaustive
+        else [(False, False, False, False), (True, True, True, False), (False, False, False, True)]
     )
     for dtype, (elem, st, itype, ct) in TYPES.items():
         vecs = (1, VECTOR_BYTES // dtype.itemsize)
@@ -72,6 +85,18 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
             for init, adaptive in itertools.product(flags, repeat=2):
                 if exhaustive or init == adaptive:
                     yield _ema_kernel, dict(scal, partials="*fp64"), dict(base, INIT=init, ADAPTIVE=adaptive)
+            for momentum, init, nesterov, maximize, decay in sgd_flags:
+                yield (
+                    _sgd_step_kernel,
+                    scal,
+                    dict(base, MOMENTUM=momentum, INIT=init, NESTEROV=nesterov, MAXIMIZE=maximize, DECAY=decay),
+                )
+            for amsgrad, maximize, l2, decoupled in adam_flags:
+                yield (
+                    _adam_step_kernel,
+                    scal,
+                    dict(base, AMSGRAD=amsgrad, MAXIMIZE=maximize, L2=l2, DECOUPLED=decoupled),
+                )
     for size, itype in INT_OF_SIZE.items():
         for vec in (1, VECTOR_BYTES // size):
             yield _restore_kernel, table, dict(CHUNK=chunk_size, BLOCK=block_size, VEC=vec, ITYPE=itype)

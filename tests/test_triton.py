@@ -536,6 +536,13 @@ def _twins():
     return a, b
 
 
+def _twins_stepping(seed: int):
+    """:func:`_twins`, the ascent's per-tensor coefficients and a generator for new gradients."""
+    a, b = _twins()
+    n = len(a[0])
+    return a, b, torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n), torch.Generator().manual_seed(seed)
+
+
 def _same_bits(xs, ys):
     return all(torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)) for x, y in zip(xs, ys))
 
@@ -618,10 +625,7 @@ def test_handle_plan_is_built_once_and_only_the_scalars_change():
 def test_handle_plan_follows_gradients_that_moved():
     from fastperturb import ops
 
-    (p1, b1, a1), (p2, b2, a2) = _twins()
-    n = len(p1)
-    step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
-    g = torch.Generator().manual_seed(7)
+    (p1, b1, a1), (p2, b2, a2), step, proj, g = _twins_stepping(seed=7)
     with backends.use_backend("triton"), T.tuning(**SMALL):
         lists = ops.TensorLists(p2, b2, a2)
         ops.grad_stats_lists_(lists)
@@ -659,10 +663,7 @@ def test_handle_call_uploads_new_gradients_and_new_scalars_together(monkeypatch)
     upload, wait = P.Plan.upload, P.Plan.host_writable
     monkeypatch.setattr(P.Plan, "upload", lambda self: (events.append("upload"), upload(self))[1])
     monkeypatch.setattr(P.Plan, "host_writable", lambda self: (events.append("wait"), wait(self))[1])
-    (p1, b1, a1), (p2, b2, a2) = _twins()
-    n = len(p1)
-    step, proj = torch.linspace(0.01, 0.1, n), torch.linspace(0.5, 1.0, n)
-    g = torch.Generator().manual_seed(3)
+    (p1, b1, a1), (p2, b2, a2), step, proj, g = _twins_stepping(seed=3)
     with backends.use_backend("triton"), T.tuning(**SMALL):
         lists = ops.TensorLists(p2, b2, a2)
         ops.grad_stats_lists_(lists, with_accum=True, accum_weight=1.0, accum_init=True)

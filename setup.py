@@ -107,6 +107,10 @@ MIN_CUDA_ARCH = (7, 0)
 _NAMED_ARCHS = {"kepler": "3.5", "maxwell": "5.0", "pascal": "6.0", "volta": "7.0", "turing": "7.5"}
 
 
+def _arch_name(v: tuple[int, int]) -> str:
+    return f"{v[0]}.{v[1]}"
+
+
 def _arch_version(entry: str) -> tuple[int, int] | None:
     """(major, minor) of a TORCH_CUDA_ARCH_LIST entry ("8.6", "7.5+PTX", "Pascal") or of a torch arch name
     ("sm_86", "compute_90"); None for names newer than any refused here (Ampere, Ada, Hopper, ...)."""
@@ -131,7 +135,7 @@ def cuda_arch_plan(
     An architecture older than MIN_CUDA_ARCH that the user or the GPU asks for is an error (the kernels could
     not run there). With neither (no GPU on the build machine, where torch's extension builder finds no
     architecture to compile for), the list is torch's own without the architectures older than that."""
-    floor = ".".join(map(str, MIN_CUDA_ARCH))
+    floor = _arch_name(MIN_CUDA_ARCH)
     if arch_list is not None and arch_list.strip() not in ("", "native"):
         old = [
             e for e in arch_list.replace(";", " ").split() if (v := _arch_version(e)) is not None and v < MIN_CUDA_ARCH
@@ -145,7 +149,7 @@ def cuda_arch_plan(
     if visible:
         old = sorted({v for v in visible if v < MIN_CUDA_ARCH})
         if old:
-            names = ", ".join(f"{a}.{b}" for a, b in old)
+            names = ", ".join(map(_arch_name, old))
             return None, (
                 f"the visible GPU has compute capability {names}: fastperturb's CUDA kernels need {floor} or newer; "
                 "build without CUDA (FASTPERTURB_CUDA=0) or set TORCH_CUDA_ARCH_LIST to newer architectures"
@@ -157,7 +161,7 @@ def cuda_arch_plan(
     keep = sorted({v for v in versions if v >= MIN_CUDA_ARCH})
     if not keep:
         return None, f"this torch is built only for CUDA architectures older than {floor}: {torch_archs}"
-    return ";".join(f"{a}.{b}" for a, b in keep), None
+    return ";".join(map(_arch_name, keep)), None
 
 
 def _set_cuda_archs() -> None:
@@ -171,7 +175,7 @@ def _set_cuda_archs() -> None:
     if archs is not None:
         print(
             f"fastperturb: no GPU and no TORCH_CUDA_ARCH_LIST: building the CUDA kernels for {archs} (torch's own "
-            f"architectures from {'.'.join(map(str, MIN_CUDA_ARCH))} on)"
+            f"architectures from {_arch_name(MIN_CUDA_ARCH)} on)"
         )
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
 

@@ -652,3 +652,55 @@ def test_handle_ops_route_by_the_handles_device():
     devices = C.handle_devices()
     assert "cpu" in devices and set(devices) <= {"cpu", "cuda"}
     assert ("cuda" in devices) == native.has_cuda_kernels()
+
+
+def _every_handle_op(lists):
+    """Each handle op once, through fastperturb.ops, on a handle with backups and accum."""
+    n = len(lists)
+    ops.norms_lists(lists)
+    ops.norms_lists(lists, of_grads=True)
+    ops.grad_stats_lists_(lists, with_accum=True, accum_init=True)
+    ops.ascent_step_lists_(lists, torch.full((n,), 0.01), torch.ones(n), first=True)
+    ops.combine_grads_lists_(lists, 0.5)
+    ops.restore_norms_lists_(lists)
+    ops.restore_lists_(lists)
+
+
+def test_eager_handle_calls_skip_torchs_python_argument_walk(monkeypatch):
+    """An op that takes a class makes OpOverload.__call__ walk every argument for a FakeScriptObject, in Python,
+    and torch's C++ call raise (and catch) an exception looking up __torch_function__ on the handle: together
+    more than the kernels of a small list cost. The eager path calls the compiled op past both (ops/__init__.py,
+    _call_handle_op) and gives the same results."""
+    walks = []
+    real = torch._ops._must_dispatch_in_python
+    monkeypatch.setattr(torch._ops, "_must_dispatch_in_python", lambda *a: walks.append(1) or real(*a))
+    (p1, b1, a1), (p2, b2, a2) = _twin_states()
+    _every_handle_op(ops.TensorLists(p2, b2, a2))
+    assert walks == []
+    with dispatch.use_backend("reference"):
+        _every_handle_op(ops.TensorLists(p1, b1, a1))
+    assert all(torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-3) for x, y in zip(p1 + a1, p2 + a2))
+    assert all(torch.allclose(x.grad.float(), y.grad.float(), rtol=1e-2, atol=1e-3) for x, y in zip(p1, p2))
+
+
+def test_torch_function_modes_still_see_the_handle_ops():
+    """Skipping the subclass check must not hide the calls from a TorchFunctionMode (a tracer, a profiler's
+    hook): the mode sees every handle op, and the op runs."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    params, backups, accum = _setup()
+    lists = ops.TensorLists(params, backups, accum)
+    before = _clone(params)
+    with Record():
+        _every_handle_op(lists)
+    names = {"norms_lists", "grad_stats_lists_", "ascent_step_lists_", "combine_grads_lists_"}
+    names |= {"restore_norms_lists_", "restore_lists_"}
+    assert names <= {s.split(".")[0] for s in seen}, seen
+    assert _bits_equal(params, before)  # the last op restored them: it ran

@@ -801,3 +801,49 @@ def test_the_host_benchmark_times_every_op_and_leaves_the_launches_real():
     assert {r["call"] for r in recs if r["op"] == "norms"} == {"lists", "handle", "checked", "new .grad"}
     assert [r["launches_per_call"] for r in recs if r["op"].startswith("ascent_coefficients")] == [1, 1]
     assert impls.launch is runtime.launch and coefficient_impls.launch is runtime.launch
+
+
+def test_a_cached_plan_used_on_another_stream_waits_for_its_last_one(monkeypatch):
+    """A cached plan's device buffer and partials are rewritten by the call that reuses it, while its last call's
+    kernels may still read them. On a GPU that is safe on one stream and a race across two unless the new stream
+    waits for the old one (plan.order_after). Its logic, with stand-in streams (no GPU here), and every call on a
+    cached plan following its stream before it writes or uploads anything."""
+    from fastperturb import ops
+    from fastperturb.ops.triton import plan as P
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.waited = name, []
+
+        def wait_stream(self, other):
+            self.waited.append(other.name)
+
+    a, b = Stream("a"), Stream("b")
+    assert P.order_after(None, a) is a and a.waited == []
+    assert P.order_after(a, a) is a and a.waited == []
+    assert P.order_after(a, b) is b and b.waited == ["a"] and a.waited == []
+    assert P.order_after(b, a) is a and a.waited == ["b"]
+
+    events = []
+    for name in ("follow_stream", "upload", "host_writable"):
+        real = getattr(P.Plan, name)
+        monkeypatch.setattr(P.Plan, name, lambda self, real=real, name=name: (events.append(name), real(self))[1])
+    (p1, b1, a1), (p2, b2, a2), step, proj, g = _twins_stepping(seed=4)
+    with backends.use_backend("triton"), T.tuning(**SMALL):
+        lists = ops.TensorLists(p2, b2, a2)
+        calls = [
+            lambda: ops.grad_stats_lists_(lists, with_accum=True, accum_weight=1.0, accum_init=True),
+            lambda: ops.ascent_step_lists_(lists, step, proj, first=True, adaptive_eta=0.1),
+            lambda: ops.combine_grads_lists_(lists, 0.5),
+            lambda: ops.restore_lists_(lists),
+            lambda: ops.norms_lists(lists),
+        ]
+        for call in calls:
+            call()  # builds the plan (its first upload follows the stream too)
+            assert events[0] == "follow_stream", events
+            for x in p2:
+                x.grad = torch.randn(x.shape, generator=g).to(x.dtype)  # a moved gradient: the reuse uploads
+            events.clear()
+            call()
+            assert events and events[0] == "follow_stream", events
+            events.clear()

@@ -274,6 +274,7 @@ def _lists_plan(
     full_key = (op, Tuning.chunk_size, Tuning.block_size, *key)
     plan = lists.plans.get(full_key)
     if plan is not None:
+        plan.follow_stream()
         if grads_column < 0:
             lists.enter(op, check, bump)
             plan.set_scalars(scalars)

@@ -30,6 +30,18 @@ def f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+def order_after(last: object, current: object) -> object:
+    """``current`` (a stream) after making it wait for ``last``, the stream a cached plan was last used on, when
+    they differ; returns ``current``, the plan's stream from now on.
+
+    A cached plan's device buffer and scratch buffers are rewritten by the call that reuses it (upload, partials)
+    while the kernels of its last call may still read them; on one stream the order is the queue's, across two
+    it must be asked for (``wait_stream`` waits for everything queued on ``last`` so far)."""
+    if last is not None and last != current:
+        current.wait_stream(last)
+    return current
+
+
 class Group:
     __slots__ = ("key", "vec", "meta", "work", "programs")
 
@@ -114,6 +126,8 @@ class Plan:
         self.host = host
         self.uploaded: object = None  # the event of the last upload, waited for before the host copy changes
         self.buf = buf = host if device.type == "cpu" else torch.empty_like(host, device=device)
+        self.stream: object = None  # the CUDA stream of the plan's last use (follow_stream)
+        self.follow_stream()
         self.upload()
         #: per tensor, for the handle's ``enter_grads``: ``position << 1 | aligned`` of its pointer of column
         #: ``grads_column`` in the buffer (-1: no row), so that new gradients only rewrite their pointers
@@ -127,6 +141,13 @@ class Plan:
         self.scalars = tuple(float(x) for x in scalars)
         #: scratch buffers of a cached plan (e.g. the reduction partials), reused by the next call
         self.scratch: dict[str, Tensor] = {}
+
+    def follow_stream(self) -> None:
+        """Order the call about to use this plan after its last use, when that was on another CUDA stream
+        (:func:`order_after`); first thing in every call on a cached plan, before anything is uploaded or
+        launched. Nothing to do off CUDA."""
+        if self.buf.device.type == "cuda":
+            self.stream = order_after(self.stream, torch.cuda.current_stream(self.buf.device))
 
     def upload(self) -> None:
         """Copy the host buffer to the device buffer (after the host copy changed; nothing to do on the CPU)."""

@@ -4,6 +4,7 @@ the trajectory of one process on the whole batch, and hold bit-identical weights
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 
@@ -76,7 +77,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     # grads as views into DDP's buckets: the in-place zeroing must keep them so
                     ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=preset.endswith("view"))
                     results[(backend, preset)] = train(preset, model, ddp, rank, WORLD)
+                    # Freed while the group lives: a DDP wrapper that outlives destroy_process_group() holds the
+                    # group's last reference, and its destructor, run with the GIL held, then joins gloo's worker
+                    # thread, which may need the GIL to free a finished work (a hang seen once at this process's exit).
+                    del ddp, model
+                    gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

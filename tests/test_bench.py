@@ -895,3 +895,21 @@ def test_fused_base_step_runner_subtracts_each_steps_own_closure_calls(monkeypat
     for name, s in r["steps"].items():
         # two closure calls of >= 5 ms each were inside every step: none of them is left in the optimizer's share
         assert 0 < s["min_optimizer_s"] <= s["optimizer_s"] < s["median_s"] - 0.009, name
+
+
+def test_handle_calls_benchmark_times_both_call_paths_and_puts_fastperturbs_back(monkeypatch):
+    # benchmarks/handle_calls.py (the README's figures for the handle ops' eager call path): tiny sizes
+    from benchmarks import handle_calls
+    from fastperturb import ops
+
+    walks = []
+    real = torch._ops._must_dispatch_in_python
+    monkeypatch.setattr(torch._ops, "_must_dispatch_in_python", lambda *a: walks.append(1) or real(*a))
+    own = ops._call_handle_op
+    recs = handle_calls.measure("tiny", rounds=2, warmup=1)
+    assert len(walks) >= 2 * 3 * 3  # the torch.ops path went through torch.ops: 3 rounds, 2 presets, 3+ ops
+    assert [r["preset"] for r in recs] == ["SAM", "APD-3"]
+    for r in recs:
+        assert r["tensors"] == 5 and r["rounds"] == 2
+        assert r["fastperturb median us"] > 0 and r["torch.ops median us"] > 0 and r["torch.ops / fastperturb"] > 0
+    assert ops._call_handle_op is own

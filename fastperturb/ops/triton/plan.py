@@ -146,8 +146,15 @@ class Plan:
         """Order the call about to use this plan after its last use, when that was on another CUDA stream
         (:func:`order_after`); first thing in every call on a cached plan, before anything is uploaded or
         launched. Nothing to do off CUDA."""
-        if self.buf.device.type == "cuda":
-            self.stream = order_after(self.stream, torch.cuda.current_stream(self.buf.device))
+        if self.buf.device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(self.buf.device)
+        if self.stream is not None and self.stream != current:
+            # The caching allocator frees a tensor for reuse on the stream it was allocated on: mark these as used
+            # on this one too, so that dropping the plan cannot hand them out while this stream's kernels run.
+            for t in (self.buf, *self.scratch.values()):
+                t.record_stream(current)
+        self.stream = order_after(self.stream, current)
 
     def upload(self) -> None:
         """Copy the host buffer to the device buffer (after the host copy changed; nothing to do on the CPU)."""

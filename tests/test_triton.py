@@ -847,3 +847,44 @@ def test_a_cached_plan_used_on_another_stream_waits_for_its_last_one(monkeypatch
             call()
             assert events and events[0] == "follow_stream", events
             events.clear()
+
+
+def test_ops_on_a_launch_plan_refuse_cuda_graph_capture_and_are_tagged_for_inductor(monkeypatch):
+    """A launch plan is uploaded from pinned host memory at every call: a CUDA graph replaying that copy would read
+    another call's plan. The ops refuse to be captured (no GPU here: the check with torch's capture flag forced),
+    before anything is written, and are tagged cudagraph_unsafe so that torch.compile(mode="reduce-overhead")
+    runs them outside its graphs. ascent_coefficients has no plan and stays capturable."""
+    from fastperturb.ops.names import HELPER_OPS, OPS
+    from fastperturb.ops.triton import plan as P
+
+    ns = getattr(torch.ops, T.NAMESPACE)
+    for name in OPS:
+        assert torch.Tag.cudagraph_unsafe in getattr(ns, name).default.tags, name
+    for name in HELPER_OPS:
+        assert torch.Tag.cudagraph_unsafe not in getattr(ns, name).default.tags, name
+
+    capturing = {"now": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["now"])
+    P.refuse_capture(torch.device("cuda"))
+    P.refuse_capture(torch.device("cpu"))
+    capturing["now"] = True
+    P.refuse_capture(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph.*outside the graph"):
+        P.refuse_capture(torch.device("cuda"))
+
+    from fastperturb import ops
+
+    seen = []
+    monkeypatch.setattr(P, "refuse_capture", lambda device: seen.append(device.type))
+    params = [torch.randn(5), torch.randn(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with backends.use_backend("triton"):
+        ops.restore_(params, [p.clone() for p in params])
+        assert seen == ["cpu"]  # a list op's plan asks as it is made
+        lists = ops.TensorLists(params, [p.clone() for p in params], [])
+        ops.restore_lists_(lists)
+        ops.restore_lists_(lists)
+        ops.norms_lists(lists, of_grads=True)
+        ops.norms_lists(lists, of_grads=True)
+        assert seen == ["cpu"] * 5  # a handle's plans ask as they are made and at every reuse

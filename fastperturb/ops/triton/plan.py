@@ -30,6 +30,20 @@ def f64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+def refuse_capture(device: torch.device) -> None:
+    """Raise when the current CUDA stream is capturing a graph: a plan is filled on the host and uploaded from
+    pinned host memory at every call, and a captured copy would replay later from memory that then holds another
+    call's plan, or none. Nothing has been written when this raises."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fastperturb's Triton ops cannot be captured in a CUDA graph: every call uploads its launch plan "
+            "(the tensors' pointers and the scalars) from host memory, which a replay would read stale. Capture "
+            "the forward and backward passes and run the optimizer step outside the graph; under "
+            "torch.compile(mode='reduce-overhead') the ops are tagged torch.Tag.cudagraph_unsafe, so Inductor "
+            "keeps them out of its CUDA graphs"
+        )
+
+
 def order_after(last: object, current: object) -> object:
     """``current`` (a stream) after making it wait for ``last``, the stream a cached plan was last used on, when
     they differ; returns ``current``, the plan's stream from now on.
@@ -144,8 +158,9 @@ class Plan:
 
     def follow_stream(self) -> None:
         """Order the call about to use this plan after its last use, when that was on another CUDA stream
-        (:func:`order_after`); first thing in every call on a cached plan, before anything is uploaded or
-        launched. Nothing to do off CUDA."""
+        (:func:`order_after`); first thing in every call on a plan, before anything is uploaded or launched. A
+        call inside CUDA graph capture is refused (:func:`refuse_capture`). Nothing to do off CUDA."""
+        refuse_capture(self.buf.device)
         if self.buf.device.type != "cuda":
             return
         current = torch.cuda.current_stream(self.buf.device)

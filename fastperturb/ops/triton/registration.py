@@ -85,7 +85,10 @@ def register() -> None:
     for name in (*OPS, *HELPER_OPS):
         qualname = f"{NAMESPACE}::{name}"
         schema = _schema_of(name)
-        torch.library.define(qualname, _signature(schema), lib=lib)
+        # The ops that run on a launch plan upload it from host memory at every call: a CUDA graph must not
+        # capture them (plan.refuse_capture); the tag has Inductor's CUDA graphs leave them out.
+        tags = (torch.Tag.cudagraph_unsafe,) if name in OPS else ()
+        torch.library.define(qualname, _signature(schema), lib=lib, tags=tags)
         # CompositeExplicitAutograd ("default") serves calls whose lists are all
         # empty (no tensor to dispatch on) and devices without a kernel, which
         # the impl refuses with the reason.

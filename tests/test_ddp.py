@@ -77,9 +77,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     # grads as views into DDP's buckets: the in-place zeroing must keep them so
                     ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=preset.endswith("view"))
                     results[(backend, preset)] = train(preset, model, ddp, rank, WORLD)
-                    # Freed while the group lives: a DDP wrapper that outlives destroy_process_group() holds the
-                    # group's last reference, and its destructor, run with the GIL held, then joins gloo's worker
-                    # thread, which may need the GIL to free a finished work (a hang seen once at this process's exit).
+                    # Freed while the group lives (a hang seen once at this process's exit): the last wrapper,
+                    # freed after destroy_process_group(), took the group's destructor with it, which joins gloo's
+                    # worker thread with the GIL held while that thread needed the GIL to free a tensor of a
+                    # finished work. With the wrappers and their buckets gone first, no such tensor is left.
                     del ddp, model
                     gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

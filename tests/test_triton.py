@@ -827,7 +827,9 @@ def test_a_cached_plan_used_on_another_stream_waits_for_its_last_one(monkeypatch
     events = []
     for name in ("follow_stream", "upload", "host_writable"):
         real = getattr(P.Plan, name)
-        monkeypatch.setattr(P.Plan, name, lambda self, real=real, name=name: (events.append(name), real(self))[1])
+        monkeypatch.setattr(
+            P.Plan, name, lambda self, *a, real=real, name=name, **k: (events.append(name), real(self, *a, **k))[1]
+        )
     (p1, b1, a1), (p2, b2, a2), step, proj, g = _twins_stepping(seed=4)
     with backends.use_backend("triton"), T.tuning(**SMALL):
         lists = ops.TensorLists(p2, b2, a2)
@@ -854,11 +856,12 @@ def test_ops_on_a_launch_plan_refuse_cuda_graph_capture_and_are_tagged_for_induc
     another call's plan. The ops refuse to be captured (no GPU here: the check with torch's capture flag forced),
     before anything is written, and are tagged cudagraph_unsafe so that torch.compile(mode="reduce-overhead")
     runs them outside its graphs. ascent_coefficients has no plan and stays capturable."""
+    from fastperturb.ops import pure
     from fastperturb.ops.names import HELPER_OPS, OPS
     from fastperturb.ops.triton import plan as P
 
     ns = getattr(torch.ops, T.NAMESPACE)
-    for name in OPS:
+    for name in (*OPS, pure.NAME):  # (grad_stats: the non-mutating twin torch.compile calls, on the same plans)
         assert torch.Tag.cudagraph_unsafe in getattr(ns, name).default.tags, name
     for name in HELPER_OPS:
         assert torch.Tag.cudagraph_unsafe not in getattr(ns, name).default.tags, name

@@ -228,8 +228,9 @@ def _call_handle_op(name: str, *args, **kwargs):
 
     * the C++ call checks each argument for ``__torch_function__``; on a ``torch.ScriptObject`` (the handle) the
       lookup misses by raising a C++ exception inside torch. With subclass dispatch off the check stops before the
-      lookup. No argument of these calls is a tensor subclass (a handle holds plain tensors; the coefficients are
-      the engine's), and torch function modes are still honoured.
+      lookup. The engine passes no tensor subclass (a handle holds plain tensors; the coefficients are its own);
+      a subclass given as ``step_coef`` or ``proj`` by a direct caller is taken as a plain tensor, its
+      ``__torch_function__`` not called. Torch function modes still see every call.
     * ``OpOverload.__call__`` of an op that takes a class walks the arguments for a ``FakeScriptObject`` (fake
       tracing), in Python. A real handle skips it; anything else (a fake one, where a tracer reaches this path)
       takes the overload's own call.

@@ -45,7 +45,8 @@ def register(namespace: str) -> None:
         return mutating(grads, [], params, backups, adaptive_eta=adaptive_eta)
 
     lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.define(SCHEMA)
+    # The same kernels, so the same CUDA graph tag (the Triton ops carry it: triton/registration.py).
+    lib.define(SCHEMA, tags=tuple(t for t in mutating.default.tags if t == torch.Tag.cudagraph_unsafe))
     # CompositeExplicitAutograd: one kernel for every device, which redispatches to the
     # device's grad_stats_ (and is not decomposed by tracing, so the op stays in the graph).
     lib.impl(NAME, impl, "CompositeExplicitAutograd")

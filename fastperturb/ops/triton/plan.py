@@ -31,13 +31,15 @@ def f64_bits(x: float) -> int:
 
 
 def refuse_capture(device: torch.device) -> None:
-    """Raise when the current CUDA stream is capturing a graph: a plan is filled on the host and uploaded from
-    pinned host memory at every call, and a captured copy would replay later from memory that then holds another
-    call's plan, or none. Nothing has been written when this raises."""
+    """Raise when the current CUDA stream is capturing a graph. A plan is filled on the host and uploaded from
+    pinned host memory: a handle's cached plan is rewritten in place by later calls, so a replay would upload
+    another call's pointers and scalars; a plan made during the capture would replay its capture-time contents,
+    right only while every tensor keeps its address, which nothing here checks. Nothing has been written when this
+    raises."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "fastperturb's Triton ops cannot be captured in a CUDA graph: every call uploads its launch plan "
-            "(the tensors' pointers and the scalars) from host memory, which a replay would read stale. Capture "
+            "fastperturb's Triton ops cannot be captured in a CUDA graph: each call uploads its launch plan "
+            "(the tensors' pointers and the scalars) from host memory, which a replay would not rewrite. Capture "
             "the forward and backward passes and run the optimizer step outside the graph; under "
             "torch.compile(mode='reduce-overhead') the ops are tagged torch.Tag.cudagraph_unsafe, so Inductor "
             "keeps them out of its CUDA graphs"
@@ -91,6 +93,7 @@ class Plan:
         scalars: Sequence[float] = (),
         grads_column: int = -1,
     ) -> None:
+        refuse_capture(device)  # before anything is allocated or pinned
         chunk = Tuning.chunk_size
         ref = lists[0]
         n = len(ref)
@@ -141,7 +144,7 @@ class Plan:
         self.uploaded: object = None  # the event of the last upload, waited for before the host copy changes
         self.buf = buf = host if device.type == "cpu" else torch.empty_like(host, device=device)
         self.stream: object = None  # the CUDA stream of the plan's last use (follow_stream)
-        self.follow_stream()
+        self.follow_stream(checked=True)
         self.upload()
         #: per tensor, for the handle's ``enter_grads``: ``position << 1 | aligned`` of its pointer of column
         #: ``grads_column`` in the buffer (-1: no row), so that new gradients only rewrite their pointers
@@ -156,11 +159,13 @@ class Plan:
         #: scratch buffers of a cached plan (e.g. the reduction partials), reused by the next call
         self.scratch: dict[str, Tensor] = {}
 
-    def follow_stream(self) -> None:
+    def follow_stream(self, checked: bool = False) -> None:
         """Order the call about to use this plan after its last use, when that was on another CUDA stream
         (:func:`order_after`); first thing in every call on a plan, before anything is uploaded or launched. A
-        call inside CUDA graph capture is refused (:func:`refuse_capture`). Nothing to do off CUDA."""
-        refuse_capture(self.buf.device)
+        call inside CUDA graph capture is refused (:func:`refuse_capture`; ``checked``: it was, just now).
+        Nothing else to do off CUDA."""
+        if not checked:
+            refuse_capture(self.buf.device)
         if self.buf.device.type != "cuda":
             return
         current = torch.cuda.current_stream(self.buf.device)

@@ -101,9 +101,21 @@ def cuda_enabled() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-#: The oldest GPU architecture the CUDA kernels compile for: they take their launch arguments as
-#: ``__grid_constant__`` parameters, which need compute capability 7.0.
-MIN_CUDA_ARCH = (7, 0)
+ARCH_HEADER = "csrc/include/fastperturb/worklist/launch_args.h"
+
+
+def _min_cuda_arch() -> tuple[int, int]:
+    """The oldest GPU architecture the CUDA kernels compile for, from its one definition in ARCH_HEADER (whose
+    ``#error`` stops a build by other means): they take their launch arguments as ``__grid_constant__``
+    parameters."""
+    for line in (ROOT / ARCH_HEADER).read_text().splitlines():
+        words = line.split()
+        if words[:2] == ["#define", "FASTPERTURB_MIN_CUDA_ARCH"]:
+            return divmod(int(words[2]) // 10, 10)
+    raise RuntimeError(f"{ARCH_HEADER} does not define FASTPERTURB_MIN_CUDA_ARCH")
+
+
+MIN_CUDA_ARCH = _min_cuda_arch()
 _NAMED_ARCHS = {"kepler": "3.5", "maxwell": "5.0", "pascal": "6.0", "volta": "7.0", "turing": "7.5"}
 
 

@@ -239,3 +239,26 @@ def test_cuda_architectures_older_than_the_kernels_need_are_refused_or_dropped(
         assert err is None
     else:
         assert err is not None and error in err
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+@pytest.mark.parametrize("arch, refused", [(600, True), (690, True), (700, False), (900, False), (None, False)])
+def test_the_kernels_header_refuses_an_architecture_below_the_floor_in_any_build(tmp_path, arch, refused):
+    """setup.py checks TORCH_CUDA_ARCH_LIST before compiling; a build by other means (CMake) meets the same floor in
+    the header every kernel includes, preprocessed here as nvcc's device pass sees it (__CUDA_ARCH__ set), with the
+    floor setup.py reads from that header."""
+    setup = load_setup()
+    assert setup.MIN_CUDA_ARCH == (7, 0)
+    src = tmp_path / "probe.cpp"
+    src.write_text('#include "fastperturb/worklist/launch_args.h"\nint main() { return 0; }\n')
+    flags = [] if arch is None else [f"-D__CUDA_ARCH__={arch}"]
+    run = subprocess.run(
+        ["c++", "-std=c++20", "-E", f"-I{ROOT / 'csrc' / 'include'}", *flags, str(src), "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
+    if refused:
+        assert run.returncode != 0
+        assert "need compute capability 7.0 or newer" in run.stderr and "TORCH_CUDA_ARCH_LIST" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr

@@ -10,6 +10,15 @@
 
 #include "fastperturb/math.h"
 
+// The oldest GPU architecture the kernels compile for, as __CUDA_ARCH__ spells it (compute capability 7.0): they
+// take their launch arguments as __grid_constant__ parameters. setup.py reads this line to check
+// TORCH_CUDA_ARCH_LIST before it compiles anything; the #error stops any other build (CMake) with a message.
+#define FASTPERTURB_MIN_CUDA_ARCH 700
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < FASTPERTURB_MIN_CUDA_ARCH
+#error \
+    "fastperturb's CUDA kernels need compute capability 7.0 or newer (__grid_constant__ launch arguments): remove the older architectures from TORCH_CUDA_ARCH_LIST, or build without CUDA (FASTPERTURB_CUDA=0)"
+#endif
+
 namespace fastperturb {
 namespace worklist {
 

@@ -360,6 +360,7 @@ class Cycle:
         self.k = 0  # ascent steps taken
         self.perturbed = False
         self._stats: Optional[Tensor] = None
+        self._coefs: list[Tensor] = []  # each ascent's step coefficients, read only to explain a NaN/Inf
 
     def _sums(self, k: int) -> bool:
         """Whether c_k g_k goes into the accumulators now (g_K is combined by finish())."""
@@ -487,6 +488,7 @@ class Cycle:
         if self.params:
             assert self._stats is not None, "call start() first"
             step, proj = ascent_coefficients(self.spec, self._stats, self._step, self._radius, self.project)
+            self._coefs.append(step)
             kw = dict(
                 norm=self.spec.norm,
                 first=self.k == 0,
@@ -503,6 +505,38 @@ class Cycle:
             torch._foreach_zero_(list(grads[n:]))
         self.k += 1
         self._stats = None
+
+    def overflow_note(self) -> str:
+        """Why a NaN/Inf that appeared after an ascent may be the perturbation's own doing rather than the model's:
+        a step coefficient (step size / gradient norm) that overflowed float32, which makes the perturbed weights
+        Inf/NaN (a radius of 1e300), or a step size beyond the largest finite value of the weights' dtype (float16
+        weights). ``""`` when neither holds, or before any ascent. Reads the coefficients and sizes on the host:
+        for the rare path of a non-finite gradient only."""
+        if not self._coefs or not self.params:
+            return ""
+        bad_coef = (~torch.stack([torch.isfinite(c) for c in self._coefs]).all(dim=0)).tolist()
+        # An element of an l2 or l-inf step of size eta is at most eta (projected: at most min(eta, r)); ASAM's
+        # scaled step has no such bound, so only its coefficient says anything.
+        size = (torch.minimum(self._step, self._radius) if self.project else self._step).tolist()
+        bounded = self.spec.adaptive_eta is None
+        overflowed = [s for s, bad in zip(size, bad_coef) if bad]
+        too_big: dict[torch.dtype, float] = {}  # dtype -> the largest step size beyond its range, coefficient finite
+        for p, s, bad in zip(self.params, size, bad_coef):
+            if bounded and not bad and not s <= torch.finfo(p.dtype).max:
+                too_big[p.dtype] = max(too_big.get(p.dtype, 0.0), s)
+        why = []
+        if overflowed:
+            why.append(
+                f"the step coefficient (step size / gradient norm) overflowed float32 in {len(overflowed)} "
+                f"perturbed tensor(s), step sizes up to {max(overflowed):.3g}: the perturbed weights were Inf/NaN"
+            )
+        for dt, s in too_big.items():
+            name = str(dt).removeprefix("torch.")
+            why.append(
+                f"a step size of {s:.3g} on {name} weights, beyond {name}'s largest finite value "
+                f"{torch.finfo(dt).max:.3g}: the perturbed weights may have overflowed"
+            )
+        return "; ".join(why) + "; lower the radius (rho) or the step size" if why else ""
 
     def observe(self, grads: Sequence[Tensor]) -> None:
         """After the pass at the perturbed point: accumulate c_k g_k and measure g_k for the next step."""

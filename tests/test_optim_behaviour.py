@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 import warnings
 
 import pytest
@@ -328,6 +329,83 @@ def test_nonfinite_in_sam_convention(backend):
     opt.second_step()
     assert opt.last_step_skipped
     assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize(
+    "make, dtype, says",
+    [
+        # a radius beyond float32: the coefficient eta / ||g|| overflows
+        (
+            lambda ps: fp.SAM(ps, torch.optim.SGD, rho=1e300, lr=0.1, nonfinite="raise"),
+            torch.float32,
+            r"overflowed float32 in 4 perturbed tensor\(s\), step sizes up to 1e\+300",
+        ),
+        # AWP's relative radius gamma * ||w||; APD's eps over several steps
+        (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=1e300, lr=0.1, nonfinite="raise"), torch.float32, "overflowed"),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, eps=1e300, lr=0.1, nonfinite="raise"), torch.float32, "overflowed"),
+        # a coefficient float32 holds, a step float16 weights do not (an element of about 1e6 / sqrt(60))
+        (
+            lambda ps: fp.SAM(ps, torch.optim.SGD, rho=1e6, lr=0.1, nonfinite="raise"),
+            torch.float16,
+            r"step size of 1e\+06 on float16 weights, beyond float16's largest finite value 6.55e\+04",
+        ),
+    ],
+)
+def test_a_radius_the_weights_cannot_hold_is_named_in_the_error(make, dtype, says, backend):
+    model = make_model().to(dtype)
+    opt = make(model.parameters())
+    before = snapshot(model)
+    with pytest.raises(NonFiniteGradient, match="perturbed weights") as info:
+        opt.step(closure_for(model, x=X.to(dtype)))
+    assert re.search(says, str(info.value)) and "lower the radius" in str(info.value)
+    assert_bit_identical(model, before)
+
+
+def test_a_coefficient_beyond_float32_is_named_in_the_skip_warning(backend):
+    # rho fits float32, rho / ||g|| does not: a gradient of about 1e-12
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e30, lr=0.1)
+    before = snapshot(model)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"step coefficient \(step size / gradient norm\) overflowed float32 in 4 perturbed tensor\(s\), "
+        r"step sizes up to 1e\+30",
+    ):
+        opt.step(closure_for(model, hook=lambda k, loss: loss * 1e-12))
+    assert opt.last_step_skipped
+    assert_bit_identical(model, before)
+
+
+def test_the_first_and_second_step_convention_names_an_overflowing_radius(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e300, lr=0.1, nonfinite="raise")
+    before = snapshot(model)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.first_step()
+    nn.functional.cross_entropy(model(X), Y).backward()
+    with pytest.raises(fp.NonFiniteDescentGradient, match="lower the radius"):
+        opt.second_step()
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("bad", [1, 3])
+def test_a_nan_of_the_models_own_is_not_blamed_on_the_radius(bad, backend):
+    model = make_model()
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1, nonfinite="raise")
+    opt.step(closure_for(model))
+    with pytest.raises(NonFiniteGradient) as info:
+        opt.step(closure_for(model, hook=nan_at(bad)))
+    assert "perturbed weights" not in str(info.value)
+    # and a step that overflowed does not leave its explanation to the next one
+    big = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e300, lr=0.1)
+    with pytest.warns(RuntimeWarning, match="lower the radius"):
+        big.step(closure_for(model))
+    for group in big.param_groups:
+        group["rho"] = 0.05
+    big.nonfinite = "raise"
+    with pytest.raises(NonFiniteGradient) as info:
+        big.step(closure_for(model, hook=nan_at(1)))
+    assert "perturbed weights" not in str(info.value)
 
 
 # ---- BatchNorm --------------------------------------------------------------------------

@@ -292,6 +292,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._warned_skip = False
+        self._last_cycle: Optional[Cycle] = None  # the running step's, to explain a NaN/Inf (_on_nonfinite)
         self._perturb_defaults: Dict[str, Any] = {self.radius_key: radius, "perturb": True}
         if self.step_key is not None:
             self._perturb_defaults[self.step_key] = step_size
@@ -807,6 +808,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
         self._mark_skipped()
+        cycle = self.__dict__.get("_last_cycle")  # (absent from an optimizer pickled by an older version)
+        note = cycle.overflow_note() if cycle is not None else ""
+        if note:  # (the message says what to change when the radius, not the model, made the NaN)
+            err.args = (f"{err}; {note}",)
         if _scaling(scaler):  # routine while the scaler searches its scale: no warning
             self._report_overflow(scaler)
             return
@@ -952,6 +957,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         _check_scaler(scaler)
         frameworks.check_step(self, closure)
         self.last_step_skipped = False
+        self._last_cycle = None
         self._pin_selection()
         every = self._all_params()
         watch = self._watch()
@@ -993,6 +999,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             self.last_step_skipped = True
             return None
         finally:
+            self._last_cycle = None  # (held for _on_nonfinite only: a family cycle refers back to its optimizer)
             try:
                 self._see_grads()
             finally:
@@ -1029,7 +1036,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.base_optimizer.step()
 
     def _perturbed_passes(self, plan: _Plan, closure: Closure, restore: bool = True) -> Cycle:
-        cycle = self._new_cycle(plan)
+        cycle = self._last_cycle = self._new_cycle(plan)
         watch = plan.every
         compiled = self._dense_watch(plan)
         release = self._releases()
@@ -1182,12 +1189,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 cycle.restore()
                 raise
         if not pending.skipped:
+            self._last_cycle = cycle
             try:
                 if fuse:  # (the fused op restores: the cycle stays perturbed through the check of G)
                     self._descend(scaler, base_step=lambda checked: self._fused_base_step(cycle, checked))
                 else:
                     self._descend(scaler, cycle=cycle)
             finally:
+                self._last_cycle = None
                 cycle.restore()  # no-op unless the fused step was skipped or raised
                 self._see_grads()
         else:

@@ -75,17 +75,27 @@ def _alloc(r: dict) -> str:
     return f"{_mb(a['alloc_bytes'])}MB/{'-' if n is None else n}"
 
 
+def competing_load(env: dict) -> str:
+    """What the run's load averages say of other processes, or "" if nothing: the one-minute figure at the start
+    counts only them; the one at the end also counts the run's own torch threads, busy up to its last second, so
+    only what exceeds them is another process's."""
+    cores = env.get("cpu_count") or 1
+    start, end = (env.get("load_average_start") or [0.0])[0], (env.get("load_average_end") or [0.0])[0]
+    own = env.get("torch_threads") or cores
+    if start <= 0.75 * cores and end - own <= 0.75 * cores:
+        return ""
+    return f"load average {start} at start, {end} at end (its own {own} threads included) on {cores} cores"
+
+
 def print_tables(data: dict, out: TextIO) -> None:
     env, bw = data.get("env", {}), data.get("bandwidth") or {}
     out.write(
         f"fastperturb benchmarks  torch {env.get('torch')}  {env.get('cpu_model')}  threads={env.get('torch_threads')}"
         f"  load avg start={env.get('load_average_start')} end={env.get('load_average_end')}\n"
     )
-    load, cores = env.get("load_average_start"), env.get("cpu_count") or 1
-    if load and max(load[0], (env.get("load_average_end") or [0])[0]) > 0.75 * cores:
+    if busy := competing_load(env):
         out.write(
-            f"WARNING: load average {load[0]} at start, {(env.get('load_average_end') or ['?'])[0]} at end on "
-            f"{cores} cores: other processes competed for the CPU and memory bus; timings are not representative\n"
+            f"WARNING: {busy}: other processes competed for the CPU and memory bus; timings are not representative\n"
         )
     if bw.get("triad_gbps"):
         out.write(

@@ -549,6 +549,23 @@ def test_compare_with_nothing_in_common_says_so(tmp_path, capsys):
     assert "no measured result in common" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "start, end, warned",
+    [
+        (0.6, 1.8, False),  # a quiet 2-core machine at the end of a 2-thread run: the load is the run's own
+        (1.6, 1.8, True),  # busy before the run started
+        (0.6, 3.6, True),  # more than its own threads at the end
+        (0.2, 0.4, False),
+    ],
+)
+def test_the_load_warning_does_not_count_the_runs_own_threads(start, end, warned):
+    env = {"cpu_count": 2, "torch_threads": 2, "load_average_start": [start, 0, 0], "load_average_end": [end, 0, 0]}
+    out = io.StringIO()
+    report.print_tables({"schema": report.SCHEMA, "env": env, "results": []}, out)
+    assert ("timings are not representative" in out.getvalue()) is warned
+    assert bool(report.competing_load(env)) is warned
+
+
 def test_chart_notes_what_it_left_out(tmp_path):
     pytest.importorskip("matplotlib")
     skipped = dict(_fake_result(1.0, 0.9, 1.1, "pytorch-optimizer SAM"), status="skipped", reason="not installed")

@@ -808,13 +808,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
         self._mark_skipped()
-        cycle = self.__dict__.get("_last_cycle")  # (absent from an optimizer pickled by an older version)
-        note = cycle.overflow_note() if cycle is not None else ""
-        if note:  # (the message says what to change when the radius, not the model, made the NaN)
-            err.args = (f"{err}; {note}",)
         if _scaling(scaler):  # routine while the scaler searches its scale: no warning
             self._report_overflow(scaler)
             return
+        if self.nonfinite == "raise" or not self._warned_skip:
+            # When the radius, not the model, made the NaN, the message says what to change (read on the host: only
+            # for a message that is shown).
+            cycle = self.__dict__.get("_last_cycle")  # (absent from an optimizer pickled by an older version)
+            if note := cycle.overflow_note() if cycle is not None else "":
+                err.args = (f"{err}; {note}",)
         if self.nonfinite == "raise":
             raise err from None
         if not self._warned_skip:

@@ -7,6 +7,7 @@ import datetime
 import gc
 import os
 import socket
+import traceback
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    failure = None
     try:
         results = {}
         for backend in BACKENDS:
@@ -84,9 +86,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     del ddp, model
                     gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
+    except Exception:
+        # Kept as text and raised once the group is gone: the traceback's frames hold the wrapper (train's locals),
+        # which would take the group's destructor with it as above, a hang in place of the failure.
+        failure = traceback.format_exc()
+    gc.collect()
+    try:
+        if failure is None:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
+    if failure is not None:
+        raise RuntimeError(f"rank {rank} failed:\n{failure}")
 
 
 def _free_port() -> int:

@@ -336,3 +336,34 @@ def test_a_state_dict_from_another_model_is_refused_before_anything_loads(make):
     for i, entry in before["state"].items():
         for k, v in entry.items():
             assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_looksam_after_add_param_group_refreshes_as_a_fresh_optimizer_would(scope):
+    """The tensors of a new group have no stored component: the next step refreshes (two passes), and that step is
+    the one a LookSAM built on both groups takes first; then reuse resumes over both groups."""
+    model = make_model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    kw = dict(rho=0.05, k=5, alpha=0.7, scope=scope, lr=0.1)
+    opt = fp.LookSAM(first, torch.optim.SGD, **kw)
+    calls = []
+    for s in range(2):
+        c = Closure(model, s)
+        opt.step(c)
+        calls.append(c.calls)
+    assert calls == [2, 1]  # a refresh, then a reuse of the stored component
+    opt.add_param_group({"params": second})
+    twin = copy.deepcopy(model)
+    fresh = fp.LookSAM(twin.parameters(), torch.optim.SGD, **kw)
+    c = Closure(model, 2)
+    opt.step(c)
+    assert c.calls == 2
+    fresh.step(Closure(twin, 2))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    c = Closure(model, 3)
+    before = [p.detach().clone() for p in second]
+    opt.step(c)
+    assert c.calls == 1  # reuse, over both groups now
+    assert all(not torch.equal(p, b) for p, b in zip(second, before))
+    assert all(torch.isfinite(p).all() for p in model.parameters())

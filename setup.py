@@ -23,6 +23,7 @@ Environment switches (all read at build time):
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -108,11 +109,12 @@ def _min_cuda_arch() -> tuple[int, int]:
     """The oldest GPU architecture the CUDA kernels compile for, from its one definition in ARCH_HEADER (whose
     ``#error`` stops a build by other means): they take their launch arguments as ``__grid_constant__``
     parameters."""
-    for line in (ROOT / ARCH_HEADER).read_text().splitlines():
-        words = line.split()
-        if words[:2] == ["#define", "FASTPERTURB_MIN_CUDA_ARCH"]:
-            return divmod(int(words[2]) // 10, 10)
-    raise RuntimeError(f"{ARCH_HEADER} does not define FASTPERTURB_MIN_CUDA_ARCH")
+    found = re.search(
+        r"^\s*#\s*define\s+FASTPERTURB_MIN_CUDA_ARCH\s+\(?\s*(\d+)", (ROOT / ARCH_HEADER).read_text(), re.M
+    )
+    if found is None:
+        raise RuntimeError(f"{ARCH_HEADER} does not define FASTPERTURB_MIN_CUDA_ARCH")
+    return divmod(int(found.group(1)) // 10, 10)
 
 
 MIN_CUDA_ARCH = _min_cuda_arch()

@@ -78,11 +78,11 @@ def _alloc(r: dict) -> str:
 def competing_load(env: dict) -> str:
     """What the run's load averages say of other processes, or "" if nothing: the one-minute figure at the start
     counts only them; the one at the end also counts the run's own torch threads, busy up to its last second, so
-    only what exceeds them is another process's."""
+    only what exceeds them (by more than half a core) is another process's."""
     cores = env.get("cpu_count") or 1
     start, end = (env.get("load_average_start") or [0.0])[0], (env.get("load_average_end") or [0.0])[0]
-    own = env.get("torch_threads") or cores
-    if start <= 0.75 * cores and end - own <= 0.75 * cores:
+    own = min(env.get("torch_threads") or cores, cores)
+    if start <= 0.75 * cores and end <= own + 0.5:
         return ""
     return f"load average {start} at start, {end} at end (its own {own} threads included) on {cores} cores"
 

@@ -508,32 +508,42 @@ class Cycle:
 
     def overflow_note(self) -> str:
         """Why a NaN/Inf that appeared after an ascent may be the perturbation's own doing rather than the model's:
-        a step coefficient (step size / gradient norm) that overflowed float32, which makes the perturbed weights
-        Inf/NaN (a radius of 1e300), or a step size beyond the largest finite value of the weights' dtype (float16
-        weights). ``""`` when neither holds, or before any ascent. Reads the coefficients and sizes on the host:
-        for the rare path of a non-finite gradient only."""
+        a step coefficient that overflowed float32, which makes the perturbed weights Inf/NaN (a radius of 1e300, or
+        a gradient norm too small for the step size), or a perturbation that may exceed the largest finite value of
+        the weights' dtype (float16 weights). ``""`` when neither holds, or before any ascent. Reads the coefficients
+        and sizes on the host: for the rare path of a non-finite gradient only."""
         if not self._coefs or not self.params:
             return ""
         bad_coef = (~torch.stack([torch.isfinite(c) for c in self._coefs]).all(dim=0)).tolist()
-        # An element of an l2 or l-inf step of size eta is at most eta (projected: at most min(eta, r)); ASAM's
-        # scaled step has no such bound, so only its coefficient says anything.
-        size = (torch.minimum(self._step, self._radius) if self.project else self._step).tolist()
+        # After k ascent steps of size eta an element of an l2 or l-inf perturbation is at most k * eta (projected: at
+        # most min(k * eta, r)); ASAM's scaled step has no such bound, so only its coefficient says anything.
+        reach = len(self._coefs) * self._step
+        size = (torch.minimum(reach, self._radius) if self.project else reach).tolist()
+        step = self._step.tolist()
         bounded = self.spec.adaptive_eta is None
-        overflowed = [s for s, bad in zip(size, bad_coef) if bad]
-        too_big: dict[torch.dtype, float] = {}  # dtype -> the largest step size beyond its range, coefficient finite
+        f32 = torch.finfo(torch.float32).max
+        huge = [e for e, bad in zip(step, bad_coef) if bad and not e <= f32]  # the step size itself overflows
+        tiny = [e for e, bad in zip(step, bad_coef) if bad and e <= f32]  # step size / ||g|| overflows
+        too_big: dict[torch.dtype, float] = {}  # dtype -> the largest reach beyond its range, coefficient finite
         for p, s, bad in zip(self.params, size, bad_coef):
             if bounded and not bad and not s <= torch.finfo(p.dtype).max:
                 too_big[p.dtype] = max(too_big.get(p.dtype, 0.0), s)
         why = []
-        if overflowed:
+        if huge:
             why.append(
-                f"the step coefficient (step size / gradient norm) overflowed float32 in {len(overflowed)} "
-                f"perturbed tensor(s), step sizes up to {max(overflowed):.3g}: the perturbed weights were Inf/NaN"
+                f"a step size of up to {max(huge):.3g} in {len(huge)} perturbed tensor(s), beyond float32's range, "
+                "made the step coefficient Inf: the perturbed weights were Inf/NaN"
+            )
+        if tiny:
+            why.append(
+                f"the step coefficient (step size / gradient norm) overflowed float32 in {len(tiny)} perturbed "
+                f"tensor(s), step sizes up to {max(tiny):.3g} over a gradient norm below step size / {f32:.3g}: "
+                "the perturbed weights were Inf/NaN"
             )
         for dt, s in too_big.items():
             name = str(dt).removeprefix("torch.")
             why.append(
-                f"a step size of {s:.3g} on {name} weights, beyond {name}'s largest finite value "
+                f"a perturbation of up to {s:.3g} on {name} weights, beyond {name}'s largest finite value "
                 f"{torch.finfo(dt).max:.3g}: the perturbed weights may have overflowed"
             )
         return "; ".join(why) + "; lower the radius (rho) or the step size" if why else ""

@@ -555,6 +555,7 @@ def test_compare_with_nothing_in_common_says_so(tmp_path, capsys):
         (0.6, 1.8, False),  # a quiet 2-core machine at the end of a 2-thread run: the load is the run's own
         (1.6, 1.8, True),  # busy before the run started
         (0.6, 3.6, True),  # more than its own threads at the end
+        (0.6, 2.9, True),  # another process on most of a core
         (0.2, 0.4, False),
     ],
 )

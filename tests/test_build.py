@@ -245,8 +245,8 @@ def test_cuda_architectures_older_than_the_kernels_need_are_refused_or_dropped(
 @pytest.mark.parametrize("arch, refused", [(600, True), (690, True), (700, False), (900, False), (None, False)])
 def test_the_kernels_header_refuses_an_architecture_below_the_floor_in_any_build(tmp_path, arch, refused):
     """setup.py checks TORCH_CUDA_ARCH_LIST before compiling; a build by other means (CMake) meets the same floor in
-    the header every kernel includes, preprocessed here as nvcc's device pass sees it (__CUDA_ARCH__ set), with the
-    floor setup.py reads from that header."""
+    the header of the kernels' launch arguments (the __grid_constant__ ones), preprocessed here as nvcc's device pass
+    sees it (__CUDA_ARCH__ set), with the floor setup.py reads from that header."""
     setup = load_setup()
     assert setup.MIN_CUDA_ARCH == (7, 0)
     src = tmp_path / "probe.cpp"

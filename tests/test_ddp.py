@@ -69,7 +69,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    failure = None
+    ddp = model = None
+    failure, done = None, False
     try:
         results = {}
         for backend in BACKENDS:
@@ -83,19 +84,22 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                     # freed after destroy_process_group(), took the group's destructor with it, which joins gloo's
                     # worker thread with the GIL held while that thread needed the GIL to free a tensor of a
                     # finished work. With the wrappers and their buckets gone first, no such tensor is left.
-                    del ddp, model
+                    ddp = model = None
                     gc.collect()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        done = True
     except Exception:
         # Kept as text and raised once the group is gone: the traceback's frames hold the wrapper (train's locals),
         # which would take the group's destructor with it as above, a hang in place of the failure.
         failure = traceback.format_exc()
-    gc.collect()
-    try:
-        if failure is None:
-            dist.barrier()
     finally:
-        dist.destroy_process_group()
+        ddp = model = None
+        gc.collect()
+        try:
+            if done:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
     if failure is not None:
         raise RuntimeError(f"rank {rank} failed:\n{failure}")
 

@@ -338,16 +338,20 @@ def test_nonfinite_in_sam_convention(backend):
         (
             lambda ps: fp.SAM(ps, torch.optim.SGD, rho=1e300, lr=0.1, nonfinite="raise"),
             torch.float32,
-            r"overflowed float32 in 4 perturbed tensor\(s\), step sizes up to 1e\+300",
+            r"a step size of up to 1e\+300 in 4 perturbed tensor\(s\), beyond float32's range",
         ),
         # AWP's relative radius gamma * ||w||; APD's eps over several steps
-        (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=1e300, lr=0.1, nonfinite="raise"), torch.float32, "overflowed"),
-        (lambda ps: fp.APD(ps, torch.optim.SGD, eps=1e300, lr=0.1, nonfinite="raise"), torch.float32, "overflowed"),
+        (
+            lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=1e300, lr=0.1, nonfinite="raise"),
+            torch.float32,
+            "beyond float32",
+        ),
+        (lambda ps: fp.APD(ps, torch.optim.SGD, eps=1e300, lr=0.1, nonfinite="raise"), torch.float32, "beyond float32"),
         # a coefficient float32 holds, a step float16 weights do not (an element of about 1e6 / sqrt(60))
         (
             lambda ps: fp.SAM(ps, torch.optim.SGD, rho=1e6, lr=0.1, nonfinite="raise"),
             torch.float16,
-            r"step size of 1e\+06 on float16 weights, beyond float16's largest finite value 6.55e\+04",
+            r"a perturbation of up to 1e\+06 on float16 weights, beyond float16's largest finite value 6.55e\+04",
         ),
     ],
 )
@@ -358,6 +362,19 @@ def test_a_radius_the_weights_cannot_hold_is_named_in_the_error(make, dtype, say
     with pytest.raises(NonFiniteGradient, match="perturbed weights") as info:
         opt.step(closure_for(model, x=X.to(dtype)))
     assert re.search(says, str(info.value)) and "lower the radius" in str(info.value)
+    assert_bit_identical(model, before)
+
+
+def test_steps_that_add_up_beyond_the_weights_dtype_are_named_in_the_error(backend):
+    # APD's three l-inf steps of 5e4 within a radius of 1e5: the first leaves the float16 weights finite, the second
+    # takes them past 65504 (inputs small enough that the forward itself does not overflow first)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3).to(torch.float16)
+    opt = fp.APD(model.parameters(), torch.optim.SGD, eps=1e5, norm="linf", lr=0.1, nonfinite="raise")
+    before = snapshot(model)
+    with pytest.raises(NonFiniteGradient, match="at pass 2") as info:
+        opt.step(closure_for(model, x=X.to(torch.float16) * 1e-6))
+    assert "a perturbation of up to 1e+05 on float16 weights" in str(info.value)
     assert_bit_identical(model, before)
 
 
@@ -396,16 +413,32 @@ def test_a_nan_of_the_models_own_is_not_blamed_on_the_radius(bad, backend):
     with pytest.raises(NonFiniteGradient) as info:
         opt.step(closure_for(model, hook=nan_at(bad)))
     assert "perturbed weights" not in str(info.value)
-    # and a step that overflowed does not leave its explanation to the next one
-    big = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e300, lr=0.1)
+
+
+def test_a_step_that_overflowed_leaves_no_explanation_to_the_next(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e300, lr=0.1)
     with pytest.warns(RuntimeWarning, match="lower the radius"):
-        big.step(closure_for(model))
-    for group in big.param_groups:
-        group["rho"] = 0.05
-    big.nonfinite = "raise"
+        opt.step(closure_for(model))
+    # the next skip makes no ascent (g_0 is NaN, through first_step, which keeps no cycle for the note)
+    opt.nonfinite = "raise"
+    (nn.functional.cross_entropy(model(X), Y) * float("nan")).backward()
     with pytest.raises(NonFiniteGradient) as info:
-        big.step(closure_for(model, hook=nan_at(1)))
-    assert "perturbed weights" not in str(info.value)
+        opt.first_step()
+    assert "perturbed weights" not in str(info.value) and "lower the radius" not in str(info.value)
+    # and a copy made mid-step (the cycle held for the note is not part of it)
+    seen = []
+    opt.nonfinite = "skip"
+    for group in opt.param_groups:
+        group["rho"] = 0.05
+
+    def closure():
+        seen.append(copy.deepcopy(opt))
+        return closure_for(model)()
+
+    opt.zero_grad()
+    opt.step(closure)
+    assert seen and all(o._last_cycle is None for o in seen)
 
 
 # ---- BatchNorm --------------------------------------------------------------------------

@@ -814,7 +814,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if self.nonfinite == "raise" or not self._warned_skip:
             # When the radius, not the model, made the NaN, the message says what to change (read on the host: only
             # for a message that is shown).
-            cycle = self.__dict__.get("_last_cycle")  # (absent from an optimizer pickled by an older version)
+            cycle = self._last_cycle
             if note := cycle.overflow_note() if cycle is not None else "":
                 err.args = (f"{err}; {note}",)
         if self.nonfinite == "raise":
@@ -1251,6 +1251,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _list_cache={},
             _fingerprints={},
             _pending=None,
+            _last_cycle=None,
             _overflow_holder=None,
             _grads_seen=[],
         )
@@ -1264,6 +1265,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_plan_cache", None)
         self.__dict__.setdefault("_seen_by_watch", False)
         self.__dict__.setdefault("_pinned", None)
+        self.__dict__.setdefault("_last_cycle", None)
         if not isinstance(self.__dict__.get("_selection_cache"), _Selection):
             self._selection_cache = _Selection()
 

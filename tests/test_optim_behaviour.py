@@ -568,6 +568,28 @@ def test_grad_scaler_overflow_skips_and_backs_off(preset, backend):
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_a_grad_scaler_overflow_the_radius_made_warns_once_as_backing_off_cannot_help(backend):
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=1e300, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"under a GradScaler: a step size of up to 1e\+300.*keep skipping"):
+        opt.step(closure_for(model, scale=scaler.scale), scaler=scaler)
+    scaler.update()
+    assert opt.last_step_skipped and scaler.get_scale() < 1024.0
+    assert_bit_identical(model, before)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per optimizer
+        opt.step(closure_for(model, scale=scaler.scale), scaler=scaler)
+    # an ordinary overflow, a scale the gradients do not fit, stays silent
+    quiet = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    big = torch.amp.GradScaler("cpu", init_scale=3e38)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet.step(closure_for(model, scale=big.scale), scaler=big)
+    assert quiet.last_step_skipped
+
+
 def test_grad_scaler_overflow_at_perturbed_point(backend):
     model = make_model()
     opt = fp.APD(model.parameters(), torch.optim.SGD, eps=0.05, lr=0.1)

@@ -808,15 +808,23 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _on_nonfinite(self, err: NonFiniteGradient, scaler: Optional[torch.amp.GradScaler]) -> None:
         """Skip the step (weights already restored); tell the scaler, or raise if asked to."""
         self._mark_skipped()
-        if _scaling(scaler):  # routine while the scaler searches its scale: no warning
+        # When the radius, not the model, made the NaN, the message says what to change (read on the host: only for
+        # a message that may be shown).
+        shown = self.nonfinite == "raise" or not self._warned_skip
+        note = self._last_cycle.overflow_note() if self._last_cycle is not None and shown else ""
+        if _scaling(scaler):  # routine while the scaler searches its scale: no warning, unless backing off cannot help
             self._report_overflow(scaler)
+            if note and not self._warned_skip:
+                self._warned_skip = True
+                warnings.warn(
+                    f"{type(self).__name__} skipped a step under a GradScaler: {note}. Backing off the loss scale does "
+                    "not change the perturbation, so such steps keep skipping. Warned once per optimizer.",
+                    RuntimeWarning,
+                    stacklevel=_caller_stacklevel(),
+                )
             return
-        if self.nonfinite == "raise" or not self._warned_skip:
-            # When the radius, not the model, made the NaN, the message says what to change (read on the host: only
-            # for a message that is shown).
-            cycle = self._last_cycle
-            if note := cycle.overflow_note() if cycle is not None else "":
-                err.args = (f"{err}; {note}",)
+        if note:
+            err.args = (f"{err}; {note}",)
         if self.nonfinite == "raise":
             raise err from None
         if not self._warned_skip:

@@ -367,3 +367,17 @@ def test_looksam_after_add_param_group_refreshes_as_a_fresh_optimizer_would(scop
     assert c.calls == 1  # reuse, over both groups now
     assert all(not torch.equal(p, b) for p, b in zip(second, before))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_radius_beyond_float32_is_named_in_the_error(name):
+    """The family's steps report an overflow of their own perturbation as the core presets do (a radius of 1e300
+    makes the float32 step coefficient Inf), and leave weights and state untouched."""
+    make, kw = PRESETS[name]
+    big = {k: (1e300 if k in ("rho", "rho_max", "rho_min") else v) for k, v in kw.items()}
+    model = make_model(torch.float32)
+    opt = make(model.parameters(), torch.optim.SGD, lr=0.1, nonfinite="raise", **big)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(fp.NonFiniteGradient, match=r"a step size of up to 1e\+300 .*lower the radius"):
+        opt.step(Closure(model, 0))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

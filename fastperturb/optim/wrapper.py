@@ -967,7 +967,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
         _check_scaler(scaler)
         frameworks.check_step(self, closure)
         self.last_step_skipped = False
-        self._last_cycle = None
         self._pin_selection()
         every = self._all_params()
         watch = self._watch()

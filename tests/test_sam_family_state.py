@@ -381,3 +381,35 @@ def test_a_radius_beyond_float32_is_named_in_the_error(name):
     with pytest.raises(fp.NonFiniteGradient, match=r"a step size of up to 1e\+300 .*lower the radius"):
         opt.step(Closure(model, 0))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_group_setting_of_an_optimizer_wide_hyperparameter_is_refused(name):
+    """pytorch-optimizer's FriendlySAM reads sigma and lmbda per group; these presets take every hyperparameter of
+    their own for the whole optimizer. A group that set one otherwise was silently ignored (a FriendlySAM group's
+    sigma=0.2 ran with the optimizer's 1.0): it is refused, at construction or at the step, before any weight
+    moves. A group repeating the optimizer's value is fine, and so is a key the base optimizer takes itself
+    (RMSprop's alpha)."""
+    cls, kw = PRESETS[name]
+    hyper = new_opt(name, make_model())._hyper()
+    assert hyper  # every family preset has some
+    for key, value in hyper.items():
+        other = {"scope": "layer" if value == "global" else "global", "decouple": not value}.get(key)
+        other = (value + 1 if key == "k" else value / 2) if other is None else other
+        m = make_model()
+        with pytest.raises(ValueError, match=f"takes {key} for the whole optimizer"):
+            cls([{"params": m.parameters(), key: other}], torch.optim.SGD, **kw, lr=0.1)
+        opt = cls([{"params": m.parameters(), key: value}], torch.optim.SGD, **kw, lr=0.1)
+        Closure(m, 0)()
+        opt.step(Closure(m, 0))
+        opt.zero_grad()
+        opt.param_groups[0][key] = other  # as a schedule would
+        before = weights(m)
+        with pytest.raises(ValueError, match=f"takes {key} for the whole optimizer"):
+            opt.step(Closure(m, 1))
+        same_weights(m, before)
+    if "alpha" in hyper:
+        m = make_model()
+        opt = cls([{"params": m.parameters(), "alpha": 0.5}], torch.optim.RMSprop, **kw, lr=0.01)
+        opt.step(Closure(m, 0))
+        assert opt.param_groups[0]["alpha"] == 0.5

@@ -305,6 +305,14 @@ class _Family(PerturbOptimizer):
     def _set_hyper(self, hyper: Dict[str, Any]) -> None:
         pass
 
+    def _optimizer_wide_names(self) -> tuple:
+        # (pytorch-optimizer's FriendlySAM reads sigma and lmbda per group; these presets take them once)
+        return super()._optimizer_wide_names() + tuple(self._hyper())
+
+    def _optimizer_wide(self, key: str) -> Any:
+        hyper = self._hyper()
+        return hyper[key] if key in hyper else super()._optimizer_wide(key)
+
     def _persistent(self, index: Dict[Tensor, int]) -> Dict[str, Any]:
         """The persistent state, tensors keyed by parameter index (the state_dict's numbering)."""
         return {}

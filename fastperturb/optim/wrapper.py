@@ -258,8 +258,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} got {key}={base_kwargs[key]!r}: {MIGRATION_KEYWORDS[key]}")
         self.radius_key = _group_key(type(self).radius_key, taken)
         # Keys the SAM wrappers people migrate from read per group (davda54's and pytorch-optimizer's SAM: adaptive;
-        # ASAM's eta) but these presets take for the whole optimizer: a group that sets one otherwise is refused.
-        self._optimizer_wide_keys = tuple(k for k in ("adaptive", "eta") if k not in taken)
+        # ASAM's eta; FriendlySAM's sigma and lmbda) but these presets take for the whole optimizer: a group that
+        # sets one otherwise is refused, not ignored.
+        self._optimizer_wide_keys = tuple(k for k in self._optimizer_wide_names() if k not in taken)
         self.step_key = None if type(self).step_key is None else _group_key(type(self).step_key, taken)
         radius = check_radius(type(self).radius_key, radius)
         if step_size is not None:
@@ -444,6 +445,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if not math.isfinite(s):
             raise ValueError(f"param_groups[{i}]: the step size must be finite, got {s}")
         return r, s
+
+    def _optimizer_wide_names(self) -> tuple:
+        """Settings this optimizer takes for all groups that some wrappers read per group."""
+        return ("adaptive", "eta")
 
     def _optimizer_wide(self, key: str) -> Any:
         """The optimizer's own value of a key some wrappers read per group (``adaptive``, ``eta``)."""

@@ -502,3 +502,70 @@ def test_automatic_accumulation_is_exact_with_the_mixin(preset, tmp_path):
     steps = PRESETS[preset](make_net().parameters()).spec.steps
     # per step: micro-batch 1 (clean, by Lightning), micro-batch 2 (clean), then both at each perturbed point
     assert model.passes == ([None, 0] + [p for k in range(1, steps + 1) for p in (k, k)]) * (N // BATCH // 2)
+
+
+class TwoCall(pl.LightningModule):
+    """The common Lightning SAM recipe: manual optimization, ``self.optimizers()`` (a ``LightningOptimizer``),
+    ``first_step`` / ``second_step``, the scheduler stepped by hand. Batch ``nan_batch`` gets a NaN loss at the
+    perturbed point, so that step is skipped."""
+
+    def __init__(self, make, nan_batch=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net, self.make, self.nan_batch = make_net(), make, nan_batch
+
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self.net(x), y))
+        opt.first_step(zero_grad=True)
+        loss = F.cross_entropy(self.net(x), y)
+        self.manual_backward(loss * float("nan") if batch_idx == self.nan_batch else loss)
+        opt.second_step(zero_grad=True)
+        sched.step()
+
+    def configure_optimizers(self):
+        opt = self.make(self.net.parameters())
+        return {"optimizer": opt, "lr_scheduler": make_sched(opt)}
+
+
+TWO_CALL = {
+    "SAM": PRESETS["SAM"],
+    "FriendlySAM": lambda p: fp.FriendlySAM(p, torch.optim.SGD, rho=0.05, sigma=0.5, lmbda=0.8, lr=0.1),
+}
+
+
+@pytest.mark.parametrize("preset", list(TWO_CALL))
+def test_the_two_calls_through_self_optimizers_act_on_the_optimizer(preset, tmp_path):
+    """``self.optimizers()`` is a proxy that subclasses the optimizer's class and keeps what is written to it: the
+    two calls ran with the proxy as ``self``, so the skip counts, ``_opt_called`` (the LR scheduler warned "called
+    before optimizer.step()") and the rest stayed on the proxy. They now land on the optimizer: the proxy keeps
+    only Lightning's own attributes, the scheduler does not warn, and the skip is counted where
+    ``trainer.optimizers`` and checkpoints see it. The weights equal the same calls made on the optimizer."""
+    model = TwoCall(TWO_CALL[preset], nan_batch=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path).fit(model, loader())
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
+    assert len([w for w in caught if "skipped" in str(w.message)]) == 1
+    real = model.trainer.optimizers[0]
+    proxy = model.optimizers()
+    assert proxy is not real and proxy._optimizer is real
+    assert set(vars(proxy)) <= {"_optimizer", "_strategy", "_on_before_step", "_on_after_step"}, vars(proxy).keys()
+    assert real.skipped_steps == 1 and proxy.skipped_steps == 1
+    assert real._opt_called
+
+    net = make_net()
+    opt = TWO_CALL[preset](net.parameters())
+    sched = make_sched(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (x, y) in enumerate(loader()):
+            F.cross_entropy(net(x), y).backward()
+            opt.first_step(zero_grad=True)
+            loss = F.cross_entropy(net(x), y)
+            (loss * float("nan") if i == 1 else loss).backward()
+            opt.second_step(zero_grad=True)
+            sched.step()
+    assert_same(model.net, net)
+    assert opt.skipped_steps == 1

@@ -22,8 +22,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     Accelerate's ``AcceleratedOptimizer``): follows ``.optimizer`` down to an object without one.
 
     (A ``LightningOptimizer`` is an instance of a dynamic subclass of the wrapped optimizer's
-    class holding a copy of its ``__dict__``: ``isinstance`` is true for it, but settings
-    written to it do not reach the optimizer.)"""
+    class that forwards the attributes it lacks: ``isinstance`` is true for it, but settings
+    written to it stay on it. The optimizer's own methods called on it run on the optimizer,
+    ``fastperturb.optim.frameworks.on_the_optimizer``.)"""
     seen = 0
     while hasattr(optimizer, "optimizer") and seen < 8:
         optimizer = optimizer.optimizer

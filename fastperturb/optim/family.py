@@ -37,6 +37,7 @@ from ..engine import (
     exact_tiny_norms,
     tiny_rows,
 )
+from . import frameworks
 from .buffers import buffers_for, refit
 from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling, check_signature
 
@@ -262,6 +263,7 @@ class _Family(PerturbOptimizer):
             self._rollback()
             raise
 
+    @frameworks.on_the_optimizer
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not self.two_call:
             raise RuntimeError(
@@ -280,6 +282,7 @@ class _Family(PerturbOptimizer):
         if self.last_step_skipped:
             self._rollback()
 
+    @frameworks.on_the_optimizer
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not self.two_call:
             raise RuntimeError(f"{type(self).__name__} does not support first_step()/second_step(): use step(closure)")
@@ -289,6 +292,7 @@ class _Family(PerturbOptimizer):
             self._rollback()
             raise
 
+    @frameworks.on_the_optimizer
     def restore(self) -> None:
         had = self._pending is not None
         super().restore()

@@ -11,7 +11,9 @@ outside the closure and hand ``step()`` only the last one:
 
 Both are refused here, before any weight or gradient is touched, with the fix in the
 message. Neither library is imported: they are consulted only if already loaded.
-This module also words the error of ``step()`` called without a closure.
+This module also words the error of ``step()`` called without a closure, and sends the
+optimizer's own methods called on Lightning's ``LightningOptimizer`` to the optimizer
+(:func:`on_the_optimizer`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 __all__ = [
+    "on_the_optimizer",
     "UnsupportedTrainingLoop",
     "TrainingStepSkipped",
     "check_step",
@@ -32,6 +35,28 @@ __all__ = [
     "no_closure_message",
     "skips_on_none",
 ]
+
+
+def on_the_optimizer(method: Any) -> Any:
+    """Run ``method`` on the optimizer itself when it is called on a proxy whose class subclasses the optimizer's.
+
+    Lightning's ``LightningOptimizer`` (what ``self.optimizers()`` returns under manual optimization) is such a
+    proxy: it overrides ``step`` and forwards the attributes it lacks to the optimizer, so ``first_step()``,
+    ``second_step()``, ``zero_grad()`` and the rest ran with the proxy as ``self``, and every attribute they set
+    (the pending first step, the skip counts, the gradients seen, ``_opt_called`` that LR schedulers read) stayed
+    on the proxy: the optimizer's own ``step()``, ``state_dict()`` and the schedulers never saw them.
+    """
+    name = method.__name__
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = self.__dict__.get("_optimizer")
+        if inner is not None and inner is not self and isinstance(self, type(inner)):
+            return getattr(inner, name)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return call
+
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"
 TRAINER_RECIPE = "fastperturb.integrations.transformers.PerturbTrainer"

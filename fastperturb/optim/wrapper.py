@@ -379,6 +379,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.__dict__.pop("_own_param_groups", None)
         self.__dict__.pop("_own_state", None)
 
+    @frameworks.on_the_optimizer
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group to the base optimizer (and so to this one), with the perturbation defaults."""
         if "base_optimizer" not in self.__dict__:  # during __init__, before the base exists
@@ -755,6 +756,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 zero = bool(flag.item())
         return zero
 
+    @frameworks.on_the_optimizer
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``torch.optim.Optimizer.zero_grad``; a backward after it gives ``step()`` its g_0."""
         super().zero_grad(set_to_none=set_to_none)
@@ -1102,6 +1104,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return None
         return LateGrads(plan.late, cycle.weights)
 
+    @frameworks.on_the_optimizer
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
@@ -1149,6 +1152,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             pending.versions = _versions(plan.every)
         self._pending = pending
 
+    @frameworks.on_the_optimizer
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
         ``w`` exactly and take the base step with the descent gradient. This is the step the
@@ -1219,6 +1223,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    @frameworks.on_the_optimizer
     def restore(self) -> None:
         """Undo :meth:`first_step` without a base step: the weights are put back bit for
         bit (e.g. when the pass at the perturbed point raised). No-op if no step is pending."""
@@ -1289,6 +1294,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             "nonfinite": self.nonfinite,
         }
 
+    @frameworks.on_the_optimizer
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict (its state and the shared param_groups, which hold
         the per-group radius/step) plus this wrapper's settings under ``"fastperturb"``.
@@ -1305,6 +1311,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 sd = result
         return sd
 
+    @frameworks.on_the_optimizer
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict), between this
         optimizer's ``register_load_state_dict_pre_hook``/``post_hook`` hooks."""

@@ -77,7 +77,8 @@ def adversarial_step(
     else:
 
         def compute() -> Tensor:
-            return trades_loss(model, x, x_adv, y, beta=trades_beta)
+            # the official TRADES-AWP forwards, so that BatchNorm's running statistics move as there
+            return trades_loss(model, x, x_adv, y, beta=trades_beta, forwards=3)
 
     stats = _running_stats(model)
     start: list = []

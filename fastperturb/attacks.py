@@ -171,7 +171,8 @@ def pgd(
         steps: ascent steps (0 returns the clipped random start).
         norm: ``"linf"`` or ``"l2"``.
         init: ``"uniform"`` (uniform in the cube for L-infinity; uniform direction and
-            radius for L2), ``"normal"`` (TRADES' ``0.001 * N(0, 1)``) or ``"none"``.
+            radius for L2), ``"normal"`` (TRADES' ``0.001 * N(0, 1)``, its first gradient taken
+            at the start as drawn, unclipped, as TRADES' code does) or ``"none"``.
         restarts: independent random starts; per example the result of the restart that
             misclassifies it (if any) and otherwise has the largest objective is kept.
         objective: ``f(logits_adv, y) -> per-example loss [B]`` to ascend; default
@@ -190,7 +191,12 @@ def pgd(
     best, best_wrong, best_loss = None, None, None
     with _mode(model, train_mode):
         for _ in range(restarts):
-            delta = _project(_start(x, eps, norm, init, generator), x, eps, norm, data_range)
+            delta = _start(x, eps, norm, init, generator)
+            # TRADES' code takes its first gradient at the jittered start as drawn (a pixel at 0 or 1 jittered
+            # out of the range stays out until the first step's clipping); the uniform start is projected and
+            # clipped first, as Madry's and Rice's code do. A start returned as the result is clipped either way.
+            if init != "normal" or steps == 0:
+                delta = _project(delta, x, eps, norm, data_range)
             delta = _ascend(model, x, y, delta, eps, step_size, steps, norm, data_range, objective)
             if restarts == 1:
                 return (x + delta).detach()
@@ -254,14 +260,30 @@ def trades_pgd(
     )
 
 
-def trades_loss(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0) -> Tensor:
+def trades_loss(
+    model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, beta: float = 6.0, *, forwards: int = 2
+) -> Tensor:
     """TRADES' training loss: ``CE(model(x), y) + beta * KL(softmax(model(x)) || softmax(model(x_adv)))``
     (KL averaged over the batch). Both terms depend on the weights, so under a weight
-    perturbation both are taken at the perturbed weights (as official TRADES-AWP does)."""
+    perturbation both are taken at the perturbed weights (as official TRADES-AWP does).
+
+    ``forwards=2`` (default) takes one clean forward for both terms. ``forwards=3`` runs the three forwards of
+    the official TRADES-AWP code in its order (``x_adv``, then ``x`` for the KL target, then ``x`` for the
+    cross-entropy): the same loss and gradient, and a BatchNorm's running statistics updated as there (three
+    times, in that order, instead of twice)."""
     if not (math.isfinite(beta) and beta >= 0):
         raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    logits = model(x)
-    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+    if forwards not in (2, 3):
+        raise ValueError(f"forwards must be 2 or 3, got {forwards!r}")
+    if forwards == 3:
+        logits_adv = model(x_adv)
+        target = F.softmax(model(x), dim=1)
+        logits = model(x)
+    else:
+        logits = model(x)
+        logits_adv = model(x_adv)
+        target = F.softmax(logits, dim=1)
+    robust = F.kl_div(F.log_softmax(logits_adv, dim=1), target, reduction="batchmean")
     return F.cross_entropy(logits, y) + beta * robust
 
 

@@ -55,9 +55,9 @@ class OfficialAWP:
     def _loss(self, net, x, x_adv, y):
         if self.beta is None:
             return F.cross_entropy(net(x_adv), y)
-        logits = net(x)
-        kl = F.kl_div(F.log_softmax(net(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-        return F.cross_entropy(logits, y) + self.beta * kl
+        logits_adv = net(x_adv)  # the official train(): three forwards, in this order
+        kl = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(net(x), dim=1), reduction="batchmean")
+        return F.cross_entropy(net(x), y) + self.beta * kl
 
     def step(self, x, x_adv, y, perturb=True):
         diff = {}
@@ -109,8 +109,8 @@ def test_recipe_equals_official_awp(n_steps, trades_beta, batchnorm):
         for (name, b), c in zip(ours.named_buffers(), theirs.buffers()):
             torch.testing.assert_close(b, c, **TOL, msg=f"buffer {name} step {i}")
     assert not torch.equal(ours[0].weight, _model()[0].weight)  # it trained
-    if batchnorm:  # one forward per step (TRADES: two, natural and adversarial)
-        assert int(ours[1].num_batches_tracked) == n_steps * (1 if trades_beta is None else 2)
+    if batchnorm:  # one forward per step (TRADES-AWP: three, adversarial, natural, natural)
+        assert int(ours[1].num_batches_tracked) == n_steps * (1 if trades_beta is None else 3)
 
 
 def test_freeze_bn_keeps_the_clean_pass_statistics():

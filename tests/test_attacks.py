@@ -32,16 +32,18 @@ def _data(n=12, dtype=torch.float64, seed=1):
 def _reference_pgd(model, x, y, eps, alpha, steps, norm, gen, loss_fn=None):
     loss_fn = loss_fn or (lambda logits: F.cross_entropy(logits, y, reduction="sum"))
     b = x.shape[0]
+    trades_start = norm == "normal"
     if norm == "linf":
         x_adv = x + (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * eps
     elif norm == "l2":
         z = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         r = torch.rand(b, generator=gen, dtype=x.dtype)
         x_adv = x + z / z.reshape(b, -1).norm(dim=1).reshape(b, 1, 1, 1) * (r * eps).reshape(b, 1, 1, 1)
-    else:  # TRADES' start
+    else:  # TRADES' start: its first gradient is taken there, unprojected and unclipped (TRADES-AWP's code)
         x_adv = x + 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
         norm = "linf"
-    x_adv = _ref_project(x_adv, x, eps, norm)
+    if not trades_start:
+        x_adv = _ref_project(x_adv, x, eps, norm)
     for _ in range(steps):
         x_adv = x_adv.clone().requires_grad_(True)
         grad = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)[0]
@@ -100,6 +102,10 @@ def test_trades_attack_and_loss_match_plain_pytorch():
     p = F.softmax(logits, dim=1)
     expected = F.cross_entropy(logits, y) + beta * (p * (p.log() - F.log_softmax(logits_adv, 1))).sum() / len(y)
     torch.testing.assert_close(trades_loss(model, x, ours, y, beta=beta), expected)
+    # the official TRADES-AWP code's three forwards: the same loss, BatchNorm statistics moved three times
+    torch.testing.assert_close(trades_loss(model, x, ours, y, beta=beta, forwards=3), expected)
+    with pytest.raises(ValueError, match="forwards must be 2 or 3"):
+        trades_loss(model, x, ours, y, forwards=1)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

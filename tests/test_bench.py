@@ -931,3 +931,29 @@ def test_handle_calls_benchmark_times_both_call_paths_and_puts_fastperturbs_back
         assert r["tensors"] == 5 and r["rounds"] == 2
         assert r["fastperturb median us"] > 0 and r["torch.ops median us"] > 0 and r["torch.ops / fastperturb"] > 0
     assert ops._call_handle_op is own
+
+
+def test_cycle_instructions_parses_callgrind_and_says_when_valgrind_is_missing(monkeypatch, capsys):
+    """The instruction-count tool (benchmarks.cycle_instructions): its parser of callgrind_annotate's rows, its
+    child workload, and a clear exit when valgrind is not installed (running it under valgrind takes minutes)."""
+    from benchmarks import cycle_instructions as ci
+
+    text = (
+        "Ir\n--------\n10,482,194,567 (100.0%)  PROGRAM TOTALS\n"
+        "1,347,000 ( 1.2%)  ???:void fastperturb::cpu::isa_avx2::ascent_t<float>(Args const&, long) [/x/_C.so]\n"
+        "    471,684 ( 0.1%)  ???:fastperturb::TensorLists::first_changed(unsigned long) const [/x/_C.so]\n"
+        "    100 ( 0.0%)  ???:fastperturb::TensorLists::first_changed(unsigned long) const [/y/_C_testing.so]\n"
+    )
+    assert ci.own_counts(text) == {
+        "???:void fastperturb::cpu::isa_avx2::ascent_t<float>(Args const&, long)": 1347000,
+        "???:fastperturb::TensorLists::first_changed(unsigned long) const": 471784,
+    }
+    threads = torch.get_num_threads()
+    try:
+        ci._child("tiny", "SAM", one_tensor=True, cycles=1)
+        ci._child("tiny", "APD", one_tensor=False, cycles=1)
+    finally:
+        torch.set_num_threads(threads)  # (the child sets one thread, as under valgrind)
+    monkeypatch.setattr(ci.shutil, "which", lambda name: None)
+    assert ci.main(["--model", "tiny"]) == 2
+    assert "valgrind and callgrind_annotate not found" in capsys.readouterr().out

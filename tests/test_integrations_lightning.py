@@ -541,7 +541,8 @@ def test_the_two_calls_through_self_optimizers_act_on_the_optimizer(preset, tmp_
     two calls ran with the proxy as ``self``, so the skip counts, ``_opt_called`` (the LR scheduler warned "called
     before optimizer.step()") and the rest stayed on the proxy. They now land on the optimizer: the proxy keeps
     only Lightning's own attributes, the scheduler does not warn, and the skip is counted where
-    ``trainer.optimizers`` and checkpoints see it. The weights equal the same calls made on the optimizer."""
+    ``trainer.optimizers`` and checkpoints see it. Each ``second_step`` advances ``global_step`` (else
+    ``max_steps`` never stops the run). The weights equal the same calls made on the optimizer."""
     model = TwoCall(TWO_CALL[preset], nan_batch=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -554,6 +555,7 @@ def test_the_two_calls_through_self_optimizers_act_on_the_optimizer(preset, tmp_
     assert set(vars(proxy)) <= {"_optimizer", "_strategy", "_on_before_step", "_on_after_step"}, vars(proxy).keys()
     assert real.skipped_steps == 1 and proxy.skipped_steps == 1
     assert real._opt_called
+    assert model.trainer.global_step == N // BATCH  # each second_step counted as Lightning counts a step()
 
     net = make_net()
     opt = TWO_CALL[preset](net.parameters())
@@ -569,3 +571,11 @@ def test_the_two_calls_through_self_optimizers_act_on_the_optimizer(preset, tmp_
             sched.step()
     assert_same(model.net, net)
     assert opt.skipped_steps == 1
+
+
+def test_max_steps_stops_the_two_call_recipe(tmp_path):
+    """``Trainer(max_steps=3)`` over 4 batches: three two-call steps, then the run stops (it ran every batch)."""
+    model = TwoCall(TWO_CALL["SAM"])
+    trainer(tmp_path, max_steps=3).fit(model, loader())
+    assert model.trainer.global_step == 3
+    assert model.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3

@@ -282,7 +282,7 @@ class _Family(PerturbOptimizer):
         if self.last_step_skipped:
             self._rollback()
 
-    @frameworks.on_the_optimizer
+    @frameworks.on_the_optimizer_step
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not self.two_call:
             raise RuntimeError(f"{type(self).__name__} does not support first_step()/second_step(): use step(closure)")

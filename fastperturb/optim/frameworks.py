@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "on_the_optimizer",
+    "on_the_optimizer_step",
     "UnsupportedTrainingLoop",
     "TrainingStepSkipped",
     "check_step",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 
-def on_the_optimizer(method: Any) -> Any:
+def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
     """Run ``method`` on the optimizer itself when it is called on a proxy whose class subclasses the optimizer's.
 
     Lightning's ``LightningOptimizer`` (what ``self.optimizers()`` returns under manual optimization) is such a
@@ -45,17 +46,31 @@ def on_the_optimizer(method: Any) -> Any:
     ``second_step()``, ``zero_grad()`` and the rest ran with the proxy as ``self``, and every attribute they set
     (the pending first step, the skip counts, the gradients seen, ``_opt_called`` that LR schedulers read) stayed
     on the proxy: the optimizer's own ``step()``, ``state_dict()`` and the schedulers never saw them.
+    ``completes_step``: the method ends an optimizer step (``second_step``), so the proxy's own step hooks run
+    around it as around its ``step()``; Lightning counts ``global_step`` in them (without them ``max_steps`` and
+    step-based checkpoints never came).
     """
     name = method.__name__
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         inner = self.__dict__.get("_optimizer")
-        if inner is not None and inner is not self and isinstance(self, type(inner)):
-            return getattr(inner, name)(*args, **kwargs)
-        return method(self, *args, **kwargs)
+        if inner is None or inner is self or not isinstance(self, type(inner)):
+            return method(self, *args, **kwargs)
+        hooks = [self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step")] if completes_step else []
+        if hooks and callable(hooks[0]):
+            hooks[0]()
+        out = getattr(inner, name)(*args, **kwargs)
+        if hooks and callable(hooks[1]):
+            hooks[1]()
+        return out
 
     return call
+
+
+def on_the_optimizer_step(method: Any) -> Any:
+    """:func:`on_the_optimizer` for a method that ends an optimizer step."""
+    return on_the_optimizer(method, completes_step=True)
 
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"

@@ -1152,7 +1152,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             pending.versions = _versions(plan.every)
         self._pending = pending
 
-    @frameworks.on_the_optimizer
+    @frameworks.on_the_optimizer_step
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
         ``w`` exactly and take the base step with the descent gradient. This is the step the

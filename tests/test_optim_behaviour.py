@@ -672,6 +672,31 @@ def test_state_dict_round_trip_in_process(backend):
         fp.SAM(twin.parameters(), torch.optim.AdamW, lr=0.1).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("saved,loading", [("SGD", "AdamW"), ("AdamW", "SGD"), ("Adam", "AdamW")])
+def test_a_state_dict_over_another_base_optimizer_is_refused_before_anything_loads(saved, loading):
+    """An SGD state loaded into SAM over AdamW failed inside Adam's __setstate__ after taking SGD's groups (lr,
+    momentum) and state: half loaded, the next step failed on 'betas'. AdamW's into SAM over SGD loaded silently
+    and failed at the step. Both are refused now, with nothing changed; a plain base state dict still loads."""
+    kw = {"SGD": dict(lr=0.3, momentum=0.9), "AdamW": dict(lr=0.01), "Adam": dict(lr=0.02)}
+    model = make_model()
+    src = fp.SAM(model.parameters(), getattr(torch.optim, saved), rho=0.05, **kw[saved])
+    src.step(closure_for(model))
+    sd = src.state_dict()
+    twin = copy.deepcopy(model)
+    opt = fp.SAM(twin.parameters(), getattr(torch.optim, loading), rho=0.05, **kw[loading])
+    opt.step(closure_for(twin))
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=f"from SAM over {saved}, not over {loading}; nothing was loaded"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"].keys() == before["state"].keys()
+    for i, s in before["state"].items():
+        assert after["state"][i].keys() == s.keys()
+        assert all(torch.equal(after["state"][i][k], v) for k, v in s.items())
+    opt.step(closure_for(twin))  # still steps
+
+
 def test_load_plain_base_state_dict():
     model = make_model()
     base = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)

@@ -1289,6 +1289,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _settings(self) -> Dict[str, Any]:
         return {
             "preset": type(self).__name__,
+            "base": type(self.base_optimizer).__qualname__,
             "spec": dataclasses.asdict(self.spec),
             "max_grad_norm": self.max_grad_norm,
             "nonfinite": self.nonfinite,
@@ -1331,6 +1332,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
             if settings.get("preset") != type(self).__name__:
                 raise ValueError(
                     f"this state dict is from a {settings.get('preset')} optimizer, not {type(self).__name__}"
+                )
+            base = type(self.base_optimizer).__qualname__
+            if settings.get("base", base) != base:
+                # (its state and groups would load half: Adam's __setstate__ fails on SGD's state after taking its
+                # groups, and SGD takes Adam's state silently, then fails at the step)
+                raise ValueError(
+                    f"this state dict is from {settings['preset']} over {settings['base']}, not over {base}; nothing "
+                    f"was loaded. To change the base optimizer, build the new optimizer fresh (the model's weights "
+                    f"load as usual)"
                 )
             spec = PerturbSpec(**settings["spec"])
             max_grad_norm = settings.get("max_grad_norm")

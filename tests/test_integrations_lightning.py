@@ -579,3 +579,40 @@ def test_max_steps_stops_the_two_call_recipe(tmp_path):
     trainer(tmp_path, max_steps=3).fit(model, loader())
     assert model.trainer.global_step == 3
     assert model.trainer.fit_loop.epoch_loop.batch_progress.total.completed == 3
+
+
+def test_an_undecorated_override_of_a_users_subclass_runs_once_through_the_proxy():
+    """A user's subclass overriding ``second_step`` / ``load_state_dict`` (calling super()) reached through
+    ``self.optimizers()``: its body runs once, on the proxy, and the preset's own body on the optimizer; the step
+    hooks run once. (Redirecting by name ran the override's body a second time, and a load that pops its own key
+    failed the second time round.)"""
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+
+    calls = []
+
+    class MySAM(fp.SAM):
+        def second_step(self, zero_grad=True, scaler=None):
+            calls.append("second_step")
+            super().second_step(zero_grad, scaler)
+
+        def state_dict(self):
+            return {**super().state_dict(), "extra": 1}
+
+        def load_state_dict(self, state_dict):
+            sd = dict(state_dict)
+            sd.pop("extra")
+            super().load_state_dict(sd)
+
+    net = make_net()
+    x, y = data()
+    opt = MySAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    proxy = LightningOptimizer(opt)
+    hooks = []
+    proxy._on_before_step, proxy._on_after_step = (lambda: hooks.append("before")), (lambda: hooks.append("after"))
+    F.cross_entropy(net(x), y).backward()
+    proxy.first_step(zero_grad=True)
+    F.cross_entropy(net(x), y).backward()
+    proxy.second_step(zero_grad=True)
+    assert calls == ["second_step"] and hooks == ["before", "after"]
+    proxy.load_state_dict(proxy.state_dict())
+    assert set(vars(proxy)) <= {"_optimizer", "_strategy", "_on_before_step", "_on_after_step"}, vars(proxy).keys()

@@ -50,7 +50,6 @@ def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
     around it as around its ``step()``; Lightning counts ``global_step`` in them (without them ``max_steps`` and
     step-based checkpoints never came).
     """
-    name = method.__name__
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -60,7 +59,9 @@ def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
         hooks = [self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step")] if completes_step else []
         if hooks and callable(hooks[0]):
             hooks[0]()
-        out = getattr(inner, name)(*args, **kwargs)
+        # This body, on the optimizer: not getattr(inner, name), which would run again an undecorated override of a
+        # user's subclass that has already run on the proxy and reached this one through super().
+        out = method(inner, *args, **kwargs)
         if hooks and callable(hooks[1]):
             hooks[1]()
         return out

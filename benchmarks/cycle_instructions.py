@@ -38,7 +38,8 @@ def _child(model: str, preset: str, one_tensor: bool, cycles: int) -> None:
     if one_tensor:
         shape_list = [(sum(torch.Size(s).numel() for s in shape_list),)]
     params, _ = make_params(shape_list, torch.device("cpu"))
-    cycle = fused.FusedCycle(fused.presets()[preset], fused.select(fused.presets()[preset], params))
+    spec = fused.presets()[preset]
+    cycle = fused.FusedCycle(spec, fused.select(spec, params))
     for _ in range(_WARMUP + cycles):
         cycle.run()
 

@@ -676,7 +676,8 @@ def test_state_dict_round_trip_in_process(backend):
 def test_a_state_dict_over_another_base_optimizer_is_refused_before_anything_loads(saved, loading):
     """An SGD state loaded into SAM over AdamW failed inside Adam's __setstate__ after taking SGD's groups (lr,
     momentum) and state: half loaded, the next step failed on 'betas'. AdamW's into SAM over SGD loaded silently
-    and failed at the step. Both are refused now, with nothing changed; a plain base state dict still loads."""
+    and failed at the step. Both are refused now, with nothing changed (a plain base state dict, without the
+    settings, still loads: test_load_plain_base_state_dict)."""
     kw = {"SGD": dict(lr=0.3, momentum=0.9), "AdamW": dict(lr=0.01), "Adam": dict(lr=0.02)}
     model = make_model()
     src = fp.SAM(model.parameters(), getattr(torch.optim, saved), rho=0.05, **kw[saved])

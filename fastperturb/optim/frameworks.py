@@ -56,14 +56,14 @@ def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
         inner = self.__dict__.get("_optimizer")
         if inner is None or inner is self or not isinstance(self, type(inner)):
             return method(self, *args, **kwargs)
-        hooks = [self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step")] if completes_step else []
-        if hooks and callable(hooks[0]):
-            hooks[0]()
+        before, after = (self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step"))
+        if completes_step and callable(before):
+            before()
         # This body, on the optimizer: not getattr(inner, name), which would run again an undecorated override of a
         # user's subclass that has already run on the proxy and reached this one through super().
         out = method(inner, *args, **kwargs)
-        if hooks and callable(hooks[1]):
-            hooks[1]()
+        if completes_step and callable(after):
+            after()
         return out
 
     return call

@@ -616,3 +616,100 @@ def test_an_undecorated_override_of_a_users_subclass_runs_once_through_the_proxy
     assert calls == ["second_step"] and hooks == ["before", "after"]
     proxy.load_state_dict(proxy.state_dict())
     assert set(vars(proxy)) <= {"_optimizer", "_strategy", "_on_before_step", "_on_after_step"}, vars(proxy).keys()
+
+
+class _ClipHooks(Net):
+    """A preset of PER_PASS_DIFFERENT, no scheduler; records (global_step, perturb_pass) at each
+    on_before_optimizer_step, and its configure_gradient_clipping override either wraps Lightning's own
+    (``gate=None``: calls super(), as an override that only logs does) or clips from step ``gate`` on."""
+
+    def __init__(self, preset, gate=None):
+        super().__init__(preset, sched=False)
+        self.gate, self.hook_calls = gate, []
+
+    def configure_optimizers(self):
+        return PER_PASS_DIFFERENT[self.preset](self.parameters())
+
+    def on_before_optimizer_step(self, optimizer):
+        self.hook_calls.append((self.global_step, self.perturb_pass))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.gate is None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        elif self.global_step >= self.gate:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+            )
+
+
+def clip_loop(preset, chunks, epochs, clip_from, clip=0.05, scaler=None):
+    """The reference for _ClipHooks: micro_loop's steps over PER_PASS_DIFFERENT's preset, the descent gradient
+    clipped to ``clip`` from step ``clip_from`` on (None: never)."""
+    net = make_net()
+    opt = PER_PASS_DIFFERENT[preset](net.parameters())
+    batches = list(loader())
+    step = 0
+    for _ in range(epochs):
+        for s in range(0, len(batches), chunks):
+            window = batches[s : s + chunks]
+
+            def closure():
+                for x, y in window:
+                    with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
+                        loss = F.cross_entropy(net(x), y) / chunks
+                    (loss if scaler is None else scaler.scale(loss)).backward()
+                return torch.zeros(())
+
+            opt.max_grad_norm = clip if clip_from is not None and step >= clip_from else None
+            if scaler is None:
+                opt.step(closure)
+            else:
+                opt.step(closure, scaler=scaler)
+                scaler.update()
+            step += 1
+    return net
+
+
+@pytest.mark.parametrize("preset", ["WSAM", "LookSAM"])
+def test_a_configure_gradient_clipping_override_calling_super_clips_as_without_it(preset, tmp_path):
+    """An override that wraps Lightning's default (logging, say) and calls super() clips every step's descent
+    gradient to gradient_clip_val, as the mixin alone does (before: the mixin's own configure_gradient_clipping
+    returned without clipping, so nothing was clipped, silently: WSAM 0.32 off after 4 steps in the review)."""
+    model = _ClipHooks(preset)
+    trainer(tmp_path, gradient_clip_val=0.05).fit(model, loader())
+    assert_same(model.net, clip_loop(preset, chunks=1, epochs=1, clip_from=0))
+    unclipped = clip_loop(preset, chunks=1, epochs=1, clip_from=None)
+    assert not all(torch.equal(a, b) for a, b in zip(model.net.parameters(), unclipped.parameters()))
+
+
+def test_the_hooks_after_a_pass_run_at_the_clean_pass_under_accumulation(tmp_path):
+    """With accumulate_grad_batches, the clean pass that completes g_0 runs Lightning's hooks after it, as every pass
+    does without accumulation: LookSAM's reuse steps run no other pass, so a configure_gradient_clipping override
+    that clips from step 1 on clipped none of them before (0.56 off after 6 steps in the review), and
+    on_before_optimizer_step missed the clean pass of every step."""
+    model = _ClipHooks("LookSAM", gate=1)
+    trainer(tmp_path, gradient_clip_val=0.05, accumulate_grad_batches=2, max_epochs=3).fit(model, loader())
+    assert_same(model.net, clip_loop("LookSAM", chunks=2, epochs=3, clip_from=1))
+    # LookSAM, k = 2: refresh steps (clean pass, perturbed pass) and reuse steps (clean pass only) alternate
+    assert model.hook_calls == [(s, p) for s in range(6) for p in ((0, 1) if s % 2 == 0 else (0,))]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_configure_gradient_clipping_override_clips_under_16_mixed(accumulate, tmp_path):
+    """On the GradScaler path the optimizer calls the closure, so the clipping hook runs after each pass there
+    (before: it never ran, and an override's clipping was silently dropped)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    model = _ClipHooks("WSAM", gate=1)
+    trainer(
+        tmp_path,
+        gradient_clip_val=0.05,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        accumulate_grad_batches=accumulate,
+        max_epochs=2,
+    ).fit(model, loader())
+    ref_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    assert_same(model.net, clip_loop("WSAM", chunks=accumulate, epochs=2, clip_from=1, scaler=ref_scaler))
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert model.hook_calls == []  # (Lightning shows that hook unscaled gradients; these are scaled)

@@ -145,12 +145,9 @@ class PerturbMixin:
             # weights; the last one's closure completes g_0, then every perturbed pass replays
             # them all (fastperturb takes the gradient in .grad as g_0).
             self.perturb_pass = 0
-            optimizer_closure()
-            closure: Optional[Callable[[], Any]] = functools.partial(
-                _replay_window, self, optimizer, window[:-1], optimizer_closure, [1]
-            )
         else:
             closure = self._counting(optimizer_closure) if optimizer_closure is not None else None
+        scaler = grad_scaler(trainer)
         self.__dict__["_perturb_clip_routed"] = True
         try:
             with contextlib.ExitStack() as stack:
@@ -158,36 +155,35 @@ class PerturbMixin:
                     stack.enter_context(accumulation_in_closure())
                 setting = clip_setting(trainer, opt)
                 # A configure_gradient_clipping override decides per step whether to clip (Lightning documents
-                # calling self.clip_gradients from it): its clip_gradients calls set this step's clipping.
-                if type(self).configure_gradient_clipping is not PerturbMixin.configure_gradient_clipping:
+                # calling self.clip_gradients from it, as its default does): its clip_gradients calls set this
+                # step's clipping.
+                if type(self).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
                     setting = None
                 stack.enter_context(routed_max_grad_norm(opt, setting, "Trainer(gradient_clip_val)"))
-                scaler = grad_scaler(trainer)
+                if accumulating:
+                    # The pass Lightning's plugin would run inside optimizer.step, with its hooks after it (the
+                    # clipping hook decides this step's clipping; LookSAM's reuse steps run no other pass).
+                    optimizer_closure()
+                    _after_pass(self, opt, scaler)
+                    closure = functools.partial(_replay_window, self, optimizer, window[:-1], optimizer_closure, [1])
                 if scaler is None or closure is None:
                     optimizer.step(closure=closure)
                 else:
-                    _scaled_step(opt, closure, scaler)
+                    # Lightning's GradScaler path runs its hooks after the one closure call it makes; here the
+                    # optimizer calls the closure, so the clipping hook runs after each pass instead.
+                    _scaled_step(opt, functools.partial(_then_after_pass, self, opt, scaler, closure), scaler)
         finally:
             self.perturb_pass = None
             self.__dict__.pop("_perturb_clip_routed", None)
 
-    def configure_gradient_clipping(
-        self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
-    ) -> None:
-        # Lightning calls this after every backward inside the closure (once per pass); for a
-        # fastperturb optimizer stepped by this mixin's optimizer_step the clipping is routed to its max_grad_norm
-        # (clip_setting). An optimizer_step override that steps the optimizer itself bypasses that routing: then
-        # Lightning clips each pass, as without the mixin (the same update for single-step presets).
-        if isinstance(unwrap_optimizer(optimizer), PerturbOptimizer) and self.__dict__.get("_perturb_clip_routed"):
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
-
     def clip_gradients(
         self, optimizer: Any, gradient_clip_val: Optional[float] = None, gradient_clip_algorithm: Optional[str] = None
     ) -> None:
-        # Inside this mixin's optimizer_step, a configure_gradient_clipping override that calls clip_gradients (as
-        # Lightning documents) runs after every pass's backward: the clipping it asks for is this step's, of the
-        # final descent gradient (the optimizer's max_grad_norm until the step ends), not of each pass's gradient.
+        # Lightning calls configure_gradient_clipping after every pass's backward, and it (Lightning's own, or an
+        # override as Lightning documents) calls this. Inside this mixin's optimizer_step the clipping it asks for
+        # is this step's, of the final descent gradient (the optimizer's max_grad_norm until the step ends), not of
+        # each pass's gradient. An optimizer_step override that steps the optimizer itself bypasses the mixin:
+        # then Lightning clips each pass, as without the mixin (the same update for single-step presets).
         opt = unwrap_optimizer(optimizer)
         if not (isinstance(opt, PerturbOptimizer) and self.__dict__.get("_perturb_clip_routed")):
             super().clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[misc]
@@ -207,6 +203,27 @@ class PerturbMixin:
                 f"{opt.max_grad_norm!r}) disagree; set only one of them"
             )
         opt.max_grad_norm = value  # (routed_max_grad_norm puts the optimizer's own back after the step)
+
+
+def _after_pass(module: PerturbMixin, optimizer: PerturbOptimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Lightning's hooks after a pass's backward, as its precision plugin runs them after the closure:
+    ``on_before_optimizer_step`` and ``configure_gradient_clipping``. With a GradScaler only the clipping hook
+    (which sets this step's max_grad_norm): the gradients are still scaled, and Lightning shows that hook
+    unscaled gradients."""
+    plugin = module.trainer.precision_plugin  # type: ignore[attr-defined]
+    trainer = module.trainer  # type: ignore[attr-defined]
+    if scaler is None:
+        plugin._after_closure(module, optimizer)
+    else:
+        plugin._clip_gradients(module, optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+
+
+def _then_after_pass(
+    module: PerturbMixin, optimizer: PerturbOptimizer, scaler: torch.amp.GradScaler, closure: Callable[[], Any]
+) -> Any:
+    out = closure()
+    _after_pass(module, optimizer, scaler)
+    return out
 
 
 def _counted_call(module: PerturbMixin, count: list, closure: Callable[[], Any]) -> Any:

@@ -326,6 +326,53 @@ def test_building_a_handle_validates_like_the_list_ops():
         ops.grad_stats_lists_(lists, with_accum=True)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
+def test_building_a_handle_refuses_lists_that_share_memory(compiled, monkeypatch):
+    """Every list of a handle is written by some op on it (params by the ascent and the restore, backups by the first
+    ascent, accum by the statistics), so any two tensors sharing memory are refused when it is built, as every list
+    op refuses them per call (before: the handle accepted them, and the C++, Triton and reference backends then gave
+    three different results). ``compiled=False``: the checks of a handle built without the extension."""
+    if not compiled:
+        monkeypatch.setattr(native, "load_error", "not loaded (test)")
+    params, backups, accum = _setup()
+    block = torch.zeros(8)
+    cases = [
+        ((params[:2] + [params[0]], backups[:2] + [torch.zeros_like(params[0])]), r"params\[2\] shares memory"),
+        ((params, params), r"backups\[(\d)\] shares memory with params\[\1\]"),
+        ((params, backups, backups), r"accum\[(\d)\] shares memory with backups\[\1\]"),
+        ((params, backups, accum[:5] + [params[5]]), r"accum\[5\] shares memory with params\[5\]"),
+        (([block[:5], block[4:]],), r"params\[1\] shares memory with params\[0\]"),
+    ]
+    for lists, message in cases:
+        with pytest.raises(ValueError, match=message + ".*written in place"):
+            ops.TensorLists(*lists)
+    built = ops.TensorLists([block[:4], block[4:]], [torch.zeros(4), torch.zeros(4)])  # adjacent views: no overlap
+    assert (built.handle is not None) == compiled
+
+
+def test_a_gradient_laid_out_differently_only_in_size_one_dimensions_is_read_by_the_handle():
+    """A ``.grad`` whose strides differ from its tensor's only where a dimension has size 1 walks its memory in the
+    same order (autograd makes such gradients: a depthwise conv's weight under channels_last input); the handle ops
+    take it, as the list ops do, and compute what they compute on the same values laid out like the tensor."""
+    p = torch.randn(4, 1, 3, 3)
+    q = torch.randn(5, 1)
+    g_p = torch.randn(4, 3, 3, 1).permute(0, 3, 1, 2)  # strides (9, 1, 3, 1) against (9, 9, 3, 1)
+    g_q = torch.randn(1, 5).t()  # strides (1, 5) against (1, 1)
+    assert g_p.stride() != p.stride() and g_q.stride() != q.stride()
+    results = []
+    for relayout in (False, True):
+        params = [p.clone(), q.clone()]
+        for t, g in zip(params, (g_p, g_q)):
+            t.grad = torch.empty_like(t).copy_(g) if relayout else g
+        backups = [torch.zeros_like(t) for t in params]
+        lists = ops.TensorLists(params, backups)
+        stats = ops.grad_stats_lists_(lists)
+        ops.ascent_step_lists_(lists, torch.full((2,), 0.1), torch.ones(2), first=True)
+        results.append((stats, params, ops.grad_stats_([t.grad for t in params], [], [], [])))
+    (s1, p1, l1), (s2, p2, l2) = results
+    assert torch.equal(s1, s2) and torch.equal(l1, l2) and _bits_equal(p1, p2)
+
+
 # ---- invalidation --------------------------------------------------------------------------------------------
 
 

@@ -58,3 +58,60 @@ def test_a_gradient_in_another_layout_is_refused_in_its_own_name(preset):
     with pytest.raises(ValueError, match=r"params\[0\]\.grad has strides .* but params\[0\] has strides"):
         opt.step(closure)
     assert torch.equal(conv.weight.detach(), w0)
+
+
+PRESETS = {
+    "SAM": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
+    "APD": lambda ps: fp.APD(ps, torch.optim.SGD, eps=0.01, steps=2, lr=0.1),
+    "AWP-2": lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=0.01, steps=2, lr=0.1),
+    "FriendlySAM": lambda ps: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.05, lr=0.1),
+    "SAM-fused-Adam": lambda ps: fp.SAM(ps, torch.optim.Adam, rho=0.05, lr=1e-2, fused_step=True),
+}
+
+
+class _DepthwiseAndColumn(torch.nn.Module):
+    """Two parameters whose autograd gradients differ from them in the stride of a size-1 dimension only: a
+    depthwise conv's (4, 1, 3, 3) weight under channels_last input (MobileNet-style on CPU: strides (9, 9, 3, 1),
+    its gradient (9, 1, 3, 1)) and a (5, 1) column used transposed (strides (1, 1), its gradient (1, 5))."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dw = torch.nn.Conv2d(4, 4, 3, groups=4)
+        self.col = torch.nn.Parameter(torch.randn(5, 1))
+
+    def forward(self, x):
+        return (self.dw(x).mean(dim=(2, 3)) @ torch.ones(4, 5) + self.col.t()).sin()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_gradient_whose_strides_differ_only_in_size_one_dimensions_is_stepped(preset, backend):
+    """Such a gradient walks its memory in the parameter's order, so it is accepted (it was refused at every step
+    with "use the same memory format", which the user cannot act on: autograd chose the layout), and the step equals
+    the one from the same gradient values laid out with the parameter's own strides."""
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    runs = []
+    for relayout in (False, True):
+        model = _DepthwiseAndColumn()
+        opt = PRESETS[preset](model.parameters())
+
+        def closure():
+            loss = model(x).square().sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            for p, g in zip(model.parameters(), grads):
+                p.grad = torch.empty_like(p).copy_(g) if relayout else g
+            return loss
+
+        closure()
+        if not relayout:
+            assert model.dw.weight.grad.stride() != model.dw.weight.stride(), "the case this test is about"
+            assert model.col.grad.stride() != model.col.stride()
+        for p in model.parameters():
+            p.grad = None
+        with fp.use_backend(backend):
+            for _ in range(3):
+                opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -130,6 +130,19 @@ inline void check_same_device(std::initializer_list<NamedList> lists) {
   }
 }
 
+// Whether two tensors of shape `sizes` with these strides lay their elements out in the same order, so that one
+// walk of each memory block meets the same elements: equal strides wherever a dimension's size is not 1 (a size-1
+// dimension's stride is never used; autograd hands such gradients back as they come, e.g. a depthwise conv's
+// weight gradient under channels_last input), any strides when there is at most one element.
+inline bool same_memory_order(at::IntArrayRef sizes, at::IntArrayRef a, at::IntArrayRef b) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  if (numel <= 1) return true;
+  for (size_t d = 0; d < sizes.size(); ++d)
+    if (sizes[d] != 1 && a[d] != b[d]) return false;
+  return true;
+}
+
 // `other` must mirror `ref` tensor by tensor (or be empty if optional).
 inline void check_parallel(const char* ref_name, at::TensorList ref, const char* name, at::TensorList other,
                            bool optional = false) {
@@ -143,7 +156,7 @@ inline void check_parallel(const char* ref_name, at::TensorList ref, const char*
                       "[", i, "] has shape ", tuple_str(a.sizes()));
     TORCH_CHECK_TYPE(b.scalar_type() == a.scalar_type(), name, "[", i, "] has dtype ", dtype_name(b.scalar_type()),
                      " but ", ref_name, "[", i, "] has dtype ", dtype_name(a.scalar_type()));
-    TORCH_CHECK_VALUE(b.numel() <= 1 || b.strides() == a.strides(), name, "[", i, "] has strides ",
+    TORCH_CHECK_VALUE(same_memory_order(a.sizes(), a.strides(), b.strides()), name, "[", i, "] has strides ",
                       tuple_str(b.strides()), " but ", ref_name, "[", i, "] has strides ", tuple_str(a.strides()),
                       "; use the same memory format");
   }
@@ -174,16 +187,13 @@ inline void check_finite(const char* name, double value) {
 // ones (for read spans). A span skipped as the allowed twin has the same bytes as its partner, so any third span
 // overlapping it overlaps the partner too and is found there. This runs on every call of a plain op: plain spans,
 // one sort, labels built only for the message (named as fastperturb/ops/validation.py names them).
-inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read,
+// `lists`: the written lists first (`n_written` of them), then the read ones.
+inline void check_no_overlap(const std::vector<const NamedList*>& lists, size_t n_written,
                              std::pair<const char*, const char*> alias_ok = {nullptr, nullptr}) {
   struct Span {
     uintptr_t start, end;
-    uint32_t list, index;  // list: into `lists` below
+    uint32_t list, index;  // list: into `lists`
   };
-  std::vector<const NamedList*> lists;
-  for (const auto& l : written) lists.push_back(&l);
-  for (const auto& l : read) lists.push_back(&l);
-  const size_t n_written = written.size();
   size_t total = 0;
   for (const NamedList* l : lists) total += l->tensors.size();
   std::vector<Span> spans;
@@ -226,6 +236,14 @@ inline void check_no_overlap(std::initializer_list<NamedList> written, std::init
     if (reach_any == nullptr || s.end > reach_any->end) reach_any = &s;
     if (s_written && (reach_written == nullptr || s.end > reach_written->end)) reach_written = &s;
   }
+}
+
+inline void check_no_overlap(std::initializer_list<NamedList> written, std::initializer_list<NamedList> read,
+                             std::pair<const char*, const char*> alias_ok = {nullptr, nullptr}) {
+  std::vector<const NamedList*> lists;
+  for (const auto& l : written) lists.push_back(&l);
+  for (const auto& l : read) lists.push_back(&l);
+  check_no_overlap(lists, written.size(), alias_ok);
 }
 
 // One check per op, mirroring fastperturb/ops/validation.py.

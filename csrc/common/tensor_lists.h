@@ -69,6 +69,14 @@ class TensorLists : public torch::CustomClassHolder {
       }
     }
     device_ = device;
+    // Every list is written by some op on a handle (params by the ascent and the restore, backups by the first
+    // ascent, accum by the statistics pass), so no tensor of any list may share memory with another: the list ops
+    // refuse it on every call, the handle ops rely on this check alone.
+    std::vector<checks::NamedList> named;
+    for (size_t k = 0; k < lists_.size(); ++k) named.push_back({names_[k].c_str(), lists_[k]});
+    std::vector<const checks::NamedList*> all;
+    for (const checks::NamedList& l : named) all.push_back(&l);
+    checks::check_no_overlap(all, all.size());
     prints_.resize(lists_.size());
     for (size_t k = 0; k < lists_.size(); ++k)
       for (const at::Tensor& t : lists_[k]) prints_[k].push_back(print_of(t));
@@ -175,7 +183,7 @@ class TensorLists : public torch::CustomClassHolder {
       if (i + prefetch::kAhead < n) prefetch::storage(impls[i + prefetch::kAhead]);
       const c10::TensorImpl* g = impls[i];
       bool ok = g != c10::UndefinedTensorImpl::singleton() && g->layout() == at::kStrided &&
-                same_layout(g, ps[i], g->numel() <= 1);
+                same_layout(g, ps[i], grad_strides(g));
       if (ok) ptrs[i] = reinterpret_cast<int64_t>(data_of(g, ps[i].itemsize, ok));
       if (C10_UNLIKELY(!ok)) return i;
     }
@@ -303,19 +311,26 @@ class TensorLists : public torch::CustomClassHolder {
   // tensor instead of 15 (1000 small tensors, one core of this machine). Whatever they do not pass goes to the
   // full checks, which name the problem.
 
-  // Whether `t` has the shape, dtype and device of `p`, and unless `any_strides` its strides.
-  bool same_layout(const c10::TensorImpl* t, const Print& p, bool any_strides) const {
+  // How same_layout() compares strides: all of them (a tensor against its own fingerprint), those of the
+  // dimensions whose size is not 1 (a gradient against its tensor: the same memory order, checks::same_memory_order),
+  // or none (at most one element).
+  enum class Strides { kExact, kOrder, kAny };
+  // Whether `t` has the shape, dtype and device of `p`, and its strides as `mode` says.
+  bool same_layout(const c10::TensorImpl* t, const Print& p, Strides mode) const {
     if (t->dtype() != p.meta || t->device() != device_) return false;
     const at::IntArrayRef sizes = t->sizes();
     if (static_cast<int64_t>(sizes.size()) != p.dim) return false;
     const int64_t* want = shapes_.data() + p.at;
     bool same = true;
     for (int64_t d = 0; d < p.dim; ++d) same &= sizes[d] == want[d];
-    if (any_strides || !same) return same;
+    if (mode == Strides::kAny || !same) return same;
     const at::IntArrayRef strides = t->strides();
-    for (int64_t d = 0; d < p.dim; ++d) same &= strides[d] == want[p.dim + d];
+    const bool exact = mode == Strides::kExact;
+    for (int64_t d = 0; d < p.dim; ++d) same &= strides[d] == want[p.dim + d] || (!exact && sizes[d] == 1);
     return same;
   }
+  // The comparison of a gradient with its tensor's fingerprint.
+  static Strides grad_strides(const c10::TensorImpl* g) { return g->numel() <= 1 ? Strides::kAny : Strides::kOrder; }
   // The data pointer of `t` as at::Tensor::data_ptr() has it (a copy-on-write storage materialised first), null
   // for an empty tensor; `ok` false if `t` has no storage (the full check then says why).
   static void* data_of(const c10::TensorImpl* t, int64_t itemsize, bool& ok) {
@@ -330,7 +345,7 @@ class TensorLists : public torch::CustomClassHolder {
   bool fast_matches(const at::Tensor& t, const Print& p) const {
     const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
     bool ok = true;
-    return same_layout(impl, p, false) && data_of(impl, p.itemsize, ok) == p.data && ok;
+    return same_layout(impl, p, Strides::kExact) && data_of(impl, p.itemsize, ok) == p.data && ok;
   }
   bool matches(const at::Tensor& t, const Print& p) const {
     return fast_matches(t, p) || (t.data_ptr() == p.data && t.scalar_type() == p.dtype && t.sizes() == sizes_of(p) &&
@@ -362,7 +377,7 @@ class TensorLists : public torch::CustomClassHolder {
     const at::Tensor& g = t.unsafeGetTensorImpl()->grad();  // (no non-leaf warning: these are leaves or shards)
     // The common case in one pass over the TensorImpl; the checks below name what is wrong otherwise.
     const c10::TensorImpl* gi = g.unsafeGetTensorImpl();
-    if (C10_LIKELY(g.defined() && gi->layout() == at::kStrided && same_layout(gi, pt, gi->numel() <= 1))) return g;
+    if (C10_LIKELY(g.defined() && gi->layout() == at::kStrided && same_layout(gi, pt, grad_strides(gi)))) return g;
     // The gradient is compared with the tensor as the handle saw it: a tensor changed since then is named as such
     // (the messages below print the tensor's own shape and dtype, which would then equal the gradient's).
     TORCH_CHECK_VALUE(matches(t, pt), op, ": ", names_[k], "[", i, kChanged);
@@ -375,7 +390,7 @@ class TensorLists : public torch::CustomClassHolder {
     TORCH_CHECK_TYPE(g.scalar_type() == pt.dtype, op, ": ", names_[k], "[", i, "].grad has dtype ",
                      checks::dtype_name(g.scalar_type()), " but ", names_[k], "[", i, "] has dtype ",
                      checks::dtype_name(t.scalar_type()));
-    TORCH_CHECK_VALUE(g.numel() <= 1 || g.strides() == strides_of(pt), op, ": ", names_[k], "[", i,
+    TORCH_CHECK_VALUE(checks::same_memory_order(g.sizes(), g.strides(), strides_of(pt)), op, ": ", names_[k], "[", i,
                       "].grad has strides ", checks::tuple_str(g.strides()), " but ", names_[k], "[", i,
                       "] has strides ", checks::tuple_str(t.strides()), "; use the same memory format");
     TORCH_CHECK_VALUE(g.device() == device_, op, ": ", names_[k], "[", i, "].grad is on ", g.device(), " but ",

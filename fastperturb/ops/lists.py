@@ -32,9 +32,14 @@ ROLES = ("params", "backups", "accum")
 class TensorLists:
     """Parallel tensor lists held for repeated op calls: ``params``, ``backups`` and ``accum`` (both optional).
 
-    Building it validates the lists like the list ops do (same errors). The tensors must then keep their storage
+    Building it validates the lists like the list ops do (same errors); since every list is written by some op
+    on a handle, no tensor of any list may share memory with another. The tensors must then keep their storage
     and shape: an op on a handle whose tensor changed (``p.data = ...``, an in-place resize) raises and asks for a
-    new handle. ``plans`` is free for backends to cache per-op launch plans in (the Triton backend does).
+    new handle. The ``.grad`` of the params are checked on every call as the list ops check them, except that
+    whether one shares memory with the handle's own tensors is not checked (the list ops sort every span per
+    call for that): a gradient autograd allocates never does, as the handle keeps its tensors alive, but a
+    ``.grad`` assigned to a view of a param, backup or accumulator is the caller's error. ``plans`` is free for
+    backends to cache per-op launch plans in (the Triton backend does).
 
     ``private_buffers=True`` says that ``backups`` and ``accum`` are buffers only the caller holds and never
     reshapes or reassigns (as the optimizers' own are): they are then checked when the handle is built, not again
@@ -75,7 +80,7 @@ class TensorLists:
                 [self.params, self.backups, self.accum], list(ROLES), fixed
             )
         else:  # the reference backend: validated alike all the same
-            V.check_grad_stats(self.params, self.accum, self.params, self.backups, 1.0, -1.0)
+            V.check_handle_lists([(r, getattr(self, r)) for r in ROLES])
         self.plans: dict = {}
         #: elements of the params in all (the engine sizes per-call costs against the bytes with it)
         self.numel = sum(p.numel() for p in self.params)

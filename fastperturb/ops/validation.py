@@ -60,6 +60,13 @@ def check_same_device(named: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
                 raise ValueError(f"{name}[{i}] is on {t.device} but {first} is on {device}; move them to one device")
 
 
+def same_memory_order(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` (one shape) lay their elements out in the same order: equal strides wherever a
+    dimension's size is not 1 (a size-1 dimension's stride is never used, and autograd hands such gradients back
+    as they come), any strides with at most one element (``csrc/common/checks.h`` says the same)."""
+    return a.numel() <= 1 or all(n == 1 or x == y for n, x, y in zip(a.shape, a.stride(), b.stride()))
+
+
 def check_parallel(
     ref_name: str, ref: Sequence[Tensor], name: str, other: Sequence[Tensor], optional: bool = False
 ) -> None:
@@ -73,7 +80,7 @@ def check_parallel(
             raise ValueError(f"{name}[{i}] has shape {tuple(b.shape)} but {ref_name}[{i}] has shape {tuple(a.shape)}")
         if b.dtype != a.dtype:
             raise TypeError(f"{name}[{i}] has dtype {b.dtype} but {ref_name}[{i}] has dtype {a.dtype}")
-        if b.numel() > 1 and b.stride() != a.stride():
+        if not same_memory_order(a, b):
             raise ValueError(
                 f"{name}[{i}] has strides {b.stride()} but {ref_name}[{i}] has strides {a.stride()}; "
                 "use the same memory format"
@@ -182,6 +189,19 @@ def check_norms(tensors, ord) -> None:
     check_same_device([("tensors", tensors)])
     if float(ord) not in ORDS:
         raise ValueError(f"ord must be 2 or inf, got {ord}")
+
+
+def check_handle_lists(named: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
+    """The lists of a :class:`~fastperturb.ops.TensorLists` handle (the first is the reference; the others empty
+    or parallel to it), as ``csrc/common/tensor_lists.h`` checks them: every list is written by some op on a
+    handle, so no tensor may share memory with another."""
+    ref_name, ref = named[0]
+    for name, ts in named:
+        check_list(name, ts)
+    for name, ts in named[1:]:
+        check_parallel(ref_name, ref, name, ts, optional=True)
+    check_same_device(named)
+    check_no_overlap(named, [])
 
 
 def check_grad_stats(grads, accum, params, backups, accum_weight, adaptive_eta) -> None:

@@ -66,7 +66,7 @@ def _tensor_fits(p: Tensor, g: Tensor) -> Optional[str]:
         return f"a {p.dtype} parameter"
     if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
         return "a gradient whose dtype, device or shape differs from its parameter's"
-    if (p.numel() > 1 and g.stride() != p.stride()) or not V.is_dense(p):
+    if not V.same_memory_order(p, g) or not V.is_dense(p):
         return "a gradient whose memory layout differs from its parameter's (or a non-dense parameter)"
     return None
 

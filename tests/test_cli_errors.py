@@ -30,6 +30,9 @@ MODEL_SRC = textwrap.dedent("""
 
     def broken():
         raise RuntimeError("no GPU here")
+
+    def normed():
+        return nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
 """)
 
 
@@ -122,6 +125,18 @@ def _one_line_error(capsys, rc, *needles):
 def test_robustness_errors_are_one_line(work, capsys, extra, needles):
     tmp, mod = work
     _one_line_error(capsys, _main(_robustness(mod, *extra)), *needles)
+
+
+def test_robustness_a_nan_buffer_in_the_weights_file_is_named(work, capsys):
+    """A NaN in a buffer (BatchNorm's running_var) made every loss NaN and ended in a traceback blaming "perturbed
+    tensor 0"'s gradient; now one line naming the buffer."""
+    tmp, mod = work
+    net = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+    net[0].running_var[2] = float("nan")
+    torch.save(net.state_dict(), tmp / "nanbuf.pt")
+    args = _robustness(mod, "--data", "d.pt", "--weights", "nanbuf.pt")
+    args[args.index(f"{mod}:lin")] = f"{mod}:normed"
+    _one_line_error(capsys, _main(args), "buffers hold NaN in 0.running_var", "clean loss is nan")
 
 
 def test_robustness_weights_that_do_not_match_the_model(work, capsys):

@@ -50,8 +50,13 @@ Data: a pair of tensors ``(inputs, targets)`` (one batch), or an iterable of
 such pairs (e.g. a ``DataLoader``) that can be iterated several times.
 ``loss_fn(output, target)`` must return the *mean* loss of the batch; the
 loss over the data is ``sum_b n_b loss_b / N``. Accuracy is computed when the
-output is ``[B, C]`` logits and the target ``[B]`` class indices, or by an
+output is ``[B, C]`` class scores with C >= 2 and the target ``[B]`` class indices
+(a single ``[B, 1]`` logit has no argmax to take), or by an
 ``accuracy(output, target) -> number correct`` callable.
+
+float16/bfloat16 weights round ``w + a``: where that makes a corruption's size
+differ from eps by more than 2% on some tensor (a probe per eps), a
+``RuntimeWarning`` says so; measure a float32 copy for points at the stated eps.
 """
 
 from .indicators import KINDS, adversarial, clean, first_order, random_corruption, sweep

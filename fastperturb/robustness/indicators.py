@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -108,6 +110,7 @@ def _auto_correct(out: Any, y: Any) -> Optional[float]:
         isinstance(out, Tensor)
         and isinstance(y, Tensor)
         and out.dim() == 2
+        and out.shape[1] >= 2  # (one column: a binary logit, whose argmax is always 0, not class scores)
         and y.dim() == 1
         and out.shape[0] == y.shape[0]
         and not y.is_floating_point()
@@ -158,6 +161,7 @@ class _Evaluator:
         self._accum: Optional[list[Tensor]] = None
         self._noise: Optional[list[Tensor]] = None
         self.g0: Optional[list[Tensor]] = None
+        self._probed: set = set()  # the eps already probed by _check_representable
         self.clean_loss = math.nan
         self.clean_accuracy: Optional[float] = None
 
@@ -168,7 +172,10 @@ class _Evaluator:
         if self.accuracy_fn is None or self.accuracy_fn is True:
             c = _auto_correct(out, y)
             if c is None and self.accuracy_fn is True:
-                raise ValueError("accuracy=True needs [B, C] logits and [B] integer targets; pass a callable instead")
+                raise ValueError(
+                    "accuracy=True needs [B, C] class scores (C >= 2) and [B] integer targets; pass a callable "
+                    "instead (a binary [B, 1] logit: accuracy=lambda out, y: (out[:, 0] > 0).long() == y)"
+                )
             return c
         c = self.accuracy_fn(out, y)
         return float(c.sum()) if isinstance(c, Tensor) else float(c)
@@ -225,8 +232,25 @@ class _Evaluator:
         grads = [p.grad for p in self.params]
         self.g0 = [g.detach().clone() for g in grads]
         bad = [i for i, g in enumerate(self.g0) if not bool(torch.isfinite(g).all())]
-        if bad:
-            raise NonFiniteGradient(bad, 0)
+        if bad or not math.isfinite(self.clean_loss):
+            # The weights are finite (checked up front): say what else makes the clean point non-finite.
+            nan_buffers = [
+                n for n, b in self.model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())
+            ]
+            where = (
+                f"the model's buffers hold NaN in {', '.join(nan_buffers[:8])}"
+                + (" ..." if len(nan_buffers) > 8 else "")
+                if nan_buffers
+                else "the weights and buffers are finite: look at the data and the loss"
+            )
+            what = (
+                f"the clean loss is {self.clean_loss}"
+                if not math.isfinite(self.clean_loss)
+                else "the clean gradient holds NaN/Inf"
+            )
+            raise ValueError(f"{what} ({where}): robustness cannot be measured at a non-finite point") from (
+                NonFiniteGradient(bad, 0) if bad else None
+            )
 
     def _point(self, kind, eps, losses, accs, steps=None, pairs=False) -> Point:
         m = sum(losses) / len(losses)
@@ -257,10 +281,48 @@ class _Evaluator:
         r, _ = absolute_sizes(spec, self.params, r, r)
         return r
 
+    @torch.no_grad()
+    def _check_representable(self, eps: float) -> None:
+        """Warn when float16/bfloat16 weights cannot hold a corruption of size ``eps``: the sum w + a is rounded to
+        the weights' dtype, which shrinks (or cancels) an ``a`` small against the weights' resolution, so the
+        points measured would be at a smaller radius than the one reported. Probed once per eps with a random
+        corruption of that size (its own generator: the seeded draws are not disturbed), no forward pass."""
+        low = [i for i, p in enumerate(self.params) if p.dtype in (torch.float16, torch.bfloat16)]
+        if not low or eps in self._probed:
+            return
+        self._probed.add(eps)
+        ps = [self.params[i] for i in low]
+        z = [
+            torch.empty_like(p).normal_(generator=torch.Generator(device=p.device).manual_seed(i))
+            for i, p in zip(low, ps)
+        ]
+        r = self._radii(eps)[low]
+        ord_ = 2.0 if self.norm == "l2" else math.inf
+        zn = torch.stack([t.double().norm(ord_) for t in z])
+        coef = torch.where(zn > 0, r / zn, torch.zeros_like(zn))
+        ratios = []
+        for p, t, c in zip(ps, z, coef.tolist()):
+            want = c * t.double()
+            got = (p.double() + want).to(p.dtype).double() - p.double()
+            size = float(want.norm(ord_))
+            if size > 0:
+                ratios.append(float(got.norm(ord_)) / size)
+        if ratios and not all(0.98 <= x <= 1.02 for x in ratios):
+            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in ps})
+            warnings.warn(
+                f"at eps={eps:g} a probe corruption changed the {'/'.join(dtypes)} weights by {min(ratios):.2f}-"
+                f"{max(ratios):.2f} of its size per tensor (w + a is rounded to the weights' dtype), so the points "
+                "at this eps are measured at another radius than reported; measure a float32 copy of the model "
+                "(model.float(); the command line's --float64) for points at the stated eps",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+
     # -- the indicators ----------------------------------------------------------------------
     @torch.no_grad()
     def adversarial(self, eps: float, steps: int, step_ratio: Optional[float]) -> Point:
         eps = check_radius("eps", eps)
+        self._check_representable(eps)
         ratio = (1.0 if steps == 1 else 1.5 / steps) if step_ratio is None else check_radius("step_ratio", step_ratio)
         spec = PerturbSpec(norm=self.norm, scope=self.scope, steps=steps, relative=self.relative)
         if spec.accumulates and self._accum is None:
@@ -306,6 +368,7 @@ class _Evaluator:
     @torch.no_grad()
     def random(self, eps: float, trials: int, generator: torch.Generator, antithetic: bool) -> Point:
         eps = check_radius("eps", eps)
+        self._check_representable(eps)
         if self._noise is None:
             self._noise = [torch.empty_like(p) for p in self.params]
         r = self._radii(eps)
@@ -336,11 +399,21 @@ class _Evaluator:
         return self._point("random", eps, losses, accs, pairs=antithetic)
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside fastperturb and torch (the
+    indicators are reached through several layers, and through torch's ``no_grad`` wrappers)."""
+    frame, level = sys._getframe(2), 2  # (level 1: the function that warns, which called this)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("fastperturb", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @contextmanager
-def _session(model: nn.Module, train_mode: bool) -> Iterator[None]:
-    """Eval (or train) mode, fresh ``.grad``; flags, grads and buffers are put back on exit, whatever happens."""
+def _session(model: nn.Module, train_mode: bool, params: Sequence[Tensor] = ()) -> Iterator[None]:
+    """Eval (or train) mode, fresh ``.grad``; flags, grads and buffers are put back on exit, whatever happens.
+    ``params``: the selected tensors, whose ``.grad`` the passes use too (they need not be the model's)."""
     modes = [(m, m.training) for m in model.modules()]
-    all_params = list(model.parameters())
+    all_params = list({id(p): p for p in [*model.parameters(), *params]}.values())
     grads = [p.grad for p in all_params]
     try:
         with kept_buffers(model):
@@ -432,7 +505,7 @@ def sweep(
 
     points: list[Point] = []
     gen = torch.Generator(device=ev.device).manual_seed(seed)
-    with _session(model, train_mode):
+    with _session(model, train_mode, ev.params):
         ev.start()
         with tqdm(
             total=len(work),
@@ -476,7 +549,7 @@ def _single(kind, model, loss_fn, data, eps, *, norm, scope, relative, params, a
     if kind != "clean":
         eps = check_radius("eps", eps)
     ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)
-    with _session(model, train_mode):
+    with _session(model, train_mode, ev.params):
         ev.start()
         if kind == "adversarial":
             return ev.adversarial(eps, kw["steps"], kw["step_ratio"])

@@ -891,3 +891,28 @@ def test_ops_on_a_launch_plan_refuse_cuda_graph_capture_and_are_tagged_for_induc
         ops.norms_lists(lists, of_grads=True)
         ops.norms_lists(lists, of_grads=True)
         assert seen == ["cpu"] * 5  # a handle's plans ask as they are made and at every reuse
+
+
+def test_gradients_laid_out_differently_only_in_size_one_dimensions_are_taken():
+    """A ``.grad`` whose strides differ from its tensor's only where a dimension has size 1 (autograd makes them: a
+    depthwise conv's weight under channels_last input) walks its memory in the same order: the list ops and the
+    handle ops take it and compute what they compute on the same values laid out like the tensor."""
+    from fastperturb import ops
+
+    g_p = torch.randn(4, 3, 3, 1).permute(0, 3, 1, 2)  # strides (9, 1, 3, 1) against the tensor's (9, 9, 3, 1)
+    g_q = torch.randn(1, 5).t()  # strides (1, 5) against (1, 1)
+    out = []
+    for relayout in (False, True):
+        torch.manual_seed(0)
+        params = [torch.randn(4, 1, 3, 3), torch.randn(5, 1)]
+        for t, g in zip(params, (g_p, g_q)):
+            t.grad = torch.empty_like(t).copy_(g) if relayout else g
+        backups = [torch.zeros_like(t) for t in params]
+        with backends.use_backend("triton"), T.tuning(**SMALL):
+            listed = ops.grad_stats_([t.grad for t in params], [], params, [])
+            lists = ops.TensorLists(params, backups)
+            handled = ops.grad_stats_lists_(lists, with_params=True)
+            ops.ascent_step_lists_(lists, torch.full((2,), 0.1), torch.ones(2), first=True)
+        out.append((listed, handled, params))
+    (l1, h1, p1), (l2, h2, p2) = out
+    assert torch.equal(l1, l2) and torch.equal(h1, h2) and _same_bits(p1, p2)

@@ -369,3 +369,42 @@ def test_compiled_dropin_step_runs_no_clean_pass_of_its_own(zero_grad_inside):
     assert calls[False] == calls[True] == [1] * len(batches), calls
     for a, b in zip(weights[False], weights[True]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["AdamW", "SGD"])
+def test_a_compiled_step_with_the_fused_base_step_does_not_recompile_every_step(base):
+    """The fused base step runs eagerly under torch.compile (a graph break, as torch.optim's own step() is): traced,
+    Adam's step count, a Python float the op takes, changed every step and recompiled the step each time (one new
+    graph per step up to dynamo's recompile limit of 8, after which that frame ran uncompiled, in the review). Its
+    weights equal the eager fused step's."""
+    from torch._dynamo.utils import counters
+
+    def run(compiled: bool):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        make = getattr(torch.optim, base)
+        opt = fp.SAM(net.parameters(), make, rho=0.05, lr=1e-2, fused_step=True)
+
+        def train_step(x, y):
+            def closure():
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                return loss
+
+            return opt.step(closure)
+
+        step = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        g = torch.Generator().manual_seed(1)
+        graphs = []
+        for _ in range(8):
+            step(torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g))
+            graphs.append(counters["stats"]["unique_graphs"])
+        return net, graphs
+
+    net, graphs = run(True)
+    assert graphs[2:] == [graphs[2]] * 6, graphs  # nothing new after the second step's graphs
+    eager, _ = run(False)
+    for a, b in zip(net.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -366,6 +366,10 @@ def _check_group_scalars(base: torch.optim.Optimizer, gathered: Sequence[_Gather
             raise type(e)(f"param_groups[{gi}]: {e}; nothing was stepped") from None
 
 
+# Run eagerly under torch.compile (a graph break, as torch.optim breaks around every optimizer's step()): the ops
+# take Adam's step count and the group's settings as Python floats, on which a traced call guards, so every step
+# recompiled (Adam's count changes every step) until dynamo's recompile limit.
+@torch.compiler.disable
 def fused_base_step(
     base: torch.optim.Optimizer, params: Sequence[Tensor], backups: Sequence[Tensor], grads_checked: bool = False
 ) -> Optional[str]:

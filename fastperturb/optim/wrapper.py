@@ -1109,7 +1109,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
         Single-step presets only. ``zero_grad`` clears the gradients for that second pass
-        (see :attr:`grad_clearing`)."""
+        (see :attr:`grad_clearing`). The optimizer's step pre-hooks run here, at the clean weights, where they run
+        in :meth:`step`; its post-hooks when :meth:`second_step` ends."""
+        if self.spec.steps == 1 and self._pending is None:
+            args, kwargs = _run_pre_hooks(self, (), {"zero_grad": zero_grad, "scaler": scaler})
+            return self._first_step(*args, **kwargs)
+        return self._first_step(zero_grad, scaler)  # (refused below, before any hook runs)
+
+    def _first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if self.spec.steps != 1:
             raise RuntimeError(
                 f"first_step()/second_step() are for single-step presets; this one takes {self.spec.steps} "
@@ -1155,22 +1162,14 @@ class PerturbOptimizer(torch.optim.Optimizer):
     @frameworks.on_the_optimizer_step
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
-        ``w`` exactly and take the base step with the descent gradient. This is the step the
-        optimizer's step hooks (``register_step_pre_hook``/``post_hook``) run around, as they
-        run around :meth:`step`."""
-        if self._pending is None:
-            raise RuntimeError("second_step() called without first_step()")
-        args: tuple = ()
+        ``w`` exactly and take the base step with the descent gradient. The optimizer's step hooks
+        (``register_step_pre_hook``/``post_hook``) run around the pair as they run around :meth:`step`: the
+        pre-hooks when :meth:`first_step` starts (at the clean weights: here the weights are perturbed, and
+        whatever a hook wrote to them would be overwritten by the restore), the post-hooks when this ends."""
+        self._second_step(zero_grad, scaler)
         kwargs: Dict[str, Any] = {"zero_grad": zero_grad, "scaler": scaler}
-        for hook in chain(optim_hooks._global_optimizer_pre_hooks.values(), self._optimizer_step_pre_hooks.values()):
-            result = hook(self, args, kwargs)
-            if result is not None:  # torch's contract: a pre hook may replace (args, kwargs)
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(f"{hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
-                args, kwargs = result
-        self._second_step(*args, **kwargs)
         for hook in chain(self._optimizer_step_post_hooks.values(), optim_hooks._global_optimizer_post_hooks.values()):
-            hook(self, args, kwargs)
+            hook(self, (), kwargs)
 
     def _second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         pending = self._pending
@@ -1563,6 +1562,18 @@ def _all_zero(params: Sequence[Tensor], sharded: bool) -> bool:
         if flat.numel() > _ZERO_SCAN_HEAD and bool(flat[_ZERO_SCAN_HEAD:].any()):
             return False
     return True
+
+
+def _run_pre_hooks(opt: torch.optim.Optimizer, args: tuple, kwargs: Dict[str, Any]) -> tuple:
+    """The global and the optimizer's step pre-hooks, as torch's ``Optimizer.step`` wrapper runs them: each may
+    return replacement ``(args, kwargs)``."""
+    for hook in chain(optim_hooks._global_optimizer_pre_hooks.values(), opt._optimizer_step_pre_hooks.values()):
+        result = hook(opt, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(f"{hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
+            args, kwargs = result
+    return args, kwargs
 
 
 def _release_grads(params: Sequence[Tensor], compiled: Optional[Any] = None) -> None:

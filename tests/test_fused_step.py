@@ -577,3 +577,42 @@ def test_a_descent_gradient_of_another_layout_falls_back():
             assert opts[0].fused_step_fallback is None
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_a_momentum_buffer_torch_made_from_a_size_one_strided_gradient_is_fused():
+    """torch's SGD clones its first momentum buffer from the gradient, so a depthwise conv's weight under
+    channels_last input (strides (9, 9, 3, 1)) gets a buffer laid out like its gradient ((9, 1, 3, 1)): the same
+    memory order. Resumed into fused_step=True, that buffer was refused by the fused step's state check and every
+    step fell back; now it is fused, and the steps equal the unfused run's."""
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+
+    def make(fused):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(4, 4, 3, groups=4)
+        return conv, fp.SAM(conv.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, fused_step=fused)
+
+    def closure_for(conv):
+        def closure():
+            loss = conv(x).square().mean()
+            loss.backward()
+            return loss
+
+        return closure
+
+    conv, opt = make(False)
+    opt.step(closure_for(conv))
+    buf = opt.state[conv.weight]["momentum_buffer"]
+    assert buf.stride() != conv.weight.stride(), "the case this test is about"
+    saved = (copy.deepcopy(conv.state_dict()), copy.deepcopy(opt.state_dict()))
+    runs = []
+    for fused in (False, True):
+        conv2, opt2 = make(fused)
+        conv2.load_state_dict(saved[0])
+        opt2.load_state_dict(copy.deepcopy(saved[1]))  # (torch loads a buffer of the right dtype as it is)
+        for _ in range(3):
+            opt2.step(closure_for(conv2))
+            if fused:
+                assert opt2.fused_step_fallback is None, opt2.fused_step_fallback
+        runs.append([p.detach().clone() for p in conv2.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -474,25 +474,28 @@ def test_the_grad_of_a_selected_tensor_the_model_does_not_register_is_put_back(c
     assert torch.equal(model.scale.grad, grads[0]) and torch.equal(model.fc.weight.grad, grads[1])
 
 
-def test_a_nan_buffer_is_named_instead_of_a_non_finite_gradient():
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_non_finite_buffer_is_named_instead_of_a_non_finite_gradient(bad):
     model = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
-    model[0].running_var[1] = float("nan")
+    model[0].running_mean[1] = float(bad)
     x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
     before = bits(model)
-    with pytest.raises(ValueError, match=r"clean loss is nan \(the model's buffers hold NaN in 0.running_var\)"):
+    word = {"nan": "NaN", "inf": "Inf"}[bad]
+    with pytest.raises(ValueError, match=rf"\(the model's buffers hold {word} in 0.running_mean\)"):
         R.adversarial(model, F.cross_entropy, (x, y), 0.01)
     assert same_bits(model, before)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_low_precision_weights_that_cannot_hold_the_corruption_are_warned_about(dtype, recwarn):
+def test_low_precision_weights_that_cannot_hold_the_corruption_are_warned_about(dtype, scope, recwarn):
     """w + a is rounded to the weights' dtype: in bfloat16 a relative corruption of 1e-3 came out 0-0.97 of its
     size per tensor (the last bias not at all), silently reported at eps = 1e-3. Now a warning per such eps, with
     the probed range; none where the dtype holds it (float32, or a large enough eps)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
     x, y = torch.randn(20, 16, dtype=dtype), torch.randint(0, 4, (20,))
-    R.sweep(model, F.cross_entropy, (x, y), [1e-3, 0.5], steps=1, trials=2, progress=False)
+    R.sweep(model, F.cross_entropy, (x, y), [1e-3, 0.5], steps=1, trials=2, scope=scope, progress=False)
     hits = [w for w in recwarn.list if "probe corruption" in str(w.message)]
     if dtype == torch.float32:
         assert not hits

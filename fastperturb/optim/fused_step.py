@@ -78,7 +78,7 @@ def _state_fits(p: Tensor, t: object) -> bool:
         and t.shape == p.shape
         and t.dtype == p.dtype
         and t.device == p.device
-        and (p.numel() <= 1 or t.stride() == p.stride())
+        and V.same_memory_order(p, t)  # (torch's SGD clones its first momentum buffer from the gradient)
     )
 
 

@@ -234,15 +234,16 @@ class _Evaluator:
         bad = [i for i, g in enumerate(self.g0) if not bool(torch.isfinite(g).all())]
         if bad or not math.isfinite(self.clean_loss):
             # The weights are finite (checked up front): say what else makes the clean point non-finite.
-            nan_buffers = [
-                n for n, b in self.model.named_buffers() if b.is_floating_point() and bool(torch.isnan(b).any())
-            ]
-            where = (
-                f"the model's buffers hold NaN in {', '.join(nan_buffers[:8])}"
-                + (" ..." if len(nan_buffers) > 8 else "")
-                if nan_buffers
-                else "the weights and buffers are finite: look at the data and the loss"
-            )
+            buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
+            nan = [n for n, b in buffers if bool(torch.isnan(b).any())]
+            inf = [n for n, b in buffers if bool(torch.isinf(b).any())]  # (a mask may hold -inf on purpose)
+            if nan or inf:
+                names = nan or inf
+                where = f"the model's buffers hold {'NaN' if nan else 'Inf'} in {', '.join(names[:8])}" + (
+                    " ..." if len(names) > 8 else ""
+                )
+            else:
+                where = "the weights and buffers are finite: look at the data and the loss"
             what = (
                 f"the clean loss is {self.clean_loss}"
                 if not math.isfinite(self.clean_loss)
@@ -291,29 +292,45 @@ class _Evaluator:
         if not low or eps in self._probed:
             return
         self._probed.add(eps)
-        ps = [self.params[i] for i in low]
-        z = [
-            torch.empty_like(p).normal_(generator=torch.Generator(device=p.device).manual_seed(i))
-            for i, p in zip(low, ps)
-        ]
-        r = self._radii(eps)[low]
+        whole = self.scope == "global"  # (then one corruption over every tensor has the size: compare totals)
+        probed = range(len(self.params)) if whole else low
         ord_ = 2.0 if self.norm == "l2" else math.inf
-        zn = torch.stack([t.double().norm(ord_) for t in z])
-        coef = torch.where(zn > 0, r / zn, torch.zeros_like(zn))
-        ratios = []
-        for p, t, c in zip(ps, z, coef.tolist()):
-            want = c * t.double()
-            got = (p.double() + want).to(p.dtype).double() - p.double()
-            size = float(want.norm(ord_))
-            if size > 0:
-                ratios.append(float(got.norm(ord_)) / size)
+
+        def draw(i: int) -> Tensor:  # the same draw whenever asked, one tensor at a time (no copy of the model)
+            p = self.params[i]
+            return torch.empty_like(p).normal_(generator=torch.Generator(device=p.device).manual_seed(i)).double()
+
+        def total(norms: list[float]) -> float:
+            return math.sqrt(sum(x * x for x in norms)) if ord_ == 2.0 else max(norms, default=0.0)
+
+        r = self._radii(eps).tolist()
+        if whole:
+            zn = total([float(draw(i).norm(ord_)) for i in probed])
+            coefs = {i: (r[0] / zn if zn > 0 else 0.0) for i in probed}
+        else:
+            coefs = {i: (r[i] / z if z > 0 else 0.0) for i in probed for z in [float(draw(i).norm(ord_))]}
+        wanted, got = [], []
+        for i in probed:
+            p = self.params[i].detach().double()
+            want = coefs[i] * draw(i)
+            wanted.append(float(want.norm(ord_)))
+            got.append(float(((p + want).to(self.params[i].dtype).double() - p).norm(ord_)))
+        if whole:
+            ratios = [total(got) / total(wanted)] if total(wanted) > 0 else []
+        else:
+            ratios = [g / w for g, w in zip(got, wanted) if w > 0]
         if ratios and not all(0.98 <= x <= 1.02 for x in ratios):
-            dtypes = sorted({str(p.dtype).replace("torch.", "") for p in ps})
+            dtypes = sorted({str(self.params[i].dtype).replace("torch.", "") for i in low})
+            size = (
+                f"{ratios[0]:.2f} of its size"
+                if whole
+                else f"{min(ratios):.2f}-{max(ratios):.2f} of its size per tensor"
+            )
             warnings.warn(
-                f"at eps={eps:g} a probe corruption changed the {'/'.join(dtypes)} weights by {min(ratios):.2f}-"
-                f"{max(ratios):.2f} of its size per tensor (w + a is rounded to the weights' dtype), so the points "
-                "at this eps are measured at another radius than reported; measure a float32 copy of the model "
-                "(model.float(); the command line's --float64) for points at the stated eps",
+                f"at eps={eps:g} a probe corruption changed the model's weights by {size} ({'/'.join(dtypes)} "
+                "weights round w + a to their dtype), so the points at this eps are measured at another radius "
+                "than reported; measure a float32 copy of the model (model.float(); the command line's "
+                "--float64) for points at the stated eps",
                 RuntimeWarning,
                 stacklevel=_caller_level(),
             )

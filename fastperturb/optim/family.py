@@ -109,6 +109,14 @@ class _Family(PerturbOptimizer):
         self._scaler: Optional[torch.amp.GradScaler] = None
         spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
+        # Whatever loads the base optimizer's state (this wrapper's load_state_dict, or a distributed checkpoint
+        # handed opt.base_optimizer) replaces the state the preset keeps across steps as well: a state dict that
+        # carries none (a plain torch one, DCP's) starts it afresh, as a new optimizer would, instead of leaving
+        # the gv or running mean of other weights in place. The wrapper's own load then sets what it carries.
+        self.base_optimizer.register_load_state_dict_post_hook(self._base_state_loaded)
+
+    def _base_state_loaded(self, base: torch.optim.Optimizer) -> None:
+        self._load_persistent({}, [])
 
     # ---- buffers ------------------------------------------------------------------------
 

@@ -184,3 +184,19 @@ def test_a_step_inside_an_autocast_region_perturbs_the_pass(two_call):
                     opt.zero_grad()
         results.append([p.detach().clone() for p in m.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_add_param_group_fills_a_new_group_from_opt_defaults_as_torch_does():
+    """torch.optim fills a new group's missing settings from ``self.defaults``; an edit of ``opt.defaults`` (its own
+    dict: the base optimizer's defaults and the perturbation's) was ignored, the group took the constructor's."""
+    w, head = _w(), torch.nn.Parameter(torch.ones(2))
+    opt = PRESETS["SAM"]([w], rho=0.05, momentum=0.9)
+    plain = torch.optim.SGD([_w()], lr=0.1, momentum=0.9)
+    for o in (opt, plain):
+        o.defaults["lr"] = 0.5
+    opt.defaults["rho"] = 0.2
+    opt.add_param_group({"params": [head]})
+    plain.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
+    assert opt.param_groups[1]["lr"] == plain.param_groups[1]["lr"] == 0.5
+    assert opt.param_groups[1]["rho"] == 0.2 and opt.param_groups[1]["momentum"] == 0.9
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.05

@@ -387,8 +387,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        for k, v in self._perturb_defaults.items():
-            param_group.setdefault(k, v)
+        # From this optimizer's defaults, as torch.optim fills a group (an edit of opt.defaults counts; it is a
+        # dict of its own, the base's defaults and the perturbation's), then the perturbation's own if one was
+        # deleted there. A required setting left unset stays unset, for the base to refuse by name.
+        for k, v in chain(self.defaults.items(), self._perturb_defaults.items()):
+            if v is not optim_hooks.required:
+                param_group.setdefault(k, v)
         self._group_sizes(len(self.param_groups), param_group)
         # What the first step would refuse (tensors sharing memory with the others, complex ones), refused now with
         # nothing added: found at the step, the group stayed and every later step raised. (torch's own checks, of a

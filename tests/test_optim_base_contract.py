@@ -200,3 +200,6 @@ def test_add_param_group_fills_a_new_group_from_opt_defaults_as_torch_does():
     assert opt.param_groups[1]["lr"] == plain.param_groups[1]["lr"] == 0.5
     assert opt.param_groups[1]["rho"] == 0.2 and opt.param_groups[1]["momentum"] == 0.9
     assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[0]["rho"] == 0.05
+    opt.base_optimizer.defaults["momentum"] = 0.5  # an edit of the base's, where opt.defaults kept its own
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+    assert opt.param_groups[2]["momentum"] == 0.5 and opt.param_groups[2]["lr"] == 0.5

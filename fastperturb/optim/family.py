@@ -20,7 +20,9 @@ The maths and where each preset departs from pytorch-optimizer 4.1.0 are in the 
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -109,14 +111,16 @@ class _Family(PerturbOptimizer):
         self._scaler: Optional[torch.amp.GradScaler] = None
         spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
-        # Whatever loads the base optimizer's state (this wrapper's load_state_dict, or a distributed checkpoint
-        # handed opt.base_optimizer) replaces the state the preset keeps across steps as well: a state dict that
-        # carries none (a plain torch one, DCP's) starts it afresh, as a new optimizer would, instead of leaving
-        # the gv or running mean of other weights in place. The wrapper's own load then sets what it carries.
-        self.base_optimizer.register_load_state_dict_post_hook(self._base_state_loaded)
+        self._watch_base_loads()
 
-    def _base_state_loaded(self, base: torch.optim.Optimizer) -> None:
-        self._load_persistent({}, [])
+    def _watch_base_loads(self) -> None:
+        """Whatever loads the base optimizer's state (this wrapper's load_state_dict, or a distributed checkpoint
+        handed opt.base_optimizer) replaces the state the preset keeps across steps as well: a state dict that
+        carries none (a plain torch one, DCP's) starts it afresh, as a new optimizer would, instead of leaving the
+        gv or running mean of other weights in place; the wrapper's own load then sets what it carries. The hook
+        holds this optimizer weakly (no reference cycle keeping its buffers alive), and torch drops hooks from a
+        copy or a pickle, so ``__setstate__`` registers it again."""
+        self.base_optimizer.register_load_state_dict_post_hook(functools.partial(_base_state_loaded, weakref.ref(self)))
 
     # ---- buffers ------------------------------------------------------------------------
 
@@ -378,8 +382,15 @@ class _Family(PerturbOptimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         saved = state.pop("_family_saved", None)
         super().__setstate__(state)
+        self._watch_base_loads()
         if saved is not None:
             self._load_persistent(saved, self._flat_params())
+
+
+def _base_state_loaded(owner: "weakref.ref[_Family]", base: torch.optim.Optimizer) -> None:
+    opt = owner()
+    if opt is not None:
+        opt._load_persistent({}, [])
 
 
 _COPY = torch.tensor([0.0, 1.0, 0.0])  # lincomb_ row: out = x, exactly

@@ -338,6 +338,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             )
         self._share()
         self.defaults = {**self.base_optimizer.defaults, **self._perturb_defaults}
+        self._defaults_built = dict(self.defaults)  # (what add_param_group tells an edit of opt.defaults by)
         for i, group in enumerate(self.param_groups):
             self._group_sizes(i, group)
         distributed.check_engine([p for group in self.param_groups for p in group["params"]])
@@ -387,12 +388,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        # From this optimizer's defaults, as torch.optim fills a group (an edit of opt.defaults counts; it is a
-        # dict of its own, the base's defaults and the perturbation's), then the perturbation's own if one was
-        # deleted there. A required setting left unset stays unset, for the base to refuse by name.
-        for k, v in chain(self.defaults.items(), self._perturb_defaults.items()):
-            if v is not optim_hooks.required:
-                param_group.setdefault(k, v)
+        # From this optimizer's defaults, as torch.optim fills a group: an edit of opt.defaults (a dict of its own:
+        # the base's defaults and the perturbation's) counts, and so does one of opt.base_optimizer.defaults where
+        # opt.defaults still holds the value it was built with. A required setting left unset stays unset, for the
+        # base to refuse by name.
+        built = self.__dict__.get("_defaults_built", {})
+        for k, v in self.defaults.items():
+            if v is optim_hooks.required or (k in self.base_optimizer.defaults and built.get(k, self) is v):
+                continue  # (unchanged here: the base fills it from its own defaults, edited there or not)
+            param_group.setdefault(k, v)
+        for k, v in self._perturb_defaults.items():
+            param_group.setdefault(k, v)
         self._group_sizes(len(self.param_groups), param_group)
         # What the first step would refuse (tensors sharing memory with the others, complex ones), refused now with
         # nothing added: found at the step, the group stayed and every later step raised. (torch's own checks, of a

@@ -242,6 +242,8 @@ class _Evaluator:
                 where = f"the model's buffers hold {'NaN' if nan else 'Inf'} in {', '.join(names[:8])}" + (
                     " ..." if len(names) > 8 else ""
                 )
+                if not nan:  # (an attention mask holds -inf on purpose: then the data or the loss is the cause)
+                    where += "; unless that is a mask's -inf on purpose, look at the data and the loss"
             else:
                 where = "the weights and buffers are finite: look at the data and the loss"
             what = (

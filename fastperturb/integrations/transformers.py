@@ -155,7 +155,10 @@ class PerturbTrainer(Trainer):
         micro = self._micro_batches
         self._micro_batches = []
         if not micro:
-            raise RuntimeError("PerturbTrainer: optimizer.step() was called before any training_step")
+            raise RuntimeError(
+                "PerturbTrainer: optimizer.step() was called before any training_step reached PerturbTrainer's (a "
+                "training_step override must call super().training_step(...))"
+            )
         closure = self._replay_closure(micro)
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is None or not scaler.is_enabled():
@@ -184,7 +187,9 @@ class PerturbTrainer(Trainer):
                     last = i == len(micro) - 1
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                     with sync:
-                        loss = super(PerturbTrainer, self).training_step(model, inputs, num_items)
+                        # Through self, so that a subclass's training_step override (which calls super()) runs at
+                        # every pass, as it did at the clean one; with _replaying set, ours forwards to Trainer's.
+                        loss = self.training_step(model, inputs, num_items)
                     total = loss if total is None else total + loss
             finally:
                 self._replaying = False

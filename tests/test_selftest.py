@@ -68,3 +68,21 @@ def test_selftest_cli_rejects_unknown_backend(capsys):
 
     assert main(["selftest", "--backends", "cpp,tpu"]) == 2
     assert "tpu" in capsys.readouterr().err
+
+
+def test_selftest_checks_triton_under_the_interpreter_in_a_child_process():
+    """``import fastperturb`` imports triton (through torch._dynamo) before the command could choose the
+    interpreter, so on a CPU-only machine the Triton check was always skipped ("set TRITON_INTERPRET=1 ..."); it
+    now runs in a child process that sets it first."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("needs triton installed and no GPU")
+    assert os.environ.get("TRITON_INTERPRET") != "1", "the case this test is about"
+    lines = []
+    (v,) = selftest.run(["triton"], quick=True, report=lines.append)
+    assert (v.backend, v.device, v.status) == ("triton", "cpu (interpreted)", "PASS"), v
+    assert v.checked > 100 and any("child process" in line for line in lines)

@@ -4,18 +4,23 @@ On a machine with a GPU this is the one command that verifies the CUDA and
 Triton kernels on real hardware: any exception a backend raises (a mismatch,
 a compile error, a failed launch) is reported as FAIL with its message, and
 the other backends are still checked. Without a GPU it checks the C++ CPU kernels,
-the Triton kernels under the interpreter (CPU tensors) and reports the CUDA
-kernels as compiled but not run. The cases are those of the test suite
+the Triton kernels under the interpreter (CPU tensors; in a child process that
+chooses the interpreter before importing triton) and reports the CUDA kernels as
+compiled but not run. The cases are those of the test suite
 (:mod:`fastperturb.testing`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -38,11 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="fewer cases (the large ones are skipped)")
 
 
-def _prepare_triton_interpreter() -> None:
-    # The interpreter must be chosen before triton is imported; only do it
-    # where no GPU could run the compiled kernels instead.
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def _triton_in_a_child(quick: bool, report: Callable[[str], None]) -> list[Verdict]:
+    """The Triton check on CPU, in a child process with ``TRITON_INTERPRET=1``: the interpreter must be chosen
+    before triton is imported, and ``import fastperturb`` has already imported it here (through torch._dynamo)."""
+    import fastperturb
+
+    report("checking triton on cpu (interpreted), in a child process with TRITON_INTERPRET=1 ...")
+    code = (
+        "import dataclasses, json, sys\n"
+        "from fastperturb.tools import selftest\n"
+        f"vs = selftest.run(['triton'], quick={bool(quick)}, report=lambda s: print(s, file=sys.stderr, flush=True))\n"
+        "print(json.dumps([dataclasses.asdict(v) for v in vs]))\n"
+    )
+    root = str(Path(fastperturb.__file__).resolve().parents[1])  # (the child imports the same fastperturb)
+    path = os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return [Verdict("triton", "cpu (interpreted)", "FAIL", detail=f"the child process failed: {last}"[:200])]
+    return [Verdict(**d) for d in json.loads(lines[-1])]
 
 
 def _cases(interpreted: bool, quick: bool):
@@ -118,8 +139,6 @@ def _failure(e: Exception) -> str:
 
 
 def run(backends: list[str], quick: bool = False, report: Callable[[str], None] = print) -> list[Verdict]:
-    if "triton" in backends:
-        _prepare_triton_interpreter()
     from fastperturb.ops import native as _native
     from fastperturb.ops.dispatch import why_unavailable
 
@@ -139,6 +158,9 @@ def run(backends: list[str], quick: bool = False, report: Callable[[str], None] 
             else:
                 verdicts.append(Verdict(backend, "cuda", "SKIP", detail=why_unavailable("cuda", cuda)))
             continue
+        if backend == "triton" and not has_gpu and _interpreter_not_chosen():
+            verdicts += _triton_in_a_child(quick, report)
+            continue
         for device in targets[backend]:
             interpreted = backend == "triton" and device.type == "cpu"
             label = device.type + (" (interpreted)" if interpreted else "")
@@ -154,6 +176,11 @@ def run(backends: list[str], quick: bool = False, report: Callable[[str], None] 
             except Exception as e:  # a mismatch, or a compile / launch failure on real hardware
                 verdicts.append(Verdict(backend, label, "FAIL", detail=_failure(e)))
     return verdicts
+
+
+def _interpreter_not_chosen() -> bool:
+    """Triton is installed, and this process did not choose its interpreter before importing it."""
+    return importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def format_table(verdicts: list[Verdict]) -> str:

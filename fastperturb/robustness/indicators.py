@@ -306,15 +306,12 @@ class _Evaluator:
             return math.sqrt(sum(x * x for x in norms)) if ord_ == 2.0 else max(norms, default=0.0)
 
         r = self._radii(eps).tolist()
-        if whole:
-            zn = total([float(draw(i).norm(ord_)) for i in probed])
-            coefs = {i: (r[0] / zn if zn > 0 else 0.0) for i in probed}
-        else:
-            coefs = {i: (r[i] / z if z > 0 else 0.0) for i in probed for z in [float(draw(i).norm(ord_))]}
+        whole_norm = total([float(draw(i).norm(ord_)) for i in probed]) if whole else 0.0  # (a first pass)
         wanted, got = [], []
         for i in probed:
-            p = self.params[i].detach().double()
-            want = coefs[i] * draw(i)
+            p, z = self.params[i].detach().double(), draw(i)
+            zn = whole_norm if whole else float(z.norm(ord_))
+            want = (r[i] / zn if zn > 0 else 0.0) * z  # (global: r[i] is the same for every tensor)
             wanted.append(float(want.norm(ord_)))
             got.append(float(((p + want).to(self.params[i].dtype).double() - p).norm(ord_)))
         if whole:

@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
             )
         return 1 if regressions else 0
     for flag, path in (("--json", args.json), ("--chart", args.chart)):
-        if path:
+        if path is not None:
             check_writable_file(path, flag)  # now, not after a run of several minutes
     if args.min_reps is None:
         args.min_reps = min(3, args.reps)

@@ -33,6 +33,20 @@ MODEL_SRC = textwrap.dedent("""
 
     def normed():
         return nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+    def lin64():
+        return nn.Linear(4, 3).double()
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(self.emb(x).mean(1))
+
+    def sparse():
+        return Bag()
 """)
 
 
@@ -227,6 +241,7 @@ def test_console_script_imports_the_model_from_the_current_directory(work):
         (["--input-shape", "4", "--presets", "SAM,XYZ"], ["--presets", "XYZ"]),
         (["--input-shape", "4", "--json", "a-file/r.json"], ["--json a-file/r.json"]),
         (["--input-shape", "4", "--json", "no-folder/r.json"], ["--json no-folder/r.json", "does not exist"]),
+        (["--input-shape", "4", "--json", ""], ["--json", "empty file name"]),
         (["--input-shape", "4", "--device", "tpu9"], ["--device tpu9"]),
     ],
 )
@@ -244,6 +259,51 @@ def test_bench_model_errors(work, capsys):
         "calling the factory failed",
     )
     _one_line_error(capsys, _main(["bench", "--model", "nomodule_xyz:f", "--input-shape", "4"]), "cannot import")
+    _one_line_error(  # refused by the library at the first step: one line naming the configuration
+        capsys,
+        _main(["bench", "--model", f"{mod}:sparse", "--input-shape", "5", "--vocab", "10", "--steps", "1"]),
+        "SAM rho=0.05 cannot step this model",
+        "sparse",
+    )
+
+
+def test_bench_steps_a_float64_model_and_warmup_zero_times_every_step(work, capsys, monkeypatch):
+    """The random batch takes the model's precision (a float64 model's forward failed on a float32 batch, and
+    the error blamed --input-shape); ``--warmup 0`` runs no untimed step but still counts the passes."""
+    from fastperturb.tools import bench
+
+    tmp, mod = work
+    steps = []
+    real = bench._Config._step
+    monkeypatch.setattr(bench._Config, "_step", lambda self: (steps.append(self.label), real(self))[1])
+    monkeypatch.setattr(bench, "peak_step_bytes", lambda step, device: (0, "not measured in this test"))
+    rc = _main(
+        [
+            "bench",
+            "--model",
+            f"{mod}:lin64",
+            "--input-shape",
+            "4",
+            "--loss",
+            "mse",
+            "--steps",
+            "3",
+            "--warmup",
+            "0",
+            "--presets",
+            "SAM,APD",
+            "--apd-steps",
+            "2",
+            "--json",
+            "r.json",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert len(steps) == 3 * 3 and len(set(steps)) == 3  # plain, SAM, APD: three timed steps each, no warm-up
+    import json
+
+    rows = {r["config"]: r["passes"] for r in json.loads((tmp / "r.json").read_text())["rows"]}
+    assert sorted(rows.values()) == [1, 2, 3], rows
 
 
 # ----------------------------------------------------------------------------- python -m benchmarks
@@ -253,6 +313,7 @@ def test_bench_model_errors(work, capsys):
     "args, needles",
     [
         (["--reps", "0"], ["--reps"]),
+        (["--json", ""], ["--json", "empty file name"]),
         (["--warmup", "-1"], ["--warmup"]),
         (["--budget", "0"], ["--budget"]),
         (["--mem-jobs", "0"], ["--mem-jobs"]),

@@ -67,7 +67,10 @@ def test_selftest_cli_rejects_unknown_backend(capsys):
     from fastperturb.cli import main
 
     assert main(["selftest", "--backends", "cpp,tpu"]) == 2
-    assert "tpu" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "tpu" in err and "reference" in err and err.count("\n") == 1
+    assert main(["selftest", "--backends", " , "]) == 2  # an empty list was an empty table and exit 0
+    assert "no backend given" in capsys.readouterr().err
 
 
 def test_selftest_checks_triton_under_the_interpreter_in_a_child_process():

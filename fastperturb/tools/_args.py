@@ -303,6 +303,8 @@ def check_writable_dir(path: str, arg: str = "--out") -> None:
 
 def check_writable_file(path: str, arg: str) -> None:
     """Fail now, before any work, if the file ``path`` could not be written at the end."""
+    if not path.strip():
+        raise UsageError(f"{arg}: an empty file name")
     if os.path.isdir(path):
         raise UsageError(f"{arg} {path}: is a folder, expected a file name")
     folder = os.path.dirname(os.path.abspath(path))

@@ -197,6 +197,7 @@ class _Config:
         self.label, self.model, self.x, self.y, self.loss_fn = label, model, x, y, loss_fn
         self.opt = make_opt(list(model.parameters()))
         self.passes = 0
+        self.passes_per_step: Optional[int] = None  # counted at the first step, warm-up or timed
         self.perturbs = perturbs
         self.times: list[float] = []
 
@@ -207,6 +208,18 @@ class _Config:
         return loss
 
     def step(self) -> None:
+        if self.passes_per_step is not None:
+            self._step()
+            return
+        before = self.passes
+        try:
+            self._step()
+        except (TypeError, ValueError) as e:  # the library refuses the model (a sparse gradient, say)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"{self.label} cannot step this model: {msg}") from None
+        self.passes_per_step = self.passes - before
+
+    def _step(self) -> None:
         if self.perturbs:
             self.opt.step(self.closure)  # zeroes the gradients before each pass itself
         else:
@@ -218,8 +231,11 @@ class _Config:
 def _batch(model: nn.Module, args, device: torch.device) -> tuple[Tensor, Tensor]:
     gen = torch.Generator().manual_seed(args.seed)
     size = (args.batch_size, *args.input_shape)
-    x = torch.randint(0, args.vocab, size, generator=gen) if args.vocab else torch.randn(size, generator=gen)
-    x = x.to(device)
+    if args.vocab:
+        x = torch.randint(0, args.vocab, size, generator=gen).to(device)
+    else:  # in the model's own precision: a float64 or bf16 model gets a float64 or bf16 batch
+        dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+        x = torch.randn(size, generator=gen).to(device=device, dtype=dtype)
     try:
         with torch.no_grad():
             out = model(x)
@@ -259,7 +275,7 @@ def _run(args) -> int:
         raise UsageError(
             f"--presets {args.presets}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(PRESETS)}"
         )
-    if args.json:
+    if args.json is not None:
         check_writable_file(args.json, "--json")
     device = _device(args.device)
     torch.manual_seed(args.seed)
@@ -298,11 +314,9 @@ def _run(args) -> int:
         )
     del base_model
 
-    for c in configs:  # warm-up; also counts the passes of one step
-        for _ in range(max(args.warmup, 1)):
-            c.passes = 0
+    for c in configs:  # warm-up; the first step also counts the passes and refuses what cannot step
+        for _ in range(args.warmup):
             c.step()
-    passes = {c.label: c.passes for c in configs}
     for r in range(args.steps):  # round-robin, the starting configuration rotating
         for c in configs[r % len(configs) :] + configs[: r % len(configs)]:
             _sync(device)
@@ -321,7 +335,7 @@ def _run(args) -> int:
         rows.append(
             {
                 "config": c.label,
-                "passes": passes[c.label],
+                "passes": c.passes_per_step,
                 "median_s": med,
                 "min_s": min(c.times),
                 "max_s": max(c.times),
@@ -346,7 +360,7 @@ def _run(args) -> int:
         "backend": fp.get_backend(),
     }
     _print(env, rows)
-    if args.json:
+    if args.json is not None:
         folder, name = os.path.split(os.path.abspath(args.json))
         write_all(folder, {name: lambda path: _write_json(path, {"env": env, "rows": rows})}, "--json")
         print(f"wrote {args.json}")

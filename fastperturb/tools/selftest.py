@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from ._args import UsageError
+
 
 @dataclass
 class Verdict:
@@ -36,9 +38,16 @@ class Verdict:
     detail: str = ""
 
 
+BACKENDS = ("cpp", "cuda", "triton", "reference")
+DEFAULT_BACKENDS = ("cpp", "cuda", "triton")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--backends", default="cpp,cuda,triton", help="comma-separated backends to verify (default: cpp,cuda,triton)"
+        "--backends",
+        default=",".join(DEFAULT_BACKENDS),
+        help=f"comma-separated backends to verify, of {', '.join(BACKENDS)} (default: {','.join(DEFAULT_BACKENDS)}; "
+        "reference runs the pure-PyTorch reference through the same checks)",
     )
     p.add_argument("--quick", action="store_true", help="fewer cases (the large ones are skipped)")
 
@@ -204,13 +213,10 @@ def format_table(verdicts: list[Verdict]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in wanted if b not in ("cpp", "cuda", "triton", "reference")]
-    if unknown:
-        print(
-            f"fastperturb selftest: unknown backend(s) {', '.join(unknown)}; choose from cpp, cuda, triton",
-            file=sys.stderr,
-        )
-        return 2
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown or not wanted:
+        what = f"unknown backend(s) {', '.join(unknown)}" if unknown else "no backend given"
+        raise UsageError(f"--backends {args.backends}: {what}; choose from {', '.join(BACKENDS)}")
     verdicts = run(wanted, quick=args.quick)
     print()
     print(format_table(verdicts))

@@ -16,9 +16,11 @@ descent gradient); the base optimizer then steps from the restored ``w``. With
 ``fp.SAM``/``fp.APD`` the same closure gives SAM/APD adversarial training, and with
 a plain ``torch.optim`` optimizer it is ordinary PGD (or TRADES) adversarial training.
 
-BatchNorm running statistics move once per step, from the last pass (at ``w + delta``), as in the official
-code, whose only forward of the trained model is that one (its ascent runs on a proxy model): each closure call
-after the first starts the layers that will update them from their values at the start of the step. A
+The weight perturbation's passes move BatchNorm's running statistics once per step, from the last pass (at
+``w + delta``), as in the official code, whose ascent runs on a proxy model: each closure call after the first
+starts the layers that will update them from their values at the start of the step. The attack adds its own
+forwards' moves only when asked (``pgd(train_mode=True, keep_stats=True)``, the official PGD-AT script's mode;
+TRADES-AWP's attack runs in eval mode, the default). A
 preset's ``freeze_bn`` (statistics from the clean pass, the common SAM convention) is kept: its frozen
 passes leave them alone.
 

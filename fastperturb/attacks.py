@@ -11,9 +11,12 @@ Contracts:
 
 * The model's weights, their ``.grad`` and its buffers are untouched: gradients are
   taken with respect to the input only (``torch.autograd.grad``), never accumulated
-  into the parameters.
-* The attack runs in eval mode by default (as the official AWP and TRADES code do);
-  the model's train/eval flags are put back afterwards, also if the attack raises.
+  into the parameters. The one exception is asked for: ``train_mode=True, keep_stats=True``
+  keeps what the attack's forwards did to the buffers (BatchNorm's running statistics).
+* The attack runs in eval mode by default (as the official TRADES-AWP code does; the
+  official PGD-AT AWP script, built on Rice et al.'s code, attacks in train mode and
+  keeps the statistics its forwards move: ``train_mode=True, keep_stats=True``); the
+  model's train/eval flags are put back afterwards, also if the attack raises.
 * Every returned example lies in the ball of radius ``eps`` around its clean input
   (per example: ``max |x_adv - x| <= eps`` for ``"linf"``, ``||x_adv - x||_2 <= eps``
   for ``"l2"``) and inside ``data_range``.
@@ -44,11 +47,13 @@ Objective = Callable[[Tensor, Tensor], Tensor]
 
 
 @contextlib.contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[None]:
+def _mode(model: nn.Module, train: bool, keep_stats: bool = False) -> Iterator[None]:
     """Set every submodule's train flag, and put each one back afterwards; in train mode the forward may move
-    buffers (BatchNorm statistics), which are put back too."""
+    buffers (BatchNorm statistics), which are put back too unless ``keep_stats``."""
+    if keep_stats and not train:
+        raise ValueError("keep_stats=True needs train_mode=True (in eval mode the forwards move no statistics)")
     flags = [(m, m.training) for m in model.modules()]
-    with kept_buffers(model) if train else contextlib.nullcontext():
+    with kept_buffers(model) if train and not keep_stats else contextlib.nullcontext():
         model.train(train)
         try:
             yield
@@ -81,12 +86,19 @@ def _flat_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _project(delta: Tensor, x: Tensor, eps: float, norm: str, data_range: Optional[Sequence[float]]) -> Tensor:
-    """Project ``delta`` onto the ball, then clip ``x + delta`` to the data range.
+def _project(
+    delta: Tensor, x: Tensor, eps: float, norm: str, data_range: Optional[Sequence[float]], clip_first: bool = False
+) -> Tensor:
+    """Project ``delta`` onto the ball, then clip ``x + delta`` to the data range (``clip_first``: the other
+    order, TRADES' for L2; for L-infinity both orders give the same point).
 
-    Clipping to the range after the ball keeps both: it only moves coordinates towards
-    ``x`` (which is inside the range), so no ``|delta_i|`` grows.
+    Either order keeps both constraints: clipping to the range only moves coordinates
+    towards ``x`` (which is inside the range), so no ``|delta_i|`` grows; shrinking
+    ``delta`` towards 0 keeps ``x + delta`` between two points of the range.
     """
+    if clip_first and data_range is not None and norm != "linf":
+        delta = (x + delta).clamp(data_range[0], data_range[1]) - x
+        data_range = None
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
@@ -126,6 +138,7 @@ def _ascend(
     norm: str,
     data_range: Optional[Sequence[float]],
     objective: Objective,
+    clip_first: bool,
 ) -> Tensor:
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
@@ -137,7 +150,7 @@ def _ascend(
                 step = grad.sign()
             else:
                 step = grad / _flat_norm(grad).clamp_min(_TINY)
-            delta = _project(delta.detach() + step_size * step, x, eps, norm, data_range)
+            delta = _project(delta.detach() + step_size * step, x, eps, norm, data_range, clip_first)
     return delta.detach()
 
 
@@ -155,7 +168,9 @@ def pgd(
     data_range: Optional[Sequence[float]] = (0.0, 1.0),
     objective: Optional[Objective] = None,
     train_mode: bool = False,
+    keep_stats: bool = False,
     generator: Optional[torch.Generator] = None,
+    _clip_first: bool = False,
 ) -> Tensor:
     """Projected gradient ascent on the inputs (Madry et al.): returns detached adversarial examples.
 
@@ -178,7 +193,12 @@ def pgd(
         objective: ``f(logits_adv, y) -> per-example loss [B]`` to ascend; default
             cross-entropy. :func:`kl_to_clean` gives TRADES' objective.
         train_mode: run the model in train mode during the attack (default eval, as the
-            official AWP/TRADES code does); the flags are restored afterwards.
+            official TRADES-AWP code does); the flags are restored afterwards, and so are the
+            buffers its forwards moved (BatchNorm's running statistics) unless ``keep_stats``.
+        keep_stats: with ``train_mode=True``, keep the running statistics the attack's
+            forwards move, as the official PGD-AT AWP script (built on Rice et al.'s
+            robust-overfitting code) does: its attack runs in train mode. (Its attack also
+            runs one more forward after the last step to pick among restarts, even with one.)
         generator: source of the random starts (default: torch's global generator).
     """
     _check(eps, step_size, steps, norm, init, restarts, data_range)
@@ -189,15 +209,15 @@ def pgd(
     objective = _ce if objective is None else objective
     x = x.detach()
     best, best_wrong, best_loss = None, None, None
-    with _mode(model, train_mode):
+    with _mode(model, train_mode, keep_stats):
         for _ in range(restarts):
             delta = _start(x, eps, norm, init, generator)
             # TRADES' code takes its first gradient at the jittered start as drawn (a pixel at 0 or 1 jittered
             # out of the range stays out until the first step's clipping); the uniform start is projected and
             # clipped first, as Madry's and Rice's code do. A start returned as the result is clipped either way.
             if init != "normal" or steps == 0:
-                delta = _project(delta, x, eps, norm, data_range)
-            delta = _ascend(model, x, y, delta, eps, step_size, steps, norm, data_range, objective)
+                delta = _project(delta, x, eps, norm, data_range, _clip_first)
+            delta = _ascend(model, x, y, delta, eps, step_size, steps, norm, data_range, objective, _clip_first)
             if restarts == 1:
                 return (x + delta).detach()
             with torch.no_grad():
@@ -236,13 +256,15 @@ def trades_pgd(
     *,
     norm: str = "linf",
     train_mode: bool = False,
+    keep_stats: bool = False,
     generator: Optional[torch.Generator] = None,
     data_range: Optional[Sequence[float]] = (0.0, 1.0),
 ) -> Tensor:
     """TRADES' inner maximisation (Zhang et al. 2019): :func:`pgd` ascending :func:`kl_to_clean`
     from TRADES' Gaussian start (``init="normal"``). The clean prediction is taken in the same
-    mode as the attack."""
-    with _mode(model, train_mode):
+    mode as the attack. With ``norm="l2"`` each step clips to the data range before shrinking
+    into the ball, in TRADES' order (``pgd`` shrinks first, as Rice et al.'s L2 attack does)."""
+    with _mode(model, train_mode, keep_stats):
         objective = kl_to_clean(model, x.detach())
     return pgd(
         model,
@@ -255,8 +277,10 @@ def trades_pgd(
         init="normal",
         objective=objective,
         train_mode=train_mode,
+        keep_stats=keep_stats,
         generator=generator,
         data_range=data_range,
+        _clip_first=True,
     )
 
 

@@ -113,6 +113,73 @@ def test_recipe_equals_official_awp(n_steps, trades_beta, batchnorm):
         assert int(ours[1].num_batches_tracked) == n_steps * (1 if trades_beta is None else 3)
 
 
+def _official_train_mode_pgd(model, x, y, seed):
+    """The PGD-AT AWP script's attack (Rice et al.'s ``attack_pgd``, written anew): the model stays in train
+    mode, so every forward moves BatchNorm's statistics, and after the last step one more forward scores the
+    restart (one here) before it is kept."""
+    gen = torch.Generator().manual_seed(seed)
+    delta = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * EPS
+    delta = torch.min(torch.max(delta, -x), 1 - x)
+    for _ in range(STEPS):
+        delta.requires_grad_(True)
+        grad = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)[0]
+        d = (delta.detach() + ALPHA * grad.sign()).clamp(-EPS, EPS)
+        delta = torch.min(torch.max(d, -x), 1 - x)
+    F.cross_entropy(model(x + delta), y, reduction="none")  # the restart's score: one more train-mode forward
+    return (x + delta).detach()
+
+
+def test_recipe_with_a_train_mode_attack_equals_the_official_pgd_at_awp_loop():
+    """The official PGD-AT AWP loop: ``model.train()`` per epoch, the attack in train mode (its forwards move
+    the running statistics), AWP, and a logging forward on the clean batch. Ported as the README says:
+    ``pgd(..., train_mode=True, keep_stats=True)``, one forward of ``x_adv`` for the restart's score, and the
+    loop's logging forward. Weights and statistics equal; the default eval-mode attack drifts from it."""
+    sgd = dict(lr=0.1, momentum=0.9)
+    theirs = _model(batchnorm=True).train()
+    official = OfficialAWP(theirs, torch.optim.SGD(theirs.parameters(), **sgd), GAMMA)
+    ported, default = _model(batchnorm=True).train(), _model(batchnorm=True).train()
+    opts = [fp.AWP(m.parameters(), torch.optim.SGD, gamma=GAMMA, **sgd) for m in (ported, default)]
+
+    def train_mode_attack(seed):
+        def attack(m, x, y):
+            x_adv = pgd(
+                m,
+                x,
+                y,
+                EPS,
+                ALPHA,
+                STEPS,
+                train_mode=True,
+                keep_stats=True,
+                generator=torch.Generator().manual_seed(seed),
+            )
+            with torch.no_grad():
+                m(x_adv)  # the official attack's score of its restart
+            return x_adv
+
+        return attack
+
+    steps = _batches(3)
+    for i, (x, y) in enumerate(steps):
+        x_adv = _official_train_mode_pgd(theirs, x, y, i)
+        official.step(x, x_adv, y)
+        theirs(x)  # the loop's logging forward
+        step = adversarial_step(opts[0], ported, x, y, train_mode_attack(i))
+        torch.testing.assert_close(step.x_adv, x_adv, rtol=0, atol=1e-12)
+        with torch.no_grad():
+            ported(x)
+        adversarial_step(opts[1], default, x, y, _attack(i))
+        with torch.no_grad():
+            default(x)
+        for (name, p), q in zip(ported.named_parameters(), theirs.parameters()):
+            torch.testing.assert_close(p, q, **TOL, msg=f"weight {name} step {i}")
+        for (name, b), c in zip(ported.named_buffers(), theirs.buffers()):
+            torch.testing.assert_close(b, c, **TOL, msg=f"buffer {name} step {i}")
+    assert int(ported[1].num_batches_tracked) == len(steps) * (STEPS + 3)
+    drift = max((p - q).abs().max().item() for p, q in zip(default.parameters(), theirs.parameters()))
+    assert drift > 1e-4, drift
+
+
 def test_freeze_bn_keeps_the_clean_pass_statistics():
     """A preset's freeze_bn (the SAM convention) wins: the statistics move once, in the clean pass at w."""
     model, ref = _model(True), _model(True)

@@ -223,6 +223,64 @@ def test_attack_runs_in_eval_mode_unless_asked():
     assert seen and all(seen)
 
 
+def test_keep_stats_keeps_what_a_train_mode_attack_moves():
+    """The official PGD-AT AWP script (on Rice et al.'s code) attacks in train mode and keeps the BatchNorm
+    statistics its forwards move: ``keep_stats=True`` equals the plain attack run in train mode, buffers too."""
+    model, ref_model = _model(bn=True).eval(), _model(bn=True).train()
+    x, y = _data()
+    ours = pgd(model, x, y, 0.2, 0.05, 3, train_mode=True, keep_stats=True, generator=torch.Generator().manual_seed(4))
+    ref = _reference_pgd(ref_model, x, y, 0.2, 0.05, 3, "linf", torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    assert not model.training and not model[1].training  # the flags are put back
+    for (name, b), c in zip(model.named_buffers(), ref_model.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-15, msg=name)
+    assert int(model[1].num_batches_tracked) == 3
+    with pytest.raises(ValueError, match="keep_stats=True needs train_mode=True"):
+        pgd(model, x, y, 0.2, 0.05, 1, keep_stats=True)
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def _reference_trades_l2(model, x, eps, alpha, steps, gen):
+    """TRADES' L2 branch (train_trades_cifar10.py's ``distance == 'l_2'``), written anew: a Gaussian start,
+    normalised gradient steps, then clip to [0, 1] *before* shrinking into the ball."""
+    b = x.shape[0]
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), dim=1)
+    delta = 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    for _ in range(steps):
+        delta = delta.detach().requires_grad_(True)
+        kl = (p_clean * (p_clean.log() - F.log_softmax(model(x + delta), dim=1))).sum()
+        grad = torch.autograd.grad(kl, delta)[0]
+        delta = delta.detach() + alpha * grad / grad.reshape(b, -1).norm(dim=1).reshape(b, 1, 1, 1)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+        n = delta.reshape(b, -1).norm(dim=1).reshape(b, 1, 1, 1)
+        delta = torch.where(n > eps, delta * eps / n, delta)
+    return x + delta
+
+
+def test_trades_l2_clips_before_the_ball_as_trades_does():
+    model = _model().eval()
+    x, y = _data()
+    eps, alpha = 1.0, 0.6  # both the range and the ball are active
+    ours = trades_pgd(model, x, y, eps, alpha, 4, norm="l2", generator=torch.Generator().manual_seed(6))
+    ref = _reference_trades_l2(model, x, eps, alpha, 4, torch.Generator().manual_seed(6))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    # pgd's order (the ball first) gives other examples from the same start: the order is what is tested
+    other = pgd(
+        model,
+        x,
+        y,
+        eps,
+        alpha,
+        4,
+        norm="l2",
+        init="normal",
+        objective=kl_to_clean(model, x),
+        generator=torch.Generator().manual_seed(6),
+    )
+    assert (other - ours).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -397,6 +397,64 @@ def test_unknown_gradient_history_runs_the_clean_pass(backend):
     assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
 
 
+@pytest.mark.parametrize("when", ["before_backward", "after_backward"])
+def test_add_param_group_between_steps_keeps_the_callers_g0(when, backend):
+    """Unfreezing a layer with add_param_group between steps (fine-tuning code does it at an epoch's start): the
+    next drop-in step still takes the caller's backward as g_0. The new tensors had no snapshot, so g_0 was
+    unknown and the clean pass ran again: 3 passes, BatchNorm's statistics moved once more (found by a review
+    porting davda54/sam's loop). Bit-identical to the two-call loop, which needs no detection."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+        model[3].requires_grad_(False)
+        return model, fp.SAM(list(model[0].parameters()) + list(model[1].parameters()), torch.optim.SGD, lr=0.1)
+
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))
+        for _ in range(4)
+    ]
+
+    def unfreeze(model, opt):
+        model[3].requires_grad_(True)
+        opt.add_param_group({"params": list(model[3].parameters())})
+
+    model, opt = build()
+    passes = []
+    for s, (x, y) in enumerate(data):
+
+        def closure():
+            passes[-1] += 1
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        passes.append(0)
+        if s == 2 and when == "before_backward":
+            unfreeze(model, opt)
+        closure()  # the caller's backward: g_0
+        if s == 2 and when == "after_backward":
+            unfreeze(model, opt)
+        opt.step(closure)
+        opt.zero_grad()
+    assert passes == [2, 2, 2, 2]
+    assert int(model[1].num_batches_tracked) == 8
+
+    ref, ref_opt = build()
+    for s, (x, y) in enumerate(data):
+        if s == 2 and when == "before_backward":
+            unfreeze(ref, ref_opt)
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        if s == 2 and when == "after_backward":
+            unfreeze(ref, ref_opt)
+        ref_opt.first_step(zero_grad=True)
+        torch.nn.functional.cross_entropy(ref(x), y).backward()
+        ref_opt.second_step(zero_grad=True)
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_a_caller_gradient_zero_in_places_is_still_g0(backend):
     """Only a gradient that is zero everywhere counts as zeroed: a caller's g_0 that is zero but for the last element
     the scan for a nonzero one reaches (it starts at the output layer) is still used, and the closure runs K times.

@@ -273,7 +273,8 @@ def no_closure_message(optimizer: Any) -> str:
             )
     elif any(m.startswith("torch.distributed.checkpoint") for m in callers):
         msg += (
-            ". It was called by torch.distributed.checkpoint, which steps an optimizer without state to create it: "
+            ". It was called by torch.distributed.checkpoint, which steps an optimizer without state to create it "
+            "(with every lr at 0, which is taken as the base optimizer's step; here some group's lr is not 0): "
             "give get_optimizer_state_dict / set_optimizer_state_dict the base optimizer (opt.base_optimizer), "
             "which shares param_groups and state with it (README, 'Distributed training')"
         )
@@ -293,6 +294,26 @@ def no_closure_message(optimizer: Any) -> str:
     else:
         msg += f" ({name} here takes several ascent steps, so it has no first_step()/second_step())"
     return msg
+
+
+def dcp_initialising_state(depth: int = 40) -> bool:
+    """Whether torch.distributed.checkpoint's ``_init_optim_state`` made this call: it creates a fresh optimizer's
+    state (to load into it) by a ``step()`` without a closure, with zero gradients and every ``lr`` at 0."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def called_by_dcp() -> bool:
+    """Whether torch.distributed.checkpoint is among the callers (``get_optimizer_state_dict`` and friends)."""
+    return any(m.startswith("torch.distributed.checkpoint") for m in _caller_modules())
 
 
 def _caller_modules(depth: int = 40) -> list:

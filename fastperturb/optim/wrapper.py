@@ -318,6 +318,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Python: a list of (gradient, version); compiled: kept in the selection's GradWatch (``_seen_by_watch``).
         self._grads_seen: list = []
         self._seen_by_watch = False
+        # A backward seen on the tensors of an earlier selection (the groups changed since the last snapshot)
+        self._g0_pending = False
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
@@ -502,13 +504,32 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 )
             old = self._selection_cache
             new = _Selection(key, sel, every)
-            if len(old.every) == len(every) and all(map(operator.is_, old.every, every)):
+            same = len(old.every) == len(every) and all(map(operator.is_, old.every, every))
+            if same:
                 new.watch, new.watch_built = old.watch, old.watch_built  # same tensors (e.g. a `perturb` flag flipped)
             else:
+                pending = self._backward_since_seen(old)
                 self._seen_by_watch = False
             self._selection_cache = new
             self._plan_cache = None
+            if not same and not torch.compiler.is_compiling():
+                # Other tensors (a group added between steps): snapshot them now, and keep whether a backward ran
+                # since the last snapshot of the old ones. Without it a caller's g_0 was unknown at the next step
+                # and its clean pass ran again (a wasted pass, BatchNorm statistics moved once more).
+                self._see_grads()
+                self._g0_pending = pending
         return self._selection_cache
+
+    def _backward_since_seen(self, old: "_Selection") -> bool:
+        """Whether a backward ran on ``old``'s tensors since their last snapshot (step() / zero_grad())."""
+        if self._g0_pending:
+            return True
+        if not old.every:
+            return False
+        if self._seen_by_watch:
+            return old.watch is not None and old.watch.changed(_SEEN)
+        seen = self._grads_seen
+        return len(seen) == len(old.every) and _any_grad_changed(old.every, seen)
 
     def _pin_selection(self) -> None:
         """Check the groups once and hold that selection until :meth:`_unpin_selection` (a closure call, the end of the
@@ -729,6 +750,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             watch.snapshot(_SEEN)
         else:
             self._grads_seen = _versions(self._all_params())
+        self._g0_pending = False
 
     def _forget_grads(self) -> None:
         """Hold no stale gradient while the passes run (see_grads() again after them)."""
@@ -736,9 +758,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         watch = self._watch()
         if watch is not None:
             watch.forget(_SEEN)
+        self._g0_pending = False
 
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
-        """Whether a backward ran since the last step() / zero_grad() (same tensors, same order)."""
+        """Whether a backward ran since the last step() / zero_grad() (on these tensors, or on the earlier
+        selection's before its groups changed)."""
+        if self._g0_pending:
+            return True
         if self._seen_by_watch:
             # The snapshot is in the GradWatch (an eager step() or zero_grad() took it). A compiled step cannot reach
             # the watch from traced code, so it reads it eagerly: else it took the caller's g_0 as unknown and ran
@@ -978,6 +1004,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
         step, an overflow skips the step, and the caller runs ``scaler.update()`` afterwards.
         """
         if closure is None:
+            if frameworks.dcp_initialising_state() and all(float(g.get("lr", 0.0)) == 0.0 for g in self.param_groups):
+                # get/set_optimizer_state_dict(model, opt) on a fresh optimizer: zero gradients at lr 0, a step that
+                # only creates the base optimizer's state (a perturbation of a zero gradient is zero)
+                self.base_optimizer.step()
+                return None
             raise TypeError(frameworks.no_closure_message(self))
         if self._pending is not None:
             raise RuntimeError("first_step() was called without second_step(); finish that cycle first")
@@ -1280,6 +1311,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _last_cycle=None,
             _overflow_holder=None,
             _grads_seen=[],
+            _g0_pending=False,
         )
         state.update(_selection_cache=_Selection(), _plan_cache=None, _seen_by_watch=False, _pinned=None)
         state.update(_lists_cache=ops.ListsCache())
@@ -1290,6 +1322,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("_lists_cache", ops.ListsCache())
         self.__dict__.setdefault("_plan_cache", None)
         self.__dict__.setdefault("_seen_by_watch", False)
+        self.__dict__.setdefault("_g0_pending", False)
         self.__dict__.setdefault("_pinned", None)
         self.__dict__.setdefault("_last_cycle", None)
         if not isinstance(self.__dict__.get("_selection_cache"), _Selection):

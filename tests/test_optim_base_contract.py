@@ -142,6 +142,27 @@ def test_per_group_adaptive_and_eta_are_refused_unless_they_match():
     assert torch.equal(p, before)
 
 
+@pytest.mark.parametrize(
+    "make, key, other",
+    [
+        (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1, steps=3), "steps", 5),
+        (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "norm", "linf"),
+        (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "scope", "layer"),
+        (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "relative", True),
+        (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "include_clean", False),
+        (lambda g: fp.AWP(g, torch.optim.SGD, lr=0.1), "steps", 2),
+    ],
+)
+def test_a_group_setting_of_the_trajectory_is_refused(make, key, other):
+    """APD's and AWP's trajectory (steps, norm, scope, ...) is the optimizer's: a group setting it otherwise was
+    silently ignored (found by the presets review); refused now, and a group repeating the value is fine."""
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(ValueError, match=f"takes {key} for the whole optimizer"):
+        make([{"params": [w], key: other}])
+    opt = make([{"params": [w]}])
+    make([{"params": [torch.nn.Parameter(torch.randn(3, 2))], key: getattr(opt.spec, key)}])
+
+
 def test_sparse_adam_is_refused_at_construction():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(TypeError, match="SparseAdam steps only on sparse gradients"):

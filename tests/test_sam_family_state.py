@@ -415,6 +415,34 @@ def test_a_group_setting_of_an_optimizer_wide_hyperparameter_is_refused(name):
         assert opt.param_groups[0]["alpha"] == 0.5
 
 
+def test_the_official_gsam_loop_ports_with_update_rho_t_and_a_clear_set_closure_error():
+    """The official GSAM loop (and pytorch-optimizer's docstring): ``set_closure(...)``, ``step()``,
+    ``lr_scheduler.step()``, ``update_rho_t()``. ``update_rho_t`` is accepted and changes nothing (rho_t follows
+    the lr at every step), returning the next step's rho_t; ``set_closure`` says what to write. Both were a bare
+    AttributeError (found by the users' loops review). A group's ``rho``, which GSAM does not read, is refused."""
+    runs = []
+    for call_update in (False, True):
+        m = make_model()
+        opt = fp.GSAM(m.parameters(), torch.optim.SGD, rho_max=0.08, rho_min=0.02, lr=0.4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - 0.2 * s)
+        seen = []
+        for s in range(3):
+            opt.step(Closure(m, s))
+            sched.step()
+            if call_update:
+                seen.append(opt.update_rho_t())
+        runs.append(weights(m))
+        if call_update:  # rho_min + (rho_max - rho_min) * lr / lr_max, with the lr the next step reads
+            assert seen == pytest.approx([0.02 + 0.06 * (1.0 - 0.2 * (s + 1)) for s in range(3)], rel=1e-12)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match=r"set_closure.*not offered.*opt\.step\(closure\).*freeze_bn=model"):
+        opt.set_closure(torch.nn.functional.mse_loss, torch.zeros(1), torch.zeros(1))
+    with pytest.raises(ValueError, match="sets 'rho' = 0.1, which GSAM does not read"):
+        fp.GSAM([{"params": make_model().parameters(), "rho": 0.1}], torch.optim.SGD, lr=0.1)
+    fp.GSAM([{"params": make_model().parameters(), "rho": 0.5}], torch.optim.Adadelta, lr=0.1)  # Adadelta's rho
+
+
 @pytest.mark.parametrize("copy_by", ["none", "deepcopy", "pickle"])
 @pytest.mark.parametrize("how", ["plain torch state dict", "the base optimizer's, as DCP loads it"])
 @pytest.mark.parametrize("name", sorted(PRESETS))

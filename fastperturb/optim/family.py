@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -333,6 +334,23 @@ class _Family(PerturbOptimizer):
         """The persistent state, tensors keyed by parameter index (the state_dict's numbering)."""
         return {}
 
+    #: what the persistent state holds, for messages ("" when the preset has none)
+    persistent_what = ""
+
+    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+        sd = super().state_dict()
+        if self.persistent_what and not self.__dict__.get("_warned_dcp") and frameworks.called_by_dcp():
+            self._warned_dcp = True
+            warnings.warn(
+                f"torch.distributed.checkpoint keeps only the base optimizer's per-parameter state and param_groups: "
+                f"{type(self).__name__}'s {self.persistent_what} is not in it, and a resume from it starts that "
+                "afresh. Save each rank's opt.state_dict() beside the checkpoint (torch.save) and load it with "
+                "opt.load_state_dict() after the checkpoint (README, 'Distributed training')",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return sd
+
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         pass
 
@@ -454,6 +472,13 @@ class GSAM(_Family):
         self.defaults.update(extra)
 
     def _group_sizes(self, i: int, group: Dict[str, Any]) -> Optional[tuple]:
+        base_defaults = getattr(getattr(self, "base_optimizer", None), "defaults", {})
+        if "rho" in group and "rho" not in base_defaults and self.radius_key != "rho":
+            raise ValueError(
+                f"param_groups[{i}] sets 'rho' = {group['rho']!r}, which GSAM does not read: its radius follows the "
+                f"group's lr between {self.radius_key!r} and {self._keys['rho_min']!r}; set those in the group "
+                "(equal for a constant radius) and drop 'rho'"
+            )
         sizes = super()._group_sizes(i, group)
         if sizes is None:
             return None
@@ -472,6 +497,27 @@ class GSAM(_Family):
         rho = rho_min + (rho_max - rho_min) * frac
         rho = min(max(rho, min(rho_min, rho_max)), max(rho_min, rho_max))
         return rho, rho
+
+    def update_rho_t(self) -> float:
+        """The official GSAM loop's call after ``lr_scheduler.step()``. Here every step reads ``rho_t`` from each
+        group's current ``lr`` itself, so the call changes nothing; it returns the first perturbed group's ``rho_t``
+        for the next step (the official method's return value), 0.0 when no group is perturbed."""
+        for i, group in enumerate(self.param_groups):
+            sizes = self._group_sizes(i, group)
+            if sizes is not None:
+                return float(sizes[0])
+        return 0.0
+
+    def set_closure(self, *args: Any, **kwargs: Any) -> None:
+        """The official GSAM / pytorch-optimizer loop's ``set_closure(loss_fn, inputs, targets)``: refused, saying
+        what to write instead (this optimizer has no model to run the forward with)."""
+        raise TypeError(
+            "GSAM.set_closure(loss_fn, inputs, targets) is not offered (the optimizer has no model): write the "
+            "closure yourself, `def closure(): loss = loss_fn(model(inputs), targets); loss.backward(); return loss`, "
+            "and call `loss = opt.step(closure)` (it returns the clean loss, not (predictions, loss)); pass "
+            "freeze_bn=model for the official code's BatchNorm handling. rho_t follows the lr at every step: "
+            "update_rho_t() is not needed"
+        )
 
     def _form_descent(self, plan: _Plan, grads: List[Tensor], scaler: Optional[torch.amp.GradScaler]) -> None:
         g0 = self._clean_copy(plan, grads)
@@ -590,6 +636,8 @@ class LookSAM(_Family):
     the perturbed pass on reuse steps (pytorch-optimizer always runs 2); no ``use_gc``.
     ``first_step``/``second_step`` are not supported (reuse steps have no second pass).
     """
+
+    persistent_what = "stored component gv (with its norms and step counter)"
 
     two_call = False
 
@@ -744,6 +792,8 @@ class FriendlySAM(_Family):
     pytorch-optimizer). Difference from pytorch-optimizer: ``.grad`` holds the descent gradient after
     the step, not ``d``. Other keywords: see :class:`PerturbOptimizer`.
     """
+
+    persistent_what = "running mean m"
 
     def __init__(
         self,

@@ -79,6 +79,12 @@ class AWP(PerturbOptimizer):
         kwargs.setdefault("perturb_filter", is_weight_matrix)
         super().__init__(params, base_optimizer, spec, gamma, **kwargs)
 
+    def _optimizer_wide_names(self) -> tuple:
+        return super()._optimizer_wide_names() + ("steps",)
+
+    def _optimizer_wide(self, key: str) -> Any:
+        return self.spec.steps if key == "steps" else super()._optimizer_wide(key)
+
 
 class APD(PerturbOptimizer):
     """Adversarial Parameter Defense (Zhang et al.): ``steps`` projected ascent steps in the
@@ -113,3 +119,12 @@ class APD(PerturbOptimizer):
     def default_step_size(self, radius: float) -> float:
         """PGD-style step: ``1.5 * eps / steps``."""
         return 1.5 * radius / self.spec.steps
+
+    _SPEC_KEYS = ("steps", "norm", "scope", "relative", "include_clean")
+
+    def _optimizer_wide_names(self) -> tuple:
+        # (a group setting one of these was silently ignored: one trajectory serves every group)
+        return super()._optimizer_wide_names() + self._SPEC_KEYS
+
+    def _optimizer_wide(self, key: str) -> Any:
+        return getattr(self.spec, key) if key in self._SPEC_KEYS else super()._optimizer_wide(key)

@@ -397,12 +397,14 @@ def test_unknown_gradient_history_runs_the_clean_pass(backend):
     assert all(torch.equal(p, q) for p, q in zip(model2.parameters(), ref.parameters()))
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("when", ["before_backward", "after_backward"])
-def test_add_param_group_between_steps_keeps_the_callers_g0(when, backend):
+def test_add_param_group_between_steps_keeps_the_callers_g0(when, compiled, backend):
     """Unfreezing a layer with add_param_group between steps (fine-tuning code does it at an epoch's start): the
     next drop-in step still takes the caller's backward as g_0. The new tensors had no snapshot, so g_0 was
     unknown and the clean pass ran again: 3 passes, BatchNorm's statistics moved once more (found by a review
-    porting davda54/sam's loop). Bit-identical to the two-call loop, which needs no detection."""
+    porting davda54/sam's loop). Bit-identical to the two-call loop, which needs no detection. Also with the step
+    compiled (aot_eager), where the new selection cannot be taken inside the traced step: add_param_group takes it."""
 
     def build():
         torch.manual_seed(0)
@@ -421,6 +423,8 @@ def test_add_param_group_between_steps_keeps_the_callers_g0(when, backend):
         opt.add_param_group({"params": list(model[3].parameters())})
 
     model, opt = build()
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
     passes = []
     for s, (x, y) in enumerate(data):
 
@@ -436,7 +440,7 @@ def test_add_param_group_between_steps_keeps_the_callers_g0(when, backend):
         closure()  # the caller's backward: g_0
         if s == 2 and when == "after_backward":
             unfreeze(model, opt)
-        opt.step(closure)
+        step(closure)
         opt.zero_grad()
     assert passes == [2, 2, 2, 2]
     assert int(model[1].num_batches_tracked) == 8

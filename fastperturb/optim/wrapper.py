@@ -413,6 +413,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _check_no_shared_memory([p for g in groups for p in g["params"]], groups)
             self._check_real(groups)
         self.base_optimizer.add_param_group(param_group)
+        if not torch.compiler.is_compiling():
+            # Take the new selection now, eagerly: it snapshots the new tensors' gradients and keeps whether the
+            # caller's backward ran since the last step (a compiled step cannot: it ran the clean pass again)
+            self._selected_groups()
 
     def default_step_size(self, radius: float) -> float:
         """The ascent step when a group gives none: eta = r (one step to the ball's surface)."""
@@ -763,14 +767,15 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _caller_computed_g0(self, params: Sequence[Tensor]) -> bool:
         """Whether a backward ran since the last step() / zero_grad() (on these tensors, or on the earlier
         selection's before its groups changed)."""
+        if torch.compiler.is_compiling() and (self._seen_by_watch or self._g0_pending):
+            # The snapshot is in the GradWatch (an eager step(), zero_grad() or add_param_group() took it). A compiled
+            # step cannot reach the watch from traced code, so it decides eagerly: else it took the caller's g_0 as
+            # unknown and ran a clean pass of its own (a third pass per SAM step, BatchNorm statistics moved once
+            # more). The flags are read again there: a trace after a change of the groups read them stale.
+            return _watch_changed(self)
         if self._g0_pending:
             return True
         if self._seen_by_watch:
-            # The snapshot is in the GradWatch (an eager step() or zero_grad() took it). A compiled step cannot reach
-            # the watch from traced code, so it reads it eagerly: else it took the caller's g_0 as unknown and ran
-            # a clean pass of its own (a third pass per SAM step, BatchNorm statistics moved once more).
-            if torch.compiler.is_compiling():
-                return _watch_changed(self)
             watch = self._watch()
             if watch is not None:
                 return watch.changed(_SEEN)  # False without a snapshot of these tensors: unknown, run the clean pass
@@ -1492,8 +1497,11 @@ def _caller_stacklevel() -> int:
 
 @torch.compiler.disable
 def _watch_changed(opt: PerturbOptimizer) -> bool:
-    """``GradWatch.changed`` of ``opt``'s snapshot, run eagerly (called from a compiled step)."""
-    watch = opt._watch()
+    """``GradWatch.changed`` of ``opt``'s snapshot, run eagerly (called from a compiled step); True while a
+    backward seen before a change of the groups is pending."""
+    if opt._g0_pending:
+        return True
+    watch = opt._watch() if opt._seen_by_watch else None
     return watch is not None and watch.changed(_SEEN)
 
 

@@ -19,7 +19,13 @@ Contracts:
   model's train/eval flags are put back afterwards, also if the attack raises.
 * Every returned example lies in the ball of radius ``eps`` around its clean input
   (per example: ``max |x_adv - x| <= eps`` for ``"linf"``, ``||x_adv - x||_2 <= eps``
-  for ``"l2"``) and inside ``data_range``.
+  for ``"l2"``, up to the rounding of the inputs' dtype: a few per cent of ``eps`` in
+  bfloat16) and inside ``data_range``; inputs outside ``data_range`` are refused
+  (normalised inputs: pass their own range, or ``None``).
+* L2 steps are ``g / ||g||`` per example however small ``||g||`` is (0 for a zero
+  gradient): Rice et al.'s and torchattacks' ``g / (||g|| + 1e-10)`` of a batch-mean
+  loss barely move an example whose gradient is below about ``1e-10 * B``, so on
+  confident models their L2 robust accuracy reads higher than this attack's.
 """
 
 from __future__ import annotations
@@ -82,8 +88,14 @@ def _check(
 
 
 def _flat_norm(t: Tensor) -> Tensor:
-    """Per-example L2 norm, shaped to broadcast against ``t``."""
-    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+    """Per-example L2 norm, shaped to broadcast against ``t``; at least float32 (``_TINY`` is 0 in float16)."""
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    return t.flatten(1).to(dtype).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _unit(t: Tensor) -> Tensor:
+    """``t / ||t||`` per example, in ``t``'s dtype; 0 where ``t`` is 0."""
+    return (t / _flat_norm(t).clamp_min(_TINY)).to(t.dtype)
 
 
 def _project(
@@ -103,7 +115,7 @@ def _project(
         delta = delta.clamp(-eps, eps)
     else:
         scale = (eps / _flat_norm(delta).clamp_min(_TINY)).clamp(max=1.0)
-        delta = delta * scale
+        delta = (delta * scale).to(delta.dtype)
     if data_range is not None:
         delta = (x + delta).clamp(data_range[0], data_range[1]) - x
     return delta
@@ -120,11 +132,28 @@ def _start(x: Tensor, eps: float, norm: str, init: str, generator: Optional[torc
     # l2: a uniform direction, radius uniform in [0, eps]
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     r = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, dtype=x.dtype, device=x.device)
-    return z / _flat_norm(z).clamp_min(_TINY) * (r * eps)
+    return _unit(z) * (r * eps)
 
 
 def _ce(logits: Tensor, y: Tensor) -> Tensor:
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        # (one logit: the cross-entropy over one class is 0, its gradient too, and the attack never moved)
+        raise ValueError(
+            f"the default objective, cross-entropy, needs logits [B, C] with C >= 2, got {tuple(logits.shape)}; for "
+            "a one-logit binary model pass objective=lambda z, y: F.binary_cross_entropy_with_logits(z.view(-1), "
+            "y.float(), reduction='none')"
+        )
     return F.cross_entropy(logits, y, reduction="none")
+
+
+def _per_example(objective: Objective, logits: Tensor, y: Tensor) -> Tensor:
+    loss = objective(logits, y)
+    if not isinstance(loss, Tensor) or tuple(loss.shape) != (y.shape[0],):
+        got = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"objective must return one loss per example, shape ({y.shape[0]},), got {got} (use reduction='none')"
+        )
+    return loss
 
 
 def _ascend(
@@ -143,13 +172,13 @@ def _ascend(
     for _ in range(steps):
         delta = delta.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = objective(model(x + delta), y).sum()
+            loss = _per_example(objective, model(x + delta), y).sum()
             (grad,) = torch.autograd.grad(loss, [delta])
         with torch.no_grad():
             if norm == "linf":
                 step = grad.sign()
             else:
-                step = grad / _flat_norm(grad).clamp_min(_TINY)
+                step = _unit(grad)
             delta = _project(delta.detach() + step_size * step, x, eps, norm, data_range, clip_first)
     return delta.detach()
 
@@ -189,7 +218,9 @@ def pgd(
             radius for L2), ``"normal"`` (TRADES' ``0.001 * N(0, 1)``, its first gradient taken
             at the start as drawn, unclipped, as TRADES' code does) or ``"none"``.
         restarts: independent random starts; per example the result of the restart that
-            misclassifies it (if any) and otherwise has the largest objective is kept.
+            misclassifies it (if any) and otherwise has the largest objective is kept (with an
+            ``objective`` given: the largest objective alone, since a targeted or other
+            objective need not mean misclassifying ``y``).
         objective: ``f(logits_adv, y) -> per-example loss [B]`` to ascend; default
             cross-entropy. :func:`kl_to_clean` gives TRADES' objective.
         train_mode: run the model in train mode during the attack (default eval, as the
@@ -206,6 +237,15 @@ def pgd(
         raise ValueError(f"expected inputs [B, ...] and labels [B], got {tuple(x.shape)} and {tuple(y.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"inputs must be floating point, got {x.dtype}")
+    if data_range is not None and x.numel():
+        lo, hi = float(x.min()), float(x.max())
+        if lo < data_range[0] or hi > data_range[1]:
+            # (clipping them into the range would move them far out of the ball, silently)
+            raise ValueError(
+                f"the inputs lie in [{lo:.4g}, {hi:.4g}], outside data_range={tuple(data_range)}: for normalised "
+                "inputs pass their own range, or data_range=None (no clipping)"
+            )
+    by_misclassification = objective is None
     objective = _ce if objective is None else objective
     x = x.detach()
     best, best_wrong, best_loss = None, None, None
@@ -222,8 +262,8 @@ def pgd(
                 return (x + delta).detach()
             with torch.no_grad():
                 logits = model(x + delta)
-                wrong = logits.argmax(1) != y
-                loss = objective(logits, y).detach()
+                loss = _per_example(objective, logits, y).detach()
+                wrong = logits.argmax(1) != y if by_misclassification else torch.zeros_like(y, dtype=torch.bool)
             if best is None:
                 best, best_wrong, best_loss = delta, wrong, loss
                 continue
@@ -234,10 +274,13 @@ def pgd(
     return (x + best).detach()
 
 
-def kl_to_clean(model: nn.Module, x: Tensor) -> Objective:
+def kl_to_clean(model: nn.Module, x: Tensor, *, train_mode: bool = False, keep_stats: bool = False) -> Objective:
     """TRADES' attack objective: per example ``KL(softmax(model(x)) || softmax(logits_adv))``,
-    with the clean prediction computed once (it is a constant for the input gradient)."""
-    with torch.no_grad():
+    with the clean prediction computed once (it is a constant for the input gradient), in eval
+    mode as TRADES does (``train_mode``, ``keep_stats``: as :func:`pgd`'s; the flags and the
+    buffers are put back). Until this round it ran in the model's current mode, so in a training
+    loop it moved BatchNorm's statistics and took its target from batch statistics."""
+    with _mode(model, train_mode, keep_stats), torch.no_grad():
         p_clean = F.softmax(model(x), dim=1)
 
     def objective(logits_adv: Tensor, _y: Tensor) -> Tensor:
@@ -264,8 +307,7 @@ def trades_pgd(
     from TRADES' Gaussian start (``init="normal"``). The clean prediction is taken in the same
     mode as the attack. With ``norm="l2"`` each step clips to the data range before shrinking
     into the ball, in TRADES' order (``pgd`` shrinks first, as Rice et al.'s L2 attack does)."""
-    with _mode(model, train_mode, keep_stats):
-        objective = kl_to_clean(model, x.detach())
+    objective = kl_to_clean(model, x.detach(), train_mode=train_mode, keep_stats=keep_stats)
     return pgd(
         model,
         x,
@@ -320,7 +362,8 @@ def robust_accuracy(
     attack: Optional[Callable[[nn.Module, Tensor, Tensor], Tensor]] = None,
 ) -> tuple[float, float]:
     """``(accuracy, mean cross-entropy)`` of ``model`` in eval mode on ``attack(model, x, y)``
-    (``None``: the clean inputs), in batches. The model's flags and weights are unchanged."""
+    (``None``: the clean inputs), in batches, for logits ``[B, C]`` with ``C >= 2``. The model's
+    flags and weights are unchanged."""
     correct, total_loss = 0, 0.0
     with _mode(model, False):
         for i in range(0, len(y), batch_size):
@@ -329,6 +372,8 @@ def robust_accuracy(
                 xb = attack(model, xb, yb)
             with torch.no_grad():
                 logits = model(xb)
+            if logits.dim() != 2 or logits.shape[1] < 2:  # (argmax over one logit is always right for label 0)
+                raise ValueError(f"robust_accuracy scores logits [B, C] with C >= 2, got {tuple(logits.shape)}")
             correct += int((logits.argmax(1) == yb).sum())
             total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
     return correct / len(y), total_loss / len(y)

@@ -281,6 +281,98 @@ def test_trades_l2_clips_before_the_ball_as_trades_does():
     assert (other - ours).abs().max() > 1e-3
 
 
+def test_inputs_outside_the_data_range_are_refused():
+    """Normalised inputs with the default data_range=(0, 1) were clipped into it, far out of the eps-ball
+    (max |x_adv - x| = 2.0 at eps = 8/255, even with steps=0; found by the attacks review)."""
+    model = _model().eval()
+    x, y = _data()
+    z = (x - 0.5) / 0.25  # mean/std normalised: [-2, 2]
+    with pytest.raises(ValueError, match=r"outside data_range=\(0.0, 1.0\).*data_range=None"):
+        pgd(model, z, y, 8 / 255, 2 / 255, 2)
+    with pytest.raises(ValueError, match="outside data_range"):
+        trades_pgd(model, z, y, 8 / 255, 2 / 255, 2)
+    adv = pgd(model, z, y, 8 / 255, 2 / 255, 2, data_range=None)
+    assert float((adv - z).abs().max()) <= 8 / 255 + 1e-12
+    adv = pgd(model, z, y, 8 / 255, 2 / 255, 2, data_range=(-2.0, 2.0))
+    assert float((adv - z).abs().max()) <= 8 / 255 + 1e-12
+
+
+def test_kl_to_clean_takes_the_clean_prediction_in_eval_mode_and_leaves_the_buffers():
+    """Called in a training loop (model.train()), it ran the clean forward in train mode: BatchNorm's
+    statistics moved and the KL target came from batch statistics (57/64 examples off in the review)."""
+    model = _model(bn=True).train()
+    x, y = _data()
+    snap = _snapshot(model)
+    objective = kl_to_clean(model, x)
+    _assert_untouched(model, snap)
+    ours = pgd(
+        model,
+        x,
+        y,
+        0.2,
+        0.05,
+        3,
+        init="normal",
+        objective=objective,
+        generator=torch.Generator().manual_seed(2),
+        _clip_first=True,
+    )
+    ref = trades_pgd(model, x, y, 0.2, 0.05, 3, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades_pgd"])
+def test_float16_l2_attack_of_a_zero_gradient_does_not_move_and_is_not_nan(attack):
+    """_TINY = 1e-12 is 0 in float16: a zero input gradient gave 0/0 = NaN examples (19/128 NaN on a
+    confident float16 model in the review). Norms are now taken in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).half().eval()
+    with torch.no_grad():
+        model[1].weight.zero_()  # the input gradient is exactly 0
+    x, y = _data(8, torch.float16)
+    fn = pgd if attack == "pgd" else trades_pgd
+    adv = fn(model, x, y, 0.5, 0.2, 3, norm="l2", generator=torch.Generator().manual_seed(0))
+    assert adv.dtype == torch.float16 and bool(torch.isfinite(adv).all())
+    if attack == "trades_pgd":  # a zero gradient: the example stays at its start, the clipped jitter
+        start = x + 1e-3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+        torch.testing.assert_close(adv, start.clamp(0, 1), rtol=0, atol=1e-3)
+
+
+def test_restarts_with_an_objective_keep_its_largest_value():
+    """With an objective given, "misclassifies y" need not be the goal (a targeted attack passes the target as
+    y): restarts keep the largest objective per example; a batch-mean objective is refused."""
+    model = _model().eval()
+    x, _ = _data()
+    target = torch.full((x.shape[0],), 3)
+
+    def toward(logits, t):  # targeted: raise the target's log-probability
+        return -F.cross_entropy(logits, t, reduction="none")
+
+    gen = torch.Generator().manual_seed(9)
+    singles = [pgd(model, x, target, 0.3, 0.1, 2, objective=toward, generator=gen) for _ in range(4)]
+    best = pgd(model, x, target, 0.3, 0.1, 2, objective=toward, restarts=4, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        each = torch.stack([toward(model(a), target) for a in singles])
+        torch.testing.assert_close(toward(model(best), target), each.max(0).values, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"one loss per example.*reduction='none'"):
+        pgd(model, x, target, 0.3, 0.1, 2, objective=F.cross_entropy)
+
+
+def test_one_logit_models_are_refused_by_name():
+    """Cross-entropy over one class is 0 with a zero gradient: the attack never moved and robust_accuracy read 1.0."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1)).double()
+    x, _ = _data(6)
+    y = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"logits \[B, C\] with C >= 2.*binary_cross_entropy_with_logits"):
+        pgd(model, x, y, 0.1, 0.05, 2)
+    with pytest.raises(ValueError, match=r"robust_accuracy scores logits \[B, C\] with C >= 2"):
+        robust_accuracy(model, x, y)
+    bce = lambda z, t: F.binary_cross_entropy_with_logits(z.view(-1), t.double(), reduction="none")  # noqa: E731
+    adv = pgd(model, x, y, 0.1, 0.05, 2, objective=bce)
+    assert float((adv - x).abs().max()) > 0.05  # it moves
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

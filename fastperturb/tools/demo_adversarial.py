@@ -221,7 +221,8 @@ def train(preset: str, seed: int, data, args, bar) -> tuple[nn.Module, dict]:
             step = adversarial_step(opt, model, x[idx], y[idx], attack, trades_beta=beta)
             total += float(step.loss) * len(idx)
             bar.update(1)
-        # the monitor attack draws its random starts from its own generator: it never shifts the training's
+        # The monitor attack's random starts come from the global generator, reseeded here per seed and epoch (so
+        # the next epoch's training attacks start from that seed too): every run repeats exactly.
         torch.manual_seed(10_000 + seed * 1000 + epoch)
         history["epoch"].append(epoch + 1)
         history["train_loss"].append(total / len(y))

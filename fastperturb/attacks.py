@@ -238,7 +238,9 @@ def pgd(
     if not x.is_floating_point():
         raise TypeError(f"inputs must be floating point, got {x.dtype}")
     if data_range is not None and x.numel():
-        lo, hi = float(x.min()), float(x.max())
+        # (a NaN would hide the others from min/max)
+        lo = float(torch.nan_to_num(x, nan=data_range[0]).min())
+        hi = float(torch.nan_to_num(x, nan=data_range[1]).max())
         if lo < data_range[0] or hi > data_range[1]:
             # (clipping them into the range would move them far out of the ball, silently)
             raise ValueError(

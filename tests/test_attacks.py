@@ -291,6 +291,10 @@ def test_inputs_outside_the_data_range_are_refused():
         pgd(model, z, y, 8 / 255, 2 / 255, 2)
     with pytest.raises(ValueError, match="outside data_range"):
         trades_pgd(model, z, y, 8 / 255, 2 / 255, 2)
+    zn = z.clone()
+    zn[0, 0, 0, 0] = float("nan")  # a NaN does not hide the others from the check
+    with pytest.raises(ValueError, match="outside data_range"):
+        pgd(model, zn, y, 8 / 255, 2 / 255, 2)
     adv = pgd(model, z, y, 8 / 255, 2 / 255, 2, data_range=None)
     assert float((adv - z).abs().max()) <= 8 / 255 + 1e-12
     adv = pgd(model, z, y, 8 / 255, 2 / 255, 2, data_range=(-2.0, 2.0))

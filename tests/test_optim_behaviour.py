@@ -943,17 +943,19 @@ def test_parameters_sharing_memory_are_refused_before_anything_moves(how, make):
     assert torch.equal(w.detach(), before)
 
 
+@pytest.mark.parametrize("spelling", ["tensor", "generator"])
 @pytest.mark.parametrize("kind", ["view", "complex"])
-def test_add_param_group_refuses_what_the_step_would_refuse_and_adds_nothing(kind):
+def test_add_param_group_refuses_what_the_step_would_refuse_and_adds_nothing(kind, spelling):
     """A group whose tensor is a view of a parameter already there, or complex: refused by add_param_group itself,
     with the optimizer unchanged and still stepping. (Until this round the group was added, and every later step
-    raised until it was removed by hand.)"""
+    raised until it was removed by hand; given as a generator, as ``module.parameters()`` is, it was still added
+    before the refusal.)"""
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     new = nn.Parameter(model.weight.data[:1]) if kind == "view" else nn.Parameter(torch.randn(2, dtype=torch.cfloat))
     with pytest.raises((ValueError, TypeError), match="share memory" if kind == "view" else "complex"):
-        opt.add_param_group({"params": new})
+        opt.add_param_group({"params": new if spelling == "tensor" else (p for p in [new])})
     assert len(opt.param_groups) == len(opt.base_optimizer.param_groups) == 1
     x, y = torch.randn(4, 3), torch.randn(4, 2)
 

@@ -408,6 +408,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         params = param_group.get("params")
         if isinstance(params, Tensor):
             params = [params]
+        elif params is not None and not isinstance(params, (list, tuple, set, dict, str)):
+            # an iterator (model.fc.parameters(), the usual spelling): listed once here, as torch.optim lists it,
+            # so the checks below see it
+            params = param_group["params"] = list(params)
         if isinstance(params, (list, tuple)) and all(isinstance(p, Tensor) for p in params):
             groups = [*self.param_groups, {**param_group, "params": list(params)}]
             _check_no_shared_memory([p for g in groups for p in g["params"]], groups)
@@ -415,8 +419,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
         if not torch.compiler.is_compiling():
             # Take the new selection now, eagerly: it snapshots the new tensors' gradients and keeps whether the
-            # caller's backward ran since the last step (a compiled step cannot: it ran the clean pass again)
-            self._selected_groups()
+            # caller's backward ran since the last step (a compiled step cannot: it ran the clean pass again).
+            # What it refuses leaves nothing added.
+            try:
+                self._selected_groups()
+            except Exception:
+                self.base_optimizer.param_groups.pop()
+                raise
 
     def default_step_size(self, radius: float) -> float:
         """The ascent step when a group gives none: eta = r (one step to the ball's surface)."""

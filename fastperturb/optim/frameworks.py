@@ -271,7 +271,7 @@ def no_closure_message(optimizer: Any) -> str:
                 ". It was called by GradScaler.step(optimizer), which passes no closure: use bf16 autocast, which "
                 "needs no scaler, or keep float16 and call opt.step(closure, scaler=scaler) yourself"
             )
-    elif any(m.startswith("torch.distributed.checkpoint") for m in callers):
+    elif any(map(_is_dcp, callers)):
         msg += (
             ". It was called by torch.distributed.checkpoint, which steps an optimizer without state to create it "
             "(with every lr at 0, which is taken as the base optimizer's step; here some group's lr is not 0): "
@@ -303,17 +303,19 @@ def dcp_initialising_state(depth: int = 40) -> bool:
     for _ in range(depth):
         if frame is None:
             return False
-        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
-            "torch.distributed.checkpoint"
-        ):
+        if frame.f_code.co_name == "_init_optim_state" and _is_dcp(frame.f_globals.get("__name__", "")):
             return True
         frame = frame.f_back
     return False
 
 
+def _is_dcp(module: str) -> bool:
+    return module.startswith("torch.distributed.checkpoint")
+
+
 def called_by_dcp() -> bool:
     """Whether torch.distributed.checkpoint is among the callers (``get_optimizer_state_dict`` and friends)."""
-    return any(m.startswith("torch.distributed.checkpoint") for m in _caller_modules())
+    return any(map(_is_dcp, _caller_modules()))
 
 
 def _caller_modules(depth: int = 40) -> list:

@@ -71,6 +71,7 @@ class AWP(PerturbOptimizer):
 
     radius_key = "gamma"
     step_key = None
+    spec_group_keys = ("steps",)
 
     def __init__(
         self, params: Params, base_optimizer: type, gamma: float = 5e-3, steps: int = 1, **kwargs: Any
@@ -78,12 +79,6 @@ class AWP(PerturbOptimizer):
         spec = PerturbSpec(norm="l2", scope="layer", steps=steps, relative=True)
         kwargs.setdefault("perturb_filter", is_weight_matrix)
         super().__init__(params, base_optimizer, spec, gamma, **kwargs)
-
-    def _optimizer_wide_names(self) -> tuple:
-        return super()._optimizer_wide_names() + ("steps",)
-
-    def _optimizer_wide(self, key: str) -> Any:
-        return self.spec.steps if key == "steps" else super()._optimizer_wide(key)
 
 
 class APD(PerturbOptimizer):
@@ -99,6 +94,7 @@ class APD(PerturbOptimizer):
 
     radius_key = "eps"
     step_key = "step_size"
+    spec_group_keys = ("steps", "norm", "scope", "relative", "include_clean")
 
     def __init__(
         self,
@@ -119,12 +115,3 @@ class APD(PerturbOptimizer):
     def default_step_size(self, radius: float) -> float:
         """PGD-style step: ``1.5 * eps / steps``."""
         return 1.5 * radius / self.spec.steps
-
-    _SPEC_KEYS = ("steps", "norm", "scope", "relative", "include_clean")
-
-    def _optimizer_wide_names(self) -> tuple:
-        # (a group setting one of these was silently ignored: one trajectory serves every group)
-        return super()._optimizer_wide_names() + self._SPEC_KEYS
-
-    def _optimizer_wide(self, key: str) -> Any:
-        return getattr(self.spec, key) if key in self._SPEC_KEYS else super()._optimizer_wide(key)

@@ -472,12 +472,18 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise ValueError(f"param_groups[{i}]: the step size must be finite, got {s}")
         return r, s
 
+    #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
+    #: value of one is refused (it was silently ignored)
+    spec_group_keys: tuple = ()
+
     def _optimizer_wide_names(self) -> tuple:
         """Settings this optimizer takes for all groups that some wrappers read per group."""
-        return ("adaptive", "eta")
+        return ("adaptive", "eta") + self.spec_group_keys
 
     def _optimizer_wide(self, key: str) -> Any:
-        """The optimizer's own value of a key some wrappers read per group (``adaptive``, ``eta``)."""
+        """The optimizer's own value of a key some wrappers read per group (``adaptive``, ``eta``, the spec's)."""
+        if key in self.spec_group_keys:
+            return getattr(self.spec, key)
         eta = self.spec.adaptive_eta
         return eta is not None if key == "adaptive" else eta
 

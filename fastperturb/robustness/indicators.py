@@ -236,7 +236,7 @@ class _Evaluator:
             # The weights are finite (checked up front): say what else makes the clean point non-finite.
             buffers = [(n, b) for n, b in self.model.named_buffers() if b.is_floating_point()]
             nan = [n for n, b in buffers if bool(torch.isnan(b).any())]
-            inf = [n for n, b in buffers if bool(torch.isinf(b).any())]  # (a mask may hold -inf on purpose)
+            inf = [n for n, b in buffers if bool(torch.isinf(b).any())]
             if nan or inf:
                 names = nan or inf
                 where = f"the model's buffers hold {'NaN' if nan else 'Inf'} in {', '.join(names[:8])}" + (

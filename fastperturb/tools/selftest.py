@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from ..ops import dispatch
 from ._args import UsageError
 
 
@@ -38,7 +39,7 @@ class Verdict:
     detail: str = ""
 
 
-BACKENDS = ("cpp", "cuda", "triton", "reference")
+BACKENDS = tuple(b for b in dispatch.BACKENDS if b != "auto")
 DEFAULT_BACKENDS = ("cpp", "cuda", "triton")
 
 

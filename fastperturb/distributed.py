@@ -74,6 +74,17 @@ def local(t: Tensor) -> Tensor:
     return t
 
 
+def like_param(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (a local tensor shaped like ``param``'s shard) laid out as ``param``: a DTensor with its mesh,
+    placements, shape and stride when ``param`` is one (no copy), else ``t`` itself. For state a distributed
+    checkpoint saves and reshards as it does the base optimizer's."""
+    if not is_sharded(param):
+        return t
+    return DTensor.from_local(
+        t, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
+
+
 def local_list(tensors: Sequence[Tensor], params: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
     """:func:`local` of each tensor. A DTensor with a ``Partial`` placement is refused: its local tensor is one
     rank's share of a sum, not a shard (a gradient left unreduced, as tensor parallelism's ``SequenceParallel``

@@ -460,67 +460,86 @@ def _batchnorm(rank: int) -> dict:
 
 def _dcp(rank: int, out_dir: str) -> dict:
     """torch.distributed.checkpoint with sharded optimizer state: save after 2 steps, train 2 more;
-    a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
+    a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2.
+    APD through the base optimizer and the wrapper; LookSAM (k=3: the resume's first step reuses gv) and
+    FriendlySAM through the wrapper, whose DCP state dict carries their gv and m, nested and flattened."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    def build(lr):
+    makers = {
+        "apd": lambda ps, lr: fp.APD(
+            ps, torch.optim.AdamW, eps=0.02, steps=3, norm="linf", scope="layer", relative=True, lr=lr
+        ),
+        "looksam": lambda ps, lr: fp.LookSAM(ps, torch.optim.AdamW, rho=0.2, k=3, alpha=0.7, lr=lr),
+        "fsam": lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.2, sigma=0.5, lmbda=0.8, lr=lr, momentum=0.9),
+    }
+
+    def build(preset, lr):
         model, scale = make_model()
         shard(model)
         scale.requires_grad_(False)  # a constant here: the checkpoint holds the model's sharded state
-        return (
-            model,
-            scale,
-            fp.APD(
-                model.parameters(),
-                torch.optim.AdamW,
-                eps=0.02,
-                steps=3,
-                norm="linf",
-                scope="layer",
-                relative=True,
-                lr=lr,
-            ),
-        )
+        return model, scale, makers[preset](model.parameters(), lr)
 
     record = {}
     # Either the base optimizer (it shares param_groups and state with the wrapper) or the wrapper itself, as
     # Lightning's ModelParallelStrategy passes it (DCP creates a fresh optimizer's state by a step at lr 0).
-    for which, target in (("base", lambda o: o.base_optimizer), ("wrapper", lambda o: o)):
-        path = os.path.join(out_dir, f"dcp-{which}")
-        model, scale, opt = build(0.01)
+    cases = [
+        ("apd", "base", lambda o: o.base_optimizer, StateDictOptions()),
+        ("apd", "wrapper", lambda o: o, StateDictOptions()),
+        ("looksam", "wrapper", lambda o: o, StateDictOptions()),
+        ("looksam", "flattened", lambda o: o, StateDictOptions(flatten_optimizer_state_dict=True)),
+        ("fsam", "wrapper", lambda o: o, StateDictOptions()),
+        ("fsam", "flattened", lambda o: o, StateDictOptions(flatten_optimizer_state_dict=True)),
+    ]
+    for preset, which, target, options in cases:
+        path = os.path.join(out_dir, f"dcp-{preset}-{which}")
+        model, scale, opt = build(preset, 0.01)
         run_steps(opt, model, scale, range(2), rank, WORLD)
         dcp.save(
-            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, target(opt))},
+            {
+                "model": get_model_state_dict(model),
+                "optim": get_optimizer_state_dict(model, target(opt), options=options),
+            },
             checkpoint_id=path,
         )
         run_steps(opt, model, scale, range(2, 4), rank, WORLD)
         continued = [local(p).clone() for p in model.parameters()]
 
-        model2, scale2, opt2 = build(0.5)
+        model2, scale2, opt2 = build(preset, 0.5)
         with torch.no_grad():
             for p in model2.parameters():
                 local(p).normal_()
-        state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, target(opt2))}
+        state = {
+            "model": get_model_state_dict(model2),
+            "optim": get_optimizer_state_dict(model2, target(opt2), options=options),
+        }
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model2, state["model"])
-        set_optimizer_state_dict(model2, target(opt2), state["optim"])
+        set_optimizer_state_dict(model2, target(opt2), state["optim"], options=options)
         lr_loaded = opt2.param_groups[0]["lr"]
         run_steps(opt2, model2, scale2, range(2, 4), rank, WORLD)
         resumed = [local(p).clone() for p in model2.parameters()]
-        record[which] = {
+        sharded_keys = ("exp_avg", "exp_avg_sq", "momentum_buffer", "looksam_gv", "fsam_m")
+        record[f"{preset}/{which}"] = {
             "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
             "lr_loaded": lr_loaded,
             "state_sharded": all(
                 type(v).__name__ == "DTensor"
-                for s in opt2.state.values()
+                for s in state["optim"]["state"].values()
                 for k, v in s.items()
-                if k in ("exp_avg", "exp_avg_sq")
+                if k in sharded_keys
+            )
+            if "state" in state["optim"]
+            else all(
+                type(v).__name__ == "DTensor"
+                for k, v in state["optim"].items()
+                if k.startswith("state.") and k.rsplit(".", 1)[1] in sharded_keys
             ),
         }
     return record
@@ -749,8 +768,8 @@ def test_freeze_bn_on_shards(ranks):
 @pytest.mark.slow
 def test_dcp_checkpoint_resumes_bit_identical(ranks):
     for rank in ranks:
-        for which in ("base", "wrapper"):
-            rec = rank["dcp"][which]
+        assert len(rank["dcp"]) == 6
+        for which, rec in rank["dcp"].items():
             assert rec["bit_identical"], which
             assert rec["lr_loaded"] == 0.01, which  # the wrapper sees the loaded param_groups
             assert rec["state_sharded"], which

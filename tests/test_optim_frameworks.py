@@ -357,23 +357,109 @@ def test_dcp_takes_the_wrapper_itself_and_resumes_bit_identical(tmp_path, make):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (DCP without a process group says so)
+@pytest.mark.parametrize("saved_after", [0, 2])
+@pytest.mark.parametrize("form", ["nested", "flattened", "full, through torch.save"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps, lr: fp.LookSAM(ps, torch.optim.SGD, rho=0.1, k=3, lr=lr, momentum=0.9),
+        lambda ps, lr: fp.LookSAM(ps, torch.optim.AdamW, rho=0.1, k=3, scope="layer", lr=lr),
+        lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.1, lr=lr),
+        lambda ps, lr: fp.FriendlySAM(ps, torch.optim.AdamW, rho=0.1, sigma=0.5, lr=lr),
+    ],
+    ids=["looksam", "looksam-layer-adamw", "fsam-sgd-no-base-state", "fsam-adamw"],
+)
+def test_dcp_carries_the_family_state(tmp_path, make, form, saved_after):
+    """LookSAM's gv (with its norms and counter) and FriendlySAM's m go into a distributed checkpoint as
+    per-parameter entries, so a resume is bit-identical in each of DCP's forms: nested, flattened (unflattened by
+    the live state's names, TorchTitan's form) and a full state dict saved with torch.save. Saved after 2 steps
+    with k=3 the resume's first step reuses gv; after 0 there is none yet. Until this round DCP dropped them
+    (a refresh and a new running mean, 0.02-0.17 apart after 3 steps)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = {
+        "nested": StateDictOptions(),
+        "flattened": StateDictOptions(flatten_optimizer_state_dict=True),
+        "full, through torch.save": StateDictOptions(full_state_dict=True),
+    }[form]
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16, 2)
+
+    def build(lr):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        return m, make(m.parameters(), lr)
+
+    def train(m, opt, n):
+        for _ in range(n):
+
+            def closure():
+                loss = ((m(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+
+    def save(state):
+        if form.startswith("full"):
+            torch.save(state, tmp_path / "full.pt")
+        else:
+            dcp.save(state, checkpoint_id=tmp_path)
+
+    model, opt = build(0.01)
+    train(model, opt, saved_after)
+    save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt, options=options)})
+    train(model, opt, 3)
+
+    model2, opt2 = build(0.5)
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.normal_()
+    if form.startswith("full"):
+        state = torch.load(tmp_path / "full.pt", weights_only=True)
+    else:
+        state = {
+            "model": get_model_state_dict(model2),
+            "optim": get_optimizer_state_dict(model2, opt2, options=options),
+        }
+        dcp.load(state, checkpoint_id=tmp_path)
+    set_model_state_dict(model2, state["model"], options=options)
+    set_optimizer_state_dict(model2, opt2, state["optim"], options=options)
+    assert opt2.param_groups[0]["lr"] == 0.01
+    assert not any(k in s for s in opt2.base_optimizer.state.values() for k in opt2.dcp_keys)  # the base's stays its
+    train(model2, opt2, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
 @pytest.mark.parametrize("name", ["LookSAM", "FriendlySAM"])
-def test_dcp_warns_that_the_family_state_is_not_in_it(name):
-    """LookSAM's gv and FriendlySAM's m are not the base optimizer's state, which is all DCP keeps: said once,
-    at the call, with the per-rank workaround; the plain presets say nothing."""
+def test_family_entries_only_for_dcp(name):
+    """The per-parameter entries are made for DCP only: opt.state_dict() keeps the family state under
+    "fastperturb" and the base's entries as they are, and opt.state is the base optimizer's own dict."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     m = nn.Linear(3, 2)
     opt = getattr(fp, name)(m.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
-    with pytest.warns(RuntimeWarning, match=rf"{name}'s .* is not in it.*opt.state_dict\(\)") as seen:
-        get_optimizer_state_dict(m, opt)
-        get_optimizer_state_dict(m, opt)
-    assert len([w for w in seen if issubclass(w.category, RuntimeWarning)]) == 1
-    opt.state_dict()  # a plain save is complete: no warning (the filter below would raise one)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        opt.state_dict()
-        get_optimizer_state_dict(m, fp.SAM(m.parameters(), torch.optim.SGD, lr=0.1))
+    x = torch.randn(4, 3)
+
+    def closure():
+        loss = m(x).square().mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    plain = opt.state_dict()
+    assert not any(k in s for s in plain["state"].values() for k in opt.dcp_keys)
+    assert opt.state is opt.base_optimizer.state
+    dcp_sd = get_optimizer_state_dict(m, opt)
+    assert all(set(opt.dcp_keys) <= set(s) for s in dcp_sd["state"].values())
+    assert not any(k in s for s in opt.base_optimizer.state.values() for k in opt.dcp_keys)  # nothing left live
 
 
 def test_step_without_a_closure_outside_dcp_is_still_refused():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,7 +41,16 @@ from ..engine import (
 )
 from . import frameworks
 from .buffers import buffers_for, refit
-from .wrapper import Params, PerturbOptimizer, _group_key, _keyword_names, _Plan, _scaling, check_signature
+from .wrapper import (
+    Params,
+    PerturbOptimizer,
+    _group_key,
+    _keyword_names,
+    _Plan,
+    _read_through,
+    _scaling,
+    check_signature,
+)
 
 __all__ = ["GSAM", "WSAM", "LookSAM", "FriendlySAM"]
 
@@ -334,22 +342,68 @@ class _Family(PerturbOptimizer):
         """The persistent state, tensors keyed by parameter index (the state_dict's numbering)."""
         return {}
 
-    #: what the persistent state holds, for messages ("" when the preset has none)
-    persistent_what = ""
+    # ---- torch.distributed.checkpoint ---------------------------------------------------------
+    # DCP keeps only a state dict's per-parameter "state" and its "param_groups" (the "fastperturb" entry is
+    # dropped), and its flattened form is unflattened by the names in the live opt.state[p]. So for DCP the
+    # persistent state also travels as per-parameter entries named in ``dcp_keys``: tensors shaped and sharded like
+    # the parameter (DCP saves and reshards them as it does AdamW's moments) and 0-dim tensors, with placeholders
+    # where a parameter has none, so a fresh optimizer's template names what any checkpoint holds.
+
+    #: the names of the per-parameter entries the persistent state takes in a distributed checkpoint
+    dcp_keys: tuple = ()
+
+    @PerturbOptimizer.state.getter  # type: ignore[attr-defined]
+    def state(self) -> Dict[Any, Any]:
+        st = _read_through(self, "state")
+        if self.dcp_keys and frameworks.dcp_reads_directly():
+            return _StateWithEntries(st, self)
+        return st
+
+    def _dcp_entries(self, saved: Dict[str, Any], params: List[Tensor]) -> Dict[int, Dict[str, Any]]:
+        """The persistent state ``saved`` (as :meth:`_persistent` gives it) as entries per parameter index, for
+        every parameter that requires a gradient (the ones DCP keeps state for)."""
+        return {}
+
+    def _from_dcp_entries(self, entries: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+        """:meth:`_persistent`'s form (local tensors) from the entries per parameter index."""
+        return {}
 
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
         sd = super().state_dict()
-        if self.persistent_what and not self.__dict__.get("_warned_dcp") and frameworks.called_by_dcp():
-            self._warned_dcp = True
-            warnings.warn(
-                f"torch.distributed.checkpoint keeps only the base optimizer's per-parameter state and param_groups: "
-                f"{type(self).__name__}'s {self.persistent_what} is not in it, and a resume from it starts that "
-                "afresh. Save each rank's opt.state_dict() beside the checkpoint (torch.save) and load it with "
-                "opt.load_state_dict() after the checkpoint (README, 'Distributed training')",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if self.dcp_keys and frameworks.called_by_dcp():
+            params = self._flat_params()
+            entries = self._dcp_entries(self._persistent({p: i for i, p in enumerate(params)}), params)
+            state = {k: dict(v) for k, v in sd["state"].items()}  # (the base's dicts are its live state)
+            for i, e in entries.items():
+                state.setdefault(i, {}).update(e)
+            sd["state"] = state
         return sd
+
+    def _split_dcp_entries(self, sd: Dict[str, Any]) -> tuple:
+        """``sd`` without the persistent state's per-parameter entries, and those entries by parameter position
+        (a loaded state's keys are the saved ids or, from DCP, names; positions follow its param_groups, as
+        torch.optim maps them)."""
+        state = sd.get("state")
+        if not self.dcp_keys or not isinstance(state, dict):
+            return sd, {}
+        ids = [pid for g in sd.get("param_groups", []) for pid in g.get("params", [])]
+        position = {pid: k for k, pid in enumerate(ids)}
+        kept: Dict[Any, Any] = {}
+        entries: Dict[int, Dict[str, Any]] = {}
+        for pid, s in state.items():
+            if not isinstance(s, dict) or not any(k in s for k in self.dcp_keys):
+                kept[pid] = s
+                continue
+            if pid not in position:
+                raise ValueError(
+                    f"the state dict holds {type(self).__name__} state for a parameter ({pid!r}) its param_groups "
+                    "do not list; nothing was loaded"
+                )
+            entries[position[pid]] = {k: s[k] for k in self.dcp_keys if k in s}
+            rest = {k: v for k, v in s.items() if k not in self.dcp_keys}
+            if rest:
+                kept[pid] = rest
+        return {**sd, "state": kept}, entries
 
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         pass
@@ -364,8 +418,13 @@ class _Family(PerturbOptimizer):
         return settings
 
     def _load(self, state_dict: Dict[str, Any]) -> None:
+        entries: Dict[int, Dict[str, Any]] = {}
+        if isinstance(state_dict, dict):
+            state_dict, entries = self._split_dcp_entries(state_dict)
         settings = (state_dict.get("fastperturb") or {}) if isinstance(state_dict, dict) else {}
         family = settings.get(FAMILY_KEY)
+        if entries:  # (a distributed checkpoint's: the "fastperturb" entry is not in those)
+            family = {"hyper": (family or {}).get("hyper", {}), "state": self._from_dcp_entries(entries)}
         if family is not None:  # checked before the base optimizer's state is replaced: nothing half-loaded
             self._check_saved(family.get("state", {}), self._flat_params())
         super()._load(state_dict)
@@ -403,6 +462,31 @@ class _Family(PerturbOptimizer):
         self._watch_base_loads()
         if saved is not None:
             self._load_persistent(saved, self._flat_params())
+
+
+class _StateWithEntries(dict):
+    """``opt.state`` as torch.distributed.checkpoint reads it to unflatten a flattened optimizer state dict: each
+    parameter's live state plus the names of the persistent state's entries (their values are not read)."""
+
+    def __init__(self, state: Dict[Any, Any], opt: _Family) -> None:
+        super().__init__(state)
+        self._extra = {id(p) for p in opt._flat_params() if p.requires_grad}
+        self._keys = opt.dcp_keys
+
+    def __getitem__(self, p: Any) -> Dict[str, Any]:
+        live = dict(self.get(p, {}))
+        if id(p) in self._extra:
+            live.update(dict.fromkeys(self._keys))
+        return live
+
+
+def _scalar(value: Any) -> Optional[float]:
+    """A 0-dim entry's value, or None when it is not one (a flattened template's ``{}`` for a missing name)."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return float(distributed.local(value).item())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def _base_state_loaded(owner: "weakref.ref[_Family]", base: torch.optim.Optimizer) -> None:
@@ -637,7 +721,7 @@ class LookSAM(_Family):
     ``first_step``/``second_step`` are not supported (reuse steps have no second pass).
     """
 
-    persistent_what = "stored component gv (with its norms and step counter)"
+    dcp_keys = ("looksam_step", "looksam_gv", "looksam_gv_at", "looksam_gv_sq")
 
     two_call = False
 
@@ -739,6 +823,47 @@ class LookSAM(_Family):
     def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:
         return list(zip(saved.get("gv_index", []), saved.get("gv", [])))
 
+    def _dcp_entries(self, saved: Dict[str, Any], params: List[Tensor]) -> Dict[int, Dict[str, Any]]:
+        # gv's place in the one vector it is (-1: none) and its squared norm beside each tensor's gv
+        at = {i: j for j, i in enumerate(saved.get("gv_index", []))}
+        out: Dict[int, Dict[str, Any]] = {}
+        for i, p in enumerate(params):
+            if not p.requires_grad:
+                continue
+            j = at.get(i)
+            gv = torch.zeros_like(_local(p.detach())) if j is None else saved["gv"][j]
+            out[i] = {
+                "looksam_step": torch.tensor(saved.get("step", 0), dtype=torch.int64),
+                "looksam_gv": distributed.like_param(gv, p),
+                "looksam_gv_at": torch.tensor(-1 if j is None else j, dtype=torch.int64),
+                "looksam_gv_sq": torch.tensor(0.0 if j is None else float(saved["gv_sq"][j]), dtype=torch.float64),
+            }
+        return out
+
+    def _from_dcp_entries(self, entries: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+        steps = {_scalar(e.get("looksam_step")) for e in entries.values()} - {None}
+        if not steps:
+            return {}
+        if len(steps) > 1:
+            raise ValueError(
+                f"the checkpoint's LookSAM step counters differ between parameters ({sorted(steps)}): it does not "
+                "come from one optimizer; nothing was loaded"
+            )
+        out: Dict[str, Any] = {"step": int(steps.pop())}
+        placed = []
+        for i, e in entries.items():
+            j, gv, sq = _scalar(e.get("looksam_gv_at")), e.get("looksam_gv"), _scalar(e.get("looksam_gv_sq"))
+            if j is not None and j >= 0 and isinstance(gv, Tensor) and sq is not None:
+                placed.append((int(j), i, gv, sq))
+        placed.sort(key=lambda t: t[0])
+        # gv is one vector over the tensors it was formed on: with a part missing (a tensor frozen since, whose
+        # state DCP does not keep) it is no gv any more, and the next step refreshes, as it would have
+        if placed and [t[0] for t in placed] == list(range(len(placed))):
+            out["gv_index"] = [i for _, i, _, _ in placed]
+            out["gv"] = [_local(gv.detach()) for _, _, gv, _ in placed]
+            out["gv_sq"] = torch.tensor([sq for _, _, _, sq in placed], dtype=torch.float64)
+        return out
+
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         self.looksam_step = int(saved.get("step", 0))
         self._gv, self._gv_key, self._gv_sq, self._pending_gv = {}, (), None, None
@@ -793,7 +918,7 @@ class FriendlySAM(_Family):
     the step, not ``d``. Other keywords: see :class:`PerturbOptimizer`.
     """
 
-    persistent_what = "running mean m"
+    dcp_keys = ("fsam_m", "fsam_has_m")
 
     def __init__(
         self,
@@ -907,6 +1032,27 @@ class FriendlySAM(_Family):
 
     def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:
         return list(saved.get("ema", {}).items())
+
+    def _dcp_entries(self, saved: Dict[str, Any], params: List[Tensor]) -> Dict[int, Dict[str, Any]]:
+        ema = saved.get("ema", {})
+        out: Dict[int, Dict[str, Any]] = {}
+        for i, p in enumerate(params):
+            if p.requires_grad:
+                m = ema.get(i)
+                out[i] = {
+                    "fsam_m": distributed.like_param(torch.zeros_like(_local(p.detach())) if m is None else m, p),
+                    "fsam_has_m": torch.tensor(int(m is not None), dtype=torch.int64),
+                }
+        return out
+
+    def _from_dcp_entries(self, entries: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+        return {
+            "ema": {
+                i: _local(e["fsam_m"].detach())
+                for i, e in entries.items()
+                if _scalar(e.get("fsam_has_m")) == 1 and isinstance(e.get("fsam_m"), Tensor)
+            }
+        }
 
     def _load_persistent(self, saved: Dict[str, Any], params: List[Tensor]) -> None:
         self._ema, self._saved_ema, self._undo, self._ready_key = {}, {}, None, ()

@@ -318,6 +318,13 @@ def called_by_dcp() -> bool:
     return any(map(_is_dcp, _caller_modules()))
 
 
+def dcp_reads_directly() -> bool:
+    """Whether the caller's caller is torch.distributed.checkpoint's own code (a property read by it): one frame
+    looked at, cheap enough for an attribute read."""
+    frame = sys._getframe(2)
+    return frame is not None and _is_dcp(frame.f_globals.get("__name__", ""))
+
+
 def _caller_modules(depth: int = 40) -> list:
     """Module names of the frames that led to the current call (innermost first)."""
     names = []

@@ -70,6 +70,22 @@ def buffers_for(store: MutableMapping[Tensor, Tensor], keys: Sequence[Tensor], l
     return out  # type: ignore[return-value]
 
 
+def kept_in_layout(
+    store: MutableMapping[Tensor, Tensor], keys: Sequence[Tensor], likes: Sequence[Tensor]
+) -> List[Tensor]:
+    """``store[keys[i]]`` in the layout of ``likes[i]`` (same shape), values kept: converted, and replaced in
+    ``store``, where it differs. For state kept across steps, which :func:`buffers_for` would replace by an
+    uninitialised buffer: state loaded or refitted in its parameter's strides, read beside a gradient whose
+    strides differ in a size-1 dimension (a 1x1 convolution's under channels_last)."""
+    out = []
+    for k, t in zip(keys, likes):
+        b = store[k]
+        if not _fits(b, t):
+            b = store[k] = torch.empty_like(t, memory_format=torch.preserve_format).copy_(b)
+        out.append(b)
+    return out
+
+
 def refit(store: MutableMapping[Tensor, Tensor], like: Callable[[Tensor], Tensor]) -> bool:
     """State kept across steps brought to its tensors after they changed dtype, layout or shape: each buffer that
     no longer fits ``like(key)`` is converted to it, values kept; one of another shape is dropped. False if one

@@ -40,7 +40,7 @@ from ..engine import (
     tiny_rows,
 )
 from . import frameworks
-from .buffers import buffers_for, refit
+from .buffers import buffers_for, kept_in_layout, refit
 from .wrapper import (
     Params,
     PerturbOptimizer,
@@ -133,12 +133,16 @@ class _Family(PerturbOptimizer):
 
     # ---- buffers ------------------------------------------------------------------------
 
-    def _list(self, name: str, store: Dict[Tensor, Tensor], plan: _Plan, like: Sequence[Tensor]) -> List[Tensor]:
-        """``store``'s buffer of each perturbed tensor (allocated like ``like``), cached per tensor list."""
+    def _list(
+        self, name: str, store: Dict[Tensor, Tensor], plan: _Plan, like: Sequence[Tensor], keep: bool = False
+    ) -> List[Tensor]:
+        """``store``'s buffer of each perturbed tensor (allocated like ``like``), cached per tensor list. ``keep``:
+        the store is state kept across steps, brought to ``like``'s layout with its values (a scratch buffer that
+        does not fit is replaced, uninitialised)."""
         key = (id(store), tuple(map(id, plan.params)))
         hit = self._lists.get(name)
         if hit is None or hit[0] != key:
-            hit = self._lists[name] = (key, buffers_for(store, plan.params, like))
+            hit = self._lists[name] = (key, (kept_in_layout if keep else buffers_for)(store, plan.params, like))
         return hit[1]
 
     def _copy_coef(self, like: List[Tensor]) -> Tensor:
@@ -670,22 +674,31 @@ class WSAM(_Family):
             return
         dev = plan.local_params[0].device
         lrs = torch.tensor([float(g["lr"]) for g in self.param_groups], dtype=torch.float64, device=dev)
-        col = lrs[self._group_index(plan, dev)] * (-self.weight)
+        idx, kept = self._group_index(plan, dev)
+        if not kept:
+            return
+        col = lrs[idx] * (-self.weight)
         if _scaling(scaler):  # H is in the scaled units of this step's gradients
             col = col / scaler._get_scale_async().to(device=dev, dtype=torch.float64)  # type: ignore[union-attr]
         coef = torch.stack([torch.ones_like(col), col, torch.zeros_like(col)], 1)
-        ops.lincomb_(plan.local_params, self._backup_list(plan), [], coef.float())
+        params, sharp = plan.local_params, self._backup_list(plan)
+        if len(kept) < len(params):
+            params, sharp = [params[i] for i in kept], [sharp[i] for i in kept]
+        ops.lincomb_(params, sharp, [], coef.float())
 
-    def _group_index(self, plan: _Plan, dev: torch.device) -> Tensor:
-        """The param group of each perturbed tensor (long ``[n]``), cached per tensor list."""
+    def _group_index(self, plan: _Plan, dev: torch.device) -> tuple:
+        """The param group of each perturbed tensor still in one (long ``[m]``) and their places in the plan,
+        cached per tensor list. A tensor taken out of its group between first_step() and second_step() gets no
+        sharpness update, as it gets no base step."""
         # (each group's length too: a tensor moved in place from the end of one group's list to the front of the
         # next keeps the order and the lists)
         key = (tuple(map(id, plan.params)), tuple((id(g["params"]), len(g["params"])) for g in self.param_groups), dev)
         hit = self._lists.get("group_index")
         if hit is None or hit[0] != key:
             where = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
-            idx = torch.tensor([where[id(p)] for p in plan.params], dtype=torch.long, device=dev)
-            hit = self._lists["group_index"] = (key, idx)
+            kept = [i for i, p in enumerate(plan.params) if id(p) in where]
+            idx = torch.tensor([where[id(plan.params[i])] for i in kept], dtype=torch.long, device=dev)
+            hit = self._lists["group_index"] = (key, (idx, kept))
         return hit[1]
 
     def _hyper(self) -> Dict[str, Any]:
@@ -766,7 +779,7 @@ class LookSAM(_Family):
                 vv = self._gv_sq
                 f = torch.where(vv > 0, self.alpha * gg.sqrt() / (vv.sqrt() + 1e-8), torch.zeros_like(vv))
             coef = torch.stack([torch.ones_like(f), f, torch.zeros_like(f)], 1)
-            ops.lincomb_(grads, self._list("gv", self._gv, plan, grads), [], coef.float())
+            ops.lincomb_(grads, self._list("gv", self._gv, plan, grads, keep=True), [], coef.float())
             return
         # refresh: G = g1 stays in .grad; gv = g1 - (<g,g1>/||g||^2) g is formed in the clean copy's
         # buffer and becomes the stored gv (a swap, no copy) only if the step is taken.
@@ -944,7 +957,7 @@ class FriendlySAM(_Family):
         grad_scale = 1.0 / float(scaler.get_scale()) if _scaling(scaler) else 1.0
         key = tuple(map(id, plan.params))
         if self._ready_key == key:  # the common case: every tensor has its EMA
-            ema = self._ema_list(plan, plan.params)
+            ema = self._ema_list(plan.params, grads)
             ops.lincomb_(self._list("saved_ema", self._saved_ema, plan, ema), ema, [], self._copy_coef(ema))
             self._undo = ([], plan.params)
             return self._sweep(cycle, grads, ema, [], [], init=False, grad_scale=grad_scale)
@@ -955,7 +968,7 @@ class FriendlySAM(_Family):
         copied: List[Tensor] = []
         if old:
             copied = plan.params if not new else [plan.params[i] for i in old]
-            ema = self._ema_list(plan, copied)
+            ema = self._ema_list(copied, grads if not new else [grads[i] for i in old])
             saved = buffers_for(self._saved_ema, copied, ema)
             ops.lincomb_(saved, ema, [], self._copy_coef(ema))
             sq[old] = self._sweep(cycle, grads, ema, old, new, init=False, grad_scale=grad_scale)
@@ -971,11 +984,12 @@ class FriendlySAM(_Family):
         self._undo = (fresh, copied)
         return sq
 
-    def _ema_list(self, plan: _Plan, params: List[Tensor]) -> List[Tensor]:
+    def _ema_list(self, params: List[Tensor], grads: Sequence[Tensor]) -> List[Tensor]:
+        """m of each of ``params``, in the layout of its gradient (a loaded or converted m has its parameter's)."""
         key = (tuple(map(id, params)), id(self._ema))
         hit = self._lists.get("ema")
         if hit is None or hit[0] != key:
-            hit = self._lists["ema"] = (key, [self._ema[p] for p in params])
+            hit = self._lists["ema"] = (key, kept_in_layout(self._ema, params, grads))
         return hit[1]
 
     def _sweep(

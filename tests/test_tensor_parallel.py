@@ -219,8 +219,10 @@ def _refusals(rank: int) -> dict:
 
 
 def _dcp(rank: int, out_dir: str) -> dict:
-    """torch.distributed.checkpoint on the 2-D layout: save model and base-optimizer state after 2 steps, train 2
-    more; a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2."""
+    """torch.distributed.checkpoint on the 2-D layout: save model and optimizer state after 2 steps, train 2
+    more; a fresh model and optimizer (other weights, other lr) load the checkpoint and train the same 2. SAM
+    through the base optimizer; LookSAM (k=3: the resume's first step reuses gv) and FriendlySAM through the
+    wrapper, whose state dict for DCP carries gv and m sharded like their parameters (_StridedShard included)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -229,37 +231,45 @@ def _dcp(rank: int, out_dir: str) -> dict:
         set_optimizer_state_dict,
     )
 
-    def build(lr: float):
-        model, dp_rank, dp_world = _parallel_model(True)
-        opt = fp.SAM(model.parameters(), torch.optim.AdamW, rho=0.2, lr=lr)
-        return model, opt, dp_rank, dp_world
-
-    path = os.path.join(out_dir, "dcp")
-    model, opt, dp_rank, dp_world = build(0.01)
-    train(model, opt, range(2), dp_rank, dp_world)
-    dcp.save(
-        {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt.base_optimizer)},
-        checkpoint_id=path,
-    )
-    train(model, opt, range(2, 4), dp_rank, dp_world)
-    continued = [local(p).clone() for p in model.parameters()]
-
-    model2, opt2, _, _ = build(0.5)
-    with torch.no_grad():
-        for p in model2.parameters():
-            local(p).normal_()
-    state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2.base_optimizer)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model2, state["model"])
-    set_optimizer_state_dict(model2, opt2.base_optimizer, state["optim"])
-    lr_loaded = opt2.param_groups[0]["lr"]
-    skipped = train(model2, opt2, range(2, 4), dp_rank, dp_world)
-    resumed = [local(p).clone() for p in model2.parameters()]
-    return {
-        "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
-        "lr_loaded": lr_loaded,
-        "skipped": skipped,
+    makers = {
+        "sam": (lambda ps, lr: fp.SAM(ps, torch.optim.AdamW, rho=0.2, lr=lr), lambda o: o.base_optimizer),
+        "looksam": (lambda ps, lr: fp.LookSAM(ps, torch.optim.AdamW, rho=0.2, k=3, lr=lr), lambda o: o),
+        "fsam": (lambda ps, lr: fp.FriendlySAM(ps, torch.optim.SGD, rho=0.2, lr=lr, momentum=0.9), lambda o: o),
     }
+    out = {}
+    for name, (make, target) in makers.items():
+
+        def build(lr: float):
+            model, dp_rank, dp_world = _parallel_model(True)
+            return model, make(model.parameters(), lr), dp_rank, dp_world
+
+        path = os.path.join(out_dir, f"dcp-{name}")
+        model, opt, dp_rank, dp_world = build(0.01)
+        train(model, opt, range(2), dp_rank, dp_world)
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, target(opt))},
+            checkpoint_id=path,
+        )
+        train(model, opt, range(2, 4), dp_rank, dp_world)
+        continued = [local(p).clone() for p in model.parameters()]
+
+        model2, opt2, _, _ = build(0.5)
+        with torch.no_grad():
+            for p in model2.parameters():
+                local(p).normal_()
+        state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, target(opt2))}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model2, state["model"])
+        set_optimizer_state_dict(model2, target(opt2), state["optim"])
+        lr_loaded = opt2.param_groups[0]["lr"]
+        skipped = train(model2, opt2, range(2, 4), dp_rank, dp_world)
+        resumed = [local(p).clone() for p in model2.parameters()]
+        out[name] = {
+            "bit_identical": all(torch.equal(a, b) for a, b in zip(continued, resumed)),
+            "lr_loaded": lr_loaded,
+            "skipped": skipped,
+        }
+    return out
 
 
 def _scenarios(rank: int, out_dir: str, results: dict) -> None:
@@ -316,9 +326,10 @@ def test_a_nonfinite_shard_skips_the_step_on_every_rank(ranks):
 
 def test_dcp_checkpoint_on_the_2d_layout_resumes_bit_identical(ranks):
     for rank in ranks:
-        rec = rank["dcp"]
-        assert rec["bit_identical"] and rec["skipped"] == [False, False]
-        assert rec["lr_loaded"] == 0.01  # the wrapper sees the loaded param_groups
+        assert sorted(rank["dcp"]) == ["fsam", "looksam", "sam"]
+        for name, rec in rank["dcp"].items():
+            assert rec["bit_identical"] and rec["skipped"] == [False, False], name
+            assert rec["lr_loaded"] == 0.01, name  # the wrapper sees the loaded param_groups
 
 
 def test_tp_and_fsdp_on_a_row_and_a_column_of_the_mesh_match_one_process(ranks):

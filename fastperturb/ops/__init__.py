@@ -8,7 +8,7 @@ Each function picks the backend for the tensors' device
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,13 @@ def grad_stats_(
     )
 
 
+def _nothing_to_write(tensors: List[Tensor]) -> Tensor:
+    """The float32 ``[0]`` result of a mutating op called on empty lists, without the op: under torch.compile such
+    a call is the case ops/pure.py describes (one returned tensor, only empty mutable lists), which inductor
+    cannot lower; every backend returns this."""
+    return torch.zeros(0, dtype=torch.float32, device=V.first_device(tensors))
+
+
 @_non_differentiable
 def ascent_step_(
     params: Sequence[Tensor],
@@ -148,8 +155,10 @@ def lincomb_(out: Sequence[Tensor], x: Sequence[Tensor], y: Sequence[Tensor], co
     ``y`` may be empty). Returns float32 ``[n]``: ``sum out**2`` of the new values."""
     out, x, y = list(out), list(x), list(y)
     backend = dispatch.resolve(V.first_device(out))
-    if backend in _PY_BACKENDS:
+    if backend in _PY_BACKENDS or (not out and torch.compiler.is_compiling()):
         V.check_lincomb(out, x, y, coef)
+        if not out:  # (see _nothing_to_write)
+            return _nothing_to_write(out)
     return dispatch.op("lincomb_", backend)(out, x, y, coef)
 
 
@@ -170,8 +179,10 @@ def ema_residual_(
     ``sum (t*grads)**2`` (``t = |params| + adaptive_eta`` if ``adaptive_eta >= 0``, else 1)."""
     grads, ema, params = list(grads), list(ema), list(params)
     backend = dispatch.resolve(V.first_device(grads, params))
-    if backend in _PY_BACKENDS:
+    if backend in _PY_BACKENDS or (not grads and torch.compiler.is_compiling()):
         V.check_ema_residual(grads, ema, params, sigma, lmbda, grad_scale, adaptive_eta)
+        if not grads:
+            return _nothing_to_write(grads)
     return dispatch.op("ema_residual_", backend)(
         grads,
         ema,

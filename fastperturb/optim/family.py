@@ -209,6 +209,14 @@ class _Family(PerturbOptimizer):
     def _refit_saved(self) -> None:
         """After the tensors changed dtype, layout or shape: bring the state kept across steps to them."""
 
+    # torch.compile (dynamo, torch 2.13) drops every attribute store on a torch.optim.Optimizer in the code it
+    # traces, at graph breaks too: what a step keeps on the optimizer across calls is stored through _keep, and the
+    # hooks that move the presets' own state run eagerly.
+    @torch.compiler.disable
+    def _keep(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+    @torch.compiler.disable
     def _follow_tensors(self, plan: _Plan) -> None:
         """When this step's tensors hold other data than at the last step (``module.to(float64)``, channels_last,
         ``.data`` of another shape): the cached lists are looked up again and the state kept across steps is
@@ -232,7 +240,7 @@ class _Family(PerturbOptimizer):
     def _new_cycle(self, plan: _Plan) -> Cycle:
         if self._cycle_plan is not plan:  # (_perturbed_passes has followed them for this plan already)
             self._follow_tensors(plan)
-        self._cycle_plan = plan
+        self._keep(_cycle_plan=plan)
         return _FamilyCycle(
             self,
             self.spec,
@@ -246,20 +254,21 @@ class _Family(PerturbOptimizer):
 
     def _perturbed_passes(self, plan: _Plan, closure: Any, restore: bool = True) -> Optional[Cycle]:
         self._follow_tensors(plan)
-        self._cycle_plan = plan
+        self._keep(_cycle_plan=plan)
         if self._reuses(plan):
             return None
         try:
             return super()._perturbed_passes(plan, closure, restore)
         except BaseException:
-            self._cycle_plan = None
+            self._keep(_cycle_plan=None)
             self._rollback()
             raise
 
     def _descend(
         self, scaler: Optional[torch.amp.GradScaler], base_step: Optional[Any] = None, cycle: Optional[Cycle] = None
     ) -> None:
-        plan, self._cycle_plan = self._cycle_plan, None
+        plan = self._cycle_plan
+        self._keep(_cycle_plan=None)
         try:
             if plan is not None:
                 try:
@@ -280,8 +289,7 @@ class _Family(PerturbOptimizer):
     def step(self, closure: Any = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
         if self._pending is not None:  # the wrapper refuses this; the pending first_step's state stays
             return super().step(closure, scaler)
-        self._cycle_plan = None
-        self._scaler = scaler
+        self._keep(_cycle_plan=None, _scaler=scaler)
         try:
             return super().step(closure, scaler)
         except BaseException:
@@ -297,8 +305,7 @@ class _Family(PerturbOptimizer):
             )
         if self._pending is not None:  # refused by the wrapper, without touching the pending step's state
             return super().first_step(zero_grad, scaler)
-        self._cycle_plan = None
-        self._scaler = scaler
+        self._keep(_cycle_plan=None, _scaler=scaler)
         try:
             super().first_step(zero_grad, scaler)
         except BaseException:
@@ -322,7 +329,7 @@ class _Family(PerturbOptimizer):
         had = self._pending is not None
         super().restore()
         if had:
-            self._cycle_plan = None
+            self._keep(_cycle_plan=None)
             self._rollback()
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -811,6 +818,7 @@ class LookSAM(_Family):
             self._pending_gv = None
         self.looksam_step += 1
 
+    @torch.compiler.disable
     def _rollback(self) -> None:
         self._pending_gv = None
 
@@ -950,6 +958,8 @@ class FriendlySAM(_Family):
         self._ready_key: tuple = ()  # the tensor list (ids) whose EMAs all exist
         super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
 
+    # (eager under torch.compile, as LookSAM's: the rollback record set here was lost, so a skipped step kept m)
+    @torch.compiler.disable
     def _at_clean_point(self, cycle: Cycle, grads: List[Tensor]) -> Optional[Tensor]:
         plan = self._cycle_plan
         assert plan is not None
@@ -1018,9 +1028,11 @@ class FriendlySAM(_Family):
             adaptive_eta=0.0 if adaptive else -1.0,
         )
 
+    @torch.compiler.disable
     def _commit(self, plan: _Plan, scaler: Optional[torch.amp.GradScaler]) -> None:
         self._undo = None
 
+    @torch.compiler.disable
     def _rollback(self) -> None:
         undo, self._undo = self._undo, None
         if undo is None:

@@ -103,9 +103,9 @@ def test_random_indicator_is_second_order():
     with torch.no_grad():
         model.weight.copy_(y.reshape(1, -1))
     for eps in (1e-3, 1e-2, 0.3):
-        p = R.random_corruption(model, loss_fn, data, eps, trials=5, relative=False, scope="global", accuracy=False)
+        p = R.random_corruption(model, loss_fn, data, eps, trials=6, relative=False, scope="global", accuracy=False)
         assert p.loss_change == pytest.approx(eps**2 / (2 * D), rel=1e-7)
-        assert p.trials == 5
+        assert p.trials == 6
     # Away from the minimum, with the same draws (same seed): mirrored pairs cancel the first-order term,
     # so the mean grows exactly like eps^2.
     model, loss_fn, data, y = quad_problem()
@@ -352,12 +352,12 @@ def test_sweep_points_equal_the_single_indicators():
         [0.01, 0.03],
         kinds=("random", "adversarial"),
         steps=2,
-        trials=3,
+        trials=4,
         seed=5,
         progress=False,
     )
     for p in res.select("random"):
-        q = R.random_corruption(model, F.cross_entropy, (x, y), p.eps, trials=3, seed=5)
+        q = R.random_corruption(model, F.cross_entropy, (x, y), p.eps, trials=4, seed=5)
         assert (p.loss_change, p.accuracy, p.loss_change_sem) == (q.loss_change, q.accuracy, q.loss_change_sem)
     for p in res.select("adversarial_k2"):
         assert p.loss_change == R.adversarial(model, F.cross_entropy, (x, y), p.eps, steps=2).loss_change
@@ -503,3 +503,24 @@ def test_low_precision_weights_that_cannot_hold_the_corruption_are_warned_about(
         # one (each eps is probed once per call), at the small eps only, pointing at this file
         assert len(hits) == 1, [str(w.message) for w in hits]
         assert "eps=0.001" in str(hits[0].message) and hits[0].filename == __file__
+
+
+def test_random_trials_come_in_pairs_and_one_unit_has_no_standard_error():
+    """Mirrored pairs need an even number of trials: an odd one left a draw without its mirror, whose first-order
+    term dominated the mean (21 trials gave the wrong sign where 20 agree with 4000). One pair (or one draw
+    without mirroring) gives no standard error: NaN, and the point is not resolved (it was 0, so any positive
+    mean was "resolved" and entered the slopes)."""
+    model, x, y = mlp_problem()
+    for trials in (1, 3, 21):
+        with pytest.raises(ValueError, match=rf"trials must be even with antithetic=True .*got {trials}"):
+            R.random_corruption(model, F.cross_entropy, (x, y), 0.01, trials=trials)
+        with pytest.raises(ValueError, match="trials must be even"):
+            R.sweep(model, F.cross_entropy, (x, y), [0.01], kinds=("random",), trials=trials, progress=False)
+    for trials, antithetic in ((2, True), (1, False)):
+        p = R.random_corruption(model, F.cross_entropy, (x, y), 0.05, trials=trials, antithetic=antithetic)
+        assert math.isnan(p.loss_change_sem) and not p.resolved
+    p = R.random_corruption(model, F.cross_entropy, (x, y), 0.05, trials=3, antithetic=False)
+    assert math.isfinite(p.loss_change_sem) and p.loss_change_sem > 0
+    q = R.random_corruption(model, F.cross_entropy, (x, y), 0.05, trials=4)
+    assert math.isfinite(q.loss_change_sem) and q.loss_change_sem > 0
+    assert R.adversarial(model, F.cross_entropy, (x, y), 0.05).loss_change_sem == 0.0  # deterministic: exact

@@ -266,11 +266,10 @@ class _Evaluator:
             acc = sum(accs) / len(accs)
             acc_std = math.sqrt(sum((a - acc) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
             drop = self.clean_accuracy - acc if self.clean_accuracy is not None else None
-        # standard error of the mean: over independent units (mirrored pairs when antithetic)
-        units = [(losses[i] + losses[i + 1]) / 2 for i in range(0, len(losses) - 1, 2)] if pairs else list(losses)
-        if pairs and len(losses) % 2:
-            units.append(losses[-1])
-        sem = 0.0
+        # standard error of the mean: over independent units (mirrored pairs when antithetic; trials are even then).
+        # One unit gives none: NaN, so the point is not taken for resolved (it was 0, and any positive mean was).
+        units = [(losses[i] + losses[i + 1]) / 2 for i in range(0, len(losses), 2)] if pairs else list(losses)
+        sem = 0.0 if kind != "random" else math.nan
         if len(units) > 1:
             um = sum(units) / len(units)
             sem = math.sqrt(sum((u - um) ** 2 for u in units) / (len(units) - 1) / len(units))
@@ -415,6 +414,18 @@ class _Evaluator:
         return self._point("random", eps, losses, accs, pairs=antithetic)
 
 
+def _check_trials(trials: Any, antithetic: bool) -> None:
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    if antithetic and trials % 2:
+        # A draw without its mirror keeps its first-order term <g, a>, which is eps/eps^2 times the second-order
+        # signal the mirrored mean measures: it would dominate the mean (21 trials: the wrong sign where 20 agree).
+        raise ValueError(
+            f"trials must be even with antithetic=True (mirrored pairs), got {trials}; use {trials + 1}, or "
+            "antithetic=False"
+        )
+
+
 def _caller_level() -> int:
     """The ``stacklevel`` that makes a warning point at the first frame outside fastperturb and torch (the
     indicators are reached through several layers, and through torch's ``no_grad`` wrappers)."""
@@ -508,8 +519,7 @@ def sweep(
             raise ValueError(f"unknown kind {k!r}; choose from {KINDS}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    _check_trials(trials, antithetic)
     if step_ratio is not None:
         check_radius("step_ratio", step_ratio)
     ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)
@@ -666,8 +676,7 @@ def random_corruption(
     train_mode: bool = False,
 ) -> Point:
     """Mean (and std) loss change over ``trials`` Gaussian corruptions of norm ``eps`` (see the module docstring)."""
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials must be an integer >= 1, got {trials!r}")
+    _check_trials(trials, antithetic)
     return _single(
         "random",
         model,

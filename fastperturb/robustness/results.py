@@ -27,7 +27,8 @@ class Point:
     accuracy_drop: Optional[float] = None
     steps: Optional[int] = None
     trials: int = 1
-    loss_change_sem: float = 0.0  # standard error of the mean loss change (random: from the mirrored pairs)
+    # standard error of the mean loss change (random: from the mirrored pairs; NaN from one pair or one draw)
+    loss_change_sem: float = 0.0
 
     @property
     def series(self) -> str:
@@ -35,8 +36,14 @@ class Point:
 
     @property
     def resolved(self) -> bool:
-        """The loss change is positive by more than twice its standard error (so it has a place on a log axis)."""
-        return math.isfinite(self.loss_change) and self.loss_change > 2 * self.loss_change_sem and self.loss_change > 0
+        """The loss change is positive by more than twice its standard error (so it has a place on a log axis); not
+        when that error is unknown (NaN: one random draw, or one mirrored pair)."""
+        return (
+            math.isfinite(self.loss_change)
+            and math.isfinite(self.loss_change_sem)
+            and self.loss_change > 2 * self.loss_change_sem
+            and self.loss_change > 0
+        )
 
     def as_row(self) -> dict:
         return {

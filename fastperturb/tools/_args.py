@@ -141,6 +141,17 @@ positive_float = _float_above(0.0, inclusive=False)
 nonnegative_float = _float_above(0.0, inclusive=True)
 
 
+def trials(text: str) -> int:
+    """Random corruptions per eps: an even number >= 4 (mirrored pairs, and two pairs or more for a standard
+    error)."""
+    v = positive_int(text)
+    if v < 4 or v % 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an even number >= 4 (mirrored pairs; two pairs or more give a standard error), got {text!r}"
+        )
+    return v
+
+
 def shape(text: str) -> tuple[int, ...]:
     """A tensor shape: comma- or x-separated positive integers (``3,32,32`` or ``3x32x32``)."""
     parts = [p for p in text.replace("x", ",").split(",") if p.strip()]

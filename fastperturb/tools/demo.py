@@ -122,15 +122,6 @@ def _seed(text: str) -> int:
     return v
 
 
-def _trials(text: str) -> int:
-    v = _positive(int)(text)
-    if v < 4 or v % 2:
-        raise argparse.ArgumentTypeError(
-            f"expected an even number >= 4 (mirrored pairs; two pairs or more give a standard error), got {text!r}"
-        )
-    return v
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
     p.add_argument(
@@ -150,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--trials",
-        type=_trials,
+        type=_args.trials,
         default=20,
         help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4 (default 20)",
     )

@@ -36,7 +36,6 @@ from ._args import (
     nonnegative_eps_list,
     nonnegative_int,
     positive_float,
-    positive_int,
     write_all,
 )
 
@@ -76,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--params", choices=("all", "weights"), default="all", help="corrupt all parameters or only dim>1 tensors"
     )
     p.add_argument("--kinds", default="adversarial,first_order,random", help="comma-separated indicators")
-    p.add_argument("--trials", type=positive_int, default=10, help="random corruptions per eps")
+    p.add_argument(
+        "--trials", type=_args.trials, default=10, help="random corruptions per eps, in mirrored pairs (even, >= 4)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--batch-size", type=nonnegative_int, default=0, help="evaluate in mini-batches of this size (0: one batch)"

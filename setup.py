@@ -94,9 +94,16 @@ def read_flags(werror: bool | None = None, root: Path = ROOT) -> dict[str, list[
 def cuda_enabled() -> bool:
     """Whether to compile the [cuda] sources (see the module docstring)."""
     forced = _switch("FASTPERTURB_CUDA")
+    import torch
+
+    if forced and torch.version.cuda is None:
+        # (torch's own error here blames CUDA_HOME, set or not: a CPU build of torch never has one)
+        raise SystemExit(
+            f"fastperturb: FASTPERTURB_CUDA=1 needs a CUDA build of torch; this one is {torch.__version__} "
+            "(install a CUDA wheel of torch, or build without FASTPERTURB_CUDA)"
+        )
     if forced is not None:
         return forced
-    import torch
     from torch.utils import cpp_extension
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None

@@ -20,6 +20,7 @@ per-tensor coefficients, between the passes) takes ``[n]``-vectors, not lists: o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -179,6 +180,9 @@ def write_records(path: str | None, recs: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = host_arguments("triton_host", __doc__, numel=16).parse_args(argv)
+    if importlib.util.find_spec("triton") is None:
+        print("benchmarks.triton_host: needs Triton (pip install 'triton>=3.8')", file=sys.stderr)
+        return 2
     if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
         # The interpreter must be chosen before triton is imported: run again in a child that has it.
         env = dict(os.environ, TRITON_INTERPRET="1")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastperturb as fp
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -130,7 +132,11 @@ def test_cuda_switch(monkeypatch):
     assert setup.cuda_enabled() is False
     assert setup.extension_sources(False) == setup.read_sources(ROOT)["cpu"]
     monkeypatch.setenv("FASTPERTURB_CUDA", "1")
-    assert setup.cuda_enabled() is True
+    if torch.version.cuda is not None:
+        assert setup.cuda_enabled() is True
+    else:  # (torch's own error blamed CUDA_HOME, set or not)
+        with pytest.raises(SystemExit, match=r"FASTPERTURB_CUDA=1 needs a CUDA build of torch; this one is .*\+cpu"):
+            setup.cuda_enabled()
     monkeypatch.setenv("FASTPERTURB_CUDA", "yes")
     with pytest.raises(ValueError):
         setup.cuda_enabled()
@@ -204,6 +210,29 @@ def test_a_source_checkout_without_the_extension_says_so(tmp_path):
     assert "imported from the source checkout" in str(err) and "pip install --no-build-isolation -e ." in str(err)
     (copy / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     assert native._source_checkout_error(copy) is None  # built in place: a load failure is something else
+
+
+def test_auto_says_once_when_it_falls_back_to_the_reference(monkeypatch):
+    """The checkout's package (no extension) shadowing the installed one made `auto` run every op on the
+    reference, silently (found by this round's newcomer review): now a RuntimeWarning names the reason, once per
+    reason, at the user's line; a chosen reference backend says nothing."""
+    import warnings
+
+    from fastperturb import ops
+    from fastperturb.ops import dispatch, native
+
+    monkeypatch.setattr(native, "load_error", ImportError("imported from the source checkout (test)"))
+    monkeypatch.setattr(dispatch, "_fallbacks_said", set())
+    x = [torch.randn(5)]
+    with pytest.warns(RuntimeWarning, match=r"reference backend for cpu tensors .*source checkout \(test\)") as seen:
+        ops.norms(x, 2.0)
+        ops.norms(x, 2.0)
+        ops.grad_stats_(x)
+    assert len(seen) == 1 and seen[0].filename == __file__
+    monkeypatch.setattr(dispatch, "_fallbacks_said", set())
+    with warnings.catch_warnings(), fp.use_backend("reference"):
+        warnings.simplefilter("error")
+        ops.norms(x, 2.0)
 
 
 @pytest.mark.parametrize(

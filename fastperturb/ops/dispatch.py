@@ -11,7 +11,10 @@ Backends:
 
 ``auto`` (the default) picks ``cpp`` for CPU tensors and, on CUDA tensors,
 ``triton`` before ``cuda``: the Triton kernels are executed by the test suite
-(interpreted) while the CUDA kernel bodies have only been compiled here.
+(interpreted) while the CUDA kernel bodies have only been compiled here. When
+none of those can run it falls back to ``reference`` and says why, once per
+reason (a ``RuntimeWarning``): most often the checkout's ``fastperturb/``
+shadowing the installed package.
 Choose with :func:`set_backend` or the ``FASTPERTURB_BACKEND`` environment
 variable.
 """
@@ -21,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from typing import Callable, Iterator
 
 import torch
 
+from .._callers import user_stacklevel
 from . import native
 
 BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
@@ -114,10 +119,34 @@ def resolve(device: torch.device) -> str:
             raise BackendUnavailable(f"backend {_choice!r} is unavailable: {reason}")
         return _choice
     candidates = ("cpp",) if device.type == "cpu" else ("triton", "cuda")
+    reasons = []
     for name in candidates:
-        if why_unavailable(name, device) is None:
+        reason = why_unavailable(name, device)
+        if reason is None:
             return name
+        reasons.append(f"{name}: {reason}")
+    _say_fallback(device, "; ".join(reasons))
     return "reference"
+
+
+_fallbacks_said: set = set()
+
+
+def _say_fallback(device: torch.device, reasons: str) -> None:
+    """``auto`` ran an op on the reference where a compiled backend was expected: correct, but slower and not
+    what the README's figures measure, so it is said (once per reason; ``set_backend("reference")`` chooses it
+    without a word). The common case is a script run inside the source checkout, whose ``fastperturb/`` has no
+    compiled extension and shadows the installed one."""
+    key = (device.type, reasons)
+    if key in _fallbacks_said:
+        return
+    _fallbacks_said.add(key)
+    warnings.warn(
+        f"fastperturb runs its ops on the pure-PyTorch reference backend for {device.type} tensors (correct, "
+        f"slower): {reasons}. set_backend('reference') chooses it without this warning",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def op(name: str, backend: str) -> Callable:

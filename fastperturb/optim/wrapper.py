@@ -14,7 +14,6 @@ import dataclasses
 import inspect
 import math
 import operator
-import sys
 import warnings
 import weakref
 from itertools import chain, repeat
@@ -25,6 +24,7 @@ import torch.optim.optimizer as optim_hooks
 from torch import Tensor, nn
 
 from .. import distributed, ops
+from .._callers import user_stacklevel
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
 from ..ops import native
 from ..ops import validation as V
@@ -883,7 +883,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} skipped a step under a GradScaler: {note}. Backing off the loss scale does "
                     "not change the perturbation, so such steps keep skipping. Warned once per optimizer.",
                     RuntimeWarning,
-                    stacklevel=_caller_stacklevel(),
+                    stacklevel=user_stacklevel(),
                 )
             return
         if note:
@@ -896,7 +896,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"{type(self).__name__} skipped a step: {err} (opt.skipped_steps counts skipped steps; "
                 "nonfinite='raise' raises fastperturb.NonFiniteGradient instead). Warned once per optimizer.",
                 RuntimeWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
 
     def _named(self, err: NonFiniteGradient, plan: _Plan) -> NonFiniteGradient:
@@ -1499,15 +1499,6 @@ def _keyword_names(cls: type) -> set:
 
 def _group_key(name: str, taken: set) -> str:
     return f"perturb_{name}" if name in taken else name
-
-
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel of the first frame outside fastperturb and torch.optim
-    (the user's ``opt.step(...)`` line, however deep the call came from)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(("fastperturb.", "torch.optim")):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @torch.compiler.disable

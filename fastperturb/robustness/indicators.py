@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -12,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .._callers import user_stacklevel
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, absolute_sizes, check_radius
 from ..module_state import kept_buffers
 from .results import Point, SweepResult
@@ -330,7 +330,7 @@ class _Evaluator:
                 "than reported; measure a float32 copy of the model (model.float(); the command line's "
                 "--float64) for points at the stated eps",
                 RuntimeWarning,
-                stacklevel=_caller_level(),
+                stacklevel=user_stacklevel(),
             )
 
     # -- the indicators ----------------------------------------------------------------------
@@ -424,15 +424,6 @@ def _check_trials(trials: Any, antithetic: bool) -> None:
             f"trials must be even with antithetic=True (mirrored pairs), got {trials}; use {trials + 1}, or "
             "antithetic=False"
         )
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that makes a warning point at the first frame outside fastperturb and torch (the
-    indicators are reached through several layers, and through torch's ``no_grad`` wrappers)."""
-    frame, level = sys._getframe(2), 2  # (level 1: the function that warns, which called this)
-    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("fastperturb", "torch"):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @contextmanager

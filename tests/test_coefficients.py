@@ -75,6 +75,20 @@ def test_kernel_matches_the_reference_on_nan_inf_and_float64_stats(kernel_backen
             assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num()), (g, w)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("glob", [False, True])
+def test_kernel_matches_the_reference_on_a_nan_or_inf_radius(kernel_backend, glob, bad):
+    """A NaN radius (relative to a weight that is NaN) made the reference's largest radius NaN, so nothing is
+    projected, while the kernels' max dropped it and projected the others (found by this round's CUDA review)."""
+    stats = torch.tensor([[4.0, 0.0, 0.0], [4.0, 0.0, 0.0], [9.0, 1.0, 2.0]])
+    eta = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    radius = torch.tensor([bad, 0.1, 0.3], dtype=torch.float64)
+    got = _kernel(kernel_backend)(stats, eta, radius, global_scope=glob, project=True)
+    want = reference.ascent_coefficients(stats, eta, radius, global_scope=glob, project=True)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan()) and torch.equal(g.nan_to_num(), w.nan_to_num()), (g, w)
+
+
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 1000])
 def test_kernel_on_list_lengths_around_its_block(kernel_backend, n):
     """Empty, one row, and around the 256 rows a Triton program or a CUDA thread block takes per iteration."""

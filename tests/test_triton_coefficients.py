@@ -18,6 +18,7 @@ from test_coefficients import (  # noqa: F401  (collected here with the backend 
     test_a_vector_on_another_device_is_refused,
     test_bad_arguments_are_clear_errors,
     test_kernel_matches_the_reference,
+    test_kernel_matches_the_reference_on_a_nan_or_inf_radius,
     test_kernel_matches_the_reference_on_nan_inf_and_float64_stats,
     test_kernel_on_list_lengths_around_its_block,
     test_opcheck_and_the_fake_impl,

@@ -48,8 +48,8 @@ std::tuple<at::Tensor, at::Tensor> coefficients(const at::Tensor& stats, const a
     for (int64_t i = 0; i < n; ++i) proj_out[i] = static_cast<float>(math::projection_coef(radius[i], uu(i)));
     return {step_t, proj_t};
   }
-  double r_max = 0.0;
-  for (int64_t i = 0; i < n; ++i) r_max = std::max(r_max, radius[i]);
+  double r_max = 0.0;  // NaN if any radius is (as the reference's max): then nothing is projected
+  for (int64_t i = 0; i < n; ++i) r_max = math::max_nan(r_max, radius[i]);
   double uu_sum = 0.0;
   for (int64_t i = 0; i < n; ++i) uu_sum += math::ball_weight(r_max, radius[i]) * uu(i);
   for (int64_t i = 0; i < n; ++i)

@@ -16,8 +16,8 @@ namespace cuda {
 namespace {
 
 // (CUB's own max functor moved between CCCL releases; this one is the same operation in every one)
-struct MaxOf {
-  __device__ double operator()(double a, double b) const { return fmax(a, b); }
+struct MaxOf {  // NaN if either is (fmax would drop it; the reference's max keeps it)
+  __device__ double operator()(double a, double b) const { return math::max_nan(a, b); }
 };
 
 template <typename T>
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kCoefficientThreads)
   // The largest radius, then the u^2 terms weighed in its units (math.h ball_weight). Each reduction reuses the
   // scratch after the barrier that ended the one before.
   double r_part = 0.0;
-  for (int64_t i = k; i < n; i += kCoefficientThreads) r_part = fmax(r_part, radius[i]);
+  for (int64_t i = k; i < n; i += kCoefficientThreads) r_part = math::max_nan(r_part, radius[i]);
   const double r_top = Reduce(scratch).Reduce(r_part, MaxOf{});
   if (k == 0) sums[1] = r_top;
   __syncthreads();

@@ -71,11 +71,16 @@ def _coefficients_kernel(
         gg_total = tl.sum(acc, axis=0)
     r_max = 0.0
     if PROJECT and GLOBAL:  # the largest radius: the global ball's unit (math.h ball_weight)
+        # NaN if any radius is, as the reference's max (then nothing is projected); counted apart, since
+        # maximum and max may drop a NaN
         r_acc = tl.zeros([BLOCK], dtype=tl.float64)
+        nan_acc = tl.zeros([BLOCK], dtype=tl.int32)
         for off in range(0, n, BLOCK):
             i = off + lanes
-            r_acc = tl.maximum(r_acc, tl.load(radius + i, mask=i < n, other=0.0))
-        r_max = tl.max(r_acc, axis=0)
+            r = tl.load(radius + i, mask=i < n, other=0.0)
+            nan_acc += (r != r).to(tl.int32)
+            r_acc = tl.maximum(r_acc, tl.where(r != r, 0.0, r))
+        r_max = tl.where(tl.sum(nan_acc, axis=0) > 0, float("nan"), tl.max(r_acc, axis=0))
     uu_acc = tl.zeros([BLOCK], dtype=tl.float64)
     for off in range(0, n, BLOCK):
         i = off + lanes

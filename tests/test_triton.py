@@ -186,6 +186,19 @@ def test_norms_propagate_nan_and_inf(ord):
     assert without_nan.isinf() and without_nan > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_finite_values_do_not_overflow_a_programs_lanes(dtype):
+    """A program's lanes sum in float and were combined in float: a chunk of values near 1e18, whose squares are
+    finite, overflowed to an inf norm where the reference's is 2.6e20 (found by this round's CUDA review; the CUDA
+    blocks had the same flaw). Now combined in float64, as the CPU kernels' lanes. At the default tuning."""
+    x = torch.full((1 << 16,), 1e18, dtype=torch.float32).to(dtype)
+    per, total = OPS.norms([x, x[:9]], 2.0)
+    rper, rtotal = reference.norms([x, x[:9]], 2.0)
+    assert torch.isfinite(rtotal)  # (the case itself)
+    torch.testing.assert_close(per, rper, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total, rtotal, rtol=1e-6, atol=0)
+
+
 def test_grad_stats_propagates_nan_and_inf():
     g = [torch.ones(50), torch.ones(10)]
     g[0][45] = math.inf

@@ -410,6 +410,24 @@ def test_reductions_are_deterministic():
     assert all(torch.equal(bits(x), bits(y)) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_finite_values_do_not_overflow_the_block_reduction(dtype):
+    """Float32/bfloat16 values whose squares are finite but whose chunk sum exceeds float's range: each lane sums
+    runs of 64 elements in float, then double (as the CPU kernels' lanes), and a block's 512 lanes combine in
+    double. They combined in float (and a lane summed its 128 elements in float): an inf L2 norm on a GPU where
+    the CPU op and the reference give 2.6e20 (found by this round's CUDA review; the sums of squares that other ops
+    return are float32 and overflow in the reference too). On the default geometry (one 65536-element chunk a
+    block, 512 lanes), one chunk and three."""
+    for numel in (CHUNK, 3 * CHUNK - 5):
+        x = torch.full((numel,), 1e18, dtype=torch.float32).to(dtype)
+        with configured():
+            per, total = W.norms([x, x[:7]], 2.0)
+        rper, rtotal = R.norms([x, x[:7]], 2.0)
+        assert torch.isfinite(rtotal)  # (the case itself)
+        torch.testing.assert_close(per, rper, rtol=1e-6, atol=0)
+        torch.testing.assert_close(total, rtotal, rtol=1e-6, atol=0)
+
+
 def test_empty_lists_and_empty_tensors():
     per, total = W.norms([], 2.0)
     assert per.shape == (0,) and total.item() == 0.0

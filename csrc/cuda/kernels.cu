@@ -21,12 +21,10 @@ using worklist::kFinalizeThreads;
 using worklist::kThreads;
 using worklist::LaunchArgs;
 
-template <class Op>
+template <class Op, typename A>
 struct CombineFn {
   Op op;
-  __device__ __forceinline__ typename Op::Acc operator()(const typename Op::Acc& a, const typename Op::Acc& b) const {
-    return op.combine(a, b);
-  }
+  __device__ __forceinline__ A operator()(const A& a, const A& b) const { return op.combine(a, b); }
 };
 
 // Block b processes chunk a.block_chunk[b] of table entry a.block_tensor[b];
@@ -35,13 +33,14 @@ struct CombineFn {
 template <class Op>
 __global__ void __launch_bounds__(kThreads)
     main_kernel(const __grid_constant__ LaunchArgs<Op::kDepth> a, const Op op, double* partials) {
-  typename Op::Acc acc = op.identity();
+  using Wide = worklist::wide_t<typename Op::Acc>;  // (the lanes combine in double: worklist::kLaneRun)
+  Wide acc = worklist::widen(op.identity());
   worklist::run_block(a, static_cast<int>(blockIdx.x), op, static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x),
                       acc);
   if constexpr (Op::kSlots > 0) {
-    using Reduce = cub::BlockReduce<typename Op::Acc, kThreads>;
+    using Reduce = cub::BlockReduce<Wide, kThreads>;
     __shared__ typename Reduce::TempStorage tmp;
-    const typename Op::Acc total = Reduce(tmp).Reduce(acc, CombineFn<Op>{op});
+    const Wide total = Reduce(tmp).Reduce(acc, CombineFn<Op, Wide>{op});
     if (threadIdx.x == 0) op.store(total, partials + (a.first_slot + blockIdx.x) * Op::kSlots);
   }
 }
@@ -56,7 +55,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
                          static_cast<int>(blockDim.x), acc);
   using Reduce = cub::BlockReduce<typename F::Acc, kFinalizeThreads>;
   __shared__ typename Reduce::TempStorage tmp;
-  const typename F::Acc total = Reduce(tmp).Reduce(acc, CombineFn<F>{fin});
+  const typename F::Acc total = Reduce(tmp).Reduce(acc, CombineFn<F, typename F::Acc>{fin});
   if (threadIdx.x == 0) fin.store(f.index[blockIdx.x], total);
 }
 

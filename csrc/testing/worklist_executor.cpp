@@ -84,9 +84,9 @@ struct CpuExec {
   void run(const LaunchArgs<Op::kDepth>& a, const Op& op, double* partials) const {
     const int nlanes = lanes();
     for (int b = 0; b < a.n_blocks; ++b) {
-      typename Op::Acc total = op.identity();
+      wide_t<typename Op::Acc> total = widen(op.identity());
       for (int lane = 0; lane < nlanes; ++lane) {
-        typename Op::Acc acc = op.identity();
+        wide_t<typename Op::Acc> acc = widen(op.identity());
         run_block(a, b, op, lane, nlanes, acc);
         total = op.combine(total, acc);
       }

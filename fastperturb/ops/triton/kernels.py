@@ -72,7 +72,9 @@ def _norms_kernel(
         nan = acc != acc
         r = tl.max(tl.where(nan, 0.0, acc), axis=0) + tl.sum(tl.where(nan, acc, 0.0), axis=0)
     else:
-        r = tl.sum(acc, axis=0)
+        # (the lanes' float sums combined in float64, as the CPU kernels' and the CUDA blocks' lanes: in float, a
+        # chunk of values near 1e18 overflowed where the reference's norm is finite)
+        r = tl.sum(acc.to(tl.float64), axis=0)
     tl.store(partials + slot, r.to(tl.float64))
 
 
@@ -136,9 +138,9 @@ def _grad_stats_kernel(
             else:
                 new = load_elem(a_ptr, offs, m, ELEM, CT) + weight * g
             store_elem(a_ptr, offs, new, m, ELEM)
-    tl.store(partials + 3 * slot, tl.sum(s0, axis=0).to(tl.float64))
-    tl.store(partials + 3 * slot + 1, tl.sum(s1, axis=0).to(tl.float64))
-    tl.store(partials + 3 * slot + 2, tl.sum(s2, axis=0).to(tl.float64))
+    tl.store(partials + 3 * slot, tl.sum(s0.to(tl.float64), axis=0))
+    tl.store(partials + 3 * slot + 1, tl.sum(s1.to(tl.float64), axis=0))
+    tl.store(partials + 3 * slot + 2, tl.sum(s2.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -311,9 +313,9 @@ def _dot_kernel(
         s0 += x * x
         s1 += x * y
         s2 += y * y
-    tl.store(partials + 3 * slot, tl.sum(s0, axis=0).to(tl.float64))
-    tl.store(partials + 3 * slot + 1, tl.sum(s1, axis=0).to(tl.float64))
-    tl.store(partials + 3 * slot + 2, tl.sum(s2, axis=0).to(tl.float64))
+    tl.store(partials + 3 * slot, tl.sum(s0.to(tl.float64), axis=0))
+    tl.store(partials + 3 * slot + 1, tl.sum(s1.to(tl.float64), axis=0))
+    tl.store(partials + 3 * slot + 2, tl.sum(s2.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -365,7 +367,7 @@ def _lincomb_kernel(
         store_elem(o_ptr, offs, v, m, ELEM)
         stored = tl.where(m, round_elem(v, ELEM, CT), 0.0)
         acc += stored * stored
-    tl.store(partials + slot, tl.sum(acc, axis=0).to(tl.float64))
+    tl.store(partials + slot, tl.sum(acc.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -424,7 +426,7 @@ def _ema_kernel(
             w = load_elem(w_ptr, offs, m, ELEM, CT)
             td = (tl.where(w < 0, -w, w) + eta) * td
         acc += td * td
-    tl.store(partials + slot, tl.sum(acc, axis=0).to(tl.float64))
+    tl.store(partials + slot, tl.sum(acc.to(tl.float64), axis=0))
 
 
 @triton.jit

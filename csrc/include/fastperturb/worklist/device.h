@@ -14,6 +14,45 @@
 namespace fastperturb {
 namespace worklist {
 
+using math::compute_t;
+
+struct None {};
+
+template <typename C>
+struct Sums3 {
+  C s0, s1, s2;
+};
+
+// ---------------------------------------------------------------------------
+// Reductions: each lane sums runs of kLaneRun elements in the op's compute type and adds each run's sum into its
+// total in double, and a block's lanes are combined in double, as the CPU kernels' lanes do (cpu/loops.h: 64
+// elements a lane in the compute type, then double). Summed in float over a lane's 128 elements and across a
+// block's 512 lanes, float32 values of 1e17-2e18 overflowed to inf where the CPU op and the reference are finite.
+constexpr int kLaneRun = 64;
+
+template <typename A>
+struct WideOf {
+  using type = A;  // double, Sums3<double>, None
+};
+template <>
+struct WideOf<float> {
+  using type = double;
+};
+template <>
+struct WideOf<Sums3<float>> {
+  using type = Sums3<double>;
+};
+template <typename A>
+using wide_t = typename WideOf<A>::type;
+
+FP_HD double widen(float a) { return static_cast<double>(a); }
+FP_HD double widen(double a) { return a; }
+FP_HD None widen(None a) { return a; }
+template <typename C>
+FP_HD Sums3<double> widen(const Sums3<C>& a) {
+  return Sums3<double>{static_cast<double>(a.s0), static_cast<double>(a.s1), static_cast<double>(a.s2)};
+}
+
 // ---------------------------------------------------------------------------
 // The per-block loop (host and device).
 
@@ -42,10 +81,10 @@ FP_HD Vec<T>* vec_at(T* p, int64_t i) {
 // list the op touches is 16-byte aligned at the chunk's start (then the
 // first floor(n / W) * W elements go by vectors of W, the rest one by one),
 // else element by element. Lane k takes vectors (and leftover elements) k,
-// k + nlanes, ...
+// k + nlanes, ... Its reduction goes into `total` by runs of kLaneRun elements.
 template <class Op>
 FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int lane, int nlanes,
-                     typename Op::Acc& acc) {
+                     wide_t<typename Op::Acc>& total) {
   using T = typename Op::scalar_t;
   constexpr int D = Op::kDepth;
   constexpr int W = Vec<T>::kWidth;
@@ -60,6 +99,14 @@ FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int l
   }
   const int64_t n = r.end - r.begin;
   int64_t done = 0;
+  typename Op::Acc acc = op.identity();
+  int run = 0;
+  auto flush_at = [&](int limit) {
+    if (run < limit) return;
+    total = op.combine(total, widen(acc));
+    acc = op.identity();
+    run = 0;
+  };
   if (vec) {
     const int64_t nv = n / W;
     for (int64_t i = lane; i < nv; i += nlanes) {
@@ -74,6 +121,8 @@ FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int l
       }
       for (int d = 0; d < D; ++d)
         if (op.writes(d)) *vec_at(p[d], i) = v[d];
+      run += W;
+      flush_at(kLaneRun);
     }
     done = nv * W;
   }
@@ -84,7 +133,10 @@ FP_HD void run_block(const LaunchArgs<Op::kDepth>& a, int b, const Op& op, int l
     op.element(x, acc, pt);
     for (int d = 0; d < D; ++d)
       if (op.writes(d)) p[d][i] = x[d];
+    ++run;
+    flush_at(kLaneRun);
   }
+  flush_at(1);
 }
 
 // Folds lane `lane` of `nlanes` of finalize block j: the slots of one tensor.
@@ -96,16 +148,8 @@ FP_HD void run_finalize(const FinalizeArgs& f, int j, const F& fin, int lane, in
 
 // ---------------------------------------------------------------------------
 // The op functors. Each names its lists (kDepth), which it reads and writes,
-// what it reduces (Acc, kSlots doubles per block) and what one element does.
-
-using math::compute_t;
-
-struct None {};
-
-template <typename C>
-struct Sums3 {
-  C s0, s1, s2;
-};
+// what it reduces (Acc, kSlots doubles per block) and what one element does;
+// a reducing op's combine and store take its Acc and wide_t<Acc> alike.
 
 // norms: one list; per block the sum of squares (L2) or max |x| (Linf).
 template <typename T>
@@ -125,8 +169,14 @@ struct NormsOp {
   FP_HD void element(T (&x)[1], Acc& acc, const PerTensor&) const {
     acc = math::norm_accumulate(acc, static_cast<C>(x[0]), norm);
   }
-  FP_HD Acc combine(Acc a, Acc b) const { return math::norm_combine(a, b, norm); }
-  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
+  template <typename A>
+  FP_HD A combine(A a, A b) const {
+    return math::norm_combine(a, b, norm);
+  }
+  template <typename A>
+  FP_HD void store(const A& acc, double* out) const {
+    out[0] = static_cast<double>(acc);
+  }
 };
 
 // grad_stats_: lists (grads, accum, params, backups); the last three may be
@@ -161,8 +211,12 @@ struct StatsOp {
     math::stats_element(g, w, b, eta, adaptive, has_backups, acc.s0, acc.s1, acc.s2);
     if (has_accum) x[1] = static_cast<T>(math::accum_element(static_cast<C>(x[1]), g, accum_weight, accum_init));
   }
-  FP_HD Acc combine(const Acc& a, const Acc& b) const { return Acc{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2}; }
-  FP_HD void store(const Acc& acc, double* out) const {
+  template <typename A>
+  FP_HD A combine(const A& a, const A& b) const {
+    return A{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2};
+  }
+  template <typename A>
+  FP_HD void store(const A& acc, double* out) const {
     out[0] = static_cast<double>(acc.s0);
     out[1] = static_cast<double>(acc.s1);
     out[2] = static_cast<double>(acc.s2);
@@ -320,8 +374,12 @@ struct DotOp {
   FP_HD void element(T (&x)[2], Acc& acc, const PerTensor&) const {
     math::dot_element(static_cast<C>(x[0]), static_cast<C>(x[1]), acc.s0, acc.s1, acc.s2);
   }
-  FP_HD Acc combine(const Acc& a, const Acc& b) const { return Acc{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2}; }
-  FP_HD void store(const Acc& acc, double* out) const {
+  template <typename A>
+  FP_HD A combine(const A& a, const A& b) const {
+    return A{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2};
+  }
+  template <typename A>
+  FP_HD void store(const A& acc, double* out) const {
     out[0] = static_cast<double>(acc.s0);
     out[1] = static_cast<double>(acc.s1);
     out[2] = static_cast<double>(acc.s2);
@@ -356,8 +414,14 @@ struct LincombOp {
     const C stored = static_cast<C>(x[0]);
     acc += stored * stored;
   }
-  FP_HD Acc combine(Acc a, Acc b) const { return a + b; }
-  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
+  template <typename A>
+  FP_HD A combine(A a, A b) const {
+    return a + b;
+  }
+  template <typename A>
+  FP_HD void store(const A& acc, double* out) const {
+    out[0] = static_cast<double>(acc);
+  }
 };
 
 // ema_residual_: lists (grads, ema, params), params read only when adaptive; grads = the residual d, ema = the
@@ -385,8 +449,14 @@ struct EmaOp {
     x[1] = static_cast<T>(m_new);
     acc += math::scaled_square(static_cast<C>(x[0]), adaptive ? static_cast<C>(x[2]) : C(0), eta, adaptive);
   }
-  FP_HD Acc combine(Acc a, Acc b) const { return a + b; }
-  FP_HD void store(const Acc& acc, double* out) const { out[0] = static_cast<double>(acc); }
+  template <typename A>
+  FP_HD A combine(A a, A b) const {
+    return a + b;
+  }
+  template <typename A>
+  FP_HD void store(const A& acc, double* out) const {
+    out[0] = static_cast<double>(acc);
+  }
 };
 
 // Finalize of a one-column sum (lincomb_, ema_residual_): a tensor's partials summed in double into the

@@ -524,3 +524,13 @@ def test_random_trials_come_in_pairs_and_one_unit_has_no_standard_error():
     q = R.random_corruption(model, F.cross_entropy, (x, y), 0.05, trials=4)
     assert math.isfinite(q.loss_change_sem) and q.loss_change_sem > 0
     assert R.adversarial(model, F.cross_entropy, (x, y), 0.05).loss_change_sem == 0.0  # deterministic: exact
+
+
+def test_table_shows_no_negative_zero_accuracy_drop():
+    """A mean of accuracies equal to the clean one can come out 1e-17 above it: the table printed "-0.0000"."""
+    from fastperturb.robustness.results import Point, SweepResult
+
+    p = Point("random", 0.01, 1.0, 0.0, accuracy=0.9, accuracy_drop=-5.551115123125783e-17, trials=4)
+    q = Point("random", 0.02, 1.0, 0.0, accuracy=0.8, accuracy_drop=0.1, trials=4)
+    table = SweepResult([p, q], 1.0, 0.9).table()
+    assert "-0.0000" not in table and "+0.0000" in table and "+0.1000" in table

@@ -179,7 +179,8 @@ class SweepResult:
         ]
         for p in sorted(self.points, key=lambda p: (self.series.index(p.series), p.eps)):
             acc = "" if p.accuracy is None else f"{p.accuracy:.4f}"
-            drop = "" if p.accuracy_drop is None else f"{p.accuracy_drop + 0.0:+.4f}"
+            # (a mean of equal accuracies can come out 1e-17 off the clean one: no "-0.0000" for it)
+            drop = "" if p.accuracy_drop is None else f"{round(p.accuracy_drop, 12) + 0.0:+.4f}"
             lines.append(
                 f"{p.series:<16}{p.eps:>10.4g}{p.loss_change:>14.4e}{p.loss_change_std:>11.2e}{acc:>10}{drop:>10}"
             )

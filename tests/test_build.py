@@ -230,8 +230,16 @@ def test_auto_says_once_when_it_falls_back_to_the_reference(monkeypatch):
         ops.grad_stats_(x)
     assert len(seen) == 1 and seen[0].filename == __file__
     monkeypatch.setattr(dispatch, "_fallbacks_said", set())
-    with warnings.catch_warnings(), fp.use_backend("reference"):
+    with warnings.catch_warnings():
         warnings.simplefilter("error")
+        with fp.use_backend("reference"):
+            ops.norms(x, 2.0)
+        ops.norms([torch.empty(5, device="meta")], 2.0)  # no backend computes on meta: nothing to say
+        # under torch.compile (fullgraph) the walk to the user's frame cannot be traced: said at the next eager call
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda t: ops.norms([t], 2.0)[0] * 2, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(torch.ones(4)), torch.tensor([4.0]))
+    with pytest.warns(RuntimeWarning, match="reference backend for cpu tensors"):
         ops.norms(x, 2.0)
 
 

@@ -516,6 +516,7 @@ def test_random_trials_come_in_pairs_and_one_unit_has_no_standard_error():
             R.random_corruption(model, F.cross_entropy, (x, y), 0.01, trials=trials)
         with pytest.raises(ValueError, match="trials must be even"):
             R.sweep(model, F.cross_entropy, (x, y), [0.01], kinds=("random",), trials=trials, progress=False)
+    R.sweep(model, F.cross_entropy, (x, y), [0.01], kinds=("first_order",), trials=1, progress=False)  # not drawn
     for trials, antithetic in ((2, True), (1, False)):
         p = R.random_corruption(model, F.cross_entropy, (x, y), 0.05, trials=trials, antithetic=antithetic)
         assert math.isnan(p.loss_change_sem) and not p.resolved

@@ -124,26 +124,30 @@ def resolve(device: torch.device) -> str:
         reason = why_unavailable(name, device)
         if reason is None:
             return name
-        reasons.append(f"{name}: {reason}")
-    _say_fallback(device, "; ".join(reasons))
+        reasons.append((name, reason))
+    _say_fallback(device, reasons)
     return "reference"
 
 
 _fallbacks_said: set = set()
 
 
-def _say_fallback(device: torch.device, reasons: str) -> None:
+def _say_fallback(device: torch.device, reasons: list) -> None:
     """``auto`` ran an op on the reference where a compiled backend was expected: correct, but slower and not
     what the README's figures measure, so it is said (once per reason; ``set_backend("reference")`` chooses it
     without a word). The common case is a script run inside the source checkout, whose ``fastperturb/`` has no
-    compiled extension and shadows the installed one."""
-    key = (device.type, reasons)
+    compiled extension and shadows the installed one. Not for meta tensors (no backend computes on them), and not
+    while torch.compile traces (dynamo cannot trace the frame walk; the next eager call says it)."""
+    if device.type == "meta" or torch.compiler.is_compiling():
+        return
+    why = "; ".join(f"{name}: {reason}" for name, reason in reasons)
+    key = (device.type, why)
     if key in _fallbacks_said:
         return
     _fallbacks_said.add(key)
     warnings.warn(
         f"fastperturb runs its ops on the pure-PyTorch reference backend for {device.type} tensors (correct, "
-        f"slower): {reasons}. set_backend('reference') chooses it without this warning",
+        f"slower): {why}. set_backend('reference') chooses it without this warning",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )

@@ -366,7 +366,8 @@ class _Family(PerturbOptimizer):
     @PerturbOptimizer.state.getter  # type: ignore[attr-defined]
     def state(self) -> Dict[Any, Any]:
         st = _read_through(self, "state")
-        if self.dcp_keys and frameworks.dcp_reads_directly():
+        # (DCP never runs under torch.compile, whose tracing cannot walk the frames)
+        if self.dcp_keys and not torch.compiler.is_compiling() and frameworks.dcp_reads_directly():
             return _StateWithEntries(st, self)
         return st
 

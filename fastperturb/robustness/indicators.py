@@ -510,7 +510,7 @@ def sweep(
             raise ValueError(f"unknown kind {k!r}; choose from {KINDS}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    _check_trials(trials, antithetic)
+    _check_trials(trials, antithetic and "random" in kinds)  # (only random corruption draws trials)
     if step_ratio is not None:
         check_radius("step_ratio", step_ratio)
     ev = _Evaluator(model, loss_fn, data, params, norm, scope, relative, accuracy)

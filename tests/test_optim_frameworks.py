@@ -296,6 +296,29 @@ def test_plain_hf_trainer_is_told_to_use_the_integration(tmp_path, fresh_acceler
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def _dcp_problem(make):
+    """``build(lr) -> (model, make(params, lr))`` (same weights every call) and ``train(model, opt, n)`` (n steps
+    on one fixed batch), for the checkpoint tests."""
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16, 2)
+
+    def build(lr):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        return m, make(m.parameters(), lr)
+
+    def train(m, opt, n):
+        for _ in range(n):
+
+            def closure():
+                loss = ((m(x) - y) ** 2).mean()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+
+    return build, train
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # (DCP without a process group says so)
 @pytest.mark.parametrize(
     "make",
@@ -317,22 +340,7 @@ def test_dcp_takes_the_wrapper_itself_and_resumes_bit_identical(tmp_path, make):
         set_optimizer_state_dict,
     )
 
-    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16, 2)
-
-    def build(lr):
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        return m, make(m.parameters(), lr)
-
-    def train(m, opt, n):
-        for _ in range(n):
-
-            def closure():
-                loss = ((m(x) - y) ** 2).mean()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+    build, train = _dcp_problem(make)
 
     model, opt = build(0.01)
     train(model, opt, 2)
@@ -390,22 +398,7 @@ def test_dcp_carries_the_family_state(tmp_path, make, form, saved_after):
         "flattened": StateDictOptions(flatten_optimizer_state_dict=True),
         "full, through torch.save": StateDictOptions(full_state_dict=True),
     }[form]
-    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16, 2)
-
-    def build(lr):
-        torch.manual_seed(0)
-        m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        return m, make(m.parameters(), lr)
-
-    def train(m, opt, n):
-        for _ in range(n):
-
-            def closure():
-                loss = ((m(x) - y) ** 2).mean()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
+    build, train = _dcp_problem(make)
 
     def save(state):
         if form.startswith("full"):

@@ -455,3 +455,30 @@ def test_compiled_friendlysam_under_a_grad_scaler_equals_eager():
     assert (c_skips, c_scale) == (e_skips, e_scale) and e_skips >= 1
     for a, b in zip(list(comp.parameters()) + c_ema, list(eager.parameters()) + e_ema):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["SAM", "ASAM", "AWP"])
+def test_compiled_restore_ends_the_pending_first_step(preset):
+    """first_step() then restore() in a compiled function: the weights come back and the next step runs. Dynamo
+    dropped restore()'s store that ends the pending first_step (the frame also copies tensors back), so every later
+    step was refused as "first_step() was called twice" (found by this round's second torch.compile review)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    opt = getattr(fp, preset)(model.parameters(), torch.optim.SGD, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def undo():
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step()
+        opt.restore()
+
+    torch._dynamo.reset()
+    torch.compile(undo, backend="eager")()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt._pending is None
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step()
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

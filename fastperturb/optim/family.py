@@ -209,13 +209,8 @@ class _Family(PerturbOptimizer):
     def _refit_saved(self) -> None:
         """After the tensors changed dtype, layout or shape: bring the state kept across steps to them."""
 
-    # torch.compile (dynamo, torch 2.13) drops every attribute store on a torch.optim.Optimizer in the code it
-    # traces, at graph breaks too: what a step keeps on the optimizer across calls is stored through _keep, and the
-    # hooks that move the presets' own state run eagerly.
-    @torch.compiler.disable
-    def _keep(self, **values: Any) -> None:
-        self.__dict__.update(values)
-
+    # (what a step keeps on the optimizer across calls is stored through the wrapper's eager _keep, and the hooks
+    # that move the presets' own state run eagerly: dynamo drops attribute stores on an optimizer)
     @torch.compiler.disable
     def _follow_tensors(self, plan: _Plan) -> None:
         """When this step's tensors hold other data than at the last step (``module.to(float64)``, channels_last,

@@ -921,7 +921,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             dev = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
             t = torch.zeros(1, device=dev)
             t.grad = torch.full((1,), math.inf, device=dev)
-            holder = self._overflow_holder = _GradHolder([{"params": [t]}])
+            holder = _GradHolder([{"params": [t]}])
+            self._keep(_overflow_holder=holder)
         with torch.no_grad():
             holder.param_groups[0]["params"][0].grad.fill_(math.inf)
         scaler.unscale_(holder)  # type: ignore[arg-type]
@@ -1218,7 +1219,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             pending.watch = compiled
         else:
             pending.versions = _versions(plan.every)
-        self._pending = pending
+        self._keep(_pending=pending)
 
     @frameworks.on_the_optimizer_step
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
@@ -1236,7 +1237,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         pending = self._pending
         if pending is None:
             raise RuntimeError("second_step() called without first_step()")
-        self._pending = None
+        self._keep(_pending=None)
         scaler = scaler if scaler is not None else pending.scaler
         _check_scaler(scaler)
         cycle = pending.cycle
@@ -1283,11 +1284,20 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
+    # torch.compile (dynamo, torch 2.13) drops attribute stores on a torch.optim.Optimizer in the code it traces
+    # when the frame also runs tensor work, at graph breaks too: what a call keeps on the optimizer for a later
+    # one (the pending first_step) is stored eagerly. (A compiled restore() left the first_step pending, so every
+    # later step was refused; found by this round's second torch.compile review.)
+    @torch.compiler.disable
+    def _keep(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
     @frameworks.on_the_optimizer
     def restore(self) -> None:
         """Undo :meth:`first_step` without a base step: the weights are put back bit for
         bit (e.g. when the pass at the perturbed point raised). No-op if no step is pending."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
+        self._keep(_pending=None)
         if pending is None:
             return
         try:

@@ -241,6 +241,12 @@ def test_auto_says_once_when_it_falls_back_to_the_reference(monkeypatch):
         assert torch.equal(compiled(torch.ones(4)), torch.tensor([4.0]))
     with pytest.warns(RuntimeWarning, match="reference backend for cpu tensors"):
         ops.norms(x, 2.0)
+    # a training step compiled whole never resolves the backend eagerly: the optimizer says it when it is built
+    monkeypatch.setattr(dispatch, "_fallbacks_said", set())
+    model = torch.nn.Linear(3, 2)
+    with pytest.warns(RuntimeWarning, match="reference backend for cpu tensors") as seen:
+        fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert seen[0].filename == __file__
 
 
 @pytest.mark.parametrize(

@@ -110,7 +110,14 @@ def test_tuning_rejects_bad_sizes():
     with pytest.raises(ValueError, match="must not exceed"):
         with T.tuning(chunk_size=16, block_size=32):
             pass
+    # a lane sums at most 64 elements in float before float64 (a lane of 256 overflowed a norm of 2e18s to inf)
+    with pytest.raises(ValueError, match=r"chunk_size / block_size \(16384 / 64\) must not exceed 64"):
+        with T.tuning(chunk_size=1 << 14, block_size=1 << 6):
+            pass
     assert (T._Tuning.chunk_size, T._Tuning.block_size) == (1 << 14, 1 << 14)
+    from fastperturb.ops.triton import runtime
+
+    assert all(chunk // block <= runtime.LANE_RUN for chunk, block in runtime.DEFAULTS.values())
 
 
 # ---------------------------------------------------------------------------

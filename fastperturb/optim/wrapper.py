@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .. import distributed, ops
 from .._callers import user_stacklevel
 from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
-from ..ops import native
+from ..ops import dispatch, native
 from ..ops import validation as V
 from . import frameworks
 from . import fused_step as fused
@@ -343,7 +343,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._defaults_built = dict(self.defaults)  # (what add_param_group tells an edit of opt.defaults by)
         for i, group in enumerate(self.param_groups):
             self._group_sizes(i, group)
-        distributed.check_engine([p for group in self.param_groups for p in group["params"]])
+        every = [p for group in self.param_groups for p in group["params"]]
+        distributed.check_engine(every)
+        # Said here, eagerly, if auto will run the ops on the reference for want of a compiled backend: a training
+        # step compiled whole resolves the backend only while dynamo traces, where the warning cannot be raised.
+        # (A backend chosen by name is checked at the first op, as before.)
+        if dispatch.get_backend() == "auto":
+            dispatch.resolve(V.first_device(every))
         self._see_grads()
 
     # ---- param groups -------------------------------------------------------------

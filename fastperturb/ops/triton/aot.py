@@ -24,11 +24,13 @@ from .kernels import (
     _restore_kernel,
 )
 from .plan import INT_OF_SIZE, TYPES, VECTOR_BYTES
-from .runtime import COMPILE_OPTIONS, INTERPRETED
+from .runtime import COMPILE_OPTIONS, DEFAULTS, INTERPRETED
 from .step_kernels import _adam_step_kernel, _sgd_step_kernel
 
 
-def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaustive: bool = True):
+def specializations(
+    chunk_size: int = DEFAULTS[False][0], block_size: int = DEFAULTS[False][1], exhaustive: bool = True
+):
     """The (kernel, signature, constexprs) the ops can launch with these sizes:
     all of them, or (``exhaustive=False``) a subset in which every static branch
     of every kernel is taken both ways, for every dtype, with the vector hints
@@ -115,7 +117,9 @@ def specializations(chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaus
         )
 
 
-def compile_all(target, chunk_size: int = 1 << 16, block_size: int = 1 << 10, exhaustive: bool = True) -> list:
+def compile_all(
+    target, chunk_size: int = DEFAULTS[False][0], block_size: int = DEFAULTS[False][1], exhaustive: bool = True
+) -> list:
     """Compile the kernel specialisations (see :func:`specializations`) for ``target`` (a
     ``triton.backends.compiler.GPUTarget``, e.g. ``GPUTarget("cuda", 80, 32)``) down to
     machine code, without a GPU. Returns ``(kernel name, constexprs, compiled kernel)``

@@ -52,11 +52,20 @@ def count_launches() -> Iterator[LaunchCounter]:
         _counters.remove(counter)
 
 
+#: The most elements one lane of a program sums in the compute type: its sum then goes into float64 with the other
+#: lanes' (the CPU kernels' lanes sum 64, the CUDA blocks' runs of 64), so a float32 reduction overflows on no
+#: backend where the others are finite. chunk_size / block_size is each lane's count.
+LANE_RUN = 64
+
+
+#: (chunk_size, block_size) on a GPU and under the interpreter, which pays per program and per loop iteration, not
+#: per element.
+DEFAULTS = {False: (1 << 16, 1 << 10), True: (1 << 14, 1 << 14)}
+
+
 class Tuning:
-    # Elements per program, and per loop iteration inside a program. The
-    # interpreter pays per program and per loop iteration, not per element.
-    chunk_size = 1 << 16 if not INTERPRETED else 1 << 14
-    block_size = 1 << 10 if not INTERPRETED else 1 << 14
+    # Elements per program, and per loop iteration inside a program.
+    chunk_size, block_size = DEFAULTS[INTERPRETED]
 
 
 @contextlib.contextmanager
@@ -73,6 +82,11 @@ def tuning(chunk_size: int | None = None, block_size: int | None = None) -> Iter
             raise ValueError(f"{name} must be a positive power of two, got {v}")
     if block > chunk:
         raise ValueError(f"block_size ({block}) must not exceed chunk_size ({chunk})")
+    if chunk // block > LANE_RUN:
+        raise ValueError(
+            f"chunk_size / block_size ({chunk} / {block}) must not exceed {LANE_RUN}: a lane sums that many elements "
+            "in the compute type before float64 (as the CPU kernels' lanes), beyond it float32 sums overflow first"
+        )
     Tuning.chunk_size, Tuning.block_size = chunk, block
     try:
         yield

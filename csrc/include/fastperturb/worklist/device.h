@@ -53,6 +53,16 @@ FP_HD Sums3<double> widen(const Sums3<C>& a) {
   return Sums3<double>{static_cast<double>(a.s0), static_cast<double>(a.s1), static_cast<double>(a.s2)};
 }
 
+// The three-column sums' combine and store, shared by the ops that reduce Sums3 and by their finalize.
+FP_HD Sums3<double> add3(const Sums3<double>& a, const Sums3<double>& b) {
+  return Sums3<double>{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2};
+}
+FP_HD void store3(const Sums3<double>& acc, double* out) {
+  out[0] = acc.s0;
+  out[1] = acc.s1;
+  out[2] = acc.s2;
+}
+
 // ---------------------------------------------------------------------------
 // The per-block loop (host and device).
 
@@ -149,7 +159,7 @@ FP_HD void run_finalize(const FinalizeArgs& f, int j, const F& fin, int lane, in
 // ---------------------------------------------------------------------------
 // The op functors. Each names its lists (kDepth), which it reads and writes,
 // what it reduces (Acc, kSlots doubles per block) and what one element does;
-// a reducing op's combine and store take its Acc and wide_t<Acc> alike.
+// a reducing op's combine and store take wide_t<Acc>, the type its lanes' runs are added into.
 
 // norms: one list; per block the sum of squares (L2) or max |x| (Linf).
 template <typename T>
@@ -169,14 +179,8 @@ struct NormsOp {
   FP_HD void element(T (&x)[1], Acc& acc, const PerTensor&) const {
     acc = math::norm_accumulate(acc, static_cast<C>(x[0]), norm);
   }
-  template <typename A>
-  FP_HD A combine(A a, A b) const {
-    return math::norm_combine(a, b, norm);
-  }
-  template <typename A>
-  FP_HD void store(const A& acc, double* out) const {
-    out[0] = static_cast<double>(acc);
-  }
+  FP_HD double combine(double a, double b) const { return math::norm_combine(a, b, norm); }
+  FP_HD void store(double acc, double* out) const { out[0] = acc; }
 };
 
 // grad_stats_: lists (grads, accum, params, backups); the last three may be
@@ -211,16 +215,8 @@ struct StatsOp {
     math::stats_element(g, w, b, eta, adaptive, has_backups, acc.s0, acc.s1, acc.s2);
     if (has_accum) x[1] = static_cast<T>(math::accum_element(static_cast<C>(x[1]), g, accum_weight, accum_init));
   }
-  template <typename A>
-  FP_HD A combine(const A& a, const A& b) const {
-    return A{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2};
-  }
-  template <typename A>
-  FP_HD void store(const A& acc, double* out) const {
-    out[0] = static_cast<double>(acc.s0);
-    out[1] = static_cast<double>(acc.s1);
-    out[2] = static_cast<double>(acc.s2);
-  }
+  FP_HD Sums3<double> combine(const Sums3<double>& a, const Sums3<double>& b) const { return add3(a, b); }
+  FP_HD void store(const Sums3<double>& acc, double* out) const { store3(acc, out); }
 };
 
 // ascent_step_: lists (params, grads, backups); per-tensor coefficients read
@@ -346,7 +342,7 @@ struct FinalizeStats {
 
   FP_HD Acc identity() const { return Acc{0.0, 0.0, 0.0}; }
   FP_HD Acc load(int64_t slot) const { return Acc{in[3 * slot], in[3 * slot + 1], in[3 * slot + 2]}; }
-  FP_HD Acc combine(const Acc& a, const Acc& b) const { return Acc{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2}; }
+  FP_HD Acc combine(const Acc& a, const Acc& b) const { return add3(a, b); }
   FP_HD void store(int index, const Acc& acc) const {
     out[3 * index] = static_cast<float>(acc.s0);
     out[3 * index + 1] = static_cast<float>(acc.s1);
@@ -374,16 +370,8 @@ struct DotOp {
   FP_HD void element(T (&x)[2], Acc& acc, const PerTensor&) const {
     math::dot_element(static_cast<C>(x[0]), static_cast<C>(x[1]), acc.s0, acc.s1, acc.s2);
   }
-  template <typename A>
-  FP_HD A combine(const A& a, const A& b) const {
-    return A{a.s0 + b.s0, a.s1 + b.s1, a.s2 + b.s2};
-  }
-  template <typename A>
-  FP_HD void store(const A& acc, double* out) const {
-    out[0] = static_cast<double>(acc.s0);
-    out[1] = static_cast<double>(acc.s1);
-    out[2] = static_cast<double>(acc.s2);
-  }
+  FP_HD Sums3<double> combine(const Sums3<double>& a, const Sums3<double>& b) const { return add3(a, b); }
+  FP_HD void store(const Sums3<double>& acc, double* out) const { store3(acc, out); }
 };
 
 // lincomb_: lists (out, x, y), y possibly absent; out = c0*out + c1*x + c2*y with the coefficients read from
@@ -414,14 +402,8 @@ struct LincombOp {
     const C stored = static_cast<C>(x[0]);
     acc += stored * stored;
   }
-  template <typename A>
-  FP_HD A combine(A a, A b) const {
-    return a + b;
-  }
-  template <typename A>
-  FP_HD void store(const A& acc, double* out) const {
-    out[0] = static_cast<double>(acc);
-  }
+  FP_HD double combine(double a, double b) const { return a + b; }
+  FP_HD void store(double acc, double* out) const { out[0] = acc; }
 };
 
 // ema_residual_: lists (grads, ema, params), params read only when adaptive; grads = the residual d, ema = the
@@ -449,14 +431,8 @@ struct EmaOp {
     x[1] = static_cast<T>(m_new);
     acc += math::scaled_square(static_cast<C>(x[0]), adaptive ? static_cast<C>(x[2]) : C(0), eta, adaptive);
   }
-  template <typename A>
-  FP_HD A combine(A a, A b) const {
-    return a + b;
-  }
-  template <typename A>
-  FP_HD void store(const A& acc, double* out) const {
-    out[0] = static_cast<double>(acc);
-  }
+  FP_HD double combine(double a, double b) const { return a + b; }
+  FP_HD void store(double acc, double* out) const { out[0] = acc; }
 };
 
 // Finalize of a one-column sum (lincomb_, ema_residual_): a tensor's partials summed in double into the

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -190,12 +191,17 @@ def test_preset_follows_its_equations(name, base, backend_name):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-def test_gsam_rho_follows_the_lr_schedule():
-    """rho_t = rho_min + (rho_max - rho_min)(lr_t - lr_min)/(lr_max - lr_min), read at each step."""
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_gsam_rho_follows_the_lr_schedule(tensor_lr):
+    """rho_t = rho_min + (rho_max - rho_min)(lr_t - lr_min)/(lr_max - lr_min), read at each step; lr_max
+    defaulted from the lr when built. torch's schedulers write a Tensor lr in place: lr_max is its value then,
+    not the tensor (which made lr_max follow lr and kept rho_t at rho_max)."""
     base_cls, base_kw = torch.optim.SGD, dict(lr=0.1, momentum=0.9)
     m_fp, m_ref = make_model(), make_model()
     kw = dict(rho_max=0.1, rho_min=0.01, alpha=0.3, lr_min=0.001)
-    opt = fp.GSAM(m_fp.parameters(), base_cls, **kw, **base_kw)
+    lr = torch.tensor(0.1, dtype=torch.float64) if tensor_lr else 0.1
+    opt = fp.GSAM(m_fp.parameters(), base_cls, **kw, **dict(base_kw, lr=lr))
+    assert type(opt.param_groups[0]["lr_max"]) is float
     ref = Direct("gsam", m_ref, base_cls, base_kw, lr_max=0.1, **kw)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4, eta_min=0.001)
     sched_ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref.opt, T_max=4, eta_min=0.001)
@@ -210,6 +216,26 @@ def test_gsam_rho_follows_the_lr_schedule():
     assert all(a > b for a, b in zip(seen, seen[1:]))
     for a, b in zip(m_fp.parameters(), m_ref.parameters()):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_gsam_says_when_the_lr_rises_above_lr_max():
+    """A schedule that peaks above the lr the optimizer was built with (OneCycleLR with lr_max left to its
+    default) pins rho_t at rho_max while it is above: said once, with what to pass; nothing said when lr_max is
+    the peak."""
+    for lr_max, said in ((None, True), (0.1, False)):
+        m = make_model()
+        opt = fp.GSAM(m.parameters(), torch.optim.SGD, rho_max=0.1, rho_min=0.01, lr_max=lr_max, lr=0.01)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(6):
+                opt.step(fp_closure(m, step))
+                sched.step()
+        ours = [w for w in caught if "lr_max" in str(w.message)]
+        assert len(ours) == int(said), [str(w.message) for w in ours]
+        if said:
+            assert "above its 'lr_max' 0.01" in str(ours[0].message) and "OneCycleLR's max_lr" in str(ours[0].message)
+            assert ours[0].filename == __file__  # at the user's line
 
 
 # ---- SAM_FAMILY.md §8: the worked example ------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed, ops
+from .._callers import user_stacklevel
 from ..engine import (
     Cycle,
     NonFiniteGradient,
@@ -575,8 +577,10 @@ class GSAM(_Family):
             return None
         k = self._keys
         for name, default in self._group_defaults.items():
-            if default is None and name == "lr_max":
-                default = group.get("lr")
+            if default is None and name == "lr_max" and k[name] not in group and group.get("lr") is not None:
+                # The number, not the object: torch's schedulers write a Tensor lr in place, and an lr_max that
+                # is that tensor would follow it (rho_t stuck at rho_max).
+                default = float(group["lr"])
             if default is not None:
                 group.setdefault(k[name], default)
         rho_max = sizes[0]
@@ -584,10 +588,27 @@ class GSAM(_Family):
         lr_max, lr_min, lr = group.get(k["lr_max"]), group[k["lr_min"]], group.get("lr")
         if lr is None or lr_max is None or not float(lr_max) > float(lr_min):
             return rho_max, rho_max
+        if float(lr) > float(lr_max) * (1 + 1e-9):
+            self._say_above_lr_max(i, float(lr), float(lr_max))
         frac = (float(lr) - float(lr_min)) / (float(lr_max) - float(lr_min))
         rho = rho_min + (rho_max - rho_min) * frac
         rho = min(max(rho, min(rho_min, rho_max)), max(rho_min, rho_max))
         return rho, rho
+
+    def _say_above_lr_max(self, i: int, lr: float, lr_max: float) -> None:
+        """Once per optimizer: a group's lr above its lr_max pins rho_t at rho_max (the clamp), which a schedule
+        that rises past the lr the optimizer was built with (OneCycleLR, CyclicLR, warm-up to a larger peak) does
+        for most of its steps when lr_max was left to its default. Not while torch.compile traces."""
+        if self.__dict__.get("_said_above_lr_max") or torch.compiler.is_compiling():
+            return
+        self.__dict__["_said_above_lr_max"] = True
+        warnings.warn(
+            f"GSAM: param_groups[{i}]'s lr {lr:.6g} is above its {self._keys['lr_max']!r} {lr_max:.6g}, so rho_t "
+            f"is clamped to rho_max while it is; pass lr_max= the schedule's peak lr (OneCycleLR's max_lr, the "
+            "official code's ProportionScheduler max_lr) for rho_t to follow the whole schedule",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def update_rho_t(self) -> float:
         """The official GSAM loop's call after ``lr_scheduler.step()``. Here every step reads ``rho_t`` from each

@@ -1088,10 +1088,11 @@ def test_module_to_after_steps_keeps_training_like_a_fresh_optimizer(convert):
         assert p.dtype == dtype and torch.equal(p, q)
 
 
-@pytest.mark.parametrize("make", [fp.SAM, fp.GSAM], ids=["SAM", "GSAM"])
+@pytest.mark.parametrize("make", [fp.SAM, fp.GSAM, fp.FriendlySAM], ids=["SAM", "GSAM", "FriendlySAM"])
 def test_copy_or_checkpoint_between_first_and_second_step_is_refused(make):
-    """The weights are perturbed and the backups transient: a copy would be stuck at w + delta. Refused, and the
-    step then finishes as if nothing had been tried."""
+    """The weights are perturbed and the backups transient: a copy would be stuck at w + delta, and a load would
+    leave the pending step to write its backups over the weights (over freshly loaded ones too) and, for
+    FriendlySAM, reset its mean mid-cycle. Refused, and the step then finishes as if nothing had been tried."""
     import pickle
 
     torch.manual_seed(0)
@@ -1102,9 +1103,24 @@ def test_copy_or_checkpoint_between_first_and_second_step_is_refused(make):
     for m, meddle in ((model, True), (twin, False)):
         opt = make(m.parameters(), torch.optim.SGD, lr=0.1)
         ((m(x) - y) ** 2).mean().backward()
+
+        def closure(m=m):
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            return loss
+
+        opt.step(closure)  # (FriendlySAM's mean, then its checkpoint)
+        opt.zero_grad()
+        saved = copy.deepcopy(opt.state_dict())
+        ((m(x) - y) ** 2).mean().backward()
         opt.first_step()
         if meddle:
-            for attempt in (lambda: copy.deepcopy(opt), lambda: pickle.dumps(opt), opt.state_dict):
+            for attempt in (
+                lambda: copy.deepcopy(opt),
+                lambda: pickle.dumps(opt),
+                opt.state_dict,
+                lambda: opt.load_state_dict(saved),
+            ):
                 with pytest.raises(RuntimeError, match="between first_step\\(\\) and second_step\\(\\)"):
                     attempt()
         ((m(x) - y) ** 2).mean().backward()

@@ -1315,12 +1315,21 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def _refuse_while_pending(self, what: str) -> None:
         """Between first_step() and second_step() the weights are perturbed and their backups are transient: a copy
-        or a checkpoint would hold w + delta with no way back."""
-        if self._pending is not None:
+        or a checkpoint would hold w + delta with no way back, and a load would leave the pending step to write
+        the old backups over the weights later."""
+        if self._pending is None:
+            return
+        if what == "loaded":
             raise RuntimeError(
-                f"the optimizer cannot be {what} between first_step() and second_step(): the weights are perturbed "
-                "(w + delta) and their backups are not part of the copy; call second_step() (or restore()) first"
+                "the optimizer cannot be loaded between first_step() and second_step(): the weights are perturbed "
+                "(w + delta) and the pending step would later put its backups of the weights from before "
+                "first_step() back over them, also over weights loaded since; nothing was loaded. Call restore() "
+                "first (then load the model's weights, if you are resuming, and the optimizer)"
             )
+        raise RuntimeError(
+            f"the optimizer cannot be {what} between first_step() and second_step(): the weights are perturbed "
+            "(w + delta) and their backups are not part of the copy; call second_step() (or restore()) first"
+        )
 
     def per_pass_clipping_is_exact(self) -> bool:
         """Whether clipping each pass's gradient by its norm (what a framework's closure does: Lightning's
@@ -1394,6 +1403,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict), between this
         optimizer's ``register_load_state_dict_pre_hook``/``post_hook`` hooks."""
+        self._refuse_while_pending("loaded")
         sd = dict(state_dict)  # (a hook may change it in place: never the caller's)
         for pre in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre(self, sd)

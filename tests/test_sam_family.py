@@ -218,6 +218,34 @@ def test_gsam_rho_follows_the_lr_schedule(tensor_lr):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("name", ["sam", "wsam", "gsam"])
+def test_a_tensor_the_perturbed_pass_does_not_reach_descends_by_the_equations(name):
+    """Its gradient at w + e is zero (the README's rule): SAM's descent leaves it still, WSAM's (1 - a) g + a g1
+    moves it by -(1 - a) lr g (uphill for a > 1), GSAM's g1 - alpha (g - c g1) by +alpha lr g."""
+    lr, gamma, alpha = 0.1, 0.9, 0.4
+    make = {
+        "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.05, lr=lr),
+        "wsam": lambda ps: fp.WSAM(ps, torch.optim.SGD, rho=0.05, gamma=gamma, lr=lr),
+        "gsam": lambda ps: fp.GSAM(ps, torch.optim.SGD, alpha=alpha, lr=lr),
+    }[name]
+    a = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float64))
+    opt = make([a, b])
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = (a**2).sum() + ((b**2).sum() if len(calls) == 1 else 0.0)  # b left out at w + e
+        loss.backward()
+        return loss
+
+    b0 = b.detach().clone()
+    opt.step(closure)
+    g = 2 * b0
+    factor = {"sam": 0.0, "wsam": -(1 - gamma / (1 - gamma)), "gsam": alpha}[name]
+    torch.testing.assert_close(b.detach() - b0, factor * lr * g, rtol=1e-6, atol=1e-12)
+
+
 def test_gsam_says_when_the_lr_rises_above_lr_max():
     """A schedule that peaks above the lr the optimizer was built with (OneCycleLR with lr_max left to its
     default) pins rho_t at rho_max while it is above: said once, with what to pass; nothing said when lr_max is

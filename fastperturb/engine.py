@@ -130,13 +130,29 @@ def exact_tiny_norms(sums: Tensor, rows: list[int], tensors: Sequence[Tensor]) -
 
 def exact_tiny_dots(stats: Tensor, rows: list[int], a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``dot_stats(a, b)``'s rows ``[<a,a>, <a,b>, <b,b>]`` as float64, with ``rows`` taken again in float64 (one
-    tensor at a time: only one float64 copy of a tensor pair is alive at once)."""
+    tensor at a time: only one float64 copy of a tensor pair is alive at once), summed in a fixed order."""
     out = stats.to(torch.float64)
     for i in rows:
         x = a[i].detach().reshape(-1).to(torch.float64)
         y = b[i].detach().reshape(-1).to(torch.float64)
-        out[i] = torch.stack([x.dot(x), x.dot(y), y.dot(y)]).to(out.device)
+        out[i] = torch.stack([fixed_order_sum(x * x), fixed_order_sum(x * y), fixed_order_sum(y * y)]).to(out.device)
     return out
+
+
+_SUM_ROW = 64
+
+
+def fixed_order_sum(v: Tensor) -> Tensor:
+    """The sum of a 1-D tensor, the same whatever the number of threads. ``Tensor.dot`` (BLAS) and a long
+    ``sum()`` split the reduction by thread count on the CPU (last bits differ at 1, 2 and 3 threads); here each
+    level sums rows of 64 elements, and torch splits such a reduction by rows (many of them), or does not split
+    it at all (a level of fewer than 64 rows is below its grain size)."""
+    while v.numel() > _SUM_ROW:
+        pad = -v.numel() % _SUM_ROW
+        if pad:
+            v = torch.cat([v, v.new_zeros(pad)])
+        v = v.view(-1, _SUM_ROW).sum(1)
+    return v.sum()
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,32 @@ def test_the_sam_family_takes_the_same_steps_at_any_gradient_scale(name, log2_sc
     got = _family_run(name, log2_scale)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_float64_statistics_do_not_depend_on_the_thread_count():
+    """The family's float64 re-read of tiny dot statistics (engine.exact_tiny_dots) sums in a fixed order:
+    ``Tensor.dot`` went to BLAS, whose last bits differ at 1, 2 and 3 threads past a few ten thousand elements
+    (DESIGN: bit-identical whatever the number of threads)."""
+    import math
+
+    from fastperturb.engine import exact_tiny_dots, fixed_order_sum
+
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(n, generator=g) * 1e-21 for n in (100_003, 7, 0, 65_536)]
+    b = [torch.randn(n, generator=g) * 1e-21 for n in (100_003, 7, 0, 65_536)]
+    stats = torch.zeros(len(a), 3)
+    old = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(exact_tiny_dots(stats, list(range(len(a))), a, b))
+    finally:
+        torch.set_num_threads(old)
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+    for i, (x, y) in enumerate(zip(a, b)):  # and they are the sums: within a few ulps of the exact ones
+        x, y = x.double(), y.double()
+        want = [math.fsum((x * x).tolist()), math.fsum((x * y).tolist()), math.fsum((y * y).tolist())]
+        torch.testing.assert_close(runs[0][i], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert fixed_order_sum(torch.zeros(0, dtype=torch.float64)).item() == 0.0

@@ -181,6 +181,8 @@ class PerturbSpec:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        for flag in ("relative", "include_clean"):  # (normalised: the spec is saved in state dicts)
+            object.__setattr__(self, flag, check_flag(flag, getattr(self, flag)))
         if self.adaptive_eta is not None:
             if not (math.isfinite(self.adaptive_eta) and self.adaptive_eta >= 0):
                 raise ValueError(f"adaptive eta must be finite and >= 0, got {self.adaptive_eta}")
@@ -208,6 +210,16 @@ class PerturbSpec:
         if self.include_clean:
             return [1.0 / (k + 1)] * (k + 1)
         return [0.0] + [1.0 / k] * k
+
+
+def check_flag(name: str, value: object) -> bool:
+    """An on/off setting must be True or False (or 0/1): a string such as "false" or a None was taken for its
+    truth value, silently."""
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_radius(name: str, value: float) -> float:

@@ -533,6 +533,63 @@ def test_pytorch_optimizer_wrapper_keywords_are_refused_by_name(base, make, key,
         make(nn.Linear(2, 2).parameters(), base, lr=0.1, **{key: 0.01 if key != "model" else nn.Linear(2, 2)})
 
 
+@pytest.mark.parametrize("base", [torch.optim.SGD, _KwargsBase])
+@pytest.mark.parametrize(
+    "make, key, value, takers",
+    [
+        (fp.AWP, "norm", "linf", "APD takes it"),
+        (fp.AWP, "adaptive", True, "FriendlySAM, GSAM, LookSAM, SAM, WSAM take it"),
+        (fp.SAM, "eta", 0.5, "ASAM takes it"),
+        (fp.APD, "adaptive", True, "SAM"),
+        (fp.GSAM, "rho", 0.05, "SAM, WSAM take it; GSAM's radius is 'rho_max'"),
+        (fp.LookSAM, "gamma", 0.9, "AWP, WSAM take it"),
+    ],
+)
+def test_another_presets_keyword_is_refused_by_name(base, make, key, value, takers):
+    """Another preset's setting, given to one that has none, went on to the base optimizer: torch's SGD refused
+    it blaming itself (GSAM's rho: "multiple values for argument 'rho'"), a base taking **kwargs swallowed it
+    (AWP(norm="linf") perturbed in L2, SAM(eta=...) was plain SAM)."""
+    with pytest.raises(TypeError, match=f"got {key}=.*has no {key!r} setting \\(.*{takers}"):
+        make(nn.Linear(2, 2).parameters(), base, lr=0.1, **{key: value})
+
+
+def test_a_base_optimizers_own_setting_of_a_preset_name_still_reaches_it():
+    """Adadelta's rho, Adam's eps: named by the base, so its own (GSAM's rho collided with the family's radius
+    argument before)."""
+    ps = list(nn.Linear(2, 2).parameters())
+    assert fp.GSAM(ps, torch.optim.Adadelta, rho=0.9).base_optimizer.defaults["rho"] == 0.9
+    assert fp.SAM(ps, torch.optim.Adam, eps=1e-6).base_optimizer.defaults["eps"] == 1e-6
+
+
+@pytest.mark.parametrize(
+    "make, key",
+    [
+        (fp.SAM, "adaptive"),
+        (fp.APD, "relative"),
+        (fp.APD, "include_clean"),
+        (fp.WSAM, "decouple"),
+        (fp.GSAM, "adaptive"),
+    ],
+)
+@pytest.mark.parametrize("value", ["false", None, 2, 0.5])
+def test_an_on_off_setting_must_be_true_or_false(make, key, value):
+    """A string "false" (a config file's) was taken as True, None as False, silently."""
+    with pytest.raises(TypeError, match=f"{key} must be True or False, got {value!r}"):
+        make(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{key: value})
+    np = pytest.importorskip("numpy")
+    for ok in (True, 0, np.bool_(True)):
+        make(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{key: ok})
+    assert fp.APD(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, relative=1).spec.relative is True
+
+
+@pytest.mark.parametrize("make", [fp.SAM, fp.ASAM, fp.AWP, fp.GSAM])
+def test_a_group_step_size_where_the_step_is_the_radius_is_refused(make):
+    """Read only by APD; SAM, ASAM and AWP refused step_size= but ignored a group's, silently."""
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="sets 'step_size', which .* does not read"):
+        make([{"params": model.parameters(), "step_size": 0.5}], torch.optim.SGD, lr=0.1)
+
+
 def test_a_base_that_names_the_keyword_gets_it():
     opt = fp.SAM(nn.Linear(2, 2).parameters(), _GCBase, rho=0.05, lr=0.1, use_gc=True)
     assert opt.base_optimizer.defaults["use_gc"] is True

@@ -36,6 +36,7 @@ from ..engine import (
     NonFiniteGradient,
     PerturbSpec,
     check_finite,
+    check_flag,
     check_radius,
     exact_tiny_dots,
     exact_tiny_norms,
@@ -107,7 +108,9 @@ class _Family(PerturbOptimizer):
     # stays first, not in the pass that checks G.
     _restore_in_descend = False
 
-    def __init__(self, params: Params, base_optimizer: type, rho: float, adaptive: bool, **kwargs: Any) -> None:
+    def __init__(self, params: Params, base_optimizer: type, rho: float, adaptive: bool, /, **kwargs: Any) -> None:
+        # (positional-only: a base optimizer's own rho, Adadelta's, passes through kwargs; one given to GSAM,
+        # whose radius is rho_max, is refused by the wrapper, naming the presets that take it)
         if kwargs.get("fused_step"):
             # Their descent rules need the restored weights' buffers after the passes (WSAM keeps
             # g1 - g in the backups) and hooks around the base step: the fused restore + base step
@@ -120,7 +123,8 @@ class _Family(PerturbOptimizer):
         self._lists: Dict[str, tuple] = {}
         self._cycle_plan: Optional[_Plan] = None  # the plan whose passes are done and descent not yet formed
         self._scaler: Optional[torch.amp.GradScaler] = None
-        spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
+        adaptive_eta = 0.0 if check_flag("adaptive", adaptive) else None
+        spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=adaptive_eta)
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
         self._watch_base_loads()
 
@@ -672,7 +676,7 @@ class WSAM(_Family):
         **kwargs: Any,
     ) -> None:
         self.gamma = _finite("gamma", gamma, 0.0, 1.0, hi_open=True)
-        self.decouple = bool(decouple)
+        self.decouple = check_flag("decouple", decouple)
         super().__init__(params, base_optimizer, rho, adaptive, **kwargs)
 
     @property

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from ..engine import PerturbSpec, check_radius
+from ..engine import PerturbSpec, check_flag, check_radius
 from .wrapper import Params, PerturbOptimizer
 
 __all__ = ["SAM", "ASAM", "AWP", "APD", "is_weight_matrix"]
@@ -37,7 +37,8 @@ class SAM(PerturbOptimizer):
     def __init__(
         self, params: Params, base_optimizer: type, rho: float = 0.05, adaptive: bool = False, **kwargs: Any
     ) -> None:
-        spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=0.0 if adaptive else None)
+        adaptive_eta = 0.0 if check_flag("adaptive", adaptive) else None
+        spec = PerturbSpec(norm="l2", scope="global", steps=1, adaptive_eta=adaptive_eta)
         super().__init__(params, base_optimizer, spec, rho, **kwargs)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import operator
@@ -252,10 +253,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
         # Group keys: the preset's names unless the base optimizer has a setting of the same
         # name (APD's eps vs Adam's eps, SAM's rho vs Adadelta's rho): then "perturb_<name>".
         taken = _keyword_names(base_optimizer)
-        migrating = sorted(set(base_kwargs) & set(MIGRATION_KEYWORDS) - taken)
-        if migrating and not _takes_any_keyword(base_optimizer):  # (the base would refuse it, blaming itself)
+        # Keywords of the wrappers people migrate from, and of the other presets (AWP(norm=...), GSAM(rho=...)),
+        # that the base optimizer does not name: it would refuse them blaming itself, or swallow them (**kwargs).
+        misplaced = {k: _misplaced_message(self, k) for k in base_kwargs if k not in taken}
+        migrating = sorted(k for k, why in misplaced.items() if why is not None)
+        if migrating and not _takes_any_keyword(base_optimizer):
             key = migrating[0]
-            raise TypeError(f"{type(self).__name__} got {key}={base_kwargs[key]!r}: {MIGRATION_KEYWORDS[key]}")
+            raise TypeError(f"{type(self).__name__} got {key}={base_kwargs[key]!r}: {misplaced[key]}")
         self.radius_key = _group_key(type(self).radius_key, taken)
         # Keys the SAM wrappers people migrate from read per group (davda54's and pytorch-optimizer's SAM: adaptive;
         # ASAM's eta; FriendlySAM's sigma and lmbda) but these presets take for the whole optimizer: a group that
@@ -330,7 +334,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             if key not in self.base_optimizer.defaults:
                 raise TypeError(
                     f"{type(self).__name__} got {key}={base_kwargs[key]!r}, which {base_optimizer.__name__} takes "
-                    f"through **kwargs and does not keep: {MIGRATION_KEYWORDS[key]}"
+                    f"through **kwargs and does not keep: {misplaced[key]}"
                 )
         clash = set(self._perturb_defaults) & set(self.base_optimizer.defaults)
         if clash:  # a base whose signature hid the name (**kwargs) uses it too
@@ -466,6 +470,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     f"whole optimizer ({self._optimizer_wide(key)!r} here), not per group as some SAM wrappers do: "
                     f"build it with {key}=... (or one optimizer per setting), and drop the key from the group"
                 )
+        if self.step_key is None and "step_size" in group and "step_size" not in base_defaults:
+            raise ValueError(
+                f"param_groups[{i}] sets 'step_size', which {type(self).__name__} does not read (its step is the "
+                f"radius, {self.radius_key!r}); drop the key (APD takes a step size)"
+            )
         if not group.get("perturb", True):
             return None
         rk = self.radius_key
@@ -1475,6 +1484,39 @@ MIGRATION_KEYWORDS: Dict[str, str] = {
     "rho_scheduler": "GSAM here takes rho_max/rho_min (and lr_max/lr_min), linear in each group's lr, instead of a "
     "ProportionScheduler",
 }
+
+
+def _misplaced_message(opt: "PerturbOptimizer", key: str) -> Optional[str]:
+    """What to do about keyword ``key``, given to ``opt``'s preset and passed on to its base optimizer, when it is
+    one of the migration keywords or another preset's setting; None for anything else (the base's own)."""
+    if key in MIGRATION_KEYWORDS:
+        return MIGRATION_KEYWORDS[key]
+    takers = sorted(name for name, keys in _preset_keywords().items() if key in keys and name != type(opt).__name__)
+    if not takers:
+        return None
+    return (
+        f"{type(opt).__name__} has no {key!r} setting ({', '.join(takers)} take{'s' if len(takers) == 1 else ''} it; "
+        f"{type(opt).__name__}'s radius is {type(opt).radius_key!r}); drop it, or use that optimizer"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_keywords_of(classes: tuple) -> Dict[str, frozenset]:
+    return {
+        cls.__name__: frozenset(_keyword_names(cls) - {"base_optimizer", "args", "kwargs"})
+        for cls in classes
+        if not cls.__name__.startswith("_") and cls.__module__.startswith("fastperturb.")
+    }
+
+
+def _preset_keywords() -> Dict[str, frozenset]:
+    """The constructor keywords of fastperturb's presets (every public subclass of PerturbOptimizer), by name."""
+    classes, stack = [], list(PerturbOptimizer.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        classes.append(cls)
+        stack.extend(cls.__subclasses__())
+    return _preset_keywords_of(tuple(classes))
 
 
 def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str, Any]) -> None:

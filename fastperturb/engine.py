@@ -130,12 +130,13 @@ def exact_tiny_norms(sums: Tensor, rows: list[int], tensors: Sequence[Tensor]) -
 
 def exact_tiny_dots(stats: Tensor, rows: list[int], a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """``dot_stats(a, b)``'s rows ``[<a,a>, <a,b>, <b,b>]`` as float64, with ``rows`` taken again in float64 (one
-    tensor at a time: only one float64 copy of a tensor pair is alive at once), summed in a fixed order."""
+    tensor at a time: a float64 copy of a tensor pair and one product are alive at once), summed in a fixed order."""
     out = stats.to(torch.float64)
     for i in rows:
-        x = a[i].detach().reshape(-1).to(torch.float64)
-        y = b[i].detach().reshape(-1).to(torch.float64)
-        out[i] = torch.stack([fixed_order_sum(x * x), fixed_order_sum(x * y), fixed_order_sum(y * y)]).to(out.device)
+        x = a[i].detach().reshape(-1).to(torch.float64, copy=True)  # (copies: squared in place below)
+        y = b[i].detach().reshape(-1).to(torch.float64, copy=True)
+        xy = fixed_order_sum(x * y)
+        out[i] = torch.stack([fixed_order_sum(x.square_()), xy, fixed_order_sum(y.square_())]).to(out.device)
     return out
 
 
@@ -146,12 +147,12 @@ def fixed_order_sum(v: Tensor) -> Tensor:
     """The sum of a 1-D tensor, the same whatever the number of threads. ``Tensor.dot`` (BLAS) and a long
     ``sum()`` split the reduction by thread count on the CPU (last bits differ at 1, 2 and 3 threads); here each
     level sums rows of 64 elements, and torch splits such a reduction by rows (many of them), or does not split
-    it at all (a level of fewer than 64 rows is below its grain size)."""
+    it at all (a level of fewer than 64 rows is below its grain size). A level's leftover elements (fewer than
+    64) are summed on their own and appended to its row sums (no padded copy of ``v``)."""
     while v.numel() > _SUM_ROW:
-        pad = -v.numel() % _SUM_ROW
-        if pad:
-            v = torch.cat([v, v.new_zeros(pad)])
-        v = v.view(-1, _SUM_ROW).sum(1)
+        whole = v.numel() - v.numel() % _SUM_ROW
+        rows = v[:whole].view(-1, _SUM_ROW).sum(1)
+        v = torch.cat([rows, v[whole:].sum().reshape(1)]) if whole < v.numel() else rows
     return v.sum()
 
 
@@ -217,8 +218,9 @@ def check_flag(name: str, value: object) -> bool:
     truth value, silently."""
     if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
         return bool(value)
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
+    if isinstance(value, int) or (type(value).__module__ == "numpy" and hasattr(value, "__index__")):
+        if int(value) in (0, 1):
+            return bool(int(value))
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 

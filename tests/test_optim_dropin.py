@@ -577,7 +577,7 @@ def test_an_on_off_setting_must_be_true_or_false(make, key, value):
     with pytest.raises(TypeError, match=f"{key} must be True or False, got {value!r}"):
         make(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{key: value})
     np = pytest.importorskip("numpy")
-    for ok in (True, 0, np.bool_(True)):
+    for ok in (True, 0, np.bool_(True), np.int64(1)):
         make(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, **{key: ok})
     assert fp.APD(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, relative=1).spec.relative is True
 

@@ -366,6 +366,46 @@ def test_dcp_takes_the_wrapper_itself_and_resumes_bit_identical(tmp_path, make):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # (DCP without a process group says so)
+@pytest.mark.parametrize("target", ["wrapper", "base"])
+def test_dcp_between_first_and_second_step_is_refused_before_anything_changes(target):
+    """A save or load through DCP while a first_step() is pending is refused, as the wrapper's own are, and the
+    cycle then finishes as if nothing had been tried: DCP's state-creating step(None) on a fresh optimizer used to
+    run the base step first (Adam's first step, at lr 0, so the real one counted 2), and a load handed
+    opt.base_optimizer went through (FriendlySAM's mean reset mid-cycle). DCP creates state only when there is
+    none; handed the base, whose steps the wrapper does not see, the test starts after one full step."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    build, train = _dcp_problem(lambda ps, lr: fp.SAM(ps, torch.optim.Adam, rho=0.05, lr=lr))
+    runs = []
+    for meddle in (True, False):
+        model, opt = build(0.01)
+        if target == "base":
+            train(model, opt, 1)
+        saved = copy.deepcopy(opt.state_dict())
+        x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)), torch.randn(16, 2)
+        ((model(x) - y) ** 2).mean().backward()
+        opt.first_step()
+        before = copy.deepcopy(opt.base_optimizer.state_dict())
+        if meddle:
+            handed = opt if target == "wrapper" else opt.base_optimizer
+            if target == "wrapper":
+                with pytest.raises(RuntimeError, match="cannot be saved between first_step\\(\\) and second_step"):
+                    get_optimizer_state_dict(model, handed)
+            with pytest.raises(RuntimeError, match="cannot be loaded between first_step\\(\\) and second_step"):
+                set_optimizer_state_dict(model, handed, saved)
+            with pytest.raises(RuntimeError, match="cannot be loaded between"):
+                opt.base_optimizer.load_state_dict(before)
+            assert opt.param_groups[0]["lr"] == 0.01
+            assert str(opt.base_optimizer.state_dict()) == str(before)  # nothing created, nothing loaded
+        ((model(x) - y) ** 2).mean().backward()
+        opt.second_step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        steps = 2 if target == "base" else 1
+        assert all(float(st["step"]) == steps for st in opt.base_optimizer.state.values())
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # (DCP without a process group says so)
 @pytest.mark.parametrize("saved_after", [0, 2])
 @pytest.mark.parametrize("form", ["nested", "flattened", "full, through torch.save"])
 @pytest.mark.parametrize(

@@ -176,3 +176,7 @@ def test_the_float64_statistics_do_not_depend_on_the_thread_count():
         want = [math.fsum((x * x).tolist()), math.fsum((x * y).tolist()), math.fsum((y * y).tolist())]
         torch.testing.assert_close(runs[0][i], torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
     assert fixed_order_sum(torch.zeros(0, dtype=torch.float64)).item() == 0.0
+    a64, b64 = [t.double() for t in a], [t.double() for t in b]
+    kept = [t.clone() for t in a64 + b64]
+    exact_tiny_dots(stats, list(range(len(a))), a64, b64)  # float64 inputs: read, never written
+    assert all(torch.equal(t, k) for t, k in zip(a64 + b64, kept))

@@ -580,6 +580,10 @@ class GSAM(_Family):
         if sizes is None:
             return None
         k = self._keys
+        if k["lr_max"] in group and group[k["lr_max"]] is group.get("lr"):
+            # A state dict from before lr_max took the value held the lr tensor itself (rho_t stuck at rho_max):
+            # the lr the schedulers recorded when they were built, which is what lr_max defaulted to.
+            group[k["lr_max"]] = float(group.get("initial_lr", group["lr"]))
         for name, default in self._group_defaults.items():
             if default is None and name == "lr_max" and k[name] not in group and group.get("lr") is not None:
                 # The number, not the object: torch's schedulers write a Tensor lr in place, and an lr_max that
@@ -592,7 +596,7 @@ class GSAM(_Family):
         lr_max, lr_min, lr = group.get(k["lr_max"]), group[k["lr_min"]], group.get("lr")
         if lr is None or lr_max is None or not float(lr_max) > float(lr_min):
             return rho_max, rho_max
-        if float(lr) > float(lr_max) * (1 + 1e-9):
+        if float(lr) > float(lr_max) * (1 + 1e-6):  # (a float32 Tensor lr's warm-up ends some ulps off)
             self._say_above_lr_max(i, float(lr), float(lr_max))
         frac = (float(lr) - float(lr_min)) / (float(lr_max) - float(lr_min))
         rho = rho_min + (rho_max - rho_min) * frac
@@ -734,7 +738,7 @@ class WSAM(_Family):
 
     def _set_hyper(self, hyper: Dict[str, Any]) -> None:
         self.gamma = _finite("gamma", hyper.get("gamma", self.gamma), 0.0, 1.0, hi_open=True)
-        self.decouple = bool(hyper.get("decouple", self.decouple))
+        self.decouple = check_flag("decouple", hyper.get("decouple", self.decouple))
 
 
 LOOKSAM_SCOPES = ("global", "layer")

@@ -336,6 +336,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     f"{type(self).__name__} got {key}={base_kwargs[key]!r}, which {base_optimizer.__name__} takes "
                     f"through **kwargs and does not keep: {misplaced[key]}"
                 )
+        self._guard_base_loads()
         clash = set(self._perturb_defaults) & set(self.base_optimizer.defaults)
         if clash:  # a base whose signature hid the name (**kwargs) uses it too
             raise TypeError(
@@ -1042,8 +1043,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if closure is None:
             if frameworks.dcp_initialising_state() and all(float(g.get("lr", 0.0)) == 0.0 for g in self.param_groups):
                 # get/set_optimizer_state_dict(model, opt) on a fresh optimizer: zero gradients at lr 0, a step that
-                # only creates the base optimizer's state (a perturbation of a zero gradient is zero)
-                self.base_optimizer.step()
+                # only creates the base optimizer's state (a perturbation of a zero gradient is zero). Not while a
+                # first_step() is pending: that step would be the base's first (Adam's step count 1). Nothing is
+                # done then; the state_dict() or load_state_dict() DCP calls next refuses (raising here would leave
+                # the lr DCP set to 0 in the groups).
+                if self._pending is None:
+                    self.base_optimizer.step()
                 return None
             raise TypeError(frameworks.no_closure_message(self))
         if self._pending is not None:
@@ -1322,15 +1327,21 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints -----------------------------------------------------------------
 
+    def _guard_base_loads(self) -> None:
+        """A load of ``opt.base_optimizer`` itself (a distributed checkpoint handed the base) is refused while a
+        first_step() is pending, as the wrapper's own load is, before anything loads. The hook holds this optimizer
+        weakly."""
+        self.base_optimizer.register_load_state_dict_pre_hook(functools.partial(_base_load_hook, weakref.ref(self)))
+
     def _refuse_while_pending(self, what: str) -> None:
         """Between first_step() and second_step() the weights are perturbed and their backups are transient: a copy
         or a checkpoint would hold w + delta with no way back, and a load would leave the pending step to write
         the old backups over the weights later."""
         if self._pending is None:
             return
-        if what == "loaded":
+        if "loaded" in what:
             raise RuntimeError(
-                "the optimizer cannot be loaded between first_step() and second_step(): the weights are perturbed "
+                f"the optimizer cannot be {what} between first_step() and second_step(): the weights are perturbed "
                 "(w + delta) and the pending step would later put its backups of the weights from before "
                 "first_step() back over them, also over weights loaded since; nothing was loaded. Call restore() "
                 "first (then load the model's weights, if you are resuming, and the optimizer)"
@@ -1373,6 +1384,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._guard_base_loads()  # (torch drops an optimizer's hooks from its copies and pickles)
         self.__dict__.setdefault("_lists_cache", ops.ListsCache())
         self.__dict__.setdefault("_plan_cache", None)
         self.__dict__.setdefault("_seen_by_watch", False)
@@ -1486,6 +1498,12 @@ MIGRATION_KEYWORDS: Dict[str, str] = {
 }
 
 
+def _base_load_hook(owner: "weakref.ref[PerturbOptimizer]", base: torch.optim.Optimizer, state_dict: Any) -> None:
+    opt = owner()
+    if opt is not None:
+        opt._refuse_while_pending("loaded")
+
+
 def _misplaced_message(opt: "PerturbOptimizer", key: str) -> Optional[str]:
     """What to do about keyword ``key``, given to ``opt``'s preset and passed on to its base optimizer, when it is
     one of the migration keywords or another preset's setting; None for anything else (the base's own)."""
@@ -1500,23 +1518,21 @@ def _misplaced_message(opt: "PerturbOptimizer", key: str) -> Optional[str]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)
 def _preset_keywords_of(classes: tuple) -> Dict[str, frozenset]:
-    return {
-        cls.__name__: frozenset(_keyword_names(cls) - {"base_optimizer", "args", "kwargs"})
-        for cls in classes
-        if not cls.__name__.startswith("_") and cls.__module__.startswith("fastperturb.")
-    }
+    return {cls.__name__: frozenset(_keyword_names(cls) - {"base_optimizer", "args", "kwargs"}) for cls in classes}
 
 
 def _preset_keywords() -> Dict[str, frozenset]:
-    """The constructor keywords of fastperturb's presets (every public subclass of PerturbOptimizer), by name."""
+    """The constructor keywords of fastperturb's presets (every public subclass of PerturbOptimizer defined in
+    fastperturb: not the users' subclasses, nor the classes Lightning makes per wrapped optimizer), by name."""
     classes, stack = [], list(PerturbOptimizer.__subclasses__())
     while stack:
         cls = stack.pop()
-        classes.append(cls)
         stack.extend(cls.__subclasses__())
-    return _preset_keywords_of(tuple(classes))
+        if not cls.__name__.startswith("_") and cls.__module__.startswith("fastperturb."):
+            classes.append(cls)
+    return _preset_keywords_of(tuple(sorted(classes, key=lambda c: c.__qualname__)))
 
 
 def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str, Any]) -> None:

@@ -1130,6 +1130,23 @@ def test_copy_or_checkpoint_between_first_and_second_step_is_refused(make):
         assert torch.equal(p, q)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # (the skipped step says so)
+def test_a_skipped_first_step_says_so_when_a_checkpoint_is_refused():
+    """A first_step() skipped on a non-finite gradient leaves the weights clean but the step open: a save or load
+    is refused saying that (not "the weights are perturbed"), and restore() closes it."""
+    model = nn.Linear(2, 2)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sd = opt.state_dict()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    opt.first_step()
+    for attempt in (opt.state_dict, lambda: opt.load_state_dict(sd)):
+        with pytest.raises(RuntimeError, match="was skipped \\(non-finite gradient\\), the weights are clean"):
+            attempt()
+    opt.restore()
+    opt.load_state_dict(sd)
+
+
 @pytest.mark.parametrize("make", [fp.SAM, fp.APD, fp.GSAM, fp.LookSAM, fp.FriendlySAM])
 def test_a_sparse_gradient_is_refused_by_name_before_anything_moves(make):
     emb = nn.Embedding(10, 3, sparse=True)

@@ -1339,6 +1339,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         the old backups over the weights later."""
         if self._pending is None:
             return
+        if self._pending.skipped:  # (a non-finite gradient: nothing was perturbed, the step is still open)
+            raise RuntimeError(
+                f"the optimizer cannot be {what} between first_step() and second_step(): this first_step() was "
+                "skipped (non-finite gradient), the weights are clean, and the step is still open; call "
+                "second_step() (which skips too) or restore() first"
+            )
         if "loaded" in what:
             raise RuntimeError(
                 f"the optimizer cannot be {what} between first_step() and second_step(): the weights are perturbed "

@@ -596,9 +596,10 @@ class GSAM(_Family):
         lr_max, lr_min, lr = group.get(k["lr_max"]), group[k["lr_min"]], group.get("lr")
         if lr is None or lr_max is None or not float(lr_max) > float(lr_min):
             return rho_max, rho_max
-        if float(lr) > float(lr_max) * (1 + 1e-6):  # (a float32 Tensor lr's warm-up ends some ulps off)
-            self._say_above_lr_max(i, float(lr), float(lr_max))
-        frac = (float(lr) - float(lr_min)) / (float(lr_max) - float(lr_min))
+        lr, lr_max, lr_min = float(lr), float(lr_max), float(lr_min)  # (one read each: a CUDA lr syncs)
+        if lr > lr_max * (1 + 1e-6):  # (a float32 Tensor lr's warm-up ends some ulps off)
+            self._say_above_lr_max(i, lr, lr_max)
+        frac = (lr - lr_min) / (lr_max - lr_min)
         rho = rho_min + (rho_max - rho_min) * frac
         rho = min(max(rho, min(rho_min, rho_max)), max(rho_min, rho_max))
         return rho, rho

@@ -247,6 +247,16 @@ def test_a_tensor_the_perturbed_pass_does_not_reach_descends_by_the_equations(na
     torch.testing.assert_close(b.detach() - b0, factor * lr * g, rtol=1e-6, atol=1e-12)
 
 
+def lr_max_warnings(model, opt, sched, steps: int) -> list:
+    """The warnings about lr_max over ``steps`` scheduled steps."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            opt.step(fp_closure(model, step))
+            sched.step()
+    return [w for w in caught if "lr_max" in str(w.message)]
+
+
 def test_gsam_lr_max_of_an_earlier_state_dict_that_held_the_lr_tensor():
     """A state dict saved before lr_max took the value held the lr tensor itself as lr_max (one object through
     torch.save): loaded, lr_max is the lr the scheduler recorded when built, and rho_t follows the schedule again.
@@ -255,12 +265,7 @@ def test_gsam_lr_max_of_an_earlier_state_dict_that_held_the_lr_tensor():
     lr = torch.tensor(0.1)  # float32: LinearLR's warm-up ends a few ulps off 0.1
     opt = fp.GSAM(m.parameters(), torch.optim.SGD, rho_max=0.1, rho_min=0.01, lr=lr)
     sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for step in range(3):
-            opt.step(fp_closure(m, step))
-            sched.step()
-    assert not [w for w in caught if "lr_max" in str(w.message)]
+    assert not lr_max_warnings(m, opt, sched, 3)
     sd = opt.state_dict()
     sd["param_groups"][0]["lr_max"] = sd["param_groups"][0]["lr"]  # what the earlier code saved
     buf = io.BytesIO()
@@ -269,7 +274,7 @@ def test_gsam_lr_max_of_an_earlier_state_dict_that_held_the_lr_tensor():
     sd = torch.load(buf)
     assert sd["param_groups"][0]["lr_max"] is sd["param_groups"][0]["lr"]
     opt.load_state_dict(sd)
-    opt.param_groups[0]["lr"].fill_(0.055)  # a scheduler's in-place write: halfway between 0.01 and 0.1
+    opt.param_groups[0]["lr"].fill_(0.055)  # a scheduler's in-place write
     assert opt._group_sizes(0, opt.param_groups[0])[0] == pytest.approx(0.01 + 0.09 * 0.055 / 0.1, rel=1e-6)
     assert type(opt.param_groups[0]["lr_max"]) is float
 
@@ -282,12 +287,7 @@ def test_gsam_says_when_the_lr_rises_above_lr_max():
         m = make_model()
         opt = fp.GSAM(m.parameters(), torch.optim.SGD, rho_max=0.1, rho_min=0.01, lr_max=lr_max, lr=0.01)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=6)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for step in range(6):
-                opt.step(fp_closure(m, step))
-                sched.step()
-        ours = [w for w in caught if "lr_max" in str(w.message)]
+        ours = lr_max_warnings(m, opt, sched, 6)
         assert len(ours) == int(said), [str(w.message) for w in ours]
         if said:
             assert "above its 'lr_max' 0.01" in str(ours[0].message) and "OneCycleLR's max_lr" in str(ours[0].message)

@@ -580,7 +580,7 @@ class GSAM(_Family):
         if sizes is None:
             return None
         k = self._keys
-        if k["lr_max"] in group and group[k["lr_max"]] is group.get("lr"):
+        if isinstance(group.get(k["lr_max"]), Tensor) and group[k["lr_max"]] is group.get("lr"):
             # A state dict from before lr_max took the value held the lr tensor itself (rho_t stuck at rho_max):
             # the lr the schedulers recorded when they were built, which is what lr_max defaulted to.
             group[k["lr_max"]] = float(group.get("initial_lr", group["lr"]))

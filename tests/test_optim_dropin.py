@@ -582,6 +582,26 @@ def test_an_on_off_setting_must_be_true_or_false(make, key, value):
     assert fp.APD(nn.Linear(2, 2).parameters(), torch.optim.SGD, lr=0.1, relative=1).spec.relative is True
 
 
+def test_a_groups_perturb_flag_must_be_true_or_false():
+    """group["perturb"] = "false" (a config's string) perturbed the group; refused at the next step, weights
+    unchanged."""
+    model = nn.Linear(2, 2)
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt.param_groups[0]["perturb"] = "false"
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        loss = model(torch.ones(1, 2)).sum()
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="param_groups\\[0\\]\\['perturb'\\] must be True or False, got 'false'"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[0]["perturb"] = 0
+    opt.step(closure)  # (0/1 are taken: a plain step)
+
+
 @pytest.mark.parametrize("make", [fp.SAM, fp.ASAM, fp.AWP, fp.GSAM])
 def test_a_group_step_size_where_the_step_is_the_radius_is_refused(make):
     """Read only by APD; SAM, ASAM and AWP refused step_size= but ignored a group's, silently."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .. import distributed, ops
 from .._callers import user_stacklevel
-from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_radius, grads_of, run_cycle
+from ..engine import Cycle, NonFiniteGradient, PerturbSpec, check_flag, check_radius, grads_of, run_cycle
 from ..ops import dispatch, native
 from ..ops import validation as V
 from . import frameworks
@@ -476,7 +476,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 f"param_groups[{i}] sets 'step_size', which {type(self).__name__} does not read (its step is the "
                 f"radius, {self.radius_key!r}); drop the key (APD takes a step size)"
             )
-        if not group.get("perturb", True):
+        if not check_flag(f"param_groups[{i}]['perturb']", group.get("perturb", True)):
             return None
         rk = self.radius_key
         if rk not in group:

@@ -116,73 +116,83 @@ def _steps(model: nn.Module, opt, n: int, mark=None) -> list:
 
 
 def _rank(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    if world == 1:
+        _measure(rank, world, a, out_dir)
+        return
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(a.port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        _measure(rank, world, a, out_dir)  # (its FSDP2 model and optimizer are freed when it returns)
+        gc.collect()
+        # Neither rank tears gloo down while the other still has collectives in flight (FSDP2's last
+        # reduce-scatter): that aborted a rank with "terminate called without an active exception".
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    # The record is written and the group is gone: skip the interpreter's teardown, where gloo's threads still
+    # aborted a rank now and then ("terminate called without an active exception", once in a CI run). A failure
+    # above raises instead, for mp.spawn to report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _measure(rank: int, world: int, a: argparse.Namespace, out_dir: str) -> None:
+    """One rank's run: warm-up, the measured steps, its record written to ``out_dir``."""
     from fastperturb.distributed import local
 
     from . import shapes
     from .memchild import peak_bytes, reset_peak, rss_bytes
 
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(a.port)
-        torch.distributed.init_process_group(
-            "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
-        )
-    try:
-        # Warm-up on a tiny model: the first calls load code and allocate caches unrelated to the step.
-        tiny = _build(shapes.shapes_for("tiny"), 2, world)
-        _steps(tiny, _optimizer(tiny, a.preset, a.apd_steps), 2)
-        del tiny
-        gc.collect()
+    # Warm-up on a tiny model: the first calls load code and allocate caches unrelated to the step.
+    tiny = _build(shapes.shapes_for("tiny"), 2, world)
+    _steps(tiny, _optimizer(tiny, a.preset, a.apd_steps), 2)
+    del tiny
+    gc.collect()
 
-        model = _build(shapes.shapes_for(a.model), a.units, world)
-        for _ in range(2):  # the first backward creates the gradients, the second accumulates into them
-            model.zero_grad(set_to_none=False)
-            model().backward()
-        gc.collect()
-        reset_ok = reset_peak()
-        baseline = rss_bytes()
-        opt = _optimizer(model, a.preset, a.apd_steps)
-        t0 = time.perf_counter()
-        marks = _steps(model, opt, a.steps, lambda: peak_bytes(reset_ok) - baseline)
-        step_s = (time.perf_counter() - t0) / a.steps
-        peak = peak_bytes(reset_ok)
-        params = list(model.parameters())
-        pbytes = sum(p.numel() * p.element_size() for p in params)  # the whole model
-        lbytes = sum(local(p).numel() * p.element_size() for p in params)  # this rank's shards
-        over = max(peak - baseline, 0)
-        # The optimizer's persistent buffers (backups, accumulators): exact, where the RSS is noisy.
-        buffers = sum(
-            b.numel() * b.element_size() for store in ("_backups", "_accums") for b in getattr(opt, store, {}).values()
-        )
-        rec = {
-            "rank": rank,
-            "world": world,
-            "steps": a.steps,
-            "step_s": step_s,
-            "units": len(model.units),
-            "param_bytes": pbytes,
-            "local_param_bytes": lbytes,
-            "baseline_rss": baseline,
-            "peak_rss": peak,
-            "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)",
-            "overhead_bytes": over,
-            "overhead_x_params": over / pbytes,
-            "overhead_x_local": over / lbytes,
-            "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes,
-            "peak_overhead_by_step": marks,
-            "buffer_bytes": buffers,
-            "buffer_x_local": buffers / lbytes,
-        }
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(rec, f)
-        if world > 1:
-            # Neither rank tears gloo down while the other still has collectives in flight (FSDP2's
-            # last reduce-scatter): that aborted a rank with "terminate called without an active exception".
-            torch.distributed.barrier()
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
+    model = _build(shapes.shapes_for(a.model), a.units, world)
+    for _ in range(2):  # the first backward creates the gradients, the second accumulates into them
+        model.zero_grad(set_to_none=False)
+        model().backward()
+    gc.collect()
+    reset_ok = reset_peak()
+    baseline = rss_bytes()
+    opt = _optimizer(model, a.preset, a.apd_steps)
+    t0 = time.perf_counter()
+    marks = _steps(model, opt, a.steps, lambda: peak_bytes(reset_ok) - baseline)
+    step_s = (time.perf_counter() - t0) / a.steps
+    peak = peak_bytes(reset_ok)
+    params = list(model.parameters())
+    pbytes = sum(p.numel() * p.element_size() for p in params)  # the whole model
+    lbytes = sum(local(p).numel() * p.element_size() for p in params)  # this rank's shards
+    over = max(peak - baseline, 0)
+    # The optimizer's persistent buffers (backups, accumulators): exact, where the RSS is noisy.
+    buffers = sum(
+        b.numel() * b.element_size() for store in ("_backups", "_accums") for b in getattr(opt, store, {}).values()
+    )
+    rec = {
+        "rank": rank,
+        "world": world,
+        "steps": a.steps,
+        "step_s": step_s,
+        "units": len(model.units),
+        "param_bytes": pbytes,
+        "local_param_bytes": lbytes,
+        "baseline_rss": baseline,
+        "peak_rss": peak,
+        "peak_method": "VmHWM after clear_refs" if reset_ok else "ru_maxrss (lifetime)",
+        "overhead_bytes": over,
+        "overhead_x_params": over / pbytes,
+        "overhead_x_local": over / lbytes,
+        "retained_x_params": max(rss_bytes() - baseline, 0) / pbytes,
+        "peak_overhead_by_step": marks,
+        "buffer_bytes": buffers,
+        "buffer_x_local": buffers / lbytes,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rec, f)
 
 
 def _free_port() -> int:

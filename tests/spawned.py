@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -45,6 +46,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, run: Scenarios) -
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    # The record is saved and the group is gone: skip the interpreter's teardown, where gloo's threads can abort
+    # a rank ("terminate called without an active exception", seen in the benchmark's FSDP2 child). A failure
+    # above raises instead, for mp.spawn to report.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

@@ -84,6 +84,17 @@ SCRIPT = textwrap.dedent("""
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.global_rank == 0:
         torch.save({k: v.clone() for k, v in weights.items()}, os.path.join(OUT, f"weights-{MODE}.pt"))
+    # Both ranks done, the FSDP2 model and the trainer freed, the group torn down, then no interpreter teardown:
+    # there gloo's threads aborted a rank now and then ("terminate called without an active exception", -6 after
+    # a complete run, in a CI run of this round).
+    import gc
+    torch.distributed.barrier()
+    del trainer, model, weights
+    gc.collect()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """)
 
 

@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     if importlib.util.find_spec("triton") is None:
         print("benchmarks.triton_host: needs Triton (pip install 'triton>=3.8')", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET") != "1" and "triton" not in sys.modules:
-        # The interpreter must be chosen before triton is imported: run again in a child that has it.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter must be chosen before triton is imported, and importing this package already imports
+        # it (fastperturb imports torch._dynamo, which probes for triton): run again in a child that has it.
         env = dict(os.environ, TRITON_INTERPRET="1")
         cmd = [sys.executable, "-m", "benchmarks.triton_host", *(argv if argv is not None else sys.argv[1:])]
         return subprocess.call(cmd, env=env)

@@ -980,3 +980,21 @@ def test_peak_step_bytes_on_cpu_sees_the_release_of_gradients_made_before_the_st
     assert why is None and swap is not None and swap <= 1024, swap
     grow, _ = peak_step_bytes(make_and_keep, cpu)
     assert grow == 4 << 16
+
+
+def test_the_triton_host_command_runs_as_documented_without_the_interpreter_set(tmp_path):
+    """``python -m benchmarks.triton_host`` (README, benchmarks/README.md) chooses Triton's interpreter itself: the
+    package's own imports load triton before ``main`` runs, so the child must be started whatever is imported."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "host.json"
+    args = ["--tensors", "3", "--numel", "5", "--reps", "1", "--rounds", "1", "--json", str(out)]
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.triton_host", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Triton host side per op call" in run.stdout
+    assert {r["call"] for r in json.loads(out.read_text())["records"]} >= {"lists", "handle", "new .grad"}

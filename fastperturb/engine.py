@@ -32,6 +32,7 @@ from . import ops
 
 NORMS = ("l2", "linf")
 SCOPES = ("layer", "global")
+DESCENTS = ("mean", "last")
 
 
 class NonFiniteGradient(FloatingPointError):
@@ -166,6 +167,8 @@ class PerturbSpec:
     relative: radius and step are multiples of the weights' norm (same p as the ball).
     adaptive_eta: ASAM's elementwise scale T = |w| + eta (single step, l2 only); None = off.
     include_clean: the descent gradient includes the clean-point gradient g_0.
+    descent: ``"mean"`` (G is the mean of the perturbed passes' gradients, with g_0 if ``include_clean``) or
+        ``"last"`` (G is the last pass's gradient alone, at the end of the ascent: AWP's Algorithm 1 for K > 1).
     """
 
     norm: str = "l2"
@@ -174,12 +177,15 @@ class PerturbSpec:
     relative: bool = False
     adaptive_eta: Optional[float] = None
     include_clean: bool = False
+    descent: str = "mean"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.descent not in DESCENTS:
+            raise ValueError(f"descent must be one of {DESCENTS}, got {self.descent!r}")
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         for flag in ("relative", "include_clean"):  # (normalised: the spec is saved in state dicts)
@@ -189,6 +195,8 @@ class PerturbSpec:
                 raise ValueError(f"adaptive eta must be finite and >= 0, got {self.adaptive_eta}")
             if self.norm != "l2" or self.steps != 1:
                 raise ValueError("the adaptive (ASAM) scaling is defined for norm='l2' with steps=1")
+        if self.descent == "last" and self.include_clean:
+            raise ValueError("descent='last' takes the last pass's gradient alone: it cannot include the clean one")
 
     @property
     def ord(self) -> float:
@@ -203,11 +211,13 @@ class PerturbSpec:
     @property
     def accumulates(self) -> bool:
         """Whether the descent gradient sums several passes (needs an accumulator)."""
-        return self.steps > 1 or self.include_clean
+        return (self.steps > 1 and self.descent == "mean") or self.include_clean
 
     def pass_weights(self) -> list[float]:
         """c_0..c_K of the descent gradient G = sum_k c_k g_k."""
         k = self.steps
+        if self.descent == "last":
+            return [0.0] * k + [1.0]
         if self.include_clean:
             return [1.0 / (k + 1)] * (k + 1)
         return [0.0] + [1.0 / k] * k

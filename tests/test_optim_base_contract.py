@@ -151,6 +151,7 @@ def test_per_group_adaptive_and_eta_are_refused_unless_they_match():
         (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "relative", True),
         (lambda g: fp.APD(g, torch.optim.SGD, lr=0.1), "include_clean", False),
         (lambda g: fp.AWP(g, torch.optim.SGD, lr=0.1), "steps", 2),
+        (lambda g: fp.AWP(g, torch.optim.SGD, lr=0.1, steps=2), "descent", "last"),
     ],
 )
 def test_a_group_setting_of_the_trajectory_is_refused(make, key, other):
@@ -224,3 +225,4 @@ def test_add_param_group_fills_a_new_group_from_opt_defaults_as_torch_does():
     opt.base_optimizer.defaults["momentum"] = 0.5  # an edit of the base's, where opt.defaults kept its own
     opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
     assert opt.param_groups[2]["momentum"] == 0.5 and opt.param_groups[2]["lr"] == 0.5
+

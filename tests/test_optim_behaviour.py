@@ -125,6 +125,8 @@ def test_add_param_group_goes_to_base_with_defaults(backend):
         (lambda ps: fp.ASAM(ps, torch.optim.SGD, eta=-1.0, lr=0.1), "eta"),
         (lambda ps: fp.AWP(ps, torch.optim.SGD, gamma=-5e-3, lr=0.1), "gamma"),
         (lambda ps: fp.AWP(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
+        (lambda ps: fp.AWP(ps, torch.optim.SGD, steps=2, descent="final", lr=0.1), "descent"),
+        (lambda ps: fp.SAM(ps, torch.optim.SGD, descent="last", lr=0.1), "AWP"),  # AWP's keyword, not SAM's
         (lambda ps: fp.APD(ps, torch.optim.SGD, steps=0, lr=0.1), "steps"),
         (lambda ps: fp.APD(ps, torch.optim.SGD, steps=2.5, lr=0.1), "steps"),
         (lambda ps: fp.APD(ps, torch.optim.SGD, norm="l1", lr=0.1), "norm"),

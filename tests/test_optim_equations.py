@@ -124,7 +124,10 @@ def direct_descent_grad(model, step_idx, cfg):
         delta = new
         g = grad_at(delta)
         gs.append(g)
-    c = [1.0 / (K + 1)] * (K + 1) if cfg["include_clean"] else [0.0] + [1.0 / K] * K
+    if cfg["descent"] == "last":  # AWP's Algorithm 1: the gradient at the end of the ascent
+        c = [0.0] * K + [1.0]
+    else:
+        c = [1.0 / (K + 1)] * (K + 1) if cfg["include_clean"] else [0.0] + [1.0 / K] * K
     with torch.no_grad():
         for p, w in zip(ps, w0):
             p.copy_(w)
@@ -146,9 +149,11 @@ def _cfg(
     radius=0.0,
     step=None,
     selected=None,
+    descent="mean",
 ):
     ps = list(model.parameters())
     return dict(
+        descent=descent,
         norm=norm,
         scope=scope,
         steps=steps,
@@ -179,6 +184,22 @@ PRESETS = {
         lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, steps=3, **kw),
         lambda m: _cfg(
             m, scope="layer", relative=True, radius=0.1, steps=3, selected=[p.dim() > 1 for p in m.parameters()]
+        ),
+    ),
+    "awp_last": (  # one step: the same as the mean
+        lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, descent="last", **kw),
+        lambda m: _cfg(m, scope="layer", relative=True, radius=0.1, selected=[p.dim() > 1 for p in m.parameters()]),
+    ),
+    "awp_3steps_last": (
+        lambda ps, b, kw: fp.AWP(ps, b, gamma=0.1, steps=3, descent="last", **kw),
+        lambda m: _cfg(
+            m,
+            scope="layer",
+            relative=True,
+            radius=0.1,
+            steps=3,
+            selected=[p.dim() > 1 for p in m.parameters()],
+            descent="last",
         ),
     ),
     "apd": (
@@ -283,7 +304,7 @@ def test_preset_matches_direct_equations(preset, base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("preset", ["awp", "awp_3steps", "apd_l2_layer_relative"])
+@pytest.mark.parametrize("preset", ["awp", "awp_3steps", "awp_3steps_last", "apd_l2_layer_relative"])
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_relative_l2_radii_measured_with_g0_follow_the_equations(preset, backend, one_pass, monkeypatch):
     """The clean point of a relative l2 cycle measures the weights and g_0 in one pass (``dot_stats``) where the
@@ -301,6 +322,34 @@ def test_relative_l2_radii_measured_with_g0_follow_the_equations(preset, backend
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=lambda m: f"step {s}: {m}")
     assert max(float((p - u).abs().max()) for p, _, u in traj[-1]) > 1e-4
     assert len(calls) == (N_STEPS if one_pass and preset.startswith("awp") else 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_awp_descent_last_is_algorithm_1_and_keeps_no_accumulator(backend):
+    """AWP's ``descent="last"`` (the paper's Algorithm 1 for K > 1: the base step takes the gradient at the end of the
+    ascent) differs from the default mean over the perturbed passes, needs no accumulator, is the mean's step bit
+    for bit with one step, and survives a state-dict round trip; PerturbSpec refuses it with the clean term."""
+    last = _run_pair("awp_3steps_last", "sgd", backend)
+    mean = _run_pair("awp_3steps", "sgd", backend)
+    assert max(float((p - q).abs().max()) for (p, _, _), (q, _, _) in zip(last[-1], mean[-1])) > 1e-5
+    model = make_model()
+    opt = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.1, steps=3, descent="last", lr=0.1)
+
+    def closure():
+        loss = loss_of(model, 0)
+        loss.backward()
+        return loss
+
+    with fp.use_backend(backend):
+        opt.step(closure)
+    assert opt.buffer_count()[1] == 0 and not opt.spec.accumulates
+    again = fp.AWP(make_model().parameters(), torch.optim.SGD, gamma=0.1, steps=3, lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert again.spec.descent == "last"
+    for (p, _, _), (q, _, _) in zip(_run_pair("awp", "sgd", backend)[-1], _run_pair("awp_last", "sgd", backend)[-1]):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="cannot include the clean one"):
+        PerturbSpec(steps=2, include_clean=True, descent="last")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

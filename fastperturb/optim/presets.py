@@ -64,20 +64,33 @@ class AWP(PerturbOptimizer):
     ``gamma * ||w_l||`` and step ``gamma * ||w_l||`` along ``g_l / ||g_l||`` (``steps``
     projected steps); descent with the gradient at the perturbed point.
 
+    ``gamma``'s default 5e-3 is the official TRADES-AWP setting; the official PGD-AT one is 1e-2.
+    With ``steps > 1`` the descent gradient is the mean of the perturbed passes' gradients
+    (``descent="mean"``, the engine's average risk) or, with ``descent="last"``, the gradient at
+    the end of the ascent alone, as in the paper's Algorithm 1 (no accumulator then). With one
+    step the two are the same.
+
     By default only tensors with ``dim() > 1`` are perturbed (``perturb_filter=None``
-    perturbs all). A group may set its own ``gamma``. For AWP's warm-up epochs set
-    ``group["perturb"] = False`` in every group: a step is then one plain pass. Other
-    keywords: see :class:`PerturbOptimizer`, then the base optimizer's.
+    perturbs all); a tensor without a gradient at ``w`` (frozen) is never perturbed. A group may
+    set its own ``gamma``. For AWP's warm-up epochs set ``group["perturb"] = False`` in every
+    group: a step is then one plain pass. Other keywords: see :class:`PerturbOptimizer`, then the
+    base optimizer's.
     """
 
     radius_key = "gamma"
     step_key = None
-    spec_group_keys = ("steps",)
+    spec_group_keys = ("steps", "descent")
 
     def __init__(
-        self, params: Params, base_optimizer: type, gamma: float = 5e-3, steps: int = 1, **kwargs: Any
+        self,
+        params: Params,
+        base_optimizer: type,
+        gamma: float = 5e-3,
+        steps: int = 1,
+        descent: str = "mean",
+        **kwargs: Any,
     ) -> None:
-        spec = PerturbSpec(norm="l2", scope="layer", steps=steps, relative=True)
+        spec = PerturbSpec(norm="l2", scope="layer", steps=steps, relative=True, descent=descent)
         kwargs.setdefault("perturb_filter", is_weight_matrix)
         super().__init__(params, base_optimizer, spec, gamma, **kwargs)
 

@@ -226,3 +226,21 @@ def test_add_param_group_fills_a_new_group_from_opt_defaults_as_torch_does():
     opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
     assert opt.param_groups[2]["momentum"] == 0.5 and opt.param_groups[2]["lr"] == 0.5
 
+
+@pytest.mark.parametrize("name", ["GSAM", "FriendlySAM", "WSAM", "LookSAM"])
+def test_step_hooks_run_once_per_step_after_the_base_class_was_instantiated(name):
+    """torch wraps a class's ``step`` with its hook runner when the first instance of that class is made. The family
+    presets' ``step`` called ``PerturbOptimizer.step``, so once a ``PerturbOptimizer`` itself had been built in the
+    process (any earlier test, a user's generic optimizer), every step ran its pre- and post-hooks twice (a pre-hook
+    that shrinks the weights shrank them twice: 0.22 off after 4 steps). Each hook runs once per step now."""
+    from fastperturb.engine import PerturbSpec
+
+    fp.PerturbOptimizer([_w()], torch.optim.SGD, PerturbSpec(), 0.05, lr=0.1)  # patches PerturbOptimizer.step
+    w = _w()
+    opt = getattr(fp, name)([w], torch.optim.SGD, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    for _ in range(2):
+        opt.step(_closure(w))
+    assert calls == ["pre", "post"] * 2

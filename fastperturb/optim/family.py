@@ -287,12 +287,12 @@ class _Family(PerturbOptimizer):
         elif plan is not None:
             self._commit(plan, scaler)
 
-    def step(self, closure: Any = None, scaler: Optional[torch.amp.GradScaler] = None) -> Any:  # type: ignore[override]
+    def _run_step(self, closure: Any, scaler: Optional[torch.amp.GradScaler]) -> Any:
         if self._pending is not None:  # the wrapper refuses this; the pending first_step's state stays
-            return super().step(closure, scaler)
+            return super()._run_step(closure, scaler)
         self._keep(_cycle_plan=None, _scaler=scaler)
         try:
-            return super().step(closure, scaler)
+            return super()._run_step(closure, scaler)
         except BaseException:
             self._rollback()
             raise

@@ -1040,6 +1040,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
         ``torch.amp.GradScaler``) the gradients are unscaled before clipping and the base
         step, an overflow skips the step, and the caller runs ``scaler.update()`` afterwards.
         """
+        return self._run_step(closure, scaler)
+
+    def _run_step(self, closure: Optional[Closure], scaler: Optional[torch.amp.GradScaler]) -> Any:
+        """:meth:`step`'s work. Subclasses extend this, not ``step``: torch wraps each optimizer class's ``step``
+        with the hook runner once an instance of it exists, so a ``step`` that called ``super().step()`` ran the
+        step hooks twice once this class had been instantiated too."""
         if closure is None:
             if frameworks.dcp_initialising_state() and all(float(g.get("lr", 0.0)) == 0.0 for g in self.param_groups):
                 # get/set_optimizer_state_dict(model, opt) on a fresh optimizer: zero gradients at lr 0, a step that

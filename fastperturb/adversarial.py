@@ -1,6 +1,6 @@
 """The recipe for adversarial training with input and weight perturbations (AWP's setting, Wu et al. 2020).
 
-One training step, as the official AWP code does it::
+One training step, the official AWP code's algorithm (less the BatchNorm bookkeeping below)::
 
     x_adv = fp.attacks.pgd(model, x, y, eps=0.2, step_size=0.1, steps=5)   # at the clean weights
     def closure():
@@ -10,8 +10,10 @@ One training step, as the official AWP code does it::
     opt.step(closure)   # fp.AWP: weight perturbation from this loss, descent on the same x_adv
 
 :func:`adversarial_step` is those lines (with TRADES' loss if ``trades_beta`` is
-given). With ``fp.AWP`` the closure runs at ``w`` (the gradient that sets the weight
-perturbation ``delta_l = gamma ||w_l|| g_l / ||g_l||``) and at ``w + delta`` (the
+given), plus the running statistics' reset described below, which a loop written out as above lacks (it moves
+them at both passes). The attack above runs in eval mode, as TRADES-AWP's does; the official PGD-AT script attacks
+in train mode (``pgd(train_mode=True, keep_stats=True)``). With ``fp.AWP`` the closure runs at ``w`` (the
+gradient that sets the weight perturbation ``delta_l = gamma ||w_l|| g_l / ||g_l||``) and at ``w + delta`` (the
 descent gradient); the base optimizer then steps from the restored ``w``. With
 ``fp.SAM``/``fp.APD`` the same closure gives SAM/APD adversarial training, and with
 a plain ``torch.optim`` optimizer it is ordinary PGD (or TRADES) adversarial training.

@@ -489,6 +489,8 @@ def test_bad_hyperparameters_are_refused():
         fp.FriendlySAM(params(), torch.optim.SGD, lmbda=2.0, lr=0.1)
     with pytest.raises(ValueError, match="sigma"):
         fp.FriendlySAM(params(), torch.optim.SGD, sigma=math.nan, lr=0.1)
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        fp.FriendlySAM(params(), torch.optim.SGD, sigma=-1.0, lr=0.1)
     with pytest.raises(ValueError, match="rho_max"):
         fp.GSAM(params(), torch.optim.SGD, rho_max=-1.0, lr=0.1)
     for cls, kw in PRESETS.values():  # their descent rules run around an unfused base step

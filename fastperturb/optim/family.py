@@ -1128,10 +1128,6 @@ class FriendlySAM(_Family):
 
 
 def _check_fsam(sigma: Any, lmbda: Any) -> tuple:
-    try:
-        s = float(sigma)
-    except (TypeError, ValueError):
-        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}") from None
-    if not math.isfinite(s):
-        raise ValueError(f"sigma must be finite, got {sigma}")
-    return s, _finite("lmbda", lmbda, 0.0, 1.0)
+    # A negative sigma would add the running mean instead of removing it: not FriendlySAM (pytorch-optimizer refuses
+    # it too; the official code checks nothing).
+    return check_radius("sigma", sigma), _finite("lmbda", lmbda, 0.0, 1.0)

@@ -9,6 +9,14 @@ reimplementations of other projects' optimizers; they live here, not in the
 installed package.
 """
 
-from .cli import add_arguments, entry, main, run
-
 __all__ = ["add_arguments", "main", "run", "entry"]
+
+
+def __getattr__(name: str):
+    # The runner's functions are loaded on first use: importing them here made ``python -m benchmarks.<module>``
+    # load torch, triton and every suite module (that module among them) before running it as __main__.
+    if name in __all__:
+        from . import cli
+
+        return getattr(cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

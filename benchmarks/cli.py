@@ -25,7 +25,7 @@ from fastperturb.tools._args import (
     write_all,
 )
 
-from . import report, shapes, suites, timing
+from . import report, shapes, sharded_memory, suites, timing
 
 DEFAULT_MODELS = {
     "ops": ["resnet50"],
@@ -334,6 +334,8 @@ def run(cfg: suites.Config, quiet: bool = True, bw_numel: int = 1 << 25) -> dict
     cfg.bandwidth = timing.measure_bandwidth(cfg.device, numel=bw_numel)
     units = dict(UNITS, memory=len(cfg.memory_impls or suites.MEMORY_IMPLS))
     total = sum(units[s] * len(cfg.models[s]) for s in cfg.models)
+    if "memory" in cfg.models:  # (its sharded rows run once, on their own model)
+        total += sharded_memory.row_count(cfg)
     prog = _Progress(total, quiet)
     cfg.progress = prog
     results, suite_wall = [], {}

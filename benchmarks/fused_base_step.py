@@ -213,7 +213,9 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.fused_base_step", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.fused_base_step", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     ap.add_argument("--model", default="bert-base")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--budget", type=float, default=20.0, help="seconds per comparison (caps the reps)")

@@ -245,9 +245,7 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
     optimizer (``passesN``), which is what FSDP and the forward/backward cost by themselves: the
     optimizer's share is the difference. Skipped (no records) when the run names its memory
     implementations, or without gloo."""
-    if getattr(cfg, "memory_impls", ()):
-        return []
-    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    if not row_count(cfg):
         return []
     from . import fused
 
@@ -287,13 +285,23 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
             if proc.returncode != 0:
                 reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 out.append(dict(base, impl=impl, status="error", reason=reason))
-                continue
-            for rec in json.loads(proc.stdout.strip().splitlines()[-1]):
-                name = f"{impl} rank {rec['rank']}/{w}" if w > 1 else impl
-                out.append(dict(base, impl=name, status="ok", wall_s=round(time.perf_counter() - t0, 1), **rec))
+            else:
+                for rec in json.loads(proc.stdout.strip().splitlines()[-1]):
+                    name = f"{impl} rank {rec['rank']}/{w}" if w > 1 else impl
+                    out.append(dict(base, impl=name, status="ok", wall_s=round(time.perf_counter() - t0, 1), **rec))
             if getattr(cfg, "progress", None):
                 cfg.progress(f"memory {model} {impl}")
     return out
+
+
+def row_count(cfg) -> int:
+    """How many runs :func:`rows` makes (its progress units): the preset and the passes alone, each sharded and in
+    one process; none when the run names its memory implementations, or without gloo."""
+    if getattr(cfg, "memory_impls", ()):
+        return 0
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return 0
+    return 4
 
 
 if __name__ == "__main__":

@@ -998,3 +998,20 @@ def test_the_triton_host_command_runs_as_documented_without_the_interpreter_set(
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Triton host side per op call" in run.stdout
     assert {r["call"] for r in json.loads(out.read_text())["records"]} >= {"lists", "handle", "new .grad"}
+
+
+def test_a_benchmark_module_runs_as_main_without_being_imported_first():
+    """``python -m benchmarks.<module>``: the package no longer imports its runner (and through it the suites and
+    that module) on import, so runpy does not warn that the module was already in sys.modules."""
+    import subprocess
+
+    run = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "benchmarks.sharded_memory", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-2000:]
+    import benchmarks
+
+    assert benchmarks.run is cli.run

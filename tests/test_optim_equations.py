@@ -343,13 +343,47 @@ def test_awp_descent_last_is_algorithm_1_and_keeps_no_accumulator(backend):
     with fp.use_backend(backend):
         opt.step(closure)
     assert opt.buffer_count()[1] == 0 and not opt.spec.accumulates
-    again = fp.AWP(make_model().parameters(), torch.optim.SGD, gamma=0.1, steps=3, lr=0.1)
+    again = fp.AWP(model.parameters(), torch.optim.SGD, gamma=0.1, steps=3, lr=0.1)
+    with fp.use_backend(backend):
+        again.step(closure)  # (the mean keeps accumulators)
+    assert again.buffer_count()[1] > 0
     again.load_state_dict(opt.state_dict())
     assert again.spec.descent == "last"
+    with fp.use_backend(backend):
+        again.step(closure)
+    assert again.buffer_count()[1] == 0  # a loaded spec that sums no passes keeps none alive
     for (p, _, _), (q, _, _) in zip(_run_pair("awp", "sgd", backend)[-1], _run_pair("awp_last", "sgd", backend)[-1]):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="cannot include the clean one"):
         PerturbSpec(steps=2, include_clean=True, descent="last")
+
+
+@pytest.mark.parametrize("descent", ["last", "mean"])
+def test_per_pass_clipping_is_exact_where_the_optimizer_says_so(descent):
+    """Clipping each pass's gradient (a framework's closure: Lightning without the mixin) takes the step that clipping
+    the descent gradient takes when the ascent ignores the gradient's length and G is the last pass's gradient: AWP
+    with ``descent="last"``, several steps. The mean of the passes is not, and says so (Lightning refuses it)."""
+    runs = []
+    for per_pass in (True, False):
+        model = make_model()
+        ps = list(model.parameters())
+        kw = {} if per_pass else {"max_grad_norm": 0.01}
+        opt = fp.AWP(ps, torch.optim.SGD, gamma=0.5, steps=3, descent=descent, lr=0.1, **kw)
+        for s in range(3):
+
+            def closure():
+                loss = loss_of(model, s)
+                loss.backward()
+                if per_pass:
+                    torch.nn.utils.clip_grad_norm_(ps, 0.01)
+                return loss
+
+            opt.step(closure)
+            opt.zero_grad()
+        runs.append(torch.cat([p.detach().flatten() for p in ps]))
+    assert opt.per_pass_clipping_is_exact() == (descent == "last")
+    gap = float((runs[0] - runs[1]).abs().max())
+    assert gap < 1e-8 if descent == "last" else gap > 1e-6, gap
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -338,6 +338,34 @@ def test_a_state_dict_from_another_model_is_refused_before_anything_loads(make):
             assert torch.equal(torch.as_tensor(after["state"][i][k]), torch.as_tensor(v)), (i, k)
 
 
+@pytest.mark.parametrize(
+    "make, key, bad",
+    [
+        (lambda ps: fp.FriendlySAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9), "sigma", -0.5),
+        (lambda ps: fp.WSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9), "decouple", "no"),
+        (lambda ps: fp.LookSAM(ps, torch.optim.SGD, lr=0.1, momentum=0.9, k=2), "scope", "tensor"),
+    ],
+)
+def test_a_saved_hyperparameter_the_preset_refuses_loads_nothing(make, key, bad):
+    """A checkpoint whose preset hyperparameter is refused (FriendlySAM's sigma < 0, which an earlier version took)
+    loaded the base optimizer's state and groups before the refusal: the lr and momentum came from the checkpoint,
+    the hyperparameters stayed the fresh ones (found by this round's diff review). Checked before anything loads."""
+    model = make_model()
+    src = make(model.parameters())
+    for s in range(2):
+        src.step(Closure(model, s))
+        src.zero_grad()
+    sd = src.state_dict()
+    sd["param_groups"][0]["lr"] = 0.2
+    sd["fastperturb"]["family"]["hyper"][key] = bad
+    fresh = make(make_model().parameters())
+    hyper = dict(fresh._hyper())
+    with pytest.raises((TypeError, ValueError), match=key):
+        fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["lr"] == 0.1 and not fresh.base_optimizer.state
+    assert fresh._hyper() == hyper
+
+
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_looksam_after_add_param_group_refreshes_as_a_fresh_optimizer_would(scope):
     """The tensors of a new group have no stored component: the next step refreshes (two passes), and that step is

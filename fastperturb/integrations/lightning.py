@@ -72,10 +72,10 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     fastperturb optimizer's ``max_grad_norm`` for each step (:func:`routed_max_grad_norm`).
 
     Why: Lightning clips inside its closure, after each backward, i.e. once per pass. For the
-    single-step presets (SAM, ASAM, AWP with ``steps=1``) that happens to give the same update
-    (the ascent direction does not depend on the gradient's scale, and the descent gradient is
-    the last pass's); for APD and multi-step AWP, which average several passes, it would clip
-    each pass's gradient instead of their average. Clipping the final descent gradient is the
+    single-step presets (SAM, ASAM, AWP with ``steps=1``) and AWP with ``descent="last"`` that
+    happens to give the same update (the ascent direction does not depend on the gradient's
+    scale, and the descent gradient is the last pass's); for APD and multi-step AWP's default,
+    which average several passes, it would clip each pass's gradient instead of their average. Clipping the final descent gradient is the
     definition that holds for every preset. Value clipping (``gradient_clip_algorithm="value"``)
     changes the ascent direction and has no such definition: it raises.
     """

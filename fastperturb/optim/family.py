@@ -438,11 +438,16 @@ class _Family(PerturbOptimizer):
         family = settings.get(FAMILY_KEY)
         if entries:  # (a distributed checkpoint's: the "fastperturb" entry is not in those)
             family = {"hyper": (family or {}).get("hyper", {}), "state": self._from_dcp_entries(entries)}
-        if family is not None:  # checked before the base optimizer's state is replaced: nothing half-loaded
-            self._check_saved(family.get("state", {}), self._flat_params())
-        super()._load(state_dict)
+        before = self._hyper()
+        try:
+            if family is not None:  # checked before the base optimizer's state is replaced: nothing half-loaded
+                self._check_saved(family.get("state", {}), self._flat_params())
+                self._set_hyper(dict(family.get("hyper", {})))  # (checks them: a bad value refuses the whole load)
+            super()._load(state_dict)
+        except BaseException:
+            self._set_hyper(before)
+            raise
         if family is not None:
-            self._set_hyper(dict(family.get("hyper", {})))
             self._load_persistent(family.get("state", {}), self._flat_params())
 
     def _saved_tensors(self, saved: Dict[str, Any]) -> List[tuple]:

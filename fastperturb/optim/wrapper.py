@@ -707,6 +707,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             # The same tensors may hold other data now (module.to(float64), channels_last): every list cached by
             # their ids is looked up again, each buffer kept only while it still fits its tensor.
             self._list_cache.clear()
+            if not self.spec.accumulates:  # (a spec loaded since that sums no passes: no accumulator kept alive)
+                self._accums.clear()
             parts = plan.cycle_parts = (self.spec, *self._cycle_buffers(plan))
         _, backups, accum, passive_accum, lists, radius, step, longer = parts
         params = plan.local_params
@@ -1366,9 +1368,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def per_pass_clipping_is_exact(self) -> bool:
         """Whether clipping each pass's gradient by its norm (what a framework's closure does: Lightning's
         ``gradient_clip_val`` without :class:`~fastperturb.integrations.lightning.PerturbMixin`) takes the step that
-        clipping the descent gradient takes: one ascent step whose direction ignores the gradient's length, and a
-        descent gradient that is the last pass's (SAM, ASAM, one-step AWP)."""
-        return self.spec.steps == 1 and not self.spec.include_clean
+        clipping the descent gradient takes: ascent steps whose direction ignores the gradient's length, and a
+        descent gradient that is the last pass's (SAM, ASAM, one-step AWP, and AWP with ``descent="last"``: the
+        engine's directions are g/||g|| or sign(g), which a common scale leaves alone)."""
+        return (self.spec.steps == 1 or self.spec.descent == "last") and not self.spec.include_clean
 
     def __getstate__(self) -> Dict[str, Any]:
         # Everything (torch.optim.Optimizer would keep only defaults/state/param_groups),

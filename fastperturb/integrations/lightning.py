@@ -76,8 +76,9 @@ def clip_setting(trainer: "pl.Trainer", optimizer: PerturbOptimizer) -> Optional
     happens to give the same update (the ascent direction does not depend on the gradient's
     scale, and the descent gradient is the last pass's); for APD and multi-step AWP's default,
     which average several passes, it would clip each pass's gradient instead of their average.
-    Clipping the final descent gradient is the definition that holds for every preset. Value clipping (``gradient_clip_algorithm="value"``)
-    changes the ascent direction and has no such definition: it raises.
+    Clipping the final descent gradient is the definition that holds for every preset. Value
+    clipping (``gradient_clip_algorithm="value"``) changes the ascent direction and has no such
+    definition: it raises.
     """
     return _norm_clip(trainer.gradient_clip_val, trainer.gradient_clip_algorithm, optimizer, "Trainer")
 

@@ -374,3 +374,22 @@ def test_a_training_step_override_runs_at_every_pass(tmp_path):
     assert _RegularisedStep.calls == 3 * 2
     ref, _ = hand_loop("SAM", 1, 3, "sgd", extra=_l2)
     assert_close_models(model, ref)
+
+
+def test_a_clipping_disagreement_names_the_value_that_turns_trainers_off(tmp_path):
+    """TrainingArguments.max_grad_norm (1.0 by default) and the optimizer's own differ: refused at the first step,
+    weights unchanged, naming what turns Trainer's off. The message said "=0 or None", and None crashes Trainer
+    (it compares max_grad_norm > 0); found by this round's frameworks review."""
+    cls, pkw = PRESETS["SAM"]
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = PerturbTrainer(
+        model=model,
+        args=args(tmp_path, 1, 1),
+        train_dataset=dataset(),
+        perturb=cls,
+        perturb_kwargs=dict(pkw, max_grad_norm=2.0),
+    )
+    with pytest.raises(ValueError, match=r"TrainingArguments\(max_grad_norm\)=0 disables the framework's\)"):
+        trainer.train()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -33,10 +33,13 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 @contextlib.contextmanager
-def routed_max_grad_norm(optimizer: Any, value: Optional[float], setting: str) -> Iterator[None]:
+def routed_max_grad_norm(
+    optimizer: Any, value: Optional[float], setting: str, off: str = "0 or None"
+) -> Iterator[None]:
     """For the duration of one step, clip the descent gradient to ``value``, a framework's
     clipping setting (named ``setting`` in errors; None or <= 0: not set, the optimizer's own
-    ``max_grad_norm`` applies). Both set to different values is an error. The optimizer's own
+    ``max_grad_norm`` applies; ``off``: the values of it that the framework accepts for "no
+    clipping", named in the error). Both set to different values is an error. The optimizer's own
     setting is put back after, so the routed one is neither saved in checkpoints nor compared
     on resume."""
     saved = optimizer.max_grad_norm
@@ -45,7 +48,7 @@ def routed_max_grad_norm(optimizer: Any, value: Optional[float], setting: str) -
     elif saved is not None and saved != float(value):
         raise ValueError(
             f"{setting}={value!r} and {type(optimizer).__name__}(max_grad_norm={saved!r}) disagree; "
-            f"set only one of them ({setting}=0 or None disables the framework's)"
+            f"set only one of them ({setting}={off} disables the framework's)"
         )
     optimizer.max_grad_norm = None if value is None else float(value)
     try:

@@ -143,7 +143,7 @@ class PerturbTrainer(Trainer):
             # the replay closure runs every micro-batch; max_grad_norm clips the descent gradient
             with (
                 accumulation_in_closure(),
-                routed_max_grad_norm(opt, self.args.max_grad_norm, "TrainingArguments(max_grad_norm)"),
+                routed_max_grad_norm(opt, self.args.max_grad_norm, "TrainingArguments(max_grad_norm)", off="0"),
             ):
                 return self._step_with_replay(outer, counted_step, opt)
 

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NoReturn
 
 import pytest
 import torch
@@ -46,9 +46,13 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, run: Scenarios) -
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
-    # The record is saved and the group is gone: skip the interpreter's teardown, where gloo's threads can abort
-    # a rank ("terminate called without an active exception", seen in the benchmark's FSDP2 child). A failure
-    # above raises instead, for mp.spawn to report.
+    exit_without_teardown()  # (a failure above raises instead, for mp.spawn to report)
+
+
+def exit_without_teardown() -> NoReturn:
+    """End a gloo rank whose record is saved and whose group is destroyed, skipping the interpreter's teardown:
+    there gloo's threads can abort the process ("terminate called without an active exception", seen in the
+    benchmark's FSDP2 child and in this suite's ranks)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -7,13 +7,13 @@ import datetime
 import gc
 import os
 import socket
-import sys
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from spawned import exit_without_teardown
 from torch import nn
 
 import fastperturb as fp
@@ -103,11 +103,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
     if failure is not None:
         raise RuntimeError(f"rank {rank} failed:\n{failure}")
-    # The record is saved and the group is gone: skip the interpreter's teardown, where gloo's threads can abort a
-    # rank ("terminate called without an active exception", seen in other gloo children of this suite).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import ordering
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -64,3 +65,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def pytest_report_header(config) -> str:
+    return f"test order: {os.environ.get(ordering.ENV) or 'file'} ({ordering.ENV})"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Runs the tests in the order ``FASTPERTURB_TEST_ORDER`` names (see ``tests/ordering.py``)."""
+    try:
+        items[:] = ordering.reorder(items, os.environ.get(ordering.ENV, ""), lambda item: item.nodeid.split("::")[0])
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from exc

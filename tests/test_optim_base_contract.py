@@ -33,6 +33,22 @@ PRESETS = {
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
+def test_max_grad_norm_zero_is_refused_built_or_loaded(name):
+    """0 would scale every descent gradient to zero (a run that trains nothing, only weight decay and momentum):
+    refused at construction and in a loaded state dict, which then changes nothing."""
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        PRESETS[name]([_w()], max_grad_norm=0.0)
+    w = _w()
+    opt = PRESETS[name]([w], max_grad_norm=1.0)
+    opt.step(_closure(w))
+    sd = opt.state_dict()
+    sd["fastperturb"]["max_grad_norm"] = 0.0
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        opt.load_state_dict(sd)
+    assert opt.max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_state_dict_hooks_on_the_wrapper_run(name):
     w = _w()
     opt = PRESETS[name]([w])

@@ -273,10 +273,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             step_size = check_radius(type(self).step_key, step_size)
         if perturb_filter is not None and not callable(perturb_filter):
             raise TypeError(f"perturb_filter must be callable (param -> bool) or None, got {perturb_filter!r}")
-        if max_grad_norm is not None:
-            max_grad_norm = check_radius("max_grad_norm", max_grad_norm)
-            if max_grad_norm == 0:
-                raise ValueError("max_grad_norm must be > 0 (None disables clipping)")
+        max_grad_norm = _checked_max_grad_norm(max_grad_norm)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if freeze_bn is not None and not isinstance(freeze_bn, nn.Module):
@@ -1467,9 +1464,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     f"load as usual)"
                 )
             spec = PerturbSpec(**settings["spec"])
-            max_grad_norm = settings.get("max_grad_norm")
-            if max_grad_norm is not None:
-                max_grad_norm = check_radius("max_grad_norm", max_grad_norm)
+            max_grad_norm = _checked_max_grad_norm(settings.get("max_grad_norm"))
             nonfinite = settings.get("nonfinite", "skip")
             if nonfinite not in NONFINITE_MODES:
                 raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -1480,6 +1475,17 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 group.setdefault(k, v)
         if settings is not None:
             self.spec, self.max_grad_norm, self.nonfinite = spec, max_grad_norm, nonfinite
+
+
+def _checked_max_grad_norm(value: Optional[float]) -> Optional[float]:
+    """``max_grad_norm`` as given to the constructor or loaded from a state dict: None, or a finite number > 0 (0
+    would scale every descent gradient to zero, a run that trains nothing)."""
+    if value is None:
+        return None
+    value = check_radius("max_grad_norm", value)
+    if value == 0:
+        raise ValueError("max_grad_norm must be > 0 (None disables clipping)")
+    return value
 
 
 def _read_through(opt: Any, name: str) -> Any:

@@ -648,7 +648,16 @@ def test_autocast_on_cpu(dtype, backend):
 
 def test_state_dict_round_trip_in_process(backend):
     model = make_model()
-    opt = fp.APD(model.parameters(), torch.optim.AdamW, eps=0.05, steps=2, norm="linf", lr=0.01, max_grad_norm=3.0)
+    opt = fp.APD(
+        model.parameters(),
+        torch.optim.AdamW,
+        eps=0.05,
+        steps=2,
+        norm="linf",
+        lr=0.01,
+        max_grad_norm=3.0,
+        nonfinite="raise",
+    )
     for _ in range(2):
         opt.step(closure_for(model))
     sd = opt.state_dict()
@@ -660,7 +669,7 @@ def test_state_dict_round_trip_in_process(backend):
     twin = copy.deepcopy(model)
     opt2 = fp.APD(twin.parameters(), torch.optim.AdamW, eps=0.5, steps=5, lr=0.5)
     opt2.load_state_dict(copy.deepcopy(sd))
-    assert opt2.spec == opt.spec and opt2.max_grad_norm == 3.0
+    assert opt2.spec == opt.spec and opt2.max_grad_norm == 3.0 and opt2.nonfinite == "raise"
     assert opt2.param_groups is opt2.base_optimizer.param_groups
     assert opt2.state is opt2.base_optimizer.state
     assert opt2.param_groups[0]["perturb_eps"] == 0.05 and opt2.param_groups[0]["lr"] == 0.01
@@ -672,6 +681,12 @@ def test_state_dict_round_trip_in_process(backend):
 
     with pytest.raises(ValueError, match="from a APD optimizer, not SAM"):
         fp.SAM(twin.parameters(), torch.optim.AdamW, lr=0.1).load_state_dict(sd)
+
+    # the loaded "raise" is the one that acts: a NaN gradient raises, with the weights as they were
+    before = [p.detach().clone() for p in twin.parameters()]
+    with pytest.raises(fp.NonFiniteGradient):
+        opt2.step(closure_for(twin, hook=lambda k, loss: loss * float("nan") if k == 1 else loss))
+    assert all(torch.equal(p, q) for p, q in zip(twin.parameters(), before))
 
 
 @pytest.mark.parametrize("saved,loading", [("SGD", "AdamW"), ("AdamW", "SGD"), ("Adam", "AdamW")])

@@ -224,6 +224,11 @@ PRESETS = {
         lambda ps, b, kw: fp.APD(ps, b, eps=0.1, steps=2, scope="layer", relative=True, **kw),
         lambda m: _cfg(m, scope="layer", relative=True, steps=2, radius=0.1, step=0.075, include_clean=True),
     ),
+    # relative to the norm of all the weights together (not the sum of the tensors' norms)
+    "apd_l2_global_relative": (
+        lambda ps, b, kw: fp.APD(ps, b, eps=0.05, steps=2, scope="global", relative=True, **kw),
+        lambda m: _cfg(m, relative=True, steps=2, radius=0.05, step=0.0375, include_clean=True),
+    ),
     # passive tensors (biases) still get sum_k c_k g_k, accumulated across the passes
     "apd_weights_only": (
         lambda ps, b, kw: fp.APD(ps, b, eps=0.2, steps=2, perturb_filter=lambda p: p.dim() > 1, **kw),
@@ -243,6 +248,12 @@ PRESETS = {
             ps, b, PerturbSpec(norm="linf", scope="layer", steps=2), 0.02, 0.015, **kw
         ),
         lambda m: _cfg(m, norm="linf", scope="layer", steps=2, radius=0.02, step=0.015),
+    ),
+    "generic_l2_global_relative": (  # no clean term: the route that measures the weights with g_0
+        lambda ps, b, kw: fp.PerturbOptimizer(
+            ps, b, PerturbSpec(norm="l2", scope="global", steps=2, relative=True), 0.05, 0.04, **kw
+        ),
+        lambda m: _cfg(m, relative=True, steps=2, radius=0.05, step=0.04),
     ),
 }
 
@@ -304,12 +315,15 @@ def test_preset_matches_direct_equations(preset, base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("preset", ["awp", "awp_3steps", "awp_3steps_last", "apd_l2_layer_relative"])
+@pytest.mark.parametrize(
+    "preset", ["awp", "awp_3steps", "awp_3steps_last", "apd_l2_layer_relative", "generic_l2_global_relative"]
+)
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_relative_l2_radii_measured_with_g0_follow_the_equations(preset, backend, one_pass, monkeypatch):
     """The clean point of a relative l2 cycle measures the weights and g_0 in one pass (``dot_stats``) where the
     tensors are large enough on average (``engine.ONE_PASS_MIN_MEAN_NUMEL``), else in two (``norms``, then
-    ``grad_stats_``); both follow the equations. APD sums g_0 (its clean term): always two passes."""
+    ``grad_stats_``); both follow the equations, the global scope's too. APD sums g_0 (its clean term): always two
+    passes."""
     from fastperturb import engine, ops
 
     monkeypatch.setattr(engine, "ONE_PASS_MIN_MEAN_NUMEL", 0 if one_pass else 1 << 40)
@@ -321,7 +335,7 @@ def test_relative_l2_radii_measured_with_g0_follow_the_equations(preset, backend
         for p, q, _ in params:
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8, msg=lambda m: f"step {s}: {m}")
     assert max(float((p - u).abs().max()) for p, _, u in traj[-1]) > 1e-4
-    assert len(calls) == (N_STEPS if one_pass and preset.startswith("awp") else 0)
+    assert len(calls) == (N_STEPS if one_pass and not preset.startswith("apd") else 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -97,6 +97,44 @@ def test_layer_scope_on_a_loss_linear_in_the_weights():
     assert rnd.loss_change_std > 0.01 * expected  # the single draws do move the loss
 
 
+@pytest.mark.parametrize("relative", [False, True])
+def test_global_scope_on_a_loss_linear_in_the_weights(relative):
+    """The global ball over (W, b): the max of a linear loss is r ||(g_W, g_b)||, with r = eps (or eps ||(W, b)||
+    when relative), the norm of all the gradients together, not the sum of the tensors' norms; the first-order
+    estimate is exact there."""
+    torch.manual_seed(1)
+    model = nn.Linear(4, 3).double()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    data = (x, torch.zeros(20))
+    loss_fn = lambda out, t: out.mean()
+    gw = x.mean(0).expand(3, 4) / 3
+    gb = torch.full((3,), 1 / 3, dtype=torch.float64)
+    eps = 0.2
+    r = eps * (math.hypot(model.weight.norm().item(), model.bias.norm().item()) if relative else 1.0)
+    expected = r * math.hypot(gw.norm().item(), gb.norm().item())
+    kw = dict(scope="global", relative=relative)
+    assert R.adversarial(model, loss_fn, data, eps, accuracy=False, **kw).loss_change == pytest.approx(expected, 1e-6)
+    assert R.first_order(model, loss_fn, data, eps, **kw).loss_change == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_step_reports_the_worst_point_of_the_trajectory_not_the_last():
+    """A step that overshoots the peak: L(w) = -cos(4w) from w = 0.3, eps 0.6, steps of 0.3 (step_ratio 0.5) visit
+    w = 0.6, 0.9 (past the peak at pi/4), 0.6. The indicator is the largest loss seen, the second one."""
+    model = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.3)
+    data = (torch.ones(1, 1, dtype=torch.float64), torch.zeros(1))
+    loss_fn = lambda out, t: -torch.cos(4 * out).mean()
+    visited = [0.6, 0.9, 0.6]
+    losses = [-math.cos(4 * w) for w in visited]
+    assert max(losses) != losses[-1]
+    p = R.adversarial(
+        model, loss_fn, data, 0.6, steps=3, step_ratio=0.5, scope="global", relative=False, accuracy=False
+    )
+    assert p.loss_change == pytest.approx(max(losses) + math.cos(4 * 0.3), rel=1e-6)  # (float32 step coefficients)
+    assert model.weight.item() == 0.3
+
+
 def test_random_indicator_is_second_order():
     # At the minimum (w = y) every corruption of norm eps gives dL = eps^2 / (2D) exactly.
     model, loss_fn, data, y = quad_problem()

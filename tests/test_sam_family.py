@@ -219,6 +219,27 @@ def test_gsam_rho_follows_the_lr_schedule(tensor_lr):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("lr, rho", [(0.05, 0.1), (0.002, 0.01)])
+def test_gsam_rho_is_clamped_to_its_interval_outside_the_lr_range(lr, rho):
+    """An lr above lr_max (OneCycleLR's peak past the lr GSAM was built with) or below lr_min (a warm-up from a
+    smaller lr) keeps rho_t in [rho_min, rho_max] (the README's clamp): the step equals GSAM's with that constant
+    radius. Unclamped, rho_t was 0.82 at lr 0.05 and -0.044 at 0.002, where the ascent turns into a descent."""
+    kw = dict(alpha=0.3, lr_min=0.005)
+    m_sched, m_const = make_model(), make_model()
+    sched = fp.GSAM(m_sched.parameters(), torch.optim.SGD, rho_max=0.1, rho_min=0.01, **kw, lr=0.01)
+    const = fp.GSAM(m_const.parameters(), torch.optim.SGD, rho_max=rho, rho_min=rho, **kw, lr=0.01)
+    for opt in (sched, const):
+        opt.param_groups[0]["lr"] = lr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (the lr above lr_max is said once; tested above)
+        assert sched._group_sizes(0, sched.param_groups[0])[0] == pytest.approx(rho)
+        for step in range(2):
+            sched.step(fp_closure(m_sched, step))
+            const.step(fp_closure(m_const, step))
+    for a, b in zip(m_sched.parameters(), m_const.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["sam", "wsam", "gsam"])
 def test_a_tensor_the_perturbed_pass_does_not_reach_descends_by_the_equations(name):
     """Its gradient at w + e is zero (the README's rule): SAM's descent leaves it still, WSAM's (1 - a) g + a g1

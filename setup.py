@@ -8,7 +8,8 @@ Environment switches (all read at build time):
 
 * FASTPERTURB_CUDA: the [cuda] sources are compiled when torch is a CUDA build
   and nvcc is found (CUDA_HOME), or when FASTPERTURB_CUDA=1; FASTPERTURB_CUDA=0
-  builds the CPU kernels only.
+  builds the CPU kernels only. A toolkit home without nvcc or the runtime
+  headers (torch guesses it from an nvcc wrapper on PATH) is refused by name.
 * TORCH_CUDA_ARCH_LIST: torch's, read as torch reads it; the CUDA kernels need
   compute capability 7.0 or newer, so an older entry (or visible GPU) is refused
   with a message. Unset on a machine without a GPU: torch's own architectures
@@ -102,11 +103,46 @@ def cuda_enabled() -> bool:
             f"fastperturb: FASTPERTURB_CUDA=1 needs a CUDA build of torch; this one is {torch.__version__} "
             "(install a CUDA wheel of torch, or build without FASTPERTURB_CUDA)"
         )
-    if forced is not None:
-        return forced
+    if forced is False:
+        return False
     from torch.utils import cpp_extension
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None or (home is None and not forced):
+        return False
+    problem = toolkit_problem(home)
+    if problem is not None:
+        # (else the build failed later, in the middle of compiling, on a missing cuda_runtime.h)
+        fix = "set CUDA_HOME to a complete CUDA toolkit"
+        if home != "/usr/local/cuda" and toolkit_problem("/usr/local/cuda") is None:
+            fix += " (/usr/local/cuda is one)"
+        raise SystemExit(
+            f"fastperturb: torch {torch.__version__} is a CUDA build, so the CUDA kernels would be compiled, but "
+            f"{problem}; {fix} to compile them, or build with FASTPERTURB_CUDA=0 for the CPU kernels only"
+        )
+    return True
+
+
+def toolkit_problem(home: str | None) -> str | None:
+    """Why ``home`` (torch's CUDA_HOME: the variable, else the parent of the nvcc on PATH, else /usr/local/cuda) is
+    not a CUDA toolkit the build can use, or None. An nvcc wrapper script elsewhere on PATH makes torch guess a
+    home without the compiler or the runtime headers beside it."""
+    if home is None:
+        return "no CUDA toolkit was found (CUDA_HOME unset and no nvcc on PATH)"
+    root, missing = Path(home), []
+    if not any((root / "bin" / n).is_file() for n in ("nvcc", "nvcc.exe")):
+        missing.append("bin/nvcc")
+    # (where torch's cpp_extension looks, plus a conda toolkit's targets/<arch>/include, to refuse no build that works)
+    headers = [root / "include", *root.glob("targets/*/include")]
+    if os.environ.get("CUDA_INC_PATH"):
+        headers.append(Path(os.environ["CUDA_INC_PATH"]))
+    if not any((d / "cuda_runtime.h").is_file() for d in headers):
+        missing.append("include/cuda_runtime.h")
+    if missing:
+        return (
+            f"the CUDA toolkit home {home} (CUDA_HOME, or guessed from the nvcc on PATH) has no {' or '.join(missing)}"
+        )
+    return None
 
 
 ARCH_HEADER = "csrc/include/fastperturb/worklist/launch_args.h"

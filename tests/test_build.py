@@ -133,7 +133,10 @@ def test_cuda_switch(monkeypatch):
     assert setup.extension_sources(False) == setup.read_sources(ROOT)["cpu"]
     monkeypatch.setenv("FASTPERTURB_CUDA", "1")
     if torch.version.cuda is not None:
-        assert setup.cuda_enabled() is True
+        from torch.utils import cpp_extension
+
+        if setup.toolkit_problem(cpp_extension.CUDA_HOME) is None:
+            assert setup.cuda_enabled() is True
     else:  # (torch's own error blamed CUDA_HOME, set or not)
         with pytest.raises(SystemExit, match=r"FASTPERTURB_CUDA=1 needs a CUDA build of torch; this one is .*\+cpu"):
             setup.cuda_enabled()
@@ -142,10 +145,63 @@ def test_cuda_switch(monkeypatch):
         setup.cuda_enabled()
 
 
+def _toolkit(root: Path, nvcc: bool = True, headers: str | None = "include") -> Path:
+    if nvcc:
+        (root / "bin").mkdir(parents=True)
+        (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    if headers is not None:
+        (root / headers).mkdir(parents=True)
+        (root / headers / "cuda_runtime.h").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("forced", [None, "1"])
+def test_a_cuda_torch_with_an_incomplete_toolkit_is_refused_by_name_before_compiling(monkeypatch, tmp_path, forced):
+    """torch guesses CUDA_HOME from the nvcc on PATH: a wrapper script in /usr/local/bin gave /usr/local, no
+    cuda_runtime.h there, and the build failed in the middle of compiling. Now refused first, saying what to set;
+    FASTPERTURB_CUDA=0 still builds the CPU kernels, and a complete toolkit (or a conda one's targets/ headers)
+    compiles the CUDA kernels."""
+    from torch.utils import cpp_extension
+
+    setup = load_setup()
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    if forced is None:
+        monkeypatch.delenv("FASTPERTURB_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FASTPERTURB_CUDA", forced)
+    cases = {
+        "no_headers": _toolkit(tmp_path / "shim", headers=None),
+        "no_nvcc": _toolkit(tmp_path / "headers_only", nvcc=False),
+    }
+    for name, home in cases.items():
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+        missing = "include/cuda_runtime.h" if name == "no_headers" else "bin/nvcc"
+        with pytest.raises(SystemExit, match=rf"CUDA build.*{home} .*has no {missing}.*FASTPERTURB_CUDA=0"):
+            setup.cuda_enabled()
+    for home in (_toolkit(tmp_path / "complete"), _toolkit(tmp_path / "conda", headers="targets/x86_64-linux/include")):
+        monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+        assert setup.cuda_enabled() is True
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)  # no toolkit at all: CPU kernels, unless asked for CUDA
+    if forced is None:
+        assert setup.cuda_enabled() is False
+    else:
+        with pytest.raises(SystemExit, match="no CUDA toolkit was found"):
+            setup.cuda_enabled()
+    monkeypatch.setenv("FASTPERTURB_CUDA", "0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(cases["no_headers"]))
+    assert setup.cuda_enabled() is False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("cmake") is None or shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None,
     reason="needs cmake and ninja",
+)
+@pytest.mark.skipif(
+    torch.version.cuda is not None,
+    reason="a CUDA torch's CMake package needs CMake to find the CUDA toolkit (.ci/cuda_build.sh's "
+    "FASTPERTURB_CUDA_CMAKE=1 configures it so); this checks the CPU configuration",
 )
 def test_cmake_configures_the_same_sources_as_setup_py(tmp_path):
     import torch.utils

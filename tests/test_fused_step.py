@@ -37,6 +37,9 @@ CONFIGS = {
     "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05)),
     "adamw_amsgrad": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, amsgrad=True, betas=(0.3, 0.9))),
     "adam_foreach": (torch.optim.Adam, dict(lr=1e-2, foreach=True)),
+    # a group's own eps (large, so that one taken from the default would show)
+    "adam_eps": (torch.optim.Adam, dict(lr=1e-2, eps=0.1)),
+    "adamw_eps_amsgrad": (torch.optim.AdamW, dict(lr=1e-2, eps=1e-3, amsgrad=True, weight_decay=0.01)),
 }
 
 
@@ -85,6 +88,36 @@ def test_fused_base_step_matches_torch_after_plain_restore(config, dtype):
             mine = sd_ours["state"][i][k]
             assert mine.dtype == v.dtype and mine.device == v.device and mine.shape == v.shape, k
             torch.testing.assert_close(mine, v, **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [(torch.optim.Adam, dict(lr=1e-2)), (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True)), (torch.optim.SGD, {})],
+)
+@pytest.mark.parametrize("shapes", [[(5,)], [(5,), (3,), (4, 2)]], ids=["one_tensor", "three"])
+def test_tensors_of_one_group_that_start_at_different_steps(cls, kwargs, shapes):
+    """A tensor without a gradient at some steps (a branch or an expert not taken) is skipped by torch: its Adam step
+    count, which bias-corrects its update, lags the others'. The fused step keeps each tensor's count (one group
+    holding tensors at steps 4, 3 and 2), as it does for a group of one tensor (its first step included)."""
+    kwargs = dict(kwargs, momentum=0.9) if cls is torch.optim.SGD else kwargs
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ours, theirs = [nn.Parameter(t.clone()) for t in start], [nn.Parameter(t.clone()) for t in start]
+    opt_ours, opt_theirs = cls(ours, **kwargs), cls(theirs, **kwargs)
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            if step < i:  # tensor i's first gradient at step i
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused_step.fused_base_step(opt_ours, [], [])
+        opt_theirs.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float64])
+    if cls is not torch.optim.SGD:
+        counts = [float(opt_ours.state[p]["step"]) for p in ours]
+        assert counts == [float(opt_theirs.state[q]["step"]) for q in theirs] == [4.0, 3.0, 2.0][: len(ours)]
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,12 @@ PRESETS = {
         lambda ps, **kw: fp.AWP(ps, torch.optim.SGD, gamma=0.01, steps=3, perturb_filter=None, lr=1.0, **kw),
         [0.0] + [1 / 3] * 3,
     ),
+    "AWP-2-last": (  # Algorithm 1: the last pass's gradient alone
+        lambda ps, **kw: fp.AWP(
+            ps, torch.optim.SGD, gamma=0.01, steps=2, descent="last", perturb_filter=None, lr=1.0, **kw
+        ),
+        [0.0, 0.0, 1.0],
+    ),
     "SAM": (lambda ps, **kw: fp.SAM(ps, torch.optim.SGD, rho=0.05, lr=1.0, **kw), [0.0, 1.0]),
 }
 

@@ -10,6 +10,8 @@ the same bf16 rounding), and is close to the fp32 big-batch step only to bf16 pr
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,3 +219,35 @@ def test_a_disabled_grad_scaler_step_is_the_plain_step():
     model, aopt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
     aopt.step(_drop_in_closure(model, x, y, acc.backward))
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), nets[1].parameters()))
+
+
+def test_every_micro_batch_but_the_last_skips_the_gradient_sync():
+    """Under DDP, ``no_sync`` on micro-batches 0..n-2 and the sync on the last one give every rank the same summed
+    gradient once per pass; the other way round (a sync on the first) left the ranks' gradients different, which one
+    process cannot see in the weights. Recorded here at every micro-batch of every pass."""
+    acc = accelerate.Accelerator(cpu=True)
+    net = make_net()
+    model, opt = acc.prepare(net, PRESETS["APD"](net.parameters()))
+    real, blocked, seen = acc.no_sync, [], []
+
+    @contextlib.contextmanager
+    def no_sync(m):
+        assert m is model
+        blocked.append(True)
+        try:
+            with real(m):
+                yield
+        finally:
+            blocked.pop()
+
+    acc.no_sync = no_sync
+    x, y = next(iter(batches()))
+    micro = list(zip(x.chunk(CHUNKS), y.chunk(CHUNKS)))
+
+    def loss_fn(mb):
+        seen.append(bool(blocked))
+        return F.cross_entropy(model(mb[0]), mb[1])
+
+    perturb_step(acc, opt, micro_batch_closure(acc, model, micro, loss_fn))
+    passes = 1 + 2  # APD's clean pass and its two perturbed passes
+    assert seen == ([True] * (CHUNKS - 1) + [False]) * passes

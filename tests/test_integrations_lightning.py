@@ -466,6 +466,38 @@ def test_manual_accumulation_recipe_equals_one_big_batch_step(preset, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_manual_accumulation_blocks_the_sync_on_every_micro_batch_but_the_last(tmp_path, monkeypatch):
+    """Under DDP, ``toggle_model(sync_grad=False)`` on micro-batches 0..n-2 and the sync on the last give every rank
+    the same summed gradient once per pass (a sync on another micro-batch left the ranks' gradients different,
+    which one process cannot see in the weights). Recorded at every micro-batch of every pass."""
+    import contextlib
+
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+
+    blocked, seen = [], []
+    real = LightningOptimizer.toggle_model
+
+    @contextlib.contextmanager
+    def toggle_model(self, sync_grad=True):
+        blocked.append(not sync_grad)
+        try:
+            with real(self, sync_grad=sync_grad):
+                yield
+        finally:
+            blocked.pop()
+
+    monkeypatch.setattr(LightningOptimizer, "toggle_model", toggle_model)
+
+    class Recorded(ManualAccum):
+        def micro_loss(self, mb):
+            seen.append(any(blocked))
+            return super().micro_loss(mb)
+
+    model = Recorded("APD", chunks=4)
+    trainer(tmp_path, max_steps=2).fit(model, loader())
+    assert seen == ([True] * 3 + [False]) * 3 * 2  # APD: a clean pass and two perturbed passes per step
+
+
 def micro_loop(preset, chunks, epochs=1, autocast=None, scaler=None):
     """The reference for accumulation: each optimizer step's closure runs ``chunks`` consecutive
     loader batches, each loss divided by ``chunks`` (Lightning's normalisation)."""

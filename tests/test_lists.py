@@ -540,11 +540,30 @@ def test_cache_gives_a_new_handle_for_a_new_list_a_replaced_tensor_or_a_changed_
     # a new list altogether
     other, other_b, _ = _setup(seed=1)
     assert cache.get(other, other_b) not in (h, h2)
-    # a tensor whose storage changed (module.to() assigns .data): a fresh handle on the same tensors
-    params[4].data = torch.zeros(0)
+    # a tensor whose storage changed (module.to() assigns .data): a fresh handle on the same tensors (the handle
+    # of these lists cached and current just before, so only the change makes the new one)
+    h = cache.get(params, backups)
+    assert cache.get(params, backups) is h
+    params[5].data = params[5].detach().clone()
     h3 = cache.get(params, backups)
     assert h3 is not h
     ops.restore_lists_(h3)
+    assert _bits_equal(params, backups)
+
+
+def test_cache_gives_the_same_params_with_other_buffers_their_own_handle():
+    """The key holds the backups and the accumulator too: a handle cached for one set of backups never restores
+    another's (a caller with two cycles over the same tensors)."""
+    params, backups, accum = _setup()
+    cache = ops.ListsCache(size=4)
+    h = cache.get(params, backups)
+    mine = [b + 1 for b in backups]
+    h_mine = cache.get(params, mine)
+    assert h_mine is not h and cache.get(params, mine) is h_mine
+    assert cache.get(params, backups, accum) not in (h, h_mine)
+    ops.restore_lists_(h_mine)
+    assert _bits_equal(params, mine)
+    ops.restore_lists_(cache.get(params, backups))
     assert _bits_equal(params, backups)
 
 

@@ -190,6 +190,21 @@ def test_trainer_equals_hand_written_loop(preset, accum, optim, tmp_path):
         assert opt.fused_step_fallback is None, opt.fused_step_fallback
 
 
+def test_micro_batches_left_by_an_interrupted_run_are_not_replayed(tmp_path):
+    """A train() that raised between a micro-batch and its step leaves that micro-batch recorded; the next train()
+    starts without it, so its first step replays its own micro-batches only (the same weights as a fresh run)."""
+    ref, _ = run_trainer(tmp_path / "ref", "SAM", accum=2, steps=2, optim="sgd")
+    cls, pkw = PRESETS["SAM"]
+    model = make_model()
+    trainer = PerturbTrainer(
+        model=model, args=args(tmp_path, 2, 2, optim="sgd"), train_dataset=dataset(), perturb=cls, perturb_kwargs=pkw
+    )
+    left = {k: v.unsqueeze(0) for k, v in dataset()[-1].items()}
+    trainer._micro_batches = [(model, left, None)]  # what the interrupted run left
+    trainer.train()
+    assert_close_models(model, ref, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("preset", ["SAM", pytest.param("APD", marks=pytest.mark.slow)])
 def test_max_grad_norm_clips_the_descent_gradient(preset, tmp_path):
     model, trainer = run_trainer(tmp_path, preset, accum=2, steps=2, max_grad_norm=0.05, optim="sgd")

@@ -135,6 +135,8 @@ def _one_line_error(capsys, rc, *needles):
         (["--data", "d.pt", "--steps", "0"], ["--steps"]),
         (["--data", "d.pt", "--batch-size", "-1"], ["--batch-size"]),
         (["--data", "d.pt", "--step-ratio", "nan"], ["--step-ratio"]),
+        (["--data", "d.pt", "--eps", "0.01,inf"], ["--eps", "finite number >= 0", "inf"]),
+        (["--data", "d.pt", "--eps", "0.01,-0.1"], ["--eps", "finite number >= 0", "-0.1"]),
         (["--data", "d.pt", "--kinds", "adversarial,bogus"], ["--kinds", "bogus"]),
     ],
 )

@@ -489,6 +489,35 @@ def test_a_caller_gradient_zero_in_places_is_still_g0(backend):
     assert moved(model) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["zeros_past_the_scan_head", "channels_last"])
+def test_a_callers_g0_the_zero_scan_reads_further_is_still_used(kind, backend):
+    """The scan for a nonzero gradient reads a tensor's first 4096 elements, then the rest; a gradient in another
+    memory order is read whole. A caller's g_0 that is zero in its first 5000 elements, or laid out channels_last,
+    is g_0: one closure call (SAM's perturbed pass), not a clean pass of the step's own as well."""
+    if kind == "channels_last":
+        w = torch.nn.Parameter(torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last))
+        loss_fn = lambda: (w * torch.arange(1.0, 49.0).view(4, 3, 2, 2)).sum() + (w**2).sum()
+    else:
+        w = torch.nn.Parameter(torch.randn(6000))
+        loss_fn = lambda: (w[5000:] ** 2).sum()
+    opt = fp.SAM([w], torch.optim.SGD, rho=0.05, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    loss_fn().backward()
+    if kind == "channels_last":
+        assert not w.grad.is_contiguous() and bool(w.grad.any())
+    else:
+        assert not bool(w.grad[:5000].any()) and bool(w.grad[5000:].any())
+    opt.step(closure)
+    assert len(calls) == 1
+
+
 def test_skip_warning_points_at_the_callers_line(backend):
     model = make_model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)

@@ -523,12 +523,15 @@ def _step_both(pairs, data):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("base, key", [(torch.optim.Adam, "exp_avg"), (torch.optim.SGD, "momentum_buffer")])
+@pytest.mark.parametrize(
+    "base, key",
+    [(torch.optim.Adam, "exp_avg"), (torch.optim.AdamW, "max_exp_avg_sq"), (torch.optim.SGD, "momentum_buffer")],
+)
 def test_a_state_replaced_by_one_of_another_layout_falls_back_after_cached_steps(base, key):
     """The fused step records the state tensors it checked and skips the checks while they are the same objects;
     a state tensor replaced by one with other strides is checked again and the step falls back (the weights agree
     with the unfused twin's within the tolerance of the fused warm-up steps)."""
-    kw = dict(momentum=0.9) if base is torch.optim.SGD else {}
+    kw = dict(momentum=0.9) if base is torch.optim.SGD else dict(amsgrad=key == "max_exp_avg_sq")
     (o1, m1), (o2, m2), data = _warm_pair(base, **kw)
     for opt, m in ((o1, m1), (o2, m2)):
         w = m[0].weight
@@ -546,6 +549,19 @@ def test_a_state_replaced_by_one_of_another_layout_falls_back_after_cached_steps
     assert o1.fused_step_fallback is None
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(p, q, **TOL[torch.float32])
+
+
+def test_a_gradient_of_another_dtype_falls_back_with_nothing_written():
+    """torch accepts a float64 gradient on a float32 parameter once ``grad_dtype`` is None; the fused op takes one
+    dtype, so the step falls back (its reason names the gradient) and writes nothing."""
+    p = nn.Parameter(torch.randn(5))
+    p.grad_dtype = None
+    p.grad = torch.randn(5, dtype=torch.float64)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    before = p.detach().clone()
+    reason = fused_step.fused_base_step(opt, [], [])
+    assert reason is not None and "dtype" in reason and fused_step.why_not_fused(opt) == reason
+    assert torch.equal(p.detach(), before) and not opt.state[p]
 
 
 def test_a_reset_state_is_used_by_the_next_fused_step():

@@ -564,6 +564,21 @@ def test_a_gradient_of_another_dtype_falls_back_with_nothing_written():
     assert torch.equal(p.detach(), before) and not opt.state[p]
 
 
+def test_an_lr_scheduler_on_the_base_optimizer_sees_the_fused_step():
+    """The fused op replaces the base optimizer's step(), which an LR scheduler bound to the base optimizer watches:
+    the scheduler's "lr_scheduler.step() before optimizer.step()" warning must not fire after a fused step."""
+    import warnings
+
+    (o1, m1), _, (x, y) = _warm_pair(steps=0)
+    sched = torch.optim.lr_scheduler.StepLR(o1.base_optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o1.step(_closure(m1, x, y))
+        assert o1.fused_step_fallback is None
+        sched.step()
+    assert o1.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
 def test_a_reset_state_is_used_by_the_next_fused_step():
     """Moments reset by assignment (as when a layer is re-initialised) are read by the next fused step."""
     (o1, m1), (o2, m2), data = _warm_pair(torch.optim.AdamW)

@@ -381,9 +381,17 @@ def test_grad_scaler_step_without_closure_names_the_fix():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
-def test_unknown_gradient_history_runs_the_clean_pass(backend):
+@pytest.mark.parametrize("snapshot", ["compiled", "python"])
+def test_unknown_gradient_history_runs_the_clean_pass(backend, snapshot, monkeypatch):
     """After a copy (or an added group) the optimizer cannot tell a fresh gradient from a
-    stale one, so it runs its own clean pass: one pass more, never a stale g_0."""
+    stale one, so it runs its own clean pass: one pass more, never a stale g_0. Whether the snapshot of the
+    gradients is kept by the extension's GradWatch or, without it (or sharded), as a Python list of versions."""
+    if snapshot == "python":
+        if backend != "reference":
+            pytest.skip("without the extension only the reference runs")
+        from fastperturb.optim import wrapper
+
+        monkeypatch.setattr(wrapper.native, "load_error", "simulated: no extension (no GradWatch)")
     model = make_model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1)
     opt.step(Counting(model, 0))  # leaves G in .grad

@@ -459,6 +459,8 @@ class ManualAccum(PerturbLightningModule):
 def test_manual_accumulation_recipe_equals_one_big_batch_step(preset, tmp_path):
     model = ManualAccum(preset, chunks=4)
     trainer(tmp_path).fit(model, loader())
+    # each training_step starts outside any pass: perturb_step put perturb_pass back to None after its passes
+    assert model.passes == [None] * (N // BATCH) and model.perturb_pass is None
     ref, _ = hand_loop(preset)
     # Same batches and equations; the gradient is summed over 4 micro-batches instead of
     # reduced in one matmul, so fp32 rounding differs at the 1e-7 relative level per step.

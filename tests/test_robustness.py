@@ -77,16 +77,20 @@ def test_relative_radius_is_a_fraction_of_the_weight_norm():
     assert p.loss_change == pytest.approx((r * (w - y).norm().item() + 0.5 * r**2) / D, rel=1e-6)
 
 
-def test_layer_scope_on_a_loss_linear_in_the_weights():
-    # L = mean(W x + b) is linear in (W, b): the max over per-tensor balls is sum_l r_l ||g_l||, exactly,
-    # the first-order estimate is exact, and every random pair a, -a cancels.
+def linear_loss_problem():
+    """L = mean(W x + b), linear in (W, b): (model, loss_fn, data, g_W, g_b), the gradients constant."""
     torch.manual_seed(1)
     model = nn.Linear(4, 3).double()
     x = torch.randn(20, 4, dtype=torch.float64)
-    data = (x, torch.zeros(20))
-    loss_fn = lambda out, t: out.mean()
     gw = x.mean(0).expand(3, 4) / 3
     gb = torch.full((3,), 1 / 3, dtype=torch.float64)
+    return model, lambda out, t: out.mean(), (x, torch.zeros(20)), gw, gb
+
+
+def test_layer_scope_on_a_loss_linear_in_the_weights():
+    # L = mean(W x + b) is linear in (W, b): the max over per-tensor balls is sum_l r_l ||g_l||, exactly,
+    # the first-order estimate is exact, and every random pair a, -a cancels.
+    model, loss_fn, data, gw, gb = linear_loss_problem()
     eps = 0.2
     expected = eps * (model.weight.norm() * gw.norm() + model.bias.norm() * gb.norm()).item()
     p = R.adversarial(model, loss_fn, data, eps, scope="layer", accuracy=False)
@@ -102,13 +106,7 @@ def test_global_scope_on_a_loss_linear_in_the_weights(relative):
     """The global ball over (W, b): the max of a linear loss is r ||(g_W, g_b)||, with r = eps (or eps ||(W, b)||
     when relative), the norm of all the gradients together, not the sum of the tensors' norms; the first-order
     estimate is exact there."""
-    torch.manual_seed(1)
-    model = nn.Linear(4, 3).double()
-    x = torch.randn(20, 4, dtype=torch.float64)
-    data = (x, torch.zeros(20))
-    loss_fn = lambda out, t: out.mean()
-    gw = x.mean(0).expand(3, 4) / 3
-    gb = torch.full((3,), 1 / 3, dtype=torch.float64)
+    model, loss_fn, data, gw, gb = linear_loss_problem()
     eps = 0.2
     r = eps * (math.hypot(model.weight.norm().item(), model.bias.norm().item()) if relative else 1.0)
     expected = r * math.hypot(gw.norm().item(), gb.norm().item())

@@ -124,23 +124,25 @@ def cuda_enabled() -> bool:
 
 
 def toolkit_problem(home: str | None) -> str | None:
-    """Why ``home`` (torch's CUDA_HOME: the variable, else the parent of the nvcc on PATH, else /usr/local/cuda) is
-    not a CUDA toolkit the build can use, or None. An nvcc wrapper script elsewhere on PATH makes torch guess a
-    home without the compiler or the runtime headers beside it."""
+    """Why ``home`` (torch's CUDA_HOME: CUDA_HOME or CUDA_PATH, else the parent of the nvcc on PATH, else
+    /usr/local/cuda) is not a CUDA toolkit the build can use, or None. An nvcc wrapper script elsewhere on PATH
+    makes torch guess a home without the compiler or the runtime headers beside it."""
     if home is None:
         return "no CUDA toolkit was found (CUDA_HOME unset and no nvcc on PATH)"
     root, missing = Path(home), []
     if not any((root / "bin" / n).is_file() for n in ("nvcc", "nvcc.exe")):
         missing.append("bin/nvcc")
-    # (where torch's cpp_extension looks, plus a conda toolkit's targets/<arch>/include, to refuse no build that works)
-    headers = [root / "include", *root.glob("targets/*/include")]
-    if os.environ.get("CUDA_INC_PATH"):
-        headers.append(Path(os.environ["CUDA_INC_PATH"]))
+    # Where torch's cpp_extension looks, a conda toolkit's targets/<arch>/include, the compiler's own search paths
+    # (CPATH, CPLUS_INCLUDE_PATH) and the system's: no build that would compile is refused.
+    headers = [root / "include", *root.glob("targets/*/include"), Path("/usr/include")]
+    for var in ("CUDA_INC_PATH", "CPATH", "CPLUS_INCLUDE_PATH"):
+        headers += [Path(d) for d in os.environ.get(var, "").split(os.pathsep) if d]
     if not any((d / "cuda_runtime.h").is_file() for d in headers):
         missing.append("include/cuda_runtime.h")
     if missing:
         return (
-            f"the CUDA toolkit home {home} (CUDA_HOME, or guessed from the nvcc on PATH) has no {' or '.join(missing)}"
+            f"the CUDA toolkit home {home} (CUDA_HOME or CUDA_PATH, or guessed from the nvcc on PATH) has no "
+            f"{' or '.join(missing)}"
         )
     return None
 

@@ -2,12 +2,13 @@
 
 A test that passes only after (or only before) another one hides a bug: a hook torch installs on a class's first
 instance, a global left set, a cache warmed by an earlier test. Alphabetical order hid one such bug for several
-rounds, so CI runs the main suite shuffled with a fixed seed (``.ci/run``), and anyone can rerun another order:
+rounds, so CI runs both test stages shuffled with a fixed seed (``.ci/run``), and anyone can rerun another order:
 
     FASTPERTURB_TEST_ORDER=shuffle:7 pytest tests        # or reverse; unset or "file" = pytest's order
 
 The shuffle keeps each test module's tests together (the modules in a shuffled order, the tests inside each module
-shuffled too), so a module-scoped fixture, such as the spawned distributed runs, still runs once per module.
+shuffled too), so a module-scoped fixture, such as the spawned distributed runs, still runs once per module (a
+parametrized one would run again at each change of its parameter; the suite has none).
 """
 
 from __future__ import annotations

@@ -173,8 +173,8 @@ def test_a_trades_start_returned_without_steps_is_in_the_ball_and_range(norm):
 
 
 def test_robust_accuracy_scores_a_model_in_training_mode_in_eval_mode():
-    """Dropout and BatchNorm in ``.train()``: the scores are the eval-mode ones (0.06 against 0.56 with heavy
-    dropout when the model's mode was kept), and the flags and statistics come back as they were."""
+    """Dropout and BatchNorm in ``.train()``: the scores are the eval-mode ones (accuracy 1.0 and loss 2.00 here,
+    against 0.33 and 2.85 with the model's mode kept), and the flags and statistics come back as they were."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.9))
     model.append(nn.Linear(32, 10)).double()

@@ -58,6 +58,7 @@ def test_pytest_runs_the_named_order(tmp_path: Path):
         # The copied conftest imports fastperturb: the checkout's, as in the test process.
         path = os.pathsep.join(filter(None, [str(tests.parent), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=path, **{ordering.ENV: order})
+        env.pop("PYTEST_ADDOPTS", None)  # (a developer's -v would change the listing read below)
         return subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", str(tmp_path)],
             cwd=tmp_path,

@@ -635,6 +635,29 @@ def _sequence_parallel(rank: int) -> dict:
     return {"error": err, "unchanged": all(torch.equal(local(p), b) for p, b in zip(model.parameters(), before))}
 
 
+def _zero_on_one_rank(rank: int) -> dict:
+    """The caller's backward, then rank 1 alone zeroes its gradients in place (its shards of g_0 zero, say): the
+    whole gradient is not zero, so every rank takes it as g_0 and runs SAM's one pass (the zero scan's agreement is
+    a MIN over the ranks; a MAX would make every rank run a clean pass of its own)."""
+    model, scale = make_model()
+    shard(model)
+    opt = PRESETS["sam"](list(model.parameters()) + [scale])
+    x, y = local_batch(0, rank, WORLD)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return loss_backward(model, scale, x, y, WORLD)
+
+    closure()
+    if rank == 1:
+        model.zero_grad(set_to_none=False)
+        scale.grad.zero_()
+    calls.clear()
+    opt.step(closure)
+    return {"calls": len(calls), "skipped": opt.last_step_skipped}
+
+
 def _scenarios(rank: int, out_dir: str, results: dict) -> None:
     """Every scenario, on this rank (``spawned.run_ranks``)."""
     for name, run in (
@@ -648,6 +671,7 @@ def _scenarios(rank: int, out_dir: str, results: dict) -> None:
         ("bf16", _bf16),
         ("fsdp1", _fsdp1),
         ("sequence_parallel", _sequence_parallel),
+        ("zero_on_one_rank", _zero_on_one_rank),
     ):
         results[name] = run(rank)
     results["dcp"] = _dcp(rank, out_dir)
@@ -682,6 +706,10 @@ def test_presets_on_shards_match_one_process(ranks, single_thread, backend, pres
         for a, b, w in zip(got, single, start):
             torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
             assert not torch.equal(a, w)
+
+
+def test_a_gradient_zero_on_one_rank_only_is_the_callers_g0_on_every_rank(ranks):
+    assert [r["zero_on_one_rank"] for r in ranks] == [{"calls": 1, "skipped": False}] * WORLD
 
 
 def test_clipping_is_active_in_the_clipped_case(single_thread):

@@ -254,54 +254,59 @@ def rows(cfg, model: str = MODEL, world: int = 2, preset: str = "SAM") -> list[d
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     out = []
-    for what in (preset, passes):
-        for w in (world, 1):
-            who = f"fastperturb.{preset}" if what == preset else f"{what[len('passes') :]} passes, no optimizer"
-            impl = f"{who}, FSDP2" if w > 1 else f"{who}, 1 process"
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.sharded_memory",
-                "--model",
-                model,
-                "--preset",
-                what,
-                "--world",
-                str(w),
-                "--steps",
-                str(min(3, getattr(cfg, "mem_steps", 3))),
-                "--apd-steps",
-                str(getattr(cfg, "apd_steps", 3)),
-            ]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-            base = {
-                "suite": "memory",
-                "model": model,
-                "case": f"{preset} sharded",
-                "kind": "fastperturb",
-                "reason": None,
-            }
-            if proc.returncode != 0:
-                reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                out.append(dict(base, impl=impl, status="error", reason=reason))
-            else:
-                for rec in json.loads(proc.stdout.strip().splitlines()[-1]):
-                    name = f"{impl} rank {rec['rank']}/{w}" if w > 1 else impl
-                    out.append(dict(base, impl=name, status="ok", wall_s=round(time.perf_counter() - t0, 1), **rec))
-            if getattr(cfg, "progress", None):
-                cfg.progress(f"memory {model} {impl}")
+    for what, w in _runs(preset, passes, world):
+        who = f"fastperturb.{preset}" if what == preset else f"{what[len('passes') :]} passes, no optimizer"
+        impl = f"{who}, FSDP2" if w > 1 else f"{who}, 1 process"
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.sharded_memory",
+            "--model",
+            model,
+            "--preset",
+            what,
+            "--world",
+            str(w),
+            "--steps",
+            str(min(3, getattr(cfg, "mem_steps", 3))),
+            "--apd-steps",
+            str(getattr(cfg, "apd_steps", 3)),
+        ]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+        base = {
+            "suite": "memory",
+            "model": model,
+            "case": f"{preset} sharded",
+            "kind": "fastperturb",
+            "reason": None,
+        }
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            out.append(dict(base, impl=impl, status="error", reason=reason))
+        else:
+            for rec in json.loads(proc.stdout.strip().splitlines()[-1]):
+                name = f"{impl} rank {rec['rank']}/{w}" if w > 1 else impl
+                out.append(dict(base, impl=name, status="ok", wall_s=round(time.perf_counter() - t0, 1), **rec))
+        if getattr(cfg, "progress", None):
+            cfg.progress(f"memory {model} {impl}")
     return out
 
 
+def _runs(preset: str, passes: str, world: int) -> list[tuple[str, int]]:
+    """(what, ranks) of each run :func:`rows` makes: the preset and the passes alone, each sharded and in one
+    process."""
+    return [(what, w) for what in (preset, passes) for w in (world, 1)]
+
+
 def row_count(cfg) -> int:
-    """How many runs :func:`rows` makes (its progress units): the preset and the passes alone, each sharded and in
-    one process; none when the run names its memory implementations, or without gloo."""
+    """How many runs :func:`rows` makes (its progress units); none when the run names its memory implementations,
+    or without gloo."""
     if getattr(cfg, "memory_impls", ()):
         return 0
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         return 0
-    return 4
+    return len(_runs("preset", "passes", 2))
 
 
 if __name__ == "__main__":

@@ -308,7 +308,9 @@ def trades_pgd(
     """TRADES' inner maximisation (Zhang et al. 2019): :func:`pgd` ascending :func:`kl_to_clean`
     from TRADES' Gaussian start (``init="normal"``). The clean prediction is taken in the same
     mode as the attack. With ``norm="l2"`` each step clips to the data range before shrinking
-    into the ball, in TRADES' order (``pgd`` shrinks first, as Rice et al.'s L2 attack does)."""
+    into the ball, in TRADES' order (``pgd`` shrinks first, as Rice et al.'s L2 attack does). The step is
+    ``step_size`` for both norms; the official TRADES-AWP script's L2 attack ignores its ``--step-size`` and steps
+    by ``2 * eps / steps``: pass that to port it."""
     objective = kl_to_clean(model, x.detach(), train_mode=train_mode, keep_stats=keep_stats)
     return pgd(
         model,

@@ -239,6 +239,24 @@ def test_no_backward_between_first_and_second_step_restores(backend):
     assert_bit_identical(model, before)
 
 
+def test_a_pending_first_step_is_refused_naming_restore(backend):
+    # davda54's loop that `continue`s after first_step() (a skipped batch) leaves the weights perturbed: the next
+    # call says so and names the way back
+    model = make_model()
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
+    before = snapshot(model)
+    nn.functional.cross_entropy(model(X), Y).backward()
+    opt.first_step()
+    nn.functional.cross_entropy(model(X), Y).backward()
+    with pytest.raises(RuntimeError, match=r"first_step\(\) was called twice.*still perturbed.*opt\.restore\(\)"):
+        opt.first_step()
+    with pytest.raises(RuntimeError, match=r"without second_step\(\).*still perturbed.*opt\.restore\(\)"):
+        opt.step(closure_for(model))
+    opt.restore()
+    assert_bit_identical(model, before)
+    assert not opt.base_optimizer.state
+
+
 # ---- exceptions at a perturbed point -----------------------------------------------------
 
 
@@ -619,6 +637,92 @@ def test_grad_scaler_with_sam_convention(backend):
         scaler.update()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+_SCALED_PRESETS = {
+    "sam": lambda ps: fp.SAM(ps, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9),
+    "wsam": lambda ps: fp.WSAM(ps, torch.optim.SGD, rho=0.1, gamma=0.9, lr=0.1, momentum=0.9),
+}
+
+
+def _scaled_backward(model, scaler):
+    scaler.scale(nn.functional.cross_entropy(model(X), Y)).backward()
+
+
+@pytest.mark.parametrize("preset", list(_SCALED_PRESETS))
+@pytest.mark.parametrize("where", ["before_first_step", "before_second_step"])
+def test_callers_unscale_in_the_sam_convention_is_refused(preset, where, backend):
+    # torch's AMP recipe (unscale_, clip, step) applied to the pair: the step unscales G itself, so the gradients
+    # were unscaled twice (a step 1/1024 too short), or g_0 and g_1 mixed (WSAM), silently
+    model = make_model()
+    opt = _SCALED_PRESETS[preset](model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = snapshot(model)
+    _scaled_backward(model, scaler)
+    if where == "before_first_step":
+        scaler.unscale_(opt)
+        with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) was called on g_0 before first_step.*max_grad"):
+            opt.first_step(scaler=scaler)
+    else:
+        opt.first_step(scaler=scaler)
+        _scaled_backward(model, scaler)
+        scaler.unscale_(opt)
+        with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) was called during the step.*max_grad_norm"):
+            opt.second_step()  # (the scaler handed to first_step)
+    assert_bit_identical(model, before)
+    assert not opt.base_optimizer.state  # no base step was taken
+    scaler.update()
+    opt.zero_grad()
+    _scaled_backward(model, scaler)  # the optimizer is usable afterwards
+    opt.first_step(scaler=scaler)
+    _scaled_backward(model, scaler)
+    opt.second_step(scaler=scaler)
+    assert not opt.last_step_skipped and opt.base_optimizer.state
+
+
+@pytest.mark.parametrize("preset", list(_SCALED_PRESETS))
+@pytest.mark.parametrize("g0_from_caller", [True, False])
+def test_callers_unscale_in_the_closure_is_refused(preset, g0_from_caller, backend):
+    model = make_model()
+    opt = _SCALED_PRESETS[preset](model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    def closure():  # the AMP recipe's unscale_ and clip, inside the closure
+        loss = nn.functional.cross_entropy(model(X), Y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        return loss
+
+    before = snapshot(model)
+    if g0_from_caller:
+        _scaled_backward(model, scaler)
+    with pytest.raises(RuntimeError, match="unscale_.optimizer. was called (during the step|in the closure)"):
+        opt.step(closure, scaler=scaler)
+    assert_bit_identical(model, before)
+    assert not opt.base_optimizer.state
+
+
+def test_unscale_before_a_step_whose_closure_recomputes_g0_is_the_callers(backend):
+    # Trainer's fp16 path: the gradient norm unscales g_0 through the scaler, then PerturbTrainer clears the
+    # gradients and the closure computes every pass scaled: the same steps as a run that never unscaled
+    a, b = make_model(), make_model()
+    oa, ob = (
+        fp.SAM(a.parameters(), torch.optim.SGD, rho=0.1, lr=0.1),
+        fp.SAM(b.parameters(), torch.optim.SGD, rho=0.1, lr=0.1),
+    )
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(3):
+        oa.step(closure_for(a, scale=sa.scale), scaler=sa)
+        sa.update()
+        _scaled_backward(b, sb)
+        sb.unscale_(ob)
+        ob.zero_grad()
+        ob.step(closure_for(b, scale=sb.scale), scaler=sb)
+        sb.update()
+        assert not ob.last_step_skipped
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,6 +14,7 @@ DESIGN.md section 2 in plain PyTorch (tests/test_optim_equations.py), and pytorc
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import pytest
@@ -318,6 +319,74 @@ def test_first_second_step_loop_equals_pytorch_optimizer_sam(backend):
             opt.second_step(zero_grad=True)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, **PO_TOL)
+
+
+def test_a_davda54_sam_checkpoint_resumes_without_its_weight_backups(backend):
+    """A run migrated mid-way. davda54's SAM saves, per parameter, only ``old_p``, its copy of the weights from
+    its last first_step() (never popped), and its groups (which the base optimizer shares). Loaded, that copy went
+    into the base optimizer's state and stayed there: a copy of every parameter in memory and in every later
+    checkpoint. It is left out now; the run resumes as davda54's SAM resumes (no momentum saved)."""
+    model = make_model()
+    twin = copy.deepcopy(model)
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    group = dict(rho=0.3, adaptive=False, **kw, dampening=0, nesterov=False, maximize=False, foreach=None)
+    group.update(differentiable=False, fused=None, lr=0.05)  # (a scheduler had lowered it)
+    params = list(model.parameters())
+    sd = {"state": {i: {"old_p": p.detach().clone()} for i, p in enumerate(params)}, "param_groups": [group]}
+    sd["param_groups"][0]["params"] = list(range(len(params)))
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    ours = fp.SAM(params, torch.optim.SGD, rho=0.3, **kw)
+    ours.load_state_dict(torch.load(buf, weights_only=True))
+    assert not ours.base_optimizer.state and ours.param_groups[0]["lr"] == 0.05
+    fresh = fp.SAM(twin.parameters(), torch.optim.SGD, rho=0.3, **dict(kw, lr=0.05))
+    for s in range(3):
+        for m, opt in ((model, ours), (twin, fresh)):
+            loss_of(m, s).backward()
+            opt.step(Counting(m, s))
+            opt.zero_grad()
+    assert all(set(e) == {"momentum_buffer"} for e in ours.state_dict()["state"].values())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_a_pytorch_optimizer_sam_checkpoint_resumes_with_its_momentum(backend):
+    """pytorch-optimizer's SAM saves the base optimizer's state (its own old_p is popped in the step): all of it
+    loads, and the run resumes as pytorch-optimizer's SAM resumes from that checkpoint."""
+    model, ours, twin, theirs = _po_pair()
+    for s in range(2):
+        loss_of(twin, s).backward()
+        theirs.step(Counting(twin, s))
+        theirs.zero_grad()
+    sd = copy.deepcopy(theirs.state_dict())  # (a state dict holds the live buffers: one copy for each loader)
+    assert sd["state"] and all("momentum_buffer" in e for e in sd["state"].values())
+    model.load_state_dict(twin.state_dict())
+    ours.load_state_dict(copy.deepcopy(sd))
+    resumed = po.SAM(twin.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    resumed.load_state_dict(sd)
+    for s in range(2, 5):
+        for m, opt in ((model, ours), (twin, resumed)):
+            loss_of(m, s).backward()
+            opt.step(Counting(m, s))
+            opt.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, **PO_TOL)
+
+
+class _OwnStateSGD(torch.optim.SGD):
+    """A base optimizer outside torch.optim, whose state names fastperturb does not know."""
+
+
+def test_a_base_outside_torch_optim_keeps_every_state_entry():
+    model = make_model()
+    opt = fp.SAM(model.parameters(), _OwnStateSGD, rho=0.3, lr=0.1)
+    sd = {
+        "state": {0: {"old_p": torch.ones(3)}},
+        "param_groups": [dict(opt.base_optimizer.state_dict()["param_groups"][0])],
+    }
+    opt.load_state_dict(sd)
+    assert torch.equal(opt.base_optimizer.state[next(model.parameters())]["old_p"], torch.ones(3))
 
 
 # ---- errors and signals ----------------------------------------------------------------

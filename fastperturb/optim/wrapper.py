@@ -485,6 +485,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
             raise ValueError(f"param_groups[{i}]: the step size must be finite, got {s}")
         return r, s
 
+    #: within step(): the caller had called ``scaler.unscale_(opt)`` before it (the closure computes g_0 again)
+    _unscaled_before_step: bool = False
+
     #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
     #: value of one is refused (it was silently ignored)
     spec_group_keys: tuple = ()
@@ -955,6 +958,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         same pass as the check of G where its handle holds every parameter (``restore_norms_lists_``). The
         caller restores it on any exception (``cycle.restore()`` is a no-op once restored)."""
         if _scaling(scaler):
+            if not self._unscaled_before_step:
+                _check_not_unscaled(self, scaler, "during the step (in the closure, or before second_step())")
             scaler.unscale_(self.base_optimizer)
         every, watch = self._all_params(), self._watch()
         dense = watch is not None and watch.count_defined() == len(every)
@@ -1057,10 +1062,19 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 return None
             raise TypeError(frameworks.no_closure_message(self))
         if self._pending is not None:
-            raise RuntimeError("first_step() was called without second_step(); finish that cycle first")
+            raise RuntimeError(
+                "first_step() was called without second_step(), and the weights are still perturbed: call "
+                "second_step() after the backward at the perturbed weights, or opt.restore() to undo first_step() "
+                "(bit for bit, no base step)"
+            )
         _check_scaler(scaler)
         frameworks.check_step(self, closure)
         self.last_step_skipped = False
+        # An unscale_ before the step is the caller's business when the closure computes g_0 again (PerturbTrainer's
+        # fp16 path, after Trainer's gradient norm); one during the step is refused (_descend, after pass 0).
+        unscaled_before = _scaling(scaler) and _unscaled_by_caller(self, scaler)
+        if unscaled_before:  # (only then: a write to the optimizer breaks a torch.compile graph)
+            self._keep(_unscaled_before_step=True)
         self._pin_selection()
         every = self._all_params()
         watch = self._watch()
@@ -1075,6 +1089,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 _release_grads(every, watch) if release else _zero_grads(every)
                 self._unpin_selection()
                 loss = self._call_closure(closure, 0, every, released=release, compiled=watch)[0]
+                if not unscaled_before:
+                    _check_not_unscaled(self, scaler, "in the closure")
                 self._pin_selection()
             plan = self._plan()
             fuse = self._fusable(scaler)
@@ -1103,6 +1119,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return None
         finally:
             self._last_cycle = None  # (held for _on_nonfinite only: a family cycle refers back to its optimizer)
+            if unscaled_before:
+                self._keep(_unscaled_before_step=False)
             try:
                 self._see_grads()
             finally:
@@ -1210,8 +1228,13 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 "ascent steps: use step(closure)"
             )
         if self._pending is not None:
-            raise RuntimeError("first_step() was called twice without second_step()")
+            raise RuntimeError(
+                "first_step() was called twice without second_step(), and the weights are still perturbed by the "
+                "first: call second_step() after the backward at the perturbed weights, or opt.restore() to undo "
+                "first_step() (bit for bit, no base step; e.g. when a batch is skipped between the two)"
+            )
         _check_scaler(scaler)
+        _check_not_unscaled(self, scaler, "on g_0 before first_step(scaler=scaler)")
         self.last_step_skipped = False
         plan = self._plan()
         if not plan.params and not plan.passive:
@@ -1468,6 +1491,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             nonfinite = settings.get("nonfinite", "skip")
             if nonfinite not in NONFINITE_MODES:
                 raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        else:
+            sd = _without_wrapper_backups(sd, self.base_optimizer)
         self.base_optimizer.load_state_dict(sd)
         self._share()
         for group in self.param_groups:
@@ -1475,6 +1500,29 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 group.setdefault(k, v)
         if settings is not None:
             self.spec, self.max_grad_norm, self.nonfinite = spec, max_grad_norm, nonfinite
+
+
+#: Per-parameter state that the SAM wrappers people migrate from keep for their own two calls: the weights before
+#: first_step() (davda54's SAM and ASAM, pytorch-optimizer's SAM and LookSAM). Stale once their second_step() ran, it
+#: would otherwise load into the base optimizer's state and stay there, a copy of every parameter in memory and in
+#: every later checkpoint. No torch.optim optimizer has state of that name.
+WRAPPER_BACKUP_KEYS = ("old_p",)
+
+
+def _without_wrapper_backups(state_dict: Dict[str, Any], base: torch.optim.Optimizer) -> Dict[str, Any]:
+    """A state dict without fastperturb's settings (another SAM wrapper's, or a plain base optimizer's) with the
+    migrated wrapper's weight backups left out; only over torch's own optimizers, whose state names are known."""
+    state = state_dict.get("state")
+    if not type(base).__module__.startswith("torch.optim") or not isinstance(state, dict):
+        return state_dict
+    kept = {}
+    for i, entry in state.items():
+        if isinstance(entry, dict):
+            entry = {k: v for k, v in entry.items() if k not in WRAPPER_BACKUP_KEYS}
+            if not entry:
+                continue
+        kept[i] = entry
+    return {**state_dict, "state": kept}
 
 
 def _checked_max_grad_norm(value: Optional[float]) -> Optional[float]:
@@ -1655,12 +1703,30 @@ def _check_g0_scaling(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScal
     otherwise mix scaled and unscaled gradients)."""
     if not _scaling(scaler):
         return
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
-    if getattr(state.get("stage"), "name", None) == "UNSCALED":
+    if _unscaled_by_caller(opt, scaler):
         raise RuntimeError(
             "scaler.unscale_(optimizer) was called on the gradient g_0 before step(closure, scaler=scaler), "
             "but the closure's gradients at the perturbed points are scaled: don't unscale before step() "
             "(it unscales G itself before clipping and the base step; use max_grad_norm to clip)"
+        )
+
+
+def _unscaled_by_caller(opt: PerturbOptimizer, scaler: torch.amp.GradScaler) -> bool:
+    """Whether ``scaler.unscale_(opt)`` ran since the scaler's last ``update()``. The step unscales through the base
+    optimizer, a separate entry of the scaler's: the caller's call on this optimizer is the only one under its id."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
+    return getattr(state.get("stage"), "name", None) == "UNSCALED"
+
+
+def _check_not_unscaled(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScaler], when: str) -> None:
+    """Refuse gradients the caller unscaled (``when``) that the step is about to unscale itself, or to combine with
+    scaled ones: the base step would be 1/scale too short (SAM), or scaled and unscaled gradients mixed (WSAM)."""
+    if _scaling(scaler) and _unscaled_by_caller(opt, scaler):
+        raise RuntimeError(
+            f"scaler.unscale_(optimizer) was called {when}: the optimizer unscales the descent gradient itself, "
+            "before clipping and the base step, so these gradients would be unscaled twice or mixed with scaled "
+            "ones (a step 1/scale too short, silently). Don't call unscale_ on it; clip with max_grad_norm=... "
+            "(or opt.max_grad_norm = ...). The weights are restored and no step was taken"
         )
 
 

@@ -607,6 +607,43 @@ def test_the_two_calls_through_self_optimizers_act_on_the_optimizer(preset, tmp_
     assert opt.skipped_steps == 1
 
 
+@pytest.mark.parametrize("preset", list(TWO_CALL))
+def test_the_two_calls_under_16_mixed_take_the_plugins_scaler(preset, tmp_path):
+    """Under ``precision="16-mixed"`` ``manual_backward`` scales the loss; ``opt.step()`` would unscale through the
+    plugin's GradScaler, but the two calls bypass the plugin. They take its scaler now, and ``second_step`` updates
+    it, as the plugin does after a step: the same steps as the calls given the scaler by hand (until this round
+    the base step took the scaled gradients, a step 1024x too long here, silently). Batch 1's NaN is an overflow:
+    the step is skipped and the scale backs off."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    def scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+
+    model = TwoCall(TWO_CALL[preset], nan_batch=1)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler())
+    trainer(tmp_path, plugins=[plugin]).fit(model, loader())
+
+    net = make_net()
+    opt = TWO_CALL[preset](net.parameters())
+    sched, ref = make_sched(opt), scaler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, (x, y) in enumerate(loader()):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y)
+            ref.scale(loss).backward()
+            opt.first_step(zero_grad=True, scaler=ref)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(net(x), y)
+            ref.scale(loss * float("nan") if i == 1 else loss).backward()
+            opt.second_step(zero_grad=True)
+            ref.update()
+            sched.step()
+    assert_same(model.net, net)
+    assert model.trainer.optimizers[0].skipped_steps == 1
+    assert plugin.scaler.get_scale() == ref.get_scale() != 2.0**10
+
+
 def test_max_steps_stops_the_two_call_recipe(tmp_path):
     """``Trainer(max_steps=3)`` over 4 batches: three two-call steps, then the run stops (it ran every batch)."""
     model = TwoCall(TWO_CALL["SAM"])

@@ -5,6 +5,7 @@
 * :mod:`fastperturb.integrations.transformers` -- Hugging Face ``Trainer`` (``PerturbTrainer``);
 * :mod:`fastperturb.integrations.accelerate` -- Hugging Face Accelerate custom loops
   (``micro_batch_closure``, ``perturb_step``).
+* :mod:`fastperturb.integrations.fabric` -- Lightning Fabric (``perturb_step`` under 16-mixed precision).
 
 Each submodule imports its framework; this package imports none of them.
 """
@@ -18,8 +19,8 @@ __all__ = ["unwrap_optimizer", "routed_max_grad_norm"]
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer under a framework's wrappers (Lightning's ``LightningOptimizer``,
-    Accelerate's ``AcceleratedOptimizer``): follows ``.optimizer`` down to an object without one.
+    """The optimizer under a framework's wrappers (Lightning's ``LightningOptimizer``, Fabric's
+    ``_FabricOptimizer``, Accelerate's ``AcceleratedOptimizer``): follows ``.optimizer`` down to an object without one.
 
     (A ``LightningOptimizer`` is an instance of a dynamic subclass of the wrapped optimizer's
     class that forwards the attributes it lacks: ``isinstance`` is true for it, but settings

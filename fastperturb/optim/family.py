@@ -297,7 +297,7 @@ class _Family(PerturbOptimizer):
             self._rollback()
             raise
 
-    @frameworks.on_the_optimizer
+    @functools.partial(frameworks.on_the_optimizer, takes_scaler=True)
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not self.two_call:
             raise RuntimeError(
@@ -315,7 +315,7 @@ class _Family(PerturbOptimizer):
         if self.last_step_skipped:
             self._rollback()
 
-    @frameworks.on_the_optimizer_step
+    @functools.partial(frameworks.on_the_optimizer_step, takes_scaler=True)
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not self.two_call:
             raise RuntimeError(f"{type(self).__name__} does not support first_step()/second_step(): use step(closure)")

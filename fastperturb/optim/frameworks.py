@@ -12,8 +12,8 @@ outside the closure and hand ``step()`` only the last one:
 Both are refused here, before any weight or gradient is touched, with the fix in the
 message. Neither library is imported: they are consulted only if already loaded.
 This module also words the error of ``step()`` called without a closure, and sends the
-optimizer's own methods called on Lightning's ``LightningOptimizer`` to the optimizer
-(:func:`on_the_optimizer`).
+optimizer's own methods called on Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer`` to the
+optimizer, with the precision plugin's GradScaler (:func:`on_the_optimizer`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import torch
 __all__ = [
     "on_the_optimizer",
     "on_the_optimizer_step",
+    "plugin_scaler",
+    "checked_since_update",
     "UnsupportedTrainingLoop",
     "TrainingStepSkipped",
     "check_step",
@@ -38,17 +40,23 @@ __all__ = [
 ]
 
 
-def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
+def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bool = False) -> Any:
     """Run ``method`` on the optimizer itself when it is called on a proxy whose class subclasses the optimizer's.
 
-    Lightning's ``LightningOptimizer`` (what ``self.optimizers()`` returns under manual optimization) is such a
-    proxy: it overrides ``step`` and forwards the attributes it lacks to the optimizer, so ``first_step()``,
-    ``second_step()``, ``zero_grad()`` and the rest ran with the proxy as ``self``, and every attribute they set
-    (the pending first step, the skip counts, the gradients seen, ``_opt_called`` that LR schedulers read) stayed
-    on the proxy: the optimizer's own ``step()``, ``state_dict()`` and the schedulers never saw them.
+    Lightning's ``LightningOptimizer`` (what ``self.optimizers()`` returns under manual optimization) and Fabric's
+    ``_FabricOptimizer`` (what ``fabric.setup`` returns) are such proxies: they override ``step`` and forward the
+    attributes they lack to the optimizer, so ``first_step()``, ``second_step()``, ``zero_grad()`` and the rest ran
+    with the proxy as ``self``, and every attribute they set (the pending first step, the skip counts, the
+    gradients seen, ``_opt_called`` that LR schedulers read) stayed on the proxy: the optimizer's own ``step()``,
+    ``state_dict()`` and the schedulers never saw them.
     ``completes_step``: the method ends an optimizer step (``second_step``), so the proxy's own step hooks run
     around it as around its ``step()``; Lightning counts ``global_step`` in them (without them ``max_steps`` and
     step-based checkpoints never came).
+    ``takes_scaler``: the method takes ``scaler`` (``first_step``, ``second_step``). The proxy's ``step()`` hands
+    the gradients to its precision plugin, which unscales them through its GradScaler (16-mixed) and updates it;
+    these methods bypass the plugin, so when called without a scaler they get the plugin's, and the step that
+    ``completes_step`` ends updates it, as the plugin would. Without that the base step took the scaled gradients,
+    a step ``scale`` times too long (65536x at torch's default), silently.
     """
 
     @functools.wraps(method)
@@ -56,12 +64,19 @@ def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
         inner = self.__dict__.get("_optimizer")
         if inner is None or inner is self or not isinstance(self, type(inner)):
             return method(self, *args, **kwargs)
+        scaler = None
+        if takes_scaler and len(args) < 2 and kwargs.get("scaler") is None:
+            scaler = plugin_scaler(self)
+            if scaler is not None:
+                kwargs = {**kwargs, "scaler": scaler}
         before, after = (self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step"))
         if completes_step and callable(before):
             before()
         # This body, on the optimizer: not getattr(inner, name), which would run again an undecorated override of a
         # user's subclass that has already run on the proxy and reached this one through super().
         out = method(inner, *args, **kwargs)
+        if completes_step and scaler is not None and checked_since_update(scaler):
+            scaler.update()
         if completes_step and callable(after):
             after()
         return out
@@ -69,9 +84,27 @@ def on_the_optimizer(method: Any, completes_step: bool = False) -> Any:
     return call
 
 
-def on_the_optimizer_step(method: Any) -> Any:
+def on_the_optimizer_step(method: Any, takes_scaler: bool = False) -> Any:
     """:func:`on_the_optimizer` for a method that ends an optimizer step."""
-    return on_the_optimizer(method, completes_step=True)
+    return on_the_optimizer(method, completes_step=True, takes_scaler=takes_scaler)
+
+
+def plugin_scaler(proxy: Any) -> Optional[torch.amp.GradScaler]:
+    """The enabled GradScaler of the precision plugin behind an optimizer proxy (Lightning's strategy holds it as
+    ``precision_plugin``, Fabric's as ``precision``), or None."""
+    strategy = proxy.__dict__.get("_strategy")
+    for name in ("precision_plugin", "precision"):
+        scaler = getattr(getattr(strategy, name, None), "scaler", None)
+        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+            return scaler
+    return None
+
+
+def checked_since_update(scaler: torch.amp.GradScaler) -> bool:
+    """Whether the scaler checked gradients for inf/NaN since its last ``update()`` (which refuses to run
+    otherwise): not when the step raised before its gradients were unscaled."""
+    states = getattr(scaler, "_per_optimizer_states", {})
+    return any(state.get("found_inf_per_device") for state in states.values())
 
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"

@@ -1209,7 +1209,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return None
         return LateGrads(plan.late, cycle.weights)
 
-    @frameworks.on_the_optimizer
+    @functools.partial(frameworks.on_the_optimizer, takes_scaler=True)
     def first_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 1: with g_0 in ``.grad`` (after your backward), move the
         weights to ``w + delta``. Then run forward/backward again and call :meth:`second_step`.
@@ -1269,7 +1269,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             pending.versions = _versions(plan.every)
         self._keep(_pending=pending)
 
-    @frameworks.on_the_optimizer_step
+    @functools.partial(frameworks.on_the_optimizer_step, takes_scaler=True)
     def second_step(self, zero_grad: bool = True, scaler: Optional[torch.amp.GradScaler] = None) -> None:
         """SAM convention, part 2: with the gradient at ``w + delta`` in ``.grad``, restore
         ``w`` exactly and take the base step with the descent gradient. The optimizer's step hooks

@@ -125,6 +125,26 @@ def test_grad_scaler_is_handed_to_the_optimizer():
     assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0**10
 
 
+def test_the_two_calls_on_the_inner_optimizer_with_the_accelerators_scaler():
+    """The README's two-call recipe under a GradScaler: ``accelerator.backward`` scales the loss, so the inner
+    optimizer's ``first_step`` is given ``scaler=accelerator.scaler`` (it cannot see the accelerator) and the scaler
+    is updated after ``second_step``: the unscaled run's steps, up to the scaling's rounding."""
+    acc = accelerate.Accelerator(mixed_precision="no", cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what Accelerate builds for fp16 on a GPU
+    net = make_net()
+    model, opt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
+    for x, y in batches():
+        acc.backward(F.cross_entropy(model(x), y))
+        opt.optimizer.first_step(zero_grad=True, scaler=acc.scaler)
+        acc.backward(F.cross_entropy(model(x), y))
+        opt.optimizer.second_step(zero_grad=True)
+        acc.scaler.update()
+    ref = big_batch_reference("SAM")
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert acc.scaler.get_scale() == 2.0**10 and not opt.optimizer.skipped_steps
+
+
 def test_an_accumulating_accelerator_is_refused_with_the_fix():
     acc = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
     net = make_net()

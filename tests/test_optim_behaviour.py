@@ -227,13 +227,19 @@ def test_step_without_closure_and_misused_sam_convention():
         sam.step(closure_for(model), scaler=object())
 
 
-def test_no_backward_between_first_and_second_step_restores(backend):
+def _after_first_step():
+    """A SAM optimizer with a first_step() pending: (model, optimizer, the weights before it)."""
     model = make_model()
     opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     before = snapshot(model)
     nn.functional.cross_entropy(model(X), Y).backward()
     opt.first_step()
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return model, opt, before
+
+
+def test_no_backward_between_first_and_second_step_restores(backend):
+    model, opt, before = _after_first_step()
     with pytest.raises(RuntimeError, match="no backward"):
         opt.second_step()
     assert_bit_identical(model, before)
@@ -242,11 +248,7 @@ def test_no_backward_between_first_and_second_step_restores(backend):
 def test_a_pending_first_step_is_refused_naming_restore(backend):
     # davda54's loop that `continue`s after first_step() (a skipped batch) leaves the weights perturbed: the next
     # call says so and names the way back
-    model = make_model()
-    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
-    before = snapshot(model)
-    nn.functional.cross_entropy(model(X), Y).backward()
-    opt.first_step()
+    model, opt, before = _after_first_step()
     nn.functional.cross_entropy(model(X), Y).backward()
     with pytest.raises(RuntimeError, match=r"first_step\(\) was called twice.*still perturbed.*opt\.restore\(\)"):
         opt.first_step()

@@ -290,7 +290,14 @@ def extensions() -> list:
 
 if __name__ == "__main__":
     from setuptools import setup
-    from torch.utils.cpp_extension import BuildExtension
+
+    try:
+        from torch.utils.cpp_extension import BuildExtension
+    except ModuleNotFoundError as e:  # pip install --no-build-isolation . into an environment without torch
+        raise SystemExit(
+            f"fastperturb: the extension is built against the torch it will run with, and none is importable here "
+            f"({e}); install torch first (pip install torch==2.13.0), then pip install --no-build-isolation ."
+        ) from None
 
     # metadata and packages: pyproject.toml
     setup(

@@ -98,6 +98,20 @@ def test_the_shipped_extension_registers_no_test_harness(native):
     assert run.stdout.strip() == str(sorted(f"fastperturb::{name}" for name in want))
 
 
+def test_setup_py_without_torch_says_to_install_it_first(tmp_path):
+    """``pip install --no-build-isolation .`` into an environment without torch: one line saying what to do, not a
+    ModuleNotFoundError traceback from setup.py (torch is made unimportable in the child)."""
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['torch'] = None\n"
+        "sys.argv = ['setup.py', '--name']\n"
+        f"runpy.run_path({str(ROOT / 'setup.py')!r}, run_name='__main__')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert "install torch first (pip install torch==2.13.0), then pip install --no-build-isolation ." in run.stderr
+
+
 def test_python_op_names_are_the_compiled_op_set(native):
     """fastperturb/ops/names.py and schemas.h's kAll name the same ops, in the same order."""
     from fastperturb.ops import pure

@@ -172,6 +172,7 @@ def test_robustness_bad_model_specs(work, capsys):
         (f"{mod}:broken", "calling the factory failed"),
         ("a-file", "not a pickled nn.Module"),
         ("nothing-here", "no such file"),
+        ("w.pt", "holds a state_dict, not an nn.Module; pass the model's factory as --model and the file as --weights"),
     ):
         args = _robustness(mod, "--data", "d.pt")
         args[args.index(f"{mod}:lin")] = spec

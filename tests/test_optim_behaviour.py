@@ -217,7 +217,12 @@ def test_step_without_closure_and_misused_sam_convention():
     opt = fp.APD(model.parameters(), torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="closure"):
         opt.step()
-    nn.functional.cross_entropy(model(X), Y).backward()
+    loss = nn.functional.cross_entropy(model(X), Y)
+    loss.backward()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"APD.step\(\) takes a closure, .* not a Tensor"):
+        opt.step(loss)  # the loss itself (it was "'Tensor' object is not callable" from inside the step)
+    assert_bit_identical(model, before)
     with pytest.raises(RuntimeError, match="single-step"):
         opt.first_step()
     sam = fp.SAM(model.parameters(), torch.optim.SGD, lr=0.1)

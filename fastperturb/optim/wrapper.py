@@ -1061,6 +1061,11 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     self.base_optimizer.step()
                 return None
             raise TypeError(frameworks.no_closure_message(self))
+        if not callable(closure):  # (e.g. the loss itself: it cannot be recomputed at the perturbed points)
+            raise TypeError(
+                f"{type(self).__name__}.step() takes a closure, a function that computes the loss, calls backward() "
+                f"on it and returns it (it runs again at each perturbed point), not a {type(closure).__name__}"
+            )
         if self._pending is not None:
             raise RuntimeError(
                 "first_step() was called without second_step(), and the weights are still perturbed: call "

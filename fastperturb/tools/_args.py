@@ -215,6 +215,11 @@ def load_module_file(path: str, arg: str = "--model") -> nn.Module:
         )
     except Exception as e:
         raise UsageError(f"{arg} {path}: not a pickled nn.Module or TorchScript file ({_first_line(e)})") from None
+    if _is_tensor_dict(model):  # a state_dict (the demo's models/seed*/*.pt are)
+        raise UsageError(
+            f"{arg} {path}: holds a state_dict, not an nn.Module; pass the model's factory as {arg} and the file as "
+            "--weights (the demo's models: --model fastperturb.tools.demo:DigitsCNN --weights PATH)"
+        )
     if not isinstance(model, nn.Module):
         raise UsageError(f"{arg} {path}: holds a {type(model).__name__}, not an nn.Module")
     return model

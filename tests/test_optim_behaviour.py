@@ -515,6 +515,16 @@ def test_freeze_bn_in_sam_convention_and_context_manager():
         assert model[1].track_running_stats
 
 
+def test_freeze_bn_leaves_a_layer_without_running_stats_as_it_was():
+    # a BatchNorm built with track_running_stats=False has no running buffers: switching its flag on at the exit
+    # would leave it claiming statistics it has not (its reset_parameters() then fails)
+    model = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10, track_running_stats=False), nn.Tanh(), nn.Linear(10, 3))
+    opt = fp.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, freeze_bn=model)
+    opt.step(closure_for(model))
+    assert not model[1].track_running_stats and model[1].running_mean is None
+    model[1].reset_parameters()
+
+
 # ---- clipping and accumulation ------------------------------------------------------------
 
 
@@ -730,6 +740,15 @@ def test_unscale_before_a_step_whose_closure_recomputes_g0_is_the_callers(backen
         assert not ob.last_step_skipped
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+    # that allowance ends with its step: an unscale_ during the next one is refused again
+    before = snapshot(b)
+    _scaled_backward(b, sb)
+    ob.first_step(scaler=sb)
+    _scaled_backward(b, sb)
+    sb.unscale_(ob)
+    with pytest.raises(RuntimeError, match="during the step"):
+        ob.second_step()
+    assert_bit_identical(b, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

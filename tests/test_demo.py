@@ -55,6 +55,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Mean (standard deviation) over 2 seeds 3, 4" in printed
+    assert printed.rstrip().endswith(" s)") and " side by side" not in printed  # one worker: no such note
     assert "Paper claims, judged over the seeds (rule: " + verdicts.RULE in printed
     doc = json.loads((out / "results.json").read_text())
     assert doc["config"]["seeds_run"] == [3, 4] and set(doc["per_seed"]) == {"3", "4"}
@@ -88,6 +89,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "4 of 4 verdicts reproduced" in printed and "NOT REPRODUCED" not in printed
+    assert printed.rstrip().endswith("s in its worker, 2 side by side)")  # a seed's time, not the run's share
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     # the second run used the default --jobs 2 (spawned workers): the same numbers
     assert all(again["per_seed"][s]["results"] == doc["per_seed"][s]["results"] for s in ("3", "4"))

@@ -1017,6 +1017,7 @@ def main(args) -> int:
     print(
         f"wrote {os.path.join(args.out, 'results.json')}, results.csv"
         + (", " + ", ".join(os.path.basename(p) for p in doc["plots"]) if doc["plots"] else "")
-        + f" and models/ in {args.out}  ({doc['wall_seconds']:.0f} s; {Stats.of(per).mean:.0f} s per seed)"
+        + f" and models/ in {args.out}  ({doc['wall_seconds']:.0f} s; a seed took {Stats.of(per).mean:.0f} s"
+        + (f" in its worker, {jobs} side by side)" if (jobs := min(args.jobs, len(per))) > 1 else ")")
     )
     return 0

@@ -659,6 +659,23 @@ def test_another_presets_keyword_is_refused_by_name(base, make, key, value, take
         make(nn.Linear(2, 2).parameters(), base, lr=0.1, **{key: value})
 
 
+@pytest.mark.parametrize(
+    "make, base, key, near",
+    [
+        (fp.APD, torch.optim.AdamW, "epsilon", "eps"),
+        (fp.SAM, torch.optim.SGD, "momentun", "momentum"),
+        (fp.AWP, torch.optim.SGD, "max_grad_nrom", "max_grad_norm"),
+    ],
+)
+def test_a_misspelt_keyword_names_both_keyword_lists(make, base, key, near):
+    """A keyword neither the preset nor the base takes reached the base, whose error named only itself ("AdamW got
+    an unexpected keyword argument 'epsilon'") when the user meant the preset's."""
+    with pytest.raises(TypeError, match=f"got {key}=.*neither .* nor its base optimizer {base.__name__} takes") as e:
+        make(nn.Linear(2, 2).parameters(), base, lr=0.1, **{key: 1e-3})
+    msg = str(e.value)
+    assert f"did you mean {near!r}?" in msg and "max_grad_norm, " in msg and f"{base.__name__}'s: " in msg
+
+
 def test_a_base_optimizers_own_setting_of_a_preset_name_still_reaches_it():
     """Adadelta's rho, Adam's eps: named by the base, so its own (GSAM's rho collided with the family's radius
     argument before)."""

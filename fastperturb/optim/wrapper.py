@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import inspect
 import math
@@ -324,7 +325,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
         self._sharded = False  # any FSDP2 (DTensor) parameter; set with the group selection
 
         super().__init__(params, dict(self._perturb_defaults))
-        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        try:
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        except TypeError as e:  # a misspelt keyword reached the base, whose error would name only itself
+            raise TypeError(_unknown_keyword_message(self, base_optimizer, base_kwargs, e) or str(e)) from e
         # A base taking **kwargs that kept the keyword (pytorch-optimizer's Lion and AdamP read use_gc from their
         # groups) uses it; one that dropped it swallowed it (SGDW and WSAM's max_norm: no clipping at all).
         for key in migrating:
@@ -1646,6 +1650,26 @@ def _takes_any_keyword(cls: type) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _unknown_keyword_message(
+    opt: PerturbOptimizer, base: type, base_kwargs: Dict[str, Any], err: TypeError
+) -> Optional[str]:
+    """For the base optimizer's "unexpected keyword argument" error: the preset's and the base's keywords (and the
+    nearest of them), since the keyword reached the base only because the preset does not take it either."""
+    key = next((k for k in base_kwargs if f"unexpected keyword argument '{k}'" in str(err)), None)
+    if key is None:
+        return None
+    name = type(opt).__name__
+    shared = {n for n, p in inspect.signature(PerturbOptimizer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    own = sorted((_keyword_names(type(opt)) | shared) - {"base_optimizer", "args", "kwargs", "base_kwargs"})
+    theirs = sorted(_keyword_names(base) - {"args", "kwargs"})
+    near = difflib.get_close_matches(key, own + theirs, n=1)
+    return (
+        f"{name} got {key}={base_kwargs[key]!r}, which neither {name} nor its base optimizer {base.__name__} takes "
+        f"(keywords {name} does not take go to the base optimizer){f'; did you mean {near[0]!r}?' if near else ''} "
+        f"{name}'s keywords: {', '.join(own)}; {base.__name__}'s: {', '.join(theirs)}"
+    )
 
 
 def _keyword_names(cls: type) -> set:

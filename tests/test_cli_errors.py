@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import fastperturb.robustness as R
 from fastperturb import cli
 from fastperturb.tools import _args
 
@@ -63,6 +65,7 @@ def work(tmp_path, monkeypatch):
     torch.save((x, y), tmp_path / "d.pt")
     torch.save((torch.randn(12, 7, generator=gen), y), tmp_path / "wide.pt")
     torch.save((x, y[:5]), tmp_path / "short.pt")
+    torch.save((x[:0], y[:0]), tmp_path / "empty.pt")
     xn = x.clone()
     xn[3, 1] = float("nan")
     torch.save((xn, y), tmp_path / "nan.pt")
@@ -124,6 +127,8 @@ def _one_line_error(capsys, rc, *needles):
         (["--data", "missing.npz"], ["--data missing.npz", "no such file"]),
         (["--data", "wide.pt"], ["--data wide.pt", "do not fit", "(12, 7)"]),
         (["--data", "short.pt"], ["--data short.pt", "one target per input"]),
+        # (not the sweep's "the evaluation data is empty", which names no argument)
+        (["--data", "empty.pt"], ["--data empty.pt: the data is empty"]),
         (["--data", "nan.pt"], ["--data nan.pt", "1 NaN/Inf"]),
         (["--data", "nan.npz"], ["--data nan.npz", "NaN/Inf"]),
         (["--data", "digits:nope"], ["--data digits:nope"]),
@@ -230,6 +235,56 @@ def test_console_script_imports_the_model_from_the_current_directory(work):
     )
     assert ok.returncode == 0, ok.stderr
     assert "fitted log-log slopes" in ok.stdout
+
+
+def _api_model_and_data(tmp):
+    """The ``lin`` model with seeded weights far from norm 1 (saved as ``big.pt``, so relative and absolute radii
+    differ a lot) and ``d.pt``: what the command line measures with ``--weights big.pt --data d.pt``."""
+    gen = torch.Generator().manual_seed(1)
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(3 * torch.randn(3, 4, generator=gen))
+        model.bias.copy_(3 * torch.randn(3, generator=gen))
+    torch.save(model.state_dict(), tmp / "big.pt")
+    x, y = torch.load(tmp / "d.pt")
+    return model, (x, y)
+
+
+def _cli_points(monkeypatch, mod, series, *extra):
+    """The points of one series the command line printed (the SweepResult its sweep returned, taken on the way)."""
+    from fastperturb.robustness.indicators import sweep  # (R.sweep is the wrapper from a second call on)
+
+    results = []
+    monkeypatch.setattr(R, "sweep", lambda *a, **k: (results.append(sweep(*a, **k)), results[-1])[1])
+    assert _main(_robustness(mod, "--data", "d.pt", "--weights", "big.pt", *extra)) == 0
+    (res,) = results
+    return res.select(series)
+
+
+def test_robustness_absolute_makes_eps_an_absolute_radius(work, monkeypatch):
+    """``--absolute`` reaches the sweep: the first_order point is the API's with relative=False, not the relative
+    one (dropped, every run measured relative radii)."""
+    tmp, mod = work
+    model, data = _api_model_and_data(tmp)
+    (p,) = _cli_points(monkeypatch, mod, "first_order", "--kinds", "first_order", "--absolute")
+    absolute = R.first_order(model, F.cross_entropy, data, 0.01, relative=False)
+    relative = R.first_order(model, F.cross_entropy, data, 0.01, relative=True)
+    assert p.loss_change == absolute.loss_change
+    assert relative.loss_change > 2 * absolute.loss_change  # (||w|| of each tensor > 2)
+
+
+def test_robustness_seed_draws_the_random_corruptions(work, monkeypatch):
+    """``--seed`` reaches the sweep: each seed's random point is the API's random corruption with that seed, and
+    two seeds give different points (dropped, every seed drew seed 0's corruptions)."""
+    tmp, mod = work
+    model, data = _api_model_and_data(tmp)
+    got = []
+    for seed in (1, 2):
+        (p,) = _cli_points(monkeypatch, mod, "random", "--kinds", "random", "--seed", str(seed))
+        q = R.random_corruption(model, F.cross_entropy, data, 0.01, trials=4, seed=seed)
+        assert (p.loss_change, p.loss_change_sem, p.accuracy) == (q.loss_change, q.loss_change_sem, q.accuracy)
+        got.append(p.loss_change)
+    assert got[0] != got[1]
 
 
 # ----------------------------------------------------------------------------- fastperturb bench

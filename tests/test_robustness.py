@@ -571,3 +571,82 @@ def test_table_shows_no_negative_zero_accuracy_drop():
     q = Point("random", 0.02, 1.0, 0.0, accuracy=0.8, accuracy_drop=0.1, trials=4)
     table = SweepResult([p, q], 1.0, 0.9).table()
     assert "-0.0000" not in table and "+0.0000" in table and "+0.1000" in table
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_loss_on_the_ascent_is_reported_not_ranked_below_the_finite_ones(bad):
+    """The worst point of the trajectory ranks a non-finite loss above every finite one, so a corruption that
+    blows the loss up is reported as an inf (NaN) loss change; ranked -inf, the finite loss of an earlier step
+    was reported instead and the blow-up hidden. Here the loss is non-finite only past 0.9 eps from the weights:
+    two steps of 0.75 eps along the constant gradient direction reach it at the last step only."""
+    model, _, data, y = quad_problem()
+    w0 = model.weight.detach().clone()
+    eps = 0.1
+
+    def loss_fn(out, t):
+        loss = 0.5 * (out - t).square().mean()
+        return loss * bad if (model.weight.detach() - w0).norm() > 0.9 * eps else loss
+
+    p = R.adversarial(model, loss_fn, data, eps, steps=2, scope="global", relative=False, accuracy=False)
+    if math.isnan(bad):
+        assert math.isnan(p.loss_change) and math.isnan(p.loss)
+    else:
+        assert p.loss_change == math.inf and p.loss == math.inf
+    assert torch.equal(model.weight, w0)
+
+
+def test_data_that_gives_another_number_of_examples_in_another_pass_is_refused():
+    """Every pass must see the same examples: an iterable that yields one more batch each time it is iterated was
+    measured silently, each corrupted loss against a clean loss of other examples."""
+    model, x, y = mlp_problem()
+
+    class Growing:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            for i in range(self.passes):
+                yield x[10 * i : 10 * i + 10], y[10 * i : 10 * i + 10]
+
+    msg = "the data gave 20 examples in one pass and 10 in another; it must be the same every time"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        R.adversarial(model, F.cross_entropy, Growing(), 0.05, steps=2)
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        R.random_corruption(model, F.cross_entropy, Growing(), 0.05, trials=2)
+
+
+def test_a_point_is_resolved_only_beyond_two_standard_errors_and_only_resolved_points_enter_the_slope():
+    """``resolved`` is ``loss_change > 2 * sem`` (strict): 1.5 and exactly 2 standard errors are not resolved,
+    2.5 are; the fitted slope uses the resolved points only (a point 1.5 standard errors above 0 moved the slope
+    printed and saved in results.json)."""
+    from fastperturb.robustness.results import Point, SweepResult
+
+    s = 2.0**-12
+    cases = [(1.5, False), (2.0, False), (2.5, True)]
+    for k, expected in cases:
+        assert Point("random", 0.01, 1.0, k * s, loss_change_sem=s, trials=10).resolved is expected, k
+    eps = [0.01, 0.02, 0.04, 0.08]
+    chg = [1e-4, 4e-4, 3e-4, 1e-2]
+    sem = [1e-7, 1e-7, 2e-4, 4e-3]  # the last two: 1.5 and 2.5 standard errors
+    pts = [Point("random", e, 1.0 + c, c, loss_change_sem=se, trials=10) for e, c, se in zip(eps, chg, sem)]
+    assert [p.resolved for p in pts] == [True, True, False, True]
+    slope = SweepResult(pts, 1.0, None).slopes(max_eps=math.inf)["random"]
+    assert slope == R.fit_slope([0.01, 0.02, 0.08], [1e-4, 4e-4, 1e-2])
+    assert abs(slope - R.fit_slope(eps, chg)) > 0.1  # (the 1.5 s.e. point would change it)
+
+
+def test_default_slope_range_of_an_even_grid_ends_at_the_lower_median():
+    """``slopes()`` fits ``eps <= max_eps`` with max_eps the median of the grid; on an even grid the lower one
+    (grid[1] of 4 points: the small-eps half, two points). The upper one took a third point, past where the loss
+    change bends, and changed the slope printed and saved in results.json."""
+    from fastperturb.robustness.results import Point, SweepResult
+
+    grid = [0.01, 0.02, 0.04, 0.08]
+    chg = [1e-4, 4e-4, 3.2e-3, 1e-2]  # quadratic up to 0.02, then steeper
+    res = SweepResult(
+        [Point("random", e, 1 + c, c, loss_change_sem=1e-7, trials=10) for e, c in zip(grid, chg)], 1, None
+    )
+    assert res.slopes() == res.slopes(max_eps=grid[1])
+    assert res.slopes()["random"] == pytest.approx(2.0)
+    assert res.slopes(max_eps=grid[2])["random"] == pytest.approx(2.5)  # (the upper median)

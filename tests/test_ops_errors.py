@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastperturb import ops
+from fastperturb.ops.dispatch import BackendUnavailable, use_backend
 from fastperturb.testing import bits
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
@@ -133,6 +134,13 @@ CASES: list[Case] = [
         r"accum has 3 tensors but grads has 4",
     ),
     (
+        "stats-accum-longer",
+        "grad_stats_",
+        stats(accum=lambda x: [*x["accum"], torch.randn(2)]),
+        ValueError,
+        r"accum has 5 tensors but grads has 4",
+    ),
+    (
         "stats-params-shape",
         "grad_stats_",
         stats(params=lambda x: replace(x["params"], 3, torch.randn(3, 2))),
@@ -168,6 +176,14 @@ CASES: list[Case] = [
         "stats-adaptive-without-params",
         "grad_stats_",
         stats(params=lambda x: [], backups=lambda x: []),
+        ValueError,
+        r"adaptive_eta >= 0 needs params",
+    ),
+    (
+        # adaptive_eta = 0 is adaptive too (the scale is |params|): it needs params like any eta >= 0
+        "stats-adaptive-0-without-params",
+        "grad_stats_",
+        stats(params=lambda x: [], backups=lambda x: [], adaptive_eta=0.0),
         ValueError,
         r"adaptive_eta >= 0 needs params",
     ),
@@ -274,6 +290,22 @@ CASES: list[Case] = [
         lambda x: ((x["params"], x["backups"][:3]), {}),
         ValueError,
         r"backups has 3 tensors but params has 4",
+    ),
+    (
+        # a parallel list longer than the reference list is refused too, not cut short by a zip
+        "restore-backups-longer",
+        "restore_",
+        lambda x: ((x["params"][:2], x["backups"][:3]), {}),
+        ValueError,
+        r"backups has 3 tensors but params has 2",
+    ),
+    (
+        # a meta backup among CPU params runs the fake impl (Meta wins): it must refuse as the kernels do
+        "restore-device",
+        "restore_",
+        lambda x: ((x["params"], replace(x["backups"], 3, meta((6,)))), {}),
+        ValueError,
+        r"backups\[3\] is on meta but params\[0\] is on cpu",
     ),
     (
         "restore-shape",
@@ -504,6 +536,13 @@ CASES += [
         ValueError,
         r"adaptive_eta >= 0 needs params",
     ),
+    (
+        "ema-adaptive-0-without-params",
+        "ema_residual_",
+        ema(params=lambda d: [], adaptive_eta=0.0),
+        ValueError,
+        r"adaptive_eta >= 0 needs params",
+    ),
     ("ema-sigma-nan", "ema_residual_", ema(sigma=math.nan), ValueError, r"sigma must be finite"),
     ("ema-lmbda-inf", "ema_residual_", ema(lmbda=math.inf), ValueError, r"lmbda must be finite"),
     ("ema-scale-inf", "ema_residual_", ema(grad_scale=-math.inf), ValueError, r"grad_scale must be finite"),
@@ -556,7 +595,7 @@ def sgd(params=None, backups=None, grads=None, bufs=None, **kw):
     return build
 
 
-def adam(params=None, backups=None, grads=None, avgs=None, sqs=None):
+def adam(params=None, backups=None, grads=None, avgs=None, sqs=None, **kw):
     def build(d):
         return (
             (
@@ -566,7 +605,7 @@ def adam(params=None, backups=None, grads=None, avgs=None, sqs=None):
                 avgs(d) if avgs else d["accum"],
                 sqs(d) if sqs else [t.abs() for t in d["accum"]],
             ),
-            dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1.0),
+            dict(dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1.0), **kw),
         )
 
     return build
@@ -664,6 +703,14 @@ CASES += [
         adam(sqs=lambda d: replace([t.abs() for t in d["accum"]], 1, d["accum"][1])),
         ValueError,
         r"exp_avg(_sq)?s\[1\] shares memory with exp_avg(_sq)?s\[1\]",
+    ),
+    (
+        # a count before its increment: the bias corrections would divide by 1 - beta^0 = 0
+        "adam-step-0",
+        "restore_adam_step_",
+        adam(step=0.0),
+        ValueError,
+        r"step must be a finite count >= 1",
     ),
     (
         "adam-param-twice",
@@ -765,3 +812,108 @@ def test_the_unmodified_inputs_are_valid(backend):
     ops.dot_stats(x["grads"], x["accum"])
     ops.lincomb_(x["accum"], x["grads"], x["backups"], torch.tensor([[0.5, 1.0, -1.0]] * N))
     ops.ema_residual_(x["grads"], x["accum"], x["params"], sigma=1.0, lmbda=0.9, init=False, adaptive_eta=0.1)
+
+
+def _untouched(tensors, before) -> None:
+    for t, b in zip(tensors, before):
+        assert torch.equal(bits(t), b), "a tensor was modified by a call that raised"
+
+
+def test_the_allowed_twin_must_be_at_the_same_index(backend):
+    """``backups[i] is params[i]`` is the one overlap the fused steps allow: ``backups[1] is params[0]`` is not."""
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    params, backups, grads = [a, b], [a.clone(), a], [torch.randn(4, 3), torch.randn(4, 3)]
+    avgs, sqs = [torch.zeros(4, 3), torch.zeros(4, 3)], [torch.rand(4, 3), torch.rand(4, 3)]
+    before = [bits(t).clone() for t in params]
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with backups\[1\]"):
+        ops.restore_sgd_step_(params, backups, grads, [], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] shares memory with backups\[1\]"):
+        ops.restore_adam_step_(params, backups, grads, avgs, sqs, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, step=1.0)
+    _untouched(params, before)
+
+
+def test_a_written_tensor_inside_an_earlier_longer_read_tensor_is_refused(backend):
+    """The overlap check keeps the furthest-reaching earlier span, not the latest: ``accum[1]`` inside ``grads[0]``
+    is found although the shorter ``grads[1]`` starts between them."""
+    blk = torch.randn(100)
+    grads = [blk, blk[10:20]]  # read-only lists may overlap each other
+    accum = [torch.zeros(100), blk[50:60]]
+    before = [bits(blk).clone(), bits(accum[0]).clone()]
+    with pytest.raises(ValueError, match=r"accum\[1\] shares memory with grads\[0\]"):
+        ops.grad_stats_(grads, accum, accum_weight=1.0)
+    _untouched([blk, accum[0]], before)
+
+
+def _halves(*shape, seed):
+    """Small multiples of 1/2: every sum of their products is exact, in any order."""
+    return torch.randint(-6, 7, shape, generator=torch.Generator().manual_seed(seed)).float() / 2
+
+
+def test_an_unused_stride_of_a_size_1_dim_is_accepted_as_dense(backend):
+    """A transposed-dense tensor whose size-1 dimension has a stride matching no dense order is dense (the C++
+    checks ignore size-1 dims): every backend accepts it and computes what it does on a contiguous copy."""
+
+    def odd(t):  # t's values, laid out (4, 1, 3) with strides (1, 7, 4)
+        return t.transpose(0, 2).contiguous().as_strided((4, 1, 3), (1, 7, 4))
+
+    g, p, w = _halves(4, 1, 3, seed=1), _halves(4, 1, 3, seed=2), _halves(4, 1, 3, seed=3)
+    og, op_, ow = odd(g), odd(p), odd(w)
+    assert not og.is_contiguous() and torch.equal(og, g)
+    for a, b in zip(ops.norms([og], 2.0), ops.norms([g], 2.0)):
+        assert torch.equal(a, b)
+    assert torch.equal(ops.grad_stats_([og], [], [op_], [ow]), ops.grad_stats_([g], [], [p], [w]))
+    ops.restore_([op_], [ow])
+    assert torch.equal(op_, w)
+
+
+def test_a_grad_laid_out_differently_only_in_a_size_1_dim_is_accepted(backend):
+    """A gradient whose strides differ from its parameter's only in a size-1 dimension (autograd hands these back,
+    e.g. 1x1 convolutions in channels_last) has the same memory order: every backend accepts it and computes what
+    it does on a gradient with the parameter's strides."""
+    p, w = _halves(4, 1, 3, seed=4), _halves(4, 1, 3, seed=5)  # strides (3, 3, 1)
+    g = _halves(4, 3, seed=6).as_strided((4, 1, 3), (3, 1, 1))
+    assert g.stride() != p.stride()
+    acc, acc_c = [torch.ones(4, 1, 3)], [torch.ones(4, 1, 3)]
+    s = ops.grad_stats_([g], acc, [p], [w], accum_weight=0.5, adaptive_eta=0.5)
+    s_c = ops.grad_stats_([g.contiguous()], acc_c, [p], [w], accum_weight=0.5, adaptive_eta=0.5)
+    assert torch.equal(s, s_c) and torch.equal(acc[0], acc_c[0])
+    coef = torch.full((1,), 0.5)
+    p1, p2 = p.clone(), p.clone()
+    ops.ascent_step_([p1], [g], [torch.empty(4, 1, 3)], coef, coef, first=True)
+    ops.ascent_step_([p2], [g.contiguous()], [torch.empty(4, 1, 3)], coef, coef, first=True)
+    assert torch.equal(p1, p2)
+
+
+def test_a_named_backend_that_cannot_run_raises_backend_unavailable():
+    """A backend chosen by name never falls back: ``cuda`` on CPU tensors (on any build) raises, writing nothing."""
+    params, backups = [torch.zeros(3)], [torch.ones(3)]
+    with use_backend("cuda"):
+        with pytest.raises(BackendUnavailable, match=r"backend 'cuda' is unavailable"):
+            ops.norms(params, 2.0)
+        with pytest.raises(BackendUnavailable, match=r"backend 'cuda' is unavailable"):
+            ops.restore_(params, backups)
+    assert torch.equal(params[0], torch.zeros(3))
+
+
+FAKE_CASES = [c for c in CASES if "shares memory" not in c[4]]  # tracing cannot see aliasing: the real call checks
+
+
+@pytest.mark.parametrize("case", FAKE_CASES, ids=[c[0] for c in FAKE_CASES])
+def test_fake_impl_refuses_what_the_op_refuses(native, case):
+    """Under FakeTensorMode (torch.compile's tracing) each op's fake impl raises the real op's error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, op, build, exc, pattern = case
+    args, kwargs = build(fresh())
+    if op == "restore_adam_step_" and len(args) == 5:
+        args = (*args, [])  # max_exp_avg_sqs: a default of the Python wrapper, not of the schema
+    with FakeTensorMode() as mode:
+
+        def to_fake(a):
+            if isinstance(a, torch.Tensor):
+                return mode.from_tensor(a)
+            return [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in a] if isinstance(a, list) else a
+
+        fake_args = [to_fake(a) for a in args]
+        with pytest.raises(exc, match=pattern):
+            getattr(torch.ops.fastperturb, op)(*fake_args, **kwargs)

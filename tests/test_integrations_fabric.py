@@ -73,7 +73,7 @@ def setups(preset: str, precision: str):
     return (fa, net_a, mod_a, proxy), (fb, net_b, mod_b, PRESETS[preset](net_b.parameters()))
 
 
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("preset", ["SAM", "WSAM"])
 def test_the_two_calls_through_the_proxy_take_the_plugins_scaler(preset, precision):
     """Batch 2's perturbed loss is NaN: that step is skipped (an overflow under the scaler, which backs off)."""
@@ -95,6 +95,71 @@ def test_the_two_calls_through_the_proxy_take_the_plugins_scaler(preset, precisi
     if precision == "16-mixed":
         # growth after each clean step, one back-off (the NaN): the same scale, and not the initial one
         assert scaler_of(fa).get_scale() == sb.get_scale() != 2.0**10
+
+
+def _two_call_setup(callbacks=()):
+    from lightning_fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    fab = lightning_fabric.Fabric(
+        accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], callbacks=list(callbacks)
+    )
+    net = make_net()
+    mod, proxy = fab.setup(net, PRESETS["SAM"](net.parameters()))
+    return fab, net, mod, proxy, scaler
+
+
+def test_an_unscale_on_the_proxy_during_the_two_calls_is_refused():
+    """torch's AMP recipe (unscale_, clip) applied to the object Fabric hands out: the gradients are unscaled under
+    the proxy's id, which the optimizer did not see; its own unscale made the step 1/1024 too short, silently."""
+    fab, net, mod, proxy, scaler = _two_call_setup()
+    (x, y), before = batches()[0], copy.deepcopy(net.state_dict())
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.first_step()
+    fab.backward(F.cross_entropy(mod(x), y))
+    scaler.unscale_(proxy)
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) was called during the step"):
+        proxy.second_step()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not proxy.optimizer.base_optimizer.state
+
+
+def test_a_scaler_handed_to_first_step_is_the_callers_to_update():
+    """The caller hands the plugin's scaler to first_step and updates it: second_step neither takes nor updates it
+    again (it did, and the caller's own update() then failed: "No inf checks were recorded")."""
+    fab, net, mod, proxy, scaler = _two_call_setup()
+    ref_fab, ref_net, ref_mod, ref_proxy, ref_scaler = _two_call_setup()
+    ref = ref_proxy.optimizer  # (the same calls on the optimizer itself)
+    for x, y in batches():
+        fab.backward(F.cross_entropy(mod(x), y))
+        proxy.first_step(scaler=scaler)
+        fab.backward(F.cross_entropy(mod(x), y))
+        proxy.second_step()
+        scaler.update()
+        ref_fab.backward(F.cross_entropy(ref_mod(x), y))
+        ref.first_step(scaler=ref_scaler)
+        ref_fab.backward(F.cross_entropy(ref_mod(x), y))
+        ref.second_step()
+        ref_scaler.update()
+    assert_same(net, ref_net)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+
+
+def test_the_two_calls_run_fabrics_after_step_callbacks():
+    seen = []
+
+    class Callback:
+        def on_after_optimizer_step(self, strategy, optimizer):
+            seen.append(optimizer)
+
+    fab, net, mod, proxy, scaler = _two_call_setup([Callback()])
+    x, y = batches()[0]
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.first_step()
+    assert seen == []
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.second_step()
+    assert seen == [proxy.optimizer]
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])

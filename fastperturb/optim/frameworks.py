@@ -54,9 +54,12 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
     step-based checkpoints never came).
     ``takes_scaler``: the method takes ``scaler`` (``first_step``, ``second_step``). The proxy's ``step()`` hands
     the gradients to its precision plugin, which unscales them through its GradScaler (16-mixed) and updates it;
-    these methods bypass the plugin, so when called without a scaler they get the plugin's, and the step that
-    ``completes_step`` ends updates it, as the plugin would. Without that the base step took the scaled gradients,
-    a step ``scale`` times too long (65536x at torch's default), silently.
+    these methods bypass the plugin, so when neither they nor the pending ``first_step`` were given a scaler they
+    take the plugin's, and the ``second_step`` of a step that took it updates it, as the plugin would. Without
+    that the base step took the scaled gradients, a step ``scale`` times too long (65536x at torch's default),
+    silently. A scaler the caller passes is the caller's to update. During the call the optimizer knows the
+    proxy (``_proxy_id``), so an ``unscale_`` the caller made on the proxy is refused like one on the optimizer;
+    Fabric's callbacks' ``on_after_optimizer_step`` run after ``second_step`` as after the proxy's ``step()``.
     """
 
     @functools.wraps(method)
@@ -64,19 +67,36 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
         inner = self.__dict__.get("_optimizer")
         if inner is None or inner is self or not isinstance(self, type(inner)):
             return method(self, *args, **kwargs)
-        scaler = None
-        if takes_scaler and len(args) < 2 and kwargs.get("scaler") is None:
-            scaler = plugin_scaler(self)
-            if scaler is not None:
-                kwargs = {**kwargs, "scaler": scaler}
+        plugin = None  # the plugin's scaler, when this call hands it to the method
+        if takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None:
+            pending = getattr(inner.__dict__.get("_pending"), "scaler", None)  # (second_step: first_step's scaler)
+            if not (completes_step and pending is not None):
+                plugin = plugin_scaler(self)
+                if plugin is not None:
+                    kwargs = {**kwargs, "scaler": plugin}
+            elif pending is inner.__dict__.get("_plugin_scaler"):
+                plugin = pending  # first_step took the plugin's: this step updates it
         before, after = (self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step"))
         if completes_step and callable(before):
             before()
         # This body, on the optimizer: not getattr(inner, name), which would run again an undecorated override of a
         # user's subclass that has already run on the proxy and reached this one through super().
-        out = method(inner, *args, **kwargs)
-        if completes_step and scaler is not None and checked_since_update(scaler):
-            scaler.update()
+        outer = inner.__dict__.get("_proxy_id")
+        inner.__dict__["_proxy_id"] = id(self)
+        try:
+            out = method(inner, *args, **kwargs)
+        finally:
+            inner.__dict__["_proxy_id"] = outer
+        if takes_scaler:
+            inner.__dict__["_plugin_scaler"] = None if completes_step else plugin
+        if completes_step and plugin is not None and checked_since_update(plugin):
+            plugin.update()
+        if completes_step:
+            strategy = self.__dict__.get("_strategy")
+            for callback in self.__dict__.get("_callbacks", ()):  # (Fabric's; Lightning's proxy has hooks instead)
+                hook = getattr(callback, "on_after_optimizer_step", None)
+                if callable(hook):
+                    hook(strategy=strategy, optimizer=inner)
         if completes_step and callable(after):
             after()
         return out

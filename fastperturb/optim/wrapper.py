@@ -491,6 +491,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     #: within step(): the caller had called ``scaler.unscale_(opt)`` before it (the closure computes g_0 again)
     _unscaled_before_step: bool = False
+    #: set by frameworks.on_the_optimizer: the framework proxy of the running call, and the precision plugin's
+    #: GradScaler that a pending first_step() took from it (second_step() updates that one)
+    _proxy_id: Optional[int] = None
+    _plugin_scaler: Optional[torch.amp.GradScaler] = None
 
     #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
     #: value of one is refused (it was silently ignored)
@@ -1226,6 +1230,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         (see :attr:`grad_clearing`). The optimizer's step pre-hooks run here, at the clean weights, where they run
         in :meth:`step`; its post-hooks when :meth:`second_step` ends."""
         if self.spec.steps == 1 and self._pending is None:
+            _check_scaler(scaler)
+            _check_not_unscaled(self, scaler, "on g_0 before first_step(scaler=scaler)")  # (before any hook runs)
             args, kwargs = _run_pre_hooks(self, (), {"zero_grad": zero_grad, "scaler": scaler})
             return self._first_step(*args, **kwargs)
         return self._first_step(zero_grad, scaler)  # (refused below, before any hook runs)
@@ -1243,7 +1249,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 "first_step() (bit for bit, no base step; e.g. when a batch is skipped between the two)"
             )
         _check_scaler(scaler)
-        _check_not_unscaled(self, scaler, "on g_0 before first_step(scaler=scaler)")
         self.last_step_skipped = False
         plan = self._plan()
         if not plan.params and not plan.passive:
@@ -1417,6 +1422,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _list_cache={},
             _fingerprints={},
             _pending=None,
+            _plugin_scaler=None,
+            _proxy_id=None,
             _last_cycle=None,
             _overflow_holder=None,
             _grads_seen=[],
@@ -1665,10 +1672,12 @@ def _unknown_keyword_message(
     own = sorted((_keyword_names(type(opt)) | shared) - {"base_optimizer", "args", "kwargs", "base_kwargs"})
     theirs = sorted(_keyword_names(base) - {"args", "kwargs"})
     near = difflib.get_close_matches(key, own + theirs, n=1)
+    # (whose: APD's eps is its radius, not AdamW's eps, which APD's eps= does not reach)
+    hint = f"did you mean {name if near[0] in own else base.__name__}'s {near[0]!r}? " if near else ""
     return (
         f"{name} got {key}={base_kwargs[key]!r}, which neither {name} nor its base optimizer {base.__name__} takes "
-        f"(keywords {name} does not take go to the base optimizer){f'; did you mean {near[0]!r}?' if near else ''} "
-        f"{name}'s keywords: {', '.join(own)}; {base.__name__}'s: {', '.join(theirs)}"
+        f"(keywords {name} does not take go to the base optimizer); {hint}{name}'s keywords: {', '.join(own)}; "
+        f"{base.__name__}'s: {', '.join(theirs)}"
     )
 
 
@@ -1741,10 +1750,12 @@ def _check_g0_scaling(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScal
 
 
 def _unscaled_by_caller(opt: PerturbOptimizer, scaler: torch.amp.GradScaler) -> bool:
-    """Whether ``scaler.unscale_(opt)`` ran since the scaler's last ``update()``. The step unscales through the base
-    optimizer, a separate entry of the scaler's: the caller's call on this optimizer is the only one under its id."""
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
-    return getattr(state.get("stage"), "name", None) == "UNSCALED"
+    """Whether ``scaler.unscale_(opt)`` ran since the scaler's last ``update()``, on this optimizer or on the
+    framework proxy (Lightning's, Fabric's) this call came through. The step unscales through the base optimizer, a
+    separate entry of the scaler's: the caller's calls are the only ones under these ids."""
+    states = getattr(scaler, "_per_optimizer_states", {})
+    ids = (id(opt), opt.__dict__.get("_proxy_id"))
+    return any(getattr(states.get(i, {}).get("stage"), "name", None) == "UNSCALED" for i in ids if i is not None)
 
 
 def _check_not_unscaled(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScaler], when: str) -> None:
@@ -1752,7 +1763,8 @@ def _check_not_unscaled(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradSc
     scaled ones: the base step would be 1/scale too short (SAM), or scaled and unscaled gradients mixed (WSAM)."""
     if _scaling(scaler) and _unscaled_by_caller(opt, scaler):
         raise RuntimeError(
-            f"scaler.unscale_(optimizer) was called {when}: the optimizer unscales the descent gradient itself, "
+            f"scaler.unscale_(optimizer) was called {when} (the scaler says so until its next update()): the "
+            "optimizer unscales the descent gradient itself, "
             "before clipping and the base step, so these gradients would be unscaled twice or mixed with scaled "
             "ones (a step 1/scale too short, silently). Don't call unscale_ on it; clip with max_grad_norm=... "
             "(or opt.max_grad_norm = ...). The weights are restored and no step was taken"

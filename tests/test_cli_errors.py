@@ -366,6 +366,26 @@ def test_bench_steps_a_float64_model_and_warmup_zero_times_every_step(work, caps
     assert sorted(rows.values()) == [1, 2, 3], rows
 
 
+def test_bench_says_when_its_times_spread_too_wide_to_read_the_ratios(capsys):
+    """A newcomer read SAM at 0.16x the plain step off a run whose plain step spread from 16 to 345 ms: such a
+    run says so, naming the configurations and the load; a steady one prints no note."""
+    from fastperturb.tools import bench
+
+    env = dict(model="m:f", n_params=10, n_tensors=2, param_bytes=40, batch=[4, 3], base="SGD", loss="ce")
+    env.update(device="cpu", torch="2", threads=2, load=3.5, cpus=2)
+
+    def row(config, lo, hi):
+        return dict(config=config, passes=1, median_s=(lo + hi) / 2, min_s=lo, max_s=hi, steps=5, x_plain=1.0)
+
+    extra = dict(peak_step_bytes=None, peak_note=None, state_bytes=0)
+    bench._print(env, [{**row("plain", 0.016, 0.345), **extra}, {**row("SAM", 0.030, 0.040), **extra}])
+    out = capsys.readouterr().out
+    assert "note: the times of plain spread over more than 2x from min to max" in out
+    assert "load average 3.5 on 2 CPUs" in out and "SAM spread" not in out
+    bench._print(env, [{**row("plain", 0.016, 0.030), **extra}, {**row("SAM", 0.030, 0.040), **extra}])
+    assert "note:" not in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- python -m benchmarks
 
 

@@ -358,6 +358,8 @@ def _run(args) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "backend": fp.get_backend(),
+        "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpus": os.cpu_count(),
     }
     _print(env, rows)
     if args.json is not None:
@@ -417,3 +419,21 @@ def _print(env: dict, rows: list[dict]) -> None:
     notes = {r["peak_note"] for r in rows if r["peak_note"]}
     for n in notes:
         print(f"peak step MB not measured: {n}")
+    noisy = noisy_rows(rows)
+    if noisy:
+        # (a newcomer read 0.16x off a run whose plain step spread from 16 to 345 ms on a busy machine)
+        load = f" (load average {env['load']:.1f} on {env['cpus']} CPUs)" if env.get("load") is not None else ""
+        print(
+            f"note: the times of {', '.join(noisy)} spread over more than {NOISY_SPREAD:g}x from min to max: the "
+            f"machine was busy{load}, so the ratios are not to be read; run again with more --steps on a quiet "
+            "machine"
+        )
+
+
+#: max/min of a configuration's step times beyond which the run is called noisy
+NOISY_SPREAD = 2.0
+
+
+def noisy_rows(rows: list[dict]) -> list[str]:
+    """The configurations whose step times spread over more than :data:`NOISY_SPREAD` (max / min)."""
+    return [r["config"] for r in rows if r["min_s"] > 0 and r["max_s"] / r["min_s"] > NOISY_SPREAD]

@@ -763,8 +763,9 @@ def test_pytorch_optimizer_constructor_shapes_are_refused_with_what_differs():
         fp.GSAM(model.parameters(), base, model, object(), alpha=0.4)  # pytorch-optimizer's GSAM call
     with pytest.raises(TypeError, match="no model.*freeze_bn=model"):
         fp.WSAM(model, model.parameters(), torch.optim.SGD)  # pytorch-optimizer's WSAM argument order
-    with pytest.raises(TypeError, match="not an instance"):
+    with pytest.raises(TypeError, match="not an instance") as e:
         fp.GSAM(model.parameters(), base)
+    assert str(e.value).endswith("got a SGD instance")  # (one line: not the instance's 10-line repr)
 
     class ProportionScheduler:  # (pytorch-optimizer's class is matched by name: it need not be installed)
         pass

@@ -1636,7 +1636,8 @@ def check_signature(name: str, params: Any, base_optimizer: Any, named: Dict[str
         raise TypeError(
             f"{name}'s base_optimizer must be an optimizer class such as torch.optim.SGD, not an instance (as "
             "pytorch-optimizer's GSAM takes), with its arguments passed as keywords: "
-            f"{name}(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9); got {base_optimizer!r}"
+            f"{name}(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9); got a {type(base_optimizer).__name__} "
+            "instance"
         )
     if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
         raise TypeError(

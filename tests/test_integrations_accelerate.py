@@ -125,24 +125,43 @@ def test_grad_scaler_is_handed_to_the_optimizer():
     assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0**10
 
 
-def test_the_two_calls_on_the_inner_optimizer_with_the_accelerators_scaler():
-    """The README's two-call recipe under a GradScaler: ``accelerator.backward`` scales the loss, so the inner
-    optimizer's ``first_step`` is given ``scaler=accelerator.scaler`` (it cannot see the accelerator) and the scaler
-    is updated after ``second_step``: the unscaled run's steps, up to the scaling's rounding."""
+@pytest.mark.parametrize("given", [True, False])
+def test_the_two_calls_on_the_inner_optimizer_take_the_accelerators_scaler(given):
+    """The two-call recipe under a GradScaler: ``accelerator.backward`` scales the loss, and the calls go to the inner
+    optimizer (``AcceleratedOptimizer`` does not forward them). Without a scaler they take the wrapper's, which
+    the optimizer saw when the wrapper was built, and ``second_step`` updates it (before this round the base step
+    took the scaled gradients, silently); a scaler passed to ``first_step`` is the caller's to update. Either way:
+    the unscaled run's steps, up to the scaling's rounding."""
     acc = accelerate.Accelerator(mixed_precision="no", cpu=True)
-    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # what Accelerate builds for fp16 on a GPU
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # as Accelerate's for fp16
     net = make_net()
     model, opt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
     for x, y in batches():
         acc.backward(F.cross_entropy(model(x), y))
-        opt.optimizer.first_step(zero_grad=True, scaler=acc.scaler)
+        opt.optimizer.first_step(zero_grad=True, **({"scaler": acc.scaler} if given else {}))
         acc.backward(F.cross_entropy(model(x), y))
         opt.optimizer.second_step(zero_grad=True)
-        acc.scaler.update()
+        if given:
+            acc.scaler.update()
     ref = big_batch_reference("SAM")
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert acc.scaler.get_scale() == 2.0**10 and not opt.optimizer.skipped_steps
+    assert acc.scaler.get_scale() == 2.0 ** (10 + STEPS) and not opt.optimizer.skipped_steps  # one update a step
+
+
+def test_an_unscale_on_the_accelerated_optimizer_during_the_two_calls_is_refused():
+    acc = accelerate.Accelerator(mixed_precision="no", cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    net = make_net()
+    model, opt = acc.prepare(net, PRESETS["SAM"](net.parameters()))
+    (x, y), before = batches()[0], [p.detach().clone() for p in net.parameters()]
+    acc.backward(F.cross_entropy(model(x), y))
+    opt.optimizer.first_step()
+    acc.backward(F.cross_entropy(model(x), y))
+    acc.scaler.unscale_(opt)  # torch's AMP recipe, on the object accelerator.prepare returned
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) was called during the step"):
+        opt.optimizer.second_step()
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
 
 def test_an_accumulating_accelerator_is_refused_with_the_fix():

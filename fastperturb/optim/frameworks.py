@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import functools
 import sys
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -66,7 +67,13 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         inner = self.__dict__.get("_optimizer")
         if inner is None or inner is self or not isinstance(self, type(inner)):
-            return method(self, *args, **kwargs)
+            # Called on the optimizer itself: under Accelerate, whose wrapper forwards neither call, the two
+            # calls are made on the inner optimizer; the wrapper seen when it was built holds the scaler.
+            ref = self.__dict__.get("_accelerated") if takes_scaler else None
+            wrapper = ref() if ref is not None else None
+            if wrapper is None:
+                return method(self, *args, **kwargs)
+            inner, self = self, wrapper
         plugin = None  # the plugin's scaler, when this call hands it to the method
         if takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None:
             pending = getattr(inner.__dict__.get("_pending"), "scaler", None)  # (second_step: first_step's scaler)
@@ -111,13 +118,29 @@ def on_the_optimizer_step(method: Any, takes_scaler: bool = False) -> Any:
 
 def plugin_scaler(proxy: Any) -> Optional[torch.amp.GradScaler]:
     """The enabled GradScaler of the precision plugin behind an optimizer proxy (Lightning's strategy holds it as
-    ``precision_plugin``, Fabric's as ``precision``), or None."""
+    ``precision_plugin``, Fabric's as ``precision``; Accelerate's wrapper holds it itself), or None."""
     strategy = proxy.__dict__.get("_strategy")
-    for name in ("precision_plugin", "precision"):
-        scaler = getattr(getattr(strategy, name, None), "scaler", None)
+    held = [getattr(getattr(strategy, name, None), "scaler", None) for name in ("precision_plugin", "precision")]
+    for scaler in (*held, proxy.__dict__.get("scaler")):
         if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
             return scaler
     return None
+
+
+def note_accelerate_wrapper(optimizer: Any) -> None:
+    """Remember (weakly) the Accelerate ``AcceleratedOptimizer`` being built around ``optimizer``: called from the
+    optimizer's ``load_state_dict``, which the wrapper's constructor calls to place the state on its device. The
+    two calls (``first_step``, ``second_step``) then take its GradScaler as they take Lightning's and Fabric's."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return
+        if frame.f_globals.get("__name__") == "accelerate.optimizer" and frame.f_code.co_name == "__init__":
+            wrapper = frame.f_locals.get("self")
+            if getattr(wrapper, "optimizer", None) is optimizer:
+                optimizer.__dict__["_accelerated"] = weakref.ref(wrapper)
+            return
+        frame = frame.f_back
 
 
 def checked_since_update(scaler: torch.amp.GradScaler) -> bool:

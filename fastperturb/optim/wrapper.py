@@ -16,6 +16,7 @@ import functools
 import inspect
 import math
 import operator
+import sys
 import warnings
 import weakref
 from itertools import chain, repeat
@@ -495,6 +496,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     #: GradScaler that a pending first_step() took from it (second_step() updates that one)
     _proxy_id: Optional[int] = None
     _plugin_scaler: Optional[torch.amp.GradScaler] = None
+    #: a weak reference to the Accelerate wrapper built around this optimizer (frameworks.note_accelerate_wrapper)
+    _accelerated: Optional["weakref.ref"] = None
 
     #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
     #: value of one is refused (it was silently ignored)
@@ -1424,6 +1427,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _pending=None,
             _plugin_scaler=None,
             _proxy_id=None,
+            _accelerated=None,
             _last_cycle=None,
             _overflow_holder=None,
             _grads_seen=[],
@@ -1476,6 +1480,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
         """Load a dict from :meth:`state_dict` (or a plain base-optimizer state dict), between this
         optimizer's ``register_load_state_dict_pre_hook``/``post_hook`` hooks."""
         self._refuse_while_pending("loaded")
+        if "accelerate.optimizer" in sys.modules:
+            frameworks.note_accelerate_wrapper(self)
         sd = dict(state_dict)  # (a hook may change it in place: never the caller's)
         for pre in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre(self, sd)

@@ -145,6 +145,24 @@ def test_a_scaler_handed_to_first_step_is_the_callers_to_update():
     assert scaler.get_scale() == ref_scaler.get_scale()
 
 
+def test_a_restored_first_step_leaves_no_claim_on_the_next_steps_scaler():
+    """A first_step that took the plugin's scaler, then restore(); the next first_step, on the optimizer itself, is
+    handed that scaler by the caller, who updates it: second_step (through the proxy) must not update it too (the
+    caller's update() then failed: "No inf checks were recorded")."""
+    fab, net, mod, proxy, scaler = _two_call_setup()
+    x, y = batches()[0]
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.first_step()
+    proxy.restore()
+    proxy.zero_grad()
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.optimizer.first_step(scaler=scaler)
+    fab.backward(F.cross_entropy(mod(x), y))
+    proxy.second_step()
+    scaler.update()
+    assert not proxy.optimizer.last_step_skipped and scaler.get_scale() == 2.0**10
+
+
 def test_the_two_calls_run_fabrics_after_step_callbacks():
     seen = []
 

@@ -76,13 +76,14 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
             inner, self = self, wrapper
         plugin = None  # the plugin's scaler, when this call hands it to the method
         if takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None:
-            pending = getattr(inner.__dict__.get("_pending"), "scaler", None)  # (second_step: first_step's scaler)
-            if not (completes_step and pending is not None):
+            pending = inner.__dict__.get("_pending")
+            given = getattr(pending, "scaler", None)  # (second_step: the scaler first_step was given)
+            if not (completes_step and given is not None):
                 plugin = plugin_scaler(self)
                 if plugin is not None:
                     kwargs = {**kwargs, "scaler": plugin}
-            elif pending is inner.__dict__.get("_plugin_scaler"):
-                plugin = pending  # first_step took the plugin's: this step updates it
+            elif given is getattr(pending, "plugin_scaler", None):
+                plugin = given  # first_step took the plugin's: this step updates it
         before, after = (self.__dict__.get(h) for h in ("_on_before_step", "_on_after_step"))
         if completes_step and callable(before):
             before()
@@ -94,8 +95,9 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
             out = method(inner, *args, **kwargs)
         finally:
             inner.__dict__["_proxy_id"] = outer
-        if takes_scaler:
-            inner.__dict__["_plugin_scaler"] = None if completes_step else plugin
+        pending = inner.__dict__.get("_pending")
+        if takes_scaler and not completes_step and plugin is not None and pending is not None:
+            pending.plugin_scaler = plugin  # (on the step: a restore() drops it with the step)
         if completes_step and plugin is not None and checked_since_update(plugin):
             plugin.update()
         if completes_step:

@@ -109,6 +109,8 @@ class _Pending:
     cycle: Cycle
     scaler: Optional[torch.amp.GradScaler]
     skipped: bool = False
+    #: the framework's GradScaler, when first_step() took it from the proxy (second_step() then updates it)
+    plugin_scaler: Optional[torch.amp.GradScaler] = None
     versions: list = dataclasses.field(default_factory=list)
     watch: Optional[Any] = None  # a GradWatch holding the snapshot in place of versions
     stack: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
@@ -492,10 +494,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     #: within step(): the caller had called ``scaler.unscale_(opt)`` before it (the closure computes g_0 again)
     _unscaled_before_step: bool = False
-    #: set by frameworks.on_the_optimizer: the framework proxy of the running call, and the precision plugin's
-    #: GradScaler that a pending first_step() took from it (second_step() updates that one)
+    #: set by frameworks.on_the_optimizer: the id of the framework proxy the running call came through
     _proxy_id: Optional[int] = None
-    _plugin_scaler: Optional[torch.amp.GradScaler] = None
     #: a weak reference to the Accelerate wrapper built around this optimizer (frameworks.note_accelerate_wrapper)
     _accelerated: Optional["weakref.ref"] = None
 
@@ -1425,7 +1425,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _list_cache={},
             _fingerprints={},
             _pending=None,
-            _plugin_scaler=None,
             _proxy_id=None,
             _accelerated=None,
             _last_cycle=None,

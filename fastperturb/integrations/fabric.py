@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..optim.frameworks import checked_since_update, plugin_scaler
+from ..optim.frameworks import after_proxy_step, plugin_scaler, update_scaler
 from ..optim.wrapper import PerturbOptimizer
 from . import unwrap_optimizer
 
@@ -49,11 +49,6 @@ def perturb_step(optimizer: Any, closure: Callable[[], Any]) -> Any:
     if scaler is None:
         return optimizer.step(closure)
     loss = opt.step(closure, scaler=scaler)
-    if checked_since_update(scaler):
-        scaler.update()
-    strategy = optimizer.__dict__.get("_strategy")
-    for callback in optimizer.__dict__.get("_callbacks", ()):
-        hook = getattr(callback, "on_after_optimizer_step", None)
-        if callable(hook):
-            hook(strategy=strategy, optimizer=opt)
+    update_scaler(scaler)
+    after_proxy_step(optimizer, opt)
     return loss

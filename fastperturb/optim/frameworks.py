@@ -31,7 +31,8 @@ __all__ = [
     "on_the_optimizer",
     "on_the_optimizer_step",
     "plugin_scaler",
-    "checked_since_update",
+    "update_scaler",
+    "after_proxy_step",
     "UnsupportedTrainingLoop",
     "TrainingStepSkipped",
     "check_step",
@@ -98,14 +99,10 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
         pending = inner.__dict__.get("_pending")
         if takes_scaler and not completes_step and plugin is not None and pending is not None:
             pending.plugin_scaler = plugin  # (on the step: a restore() drops it with the step)
-        if completes_step and plugin is not None and checked_since_update(plugin):
-            plugin.update()
+        if completes_step and plugin is not None:
+            update_scaler(plugin)
         if completes_step:
-            strategy = self.__dict__.get("_strategy")
-            for callback in self.__dict__.get("_callbacks", ()):  # (Fabric's; Lightning's proxy has hooks instead)
-                hook = getattr(callback, "on_after_optimizer_step", None)
-                if callable(hook):
-                    hook(strategy=strategy, optimizer=inner)
+            after_proxy_step(self, inner)
         if completes_step and callable(after):
             after()
         return out
@@ -145,11 +142,22 @@ def note_accelerate_wrapper(optimizer: Any) -> None:
         frame = frame.f_back
 
 
-def checked_since_update(scaler: torch.amp.GradScaler) -> bool:
-    """Whether the scaler checked gradients for inf/NaN since its last ``update()`` (which refuses to run
-    otherwise): not when the step raised before its gradients were unscaled."""
+def update_scaler(scaler: torch.amp.GradScaler) -> None:
+    """``scaler.update()`` after a step, if the scaler checked gradients for inf/NaN since its last update (it
+    refuses to run otherwise): not when the step raised before its gradients were unscaled."""
     states = getattr(scaler, "_per_optimizer_states", {})
-    return any(state.get("found_inf_per_device") for state in states.values())
+    if any(state.get("found_inf_per_device") for state in states.values()):
+        scaler.update()
+
+
+def after_proxy_step(proxy: Any, optimizer: Any) -> None:
+    """What a framework proxy's own ``step()`` runs after the optimizer's: Fabric's callbacks'
+    ``on_after_optimizer_step`` (Lightning's proxy has step hooks instead, run by :func:`on_the_optimizer`)."""
+    strategy = proxy.__dict__.get("_strategy")
+    for callback in proxy.__dict__.get("_callbacks", ()):
+        hook = getattr(callback, "on_after_optimizer_step", None)
+        if callable(hook):
+            hook(strategy=strategy, optimizer=optimizer)
 
 
 LIGHTNING_RECIPE = "fastperturb.integrations.lightning"

@@ -1098,7 +1098,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             g0_from_caller = self._caller_computed_g0(every) and not self._zeroed_in_place(every)
             self._forget_grads()  # hold no stale gradient while the passes run (seen again below)
             if g0_from_caller:
-                _check_g0_scaling(self, scaler)
+                # (its gradients at the perturbed points come scaled from the closure: G would mix the two)
+                _check_not_unscaled(self, scaler, "on g_0 before step(closure, scaler=scaler)")
                 loss = None
             else:
                 release = self._releases()
@@ -1739,20 +1740,6 @@ def _check_base_step(base: type) -> None:
 def _check_scaler(scaler: object) -> None:
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
-
-
-def _check_g0_scaling(opt: PerturbOptimizer, scaler: Optional[torch.amp.GradScaler]) -> None:
-    """A caller-computed g_0 under an enabled scaler must still be scaled, like the
-    closure's gradients at the perturbed points (the direction and the sum G would
-    otherwise mix scaled and unscaled gradients)."""
-    if not _scaling(scaler):
-        return
-    if _unscaled_by_caller(opt, scaler):
-        raise RuntimeError(
-            "scaler.unscale_(optimizer) was called on the gradient g_0 before step(closure, scaler=scaler), "
-            "but the closure's gradients at the perturbed points are scaled: don't unscale before step() "
-            "(it unscales G itself before clipping and the base step; use max_grad_norm to clip)"
-        )
 
 
 def _unscaled_by_caller(opt: PerturbOptimizer, scaler: torch.amp.GradScaler) -> bool:

@@ -30,15 +30,17 @@ def _tool(name: str):
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    from .tools._args import OneLineParser
+    from .tools._args import DefaultsHelpFormatter, OneLineParser
 
-    parser = OneLineParser(prog="fastperturb", description=__doc__.splitlines()[0].replace("``", ""))
+    parser = OneLineParser(
+        prog="fastperturb", description=__doc__.splitlines()[0].replace("``", ""), formatter_class=DefaultsHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = None
     if argv:
         wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in TOOLS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=DefaultsHelpFormatter)
         if name == wanted:  # import only the tool that runs
             _tool(name).add_arguments(p)
     return parser

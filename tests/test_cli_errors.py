@@ -453,3 +453,37 @@ def test_state_dict_in_a_checkpoint_dict_is_accepted(tmp_path):
     other = nn.Linear(2, 2)
     _args.load_weights_into(other, str(tmp_path / "ckpt.pt"))
     assert torch.equal(other.weight, m.weight)
+
+
+def _tool_parsers():
+    import argparse
+
+    for name in cli.TOOLS:
+        parser = cli.build_parser([name])
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        yield name, sub.choices[name]
+
+
+@pytest.mark.parametrize("name", list(cli.TOOLS))
+def test_help_states_every_option_and_its_default(name):
+    """``--help`` lists every option with a description and the default the parser really uses (argparse prints
+    no line for an option without help, so neither its meaning nor its default was visible)."""
+    parser = dict(_tool_parsers())[name]
+    text = " ".join(parser.format_help().split())  # (the help's line wrapping undone)
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        if action.nargs == 0 or action.default is None:
+            continue
+        d = action.default
+        shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
+        described = "default" in action.help.lower()  # a default that is not a literal, said in words
+        assert described or f"(default: {shown})" in text, f"{name} {action.option_strings[0]}: default {shown}"
+
+
+def test_help_default_is_read_from_the_parser():
+    parser = dict(_tool_parsers())["robustness"]
+    parser.set_defaults(trials=12)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 12)" in text and "(default: 10)" not in text

@@ -40,7 +40,7 @@ PRESETS = ("SAM", "ASAM", "AWP", "APD")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="package.module:factory returning your nn.Module")
     p.add_argument("--input-shape", required=True, type=shape, help="one sample's shape, e.g. 3,32,32")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per timed step")
     p.add_argument(
         "--vocab",
         type=positive_int,
@@ -54,14 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="cross_entropy against random classes of the output's last dimension, or mse against "
         "random targets of the output's shape",
     )
-    p.add_argument("--base", choices=("sgd", "adamw"), default="sgd", help="base optimizer (default sgd, momentum 0.9)")
+    p.add_argument("--base", choices=("sgd", "adamw"), default="sgd", help="base optimizer (with momentum 0.9 for sgd)")
     p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, from {', '.join(PRESETS)}")
-    p.add_argument("--apd-steps", type=positive_int, default=3, help="K of APD (default 3)")
+    p.add_argument("--apd-steps", type=positive_int, default=3, help="K of APD")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps per configuration first")
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initialisation and the random inputs")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
 
 

@@ -123,7 +123,7 @@ def _seed(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset (default 20)")
+    p.add_argument("--epochs", type=_positive(int), default=20, help="training epochs per preset")
     p.add_argument(
         "--presets",
         type=_presets,
@@ -134,16 +134,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eps",
         type=positive_eps_list,
         default=list(DEFAULT_EPS),
-        help="comma-separated corruption radii, relative to each tensor's norm (default %(default)s)",
+        help="comma-separated corruption radii, relative to each tensor's norm",
     )
-    p.add_argument(
-        "--steps", type=int_list, default=[1, 5], help="ascent steps of the adversarial corruption (default 1,5)"
-    )
+    p.add_argument("--steps", type=int_list, default=[1, 5], help="ascent steps of the adversarial corruption")
     p.add_argument(
         "--trials",
         type=_args.trials,
         default=20,
-        help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4 (default 20)",
+        help="random corruptions per eps, in mirrored pairs a, -a; even, >= 4",
     )
     p.add_argument(
         "--seeds",
@@ -155,7 +153,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seed",
         type=_seed,
         default=0,
-        help="first seed: each seed sets the initialisation, batch order and random corruptions (default 0)",
+        help="first seed: each seed sets the initialisation, batch order and random corruptions",
     )
     p.add_argument(
         "--against",
@@ -163,27 +161,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="a previous run's results.json (or its folder), e.g. from another --seed: "
         "report which claims' verdicts are reproduced",
     )
-    p.add_argument("--out", default="fastperturb-demo", help="output folder (default ./fastperturb-demo)")
-    p.add_argument("--batch-size", type=_positive(int), default=32)
-    p.add_argument("--lr", type=_positive(float), default=0.05, help="base SGD learning rate (default 0.05)")
-    p.add_argument("--rho", type=_positive(float), default=0.05, help="SAM radius (absolute, global L2; default 0.05)")
+    p.add_argument("--out", default="fastperturb-demo", help="output folder")
+    p.add_argument("--batch-size", type=_positive(int), default=32, help="training mini-batch size")
+    p.add_argument("--lr", type=_positive(float), default=0.05, help="base SGD learning rate")
+    p.add_argument("--rho", type=_positive(float), default=0.05, help="SAM radius (absolute, global L2)")
     p.add_argument(
         "--looksam-k",
         type=_positive(int),
         default=5,
-        help="LookSAM: a full SAM step (2 passes) every k steps, 1 pass in between (default 5)",
+        help="LookSAM: a full SAM step (2 passes) every k steps, 1 pass in between",
     )
     p.add_argument(
         "--looksam-alpha",
         type=_unit_interval,
         default=0.7,
-        help="LookSAM: weight of the reused orthogonal component, in [0, 1] (default 0.7)",
+        help="LookSAM: weight of the reused orthogonal component, in [0, 1]",
     )
-    p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer (default 0.02)")
-    p.add_argument(
-        "--apd-eps", type=_positive(float), default=0.02, help="APD radius, relative per layer L2 (default 0.02)"
-    )
-    p.add_argument("--apd-steps", type=_positive(int), default=3, help="APD ascent steps (default 3)")
+    p.add_argument("--gamma", type=_positive(float), default=0.02, help="AWP radius, relative per layer")
+    p.add_argument("--apd-eps", type=_positive(float), default=0.02, help="APD radius, relative per layer L2")
+    p.add_argument("--apd-steps", type=_positive(int), default=3, help="APD ascent steps")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")

@@ -84,55 +84,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--presets",
         type=_presets,
         default=["pgd", "pgd-awp"],
-        help=f"comma-separated, from {','.join(PRESETS)} (default pgd,pgd-awp)",
+        help=f"comma-separated, from {','.join(PRESETS)}",
     )
-    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma-separated seeds (default 0,1,2,3,4)")
-    p.add_argument("--epochs", type=_number(int, 1, False), default=20, help="training epochs (default 20)")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2, 3, 4], help="comma-separated seeds")
+    p.add_argument("--epochs", type=_number(int, 1, False), default=20, help="training epochs")
     p.add_argument(
         "--eps",
         type=_number(float, 0, True),
         default=0.1,
-        help="L-infinity input radius, images in [0, 1] (default 0.1: PGD-20 takes a normally trained "
-        "model from 99%% to about 60%% test accuracy; see the README for 0.2)",
+        help="L-infinity input radius, images in [0, 1] (at 0.1 PGD-20 takes a normally trained model from 99%% "
+        "to about 60%% test accuracy; see the README for 0.2)",
     )
-    p.add_argument("--train-steps", type=_number(int, 1, False), default=5, help="PGD steps while training (default 5)")
-    p.add_argument(
-        "--eval-steps", type=_number(int, 1, False), default=20, help="PGD steps of the final attack (default 20)"
-    )
+    p.add_argument("--train-steps", type=_number(int, 1, False), default=5, help="PGD steps while training")
+    p.add_argument("--eval-steps", type=_number(int, 1, False), default=20, help="PGD steps of the final attack")
     p.add_argument(
         "--eval-restarts",
         type=_number(int, 1, False),
         default=3,
-        help="random restarts of the final attack (default 3)",
+        help="random restarts of the final attack",
     )
     p.add_argument(
         "--gamma",
         type=_number(float, 0, True),
         default=0.01,
-        help="AWP radius for PGD-AT, relative per layer (default 0.01, the paper's)",
+        help="AWP radius for PGD-AT, relative per layer (the paper's value)",
     )
     p.add_argument(
         "--trades-gamma",
         type=_number(float, 0, True),
         default=0.005,
-        help="AWP radius for TRADES (default 0.005, the paper's)",
+        help="AWP radius for TRADES (the paper's value)",
     )
-    p.add_argument("--beta", type=_number(float, 0, False), default=6.0, help="TRADES' beta (default 6)")
+    p.add_argument("--beta", type=_number(float, 0, False), default=6.0, help="TRADES' beta")
     p.add_argument(
         "--warmup",
         type=_number(int, 0, False),
         default=2,
-        help="epochs of plain adversarial training before AWP starts (default 2)",
+        help="epochs of plain adversarial training before AWP starts",
     )
     p.add_argument(
         "--flat-eps",
         type=positive_eps_list,
         default=list(DEFAULT_FLAT_EPS),
-        help="relative weight-corruption radii of the flatness measure (default %(default)s)",
+        help="relative weight-corruption radii of the flatness measure",
     )
-    p.add_argument(
-        "--flat-steps", type=_number(int, 1, False), default=5, help="ascent steps of the weight corruption (default 5)"
-    )
+    p.add_argument("--flat-steps", type=_number(int, 1, False), default=5, help="ascent steps of the weight corruption")
     p.add_argument(
         "--train-size",
         type=_number(int, 10, False),
@@ -140,9 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train on this many images of the training split (a fixed random subset, the same for every "
         "preset and seed; default all 1438): fewer images make robust overfitting likelier",
     )
-    p.add_argument("--batch-size", type=_number(int, 1, False), default=64)
-    p.add_argument("--lr", type=_number(float, 0, True), default=0.05, help="base SGD learning rate (default 0.05)")
-    p.add_argument("--threads", type=_number(int, 1, False), default=1, help="torch threads (default 1)")
+    p.add_argument("--batch-size", type=_number(int, 1, False), default=64, help="training mini-batch size")
+    p.add_argument("--lr", type=_number(float, 0, True), default=0.05, help="base SGD learning rate")
+    p.add_argument("--threads", type=_number(int, 1, False), default=1, help="torch threads")
     p.add_argument("--out", default="fastperturb-demo-adversarial", help="output folder")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")

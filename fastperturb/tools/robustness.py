@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--loss",
         choices=sorted(LOSSES),
         default="cross_entropy",
-        help="loss (mean over the batch); default cross_entropy",
+        help="loss (mean over the batch)",
     )
     p.add_argument(
         "--eps",
@@ -62,14 +62,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
         help="comma-separated radii (relative to the weights' norm unless --absolute)",
     )
-    p.add_argument(
-        "--steps", type=int_list, default=[1, 5], help="adversarial ascent steps, comma-separated (default 1,5)"
-    )
+    p.add_argument("--steps", type=int_list, default=[1, 5], help="adversarial ascent steps, comma-separated")
     p.add_argument(
         "--step-ratio", type=positive_float, default=None, help="ascent step / eps (default 1 for K=1, 1.5/K otherwise)"
     )
-    p.add_argument("--norm", choices=("l2", "linf"), default="l2")
-    p.add_argument("--scope", choices=("layer", "global"), default="layer")
+    p.add_argument("--norm", choices=("l2", "linf"), default="l2", help="norm the radius is measured in")
+    p.add_argument(
+        "--scope",
+        choices=("layer", "global"),
+        default="layer",
+        help="a radius per tensor, or one over all corrupted tensors together",
+    )
     p.add_argument("--absolute", action="store_true", help="eps is an absolute radius (default: relative to ||w||)")
     p.add_argument(
         "--params", choices=("all", "weights"), default="all", help="corrupt all parameters or only dim>1 tensors"
@@ -78,7 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trials", type=_args.trials, default=10, help="random corruptions per eps, in mirrored pairs (even, >= 4)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
     p.add_argument(
         "--batch-size", type=nonnegative_int, default=0, help="evaluate in mini-batches of this size (0: one batch)"
     )
@@ -89,8 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--out", help="folder for results.json, results.csv and loss_change.png")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--progress", dest="progress", action="store_true", default=None)
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
 
 
 def load_model(spec: str, weights: str | None) -> nn.Module:

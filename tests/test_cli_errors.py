@@ -287,6 +287,17 @@ def test_robustness_seed_draws_the_random_corruptions(work, monkeypatch):
     assert got[0] != got[1]
 
 
+def test_robustness_says_why_a_series_has_no_slope(work, capsys):
+    """A slope printed as ``-`` comes with its reason (one eps: no series can have two points)."""
+    tmp, mod = work
+    assert _main(_robustness(mod, "--data", "d.pt")) == 0
+    out = capsys.readouterr().out
+    assert "adversarial_k1 -, random -" in out
+    for series in ("adversarial_k1", "random"):
+        assert f"  {series} -: its loss change is resolved above zero" in out
+        assert "of the 1 eps in (0, 0.01], and a slope needs two" in out
+
+
 # ----------------------------------------------------------------------------- fastperturb bench
 
 

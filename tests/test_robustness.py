@@ -650,3 +650,19 @@ def test_default_slope_range_of_an_even_grid_ends_at_the_lower_median():
     assert res.slopes() == res.slopes(max_eps=grid[1])
     assert res.slopes()["random"] == pytest.approx(2.0)
     assert res.slopes(max_eps=grid[2])["random"] == pytest.approx(2.5)  # (the upper median)
+
+
+def test_a_series_without_a_slope_says_why():
+    """Where ``slopes()`` has None (printed ``random -``), ``slope_gaps()`` says how many of the small-eps half's
+    eps resolved a loss change above zero; the series with a slope are not named."""
+    from fastperturb.robustness.results import Point, SweepResult
+
+    grid = [0.0, 0.01, 0.02, 0.04, 0.08]
+    pts = [Point("adversarial", e, 1 + e, e, steps=1) for e in grid]
+    sems = [1e-3, 1e-7, 1e-3, 1e-7, 1e-7]  # random: resolved at 0.01 only, of (0, 0.02]; 0.0 not counted
+    pts += [Point("random", e, 1 + 1e-4, 1e-4, loss_change_sem=s, trials=10) for e, s in zip(grid, sems)]
+    res = SweepResult(pts, 1.0, None)
+    assert res.slopes()["random"] is None and res.slopes()["adversarial_k1"] is not None
+    gaps = res.slope_gaps()
+    assert list(gaps) == ["random"]
+    assert "at 1 of the 2 eps in (0, 0.02]" in gaps["random"]

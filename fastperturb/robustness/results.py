@@ -133,12 +133,31 @@ class SweepResult:
         whole grid. None where fewer than two points qualify.
         """
         if max_eps is None:
-            grid = sorted({p.eps for p in self.points})
-            max_eps = grid[(len(grid) - 1) // 2] if grid else 0.0
+            max_eps = self.small_eps_bound()
         out = {}
         for s in self.series:
             pts = [p for p in self.select(s) if p.eps <= max_eps and p.resolved]
             out[s] = fit_slope([p.eps for p in pts], [p.loss_change for p in pts])
+        return out
+
+    def small_eps_bound(self) -> float:
+        """The largest eps of the grid's small-eps half (its median), where :meth:`slopes` fits by default."""
+        grid = sorted({p.eps for p in self.points})
+        return grid[(len(grid) - 1) // 2] if grid else 0.0
+
+    def slope_gaps(self) -> dict[str, str]:
+        """Why :meth:`slopes` has no slope for a series (series -> reason), for the series that have none."""
+        bound = self.small_eps_bound()
+        out = {}
+        for s, slope in self.slopes().items():
+            if slope is not None:
+                continue
+            small = {p.eps for p in self.select(s) if 0 < p.eps <= bound}
+            up = {p.eps for p in self.select(s) if p.eps in small and p.resolved}
+            out[s] = (
+                f"its loss change is resolved above zero (by more than 2 s.e.) at {len(up)} of the {len(small)} "
+                f"eps in (0, {bound:g}], and a slope needs two"
+            )
         return out
 
     def to_dict(self) -> dict:

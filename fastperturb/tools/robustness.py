@@ -243,6 +243,8 @@ def _run(args) -> int:
         "fitted log-log slopes (small-eps half of the grid): "
         + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in res.slopes().items())
     )
+    for series, why in res.slope_gaps().items():
+        print(f"  {series} -: {why}; --float64, more --trials (random) or larger eps resolve smaller changes")
     if args.out:
         write_all(
             args.out,

@@ -125,14 +125,16 @@ def test_grad_scaler_is_handed_to_the_optimizer():
     assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0**10
 
 
+@pytest.mark.parametrize("placement", [True, False])
 @pytest.mark.parametrize("given", [True, False])
-def test_the_two_calls_on_the_inner_optimizer_take_the_accelerators_scaler(given):
+def test_the_two_calls_on_the_inner_optimizer_take_the_accelerators_scaler(given, placement):
     """The two-call recipe under a GradScaler: ``accelerator.backward`` scales the loss, and the calls go to the inner
     optimizer (``AcceleratedOptimizer`` does not forward them). Without a scaler they take the wrapper's, which
     the optimizer saw when the wrapper was built, and ``second_step`` updates it (before this round the base step
     took the scaled gradients, silently); a scaler passed to ``first_step`` is the caller's to update. Either way:
-    the unscaled run's steps, up to the scaling's rounding."""
-    acc = accelerate.Accelerator(mixed_precision="no", cpu=True)
+    the unscaled run's steps, up to the scaling's rounding. Without device placement the wrapper's constructor loads
+    no state, so the optimizer finds it among the objects referring to it (before, the wrapper went unseen)."""
+    acc = accelerate.Accelerator(mixed_precision="no", cpu=True, device_placement=placement)
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # as Accelerate's for fp16
     net = make_net()
     model, opt = acc.prepare(net, PRESETS["SAM"](net.parameters()))

@@ -498,6 +498,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
     _proxy_id: Optional[int] = None
     #: a weak reference to the Accelerate wrapper built around this optimizer (frameworks.note_accelerate_wrapper)
     _accelerated: Optional["weakref.ref"] = None
+    #: whether frameworks.find_accelerate_wrapper has looked for that wrapper (once per optimizer)
+    _accelerate_searched: bool = False
 
     #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
     #: value of one is refused (it was silently ignored)
@@ -1428,6 +1430,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             _pending=None,
             _proxy_id=None,
             _accelerated=None,
+            _accelerate_searched=False,
             _last_cycle=None,
             _overflow_holder=None,
             _grads_seen=[],

@@ -71,6 +71,23 @@ class GradWatch : public torch::CustomClassHolder {
     }
   }
 
+  // Set to None every gradient that is still the tensor snapshot(slot) saw, at the same version: one that no
+  // backward wrote since (zeroed in place before a pass the backward of which did not reach it). How many.
+  int64_t release_unchanged(int64_t slot) {
+    if (!has_snapshot(slot)) return 0;
+    const std::vector<Seen>& seen = slot_(slot);
+    int64_t n = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      at::Tensor& g = params_[i].unsafeGetTensorImpl()->mutable_grad();
+      if (g.defined() && seen[i].grad._unsafe_get_target() == g.unsafeGetTensorImpl() &&
+          static_cast<int64_t>(g._version()) == seen[i].version) {
+        g.reset();
+        ++n;
+      }
+    }
+    return n;
+  }
+
   // Drop the remembered gradients (hold none while a pass may free them).
   void forget(int64_t slot) { std::vector<Seen>().swap(slot_(slot)); }
 
@@ -132,6 +149,7 @@ const auto grad_watch_class = torch::class_<GradWatch>("fastperturb", "GradWatch
                                   .def("size", &GradWatch::size)
                                   .def("count_defined", &GradWatch::count_defined)
                                   .def("release", &GradWatch::release)
+                                  .def("release_unchanged", &GradWatch::release_unchanged)
                                   .def("snapshot", &GradWatch::snapshot)
                                   .def("forget", &GradWatch::forget)
                                   .def("has_snapshot", &GradWatch::has_snapshot)

@@ -307,6 +307,24 @@ def test_grad_watch_semantics():
         w.snapshot(2)
 
 
+def test_grad_watch_release_unchanged_drops_only_the_gradients_no_backward_wrote():
+    """``release_unchanged(slot)``: after zeroing in place and a pass, the gradients the pass's backward did not
+    write (same tensor, same version) become None; one written in place, one replaced and one new stay."""
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(50)]  # (longer than the walks' look-ahead)
+    for p in ps[:-1]:
+        p.grad = torch.zeros(3)
+    w = torch.classes.fastperturb.GradWatch(ps)
+    assert w.release_unchanged(0) == 0, "no snapshot: nothing is known unchanged"
+    w.snapshot(1)
+    ps[3].grad.add_(1)  # accumulated in place
+    ps[7].grad = torch.ones(3)  # replaced
+    ps[-1].grad = torch.ones(3)  # None -> a tensor
+    kept = {3, 7, len(ps) - 1}
+    assert w.release_unchanged(1) == len(ps) - 1 - 2
+    assert [i for i, p in enumerate(ps) if p.grad is not None] == sorted(kept)
+    assert w.release_unchanged(1) == 0
+
+
 def test_grad_watch_on_many_parameters_some_without_autograd_metadata():
     # Longer than the walks' look-ahead (csrc/common/impl_prefetch.h), with tensors that never had autograd
     # metadata (plain tensors) among parameters, gradients on some, and the change on the last one.

@@ -87,6 +87,34 @@ def test_release_and_zero_give_identical_steps(preset, convention, backend):
             assert torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("how", ["requires_grad", "branch"])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_tensor_the_clean_pass_does_not_reach_takes_no_base_step_in_either_mode(preset, how, backend):
+    """A layer frozen mid-training (``requires_grad_(False)``) or skipped by the forward keeps its gradient from the
+    steps before. Zeroed in place (zero mode, and every compiled step) it was kept, so the base optimizer moved the
+    layer with a zero gradient (momentum, weight decay, Adam's moments): 10% of a frozen weight's norm after 4
+    AdamW steps in a review. Both modes now leave it without a gradient after the clean pass: it stays put, and
+    the steps are the same, bit for bit."""
+    models = []
+    for clearing in ("release", "zero"):
+        model = Branchy()
+        opt = PRESETS[preset](model.parameters())
+        opt.grad_clearing = clearing
+        for i in range(5):
+            if i == 2:
+                if how == "requires_grad":
+                    model.side.requires_grad_(False)
+                else:
+                    model.use_side = False
+                frozen = [t.detach().clone() for t in model.side.parameters()]
+            opt.step(closure_for(model))
+        assert all(torch.equal(t, f) for t, f in zip(model.side.parameters(), frozen)), clearing
+        assert all(t.grad is None for t in model.side.parameters()), clearing
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("clearing", ["release", "zero"])
 def test_each_pass_starts_from_cleared_gradients(clearing, backend):
     model = Branchy()

@@ -166,6 +166,17 @@ def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     return False
 
 
+def _drop_unreached(params: Sequence[Tensor], before: list) -> None:
+    """After a clean pass whose gradients were zeroed in place: set to None each gradient the pass's backward did
+    not write (the tensor ``before`` holds, at its version), as a released gradient stays None."""
+    for p, (g, v) in zip(params, before):
+        ng = p.grad
+        if type(g) is weakref.ref:
+            g = g()
+        if ng is not None and ng is g and _version(ng) == v:
+            p.grad = None
+
+
 def _any_grad(params: Sequence[Tensor]) -> bool:
     """Whether any tensor has a gradient (after they were all set to None: a backward ran)."""
     return any(map(operator.is_not, map(_GRAD, params), repeat(None)))
@@ -853,13 +864,22 @@ class PerturbOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _call_closure(
-        closure: Closure, k: int, watch: Sequence[Tensor], released: bool = False, compiled: Optional[Any] = None
+        closure: Closure,
+        k: int,
+        watch: Sequence[Tensor],
+        released: bool = False,
+        compiled: Optional[Any] = None,
+        drop_unreached: bool = False,
     ) -> tuple[Any, Optional[int]]:
         """Run the closure for pass ``k`` and check its contract; ``released``: the gradients of
         ``watch`` were just set to None, so any gradient after it shows the backward. ``compiled``: a
-        GradWatch on exactly ``watch``, which then does the looking. Returns the loss and, where the check
-        counted them, how many of ``watch`` have a gradient after the pass (else None)."""
+        GradWatch on exactly ``watch``, which then does the looking. ``drop_unreached`` (gradients zeroed in place
+        before the clean pass): a gradient the backward did not write is set to None after it, as a released one
+        stays None, so a tensor the pass does not reach (frozen, or skipped by the forward) gets no base step: its
+        zeroed gradient kept momentum, weight decay and Adam's moments moving it. Returns the loss and, where the
+        check counted them, how many of ``watch`` have a gradient after the pass (else None)."""
         defined = None
+        drop_unreached = drop_unreached and not released
         if compiled is not None:
             if released:  # (each GradWatch call costs ~10 us, tens on a cold host: count once, hand it on)
                 with torch.enable_grad():
@@ -872,6 +892,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
                     with torch.enable_grad():
                         loss = closure()
                     ran = compiled.changed(_PASS)
+                    if ran and drop_unreached:
+                        compiled.release_unchanged(_PASS)
                 finally:
                     compiled.forget(_PASS)
         else:
@@ -879,6 +901,8 @@ class PerturbOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             ran = _any_grad(watch) if before is None else _any_grad_changed(watch, before)
+            if ran and drop_unreached:
+                _drop_unreached(watch, before)
         if loss is None:
             if frameworks.skips_on_none(closure):  # Lightning's training_step returned None: skip this batch
                 raise frameworks.TrainingStepSkipped(k)
@@ -1107,7 +1131,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
                 release = self._releases()
                 _release_grads(every, watch) if release else _zero_grads(every)
                 self._unpin_selection()
-                loss = self._call_closure(closure, 0, every, released=release, compiled=watch)[0]
+                loss = self._call_closure(
+                    closure, 0, every, released=release, compiled=watch, drop_unreached=not release
+                )[0]
                 if not unscaled_before:
                     _check_not_unscaled(self, scaler, "in the closure")
                 self._pin_selection()

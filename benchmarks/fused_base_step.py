@@ -57,7 +57,7 @@ def _step_candidates(params, pre):
         closure = SyntheticClosure(params, pre)
 
         def step(opt=opt, closure=closure):
-            closure()  # g_0 by the caller, as in the usual SAM loop
+            closure.callers_backward()  # g_0 by the caller, as in the usual SAM loop
             opt.step(closure)
 
         step, spent[name] = _closure_timed(step, closure)

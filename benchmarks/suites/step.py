@@ -33,6 +33,8 @@ class SyntheticClosure:
         self.calls = 0
         #: seconds spent inside the calls so far (so that a step's time can exclude its own closure calls)
         self.spent = 0.0
+        #: the next call is the caller's backward (:meth:`callers_backward`)
+        self.fresh = False
 
     def _targets(self, params):
         return params
@@ -46,6 +48,12 @@ class SyntheticClosure:
 
     def _call(self):
         with counters.closure_scope(), torch.no_grad():
+            if self.fresh:
+                for p, g in zip(self.params, self.pre[self.k % len(self.pre)]):
+                    p.grad = g.clone()
+                self.k += 1
+                self.calls += 1
+                return torch.zeros(())
             for p, b in zip(self.params, self.bufs):
                 if p.grad is None:
                     p.grad = b
@@ -58,6 +66,16 @@ class SyntheticClosure:
             self.k += 1
             self.calls += 1
         return torch.zeros(())
+
+    def callers_backward(self):
+        """The caller's g_0, as a backward after the loop's ``opt.zero_grad()`` leaves it: fresh gradient tensors
+        (timed as a closure call). Copied into the step's own G instead, it would be one in-place write to the G a
+        step left, which fastperturb does not take for g_0 (a logged ``clip_grad_norm_`` writes G that way)."""
+        self.fresh = True
+        try:
+            return self()
+        finally:
+            self.fresh = False
 
     def for_module(self):
         """A closure on another module's parameters (the proxy AWP's proxy), same gradients."""
@@ -203,7 +221,7 @@ def _wrap_step(opt, closure: "SyntheticClosure", backend: Optional[str], k: int)
             mode["self"] = closure.calls - before >= k + 1
             return
         if not mode["self"]:
-            closure()
+            closure.callers_backward()
         _run(opt, closure, backend)
 
     return step

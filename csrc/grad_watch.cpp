@@ -71,27 +71,6 @@ class GradWatch : public torch::CustomClassHolder {
     }
   }
 
-  // Whether the gradients changed since snapshot(slot) by one in-place write each and nothing else: every gradient
-  // is the tensor remembered, and each that changed is one version on (clip_grad_norm_ or a scaling of the
-  // gradients a step left, or a backward accumulated onto them; a backward after zeroing in place is two on, one
-  // after `.grad = None` another tensor). False without a snapshot or a change.
-  bool written_once(int64_t slot) const {
-    if (!has_snapshot(slot)) return false;
-    const std::vector<Seen>& seen = slot_(slot);
-    const std::vector<const at::Tensor*> gs = grads();
-    bool any = false;
-    for (size_t i = 0; i < gs.size(); ++i) {
-      fetch_version(gs, i);
-      const at::Tensor& g = *gs[i];
-      if (!g.defined()) continue;
-      if (seen[i].grad._unsafe_get_target() != g.unsafeGetTensorImpl()) return false;
-      const int64_t moved = static_cast<int64_t>(g._version()) - seen[i].version;
-      if (moved > 1 || moved < 0) return false;
-      any = any || moved == 1;
-    }
-    return any;
-  }
-
   // Set to None every gradient that is still the tensor snapshot(slot) saw, at the same version: one that no
   // backward wrote since (zeroed in place before a pass the backward of which did not reach it). How many.
   int64_t release_unchanged(int64_t slot) {
@@ -174,8 +153,7 @@ const auto grad_watch_class = torch::class_<GradWatch>("fastperturb", "GradWatch
                                   .def("snapshot", &GradWatch::snapshot)
                                   .def("forget", &GradWatch::forget)
                                   .def("has_snapshot", &GradWatch::has_snapshot)
-                                  .def("changed", &GradWatch::changed)
-                                  .def("written_once", &GradWatch::written_once);
+                                  .def("changed", &GradWatch::changed);
 
 }  // namespace
 }  // namespace fastperturb

@@ -166,25 +166,6 @@ def _any_grad_changed(params: Sequence[Tensor], before: list) -> bool:
     return False
 
 
-def _written_once(params: Sequence[Tensor], before: list) -> bool:
-    """``GradWatch.written_once`` on a Python snapshot: every gradient is the tensor ``before`` holds, and each that
-    changed is one version on, at least one."""
-    moved_any = False
-    for p, (g, v) in zip(params, before):
-        ng = p.grad
-        if ng is None:
-            continue
-        if type(g) is weakref.ref:
-            g = g()
-        if ng is not g:
-            return False
-        moved = _version(ng) - v
-        if moved not in (0, 1):
-            return False
-        moved_any = moved_any or moved == 1
-    return moved_any
-
-
 def _drop_unreached(params: Sequence[Tensor], before: list) -> None:
     """After a clean pass whose gradients were zeroed in place: set to None each gradient the pass's backward did
     not write (the tensor ``before`` holds, at its version), as a released gradient stays None."""
@@ -530,8 +511,6 @@ class PerturbOptimizer(torch.optim.Optimizer):
     _accelerated: Optional["weakref.ref"] = None
     #: whether frameworks.find_accelerate_wrapper has looked for that wrapper (once per optimizer)
     _accelerate_searched: bool = False
-    #: the gradient snapshot is of the G a step left in .grad (_see_grads)
-    _seen_left_by_step: bool = False
 
     #: the PerturbSpec fields a preset takes as arguments: one trajectory serves every group, so a group's own
     #: value of one is refused (it was silently ignored)
@@ -824,11 +803,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
     def _all_params(self) -> List[Tensor]:
         return self._selected_groups().every
 
-    def _see_grads(self, left_by_step: bool = False) -> None:
-        """Snapshot the gradients (their tensors and versions). ``left_by_step``: they are the descent gradient G a
-        step leaves in ``.grad``; one in-place write to them and nothing else since (``clip_grad_norm_`` to log
-        the norm, a backward onto G without zeroing) is then not g_0 (:meth:`_caller_computed_g0`)."""
-        self._seen_left_by_step = left_by_step
+    def _see_grads(self) -> None:
         watch = self._watch()
         self._seen_by_watch = watch is not None
         if watch is not None:
@@ -859,16 +834,12 @@ class PerturbOptimizer(torch.optim.Optimizer):
             return True
         if self._seen_by_watch:
             watch = self._watch()
-            if watch is not None:  # (changed: False without a snapshot of these tensors: unknown, run the clean pass)
-                return watch.changed(_SEEN) and not (self._seen_left_by_step and watch.written_once(_SEEN))
+            if watch is not None:
+                return watch.changed(_SEEN)  # False without a snapshot of these tensors: unknown, run the clean pass
         seen = self._grads_seen
         if len(seen) != len(params):  # unknown (unpickled, groups added): run the clean pass, always right
             return False
-        # G written to in place once since the step left it is not a backward's g_0 (a backward onto G without
-        # zeroing, which the README asks not to do, then costs a pass: the clean pass runs instead of taking G + g).
-        # Until this stop a loop that logged the norm with clip_grad_norm_ after step() perturbed every next step
-        # along the previous batch's G, without its clean pass.
-        return _any_grad_changed(params, seen) and not (self._seen_left_by_step and _written_once(params, seen))
+        return _any_grad_changed(params, seen)
 
     def _zeroed_in_place(self, params: Sequence[Tensor]) -> bool:
         """Whether every gradient in ``.grad`` is all zeros: zeroed in place (``model.zero_grad(set_to_none=False)``,
@@ -1196,7 +1167,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
             if unscaled_before:
                 self._keep(_unscaled_before_step=False)
             try:
-                self._see_grads(left_by_step=True)
+                self._see_grads()
             finally:
                 self._unpin_selection()
 
@@ -1400,9 +1371,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
             finally:
                 self._last_cycle = None
                 cycle.restore()  # no-op unless the fused step was skipped or raised
-                self._see_grads(left_by_step=True)
+                self._see_grads()
         else:
-            self._see_grads(left_by_step=True)
+            self._see_grads()
         self._opt_called = True  # what LR schedulers check (their patched step() sets it)
         if zero_grad:
             self.zero_grad()
@@ -1764,9 +1735,7 @@ def _watch_changed(opt: PerturbOptimizer) -> bool:
     if opt._g0_pending:
         return True
     watch = opt._watch() if opt._seen_by_watch else None
-    if watch is None or not watch.changed(_SEEN):
-        return False
-    return not (opt._seen_left_by_step and watch.written_once(_SEEN))
+    return watch is not None and watch.changed(_SEEN)
 
 
 def _name_in(groups: Sequence[Dict[str, Any]], t: Tensor) -> str:

@@ -69,8 +69,7 @@ class SyntheticClosure:
 
     def callers_backward(self):
         """The caller's g_0, as a backward after the loop's ``opt.zero_grad()`` leaves it: fresh gradient tensors
-        (timed as a closure call). Copied into the step's own G instead, it would be one in-place write to the G a
-        step left, which fastperturb does not take for g_0 (a logged ``clip_grad_norm_`` writes G that way)."""
+        (timed as a closure call), not the step's own G overwritten in place."""
         self.fresh = True
         try:
             return self()

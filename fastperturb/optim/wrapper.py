@@ -236,10 +236,10 @@ class PerturbOptimizer(torch.optim.Optimizer):
     step_key: Optional[str] = "step_size"
     #: How a pass clears the gradients before its backward: ``"release"`` sets ``.grad`` to None
     #: (the backward then stores its fresh gradient instead of adding it to zeros), ``"zero"``
-    #: zeroes them in place (fused into the ascent step). Both give the same steps except for a tensor the clean
-    #: pass does not reach and a perturbed pass does (routing), with several ascent steps: zeroed, it keeps a zero
-    #: gradient from its earlier steps, so it has g_0 = 0 and is perturbed from the second ascent step on;
-    #: released, it has no g_0 and is not perturbed (README, "Tensors a perturbed pass reaches first"). Release
+    #: zeroes them in place (fused into the ascent step). Both give the same steps: zeroed, a gradient the clean
+    #: pass's backward does not write is set to None after it, as a released one stays None (README, "Tensors a
+    #: perturbed pass reaches first"), except where gradients share a version counter (views of one buffer:
+    #: DDP's gradient_as_bucket_view, FSDP2), whose unreached gradients look written and keep their zero. Release
     #: is the faster (benchmarks/README.md, "Clearing the gradients"). Under torch.compile the step zeroes.
     grad_clearing: str = "release"
 
@@ -1074,8 +1074,9 @@ class PerturbOptimizer(torch.optim.Optimizer):
         ``scaler.scale(loss)`` when a scaler is given; several backward calls over
         micro-batches are fine; under DDP wrap all but the last in ``no_sync()``) and
         return the loss. It need not zero the gradients: the optimizer clears them before
-        each pass (sets them to None, or zeroes them: :attr:`grad_clearing`; a tensor a pass's
-        backward does not reach gets a zero gradient; a closure that calls ``zero_grad()``
+        each pass (sets them to None, or zeroes them: :attr:`grad_clearing`; a tensor the clean pass's
+        backward does not reach has no gradient and takes no base step, one a perturbed pass's does not
+        reach gets a zero gradient; a closure that calls ``zero_grad()``
         first works too). The weights are
         restored bit for bit if it raises. With ``scaler`` (an enabled
         ``torch.amp.GradScaler``) the gradients are unscaled before clipping and the base

@@ -125,6 +125,54 @@ def test_grad_scaler_is_handed_to_the_optimizer():
     assert opt.optimizer.skipped_steps == 0 and scaler.get_scale() == 2.0**10
 
 
+def _two_call_steps(model, opt, acc, x, y):
+    acc.backward(F.cross_entropy(model(x), y))
+    opt.optimizer.first_step(zero_grad=True)
+    acc.backward(F.cross_entropy(model(x), y))
+    opt.optimizer.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("how", ["built_unnoted", "stepped_before_prepare", "prepared_again"])
+def test_the_two_calls_find_a_wrapper_built_without_device_placement(how, monkeypatch):
+    """Without device placement Accelerate's wrapper loads no state, so nothing tells the optimizer about it: every
+    wrapper around a fastperturb optimizer is noted as it is built (Accelerate's constructor wrapped once), and one
+    built before that is found among the optimizer's referrers at the first of the two calls given no scaler. A
+    review found the wrapper missed (the base step took the scaled gradients, weights off by 262) when a two-call
+    step ran before ``prepare``, or when the optimizer was prepared again by a new ``Accelerator``."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    net = make_net()
+    inner = PRESETS["SAM"](net.parameters())
+    data = batches()
+    if how == "built_unnoted":  # a wrapper built before its constructor was wrapped (Accelerate imported later)
+        monkeypatch.setattr(AcceleratedOptimizer, "__init__", AcceleratedOptimizer.__init__.__wrapped__)
+    if how == "stepped_before_prepare":
+        x, y = data[0]
+        F.cross_entropy(net(x), y).backward()
+        inner.first_step(zero_grad=True)
+        F.cross_entropy(net(x), y).backward()
+        inner.second_step(zero_grad=True)
+        data = data[1:]
+    if how == "prepared_again":
+        first = accelerate.Accelerator(mixed_precision="no", cpu=True, device_placement=False)
+        first.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        model, opt = first.prepare(net, inner)
+        x, y = data[0]
+        _two_call_steps(model, opt, first, x, y)
+        data = data[1:]
+        del first, model, opt
+    acc = accelerate.Accelerator(mixed_precision="no", cpu=True, device_placement=False)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)  # as Accelerate's for fp16
+    model, opt = acc.prepare(net, inner)
+    monkeypatch.undo()  # (the constructor wrapped again for later tests)
+    for x, y in data:
+        _two_call_steps(model, opt, acc, x, y)
+    ref = big_batch_reference("SAM")
+    for a, b in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert acc.scaler.get_scale() == 2.0 ** (10 + len(data))  # one update a step, by the two calls
+
+
 @pytest.mark.parametrize("placement", [True, False])
 @pytest.mark.parametrize("given", [True, False])
 def test_the_two_calls_on_the_inner_optimizer_take_the_accelerators_scaler(given, placement):

@@ -371,6 +371,7 @@ class PerturbOptimizer(torch.optim.Optimizer):
         if dispatch.get_backend() == "auto":
             dispatch.resolve(V.first_device(every))
         self._see_grads()
+        frameworks.note_new_accelerate_wrappers()  # (when Accelerate is imported: the wrappers built around this one)
 
     # ---- param groups -------------------------------------------------------------
 

@@ -481,16 +481,19 @@ def test_help_states_every_option_and_its_default(name):
     no line for an option without help, so neither its meaning nor its default was visible)."""
     parser = dict(_tool_parsers())[name]
     text = " ".join(parser.format_help().split())  # (the help's line wrapping undone)
+    formatter = parser._get_formatter()
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
         assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        entry = " ".join(formatter._expand_help(action).split())  # this option's own line(s) of the help
+        assert entry in text, f"{name} {action.option_strings[0]}: its help is not shown"
         if action.nargs == 0 or action.default is None:
             continue
         d = action.default
         shown = ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d)
         described = "default" in action.help.lower()  # a default that is not a literal, said in words
-        assert described or f"(default: {shown})" in text, f"{name} {action.option_strings[0]}: default {shown}"
+        assert described or entry.endswith(f"(default: {shown})"), f"{name} {action.option_strings[0]}: {entry}"
 
 
 def test_help_default_is_read_from_the_parser():

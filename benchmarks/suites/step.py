@@ -48,21 +48,20 @@ class SyntheticClosure:
 
     def _call(self):
         with counters.closure_scope(), torch.no_grad():
+            src = self.pre[self.k % len(self.pre)]
             if self.fresh:
-                for p, g in zip(self.params, self.pre[self.k % len(self.pre)]):
+                for p, g in zip(self.params, src):
                     p.grad = g.clone()
-                self.k += 1
-                self.calls += 1
-                return torch.zeros(())
-            for p, b in zip(self.params, self.bufs):
-                if p.grad is None:
-                    p.grad = b
-            grads = [p.grad for p in self.params]
-            torch._foreach_copy_(grads, self.pre[self.k % len(self.pre)])
-            if counters._active:
-                # Under a TorchDispatchMode, _foreach_copy_ does not bump the version
-                # counters that optimizers use to see that backward ran: bump them.
-                torch.autograd.graph.increment_version(grads)
+            else:
+                for p, b in zip(self.params, self.bufs):
+                    if p.grad is None:
+                        p.grad = b
+                grads = [p.grad for p in self.params]
+                torch._foreach_copy_(grads, src)
+                if counters._active:
+                    # Under a TorchDispatchMode, _foreach_copy_ does not bump the version
+                    # counters that optimizers use to see that backward ran: bump them.
+                    torch.autograd.graph.increment_version(grads)
             self.k += 1
             self.calls += 1
         return torch.zeros(())

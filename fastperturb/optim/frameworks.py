@@ -67,20 +67,21 @@ def on_the_optimizer(method: Any, completes_step: bool = False, takes_scaler: bo
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        given_none = takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None
         inner = self.__dict__.get("_optimizer")
         if inner is None or inner is self or not isinstance(self, type(inner)):
             # Called on the optimizer itself: under Accelerate, whose wrapper forwards neither call, the two
             # calls are made on the inner optimizer; the wrapper seen when it was built holds the scaler.
             ref = self.__dict__.get("_accelerated") if takes_scaler else None
             wrapper = ref() if ref is not None else None
-            if wrapper is None and takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None:
+            if wrapper is None and given_none:
                 ref = find_accelerate_wrapper(self)
                 wrapper = ref() if ref is not None else None
             if wrapper is None:
                 return method(self, *args, **kwargs)
             inner, self = self, wrapper
         plugin = None  # the plugin's scaler, when this call hands it to the method
-        if takes_scaler and (args[1] if len(args) >= 2 else kwargs.get("scaler")) is None:
+        if given_none:
             pending = inner.__dict__.get("_pending")
             given = getattr(pending, "scaler", None)  # (second_step: the scaler first_step was given)
             if not (completes_step and given is not None):

@@ -152,10 +152,10 @@ class SweepResult:
         for s, slope in self.slopes().items():
             if slope is not None:
                 continue
-            small = {p.eps for p in self.select(s) if 0 < p.eps <= bound}
-            up = {p.eps for p in self.select(s) if p.eps in small and p.resolved}
+            small = [p for p in self.select(s) if 0 < p.eps <= bound]
+            eps, up = {p.eps for p in small}, {p.eps for p in small if p.resolved}
             out[s] = (
-                f"its loss change is resolved above zero (by more than 2 s.e.) at {len(up)} of the {len(small)} "
+                f"its loss change is resolved above zero (by more than 2 s.e.) at {len(up)} of the {len(eps)} "
                 f"eps in (0, {bound:g}], and a slope needs two"
             )
         return out
